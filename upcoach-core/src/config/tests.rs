@@ -1,0 +1,250 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::from_lookup(|name| map.get(name).cloned())
+}
+
+fn only_error(vars: &[(&str, &str)]) -> ConfigError {
+    let errors = config(vars).expect_err("should be refused");
+    assert_eq!(errors.0.len(), 1, "expected one problem, got {errors}");
+    errors.0.into_iter().next().unwrap()
+}
+
+const GOOGLE: &[(&str, &str)] = &[
+    ("GOOGLE_CLIENT_ID", "web.apps.googleusercontent.com"),
+    ("GOOGLE_CLIENT_SECRET", "g-secret-value"),
+];
+const APPLE_KEY: &str = "-----BEGIN PRIVATE KEY-----\\nMIGTAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBHkwdwIBAQQg\\n-----END PRIVATE KEY-----";
+const APPLE: &[(&str, &str)] = &[
+    ("APPLE_WEB_CLIENT_ID", "com.example.web"),
+    ("APPLE_TEAM_ID", "ABCDE12345"),
+    ("APPLE_KEY_ID", "KEY1234567"),
+    ("APPLE_PRIVATE_KEY", APPLE_KEY),
+];
+const FACEBOOK: &[(&str, &str)] = &[
+    ("FACEBOOK_APP_ID", "1234567890"),
+    ("FACEBOOK_APP_SECRET", "fb-secret-value"),
+];
+
+#[test]
+fn empty_environment_gives_the_in_memory_defaults() {
+    let c = config(&[]).unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+    assert!(c.redis_url.is_none() && c.database_url.is_none());
+    assert_eq!(c.cache_prefix, "upcoach");
+    assert!(c.performance_monitoring_enabled);
+    assert_eq!(c.slow_query_threshold, Duration::from_millis(1000));
+    assert!(c.google.is_none() && c.apple.is_none() && c.facebook.is_none());
+}
+
+#[test]
+fn empty_strings_count_as_unset() {
+    let c = config(&[
+        ("REDIS_URL", ""),
+        ("CACHE_PREFIX", "  "),
+        ("GOOGLE_CLIENT_ID", ""),
+    ])
+    .unwrap();
+    assert_eq!(c, Config::default());
+}
+
+#[test]
+fn a_full_environment_is_read() {
+    let mut vars = vec![
+        ("UPCOACH_ADDR", "[::]:9000"),
+        ("REDIS_URL", "redis://:pw@127.0.0.1:6379/2"),
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+        (
+            "WEBSOCKET_CORS_ORIGINS",
+            "https://app.example.com, http://localhost:3000/",
+        ),
+        ("CACHE_PREFIX", "upcoach_prod"),
+        ("PERFORMANCE_MONITORING_ENABLED", "false"),
+        ("SLOW_QUERY_THRESHOLD", "250"),
+        ("GOOGLE_MOBILE_CLIENT_ID", "ios.apps.googleusercontent.com"),
+    ];
+    vars.extend_from_slice(GOOGLE);
+    vars.extend_from_slice(APPLE);
+    vars.extend_from_slice(FACEBOOK);
+    let c = config(&vars).unwrap();
+    assert_eq!(c.addr.port(), 9000);
+    assert_eq!(
+        c.redis_url.as_ref().unwrap().expose(),
+        "redis://:pw@127.0.0.1:6379/2"
+    );
+    assert_eq!(
+        c.websocket_cors_origins,
+        ["https://app.example.com", "http://localhost:3000"]
+    );
+    assert_eq!(c.cache_prefix, "upcoach_prod");
+    assert!(!c.performance_monitoring_enabled);
+    assert_eq!(c.slow_query_threshold, Duration::from_millis(250));
+    let google = c.google.as_ref().unwrap();
+    assert_eq!(
+        google.audiences(),
+        [
+            "web.apps.googleusercontent.com",
+            "ios.apps.googleusercontent.com"
+        ]
+    );
+    let apple = c.apple.as_ref().unwrap();
+    assert!(
+        apple.private_key.expose().contains("\nMIGT"),
+        "\\n escapes become newlines"
+    );
+    assert_eq!(c.facebook.as_ref().unwrap().app_id, "1234567890");
+}
+
+#[test]
+fn every_invalid_value_names_its_variable() {
+    let cases: &[(&str, &str)] = &[
+        ("UPCOACH_ADDR", "localhost"),
+        ("UPCOACH_ADDR", "127.0.0.1:99999"),
+        ("REDIS_URL", "127.0.0.1:6379"),
+        ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("DATABASE_URL", "mysql://root@localhost/db"),
+        ("DATABASE_URL", "postgres://"),
+        ("WEBSOCKET_CORS_ORIGINS", "*"),
+        ("WEBSOCKET_CORS_ORIGINS", "https://app.example.com/path"),
+        ("WEBSOCKET_CORS_ORIGINS", "ftp://app.example.com"),
+        ("WEBSOCKET_CORS_ORIGINS", "app.example.com"),
+        ("CACHE_PREFIX", "has space"),
+        ("CACHE_PREFIX", &"x".repeat(65)),
+        ("PERFORMANCE_MONITORING_ENABLED", "maybe"),
+        ("SLOW_QUERY_THRESHOLD", "1s"),
+        ("SLOW_QUERY_THRESHOLD", "0"),
+        ("SLOW_QUERY_THRESHOLD", "-5"),
+    ];
+    for (var, value) in cases {
+        let e = only_error(&[(var, value)]);
+        assert_eq!(e.variable, *var, "{var}={value:?}");
+        assert!(
+            matches!(e.problem, ConfigProblem::Invalid { .. }),
+            "{var}={value:?}"
+        );
+        let text = e.to_string();
+        assert!(text.starts_with(var) && text.contains("expected"), "{text}");
+    }
+}
+
+#[test]
+fn every_missing_provider_variable_names_itself() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("GOOGLE_CLIENT_ID", "id")], "GOOGLE_CLIENT_SECRET"),
+        (&[("GOOGLE_CLIENT_SECRET", "s")], "GOOGLE_CLIENT_ID"),
+        (
+            &[("GOOGLE_WEB_CLIENT_ID", "w"), ("GOOGLE_CLIENT_SECRET", "s")],
+            "GOOGLE_CLIENT_ID",
+        ),
+        (&[("FACEBOOK_APP_ID", "123")], "FACEBOOK_APP_SECRET"),
+        (&[("FACEBOOK_APP_SECRET", "s")], "FACEBOOK_APP_ID"),
+    ];
+    for (vars, missing) in cases {
+        let e = only_error(vars);
+        assert_eq!(e.variable, *missing);
+        assert!(matches!(e.problem, ConfigProblem::Missing { .. }));
+        assert!(e.to_string().contains("is not set"), "{e}");
+    }
+    for var in [
+        "APPLE_TEAM_ID",
+        "APPLE_KEY_ID",
+        "APPLE_PRIVATE_KEY",
+        "APPLE_WEB_CLIENT_ID",
+    ] {
+        let vars: Vec<_> = APPLE.iter().copied().filter(|(k, _)| *k != var).collect();
+        let e = only_error(&vars);
+        assert_eq!(e.variable, var);
+        assert!(matches!(e.problem, ConfigProblem::Missing { .. }));
+    }
+}
+
+#[test]
+fn invalid_provider_values_are_refused() {
+    let with = |base: &[(&'static str, &'static str)], var: &'static str, value: &'static str| {
+        let mut vars: Vec<_> = base.iter().copied().filter(|(k, _)| *k != var).collect();
+        vars.push((var, value));
+        only_error(&vars)
+    };
+    assert_eq!(
+        with(APPLE, "APPLE_TEAM_ID", "short").variable,
+        "APPLE_TEAM_ID"
+    );
+    assert_eq!(
+        with(APPLE, "APPLE_KEY_ID", "KEY-123456").variable,
+        "APPLE_KEY_ID"
+    );
+    let e = with(APPLE, "APPLE_PRIVATE_KEY", "not a pem");
+    assert_eq!(e.variable, "APPLE_PRIVATE_KEY");
+    assert!(
+        !e.to_string().contains("not a pem"),
+        "a secret is never repeated: {e}"
+    );
+    assert_eq!(
+        with(FACEBOOK, "FACEBOOK_APP_ID", "abc").variable,
+        "FACEBOOK_APP_ID"
+    );
+    assert_eq!(
+        with(GOOGLE, "GOOGLE_CLIENT_ID", "has space").variable,
+        "GOOGLE_CLIENT_ID"
+    );
+}
+
+#[test]
+fn all_problems_are_reported_together() {
+    let errors = config(&[
+        ("UPCOACH_ADDR", "nope"),
+        ("SLOW_QUERY_THRESHOLD", "nope"),
+        ("GOOGLE_CLIENT_ID", "id"),
+    ])
+    .unwrap_err();
+    let vars: Vec<_> = errors.variables().collect();
+    assert_eq!(
+        vars,
+        [
+            "UPCOACH_ADDR",
+            "SLOW_QUERY_THRESHOLD",
+            "GOOGLE_CLIENT_SECRET"
+        ]
+    );
+    assert!(errors.to_string().starts_with("3 configuration problems:"));
+}
+
+#[test]
+fn secrets_never_show_in_debug_or_errors() {
+    let mut vars = vec![
+        ("REDIS_URL", "redis://user:redis-pass-value@127.0.0.1:6379"),
+        (
+            "DATABASE_URL",
+            "postgres://app:pg-pass-value@127.0.0.1:5432/db",
+        ),
+    ];
+    vars.extend_from_slice(GOOGLE);
+    vars.extend_from_slice(APPLE);
+    vars.extend_from_slice(FACEBOOK);
+    let c = config(&vars).unwrap();
+    let debug = format!("{c:?} {c:#?}");
+    for secret in [
+        "redis-pass-value",
+        "pg-pass-value",
+        "g-secret-value",
+        "fb-secret-value",
+        "MIGTAgEAMBMG",
+    ] {
+        assert!(
+            !debug.contains(secret),
+            "{secret} leaked into Debug: {debug}"
+        );
+    }
+    assert!(debug.contains("postgres://app:***@127.0.0.1:5432/db"));
+
+    // An unusable URL that carries a password is not echoed either.
+    let e = only_error(&[("REDIS_URL", "http://u:leaky-pass@127.0.0.1")]);
+    assert!(!e.to_string().contains("leaky-pass"), "{e}");
+}

@@ -1,0 +1,578 @@
+//! [`PgEventLog`]: records queued in memory (bounded) and written to Postgres in
+//! batches by one background task, retried with backoff through outages.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use sqlx::{PgPool, Row};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{
+    AlertLevel, Event, EventKind, EventLog, EventLogError, EventLogStats, EventTypeCount,
+    SecurityEvent, SystemAlert, WebSocketEvent,
+};
+use crate::UserId;
+
+const BACKEND: &str = "postgres";
+
+/// Options of a [`PgEventLog`]; start from [`PgEventLog::builder`].
+#[derive(Debug, Clone)]
+pub struct PgEventLogBuilder {
+    pool: PgPool,
+    queue_capacity: usize,
+    max_queued_bytes: usize,
+    batch_size: usize,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl PgEventLogBuilder {
+    /// How many records may wait for the database (default 100,000). When full,
+    /// [`EventLog::record`] refuses with [`EventLogError::QueueFull`], counts the drop
+    /// and logs it.
+    pub fn queue_capacity(mut self, records: usize) -> Self {
+        self.queue_capacity = records.max(1);
+        self
+    }
+
+    /// How many bytes the waiting records may hold (default 64 MiB), whatever their count.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes.max(1);
+        self
+    }
+
+    /// The most records written by one round of statements (default 500).
+    pub fn batch_size(mut self, records: usize) -> Self {
+        self.batch_size = records.clamp(1, 10_000);
+        self
+    }
+
+    /// The first and the longest wait between retries while the database fails
+    /// (defaults 50 ms and 5 s; doubling, with jitter).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min.max(Duration::from_millis(1));
+        self.max_backoff = max.max(self.min_backoff);
+        self
+    }
+
+    /// Starts the writer task on the current Tokio runtime.
+    pub fn build(self) -> PgEventLog {
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let shared = Arc::new(Shared::default());
+        let writer = Writer {
+            pool: self.pool.clone(),
+            rx,
+            shared: shared.clone(),
+            batch_size: self.batch_size,
+            min_backoff: self.min_backoff,
+            max_backoff: self.max_backoff,
+        };
+        tokio::spawn(writer.run());
+        PgEventLog {
+            pool: self.pool,
+            tx,
+            shared,
+            queue_capacity: self.queue_capacity,
+            max_queued_bytes: self.max_queued_bytes,
+        }
+    }
+}
+
+/// The Postgres event log: `record` queues, a background task writes.
+///
+/// - **Bounded**: at most `queue_capacity` records and `max_queued_bytes` bytes wait;
+///   past that a record is refused with [`EventLogError::QueueFull`], counted in
+///   [`EventLogStats::dropped`], and logged (at most one warning per 10 s, with the count).
+/// - **Outages**: a failed batch is retried with exponential backoff until it is
+///   written; the queue holds what arrives meanwhile. Retries cannot make duplicates:
+///   every record has its own id and rows are inserted with `ON CONFLICT DO NOTHING`.
+/// - **Bad rows**: a batch the database refuses as a data error is written record by
+///   record; a record refused alone is counted in [`EventLogStats::rejected`] and logged.
+///
+/// ```no_run
+/// use upcoach_core::event::{EventLog, PgEventLog, SecurityEvent};
+/// use upcoach_core::SystemClock;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+/// upcoach_core::postgres::migrate(&pool).await?;
+/// let log = PgEventLog::builder(pool).queue_capacity(50_000).build();
+/// log.record(SecurityEvent::new("login_succeeded", &SystemClock).into())?;
+/// log.flush().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgEventLog {
+    pool: PgPool,
+    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
+    queue_capacity: usize,
+    max_queued_bytes: usize,
+}
+
+#[derive(Debug)]
+enum Message {
+    Event(Event, usize),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    accepted: AtomicU64,
+    written: AtomicU64,
+    dropped: AtomicU64,
+    rejected: AtomicU64,
+    retries: AtomicU64,
+    queued: AtomicU64,
+    queued_bytes: AtomicUsize,
+    /// Drops not yet reported, and when the last report was logged.
+    drop_report: Mutex<(u64, Option<Instant>)>,
+}
+
+impl PgEventLog {
+    /// Options for a log writing through `pool` (which must have had
+    /// [`migrate`](crate::postgres::migrate) run on it).
+    pub fn builder(pool: PgPool) -> PgEventLogBuilder {
+        PgEventLogBuilder {
+            pool,
+            queue_capacity: 100_000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            batch_size: 500,
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+
+    /// A log with the default options.
+    pub fn new(pool: PgPool) -> Self {
+        Self::builder(pool).build()
+    }
+
+    fn drop_event(&self, event: &Event) -> EventLogError {
+        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        let mut report = self
+            .shared
+            .drop_report
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        report.0 += 1;
+        let due = report
+            .1
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+        if due {
+            tracing::warn!(
+                dropped = report.0,
+                total_dropped = self.shared.dropped.load(Ordering::Relaxed),
+                queue_capacity = self.queue_capacity,
+                kind = ?event.kind(),
+                event = event.name(),
+                "event log queue is full (Postgres slow or down): audit events were dropped"
+            );
+            *report = (0, Some(Instant::now()));
+        }
+        EventLogError::QueueFull {
+            capacity: self.queue_capacity,
+            max_bytes: self.max_queued_bytes,
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for PgEventLog {
+    fn record(&self, event: Event) -> Result<(), EventLogError> {
+        let bytes = event.validate()?;
+        let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.max_queued_bytes {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(self.drop_event(&event));
+        }
+        match self.tx.try_send(Message::Event(event, bytes)) {
+            Ok(()) => {
+                self.shared.accepted.fetch_add(1, Ordering::Relaxed);
+                self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(Message::Event(event, _))) => {
+                self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Err(self.drop_event(&event))
+            }
+            Err(_) => {
+                self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Err(EventLogError::Closed)
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), EventLogError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Message::Flush(done))
+            .await
+            .map_err(|_| EventLogError::Closed)?;
+        wait.await.map_err(|_| EventLogError::Closed)
+    }
+
+    async fn recent(&self, kind: EventKind, limit: usize) -> Result<Vec<Event>, EventLogError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = match kind {
+            EventKind::Security => {
+                "SELECT id, user_id, event_type, platform, details::text AS details, \
+                 host(ip_address) AS ip_address, user_agent, created_at FROM security_events \
+                 ORDER BY created_at DESC, id DESC LIMIT $1"
+            }
+            EventKind::WebSocket => {
+                "SELECT id, user_id, event_type, metadata::text AS metadata, created_at \
+                 FROM websocket_events ORDER BY created_at DESC, id DESC LIMIT $1"
+            }
+            EventKind::Alert => {
+                "SELECT id, level, message, source, metadata::text AS metadata, created_at \
+                 FROM system_alerts ORDER BY created_at DESC, id COLLATE \"C\" DESC LIMIT $1"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(|row| decode(kind, row)).collect()
+    }
+
+    async fn security_event_counts(
+        &self,
+        since: SystemTime,
+    ) -> Result<Vec<EventTypeCount>, EventLogError> {
+        let rows = sqlx::query(
+            "SELECT event_type, count(*) AS n FROM security_events WHERE created_at >= $1 \
+             GROUP BY event_type ORDER BY n DESC, event_type COLLATE \"C\"",
+        )
+        .bind(OffsetDateTime::from(since))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventTypeCount {
+                    event_type: row.try_get("event_type").map_err(backend)?,
+                    count: u64::try_from(row.try_get::<i64, _>("n").map_err(backend)?).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    fn stats(&self) -> EventLogStats {
+        let s = &self.shared;
+        EventLogStats {
+            accepted: s.accepted.load(Ordering::Relaxed),
+            written: s.written.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            evicted: 0,
+            queued: s.queued.load(Ordering::Relaxed),
+            retries: s.retries.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn backend(e: sqlx::Error) -> EventLogError {
+    EventLogError::Backend {
+        backend: BACKEND,
+        source: Box::new(e),
+    }
+}
+
+fn decode(kind: EventKind, row: &sqlx::postgres::PgRow) -> Result<Event, EventLogError> {
+    let json = |column: &str| -> Result<serde_json::Value, EventLogError> {
+        let text: String = row.try_get(column).map_err(backend)?;
+        serde_json::from_str(&text).map_err(|e| EventLogError::Backend {
+            backend: BACKEND,
+            source: Box::new(e),
+        })
+    };
+    let created_at: OffsetDateTime = row.try_get("created_at").map_err(backend)?;
+    let created_at = SystemTime::from(created_at);
+    let user_id = |row: &sqlx::postgres::PgRow| -> Result<Option<UserId>, EventLogError> {
+        Ok(row
+            .try_get::<Option<Uuid>, _>("user_id")
+            .map_err(backend)?
+            .map(UserId::from_uuid))
+    };
+    Ok(match kind {
+        EventKind::Security => Event::Security(SecurityEvent {
+            id: row.try_get("id").map_err(backend)?,
+            user_id: user_id(row)?,
+            event_type: row.try_get("event_type").map_err(backend)?,
+            platform: row.try_get("platform").map_err(backend)?,
+            details: json("details")?,
+            ip_address: row
+                .try_get::<Option<String>, _>("ip_address")
+                .map_err(backend)?
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+            user_agent: row.try_get("user_agent").map_err(backend)?,
+            created_at,
+        }),
+        EventKind::WebSocket => Event::WebSocket(WebSocketEvent {
+            id: row.try_get("id").map_err(backend)?,
+            user_id: user_id(row)?,
+            event_type: row.try_get("event_type").map_err(backend)?,
+            metadata: json("metadata")?,
+            created_at,
+        }),
+        EventKind::Alert => {
+            let level: String = row.try_get("level").map_err(backend)?;
+            Event::Alert(SystemAlert {
+                id: row.try_get("id").map_err(backend)?,
+                level: AlertLevel::parse(&level).ok_or_else(|| EventLogError::Backend {
+                    backend: BACKEND,
+                    source: format!("unknown alert level {level:?} in system_alerts").into(),
+                })?,
+                message: row.try_get("message").map_err(backend)?,
+                source: row.try_get("source").map_err(backend)?,
+                metadata: json("metadata")?,
+                created_at,
+            })
+        }
+    })
+}
+
+/// The background task that drains the queue into Postgres.
+struct Writer {
+    pool: PgPool,
+    rx: mpsc::Receiver<Message>,
+    shared: Arc<Shared>,
+    batch_size: usize,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut batch: Vec<(Event, usize)> = Vec::with_capacity(self.batch_size);
+        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+        while let Some(first) = self.rx.recv().await {
+            self.take(first, &mut batch, &mut flushes);
+            while batch.len() < self.batch_size {
+                match self.rx.try_recv() {
+                    Ok(message) => self.take(message, &mut batch, &mut flushes),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.write_until_done(&mut batch).await;
+            }
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
+        }
+        tracing::debug!("event log writer stopped: every sender is gone");
+    }
+
+    fn take(
+        &self,
+        message: Message,
+        batch: &mut Vec<(Event, usize)>,
+        flushes: &mut Vec<oneshot::Sender<()>>,
+    ) {
+        match message {
+            Message::Event(event, bytes) => batch.push((event, bytes)),
+            Message::Flush(done) => flushes.push(done),
+        }
+    }
+
+    /// Writes `batch` (emptying it), retrying through outages.
+    async fn write_until_done(&self, batch: &mut Vec<(Event, usize)>) {
+        let mut backoff = self.min_backoff;
+        let mut failures = 0u64;
+        while !batch.is_empty() {
+            let events: Vec<&Event> = batch.iter().map(|(e, _)| e).collect();
+            let result = insert(&self.pool, &events).await;
+            match result {
+                Ok(()) => {
+                    let n = batch.len() as u64;
+                    self.done(batch.drain(..), n, 0);
+                }
+                Err(e) if is_data_error(&e) => {
+                    // One bad record must not hold up the rest: write them one by one.
+                    let mut keep = Vec::new();
+                    for (event, bytes) in batch.drain(..) {
+                        if !keep.is_empty() {
+                            keep.push((event, bytes));
+                            continue;
+                        }
+                        match insert(&self.pool, &[&event]).await {
+                            Ok(()) => self.done(std::iter::once((event, bytes)), 1, 0),
+                            Err(e) if is_data_error(&e) => {
+                                tracing::error!(
+                                    error = %e,
+                                    kind = ?event.kind(),
+                                    event = event.name(),
+                                    id = %event.id_string(),
+                                    "Postgres refused an audit event; it was not stored"
+                                );
+                                self.done(std::iter::once((event, bytes)), 0, 1);
+                            }
+                            Err(_) => keep.push((event, bytes)),
+                        }
+                    }
+                    *batch = keep;
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.shared.retries.fetch_add(1, Ordering::Relaxed);
+                    if failures == 1 {
+                        tracing::warn!(
+                            error = %e,
+                            batch = batch.len(),
+                            queued = self.shared.queued.load(Ordering::Relaxed),
+                            "event log: writing to Postgres failed; retrying with backoff, events stay queued"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, failures, "event log: retry failed");
+                    }
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+        }
+        if failures > 0 {
+            tracing::info!(failures, "event log: Postgres writes resumed");
+        }
+    }
+
+    fn done(&self, events: impl Iterator<Item = (Event, usize)>, written: u64, rejected: u64) {
+        let (count, bytes) = events.fold((0u64, 0usize), |(c, b), (_, bytes)| (c + 1, b + bytes));
+        self.shared.queued.fetch_sub(count, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.shared.written.fetch_add(written, Ordering::Relaxed);
+        self.shared.rejected.fetch_add(rejected, Ordering::Relaxed);
+    }
+}
+
+/// Postgres refused the data itself (SQLSTATE class 22 or 23): retrying cannot help.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        _ => false,
+    }
+}
+
+/// A wait between `d / 2` and `d`, so writers on many processes do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let fraction = 0.5 + f64::from(nanos % 1_000) / 2_000.0;
+    d.mul_f64(fraction)
+}
+
+/// Inserts `events` with one statement per kind present (UNNEST of arrays, so the
+/// statement is the same whatever the batch size). Idempotent by id.
+async fn insert(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+
+    let security: Vec<&SecurityEvent> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Security(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if !security.is_empty() {
+        sqlx::query(
+            "INSERT INTO security_events \
+             (id, user_id, event_type, platform, details, ip_address, user_agent, created_at) \
+             SELECT id, user_id, event_type, platform, details::jsonb, ip_address::inet, user_agent, created_at \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[]) \
+             AS t(id, user_id, event_type, platform, details, ip_address, user_agent, created_at) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(security.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| e.user_id.map(|u| u.as_uuid())).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| e.platform.as_deref()).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| e.details.to_string()).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| e.ip_address.map(|ip| ip.to_string())).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| e.user_agent.as_deref()).collect::<Vec<_>>())
+        .bind(security.iter().map(|e| OffsetDateTime::from(e.created_at)).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    let websocket: Vec<&WebSocketEvent> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::WebSocket(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if !websocket.is_empty() {
+        sqlx::query(
+            "INSERT INTO websocket_events (id, user_id, event_type, metadata, created_at) \
+             SELECT id, user_id, event_type, metadata::jsonb, created_at \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[]) \
+             AS t(id, user_id, event_type, metadata, created_at) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(websocket.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(
+            websocket
+                .iter()
+                .map(|e| e.user_id.map(|u| u.as_uuid()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            websocket
+                .iter()
+                .map(|e| e.event_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            websocket
+                .iter()
+                .map(|e| e.metadata.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            websocket
+                .iter()
+                .map(|e| OffsetDateTime::from(e.created_at))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    let alerts: Vec<&SystemAlert> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Alert(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if !alerts.is_empty() {
+        sqlx::query(
+            "INSERT INTO system_alerts (id, level, message, source, metadata, created_at) \
+             SELECT id, level, message, source, metadata::jsonb, created_at \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) \
+             AS t(id, level, message, source, metadata, created_at) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(alerts.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|e| e.level.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|e| e.message.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|e| e.source.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|e| e.metadata.to_string()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|e| OffsetDateTime::from(e.created_at)).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}

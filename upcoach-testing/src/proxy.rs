@@ -1,0 +1,144 @@
+//! [`FaultProxy`]: a loopback TCP proxy whose link can be cut and restored.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A TCP proxy on `127.0.0.1:<random port>` in front of a real service.
+///
+/// - [`cut`](Self::cut): every open connection is closed at once and new ones are
+///   accepted and closed straight away, as when the service's host goes down.
+/// - [`restore`](Self::restore): new connections are forwarded again.
+///
+/// The real service is never touched. The proxy stops when dropped.
+///
+/// ```no_run
+/// # async fn demo() {
+/// use upcoach_testing::FaultProxy;
+///
+/// let proxy = FaultProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+/// let url = format!("redis://{}", proxy.addr());
+/// // ... connect a client to `url` ...
+/// proxy.cut();
+/// // ... the client sees the outage ...
+/// proxy.restore();
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    state: Arc<State>,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct State {
+    cut: AtomicBool,
+    /// Bumped on every cut; each link closes when it changes.
+    generation: watch::Sender<u64>,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy on loopback");
+        let addr = listener.local_addr().expect("proxy address");
+        let (generation, _) = watch::channel(0);
+        let state = Arc::new(State {
+            cut: AtomicBool::new(false),
+            generation,
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let accept = tokio::spawn(accept_loop(listener, upstream, state.clone()));
+        Self {
+            addr,
+            upstream,
+            state,
+            accept,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The real service.
+    pub fn upstream(&self) -> SocketAddr {
+        self.upstream
+    }
+
+    /// Closes every open link and refuses new ones until [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the link is cut.
+    pub fn is_cut(&self) -> bool {
+        self.state.cut.load(Ordering::SeqCst)
+    }
+
+    /// Connections forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused while cut so far.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<State>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        // Subscribe before looking at the flag, so a cut between the two still closes
+        // this link.
+        let mut generation = state.generation.subscribe();
+        generation.mark_unchanged();
+        if state.cut.load(Ordering::SeqCst) {
+            state.refused.fetch_add(1, Ordering::Relaxed);
+            drop(client);
+            continue;
+        }
+        state.accepted.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let mut client = client;
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = generation.changed() => {}
+            }
+            // Both sockets close here: the client sees its connection drop.
+        });
+    }
+}
