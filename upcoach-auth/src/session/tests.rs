@@ -1,0 +1,209 @@
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use upcoach_core::{ManualClock, Role, SessionId, TokenError, TokenVerifier, UserId};
+
+use super::*;
+
+fn clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    ))
+}
+
+fn b64(v: &serde_json::Value) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+fn claims(tokens: &AccessTokens) -> serde_json::Value {
+    let now = tokens.clock.unix_seconds();
+    serde_json::json!({
+        "iss": "upcoach", "aud": "upcoach", "sub": UserId::new().to_string(),
+        "sid": SessionId::new().to_string(), "roles": ["admin"], "iat": now,
+        "exp": now + 60, "jti": "j",
+    })
+}
+
+fn signed(key: &SigningKey, claims: &serde_json::Value) -> String {
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(key.kid().to_owned());
+    jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
+}
+
+async fn refused(tokens: &AccessTokens, token: &str) -> TokenError {
+    tokens.verify(token).await.expect_err("must be refused")
+}
+
+#[tokio::test]
+async fn issued_tokens_verify_until_they_expire() {
+    let clock = clock();
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock.clone())
+        .with_ttl(Duration::from_secs(900));
+    let user = UserId::new();
+    let session = SessionId::new();
+    let issued = tokens.issue(user, vec![Role::COACH], session).unwrap();
+    assert_eq!(issued.expires_in, Duration::from_secs(900));
+    let p = tokens.verify(&issued.token).await.unwrap();
+    assert_eq!(
+        (p.user_id, p.session_id, p.roles.clone()),
+        (user, session, vec![Role::COACH])
+    );
+    assert_eq!(p, issued.principal);
+
+    clock.advance(Duration::from_secs(899));
+    assert!(tokens.verify(&issued.token).await.is_ok());
+    clock.advance(Duration::from_secs(1));
+    assert!(matches!(
+        refused(&tokens, &issued.token).await,
+        TokenError::Expired
+    ));
+}
+
+#[tokio::test]
+async fn tokens_of_another_key_or_a_tampered_one_are_refused() {
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock());
+    let other = AccessTokens::new(SigningKey::generate().unwrap(), tokens.clock.clone());
+    let foreign = other
+        .issue(UserId::new(), vec![], SessionId::new())
+        .unwrap()
+        .token;
+    assert_eq!(refused(&tokens, &foreign).await.code(), "token_invalid");
+
+    // Same kid, other key: the signature fails.
+    let forged_key = SigningKey {
+        kid: tokens.current.kid.clone(),
+        ..SigningKey::generate().unwrap()
+    };
+    let forged = signed(&forged_key, &claims(&tokens));
+    assert!(matches!(
+        refused(&tokens, &forged).await,
+        TokenError::Invalid {
+            reason: "bad signature"
+        }
+    ));
+
+    // Claims swapped under a valid signature.
+    let good = tokens
+        .issue(UserId::new(), vec![], SessionId::new())
+        .unwrap()
+        .token;
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut c = claims(&tokens);
+    c["roles"] = serde_json::json!(["admin"]);
+    let tampered = format!("{}.{}.{}", parts[0], b64(&c), parts[2]);
+    assert!(matches!(
+        refused(&tokens, &tampered).await,
+        TokenError::Invalid { .. }
+    ));
+}
+
+#[tokio::test]
+async fn algorithm_none_and_hs256_with_the_public_key_are_refused() {
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock());
+    let kid = tokens.current.kid.clone();
+    let none = format!(
+        "{}.{}.",
+        b64(&serde_json::json!({"alg": "none", "typ": "JWT", "kid": kid})),
+        b64(&claims(&tokens))
+    );
+    assert!(tokens.verify(&none).await.is_err());
+
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(kid);
+    let public = URL_SAFE_NO_PAD.decode(&tokens.current.public_x).unwrap();
+    let hs = jsonwebtoken::encode(
+        &header,
+        &claims(&tokens),
+        &EncodingKey::from_secret(&public),
+    )
+    .unwrap();
+    assert!(matches!(
+        refused(&tokens, &hs).await,
+        TokenError::Invalid {
+            reason: "unexpected algorithm"
+        }
+    ));
+}
+
+#[tokio::test]
+async fn issuer_audience_and_claim_types_are_checked() {
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock());
+    let key = &tokens.current;
+    let cases: Vec<(&str, serde_json::Value)> = vec![
+        ("iss", serde_json::json!("someone-else")),
+        ("aud", serde_json::json!("another-api")),
+        ("exp", serde_json::json!("1900000000")),
+        ("iat", serde_json::json!("1")),
+        ("sub", serde_json::json!("42")),
+        ("roles", serde_json::json!(["Admin!"])),
+    ];
+    for (field, value) in cases {
+        let mut c = claims(&tokens);
+        c[field] = value;
+        assert!(
+            tokens.verify(&signed(key, &c)).await.is_err(),
+            "{field} must be checked"
+        );
+    }
+    for field in ["exp", "iat", "sub", "sid", "iss", "aud"] {
+        let mut c = claims(&tokens);
+        c.as_object_mut().unwrap().remove(field);
+        assert!(
+            tokens.verify(&signed(key, &c)).await.is_err(),
+            "{field} is required"
+        );
+    }
+    let mut future = claims(&tokens);
+    future["iat"] = serde_json::json!(tokens.clock.unix_seconds() + 3600);
+    assert!(matches!(
+        refused(&tokens, &signed(key, &future)).await,
+        TokenError::Invalid {
+            reason: "issued in the future"
+        }
+    ));
+    assert!(matches!(refused(&tokens, "").await, TokenError::Missing));
+    assert!(matches!(
+        refused(&tokens, &"a".repeat(5000)).await,
+        TokenError::Malformed
+    ));
+}
+
+#[tokio::test]
+async fn a_rotated_out_key_still_verifies_and_both_are_published() {
+    let clock = clock();
+    let old = SigningKey::from_seed(&[7; 32]);
+    let old_tokens = AccessTokens::new(SigningKey::from_seed(&[7; 32]), clock.clone());
+    let token = old_tokens
+        .issue(UserId::new(), vec![], SessionId::new())
+        .unwrap()
+        .token;
+
+    let rotated = AccessTokens::new(SigningKey::generate().unwrap(), clock).with_previous_key(old);
+    assert!(rotated.verify(&token).await.is_ok());
+    let jwks = rotated.jwks();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    assert_eq!(kids[1], old_tokens.current.kid());
+    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+    assert!(
+        jwks["keys"][0].get("d").is_none(),
+        "no private part is published"
+    );
+}
+
+#[test]
+fn debug_shows_no_key_material() {
+    let key = SigningKey::from_seed(&[9; 32]);
+    let debug = format!("{key:?}");
+    assert!(
+        debug.contains(key.kid()) && !debug.contains("encoding"),
+        "{debug}"
+    );
+}
