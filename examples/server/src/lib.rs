@@ -1,1 +1,42 @@
-//! placeholder
+//! The upcoach reference server: the crates composed behind hyper 1.x.
+//!
+//! Run it on its embedded, in-memory backends:
+//!
+//! ```text
+//! cargo run --example server            # or: cargo run -p upcoach-server
+//! cargo run --example server -- --dev   # also serves POST /dev/token
+//! ```
+//!
+//! With `REDIS_URL` and `DATABASE_URL` set it uses Redis and Postgres, and applies the
+//! migrations at start. The routes follow `API.md`; so far: `GET /health` and, with
+//! `--dev`, `POST /dev/token`.
+//!
+//! Embedding it in a test:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use upcoach_server::{App, Options};
+//!
+//! let app = App::start(upcoach_core::Config::default(), Options::default()).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(upcoach_server::serve(listener, app.service(), async {
+//!     let _ = stopped.await;
+//! }, Default::default()));
+//! // ... requests to http://{addr} ...
+//! let _ = stop.send(());
+//! server.await??;
+//! # let _ = addr; Ok(()) }
+//! ```
+
+mod app;
+mod cli;
+mod http_util;
+mod routes;
+mod serve;
+
+pub use app::{App, AppService, Backends, Options, StartError};
+pub use cli::cli_main;
+pub use http_util::{ApiError, Body};
+pub use serve::{ServeOptions, serve};

@@ -1,0 +1,194 @@
+//! The application: backends chosen from the configuration, and the request service.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use sqlx::PgPool;
+use upcoach_auth::session::{AccessTokens, SigningKey};
+use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
+use upcoach_core::postgres::{self, PgError, PgPoolConfig};
+use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
+use upcoach_core::{Clock, Config, SystemClock};
+
+use crate::Body;
+
+/// How the server was asked to run, beyond the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--dev`: serve `POST /dev/token` with a signing key generated at start.
+    pub dev: bool,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Postgres is configured and could not be used.
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    /// Redis is configured and could not be reached.
+    #[error(transparent)]
+    Redis(#[from] RedisConnectError),
+    /// The development signing key could not be made.
+    #[error("could not generate the development signing key")]
+    Keys(#[source] upcoach_auth::Error),
+}
+
+/// The backends in use, for the banner and `/health`.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// Postgres, when `DATABASE_URL` is set.
+    pub postgres: Option<PgPool>,
+    /// Redis, when `REDIS_URL` is set.
+    pub redis: Option<RedisConnection>,
+}
+
+/// Everything a request handler can reach.
+#[derive(Debug)]
+pub struct App {
+    pub(crate) config: Config,
+    pub(crate) options: Options,
+    pub(crate) backends: Backends,
+    pub(crate) event_log: Arc<dyn EventLog>,
+    pub(crate) tokens: Option<AccessTokens>,
+    pub(crate) started: Instant,
+    /// Background tasks to stop with the app.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl App {
+    /// Connects the configured backends (applying migrations on Postgres) and builds the
+    /// application. Fails, naming the service, if a configured service does not answer.
+    pub async fn start(config: Config, options: Options) -> Result<Arc<App>, StartError> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mut tasks = Vec::new();
+
+        let postgres = match &config.database_url {
+            Some(url) => {
+                let pool = postgres::connect(url, &PgPoolConfig::default()).await?;
+                postgres::migrate(&pool).await?;
+                Some(pool)
+            }
+            None => None,
+        };
+        let redis = match &config.redis_url {
+            Some(url) => {
+                let redis = RedisConnection::connect(url, RedisOptions::default()).await?;
+                tasks.push(redis.spawn_monitor(Duration::from_secs(5)));
+                Some(redis)
+            }
+            None => None,
+        };
+        let event_log: Arc<dyn EventLog> = match &postgres {
+            Some(pool) => Arc::new(PgEventLog::new(pool.clone())),
+            None => Arc::new(MemoryEventLog::default()),
+        };
+        let tokens = if options.dev {
+            tracing::warn!(
+                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
+                 signed by a key generated at start that is lost at exit. Never run this in production."
+            );
+            Some(AccessTokens::new(
+                SigningKey::generate().map_err(StartError::Keys)?,
+                clock,
+            ))
+        } else {
+            None
+        };
+
+        let app = App {
+            config,
+            options,
+            backends: Backends { postgres, redis },
+            event_log,
+            tokens,
+            started: Instant::now(),
+            tasks,
+        };
+        app.banner();
+        Ok(Arc::new(app))
+    }
+
+    fn banner(&self) {
+        let describe = |url: Option<&upcoach_core::config::ServiceUrl>| match url {
+            Some(url) => url.redacted(),
+            None => "in-memory".to_owned(),
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            postgres = %describe(self.config.database_url.as_ref()),
+            redis = %describe(self.config.redis_url.as_ref()),
+            event_log = if self.backends.postgres.is_some() { "postgres (batched)" } else { "in-memory ring buffer" },
+            dev = self.options.dev,
+            "upcoach reference server configured"
+        );
+        if self.backends.postgres.is_none() && self.backends.redis.is_none() {
+            tracing::info!(
+                "running on in-memory backends (no REDIS_URL / DATABASE_URL): nothing is shared \
+                 between processes and nothing survives a restart"
+            );
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The backends in use.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// The access-token issuer and verifier (`--dev` only, so far).
+    pub fn access_tokens(&self) -> Option<&AccessTokens> {
+        self.tokens.as_ref()
+    }
+
+    /// The audit event log in use.
+    pub fn event_log(&self) -> &Arc<dyn EventLog> {
+        &self.event_log
+    }
+
+    /// The request service, for [`serve`](crate::serve).
+    pub fn service(self: &Arc<Self>) -> AppService {
+        AppService { app: self.clone() }
+    }
+
+    /// Stops background tasks and writes what the event log still holds, waiting at most
+    /// `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        match tokio::time::timeout(timeout, self.event_log.flush()).await {
+            Ok(Ok(())) => tracing::info!("event log flushed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "event log flush failed"),
+            Err(_) => tracing::warn!(
+                queued = self.event_log.stats().queued,
+                "event log not flushed in time; queued events are lost"
+            ),
+        }
+    }
+}
+
+/// The hyper service of an [`App`].
+#[derive(Debug, Clone)]
+pub struct AppService {
+    app: Arc<App>,
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for AppService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        let app = self.app.clone();
+        Box::pin(async move { Ok(crate::routes::handle(app, request).await) })
+    }
+}

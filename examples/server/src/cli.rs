@@ -1,0 +1,154 @@
+//! The command line: arguments, logging, signals.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tracing_subscriber::EnvFilter;
+use upcoach_core::Config;
+
+use crate::{App, Options, ServeOptions, serve};
+
+const USAGE: &str = "\
+upcoach reference server
+
+USAGE:
+    upcoach-server [--dev]
+
+OPTIONS:
+    --dev     serve POST /dev/token (tokens for any user and role; never in production)
+    --help    print this help
+
+ENVIRONMENT:
+    UPCOACH_ADDR      listen address (default 127.0.0.1:8080)
+    REDIS_URL         Redis; in-memory backends when unset
+    DATABASE_URL      Postgres; in-memory backends when unset
+    RUST_LOG          log filter (default info)
+    UPCOACH_LOG_FORMAT  'json' for one JSON object per line
+    (and the variables listed in the README's configuration table)";
+
+/// Runs the server from the command line and the environment until SIGINT or SIGTERM.
+pub fn cli_main() -> ExitCode {
+    let mut options = Options::default();
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--dev" => options.dev = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    init_logging();
+
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(errors) => {
+            tracing::error!("{errors}");
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config, options))
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if std::env::var("UPCOACH_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config, options: Options) -> ExitCode {
+    let addr = config.addr;
+    let app = match App::start(config, options).await {
+        Ok(app) => app,
+        Err(e) => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            tracing::error!(error = %message, "could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "could not listen (set UPCOACH_ADDR to another address)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %local, "listening on http://{local}");
+
+    let result = serve(
+        listener,
+        app.service(),
+        shutdown_signal(),
+        ServeOptions::default(),
+    )
+    .await;
+    app.shutdown(Duration::from_secs(5)).await;
+    match result {
+        Ok(()) => {
+            tracing::info!("shut down cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "server error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,214 @@
+//! Routing and the handlers of the routes built so far.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use upcoach_core::{Role, SessionId, UserId};
+
+use crate::Body;
+use crate::app::App;
+use crate::http_util::{ApiError, json_response, read_json};
+
+/// How long one health check may take before it counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A check slower than this is reported as degraded.
+const CHECK_SLOW: Duration = Duration::from_millis(250);
+/// The largest body `/dev/token` reads.
+const DEV_TOKEN_BODY_LIMIT: usize = 16 * 1024;
+
+pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = match route(&app, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    let status = response.status();
+    if status.is_server_error() {
+        tracing::warn!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request failed");
+    } else {
+        tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
+    }
+    response
+}
+
+async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let method = request.method();
+    match request.uri().path() {
+        "/health" => match *method {
+            Method::GET | Method::HEAD => Ok(health(app).await),
+            _ => Err(method_not_allowed("GET")),
+        },
+        // Only exists in --dev mode: otherwise it is an unknown route like any other.
+        "/dev/token" if app.options.dev => match *method {
+            Method::POST => dev_token(app, request).await,
+            _ => Err(method_not_allowed("POST")),
+        },
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+fn method_not_allowed(allowed: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this route accepts {allowed}"),
+    )
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    status: &'static str,
+    latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+impl Check {
+    fn from_result<E>(result: Result<Result<Duration, E>, tokio::time::error::Elapsed>) -> Self {
+        match result {
+            Ok(Ok(latency)) => Check {
+                status: if latency > CHECK_SLOW {
+                    "degraded"
+                } else {
+                    "ok"
+                },
+                latency_ms: (latency.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+                error: None,
+            },
+            Ok(Err(_)) => Check {
+                status: "down",
+                latency_ms: 0.0,
+                error: Some("unreachable"),
+            },
+            Err(_) => Check {
+                status: "down",
+                latency_ms: CHECK_TIMEOUT.as_secs_f64() * 1000.0,
+                error: Some("timeout"),
+            },
+        }
+    }
+}
+
+/// `GET /health`: each configured dependency's status and latency; 503 when a required
+/// dependency is down. In-memory mode has no dependency to check.
+async fn health(app: &Arc<App>) -> Response<Body> {
+    let postgres = async {
+        match &app.backends.postgres {
+            Some(pool) => Some(Check::from_result(
+                tokio::time::timeout(CHECK_TIMEOUT, upcoach_core::postgres::ping(pool)).await,
+            )),
+            None => None,
+        }
+    };
+    let redis = async {
+        match &app.backends.redis {
+            Some(redis) => Some(Check::from_result(
+                tokio::time::timeout(CHECK_TIMEOUT, redis.ping()).await,
+            )),
+            None => None,
+        }
+    };
+    let (postgres, redis) = tokio::join!(postgres, redis);
+
+    let mut checks = serde_json::Map::new();
+    let mut status = "ok";
+    for (name, check) in [("postgres", postgres), ("redis", redis)] {
+        if let Some(check) = check {
+            status = match (status, check.status) {
+                (_, "down") | ("down", _) => "down",
+                (_, "degraded") | ("degraded", _) => "degraded",
+                _ => "ok",
+            };
+            checks.insert(name.into(), serde_json::to_value(check).unwrap_or_default());
+        }
+    }
+    let body = serde_json::json!({
+        "status": status,
+        "checks": checks,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs(),
+    });
+    let code = if status == "down" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    json_response(code, &body)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    /// A user id (UUID); a new one when absent.
+    sub: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct DevUser {
+    id: String,
+    email: Option<String>,
+    email_verified: bool,
+    name: Option<String>,
+    roles: Vec<String>,
+    providers: Vec<String>,
+}
+
+/// `POST /dev/token` (`--dev` only): an access token for any user and roles.
+async fn dev_token(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let tokens = app.tokens.as_ref().ok_or_else(ApiError::not_found)?;
+    let body: DevTokenRequest = read_json(request.into_body(), DEV_TOKEN_BODY_LIMIT).await?;
+    let user_id = match &body.sub {
+        Some(sub) => sub
+            .parse::<UserId>()
+            .map_err(|e| ApiError::bad_request("invalid_sub", e.to_string()))?,
+        None => UserId::new(),
+    };
+    if body.roles.len() > 16 {
+        return Err(ApiError::bad_request("invalid_roles", "at most 16 roles"));
+    }
+    let mut roles = Vec::with_capacity(body.roles.len());
+    for role in &body.roles {
+        let role: Role = role
+            .parse()
+            .map_err(|e: upcoach_core::principal::InvalidRole| {
+                ApiError::bad_request("invalid_roles", e.to_string())
+            })?;
+        if !roles.contains(&role) {
+            roles.push(role);
+        }
+    }
+    let issued = tokens
+        .issue(user_id, roles.clone(), SessionId::new())
+        .map_err(|e| {
+            tracing::error!(error = %e, "signing a development token failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal error",
+            )
+        })?;
+    let user = DevUser {
+        id: user_id.to_string(),
+        email: None,
+        email_verified: false,
+        name: None,
+        roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
+        providers: Vec::new(),
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "access_token": issued.token,
+            "token_type": "Bearer",
+            "expires_in": issued.expires_in.as_secs(),
+            "user": user,
+        }),
+    ))
+}

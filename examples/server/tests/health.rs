@@ -1,0 +1,159 @@
+//! `GET /health` in in-memory mode and against real Redis and Postgres, up and down.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use support::Running;
+use upcoach_core::Config;
+use upcoach_core::config::ServiceUrl;
+use upcoach_server::Options;
+use upcoach_testing::{FaultProxy, PgSchema, RedisPrefix};
+
+#[tokio::test]
+async fn in_memory_mode_is_healthy_and_reports_no_service_checks() {
+    let server = Running::start(Config::default(), Options::default()).await;
+    let answer = server.get("/health").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json["status"], "ok");
+    assert_eq!(answer.json["checks"], serde_json::json!({}));
+    assert_eq!(answer.json["version"], env!("CARGO_PKG_VERSION"));
+    assert!(server.app.backends().postgres.is_none() && server.app.backends().redis.is_none());
+    server.stop().await;
+}
+
+/// A database URL that points at `addr` and puts every table in the test's schema.
+fn schema_url(schema: &PgSchema, addr: std::net::SocketAddr) -> ServiceUrl {
+    let mut url = url::Url::parse(&upcoach_testing::url_via(schema.url(), addr)).unwrap();
+    url.query_pairs_mut()
+        .append_pair("options", &format!("-c search_path={}", schema.name()));
+    ServiceUrl::parse(url.as_str(), &["postgres", "postgresql"]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_services_health_reports_each_check_and_follows_outages() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let pg_proxy = FaultProxy::start(upcoach_testing::service_addr(schema.url())).await;
+    let redis_proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+
+    let mut config = Config::default();
+    config.database_url = Some(schema_url(&schema, pg_proxy.addr()));
+    config.redis_url = Some(
+        ServiceUrl::parse(
+            &upcoach_testing::url_via(prefix.url(), redis_proxy.addr()),
+            &["redis"],
+        )
+        .unwrap(),
+    );
+    let server = Running::start(config, Options::default()).await;
+
+    // The migrations ran at start, in the test's schema.
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'security_events'",
+    )
+    .bind(schema.name())
+    .fetch_one(schema.pool())
+    .await
+    .unwrap();
+    assert_eq!(tables, 1);
+
+    let answer = server.get("/health").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["status"], "ok");
+    for check in ["postgres", "redis"] {
+        assert_eq!(
+            answer.json["checks"][check]["status"], "ok",
+            "{}",
+            answer.json
+        );
+        let latency = answer.json["checks"][check]["latency_ms"].as_f64().unwrap();
+        assert!(
+            latency > 0.0 && latency < 2000.0,
+            "{check} latency {latency}"
+        );
+    }
+
+    pg_proxy.cut();
+    let answer = server.get("/health").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.json
+    );
+    assert_eq!(answer.json["status"], "down");
+    assert_eq!(answer.json["checks"]["postgres"]["status"], "down");
+    assert_eq!(answer.json["checks"]["redis"]["status"], "ok");
+    pg_proxy.restore();
+
+    redis_proxy.cut();
+    let answer = server.get("/health").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.json
+    );
+    assert_eq!(answer.json["checks"]["redis"]["status"], "down");
+    redis_proxy.restore();
+
+    // Both come back by themselves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = server.get("/health").await;
+        if answer.status == StatusCode::OK {
+            assert_eq!(answer.json["checks"]["postgres"]["status"], "ok");
+            assert_eq!(answer.json["checks"]["redis"]["status"], "ok");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "healthy again: {}",
+            answer.json
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_service_that_does_not_answer_stops_the_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = Config::default();
+    config.redis_url =
+        Some(ServiceUrl::parse(&format!("redis://127.0.0.1:{port}"), &["redis"]).unwrap());
+    let err = upcoach_server::App::start(config, Options::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+
+    let mut config = Config::default();
+    config.database_url = Some(
+        ServiceUrl::parse(
+            &format!("postgres://u:secretpw@127.0.0.1:{port}/db"),
+            &["postgres"],
+        )
+        .unwrap(),
+    );
+    let err = upcoach_server::App::start(config, Options::default())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("Postgres") && !text.contains("secretpw"),
+        "{text}"
+    );
+}

@@ -1,0 +1,106 @@
+//! A minimal HTTP/1.1 client and a server started on a free port.
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+use upcoach_core::Config;
+use upcoach_server::{App, Options, ServeOptions};
+
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) json: serde_json::Value,
+}
+
+/// Sends one request on a new connection.
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes:?}"))
+    };
+    Answer {
+        status,
+        headers,
+        json,
+    }
+}
+
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    pub(crate) app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    pub(crate) async fn start(config: Config, options: Options) -> Self {
+        let app = App::start(config, options).await.expect("app starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(upcoach_server::serve(
+            listener,
+            app.service(),
+            async {
+                let _ = stopped.await;
+            },
+            ServeOptions::default(),
+        ));
+        Self {
+            addr,
+            app,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> Answer {
+        request(self.addr, Method::GET, path, None).await
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: &str) -> Answer {
+        request(self.addr, Method::POST, path, Some(body)).await
+    }
+
+    pub(crate) async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
