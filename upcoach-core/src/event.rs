@@ -335,9 +335,11 @@ impl Event {
             Ok(value.len())
         }
         fn json(value: &serde_json::Value) -> Result<usize, EventLogError> {
-            let len = serde_json::to_vec(value)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
+            let mut counter = ByteCounter(0);
+            let len = match serde_json::to_writer(&mut counter, value) {
+                Ok(()) => counter.0,
+                Err(_) => usize::MAX,
+            };
             if len > MAX_JSON_LEN {
                 return Err(EventLogError::InvalidEvent {
                     reason: "the JSON detail is larger than 16 KiB",
@@ -388,6 +390,20 @@ fn too_long(field: &'static str) -> &'static str {
         "id" => "id is longer than 100 bytes",
         "message" => "message is longer than 4096 bytes",
         _ => "user_agent is longer than 4096 bytes",
+    }
+}
+
+/// Counts what would be written, to size JSON without building it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
