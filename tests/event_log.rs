@@ -33,6 +33,28 @@ async fn memory_event_log_evicts_the_oldest_and_counts_it() {
     assert_eq!(log.stats().accepted, 5);
 }
 
+#[tokio::test]
+async fn memory_event_log_is_bounded_by_bytes_too() {
+    let log = MemoryEventLog::new(1_000).max_bytes(64 * 1024);
+    let blob = serde_json::json!({ "blob": "x".repeat(10_000) });
+    for i in 0..20 {
+        log.record(
+            SecurityEvent::new(format!("big_{i}"), &SystemClock)
+                .details(blob.clone())
+                .into(),
+        )
+        .unwrap();
+    }
+    let kept = log.recent(EventKind::Security, 100).await.unwrap();
+    assert!(
+        (5..=6).contains(&kept.len()),
+        "64 KiB holds about six 10 kB records: {}",
+        kept.len()
+    );
+    assert_eq!(kept[0].name(), "big_19", "the newest are kept");
+    assert_eq!(log.stats().evicted as usize, 20 - kept.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_event_log_conforms() {
     let Some(schema) = PgSchema::create().await else {

@@ -37,6 +37,7 @@ use crate::{Clock, UserId};
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod row;
 
 pub use memory::MemoryEventLog;
 #[cfg(feature = "postgres")]
@@ -48,6 +49,10 @@ pub const MAX_NAME_LEN: usize = 100;
 pub const MAX_TEXT_LEN: usize = 4096;
 /// The largest `details` / `metadata` JSON document, serialized, in bytes.
 pub const MAX_JSON_LEN: usize = 16 * 1024;
+/// The most records [`EventLog::recent`] returns, whatever the limit asked.
+pub const MAX_RECENT: usize = 10_000;
+/// 10000-01-01T00:00:00Z, the first instant a record may not carry.
+const LATEST: Duration = Duration::from_secs(253_402_300_800);
 
 /// Which table a record belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -306,71 +311,68 @@ impl Event {
         }
     }
 
-    /// Checks the limits every backend can store, and returns an estimate of the bytes
-    /// the record holds in memory.
+    /// Checks the limits every backend can store.
     ///
     /// Refused: empty names, names over [`MAX_NAME_LEN`], text over [`MAX_TEXT_LEN`],
-    /// JSON over [`MAX_JSON_LEN`], and NUL characters anywhere (Postgres cannot store
-    /// them in text or JSONB).
-    pub fn validate(&self) -> Result<usize, EventLogError> {
-        fn name(value: &str, field: &'static str) -> Result<usize, EventLogError> {
+    /// JSON over [`MAX_JSON_LEN`] (serialized), NUL characters anywhere (Postgres cannot
+    /// store them in text or JSONB), and a `created_at` outside the years 1970 to 9999.
+    pub fn validate(&self) -> Result<(), EventLogError> {
+        fn invalid(reason: &'static str) -> EventLogError {
+            EventLogError::InvalidEvent { reason }
+        }
+        fn name(value: &str, field: &'static str) -> Result<(), EventLogError> {
             if value.is_empty() {
-                return Err(EventLogError::InvalidEvent {
-                    reason: field_empty(field),
-                });
+                return Err(invalid(field_empty(field)));
             }
             text(value, MAX_NAME_LEN, field)
         }
-        fn text(value: &str, max: usize, field: &'static str) -> Result<usize, EventLogError> {
+        fn text(value: &str, max: usize, field: &'static str) -> Result<(), EventLogError> {
             if value.len() > max {
-                return Err(EventLogError::InvalidEvent {
-                    reason: too_long(field),
-                });
+                return Err(invalid(too_long(field)));
             }
             if value.contains('\0') {
-                return Err(EventLogError::InvalidEvent {
-                    reason: "a text field contains a NUL character",
-                });
+                return Err(invalid("a text field contains a NUL character"));
             }
-            Ok(value.len())
+            Ok(())
         }
-        fn json(value: &serde_json::Value) -> Result<usize, EventLogError> {
+        fn json(value: &serde_json::Value) -> Result<(), EventLogError> {
             let mut counter = ByteCounter(0);
             let len = match serde_json::to_writer(&mut counter, value) {
                 Ok(()) => counter.0,
                 Err(_) => usize::MAX,
             };
             if len > MAX_JSON_LEN {
-                return Err(EventLogError::InvalidEvent {
-                    reason: "the JSON detail is larger than 16 KiB",
-                });
+                return Err(invalid("the JSON detail is larger than 16 KiB"));
             }
             if json_has_nul(value) {
-                return Err(EventLogError::InvalidEvent {
-                    reason: "the JSON detail contains a NUL character",
-                });
+                return Err(invalid("the JSON detail contains a NUL character"));
             }
-            Ok(len)
+            Ok(())
         }
         let opt =
-            |v: &Option<String>, max, field| v.as_deref().map_or(Ok(0), |v| text(v, max, field));
-        let bytes = match self {
+            |v: &Option<String>, max, field| v.as_deref().map_or(Ok(()), |v| text(v, max, field));
+        let created_at = self.created_at();
+        if created_at < SystemTime::UNIX_EPOCH || created_at >= SystemTime::UNIX_EPOCH + LATEST {
+            return Err(invalid("created_at is outside the years 1970 to 9999"));
+        }
+        match self {
             Event::Security(e) => {
-                name(&e.event_type, "event_type")?
-                    + opt(&e.platform, MAX_NAME_LEN, "platform")?
-                    + opt(&e.user_agent, MAX_TEXT_LEN, "user_agent")?
-                    + json(&e.details)?
+                name(&e.event_type, "event_type")?;
+                opt(&e.platform, MAX_NAME_LEN, "platform")?;
+                opt(&e.user_agent, MAX_TEXT_LEN, "user_agent")?;
+                json(&e.details)
             }
-            Event::WebSocket(e) => name(&e.event_type, "event_type")? + json(&e.metadata)?,
+            Event::WebSocket(e) => {
+                name(&e.event_type, "event_type")?;
+                json(&e.metadata)
+            }
             Event::Alert(e) => {
-                name(&e.id, "id")?
-                    + name(&e.source, "source")?
-                    + text(&e.message, MAX_TEXT_LEN, "message")?
-                    + json(&e.metadata)?
+                name(&e.id, "id")?;
+                name(&e.source, "source")?;
+                text(&e.message, MAX_TEXT_LEN, "message")?;
+                json(&e.metadata)
             }
-        };
-        // Fixed-size fields and allocation overhead.
-        Ok(bytes + 160)
+        }
     }
 }
 
@@ -555,7 +557,8 @@ impl EventLogError {
 /// ```
 #[async_trait]
 pub trait EventLog: fmt::Debug + Send + Sync + 'static {
-    /// Accepts a record without waiting on I/O.
+    /// Accepts a record without waiting on I/O. A record whose id was recorded before
+    /// is accepted and not stored twice.
     ///
     /// Fails with [`EventLogError::InvalidEvent`] for a record no backend can store and
     /// [`EventLogError::QueueFull`] when a bounded queue is full; either way the error
@@ -566,7 +569,8 @@ pub trait EventLog: fmt::Debug + Send + Sync + 'static {
     /// data error). Put a timeout around it: with the database down it waits.
     async fn flush(&self) -> Result<(), EventLogError>;
 
-    /// The newest `limit` records of `kind`, newest first (by `created_at`, then id).
+    /// The newest `limit` records of `kind` (at most [`MAX_RECENT`]), newest first (by
+    /// `created_at`, then id).
     async fn recent(&self, kind: EventKind, limit: usize) -> Result<Vec<Event>, EventLogError>;
 
     /// Security events since `since` (inclusive), counted by `event_type`, most frequent
@@ -586,11 +590,4 @@ pub fn to_micros(t: SystemTime) -> SystemTime {
         Ok(d) => SystemTime::UNIX_EPOCH + Duration::from_micros(d.as_micros() as u64),
         Err(_) => SystemTime::UNIX_EPOCH,
     }
-}
-
-/// Sorts newest first, by `created_at` then id, and keeps `limit`.
-pub(crate) fn newest_first(mut events: Vec<Event>, limit: usize) -> Vec<Event> {
-    events.sort_by_cached_key(|e| std::cmp::Reverse((e.created_at(), e.id_string())));
-    events.truncate(limit);
-    events
 }

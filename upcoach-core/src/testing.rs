@@ -206,4 +206,24 @@ pub async fn event_log_conformance(log: &dyn EventLog) {
     );
     assert_eq!(after.queued, 0);
     assert_eq!(after.dropped, before.dropped);
+
+    // A record whose id was recorded before is accepted and not stored twice (a retry).
+    let again = SystemAlert {
+        created_at: at(50),
+        ..SystemAlert::new(AlertLevel::Warning, "perf", "first", &SystemClock)
+    };
+    let twice = SecurityEvent {
+        created_at: at(50),
+        ..SecurityEvent::new("twice", &SystemClock)
+    };
+    for _ in 0..2 {
+        log.record(again.clone().into()).unwrap();
+        log.record(twice.clone().into()).unwrap();
+    }
+    log.flush().await.unwrap();
+    assert_eq!(log.recent(EventKind::Alert, 10).await.unwrap().len(), 2);
+    let newest = log.recent(EventKind::Security, 10).await.unwrap();
+    assert_eq!(newest.len(), 7);
+    assert_eq!(newest[0], Event::from(twice));
+    assert_eq!(log.stats().queued, 0);
 }

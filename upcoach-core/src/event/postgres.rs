@@ -13,9 +13,10 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::row::EventRow;
 use super::{
     AlertLevel, Event, EventKind, EventLog, EventLogError, EventLogStats, EventTypeCount,
-    SecurityEvent, SystemAlert, WebSocketEvent,
+    MAX_RECENT, SecurityEvent, SystemAlert, WebSocketEvent,
 };
 use crate::UserId;
 
@@ -118,7 +119,7 @@ pub struct PgEventLog {
 
 #[derive(Debug)]
 enum Message {
-    Event(Event, usize),
+    Event(EventRow, usize),
     Flush(oneshot::Sender<()>),
 }
 
@@ -131,8 +132,10 @@ struct Shared {
     retries: AtomicU64,
     queued: AtomicU64,
     queued_bytes: AtomicUsize,
-    /// Drops not yet reported, and when the last report was logged.
-    drop_report: Mutex<(u64, Option<Instant>)>,
+    /// Drops not yet in a log line.
+    pending_drops: AtomicU64,
+    /// When the last drop report was logged.
+    last_drop_report: Mutex<Option<Instant>>,
 }
 
 impl PgEventLog {
@@ -154,28 +157,10 @@ impl PgEventLog {
         Self::builder(pool).build()
     }
 
-    fn drop_event(&self, event: &Event) -> EventLogError {
+    fn drop_event(&self, row: &EventRow) -> EventLogError {
         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        let mut report = self
-            .shared
-            .drop_report
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        report.0 += 1;
-        let due = report
-            .1
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
-        if due {
-            tracing::warn!(
-                dropped = report.0,
-                total_dropped = self.shared.dropped.load(Ordering::Relaxed),
-                queue_capacity = self.queue_capacity,
-                kind = ?event.kind(),
-                event = event.name(),
-                "event log queue is full (Postgres slow or down): audit events were dropped"
-            );
-            *report = (0, Some(Instant::now()));
-        }
+        self.shared.pending_drops.fetch_add(1, Ordering::Relaxed);
+        self.shared.report_drops(false, Some(row));
         EventLogError::QueueFull {
             capacity: self.queue_capacity,
             max_bytes: self.max_queued_bytes,
@@ -183,28 +168,63 @@ impl PgEventLog {
     }
 }
 
+impl Shared {
+    /// Logs the drops not yet reported: at once when `now` (the writer made progress),
+    /// otherwise at most once per 10 s. Every drop is in some log line eventually: the
+    /// writer calls this after each batch and on each retry.
+    fn report_drops(&self, now: bool, latest: Option<&EventRow>) {
+        if self.pending_drops.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut last = self
+            .last_drop_report
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let due = now || last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+        if !due {
+            return;
+        }
+        let dropped = self.pending_drops.swap(0, Ordering::Relaxed);
+        if dropped == 0 {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::warn!(
+            dropped,
+            total_dropped = self.dropped.load(Ordering::Relaxed),
+            latest_kind = ?latest.map(EventRow::kind),
+            latest_event = latest.map(EventRow::name),
+            "event log queue is full (Postgres slow or down): audit events were dropped"
+        );
+    }
+}
+
 #[async_trait]
 impl EventLog for PgEventLog {
     fn record(&self, event: Event) -> Result<(), EventLogError> {
-        let bytes = event.validate()?;
+        let row = EventRow::new(event)?;
+        let bytes = row.bytes();
         let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if before + bytes > self.max_queued_bytes {
             self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            return Err(self.drop_event(&event));
+            return Err(self.drop_event(&row));
         }
-        match self.tx.try_send(Message::Event(event, bytes)) {
+        // Count before sending, so the writer never takes away what was not added.
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Message::Event(row, bytes)) {
             Ok(()) => {
                 self.shared.accepted.fetch_add(1, Ordering::Relaxed);
-                self.shared.queued.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(Message::Event(event, _))) => {
+            Err(e) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                 self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                Err(self.drop_event(&event))
-            }
-            Err(_) => {
-                self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                Err(EventLogError::Closed)
+                match e {
+                    mpsc::error::TrySendError::Full(Message::Event(row, _)) => {
+                        Err(self.drop_event(&row))
+                    }
+                    _ => Err(EventLogError::Closed),
+                }
             }
         }
     }
@@ -219,7 +239,7 @@ impl EventLog for PgEventLog {
     }
 
     async fn recent(&self, kind: EventKind, limit: usize) -> Result<Vec<Event>, EventLogError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = limit.min(MAX_RECENT) as i64;
         let sql = match kind {
             EventKind::Security => {
                 "SELECT id, user_id, event_type, platform, details::text AS details, \
@@ -251,7 +271,7 @@ impl EventLog for PgEventLog {
             "SELECT event_type, count(*) AS n FROM security_events WHERE created_at >= $1 \
              GROUP BY event_type ORDER BY n DESC, event_type COLLATE \"C\"",
         )
-        .bind(OffsetDateTime::from(since))
+        .bind(timestamp(since))
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
@@ -352,7 +372,7 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self) {
-        let mut batch: Vec<(Event, usize)> = Vec::with_capacity(self.batch_size);
+        let mut batch: Vec<(EventRow, usize)> = Vec::with_capacity(self.batch_size);
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(first) = self.rx.recv().await {
             self.take(first, &mut batch, &mut flushes);
@@ -365,6 +385,7 @@ impl Writer {
             if !batch.is_empty() {
                 self.write_until_done(&mut batch).await;
             }
+            self.shared.report_drops(true, None);
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
@@ -375,7 +396,7 @@ impl Writer {
     fn take(
         &self,
         message: Message,
-        batch: &mut Vec<(Event, usize)>,
+        batch: &mut Vec<(EventRow, usize)>,
         flushes: &mut Vec<oneshot::Sender<()>>,
     ) {
         match message {
@@ -385,11 +406,11 @@ impl Writer {
     }
 
     /// Writes `batch` (emptying it), retrying through outages.
-    async fn write_until_done(&self, batch: &mut Vec<(Event, usize)>) {
+    async fn write_until_done(&self, batch: &mut Vec<(EventRow, usize)>) {
         let mut backoff = self.min_backoff;
         let mut failures = 0u64;
         while !batch.is_empty() {
-            let events: Vec<&Event> = batch.iter().map(|(e, _)| e).collect();
+            let events: Vec<&EventRow> = batch.iter().map(|(e, _)| e).collect();
             let result = insert(&self.pool, &events).await;
             match result {
                 Ok(()) => {
@@ -411,7 +432,7 @@ impl Writer {
                                     error = %e,
                                     kind = ?event.kind(),
                                     event = event.name(),
-                                    id = %event.id_string(),
+                                    id = ?event.id(),
                                     "Postgres refused an audit event; it was not stored"
                                 );
                                 self.done(std::iter::once((event, bytes)), 0, 1);
@@ -434,6 +455,7 @@ impl Writer {
                     } else {
                         tracing::debug!(error = %e, failures, "event log: retry failed");
                     }
+                    self.shared.report_drops(false, None);
                     tokio::time::sleep(jitter(backoff)).await;
                     backoff = (backoff * 2).min(self.max_backoff);
                 }
@@ -444,7 +466,7 @@ impl Writer {
         }
     }
 
-    fn done(&self, events: impl Iterator<Item = (Event, usize)>, written: u64, rejected: u64) {
+    fn done(&self, events: impl Iterator<Item = (EventRow, usize)>, written: u64, rejected: u64) {
         let (count, bytes) = events.fold((0u64, 0usize), |(c, b), (_, bytes)| (c + 1, b + bytes));
         self.shared.queued.fetch_sub(count, Ordering::Relaxed);
         self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -473,19 +495,97 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(fraction)
 }
 
-/// Inserts `events` with one statement per kind present (UNNEST of arrays, so the
+/// A `SystemTime` as Postgres `timestamptz`, clamped to what `time` can hold (records
+/// are validated to 1970..9999 before they get here; `since` arguments may be anything).
+fn timestamp(t: SystemTime) -> OffsetDateTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros())
+            .ok()
+            .and_then(|micros| {
+                OffsetDateTime::UNIX_EPOCH.checked_add(time::Duration::microseconds(micros))
+            })
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH + time::Duration::days(365 * 8000)),
+        Err(_) => OffsetDateTime::UNIX_EPOCH,
+    }
+}
+
+/// Inserts `rows` with one statement per kind present (UNNEST of arrays, so the
 /// statement is the same whatever the batch size). Idempotent by id.
-async fn insert(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
+async fn insert(pool: &PgPool, rows: &[&EventRow]) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
 
-    let security: Vec<&SecurityEvent> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Security(e) => Some(e),
-            _ => None,
-        })
-        .collect();
-    if !security.is_empty() {
+    let mut s_id = Vec::new();
+    let mut s_user = Vec::new();
+    let mut s_type = Vec::new();
+    let mut s_platform = Vec::new();
+    let mut s_details = Vec::new();
+    let mut s_ip = Vec::new();
+    let mut s_agent = Vec::new();
+    let mut s_at = Vec::new();
+    let mut w_id = Vec::new();
+    let mut w_user = Vec::new();
+    let mut w_type = Vec::new();
+    let mut w_meta = Vec::new();
+    let mut w_at = Vec::new();
+    let mut a_id = Vec::new();
+    let mut a_level = Vec::new();
+    let mut a_message = Vec::new();
+    let mut a_source = Vec::new();
+    let mut a_meta = Vec::new();
+    let mut a_at = Vec::new();
+    for row in rows {
+        match row {
+            EventRow::Security {
+                id,
+                user_id,
+                event_type,
+                platform,
+                details,
+                ip_address,
+                user_agent,
+                created_at,
+            } => {
+                s_id.push(*id);
+                s_user.push(*user_id);
+                s_type.push(event_type.as_str());
+                s_platform.push(platform.as_deref());
+                s_details.push(details.as_str());
+                s_ip.push(ip_address.map(|ip| ip.to_string()));
+                s_agent.push(user_agent.as_deref());
+                s_at.push(timestamp(*created_at));
+            }
+            EventRow::WebSocket {
+                id,
+                user_id,
+                event_type,
+                metadata,
+                created_at,
+            } => {
+                w_id.push(*id);
+                w_user.push(*user_id);
+                w_type.push(event_type.as_str());
+                w_meta.push(metadata.as_str());
+                w_at.push(timestamp(*created_at));
+            }
+            EventRow::Alert {
+                id,
+                level,
+                message,
+                source,
+                metadata,
+                created_at,
+            } => {
+                a_id.push(id.as_str());
+                a_level.push(level.as_str());
+                a_message.push(message.as_str());
+                a_source.push(source.as_str());
+                a_meta.push(metadata.as_str());
+                a_at.push(timestamp(*created_at));
+            }
+        }
+    }
+
+    if !s_id.is_empty() {
         sqlx::query(
             "INSERT INTO security_events \
              (id, user_id, event_type, platform, details, ip_address, user_agent, created_at) \
@@ -494,26 +594,18 @@ async fn insert(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
              AS t(id, user_id, event_type, platform, details, ip_address, user_agent, created_at) \
              ON CONFLICT (id) DO NOTHING",
         )
-        .bind(security.iter().map(|e| e.id).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| e.user_id.map(|u| u.as_uuid())).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| e.platform.as_deref()).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| e.details.to_string()).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| e.ip_address.map(|ip| ip.to_string())).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| e.user_agent.as_deref()).collect::<Vec<_>>())
-        .bind(security.iter().map(|e| OffsetDateTime::from(e.created_at)).collect::<Vec<_>>())
+        .bind(s_id)
+        .bind(s_user)
+        .bind(s_type)
+        .bind(s_platform)
+        .bind(s_details)
+        .bind(s_ip)
+        .bind(s_agent)
+        .bind(s_at)
         .execute(&mut *conn)
         .await?;
     }
-
-    let websocket: Vec<&WebSocketEvent> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::WebSocket(e) => Some(e),
-            _ => None,
-        })
-        .collect();
-    if !websocket.is_empty() {
+    if !w_id.is_empty() {
         sqlx::query(
             "INSERT INTO websocket_events (id, user_id, event_type, metadata, created_at) \
              SELECT id, user_id, event_type, metadata::jsonb, created_at \
@@ -521,43 +613,15 @@ async fn insert(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
              AS t(id, user_id, event_type, metadata, created_at) \
              ON CONFLICT (id) DO NOTHING",
         )
-        .bind(websocket.iter().map(|e| e.id).collect::<Vec<_>>())
-        .bind(
-            websocket
-                .iter()
-                .map(|e| e.user_id.map(|u| u.as_uuid()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            websocket
-                .iter()
-                .map(|e| e.event_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            websocket
-                .iter()
-                .map(|e| e.metadata.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            websocket
-                .iter()
-                .map(|e| OffsetDateTime::from(e.created_at))
-                .collect::<Vec<_>>(),
-        )
+        .bind(w_id)
+        .bind(w_user)
+        .bind(w_type)
+        .bind(w_meta)
+        .bind(w_at)
         .execute(&mut *conn)
         .await?;
     }
-
-    let alerts: Vec<&SystemAlert> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Alert(e) => Some(e),
-            _ => None,
-        })
-        .collect();
-    if !alerts.is_empty() {
+    if !a_id.is_empty() {
         sqlx::query(
             "INSERT INTO system_alerts (id, level, message, source, metadata, created_at) \
              SELECT id, level, message, source, metadata::jsonb, created_at \
@@ -565,12 +629,12 @@ async fn insert(pool: &PgPool, events: &[&Event]) -> Result<(), sqlx::Error> {
              AS t(id, level, message, source, metadata, created_at) \
              ON CONFLICT (id) DO NOTHING",
         )
-        .bind(alerts.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|e| e.level.as_str()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|e| e.message.as_str()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|e| e.source.as_str()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|e| e.metadata.to_string()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|e| OffsetDateTime::from(e.created_at)).collect::<Vec<_>>())
+        .bind(a_id)
+        .bind(a_level)
+        .bind(a_message)
+        .bind(a_source)
+        .bind(a_meta)
+        .bind(a_at)
         .execute(&mut *conn)
         .await?;
     }
