@@ -46,10 +46,11 @@ pub const DEFAULT_SLOW_QUERY_THRESHOLD_MS: u64 = 1000;
 pub struct Config {
     /// `UPCOACH_ADDR`: where the reference server listens (default `127.0.0.1:8080`).
     pub addr: SocketAddr,
-    /// `REDIS_URL`: Redis for shared state; `None` runs the in-memory backends.
+    /// `REDIS_URL`: Redis for shared state (`redis://` or a `unix://` socket; no TLS in
+    /// this build); `None` runs the in-memory backends.
     pub redis_url: Option<ServiceUrl>,
-    /// `DATABASE_URL`: Postgres for users, refresh tokens and the audit log; `None` runs
-    /// the in-memory backends.
+    /// `DATABASE_URL`: Postgres for users, refresh tokens and the audit log (no TLS in
+    /// this build); `None` runs the in-memory backends.
     pub database_url: Option<ServiceUrl>,
     /// `WEBSOCKET_CORS_ORIGINS`: comma-separated origins (`https://app.example.com`)
     /// allowed to open realtime connections from a browser; empty allows none.
@@ -165,7 +166,8 @@ impl ServiceUrl {
         if !schemes.contains(&url.scheme()) {
             return Err("the scheme is not one of those expected");
         }
-        if url.host_str().is_none_or(str::is_empty) && url.scheme() != "unix" {
+        let socket = matches!(url.scheme(), "unix" | "redis+unix");
+        if url.host_str().is_none_or(str::is_empty) && !socket {
             return Err("the URL has no host");
         }
         Ok(Self(url))
@@ -182,11 +184,33 @@ impl ServiceUrl {
     }
 
     /// The URL with the password replaced by `***`, for logs and banners.
+    /// Query parameters are redacted too where they carry a password (`password`,
+    /// `pass`, `sslpassword`, as the Postgres and Redis clients read them).
     pub fn redacted(&self) -> String {
         let mut url = self.0.clone();
         if url.password().is_some() {
             // Only fails for URLs that cannot have a password, which this one has.
             let _ = url.set_password(Some("***"));
+        }
+        if url.query().is_some() {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret = matches!(
+                        k.to_ascii_lowercase().as_str(),
+                        "password" | "pass" | "sslpassword"
+                    );
+                    (
+                        k.into_owned(),
+                        if secret {
+                            "***".to_owned()
+                        } else {
+                            v.into_owned()
+                        },
+                    )
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
         }
         url.into()
     }
@@ -414,8 +438,8 @@ impl Config {
 
         let redis_url = r.service_url(
             "REDIS_URL",
-            &["redis", "rediss", "unix", "redis+unix"],
-            "a Redis URL such as redis://127.0.0.1:6379",
+            &["redis", "unix", "redis+unix"],
+            "a Redis URL such as redis://127.0.0.1:6379 (rediss:// is not supported: this build has no TLS)",
         );
         let database_url = r.service_url(
             "DATABASE_URL",
@@ -431,10 +455,12 @@ impl Config {
                     match parse_origin(part) {
                         Some(origin) => origins.push(origin),
                         None => {
+                            // An origin with credentials in it is refused, and not repeated.
+                            let shown = (!part.contains('@')).then(|| part.to_owned());
                             r.invalid_because(
                                 "WEBSOCKET_CORS_ORIGINS",
                                 "comma-separated origins such as https://app.example.com",
-                                Some(part.to_owned()),
+                                shown,
                                 Some("each origin is scheme://host[:port] with no path; '*' is not accepted"),
                             );
                         }
@@ -568,7 +594,9 @@ fn read_apple<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> Option<Option
         None,
     );
     let mobile_client_id = r.identifier("APPLE_MOBILE_CLIENT_ID", "the app's bundle id", None);
-    if web_client_id.is_none() && mobile_client_id.is_none() {
+    let none_set =
+        r.get("APPLE_WEB_CLIENT_ID").is_none() && r.get("APPLE_MOBILE_CLIENT_ID").is_none();
+    if none_set {
         r.missing(
             "APPLE_WEB_CLIENT_ID",
             "the Services ID used on the web, or APPLE_MOBILE_CLIENT_ID",

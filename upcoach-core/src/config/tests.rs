@@ -109,6 +109,7 @@ fn every_invalid_value_names_its_variable() {
         ("UPCOACH_ADDR", "127.0.0.1:99999"),
         ("REDIS_URL", "127.0.0.1:6379"),
         ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("REDIS_URL", "rediss://127.0.0.1:6379"),
         ("DATABASE_URL", "mysql://root@localhost/db"),
         ("DATABASE_URL", "postgres://"),
         ("WEBSOCKET_CORS_ORIGINS", "*"),
@@ -167,8 +168,8 @@ fn every_missing_provider_variable_names_itself() {
 
 #[test]
 fn invalid_provider_values_are_refused() {
-    let with = |base: &[(&'static str, &'static str)], var: &'static str, value: &'static str| {
-        let mut vars: Vec<_> = base.iter().copied().filter(|(k, _)| *k != var).collect();
+    let with = |base: &[(&'static str, &'static str)], var: &'static str, value: &str| {
+        let mut vars: Vec<(&str, &str)> = base.iter().copied().filter(|(k, _)| *k != var).collect();
         vars.push((var, value));
         only_error(&vars)
     };
@@ -193,6 +194,26 @@ fn invalid_provider_values_are_refused() {
     assert_eq!(
         with(GOOGLE, "GOOGLE_CLIENT_ID", "has space").variable,
         "GOOGLE_CLIENT_ID"
+    );
+    assert_eq!(
+        with(GOOGLE, "GOOGLE_WEB_CLIENT_ID", "has space").variable,
+        "GOOGLE_WEB_CLIENT_ID"
+    );
+    assert_eq!(
+        with(GOOGLE, "GOOGLE_MOBILE_CLIENT_ID", "tab\there").variable,
+        "GOOGLE_MOBILE_CLIENT_ID"
+    );
+    assert_eq!(
+        with(APPLE, "APPLE_MOBILE_CLIENT_ID", "has space").variable,
+        "APPLE_MOBILE_CLIENT_ID"
+    );
+    assert_eq!(
+        with(APPLE, "APPLE_WEB_CLIENT_ID", &"x".repeat(300)).variable,
+        "APPLE_WEB_CLIENT_ID"
+    );
+    assert_eq!(
+        with(FACEBOOK, "FACEBOOK_APP_ID", &"1".repeat(33)).variable,
+        "FACEBOOK_APP_ID"
     );
 }
 
@@ -247,4 +268,33 @@ fn secrets_never_show_in_debug_or_errors() {
     // An unusable URL that carries a password is not echoed either.
     let e = only_error(&[("REDIS_URL", "http://u:leaky-pass@127.0.0.1")]);
     assert!(!e.to_string().contains("leaky-pass"), "{e}");
+    let e = only_error(&[(
+        "WEBSOCKET_CORS_ORIGINS",
+        "https://u:origin-pass@app.example.com",
+    )]);
+    assert!(!e.to_string().contains("origin-pass"), "{e}");
+
+    // Passwords in query parameters are redacted as well.
+    let c = config(&[
+        (
+            "DATABASE_URL",
+            "postgres://app@db/app?password=qp-secret&sslmode=disable",
+        ),
+        ("REDIS_URL", "unix:///run/redis.sock?pass=unix-secret&db=2"),
+    ])
+    .unwrap();
+    let shown = format!(
+        "{c:?} {} {}",
+        c.database_url.as_ref().unwrap(),
+        c.redis_url.as_ref().unwrap()
+    );
+    assert!(
+        !shown.contains("qp-secret") && !shown.contains("unix-secret"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("sslmode=disable") && shown.contains("db=2"),
+        "{shown}"
+    );
+    assert!(c.database_url.unwrap().expose().contains("qp-secret"));
 }
