@@ -15,6 +15,8 @@ use crate::Error;
 
 /// The default lifetime of an access token.
 pub const DEFAULT_ACCESS_TTL: Duration = Duration::from_secs(15 * 60);
+/// The `typ` header of our access tokens (RFC 9068), required on verification.
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
 /// The clock skew tolerated on `iat`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
@@ -129,10 +131,14 @@ impl fmt::Debug for IssuedAccessToken {
 /// Issues and verifies our access tokens: EdDSA JWTs with `kid`, `iss`, `aud`, `sub`,
 /// `sid`, `roles`, `iat`, `exp` and `jti`, every time decision taken from a [`Clock`].
 ///
-/// Verification pins the algorithm (EdDSA, never read from the token), accepts only
-/// the keys it holds (the current one and any previous ones kept for rotation), checks
-/// issuer and audience, refuses an `iat` in the future beyond the leeway and a token at
-/// or past its `exp`.
+/// Verification pins the algorithm (EdDSA, never read from the token), requires the
+/// `typ` header `at+jwt`, accepts only the keys it holds (the current one and any
+/// previous ones kept for rotation), checks issuer and audience, refuses an `iat` in the
+/// future beyond the leeway and a token at or past its `exp`.
+///
+/// It does not look up whether the session (`sid`) was revoked: an access token stays
+/// valid until its short expiry after a logout, which is why the default lifetime is 15
+/// minutes.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -250,6 +256,7 @@ impl AccessTokens {
             jti: uuid::Uuid::now_v7().to_string(),
         };
         let mut header = Header::new(Algorithm::EdDSA);
+        header.typ = Some(ACCESS_TOKEN_TYP.to_owned());
         header.kid = Some(self.current.kid.clone());
         let token = jsonwebtoken::encode(&header, &claims, &self.current.encoding)
             .map_err(|e| Error::Crypto(Box::new(e)))?;
@@ -294,6 +301,12 @@ impl TokenVerifier for AccessTokens {
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError::Invalid {
                 reason: "unexpected algorithm",
+            });
+        }
+        // Another kind of JWT signed by the same key is never an access token.
+        if header.typ.as_deref() != Some(ACCESS_TOKEN_TYP) {
+            return Err(TokenError::Invalid {
+                reason: "not an access token",
             });
         }
         let kid = header.kid.ok_or(TokenError::Invalid {

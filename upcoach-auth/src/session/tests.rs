@@ -28,6 +28,7 @@ fn claims(tokens: &AccessTokens) -> serde_json::Value {
 
 fn signed(key: &SigningKey, claims: &serde_json::Value) -> String {
     let mut header = Header::new(Algorithm::EdDSA);
+    header.typ = Some(ACCESS_TOKEN_TYP.to_owned());
     header.kid = Some(key.kid().to_owned());
     jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
 }
@@ -196,6 +197,27 @@ async fn a_rotated_out_key_still_verifies_and_both_are_published() {
         jwks["keys"][0].get("d").is_none(),
         "no private part is published"
     );
+}
+
+#[tokio::test]
+async fn a_jwt_of_another_type_signed_by_the_same_key_is_refused() {
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock());
+    for typ in [None, Some("JWT"), Some("login-code+jwt")] {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.typ = typ.map(str::to_owned);
+        header.kid = Some(tokens.current.kid().to_owned());
+        let token =
+            jsonwebtoken::encode(&header, &claims(&tokens), &tokens.current.encoding).unwrap();
+        assert!(
+            matches!(
+                refused(&tokens, &token).await,
+                TokenError::Invalid {
+                    reason: "not an access token"
+                }
+            ),
+            "typ {typ:?}"
+        );
+    }
 }
 
 #[test]
