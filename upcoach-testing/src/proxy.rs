@@ -115,6 +115,8 @@ impl Drop for FaultProxy {
 async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<State>) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of descriptors or a transient error: wait instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
         // Subscribe before looking at the flag, so a cut between the two still closes

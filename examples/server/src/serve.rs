@@ -46,6 +46,7 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
@@ -58,7 +59,7 @@ where
                     let _ = stream.set_nodelay(true);
                     let connection = http.serve_connection(TokioIo::new(stream), service.clone());
                     let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(e) = connection.await {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
@@ -70,6 +71,8 @@ where
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            // Reap finished connection tasks so the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = &mut shutdown => break,
         }
     }
@@ -82,10 +85,15 @@ where
     );
     match tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(
-            timeout = ?options.drain_timeout,
-            "drain timeout reached; remaining connections are closed"
-        ),
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?options.drain_timeout,
+                remaining = connections.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
+            connections.abort_all();
+        }
     }
+    while connections.join_next().await.is_some() {}
     Ok(())
 }

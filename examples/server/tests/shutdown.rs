@@ -54,6 +54,57 @@ async fn in_flight_requests_finish_after_shutdown_starts() {
         .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_drain_timeout_is_cut_and_serve_returns() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stuck = hyper::service::service_fn(|_req| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, Infallible>(Response::new(http_body_util::Empty::new().boxed()) as Response<Body>)
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions {
+        drain_timeout: Duration::from_millis(200),
+        ..ServeOptions::default()
+    };
+    let server = tokio::spawn(upcoach_server::serve(
+        listener,
+        stuck,
+        async {
+            let _ = stopped.await;
+        },
+        options,
+    ));
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get("/stuck")
+        .header("host", "x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let pending = tokio::spawn(async move { sender.send_request(request).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns soon after the drain timeout")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let outcome = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        outcome.is_err(),
+        "the stuck request's connection was closed"
+    );
+}
+
 fn server_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_upcoach-server"));
     command
