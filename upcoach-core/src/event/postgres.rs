@@ -11,14 +11,12 @@ use async_trait::async_trait;
 use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
-use uuid::Uuid;
 
 use super::row::EventRow;
 use super::{
     AlertLevel, Event, EventKind, EventLog, EventLogError, EventLogStats, EventTypeCount,
-    MAX_RECENT, SecurityEvent, SystemAlert, WebSocketEvent,
+    MAX_RECENT,
 };
-use crate::UserId;
 
 const BACKEND: &str = "postgres";
 
@@ -307,57 +305,55 @@ fn backend(e: sqlx::Error) -> EventLogError {
 }
 
 fn decode(kind: EventKind, row: &sqlx::postgres::PgRow) -> Result<Event, EventLogError> {
-    let json = |column: &str| -> Result<serde_json::Value, EventLogError> {
-        let text: String = row.try_get(column).map_err(backend)?;
-        serde_json::from_str(&text).map_err(|e| EventLogError::Backend {
-            backend: BACKEND,
-            source: Box::new(e),
-        })
+    fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
+        row: &'r sqlx::postgres::PgRow,
+        column: &str,
+    ) -> Result<T, EventLogError> {
+        row.try_get(column).map_err(backend)
+    }
+    let corrupt = |what: String| EventLogError::Backend {
+        backend: BACKEND,
+        source: what.into(),
     };
-    let created_at: OffsetDateTime = row.try_get("created_at").map_err(backend)?;
-    let created_at = SystemTime::from(created_at);
-    let user_id = |row: &sqlx::postgres::PgRow| -> Result<Option<UserId>, EventLogError> {
-        Ok(row
-            .try_get::<Option<Uuid>, _>("user_id")
-            .map_err(backend)?
-            .map(UserId::from_uuid))
-    };
-    Ok(match kind {
-        EventKind::Security => Event::Security(SecurityEvent {
-            id: row.try_get("id").map_err(backend)?,
-            user_id: user_id(row)?,
-            event_type: row.try_get("event_type").map_err(backend)?,
-            platform: row.try_get("platform").map_err(backend)?,
-            details: json("details")?,
-            ip_address: row
-                .try_get::<Option<String>, _>("ip_address")
-                .map_err(backend)?
-                .and_then(|ip| ip.parse::<IpAddr>().ok()),
-            user_agent: row.try_get("user_agent").map_err(backend)?,
+    let created_at = SystemTime::from(get::<OffsetDateTime>(row, "created_at")?);
+    let stored = match kind {
+        EventKind::Security => EventRow::Security {
+            id: get(row, "id")?,
+            user_id: get(row, "user_id")?,
+            event_type: get(row, "event_type")?,
+            platform: get(row, "platform")?,
+            details: get(row, "details")?,
+            ip_address: get::<Option<String>>(row, "ip_address")?
+                .map(|ip| {
+                    ip.parse::<IpAddr>()
+                        .map_err(|_| corrupt(format!("bad address {ip:?}")))
+                })
+                .transpose()?,
+            user_agent: get(row, "user_agent")?,
             created_at,
-        }),
-        EventKind::WebSocket => Event::WebSocket(WebSocketEvent {
-            id: row.try_get("id").map_err(backend)?,
-            user_id: user_id(row)?,
-            event_type: row.try_get("event_type").map_err(backend)?,
-            metadata: json("metadata")?,
+        },
+        EventKind::WebSocket => EventRow::WebSocket {
+            id: get(row, "id")?,
+            user_id: get(row, "user_id")?,
+            event_type: get(row, "event_type")?,
+            metadata: get(row, "metadata")?,
             created_at,
-        }),
+        },
         EventKind::Alert => {
-            let level: String = row.try_get("level").map_err(backend)?;
-            Event::Alert(SystemAlert {
-                id: row.try_get("id").map_err(backend)?,
-                level: AlertLevel::parse(&level).ok_or_else(|| EventLogError::Backend {
-                    backend: BACKEND,
-                    source: format!("unknown alert level {level:?} in system_alerts").into(),
+            let level: String = get(row, "level")?;
+            EventRow::Alert {
+                id: get(row, "id")?,
+                level: AlertLevel::parse(&level).ok_or_else(|| {
+                    corrupt(format!("unknown alert level {level:?} in system_alerts"))
                 })?,
-                message: row.try_get("message").map_err(backend)?,
-                source: row.try_get("source").map_err(backend)?,
-                metadata: json("metadata")?,
+                message: get(row, "message")?,
+                source: get(row, "source")?,
+                metadata: get(row, "metadata")?,
                 created_at,
-            })
+            }
         }
-    })
+    };
+    Ok(stored.to_event())
 }
 
 /// The background task that drains the queue into Postgres.
