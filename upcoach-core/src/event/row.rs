@@ -119,6 +119,7 @@ impl EventRow {
     }
 
     /// `event_type`, or the alert's source.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn name(&self) -> &str {
         match self {
             EventRow::Security { event_type, .. } | EventRow::WebSocket { event_type, .. } => {

@@ -1,0 +1,132 @@
+//! [`RequestTimingLayer`]: a tower layer that times every request by route template.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::RequestMetrics;
+use crate::route::{MethodClass, RouteId};
+
+/// Times each request (to its response head: a streamed body is not waited for) and
+/// records method, route template, status class and latency into [`RequestMetrics`].
+///
+/// [`RequestTimingLayer::disabled`] is a pass-through that records nothing
+/// (`PERFORMANCE_MONITORING_ENABLED=false`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use upcoach_perf::{RequestMetrics, RequestTimingLayer, RouteTable};
+///
+/// let metrics = Arc::new(RequestMetrics::new(RouteTable::new(["/health"])?));
+/// let layer = RequestTimingLayer::new(metrics.clone());
+/// // tower::ServiceBuilder::new().layer(layer).service(app), or layer.layer(app)
+/// # let _ = layer;
+/// # Ok::<(), upcoach_perf::InvalidTemplate>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RequestTimingLayer {
+    metrics: Option<Arc<RequestMetrics>>,
+}
+
+impl RequestTimingLayer {
+    /// A layer recording into `metrics`.
+    pub fn new(metrics: Arc<RequestMetrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+        }
+    }
+
+    /// A layer that records nothing.
+    pub fn disabled() -> Self {
+        Self { metrics: None }
+    }
+}
+
+impl<S> Layer<S> for RequestTimingLayer {
+    type Service = RequestTiming<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestTiming {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service made by [`RequestTimingLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestTiming<S> {
+    inner: S,
+    metrics: Option<Arc<RequestMetrics>>,
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for RequestTiming<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TimingFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let timing = self.metrics.as_ref().map(|metrics| Timing {
+            route: metrics.routes().match_path(request.uri().path()),
+            method: MethodClass::of(request.method()),
+            metrics: metrics.clone(),
+            start: Instant::now(),
+        });
+        TimingFuture {
+            inner: self.inner.call(request),
+            timing,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Timing {
+    metrics: Arc<RequestMetrics>,
+    route: RouteId,
+    method: MethodClass,
+    start: Instant,
+}
+
+pin_project! {
+    /// The response future of [`RequestTiming`].
+    #[derive(Debug)]
+    pub struct TimingFuture<F> {
+        #[pin]
+        inner: F,
+        timing: Option<Timing>,
+    }
+}
+
+impl<F, ResBody, E> Future for TimingFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(t) = this.timing.take() {
+            let now = Instant::now();
+            let status = output.as_ref().ok().map(|r| r.status().as_u16());
+            t.metrics
+                .record(t.route, t.method, status, now.duration_since(t.start), now);
+        }
+        Poll::Ready(output)
+    }
+}

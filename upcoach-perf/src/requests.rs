@@ -1,0 +1,275 @@
+//! [`RequestMetrics`]: per route and method, counts by status class and latency
+//! histograms since start and over the last minute.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::histogram::{HistogramSnapshot, SLOT_SECS, SLOTS, WindowedHistogram};
+use crate::route::{MethodClass, RouteId, RouteTable};
+
+/// Status classes counted: 1xx to 5xx, and "error" for a service that failed without a
+/// response.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// Latency and status counts of one route and method.
+#[derive(Debug, Default)]
+pub(crate) struct RouteStats {
+    pub(crate) latency: WindowedHistogram,
+    status: [AtomicU64; 6],
+    errors_window: WindowedCounter,
+}
+
+/// A count over the same sliding window as [`WindowedHistogram`].
+#[derive(Debug, Default)]
+struct WindowedCounter {
+    slots: [(AtomicU64, AtomicU64); SLOTS],
+}
+
+impl WindowedCounter {
+    fn add(&self, now_secs: u64) {
+        let period = now_secs / SLOT_SECS;
+        let (tag, count) = &self.slots[(period % SLOTS as u64) as usize];
+        let current = tag.load(Ordering::Acquire);
+        if current != period + 1
+            && current < period + 1
+            && tag
+                .compare_exchange(current, period + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            count.store(0, Ordering::Relaxed);
+        }
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn window(&self, now_secs: u64) -> u64 {
+        let period = now_secs / SLOT_SECS;
+        let oldest = period.saturating_sub(SLOTS as u64 - 1);
+        self.slots
+            .iter()
+            .filter(|(tag, _)| {
+                let tag = tag.load(Ordering::Acquire);
+                tag > 0 && (oldest..=period).contains(&(tag - 1))
+            })
+            .map(|(_, count)| count.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Request metrics for a fixed set of route templates, recorded lock-free.
+///
+/// Memory is bounded by the route table: at most `(templates + 1) × 8 methods` entries
+/// of about 35 KiB, each made on first use. Paths that match no template all count as
+/// the route `unmatched`, so a scan of random URLs adds nothing.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    routes: RouteTable,
+    stats: Box<[[OnceLock<Box<RouteStats>>; 8]]>,
+    started: Instant,
+}
+
+impl RequestMetrics {
+    /// Metrics for `routes`.
+    pub fn new(routes: RouteTable) -> Self {
+        let slots = routes.len() + 1;
+        Self {
+            stats: (0..slots)
+                .map(|_| std::array::from_fn(|_| OnceLock::new()))
+                .collect(),
+            routes,
+            started: Instant::now(),
+        }
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    #[inline]
+    pub(crate) fn stats(&self, route: RouteId, method: MethodClass) -> &RouteStats {
+        let route = route.min(self.routes.len());
+        self.stats[route][method.index()].get_or_init(Box::default)
+    }
+
+    /// Seconds since these metrics started, the clock of the sliding window.
+    #[inline]
+    pub(crate) fn seconds_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// Records one finished request; `status` is `None` when the service failed without
+    /// a response.
+    #[inline]
+    pub(crate) fn record(
+        &self,
+        route: RouteId,
+        method: MethodClass,
+        status: Option<u16>,
+        elapsed: Duration,
+        now: Instant,
+    ) {
+        let stats = self.stats(route, method);
+        let now_secs = self.seconds_at(now);
+        stats.latency.record(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            now_secs,
+        );
+        let class = match status {
+            Some(s) if (100..600).contains(&s) => usize::from(s / 100 - 1),
+            _ => 5,
+        };
+        stats.status[class].fetch_add(1, Ordering::Relaxed);
+        if class >= 4 {
+            stats.errors_window.add(now_secs);
+        }
+    }
+
+    /// Records a request by its parts (for hosts that do not use the layer).
+    pub fn record_request(
+        &self,
+        method: &http::Method,
+        path: &str,
+        status: Option<u16>,
+        elapsed: Duration,
+    ) {
+        let route = self.routes.match_path(path);
+        self.record(
+            route,
+            MethodClass::of(method),
+            status,
+            elapsed,
+            Instant::now(),
+        );
+    }
+
+    /// Every request of the last minute, all routes together: latency and failures.
+    pub fn window_overall(&self) -> (HistogramSnapshot, u64) {
+        let now_secs = self.seconds_at(Instant::now());
+        let mut latency = HistogramSnapshot::empty();
+        let mut errors = 0;
+        for methods in self.stats.iter() {
+            for stats in methods.iter().filter_map(OnceLock::get) {
+                latency.merge(&stats.latency.window(now_secs));
+                errors += stats.errors_window.window(now_secs);
+            }
+        }
+        (latency, errors)
+    }
+
+    /// Every route and method that has seen a request, in table order.
+    pub fn snapshot(&self) -> Vec<RouteSnapshot> {
+        let now_secs = self.seconds_at(Instant::now());
+        let window_secs = (now_secs + 1).min(SLOT_SECS * SLOTS as u64) as f64;
+        let mut out = Vec::new();
+        for (route, methods) in self.stats.iter().enumerate() {
+            for method in MethodClass::ALL {
+                let Some(stats) = methods[method.index()].get() else {
+                    continue;
+                };
+                let statuses: Vec<(&'static str, u64)> = STATUS_CLASSES
+                    .iter()
+                    .zip(&stats.status)
+                    .map(|(class, n)| (*class, n.load(Ordering::Relaxed)))
+                    .collect();
+                let total = stats.latency.total();
+                let window = stats.latency.window(now_secs);
+                let window_errors = stats.errors_window.window(now_secs);
+                out.push(RouteSnapshot {
+                    method: method.as_str(),
+                    route: self.routes.template(route).to_owned(),
+                    count: total.count(),
+                    errors: statuses[4].1 + statuses[5].1,
+                    statuses: statuses.into_iter().filter(|(_, n)| *n > 0).collect(),
+                    latency: LatencySummary::of(&total),
+                    window: WindowSummary {
+                        seconds: window_secs as u64,
+                        count: window.count(),
+                        errors: window_errors,
+                        rate_per_s: window.count() as f64 / window_secs,
+                        latency: LatencySummary::of(&window),
+                    },
+                    histogram: total,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// p50, p95, p99 and max in milliseconds (within the histogram's 3.125 %; max exact).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    pub(crate) fn of(h: &HistogramSnapshot) -> Self {
+        let ms = |nanos: Option<u64>| nanos.map_or(0.0, |n| round3(n as f64 / 1e6));
+        Self {
+            p50_ms: ms(h.quantile(0.50)),
+            p95_ms: ms(h.quantile(0.95)),
+            p99_ms: ms(h.quantile(0.99)),
+            max_ms: ms(Some(h.max())),
+        }
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// The last minute of one route.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WindowSummary {
+    /// How many seconds the window covers (less than 60 just after start).
+    pub seconds: u64,
+    /// Requests in the window.
+    pub count: u64,
+    /// 5xx answers and failures in the window.
+    pub errors: u64,
+    /// Requests per second over the window.
+    pub rate_per_s: f64,
+    /// Latency over the window.
+    #[serde(flatten)]
+    pub latency: LatencySummary,
+}
+
+impl RouteSnapshot {
+    /// p95 since start, milliseconds.
+    pub fn p95_ms(&self) -> f64 {
+        self.latency.p95_ms
+    }
+}
+
+/// One route and method, since start and over the last minute.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteSnapshot {
+    /// The method (`GET`, ..., `OTHER`).
+    pub method: &'static str,
+    /// The route template, or `unmatched`.
+    pub route: String,
+    /// Requests since start.
+    pub count: u64,
+    /// 5xx answers and failures since start.
+    pub errors: u64,
+    /// Requests by status class since start (`2xx`, ...), classes seen only.
+    pub statuses: Vec<(&'static str, u64)>,
+    /// Latency since start.
+    #[serde(flatten)]
+    pub latency: LatencySummary,
+    /// The last minute.
+    pub window: WindowSummary,
+    /// The full histogram since start (for exposition).
+    #[serde(skip)]
+    pub histogram: HistogramSnapshot,
+}

@@ -1,0 +1,235 @@
+//! Route templates: raw paths are matched to a known template, so the label set stays
+//! bounded whatever URLs clients send.
+
+use std::fmt;
+
+/// A route template such as `/api/dashboard/realtime/broadcast/{room}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Template {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param,
+}
+
+/// The label used for every path that matches no template.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The known route templates, matched in the order given; anything else is
+/// [`UNMATCHED`].
+///
+/// ```
+/// use upcoach_perf::RouteTable;
+///
+/// let routes = RouteTable::new(["/health", "/api/dashboard/realtime/broadcast/{room}"])?;
+/// assert_eq!(routes.template(routes.match_path("/api/dashboard/realtime/broadcast/metrics")),
+///            "/api/dashboard/realtime/broadcast/{room}");
+/// assert_eq!(routes.template(routes.match_path("/wp-admin.php")), "unmatched");
+/// # Ok::<(), upcoach_perf::InvalidTemplate>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct RouteTable {
+    templates: Vec<Template>,
+}
+
+impl fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.templates.iter().map(|t| &t.text))
+            .finish()
+    }
+}
+
+/// A route template was not `/`-separated literals and `{name}` parameters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid route template {template:?}: {reason}")]
+pub struct InvalidTemplate {
+    /// The template.
+    pub template: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+/// Index of a route in its [`RouteTable`]; `len()` of the table means unmatched.
+pub type RouteId = usize;
+
+impl RouteTable {
+    /// A table of `templates` (each starting with `/`; `{name}` matches one segment).
+    pub fn new<I, S>(templates: I) -> Result<Self, InvalidTemplate>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut out = Vec::new();
+        for text in templates {
+            let text = text.into();
+            let invalid = |reason| InvalidTemplate {
+                template: text.clone(),
+                reason,
+            };
+            if !text.starts_with('/') {
+                return Err(invalid("it must start with '/'"));
+            }
+            if text.len() > 256 {
+                return Err(invalid("it is longer than 256 bytes"));
+            }
+            let mut segments = Vec::new();
+            for part in text[1..].split('/') {
+                if part.starts_with('{') && part.ends_with('}') && part.len() > 2 {
+                    segments.push(Segment::Param);
+                } else if part.contains(['{', '}']) {
+                    return Err(invalid("a parameter must be a whole segment, like {name}"));
+                } else {
+                    segments.push(Segment::Literal(part.to_owned()));
+                }
+            }
+            if out.iter().any(|t: &Template| t.text == text) {
+                return Err(invalid("it is listed twice"));
+            }
+            out.push(Template { text, segments });
+        }
+        Ok(Self { templates: out })
+    }
+
+    /// How many templates (the unmatched route's id).
+    pub fn len(&self) -> usize {
+        self.templates.len()
+    }
+
+    /// Whether there are no templates.
+    pub fn is_empty(&self) -> bool {
+        self.templates.is_empty()
+    }
+
+    /// The id of the first template `path` matches, or [`len`](Self::len) for none.
+    #[inline]
+    pub fn match_path(&self, path: &str) -> RouteId {
+        let Some(rest) = path.strip_prefix('/') else {
+            return self.templates.len();
+        };
+        'templates: for (id, template) in self.templates.iter().enumerate() {
+            let mut parts = rest.split('/');
+            for segment in &template.segments {
+                let Some(part) = parts.next() else {
+                    continue 'templates;
+                };
+                match segment {
+                    Segment::Literal(literal) if literal == part => {}
+                    Segment::Param if !part.is_empty() => {}
+                    _ => continue 'templates,
+                }
+            }
+            if parts.next().is_none() {
+                return id;
+            }
+        }
+        self.templates.len()
+    }
+
+    /// The template text of `id` ([`UNMATCHED`] for the unmatched id).
+    pub fn template(&self, id: RouteId) -> &str {
+        self.templates
+            .get(id)
+            .map_or(UNMATCHED, |t| t.text.as_str())
+    }
+}
+
+/// A request method, folded into a bounded set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum MethodClass {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+    Other,
+}
+
+impl MethodClass {
+    pub(crate) const ALL: [MethodClass; 8] = [
+        MethodClass::Get,
+        MethodClass::Head,
+        MethodClass::Post,
+        MethodClass::Put,
+        MethodClass::Patch,
+        MethodClass::Delete,
+        MethodClass::Options,
+        MethodClass::Other,
+    ];
+
+    #[inline]
+    pub(crate) fn of(method: &http::Method) -> Self {
+        match *method {
+            http::Method::GET => MethodClass::Get,
+            http::Method::HEAD => MethodClass::Head,
+            http::Method::POST => MethodClass::Post,
+            http::Method::PUT => MethodClass::Put,
+            http::Method::PATCH => MethodClass::Patch,
+            http::Method::DELETE => MethodClass::Delete,
+            http::Method::OPTIONS => MethodClass::Options,
+            _ => MethodClass::Other,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            MethodClass::Get => "GET",
+            MethodClass::Head => "HEAD",
+            MethodClass::Post => "POST",
+            MethodClass::Put => "PUT",
+            MethodClass::Patch => "PATCH",
+            MethodClass::Delete => "DELETE",
+            MethodClass::Options => "OPTIONS",
+            MethodClass::Other => "OTHER",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_literals_and_one_segment_parameters() {
+        let t =
+            RouteTable::new(["/health", "/api/users/{id}", "/api/users/{id}/links", "/"]).unwrap();
+        assert_eq!(t.match_path("/health"), 0);
+        assert_eq!(t.match_path("/api/users/42"), 1);
+        assert_eq!(t.match_path("/api/users/42/links"), 2);
+        assert_eq!(t.match_path("/"), 3);
+        for unmatched in [
+            "/health/",
+            "/api/users/",
+            "/api/users",
+            "/api/users/1/2",
+            "health",
+            "",
+            "/nope",
+        ] {
+            assert_eq!(t.match_path(unmatched), t.len(), "{unmatched:?}");
+        }
+        assert_eq!(t.template(t.len()), UNMATCHED);
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        for bad in ["health", "/a/{b", "/a/x{b}", "/dup", ""] {
+            let list: Vec<&str> = if bad == "/dup" {
+                vec!["/dup", "/dup"]
+            } else {
+                vec![bad]
+            };
+            assert!(RouteTable::new(list).is_err(), "{bad:?}");
+        }
+    }
+}
