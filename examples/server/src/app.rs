@@ -13,6 +13,10 @@ use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
 use upcoach_core::postgres::{self, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, Config, SystemClock};
+use upcoach_perf::{
+    AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
+    RequestTimingLayer, RouteTable,
+};
 
 use crate::Body;
 
@@ -55,6 +59,7 @@ pub struct App {
     pub(crate) backends: Backends,
     pub(crate) event_log: Arc<dyn EventLog>,
     pub(crate) tokens: Option<AccessTokens>,
+    pub(crate) perf: Arc<PerfMonitor>,
     pub(crate) started: Instant,
     /// Background tasks to stop with the app.
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -87,6 +92,38 @@ impl App {
             Some(pool) => Arc::new(PgEventLog::new(pool.clone())),
             None => Arc::new(MemoryEventLog::default()),
         };
+        let perf = Arc::new(PerfMonitor::new(
+            Arc::new(RequestMetrics::new(
+                RouteTable::new(crate::routes::TEMPLATES.iter().copied())
+                    .expect("the server's route templates are valid"),
+            )),
+            Arc::new(MemoryMetrics::default()),
+            AlertEngine::new(AlertRule::defaults(), event_log.clone(), clock.clone()),
+        ));
+        perf.tick(&Default::default());
+        tasks.push(perf.spawn(Duration::from_secs(5), {
+            let metrics = perf.metrics().clone();
+            let postgres = postgres.clone();
+            let redis = redis.clone();
+            move || {
+                let sink: &dyn MetricsSink = &*metrics;
+                if let Some(pool) = &postgres {
+                    let idle = pool.num_idle() as f64;
+                    sink.set_gauge("db_pool_connections", &[("state", "idle")], idle);
+                    sink.set_gauge(
+                        "db_pool_connections",
+                        &[("state", "busy")],
+                        f64::from(pool.size()) - idle,
+                    );
+                }
+                if let Some(redis) = &redis {
+                    let connected = redis.state() == upcoach_core::redis::RedisState::Connected;
+                    sink.set_gauge("redis_connected", &[], if connected { 1.0 } else { 0.0 });
+                }
+                Default::default()
+            }
+        }));
+
         let tokens = if options.dev {
             tracing::warn!(
                 "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
@@ -106,6 +143,7 @@ impl App {
             backends: Backends { postgres, redis },
             event_log,
             tokens,
+            perf,
             started: Instant::now(),
             tasks,
         };
@@ -124,6 +162,7 @@ impl App {
             redis = %describe(self.config.redis_url.as_ref()),
             event_log = if self.backends.postgres.is_some() { "postgres (batched)" } else { "in-memory ring buffer" },
             dev = self.options.dev,
+            performance_monitoring = self.config.performance_monitoring_enabled,
             "upcoach reference server configured"
         );
         if self.backends.postgres.is_none() && self.backends.redis.is_none() {
@@ -154,9 +193,23 @@ impl App {
         &self.event_log
     }
 
-    /// The request service, for [`serve`](crate::serve).
-    pub fn service(self: &Arc<Self>) -> AppService {
-        AppService { app: self.clone() }
+    /// The performance monitor.
+    pub fn perf(&self) -> &Arc<PerfMonitor> {
+        &self.perf
+    }
+
+    /// The request service, for [`serve`](crate::serve): the routes behind the timing
+    /// layer (a pass-through when `PERFORMANCE_MONITORING_ENABLED=false`).
+    pub fn service(self: &Arc<Self>) -> HttpService {
+        let layer = if self.config.performance_monitoring_enabled {
+            RequestTimingLayer::new(self.perf.requests().clone())
+        } else {
+            RequestTimingLayer::disabled()
+        };
+        hyper_util::service::TowerToHyperService::new(tower_layer::Layer::layer(
+            &layer,
+            AppService { app: self.clone() },
+        ))
     }
 
     /// Stops background tasks and writes what the event log still holds, waiting at most
@@ -176,18 +229,28 @@ impl App {
     }
 }
 
-/// The hyper service of an [`App`].
+/// The service [`App::service`] hands to hyper.
+pub type HttpService = hyper_util::service::TowerToHyperService<RequestTiming<AppService>>;
+
+/// The routes of an [`App`], as a tower service.
 #[derive(Debug, Clone)]
 pub struct AppService {
     app: Arc<App>,
 }
 
-impl hyper::service::Service<http::Request<Incoming>> for AppService {
+impl tower_service::Service<http::Request<Incoming>> for AppService {
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
         Box::pin(async move { Ok(crate::routes::handle(app, request).await) })
     }

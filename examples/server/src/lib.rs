@@ -8,8 +8,8 @@
 //! ```
 //!
 //! With `REDIS_URL` and `DATABASE_URL` set it uses Redis and Postgres, and applies the
-//! migrations at start. The routes follow `API.md`; so far: `GET /health` and, with
-//! `--dev`, `POST /dev/token`.
+//! migrations at start. The routes follow `API.md`; so far: `GET /health`, `GET /metrics`,
+//! `GET /api/dashboard/realtime/metrics` and, with `--dev`, `POST /dev/token`.
 //!
 //! Embedding it in a test:
 //!
@@ -36,7 +36,7 @@ mod http_util;
 mod routes;
 mod serve;
 
-pub use app::{App, AppService, Backends, Options, StartError};
+pub use app::{App, AppService, Backends, HttpService, Options, StartError};
 pub use cli::cli_main;
 pub use http_util::{ApiError, Body};
 pub use serve::{ServeOptions, serve};

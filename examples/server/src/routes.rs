@@ -6,11 +6,19 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use upcoach_core::{Role, SessionId, UserId};
+use upcoach_core::{Principal, Role, SessionId, TokenError, TokenVerifier, UserId};
 
 use crate::Body;
 use crate::app::App;
 use crate::http_util::{ApiError, json_response, read_json};
+
+/// Every route template the server serves, for the timing layer's labels.
+pub(crate) const TEMPLATES: &[&str] = &[
+    "/health",
+    "/metrics",
+    "/dev/token",
+    "/api/dashboard/realtime/metrics",
+];
 
 /// How long one health check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,6 +51,17 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
             Method::GET | Method::HEAD => Ok(health(app).await),
             _ => Err(method_not_allowed("GET")),
         },
+        "/metrics" => match *method {
+            Method::GET | Method::HEAD => Ok(metrics(app)),
+            _ => Err(method_not_allowed("GET")),
+        },
+        "/api/dashboard/realtime/metrics" => match *method {
+            Method::GET => {
+                admin(app, &request).await?;
+                Ok(dashboard_metrics(app))
+            }
+            _ => Err(method_not_allowed("GET")),
+        },
         // Only exists in --dev mode: otherwise it is an unknown route like any other.
         "/dev/token" if app.options.dev => match *method {
             Method::POST => dev_token(app, request).await,
@@ -50,6 +69,89 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
         },
         _ => Err(ApiError::not_found()),
     }
+}
+
+/// The caller's principal from `Authorization: Bearer`, if it is an admin.
+async fn admin(app: &Arc<App>, request: &Request<Incoming>) -> Result<Principal, ApiError> {
+    let unauthenticated =
+        |code, message: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, message);
+    let header = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(|| {
+            unauthenticated("token_missing", "send Authorization: Bearer <access_token>")
+        })?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            unauthenticated(
+                "token_malformed",
+                "expected Authorization: Bearer <access_token>",
+            )
+        })?;
+    // Until sign-in is built, only --dev mode has a token issuer; without one no token
+    // can be valid.
+    let tokens = app.tokens.as_ref().ok_or_else(|| {
+        unauthenticated(
+            "token_invalid",
+            "this server issues no tokens yet (start it with --dev)",
+        )
+    })?;
+    let principal = tokens.verify(token).await.map_err(|e| match e {
+        TokenError::Unavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.code(),
+            "the token could not be checked right now",
+        ),
+        e => unauthenticated(e.code(), &e.to_string()),
+    })?;
+    if !principal.is_admin() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this route needs the admin role",
+        ));
+    }
+    Ok(principal)
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+fn metrics(app: &Arc<App>) -> Response<Body> {
+    let mut response = Response::new(crate::http_util::full(app.perf.render_prometheus()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(upcoach_perf::CONTENT_TYPE),
+    );
+    response
+}
+
+/// `GET /api/dashboard/realtime/metrics`: the JSON snapshot.
+fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
+    let snapshot = app.perf.snapshot();
+    let pools = app.backends.postgres.as_ref().map(|pool| {
+        serde_json::json!({
+            "postgres": { "size": pool.size(), "idle": pool.num_idle(), "max": pool.options().get_max_connections() }
+        })
+    });
+    let redis = app.backends.redis.as_ref().map(|redis| {
+        serde_json::json!({ "state": redis.state().as_str(), "last_latency_ms": redis.last_latency().as_secs_f64() * 1000.0 })
+    });
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "routes": snapshot.routes,
+            "overall": snapshot.overall,
+            "process": snapshot.process,
+            "pools": pools.unwrap_or_else(|| serde_json::json!({})),
+            "redis": redis,
+            "alerts": snapshot.alerts,
+            "event_log": app.event_log.stats(),
+        }),
+    )
 }
 
 fn method_not_allowed(allowed: &'static str) -> ApiError {

@@ -26,6 +26,43 @@ pub(crate) async fn request(
     path: &str,
     body: Option<&str>,
 ) -> Answer {
+    request_with(addr, method, path, body, None).await
+}
+
+/// The body of `GET path` as text.
+pub(crate) async fn get_text(addr: SocketAddr, path: &str) -> String {
+    let (_, _, bytes) = raw(addr, Method::GET, path, None, None).await;
+    String::from_utf8(bytes.to_vec()).expect("UTF-8 body")
+}
+
+/// Sends one request, with a bearer token if given.
+pub(crate) async fn request_with(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Answer {
+    let (status, headers, bytes) = raw(addr, method, path, body, token).await;
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes:?}"))
+    };
+    Answer {
+        status,
+        headers,
+        json,
+    }
+}
+
+async fn raw(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (StatusCode, HeaderMap, Bytes) {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -37,6 +74,9 @@ pub(crate) async fn request(
         .header("host", addr.to_string());
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
+    }
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
     }
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
@@ -50,16 +90,7 @@ pub(crate) async fn request(
         .await
         .expect("body")
         .to_bytes();
-    let json = if bytes.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes:?}"))
-    };
-    Answer {
-        status,
-        headers,
-        json,
-    }
+    (status, headers, bytes)
 }
 
 pub(crate) struct Running {

@@ -1,0 +1,105 @@
+//! The performance routes: /metrics, the admin JSON snapshot, and the switch that turns
+//! the timing layer off.
+
+mod support;
+
+use http::{Method, StatusCode};
+use support::Running;
+use upcoach_core::Config;
+use upcoach_server::Options;
+
+async fn dev_token(server: &Running, roles: &str) -> String {
+    let answer = server
+        .post("/dev/token", &format!(r#"{{"roles":{roles}}}"#))
+        .await;
+    answer.json["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn get_with_token(server: &Running, path: &str, token: Option<&str>) -> support::Answer {
+    support::request_with(server.addr, Method::GET, path, None, token).await
+}
+
+#[tokio::test]
+async fn metrics_counts_requests_by_route_template() {
+    let server = Running::start(Config::default(), Options::default()).await;
+    for _ in 0..3 {
+        server.get("/health").await;
+    }
+    server.get("/no/such/page").await;
+    let text = support::get_text(server.addr, "/metrics").await;
+    assert!(
+        text.contains(r#"http_requests_total{method="GET",route="/health",status="2xx"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"http_requests_total{method="GET",route="unmatched",status="4xx"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE http_request_duration_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains("process_resident_memory_bytes "),
+        "process gauges are exported:\n{text}"
+    );
+    assert!(
+        !text.contains("/no/such/page"),
+        "raw paths never become labels"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_snapshot_is_for_admins_only() {
+    let server = Running::start(Config::default(), Options { dev: true }).await;
+    server.get("/health").await;
+
+    let answer = get_with_token(&server, "/api/dashboard/realtime/metrics", None).await;
+    assert_eq!(
+        (answer.status, answer.json["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("token_missing"))
+    );
+    let answer = get_with_token(
+        &server,
+        "/api/dashboard/realtime/metrics",
+        Some("not-a-jwt"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let coach = dev_token(&server, r#"["coach"]"#).await;
+    let answer = get_with_token(&server, "/api/dashboard/realtime/metrics", Some(&coach)).await;
+    assert_eq!(
+        (answer.status, answer.json["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+
+    let admin = dev_token(&server, r#"["admin"]"#).await;
+    let answer = get_with_token(&server, "/api/dashboard/realtime/metrics", Some(&admin)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let routes = answer.json["routes"].as_array().unwrap();
+    let health = routes
+        .iter()
+        .find(|r| r["route"] == "/health" && r["method"] == "GET")
+        .unwrap();
+    assert_eq!(health["count"], 1);
+    for field in ["p50_ms", "p95_ms", "p99_ms", "max_ms", "errors"] {
+        assert!(health[field].is_number(), "{field} in {health}");
+    }
+    assert!(health["window"]["rate_per_s"].is_number());
+    assert!(answer.json["process"]["rss_bytes"].as_u64().unwrap() > 0);
+    assert!(answer.json["alerts"].as_array().unwrap().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_monitoring_off_the_layer_records_nothing() {
+    let mut config = Config::default();
+    config.performance_monitoring_enabled = false;
+    let server = Running::start(config, Options::default()).await;
+    server.get("/health").await;
+    assert!(server.app.perf().requests().snapshot().is_empty());
+    let text = support::get_text(server.addr, "/metrics").await;
+    assert!(!text.contains("route=\"/health\""), "{text}");
+    server.stop().await;
+}
