@@ -1,10 +1,10 @@
 //! [`RequestTimingLayer`]: a tower layer that times every request by route template.
 
+use quanta::Instant;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -31,12 +31,18 @@ use crate::route::{MethodClass, RouteId};
 /// ```
 #[derive(Debug, Clone)]
 pub struct RequestTimingLayer {
-    metrics: Option<Arc<RequestMetrics>>,
+    metrics: Option<&'static RequestMetrics>,
 }
 
 impl RequestTimingLayer {
     /// A layer recording into `metrics`.
+    ///
+    /// The metrics then live for the rest of the process (the layer keeps one reference
+    /// that it never gives back), so a request in flight never touches a reference
+    /// count: that is a contended atomic on every request when threads share a route.
+    /// Make one layer per server, not one per connection.
     pub fn new(metrics: Arc<RequestMetrics>) -> Self {
+        let metrics: &'static Arc<RequestMetrics> = Box::leak(Box::new(metrics));
         Self {
             metrics: Some(metrics),
         }
@@ -54,7 +60,7 @@ impl<S> Layer<S> for RequestTimingLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RequestTiming {
             inner,
-            metrics: self.metrics.clone(),
+            metrics: self.metrics,
         }
     }
 }
@@ -63,7 +69,7 @@ impl<S> Layer<S> for RequestTimingLayer {
 #[derive(Debug, Clone)]
 pub struct RequestTiming<S> {
     inner: S,
-    metrics: Option<Arc<RequestMetrics>>,
+    metrics: Option<&'static RequestMetrics>,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for RequestTiming<S>
@@ -80,10 +86,10 @@ where
 
     #[inline]
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let timing = self.metrics.as_ref().map(|metrics| Timing {
+        let timing = self.metrics.map(|metrics| Timing {
             route: metrics.routes().match_path(request.uri().path()),
             method: MethodClass::of(request.method()),
-            metrics: metrics.clone(),
+            metrics,
             start: Instant::now(),
         });
         TimingFuture {
@@ -95,7 +101,7 @@ where
 
 #[derive(Debug)]
 struct Timing {
-    metrics: Arc<RequestMetrics>,
+    metrics: &'static RequestMetrics,
     route: RouteId,
     method: MethodClass,
     start: Instant,

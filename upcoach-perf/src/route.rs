@@ -34,7 +34,13 @@ pub const UNMATCHED: &str = "unmatched";
 #[derive(Clone, PartialEq, Eq)]
 pub struct RouteTable {
     templates: Vec<Template>,
+    /// Template ids by segment count, in table order: a path is only compared with
+    /// templates of its own length.
+    by_len: Vec<Vec<RouteId>>,
 }
+
+/// The most segments a template (and a matched path) may have.
+pub(crate) const MAX_SEGMENTS: usize = 16;
 
 impl fmt::Debug for RouteTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,12 +93,22 @@ impl RouteTable {
                     segments.push(Segment::Literal(part.to_owned()));
                 }
             }
+            if segments.len() > MAX_SEGMENTS {
+                return Err(invalid("it has more than 16 segments"));
+            }
             if out.iter().any(|t: &Template| t.text == text) {
                 return Err(invalid("it is listed twice"));
             }
             out.push(Template { text, segments });
         }
-        Ok(Self { templates: out })
+        let mut by_len = vec![Vec::new(); MAX_SEGMENTS + 1];
+        for (id, template) in out.iter().enumerate() {
+            by_len[template.segments.len()].push(id);
+        }
+        Ok(Self {
+            templates: out,
+            by_len,
+        })
     }
 
     /// How many templates (the unmatched route's id).
@@ -108,26 +124,21 @@ impl RouteTable {
     /// The id of the first template `path` matches, or [`len`](Self::len) for none.
     #[inline]
     pub fn match_path(&self, path: &str) -> RouteId {
+        let unmatched = self.templates.len();
         let Some(rest) = path.strip_prefix('/') else {
-            return self.templates.len();
+            return unmatched;
         };
-        'templates: for (id, template) in self.templates.iter().enumerate() {
-            let mut parts = rest.split('/');
-            for segment in &template.segments {
-                let Some(part) = parts.next() else {
-                    continue 'templates;
-                };
-                match segment {
-                    Segment::Literal(literal) if literal == part => {}
-                    Segment::Param if !part.is_empty() => {}
-                    _ => continue 'templates,
-                }
-            }
-            if parts.next().is_none() {
+        let rest = rest.as_bytes();
+        let n = rest.iter().filter(|&&b| b == b'/').count() + 1;
+        let Some(candidates) = self.by_len.get(n) else {
+            return unmatched;
+        };
+        for &id in candidates {
+            if matches(&self.templates[id].segments, rest) {
                 return id;
             }
         }
-        self.templates.len()
+        unmatched
     }
 
     /// The template text of `id` ([`UNMATCHED`] for the unmatched id).
@@ -136,6 +147,43 @@ impl RouteTable {
             .get(id)
             .map_or(UNMATCHED, |t| t.text.as_str())
     }
+}
+
+/// Whether `rest` (a path without its leading `/`, with as many segments as the
+/// template) matches the template's segments. Byte comparisons only: this runs on
+/// every request.
+#[inline]
+fn matches(segments: &[Segment], rest: &[u8]) -> bool {
+    let mut pos = 0;
+    for (i, segment) in segments.iter().enumerate() {
+        let end = match segment {
+            Segment::Literal(literal) => {
+                let end = pos + literal.len();
+                if rest.get(pos..end) != Some(literal.as_bytes()) {
+                    return false;
+                }
+                end
+            }
+            Segment::Param => {
+                let end = rest[pos..]
+                    .iter()
+                    .position(|&b| b == b'/')
+                    .map_or(rest.len(), |p| pos + p);
+                if end == pos {
+                    return false;
+                }
+                end
+            }
+        };
+        if i + 1 == segments.len() {
+            return end == rest.len();
+        }
+        if rest.get(end) != Some(&b'/') {
+            return false;
+        }
+        pos = end + 1;
+    }
+    false
 }
 
 /// A request method, folded into a bounded set.
