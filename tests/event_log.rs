@@ -84,6 +84,7 @@ async fn postgres_writer_keeps_every_event_through_an_outage() {
         &postgres::PgPoolConfig {
             max_connections: 4,
             acquire_timeout: Duration::from_secs(1),
+            ..Default::default()
         },
     )
     .await
@@ -168,6 +169,7 @@ async fn postgres_writer_drops_and_counts_when_the_queue_is_full() {
         &postgres::PgPoolConfig {
             max_connections: 2,
             acquire_timeout: Duration::from_secs(1),
+            ..Default::default()
         },
     )
     .await
@@ -227,6 +229,7 @@ async fn postgres_writer_bounds_queued_bytes() {
         &postgres::PgPoolConfig {
             max_connections: 1,
             acquire_timeout: Duration::from_secs(1),
+            ..Default::default()
         },
     )
     .await

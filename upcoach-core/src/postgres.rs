@@ -53,6 +53,9 @@ pub struct PgPoolConfig {
     pub max_connections: u32,
     /// How long to wait for a connection before failing (default 5 s).
     pub acquire_timeout: Duration,
+    /// Statements slower than this are logged by sqlx at `WARN` (default 1 s; the
+    /// reference server uses `SLOW_QUERY_THRESHOLD`).
+    pub slow_statement_threshold: Duration,
 }
 
 impl Default for PgPoolConfig {
@@ -60,6 +63,7 @@ impl Default for PgPoolConfig {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            slow_statement_threshold: Duration::from_secs(1),
         }
     }
 }
@@ -76,13 +80,24 @@ pub async fn connect(url: &ServiceUrl, config: &PgPoolConfig) -> Result<PgPool, 
 }
 
 /// Connects a pool with explicit options (a test's schema, a proxy's port).
+///
+/// Every statement and every wait for a connection is reported to `tracing` (targets
+/// `sqlx::query` and `sqlx::pool::acquire`) at `TRACE`, slow ones at `WARN`, so a
+/// subscriber such as upcoach-perf's `SqlTimingLayer` can time them all; with nobody
+/// listening at `TRACE` this costs nothing.
 pub async fn connect_with(
     options: PgConnectOptions,
     config: &PgPoolConfig,
 ) -> Result<PgPool, sqlx::Error> {
+    use log::LevelFilter;
+    use sqlx::ConnectOptions;
+    let options = options
+        .log_statements(LevelFilter::Trace)
+        .log_slow_statements(LevelFilter::Warn, config.slow_statement_threshold);
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
+        .acquire_time_level(LevelFilter::Trace)
         .connect_with(options)
         .await
 }

@@ -11,7 +11,8 @@
 //!   `system_alerts` and sent to subscribers.
 //! - [`PerfMonitor`]: all of the above on a ticker, and the JSON snapshot.
 //!
-//! Not built yet: slow-query detection and the optimize recommendations.
+//! - [`slow`]: every SQL statement timed through sqlx's `tracing` log; slow ones grouped
+//!   by normalized SQL.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -39,6 +40,9 @@ mod process;
 mod requests;
 mod route;
 mod sink;
+pub mod slow;
+#[cfg(feature = "redis")]
+mod slow_redis;
 
 pub use alert::{AlertEngine, AlertRule, AlertState, AlertTransition, Breach, FiringAlert};
 pub use exposition::{CONTENT_TYPE, LATENCY_BUCKETS, PrometheusExporter};

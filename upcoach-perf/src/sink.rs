@@ -105,6 +105,14 @@ impl MemoryMetrics {
         }
     }
 
+    /// A histogram's counts, if the series exists.
+    pub fn histogram(&self, name: &'static str, labels: Labels<'_>) -> Option<HistogramSnapshot> {
+        match self.read().get(&key(name, labels)).map(|s| &**s) {
+            Some(Series::Histogram(h)) => Some(h.snapshot()),
+            _ => None,
+        }
+    }
+
     /// Every series and its value, sorted by name then labels.
     pub(crate) fn collect(&self) -> Vec<(SeriesKey, SeriesValue)> {
         let mut out: Vec<(SeriesKey, SeriesValue)> = self

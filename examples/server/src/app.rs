@@ -13,6 +13,7 @@ use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
 use upcoach_core::postgres::{self, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, Config, SystemClock};
+use upcoach_perf::slow::{SlowQueryLog, SqlTimingLayer};
 use upcoach_perf::{
     AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
     RequestTimingLayer, RouteTable,
@@ -25,6 +26,36 @@ use crate::Body;
 pub struct Options {
     /// `--dev`: serve `POST /dev/token` with a signing key generated at start.
     pub dev: bool,
+    /// The metrics sink and slow-query log to use, when the caller has already wired
+    /// them into its `tracing` subscriber (see [`PerfSinks::sql_layer`]); made fresh
+    /// otherwise, and then SQL statements are not timed.
+    pub sinks: Option<PerfSinks>,
+}
+
+/// The parts of performance monitoring that must exist before logging starts, because
+/// SQL timing comes through the `tracing` subscriber.
+#[derive(Debug, Clone)]
+pub struct PerfSinks {
+    /// Counters, gauges and histograms.
+    pub metrics: Arc<MemoryMetrics>,
+    /// Slow statements, grouped by digest.
+    pub slow_queries: Arc<SlowQueryLog>,
+}
+
+impl PerfSinks {
+    /// Sinks for `config` (`SLOW_QUERY_THRESHOLD`).
+    pub fn new(config: &Config) -> Self {
+        Self {
+            metrics: Arc::new(MemoryMetrics::default()),
+            slow_queries: Arc::new(SlowQueryLog::new(config.slow_query_threshold, 200)),
+        }
+    }
+
+    /// The `tracing` layer that times SQL statements into these sinks; add it to the
+    /// subscriber with a filter on [`SqlTimingLayer::wants`].
+    pub fn sql_layer(&self) -> SqlTimingLayer {
+        SqlTimingLayer::new(self.slow_queries.clone(), self.metrics.clone())
+    }
 }
 
 /// Why the server could not start.
@@ -60,6 +91,7 @@ pub struct App {
     pub(crate) event_log: Arc<dyn EventLog>,
     pub(crate) tokens: Option<AccessTokens>,
     pub(crate) perf: Arc<PerfMonitor>,
+    pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
     /// Background tasks to stop with the app.
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -72,9 +104,17 @@ impl App {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let mut tasks = Vec::new();
 
+        let sinks = options
+            .sinks
+            .clone()
+            .unwrap_or_else(|| PerfSinks::new(&config));
         let postgres = match &config.database_url {
             Some(url) => {
-                let pool = postgres::connect(url, &PgPoolConfig::default()).await?;
+                let pool_config = PgPoolConfig {
+                    slow_statement_threshold: config.slow_query_threshold,
+                    ..PgPoolConfig::default()
+                };
+                let pool = postgres::connect(url, &pool_config).await?;
                 postgres::migrate(&pool).await?;
                 Some(pool)
             }
@@ -84,6 +124,11 @@ impl App {
             Some(url) => {
                 let redis = RedisConnection::connect(url, RedisOptions::default()).await?;
                 tasks.push(redis.spawn_monitor(Duration::from_secs(5)));
+                sinks.slow_queries.attach_redis(
+                    redis.manager(),
+                    format!("{}:slow_queries", config.cache_prefix),
+                    1000,
+                );
                 Some(redis)
             }
             None => None,
@@ -97,7 +142,7 @@ impl App {
                 RouteTable::new(crate::routes::TEMPLATES.iter().copied())
                     .expect("the server's route templates are valid"),
             )),
-            Arc::new(MemoryMetrics::default()),
+            sinks.metrics.clone(),
             AlertEngine::new(AlertRule::defaults(), event_log.clone(), clock.clone()),
         ));
         perf.tick(&Default::default());
@@ -144,6 +189,7 @@ impl App {
             event_log,
             tokens,
             perf,
+            slow_queries: sinks.slow_queries,
             started: Instant::now(),
             tasks,
         };

@@ -3,10 +3,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 use upcoach_core::Config;
+use upcoach_perf::slow::SqlTimingLayer;
 
-use crate::{App, Options, ServeOptions, serve};
+use crate::{App, Options, PerfSinks, ServeOptions, serve};
 
 const USAGE: &str = "\
 upcoach reference server
@@ -42,16 +46,16 @@ pub fn cli_main() -> ExitCode {
             }
         }
     }
-    init_logging();
-
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(errors) => {
-            tracing::error!("{errors}");
             eprintln!("{errors}");
             return ExitCode::from(2);
         }
     };
+    let sinks = PerfSinks::new(&config);
+    init_logging(&sinks);
+    options.sinks = Some(sinks);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,18 +70,23 @@ pub fn cli_main() -> ExitCode {
     runtime.block_on(run(config, options))
 }
 
-fn init_logging() {
+/// Logs to stderr (filtered by `RUST_LOG`), and SQL timing into the perf sinks (which
+/// reads sqlx's statement events whatever `RUST_LOG` says).
+fn init_logging(sinks: &PerfSinks) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let sql = sinks
+        .sql_layer()
+        .with_filter(filter_fn(SqlTimingLayer::wants));
+    let registry = tracing_subscriber::registry().with(sql);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if std::env::var("UPCOACH_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
+        registry.with(fmt.json().with_filter(filter)).init();
     } else {
-        builder.init();
+        registry.with(fmt.with_filter(filter)).init();
     }
 }
 

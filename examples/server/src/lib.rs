@@ -33,10 +33,11 @@
 mod app;
 mod cli;
 mod http_util;
+mod perf_routes;
 mod routes;
 mod serve;
 
-pub use app::{App, AppService, Backends, HttpService, Options, StartError};
+pub use app::{App, AppService, Backends, HttpService, Options, PerfSinks, StartError};
 pub use cli::cli_main;
 pub use http_util::{ApiError, Body};
 pub use serve::{ServeOptions, serve};

@@ -18,6 +18,8 @@ pub(crate) const TEMPLATES: &[&str] = &[
     "/metrics",
     "/dev/token",
     "/api/dashboard/realtime/metrics",
+    "/api/performance/slow-queries",
+    "/api/performance/optimize",
 ];
 
 /// How long one health check may take before it counts as down.
@@ -61,6 +63,20 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
                 Ok(dashboard_metrics(app))
             }
             _ => Err(method_not_allowed("GET")),
+        },
+        "/api/performance/slow-queries" => match *method {
+            Method::GET => {
+                admin(app, &request).await?;
+                Ok(crate::perf_routes::slow_queries(app, &request).await)
+            }
+            _ => Err(method_not_allowed("GET")),
+        },
+        "/api/performance/optimize" => match *method {
+            Method::POST => {
+                admin(app, &request).await?;
+                Ok(crate::perf_routes::optimize(app).await)
+            }
+            _ => Err(method_not_allowed("POST")),
         },
         // Only exists in --dev mode: otherwise it is an unknown route like any other.
         "/dev/token" if app.options.dev => match *method {

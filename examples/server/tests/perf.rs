@@ -52,7 +52,14 @@ async fn metrics_counts_requests_by_route_template() {
 
 #[tokio::test]
 async fn the_dashboard_snapshot_is_for_admins_only() {
-    let server = Running::start(Config::default(), Options { dev: true }).await;
+    let server = Running::start(
+        Config::default(),
+        Options {
+            dev: true,
+            ..Default::default()
+        },
+    )
+    .await;
     server.get("/health").await;
 
     let answer = get_with_token(&server, "/api/dashboard/realtime/metrics", None).await;
@@ -101,5 +108,118 @@ async fn with_monitoring_off_the_layer_records_nothing() {
     assert!(server.app.perf().requests().snapshot().is_empty());
     let text = support::get_text(server.addr, "/metrics").await;
     assert!(!text.contains("route=\"/health\""), "{text}");
+    server.stop().await;
+}
+
+/// A database URL for the test's schema.
+fn schema_url(schema: &upcoach_testing::PgSchema) -> upcoach_core::config::ServiceUrl {
+    let mut url = url::Url::parse(schema.url()).unwrap();
+    url.query_pairs_mut()
+        .append_pair("options", &format!("-c search_path={}", schema.name()));
+    upcoach_core::config::ServiceUrl::parse(url.as_str(), &["postgres"]).unwrap()
+}
+
+#[tokio::test]
+async fn slow_queries_are_listed_explained_and_recommended() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let Some(schema) = upcoach_testing::PgSchema::create().await else {
+        return;
+    };
+    let mut config = Config::default();
+    config.database_url = Some(schema_url(&schema));
+    config.slow_query_threshold = std::time::Duration::from_millis(200);
+    let sinks = upcoach_server::PerfSinks::new(&config);
+    let layer = sinks
+        .sql_layer()
+        .with_filter(tracing_subscriber::filter::filter_fn(
+            upcoach_perf::slow::SqlTimingLayer::wants,
+        ));
+    // Current-thread runtime: the thread's default subscriber sees the server's statements.
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let server = Running::start(
+        config,
+        Options {
+            dev: true,
+            sinks: Some(sinks),
+        },
+    )
+    .await;
+    let pool = server.app.backends().postgres.clone().unwrap();
+
+    sqlx::query("SELECT pg_sleep(0.25)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_sleep($1::float8), 'with a bind'")
+        .bind(0.21f64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_sleep(0.01)")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let admin = dev_token(&server, r#"["admin"]"#).await;
+    let coach = dev_token(&server, r#"["coach"]"#).await;
+    let denied = get_with_token(&server, "/api/performance/slow-queries", Some(&coach)).await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+
+    let answer = get_with_token(
+        &server,
+        "/api/performance/slow-queries?explain=true",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["threshold_ms"], 200);
+    let digests = answer.json["digests"].as_array().unwrap();
+    let names: Vec<&str> = digests
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"SELECT pg_sleep(?)"), "{names:?}");
+    assert!(
+        names.contains(&"SELECT pg_sleep(?::float8), ?"),
+        "{names:?}"
+    );
+    let literal = digests
+        .iter()
+        .find(|d| d["digest"] == "SELECT pg_sleep(?)")
+        .unwrap();
+    assert_eq!(literal["count"], 1, "the 10 ms statement is not slow");
+    for digest in digests
+        .iter()
+        .filter(|d| d["digest"].as_str().unwrap().contains("pg_sleep"))
+    {
+        assert!(
+            digest["plan"][0]["Plan"]["Node Type"].is_string(),
+            "a plan for {digest}"
+        );
+    }
+
+    let answer = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/performance/optimize",
+        Some("{}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let kinds: Vec<&str> = answer.json["recommendations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.iter().filter(|k| **k == "slow_query").count() >= 2,
+        "{}",
+        answer.json
+    );
+    assert_eq!(answer.json["actions"], serde_json::json!([]));
     server.stop().await;
 }

@@ -8,7 +8,10 @@ use upcoach_core::{Config, Role, TokenVerifier, UserId};
 use upcoach_server::Options;
 
 fn dev() -> Options {
-    Options { dev: true }
+    Options {
+        dev: true,
+        ..Default::default()
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,244 @@
+//! `GET /api/performance/slow-queries` and `POST /api/performance/optimize`.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use sqlx::PgPool;
+use upcoach_perf::slow::SlowDigest;
+
+use crate::Body;
+use crate::app::App;
+use crate::http_util::json_response;
+
+/// Digests given a plan per request at most (each plan is one round trip).
+const MAX_EXPLAINED: usize = 10;
+
+#[derive(Debug, Serialize)]
+struct ExplainedDigest {
+    #[serde(flatten)]
+    digest: SlowDigest,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan_error: Option<String>,
+}
+
+/// Whether `?explain=true` (or `1`) was asked.
+fn wants_explain(request: &Request<Incoming>) -> bool {
+    request.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| matches!(pair, "explain=true" | "explain=1"))
+    })
+}
+
+/// The plan of `sql`, never executing it: `EXPLAIN` without `ANALYZE`, in a read-only
+/// transaction with a 2 s statement timeout. A statement with bind parameters is
+/// prepared and its *generic* plan explained (what Postgres 16 calls
+/// `EXPLAIN (GENERIC_PLAN)`), so no value has to be made up.
+pub(crate) async fn explain(pool: &PgPool, sql: &str) -> Result<serde_json::Value, String> {
+    let params = max_bind_parameter(sql);
+    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+    for setup in [
+        "SET TRANSACTION READ ONLY",
+        "SET LOCAL statement_timeout = '2s'",
+        "SET LOCAL plan_cache_mode = force_generic_plan",
+    ] {
+        sqlx::raw_sql(setup)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let plan = if params == 0 {
+        sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (FORMAT JSON) {sql}"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())
+    } else {
+        // Simple-query protocol: the $n inside PREPARE belong to the prepared statement.
+        let nulls = vec!["NULL"; params].join(", ");
+        let script = format!(
+            "PREPARE upcoach_explain AS {sql}; EXPLAIN (FORMAT JSON) EXECUTE upcoach_explain({nulls});"
+        );
+        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+            .fetch_all(&mut *tx)
+            .await;
+        let _ = sqlx::raw_sql("DEALLOCATE upcoach_explain")
+            .execute(&mut *tx)
+            .await;
+        result.map_err(|e| e.to_string()).and_then(|rows| {
+            use sqlx::Row;
+            let row = rows.last().ok_or("EXPLAIN returned nothing")?;
+            row.try_get::<serde_json::Value, _>(0)
+                .map_err(|e| e.to_string())
+        })
+    };
+    let _ = tx.rollback().await;
+    plan
+}
+
+/// The highest `$n` in `sql` outside quotes (0 when none).
+fn max_bind_parameter(sql: &str) -> usize {
+    let bytes = sql.as_bytes();
+    let mut max = 0;
+    let mut i = 0;
+    let mut quoted = false;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\'' => quoted = !quoted,
+            b'$' if !quoted => {
+                let start = i + 1;
+                let mut end = start;
+                while end < bytes.len() && bytes[end].is_ascii_digit() {
+                    end += 1;
+                }
+                if end > start {
+                    max = max.max(sql[start..end].parse().unwrap_or(0));
+                }
+                i = end;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    max
+}
+
+/// `GET /api/performance/slow-queries[?explain=true]`.
+pub(crate) async fn slow_queries(app: &Arc<App>, request: &Request<Incoming>) -> Response<Body> {
+    let digests = app.slow_queries.digests();
+    let explain_them = wants_explain(request);
+    let mut out = Vec::with_capacity(digests.len());
+    for (i, digest) in digests.into_iter().enumerate() {
+        let (plan, plan_error) = match (&app.backends.postgres, explain_them && i < MAX_EXPLAINED) {
+            (Some(pool), true) => match app.slow_queries.sample(&digest.digest) {
+                Some(sql) => match explain(pool, &sql).await {
+                    Ok(plan) => (Some(plan), None),
+                    Err(e) => (None, Some(e)),
+                },
+                None => (None, Some("the statement is no longer kept".to_owned())),
+            },
+            (None, true) => (None, Some("no database is configured".to_owned())),
+            _ => (None, None),
+        };
+        out.push(ExplainedDigest {
+            digest,
+            plan,
+            plan_error,
+        });
+    }
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "threshold_ms": app.slow_queries.threshold().as_millis() as u64,
+            "digests": out,
+        }),
+    )
+}
+
+/// Node types in a plan, for a recommendation's one-line reason.
+fn plan_nodes(plan: &serde_json::Value, out: &mut Vec<String>) {
+    match plan {
+        serde_json::Value::Object(map) => {
+            if let Some(node) = map.get("Node Type").and_then(|n| n.as_str()) {
+                let relation = map.get("Relation Name").and_then(|r| r.as_str());
+                out.push(match relation {
+                    Some(rel) => format!("{node} on {rel}"),
+                    None => node.to_owned(),
+                });
+            }
+            for value in map.values() {
+                plan_nodes(value, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| plan_nodes(v, out)),
+        _ => {}
+    }
+}
+
+/// `POST /api/performance/optimize`: what was measured and what could be done about it.
+///
+/// It only reads: nothing here changes schema, data or settings. The safe, reversible
+/// action the reference system had (warming the hottest cache keys) needs the cache,
+/// which is not built yet, so `actions` says that instead of pretending.
+pub(crate) async fn optimize(app: &Arc<App>) -> Response<Body> {
+    let mut recommendations = Vec::new();
+
+    for digest in app.slow_queries.digests().into_iter().take(5) {
+        let mut reason = format!(
+            "{} ran slower than {} ms {} times (p95 {} ms, max {} ms)",
+            digest.digest,
+            app.slow_queries.threshold().as_millis(),
+            digest.count,
+            digest.p95_ms,
+            digest.max_ms
+        );
+        let mut plan = None;
+        if let (Some(pool), Some(sql)) = (
+            &app.backends.postgres,
+            app.slow_queries.sample(&digest.digest),
+        ) && let Ok(p) = explain(pool, &sql).await
+        {
+            let mut nodes = Vec::new();
+            plan_nodes(&p, &mut nodes);
+            if nodes.iter().any(|n| n.starts_with("Seq Scan")) {
+                reason.push_str(
+                    "; the plan scans whole tables: an index on the filtered columns may help",
+                );
+            }
+            plan = Some(nodes);
+        }
+        recommendations.push(serde_json::json!({
+            "kind": "slow_query",
+            "digest": digest.digest,
+            "count": digest.count,
+            "p95_ms": digest.p95_ms,
+            "plan_nodes": plan,
+            "advice": reason,
+        }));
+    }
+
+    let mut routes = app.perf.requests().snapshot();
+    routes.retain(|r| r.count >= 10 && r.route != upcoach_perf::UNMATCHED);
+    routes.sort_by(|a, b| b.latency.p95_ms.total_cmp(&a.latency.p95_ms));
+    for route in routes.into_iter().take(3) {
+        let slow = route.latency.p95_ms >= 500.0;
+        recommendations.push(serde_json::json!({
+            "kind": "slow_route",
+            "method": route.method,
+            "route": route.route,
+            "count": route.count,
+            "p95_ms": route.latency.p95_ms,
+            "advice": if slow {
+                format!("{} {} has p95 {} ms: cache its response or look at its queries", route.method, route.route, route.latency.p95_ms)
+            } else {
+                format!("{} {} is among the slowest routes (p95 {} ms), within budget", route.method, route.route, route.latency.p95_ms)
+            },
+        }));
+    }
+
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "recommendations": recommendations,
+            "actions": [],
+            "actions_note": "no action taken: the only safe, reversible action (warming the hottest cache keys) needs the cache, which is not built yet",
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_parameters_are_counted_outside_quotes() {
+        assert_eq!(max_bind_parameter("SELECT 1"), 0);
+        assert_eq!(max_bind_parameter("SELECT $1, $12, $3"), 12);
+        assert_eq!(max_bind_parameter("SELECT '$9' WHERE x = $2"), 2);
+    }
+}
