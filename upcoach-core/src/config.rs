@@ -62,6 +62,9 @@ pub struct Config {
     /// `SLOW_QUERY_THRESHOLD`: statements slower than this are reported (milliseconds,
     /// default 1000).
     pub slow_query_threshold: Duration,
+    /// `UPCOACH_METRICS_PUBLIC`: whether `GET /metrics` answers anyone (default true) or
+    /// only an admin bearer token.
+    pub metrics_public: bool,
     /// `GOOGLE_*`: Google sign-in, when any of its variables is set.
     pub google: Option<GoogleConfig>,
     /// `APPLE_*`: Sign in with Apple, when any of its variables is set.
@@ -83,6 +86,7 @@ impl Default for Config {
             cache_prefix: DEFAULT_CACHE_PREFIX.to_owned(),
             performance_monitoring_enabled: true,
             slow_query_threshold: Duration::from_millis(DEFAULT_SLOW_QUERY_THRESHOLD_MS),
+            metrics_public: true,
             google: None,
             apple: None,
             facebook: None,
@@ -400,6 +404,21 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         Some(value)
     }
 
+    /// A boolean: true/false, 1/0, yes/no, on/off.
+    fn flag(&mut self, variable: &'static str, default: bool) -> bool {
+        match self.get(variable) {
+            None => default,
+            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    self.invalid(variable, "true or false", Some(v.clone()));
+                    default
+                }
+            },
+        }
+    }
+
     fn secret(
         &mut self,
         variable: &'static str,
@@ -487,21 +506,11 @@ impl Config {
             }
         };
 
-        let performance_monitoring_enabled = match r.get("PERFORMANCE_MONITORING_ENABLED") {
-            None => defaults.performance_monitoring_enabled,
-            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => {
-                    r.invalid(
-                        "PERFORMANCE_MONITORING_ENABLED",
-                        "true or false",
-                        Some(v.clone()),
-                    );
-                    true
-                }
-            },
-        };
+        let performance_monitoring_enabled = r.flag(
+            "PERFORMANCE_MONITORING_ENABLED",
+            defaults.performance_monitoring_enabled,
+        );
+        let metrics_public = r.flag("UPCOACH_METRICS_PUBLIC", defaults.metrics_public);
 
         let slow_query_threshold = match r.get("SLOW_QUERY_THRESHOLD") {
             None => defaults.slow_query_threshold,
@@ -533,6 +542,7 @@ impl Config {
             cache_prefix,
             performance_monitoring_enabled,
             slow_query_threshold,
+            metrics_public,
             google: google.flatten(),
             apple: apple.flatten(),
             facebook: facebook.flatten(),

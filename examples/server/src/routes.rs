@@ -54,7 +54,12 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
             _ => Err(method_not_allowed("GET")),
         },
         "/metrics" => match *method {
-            Method::GET | Method::HEAD => Ok(metrics(app)),
+            Method::GET | Method::HEAD => {
+                if !app.config.metrics_public {
+                    admin(app, &request).await?;
+                }
+                Ok(metrics(app))
+            }
             _ => Err(method_not_allowed("GET")),
         },
         "/api/dashboard/realtime/metrics" => match *method {

@@ -51,6 +51,27 @@ async fn metrics_counts_requests_by_route_template() {
 }
 
 #[tokio::test]
+async fn metrics_can_be_limited_to_admins() {
+    let mut config = Config::default();
+    config.metrics_public = false;
+    let server = Running::start(
+        config,
+        Options {
+            dev: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let answer = get_with_token(&server, "/metrics", None).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let admin = dev_token(&server, r#"["admin"]"#).await;
+    let (status, _, body) = support::raw_with(server.addr, "/metrics", &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).contains("# TYPE http_requests_total counter"));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_dashboard_snapshot_is_for_admins_only() {
     let server = Running::start(
         Config::default(),

@@ -68,6 +68,7 @@ fn a_full_environment_is_read() {
         ("CACHE_PREFIX", "upcoach_prod"),
         ("PERFORMANCE_MONITORING_ENABLED", "false"),
         ("SLOW_QUERY_THRESHOLD", "250"),
+        ("UPCOACH_METRICS_PUBLIC", "no"),
         ("GOOGLE_MOBILE_CLIENT_ID", "ios.apps.googleusercontent.com"),
     ];
     vars.extend_from_slice(GOOGLE);
@@ -86,6 +87,7 @@ fn a_full_environment_is_read() {
     assert_eq!(c.cache_prefix, "upcoach_prod");
     assert!(!c.performance_monitoring_enabled);
     assert_eq!(c.slow_query_threshold, Duration::from_millis(250));
+    assert!(!c.metrics_public);
     let google = c.google.as_ref().unwrap();
     assert_eq!(
         google.audiences(),
@@ -119,6 +121,7 @@ fn every_invalid_value_names_its_variable() {
         ("CACHE_PREFIX", "has space"),
         ("CACHE_PREFIX", &"x".repeat(65)),
         ("PERFORMANCE_MONITORING_ENABLED", "maybe"),
+        ("UPCOACH_METRICS_PUBLIC", "sometimes"),
         ("SLOW_QUERY_THRESHOLD", "1s"),
         ("SLOW_QUERY_THRESHOLD", "0"),
         ("SLOW_QUERY_THRESHOLD", "-5"),

@@ -56,6 +56,15 @@ pub(crate) async fn request_with(
     }
 }
 
+/// `GET path` with a bearer token: status, headers and raw body.
+pub(crate) async fn raw_with(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+) -> (StatusCode, HeaderMap, Bytes) {
+    raw(addr, Method::GET, path, None, Some(token)).await
+}
+
 async fn raw(
     addr: SocketAddr,
     method: Method,
