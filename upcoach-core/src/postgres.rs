@@ -53,8 +53,10 @@ pub struct PgPoolConfig {
     pub max_connections: u32,
     /// How long to wait for a connection before failing (default 5 s).
     pub acquire_timeout: Duration,
-    /// Statements slower than this are logged by sqlx at `WARN` (default 1 s; the
-    /// reference server uses `SLOW_QUERY_THRESHOLD`).
+    /// Statements slower than this are marked slow in sqlx's statement events (default
+    /// 1 s; the reference server uses `SLOW_QUERY_THRESHOLD`). They stay at `TRACE` like
+    /// every other statement: sqlx's event carries the SQL text with its literals, which
+    /// must not reach an ordinary log.
     pub slow_statement_threshold: Duration,
 }
 
@@ -82,9 +84,9 @@ pub async fn connect(url: &ServiceUrl, config: &PgPoolConfig) -> Result<PgPool, 
 /// Connects a pool with explicit options (a test's schema, a proxy's port).
 ///
 /// Every statement and every wait for a connection is reported to `tracing` (targets
-/// `sqlx::query` and `sqlx::pool::acquire`) at `TRACE`, slow ones at `WARN`, so a
-/// subscriber such as upcoach-perf's `SqlTimingLayer` can time them all; with nobody
-/// listening at `TRACE` this costs nothing.
+/// `sqlx::query` and `sqlx::pool::acquire`) at `TRACE`, slow ones included (their SQL
+/// text may hold literals), so a subscriber such as upcoach-perf's `SqlTimingLayer` can
+/// time them all; with nobody listening at `TRACE` this costs nothing.
 pub async fn connect_with(
     options: PgConnectOptions,
     config: &PgPoolConfig,
@@ -93,7 +95,7 @@ pub async fn connect_with(
     use sqlx::ConnectOptions;
     let options = options
         .log_statements(LevelFilter::Trace)
-        .log_slow_statements(LevelFilter::Warn, config.slow_statement_threshold);
+        .log_slow_statements(LevelFilter::Trace, config.slow_statement_threshold);
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)

@@ -132,10 +132,13 @@ impl Collector for Collect {
 
         let mut by_name: BTreeMap<&'static str, Vec<(LabelPairs, SeriesValue)>> = BTreeMap::new();
         for (key, value) in self.metrics.collect() {
-            by_name
-                .entry(key.name)
-                .or_default()
-                .push((key.labels, value));
+            // Counters `foo` and `foo_total` are one family (the sink allows one type
+            // per family), encoded as `foo_total`.
+            let family = match value {
+                SeriesValue::Counter(_) => key.name.strip_suffix("_total").unwrap_or(key.name),
+                _ => key.name,
+            };
+            by_name.entry(family).or_default().push((key.labels, value));
         }
         for (name, series) in &by_name {
             let kind = match series[0].1 {
@@ -143,12 +146,7 @@ impl Collector for Collect {
                 SeriesValue::Gauge(_) => MetricType::Gauge,
                 SeriesValue::Histogram(_) => MetricType::Histogram,
             };
-            // The encoder appends `_total` to counters itself.
-            let base = if kind == MetricType::Counter {
-                name.strip_suffix("_total").unwrap_or(name)
-            } else {
-                name
-            };
+            let base = *name;
             let mut metric = encoder.encode_descriptor(base, name, None, kind)?;
             for (labels, value) in series {
                 let labels: Vec<(&str, &str)> =

@@ -11,6 +11,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::RequestMetrics;
+use crate::requests::Outcome;
 use crate::route::{MethodClass, RouteId};
 
 /// Times each request (to its response head: a streamed body is not waited for) and
@@ -108,12 +109,35 @@ struct Timing {
 }
 
 pin_project! {
-    /// The response future of [`RequestTiming`].
+    /// The response future of [`RequestTiming`]. Dropped before it finishes, it records
+    /// the request as `cancelled` with the time it had taken.
     #[derive(Debug)]
     pub struct TimingFuture<F> {
         #[pin]
         inner: F,
         timing: Option<Timing>,
+    }
+
+    impl<F> PinnedDrop for TimingFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(t) = this.project().timing.take() {
+                t.finish(Outcome::Cancelled);
+            }
+        }
+    }
+}
+
+impl Timing {
+    #[inline]
+    fn finish(self, outcome: Outcome) {
+        let now = Instant::now();
+        self.metrics.record(
+            self.route,
+            self.method,
+            outcome,
+            now.duration_since(self.start),
+            now,
+        );
     }
 }
 
@@ -128,10 +152,11 @@ where
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
         if let Some(t) = this.timing.take() {
-            let now = Instant::now();
-            let status = output.as_ref().ok().map(|r| r.status().as_u16());
-            t.metrics
-                .record(t.route, t.method, status, now.duration_since(t.start), now);
+            let outcome = match &output {
+                Ok(response) => Outcome::Status(response.status().as_u16()),
+                Err(_) => Outcome::Failed,
+            };
+            t.finish(outcome);
         }
         Poll::Ready(output)
     }

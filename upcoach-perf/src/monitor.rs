@@ -13,7 +13,7 @@ use crate::requests::{LatencySummary, RouteSnapshot};
 use crate::{MemoryMetrics, MetricsSink, PrometheusExporter, RequestMetrics};
 
 /// The fewest requests in the last minute for an error rate to be judged (one failure
-/// out of three requests is not an incident).
+/// out of three requests is not an incident); below it the rate counts as 0.
 pub const MIN_REQUESTS_FOR_ERROR_RATE: u64 = 20;
 
 /// What the monitor saw, for `GET /api/dashboard/realtime/metrics`.
@@ -113,16 +113,19 @@ impl PerfMonitor {
         *self.last_process.lock().unwrap_or_else(|p| p.into_inner()) = reading;
 
         let mut values = extra.clone();
+        // With no traffic the latency and error rate are 0, not unknown, so an alert that
+        // fired under load can resolve once the load is gone.
         let (window, errors) = self.requests.window_overall();
-        if let Some(p95) = window.quantile(0.95) {
-            values.insert(metrics::HTTP_P95_MS, p95 as f64 / 1e6);
-        }
-        if window.count() >= MIN_REQUESTS_FOR_ERROR_RATE {
-            values.insert(
-                metrics::HTTP_ERROR_RATE,
-                errors as f64 / window.count() as f64,
-            );
-        }
+        values.insert(
+            metrics::HTTP_P95_MS,
+            window.quantile(0.95).map_or(0.0, |p95| p95 as f64 / 1e6),
+        );
+        let rate = if window.count() >= MIN_REQUESTS_FOR_ERROR_RATE {
+            errors as f64 / window.count() as f64
+        } else {
+            0.0
+        };
+        values.insert(metrics::HTTP_ERROR_RATE, rate);
         if let Some(ratio) = reading.memory_used_ratio() {
             values.insert(metrics::MEMORY_USED_RATIO, ratio);
         }

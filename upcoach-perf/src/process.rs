@@ -112,9 +112,28 @@ impl ProcessSampler {
 }
 
 fn memory_limit() -> Option<u64> {
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+    // cgroup v2: this process's own group (`0::/path`), then the root.
+    let own = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .and_then(|groups| {
+            let path = groups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))?
+                .trim()
+                .to_owned();
+            Some(format!("/sys/fs/cgroup{path}/memory.max"))
+        });
+    let cgroup = own
+        .iter()
+        .map(String::as_str)
+        .chain(["/sys/fs/cgroup/memory.max"])
+        .find_map(|file| {
+            std::fs::read_to_string(file)
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        });
     cgroup.or_else(|| {
         std::fs::read_to_string("/proc/meminfo")
             .ok()?

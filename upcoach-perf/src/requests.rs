@@ -14,9 +14,21 @@ use serde::Serialize;
 use crate::histogram::{HistogramSnapshot, SLOT_SECS, SLOTS, WindowedHistogram};
 use crate::route::{MethodClass, RouteId, RouteTable};
 
-/// Status classes counted: 1xx to 5xx, and "error" for a service that failed without a
-/// response.
-const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+/// Status classes counted: 1xx to 5xx, "error" for a service that failed without a
+/// response, and "cancelled" for a request dropped before its response (the client went
+/// away, a timeout, shutdown).
+const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "cancelled"];
+
+/// What became of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// A response with this status.
+    Status(u16),
+    /// The service returned an error.
+    Failed,
+    /// The request was dropped before it finished.
+    Cancelled,
+}
 
 /// How many copies of each route's counters exist: each thread records into its own
 /// (threads beyond this share), so threads serving one route do not fight over cache
@@ -34,7 +46,7 @@ pub(crate) struct RouteStats {
 #[repr(align(128))]
 struct Stripe {
     latency: WindowedHistogram,
-    status: [AtomicU64; 6],
+    status: [AtomicU64; 7],
     errors_window: WindowedCounter,
 }
 
@@ -66,8 +78,8 @@ impl RouteStats {
         (out, errors)
     }
 
-    fn statuses(&self) -> [u64; 6] {
-        let mut out = [0; 6];
+    fn statuses(&self) -> [u64; 7] {
+        let mut out = [0; 7];
         for s in &self.stripes {
             for (total, n) in out.iter_mut().zip(&s.status) {
                 *total += n.load(Ordering::Relaxed);
@@ -155,14 +167,13 @@ impl RequestMetrics {
         now.saturating_duration_since(self.started).as_secs()
     }
 
-    /// Records one finished request; `status` is `None` when the service failed without
-    /// a response.
+    /// Records one finished request.
     #[inline]
     pub(crate) fn record(
         &self,
         route: RouteId,
         method: MethodClass,
-        status: Option<u16>,
+        outcome: Outcome,
         elapsed: Duration,
         now: Instant,
     ) {
@@ -172,12 +183,13 @@ impl RequestMetrics {
             u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
             now_secs,
         );
-        let class = match status {
-            Some(s) if (100..600).contains(&s) => usize::from(s / 100 - 1),
-            _ => 5,
+        let class = match outcome {
+            Outcome::Status(s) if (100..600).contains(&s) => usize::from(s / 100 - 1),
+            Outcome::Status(_) | Outcome::Failed => 5,
+            Outcome::Cancelled => 6,
         };
         stats.status[class].fetch_add(1, Ordering::Relaxed);
-        if class >= 4 {
+        if class == 4 || class == 5 {
             stats.errors_window.add(now_secs);
         }
     }
@@ -191,10 +203,11 @@ impl RequestMetrics {
         elapsed: Duration,
     ) {
         let route = self.routes.match_path(path);
+        let outcome = status.map_or(Outcome::Failed, Outcome::Status);
         self.record(
             route,
             MethodClass::of(method),
-            status,
+            outcome,
             elapsed,
             Instant::now(),
         );
@@ -218,7 +231,9 @@ impl RequestMetrics {
     /// Every route and method that has seen a request, in table order.
     pub fn snapshot(&self) -> Vec<RouteSnapshot> {
         let now_secs = self.seconds_at(Instant::now());
-        let window_secs = (now_secs + 1).min(SLOT_SECS * SLOTS as u64) as f64;
+        // The window holds the current (partial) slot and the five before it.
+        let window_secs =
+            (now_secs + 1).min((SLOTS as u64 - 1) * SLOT_SECS + now_secs % SLOT_SECS + 1) as f64;
         let mut out = Vec::new();
         for (route, methods) in self.stats.iter().enumerate() {
             for method in MethodClass::ALL {
@@ -286,7 +301,7 @@ fn round3(v: f64) -> f64 {
 /// The last minute of one route.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WindowSummary {
-    /// How many seconds the window covers (less than 60 just after start).
+    /// How many seconds the window covers: 51 to 60 (fewer just after start).
     pub seconds: u64,
     /// Requests in the window.
     pub count: u64,

@@ -7,6 +7,9 @@ use std::sync::{Arc, RwLock};
 use crate::histogram::{AtomicHistogram, HistogramSnapshot};
 use crate::{Labels, MetricsSink};
 
+/// Family names the request metrics export; a sink series may not use them.
+const RESERVED: [&str; 2] = ["http_requests", "http_request_duration_seconds"];
+
 /// The default most series (name + labels) a [`MemoryMetrics`] keeps.
 pub const DEFAULT_MAX_SERIES: usize = 10_000;
 
@@ -14,9 +17,11 @@ pub const DEFAULT_MAX_SERIES: usize = 10_000;
 ///
 /// - Names must be Prometheus metric names and label names Prometheus label names;
 ///   histogram samples are seconds (stored with nanosecond resolution).
-/// - At most `max_series` series exist; samples for a new series past that, or with an
-///   invalid name, or of another type than the series already has, are dropped and
-///   counted in [`dropped`](Self::dropped) (one warning in the log, the first time).
+/// - At most `max_series` series exist; samples for a new series past that, with an
+///   invalid name, with a name already used by another type (`foo` and `foo_total`
+///   are one counter family), or with a name of the request metrics (`http_requests*`,
+///   `http_request_duration_seconds*`) are dropped and counted in
+///   [`dropped`](Self::dropped) (one warning in the log, the first time).
 ///
 /// ```
 /// use upcoach_perf::{MemoryMetrics, MetricsSink};
@@ -30,6 +35,9 @@ pub const DEFAULT_MAX_SERIES: usize = 10_000;
 #[derive(Debug)]
 pub struct MemoryMetrics {
     series: RwLock<HashMap<SeriesKey, Arc<Series>>>,
+    /// The type of each exposed family name (a counter's name without `_total`), so one
+    /// name never carries two types.
+    families: RwLock<HashMap<&'static str, &'static str>>,
     max_series: usize,
     dropped: AtomicU64,
     warned: AtomicBool,
@@ -73,6 +81,7 @@ impl MemoryMetrics {
     pub fn new(max_series: usize) -> Self {
         Self {
             series: RwLock::new(HashMap::new()),
+            families: RwLock::new(HashMap::new()),
             max_series,
             dropped: AtomicU64::new(0),
             warned: AtomicBool::new(false),
@@ -164,9 +173,45 @@ impl MemoryMetrics {
             self.drop_sample("the series exists with another type", name);
             return None;
         }
-        if !valid_name(name, true) || !labels.iter().all(|(l, _)| valid_name(l, false)) {
+        if !valid_name(name, true)
+            || !labels
+                .iter()
+                .all(|(l, _)| valid_name(l, false) && *l != "le")
+        {
             self.drop_sample("invalid metric or label name", name);
             return None;
+        }
+        let probe = make();
+        let kind = match probe {
+            Series::Counter(_) => "counter",
+            Series::Gauge(_) => "gauge",
+            Series::Histogram(_) => "histogram",
+        };
+        let family = if kind == "counter" {
+            name.strip_suffix("_total").unwrap_or(name)
+        } else {
+            name
+        };
+        if RESERVED
+            .iter()
+            .any(|r| family == *r || family.starts_with(&format!("{r}_")))
+        {
+            self.drop_sample("the name belongs to the request metrics", name);
+            return None;
+        }
+        {
+            let mut families = self.families.write().unwrap_or_else(|p| p.into_inner());
+            match families.get(family) {
+                Some(existing) if *existing != kind => {
+                    drop(families);
+                    self.drop_sample("the name is in use with another type", name);
+                    return None;
+                }
+                Some(_) => {}
+                None => {
+                    families.insert(family, kind);
+                }
+            }
         }
         let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
         if let Some(series) = all.get(&key) {
@@ -177,7 +222,7 @@ impl MemoryMetrics {
             self.drop_sample("the series limit is reached", name);
             return None;
         }
-        let series = Arc::new(make());
+        let series = Arc::new(probe);
         all.insert(key, series.clone());
         Some(series)
     }

@@ -65,12 +65,18 @@ pub fn normalize_sql(sql: &str) -> String {
                 continue;
             }
             b'\'' => {
+                // Backslash escapes exist only in E'...' strings.
+                let escapes = tokens.last().is_some_and(|(t, _)| *t == "\u{1}E");
+                if escapes && let Some((_, marker_space)) = tokens.pop() {
+                    // The literal starts where its E did.
+                    space = marker_space;
+                }
                 i += 1;
                 while i < bytes.len() {
                     match bytes[i] {
                         b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
                         b'\'' => break,
-                        b'\\' => i += 2,
+                        b'\\' if escapes => i += 2,
                         _ => i += 1,
                     }
                 }
@@ -127,11 +133,12 @@ pub fn normalize_sql(sql: &str) -> String {
                 {
                     i += 1;
                 }
-                // E'...' escape strings are one literal.
+                // E'...': mark it so the string that follows honours backslashes.
                 if i - start == 1 && (c == b'E' || c == b'e') && bytes.get(i) == Some(&b'\'') {
-                    continue;
+                    "\u{1}E"
+                } else {
+                    &sql[start..i]
                 }
-                &sql[start..i]
             }
             b':' if bytes.get(i + 1) == Some(&b':') => {
                 i += 2;
@@ -185,7 +192,7 @@ pub struct SlowDigest {
     /// The slowest, milliseconds.
     pub max_ms: f64,
     /// When the last one finished (milliseconds since the epoch).
-    pub last_seen_ms: u64,
+    pub last_seen: u64,
 }
 
 #[derive(Debug)]
@@ -279,6 +286,15 @@ impl SlowQueryLog {
                 digests.remove(&oldest);
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
+            if !digests.contains_key(&digest) {
+                // The digest has no literals, so it can be logged; the statement cannot.
+                tracing::warn!(
+                    digest = %digest,
+                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                    threshold_ms = self.threshold.as_millis() as u64,
+                    "slow statement (first of its kind; later ones are counted in the slow-query list)"
+                );
+            }
             let entry = digests.entry(digest.clone()).or_insert_with(|| Entry {
                 latency: AtomicHistogram::new(),
                 last_seen: now,
@@ -308,7 +324,7 @@ impl SlowQueryLog {
                         count: h.count(),
                         p95_ms: ms(h.quantile(0.95).unwrap_or(0)),
                         max_ms: ms(h.max()),
-                        last_seen_ms: e
+                        last_seen: e
                             .last_seen
                             .duration_since(SystemTime::UNIX_EPOCH)
                             .map(|d| d.as_millis() as u64)
@@ -330,7 +346,8 @@ impl SlowQueryLog {
 
 /// A `tracing` layer that reads sqlx's statement and pool-acquire events: every
 /// statement's time goes to the `db_statement_duration_seconds` histogram (labelled by
-/// its first keyword), every pool wait to `db_pool_acquire_duration_seconds`, and slow
+/// its first keyword), every wait that ends with a pooled connection to
+/// `db_pool_acquire_duration_seconds` (a wait that times out sends no event), and slow
 /// statements to a [`SlowQueryLog`].
 #[derive(Debug, Clone)]
 pub struct SqlTimingLayer {

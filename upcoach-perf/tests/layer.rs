@@ -92,6 +92,44 @@ async fn records_route_template_method_and_status_class() {
     assert_eq!(failed.statuses, [("error", 1)]);
 }
 
+/// Never answers: a request that is dropped before its response.
+#[derive(Clone)]
+struct Hang;
+
+impl Service<Request<()>> for Hang {
+    type Response = Response<()>;
+    type Error = &'static str;
+    type Future = std::future::Pending<Result<Response<()>, &'static str>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        std::future::pending()
+    }
+}
+
+#[tokio::test]
+async fn a_request_dropped_before_its_response_counts_as_cancelled() {
+    let metrics = Arc::new(RequestMetrics::new(table()));
+    let mut service = RequestTimingLayer::new(metrics.clone()).layer(Hang);
+    let future = service.call(request(Method::GET, "/health"));
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(20), future).await;
+    let routes = metrics.snapshot();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].statuses, [("cancelled", 1)]);
+    assert_eq!(
+        routes[0].errors, 0,
+        "a client going away is not a server error"
+    );
+    assert!(
+        routes[0].latency.max_ms >= 15.0,
+        "its time is recorded: {:?}",
+        routes[0].latency
+    );
+}
+
 #[tokio::test]
 async fn the_disabled_layer_records_nothing() {
     let metrics = Arc::new(RequestMetrics::new(table()));
@@ -268,4 +306,23 @@ fn the_sink_bounds_its_series_and_refuses_bad_names() {
     sink.record_histogram("ok_seconds", &[], f64::NAN);
     assert_eq!(sink.dropped(), 12);
     assert_eq!(sink.counter("requests_total", &[("shard", "0")]), Some(1));
+
+    // One family name, one type, across label sets and the `_total` suffix.
+    let sink = MemoryMetrics::default();
+    sink.increment_counter("jobs", &[("queue", "a")], 1);
+    sink.set_gauge("jobs", &[("queue", "b")], 1.0);
+    sink.increment_counter("jobs_total", &[("queue", "c")], 1);
+    sink.increment_counter("http_requests_total", &[], 1);
+    sink.record_histogram("http_request_duration_seconds", &[], 0.1);
+    sink.set_gauge("x", &[("le", "1")], 1.0);
+    assert_eq!(sink.dropped(), 4);
+    assert_eq!(sink.series_count(), 2);
+    let text =
+        PrometheusExporter::new(Arc::new(RequestMetrics::new(table())), Arc::new(sink)).render();
+    assert_eq!(
+        text.matches("# TYPE jobs_total counter").count(),
+        1,
+        "one family:\n{text}"
+    );
+    openmetrics_parser::prometheus::parse_prometheus(&text).expect("valid exposition");
 }

@@ -30,6 +30,8 @@ pub struct Options {
     /// them into its `tracing` subscriber (see [`PerfSinks::sql_layer`]); made fresh
     /// otherwise, and then SQL statements are not timed.
     pub sinks: Option<PerfSinks>,
+    /// Alert rules in place of [`AlertRule::defaults`] (the reference thresholds).
+    pub alert_rules: Option<Vec<AlertRule>>,
 }
 
 /// The parts of performance monitoring that must exist before logging starts, because
@@ -143,7 +145,14 @@ impl App {
                     .expect("the server's route templates are valid"),
             )),
             sinks.metrics.clone(),
-            AlertEngine::new(AlertRule::defaults(), event_log.clone(), clock.clone()),
+            AlertEngine::new(
+                options
+                    .alert_rules
+                    .clone()
+                    .unwrap_or_else(AlertRule::defaults),
+                event_log.clone(),
+                clock.clone(),
+            ),
         ));
         perf.tick(&Default::default());
         tasks.push(perf.spawn(Duration::from_secs(5), {

@@ -1,5 +1,6 @@
 //! `GET /api/performance/slow-queries` and `POST /api/performance/optimize`.
 
+use std::ops::Not;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
@@ -22,7 +23,7 @@ struct ExplainedDigest {
     #[serde(skip_serializing_if = "Option::is_none")]
     plan: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    plan_error: Option<String>,
+    plan_error: Option<&'static str>,
 }
 
 /// Whether `?explain=true` (or `1`) was asked.
@@ -34,50 +35,121 @@ fn wants_explain(request: &Request<Incoming>) -> bool {
 }
 
 /// The plan of `sql`, never executing it: `EXPLAIN` without `ANALYZE`, in a read-only
-/// transaction with a 2 s statement timeout. A statement with bind parameters is
-/// prepared and its *generic* plan explained (what Postgres 16 calls
-/// `EXPLAIN (GENERIC_PLAN)`), so no value has to be made up.
-pub(crate) async fn explain(pool: &PgPool, sql: &str) -> Result<serde_json::Value, String> {
-    let params = max_bind_parameter(sql);
-    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
-    for setup in [
-        "SET TRANSACTION READ ONLY",
-        "SET LOCAL statement_timeout = '2s'",
-        "SET LOCAL plan_cache_mode = force_generic_plan",
-    ] {
-        sqlx::raw_sql(setup)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let plan = if params == 0 {
-        sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN (FORMAT JSON) {sql}"
-        )))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| e.to_string())
-    } else {
-        // Simple-query protocol: the $n inside PREPARE belong to the prepared statement.
-        let nulls = vec!["NULL"; params].join(", ");
-        let script = format!(
-            "PREPARE upcoach_explain AS {sql}; EXPLAIN (FORMAT JSON) EXECUTE upcoach_explain({nulls});"
+/// transaction with a 2 s statement timeout, on a connection of its own that is closed
+/// afterwards (so no session state it leaves can reach another request). A statement
+/// with bind parameters is prepared and its *generic* plan explained (what Postgres 16
+/// calls `EXPLAIN (GENERIC_PLAN)`), so no value has to be made up.
+///
+/// Only the shape of the plan is returned (node types, relations, indexes, estimated
+/// costs and rows): conditions and outputs can hold the statement's literals. Errors are
+/// reported by a fixed reason, never the database's text.
+pub(crate) async fn explain(pool: &PgPool, sql: &str) -> Result<serde_json::Value, &'static str> {
+    use sqlx::Connection;
+    if has_statement_separator(sql) {
+        return Err(
+            "the statement holds ';' outside a literal; only single statements are explained",
         );
-        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-            .fetch_all(&mut *tx)
-            .await;
-        let _ = sqlx::raw_sql("DEALLOCATE upcoach_explain")
-            .execute(&mut *tx)
-            .await;
-        result.map_err(|e| e.to_string()).and_then(|rows| {
-            use sqlx::Row;
-            let row = rows.last().ok_or("EXPLAIN returned nothing")?;
-            row.try_get::<serde_json::Value, _>(0)
-                .map_err(|e| e.to_string())
-        })
-    };
-    let _ = tx.rollback().await;
-    plan
+    }
+    let params = max_bind_parameter(sql);
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|_| "no database connection was available")?
+        .detach();
+    let plan = async {
+        for setup in [
+            "BEGIN READ ONLY",
+            "SET LOCAL statement_timeout = '2s'",
+            "SET LOCAL plan_cache_mode = force_generic_plan",
+        ] {
+            sqlx::raw_sql(setup).execute(&mut conn).await.map_err(|_| "could not open a read-only transaction")?;
+        }
+        let script = if params == 0 {
+            format!("EXPLAIN (FORMAT JSON) {sql}")
+        } else {
+            // Simple-query protocol: the $n inside PREPARE belong to the prepared statement.
+            let nulls = vec!["NULL"; params].join(", ");
+            format!("PREPARE upcoach_explain AS {sql}; EXPLAIN (FORMAT JSON) EXECUTE upcoach_explain({nulls})")
+        };
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(script))
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|_| "Postgres could not plan the statement")?;
+        use sqlx::Row;
+        rows.last()
+            .and_then(|row| row.try_get::<serde_json::Value, _>(0).ok())
+            .ok_or("Postgres returned no plan")
+    }
+    .await;
+    let _ = conn.close().await;
+    plan.map(|plan| plan_shape(&plan))
+}
+
+/// The fields of a plan node that describe its shape and cost, never its conditions.
+const PLAN_FIELDS: [&str; 10] = [
+    "Node Type",
+    "Relation Name",
+    "Index Name",
+    "Join Type",
+    "Strategy",
+    "Parent Relationship",
+    "Startup Cost",
+    "Total Cost",
+    "Plan Rows",
+    "Plan Width",
+];
+
+/// A plan with only [`PLAN_FIELDS`] kept, recursively through `Plan` and `Plans`.
+fn plan_shape(plan: &serde_json::Value) -> serde_json::Value {
+    match plan {
+        serde_json::Value::Array(items) => items.iter().map(plan_shape).collect(),
+        serde_json::Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, value) in map {
+                if key == "Plan" || key == "Plans" {
+                    out.insert(key.clone(), plan_shape(value));
+                } else if PLAN_FIELDS.contains(&key.as_str()) {
+                    out.insert(key.clone(), value.clone());
+                }
+            }
+            serde_json::Value::Object(out)
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Whether `sql` has a `;` outside quotes and comments (a second statement).
+fn has_statement_separator(sql: &str) -> bool {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\'' | b'"' => {
+                let quote = bytes[i];
+                i += 1;
+                while i < bytes.len() && bytes[i] != quote {
+                    i += 1;
+                }
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                // A comment could hide anything: refuse it rather than parse nesting.
+                return true;
+            }
+            b'$' if !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                // Dollar-quoted bodies: refuse rather than parse them.
+                return true;
+            }
+            b';' => return sql[i + 1..].trim().is_empty().not(),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The highest `$n` in `sql` outside quotes (0 when none).
@@ -120,9 +192,9 @@ pub(crate) async fn slow_queries(app: &Arc<App>, request: &Request<Incoming>) ->
                     Ok(plan) => (Some(plan), None),
                     Err(e) => (None, Some(e)),
                 },
-                None => (None, Some("the statement is no longer kept".to_owned())),
+                None => (None, Some("the statement is no longer kept")),
             },
-            (None, true) => (None, Some("no database is configured".to_owned())),
+            (None, true) => (None, Some("no database is configured")),
             _ => (None, None),
         };
         out.push(ExplainedDigest {
@@ -234,6 +306,33 @@ pub(crate) async fn optimize(app: &Arc<App>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_single_statements_are_explained() {
+        assert!(!has_statement_separator("SELECT 1"));
+        assert!(!has_statement_separator("SELECT 1;"));
+        assert!(!has_statement_separator("SELECT ';' FROM t"));
+        assert!(has_statement_separator("SELECT 1; COMMIT"));
+        assert!(has_statement_separator("SELECT 1 /* ; */"));
+        assert!(has_statement_separator("SELECT $$;$$"));
+    }
+
+    #[test]
+    fn plans_keep_their_shape_and_lose_their_conditions() {
+        let plan = serde_json::json!([{"Plan": {
+            "Node Type": "Seq Scan", "Relation Name": "users", "Total Cost": 1.5,
+            "Filter": "(email = 'a@b.c'::text)", "Output": ["secret"],
+            "Plans": [{"Node Type": "Index Scan", "Index Cond": "(id = 42)"}]
+        }}]);
+        let shape = plan_shape(&plan);
+        let text = shape.to_string();
+        assert!(
+            !text.contains("a@b.c") && !text.contains("42") && !text.contains("secret"),
+            "{text}"
+        );
+        assert_eq!(shape[0]["Plan"]["Node Type"], "Seq Scan");
+        assert_eq!(shape[0]["Plan"]["Plans"][0]["Node Type"], "Index Scan");
+    }
 
     #[test]
     fn bind_parameters_are_counted_outside_quotes() {

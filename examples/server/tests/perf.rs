@@ -164,6 +164,7 @@ async fn slow_queries_are_listed_explained_and_recommended() {
         Options {
             dev: true,
             sinks: Some(sinks),
+            ..Default::default()
         },
     )
     .await;
@@ -242,5 +243,82 @@ async fn slow_queries_are_listed_explained_and_recommended() {
         answer.json
     );
     assert_eq!(answer.json["actions"], serde_json::json!([]));
+    server.stop().await;
+}
+
+/// EXPLAIN of a slow write never runs it, and a plan shows no literal.
+#[tokio::test]
+async fn explaining_a_slow_write_changes_nothing_and_shows_no_literal() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let Some(schema) = upcoach_testing::PgSchema::create().await else {
+        return;
+    };
+    let mut config = Config::default();
+    config.database_url = Some(schema_url(&schema));
+    config.slow_query_threshold = std::time::Duration::from_millis(100);
+    let sinks = upcoach_server::PerfSinks::new(&config);
+    let layer = sinks
+        .sql_layer()
+        .with_filter(tracing_subscriber::filter::filter_fn(
+            upcoach_perf::slow::SqlTimingLayer::wants,
+        ));
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let server = Running::start(
+        config,
+        Options {
+            dev: true,
+            sinks: Some(sinks),
+            ..Default::default()
+        },
+    )
+    .await;
+    let pool = server.app.backends().postgres.clone().unwrap();
+
+    sqlx::query("CREATE TABLE counters (name text PRIMARY KEY, n int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO counters VALUES ('hits', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Slow, with a literal in it.
+    sqlx::query("UPDATE counters SET n = n + 1 WHERE name = 'hits' AND pg_sleep(0.15) IS NOT NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let admin = dev_token(&server, r#"["admin"]"#).await;
+    for _ in 0..3 {
+        let answer = get_with_token(
+            &server,
+            "/api/performance/slow-queries?explain=true",
+            Some(&admin),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let update = answer.json["digests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["digest"].as_str().unwrap().starts_with("UPDATE counters"))
+            .unwrap_or_else(|| panic!("no UPDATE digest in {}", answer.json))
+            .clone();
+        assert!(
+            update["plan"][0]["Plan"]["Node Type"].is_string(),
+            "{update}"
+        );
+        assert!(
+            !update.to_string().contains("hits"),
+            "no literal in the answer: {update}"
+        );
+    }
+    let n: i32 = sqlx::query_scalar("SELECT n FROM counters WHERE name = 'hits'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "explaining the UPDATE three times did not run it");
     server.stop().await;
 }

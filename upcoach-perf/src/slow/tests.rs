@@ -30,6 +30,12 @@ fn literals_become_placeholders() {
             "INSERT INTO t (a, b) VALUES (?)",
         ),
         ("SELECT 'unterminated", "SELECT ?"),
+        // A backslash is an escape only in E'' strings: 'C:\' ends the literal.
+        (
+            "SELECT * FROM f WHERE p = 'C:\\' AND owner = 'alice'",
+            "SELECT * FROM f WHERE p = ? AND owner = ?",
+        ),
+        ("SELECT E'a\\' still inside' AS x", "SELECT ? AS x"),
         ("SELECT ünïcode FROM t", "SELECT ünïcode FROM t"),
         ("", ""),
     ];
