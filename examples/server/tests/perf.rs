@@ -140,34 +140,43 @@ fn schema_url(schema: &upcoach_testing::PgSchema) -> upcoach_core::config::Servi
     upcoach_core::config::ServiceUrl::parse(url.as_str(), &["postgres"]).unwrap()
 }
 
-#[tokio::test]
-async fn slow_queries_are_listed_explained_and_recommended() {
+/// A `--dev` server on a fresh schema whose SQL is timed, slow from `threshold_ms`. Keep
+/// the guard: it is the thread's subscriber (current-thread runtime, so it sees the
+/// server's statements).
+async fn timed_server(
+    threshold_ms: u64,
+) -> Option<(
+    Running,
+    tracing::subscriber::DefaultGuard,
+    upcoach_testing::PgSchema,
+)> {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
 
-    let Some(schema) = upcoach_testing::PgSchema::create().await else {
-        return;
-    };
+    let schema = upcoach_testing::PgSchema::create().await?;
     let mut config = Config::default();
     config.database_url = Some(schema_url(&schema));
-    config.slow_query_threshold = std::time::Duration::from_millis(200);
+    config.slow_query_threshold = std::time::Duration::from_millis(threshold_ms);
     let sinks = upcoach_server::PerfSinks::new(&config);
     let layer = sinks
         .sql_layer()
         .with_filter(tracing_subscriber::filter::filter_fn(
             upcoach_perf::slow::SqlTimingLayer::wants,
         ));
-    // Current-thread runtime: the thread's default subscriber sees the server's statements.
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    let server = Running::start(
-        config,
-        Options {
-            dev: true,
-            sinks: Some(sinks),
-            ..Default::default()
-        },
-    )
-    .await;
+    let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let options = Options {
+        dev: true,
+        sinks: Some(sinks),
+        ..Default::default()
+    };
+    Some((Running::start(config, options).await, guard, schema))
+}
+
+#[tokio::test]
+async fn slow_queries_are_listed_explained_and_recommended() {
+    let Some((server, _guard, _schema)) = timed_server(200).await else {
+        return;
+    };
     let pool = server.app.backends().postgres.clone().unwrap();
 
     sqlx::query("SELECT pg_sleep(0.25)")
@@ -249,31 +258,9 @@ async fn slow_queries_are_listed_explained_and_recommended() {
 /// EXPLAIN of a slow write never runs it, and a plan shows no literal.
 #[tokio::test]
 async fn explaining_a_slow_write_changes_nothing_and_shows_no_literal() {
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::layer::SubscriberExt;
-
-    let Some(schema) = upcoach_testing::PgSchema::create().await else {
+    let Some((server, _guard, _schema)) = timed_server(100).await else {
         return;
     };
-    let mut config = Config::default();
-    config.database_url = Some(schema_url(&schema));
-    config.slow_query_threshold = std::time::Duration::from_millis(100);
-    let sinks = upcoach_server::PerfSinks::new(&config);
-    let layer = sinks
-        .sql_layer()
-        .with_filter(tracing_subscriber::filter::filter_fn(
-            upcoach_perf::slow::SqlTimingLayer::wants,
-        ));
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    let server = Running::start(
-        config,
-        Options {
-            dev: true,
-            sinks: Some(sinks),
-            ..Default::default()
-        },
-    )
-    .await;
     let pool = server.app.backends().postgres.clone().unwrap();
 
     sqlx::query("CREATE TABLE counters (name text PRIMARY KEY, n int)")
