@@ -1,11 +1,34 @@
-//! Caching for upcoach servers: the [`CacheStore`] seam.
+//! Caching for upcoach servers: [`CacheStore`], bytes by key with a time to live.
 //!
-//! This crate is at its first step: the trait and its error type are settled so hosts
-//! and the other crates can code against them. The in-process, Redis and tiered stores,
-//! tags, compression, single-flight loading and the HTTP response-cache layer are not
-//! built yet.
+//! - [`MemoryStore`]: in process, bounded by bytes, expiry by the crate's
+//!   [`Clock`](upcoach_core::Clock).
+//! - `RedisStore` (feature `redis`): one multiplexed, self-reconnecting connection,
+//!   keys under a prefix (`CACHE_PREFIX`), batches pipelined.
+//! - [`CacheStoreExt`]: typed (serde JSON) get and set over any store.
 //!
-//! Implementing a store (a map without expiry, for illustration only):
+//! Not built yet: the tiered cache (L1 + L2 with cross-process invalidation), tags,
+//! compression, single-flight loading, refresh-ahead, stats and the HTTP response-cache
+//! layer.
+//!
+//! ```
+//! use std::time::Duration;
+//! use upcoach_cache::{CacheStore, CacheStoreExt, MemoryStore};
+//!
+//! # tokio_block_on(async {
+//! let store = MemoryStore::new(64 * 1024 * 1024);
+//! store.set_json("user:42", &vec!["coach", "admin"], Duration::from_secs(60)).await?;
+//! let roles: Option<Vec<String>> = store.get_json("user:42").await?;
+//! assert_eq!(roles.unwrap(), ["coach", "admin"]);
+//! # Ok::<(), upcoach_cache::Error>(())
+//! # }).unwrap();
+//! # fn tokio_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+//! #     let mut f = std::pin::pin!(f);
+//! #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v } }
+//! # }
+//! ```
+//!
+//! Implementing a store (a map without expiry or bounds, for illustration only):
 //!
 //! ```
 //! use std::collections::HashMap;
@@ -23,7 +46,8 @@
 //!     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
 //!         Ok(self.0.lock().unwrap().get(key).cloned())
 //!     }
-//!     async fn set(&self, key: &str, value: Bytes, _ttl: Duration) -> Result<()> {
+//!     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+//!         upcoach_cache::check_ttl(ttl)?;
 //!         self.0.lock().unwrap().insert(key.to_owned(), value);
 //!         Ok(())
 //!     }
@@ -31,14 +55,6 @@
 //!         Ok(self.0.lock().unwrap().remove(key).is_some())
 //!     }
 //! }
-//!
-//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! let store = MapStore::default();
-//! store.set("k", Bytes::from_static(b"v"), Duration::from_secs(60)).await?;
-//! assert_eq!(store.get_many(&["k", "missing"]).await?, vec![Some(Bytes::from_static(b"v")), None]);
-//! assert!(store.exists("k").await?);
-//! # Ok::<(), upcoach_cache::Error>(())
-//! # }).unwrap();
 //! ```
 
 use std::fmt;
@@ -46,17 +62,43 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+mod key;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis_store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use key::{MAX_KEY_LEN, canonical_key};
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis_store::RedisStore;
+
+/// The longest time to live a store accepts: 30 days.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What can go wrong in a cache.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The key cannot be stored by this backend (empty, or too long).
+    /// The key cannot be used (it is empty).
     #[error("invalid cache key: {reason}")]
     InvalidKey {
         /// Why.
         reason: &'static str,
     },
+    /// The time to live is zero or longer than [`MAX_TTL`].
+    #[error("invalid time to live {ttl:?}: expected more than zero and at most 30 days")]
+    InvalidTtl {
+        /// The refused value.
+        ttl: Duration,
+    },
+    /// A value could not be turned into or out of JSON ([`CacheStoreExt`]).
+    #[error("cached value could not be (de)serialized")]
+    Serde(#[source] serde_json::Error),
     /// The backend does not support this operation.
     #[error("{operation} is not supported by this cache store")]
     Unsupported {
@@ -84,20 +126,30 @@ impl Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Refuses a zero time to live or one over [`MAX_TTL`], as every store does.
+pub fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(Error::InvalidTtl { ttl });
+    }
+    Ok(())
+}
+
 /// Bytes by key, each entry with its own time to live.
 ///
-/// The required surface is `get`, `set` and `delete`; the batched and existence
-/// operations have default implementations that a backend overrides when it can do
-/// better (one pipelined round trip to Redis, say).
+/// Keys are any non-empty UTF-8; keys longer than [`MAX_KEY_LEN`] bytes are stored under
+/// a digest of themselves ([`canonical_key`]), the same way in every store. Values may be
+/// empty. The required surface is `get`, `set` and `delete`; the batched and existence
+/// operations have default implementations that a store overrides when it can do better
+/// (one pipelined round trip to Redis, say).
 #[async_trait]
 pub trait CacheStore: fmt::Debug + Send + Sync + 'static {
     /// The value under `key`, if present and not expired.
     async fn get(&self, key: &str) -> Result<Option<Bytes>>;
 
-    /// Stores `value` under `key` for `ttl`.
+    /// Stores `value` under `key` for `ttl` (see [`check_ttl`]).
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()>;
 
-    /// Removes `key`; whether it was present.
+    /// Removes `key`; whether it was present (and not expired).
     async fn delete(&self, key: &str) -> Result<bool>;
 
     /// Whether `key` is present and not expired.
@@ -114,11 +166,42 @@ pub trait CacheStore: fmt::Debug + Send + Sync + 'static {
         Ok(out)
     }
 
-    /// Stores every `(key, value, ttl)`.
+    /// Stores every `(key, value, ttl)`; all TTLs are checked before anything is stored.
     async fn set_many(&self, entries: &[(&str, Bytes, Duration)]) -> Result<()> {
+        for (_, _, ttl) in entries {
+            check_ttl(*ttl)?;
+        }
         for (key, value, ttl) in entries {
             self.set(key, value.clone(), *ttl).await?;
         }
         Ok(())
     }
 }
+
+/// Typed helpers over any [`CacheStore`]: values as JSON.
+#[async_trait]
+pub trait CacheStoreExt: CacheStore {
+    /// The value under `key`, decoded from JSON; a value that does not decode is an
+    /// error, not a miss.
+    async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.get(key).await? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(Error::Serde),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `value` as JSON under `key` for `ttl`.
+    async fn set_json<T: Serialize + Sync>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(Error::Serde)?;
+        self.set(key, Bytes::from(bytes), ttl).await
+    }
+}
+
+impl<S: CacheStore + ?Sized> CacheStoreExt for S {}
