@@ -5,10 +5,12 @@
 //! - `RedisStore` (feature `redis`): one multiplexed, self-reconnecting connection,
 //!   keys under a prefix (`CACHE_PREFIX`), batches pipelined.
 //! - [`CacheStoreExt`]: typed (serde JSON) get and set over any store.
+//! - [`TieredCache`]: an in-process L1 in front of any store as L2, with tags
+//!   ([`TagVersions`], O(1) invalidation), LZ4 compression ([`envelope`]), single-flight
+//!   loading, stats and fail-open L2 calls.
 //!
-//! Not built yet: the tiered cache (L1 + L2 with cross-process invalidation), tags,
-//! compression, single-flight loading, refresh-ahead, stats and the HTTP response-cache
-//! layer.
+//! Not built yet: cross-process L1 eviction by pub/sub, refresh-ahead and the HTTP
+//! response-cache layer.
 //!
 //! ```
 //! use std::time::Duration;
@@ -65,17 +67,24 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod envelope;
 mod key;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
+mod tags;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod tiered;
 
 pub use key::{MAX_KEY_LEN, canonical_key};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis_store::RedisStore;
+#[cfg(feature = "redis")]
+pub use tags::RedisTagVersions;
+pub use tags::{MemoryTagVersions, TagVersions};
+pub use tiered::{CacheStats, LoadError, TieredCache, TieredOptions};
 
 /// The longest time to live a store accepts: 30 days.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -95,6 +104,25 @@ pub enum Error {
     InvalidTtl {
         /// The refused value.
         ttl: Duration,
+    },
+    /// A tag is empty, longer than 128 bytes, or an entry has more than 32.
+    #[error("invalid tag: {reason}")]
+    InvalidTag {
+        /// Why.
+        reason: &'static str,
+    },
+    /// A value is larger than the 64 MiB an entry may hold.
+    #[error("the value is {len} bytes; an entry holds at most 64 MiB")]
+    ValueTooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// A stored entry is not in the format this crate writes (unknown codec header,
+    /// truncated, bad compressed data).
+    #[error("a cached entry is corrupt: {reason}")]
+    Corrupt {
+        /// What was wrong.
+        reason: &'static str,
     },
     /// A value could not be turned into or out of JSON ([`CacheStoreExt`]).
     #[error("cached value could not be (de)serialized")]

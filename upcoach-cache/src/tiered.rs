@@ -1,0 +1,472 @@
+//! [`TieredCache`]: an in-process L1 in front of any [`CacheStore`] as L2, with tags,
+//! compression, single-flight loading and stats. It is itself a [`CacheStore`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
+use serde::Serialize;
+use upcoach_core::{Clock, SystemClock};
+
+use crate::envelope::{self, TagVersion, check_tags};
+use crate::tags::TagVersions;
+use crate::{CacheStore, Error, Result, canonical_key, check_ttl};
+
+/// Settings of a [`TieredCache`].
+#[derive(Debug, Clone)]
+pub struct TieredOptions {
+    /// Bytes the L1 may hold (default 64 MiB).
+    pub l1_max_bytes: u64,
+    /// The longest an entry stays in L1 whatever its TTL (default 5 s): what another
+    /// process changed is seen at the latest this late.
+    pub l1_max_age: Duration,
+    /// Values at least this large are compressed when that saves 10 % (default 1 KiB).
+    pub compress_threshold: usize,
+    /// How long one L2 call may take before the cache carries on without it
+    /// (default 250 ms): a read becomes a miss, a write is skipped; both are counted.
+    pub l2_timeout: Duration,
+}
+
+impl Default for TieredOptions {
+    fn default() -> Self {
+        Self {
+            l1_max_bytes: 64 * 1024 * 1024,
+            l1_max_age: Duration::from_secs(5),
+            compress_threshold: 1024,
+            l2_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct L1Entry {
+    value: Bytes,
+    tags: Arc<[TagVersion]>,
+    expires_at: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct L1Weight;
+
+impl Weighter<String, L1Entry> for L1Weight {
+    fn weight(&self, key: &String, entry: &L1Entry) -> u64 {
+        (key.len() + entry.value.len() + entry.tags.len() * 32 + 64) as u64
+    }
+}
+
+/// Counters of a [`TieredCache`], cheap enough to stay on (relaxed atomics).
+#[derive(Debug, Default)]
+struct Counters {
+    l1_hits: AtomicU64,
+    l2_hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    loads: AtomicU64,
+    load_errors: AtomicU64,
+    load_nanos: AtomicU64,
+    sets: AtomicU64,
+    l2_errors: AtomicU64,
+    invalidations: AtomicU64,
+    bytes_saved: AtomicU64,
+}
+
+/// A snapshot of a [`TieredCache`]'s counters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CacheStats {
+    /// Reads answered by L1.
+    pub l1_hits: u64,
+    /// Reads answered by L2.
+    pub l2_hits: u64,
+    /// Reads answered by neither.
+    pub misses: u64,
+    /// Reads that found an entry whose tags had been invalidated (counted as misses too).
+    pub stale: u64,
+    /// `hits / (hits + misses)`, 0 before any read.
+    pub hit_rate: f64,
+    /// Loader runs.
+    pub loads: u64,
+    /// Loader runs that failed (nothing was cached).
+    pub load_errors: u64,
+    /// Time spent in loaders, milliseconds.
+    pub load_ms: f64,
+    /// Writes.
+    pub sets: u64,
+    /// L2 calls that failed or timed out (reads became misses, writes were skipped).
+    pub l2_errors: u64,
+    /// Tags invalidated.
+    pub invalidations: u64,
+    /// Bytes compression saved on L2 writes.
+    pub bytes_saved: u64,
+    /// Entries in L1 now.
+    pub l1_entries: u64,
+}
+
+/// An L1 (in process, quick_cache) in front of an L2 [`CacheStore`] (Redis, usually),
+/// with tag versions in a [`TagVersions`].
+///
+/// - Reads try L1, then L2 (filling L1), and check the entry's tag versions against the
+///   current ones: an entry written before one of its tags was invalidated is a miss.
+/// - [`get_or_load`](Self::get_or_load) runs at most one loader per key in this process
+///   at a time (the others wait for its result). It reads the tag versions *before* the
+///   loader runs and stores them with the value, so a value computed before an
+///   invalidation but stored after it is never served as fresh.
+/// - L2 failures and slow answers (past [`TieredOptions::l2_timeout`]) never fail a
+///   read or a write: reads fall back to L1 and the loader, writes are skipped, both are
+///   counted in [`CacheStats::l2_errors`].
+///
+/// Not yet: cross-process L1 eviction by pub/sub (until it exists, another process's
+/// change reaches this L1 within [`TieredOptions::l1_max_age`]), refresh-ahead, and
+/// per-tier eviction counts.
+#[derive(Debug)]
+pub struct TieredCache {
+    l1: Cache<String, L1Entry, L1Weight>,
+    l2: Arc<dyn CacheStore>,
+    tags: Arc<dyn TagVersions>,
+    clock: Arc<dyn Clock>,
+    options: TieredOptions,
+    counters: Counters,
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl TieredCache {
+    /// A cache over `l2` with tag versions in `tags`, on the system clock.
+    pub fn new(
+        l2: Arc<dyn CacheStore>,
+        tags: Arc<dyn TagVersions>,
+        options: TieredOptions,
+    ) -> Self {
+        Self::with_clock(l2, tags, options, Arc::new(SystemClock))
+    }
+
+    /// As [`new`](Self::new), with L1 expiry by `clock`.
+    pub fn with_clock(
+        l2: Arc<dyn CacheStore>,
+        tags: Arc<dyn TagVersions>,
+        options: TieredOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let estimated = (options.l1_max_bytes / 512).clamp(16, 1 << 22) as usize;
+        Self {
+            l1: Cache::with_weighter(estimated, options.l1_max_bytes.max(1), L1Weight),
+            l2,
+            tags,
+            clock,
+            options,
+            counters: Counters::default(),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let hits = load(&c.l1_hits) + load(&c.l2_hits);
+        let misses = load(&c.misses);
+        CacheStats {
+            l1_hits: load(&c.l1_hits),
+            l2_hits: load(&c.l2_hits),
+            misses,
+            stale: load(&c.stale),
+            hit_rate: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            loads: load(&c.loads),
+            load_errors: load(&c.load_errors),
+            load_ms: load(&c.load_nanos) as f64 / 1e6,
+            sets: load(&c.sets),
+            l2_errors: load(&c.l2_errors),
+            invalidations: load(&c.invalidations),
+            bytes_saved: load(&c.bytes_saved),
+            l1_entries: self.l1.len() as u64,
+        }
+    }
+
+    /// Round-trips L2 with a read and returns how long it took.
+    pub async fn health(&self) -> Result<Duration> {
+        let start = Instant::now();
+        self.l2_call(self.l2.exists("__upcoach_health__")).await?;
+        Ok(start.elapsed())
+    }
+
+    async fn l2_call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.options.l2_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Backend {
+                backend: "l2",
+                source: format!("no answer within {:?}", self.options.l2_timeout).into(),
+            }),
+        }
+    }
+
+    fn l2_failed(&self, what: &'static str, e: &Error) {
+        let n = self.counters.l2_errors.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() || n == 0 {
+            tracing::warn!(error = %e, what, failures = n + 1, "cache L2 unavailable; carrying on without it");
+        }
+    }
+
+    /// Whether the tag versions an entry carries are still current. Tag versions that
+    /// cannot be read make the entry a miss (rather serve fresh than stale).
+    async fn tags_current(&self, tags: &[TagVersion]) -> bool {
+        if tags.is_empty() {
+            return true;
+        }
+        let names: Vec<&str> = tags.iter().map(|(t, _)| t.as_str()).collect();
+        match self.l2_call(self.tags.versions(&names)).await {
+            Ok(now) => tags.iter().zip(now).all(|((_, then), now)| *then == now),
+            Err(e) => {
+                self.l2_failed("tag versions", &e);
+                false
+            }
+        }
+    }
+
+    /// Reads `key` through L1 then L2, honouring tags; `Ok(None)` for a miss.
+    async fn read(&self, key: &str) -> Result<Option<Bytes>> {
+        let now = self.clock.now();
+        if let Some(entry) = self.l1.get(key) {
+            if now < entry.expires_at && self.tags_current(&entry.tags).await {
+                self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(entry.value));
+            }
+            self.l1.remove(key);
+        }
+        let stored = match self.l2_call(self.l2.get(key)).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.l2_failed("read", &e);
+                None
+            }
+        };
+        let Some(stored) = stored else {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let decoded = envelope::decode(&stored)?;
+        if !self.tags_current(&decoded.tags).await {
+            self.counters.stale.fetch_add(1, Ordering::Relaxed);
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
+        // L2 does not say how long the entry has left; L1 keeps it for its maximum age.
+        self.l1.insert(
+            key.to_owned(),
+            L1Entry {
+                value: decoded.value.clone(),
+                tags: decoded.tags.into(),
+                expires_at: now + self.options.l1_max_age,
+            },
+        );
+        Ok(Some(decoded.value))
+    }
+
+    /// Writes `value` with `tags` (and their versions) to L1 and L2.
+    async fn write(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        tags: Vec<TagVersion>,
+    ) -> Result<()> {
+        check_ttl(ttl)?;
+        let (encoded, saved) = envelope::encode(&value, &tags, self.options.compress_threshold)?;
+        self.counters.sets.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_saved
+            .fetch_add(saved as u64, Ordering::Relaxed);
+        self.l1.insert(
+            key.to_owned(),
+            L1Entry {
+                value,
+                tags: tags.into(),
+                expires_at: self.clock.now() + ttl.min(self.options.l1_max_age),
+            },
+        );
+        if let Err(e) = self.l2_call(self.l2.set(key, encoded, ttl)).await {
+            self.l2_failed("write", &e);
+        }
+        Ok(())
+    }
+
+    /// Stores `value` under `key` for `ttl`, tagged with `tags`.
+    pub async fn set_tagged(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        tags: &[&str],
+    ) -> Result<()> {
+        check_tags(tags)?;
+        let key = canonical_key(key)?;
+        let versions = self.tags.versions(tags).await?;
+        let tags = tags.iter().map(|t| (*t).to_owned()).zip(versions).collect();
+        self.write(&key, value, ttl, tags).await
+    }
+
+    /// Invalidates every entry tagged with any of `tags`, in O(1) per tag: each tag's
+    /// version is bumped, and entries that carry an older version become misses.
+    pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<Vec<u64>> {
+        check_tags(tags)?;
+        let versions = self.tags.bump(tags).await?;
+        self.counters
+            .invalidations
+            .fetch_add(tags.len() as u64, Ordering::Relaxed);
+        Ok(versions)
+    }
+
+    /// The value under `key`, or the loader's value, computed at most once at a time per
+    /// key in this process and stored for `ttl` with `tags`. A loader error is returned
+    /// and nothing is stored.
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<Bytes, LoadError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        check_ttl(ttl)?;
+        check_tags(tags)?;
+        let key = canonical_key(key)?.into_owned();
+        if let Some(hit) = self.read(&key).await? {
+            return Ok(hit);
+        }
+        let gate = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight.entry(key.clone()).or_default().clone()
+        };
+        let _turn = gate.lock().await;
+        let result = self.load_once(&key, ttl, tags, loader).await;
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if inflight
+                .get(&key)
+                .is_some_and(|g| Arc::ptr_eq(g, &gate) && Arc::strong_count(g) <= 2)
+            {
+                inflight.remove(&key);
+            }
+        }
+        result
+    }
+
+    async fn load_once<F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<Bytes, LoadError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        // Whoever held the gate before us may have stored it.
+        if let Some(hit) = self.l1.get(key).filter(|e| self.clock.now() < e.expires_at)
+            && self.tags_current(&hit.tags).await
+        {
+            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(hit.value);
+        }
+        // Versions before the loader runs: an invalidation during the load makes what
+        // it computed stale at once.
+        let versions = match self.l2_call(self.tags.versions(tags)).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.l2_failed("tag versions", &e);
+                None
+            }
+        };
+        self.counters.loads.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let loaded = loader().await;
+        self.counters
+            .load_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let value = match loaded {
+            Ok(value) => value,
+            Err(e) => {
+                self.counters.load_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(LoadError::Loader(e));
+            }
+        };
+        // Without tag versions the value cannot be tagged safely: serve it, keep nothing.
+        if let Some(versions) = versions {
+            let tags = tags.iter().map(|t| (*t).to_owned()).zip(versions).collect();
+            self.write(key, value.clone(), ttl, tags).await?;
+        }
+        Ok(value)
+    }
+
+    /// Loads `keys` that are not cached yet, one at a time through
+    /// [`get_or_load`](Self::get_or_load); returns how many were loaded.
+    pub async fn warm<F, Fut, E>(
+        &self,
+        keys: &[&str],
+        ttl: Duration,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<usize, LoadError<E>>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        let before = self.counters.loads.load(Ordering::Relaxed);
+        for key in keys {
+            let owned = (*key).to_owned();
+            self.get_or_load(key, ttl, tags, || loader(owned)).await?;
+        }
+        Ok((self.counters.loads.load(Ordering::Relaxed) - before) as usize)
+    }
+}
+
+/// Why [`TieredCache::get_or_load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError<E> {
+    /// The cache refused the call (bad key, TTL or tags; corrupt entry).
+    #[error(transparent)]
+    Cache(#[from] Error),
+    /// The loader failed; nothing was cached.
+    #[error("the loader failed")]
+    Loader(#[source] E),
+}
+
+#[async_trait]
+impl CacheStore for TieredCache {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let key = canonical_key(key)?;
+        self.read(&key).await
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+        let key = canonical_key(key)?;
+        self.write(&key, value, ttl, Vec::new()).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let key = canonical_key(key)?;
+        let in_l1 = self
+            .l1
+            .remove(key.as_ref())
+            .is_some_and(|(_, e)| self.clock.now() < e.expires_at);
+        match self.l2_call(self.l2.delete(&key)).await {
+            Ok(in_l2) => Ok(in_l1 || in_l2),
+            Err(e) => {
+                self.l2_failed("delete", &e);
+                Ok(in_l1)
+            }
+        }
+    }
+}

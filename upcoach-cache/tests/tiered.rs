@@ -1,0 +1,314 @@
+//! The tiered cache: conformance as a store, tags across two instances, single-flight,
+//! the invalidate-while-loading race, loader errors, compression and fail-open.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use upcoach_cache::testing::{MoveClock, Sleep, cache_store_conformance};
+use upcoach_cache::{
+    CacheStore, LoadError, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions,
+    TieredCache, TieredOptions,
+};
+use upcoach_core::ManualClock;
+use upcoach_testing::{FaultProxy, RedisPrefix};
+
+const TTL: Duration = Duration::from_secs(60);
+
+fn in_memory() -> (TieredCache, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::starting_now());
+    let l2 = Arc::new(MemoryStore::with_clock(64 << 20, clock.clone()));
+    let cache = TieredCache::with_clock(
+        l2,
+        Arc::new(MemoryTagVersions::default()),
+        TieredOptions::default(),
+        clock.clone(),
+    );
+    (cache, clock)
+}
+
+async fn on_redis(url: &str, prefix: &str, options: TieredOptions) -> TieredCache {
+    let client = redis::Client::open(url).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    TieredCache::new(
+        Arc::new(RedisStore::new(conn.clone(), prefix)),
+        Arc::new(RedisTagVersions::new(conn, prefix)),
+        options,
+    )
+}
+
+#[tokio::test]
+async fn tiered_cache_conforms_over_memory() {
+    let (cache, clock) = in_memory();
+    cache_store_conformance(&cache, &MoveClock(clock)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiered_cache_conforms_over_redis() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let cache = on_redis(
+        prefix.url(),
+        prefix.prefix().trim_end_matches(':'),
+        TieredOptions::default(),
+    )
+    .await;
+    cache_store_conformance(&cache, &Sleep).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidated_on_one_instance_is_seen_by_the_other() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let name = prefix.prefix().trim_end_matches(':').to_owned();
+    let a = on_redis(prefix.url(), &name, TieredOptions::default()).await;
+    let b = on_redis(prefix.url(), &name, TieredOptions::default()).await;
+
+    a.set_tagged(
+        "report",
+        Bytes::from_static(b"v1"),
+        TTL,
+        &["analytics", "dashboard"],
+    )
+    .await
+    .unwrap();
+    a.set_tagged("other", Bytes::from_static(b"o"), TTL, &["users"])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get("report").await.unwrap().as_deref(),
+        Some(&b"v1"[..]),
+        "B reads A's entry"
+    );
+    assert_eq!(
+        b.get("report").await.unwrap().as_deref(),
+        Some(&b"v1"[..]),
+        "now from B's L1"
+    );
+    assert_eq!(b.stats().l1_hits, 1);
+
+    a.invalidate_tags(&["analytics"]).await.unwrap();
+    assert_eq!(
+        b.get("report").await.unwrap(),
+        None,
+        "B's L1 copy is stale too"
+    );
+    assert_eq!(a.get("report").await.unwrap(), None);
+    assert_eq!(
+        b.get("other").await.unwrap().as_deref(),
+        Some(&b"o"[..]),
+        "other tags untouched"
+    );
+    assert!(a.stats().invalidations == 1 && b.stats().stale + a.stats().stale >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_loads_of_one_cold_key_run_the_loader_once() {
+    let (cache, _) = in_memory();
+    let cache = Arc::new(cache);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..1_000 {
+        let cache = cache.clone();
+        let runs = runs.clone();
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load("cold", TTL, &["t"], || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, Infallible>(Bytes::from_static(b"computed"))
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().as_ref(), b"computed");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().loads, 1);
+}
+
+#[tokio::test]
+async fn a_value_loaded_across_an_invalidation_is_not_served_as_fresh() {
+    let (cache, _) = in_memory();
+    let cache = Arc::new(cache);
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let loading = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load("report", TTL, &["analytics"], || async move {
+                    let _ = started_tx.send(());
+                    let _ = released.await;
+                    // Computed from data as it was before the invalidation below.
+                    Ok::<_, Infallible>(Bytes::from_static(b"old data"))
+                })
+                .await
+        })
+    };
+    started.await.unwrap();
+    cache.invalidate_tags(&["analytics"]).await.unwrap();
+    release.send(()).unwrap();
+    assert_eq!(
+        loading.await.unwrap().unwrap().as_ref(),
+        b"old data",
+        "its caller gets it"
+    );
+    assert_eq!(
+        cache.get("report").await.unwrap(),
+        None,
+        "but it is not cached as fresh"
+    );
+
+    // Without the race, the loaded value is served.
+    let v = cache
+        .get_or_load("report", TTL, &["analytics"], || async {
+            Ok::<_, Infallible>(Bytes::from_static(b"new"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.as_ref(), b"new");
+    assert_eq!(
+        cache.get("report").await.unwrap().as_deref(),
+        Some(&b"new"[..])
+    );
+}
+
+#[tokio::test]
+async fn loader_errors_are_returned_and_not_cached() {
+    let (cache, _) = in_memory();
+    let err = cache
+        .get_or_load("k", TTL, &[], || async { Err::<Bytes, _>("database down") })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LoadError::Loader("database down")));
+    let v = cache
+        .get_or_load("k", TTL, &[], || async {
+            Ok::<_, &str>(Bytes::from_static(b"ok"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.as_ref(), b"ok");
+    let stats = cache.stats();
+    assert_eq!((stats.loads, stats.load_errors), (2, 1));
+    let n = cache
+        .warm(&["w1", "w2", "k"], TTL, &[], |key| async move {
+            Ok::<_, &str>(Bytes::from(key))
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "k was cached already");
+    assert_eq!(cache.get("w2").await.unwrap().as_deref(), Some(&b"w2"[..]));
+}
+
+#[tokio::test]
+async fn large_values_are_compressed_and_counted() {
+    let (cache, _) = in_memory();
+    let json = serde_json::to_vec(&serde_json::json!({
+        "routes": (0..300).map(|i| serde_json::json!({"route": format!("/api/items/{i}"), "count": i})).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    cache
+        .set("snapshot", Bytes::from(json.clone()), TTL)
+        .await
+        .unwrap();
+    assert!(cache.stats().bytes_saved as usize > json.len() / 2);
+    assert_eq!(
+        cache.get("snapshot").await.unwrap().unwrap().as_ref(),
+        &json[..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_cut_the_cache_fails_open_and_recovers() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let url = upcoach_testing::url_via(prefix.url(), proxy.addr());
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_response_timeout(Some(Duration::from_millis(200)))
+        .set_number_of_retries(1);
+    let conn = redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .unwrap();
+    let name = prefix.prefix().trim_end_matches(':');
+    let options = TieredOptions {
+        l2_timeout: Duration::from_millis(300),
+        ..TieredOptions::default()
+    };
+    let cache = TieredCache::new(
+        Arc::new(RedisStore::new(conn.clone(), name)),
+        Arc::new(RedisTagVersions::new(conn, name)),
+        options,
+    );
+    cache
+        .set("warm", Bytes::from_static(b"w"), TTL)
+        .await
+        .unwrap();
+
+    proxy.cut();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        cache.get("warm").await.unwrap().as_deref(),
+        Some(&b"w"[..]),
+        "L1 still answers"
+    );
+    let v = cache
+        .get_or_load("cold", TTL, &[], || async {
+            Ok::<_, Infallible>(Bytes::from_static(b"loaded"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.as_ref(), b"loaded", "a miss falls back to the loader");
+    cache
+        .set("written", Bytes::from_static(b"x"), TTL)
+        .await
+        .unwrap();
+    assert!(!cache.delete("nothing").await.unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no call hangs past the timeout"
+    );
+    assert!(cache.stats().l2_errors >= 2, "{:?}", cache.stats());
+
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        cache
+            .set("after", Bytes::from_static(b"back"), TTL)
+            .await
+            .unwrap();
+        if cache.health().await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "L2 is back within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cache
+        .set("after", Bytes::from_static(b"back"), TTL)
+        .await
+        .unwrap();
+    let mut direct = redis::Client::open(prefix.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stored: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(format!("{name}:after"))
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "writes reach Redis again");
+}
