@@ -67,6 +67,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+#[cfg(feature = "redis")]
+mod coherence;
 pub mod envelope;
 mod key;
 mod memory;

@@ -60,6 +60,77 @@ impl Weighter<String, L1Entry> for L1Weight {
     }
 }
 
+/// The in-process tier: entries, and the newest version seen of each tag (from L2 reads,
+/// local invalidations and other processes' notices), which decides whether a tagged L1
+/// entry is still fresh without a round trip.
+#[derive(Debug)]
+struct L1 {
+    entries: Cache<String, L1Entry, L1Weight>,
+    known_tags: std::sync::RwLock<HashMap<String, u64>>,
+}
+
+/// Past this many tags remembered, the map starts over (entries then rely on their
+/// maximum age until their tags are seen again).
+const MAX_KNOWN_TAGS: usize = 100_000;
+
+impl L1 {
+    fn get(&self, key: &str) -> Option<L1Entry> {
+        self.entries.get(key)
+    }
+
+    fn insert(&self, key: String, entry: L1Entry) {
+        self.entries.insert(key, entry);
+    }
+
+    fn remove(&self, key: &str) -> Option<(String, L1Entry)> {
+        self.entries.remove(key)
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no tag of `entry` is known to have moved past the version it carries.
+    fn tags_fresh(&self, entry: &L1Entry) -> bool {
+        if entry.tags.is_empty() {
+            return true;
+        }
+        let known = self.known_tags.read().unwrap_or_else(|p| p.into_inner());
+        entry
+            .tags
+            .iter()
+            .all(|(tag, version)| known.get(tag).is_none_or(|now| now <= version))
+    }
+
+    fn learn(&self, tags: impl IntoIterator<Item = (String, u64)>) {
+        let mut known = self.known_tags.write().unwrap_or_else(|p| p.into_inner());
+        if known.len() > MAX_KNOWN_TAGS {
+            known.clear();
+        }
+        for (tag, version) in tags {
+            let slot = known.entry(tag).or_insert(0);
+            *slot = (*slot).max(version);
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl crate::coherence::Apply for L1 {
+    fn apply(&self, notice: crate::coherence::Notice) {
+        match notice {
+            crate::coherence::Notice::Key(key) => {
+                self.entries.remove(&key);
+            }
+            crate::coherence::Notice::Tag(tag, version) => self.learn([(tag, version)]),
+        }
+    }
+
+    fn resynced(&self) {
+        // Notices may have been missed while disconnected: start L1 afresh.
+        self.entries.clear();
+    }
+}
+
 /// Counters of a [`TieredCache`], cheap enough to stay on (relaxed atomics).
 #[derive(Debug, Default)]
 struct Counters {
@@ -120,12 +191,18 @@ pub struct CacheStats {
 ///   read or a write: reads fall back to L1 and the loader, writes are skipped, both are
 ///   counted in [`CacheStats::l2_errors`].
 ///
-/// Not yet: cross-process L1 eviction by pub/sub (until it exists, another process's
-/// change reaches this L1 within [`TieredOptions::l1_max_age`]), refresh-ahead, and
-/// per-tier eviction counts.
+/// - With [`enable_coherence`](Self::enable_coherence) (feature `redis`), a delete,
+///   overwrite or tag invalidation here evicts the stale L1 copies of every process on
+///   the same channel; a lost notice heals within [`TieredOptions::l1_max_age`].
+///   Tagged L1 hits compare their tag versions with the newest this process has seen
+///   (no round trip).
+///
+/// Not yet: refresh-ahead and per-tier eviction counts.
 #[derive(Debug)]
 pub struct TieredCache {
-    l1: Cache<String, L1Entry, L1Weight>,
+    l1: Arc<L1>,
+    #[cfg(feature = "redis")]
+    coherence: std::sync::OnceLock<Arc<crate::coherence::Coherence>>,
     l2: Arc<dyn CacheStore>,
     tags: Arc<dyn TagVersions>,
     clock: Arc<dyn Clock>,
@@ -153,7 +230,12 @@ impl TieredCache {
     ) -> Self {
         let estimated = (options.l1_max_bytes / 512).clamp(16, 1 << 22) as usize;
         Self {
-            l1: Cache::with_weighter(estimated, options.l1_max_bytes.max(1), L1Weight),
+            l1: Arc::new(L1 {
+                entries: Cache::with_weighter(estimated, options.l1_max_bytes.max(1), L1Weight),
+                known_tags: std::sync::RwLock::new(HashMap::new()),
+            }),
+            #[cfg(feature = "redis")]
+            coherence: std::sync::OnceLock::new(),
             l2,
             tags,
             clock,
@@ -161,6 +243,39 @@ impl TieredCache {
             counters: Counters::default(),
             inflight: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps the L1 of every process that shares `channel` coherent: this process's
+    /// deletes, overwrites and tag invalidations are published there (`PUBLISH`, from a
+    /// bounded queue), and the others' evict here. The subscriber reconnects by itself and
+    /// empties L1 on each (re)subscription, since notices may have been missed. Call
+    /// once, within a Tokio runtime; later calls are ignored.
+    #[cfg(feature = "redis")]
+    pub fn enable_coherence(
+        &self,
+        client: redis::Client,
+        publisher: redis::aio::ConnectionManager,
+        channel: impl Into<String>,
+    ) {
+        let target: Arc<dyn crate::coherence::Apply> = self.l1.clone();
+        let channel = channel.into();
+        let _ = self
+            .coherence
+            .get_or_init(|| crate::coherence::Coherence::start(client, publisher, channel, target));
+    }
+
+    fn notify(&self, notice: NoticeOf<'_>) {
+        #[cfg(feature = "redis")]
+        if let Some(coherence) = self.coherence.get() {
+            coherence.publish(match notice {
+                NoticeOf::Key(key) => crate::coherence::Notice::Key(key.to_owned()),
+                NoticeOf::Tag(tag, version) => {
+                    crate::coherence::Notice::Tag(tag.to_owned(), version)
+                }
+            });
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = notice;
     }
 
     /// The counters now.
@@ -222,7 +337,12 @@ impl TieredCache {
         }
         let names: Vec<&str> = tags.iter().map(|(t, _)| t.as_str()).collect();
         match self.l2_call(self.tags.versions(&names)).await {
-            Ok(now) => tags.iter().zip(now).all(|((_, then), now)| *then == now),
+            Ok(now) => {
+                let current = tags.iter().zip(&now).all(|((_, then), now)| then == now);
+                self.l1
+                    .learn(names.iter().map(|t| (*t).to_owned()).zip(now));
+                current
+            }
             Err(e) => {
                 self.l2_failed("tag versions", &e);
                 false
@@ -234,7 +354,7 @@ impl TieredCache {
     async fn read(&self, key: &str) -> Result<Option<Bytes>> {
         let now = self.clock.now();
         if let Some(entry) = self.l1.get(key) {
-            if now < entry.expires_at && self.tags_current(&entry.tags).await {
+            if now < entry.expires_at && self.l1.tags_fresh(&entry) {
                 self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(entry.value));
             }
@@ -292,8 +412,9 @@ impl TieredCache {
                 expires_at: self.clock.now() + ttl.min(self.options.l1_max_age),
             },
         );
-        if let Err(e) = self.l2_call(self.l2.set(key, encoded, ttl)).await {
-            self.l2_failed("write", &e);
+        match self.l2_call(self.l2.set(key, encoded, ttl)).await {
+            Ok(()) => self.notify(NoticeOf::Key(key)),
+            Err(e) => self.l2_failed("write", &e),
         }
         Ok(())
     }
@@ -321,6 +442,14 @@ impl TieredCache {
         self.counters
             .invalidations
             .fetch_add(tags.len() as u64, Ordering::Relaxed);
+        self.l1.learn(
+            tags.iter()
+                .map(|t| (*t).to_owned())
+                .zip(versions.iter().copied()),
+        );
+        for (tag, version) in tags.iter().zip(&versions) {
+            self.notify(NoticeOf::Tag(tag, *version));
+        }
         Ok(versions)
     }
 
@@ -374,8 +503,10 @@ impl TieredCache {
         Fut: Future<Output = Result<Bytes, E>>,
     {
         // Whoever held the gate before us may have stored it.
-        if let Some(hit) = self.l1.get(key).filter(|e| self.clock.now() < e.expires_at)
-            && self.tags_current(&hit.tags).await
+        if let Some(hit) = self
+            .l1
+            .get(key)
+            .filter(|e| self.clock.now() < e.expires_at && self.l1.tags_fresh(e))
         {
             self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit.value);
@@ -432,6 +563,13 @@ impl TieredCache {
     }
 }
 
+/// A change to tell other processes about.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+enum NoticeOf<'a> {
+    Key(&'a str),
+    Tag(&'a str, u64),
+}
+
 /// Why [`TieredCache::get_or_load`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError<E> {
@@ -462,7 +600,10 @@ impl CacheStore for TieredCache {
             .remove(key.as_ref())
             .is_some_and(|(_, e)| self.clock.now() < e.expires_at);
         match self.l2_call(self.l2.delete(&key)).await {
-            Ok(in_l2) => Ok(in_l1 || in_l2),
+            Ok(in_l2) => {
+                self.notify(NoticeOf::Key(&key));
+                Ok(in_l1 || in_l2)
+            }
             Err(e) => {
                 self.l2_failed("delete", &e);
                 Ok(in_l1)

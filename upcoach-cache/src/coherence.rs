@@ -1,0 +1,161 @@
+//! Cross-process L1 coherence over Redis pub/sub: a delete, overwrite or tag
+//! invalidation on one process evicts the stale L1 copies on every other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+/// What one process tells the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// This key changed or went away.
+    Key(String),
+    /// This tag is now at this version.
+    Tag(String, u64),
+}
+
+impl Notice {
+    fn encode(&self, origin: &str) -> String {
+        match self {
+            Notice::Key(key) => format!("{origin}|k|{key}"),
+            Notice::Tag(tag, version) => format!("{origin}|t|{version}|{tag}"),
+        }
+    }
+
+    /// `(origin, notice)`; `None` for anything malformed (ignored).
+    fn decode(text: &str) -> Option<(&str, Notice)> {
+        let (origin, rest) = text.split_once('|')?;
+        let (kind, rest) = rest.split_once('|')?;
+        match kind {
+            "k" => Some((origin, Notice::Key(rest.to_owned()))),
+            "t" => {
+                let (version, tag) = rest.split_once('|')?;
+                Some((origin, Notice::Tag(tag.to_owned(), version.parse().ok()?)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the subscriber does with notices from other processes.
+pub(crate) trait Apply: Send + Sync + 'static {
+    /// Another process changed something.
+    fn apply(&self, notice: Notice);
+    /// The subscription was (re)established: anything may have been missed.
+    fn resynced(&self);
+}
+
+/// Publishes this process's notices and applies the others'.
+#[derive(Debug)]
+pub(crate) struct Coherence {
+    origin: String,
+    outbox: mpsc::Sender<String>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Notices waiting to be published; past this they are dropped (the L1 maximum age
+/// heals what a lost notice leaves behind) and counted.
+const OUTBOX: usize = 4096;
+
+impl Coherence {
+    /// Starts the publisher and the subscriber (which reconnects by itself) on the
+    /// current Tokio runtime.
+    pub(crate) fn start(
+        client: redis::Client,
+        publisher: redis::aio::ConnectionManager,
+        channel: String,
+        target: Arc<dyn Apply>,
+    ) -> Arc<Self> {
+        let origin = uuid::Uuid::new_v4().simple().to_string();
+        let (outbox, mut rx) = mpsc::channel::<String>(OUTBOX);
+        {
+            let channel = channel.clone();
+            let mut conn = publisher;
+            tokio::spawn(async move {
+                while let Some(message) = rx.recv().await {
+                    let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                        .arg(&channel)
+                        .arg(message)
+                        .query_async(&mut conn)
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "cache invalidation notice not published");
+                    }
+                }
+            });
+        }
+        {
+            let origin = origin.clone();
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    match client.get_async_pubsub().await {
+                        Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                            Ok(()) => {
+                                backoff = Duration::from_millis(100);
+                                target.resynced();
+                                let mut messages = pubsub.on_message();
+                                while let Some(message) = messages.next().await {
+                                    let Ok(text) = std::str::from_utf8(message.get_payload_bytes())
+                                    else {
+                                        continue;
+                                    };
+                                    if let Some((from, notice)) = Notice::decode(text)
+                                        && from != origin
+                                    {
+                                        target.apply(notice);
+                                    }
+                                }
+                                tracing::warn!(
+                                    "cache invalidation subscription lost; resubscribing"
+                                );
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cache invalidation subscribe failed")
+                            }
+                        },
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cache invalidation connection failed")
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            });
+        }
+        Arc::new(Self {
+            origin,
+            outbox,
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Tells the other processes, without waiting.
+    pub(crate) fn publish(&self, notice: Notice) {
+        if self.outbox.try_send(notice.encode(&self.origin)).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_junk_is_ignored() {
+        for notice in [
+            Notice::Key("a|b:c".into()),
+            Notice::Tag("analytics|x".into(), 42),
+        ] {
+            let text = notice.encode("me");
+            assert_eq!(Notice::decode(&text), Some(("me", notice)));
+        }
+        for junk in ["", "x", "me|z|1", "me|t|notanumber|tag", "me|t|5"] {
+            assert_eq!(Notice::decode(junk), None, "{junk:?}");
+        }
+    }
+}
