@@ -47,7 +47,8 @@ impl Default for TieredOptions {
 #[derive(Debug, Clone)]
 struct L1Entry {
     value: Bytes,
-    tags: Arc<[TagVersion]>,
+    /// `None` for an untagged entry (no reference count to touch on a hit).
+    tags: Option<Arc<[TagVersion]>>,
     expires_at: SystemTime,
 }
 
@@ -56,7 +57,8 @@ struct L1Weight;
 
 impl Weighter<String, L1Entry> for L1Weight {
     fn weight(&self, key: &String, entry: &L1Entry) -> u64 {
-        (key.len() + entry.value.len() + entry.tags.len() * 32 + 64) as u64
+        let tags = entry.tags.as_ref().map_or(0, |t| t.len());
+        (key.len() + entry.value.len() + tags * 32 + 64) as u64
     }
 }
 
@@ -92,13 +94,11 @@ impl L1 {
 
     /// Whether no tag of `entry` is known to have moved past the version it carries.
     fn tags_fresh(&self, entry: &L1Entry) -> bool {
-        if entry.tags.is_empty() {
+        let Some(tags) = &entry.tags else {
             return true;
-        }
+        };
         let known = self.known_tags.read().unwrap_or_else(|p| p.into_inner());
-        entry
-            .tags
-            .iter()
+        tags.iter()
             .all(|(tag, version)| known.get(tag).is_none_or(|now| now <= version))
     }
 
@@ -245,6 +245,15 @@ impl TieredCache {
         }
     }
 
+    /// The value under `key`, if present, not expired and not invalidated by its tags.
+    ///
+    /// The same as [`CacheStore::get`], without the boxed future of a trait call: an L1
+    /// hit allocates nothing.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let key = canonical_key(key)?;
+        self.read(&key).await
+    }
+
     /// Keeps the L1 of every process that shares `channel` coherent: this process's
     /// deletes, overwrites and tag invalidations are published there (`PUBLISH`, from a
     /// bounded queue), and the others' evict here. The subscriber reconnects by itself and
@@ -379,14 +388,16 @@ impl TieredCache {
         }
         self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
         // L2 does not say how long the entry has left; L1 keeps it for its maximum age.
-        self.l1.insert(
-            key.to_owned(),
-            L1Entry {
-                value: decoded.value.clone(),
-                tags: decoded.tags.into(),
-                expires_at: now + self.options.l1_max_age,
-            },
-        );
+        if !self.options.l1_max_age.is_zero() {
+            self.l1.insert(
+                key.to_owned(),
+                L1Entry {
+                    value: decoded.value.clone(),
+                    tags: (!decoded.tags.is_empty()).then(|| decoded.tags.into()),
+                    expires_at: now + self.options.l1_max_age,
+                },
+            );
+        }
         Ok(Some(decoded.value))
     }
 
@@ -408,7 +419,7 @@ impl TieredCache {
             key.to_owned(),
             L1Entry {
                 value,
-                tags: tags.into(),
+                tags: (!tags.is_empty()).then(|| tags.into()),
                 expires_at: self.clock.now() + ttl.min(self.options.l1_max_age),
             },
         );
@@ -584,8 +595,7 @@ pub enum LoadError<E> {
 #[async_trait]
 impl CacheStore for TieredCache {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let key = canonical_key(key)?;
-        self.read(&key).await
+        TieredCache::get(self, key).await
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {

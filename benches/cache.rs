@@ -1,0 +1,260 @@
+//! The cache against its raw baselines, in the same run:
+//!
+//! - `l1_hit`: a hit through `TieredCache`'s public API vs bare moka and bare
+//!   quick_cache `get` of the same key and value.
+//! - `l2_hit_<n>_tasks`: GET throughput from Redis at 1, 16 and 128 concurrent tasks:
+//!   bare `redis` GET on a multiplexed connection vs `RedisStore::get` vs `TieredCache`
+//!   with its L1 turned off (every read goes to Redis and decodes the envelope).
+//! - `tag_invalidation`: invalidating a tag with 10 and with 100,000 entries under it.
+//! - `compression`: LZ4 encode and decode of a dashboard-snapshot JSON (ratio printed).
+//!
+//! Redis parts need `REDIS_URL` (skipped, said so, without it).
+//!
+//! `cargo bench --bench cache`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use upcoach_cache::envelope;
+use upcoach_cache::{
+    CacheStore, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions, TieredCache,
+    TieredOptions,
+};
+
+/// Polls a future that never waits (an L1 hit) without a runtime.
+fn ready<F: std::future::Future>(future: F) -> F::Output {
+    let mut cx = Context::from_waker(Waker::noop());
+    match std::pin::pin!(future).poll(&mut cx) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("an L1 hit waited on something"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn snapshot_json() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "routes": (0..40).map(|i| serde_json::json!({
+            "method": "GET", "route": format!("/api/dashboard/widgets/{i}"), "count": 1000 + i * 37,
+            "errors": i % 3, "p50_ms": 3.2, "p95_ms": 12.8 + i as f64, "p99_ms": 40.1, "max_ms": 120.4,
+        })).collect::<Vec<_>>(),
+        "process": {"rss_bytes": 73_400_320u64, "cpu_percent": 23.5, "threads": 9, "open_fds": 211},
+        "alerts": [],
+    }))
+    .unwrap()
+}
+
+fn l1_hit(c: &mut Criterion) {
+    let rt = runtime();
+    let value = Bytes::from(vec![7u8; 512]);
+    let mut group = c.benchmark_group("l1_hit");
+
+    let moka: moka::sync::Cache<String, Bytes> = moka::sync::Cache::new(10_000);
+    moka.insert("user:42:profile".into(), value.clone());
+    group.bench_function("bare_moka", |b| {
+        b.iter(|| black_box(moka.get("user:42:profile")))
+    });
+
+    let quick: quick_cache::sync::Cache<String, Bytes> = quick_cache::sync::Cache::new(10_000);
+    quick.insert("user:42:profile".into(), value.clone());
+    group.bench_function("bare_quick_cache", |b| {
+        b.iter(|| black_box(quick.get("user:42:profile")))
+    });
+
+    let cache = TieredCache::new(
+        Arc::new(MemoryStore::new(64 << 20)),
+        Arc::new(MemoryTagVersions::default()),
+        TieredOptions {
+            l1_max_age: Duration::from_secs(3600),
+            ..TieredOptions::default()
+        },
+    );
+    rt.block_on(cache.set("user:42:profile", value.clone(), Duration::from_secs(3600)))
+        .unwrap();
+    rt.block_on(cache.set_tagged(
+        "user:42:tagged",
+        value,
+        Duration::from_secs(3600),
+        &["users", "user:42"],
+    ))
+    .unwrap();
+    group.bench_function("tiered_cache", |b| {
+        b.iter(|| black_box(ready(cache.get("user:42:profile")).unwrap()))
+    });
+    group.bench_function("tiered_cache_two_tags", |b| {
+        b.iter(|| black_box(ready(cache.get("user:42:tagged")).unwrap()))
+    });
+    group.finish();
+}
+
+fn l2_hit(c: &mut Criterion) {
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        eprintln!("skipping l2_hit: REDIS_URL is not set");
+        return;
+    };
+    let owned_runtime = runtime();
+    let rt = &owned_runtime;
+    let prefix = format!("bench:{}", std::process::id());
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let (bare, manager) = rt.block_on(async {
+        (
+            client.get_multiplexed_async_connection().await.unwrap(),
+            redis::aio::ConnectionManager::new(client.clone())
+                .await
+                .unwrap(),
+        )
+    });
+    let store = Arc::new(RedisStore::new(manager.clone(), prefix.clone()));
+    let tiered = Arc::new(TieredCache::new(
+        store.clone(),
+        Arc::new(RedisTagVersions::new(manager, prefix.clone())),
+        // An L1 that never keeps anything: every read is an L2 read.
+        TieredOptions {
+            l1_max_age: Duration::ZERO,
+            ..TieredOptions::default()
+        },
+    ));
+    let value = Bytes::from(vec![b'x'; 256]);
+    rt.block_on(store.set("hot", value.clone(), Duration::from_secs(600)))
+        .unwrap();
+    rt.block_on(tiered.set("hot_tiered", value, Duration::from_secs(600)))
+        .unwrap();
+    let bare_key = format!("{prefix}:hot");
+
+    for tasks in [1usize, 16, 128] {
+        let mut group = c.benchmark_group(format!("l2_hit_{tasks}_tasks"));
+        group.throughput(Throughput::Elements(1));
+        group.sample_size(20);
+        let run = |which: u8| {
+            let bare = bare.clone();
+            let store = store.clone();
+            let tiered = tiered.clone();
+            let bare_key = bare_key.clone();
+            move |iters: u64| {
+                let per_task = iters.div_ceil(tasks as u64);
+                rt.block_on(async {
+                    let start = Instant::now();
+                    let mut handles = Vec::new();
+                    for _ in 0..tasks {
+                        let (mut bare, store, tiered, bare_key) = (
+                            bare.clone(),
+                            store.clone(),
+                            tiered.clone(),
+                            bare_key.clone(),
+                        );
+                        handles.push(tokio::spawn(async move {
+                            for _ in 0..per_task {
+                                match which {
+                                    0 => {
+                                        let v: Option<Vec<u8>> = redis::cmd("GET")
+                                            .arg(&bare_key)
+                                            .query_async(&mut bare)
+                                            .await
+                                            .unwrap();
+                                        black_box(v);
+                                    }
+                                    1 => {
+                                        black_box(store.get("hot").await.unwrap());
+                                    }
+                                    _ => {
+                                        black_box(tiered.get("hot_tiered").await.unwrap());
+                                    }
+                                }
+                            }
+                        }));
+                    }
+                    for h in handles {
+                        h.await.unwrap();
+                    }
+                    start
+                        .elapsed()
+                        .mul_f64(iters as f64 / (per_task * tasks as u64) as f64)
+                })
+            }
+        };
+        let mut bare_run = run(0);
+        group.bench_function("bare_redis_get", |b| b.iter_custom(&mut bare_run));
+        let mut store_run = run(1);
+        group.bench_function("redis_store_get", |b| b.iter_custom(&mut store_run));
+        let mut tiered_run = run(2);
+        group.bench_function("tiered_cache_l2_get", |b| b.iter_custom(&mut tiered_run));
+        group.finish();
+    }
+}
+
+fn tag_invalidation(c: &mut Criterion) {
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        eprintln!("skipping tag_invalidation: REDIS_URL is not set");
+        return;
+    };
+    let rt = runtime();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let manager = rt
+        .block_on(redis::aio::ConnectionManager::new(client))
+        .unwrap();
+    let mut group = c.benchmark_group("tag_invalidation");
+    for entries in [10usize, 100_000] {
+        let prefix = format!("bench:{}:tags{entries}", std::process::id());
+        let cache = TieredCache::new(
+            Arc::new(RedisStore::new(manager.clone(), prefix.clone())),
+            Arc::new(RedisTagVersions::new(manager.clone(), prefix)),
+            TieredOptions {
+                l1_max_bytes: 8 << 20,
+                ..TieredOptions::default()
+            },
+        );
+        rt.block_on(async {
+            for i in 0..entries {
+                cache
+                    .set_tagged(
+                        &format!("e{i}"),
+                        Bytes::from_static(b"v"),
+                        Duration::from_secs(120),
+                        &["big"],
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+        group.bench_function(format!("{entries}_entries"), |b| {
+            b.iter(|| rt.block_on(cache.invalidate_tags(&["big"])).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn compression(c: &mut Criterion) {
+    let json = snapshot_json();
+    let (encoded, saved) = envelope::encode(&json, &[], 1024).unwrap();
+    eprintln!(
+        "compression: dashboard snapshot {} bytes -> {} bytes stored (ratio {:.2}, saved {saved})",
+        json.len(),
+        encoded.len(),
+        json.len() as f64 / encoded.len() as f64
+    );
+    let mut group = c.benchmark_group("compression");
+    group.throughput(Throughput::Bytes(json.len() as u64));
+    group.bench_function("bare_lz4_flex_compress", |b| {
+        b.iter(|| black_box(lz4_flex::block::compress(&json)))
+    });
+    group.bench_function("envelope_encode", |b| {
+        b.iter(|| black_box(envelope::encode(&json, &[], 1024).unwrap()))
+    });
+    group.bench_function("envelope_decode", |b| {
+        b.iter(|| black_box(envelope::decode(&encoded).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, l1_hit, compression, l2_hit, tag_invalidation);
+criterion_main!(benches);
