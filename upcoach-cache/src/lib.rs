@@ -74,6 +74,7 @@ mod key;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
+pub mod response;
 mod tags;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -83,6 +84,7 @@ pub use key::{MAX_KEY_LEN, canonical_key};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis_store::RedisStore;
+pub use response::{CacheRule, ResponseCacheLayer};
 #[cfg(feature = "redis")]
 pub use tags::RedisTagVersions;
 pub use tags::{MemoryTagVersions, TagVersions};
