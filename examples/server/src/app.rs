@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use sqlx::PgPool;
 use upcoach_auth::session::{AccessTokens, SigningKey};
+use upcoach_cache::response::ResponseCache;
+use upcoach_cache::{
+    CacheRule, CacheStore, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions,
+    ResponseCacheLayer, TagVersions, TieredCache, TieredOptions,
+};
 use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
 use upcoach_core::postgres::{self, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
@@ -91,7 +96,9 @@ pub struct App {
     pub(crate) options: Options,
     pub(crate) backends: Backends,
     pub(crate) event_log: Arc<dyn EventLog>,
-    pub(crate) tokens: Option<AccessTokens>,
+    pub(crate) tokens: Option<Arc<AccessTokens>>,
+    pub(crate) cache: Arc<TieredCache>,
+    response_cache: ResponseCacheLayer,
     pub(crate) perf: Arc<PerfMonitor>,
     pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
@@ -139,6 +146,35 @@ impl App {
             Some(pool) => Arc::new(PgEventLog::new(pool.clone())),
             None => Arc::new(MemoryEventLog::default()),
         };
+        let cache = {
+            let (l2, tags): (Arc<dyn CacheStore>, Arc<dyn TagVersions>) = match &redis {
+                Some(redis) => (
+                    Arc::new(RedisStore::new(
+                        redis.manager(),
+                        config.cache_prefix.clone(),
+                    )),
+                    Arc::new(RedisTagVersions::new(
+                        redis.manager(),
+                        config.cache_prefix.clone(),
+                    )),
+                ),
+                None => (
+                    Arc::new(MemoryStore::new(256 * 1024 * 1024)),
+                    Arc::new(MemoryTagVersions::default()),
+                ),
+            };
+            let cache = Arc::new(TieredCache::new(l2, tags, TieredOptions::default()));
+            if let (Some(redis), Some(url)) = (&redis, &config.redis_url)
+                && let Ok(client) = redis::Client::open(url.expose())
+            {
+                cache.enable_coherence(
+                    client,
+                    redis.manager(),
+                    format!("{}:invalidate", config.cache_prefix),
+                );
+            }
+            cache
+        };
         let perf = Arc::new(PerfMonitor::new(
             Arc::new(RequestMetrics::new(
                 RouteTable::new(crate::routes::TEMPLATES.iter().copied())
@@ -159,8 +195,22 @@ impl App {
             let metrics = perf.metrics().clone();
             let postgres = postgres.clone();
             let redis = redis.clone();
+            let cache = cache.clone();
             move || {
                 let sink: &dyn MetricsSink = &*metrics;
+                let mut values = std::collections::HashMap::new();
+                let stats = cache.stats();
+                for (tier, hits) in [("l1", stats.l1_hits), ("l2", stats.l2_hits)] {
+                    sink.set_gauge("cache_hits", &[("tier", tier)], hits as f64);
+                }
+                sink.set_gauge("cache_misses", &[], stats.misses as f64);
+                sink.set_gauge("cache_l2_errors", &[], stats.l2_errors as f64);
+                sink.set_gauge("cache_l1_entries", &[], stats.l1_entries as f64);
+                if stats.l1_hits + stats.l2_hits + stats.misses
+                    >= upcoach_perf::MIN_REQUESTS_FOR_ERROR_RATE
+                {
+                    values.insert(upcoach_perf::alert::metrics::CACHE_HIT_RATE, stats.hit_rate);
+                }
                 if let Some(pool) = &postgres {
                     let idle = pool.num_idle() as f64;
                     sink.set_gauge("db_pool_connections", &[("state", "idle")], idle);
@@ -174,7 +224,7 @@ impl App {
                     let connected = redis.state() == upcoach_core::redis::RedisState::Connected;
                     sink.set_gauge("redis_connected", &[], if connected { 1.0 } else { 0.0 });
                 }
-                Default::default()
+                values
             }
         }));
 
@@ -183,10 +233,10 @@ impl App {
                 "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
                  signed by a key generated at start that is lost at exit. Never run this in production."
             );
-            Some(AccessTokens::new(
+            Some(Arc::new(AccessTokens::new(
                 SigningKey::generate().map_err(StartError::Keys)?,
                 clock,
-            ))
+            )))
         } else {
             None
         };
@@ -196,6 +246,22 @@ impl App {
             options,
             backends: Backends { postgres, redis },
             event_log,
+            response_cache: {
+                let rule = CacheRule::new(
+                    "/api/analytics",
+                    Duration::from_secs(300),
+                    &["analytics", "dashboard"],
+                )
+                .per_user();
+                let layer = ResponseCacheLayer::new(cache.clone(), vec![rule]);
+                match &tokens {
+                    Some(tokens) => {
+                        layer.with_verifier(tokens.clone() as Arc<dyn upcoach_core::TokenVerifier>)
+                    }
+                    None => layer,
+                }
+            },
+            cache,
             tokens,
             perf,
             slow_queries: sinks.slow_queries,
@@ -240,7 +306,12 @@ impl App {
 
     /// The access-token issuer and verifier (`--dev` only, so far).
     pub fn access_tokens(&self) -> Option<&AccessTokens> {
-        self.tokens.as_ref()
+        self.tokens.as_deref()
+    }
+
+    /// The tiered cache (L2 in Redis when configured, in memory otherwise).
+    pub fn cache(&self) -> &Arc<TieredCache> {
+        &self.cache
     }
 
     /// The audit event log in use.
@@ -261,10 +332,9 @@ impl App {
         } else {
             RequestTimingLayer::disabled()
         };
-        hyper_util::service::TowerToHyperService::new(tower_layer::Layer::layer(
-            &layer,
-            AppService { app: self.clone() },
-        ))
+        let routes =
+            tower_layer::Layer::layer(&self.response_cache, AppService { app: self.clone() });
+        hyper_util::service::TowerToHyperService::new(tower_layer::Layer::layer(&layer, routes))
     }
 
     /// Stops background tasks and writes what the event log still holds, waiting at most
@@ -285,7 +355,8 @@ impl App {
 }
 
 /// The service [`App::service`] hands to hyper.
-pub type HttpService = hyper_util::service::TowerToHyperService<RequestTiming<AppService>>;
+pub type HttpService =
+    hyper_util::service::TowerToHyperService<RequestTiming<ResponseCache<AppService>>>;
 
 /// The routes of an [`App`], as a tower service.
 #[derive(Debug, Clone)]

@@ -20,6 +20,8 @@ pub(crate) const TEMPLATES: &[&str] = &[
     "/api/dashboard/realtime/metrics",
     "/api/performance/slow-queries",
     "/api/performance/optimize",
+    "/api/analytics/security-events",
+    "/api/cache/invalidate",
 ];
 
 /// How long one health check may take before it counts as down.
@@ -83,6 +85,20 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
             }
             _ => Err(method_not_allowed("POST")),
         },
+        "/api/analytics/security-events" => match *method {
+            Method::GET | Method::HEAD => {
+                admin(app, &request).await?;
+                security_events(app, &request).await
+            }
+            _ => Err(method_not_allowed("GET")),
+        },
+        "/api/cache/invalidate" => match *method {
+            Method::POST => {
+                admin(app, &request).await?;
+                invalidate(app, request).await
+            }
+            _ => Err(method_not_allowed("POST")),
+        },
         // Only exists in --dev mode: otherwise it is an unknown route like any other.
         "/dev/token" if app.options.dev => match *method {
             Method::POST => dev_token(app, request).await,
@@ -140,6 +156,101 @@ async fn admin(app: &Arc<App>, request: &Request<Incoming>) -> Result<Principal,
     Ok(principal)
 }
 
+/// `1h`, `30m`, `7d`, `90s`: at most 30 days.
+fn parse_window(text: &str) -> Option<Duration> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (seconds <= 30 * 86_400).then(|| Duration::from_secs(seconds))
+}
+
+/// `GET /api/analytics/security-events?window=1h`: security events counted by type over
+/// the window (cached by the response layer: 300 s, tags `analytics` and `dashboard`).
+async fn security_events(
+    app: &Arc<App>,
+    request: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let window_text = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("window=")))
+        .unwrap_or("1h");
+    let window = parse_window(window_text).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_window",
+            "window is a number and s, m, h or d, at most 30d (1h, 30m, 7d)",
+        )
+    })?;
+    let since = std::time::SystemTime::now() - window;
+    let counts = app
+        .event_log
+        .security_event_counts(since)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "security event counts failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "event_log_unavailable",
+                "the event log could not be read",
+            )
+        })?;
+    let since_ms = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "window": window_text, "since_ms": since_ms, "counts": counts }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateRequest {
+    tags: Vec<String>,
+}
+
+/// `POST /api/cache/invalidate {"tags":[...]}`.
+async fn invalidate(
+    app: &Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: InvalidateRequest = read_json(request.into_body(), 16 * 1024).await?;
+    let tags: Vec<&str> = body.tags.iter().map(String::as_str).collect();
+    if tags.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_tags",
+            "name at least one tag",
+        ));
+    }
+    app.cache
+        .invalidate_tags(&tags)
+        .await
+        .map_err(|e| match e {
+            upcoach_cache::Error::InvalidTag { reason } => {
+                ApiError::bad_request("invalid_tags", reason)
+            }
+            e => {
+                tracing::warn!(error = %e, "tag invalidation failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cache_unavailable",
+                    "the cache could not be reached",
+                )
+            }
+        })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "invalidated": tags }),
+    ))
+}
+
 /// `GET /metrics`: Prometheus text exposition.
 fn metrics(app: &Arc<App>) -> Response<Body> {
     let mut response = Response::new(crate::http_util::full(app.perf.render_prometheus()));
@@ -170,6 +281,7 @@ fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
             "pools": pools.unwrap_or_else(|| serde_json::json!({})),
             "redis": redis,
             "alerts": snapshot.alerts,
+            "cache": app.cache.stats(),
             "event_log": app.event_log.stats(),
         }),
     )
@@ -236,11 +348,25 @@ async fn health(app: &Arc<App>) -> Response<Body> {
             None => None,
         }
     };
-    let (postgres, redis) = tokio::join!(postgres, redis);
+    let cache =
+        async { Check::from_result(tokio::time::timeout(CHECK_TIMEOUT, app.cache.health()).await) };
+    let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
 
     let mut checks = serde_json::Map::new();
     let mut status = "ok";
-    for (name, check) in [("postgres", postgres), ("redis", redis)] {
+    for (name, check) in [
+        ("postgres", postgres),
+        ("redis", redis),
+        ("cache", Some(cache)),
+    ] {
+        // The cache fails open: its L2 being unreachable slows the service, it does not
+        // stop it.
+        let check = check.map(|mut c| {
+            if name == "cache" && c.status == "down" {
+                c.status = "degraded";
+            }
+            c
+        });
         if let Some(check) = check {
             status = match (status, check.status) {
                 (_, "down") | ("down", _) => "down",

@@ -9,8 +9,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::Body;
-
 /// How the accept loop behaves.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -31,19 +29,22 @@ impl Default for ServeOptions {
 
 /// Serves HTTP/1.1 on `listener` with `service` until `shutdown` completes, then stops
 /// accepting, lets in-flight requests finish (up to the drain timeout) and returns.
-pub async fn serve<S>(
+pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()>,
     options: ServeOptions,
 ) -> std::io::Result<()>
 where
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<Body>>
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();

@@ -309,3 +309,95 @@ async fn explaining_a_slow_write_changes_nothing_and_shows_no_literal() {
     assert_eq!(n, 1, "explaining the UPDATE three times did not run it");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn security_event_analytics_are_cached_per_admin_and_invalidated_by_tag() {
+    let server = Running::start(
+        Config::default(),
+        Options {
+            dev: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let record = |kind: &'static str| {
+        server
+            .app
+            .event_log()
+            .record(
+                upcoach_core::event::SecurityEvent::new(kind, &upcoach_core::SystemClock).into(),
+            )
+            .unwrap();
+    };
+    for kind in ["login_failed", "login_failed", "login_succeeded"] {
+        record(kind);
+    }
+    let admin = dev_token(&server, r#"["admin"]"#).await;
+    let path = "/api/analytics/security-events?window=1h";
+
+    let first = get_with_token(&server, path, Some(&admin)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert_eq!(
+        first.json["counts"][0],
+        serde_json::json!({"event_type": "login_failed", "count": 2})
+    );
+    assert_eq!(first.headers["x-cache"], "MISS");
+    let etag = first.headers["etag"].to_str().unwrap().to_owned();
+    let second = get_with_token(&server, path, Some(&admin)).await;
+    assert_eq!(second.headers["x-cache"], "HIT");
+    assert_eq!(second.json, first.json);
+
+    // A new event is not visible until the tag is invalidated.
+    record("login_succeeded");
+    assert_eq!(
+        get_with_token(&server, path, Some(&admin)).await.json,
+        first.json
+    );
+    let answer = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/cache/invalidate",
+        Some(r#"{"tags":["analytics"]}"#),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(
+        answer.json,
+        serde_json::json!({"invalidated": ["analytics"]})
+    );
+    let third = get_with_token(&server, path, Some(&admin)).await;
+    assert_eq!(third.headers["x-cache"], "MISS");
+    assert_ne!(third.headers["etag"].to_str().unwrap(), etag);
+    assert_eq!(
+        third.json["counts"][1]["count"], 2,
+        "the new event is counted"
+    );
+
+    // Refusals, none of them cached.
+    let bad = get_with_token(
+        &server,
+        "/api/analytics/security-events?window=forever",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(bad.json["error"]["code"], "invalid_window");
+    let coach = dev_token(&server, r#"["coach"]"#).await;
+    assert_eq!(
+        get_with_token(&server, path, Some(&coach)).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        get_with_token(&server, path, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let empty = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/cache/invalidate",
+        Some(r#"{"tags":[]}"#),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(empty.json["error"]["code"], "invalid_tags");
+    server.stop().await;
+}
