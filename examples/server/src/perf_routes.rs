@@ -235,8 +235,8 @@ fn plan_nodes(plan: &serde_json::Value, out: &mut Vec<String>) {
 /// `POST /api/performance/optimize`: what was measured and what could be done about it.
 ///
 /// It only reads: nothing here changes schema, data or settings. The safe, reversible
-/// action the reference system had (warming the hottest cache keys) needs the cache,
-/// which is not built yet, so `actions` says that instead of pretending.
+/// action the reference system had (warming the hottest cache keys) needs a loader per
+/// key, which no cached route has yet, so `actions` says that instead of pretending.
 pub(crate) async fn optimize(app: &Arc<App>) -> Response<Body> {
     let mut recommendations = Vec::new();
 
@@ -293,12 +293,26 @@ pub(crate) async fn optimize(app: &Arc<App>) -> Response<Body> {
         }));
     }
 
+    let cache = app.cache.stats();
+    let reads = cache.l1_hits + cache.l2_hits + cache.misses;
+    if reads >= upcoach_perf::MIN_REQUESTS_FOR_ERROR_RATE && cache.hit_rate < 0.8 {
+        recommendations.push(serde_json::json!({
+            "kind": "cache_hit_rate",
+            "hit_rate": cache.hit_rate,
+            "reads": reads,
+            "advice": format!(
+                "the cache answers {:.0} % of {reads} reads (under 80 %): longer TTLs or fewer tag invalidations would help",
+                cache.hit_rate * 100.0
+            ),
+        }));
+    }
+
     json_response(
         StatusCode::OK,
         &serde_json::json!({
             "recommendations": recommendations,
             "actions": [],
-            "actions_note": "no action taken: the only safe, reversible action (warming the hottest cache keys) needs the cache, which is not built yet",
+            "actions_note": "no action taken: warming needs a loader per key, and the one cached route (security-event analytics) is keyed per admin and computed on demand",
         }),
     )
 }
