@@ -1,7 +1,7 @@
 //! Cross-process L1 coherence over Redis pub/sub: a delete, overwrite or tag
 //! invalidation on one process evicts the stale L1 copies on every other.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -66,7 +66,7 @@ impl Coherence {
         client: redis::Client,
         publisher: redis::aio::ConnectionManager,
         channel: String,
-        target: Arc<dyn Apply>,
+        target: Weak<dyn Apply>,
     ) -> Arc<Self> {
         let origin = uuid::Uuid::new_v4().simple().to_string();
         let (outbox, mut rx) = mpsc::channel::<String>(OUTBOX);
@@ -90,22 +90,26 @@ impl Coherence {
             let origin = origin.clone();
             tokio::spawn(async move {
                 let mut backoff = Duration::from_millis(100);
-                loop {
+                // Ends when the cache it serves is gone.
+                while target.strong_count() > 0 {
                     match client.get_async_pubsub().await {
                         Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                             Ok(()) => {
                                 backoff = Duration::from_millis(100);
-                                target.resynced();
+                                let Some(live) = target.upgrade() else { return };
+                                live.resynced();
+                                drop(live);
                                 let mut messages = pubsub.on_message();
                                 while let Some(message) = messages.next().await {
                                     let Ok(text) = std::str::from_utf8(message.get_payload_bytes())
                                     else {
                                         continue;
                                     };
+                                    let Some(live) = target.upgrade() else { return };
                                     if let Some((from, notice)) = Notice::decode(text)
                                         && from != origin
                                     {
-                                        target.apply(notice);
+                                        live.apply(notice);
                                     }
                                 }
                                 tracing::warn!(

@@ -128,7 +128,9 @@ pub fn decode(bytes: &Bytes) -> Result<Decoded> {
     } else {
         let len =
             u32::from_le_bytes(bytes[take(&mut at, 4)?].try_into().expect("4 bytes")) as usize;
-        if len > MAX_VALUE_LEN {
+        // LZ4 expands at most 255:1, so a larger claim is a lie: refuse it before
+        // allocating.
+        if len > MAX_VALUE_LEN || len > (bytes.len() - at).saturating_mul(255) {
             return Err(corrupt("the stated length is too large"));
         }
         let value = lz4_flex::block::decompress(&bytes[at..], len)

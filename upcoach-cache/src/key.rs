@@ -28,7 +28,9 @@ pub fn canonical_key(key: &str) -> Result<Cow<'_, str>> {
             reason: "the key is empty",
         });
     }
-    if key.len() <= MAX_KEY_LEN {
+    // A short key that looks like a digest form is hashed too, so it cannot collide
+    // with a long key's digest form.
+    if key.len() <= MAX_KEY_LEN && !key.contains("#sha256:") {
         return Ok(Cow::Borrowed(key));
     }
     let mut cut = 64;

@@ -9,8 +9,11 @@
 //!   ([`TagVersions`], O(1) invalidation), LZ4 compression ([`envelope`]), single-flight
 //!   loading, stats and fail-open L2 calls.
 //!
-//! Not built yet: cross-process L1 eviction by pub/sub, refresh-ahead and the HTTP
-//! response-cache layer.
+//! - [`ResponseCacheLayer`]: a tower layer caching whole HTTP responses by rule (GET/HEAD
+//!   200s, `Cache-Control`, `Vary`, per-user keys, `ETag`/304, `X-Cache`).
+//! - Cross-process L1 coherence over Redis pub/sub ([`TieredCache::enable_coherence`]).
+//!
+//! Not built yet: refresh-ahead and per-tier eviction counts.
 //!
 //! ```
 //! use std::time::Duration;

@@ -17,7 +17,7 @@ fn backend(e: redis::RedisError) -> Error {
     }
 }
 
-/// A store in Redis: every key under `<prefix>:`, values as Redis strings with a
+/// A store in Redis: every key under `<prefix>:v:`, values as Redis strings with a
 /// millisecond TTL (`SET .. PX`), batches in one round trip (`MGET`, a pipeline of
 /// `SET`s).
 ///
@@ -57,9 +57,10 @@ impl RedisStore {
         }
     }
 
-    /// The Redis key of `key`.
+    /// The Redis key of `key`: `<prefix>:v:<key>`, apart from tag counters
+    /// (`<prefix>:t:`) and anything else the host keeps under the prefix.
     pub fn redis_key(&self, key: &str) -> Result<String> {
-        Ok(format!("{}:{}", self.prefix, canonical_key(key)?))
+        Ok(format!("{}:v:{}", self.prefix, canonical_key(key)?))
     }
 }
 

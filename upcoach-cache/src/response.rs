@@ -1,13 +1,19 @@
 //! [`ResponseCacheLayer`]: a tower layer that caches whole HTTP responses in a
-//! [`TieredCache`], following the parts of RFC 9111 a shared cache must.
+//! [`TieredCache`], following these parts of RFC 9111 for a shared cache (not
+//! freshness from `max-age`: entries live for their rule's TTL).
 //!
 //! - Only `GET` and `HEAD` requests under a rule's path prefix, and only `200` answers.
-//! - `Cache-Control: no-store` or `private` on the request or the response: not stored
-//!   (and a `no-store` request is not answered from the cache either).
+//! - `Cache-Control: no-store` or `private` on the request or the response, and
+//!   `no-cache` or `max-age=0`/`s-maxage=0` on the response: not stored. A `no-store` or
+//!   `no-cache` request is not answered from the cache.
+//! - Only `GET` answers are stored; `HEAD` is answered from them.
 //! - `Vary`: the named request headers are part of the key; `Vary: *` is never stored.
 //! - A request with `Authorization`, or a response with `Set-Cookie`, is only cached by a
 //!   rule keyed per user; such a hit is served only after the layer's
-//!   [`TokenVerifier`] accepts the token, and the key holds the verified user id.
+//!   [`TokenVerifier`] accepts the token (and the rule's `authorize`, if any, the
+//!   principal); the key holds the verified user and roles.
+//! - Tag versions are read before the handler runs, so an answer computed across an
+//!   invalidation is never served as fresh.
 //! - `ETag` is added (a digest of the body), `If-None-Match` is answered with `304`,
 //!   and every answer says `X-Cache: HIT` or `MISS`.
 
@@ -49,7 +55,14 @@ pub struct CacheRule {
     pub per_user: bool,
     /// An extra condition on what is stored.
     pub should_cache: Option<ShouldCache>,
+    /// Who may be answered from the cache (per-user rules): a hit is served only to a
+    /// verified principal this accepts; anyone else reaches the handler, which decides.
+    /// Without it, every verified principal may be answered from its own entries.
+    pub authorize: Option<Authorize>,
 }
+
+/// Decides whether a verified caller may be answered from the cache.
+pub type Authorize = Arc<dyn Fn(&upcoach_core::Principal) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for CacheRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,6 +72,7 @@ impl std::fmt::Debug for CacheRule {
             .field("tags", &self.tags)
             .field("per_user", &self.per_user)
             .field("should_cache", &self.should_cache.is_some())
+            .field("authorize", &self.authorize.is_some())
             .finish()
     }
 }
@@ -72,12 +86,23 @@ impl CacheRule {
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
             per_user: false,
             should_cache: None,
+            authorize: None,
         }
     }
 
     /// Keys answers by the verified user.
     pub fn per_user(mut self) -> Self {
         self.per_user = true;
+        self
+    }
+
+    /// Answers from the cache only callers `predicate` accepts (say, admins for an admin
+    /// route: a hit skips the handler and its own checks).
+    pub fn authorize(
+        mut self,
+        predicate: impl Fn(&upcoach_core::Principal) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.authorize = Some(Arc::new(predicate));
         self
     }
 
@@ -179,6 +204,21 @@ fn has_directive(headers: &HeaderMap, directive: &str) -> bool {
                     .split('=')
                     .next()
                     .is_some_and(|name| name.eq_ignore_ascii_case(directive))
+            })
+        })
+    })
+}
+
+/// `max-age=0` or `s-maxage=0` on a response: it may not be reused by a shared cache.
+fn has_zero_max_age(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|d| {
+                let mut kv = d.trim().splitn(2, '=');
+                let name = kv.next().unwrap_or_default();
+                let value = kv.next().unwrap_or_default().trim().trim_matches('"');
+                (name.eq_ignore_ascii_case("max-age") || name.eq_ignore_ascii_case("s-maxage"))
+                    && value == "0"
             })
         })
     })
@@ -355,6 +395,8 @@ where
             };
             let (parts, body) = request.into_parts();
             let no_store_request = has_directive(&parts.headers, "no-store");
+            // `no-cache` on the request: revalidate, i.e. ask the origin (and store).
+            let revalidate = has_directive(&parts.headers, "no-cache") || no_store_request;
             let authorized = parts.headers.contains_key(header::AUTHORIZATION);
 
             // Who is asking, when that decides the key.
@@ -369,9 +411,17 @@ where
                         .and_then(|v| v.strip_prefix("Bearer "))
                         .unwrap_or_default();
                     match verifier.verify(token.trim()).await {
-                        Ok(principal) => Some(principal.user_id.to_string()),
-                        // Not verifiable: the handler answers (and nothing is stored).
-                        Err(_) => {
+                        Ok(principal) if rule.authorize.as_ref().is_none_or(|f| f(&principal)) => {
+                            // Roles are part of the key: a caller whose roles changed
+                            // never gets an answer computed for the old ones.
+                            let mut roles: Vec<&str> =
+                                principal.roles.iter().map(|r| r.as_str()).collect();
+                            roles.sort_unstable();
+                            Some(format!("{}+{}", principal.user_id, roles.join(",")))
+                        }
+                        // Not verifiable, or not allowed cached answers: the handler
+                        // answers (and nothing is stored).
+                        _ => {
                             return inner.call(Request::from_parts(parts, body)).await.map(pass);
                         }
                     }
@@ -382,7 +432,7 @@ where
                 }
             };
 
-            if !no_store_request {
+            if !revalidate {
                 let vary: Option<Vec<String>> = shared
                     .cache
                     .get(&vary_key(&parts, user.as_deref()))
@@ -402,6 +452,10 @@ where
             }
 
             let request_parts = parts.clone();
+            // Tag versions before the handler computes the answer: an invalidation while
+            // it runs makes what it computed stale at once.
+            let tag_names: Vec<&str> = rule.tags.iter().map(String::as_str).collect();
+            let versions = shared.cache.tag_versions(&tag_names).await;
             let response = inner.call(Request::from_parts(parts, body)).await?;
             let (response_parts, body) = response.into_parts();
             let vary: Vec<String> = response_parts
@@ -416,8 +470,14 @@ where
             let too_large = http_body::Body::size_hint(&body)
                 .exact()
                 .is_none_or(|len| len > MAX_CACHED_BODY as u64);
-            let storable = response_parts.status == StatusCode::OK
+            // Only GET answers are stored (a HEAD answer has no body to store); HEAD is
+            // answered from them.
+            let storable = method == Method::GET
+                && response_parts.status == StatusCode::OK
+                && versions.is_some()
                 && !no_store_request
+                && !has_directive(&response_parts.headers, "no-cache")
+                && !has_zero_max_age(&response_parts.headers)
                 && !has_directive(&request_parts.headers, "private")
                 && !has_directive(&response_parts.headers, "no-store")
                 && !has_directive(&response_parts.headers, "private")
@@ -447,26 +507,26 @@ where
                     return Ok(Response::from_parts(response_parts, failing.boxed_unsync()));
                 }
             };
-            let tags: Vec<&str> = rule.tags.iter().map(String::as_str).collect();
             let user = user.as_deref();
+            let versions = versions.unwrap_or_default();
             let encoded = encode_response(response_parts.status, &response_parts.headers, &bytes);
             let stored = shared
                 .cache
-                .set_tagged(
+                .set_with_versions(
                     &variant_key(&request_parts, &vary, user),
                     encoded,
                     rule.ttl,
-                    &tags,
+                    versions.clone(),
                 )
                 .await
                 .and(
                     shared
                         .cache
-                        .set_tagged(
+                        .set_with_versions(
                             &vary_key(&request_parts, user),
                             Bytes::from(serde_json::to_vec(&vary).unwrap_or_default()),
                             rule.ttl,
-                            &tags,
+                            versions,
                         )
                         .await,
                 );

@@ -49,8 +49,9 @@ impl TagVersions for MemoryTagVersions {
     }
 }
 
-/// Tag versions in Redis: one integer key per tag (`<prefix>:tag:<tag>`), read with
-/// `MGET` and bumped with `INCR` in one pipeline.
+/// Tag versions in Redis: one integer key per tag (`<prefix>:t:<tag>`), read with
+/// `MGET` and bumped with `INCR` in one pipeline; each counter expires 31 days after its
+/// last bump (a day past the longest entry TTL), so tags that stop being used go away.
 #[cfg(feature = "redis")]
 #[derive(Clone)]
 pub struct RedisTagVersions {
@@ -78,7 +79,7 @@ impl RedisTagVersions {
     }
 
     fn key(&self, tag: &str) -> String {
-        format!("{}:tag:{tag}", self.prefix)
+        format!("{}:t:{tag}", self.prefix)
     }
 }
 
@@ -110,9 +111,13 @@ impl TagVersions for RedisTagVersions {
         if tags.is_empty() {
             return Ok(Vec::new());
         }
+        // A counter outlives every entry written before its last bump (entries live at
+        // most MAX_TTL), so letting it expire afterwards can only turn hits into misses.
+        let keep_ms = (crate::MAX_TTL + std::time::Duration::from_secs(86_400)).as_millis() as u64;
         let mut pipe = redis::pipe();
         for tag in tags {
             pipe.cmd("INCR").arg(self.key(tag));
+            pipe.cmd("PEXPIRE").arg(self.key(tag)).arg(keep_ms).ignore();
         }
         pipe.query_async(&mut self.conn.clone())
             .await

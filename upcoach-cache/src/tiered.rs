@@ -69,6 +69,9 @@ impl Weighter<String, L1Entry> for L1Weight {
 struct L1 {
     entries: Cache<String, L1Entry, L1Weight>,
     known_tags: std::sync::RwLock<HashMap<String, u64>>,
+    /// Bumped by every local write and delete and every notice: a read that fetched from
+    /// L2 before a change does not put its (older) value into L1 after it.
+    generation: AtomicU64,
 }
 
 /// Past this many tags remembered, the map starts over (entries then rely on their
@@ -105,7 +108,11 @@ impl L1 {
     fn learn(&self, tags: impl IntoIterator<Item = (String, u64)>) {
         let mut known = self.known_tags.write().unwrap_or_else(|p| p.into_inner());
         if known.len() > MAX_KNOWN_TAGS {
+            // Forgetting versions would make stale tagged entries look fresh: forget
+            // those entries too.
             known.clear();
+            self.entries.clear();
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
         for (tag, version) in tags {
             let slot = known.entry(tag).or_insert(0);
@@ -117,6 +124,7 @@ impl L1 {
 #[cfg(feature = "redis")]
 impl crate::coherence::Apply for L1 {
     fn apply(&self, notice: crate::coherence::Notice) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         match notice {
             crate::coherence::Notice::Key(key) => {
                 self.entries.remove(&key);
@@ -127,6 +135,7 @@ impl crate::coherence::Apply for L1 {
 
     fn resynced(&self) {
         // Notices may have been missed while disconnected: start L1 afresh.
+        self.generation.fetch_add(1, Ordering::Relaxed);
         self.entries.clear();
     }
 }
@@ -208,7 +217,7 @@ pub struct TieredCache {
     clock: Arc<dyn Clock>,
     options: TieredOptions,
     counters: Counters,
-    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    inflight: Mutex<HashMap<String, Flight>>,
 }
 
 impl TieredCache {
@@ -233,6 +242,7 @@ impl TieredCache {
             l1: Arc::new(L1 {
                 entries: Cache::with_weighter(estimated, options.l1_max_bytes.max(1), L1Weight),
                 known_tags: std::sync::RwLock::new(HashMap::new()),
+                generation: AtomicU64::new(0),
             }),
             #[cfg(feature = "redis")]
             coherence: std::sync::OnceLock::new(),
@@ -267,6 +277,7 @@ impl TieredCache {
         channel: impl Into<String>,
     ) {
         let target: Arc<dyn crate::coherence::Apply> = self.l1.clone();
+        let target = Arc::downgrade(&target);
         let channel = channel.into();
         let _ = self
             .coherence
@@ -369,6 +380,7 @@ impl TieredCache {
             }
             self.l1.remove(key);
         }
+        let generation = self.l1.generation.load(Ordering::Relaxed);
         let stored = match self.l2_call(self.l2.get(key)).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -388,7 +400,9 @@ impl TieredCache {
         }
         self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
         // L2 does not say how long the entry has left; L1 keeps it for its maximum age.
-        if !self.options.l1_max_age.is_zero() {
+        if !self.options.l1_max_age.is_zero()
+            && self.l1.generation.load(Ordering::Relaxed) == generation
+        {
             self.l1.insert(
                 key.to_owned(),
                 L1Entry {
@@ -412,6 +426,7 @@ impl TieredCache {
         check_ttl(ttl)?;
         let (encoded, saved) = envelope::encode(&value, &tags, self.options.compress_threshold)?;
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
+        self.l1.generation.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_saved
             .fetch_add(saved as u64, Ordering::Relaxed);
@@ -430,6 +445,37 @@ impl TieredCache {
         Ok(())
     }
 
+    /// The current versions of `tags`, to store a value computed from now on with
+    /// [`set_with_versions`](Self::set_with_versions); `None` when they cannot be read
+    /// (L2 down or slow), in which case nothing tagged should be stored.
+    pub async fn tag_versions(&self, tags: &[&str]) -> Option<Vec<TagVersion>> {
+        if check_tags(tags).is_err() {
+            return None;
+        }
+        match self.l2_call(self.tags.versions(tags)).await {
+            Ok(versions) => Some(tags.iter().map(|t| (*t).to_owned()).zip(versions).collect()),
+            Err(e) => {
+                self.l2_failed("tag versions", &e);
+                None
+            }
+        }
+    }
+
+    /// Stores `value` with tag versions read (by [`tag_versions`](Self::tag_versions))
+    /// before it was computed.
+    pub async fn set_with_versions(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        versions: Vec<TagVersion>,
+    ) -> Result<()> {
+        let names: Vec<&str> = versions.iter().map(|(t, _)| t.as_str()).collect();
+        check_tags(&names)?;
+        let key = canonical_key(key)?;
+        self.write(&key, value, ttl, versions).await
+    }
+
     /// Stores `value` under `key` for `ttl`, tagged with `tags`.
     pub async fn set_tagged(
         &self,
@@ -439,17 +485,21 @@ impl TieredCache {
         tags: &[&str],
     ) -> Result<()> {
         check_tags(tags)?;
+        check_ttl(ttl)?;
         let key = canonical_key(key)?;
-        let versions = self.tags.versions(tags).await?;
-        let tags = tags.iter().map(|t| (*t).to_owned()).zip(versions).collect();
-        self.write(&key, value, ttl, tags).await
+        // Without the current tag versions the entry cannot be tagged safely: skip it.
+        let Some(versions) = self.tag_versions(tags).await else {
+            return Ok(());
+        };
+        self.write(&key, value, ttl, versions).await
     }
 
     /// Invalidates every entry tagged with any of `tags`, in O(1) per tag: each tag's
     /// version is bumped, and entries that carry an older version become misses.
     pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<Vec<u64>> {
         check_tags(tags)?;
-        let versions = self.tags.bump(tags).await?;
+        // An invalidation that does not happen must say so: no fail-open here.
+        let versions = self.l2_call(self.tags.bump(tags)).await?;
         self.counters
             .invalidations
             .fetch_add(tags.len() as u64, Ordering::Relaxed);
@@ -481,23 +531,34 @@ impl TieredCache {
         check_ttl(ttl)?;
         check_tags(tags)?;
         let key = canonical_key(key)?.into_owned();
-        if let Some(hit) = self.read(&key).await? {
-            return Ok(hit);
+        match self.read(&key).await {
+            Ok(Some(hit)) => return Ok(hit),
+            Ok(None) => {}
+            // A corrupt entry is replaced by a fresh load, not returned as an error forever.
+            Err(Error::Corrupt { reason }) => {
+                tracing::warn!(reason, "corrupt cache entry; loading afresh");
+            }
+            Err(e) => return Err(e.into()),
         }
-        let gate = {
+        let flight = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             inflight.entry(key.clone()).or_default().clone()
         };
-        let _turn = gate.lock().await;
+        let _cleanup = FlightGuard {
+            cache: self,
+            key: &key,
+            flight: &flight,
+        };
+        let mut slot = flight.lock().await;
+        // The loader that ran before us shares its value even when it could not be
+        // cached (L1 off or too small, tag versions unreadable).
+        if let Some(value) = slot.as_ref() {
+            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(value.clone());
+        }
         let result = self.load_once(&key, ttl, tags, loader).await;
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if inflight
-                .get(&key)
-                .is_some_and(|g| Arc::ptr_eq(g, &gate) && Arc::strong_count(g) <= 2)
-            {
-                inflight.remove(&key);
-            }
+        if let Ok(value) = &result {
+            *slot = Some(value.clone());
         }
         result
     }
@@ -574,6 +635,33 @@ impl TieredCache {
     }
 }
 
+/// One key's loading: the leader's value, for those who waited on it.
+type Flight = Arc<tokio::sync::Mutex<Option<Bytes>>>;
+
+/// Removes a key's flight once nobody waits on it, also when the caller was cancelled.
+struct FlightGuard<'a> {
+    cache: &'a TieredCache,
+    key: &'a str,
+    flight: &'a Flight,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // The map's reference and ours: nobody else is waiting.
+        if inflight
+            .get(self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, self.flight) && Arc::strong_count(f) <= 2)
+        {
+            inflight.remove(self.key);
+        }
+    }
+}
+
 /// A change to tell other processes about.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 enum NoticeOf<'a> {
@@ -605,6 +693,7 @@ impl CacheStore for TieredCache {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let key = canonical_key(key)?;
+        self.l1.generation.fetch_add(1, Ordering::Relaxed);
         let in_l1 = self
             .l1
             .remove(key.as_ref())
@@ -615,8 +704,9 @@ impl CacheStore for TieredCache {
                 Ok(in_l1 || in_l2)
             }
             Err(e) => {
+                // A delete that did not reach L2 would come back: say so (retryable).
                 self.l2_failed("delete", &e);
-                Ok(in_l1)
+                Err(e)
             }
         }
     }

@@ -17,7 +17,7 @@ use upcoach_cache::response::CachedBody;
 use upcoach_cache::{
     CacheRule, MemoryStore, MemoryTagVersions, ResponseCacheLayer, TieredCache, TieredOptions,
 };
-use upcoach_core::{Principal, SessionId, TokenError, TokenVerifier, UserId};
+use upcoach_core::{Principal, Role, SessionId, TokenError, TokenVerifier, UserId};
 
 /// Answers by path: `/api/x?status=404`, `?cc=no-store`, `?vary=accept-language`,
 /// `?cookie=1`; the body names the call number and the Accept-Language.
@@ -75,14 +75,16 @@ struct Tokens;
 #[async_trait]
 impl TokenVerifier for Tokens {
     async fn verify(&self, bearer: &str) -> Result<Principal, TokenError> {
-        let user = match bearer {
-            "alice" => UserId::from_uuid(uuid::Uuid::from_u128(1)),
-            "bob" => UserId::from_uuid(uuid::Uuid::from_u128(2)),
+        let (user, roles) = match bearer {
+            "alice" => (1, vec![Role::ADMIN]),
+            "alice-demoted" => (1, vec![]),
+            "bob" => (2, vec![]),
             _ => return Err(TokenError::Invalid { reason: "unknown" }),
         };
+        let user = UserId::from_uuid(uuid::Uuid::from_u128(user));
         Ok(Principal::new(
             user,
-            vec![],
+            roles,
             SessionId::new(),
             SystemTime::now() + Duration::from_secs(60),
         ))
@@ -410,5 +412,146 @@ async fn should_cache_can_refuse() {
             .x_cache
             .as_deref(),
         Some("HIT")
+    );
+}
+
+#[tokio::test]
+async fn a_head_first_stores_nothing_and_the_get_after_it_gets_the_body() {
+    let mut s = setup(vec![shared_rule()]);
+    let head = send(&mut s, Method::HEAD, "/api/report", &[]).await;
+    assert_eq!(
+        head.x_cache.as_deref(),
+        Some("MISS"),
+        "passed through, not stored"
+    );
+    let get = send(&mut s, Method::GET, "/api/report", &[]).await;
+    assert_eq!(
+        (get.x_cache.as_deref(), get.body.as_str()),
+        (Some("MISS"), "call 2 lang -")
+    );
+    let again = send(&mut s, Method::GET, "/api/report", &[]).await;
+    assert_eq!(
+        (again.x_cache.as_deref(), again.body.as_str()),
+        (Some("HIT"), "call 2 lang -")
+    );
+}
+
+#[tokio::test]
+async fn no_cache_and_zero_max_age_are_not_reused() {
+    let mut s = setup(vec![shared_rule()]);
+    for uri in [
+        "/api/a?cc=no-cache",
+        "/api/b?cc=max-age=0",
+        "/api/c?cc=s-maxage=0",
+    ] {
+        send(&mut s, Method::GET, uri, &[]).await;
+        assert_eq!(
+            send(&mut s, Method::GET, uri, &[]).await.x_cache.as_deref(),
+            Some("MISS"),
+            "{uri}"
+        );
+    }
+    send(&mut s, Method::GET, "/api/d", &[]).await;
+    let revalidated = send(
+        &mut s,
+        Method::GET,
+        "/api/d",
+        &[("cache-control", "no-cache")],
+    )
+    .await;
+    assert_eq!(
+        (revalidated.x_cache.as_deref(), revalidated.body.as_str()),
+        (Some("MISS"), "call 8 lang -")
+    );
+    let after = send(&mut s, Method::GET, "/api/d", &[]).await;
+    assert_eq!(
+        (after.x_cache.as_deref(), after.body.as_str()),
+        (Some("HIT"), "call 8 lang -"),
+        "and stored again"
+    );
+}
+
+#[tokio::test]
+async fn a_hit_is_served_only_to_who_the_rule_authorizes_and_roles_are_in_the_key() {
+    let rule = shared_rule().per_user().authorize(|p| p.is_admin());
+    let mut s = setup(vec![rule]);
+    let admin = send(
+        &mut s,
+        Method::GET,
+        "/api/admin",
+        &[("authorization", "Bearer alice")],
+    )
+    .await;
+    assert_eq!(admin.x_cache.as_deref(), Some("MISS"));
+    assert_eq!(
+        send(
+            &mut s,
+            Method::GET,
+            "/api/admin",
+            &[("authorization", "Bearer alice")]
+        )
+        .await
+        .x_cache
+        .as_deref(),
+        Some("HIT")
+    );
+    // The same user without the role reaches the handler, every time.
+    for _ in 0..2 {
+        let demoted = send(
+            &mut s,
+            Method::GET,
+            "/api/admin",
+            &[("authorization", "Bearer alice-demoted")],
+        )
+        .await;
+        assert_eq!(demoted.x_cache, None);
+    }
+    assert_eq!(s.calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn an_answer_computed_across_an_invalidation_is_not_stored_as_fresh() {
+    // The origin invalidates the tag while it computes (as a concurrent writer would).
+    #[derive(Clone)]
+    struct Invalidating(Arc<TieredCache>, Arc<AtomicUsize>);
+    impl Service<Request<()>> for Invalidating {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+        >;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            let (cache, calls) = (self.0.clone(), self.1.clone());
+            Box::pin(async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 {
+                    cache.invalidate_tags(&["analytics"]).await.unwrap();
+                }
+                Ok(Response::new(Full::new(Bytes::from(format!("call {n}")))))
+            })
+        }
+    }
+    let cache = Arc::new(TieredCache::new(
+        Arc::new(MemoryStore::new(16 << 20)),
+        Arc::new(MemoryTagVersions::default()),
+        TieredOptions::default(),
+    ));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = ResponseCacheLayer::new(cache.clone(), vec![shared_rule()])
+        .layer(Invalidating(cache, calls.clone()));
+    for expected in ["MISS", "MISS", "HIT"] {
+        let response = service
+            .call(Request::get("/api/report").body(()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-cache"], expected);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the first answer was not reused"
     );
 }

@@ -252,7 +252,9 @@ impl App {
                     Duration::from_secs(300),
                     &["analytics", "dashboard"],
                 )
-                .per_user();
+                .per_user()
+                // A hit skips the handler's admin check: the layer repeats it.
+                .authorize(|principal| principal.is_admin());
                 let layer = ResponseCacheLayer::new(cache.clone(), vec![rule]);
                 match &tokens {
                     Some(tokens) => {
