@@ -235,7 +235,7 @@ fn tag_invalidation(c: &mut Criterion) {
 
 fn compression(c: &mut Criterion) {
     let json = snapshot_json();
-    let (encoded, saved) = envelope::encode(&json, &[], 1024).unwrap();
+    let (encoded, saved) = envelope::encode(&json, &[], 0, 1024).unwrap();
     eprintln!(
         "compression: dashboard snapshot {} bytes -> {} bytes stored (ratio {:.2}, saved {saved})",
         json.len(),
@@ -248,7 +248,7 @@ fn compression(c: &mut Criterion) {
         b.iter(|| black_box(lz4_flex::block::compress(&json)))
     });
     group.bench_function("envelope_encode", |b| {
-        b.iter(|| black_box(envelope::encode(&json, &[], 1024).unwrap()))
+        b.iter(|| black_box(envelope::encode(&json, &[], 0, 1024).unwrap()))
     });
     group.bench_function("envelope_decode", |b| {
         b.iter(|| black_box(envelope::decode(&encoded).unwrap()))

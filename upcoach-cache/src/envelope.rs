@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! [codec: 0 raw | 1 lz4][tag count: u8]{[tag len: u8][tag][version: u64 LE]}*
+//! [expires at: u64 LE, milliseconds since the epoch]
 //! raw:  [value]
 //! lz4:  [value length: u32 LE][lz4 block]
 //! ```
@@ -31,6 +32,8 @@ pub struct Decoded {
     pub value: Bytes,
     /// The tags and their versions at write time.
     pub tags: Vec<TagVersion>,
+    /// When the entry expires, milliseconds since the epoch.
+    pub expires_at_ms: u64,
 }
 
 /// Checks tags against the limits every store can hold.
@@ -53,7 +56,12 @@ pub fn check_tags<S: AsRef<str>>(tags: &[S]) -> Result<()> {
 
 /// Encodes `value` with `tags`; compresses it when it is at least `threshold` bytes and
 /// compression saves at least 10 %. Returns the bytes and how many compression saved.
-pub fn encode(value: &[u8], tags: &[TagVersion], threshold: usize) -> Result<(Bytes, usize)> {
+pub fn encode(
+    value: &[u8],
+    tags: &[TagVersion],
+    expires_at_ms: u64,
+    threshold: usize,
+) -> Result<(Bytes, usize)> {
     check_tags(
         tags.iter()
             .map(|(t, _)| t.as_str())
@@ -68,7 +76,7 @@ pub fn encode(value: &[u8], tags: &[TagVersion], threshold: usize) -> Result<(By
         .then(|| lz4_flex::block::compress(value))
         .filter(|c| c.len() + 4 <= value.len() - value.len() / 10);
     let body = compressed.as_ref().map_or(value.len(), |c| c.len() + 4);
-    let mut out = BytesMut::with_capacity(2 + tag_bytes + body);
+    let mut out = BytesMut::with_capacity(10 + tag_bytes + body);
     out.put_u8(if compressed.is_some() { LZ4 } else { RAW });
     out.put_u8(tags.len() as u8);
     for (tag, version) in tags {
@@ -76,6 +84,7 @@ pub fn encode(value: &[u8], tags: &[TagVersion], threshold: usize) -> Result<(By
         out.put_slice(tag.as_bytes());
         out.put_u64_le(*version);
     }
+    out.put_u64_le(expires_at_ms);
     let saved = match &compressed {
         Some(c) => {
             out.put_u32_le(value.len() as u32);
@@ -123,6 +132,7 @@ pub fn decode(bytes: &Bytes) -> Result<Decoded> {
         let version = u64::from_le_bytes(bytes[take(&mut at, 8)?].try_into().expect("8 bytes"));
         tags.push((tag, version));
     }
+    let expires_at_ms = u64::from_le_bytes(bytes[take(&mut at, 8)?].try_into().expect("8 bytes"));
     let value = if codec == RAW {
         bytes.slice(at..)
     } else {
@@ -140,7 +150,11 @@ pub fn decode(bytes: &Bytes) -> Result<Decoded> {
         }
         Bytes::from(value)
     };
-    Ok(Decoded { value, tags })
+    Ok(Decoded {
+        value,
+        tags,
+        expires_at_ms,
+    })
 }
 
 #[cfg(test)]
@@ -154,20 +168,21 @@ mod tests {
     #[test]
     fn round_trips_raw_and_compressed() {
         let small = b"{\"a\":1}";
-        let (bytes, saved) = encode(small, &tags(), 1024).unwrap();
+        let (bytes, saved) = encode(small, &tags(), 42, 1024).unwrap();
         assert_eq!((bytes[0], saved), (RAW, 0));
         assert_eq!(
             decode(&bytes).unwrap(),
             Decoded {
                 value: Bytes::from_static(small),
-                tags: tags()
+                tags: tags(),
+                expires_at_ms: 42
             }
         );
 
         let json = serde_json::to_vec(&serde_json::json!({
             "routes": (0..200).map(|i| serde_json::json!({"route": format!("/api/items/{i}"), "count": i, "p95_ms": 12.5})).collect::<Vec<_>>()
         })).unwrap();
-        let (bytes, saved) = encode(&json, &[], 1024).unwrap();
+        let (bytes, saved) = encode(&json, &[], 0, 1024).unwrap();
         assert_eq!(bytes[0], LZ4);
         assert!(
             saved > json.len() / 2,
@@ -188,20 +203,20 @@ mod tests {
                 state as u8
             })
             .collect();
-        let (bytes, saved) = encode(&noise, &[], 1024).unwrap();
+        let (bytes, saved) = encode(&noise, &[], 0, 1024).unwrap();
         assert_eq!(
             (bytes[0], saved),
             (RAW, 0),
             "kept raw when compression saves < 10 %"
         );
         assert_eq!(decode(&bytes).unwrap().value.as_ref(), &noise[..]);
-        let (empty, _) = encode(b"", &[], 0).unwrap();
+        let (empty, _) = encode(b"", &[], 0, 0).unwrap();
         assert_eq!(decode(&empty).unwrap().value.len(), 0);
     }
 
     #[test]
     fn corrupt_entries_are_errors_not_panics() {
-        let (good, _) = encode(&vec![b'a'; 4096], &tags(), 1024).unwrap();
+        let (good, _) = encode(&vec![b'a'; 4096], &tags(), 7, 1024).unwrap();
         let mut cases: Vec<Vec<u8>> = vec![
             vec![],
             vec![7],
@@ -217,7 +232,7 @@ mod tests {
         flipped[last] ^= 0xFF;
         flipped[30] ^= 0xFF;
         cases.push(flipped);
-        let mut huge = vec![LZ4, 0];
+        let mut huge = vec![LZ4, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         cases.push(huge);
         for case in cases {

@@ -28,6 +28,10 @@ pub struct TieredOptions {
     pub l1_max_age: Duration,
     /// Values at least this large are compressed when that saves 10 % (default 1 KiB).
     pub compress_threshold: usize,
+    /// Refresh-ahead for [`TieredCache::get_or_refresh`]: a hit within this fraction of
+    /// its TTL from expiry is reloaded in the background (default 0.1; 0 turns it off),
+    /// so a key read often never expires under load.
+    pub refresh_ahead: f64,
     /// How long one L2 call may take before the cache carries on without it
     /// (default 250 ms): a read becomes a miss, a write is skipped; both are counted.
     pub l2_timeout: Duration,
@@ -39,6 +43,7 @@ impl Default for TieredOptions {
             l1_max_bytes: 64 * 1024 * 1024,
             l1_max_age: Duration::from_secs(5),
             compress_threshold: 1024,
+            refresh_ahead: 0.1,
             l2_timeout: Duration::from_millis(250),
         }
     }
@@ -49,7 +54,19 @@ struct L1Entry {
     value: Bytes,
     /// `None` for an untagged entry (no reference count to touch on a hit).
     tags: Option<Arc<[TagVersion]>>,
+    /// Until when L1 may answer with it: its expiry, or sooner by `l1_max_age`.
     expires_at: SystemTime,
+    /// When the entry itself expires (in L2 too), for refresh-ahead.
+    ttl_ends: SystemTime,
+}
+
+fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,16 +86,40 @@ impl Weighter<String, L1Entry> for L1Weight {
 struct L1 {
     entries: Cache<String, L1Entry, L1Weight>,
     known_tags: std::sync::RwLock<HashMap<String, u64>>,
-    /// Bumped by every local write and delete and every notice: a read that fetched from
-    /// L2 before a change does not put its (older) value into L1 after it.
-    generation: AtomicU64,
+    /// Change counters, one per stripe of keys: bumped by every local write and delete
+    /// and every key notice, so a read that fetched from L2 before a change to its key
+    /// does not put the older value into L1 after it. (Tags need none: tagged entries
+    /// are checked against `known_tags`.)
+    generations: [AtomicU64; STRIPES],
 }
+
+/// Stripes of the L1 change counters.
+const STRIPES: usize = 64;
 
 /// Past this many tags remembered, the map starts over (entries then rely on their
 /// maximum age until their tags are seen again).
 const MAX_KNOWN_TAGS: usize = 100_000;
 
 impl L1 {
+    fn stripe(&self, key: &str) -> &AtomicU64 {
+        // A fixed hash (FNV-1a): the same key always lands on the same stripe.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        &self.generations[(h % STRIPES as u64) as usize]
+    }
+
+    fn changed(&self, key: &str) {
+        self.stripe(key).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn changed_all(&self) {
+        for g in &self.generations {
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn get(&self, key: &str) -> Option<L1Entry> {
         self.entries.get(key)
     }
@@ -112,7 +153,7 @@ impl L1 {
             // those entries too.
             known.clear();
             self.entries.clear();
-            self.generation.fetch_add(1, Ordering::Relaxed);
+            self.changed_all();
         }
         for (tag, version) in tags {
             let slot = known.entry(tag).or_insert(0);
@@ -124,9 +165,9 @@ impl L1 {
 #[cfg(feature = "redis")]
 impl crate::coherence::Apply for L1 {
     fn apply(&self, notice: crate::coherence::Notice) {
-        self.generation.fetch_add(1, Ordering::Relaxed);
         match notice {
             crate::coherence::Notice::Key(key) => {
+                self.changed(&key);
                 self.entries.remove(&key);
             }
             crate::coherence::Notice::Tag(tag, version) => self.learn([(tag, version)]),
@@ -135,7 +176,7 @@ impl crate::coherence::Apply for L1 {
 
     fn resynced(&self) {
         // Notices may have been missed while disconnected: start L1 afresh.
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.changed_all();
         self.entries.clear();
     }
 }
@@ -206,7 +247,10 @@ pub struct CacheStats {
 ///   Tagged L1 hits compare their tag versions with the newest this process has seen
 ///   (no round trip).
 ///
-/// Not yet: refresh-ahead and per-tier eviction counts.
+/// - [`get_or_refresh`](Self::get_or_refresh) reloads hot keys in the background before
+///   they expire.
+///
+/// Not yet: per-tier eviction counts.
 #[derive(Debug)]
 pub struct TieredCache {
     l1: Arc<L1>,
@@ -218,6 +262,8 @@ pub struct TieredCache {
     options: TieredOptions,
     counters: Counters,
     inflight: Mutex<HashMap<String, Flight>>,
+    /// Keys being refreshed in the background (one refresh per key at a time).
+    refreshing: Mutex<std::collections::HashSet<String>>,
 }
 
 impl TieredCache {
@@ -242,7 +288,7 @@ impl TieredCache {
             l1: Arc::new(L1 {
                 entries: Cache::with_weighter(estimated, options.l1_max_bytes.max(1), L1Weight),
                 known_tags: std::sync::RwLock::new(HashMap::new()),
-                generation: AtomicU64::new(0),
+                generations: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
             #[cfg(feature = "redis")]
             coherence: std::sync::OnceLock::new(),
@@ -252,6 +298,7 @@ impl TieredCache {
             options,
             counters: Counters::default(),
             inflight: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -372,15 +419,20 @@ impl TieredCache {
 
     /// Reads `key` through L1 then L2, honouring tags; `Ok(None)` for a miss.
     async fn read(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.read_entry(key).await?.map(|(value, _)| value))
+    }
+
+    /// As [`read`](Self::read), with when the entry expires.
+    async fn read_entry(&self, key: &str) -> Result<Option<(Bytes, SystemTime)>> {
         let now = self.clock.now();
         if let Some(entry) = self.l1.get(key) {
             if now < entry.expires_at && self.l1.tags_fresh(&entry) {
                 self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(entry.value));
+                return Ok(Some((entry.value, entry.ttl_ends)));
             }
             self.l1.remove(key);
         }
-        let generation = self.l1.generation.load(Ordering::Relaxed);
+        let generation = self.l1.stripe(key).load(Ordering::Relaxed);
         let stored = match self.l2_call(self.l2.get(key)).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -399,20 +451,22 @@ impl TieredCache {
             return Ok(None);
         }
         self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
-        // L2 does not say how long the entry has left; L1 keeps it for its maximum age.
+        let ttl_ends = from_ms(decoded.expires_at_ms);
+        // L1 keeps it for its maximum age at most, and never past its own expiry.
         if !self.options.l1_max_age.is_zero()
-            && self.l1.generation.load(Ordering::Relaxed) == generation
+            && self.l1.stripe(key).load(Ordering::Relaxed) == generation
         {
             self.l1.insert(
                 key.to_owned(),
                 L1Entry {
                     value: decoded.value.clone(),
                     tags: (!decoded.tags.is_empty()).then(|| decoded.tags.into()),
-                    expires_at: now + self.options.l1_max_age,
+                    expires_at: (now + self.options.l1_max_age).min(ttl_ends),
+                    ttl_ends,
                 },
             );
         }
-        Ok(Some(decoded.value))
+        Ok(Some((decoded.value, ttl_ends)))
     }
 
     /// Writes `value` with `tags` (and their versions) to L1 and L2.
@@ -424,9 +478,15 @@ impl TieredCache {
         tags: Vec<TagVersion>,
     ) -> Result<()> {
         check_ttl(ttl)?;
-        let (encoded, saved) = envelope::encode(&value, &tags, self.options.compress_threshold)?;
+        let ttl_ends = self.clock.now() + ttl;
+        let (encoded, saved) = envelope::encode(
+            &value,
+            &tags,
+            to_ms(ttl_ends),
+            self.options.compress_threshold,
+        )?;
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
-        self.l1.generation.fetch_add(1, Ordering::Relaxed);
+        self.l1.changed(key);
         self.counters
             .bytes_saved
             .fetch_add(saved as u64, Ordering::Relaxed);
@@ -436,6 +496,7 @@ impl TieredCache {
                 value,
                 tags: (!tags.is_empty()).then(|| tags.into()),
                 expires_at: self.clock.now() + ttl.min(self.options.l1_max_age),
+                ttl_ends,
             },
         );
         match self.l2_call(self.l2.set(key, encoded, ttl)).await {
@@ -613,6 +674,85 @@ impl TieredCache {
         Ok(value)
     }
 
+    /// As [`get_or_load`](Self::get_or_load), with refresh-ahead: a hit within
+    /// [`TieredOptions::refresh_ahead`] of its TTL from expiry is returned at once and
+    /// reloaded in the background (at most one reload per key at a time; tag versions read
+    /// before it runs, as for any load; a failed reload is counted and leaves the entry).
+    pub async fn get_or_refresh<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
+        ttl: Duration,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<Bytes, LoadError<E>>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        check_ttl(ttl)?;
+        check_tags(tags)?;
+        let key = canonical_key(key)?.into_owned();
+        if let Ok(Some((value, ttl_ends))) = self.read_entry(&key).await {
+            let left = ttl_ends
+                .duration_since(self.clock.now())
+                .unwrap_or_default();
+            if self.options.refresh_ahead > 0.0
+                && left < ttl.mul_f64(self.options.refresh_ahead.min(1.0))
+            {
+                self.refresh_in_background(key, ttl, tags, loader);
+            }
+            return Ok(value);
+        }
+        self.get_or_load(&key, ttl, tags, loader).await
+    }
+
+    fn refresh_in_background<F, Fut, E>(
+        self: &Arc<Self>,
+        key: String,
+        ttl: Duration,
+        tags: &[&str],
+        loader: F,
+    ) where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        if !self
+            .refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        let tags: Vec<String> = tags.iter().map(|t| (*t).to_owned()).collect();
+        tokio::spawn(async move {
+            let names: Vec<&str> = tags.iter().map(String::as_str).collect();
+            if let Some(versions) = this.tag_versions(&names).await {
+                this.counters.loads.fetch_add(1, Ordering::Relaxed);
+                let start = Instant::now();
+                let loaded = loader().await;
+                this.counters
+                    .load_nanos
+                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                match loaded {
+                    Ok(value) => {
+                        let _ = this.set_with_versions(&key, value, ttl, versions).await;
+                    }
+                    Err(_) => {
+                        this.counters.load_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            this.refreshing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+    }
+
     /// Loads `keys` that are not cached yet, one at a time through
     /// [`get_or_load`](Self::get_or_load); returns how many were loaded.
     pub async fn warm<F, Fut, E>(
@@ -693,7 +833,7 @@ impl CacheStore for TieredCache {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let key = canonical_key(key)?;
-        self.l1.generation.fetch_add(1, Ordering::Relaxed);
+        self.l1.changed(&key);
         let in_l1 = self
             .l1
             .remove(key.as_ref())

@@ -378,9 +378,13 @@ async fn overwrites_deletes_and_tags_on_one_process_evict_the_others_l1() {
     tokio::time::sleep(Duration::from_millis(200)).await; // both subscribed
 
     a.set("k", Bytes::from_static(b"v1"), TTL).await.unwrap();
-    assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
-    assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
-    assert!(b.stats().l1_hits >= 1, "B holds it in L1");
+    // B's first reads may race A's notice about this very write (and then skip filling
+    // L1); soon B holds it.
+    eventually("B holds it in L1", async || {
+        assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+        b.stats().l1_hits >= 1
+    })
+    .await;
 
     a.set("k", Bytes::from_static(b"v2"), TTL).await.unwrap();
     eventually("B sees the overwrite", async || {
@@ -403,4 +407,95 @@ async fn overwrites_deletes_and_tags_on_one_process_evict_the_others_l1() {
         b.get("report").await.unwrap().is_none()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_refreshed_before_it_expires() {
+    let clock = Arc::new(ManualClock::starting_now());
+    let l2 = Arc::new(MemoryStore::with_clock(64 << 20, clock.clone()));
+    let options = TieredOptions {
+        refresh_ahead: 0.2,
+        l1_max_age: Duration::from_secs(60),
+        ..TieredOptions::default()
+    };
+    let cache = Arc::new(TieredCache::with_clock(
+        l2,
+        Arc::new(MemoryTagVersions::default()),
+        options,
+        clock.clone(),
+    ));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let loader = {
+        let loads = loads.clone();
+        move || {
+            let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, Infallible>(Bytes::from(format!("v{n}"))) }
+        }
+    };
+    let ttl = Duration::from_secs(10);
+    assert_eq!(
+        cache
+            .get_or_refresh("hot", ttl, &[], loader.clone())
+            .await
+            .unwrap()
+            .as_ref(),
+        b"v1"
+    );
+
+    clock.advance(Duration::from_secs(7));
+    assert_eq!(
+        cache
+            .get_or_refresh("hot", ttl, &[], loader.clone())
+            .await
+            .unwrap()
+            .as_ref(),
+        b"v1"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "3 s left of 10: not yet due"
+    );
+
+    clock.advance(Duration::from_millis(1500));
+    let served = cache
+        .get_or_refresh("hot", ttl, &[], loader.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        served.as_ref(),
+        b"v1",
+        "the caller does not wait for the refresh"
+    );
+    for _ in 0..100 {
+        if cache.get("hot").await.unwrap().as_deref() == Some(&b"v2"[..]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 2, "one background reload");
+
+    // Past the first value's expiry the refreshed one is still there.
+    clock.advance(Duration::from_secs(5));
+    assert_eq!(
+        cache
+            .get_or_refresh("hot", ttl, &[], loader)
+            .await
+            .unwrap()
+            .as_ref(),
+        b"v2"
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn l1_never_outlives_the_entry_it_copies() {
+    let (cache, clock) = in_memory();
+    cache
+        .set("short", Bytes::from_static(b"s"), Duration::from_secs(2))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(2100));
+    assert_eq!(cache.get("short").await.unwrap(), None);
 }
