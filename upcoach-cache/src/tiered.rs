@@ -69,6 +69,18 @@ fn from_ms(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// Counts what L1 pushes out to make room.
+#[derive(Debug, Clone, Default)]
+struct Evictions(Arc<AtomicU64>);
+
+impl quick_cache::Lifecycle<String, L1Entry> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: String, _: L1Entry) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct L1Weight;
 
@@ -84,7 +96,7 @@ impl Weighter<String, L1Entry> for L1Weight {
 /// entry is still fresh without a round trip.
 #[derive(Debug)]
 struct L1 {
-    entries: Cache<String, L1Entry, L1Weight>,
+    entries: Cache<String, L1Entry, L1Weight, quick_cache::DefaultHashBuilder, Evictions>,
     known_tags: std::sync::RwLock<HashMap<String, u64>>,
     /// Change counters, one per stripe of keys: bumped by every local write and delete
     /// and every key notice, so a read that fetched from L2 before a change to its key
@@ -226,6 +238,9 @@ pub struct CacheStats {
     pub bytes_saved: u64,
     /// Entries in L1 now.
     pub l1_entries: u64,
+    /// Entries L1 pushed out to make room (L2's own evictions are Redis's business:
+    /// `INFO stats` `evicted_keys`).
+    pub l1_evictions: u64,
 }
 
 /// An L1 (in process, quick_cache) in front of an L2 [`CacheStore`] (Redis, usually),
@@ -250,7 +265,7 @@ pub struct CacheStats {
 /// - [`get_or_refresh`](Self::get_or_refresh) reloads hot keys in the background before
 ///   they expire.
 ///
-/// Not yet: per-tier eviction counts.
+/// L2 evictions are not counted here: Redis reports its own (`INFO stats`).
 #[derive(Debug)]
 pub struct TieredCache {
     l1: Arc<L1>,
@@ -262,6 +277,7 @@ pub struct TieredCache {
     options: TieredOptions,
     counters: Counters,
     inflight: Mutex<HashMap<String, Flight>>,
+    l1_evictions: Evictions,
     /// Keys being refreshed in the background (one refresh per key at a time).
     refreshing: Mutex<std::collections::HashSet<String>>,
 }
@@ -284,9 +300,16 @@ impl TieredCache {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let estimated = (options.l1_max_bytes / 512).clamp(16, 1 << 22) as usize;
+        let evictions = Evictions::default();
         Self {
             l1: Arc::new(L1 {
-                entries: Cache::with_weighter(estimated, options.l1_max_bytes.max(1), L1Weight),
+                entries: Cache::with(
+                    estimated,
+                    options.l1_max_bytes.max(1),
+                    L1Weight,
+                    quick_cache::DefaultHashBuilder::default(),
+                    evictions.clone(),
+                ),
                 known_tags: std::sync::RwLock::new(HashMap::new()),
                 generations: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
@@ -298,6 +321,7 @@ impl TieredCache {
             options,
             counters: Counters::default(),
             inflight: Mutex::new(HashMap::new()),
+            l1_evictions: evictions,
             refreshing: Mutex::new(std::collections::HashSet::new()),
         }
     }
@@ -369,6 +393,7 @@ impl TieredCache {
             invalidations: load(&c.invalidations),
             bytes_saved: load(&c.bytes_saved),
             l1_entries: self.l1.len() as u64,
+            l1_evictions: self.l1_evictions.0.load(Ordering::Relaxed),
         }
     }
 

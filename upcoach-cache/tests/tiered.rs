@@ -499,3 +499,27 @@ async fn l1_never_outlives_the_entry_it_copies() {
     clock.advance(Duration::from_millis(2100));
     assert_eq!(cache.get("short").await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn l1_evictions_are_counted() {
+    let options = TieredOptions {
+        l1_max_bytes: 64 * 1024,
+        ..TieredOptions::default()
+    };
+    let cache = TieredCache::new(
+        Arc::new(MemoryStore::new(64 << 20)),
+        Arc::new(MemoryTagVersions::default()),
+        options,
+    );
+    for i in 0..200 {
+        cache
+            .set(&format!("k{i}"), Bytes::from(vec![0u8; 4096]), TTL)
+            .await
+            .unwrap();
+    }
+    let stats = cache.stats();
+    assert!(stats.l1_evictions > 0, "{stats:?}");
+    assert!(stats.l1_entries < 200);
+    // What L1 gave up is still in L2.
+    assert!(cache.get("k0").await.unwrap().is_some());
+}
