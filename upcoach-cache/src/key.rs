@@ -30,7 +30,7 @@ pub fn canonical_key(key: &str) -> Result<Cow<'_, str>> {
     }
     // A short key that looks like a digest form is hashed too, so it cannot collide
     // with a long key's digest form.
-    if key.len() <= MAX_KEY_LEN && !key.contains("#sha256:") {
+    if key.len() <= MAX_KEY_LEN && !(key.as_bytes().contains(&b'#') && key.contains("#sha256:")) {
         return Ok(Cow::Borrowed(key));
     }
     let mut cut = 64;

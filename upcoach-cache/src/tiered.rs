@@ -273,7 +273,8 @@ pub struct TieredCache {
     coherence: std::sync::OnceLock<Arc<crate::coherence::Coherence>>,
     l2: Arc<dyn CacheStore>,
     tags: Arc<dyn TagVersions>,
-    clock: Arc<dyn Clock>,
+    /// `None` on the system clock, read directly on the hit path (no indirect call).
+    clock: Option<Arc<dyn Clock>>,
     options: TieredOptions,
     counters: Counters,
     inflight: Mutex<HashMap<String, Flight>>,
@@ -289,7 +290,9 @@ impl TieredCache {
         tags: Arc<dyn TagVersions>,
         options: TieredOptions,
     ) -> Self {
-        Self::with_clock(l2, tags, options, Arc::new(SystemClock))
+        let mut cache = Self::with_clock(l2, tags, options, Arc::new(SystemClock));
+        cache.clock = None;
+        cache
     }
 
     /// As [`new`](Self::new), with L1 expiry by `clock`.
@@ -317,12 +320,20 @@ impl TieredCache {
             coherence: std::sync::OnceLock::new(),
             l2,
             tags,
-            clock,
+            clock: Some(clock),
             options,
             counters: Counters::default(),
             inflight: Mutex::new(HashMap::new()),
             l1_evictions: evictions,
             refreshing: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    #[inline]
+    fn now(&self) -> SystemTime {
+        match &self.clock {
+            None => SystemTime::now(),
+            Some(clock) => clock.now(),
         }
     }
 
@@ -332,6 +343,14 @@ impl TieredCache {
     /// hit allocates nothing.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let key = canonical_key(key)?;
+        // The L1 hit path without entering the async read at all.
+        if let Some(entry) = self.l1.get(&key)
+            && self.now() < entry.expires_at
+            && self.l1.tags_fresh(&entry)
+        {
+            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(entry.value));
+        }
         self.read(&key).await
     }
 
@@ -449,7 +468,7 @@ impl TieredCache {
 
     /// As [`read`](Self::read), with when the entry expires.
     async fn read_entry(&self, key: &str) -> Result<Option<(Bytes, SystemTime)>> {
-        let now = self.clock.now();
+        let now = self.now();
         if let Some(entry) = self.l1.get(key) {
             if now < entry.expires_at && self.l1.tags_fresh(&entry) {
                 self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
@@ -503,7 +522,7 @@ impl TieredCache {
         tags: Vec<TagVersion>,
     ) -> Result<()> {
         check_ttl(ttl)?;
-        let ttl_ends = self.clock.now() + ttl;
+        let ttl_ends = self.now() + ttl;
         let (encoded, saved) = envelope::encode(
             &value,
             &tags,
@@ -520,7 +539,7 @@ impl TieredCache {
             L1Entry {
                 value,
                 tags: (!tags.is_empty()).then(|| tags.into()),
-                expires_at: self.clock.now() + ttl.min(self.options.l1_max_age),
+                expires_at: self.now() + ttl.min(self.options.l1_max_age),
                 ttl_ends,
             },
         );
@@ -664,7 +683,7 @@ impl TieredCache {
         if let Some(hit) = self
             .l1
             .get(key)
-            .filter(|e| self.clock.now() < e.expires_at && self.l1.tags_fresh(e))
+            .filter(|e| self.now() < e.expires_at && self.l1.tags_fresh(e))
         {
             self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit.value);
@@ -719,9 +738,7 @@ impl TieredCache {
         check_tags(tags)?;
         let key = canonical_key(key)?.into_owned();
         if let Ok(Some((value, ttl_ends))) = self.read_entry(&key).await {
-            let left = ttl_ends
-                .duration_since(self.clock.now())
-                .unwrap_or_default();
+            let left = ttl_ends.duration_since(self.now()).unwrap_or_default();
             if self.options.refresh_ahead > 0.0
                 && left < ttl.mul_f64(self.options.refresh_ahead.min(1.0))
             {
@@ -862,7 +879,7 @@ impl CacheStore for TieredCache {
         let in_l1 = self
             .l1
             .remove(key.as_ref())
-            .is_some_and(|(_, e)| self.clock.now() < e.expires_at);
+            .is_some_and(|(_, e)| self.now() < e.expires_at);
         match self.l2_call(self.l2.delete(&key)).await {
             Ok(in_l2) => {
                 self.notify(NoticeOf::Key(&key));
