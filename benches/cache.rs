@@ -4,7 +4,8 @@
 //!   quick_cache `get` of the same key and value.
 //! - `l2_hit_<n>_tasks`: GET throughput from Redis at 1, 16 and 128 concurrent tasks:
 //!   bare `redis` GET on a multiplexed connection vs `RedisStore::get` vs `TieredCache`
-//!   with its L1 turned off (every read goes to Redis and decodes the envelope).
+//!   with its L1 turned off (every read goes to Redis and decodes the envelope); and a
+//!   bare GET over the redis crate's `ConnectionManager`, the connection both stores use.
 //! - `tag_invalidation`: invalidating a tag with 10 and with 100,000 entries under it.
 //! - `compression`: LZ4 encode and decode of a dashboard-snapshot JSON (ratio printed).
 //!
@@ -114,6 +115,7 @@ fn l2_hit(c: &mut Criterion) {
                 .unwrap(),
         )
     });
+    let store_manager = manager.clone();
     let store = Arc::new(RedisStore::new(manager.clone(), prefix.clone()));
     let tiered = Arc::new(TieredCache::new(
         store.clone(),
@@ -129,7 +131,8 @@ fn l2_hit(c: &mut Criterion) {
         .unwrap();
     rt.block_on(tiered.set("hot_tiered", value, Duration::from_secs(600)))
         .unwrap();
-    let bare_key = format!("{prefix}:hot");
+    // The same key and 256-byte value the store reads.
+    let bare_key = store.redis_key("hot").unwrap();
 
     for tasks in [1usize, 16, 128] {
         let mut group = c.benchmark_group(format!("l2_hit_{tasks}_tasks"));
@@ -137,6 +140,7 @@ fn l2_hit(c: &mut Criterion) {
         group.sample_size(20);
         let run = |which: u8| {
             let bare = bare.clone();
+            let store_manager = store_manager.clone();
             let store = store.clone();
             let tiered = tiered.clone();
             let bare_key = bare_key.clone();
@@ -152,9 +156,19 @@ fn l2_hit(c: &mut Criterion) {
                             tiered.clone(),
                             bare_key.clone(),
                         );
+                        let store_manager = store_manager.clone();
                         handles.push(tokio::spawn(async move {
                             for _ in 0..per_task {
                                 match which {
+                                    3 => {
+                                        let mut manager = store_manager.clone();
+                                        let v: Option<Vec<u8>> = redis::cmd("GET")
+                                            .arg(&bare_key)
+                                            .query_async(&mut manager)
+                                            .await
+                                            .unwrap();
+                                        black_box(v);
+                                    }
                                     0 => {
                                         let v: Option<Vec<u8>> = redis::cmd("GET")
                                             .arg(&bare_key)
@@ -186,6 +200,10 @@ fn l2_hit(c: &mut Criterion) {
         group.bench_function("bare_redis_get", |b| b.iter_custom(&mut bare_run));
         let mut store_run = run(1);
         group.bench_function("redis_store_get", |b| b.iter_custom(&mut store_run));
+        let mut manager_run = run(3);
+        group.bench_function("bare_connection_manager_get", |b| {
+            b.iter_custom(&mut manager_run)
+        });
         let mut tiered_run = run(2);
         group.bench_function("tiered_cache_l2_get", |b| b.iter_custom(&mut tiered_run));
         group.finish();
