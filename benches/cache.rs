@@ -13,9 +13,11 @@
 //!
 //! `cargo bench --bench cache`
 
+mod common;
+
+use common::{ready, runtime};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,23 +27,6 @@ use upcoach_cache::{
     CacheStore, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions, TieredCache,
     TieredOptions,
 };
-
-/// Polls a future that never waits (an L1 hit) without a runtime.
-fn ready<F: std::future::Future>(future: F) -> F::Output {
-    let mut cx = Context::from_waker(Waker::noop());
-    match std::pin::pin!(future).poll(&mut cx) {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("an L1 hit waited on something"),
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn snapshot_json() -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({

@@ -10,6 +10,9 @@
 //!
 //! `cargo bench --bench foundation`
 
+mod common;
+
+use common::{ready, runtime};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +21,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use upcoach_auth::session::{AccessClaims, AccessTokens, SigningKey};
 use upcoach_core::event::{Event, EventLog, MemoryEventLog, PgEventLog, SecurityEvent};
 use upcoach_core::{Role, SessionId, SystemClock, TokenVerifier, UserId};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn sample_event() -> Event {
     SecurityEvent::new("login_succeeded", &SystemClock)
@@ -129,16 +124,6 @@ fn event_log_postgres(c: &mut Criterion) {
     });
     group.finish();
     drop(schema);
-}
-
-/// Polls a future that never waits (verification is CPU only) without a runtime, so the
-/// measurement holds the verification and nothing else.
-fn ready<F: std::future::Future>(future: F) -> F::Output {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::pin!(future).poll(&mut cx) {
-        std::task::Poll::Ready(output) => output,
-        std::task::Poll::Pending => panic!("verification waited on something"),
-    }
 }
 
 fn access_token_verify(c: &mut Criterion) {
