@@ -128,6 +128,7 @@ pub struct ResponseCacheLayer {
     shared: Arc<Shared>,
 }
 
+#[derive(Clone)]
 struct Shared {
     cache: Arc<TieredCache>,
     rules: Vec<CacheRule>,
@@ -157,18 +158,9 @@ impl ResponseCacheLayer {
 
     /// Verifies bearer tokens for per-user rules. Without a verifier, requests that carry
     /// `Authorization` are never answered from the cache.
-    pub fn with_verifier(self, verifier: Arc<dyn TokenVerifier>) -> Self {
-        let shared = Arc::try_unwrap(self.shared).unwrap_or_else(|s| Shared {
-            cache: s.cache.clone(),
-            rules: s.rules.clone(),
-            verifier: s.verifier.clone(),
-        });
-        Self {
-            shared: Arc::new(Shared {
-                verifier: Some(verifier),
-                ..shared
-            }),
-        }
+    pub fn with_verifier(mut self, verifier: Arc<dyn TokenVerifier>) -> Self {
+        Arc::make_mut(&mut self.shared).verifier = Some(verifier);
+        self
     }
 }
 
@@ -325,7 +317,11 @@ fn answer(
     body: Bytes,
     hit: bool,
 ) -> Response<CachedBody> {
-    let etag = etag_of(&body);
+    // Stored answers carry the ETag computed when they were stored.
+    let etag = match headers.get(header::ETAG) {
+        Some(etag) => etag.clone(),
+        None => etag_of(&body),
+    };
     headers.insert(header::ETAG, etag.clone());
     headers.insert(
         HeaderName::from_static("x-cache"),
@@ -509,6 +505,9 @@ where
             };
             let user = user.as_deref();
             let versions = versions.unwrap_or_default();
+            // The ETag is computed once, here, and stored with the answer.
+            let mut response_parts = response_parts;
+            response_parts.headers.insert(header::ETAG, etag_of(&bytes));
             let encoded = encode_response(response_parts.status, &response_parts.headers, &bytes);
             let stored = shared
                 .cache

@@ -344,14 +344,22 @@ impl TieredCache {
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let key = canonical_key(key)?;
         // The L1 hit path without entering the async read at all.
-        if let Some(entry) = self.l1.get(&key)
-            && self.now() < entry.expires_at
-            && self.l1.tags_fresh(&entry)
-        {
-            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(entry) = self.l1_hit(&key) {
             return Ok(Some(entry.value));
         }
         self.read(&key).await
+    }
+
+    /// A fresh L1 entry for `key` (counted as an L1 hit); a stale one is dropped.
+    #[inline]
+    fn l1_hit(&self, key: &str) -> Option<L1Entry> {
+        let entry = self.l1.get(key)?;
+        if self.now() < entry.expires_at && self.l1.tags_fresh(&entry) {
+            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(entry);
+        }
+        self.l1.remove(key);
+        None
     }
 
     /// Keeps the L1 of every process that shares `channel` coherent: this process's
@@ -468,14 +476,10 @@ impl TieredCache {
 
     /// As [`read`](Self::read), with when the entry expires.
     async fn read_entry(&self, key: &str) -> Result<Option<(Bytes, SystemTime)>> {
-        let now = self.now();
-        if let Some(entry) = self.l1.get(key) {
-            if now < entry.expires_at && self.l1.tags_fresh(&entry) {
-                self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some((entry.value, entry.ttl_ends)));
-            }
-            self.l1.remove(key);
+        if let Some(entry) = self.l1_hit(key) {
+            return Ok(Some((entry.value, entry.ttl_ends)));
         }
+        let now = self.now();
         let generation = self.l1.stripe(key).load(Ordering::Relaxed);
         let stored = match self.l2_call(self.l2.get(key)).await {
             Ok(stored) => stored,
@@ -679,13 +683,8 @@ impl TieredCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
-        // Whoever held the gate before us may have stored it.
-        if let Some(hit) = self
-            .l1
-            .get(key)
-            .filter(|e| self.now() < e.expires_at && self.l1.tags_fresh(e))
-        {
-            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+        // A flight that ended between our first read and this one may have stored it.
+        if let Some(hit) = self.l1_hit(key) {
             return Ok(hit.value);
         }
         // Versions before the loader runs: an invalidation during the load makes what
