@@ -1,89 +1,98 @@
-//! Live updates for upcoach servers: the [`Broadcaster`] seam.
-//!
-//! This crate is at its first step: the trait, the event it carries and its error type
-//! are settled so producers and the other crates can code against them. The in-process
-//! and Redis broadcasters, the hub, and the WebSocket and SSE transports are not built
-//! yet.
-//!
-//! A room is a string (`metrics`, `user:{id}`); every event published to a room gets
-//! the next sequence number of that room, across every process that shares the
-//! broadcaster, so a client can resume exactly where it stopped.
-//!
-//! Implementing a broadcaster (one process, no history, for illustration only):
-//!
-//! ```
-//! use std::collections::HashMap;
-//! use std::sync::Mutex;
-//! use std::time::SystemTime;
-//! use async_trait::async_trait;
-//! use tokio::sync::broadcast;
-//! use upcoach_realtime::{Broadcaster, Replay, Result, RoomEvent};
-//!
-//! #[derive(Debug, Default)]
-//! struct Local {
-//!     rooms: Mutex<HashMap<String, (u64, broadcast::Sender<RoomEvent>)>>,
-//! }
-//!
-//! #[async_trait]
-//! impl Broadcaster for Local {
-//!     async fn publish(&self, room: &str, event: &str, data: serde_json::Value) -> Result<RoomEvent> {
-//!         let mut rooms = self.rooms.lock().unwrap();
-//!         let (seq, tx) = rooms.entry(room.to_owned()).or_insert_with(|| (0, broadcast::channel(64).0));
-//!         *seq += 1;
-//!         let published = RoomEvent { room: room.into(), seq: *seq, event: event.into(), data, ts: SystemTime::now() };
-//!         let _ = tx.send(published.clone());
-//!         Ok(published)
-//!     }
-//!     async fn subscribe(&self, room: &str) -> Result<broadcast::Receiver<RoomEvent>> {
-//!         let mut rooms = self.rooms.lock().unwrap();
-//!         Ok(rooms.entry(room.to_owned()).or_insert_with(|| (0, broadcast::channel(64).0)).1.subscribe())
-//!     }
-//!     async fn replay(&self, _room: &str, _after_seq: u64, _limit: usize) -> Result<Replay> {
-//!         Ok(Replay::Gone { reason: "this broadcaster keeps no history" })
-//!     }
-//! }
-//!
-//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! let b = Local::default();
-//! let mut rx = b.subscribe("metrics").await?;
-//! let sent = b.publish("metrics", "tick", serde_json::json!({"rps": 12})).await?;
-//! assert_eq!(rx.recv().await.unwrap().seq, sent.seq);
-//! # Ok::<(), upcoach_realtime::Error>(())
-//! # }).unwrap();
-//! ```
+#![doc = include_str!("../README.md")]
+
+mod access;
+mod cursor;
+mod hub;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis_broadcaster;
+mod respond;
+mod session;
+mod sse;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod wire;
+mod ws;
 
 use std::fmt;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub use access::{DefaultRoomAccess, RoomAccess};
+pub use cursor::{Cursor, CursorError, MAX_CURSOR_ROOMS};
+pub use hub::{
+    ConnectionCounts, Hub, HubBuilder, HubConfig, HubStats, HubStatus, RealtimeBody, RoomStatus,
+};
+pub use memory::MemoryBroadcaster;
+#[cfg(feature = "redis")]
+pub use redis_broadcaster::{RedisBroadcaster, RedisBroadcasterOptions};
+
+/// The longest room name accepted.
+pub const MAX_ROOM_LEN: usize = 128;
+/// The longest event name accepted.
+pub const MAX_EVENT_NAME_LEN: usize = 64;
+/// The largest event payload accepted, as serialized JSON.
+pub const MAX_EVENT_DATA_LEN: usize = 64 * 1024;
+
 /// One event in one room, as every subscriber receives it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RoomEvent {
     /// The room.
     pub room: String,
-    /// Its sequence number in the room: one more than the previous event's.
+    /// Its sequence number in the room: one more than the previous event's, across
+    /// every process that shares the broadcaster.
     pub seq: u64,
     /// The event's name (`metrics`, `alert`).
     pub event: String,
     /// The payload.
     pub data: serde_json::Value,
-    /// When it was published.
+    /// When it was published (milliseconds precision on the wire).
     pub ts: SystemTime,
+}
+
+impl RoomEvent {
+    /// `ts` as milliseconds since the Unix epoch, as the wire carries it.
+    pub fn ts_millis(&self) -> u64 {
+        self.ts
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
 }
 
 /// What history can give back after a sequence number.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Replay {
-    /// Every event after the requested one (up to the limit), in order.
-    Events(Vec<RoomEvent>),
-    /// History no longer reaches back that far: the client must reset.
+    /// Every event after the requested one (up to the limit), in order, without gaps.
+    Events(Vec<Arc<RoomEvent>>),
+    /// History no longer reaches back that far (or the cursor is ahead of the room):
+    /// the client must reset.
     Gone {
         /// Why, for the client's `reset` message.
         reason: &'static str,
     },
+}
+
+/// How much history each room keeps for replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Events kept per room (default 1,000). The Redis broadcaster trims approximately
+    /// (`MAXLEN ~`), so it may keep a few more, never fewer.
+    pub max_events: usize,
+    /// How old an event may be and still be replayed (default 10 minutes).
+    pub max_age: Duration,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        Self {
+            max_events: 1_000,
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 /// What can go wrong in a broadcaster.
@@ -95,6 +104,26 @@ pub enum Error {
     InvalidRoom {
         /// Why.
         reason: &'static str,
+    },
+    /// The event name is not acceptable.
+    #[error("invalid event name: {reason}")]
+    InvalidEvent {
+        /// Why.
+        reason: &'static str,
+    },
+    /// The payload is larger than [`MAX_EVENT_DATA_LEN`].
+    #[error("event payload of {size} bytes is over the limit of {max}")]
+    TooLarge {
+        /// Its serialized size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The broadcaster holds as many rooms as it may; nothing was published.
+    #[error("the broadcaster holds its maximum of {max} rooms")]
+    TooManyRooms {
+        /// The limit.
+        max: usize,
     },
     /// The broker failed or did not answer in time.
     #[error("{backend} broadcaster failed")]
@@ -110,25 +139,190 @@ pub enum Error {
 impl Error {
     /// Whether trying again later could succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Backend { .. })
+        matches!(self, Error::Backend { .. } | Error::TooManyRooms { .. })
+    }
+
+    /// A stable snake_case code for clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRoom { .. } => "invalid_room",
+            Error::InvalidEvent { .. } => "invalid_event",
+            Error::TooLarge { .. } => "payload_too_large",
+            Error::TooManyRooms { .. } => "too_many_rooms",
+            Error::Backend { .. } => "broker_unavailable",
+        }
     }
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Checks a room name: 1 to [`MAX_ROOM_LEN`] bytes of ASCII letters, digits and
+/// `_ - . : @`. Commas, `=`, braces and whitespace are refused: cursors and Redis keys
+/// rely on that.
+pub fn validate_room(room: &str) -> Result<()> {
+    if room.is_empty() {
+        return Err(Error::InvalidRoom { reason: "empty" });
+    }
+    if room.len() > MAX_ROOM_LEN {
+        return Err(Error::InvalidRoom {
+            reason: "longer than 128 bytes",
+        });
+    }
+    if !room
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
+    {
+        return Err(Error::InvalidRoom {
+            reason: "only ASCII letters, digits and _ - . : @ are allowed",
+        });
+    }
+    Ok(())
+}
+
+/// Checks an event name: 1 to [`MAX_EVENT_NAME_LEN`] bytes of ASCII letters, digits and
+/// `_ - . :`. (`reset` and `subscribed` are taken by the protocol.)
+pub fn validate_event_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidEvent { reason: "empty" });
+    }
+    if name.len() > MAX_EVENT_NAME_LEN {
+        return Err(Error::InvalidEvent {
+            reason: "longer than 64 bytes",
+        });
+    }
+    if matches!(name, "reset" | "subscribed") {
+        return Err(Error::InvalidEvent {
+            reason: "reserved by the protocol",
+        });
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
+        return Err(Error::InvalidEvent {
+            reason: "only ASCII letters, digits and _ - . : are allowed",
+        });
+    }
+    Ok(())
+}
+
+/// Serializes `data` once and checks its size: what every broadcaster does before it
+/// publishes.
+pub fn encode_data(data: &serde_json::Value) -> Result<String> {
+    let json = serde_json::to_string(data).map_err(|e| Error::Backend {
+        backend: "json",
+        source: Box::new(e),
+    })?;
+    if json.len() > MAX_EVENT_DATA_LEN {
+        return Err(Error::TooLarge {
+            size: json.len(),
+            max: MAX_EVENT_DATA_LEN,
+        });
+    }
+    Ok(json)
+}
+
+/// Live events of one room, from the moment [`Broadcaster::subscribe`] returned.
+///
+/// The buffer behind it is bounded: a subscriber that falls behind gets
+/// [`broadcast::error::RecvError::Lagged`] and must fill the hole through
+/// [`Broadcaster::replay`] (the hub does).
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<RoomEvent>>,
+}
+
+impl Subscription {
+    /// Wraps a receiver from the broadcaster's channel for the room.
+    pub fn new(rx: broadcast::Receiver<Arc<RoomEvent>>) -> Self {
+        Self { rx }
+    }
+
+    /// The next event, `Lagged(n)` when `n` were lost to the bound, or `Closed` when
+    /// the broadcaster dropped the room.
+    pub async fn recv(&mut self) -> Result<Arc<RoomEvent>, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+}
+
+/// What a broadcaster says about its broker, for status pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerState {
+    /// `memory` or `redis`.
+    pub kind: &'static str,
+    /// Whether live events currently flow in from the broker.
+    pub connected: bool,
+}
+
 /// Fan-out of room events to every subscriber, on this process and (for shared
-/// backends) on every other.
+/// backends) on every other, with per-room sequence numbers and history for replay.
+///
+/// Implementing one (a toy that forwards to the in-memory broadcaster, to show the
+/// surface):
+///
+/// ```
+/// use std::sync::Arc;
+/// use async_trait::async_trait;
+/// use upcoach_realtime::{
+///     Broadcaster, BrokerState, MemoryBroadcaster, Replay, Result, RoomEvent, Subscription,
+/// };
+///
+/// #[derive(Debug, Default)]
+/// struct Audited(MemoryBroadcaster);
+///
+/// #[async_trait]
+/// impl Broadcaster for Audited {
+///     async fn publish(&self, room: &str, event: &str, data: serde_json::Value) -> Result<Arc<RoomEvent>> {
+///         println!("publishing {event} to {room}");
+///         self.0.publish(room, event, data).await
+///     }
+///     async fn subscribe(&self, room: &str) -> Result<Subscription> {
+///         self.0.subscribe(room).await
+///     }
+///     async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
+///         self.0.replay(room, after_seq, limit).await
+///     }
+///     async fn head(&self, room: &str) -> Result<u64> {
+///         self.0.head(room).await
+///     }
+///     fn state(&self) -> BrokerState {
+///         self.0.state()
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let b = Audited::default();
+/// let mut live = b.subscribe("metrics").await?;
+/// let sent = b.publish("metrics", "tick", serde_json::json!({"rps": 12})).await?;
+/// assert_eq!(sent.seq, 1);
+/// assert_eq!(live.recv().await.unwrap().seq, 1);
+/// assert_eq!(b.replay("metrics", 0, 10).await?, Replay::Events(vec![sent]));
+/// # Ok::<(), upcoach_realtime::Error>(())
+/// # }).unwrap();
+/// ```
 #[async_trait]
 pub trait Broadcaster: fmt::Debug + Send + Sync + 'static {
-    /// Publishes an event to `room`, assigning it the room's next sequence number.
-    async fn publish(&self, room: &str, event: &str, data: serde_json::Value) -> Result<RoomEvent>;
+    /// Publishes an event to `room`, assigning it the room's next sequence number, and
+    /// keeps it in the room's history.
+    async fn publish(
+        &self,
+        room: &str,
+        event: &str,
+        data: serde_json::Value,
+    ) -> Result<Arc<RoomEvent>>;
 
-    /// Live events of `room` from now on. The receiver is bounded: a subscriber that
-    /// falls behind sees `RecvError::Lagged` and must recover through [`replay`](Self::replay).
-    async fn subscribe(&self, room: &str) -> Result<broadcast::Receiver<RoomEvent>>;
+    /// Live events of `room` from now on, in sequence order.
+    async fn subscribe(&self, room: &str) -> Result<Subscription>;
 
-    /// The events of `room` after `after_seq`, at most `limit`, or [`Replay::Gone`] when
-    /// history no longer reaches back that far.
+    /// The events of `room` after `after_seq`, at most `limit`, or [`Replay::Gone`]
+    /// when history no longer reaches back that far. `after_seq` equal to the room's
+    /// head gives an empty list; a cursor ahead of the head is `Gone`.
     async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay>;
+
+    /// The sequence number of the room's latest event (0 before the first).
+    async fn head(&self, room: &str) -> Result<u64>;
+
+    /// The broker's kind and whether it is connected.
+    fn state(&self) -> BrokerState;
 }

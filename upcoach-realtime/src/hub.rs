@@ -1,0 +1,814 @@
+//! The hub: connections, rooms, fan-out, limits and shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::AbortHandle;
+use upcoach_core::event::{Event, EventLog, WebSocketEvent};
+use upcoach_core::{Clock, SystemClock, TokenVerifier, UserId};
+
+use crate::access::{DefaultRoomAccess, RoomAccess};
+use crate::wire::Encoded;
+use crate::{Broadcaster, BrokerState, Replay, Result, RoomEvent};
+
+/// The body of every response the hub answers with: empty for a WebSocket upgrade or
+/// a refusal's JSON, a stream of records for SSE.
+pub type RealtimeBody = BoxBody<Bytes, Infallible>;
+
+/// Limits and timings of the hub. `Default` gives API.md's values.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Events queued per connection before it counts as too slow and is closed (4008
+    /// on WebSocket, end of stream on SSE). Default 1,024.
+    pub queue_capacity: usize,
+    /// Open connections of both kinds together; past it new ones get 503. Default 10,000.
+    pub max_connections: usize,
+    /// Open connections per user; past it new ones get 429 (header token) or close
+    /// 4008 (token sent later). Default 32.
+    pub max_connections_per_user: usize,
+    /// Rooms one connection may read. Default 32.
+    pub max_rooms_per_connection: usize,
+    /// How often a WebSocket gets a ping. Default 25 s.
+    pub ws_ping_interval: Duration,
+    /// How long after a ping a WebSocket may stay silent before it is closed. Default 10 s.
+    pub ws_pong_timeout: Duration,
+    /// How often an SSE stream gets a `: ping` comment. Default 15 s.
+    pub sse_ping_interval: Duration,
+    /// The `retry:` an SSE stream announces first. Default 3 s.
+    pub sse_retry: Duration,
+    /// How long a WebSocket opened without a token has to send `{"type":"auth"}`.
+    /// Default 5 s.
+    pub auth_timeout: Duration,
+    /// A WebSocket that reads no room for this long is closed (1000). Default 5 min.
+    pub idle_timeout: Duration,
+    /// The largest WebSocket message (and frame) accepted from a client. Default 16 KiB.
+    pub max_message_size: usize,
+    /// Bad client messages tolerated (each answered with an `error`) before the
+    /// connection is closed with 4400. Default 5.
+    pub max_bad_messages: u32,
+    /// Events fetched per replay round trip. Default 500.
+    pub replay_page: usize,
+    /// Browser origins (`Origin` header, exact match) allowed to connect; requests
+    /// without an `Origin` (not from a browser) are always allowed. Default none.
+    pub allowed_origins: Vec<String>,
+    /// How long a closing connection may take to flush its close frame or last
+    /// records. Default 5 s.
+    pub close_timeout: Duration,
+    /// Whether SSE is gzip-compressed for clients that accept it (flushed per
+    /// record). Default true.
+    pub sse_gzip: bool,
+    /// The WebSocket read buffer allocated per connection. Default 4 KiB (tungstenite's
+    /// own default of 128 KiB would cost 1.25 GiB for 10,000 idle connections).
+    pub ws_read_buffer: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 1024,
+            max_connections: 10_000,
+            max_connections_per_user: 32,
+            max_rooms_per_connection: 32,
+            ws_ping_interval: Duration::from_secs(25),
+            ws_pong_timeout: Duration::from_secs(10),
+            sse_ping_interval: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(3),
+            auth_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            max_message_size: 16 * 1024,
+            max_bad_messages: 5,
+            replay_page: 500,
+            allowed_origins: Vec::new(),
+            close_timeout: Duration::from_secs(5),
+            sse_gzip: true,
+            ws_read_buffer: 4 * 1024,
+        }
+    }
+}
+
+/// Counters of what the hub has done since it started, cheap to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HubStats {
+    /// Open WebSocket connections.
+    pub ws_connections: usize,
+    /// Open SSE connections.
+    pub sse_connections: usize,
+    /// Rooms with at least one reader on this process.
+    pub rooms: usize,
+    /// Events handed to connection queues.
+    pub delivered: u64,
+    /// Connections closed because their queue filled.
+    pub slow_consumers_closed: u64,
+    /// Connections refused by a connection limit.
+    pub refused: u64,
+    /// Connections refused or closed for a missing, invalid or expired token.
+    pub auth_failures: u64,
+    /// Subscriptions refused by the access rules.
+    pub denied_subscriptions: u64,
+    /// `reset`s sent because history no longer reached back.
+    pub resets: u64,
+    /// Holes in a room's live stream filled from history.
+    pub gaps_repaired: u64,
+}
+
+/// One room in [`HubStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomStatus {
+    /// The room.
+    pub room: String,
+    /// Connections of this process reading it.
+    pub subscribers: usize,
+}
+
+/// Connection counts in [`HubStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnectionCounts {
+    /// Open WebSocket connections.
+    pub ws: usize,
+    /// Open SSE connections.
+    pub sse: usize,
+}
+
+/// `GET /api/dashboard/realtime/status` of API.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HubStatus {
+    /// This process.
+    pub node_id: String,
+    /// Seconds since the hub started.
+    pub uptime_s: u64,
+    /// Open connections.
+    pub connections: ConnectionCounts,
+    /// Rooms read on this process, busiest first.
+    pub rooms: Vec<RoomStatus>,
+    /// The broadcaster's broker.
+    pub broker: BrokerState,
+}
+
+/// The realtime hub: rooms, the connections reading them and the transports that
+/// serve them. Cheap to clone; every clone is the same hub.
+///
+/// ```
+/// use std::sync::Arc;
+/// use upcoach_realtime::{Hub, MemoryBroadcaster};
+/// # #[derive(Debug)] struct NoTokens;
+/// # #[async_trait::async_trait]
+/// # impl upcoach_core::TokenVerifier for NoTokens {
+/// #     async fn verify(&self, _: &str) -> Result<upcoach_core::Principal, upcoach_core::TokenError> {
+/// #         Err(upcoach_core::TokenError::Missing)
+/// #     }
+/// # }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let hub = Hub::builder(Arc::new(MemoryBroadcaster::default()), Arc::new(NoTokens)).build();
+/// let sent = hub.publish("metrics", "tick", serde_json::json!({"rps": 40})).await?;
+/// assert_eq!(sent.seq, 1);
+/// assert_eq!(hub.status().connections.ws, 0);
+/// // In a hyper service: `hub.websocket(request).await` and `hub.sse(request).await`
+/// // answer the two realtime routes.
+/// # Ok::<(), upcoach_realtime::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct Hub {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Builds a [`Hub`]: [`Hub::builder`].
+#[derive(Debug)]
+pub struct HubBuilder {
+    broadcaster: Arc<dyn Broadcaster>,
+    verifier: Arc<dyn TokenVerifier>,
+    events: Option<Arc<dyn EventLog>>,
+    access: Arc<dyn RoomAccess>,
+    clock: Arc<dyn Clock>,
+    config: HubConfig,
+    node_id: Option<String>,
+}
+
+impl HubBuilder {
+    /// Records connects, disconnects, auth failures and denied subscriptions in
+    /// `websocket_events` through `events` (default: not recorded).
+    pub fn events(mut self, events: Arc<dyn EventLog>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Replaces the default room rules.
+    pub fn access(mut self, access: Arc<dyn RoomAccess>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The clock that token expiry is judged by (default the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Limits and timings.
+    pub fn config(mut self, config: HubConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// This process's name in status answers (default a random UUID).
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = Some(node_id.into());
+        self
+    }
+
+    /// The hub.
+    pub fn build(self) -> Hub {
+        let mut config = self.config;
+        config.queue_capacity = config.queue_capacity.max(1);
+        config.replay_page = config.replay_page.max(1);
+        config.ws_read_buffer = config.ws_read_buffer.max(256);
+        Hub {
+            inner: Arc::new(Inner {
+                broadcaster: self.broadcaster,
+                verifier: self.verifier,
+                events: self.events,
+                access: self.access,
+                clock: self.clock,
+                config,
+                node_id: self
+                    .node_id
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                started: Instant::now(),
+                rooms: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+                open: AtomicUsize::new(0),
+                ws: AtomicUsize::new(0),
+                sse: AtomicUsize::new(0),
+                per_user: Mutex::new(HashMap::new()),
+                all_closed: Notify::new(),
+                shutdown: watch::channel(false).0,
+                counters: Counters::default(),
+            }),
+        }
+    }
+}
+
+impl Hub {
+    /// A hub publishing through `broadcaster` and checking tokens with `verifier`.
+    pub fn builder(
+        broadcaster: Arc<dyn Broadcaster>,
+        verifier: Arc<dyn TokenVerifier>,
+    ) -> HubBuilder {
+        HubBuilder {
+            broadcaster,
+            verifier,
+            events: None,
+            access: Arc::new(DefaultRoomAccess),
+            clock: Arc::new(SystemClock),
+            config: HubConfig::default(),
+            node_id: None,
+        }
+    }
+
+    /// Publishes an event to `room` (on every process sharing the broadcaster).
+    pub async fn publish(
+        &self,
+        room: &str,
+        event: &str,
+        data: serde_json::Value,
+    ) -> Result<Arc<RoomEvent>> {
+        self.inner.broadcaster.publish(room, event, data).await
+    }
+
+    /// The broadcaster behind the hub.
+    pub fn broadcaster(&self) -> &Arc<dyn Broadcaster> {
+        &self.inner.broadcaster
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// What API.md's status route answers.
+    pub fn status(&self) -> HubStatus {
+        let mut rooms: Vec<RoomStatus> = self
+            .inner
+            .lock_rooms()
+            .values()
+            .map(|room| RoomStatus {
+                room: room.name.to_string(),
+                subscribers: room.read_subscribers().len(),
+            })
+            .collect();
+        rooms.sort_by(|a, b| b.subscribers.cmp(&a.subscribers).then(a.room.cmp(&b.room)));
+        HubStatus {
+            node_id: self.inner.node_id.clone(),
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            connections: ConnectionCounts {
+                ws: self.inner.ws.load(Ordering::Relaxed),
+                sse: self.inner.sse.load(Ordering::Relaxed),
+            },
+            rooms,
+            broker: self.inner.broadcaster.state(),
+        }
+    }
+
+    /// Counters, cheap enough to read on every metrics tick.
+    pub fn stats(&self) -> HubStats {
+        let c = &self.inner.counters;
+        HubStats {
+            ws_connections: self.inner.ws.load(Ordering::Relaxed),
+            sse_connections: self.inner.sse.load(Ordering::Relaxed),
+            rooms: self.inner.lock_rooms().len(),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            slow_consumers_closed: c.slow.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            denied_subscriptions: c.denied.load(Ordering::Relaxed),
+            resets: c.resets.load(Ordering::Relaxed),
+            gaps_repaired: c.gaps.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Open connections of both kinds.
+    pub fn connections(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Closes every connection (WebSocket with 1001, SSE by ending the stream after its
+    /// last record) and refuses new ones; returns once all are gone or `timeout`
+    /// passed, with the number still open.
+    pub async fn shutdown(&self, timeout: Duration) -> usize {
+        self.inner.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.all_closed.notified();
+            let open = self.connections();
+            if open == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.connections();
+            }
+        }
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has started.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) slow: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) auth_failures: AtomicU64,
+    pub(crate) denied: AtomicU64,
+    pub(crate) resets: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+}
+
+/// Which transport a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    WebSocket,
+    Sse,
+}
+
+impl Transport {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// What a room task hands to a connection's queue.
+#[derive(Debug, Clone)]
+pub(crate) enum Delivery {
+    Event(Arc<Encoded>),
+    Reset {
+        room: Arc<str>,
+        reason: &'static str,
+    },
+}
+
+/// The part of a connection that room tasks can reach.
+#[derive(Debug, Default)]
+pub(crate) struct ConnShared {
+    /// 0 while open; otherwise the close code the hub decided on.
+    close_code: AtomicU16,
+    pub(crate) notify: Notify,
+}
+
+/// Close code for a connection whose queue filled.
+pub(crate) const CLOSE_TOO_SLOW: u16 = 4008;
+
+impl ConnShared {
+    /// Asks the connection to close with `code`; the first request wins.
+    pub(crate) fn close(&self, code: u16) {
+        if self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    pub(crate) fn close_code(&self) -> Option<u16> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    tx: mpsc::Sender<Delivery>,
+    shared: Arc<ConnShared>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Room {
+    name: Arc<str>,
+    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    /// `None` until the broadcaster subscription is up; then whether it came up.
+    ready: watch::Sender<Option<bool>>,
+    task: Mutex<Option<AbortHandle>>,
+}
+
+impl Room {
+    fn read_subscribers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Subscriber>> {
+        self.subscribers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_subscribers(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Subscriber>> {
+        self.subscribers.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) broadcaster: Arc<dyn Broadcaster>,
+    pub(crate) verifier: Arc<dyn TokenVerifier>,
+    events: Option<Arc<dyn EventLog>>,
+    pub(crate) access: Arc<dyn RoomAccess>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: HubConfig,
+    node_id: String,
+    started: Instant,
+    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    next_conn: AtomicU64,
+    open: AtomicUsize,
+    ws: AtomicUsize,
+    sse: AtomicUsize,
+    per_user: Mutex<HashMap<UserId, usize>>,
+    all_closed: Notify,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) counters: Counters,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    ShuttingDown,
+    TooManyConnections,
+    TooManyForUser,
+}
+
+impl Refusal {
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Refusal::ShuttingDown => "shutting_down",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::TooManyForUser => "too_many_connections_for_user",
+        }
+    }
+}
+
+/// A place among the hub's open connections; released on drop.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) hub: Arc<Inner>,
+    pub(crate) transport: Transport,
+    pub(crate) id: u64,
+    user: Option<UserId>,
+}
+
+impl Slot {
+    /// Counts the connection against `user`'s limit.
+    pub(crate) fn claim_user(&mut self, user: UserId) -> Result<(), Refusal> {
+        if self.user == Some(user) {
+            return Ok(());
+        }
+        let max = self.hub.config.max_connections_per_user;
+        let mut per_user = self.hub.lock_per_user();
+        let count = per_user.entry(user).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                per_user.remove(&user);
+            }
+            drop(per_user);
+            self.hub.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::TooManyForUser);
+        }
+        *count += 1;
+        drop(per_user);
+        if let Some(previous) = self.user.replace(user) {
+            self.hub.release_user(previous);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(user) = self.user.take() {
+            self.hub.release_user(user);
+        }
+        let counter = match self.transport {
+            Transport::WebSocket => &self.hub.ws,
+            Transport::Sse => &self.hub.sse,
+        };
+        counter.fetch_sub(1, Ordering::AcqRel);
+        if self.hub.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.hub.all_closed.notify_waiters();
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn lock_rooms(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Room>>> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_per_user(&self) -> MutexGuard<'_, HashMap<UserId, usize>> {
+        self.per_user.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn release_user(&self, user: UserId) {
+        let mut per_user = self.lock_per_user();
+        if let Some(count) = per_user.get_mut(&user) {
+            *count -= 1;
+            if *count == 0 {
+                per_user.remove(&user);
+            }
+        }
+    }
+
+    /// Admits one more connection, or says why not.
+    pub(crate) fn reserve(self: &Arc<Self>, transport: Transport) -> Result<Slot, Refusal> {
+        if *self.shutdown.borrow() {
+            return Err(Refusal::ShuttingDown);
+        }
+        let max = self.config.max_connections;
+        if self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::TooManyConnections);
+        }
+        match transport {
+            Transport::WebSocket => self.ws.fetch_add(1, Ordering::AcqRel),
+            Transport::Sse => self.sse.fetch_add(1, Ordering::AcqRel),
+        };
+        Ok(Slot {
+            hub: self.clone(),
+            transport,
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            user: None,
+        })
+    }
+
+    /// Records a `websocket_events` row, if a log is configured. A full log queue is
+    /// reported by the log's own counters, not here.
+    pub(crate) fn record(
+        &self,
+        event_type: &str,
+        user: Option<UserId>,
+        metadata: serde_json::Value,
+    ) {
+        if let Some(events) = &self.events {
+            let mut row = WebSocketEvent::new(event_type, self.clock.as_ref()).metadata(metadata);
+            if let Some(user) = user {
+                row = row.user(user);
+            }
+            if let Err(e) = events.record(Event::WebSocket(row)) {
+                tracing::debug!(error = %e, event_type, "a realtime event was not logged");
+            }
+        }
+    }
+
+    /// Adds connection `id` to `room`'s readers and waits until the room's live feed
+    /// is up. Events published after this returns reach `tx`.
+    pub(crate) async fn join(
+        self: &Arc<Self>,
+        room: &str,
+        id: u64,
+        tx: mpsc::Sender<Delivery>,
+        shared: Arc<ConnShared>,
+    ) -> Result<()> {
+        let (room, created) = {
+            let mut rooms = self.lock_rooms();
+            let (room, created) = match rooms.get(room) {
+                Some(room) => (room.clone(), false),
+                None => {
+                    let name: Arc<str> = Arc::from(room);
+                    let fresh = Arc::new(Room {
+                        name: name.clone(),
+                        subscribers: RwLock::new(HashMap::new()),
+                        ready: watch::channel(None).0,
+                        task: Mutex::new(None),
+                    });
+                    rooms.insert(name, fresh.clone());
+                    (fresh, true)
+                }
+            };
+            room.write_subscribers()
+                .insert(id, Subscriber { tx, shared });
+            (room, created)
+        };
+        if created {
+            let hub = self.clone();
+            let task_room = room.clone();
+            let handle = tokio::spawn(async move { hub.run_room(task_room).await });
+            *room.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.abort_handle());
+        }
+        let mut ready = room.ready.subscribe();
+        let up = match ready.wait_for(Option::is_some).await {
+            Ok(state) => state.unwrap_or(false),
+            Err(_) => false,
+        };
+        if up {
+            Ok(())
+        } else {
+            self.leave(&room.name, id);
+            Err(crate::Error::Backend {
+                backend: self.broadcaster.state().kind,
+                source: "the room's live feed could not be opened".into(),
+            })
+        }
+    }
+
+    /// Removes connection `id` from `room`; the last reader out stops the room's feed.
+    pub(crate) fn leave(&self, room: &str, id: u64) {
+        let mut rooms = self.lock_rooms();
+        let Some(entry) = rooms.get(room) else { return };
+        let mut subscribers = entry.write_subscribers();
+        subscribers.remove(&id);
+        if subscribers.is_empty() {
+            drop(subscribers);
+            if let Some(entry) = rooms.remove(room)
+                && let Some(task) = entry.task.lock().unwrap_or_else(|e| e.into_inner()).take()
+            {
+                task.abort();
+            }
+        }
+    }
+
+    /// The room's live feed: from the broadcaster to every reader's queue, with holes
+    /// filled from history.
+    async fn run_room(self: Arc<Self>, room: Arc<Room>) {
+        let mut feed = match self.broadcaster.subscribe(&room.name).await {
+            Ok(feed) => {
+                room.ready.send_replace(Some(true));
+                feed
+            }
+            Err(e) => {
+                tracing::warn!(room = %room.name, error = %e, "a room's live feed could not be opened");
+                room.ready.send_replace(Some(false));
+                let mut rooms = self.lock_rooms();
+                if rooms.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, &room)) {
+                    rooms.remove(&room.name);
+                }
+                return;
+            }
+        };
+        let mut last: Option<u64> = None;
+        loop {
+            let event = match feed.recv().await {
+                Ok(event) => event,
+                // The hole shows as a jump in `seq` on the next event.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    tracing::error!(room = %room.name, "the broadcaster closed a room's feed");
+                    self.fan_out(
+                        &room,
+                        Delivery::Reset {
+                            room: room.name.clone(),
+                            reason: "broker_closed",
+                        },
+                    );
+                    return;
+                }
+            };
+            if let Some(seen) = last {
+                if event.seq <= seen {
+                    continue;
+                }
+                if event.seq > seen + 1 {
+                    self.repair(&room, seen, event.seq).await;
+                }
+            }
+            last = Some(event.seq);
+            let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
+            self.fan_out(&room, Delivery::Event(encoded));
+        }
+    }
+
+    /// Delivers the events between `seen` and `next` (both exclusive) from history,
+    /// or a reset when history no longer has them.
+    async fn repair(&self, room: &Room, seen: u64, next: u64) {
+        let mut after = seen;
+        while after + 1 < next {
+            let want = ((next - after - 1) as usize).min(self.config.replay_page);
+            match self.broadcaster.replay(&room.name, after, want).await {
+                Ok(Replay::Events(events)) if !events.is_empty() => {
+                    for event in events {
+                        if event.seq <= after || event.seq >= next {
+                            continue;
+                        }
+                        after = event.seq;
+                        let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
+                        self.fan_out(room, Delivery::Event(encoded));
+                    }
+                    self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Replay::Gone { reason }) => {
+                    self.reset(room, reason);
+                    return;
+                }
+                Ok(Replay::Events(_)) => {
+                    self.reset(room, "history_expired");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %room.name, error = %e, "a hole in a room's feed could not be filled");
+                    self.reset(room, "broker_unavailable");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn reset(&self, room: &Room, reason: &'static str) {
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        self.fan_out(
+            room,
+            Delivery::Reset {
+                room: room.name.clone(),
+                reason,
+            },
+        );
+    }
+
+    /// Hands `delivery` to every reader's queue; a full queue closes its connection.
+    fn fan_out(&self, room: &Room, delivery: Delivery) {
+        let mut gone = Vec::new();
+        let mut delivered = 0u64;
+        {
+            let subscribers = room.read_subscribers();
+            for (id, subscriber) in subscribers.iter() {
+                match subscriber.tx.try_send(delivery.clone()) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if subscriber.shared.close_code().is_none() {
+                            self.counters.slow.fetch_add(1, Ordering::Relaxed);
+                        }
+                        subscriber.shared.close(CLOSE_TOO_SLOW);
+                        gone.push(*id);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+                }
+            }
+        }
+        self.counters
+            .delivered
+            .fetch_add(delivered, Ordering::Relaxed);
+        if !gone.is_empty() {
+            // The connection leaves its other rooms itself when it closes.
+            let mut subscribers = room.write_subscribers();
+            for id in gone {
+                subscribers.remove(&id);
+            }
+        }
+    }
+}
+
+/// Resolves once the hub starts shutting down.
+pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, not held across the caller's awaits.
+    let _ = shutdown.wait_for(|down| *down).await.map(|_| ());
+}

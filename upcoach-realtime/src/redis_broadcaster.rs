@@ -1,0 +1,531 @@
+//! The Redis broadcaster: one Lua script numbers, stores and publishes each event;
+//! pub/sub carries live events to every process, a stream per room keeps history.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, PubSubSink};
+use tokio::sync::broadcast;
+use upcoach_core::{Clock, SystemClock};
+
+use crate::{
+    Broadcaster, BrokerState, Error, HistoryLimits, Replay, Result, RoomEvent, Subscription,
+    encode_data, validate_event_name, validate_room,
+};
+
+/// Live events buffered per room on this process (see [`Subscription`]).
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// `KEYS[1]` the room's counter, `KEYS[2]` its stream; `ARGV[1]` `ts|event|data`,
+/// `ARGV[2]` the counter's TTL (ms), `ARGV[3]` MAXLEN, `ARGV[4]` the stream's TTL
+/// (ms), `ARGV[5]` the channel. Numbering, storing and publishing in one script keeps
+/// the room's order the same in history and on the wire.
+const PUBLISH: &str = r"
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[1])
+return seq
+";
+
+/// How the Redis broadcaster names things and how long it keeps them.
+#[derive(Debug, Clone)]
+pub struct RedisBroadcasterOptions {
+    /// Key and channel prefix (default `upcoach:rt`): `<prefix>:{<room>}:seq`,
+    /// `<prefix>:{<room>}:log` (same hash slot, so Redis Cluster works) and the
+    /// channel `<prefix>:ch:<room>`.
+    pub prefix: String,
+    /// History kept per room.
+    pub history: HistoryLimits,
+    /// How long a room's counter outlives its last event (default 30 days). A room
+    /// idle for longer starts again at 1; old cursors then get `reset`.
+    pub counter_ttl: Duration,
+    /// How long the subscriber waits for Redis when (re)connecting and for a
+    /// liveness ping (default 2 s).
+    pub timeout: Duration,
+    /// How often the subscriber pings Redis to notice a dead connection (default 5 s).
+    pub ping_interval: Duration,
+    /// The clock that stamps events and ages history.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for RedisBroadcasterOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "upcoach:rt".into(),
+            history: HistoryLimits::default(),
+            counter_ttl: Duration::from_secs(30 * 86_400),
+            timeout: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(5),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Publishes through Redis so that subscribers on every process sharing it receive
+/// each room's events in order, numbered by one counter per room; history for replay
+/// lives in a Redis stream per room (`MAXLEN ~`, plus an age bound).
+///
+/// One dedicated pub/sub connection per process carries live events; it reconnects
+/// by itself, resubscribes, and fills the hole the outage left from history (or the
+/// hub announces `reset` when history no longer has it).
+///
+/// ```no_run
+/// use upcoach_realtime::{Broadcaster, RedisBroadcaster, RedisBroadcasterOptions};
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let b = RedisBroadcaster::connect("redis://127.0.0.1:6379", RedisBroadcasterOptions::default()).await?;
+/// let sent = b.publish("alerts", "fired", serde_json::json!({"rule": "p95"})).await?;
+/// println!("alerts is at seq {}", sent.seq);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct RedisBroadcaster {
+    inner: Arc<Inner>,
+    subscriber: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisBroadcaster {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+struct Inner {
+    manager: ConnectionManager,
+    options: RedisBroadcasterOptions,
+    script: redis::Script,
+    rooms: Mutex<HashMap<String, LocalRoom>>,
+    /// The live pub/sub connection's command half; `None` while reconnecting. Held
+    /// across (re)subscription so a room added meanwhile is never missed.
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    connected: AtomicBool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroadcaster")
+            .field("prefix", &self.options.prefix)
+            .field("connected", &self.connected.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct LocalRoom {
+    tx: broadcast::Sender<Arc<RoomEvent>>,
+    /// The newest sequence number forwarded to this process's subscribers.
+    last: Option<u64>,
+}
+
+fn backend(source: redis::RedisError) -> Error {
+    Error::Backend {
+        backend: "redis",
+        source: Box::new(source),
+    }
+}
+
+fn corrupt(what: &'static str) -> Error {
+    Error::Backend {
+        backend: "redis",
+        source: what.into(),
+    }
+}
+
+impl RedisBroadcaster {
+    /// Connects to `url` (commands through a self-reconnecting `ConnectionManager`,
+    /// live events through a dedicated pub/sub connection).
+    pub async fn connect(url: &str, options: RedisBroadcasterOptions) -> Result<Self> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.timeout))
+            .set_response_timeout(Some(options.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(backend)?;
+        Ok(Self::new(client, manager, options))
+    }
+
+    /// A broadcaster on an existing connection; `client` opens the pub/sub connection.
+    pub fn new(
+        client: redis::Client,
+        manager: ConnectionManager,
+        options: RedisBroadcasterOptions,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            manager,
+            options,
+            script: redis::Script::new(PUBLISH),
+            rooms: Mutex::new(HashMap::new()),
+            sink: tokio::sync::Mutex::new(None),
+            connected: AtomicBool::new(false),
+        });
+        let subscriber = tokio::spawn(run_subscriber(Arc::downgrade(&inner), client));
+        Self { inner, subscriber }
+    }
+}
+
+impl Inner {
+    fn rooms(&self) -> MutexGuard<'_, HashMap<String, LocalRoom>> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn counter_key(&self, room: &str) -> String {
+        format!("{}:{{{room}}}:seq", self.options.prefix)
+    }
+
+    fn log_key(&self, room: &str) -> String {
+        format!("{}:{{{room}}}:log", self.options.prefix)
+    }
+
+    fn channel(&self, room: &str) -> String {
+        format!("{}:ch:{room}", self.options.prefix)
+    }
+
+    fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.options.prefix.as_str())?
+            .strip_prefix(":ch:")
+    }
+
+    /// Forwards a live event to this process's subscribers, once and in order.
+    fn forward(&self, event: RoomEvent) {
+        let mut rooms = self.rooms();
+        let Some(local) = rooms.get_mut(&event.room) else {
+            return;
+        };
+        if local.last.is_some_and(|last| event.seq <= last) {
+            return;
+        }
+        local.last = Some(event.seq);
+        let _ = local.tx.send(Arc::new(event));
+    }
+
+    /// After a reconnect: forwards what each room published while the connection was
+    /// down. What history no longer has shows as a jump in `seq`, which the hub turns
+    /// into `reset`.
+    async fn repair(&self) {
+        let positions: Vec<(String, u64)> = self
+            .rooms()
+            .iter()
+            .filter_map(|(room, local)| local.last.map(|last| (room.clone(), last)))
+            .collect();
+        for (room, mut after) in positions {
+            loop {
+                match self.replay(&room, after, 500).await {
+                    Ok(Replay::Events(events)) if !events.is_empty() => {
+                        for event in events {
+                            after = after.max(event.seq);
+                            self.forward(RoomEvent::clone(&event));
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(room, error = %e, "could not fill a room's hole after reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
+        validate_room(room)?;
+        let mut conn = self.manager.clone();
+        let (head, entries): (Option<u64>, Vec<(String, Vec<Vec<u8>>)>) = redis::pipe()
+            .get(self.counter_key(room))
+            .cmd("XRANGE")
+            .arg(self.log_key(room))
+            .arg(format!("({after_seq}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let head = head.unwrap_or(0);
+        if after_seq > head {
+            return Ok(Replay::Gone {
+                reason: "cursor_ahead_of_room",
+            });
+        }
+        if after_seq == head || limit == 0 {
+            return Ok(Replay::Events(Vec::new()));
+        }
+        let now = self.options.clock.now();
+        let mut events = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let seq = id
+                .split_once('-')
+                .and_then(|(seq, _)| seq.parse::<u64>().ok())
+                .ok_or_else(|| corrupt("a history entry has no sequence number"))?;
+            let body = fields
+                .chunks(2)
+                .find(|pair| pair.first().is_some_and(|k| k == b"d"))
+                .and_then(|pair| pair.get(1))
+                .ok_or_else(|| corrupt("a history entry has no body"))?;
+            events.push(Arc::new(decode(room, seq, body)?));
+        }
+        let Some(first) = events.first() else {
+            return Ok(Replay::Gone {
+                reason: "history_expired",
+            });
+        };
+        if first.seq != after_seq + 1 {
+            return Ok(Replay::Gone {
+                reason: "history_expired",
+            });
+        }
+        if now
+            .duration_since(first.ts)
+            .is_ok_and(|age| age > self.options.history.max_age)
+        {
+            return Ok(Replay::Gone {
+                reason: "history_expired",
+            });
+        }
+        Ok(Replay::Events(events))
+    }
+}
+
+/// Reads `ts|event|data` (the stream entry) into an event of `room` numbered `seq`.
+fn decode(room: &str, seq: u64, body: &[u8]) -> Result<RoomEvent> {
+    let text = std::str::from_utf8(body).map_err(|_| corrupt("an event is not UTF-8"))?;
+    let mut parts = text.splitn(3, '|');
+    let (Some(ts), Some(event), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(corrupt("an event is not ts|event|data"));
+    };
+    let ts: u64 = ts
+        .parse()
+        .map_err(|_| corrupt("an event's time is not a number"))?;
+    let data = serde_json::from_str(data).map_err(|_| corrupt("an event's data is not JSON"))?;
+    Ok(RoomEvent {
+        room: room.to_owned(),
+        seq,
+        event: event.to_owned(),
+        data,
+        ts: SystemTime::UNIX_EPOCH + Duration::from_millis(ts),
+    })
+}
+
+/// Reads a pub/sub payload `seq|ts|event|data`.
+fn decode_live(room: &str, payload: &[u8]) -> Result<RoomEvent> {
+    let split = payload
+        .iter()
+        .position(|b| *b == b'|')
+        .ok_or_else(|| corrupt("a live event has no sequence number"))?;
+    let seq = std::str::from_utf8(&payload[..split])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| corrupt("a live event's sequence number is not a number"))?;
+    decode(room, seq, &payload[split + 1..])
+}
+
+async fn run_subscriber(inner: Weak<Inner>, client: redis::Client) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let timeout = strong.options.timeout;
+        let ping_every = strong.options.ping_interval;
+        let session = async {
+            let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let (sink, stream) = pubsub.split();
+            let mut guard = strong.sink.lock().await;
+            let channels: Vec<String> = strong.rooms().keys().map(|r| strong.channel(r)).collect();
+            let mut subscribing = sink.clone();
+            if !channels.is_empty() {
+                tokio::time::timeout(timeout, subscribing.subscribe(&channels))
+                    .await
+                    .map_err(|_| "subscribe timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+            }
+            *guard = Some(sink.clone());
+            drop(guard);
+            Ok::<_, String>((sink, stream))
+        }
+        .await;
+        let (mut sink, mut stream) = match session {
+            Ok(parts) => parts,
+            Err(e) => {
+                if strong.connected.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "realtime broker connection lost");
+                }
+                tracing::debug!(error = %e, "realtime broker reconnect failed");
+                drop(strong);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        strong.repair().await;
+        if !strong.connected.swap(true, Ordering::AcqRel) {
+            tracing::info!("realtime broker connected");
+        }
+        backoff = Duration::from_millis(50);
+        drop(strong);
+
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else { break };
+                    let Some(strong) = inner.upgrade() else { return };
+                    let Some(room) = strong.room_of(message.get_channel_name()) else { continue };
+                    match decode_live(room, message.get_payload_bytes()) {
+                        Ok(event) => strong.forward(event),
+                        Err(e) => tracing::warn!(room, error = %e, "an undecodable live event was skipped; the next event repairs the hole"),
+                    }
+                }
+                _ = ping.tick() => {
+                    let Some(strong) = inner.upgrade() else { return };
+                    // Liveness: a half-open connection would otherwise go unnoticed.
+                    let alive = tokio::time::timeout(timeout, sink.ping::<String>()).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        break;
+                    }
+                    // Rooms nobody on this process reads any more are unsubscribed.
+                    let idle: Vec<String> = {
+                        let mut rooms = strong.rooms();
+                        let idle: Vec<String> = rooms
+                            .iter()
+                            .filter(|(_, local)| local.tx.receiver_count() == 0)
+                            .map(|(room, _)| room.clone())
+                            .collect();
+                        for room in &idle {
+                            rooms.remove(room);
+                        }
+                        idle
+                    };
+                    if !idle.is_empty() {
+                        let channels: Vec<String> = idle.iter().map(|r| strong.channel(r)).collect();
+                        let _ = tokio::time::timeout(timeout, sink.unsubscribe(&channels)).await;
+                    }
+                }
+            }
+        }
+        if let Some(strong) = inner.upgrade() {
+            *strong.sink.lock().await = None;
+            strong.connected.store(false, Ordering::Release);
+            tracing::warn!("realtime broker connection lost; reconnecting");
+        }
+    }
+}
+
+#[async_trait]
+impl Broadcaster for RedisBroadcaster {
+    async fn publish(
+        &self,
+        room: &str,
+        event: &str,
+        data: serde_json::Value,
+    ) -> Result<Arc<RoomEvent>> {
+        validate_room(room)?;
+        validate_event_name(event)?;
+        let json = encode_data(&data)?;
+        let inner = &self.inner;
+        let ts = inner.options.clock.now();
+        let ts_ms = ts
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let body = format!("{ts_ms}|{event}|{json}");
+        let mut conn = inner.manager.clone();
+        let seq: u64 = inner
+            .script
+            .key(inner.counter_key(room))
+            .key(inner.log_key(room))
+            .arg(body)
+            .arg(inner.options.counter_ttl.as_millis() as u64)
+            .arg(inner.options.history.max_events.max(1))
+            .arg(inner.options.history.max_age.as_millis().max(1) as u64)
+            .arg(inner.channel(room))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(Arc::new(RoomEvent {
+            room: room.to_owned(),
+            seq,
+            event: event.to_owned(),
+            data,
+            ts: SystemTime::UNIX_EPOCH + Duration::from_millis(ts_ms),
+        }))
+    }
+
+    async fn subscribe(&self, room: &str) -> Result<Subscription> {
+        validate_room(room)?;
+        let inner = &self.inner;
+        let mut sink = inner.sink.lock().await;
+        let (rx, fresh) = {
+            let mut rooms = inner.rooms();
+            match rooms.get(room) {
+                Some(local) => (local.tx.subscribe(), false),
+                None => {
+                    let (tx, rx) = broadcast::channel(CHANNEL_CAPACITY);
+                    rooms.insert(room.to_owned(), LocalRoom { tx, last: None });
+                    (rx, true)
+                }
+            }
+        };
+        if !fresh {
+            return Ok(Subscription::new(rx));
+        }
+        let forget = |e: Error| {
+            inner.rooms().remove(room);
+            e
+        };
+        if let Some(live) = sink.as_mut() {
+            tokio::time::timeout(inner.options.timeout, live.subscribe(inner.channel(room)))
+                .await
+                .map_err(|_| {
+                    forget(Error::Backend {
+                        backend: "redis",
+                        source: "subscribing timed out".into(),
+                    })
+                })?
+                .map_err(|e| forget(backend(e)))?;
+        }
+        // The position the room starts from here: a later reconnect fills the hole
+        // after it, and anything at or before it is not live news to this process.
+        // (Not connected: the subscriber subscribes the room when it reconnects.)
+        let head = self.head(room).await.map_err(forget)?;
+        drop(sink);
+        if let Some(local) = inner.rooms().get_mut(room) {
+            local.last = Some(local.last.map_or(head, |last| last.max(head)));
+        }
+        Ok(Subscription::new(rx))
+    }
+
+    async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
+        self.inner.replay(room, after_seq, limit).await
+    }
+
+    async fn head(&self, room: &str) -> Result<u64> {
+        validate_room(room)?;
+        let mut conn = self.inner.manager.clone();
+        let head: Option<u64> = redis::cmd("GET")
+            .arg(self.inner.counter_key(room))
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(head.unwrap_or(0))
+    }
+
+    fn state(&self) -> BrokerState {
+        BrokerState {
+            kind: "redis",
+            connected: self.inner.connected.load(Ordering::Acquire),
+        }
+    }
+}

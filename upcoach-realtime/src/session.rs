@@ -1,0 +1,343 @@
+//! One connection's view of its rooms, shared by both transports: subscribing with
+//! replay, and turning queued deliveries into an exact, gap-free stream per room.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use upcoach_core::Principal;
+
+use crate::hub::{ConnShared, Delivery, Inner, Refusal, Slot};
+use crate::wire::Encoded;
+use crate::{Error, Replay, validate_room};
+
+/// What a session hands its transport to write, in order.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Subscribed {
+        room: Arc<str>,
+        seq: u64,
+    },
+    Event(Arc<Encoded>),
+    Reset {
+        room: Arc<str>,
+        reason: &'static str,
+    },
+}
+
+/// Why a subscription was refused.
+#[derive(Debug)]
+pub(crate) enum SubscribeError {
+    Unauthenticated,
+    InvalidRoom(Error),
+    Forbidden,
+    TooManyRooms,
+    Broker,
+}
+
+impl SubscribeError {
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            SubscribeError::Unauthenticated => "unauthenticated",
+            SubscribeError::InvalidRoom(_) => "invalid_room",
+            SubscribeError::Forbidden => "forbidden",
+            SubscribeError::TooManyRooms => "too_many_rooms",
+            SubscribeError::Broker => "broker_unavailable",
+        }
+    }
+
+    pub(crate) fn message(&self) -> String {
+        match self {
+            SubscribeError::Unauthenticated => "authenticate first".into(),
+            SubscribeError::InvalidRoom(e) => e.to_string(),
+            SubscribeError::Forbidden => "this room is not open to you".into(),
+            SubscribeError::TooManyRooms => "this connection reads the most rooms it may".into(),
+            SubscribeError::Broker => "the realtime broker is unavailable; retry".into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Reading {
+    room: Arc<str>,
+    /// The last sequence number handed to the client.
+    last: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) slot: Slot,
+    pub(crate) principal: Option<Principal>,
+    pub(crate) shared: Arc<ConnShared>,
+    tx: mpsc::Sender<Delivery>,
+    rx: mpsc::Receiver<Delivery>,
+    rooms: Vec<Reading>,
+    opened: Instant,
+    /// Why the connection ended, for the disconnect record.
+    pub(crate) end_reason: &'static str,
+}
+
+impl Session {
+    pub(crate) fn new(slot: Slot) -> Self {
+        let (tx, rx) = mpsc::channel(slot.hub.config.queue_capacity);
+        Session {
+            slot,
+            principal: None,
+            shared: Arc::new(ConnShared::default()),
+            tx,
+            rx,
+            rooms: Vec::new(),
+            opened: Instant::now(),
+            end_reason: "closed",
+        }
+    }
+
+    pub(crate) fn hub(&self) -> &Arc<Inner> {
+        &self.slot.hub
+    }
+
+    /// Sets (or replaces, on a token refresh) who the connection acts for. A refresh
+    /// for another user is refused by the caller before this.
+    pub(crate) fn authenticate(&mut self, principal: Principal) -> Result<(), Refusal> {
+        self.slot.claim_user(principal.user_id)?;
+        if self.principal.is_none() {
+            self.hub().record(
+                "connect",
+                Some(principal.user_id),
+                serde_json::json!({ "transport": self.slot.transport.as_str(), "connection": self.slot.id }),
+            );
+        }
+        self.principal = Some(principal);
+        Ok(())
+    }
+
+    /// Rooms the current principal may no longer read (after a token refresh with
+    /// fewer roles): they are dropped and returned.
+    pub(crate) fn drop_forbidden(&mut self) -> Vec<Arc<str>> {
+        let Some(principal) = &self.principal else {
+            return Vec::new();
+        };
+        let hub = self.slot.hub.clone();
+        let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rooms)
+            .into_iter()
+            .partition(|r| hub.access.can_subscribe(principal, &r.room));
+        self.rooms = keep;
+        for reading in &drop {
+            hub.leave(&reading.room, self.slot.id);
+        }
+        drop.into_iter().map(|r| r.room).collect()
+    }
+
+    pub(crate) fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// The rooms and the last sequence number delivered in each.
+    pub(crate) fn positions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.rooms.iter().map(|r| (&*r.room, r.last))
+    }
+
+    /// Starts reading `room`: with `since`, everything after it first (or a reset when
+    /// history is gone), then live events. Appends what to send to `out`.
+    pub(crate) async fn subscribe(
+        &mut self,
+        room: &str,
+        since: Option<u64>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<(), SubscribeError> {
+        validate_room(room).map_err(SubscribeError::InvalidRoom)?;
+        let Some(principal) = &self.principal else {
+            return Err(SubscribeError::Unauthenticated);
+        };
+        let user = principal.user_id;
+        let hub = self.slot.hub.clone();
+        if !hub.access.can_subscribe(principal, room) {
+            hub.counters.denied.fetch_add(1, Ordering::Relaxed);
+            hub.record(
+                "subscription_denied",
+                Some(user),
+                serde_json::json!({ "room": room, "transport": self.slot.transport.as_str() }),
+            );
+            return Err(SubscribeError::Forbidden);
+        }
+        if let Some(existing) = self.rooms.iter().position(|r| &*r.room == room) {
+            // Subscribing again moves the position (a client re-syncing one room).
+            let reading = self.rooms.remove(existing);
+            hub.leave(&reading.room, self.slot.id);
+        }
+        if self.rooms.len() >= hub.config.max_rooms_per_connection {
+            return Err(SubscribeError::TooManyRooms);
+        }
+        if let Err(e) = hub
+            .join(room, self.slot.id, self.tx.clone(), self.shared.clone())
+            .await
+        {
+            tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
+            return Err(SubscribeError::Broker);
+        }
+        let name: Arc<str> = Arc::from(room);
+        let positioned = self.position(&name, since, out).await;
+        match positioned {
+            Ok(last) => {
+                self.rooms.push(Reading { room: name, last });
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
+                hub.leave(room, self.slot.id);
+                Err(SubscribeError::Broker)
+            }
+        }
+    }
+
+    /// Where the client starts in a room it just joined: the head, after the replay
+    /// of everything since `since`.
+    async fn position(
+        &self,
+        room: &Arc<str>,
+        since: Option<u64>,
+        out: &mut Vec<Outbound>,
+    ) -> Result<u64, Error> {
+        let hub = &self.slot.hub;
+        let head = hub.broadcaster.head(room).await?;
+        out.push(Outbound::Subscribed {
+            room: room.clone(),
+            seq: head,
+        });
+        let Some(since) = since else {
+            return Ok(head);
+        };
+        self.catch_up(room, since, head, out).await
+    }
+
+    /// Replays `room` from `after` up to at least `until`; the position reached.
+    async fn catch_up(
+        &self,
+        room: &Arc<str>,
+        mut after: u64,
+        until: u64,
+        out: &mut Vec<Outbound>,
+    ) -> Result<u64, Error> {
+        let hub = &self.slot.hub;
+        let page = hub.config.replay_page;
+        while after < until {
+            match hub.broadcaster.replay(room, after, page).await? {
+                Replay::Events(events) => {
+                    let Some(newest) = events.last().map(|e| e.seq) else {
+                        break;
+                    };
+                    for event in events {
+                        if event.seq > after {
+                            out.push(Outbound::Event(Arc::new(Encoded::new(
+                                &event,
+                                room.clone(),
+                            ))));
+                        }
+                    }
+                    after = after.max(newest);
+                }
+                Replay::Gone { reason } => {
+                    hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+                    out.push(Outbound::Reset {
+                        room: room.clone(),
+                        reason,
+                    });
+                    return Ok(hub.broadcaster.head(room).await?.max(until));
+                }
+            }
+        }
+        Ok(after)
+    }
+
+    /// Stops reading `room`; whether it was read.
+    pub(crate) fn unsubscribe(&mut self, room: &str) -> bool {
+        match self.rooms.iter().position(|r| &*r.room == room) {
+            Some(i) => {
+                self.rooms.remove(i);
+                self.slot.hub.leave(room, self.slot.id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The next queued delivery. Cancel-safe.
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// A queued delivery if there is one.
+    pub(crate) fn try_next(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Turns a delivery into what the client must see: nothing for a duplicate or a
+    /// room no longer read, the missing events first when a hole shows.
+    pub(crate) async fn accept(&mut self, delivery: Delivery, out: &mut Vec<Outbound>) {
+        match delivery {
+            Delivery::Event(event) => {
+                let Some(i) = self.rooms.iter().position(|r| r.room == event.room) else {
+                    return;
+                };
+                let last = self.rooms[i].last;
+                if event.seq <= last {
+                    return;
+                }
+                if event.seq > last + 1 {
+                    let room = self.rooms[i].room.clone();
+                    match self.catch_up(&room, last, event.seq - 1, out).await {
+                        Ok(reached) => self.rooms[i].last = reached,
+                        Err(_) => {
+                            self.slot
+                                .hub
+                                .counters
+                                .resets
+                                .fetch_add(1, Ordering::Relaxed);
+                            out.push(Outbound::Reset {
+                                room,
+                                reason: "broker_unavailable",
+                            });
+                        }
+                    }
+                    if event.seq <= self.rooms[i].last {
+                        return;
+                    }
+                }
+                self.rooms[i].last = event.seq;
+                out.push(Outbound::Event(event));
+            }
+            Delivery::Reset { room, reason } => {
+                let Some(i) = self.rooms.iter().position(|r| r.room == room) else {
+                    return;
+                };
+                // Resume from the head: whatever the client missed is announced as gone.
+                if let Ok(head) = self.slot.hub.broadcaster.head(&room).await {
+                    self.rooms[i].last = self.rooms[i].last.max(head);
+                }
+                out.push(Outbound::Reset { room, reason });
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let hub = self.slot.hub.clone();
+        for reading in self.rooms.drain(..) {
+            hub.leave(&reading.room, self.slot.id);
+        }
+        if let Some(principal) = &self.principal {
+            hub.record(
+                "disconnect",
+                Some(principal.user_id),
+                serde_json::json!({
+                    "transport": self.slot.transport.as_str(),
+                    "connection": self.slot.id,
+                    "reason": self.end_reason,
+                    "seconds": self.opened.elapsed().as_secs(),
+                }),
+            );
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The Server-Sent Events transport: API.md's record format, a cursor in every `id:`
+//! that resumes every room exactly on any process, gzip flushed per record.
+
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+use upcoach_core::TokenError;
+
+use crate::cursor::{Cursor, MAX_CURSOR_ROOMS};
+use crate::hub::{Hub, Inner, RealtimeBody, Refusal, Transport};
+use crate::respond::{
+    bearer, error_response, origin_allowed, origin_refused, query_param, refusal_response,
+    token_refused, verify,
+};
+use crate::session::{Outbound, Session, SubscribeError};
+use crate::wire::reset_json;
+
+/// Records buffered between the connection's task and hyper; past it the task waits
+/// (and its event queue, bounded, fills if the client stays stuck).
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+impl Hub {
+    /// Answers `GET /api/dashboard/realtime/sse?rooms=a,b`: token from the header or
+    /// `access_token=`, cursor from `Last-Event-ID` or `last_event_id=`. Every room is
+    /// checked before the stream starts (403 if any is refused); then each room
+    /// resumes exactly after the cursor's position, or announces `reset`.
+    pub async fn sse<B>(&self, request: Request<B>) -> Response<RealtimeBody> {
+        let hub = &self.inner;
+        if request.method() != http::Method::GET {
+            return error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            );
+        }
+        let allowed_origin = match origin_allowed(hub, request.headers()) {
+            Ok(origin) => origin,
+            Err(()) => return origin_refused(),
+        };
+        let rooms = match rooms_of(&request) {
+            Ok(rooms) => rooms,
+            Err(message) => {
+                return error_response(StatusCode::BAD_REQUEST, "invalid_rooms", message);
+            }
+        };
+        let cursor = request
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| query_param(&request, "last_event_id"));
+        let cursor = match cursor.as_deref().map(str::parse::<Cursor>).transpose() {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, "invalid_cursor", &e.to_string());
+            }
+        };
+        let Some(token) = bearer(&request) else {
+            sse_auth_failed(hub, &TokenError::Missing);
+            return token_refused(&TokenError::Missing);
+        };
+        let principal = match verify(hub, &token).await {
+            Ok(principal) => principal,
+            Err(e) => {
+                sse_auth_failed(hub, &e);
+                return token_refused(&e);
+            }
+        };
+        let gzip = hub.config.sse_gzip && accepts_gzip(&request);
+        let slot = match hub.reserve(Transport::Sse) {
+            Ok(slot) => slot,
+            Err(refusal) => return refusal_response(refusal),
+        };
+        let expires_at = principal.expires_at;
+        let mut session = Session::new(slot);
+        if session.authenticate(principal).is_err() {
+            return refusal_response(Refusal::TooManyForUser);
+        }
+        let mut out = Vec::new();
+        let mut start = Cursor::default();
+        for room in &rooms {
+            let since = cursor.as_ref().and_then(|c| c.get(room));
+            if let Err(e) = session.subscribe(room, since, &mut out).await {
+                let status = match e {
+                    SubscribeError::Forbidden => StatusCode::FORBIDDEN,
+                    SubscribeError::Broker => StatusCode::SERVICE_UNAVAILABLE,
+                    SubscribeError::Unauthenticated => StatusCode::UNAUTHORIZED,
+                    SubscribeError::InvalidRoom(_) | SubscribeError::TooManyRooms => {
+                        StatusCode::BAD_REQUEST
+                    }
+                };
+                session.end_reason = e.code();
+                let mut response = error_response(status, e.code(), &e.message());
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+                }
+                return response;
+            }
+            if let Some(since) = since {
+                start.set(room, since);
+            }
+        }
+        let (chunks, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let stream = Stream {
+            session,
+            cursor: start,
+            gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+            chunks,
+            text: String::new(),
+        };
+        let until = expires_at
+            .duration_since(hub.clock.now())
+            .unwrap_or(Duration::ZERO);
+        tokio::spawn(stream.run(out, until));
+
+        let mut response = Response::new(ChannelBody { rx }.boxed());
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        if gzip {
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        if let Some(origin) = allowed_origin {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        response
+    }
+}
+
+fn sse_auth_failed(hub: &Inner, error: &TokenError) {
+    hub.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+    hub.record(
+        "auth_failure",
+        None,
+        serde_json::json!({ "transport": "sse", "code": error.code(), "stage": "handshake" }),
+    );
+}
+
+fn rooms_of<B>(request: &Request<B>) -> Result<Vec<String>, &'static str> {
+    let Some(list) = query_param(request, "rooms") else {
+        return Err("rooms= is required: a comma-separated list of rooms");
+    };
+    let mut rooms: Vec<String> = Vec::new();
+    for room in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        if crate::validate_room(room).is_err() {
+            return Err("a room name is not valid (ASCII letters, digits and _ - . : @)");
+        }
+        if !rooms.iter().any(|r| r == room) {
+            rooms.push(room.to_owned());
+        }
+    }
+    if rooms.is_empty() {
+        return Err("rooms= names no room");
+    }
+    if rooms.len() > MAX_CURSOR_ROOMS {
+        return Err("too many rooms for one stream");
+    }
+    Ok(rooms)
+}
+
+/// Whether `Accept-Encoding` accepts gzip (a `q=0` refuses it).
+fn accepts_gzip<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+struct Stream {
+    session: Session,
+    cursor: Cursor,
+    gzip: Option<GzEncoder<Vec<u8>>>,
+    chunks: mpsc::Sender<Bytes>,
+    text: String,
+}
+
+impl Stream {
+    async fn run(mut self, first: Vec<Outbound>, token_left: Duration) {
+        let hub = self.session.hub().clone();
+        let mut shutdown = hub.shutdown.subscribe();
+        let retry = hub.config.sse_retry.as_millis();
+        self.text.push_str(&format!("retry: {retry}\n"));
+        // Positions for rooms without a cursor come from their `subscribed` head.
+        for item in &first {
+            if let Outbound::Subscribed { room, seq } = item
+                && self.cursor.get(room).is_none()
+            {
+                self.cursor.set(room, *seq);
+            }
+        }
+        // An `id:` with no data sets the client's Last-Event-ID without dispatching
+        // an event, so even a stream that never carries an event resumes exactly.
+        self.text.push_str(&format!("id: {}\n\n", self.cursor));
+        self.encode(first);
+        if !self.send().await {
+            return;
+        }
+        let ping = hub.config.sse_ping_interval;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
+        let expiry = tokio::time::sleep(token_left);
+        tokio::pin!(expiry);
+        let mut out = Vec::new();
+        let shared = self.session.shared.clone();
+        let reason = loop {
+            tokio::select! {
+                biased;
+                () = crate::hub::stopping(&mut shutdown) => break "server shutting down",
+                () = shared.notify.notified() => {
+                    if shared.close_code().is_some() {
+                        break "too slow: the send queue filled";
+                    }
+                }
+                delivery = self.session.next() => {
+                    let Some(delivery) = delivery else { break "queue closed" };
+                    self.session.accept(delivery, &mut out).await;
+                    while let Some(more) = self.session.try_next() {
+                        self.session.accept(more, &mut out).await;
+                        if out.len() >= 256 {
+                            break;
+                        }
+                    }
+                    self.encode(std::mem::take(&mut out));
+                    tokio::select! {
+                        sent = self.send() => if !sent { break "client went away" },
+                        () = shared.notify.notified() => break "too slow: the send queue filled",
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    self.text.push_str(": ping\n\n");
+                    if !self.send().await {
+                        break "client went away";
+                    }
+                }
+                () = &mut expiry => break "token_expired",
+            }
+        };
+        self.session.end_reason = reason;
+        // Ends the gzip member so the client's decoder sees a whole stream.
+        if let Some(gz) = self.gzip.take()
+            && let Ok(rest) = gz.finish()
+        {
+            let _ = tokio::time::timeout(
+                hub.config.close_timeout,
+                self.chunks.send(Bytes::from(rest)),
+            )
+            .await;
+        }
+    }
+
+    /// Appends the records for `items` to the pending text.
+    fn encode(&mut self, items: Vec<Outbound>) {
+        for item in items {
+            match item {
+                Outbound::Subscribed { .. } => {}
+                Outbound::Event(event) => {
+                    self.cursor.set(&event.room, event.seq);
+                    self.text.push_str(&format!(
+                        "id: {}\nevent: {}\ndata: {}\n\n",
+                        self.cursor, event.event, event.json
+                    ));
+                }
+                Outbound::Reset { room, reason } => {
+                    let position = self
+                        .session
+                        .positions()
+                        .find(|(r, _)| *r == &*room)
+                        .map(|(_, seq)| seq);
+                    if let Some(seq) = position {
+                        self.cursor.set(&room, seq);
+                    }
+                    self.text.push_str(&format!(
+                        "id: {}\nevent: reset\ndata: {}\n\n",
+                        self.cursor,
+                        reset_json(&room, reason)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Sends the pending text (compressed and flushed when gzip is on); false when the
+    /// client is gone.
+    async fn send(&mut self) -> bool {
+        if self.text.is_empty() {
+            return true;
+        }
+        let text = std::mem::take(&mut self.text);
+        let chunk = match &mut self.gzip {
+            None => Bytes::from(text),
+            Some(gz) => {
+                if gz.write_all(text.as_bytes()).is_err() || gz.flush().is_err() {
+                    return false;
+                }
+                Bytes::from(std::mem::take(gz.get_mut()))
+            }
+        };
+        self.chunks.send(chunk).await.is_ok()
+    }
+}
+
+/// The response body: chunks from the connection's task.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}

@@ -1,0 +1,93 @@
+//! The JSON of API.md's realtime protocol: events encoded once per process, client
+//! messages parsed strictly.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::RoomEvent;
+
+/// An event encoded once for every connection of this process.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub(crate) room: Arc<str>,
+    pub(crate) seq: u64,
+    pub(crate) event: String,
+    /// `{"room","seq","event","data","ts"}`: the SSE `data:` line.
+    pub(crate) json: String,
+    /// `{"type":"event","room","seq","event","data","ts"}`: the WebSocket text frame.
+    pub(crate) ws: Utf8Bytes,
+}
+
+#[derive(Serialize)]
+struct EventBody<'a> {
+    room: &'a str,
+    seq: u64,
+    event: &'a str,
+    data: &'a serde_json::Value,
+    ts: u64,
+}
+
+impl Encoded {
+    pub(crate) fn new(event: &RoomEvent, room: Arc<str>) -> Self {
+        let json = serde_json::to_string(&EventBody {
+            room: &event.room,
+            seq: event.seq,
+            event: &event.event,
+            data: &event.data,
+            ts: event.ts_millis(),
+        })
+        // A Value with string keys always serializes.
+        .unwrap_or_else(|_| String::from("{}"));
+        let ws = format!("{{\"type\":\"event\",{}", &json[1..]);
+        Self {
+            room,
+            seq: event.seq,
+            event: event.event.clone(),
+            json,
+            ws: Utf8Bytes::from(ws),
+        }
+    }
+}
+
+/// What a WebSocket client may send.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum ClientMessage {
+    Subscribe { room: String, since: Option<u64> },
+    Unsubscribe { room: String },
+    Auth { token: String },
+    Ping,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ServerMessage<'a> {
+    Subscribed {
+        room: &'a str,
+        seq: u64,
+    },
+    Reset {
+        room: &'a str,
+        reason: &'a str,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+    },
+    Pong,
+}
+
+impl ServerMessage<'_> {
+    pub(crate) fn text(&self) -> Utf8Bytes {
+        Utf8Bytes::from(serde_json::to_string(self).unwrap_or_else(|_| String::from("{}")))
+    }
+}
+
+/// `{"room","reason"}`: the data of an SSE `reset` record.
+pub(crate) fn reset_json(room: &str, reason: &str) -> String {
+    serde_json::json!({ "room": room, "reason": reason }).to_string()
+}

@@ -1,0 +1,499 @@
+//! The WebSocket transport: hyper's upgrade, tokio-tungstenite framing, API.md's
+//! JSON messages.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use upcoach_core::{Principal, TokenError};
+
+use crate::hub::{Hub, Inner, RealtimeBody, Transport};
+use crate::respond::{
+    bearer, body_from, error_response, origin_allowed, origin_refused, refusal_response, verify,
+};
+use crate::session::{Outbound, Session};
+use crate::wire::{ClientMessage, ServerMessage};
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Close codes of API.md.
+const CLOSE_UNAUTHENTICATED: u16 = 4001;
+const CLOSE_FORBIDDEN: u16 = 4003;
+const CLOSE_MISUSE: u16 = 4400;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TRY_LATER: u16 = 1013;
+
+/// Deliveries written per flush, so one busy connection cannot starve its own reads.
+const WRITE_BATCH: usize = 256;
+
+impl Hub {
+    /// Answers `GET /api/dashboard/realtime/ws`: checks the handshake, the origin,
+    /// the connection limits and the token (header or `access_token=`; without one
+    /// the client has [`HubConfig::auth_timeout`](crate::HubConfig::auth_timeout) to
+    /// send `{"type":"auth"}`), then upgrades and serves the connection on its own
+    /// task. Works with any body type, so hyper and axum hosts call it alike.
+    pub async fn websocket<B>(&self, mut request: Request<B>) -> Response<RealtimeBody> {
+        let hub = &self.inner;
+        let headers = request.headers();
+        let upgrade = headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let connection_upgrade = headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            });
+        if request.method() != http::Method::GET || !upgrade || !connection_upgrade {
+            let mut response = error_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "websocket_required",
+                "this route speaks WebSocket: send a GET with Upgrade: websocket",
+            );
+            response
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            return response;
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            let mut response = error_response(
+                StatusCode::BAD_REQUEST,
+                "unsupported_websocket_version",
+                "only WebSocket version 13 is spoken",
+            );
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return response;
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "missing_websocket_key",
+                "Sec-WebSocket-Key is required",
+            );
+        };
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        if origin_allowed(hub, headers).is_err() {
+            return origin_refused();
+        }
+        let mut slot = match hub.reserve(Transport::WebSocket) {
+            Ok(slot) => slot,
+            Err(refusal) => return refusal_response(refusal),
+        };
+        // A bad token still upgrades, so that a browser sees close code 4001 (it
+        // cannot read an HTTP refusal of a WebSocket handshake).
+        let mut refused: Option<TokenError> = None;
+        let mut principal: Option<Principal> = None;
+        if let Some(token) = bearer(&request) {
+            match verify(hub, &token).await {
+                Ok(p) => {
+                    if let Err(refusal) = slot.claim_user(p.user_id) {
+                        return refusal_response(refusal);
+                    }
+                    principal = Some(p);
+                }
+                Err(e) => refused = Some(e),
+            }
+        }
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let mut session = Session::new(slot);
+        if let Some(p) = principal
+            && session.authenticate(p).is_err()
+        {
+            return refusal_response(crate::hub::Refusal::TooManyForUser);
+        }
+        let config = WebSocketConfig::default()
+            .read_buffer_size(hub.config.ws_read_buffer)
+            .write_buffer_size(0)
+            .max_write_buffer_size(hub.config.queue_capacity.saturating_mul(64 * 1024))
+            .max_message_size(Some(hub.config.max_message_size))
+            .max_frame_size(Some(hub.config.max_message_size));
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a WebSocket upgrade did not complete");
+                    session.end_reason = "upgrade_failed";
+                    drop(session);
+                    return;
+                }
+            };
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            serve(socket, session, refused).await;
+        });
+        let mut response = Response::new(body_from(bytes::Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(accept) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        response
+    }
+}
+
+/// What the connection's loop decided.
+enum Step {
+    Continue,
+    Close(u16, &'static str),
+    /// The peer is gone or unresponsive: no close handshake.
+    Drop(&'static str),
+}
+
+struct Connection {
+    socket: Socket,
+    session: Session,
+    out: Vec<Outbound>,
+    bad_messages: u32,
+    /// Whether a ping is out and no frame has come in since.
+    awaiting_pong: bool,
+    /// When the connection last read no room.
+    idle_since: Option<Instant>,
+    opened: Instant,
+    last_ping: Instant,
+}
+
+async fn serve(socket: Socket, session: Session, refused: Option<TokenError>) {
+    let hub = session.hub().clone();
+    let mut conn = Connection {
+        socket,
+        session,
+        out: Vec::new(),
+        bad_messages: 0,
+        awaiting_pong: false,
+        idle_since: Some(Instant::now()),
+        opened: Instant::now(),
+        last_ping: Instant::now(),
+    };
+    if let Some(e) = refused {
+        auth_failed(&hub, &e, "handshake");
+        conn.close(CLOSE_UNAUTHENTICATED, e.code()).await;
+        return;
+    }
+    let mut shutdown = hub.shutdown.subscribe();
+    let shared = conn.session.shared.clone();
+    let heartbeat = tokio::time::sleep(hub.config.ws_ping_interval);
+    tokio::pin!(heartbeat);
+    let deadline = tokio::time::sleep_until(conn.deadline(&hub));
+    tokio::pin!(deadline);
+    let step = loop {
+        let step = tokio::select! {
+            biased;
+            () = crate::hub::stopping(&mut shutdown) => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+            () = shared.notify.notified() => match shared.close_code() {
+                Some(code) => Step::Close(code, "too slow: the send queue filled"),
+                None => Step::Continue,
+            },
+            delivery = conn.session.next() => match delivery {
+                Some(delivery) => conn.deliver(delivery).await,
+                None => Step::Drop("queue closed"),
+            },
+            message = conn.socket.next() => {
+                conn.awaiting_pong = false;
+                match message {
+                    Some(Ok(message)) => {
+                        let step = conn.on_message(message).await;
+                        deadline.as_mut().reset(conn.deadline(&hub));
+                        step
+                    }
+                    Some(Err(tungstenite::Error::Capacity(_))) => Step::Close(CLOSE_TOO_BIG, "message too big"),
+                    Some(Err(tungstenite::Error::Protocol(_))) => Step::Close(CLOSE_MISUSE, "protocol violation"),
+                    Some(Err(_)) | None => Step::Drop("client went away"),
+                }
+            },
+            () = &mut heartbeat => conn.heartbeat(&hub, heartbeat.as_mut()).await,
+            () = &mut deadline => match conn.session.principal {
+                None => {
+                    auth_failed(&hub, &TokenError::Missing, "auth_timeout");
+                    Step::Close(CLOSE_UNAUTHENTICATED, "token_missing")
+                }
+                Some(_) => {
+                    auth_failed(&hub, &TokenError::Expired, "expired_on_connection");
+                    Step::Close(CLOSE_UNAUTHENTICATED, "token_expired")
+                }
+            },
+        };
+        match step {
+            Step::Continue => {}
+            other => break other,
+        }
+    };
+    match step {
+        Step::Close(code, reason) => {
+            conn.session.end_reason = reason;
+            conn.close(code, reason).await;
+        }
+        Step::Drop(reason) => conn.session.end_reason = reason,
+        Step::Continue => {}
+    }
+}
+
+fn auth_failed(hub: &Inner, error: &TokenError, stage: &str) {
+    hub.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+    hub.record(
+        "auth_failure",
+        None,
+        serde_json::json!({ "transport": "websocket", "code": error.code(), "stage": stage }),
+    );
+}
+
+impl Connection {
+    /// When the connection must have (re)authenticated: the auth timeout before the
+    /// first token, then the token's expiry.
+    fn deadline(&self, hub: &Inner) -> Instant {
+        match &self.session.principal {
+            None => self.opened + hub.config.auth_timeout,
+            Some(p) => {
+                let left = p
+                    .expires_at
+                    .duration_since(hub.clock.now())
+                    .unwrap_or(Duration::ZERO);
+                Instant::now() + left
+            }
+        }
+    }
+
+    /// The heartbeat timer fired: either a ping is due, or the answer to the last one
+    /// did not come in time.
+    async fn heartbeat(&mut self, hub: &Inner, mut timer: std::pin::Pin<&mut Sleep>) -> Step {
+        let now = Instant::now();
+        if self.awaiting_pong {
+            return Step::Drop("heartbeat_timeout");
+        }
+        let due = self.last_ping + hub.config.ws_ping_interval;
+        if now < due {
+            timer.as_mut().reset(due);
+            return Step::Continue;
+        }
+        if self.session.room_count() > 0 || self.session.principal.is_none() {
+            self.idle_since = None;
+        } else if let Some(since) = self.idle_since {
+            if now.duration_since(since) >= hub.config.idle_timeout {
+                return Step::Close(CLOSE_NORMAL, "idle");
+            }
+        } else {
+            self.idle_since = Some(now);
+        }
+        self.last_ping = now;
+        self.awaiting_pong = true;
+        timer.as_mut().reset(now + hub.config.ws_pong_timeout);
+        match self.socket.send(Message::Ping(bytes::Bytes::new())).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Drop("client went away"),
+        }
+    }
+
+    /// Writes one delivery and whatever else is queued (up to a batch), then flushes;
+    /// gives up on the write when the hub closes the connection or shuts down.
+    async fn deliver(&mut self, first: crate::hub::Delivery) -> Step {
+        self.out.clear();
+        self.session.accept(first, &mut self.out).await;
+        for _ in 1..WRITE_BATCH {
+            match self.session.try_next() {
+                Some(delivery) => self.session.accept(delivery, &mut self.out).await,
+                None => break,
+            }
+        }
+        if self.out.is_empty() {
+            return Step::Continue;
+        }
+        let shared = self.session.shared.clone();
+        let mut shutdown = self.session.hub().shutdown.subscribe();
+        let write = write_all(&mut self.socket, &mut self.out);
+        tokio::select! {
+            result = write => match result {
+                Ok(()) => Step::Continue,
+                Err(_) => Step::Drop("client went away"),
+            },
+            () = shared.notify.notified() => Step::Close(
+                shared.close_code().unwrap_or(crate::hub::CLOSE_TOO_SLOW),
+                "too slow: the send queue filled",
+            ),
+            () = crate::hub::stopping(&mut shutdown) => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+        }
+    }
+
+    async fn reply(&mut self, message: ServerMessage<'_>) -> Step {
+        match self.socket.send(Message::Text(message.text())).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Drop("client went away"),
+        }
+    }
+
+    async fn error(&mut self, code: &str, message: &str, room: Option<&str>) -> Step {
+        self.reply(ServerMessage::Error {
+            code,
+            message,
+            room,
+        })
+        .await
+    }
+
+    async fn bad_message(&mut self, message: &str) -> Step {
+        self.bad_messages += 1;
+        if self.bad_messages > self.session.hub().config.max_bad_messages {
+            return Step::Close(CLOSE_MISUSE, "too many bad messages");
+        }
+        self.error("bad_message", message, None).await
+    }
+
+    async fn on_message(&mut self, message: Message) -> Step {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return self.bad_message("binary frames are not spoken here").await;
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
+            Message::Close(_) => return Step::Drop("client closed"),
+        };
+        let parsed: ClientMessage = match serde_json::from_str(text.as_str()) {
+            Ok(parsed) => parsed,
+            Err(_) => {
+                return self
+                    .bad_message(
+                        "expected {\"type\":\"subscribe\"|\"unsubscribe\"|\"auth\"|\"ping\", ...}",
+                    )
+                    .await;
+            }
+        };
+        match parsed {
+            ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
+            ClientMessage::Auth { token } => self.on_auth(&token).await,
+            ClientMessage::Subscribe { room, since } => {
+                self.out.clear();
+                let mut out = std::mem::take(&mut self.out);
+                let result = self.session.subscribe(&room, since, &mut out).await;
+                let step = match result {
+                    Ok(()) => match write_all(&mut self.socket, &mut out).await {
+                        Ok(()) => Step::Continue,
+                        Err(_) => Step::Drop("client went away"),
+                    },
+                    Err(e) => self.error(e.code(), &e.message(), Some(&room)).await,
+                };
+                self.out = out;
+                step
+            }
+            ClientMessage::Unsubscribe { room } => {
+                if self.session.unsubscribe(&room) {
+                    Step::Continue
+                } else {
+                    self.error(
+                        "not_subscribed",
+                        "this connection does not read that room",
+                        Some(&room),
+                    )
+                    .await
+                }
+            }
+        }
+    }
+
+    async fn on_auth(&mut self, token: &str) -> Step {
+        let hub = self.session.hub().clone();
+        match verify(&hub, token).await {
+            Ok(principal) => {
+                if let Some(current) = &self.session.principal
+                    && current.user_id != principal.user_id
+                {
+                    auth_failed(
+                        &hub,
+                        &TokenError::Invalid {
+                            reason: "another user",
+                        },
+                        "refresh",
+                    );
+                    return Step::Close(CLOSE_FORBIDDEN, "token_user_mismatch");
+                }
+                if self.session.authenticate(principal).is_err() {
+                    return Step::Close(CLOSE_TRY_LATER, "too_many_connections_for_user");
+                }
+                for room in self.session.drop_forbidden() {
+                    let step = self
+                        .error(
+                            "forbidden",
+                            "this room is no longer open to you",
+                            Some(&room),
+                        )
+                        .await;
+                    if !matches!(step, Step::Continue) {
+                        return step;
+                    }
+                }
+                Step::Continue
+            }
+            Err(e) => {
+                auth_failed(
+                    &hub,
+                    &e,
+                    if self.session.principal.is_some() {
+                        "refresh"
+                    } else {
+                        "first_message"
+                    },
+                );
+                if self.session.principal.is_none() {
+                    return Step::Close(CLOSE_UNAUTHENTICATED, e.code());
+                }
+                // The current token still holds until it expires.
+                self.error(e.code(), &e.to_string(), None).await
+            }
+        }
+    }
+
+    /// Sends a close frame and waits (bounded) for it to leave and the client's reply.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from(reason),
+        };
+        let timeout = self.session.hub().config.close_timeout;
+        let _ = tokio::time::timeout(timeout, async {
+            if self.socket.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = self.socket.next().await {}
+            }
+        })
+        .await;
+    }
+}
+
+async fn write_all(socket: &mut Socket, out: &mut Vec<Outbound>) -> Result<(), tungstenite::Error> {
+    for item in out.drain(..) {
+        let message = match item {
+            Outbound::Event(event) => Message::Text(event.ws.clone()),
+            Outbound::Subscribed { room, seq } => {
+                Message::Text(ServerMessage::Subscribed { room: &room, seq }.text())
+            }
+            Outbound::Reset { room, reason } => Message::Text(
+                ServerMessage::Reset {
+                    room: &room,
+                    reason,
+                }
+                .text(),
+            ),
+        };
+        socket.feed(message).await?;
+    }
+    socket.flush().await
+}
