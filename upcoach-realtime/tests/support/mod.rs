@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -32,7 +32,12 @@ pub struct Tokens {
 impl Tokens {
     pub fn issue(&self, user: UserId, roles: &[Role], ttl: Duration) -> String {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let principal = Principal::new(user, roles.to_vec(), SessionId::new(), SystemTime::now() + ttl);
+        let principal = Principal::new(
+            user,
+            roles.to_vec(),
+            SessionId::new(),
+            SystemTime::now() + ttl,
+        );
         self.issued.lock().unwrap().insert(token.clone(), principal);
         token
     }
@@ -46,7 +51,9 @@ impl Tokens {
 impl TokenVerifier for Tokens {
     async fn verify(&self, bearer: &str) -> Result<Principal, TokenError> {
         let principal = self.issued.lock().unwrap().get(bearer).cloned();
-        let principal = principal.ok_or(TokenError::Invalid { reason: "unknown test token" })?;
+        let principal = principal.ok_or(TokenError::Invalid {
+            reason: "unknown test token",
+        })?;
         if principal.expires_at <= SystemTime::now() {
             return Err(TokenError::Expired);
         }
@@ -60,26 +67,30 @@ pub async fn serve(hub: Hub) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let hub = hub.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                    let hub = hub.clone();
-                    async move {
-                        let response = match request.uri().path() {
-                            "/ws" => hub.websocket(request).await,
-                            "/sse" => hub.sse(request).await,
-                            _ => {
-                                let mut r = hyper::Response::new(
-                                    Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
-                                );
-                                *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                                r
-                            }
-                        };
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let hub = hub.clone();
+                        async move {
+                            let response = match request.uri().path() {
+                                "/ws" => hub.websocket(request).await,
+                                "/sse" => hub.sse(request).await,
+                                _ => {
+                                    let mut r = hyper::Response::new(
+                                        Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
+                                    );
+                                    *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                                    r
+                                }
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades()
@@ -94,7 +105,9 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Opens a WebSocket to `addr`, with `token` in the Authorization header if given.
 pub async fn ws(addr: SocketAddr, token: Option<&str>) -> Ws {
-    ws_with(addr, "/ws", token, None).await.expect("WebSocket handshake")
+    ws_with(addr, "/ws", token, None)
+        .await
+        .expect("WebSocket handshake")
 }
 
 pub async fn ws_with(
@@ -103,20 +116,28 @@ pub async fn ws_with(
     token: Option<&str>,
     origin: Option<&str>,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-    let mut request = format!("ws://{addr}{path_and_query}").into_client_request().unwrap();
+    let mut request = format!("ws://{addr}{path_and_query}")
+        .into_client_request()
+        .unwrap();
     if let Some(token) = token {
         request
             .headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     if let Some(origin) = origin {
-        request.headers_mut().insert("origin", origin.parse().unwrap());
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
     }
-    tokio_tungstenite::connect_async(request).await.map(|(ws, _)| ws)
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
 }
 
 pub async fn send(ws: &mut Ws, value: serde_json::Value) {
-    ws.send(Message::Text(value.to_string().into())).await.unwrap();
+    ws.send(Message::Text(value.to_string().into()))
+        .await
+        .unwrap();
 }
 
 /// The next JSON text message (pings and pongs skipped); panics on close or timeout.
@@ -138,7 +159,10 @@ pub async fn recv(ws: &mut Ws) -> serde_json::Value {
 /// Reads until the server closes; returns the close code (`None` for a dropped TCP).
 pub async fn closed(ws: &mut Ws) -> Option<u16> {
     loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("the close in time") {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the close in time")
+        {
             Some(Ok(Message::Close(frame))) => return frame.map(|f: CloseFrame| u16::from(f.code)),
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return None,
@@ -185,7 +209,9 @@ pub struct Sse {
 
 pub async fn sse(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Sse {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -193,14 +219,24 @@ pub async fn sse(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Sse
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = sender.send_request(request.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let response = sender
+        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
     let (parts, body) = response.into_parts();
     let gunzip = parts
         .headers
         .get("content-encoding")
         .is_some_and(|v| v == "gzip")
         .then(|| flate2::write::GzDecoder::new(Vec::new()));
-    Sse { status: parts.status.as_u16(), headers: parts.headers, body, buffer: String::new(), gunzip, _conn: conn }
+    Sse {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+        buffer: String::new(),
+        gunzip,
+        _conn: conn,
+    }
 }
 
 impl Sse {
@@ -216,7 +252,7 @@ impl Sse {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
                 let mut record = Record::default();
-                for line in block.lines() {
+                for line in block.lines().filter(|l| !l.is_empty()) {
                     if line.starts_with(':') {
                         record.comment = true;
                         continue;
@@ -232,9 +268,13 @@ impl Sse {
                 }
                 return Some(record);
             }
-            let frame = tokio::time::timeout(WAIT, self.body.frame()).await.expect("an SSE chunk in time")?;
+            let frame = tokio::time::timeout(WAIT, self.body.frame())
+                .await
+                .expect("an SSE chunk in time")?;
             let Ok(frame) = frame else { return None };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             let text = match &mut self.gunzip {
                 None => data.to_vec(),
                 Some(decoder) => {

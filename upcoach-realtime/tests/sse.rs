@@ -1,0 +1,338 @@
+//! The SSE transport against an in-memory hub: record format, exact resume with the
+//! cursor, reset, gzip, refusals, pings, slow consumers and shutdown.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use upcoach_core::{Role, UserId};
+use upcoach_realtime::{Cursor, HistoryLimits, Hub, HubConfig, MemoryBroadcaster};
+
+async fn setup(
+    config: HubConfig,
+    history: HistoryLimits,
+) -> (Hub, Arc<Tokens>, std::net::SocketAddr) {
+    let tokens = Arc::new(Tokens::default());
+    let broadcaster = MemoryBroadcaster::new(history, Arc::new(upcoach_core::SystemClock));
+    let hub = Hub::builder(Arc::new(broadcaster), tokens.clone())
+        .config(config)
+        .build();
+    let addr = serve(hub.clone()).await;
+    (hub, tokens, addr)
+}
+
+fn data(record: &Record) -> serde_json::Value {
+    serde_json::from_str(record.data.as_deref().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn records_follow_the_api_format() {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    hub.publish("metrics", "tick", serde_json::json!(0))
+        .await
+        .unwrap();
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(addr, "rooms=metrics,alerts", &[("authorization", &auth)]).await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(stream.headers["content-type"], "text/event-stream");
+    let first = stream.next().await.unwrap();
+    assert_eq!(first.retry, Some(3000), "retry: 3000 first");
+    assert_eq!(
+        first.id.as_deref(),
+        Some("metrics=1,alerts=0"),
+        "the starting cursor"
+    );
+    assert_eq!(first.event, None, "an id-only record dispatches nothing");
+    hub.publish("alerts", "fired", serde_json::json!({"rule": "p95"}))
+        .await
+        .unwrap();
+    let record = stream.next_event().await;
+    assert_eq!(record.id.as_deref(), Some("metrics=1,alerts=1"));
+    assert_eq!(record.event.as_deref(), Some("fired"));
+    let body = data(&record);
+    assert_eq!(body["room"], "alerts");
+    assert_eq!(body["seq"], 1);
+    assert_eq!(body["event"], "fired");
+    assert_eq!(body["data"]["rule"], "p95");
+    assert!(body["ts"].is_u64());
+}
+
+#[tokio::test]
+async fn a_reconnect_with_last_event_id_resumes_every_room_exactly() {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(addr, "rooms=public:x,public:y", &[("authorization", &auth)]).await;
+    stream.next().await.unwrap();
+    hub.publish("public:x", "n", serde_json::json!("x1"))
+        .await
+        .unwrap();
+    hub.publish("public:y", "n", serde_json::json!("y1"))
+        .await
+        .unwrap();
+    stream.next_event().await;
+    let cursor = stream.next_event().await.id.unwrap();
+    assert_eq!(cursor, "public:x=1,public:y=1");
+    drop(stream);
+
+    for i in 2..=501 {
+        let room = if i % 3 == 0 { "public:y" } else { "public:x" };
+        hub.publish(room, "n", serde_json::json!(i)).await.unwrap();
+    }
+    let heads = (
+        hub.broadcaster().head("public:x").await.unwrap(),
+        hub.broadcaster().head("public:y").await.unwrap(),
+    );
+    // Both ways of giving the cursor.
+    for (query, headers) in [
+        (
+            "rooms=public:x,public:y".to_owned(),
+            vec![
+                ("authorization", auth.as_str()),
+                ("last-event-id", cursor.as_str()),
+            ],
+        ),
+        (
+            format!("rooms=public:x,public:y&last_event_id={cursor}"),
+            vec![("authorization", auth.as_str())],
+        ),
+    ] {
+        let mut resumed = sse(addr, &query, &headers).await;
+        let start = resumed.next().await.unwrap();
+        assert_eq!(
+            start.id.as_deref(),
+            Some(cursor.as_str()),
+            "resumes from the cursor"
+        );
+        let mut last = (1u64, 1u64);
+        while last != heads {
+            let record = resumed.next_event().await;
+            let body = data(&record);
+            let seq = body["seq"].as_u64().unwrap();
+            let slot = if body["room"] == "public:x" {
+                &mut last.0
+            } else {
+                &mut last.1
+            };
+            assert_eq!(seq, *slot + 1, "each missed event once, in order: {body}");
+            *slot = seq;
+            let parsed: Cursor = record.id.unwrap().parse().unwrap();
+            assert_eq!(
+                (parsed.get("public:x"), parsed.get("public:y")),
+                (Some(last.0), Some(last.1))
+            );
+        }
+        hub.publish("public:y", "n", serde_json::json!("live"))
+            .await
+            .unwrap();
+        let live = data(&resumed.next_event().await);
+        assert_eq!(
+            (live["room"].as_str(), live["data"].as_str()),
+            (Some("public:y"), Some("live"))
+        );
+        hub.broadcaster().head("public:y").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_history_gets_reset() {
+    let (hub, tokens, addr) = setup(
+        HubConfig::default(),
+        HistoryLimits {
+            max_events: 5,
+            max_age: Duration::from_secs(60),
+        },
+    )
+    .await;
+    for i in 0..20 {
+        hub.publish("alerts", "fired", serde_json::json!(i))
+            .await
+            .unwrap();
+    }
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(
+        addr,
+        "rooms=alerts",
+        &[("authorization", &auth), ("last-event-id", "alerts=3")],
+    )
+    .await;
+    stream.next().await.unwrap();
+    let reset = stream.next_event().await;
+    assert_eq!(reset.event.as_deref(), Some("reset"));
+    assert_eq!(
+        data(&reset),
+        serde_json::json!({"room": "alerts", "reason": "history_expired"})
+    );
+    assert_eq!(
+        reset.id.as_deref(),
+        Some("alerts=20"),
+        "the cursor moves to the head"
+    );
+    hub.publish("alerts", "fired", serde_json::json!(20))
+        .await
+        .unwrap();
+    assert_eq!(data(&stream.next_event().await)["seq"], 21);
+}
+
+#[tokio::test]
+async fn gzip_is_flushed_per_record() {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(
+        addr,
+        "rooms=metrics",
+        &[("authorization", &auth), ("accept-encoding", "br, gzip")],
+    )
+    .await;
+    assert_eq!(stream.headers["content-encoding"], "gzip");
+    stream.next().await.unwrap();
+    for i in 0..3 {
+        hub.publish("metrics", "tick", serde_json::json!(i))
+            .await
+            .unwrap();
+        // Each record is readable on its own, before the next is published.
+        assert_eq!(data(&stream.next_event().await)["data"], i);
+    }
+    let plain = sse(
+        addr,
+        "rooms=metrics",
+        &[("authorization", &auth), ("accept-encoding", "gzip;q=0")],
+    )
+    .await;
+    assert!(plain.headers.get("content-encoding").is_none());
+}
+
+#[tokio::test]
+async fn refusals_have_statuses_and_codes() {
+    let (_hub, tokens, addr) = setup(
+        HubConfig {
+            allowed_origins: vec!["https://app.example.com".into()],
+            ..HubConfig::default()
+        },
+        HistoryLimits::default(),
+    )
+    .await;
+    let admin = format!("Bearer {}", tokens.admin());
+    let user = format!(
+        "Bearer {}",
+        tokens.issue(UserId::new(), &[Role::USER], Duration::from_secs(900))
+    );
+    let cases: Vec<(&str, Vec<(&str, &str)>, u16, &str)> = vec![
+        ("rooms=metrics", vec![], 401, "token_missing"),
+        (
+            "rooms=metrics",
+            vec![("authorization", "Bearer forged")],
+            401,
+            "token_invalid",
+        ),
+        (
+            "rooms=metrics",
+            vec![("authorization", &user)],
+            403,
+            "forbidden",
+        ),
+        (
+            "rooms=public:a,metrics",
+            vec![("authorization", &user)],
+            403,
+            "forbidden",
+        ),
+        ("", vec![("authorization", &admin)], 400, "invalid_rooms"),
+        (
+            "rooms=a%20b",
+            vec![("authorization", &admin)],
+            400,
+            "invalid_rooms",
+        ),
+        (
+            "rooms=metrics",
+            vec![("authorization", &admin), ("last-event-id", "metrics=x")],
+            400,
+            "invalid_cursor",
+        ),
+        (
+            "rooms=metrics",
+            vec![
+                ("authorization", &admin),
+                ("origin", "https://evil.example"),
+            ],
+            403,
+            "origin_not_allowed",
+        ),
+    ];
+    for (query, headers, status, code) in cases {
+        let response = sse(addr, query, &headers).await;
+        assert_eq!(response.status, status, "{query} {headers:?}");
+        let body: serde_json::Value = serde_json::from_str(&response.text().await).unwrap();
+        assert_eq!(body["error"]["code"], code, "{query} {headers:?}");
+    }
+    let allowed = sse(
+        addr,
+        "rooms=public:a",
+        &[
+            ("authorization", &user),
+            ("origin", "https://app.example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(allowed.status, 200);
+    assert_eq!(
+        allowed.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+}
+
+#[tokio::test]
+async fn pings_keep_the_stream_alive_and_shutdown_ends_it() {
+    let (hub, tokens, addr) = setup(
+        HubConfig {
+            sse_ping_interval: Duration::from_millis(100),
+            ..HubConfig::default()
+        },
+        HistoryLimits::default(),
+    )
+    .await;
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+    stream.next().await.unwrap();
+    assert!(stream.next().await.unwrap().comment, ": ping");
+    assert_eq!(hub.status().connections.sse, 1);
+    let stopping = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.shutdown(Duration::from_secs(5)).await }
+    });
+    while let Some(record) = stream.next().await {
+        assert!(record.comment, "nothing but pings before the end");
+    }
+    assert_eq!(stopping.await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_stuck_sse_client_is_cut_off() {
+    let (hub, tokens, addr) = setup(
+        HubConfig {
+            queue_capacity: 16,
+            ..HubConfig::default()
+        },
+        HistoryLimits::default(),
+    )
+    .await;
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+    stream.next().await.unwrap();
+    let payload = "z".repeat(4096);
+    for _ in 0..3000 {
+        hub.publish("metrics", "tick", serde_json::json!(payload))
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(hub.stats().slow_consumers_closed, 1);
+    let mut received = 0;
+    while stream.next().await.is_some() {
+        received += 1;
+    }
+    assert!(received < 3000, "cut off, not fed everything ({received})");
+    assert_eq!(hub.status().connections.sse, 0);
+}
