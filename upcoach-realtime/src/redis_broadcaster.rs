@@ -238,7 +238,7 @@ impl Inner {
     async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
         validate_room(room)?;
         let mut conn = self.manager.clone();
-        let (head, entries): (Option<u64>, Vec<(String, Vec<Vec<u8>>)>) = redis::pipe()
+        let (head, entries): (Option<u64>, Vec<StreamEntry>) = redis::pipe()
             .get(self.counter_key(room))
             .cmd("XRANGE")
             .arg(self.log_key(room))
@@ -293,6 +293,9 @@ impl Inner {
         Ok(Replay::Events(events))
     }
 }
+
+/// One `XRANGE` entry: its id and its field/value pairs.
+type StreamEntry = (String, Vec<Vec<u8>>);
 
 /// Reads `ts|event|data` (the stream entry) into an event of `room` numbered `seq`.
 fn decode(room: &str, seq: u64, body: &[u8]) -> Result<RoomEvent> {

@@ -218,7 +218,8 @@ async fn refusals_have_statuses_and_codes() {
         "Bearer {}",
         tokens.issue(UserId::new(), &[Role::USER], Duration::from_secs(900))
     );
-    let cases: Vec<(&str, Vec<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("rooms=metrics", vec![], 401, "token_missing"),
         (
             "rooms=metrics",

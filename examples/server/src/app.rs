@@ -23,6 +23,9 @@ use upcoach_perf::{
     AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
     RequestTimingLayer, RouteTable,
 };
+use upcoach_realtime::{
+    Broadcaster, Hub, HubConfig, MemoryBroadcaster, RedisBroadcaster, RedisBroadcasterOptions,
+};
 
 use crate::Body;
 
@@ -102,8 +105,28 @@ pub struct App {
     pub(crate) perf: Arc<PerfMonitor>,
     pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
+    pub(crate) hub: Hub,
     /// Background tasks to stop with the app.
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// How often the perf snapshot goes to the `metrics` room.
+const METRICS_EVERY: Duration = Duration::from_secs(5);
+
+/// Refuses every token: without `--dev` this server issues none yet.
+#[derive(Debug)]
+struct NoIssuer;
+
+#[async_trait::async_trait]
+impl upcoach_core::TokenVerifier for NoIssuer {
+    async fn verify(
+        &self,
+        _bearer: &str,
+    ) -> Result<upcoach_core::Principal, upcoach_core::TokenError> {
+        Err(upcoach_core::TokenError::Invalid {
+            reason: "this server issues no tokens yet (start it with --dev)",
+        })
+    }
 }
 
 impl App {
@@ -175,6 +198,43 @@ impl App {
             }
             cache
         };
+        let broadcaster: Arc<dyn Broadcaster> = match (&redis, &config.redis_url) {
+            (Some(redis), Some(url)) => Arc::new(RedisBroadcaster::new(
+                ::redis::Client::open(url.expose())
+                    .map_err(|e| StartError::Redis(RedisConnectError::Url(e)))?,
+                redis.manager(),
+                RedisBroadcasterOptions {
+                    prefix: format!("{}:rt", config.cache_prefix),
+                    clock: clock.clone(),
+                    ..RedisBroadcasterOptions::default()
+                },
+            )),
+            _ => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
+        };
+        let tokens = if options.dev {
+            tracing::warn!(
+                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
+                 signed by a key generated at start that is lost at exit. Never run this in production."
+            );
+            Some(Arc::new(AccessTokens::new(
+                SigningKey::generate().map_err(StartError::Keys)?,
+                clock.clone(),
+            )))
+        } else {
+            None
+        };
+        let verifier: Arc<dyn upcoach_core::TokenVerifier> = match &tokens {
+            Some(tokens) => tokens.clone(),
+            None => Arc::new(NoIssuer),
+        };
+        let hub = Hub::builder(broadcaster, verifier)
+            .events(event_log.clone())
+            .clock(clock.clone())
+            .config(HubConfig {
+                allowed_origins: config.websocket_cors_origins.clone(),
+                ..HubConfig::default()
+            })
+            .build();
         let perf = Arc::new(PerfMonitor::new(
             Arc::new(RequestMetrics::new(
                 RouteTable::new(crate::routes::TEMPLATES.iter().copied())
@@ -196,6 +256,7 @@ impl App {
             let postgres = postgres.clone();
             let redis = redis.clone();
             let cache = cache.clone();
+            let hub = hub.clone();
             move || {
                 let sink: &dyn MetricsSink = &*metrics;
                 let mut values = std::collections::HashMap::new();
@@ -224,23 +285,33 @@ impl App {
                     let connected = redis.state() == upcoach_core::redis::RedisState::Connected;
                     sink.set_gauge("redis_connected", &[], if connected { 1.0 } else { 0.0 });
                 }
+                let realtime = hub.stats();
+                for (transport, open) in [
+                    ("ws", realtime.ws_connections),
+                    ("sse", realtime.sse_connections),
+                ] {
+                    sink.set_gauge(
+                        "realtime_connections",
+                        &[("transport", transport)],
+                        open as f64,
+                    );
+                }
+                sink.set_gauge("realtime_rooms", &[], realtime.rooms as f64);
+                sink.set_gauge("realtime_delivered", &[], realtime.delivered as f64);
+                sink.set_gauge(
+                    "realtime_slow_consumers_closed",
+                    &[],
+                    realtime.slow_consumers_closed as f64,
+                );
+                values.insert(
+                    upcoach_perf::alert::metrics::ACTIVE_CONNECTIONS,
+                    (realtime.ws_connections + realtime.sse_connections) as f64,
+                );
                 values
             }
         }));
 
-        let tokens = if options.dev {
-            tracing::warn!(
-                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
-                 signed by a key generated at start that is lost at exit. Never run this in production."
-            );
-            Some(Arc::new(AccessTokens::new(
-                SigningKey::generate().map_err(StartError::Keys)?,
-                clock,
-            )))
-        } else {
-            None
-        };
-
+        let alerts = perf.alerts().subscribe();
         let app = App {
             config,
             options,
@@ -268,10 +339,62 @@ impl App {
             perf,
             slow_queries: sinks.slow_queries,
             started: Instant::now(),
-            tasks,
+            hub,
+            tasks: std::sync::Mutex::new(tasks),
         };
         app.banner();
-        Ok(Arc::new(app))
+        let app = Arc::new(app);
+        app.spawn_publishers(alerts);
+        Ok(app)
+    }
+
+    /// Publishes the perf snapshot to `metrics` every 5 s and each alert transition to
+    /// `alerts`. The tasks hold the app weakly and end with it.
+    fn spawn_publishers(
+        self: &Arc<Self>,
+        mut alerts: tokio::sync::broadcast::Receiver<upcoach_perf::AlertTransition>,
+    ) {
+        let weak = Arc::downgrade(self);
+        let snapshots = tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(app) = weak.upgrade() else { return };
+                let snapshot = crate::routes::realtime_snapshot(&app);
+                if let Err(e) = app.hub.publish("metrics", "metrics", snapshot).await {
+                    tracing::debug!(error = %e, "the metrics snapshot was not published");
+                }
+            }
+        });
+        let hub = self.hub.clone();
+        let transitions = tokio::spawn(async move {
+            loop {
+                match alerts.recv().await {
+                    Ok(transition) => {
+                        let data = serde_json::to_value(&transition).unwrap_or_default();
+                        if let Err(e) = hub.publish("alerts", "alert", data).await {
+                            tracing::warn!(error = %e, rule = transition.rule, "an alert was not published");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "alert transitions were not published (kept in system_alerts)"
+                        );
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.push(snapshots);
+        tasks.push(transitions);
+    }
+
+    /// The realtime hub.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     fn banner(&self) {
@@ -342,7 +465,12 @@ impl App {
     /// Stops background tasks and writes what the event log still holds, waiting at most
     /// `timeout`.
     pub async fn shutdown(&self, timeout: Duration) {
-        for task in &self.tasks {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             task.abort();
         }
         match tokio::time::timeout(timeout, self.event_log.flush()).await {

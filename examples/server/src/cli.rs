@@ -115,13 +115,23 @@ async fn run(config: Config, options: Options) -> ExitCode {
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %local, "listening on http://{local}");
 
-    let result = serve(
-        listener,
-        app.service(),
-        shutdown_signal(),
-        ServeOptions::default(),
-    )
-    .await;
+    // On the signal, realtime connections are told at once (WebSocket 1001, SSE
+    // streams end) while HTTP requests drain: an open SSE stream would otherwise hold
+    // the drain until its timeout.
+    let hub = app.hub().clone();
+    let stopping = async move {
+        shutdown_signal().await;
+        tokio::spawn(async move {
+            let left = hub.shutdown(Duration::from_secs(5)).await;
+            if left > 0 {
+                tracing::warn!(
+                    connections = left,
+                    "realtime connections still open after 5 s"
+                );
+            }
+        });
+    };
+    let result = serve(listener, app.service(), stopping, ServeOptions::default()).await;
     app.shutdown(Duration::from_secs(5)).await;
     match result {
         Ok(()) => {

@@ -22,7 +22,14 @@ pub(crate) const TEMPLATES: &[&str] = &[
     "/api/performance/optimize",
     "/api/analytics/security-events",
     "/api/cache/invalidate",
+    "/api/dashboard/realtime/sse",
+    "/api/dashboard/realtime/ws",
+    "/api/dashboard/realtime/status",
+    "/api/dashboard/realtime/broadcast/{room}",
 ];
+
+/// The largest body `POST .../broadcast/{room}` reads.
+const BROADCAST_BODY_LIMIT: usize = 64 * 1024 + 1024;
 
 /// How long one health check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -97,6 +104,22 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
                 admin(app, &request).await?;
                 invalidate(app, request).await
             }
+            _ => Err(method_not_allowed("POST")),
+        },
+        "/api/dashboard/realtime/ws" => Ok(app.hub.websocket(request).await),
+        "/api/dashboard/realtime/sse" => match *method {
+            Method::GET => Ok(app.hub.sse(request).await),
+            _ => Err(method_not_allowed("GET")),
+        },
+        "/api/dashboard/realtime/status" => match *method {
+            Method::GET => {
+                admin(app, &request).await?;
+                Ok(json_response(StatusCode::OK, &app.hub.status()))
+            }
+            _ => Err(method_not_allowed("GET")),
+        },
+        path if path.starts_with("/api/dashboard/realtime/broadcast/") => match *method {
+            Method::POST => broadcast(app, request).await,
             _ => Err(method_not_allowed("POST")),
         },
         // Only exists in --dev mode: otherwise it is an unknown route like any other.
@@ -282,9 +305,64 @@ fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
             "redis": redis,
             "alerts": snapshot.alerts,
             "cache": app.cache.stats(),
+            "realtime": app.hub.stats(),
             "event_log": app.event_log.stats(),
         }),
     )
+}
+
+/// What the `metrics` room receives every 5 s: the dashboard's headline figures.
+pub(crate) fn realtime_snapshot(app: &Arc<App>) -> serde_json::Value {
+    let snapshot = app.perf.snapshot();
+    let cache = app.cache.stats();
+    serde_json::json!({
+        "overall": snapshot.overall,
+        "process": snapshot.process,
+        "alerts": snapshot.alerts,
+        "cache": { "hit_rate": cache.hit_rate, "l1_hits": cache.l1_hits, "l2_hits": cache.l2_hits, "misses": cache.misses },
+        "realtime": app.hub.stats(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    event: String,
+    #[serde(default)]
+    data: serde_json::Value,
+}
+
+/// `POST /api/dashboard/realtime/broadcast/{room}`: 202 `{"room","seq"}`.
+async fn broadcast(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    admin(app, &request).await?;
+    let room = request
+        .uri()
+        .path()
+        .trim_start_matches("/api/dashboard/realtime/broadcast/")
+        .to_owned();
+    let body: BroadcastBody = read_json(request.into_body(), BROADCAST_BODY_LIMIT).await?;
+    match app.hub.publish(&room, &body.event, body.data).await {
+        Ok(event) => Ok(json_response(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "room": event.room, "seq": event.seq }),
+        )),
+        Err(e) => {
+            let status = match &e {
+                upcoach_realtime::Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(error = %e, room, "a broadcast failed");
+            }
+            let message = if status == StatusCode::SERVICE_UNAVAILABLE {
+                "the realtime broker is unavailable; retry".to_owned()
+            } else {
+                e.to_string()
+            };
+            Err(ApiError::new(status, e.code(), message))
+        }
+    }
 }
 
 fn method_not_allowed(allowed: &'static str) -> ApiError {
@@ -376,6 +454,25 @@ async fn health(app: &Arc<App>) -> Response<Body> {
             checks.insert(name.into(), serde_json::to_value(check).unwrap_or_default());
         }
     }
+    // Realtime keeps serving what this process publishes when its broker link is down,
+    // and repairs the hole when it returns: degraded, not down.
+    let realtime = app.hub.status();
+    let realtime_status = if realtime.broker.connected {
+        "ok"
+    } else {
+        "degraded"
+    };
+    if realtime_status == "degraded" && status == "ok" {
+        status = "degraded";
+    }
+    checks.insert(
+        "realtime".into(),
+        serde_json::json!({
+            "status": realtime_status,
+            "broker": realtime.broker,
+            "connections": realtime.connections,
+        }),
+    );
     let body = serde_json::json!({
         "status": status,
         "checks": checks,

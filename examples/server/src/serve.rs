@@ -6,8 +6,8 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// How the accept loop behaves.
 #[derive(Debug, Clone)]
@@ -27,8 +27,10 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves HTTP/1.1 on `listener` with `service` until `shutdown` completes, then stops
-/// accepting, lets in-flight requests finish (up to the drain timeout) and returns.
+/// Serves HTTP/1.1 (with upgrades, for WebSocket) on `listener` with `service` until
+/// `shutdown` completes, then stops accepting, lets in-flight requests finish (up to the
+/// drain timeout) and returns. Upgraded connections are no longer HTTP: their owner
+/// (the realtime hub) closes them.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
@@ -46,7 +48,9 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
+    // hyper-util's GracefulShutdown does not take hyper's upgradeable HTTP/1
+    // connection, so each connection watches this channel itself.
+    let (stop, stopping) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -58,10 +62,20 @@ where
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = http.serve_connection(TokioIo::new(stream), service.clone());
-                    let connection = graceful.watch(connection);
+                    let connection = http
+                        .serve_connection(TokioIo::new(stream), service.clone())
+                        .with_upgrades();
+                    let mut stopping = stopping.clone();
                     connections.spawn(async move {
-                        if let Err(e) = connection.await {
+                        tokio::pin!(connection);
+                        let result = tokio::select! {
+                            result = connection.as_mut() => result,
+                            () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                                connection.as_mut().graceful_shutdown();
+                                connection.await
+                            }
+                        };
+                        if let Err(e) = result {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
                     });
@@ -79,12 +93,16 @@ where
     }
 
     drop(listener);
-    let in_flight = graceful.count();
     tracing::info!(
-        connections = in_flight,
+        connections = connections.len(),
         "shutting down: no new connections, draining in-flight requests"
     );
-    match tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await {
+    stop.send_replace(true);
+    let drained = tokio::time::timeout(options.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => {
             tracing::warn!(
@@ -93,8 +111,8 @@ where
                 "drain timeout reached; closing the remaining connections"
             );
             connections.abort_all();
+            while connections.join_next().await.is_some() {}
         }
     }
-    while connections.join_next().await.is_some() {}
     Ok(())
 }

@@ -21,10 +21,15 @@ async fn in_memory_mode_is_healthy_and_reports_no_service_checks() {
     let names: Vec<&String> = checks.keys().collect();
     assert_eq!(
         names,
-        ["cache"],
+        ["cache", "realtime"],
         "no postgres or redis check in memory mode"
     );
     assert_eq!(answer.json["checks"]["cache"]["status"], "ok");
+    assert_eq!(answer.json["checks"]["realtime"]["status"], "ok");
+    assert_eq!(
+        answer.json["checks"]["realtime"]["broker"]["kind"],
+        "memory"
+    );
     assert_eq!(answer.json["version"], env!("CARGO_PKG_VERSION"));
     assert!(server.app.backends().postgres.is_none() && server.app.backends().redis.is_none());
     server.stop().await;
