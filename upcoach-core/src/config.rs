@@ -37,6 +37,11 @@ use crate::Secret;
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
 /// The default key prefix of the cache (`CACHE_PREFIX`).
 pub const DEFAULT_CACHE_PREFIX: &str = "upcoach";
+/// The default of `REALTIME_MAX_CONNECTIONS`.
+pub const DEFAULT_REALTIME_MAX_CONNECTIONS: usize = 10_000;
+/// The default of `REALTIME_MAX_CONNECTIONS_PER_USER`.
+pub const DEFAULT_REALTIME_MAX_CONNECTIONS_PER_USER: usize = 32;
+
 /// The default slow-query threshold (`SLOW_QUERY_THRESHOLD`), in milliseconds.
 pub const DEFAULT_SLOW_QUERY_THRESHOLD_MS: u64 = 1000;
 
@@ -65,6 +70,13 @@ pub struct Config {
     /// `UPCOACH_METRICS_PUBLIC`: whether `GET /metrics` answers anyone (default true) or
     /// only an admin bearer token.
     pub metrics_public: bool,
+    /// `REALTIME_MAX_CONNECTIONS`: WebSocket and SSE connections one process holds
+    /// before it answers 503 (default 10,000; the process's open-file limit must allow
+    /// it).
+    pub realtime_max_connections: usize,
+    /// `REALTIME_MAX_CONNECTIONS_PER_USER`: realtime connections one user may hold
+    /// (default 32).
+    pub realtime_max_connections_per_user: usize,
     /// `GOOGLE_*`: Google sign-in, when any of its variables is set.
     pub google: Option<GoogleConfig>,
     /// `APPLE_*`: Sign in with Apple, when any of its variables is set.
@@ -87,6 +99,8 @@ impl Default for Config {
             performance_monitoring_enabled: true,
             slow_query_threshold: Duration::from_millis(DEFAULT_SLOW_QUERY_THRESHOLD_MS),
             metrics_public: true,
+            realtime_max_connections: DEFAULT_REALTIME_MAX_CONNECTIONS,
+            realtime_max_connections_per_user: DEFAULT_REALTIME_MAX_CONNECTIONS_PER_USER,
             google: None,
             apple: None,
             facebook: None,
@@ -527,6 +541,23 @@ impl Config {
             },
         };
 
+        let mut count = |name: &'static str, default: usize| match r.get(name) {
+            None => default,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=10_000_000).contains(&n) => n,
+                _ => {
+                    r.invalid(name, "a whole number from 1 to 10000000", Some(v.clone()));
+                    default
+                }
+            },
+        };
+        let realtime_max_connections =
+            count("REALTIME_MAX_CONNECTIONS", defaults.realtime_max_connections);
+        let realtime_max_connections_per_user = count(
+            "REALTIME_MAX_CONNECTIONS_PER_USER",
+            defaults.realtime_max_connections_per_user,
+        );
+
         let google = read_google(&mut r);
         let apple = read_apple(&mut r);
         let facebook = read_facebook(&mut r);
@@ -543,6 +574,8 @@ impl Config {
             performance_monitoring_enabled,
             slow_query_threshold,
             metrics_public,
+            realtime_max_connections,
+            realtime_max_connections_per_user,
             google: google.flatten(),
             apple: apple.flatten(),
             facebook: facebook.flatten(),

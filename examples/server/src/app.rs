@@ -232,6 +232,8 @@ impl App {
             .clock(clock.clone())
             .config(HubConfig {
                 allowed_origins: config.websocket_cors_origins.clone(),
+                max_connections: config.realtime_max_connections,
+                max_connections_per_user: config.realtime_max_connections_per_user,
                 ..HubConfig::default()
             })
             .build();

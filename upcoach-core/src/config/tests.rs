@@ -69,6 +69,8 @@ fn a_full_environment_is_read() {
         ("PERFORMANCE_MONITORING_ENABLED", "false"),
         ("SLOW_QUERY_THRESHOLD", "250"),
         ("UPCOACH_METRICS_PUBLIC", "no"),
+        ("REALTIME_MAX_CONNECTIONS", "19000"),
+        ("REALTIME_MAX_CONNECTIONS_PER_USER", "4"),
         ("GOOGLE_MOBILE_CLIENT_ID", "ios.apps.googleusercontent.com"),
     ];
     vars.extend_from_slice(GOOGLE);
@@ -88,6 +90,8 @@ fn a_full_environment_is_read() {
     assert!(!c.performance_monitoring_enabled);
     assert_eq!(c.slow_query_threshold, Duration::from_millis(250));
     assert!(!c.metrics_public);
+    assert_eq!(c.realtime_max_connections, 19_000);
+    assert_eq!(c.realtime_max_connections_per_user, 4);
     let google = c.google.as_ref().unwrap();
     assert_eq!(
         google.audiences(),
@@ -125,6 +129,9 @@ fn every_invalid_value_names_its_variable() {
         ("SLOW_QUERY_THRESHOLD", "1s"),
         ("SLOW_QUERY_THRESHOLD", "0"),
         ("SLOW_QUERY_THRESHOLD", "-5"),
+        ("REALTIME_MAX_CONNECTIONS", "0"),
+        ("REALTIME_MAX_CONNECTIONS", "lots"),
+        ("REALTIME_MAX_CONNECTIONS_PER_USER", "-1"),
     ];
     for (var, value) in cases {
         let e = only_error(&[(var, value)]);
