@@ -210,27 +210,59 @@ async fn security_events(
             "window is a number and s, m, h or d, at most 30d (1h, 30m, 7d)",
         )
     })?;
+    let counts = security_counts(app, window).await.map_err(|e| {
+        tracing::warn!(error = %e, "security event counts failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "event_log_unavailable",
+            "the event log could not be read",
+        )
+    })?;
+    let mut body = counts;
+    body["window"] = window_text.into();
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// How long counted security events are shared between admins before a recount.
+pub(crate) const SECURITY_COUNTS_TTL: Duration = Duration::from_secs(60);
+
+/// The cache key of the security-event counts over `window`.
+pub(crate) fn security_counts_key(window: Duration) -> String {
+    format!("analytics:security-events:{}s", window.as_secs())
+}
+
+/// `{"since_ms","counts"}` over the last `window`: counted from the event log once per
+/// [`SECURITY_COUNTS_TTL`] and shared by every admin (each admin's rendered answer is
+/// then cached per user by the response layer).
+pub(crate) async fn security_counts(
+    app: &Arc<App>,
+    window: Duration,
+) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+    let bytes = app
+        .cache
+        .get_or_load(
+            &security_counts_key(window),
+            SECURITY_COUNTS_TTL,
+            &["analytics"],
+            || count_security_events(app.clone(), window),
+        )
+        .await?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Counts security events over `window` from the event log, as cached bytes.
+pub(crate) async fn count_security_events(
+    app: Arc<App>,
+    window: Duration,
+) -> Result<bytes::Bytes, upcoach_core::event::EventLogError> {
     let since = std::time::SystemTime::now() - window;
-    let counts = app
-        .event_log
-        .security_event_counts(since)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "security event counts failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "event_log_unavailable",
-                "the event log could not be read",
-            )
-        })?;
+    let counts = app.event_log.security_event_counts(since).await?;
     let since_ms = since
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({ "window": window_text, "since_ms": since_ms, "counts": counts }),
-    ))
+    let body = serde_json::json!({ "since_ms": since_ms, "counts": counts });
+    Ok(bytes::Bytes::from(body.to_string()))
 }
 
 #[derive(Debug, Deserialize)]

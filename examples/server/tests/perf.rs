@@ -251,7 +251,31 @@ async fn slow_queries_are_listed_explained_and_recommended() {
         "{}",
         answer.json
     );
-    assert_eq!(answer.json["actions"], serde_json::json!([]));
+    let action = &answer.json["actions"][0];
+    assert_eq!(action["kind"], "warm_cache", "{}", answer.json);
+    assert_eq!(action["loaded"], 3, "the three usual windows were counted");
+    assert!(
+        server
+            .app
+            .cache()
+            .get("analytics:security-events:3600s")
+            .await
+            .unwrap()
+            .is_some(),
+        "the warmed counts are in the cache"
+    );
+    let again = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/performance/optimize",
+        Some("{}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(
+        again.json["actions"][0]["already_cached"], 3,
+        "warming twice loads nothing"
+    );
     server.stop().await;
 }
 
