@@ -21,8 +21,13 @@
 //! # }).unwrap();
 //! ```
 
+pub mod flow;
 mod provider;
+pub mod refresh;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod users;
 
 pub use provider::{
     AuthProvider, AuthorizationRequest, NativeCredential, ProviderId, VerifiedIdentity,

@@ -1,0 +1,1 @@
+//! Refresh tokens: opaque, stored as hashes, rotated on each use (being built).

@@ -1,0 +1,1 @@
+//! Users and their linked provider identities (being built).
