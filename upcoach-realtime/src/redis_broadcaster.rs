@@ -216,6 +216,11 @@ impl Inner {
             .iter()
             .filter_map(|(room, local)| local.last.map(|last| (room.clone(), last)))
             .collect();
+        // The command connection may have died in the same outage without noticing yet:
+        // its first command then fails while it reconnects in the background, and the
+        // next one goes through. A few retries for the whole pass, so a Redis that is
+        // still down does not hold the subscriber here for long.
+        let mut retries = 3u32;
         for (room, mut after) in positions {
             loop {
                 match self.replay(&room, after, 500).await {
@@ -226,6 +231,10 @@ impl Inner {
                         }
                     }
                     Ok(_) => break,
+                    Err(_) if retries > 0 => {
+                        retries -= 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     Err(e) => {
                         tracing::warn!(room, error = %e, "could not fill a room's hole after reconnecting");
                         break;
@@ -393,8 +402,10 @@ async fn run_subscriber(inner: Weak<Inner>, client: redis::Client) {
                 }
                 _ = ping.tick() => {
                     let Some(strong) = inner.upgrade() else { return };
-                    // Liveness: a half-open connection would otherwise go unnoticed.
-                    let alive = tokio::time::timeout(timeout, sink.ping::<String>()).await;
+                    // Liveness: a half-open connection would otherwise go unnoticed. Any
+                    // reply will do: with a subscription, RESP2 answers `["pong", ""]`,
+                    // not `PONG`.
+                    let alive = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         break;
                     }

@@ -235,6 +235,7 @@ impl Stream {
         tokio::pin!(expiry);
         let mut out = Vec::new();
         let shared = self.session.shared.clone();
+        let chunks_closed = self.chunks.clone();
         let reason = loop {
             tokio::select! {
                 biased;
@@ -266,6 +267,8 @@ impl Stream {
                     }
                 }
                 () = &mut expiry => break "token_expired",
+                // The client went away: hyper dropped the body.
+                () = chunks_closed.closed() => break "client went away",
             }
         };
         self.session.end_reason = reason;

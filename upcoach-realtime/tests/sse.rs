@@ -337,3 +337,21 @@ async fn a_stuck_sse_client_is_cut_off() {
     assert!(received < 3000, "cut off, not fed everything ({received})");
     assert_eq!(hub.status().connections.sse, 0);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_noticed_without_waiting_for_a_ping() {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+    stream.next().await.unwrap();
+    assert_eq!(hub.status().connections.sse, 1);
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while hub.status().connections.sse > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still registered 2 s after the client left (pings are 15 s apart)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,629 @@
+//! Two processes: two hubs, each on its own Redis broadcaster (its own connections,
+//! the same key prefix), each behind its own server. Events published on one reach
+//! the other's clients once and in order; a cursor taken on one resumes exactly on the
+//! other; a cursor older than history gets `reset`; a Redis outage on one process
+//! leaves no silent gap.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use upcoach_realtime::{
+    Cursor, HistoryLimits, Hub, RedisBroadcaster, RedisBroadcasterOptions, Replay, RoomEvent,
+};
+use upcoach_testing::{FaultProxy, RedisPrefix};
+
+use support::{Record, Sse, Tokens, Ws};
+
+const X: &str = "public:x";
+const Y: &str = "public:y";
+
+/// How long a client may wait for its next expected message before the test names
+/// what is missing.
+const NEXT: Duration = Duration::from_secs(5);
+
+/// One process: a hub on its own Redis broadcaster, behind its own server.
+struct Process {
+    hub: Hub,
+    addr: SocketAddr,
+}
+
+impl Process {
+    async fn start(url: &str, options: RedisBroadcasterOptions, tokens: Arc<Tokens>) -> Self {
+        let broadcaster = RedisBroadcaster::connect(url, options)
+            .await
+            .expect("Redis answers");
+        let hub = Hub::builder(Arc::new(broadcaster), tokens).build();
+        let addr = support::serve(hub.clone()).await;
+        Self { hub, addr }
+    }
+
+    async fn until_connected(&self, name: &str) {
+        let hub = self.hub.clone();
+        until(&format!("{name} is connected to Redis"), NEXT, move || {
+            hub.status().broker.connected
+        })
+        .await;
+    }
+}
+
+/// Two processes on one key prefix, sharing a token issuer (as two servers share a
+/// signing key).
+struct Cluster {
+    a: Process,
+    b: Process,
+    tokens: Arc<Tokens>,
+    _prefix: RedisPrefix,
+}
+
+impl Cluster {
+    /// `None` (skip) without `REDIS_URL`.
+    async fn start(history: HistoryLimits) -> Option<Self> {
+        let prefix = RedisPrefix::create()?;
+        let tokens = Arc::new(Tokens::default());
+        let a = Process::start(prefix.url(), options(&prefix, history), tokens.clone()).await;
+        let b = Process::start(prefix.url(), options(&prefix, history), tokens.clone()).await;
+        a.until_connected("A").await;
+        b.until_connected("B").await;
+        Some(Self {
+            a,
+            b,
+            tokens,
+            _prefix: prefix,
+        })
+    }
+}
+
+fn options(prefix: &RedisPrefix, history: HistoryLimits) -> RedisBroadcasterOptions {
+    RedisBroadcasterOptions {
+        prefix: prefix.key("rt"),
+        history,
+        ..RedisBroadcasterOptions::default()
+    }
+}
+
+/// Polls `condition` every 10 ms; fails naming `what` when it does not hold in time.
+async fn until(what: &str, within: Duration, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Rooms of the interleaved tests: X and Y mixed, about two X for each Y.
+fn interleaved(i: usize) -> &'static str {
+    if (i + i / 3).is_multiple_of(2) { X } else { Y }
+}
+
+fn only_x(_: usize) -> &'static str {
+    X
+}
+
+/// Publishes `count` events on `hub`, event `i` in room `room(i)`, each payload naming
+/// `tag` and `i` so a misplaced one is recognisable.
+async fn publish(
+    hub: &Hub,
+    count: usize,
+    tag: &str,
+    room: fn(usize) -> &'static str,
+) -> Vec<Arc<RoomEvent>> {
+    let mut sent = Vec::with_capacity(count);
+    for i in 0..count {
+        let event = hub
+            .publish(room(i), "tick", json!({ "tag": tag, "i": i }))
+            .await
+            .expect("publish");
+        sent.push(event);
+    }
+    sent
+}
+
+/// One room's events as a client saw them, or as they were published: `(seq, data)`.
+type Stream = Vec<(u64, Value)>;
+
+fn by_room(events: &[Arc<RoomEvent>]) -> HashMap<String, Stream> {
+    let mut rooms: HashMap<String, Stream> = HashMap::new();
+    for event in events {
+        rooms
+            .entry(event.room.clone())
+            .or_default()
+            .push((event.seq, event.data.clone()));
+    }
+    rooms
+}
+
+fn counts(events: &[Arc<RoomEvent>]) -> Vec<(String, usize)> {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for event in events {
+        match counts.iter_mut().find(|(room, _)| *room == event.room) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((event.room.clone(), 1)),
+        }
+    }
+    counts
+}
+
+fn last_seq(events: &[Arc<RoomEvent>], room: &str) -> u64 {
+    events
+        .iter()
+        .rev()
+        .find(|e| e.room == room)
+        .map(|e| e.seq)
+        .expect("the room has events")
+}
+
+/// `1-20,22,24-30`: a sequence list short enough for a failure message.
+fn ranges(seqs: impl IntoIterator<Item = u64>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(u64, u64)> = None;
+    let flush = |run: (u64, u64), out: &mut Vec<String>| {
+        out.push(if run.0 == run.1 {
+            run.0.to_string()
+        } else {
+            format!("{}-{}", run.0, run.1)
+        });
+    };
+    for seq in seqs {
+        run = match run {
+            Some((start, end)) if seq == end + 1 => Some((start, seq)),
+            Some(done) => {
+                flush(done, &mut out);
+                Some((seq, seq))
+            }
+            None => Some((seq, seq)),
+        };
+    }
+    if let Some(done) = run {
+        flush(done, &mut out);
+    }
+    format!("[{}]", out.join(","))
+}
+
+fn summary(got: &HashMap<String, Stream>) -> String {
+    let mut rooms: Vec<_> = got.iter().collect();
+    rooms.sort_by(|a, b| a.0.cmp(b.0));
+    rooms
+        .iter()
+        .map(|(room, stream)| format!("{room} {}", ranges(stream.iter().map(|(s, _)| *s))))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Every room of `want` was seen exactly as published: same events, same order, none
+/// twice, none missing, nothing else.
+fn assert_streams(what: &str, got: &HashMap<String, Stream>, want: &[Arc<RoomEvent>]) {
+    let want = by_room(want);
+    for room in got.keys() {
+        assert!(
+            want.contains_key(room),
+            "{what}: events of {room} that were not expected: {}",
+            summary(got)
+        );
+    }
+    for (room, expected) in &want {
+        let seen = got.get(room).map(Vec::as_slice).unwrap_or_default();
+        let describe = || {
+            format!(
+                "{what}, room {room}: got seqs {}, expected {}",
+                ranges(seen.iter().map(|(s, _)| *s)),
+                ranges(expected.iter().map(|(s, _)| *s))
+            )
+        };
+        assert_eq!(seen.len(), expected.len(), "{}", describe());
+        for (i, (seen, expected)) in seen.iter().zip(expected).enumerate() {
+            assert_eq!(seen.0, expected.0, "message {i}: {}", describe());
+            assert_eq!(seen.1, expected.1, "message {i} (seq {}): payload", seen.0);
+        }
+    }
+}
+
+/// What an SSE client read: events per room, and the last `id:`.
+struct SseRead {
+    events: HashMap<String, Stream>,
+    last_id: String,
+}
+
+/// The next record carrying an event, within [`NEXT`].
+async fn next_sse_event(sse: &mut Sse, so_far: &HashMap<String, Stream>) -> Record {
+    match tokio::time::timeout(NEXT, sse.next_event()).await {
+        Ok(record) => record,
+        Err(_) => panic!(
+            "no SSE event for {NEXT:?}; read so far: {}",
+            summary(so_far)
+        ),
+    }
+}
+
+/// Checks an event record (its `event:`, its `data:` fields, its `id:` naming the
+/// event's seq for its room) and returns `(room, seq, data)`.
+fn sse_event(record: &Record) -> (String, u64, Value) {
+    let name = record.event.as_deref().expect("an event record");
+    let text = record.data.as_deref().expect("an event has data");
+    assert_ne!(name, "reset", "unexpected reset: {text}");
+    let body: Value = serde_json::from_str(text).expect("data is JSON");
+    let room = body["room"].as_str().expect("data.room").to_owned();
+    let seq = body["seq"].as_u64().expect("data.seq");
+    assert_eq!(body["event"], name, "event: matches data.event");
+    assert!(body["ts"].as_u64().is_some(), "data.ts: {body}");
+    let id = record.id.as_deref().expect("an event record has an id");
+    let cursor: Cursor = id.parse().expect("the id is a cursor");
+    assert_eq!(
+        cursor.get(&room),
+        Some(seq),
+        "the id {id} carries the event's position"
+    );
+    (room, seq, body["data"].clone())
+}
+
+/// Reads SSE events until each room has `want` of them; fails on a `reset` or when
+/// the next event does not come.
+async fn read_sse(sse: &mut Sse, want: &[(String, usize)]) -> SseRead {
+    let mut events: HashMap<String, Stream> = HashMap::new();
+    let mut last_id = String::new();
+    while want
+        .iter()
+        .any(|(room, n)| events.get(room).map_or(0, Vec::len) < *n)
+    {
+        let record = next_sse_event(sse, &events).await;
+        let (room, seq, data) = sse_event(&record);
+        events.entry(room).or_default().push((seq, data));
+        last_id = record.id.expect("checked above");
+    }
+    SseRead { events, last_id }
+}
+
+/// The next JSON message, within [`NEXT`].
+async fn next_ws(ws: &mut Ws, so_far: &HashMap<String, Stream>) -> Value {
+    match tokio::time::timeout(NEXT, support::recv(ws)).await {
+        Ok(message) => message,
+        Err(_) => panic!(
+            "no WebSocket message for {NEXT:?}; read so far: {}",
+            summary(so_far)
+        ),
+    }
+}
+
+/// What a WebSocket client read: events per room, and `subscribed` heads.
+#[derive(Default)]
+struct WsRead {
+    events: HashMap<String, Stream>,
+    subscribed: HashMap<String, u64>,
+}
+
+/// Reads until each room has `want` events; fails on `reset` and `error`.
+async fn read_ws(ws: &mut Ws, want: &[(String, usize)]) -> WsRead {
+    let mut read = WsRead::default();
+    while want
+        .iter()
+        .any(|(room, n)| read.events.get(room).map_or(0, Vec::len) < *n)
+    {
+        let message = next_ws(ws, &read.events).await;
+        let room = message["room"].as_str().unwrap_or_default().to_owned();
+        match message["type"].as_str() {
+            Some("event") => {
+                let seq = message["seq"].as_u64().expect("event.seq");
+                assert_eq!(message["event"], "tick", "{message}");
+                assert!(message["ts"].as_u64().is_some(), "{message}");
+                read.events
+                    .entry(room)
+                    .or_default()
+                    .push((seq, message["data"].clone()));
+            }
+            Some("subscribed") => {
+                let seq = message["seq"].as_u64().expect("subscribed.seq");
+                assert!(
+                    read.subscribed.insert(room, seq).is_none(),
+                    "subscribed twice: {message}"
+                );
+            }
+            _ => panic!("unexpected message: {message}"),
+        }
+    }
+    read
+}
+
+async fn subscribe_since(ws: &mut Ws, room: &str, since: u64) {
+    support::send(
+        ws,
+        json!({"type": "subscribe", "room": room, "since": since}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_published_on_b_reach_a_websocket_on_a_in_order_once() {
+    let Some(cluster) = Cluster::start(HistoryLimits::default()).await else {
+        return;
+    };
+    let token = cluster.tokens.admin();
+    let mut client = support::ws(cluster.a.addr, Some(&token)).await;
+    assert_eq!(support::subscribe(&mut client, X, None).await, 0);
+
+    let sent = publish(&cluster.b.hub, 200, "b", only_x).await;
+    assert_eq!(
+        sent.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>(),
+        "B numbers the room from 1"
+    );
+    let read = read_ws(&mut client, &counts(&sent)).await;
+    assert_streams("A's WebSocket", &read.events, &sent);
+
+    // Nothing is delivered twice: the next message is the next event.
+    let next = publish(&cluster.b.hub, 1, "after", only_x).await;
+    let read = read_ws(&mut client, &counts(&next)).await;
+    assert_streams("A's WebSocket after the 200", &read.events, &next);
+    assert_eq!(cluster.a.hub.stats().resets, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sse_cursor_taken_on_a_resumes_exactly_on_b() {
+    let Some(cluster) = Cluster::start(HistoryLimits::default()).await else {
+        return;
+    };
+    let auth = format!("Bearer {}", cluster.tokens.admin());
+    let mut first = support::sse(
+        cluster.a.addr,
+        "rooms=public:x,public:y",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    let opening = first.next().await.expect("an opening record");
+    assert_eq!(opening.retry, Some(3000));
+    assert_eq!(opening.id.as_deref(), Some("public:x=0,public:y=0"));
+
+    let seen = publish(&cluster.b.hub, 5, "seen", interleaved).await;
+    let read = read_sse(&mut first, &counts(&seen)).await;
+    assert_streams("A's first stream", &read.events, &seen);
+    let cursor = read.last_id;
+    let parsed: Cursor = cursor.parse().unwrap();
+    assert_eq!(parsed.get(X), Some(last_seq(&seen, X)));
+    assert_eq!(parsed.get(Y), Some(last_seq(&seen, Y)));
+    drop(first);
+
+    let missed = publish(&cluster.b.hub, 500, "missed", interleaved).await;
+    let mut resumed = support::sse(
+        cluster.b.addr,
+        "rooms=public:x,public:y",
+        &[("authorization", &auth), ("last-event-id", &cursor)],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    let opening = resumed.next().await.expect("an opening record");
+    assert_eq!(
+        opening.id.as_deref(),
+        Some(cursor.as_str()),
+        "B starts from A's cursor"
+    );
+    let read = read_sse(&mut resumed, &counts(&missed)).await;
+    assert_streams("B's resumed stream, missed events", &read.events, &missed);
+    let parsed: Cursor = read.last_id.parse().unwrap();
+    assert_eq!(parsed.get(X), Some(last_seq(&missed, X)));
+    assert_eq!(parsed.get(Y), Some(last_seq(&missed, Y)));
+
+    // Then live events, published on A this time, and nothing twice.
+    let live = publish(&cluster.a.hub, 10, "live", interleaved).await;
+    let read = read_sse(&mut resumed, &counts(&live)).await;
+    assert_streams("B's resumed stream, live events", &read.events, &live);
+    let sentinel = publish(&cluster.b.hub, 1, "sentinel", only_x).await;
+    let read = read_sse(&mut resumed, &counts(&sentinel)).await;
+    assert_streams("B's resumed stream, the sentinel", &read.events, &sentinel);
+    assert_eq!(cluster.b.hub.stats().resets, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_websocket_position_taken_on_a_resumes_exactly_on_b() {
+    let Some(cluster) = Cluster::start(HistoryLimits::default()).await else {
+        return;
+    };
+    let token = cluster.tokens.admin();
+    let mut first = support::ws(cluster.a.addr, Some(&token)).await;
+    assert_eq!(support::subscribe(&mut first, X, None).await, 0);
+    assert_eq!(support::subscribe(&mut first, Y, None).await, 0);
+    let seen = publish(&cluster.b.hub, 5, "seen", interleaved).await;
+    let read = read_ws(&mut first, &counts(&seen)).await;
+    assert_streams("A's first connection", &read.events, &seen);
+    let since_x = read.events[X].last().unwrap().0;
+    let since_y = read.events[Y].last().unwrap().0;
+    drop(first);
+
+    let missed = publish(&cluster.b.hub, 500, "missed", interleaved).await;
+    let mut resumed = support::ws(cluster.b.addr, Some(&token)).await;
+    subscribe_since(&mut resumed, X, since_x).await;
+    subscribe_since(&mut resumed, Y, since_y).await;
+    let read = read_ws(&mut resumed, &counts(&missed)).await;
+    assert_eq!(
+        read.subscribed,
+        HashMap::from([
+            (X.to_owned(), last_seq(&missed, X)),
+            (Y.to_owned(), last_seq(&missed, Y)),
+        ]),
+        "each subscribed names the room's head"
+    );
+    assert_streams("B's connection, missed events", &read.events, &missed);
+
+    let live = publish(&cluster.a.hub, 10, "live", interleaved).await;
+    let read = read_ws(&mut resumed, &counts(&live)).await;
+    assert_streams("B's connection, live events", &read.events, &live);
+    let sentinel = publish(&cluster.b.hub, 1, "sentinel", only_x).await;
+    let read = read_ws(&mut resumed, &counts(&sentinel)).await;
+    assert_streams("B's connection, the sentinel", &read.events, &sentinel);
+    assert_eq!(cluster.b.hub.stats().resets, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
+    let history = HistoryLimits {
+        max_events: 5,
+        ..HistoryLimits::default()
+    };
+    let Some(cluster) = Cluster::start(history).await else {
+        return;
+    };
+    let token = cluster.tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut first = support::sse(
+        cluster.a.addr,
+        "rooms=public:x",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    let early = publish(&cluster.b.hub, 2, "early", only_x).await;
+    let read = read_sse(&mut first, &counts(&early)).await;
+    assert_streams("A's first stream", &read.events, &early);
+    let cursor = read.last_id;
+    assert_eq!(cursor, "public:x=2");
+    drop(first);
+
+    // `MAXLEN ~ 5` trims whole stream nodes (100 entries or 4 KiB each): several
+    // hundred events push the cursor's position out of history.
+    let trimmed = publish(&cluster.b.hub, 400, "trimmed", only_x).await;
+    let head = last_seq(&trimmed, X);
+    assert_eq!(head, 402);
+    assert_eq!(
+        cluster.a.hub.broadcaster().replay(X, 2, 10).await.unwrap(),
+        Replay::Gone {
+            reason: "history_expired"
+        },
+        "precondition: Redis trimmed the room's history past the cursor"
+    );
+
+    // SSE, resumed on A: a reset naming the room, and an id that moves to the head.
+    let mut resumed = support::sse(
+        cluster.a.addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", &cursor)],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    let opening = resumed.next().await.expect("an opening record");
+    assert_eq!(opening.id.as_deref(), Some(cursor.as_str()));
+    let reset = next_sse_event(&mut resumed, &HashMap::new()).await;
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    let data: Value = serde_json::from_str(reset.data.as_deref().unwrap()).unwrap();
+    assert_eq!(data, json!({"room": X, "reason": "history_expired"}));
+    assert_eq!(
+        reset.id.as_deref(),
+        Some(format!("{X}={head}").as_str()),
+        "after a reset the cursor stands at the room's head"
+    );
+
+    // WebSocket, resumed on B: subscribed at the head, then reset.
+    let mut ws = support::ws(cluster.b.addr, Some(&token)).await;
+    subscribe_since(&mut ws, X, 2).await;
+    let subscribed = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(
+        subscribed,
+        json!({"type": "subscribed", "room": X, "seq": head})
+    );
+    let reset = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(
+        reset,
+        json!({"type": "reset", "room": X, "reason": "history_expired"})
+    );
+
+    // Live events follow on both, from the head on.
+    let live = publish(&cluster.b.hub, 3, "live", only_x).await;
+    assert_eq!(live[0].seq, head + 1);
+    let read = read_sse(&mut resumed, &counts(&live)).await;
+    assert_streams("A's stream after the reset", &read.events, &live);
+    let read = read_ws(&mut ws, &counts(&live)).await;
+    assert_streams("B's WebSocket after the reset", &read.events, &live);
+    assert_eq!(cluster.a.hub.stats().resets, 1);
+    assert_eq!(cluster.b.hub.stats().resets, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_on_one_process_leaves_no_silent_gap() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let via_proxy = upcoach_testing::url_via(prefix.url(), proxy.addr());
+    let tokens = Arc::new(Tokens::default());
+    let quick = RedisBroadcasterOptions {
+        timeout: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(200),
+        ..options(&prefix, HistoryLimits::default())
+    };
+    // A reaches Redis (commands and pub/sub) only through the proxy; B directly.
+    let a = Process::start(&via_proxy, quick, tokens.clone()).await;
+    let b = Process::start(
+        prefix.url(),
+        options(&prefix, HistoryLimits::default()),
+        tokens.clone(),
+    )
+    .await;
+    a.until_connected("A").await;
+    b.until_connected("B").await;
+
+    let token = tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200);
+    let mut ws = support::ws(a.addr, Some(&token)).await;
+    assert_eq!(support::subscribe(&mut ws, X, None).await, 0);
+
+    let before = publish(&b.hub, 20, "before", only_x).await;
+    let read = read_sse(&mut sse, &counts(&before)).await;
+    assert_streams("A's SSE before the cut", &read.events, &before);
+    let read = read_ws(&mut ws, &counts(&before)).await;
+    assert_streams("A's WebSocket before the cut", &read.events, &before);
+
+    // While Redis is healthy, A stays connected: its liveness pings (every 200 ms)
+    // pass on a connection that has subscriptions, and nothing reconnects.
+    let links = proxy.forwarded();
+    let steady = tokio::time::Instant::now() + Duration::from_millis(1_000);
+    while tokio::time::Instant::now() < steady {
+        assert!(
+            a.hub.status().broker.connected,
+            "A reported the broker down while Redis was healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        proxy.forwarded(),
+        links,
+        "A opened new Redis connections while Redis was healthy"
+    );
+
+    proxy.cut();
+    let hub = a.hub.clone();
+    until("A sees the broker down", NEXT, move || {
+        !hub.status().broker.connected
+    })
+    .await;
+    let during = publish(&b.hub, 30, "during", only_x).await;
+    // Long enough for several failed reconnects and pings.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !a.hub.status().broker.connected,
+        "A cannot be connected while the proxy is cut"
+    );
+
+    proxy.restore();
+    a.until_connected("A, after the restore").await;
+    // What was published during the outage arrives without waiting for a later event:
+    // the reconnect fills the hole from history.
+    let read = read_sse(&mut sse, &counts(&during)).await;
+    assert_streams("A's SSE, the outage's events", &read.events, &during);
+    let read = read_ws(&mut ws, &counts(&during)).await;
+    assert_streams("A's WebSocket, the outage's events", &read.events, &during);
+
+    let after = publish(&b.hub, 20, "after", only_x).await;
+    let read = read_sse(&mut sse, &counts(&after)).await;
+    assert_streams("A's SSE after the restore", &read.events, &after);
+    let read = read_ws(&mut ws, &counts(&after)).await;
+    assert_streams("A's WebSocket after the restore", &read.events, &after);
+    assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
+    drop(prefix);
+}
