@@ -22,6 +22,7 @@
 //! ```
 
 pub mod flow;
+pub mod oidc;
 mod provider;
 pub mod refresh;
 pub mod session;
