@@ -77,6 +77,21 @@ pub struct Config {
     /// `REALTIME_MAX_CONNECTIONS_PER_USER`: realtime connections one user may hold
     /// (default 32).
     pub realtime_max_connections_per_user: usize,
+    /// `UPCOACH_PUBLIC_URL`: the server's address as browsers and providers reach it
+    /// (`https://api.example.com`), from which callback URLs are made; default
+    /// `http://` + `UPCOACH_ADDR`.
+    pub public_url: Option<String>,
+    /// `AUTH_RETURN_TO_ALLOWLIST`: comma-separated URLs a web sign-in may return to
+    /// (`https://app.example.com/signed-in`), matched exactly: no other path, query or
+    /// host. Empty allows none (sign-in then answers with tokens, no redirect).
+    pub return_to_allowlist: Vec<String>,
+    /// `AUTH_SIGNING_KEY`: the Ed25519 seed (32 bytes, base64url) that signs access
+    /// tokens; `AUTH_PREVIOUS_SIGNING_KEY`: the one before it, still accepted and
+    /// published until its tokens expire. Without a key only `--dev` (which makes one)
+    /// issues tokens.
+    pub signing_key: Option<Secret>,
+    /// `AUTH_PREVIOUS_SIGNING_KEY`: see [`signing_key`](Self::signing_key).
+    pub previous_signing_key: Option<Secret>,
     /// `GOOGLE_*`: Google sign-in, when any of its variables is set.
     pub google: Option<GoogleConfig>,
     /// `APPLE_*`: Sign in with Apple, when any of its variables is set.
@@ -101,6 +116,10 @@ impl Default for Config {
             metrics_public: true,
             realtime_max_connections: DEFAULT_REALTIME_MAX_CONNECTIONS,
             realtime_max_connections_per_user: DEFAULT_REALTIME_MAX_CONNECTIONS_PER_USER,
+            public_url: None,
+            return_to_allowlist: Vec::new(),
+            signing_key: None,
+            previous_signing_key: None,
             google: None,
             apple: None,
             facebook: None,
@@ -120,6 +139,11 @@ pub struct GoogleConfig {
     pub web_client_id: Option<String>,
     /// `GOOGLE_MOBILE_CLIENT_ID`: another accepted audience for id tokens (native apps).
     pub mobile_client_id: Option<String>,
+    /// `GOOGLE_ISSUER_URL`: where discovery starts (default
+    /// `https://accounts.google.com`; tests point it at their own provider).
+    pub issuer_url: String,
+    /// `GOOGLE_HOSTED_DOMAIN`: only accounts of this Google Workspace domain (`hd`).
+    pub hosted_domain: Option<String>,
 }
 
 impl GoogleConfig {
@@ -441,6 +465,10 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
     ) -> Option<Secret> {
         self.required(variable, expected, because).map(Secret::new)
     }
+
+    fn secret_optional(&mut self, variable: &'static str) -> Option<Secret> {
+        self.get(variable).map(|v| Secret::new(v.trim().to_owned()))
+    }
 }
 
 impl Config {
@@ -558,6 +586,50 @@ impl Config {
             defaults.realtime_max_connections_per_user,
         );
 
+        let public_url = r.get("UPCOACH_PUBLIC_URL").and_then(|v| {
+            match parse_origin(v.trim()) {
+                Some(origin) => Some(origin),
+                None => {
+                    r.invalid_because(
+                        "UPCOACH_PUBLIC_URL",
+                        "the server's public origin such as https://api.example.com",
+                        Some(v.clone()),
+                        Some("scheme://host[:port] with no path"),
+                    );
+                    None
+                }
+            }
+        });
+        let return_to_allowlist = match r.get("AUTH_RETURN_TO_ALLOWLIST") {
+            None => Vec::new(),
+            Some(v) => {
+                let mut urls = Vec::new();
+                for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    match Url::parse(part) {
+                        Ok(url)
+                            if matches!(url.scheme(), "https" | "http")
+                                && url.host_str().is_some()
+                                && url.username().is_empty()
+                                && url.password().is_none()
+                                && url.query().is_none()
+                                && url.fragment().is_none() =>
+                        {
+                            urls.push(url.to_string());
+                        }
+                        _ => r.invalid_because(
+                            "AUTH_RETURN_TO_ALLOWLIST",
+                            "comma-separated URLs such as https://app.example.com/signed-in",
+                            (!part.contains('@')).then(|| part.to_owned()),
+                            Some("each is an http(s) URL with a host and path, without query or fragment"),
+                        ),
+                    }
+                }
+                urls
+            }
+        };
+        let signing_key = r.secret_optional("AUTH_SIGNING_KEY");
+        let previous_signing_key = r.secret_optional("AUTH_PREVIOUS_SIGNING_KEY");
+
         let google = read_google(&mut r);
         let apple = read_apple(&mut r);
         let facebook = read_facebook(&mut r);
@@ -576,6 +648,10 @@ impl Config {
             metrics_public,
             realtime_max_connections,
             realtime_max_connections_per_user,
+            public_url,
+            return_to_allowlist,
+            signing_key,
+            previous_signing_key,
             google: google.flatten(),
             apple: apple.flatten(),
             facebook: facebook.flatten(),
@@ -588,7 +664,12 @@ const GOOGLE_VARS: &[&str] = &[
     "GOOGLE_CLIENT_SECRET",
     "GOOGLE_WEB_CLIENT_ID",
     "GOOGLE_MOBILE_CLIENT_ID",
+    "GOOGLE_ISSUER_URL",
+    "GOOGLE_HOSTED_DOMAIN",
 ];
+
+/// Google's issuer, where discovery starts by default.
+pub const GOOGLE_ISSUER: &str = "https://accounts.google.com";
 const APPLE_VARS: &[&str] = &[
     "APPLE_WEB_CLIENT_ID",
     "APPLE_MOBILE_CLIENT_ID",
@@ -617,11 +698,31 @@ fn read_google<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> Option<Optio
     let web_client_id = r.identifier("GOOGLE_WEB_CLIENT_ID", "a Google OAuth client id", None);
     let mobile_client_id =
         r.identifier("GOOGLE_MOBILE_CLIENT_ID", "a Google OAuth client id", None);
+    let issuer_url = match r.get("GOOGLE_ISSUER_URL") {
+        None => Some(GOOGLE_ISSUER.to_owned()),
+        Some(v) => match Url::parse(v.trim()) {
+            Ok(url)
+                if matches!(url.scheme(), "https" | "http")
+                    && url.host_str().is_some()
+                    && url.query().is_none()
+                    && url.username().is_empty() =>
+            {
+                Some(v.trim().trim_end_matches('/').to_owned())
+            }
+            _ => {
+                r.invalid("GOOGLE_ISSUER_URL", "an issuer URL such as https://accounts.google.com", Some(v.clone()));
+                None
+            }
+        },
+    };
+    let hosted_domain = r.identifier("GOOGLE_HOSTED_DOMAIN", "a domain such as example.com", None);
     Some(Some(GoogleConfig {
         client_id: client_id?,
         client_secret: client_secret?,
         web_client_id,
         mobile_client_id,
+        issuer_url: issuer_url?,
+        hosted_domain,
     }))
 }
 
