@@ -208,6 +208,16 @@ impl Session {
         let Some(since) = since else {
             return Ok(head);
         };
+        if since > head {
+            // A cursor from before a restart (or a flushed Redis): the room's numbers
+            // started again. Waiting for `seq` to pass it would silently drop events.
+            hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+            out.push(Outbound::Reset {
+                room: room.clone(),
+                reason: "cursor_ahead_of_room",
+            });
+            return Ok(head);
+        }
         self.catch_up(room, since, head, out).await
     }
 

@@ -108,7 +108,12 @@ impl Hub {
                 }
                 return response;
             }
-            if let Some(since) = since {
+            // Where the stream starts in this room: after the replay, or at the head
+            // when the cursor could not be used (history gone, or ahead of the room).
+            let resumed = out
+                .iter()
+                .any(|o| matches!(o, Outbound::Reset { room: r, .. } if &**r == room));
+            if let (Some(since), false) = (since, resumed) {
                 start.set(room, since);
             }
         }

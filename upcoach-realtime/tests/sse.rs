@@ -355,3 +355,40 @@ async fn a_client_that_goes_away_is_noticed_without_waiting_for_a_ping() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
+    // A cursor from before a restart: the room's numbers started again.
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    for i in 0..3 {
+        hub.publish("public:x", "n", serde_json::json!(i))
+            .await
+            .unwrap();
+    }
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(
+        addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", "public:x=999")],
+    )
+    .await;
+    let first = stream.next().await.unwrap();
+    assert_eq!(
+        first.id.as_deref(),
+        Some("public:x=3"),
+        "the stream starts at the head, not at 999"
+    );
+    let reset = stream.next_event().await;
+    assert_eq!(
+        data(&reset),
+        serde_json::json!({"room": "public:x", "reason": "cursor_ahead_of_room"})
+    );
+    hub.publish("public:x", "n", serde_json::json!("live"))
+        .await
+        .unwrap();
+    assert_eq!(
+        data(&stream.next_event().await)["seq"],
+        4,
+        "live events flow again"
+    );
+}

@@ -441,3 +441,24 @@ async fn shutdown_closes_with_1001_and_connections_are_logged() {
         assert!(names.contains(&expected), "{expected} in {names:?}");
     }
 }
+
+#[tokio::test]
+async fn since_ahead_of_the_room_gets_reset_then_live_events() {
+    let (hub, tokens, addr) = setup(HubConfig::default()).await;
+    for i in 0..3 {
+        hub.publish("public:x", "n", serde_json::json!(i))
+            .await
+            .unwrap();
+    }
+    let mut client = ws(addr, Some(&tokens.admin())).await;
+    assert_eq!(subscribe(&mut client, "public:x", Some(999)).await, 3);
+    let reset = recv(&mut client).await;
+    assert_eq!(
+        (reset["type"].as_str(), reset["reason"].as_str()),
+        (Some("reset"), Some("cursor_ahead_of_room"))
+    );
+    hub.publish("public:x", "n", serde_json::json!("live"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut client).await["seq"], 4);
+}

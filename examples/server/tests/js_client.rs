@@ -1,0 +1,144 @@
+//! The realtime routes through an independent client: `tests/js/realtime/client.mjs`
+//! (the npm `ws` and `eventsource` packages) against the reference server in `--dev`
+//! mode. Skips with a printed reason when `node` or the script's `node_modules` is
+//! missing (`npm ci` in `tests/js/realtime` installs them), unless
+//! `UPCOACH_REQUIRE_NODE=1` (set by `.ci/run`) turns the skip into a failure.
+
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::Running;
+use upcoach_core::Config;
+use upcoach_server::Options;
+
+/// Set to `1` to turn a skip for a missing `node` or `node_modules` into a failure.
+const REQUIRE_NODE: &str = "UPCOACH_REQUIRE_NODE";
+/// How long the script may run (it gives up on its own after 60 s).
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn script_dir() -> PathBuf {
+    // CARGO_MANIFEST_DIR is examples/server; the script lives at the workspace root.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("examples/server sits two levels below the workspace root");
+    workspace.join("tests/js/realtime")
+}
+
+/// `None` when the script can run; otherwise why not.
+fn missing_prerequisite(dir: &Path) -> Option<String> {
+    match Command::new("node").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => return Some(format!("`node --version` failed: {}", out.status)),
+        Err(e) => {
+            return Some(format!(
+                "`node` cannot be run ({e}); install Node 20 or later"
+            ));
+        }
+    }
+    let modules = dir.join("node_modules");
+    if !modules.is_dir() {
+        return Some(format!(
+            "{} is missing; run `npm ci` in {}",
+            modules.display(),
+            dir.display()
+        ));
+    }
+    None
+}
+
+struct Finished {
+    /// `None` when the script was killed for taking too long.
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `node client.mjs <addr> <token>` in `dir`, killing it after `SCRIPT_TIMEOUT`.
+fn run_script(dir: &Path, addr: &str, token: &str) -> Finished {
+    let mut child = Command::new("node")
+        .arg("client.mjs")
+        .arg(addr)
+        .arg(token)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node starts");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr piped")));
+    let started = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait for node") {
+            break Some(status.code().unwrap_or(-1));
+        }
+        if started.elapsed() > SCRIPT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Finished {
+        code,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_passes_against_the_reference_server() {
+    let dir = script_dir();
+    if let Some(reason) = missing_prerequisite(&dir) {
+        let required = std::env::var(REQUIRE_NODE).is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "{reason}, but {REQUIRE_NODE}=1: this run must not skip the JS client test"
+        );
+        eprintln!("skipping: {reason}");
+        return;
+    }
+
+    let server = Running::start(
+        Config::default(),
+        Options {
+            dev: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let answer = server.post("/dev/token", r#"{"roles":["admin"]}"#).await;
+    let token = answer.json["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no dev token: {}", answer.json))
+        .to_owned();
+    let addr = server.addr.to_string();
+
+    // The script blocks a thread; the server keeps serving on the runtime's workers.
+    let finished = tokio::task::spawn_blocking(move || run_script(&dir, &addr, &token))
+        .await
+        .expect("the script's runner");
+    server.stop().await;
+
+    let output = format!(
+        "--- stdout\n{}--- stderr\n{}",
+        finished.stdout, finished.stderr
+    );
+    match finished.code {
+        Some(0) => println!("{output}"),
+        Some(code) => panic!("client.mjs exited with {code}\n{output}"),
+        None => panic!("client.mjs took longer than {SCRIPT_TIMEOUT:?} and was killed\n{output}"),
+    }
+}
