@@ -24,6 +24,7 @@ async fn migrations_apply_twice_and_create_every_table_and_index() {
         tables,
         [
             "_sqlx_migrations",
+            "refresh_families",
             "refresh_tokens",
             "security_events",
             "system_alerts",
@@ -53,6 +54,10 @@ async fn migrations_apply_twice_and_create_every_table_and_index() {
         "user_identities_provider_subject_key",
         "idx_refresh_tokens_family_id",
         "idx_refresh_tokens_user_id",
+        "idx_refresh_families_user_id",
+        "idx_refresh_tokens_parent_hash",
+        "user_identities_user_provider_key",
+        "idx_user_identities_email",
     ] {
         assert!(
             indexes.iter().any(|i| i == expected),

@@ -1,12 +1,22 @@
 //! Sign-in for upcoach servers.
 //!
-//! What exists so far:
-//! - [`session`]: our own short-lived access tokens (EdDSA JWTs with `kid`), a
-//!   [`TokenVerifier`](upcoach_core::TokenVerifier) for them, and their JWK Set.
-//! - [`AuthProvider`]: the seam the Google, Apple and Facebook providers will implement.
+//! - [`session`]: our own short-lived access tokens (EdDSA JWTs with `kid`, current and
+//!   previous key), a [`TokenVerifier`](upcoach_core::TokenVerifier) for them, and
+//!   their JWK Set.
+//! - [`refresh`]: opaque refresh tokens stored as hashes, rotated on every use, reuse
+//!   revoking the family ([`RefreshStore`](refresh::RefreshStore): memory, Postgres).
+//! - [`oidc`]: id-token verification with pinned algorithms and a cached, rate-limited
+//!   JWKS per issuer.
+//! - [`google`]: the Google provider (discovery, code flow with PKCE through the
+//!   `oauth2` crate, native id tokens).
+//! - [`web`]: the browser flow around a provider (state, nonce, PKCE in a
+//!   [`FlowStore`](flow::FlowStore), browser binding, `return_to` allow-list, login
+//!   codes).
+//! - [`users`]: users and their identities, keyed by (provider, subject), with the
+//!   linking policy ([`UserStore`](users::UserStore): memory, Postgres).
 //!
-//! Not built yet: the providers, id-token verification against provider JWKS, the
-//! authorization-code flow and its flow store, refresh tokens, users and linking.
+//! Apple and Facebook are not built yet: [`ProviderId`] names them, and the server
+//! answers `provider_not_configured` for them.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -22,6 +32,7 @@
 //! ```
 
 pub mod flow;
+pub mod google;
 pub mod oidc;
 mod provider;
 pub mod refresh;
@@ -29,6 +40,7 @@ pub mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod users;
+pub mod web;
 
 pub use provider::{
     AuthProvider, AuthorizationRequest, NativeCredential, ProviderId, VerifiedIdentity,
@@ -50,6 +62,19 @@ pub enum Error {
     /// Key generation, signing or key parsing failed.
     #[error("cryptographic operation failed")]
     Crypto(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The provider's id token was refused.
+    #[error(transparent)]
+    IdToken(#[from] oidc::IdTokenError),
+    /// The account is not of the configured Google Workspace domain.
+    #[error("this account is not of the allowed hosted domain")]
+    WrongHostedDomain,
+    /// The provider refused the authorization code (used before, expired, or the PKCE
+    /// verifier does not match).
+    #[error("the provider refused the authorization code")]
+    CodeRejected,
+    /// The provider could not be reached or answered unexpectedly.
+    #[error("the sign-in provider is unavailable")]
+    ProviderUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {
@@ -57,13 +82,21 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::UnknownProvider => "unknown_provider",
-            Error::InvalidCredential { .. } => "invalid_credential",
+            Error::InvalidCredential { reason } => reason,
             Error::Crypto(_) => "internal_error",
+            Error::IdToken(e) => e.code(),
+            Error::WrongHostedDomain => "wrong_hosted_domain",
+            Error::CodeRejected => "authorization_code_rejected",
+            Error::ProviderUnavailable(_) => "provider_unavailable",
         }
     }
 
     /// Whether trying again later could succeed.
     pub fn is_retryable(&self) -> bool {
-        false
+        match self {
+            Error::ProviderUnavailable(_) => true,
+            Error::IdToken(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 }

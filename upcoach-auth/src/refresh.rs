@@ -1,1 +1,554 @@
-//! Refresh tokens: opaque, stored as hashes, rotated on each use (being built).
+//! Refresh tokens: opaque, stored only as a hash, rotated on every use, with reuse
+//! detection per family (RFC 9700 §4.14).
+//!
+//! - A [`RefreshToken`] is 256 bits from the operating system's randomness, written as
+//!   base64url (43 characters). Stores keep only its SHA-256 [`TokenHash`]; `Debug`
+//!   never shows the token.
+//! - A *family* is one sign-in session ([`SessionId`], the `sid` of the access tokens).
+//!   [`RefreshStore::open_family`] issues its first token; [`RefreshStore::rotate`]
+//!   exchanges a token for its child in the same family. A family lives at most
+//!   [`RefreshPolicy::family_lifetime`] (absolute), each token
+//!   [`RefreshPolicy::token_ttl`] (never past its family's end).
+//! - **Reuse**: a token that was already exchanged, presented again, revokes its whole
+//!   family and answers [`RefreshError::Reused`] with the user and family, so the caller
+//!   can record the `refresh_token_reused` security event.
+//! - **Grace**: within [`RefreshPolicy::grace`] (default 0: off) of its rotation, the
+//!   *immediate parent* of a token nobody has used yet may be presented again, and gets a
+//!   new sibling child ([`Rotation::grace_retry`]): an honest client retrying a request
+//!   whose response it lost. Once any child of it has been used, or after the grace, the
+//!   parent is reuse. Once one of several siblings has been used, presenting another one
+//!   is reuse too, so a family never has two live lines.
+//! - **Concurrency**: of two rotations of one token, at most one rotates it; the other is
+//!   a grace retry or reuse. After [`RefreshStore::revoke_family`] returns, no token of
+//!   the family rotates any more, whatever was in flight.
+//!
+//! Every decision takes `now` from the caller (its [`Clock`](upcoach_core::Clock)), so
+//! tests move a [`ManualClock`](upcoach_core::ManualClock) instead of sleeping. Times
+//! are kept to the microsecond, as Postgres keeps them.
+//!
+//! Backends: [`MemoryRefreshStore`] (always built) and `PgRefreshStore` (feature
+//! `postgres`), both held to `upcoach_auth::testing::refresh::refresh_store_conformance`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use upcoach_auth::refresh::{MemoryRefreshStore, RefreshPolicy, RefreshStore};
+//! use upcoach_core::{Clock, ManualClock, UserId};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let clock = ManualClock::starting_now();
+//! let store = MemoryRefreshStore::new(RefreshPolicy::default());
+//! let user = UserId::new();
+//!
+//! // Sign-in: the first token of a new family.
+//! let issued = store.open_family(user, clock.now()).await?;
+//!
+//! // Each refresh exchanges the token for a new one in the same family.
+//! clock.advance(Duration::from_secs(15 * 60));
+//! let rotation = store.rotate(issued.token.expose(), clock.now()).await?;
+//! assert_eq!((rotation.user_id, rotation.family_id), (user, issued.family_id));
+//!
+//! // The old token again: reuse. The family is revoked, the new token stops working.
+//! let reused = store.rotate(issued.token.expose(), clock.now()).await.unwrap_err();
+//! assert_eq!(reused.code(), "refresh_token_reused");
+//! let revoked = store.rotate(rotation.token.expose(), clock.now()).await.unwrap_err();
+//! assert_eq!(revoked.code(), "refresh_token_revoked");
+//! # Ok::<(), upcoach_auth::refresh::RefreshError>(())
+//! # }).unwrap();
+//! ```
+
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod token;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use upcoach_core::{SessionId, UserId};
+
+pub use memory::MemoryRefreshStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PgRefreshStore;
+pub use token::{RefreshToken, TOKEN_BYTES, TOKEN_LEN, TokenHash};
+
+/// The default lifetime of one refresh token: 30 days.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The default absolute lifetime of a family (a sign-in session): 90 days.
+pub const DEFAULT_FAMILY_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long refresh tokens and their families live, and the retry grace.
+///
+/// ```
+/// use std::time::Duration;
+/// use upcoach_auth::refresh::RefreshPolicy;
+///
+/// let policy = RefreshPolicy::default().with_grace(Duration::from_secs(10));
+/// assert_eq!(policy.token_ttl, Duration::from_secs(30 * 24 * 3600));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshPolicy {
+    /// How long one token is good for (default 30 days), never past its family's end.
+    pub token_ttl: Duration,
+    /// The absolute lifetime of a family from sign-in (default 90 days): no rotation
+    /// extends it.
+    pub family_lifetime: Duration,
+    /// How long after its rotation the immediate parent of an unused token may be
+    /// presented again for a sibling (default 0: never). Keep it to seconds (10 s is
+    /// typical): it is the window in which a stolen parent is not detected.
+    pub grace: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        Self {
+            token_ttl: DEFAULT_TOKEN_TTL,
+            family_lifetime: DEFAULT_FAMILY_LIFETIME,
+            grace: Duration::ZERO,
+        }
+    }
+}
+
+impl RefreshPolicy {
+    /// Sets [`RefreshPolicy::token_ttl`].
+    pub fn with_token_ttl(mut self, ttl: Duration) -> Self {
+        self.token_ttl = ttl;
+        self
+    }
+
+    /// Sets [`RefreshPolicy::family_lifetime`].
+    pub fn with_family_lifetime(mut self, lifetime: Duration) -> Self {
+        self.family_lifetime = lifetime;
+        self
+    }
+
+    /// Sets [`RefreshPolicy::grace`].
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+}
+
+/// The first token of a new family.
+#[derive(Debug, Clone)]
+pub struct IssuedRefresh {
+    /// The token for the client.
+    pub token: RefreshToken,
+    /// The family (the sign-in session; the access tokens' `sid`).
+    pub family_id: SessionId,
+    /// When the token expires.
+    pub expires_at: SystemTime,
+    /// When the family ends, whatever rotations happen.
+    pub family_expires_at: SystemTime,
+}
+
+/// A successful refresh: the new token and whose it is.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// The family's user.
+    pub user_id: UserId,
+    /// The family.
+    pub family_id: SessionId,
+    /// The new token for the client.
+    pub token: RefreshToken,
+    /// When the new token expires.
+    pub expires_at: SystemTime,
+    /// Whether this was a grace retry of a parent rotated moments ago (a sibling was
+    /// issued) rather than the rotation of an unused token.
+    pub grace_retry: bool,
+}
+
+/// A family and its user, as found by [`RefreshStore::revoke_presented`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshFamily {
+    /// The family.
+    pub family_id: SessionId,
+    /// Its user.
+    pub user_id: UserId,
+}
+
+/// Why a family was revoked (kept by stores that keep it, such as Postgres).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RevokeReason {
+    /// The user signed out.
+    Logout,
+    /// A rotated token was presented again.
+    Reuse,
+    /// Every session of the user was ended ([`RefreshStore::revoke_user`]).
+    AllSessions,
+    /// An operator or the host decided.
+    Admin,
+}
+
+impl RevokeReason {
+    /// A stable, snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::Logout => "logout",
+            RevokeReason::Reuse => "reuse",
+            RevokeReason::AllSessions => "all_sessions",
+            RevokeReason::Admin => "admin",
+        }
+    }
+}
+
+/// What the stores removed in [`RefreshStore::purge_expired`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Families past their absolute lifetime.
+    pub families: u64,
+    /// Tokens past their expiry (those of removed families included).
+    pub tokens: u64,
+}
+
+/// Why a refresh token was not accepted.
+///
+/// The token codes say nothing more than these five facts; in particular an unknown
+/// token and a malformed one are both [`RefreshError::Invalid`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefreshError {
+    /// Not a token we issued (or one removed since it expired).
+    #[error("the refresh token is invalid")]
+    Invalid,
+    /// The token, or its family's absolute lifetime, has expired.
+    #[error("the refresh token has expired")]
+    Expired,
+    /// The token's family was revoked (logout, reuse, all sessions ended).
+    #[error("the refresh token has been revoked")]
+    Revoked,
+    /// The token had already been exchanged: its whole family is now revoked. Record a
+    /// `refresh_token_reused` security event with these.
+    #[error("a rotated refresh token was used again; its family is revoked")]
+    Reused {
+        /// The family's user.
+        user_id: UserId,
+        /// The revoked family.
+        family_id: SessionId,
+    },
+    /// The store refused to open a family for a user it does not know (Postgres: no
+    /// such row in `users`).
+    #[error("no such user")]
+    UnknownUser,
+    /// The operating system's randomness failed.
+    #[error("the operating system's random number generator failed")]
+    Random(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store could not be reached or failed.
+    #[error("the refresh token store ({backend}) failed")]
+    Backend {
+        /// Which store.
+        backend: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl RefreshError {
+    /// A stable, snake_case code for clients and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RefreshError::Invalid => "refresh_token_invalid",
+            RefreshError::Expired => "refresh_token_expired",
+            RefreshError::Revoked => "refresh_token_revoked",
+            RefreshError::Reused { .. } => "refresh_token_reused",
+            RefreshError::UnknownUser => "unknown_user",
+            RefreshError::Random(_) => "internal_error",
+            RefreshError::Backend { .. } => "refresh_store_unavailable",
+        }
+    }
+
+    /// Whether trying again later could succeed (only when the store failed).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RefreshError::Backend { .. })
+    }
+}
+
+/// Where refresh-token families live.
+///
+/// Every method takes `now` from the caller's [`Clock`](upcoach_core::Clock). Presented
+/// tokens are the client's text as received: anything malformed or unknown is
+/// [`RefreshError::Invalid`].
+///
+/// Implementing your own store usually means wrapping one of ours; a wrapper that counts
+/// detected reuse:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::SystemTime;
+/// use async_trait::async_trait;
+/// use upcoach_auth::refresh::*;
+/// use upcoach_core::{SessionId, UserId};
+///
+/// #[derive(Debug)]
+/// struct CountReuse<S> {
+///     inner: S,
+///     reused: AtomicU64,
+/// }
+///
+/// #[async_trait]
+/// impl<S: RefreshStore> RefreshStore for CountReuse<S> {
+///     fn policy(&self) -> &RefreshPolicy {
+///         self.inner.policy()
+///     }
+///     async fn open_family(&self, user: UserId, now: SystemTime)
+///         -> Result<IssuedRefresh, RefreshError> {
+///         self.inner.open_family(user, now).await
+///     }
+///     async fn rotate(&self, presented: &str, now: SystemTime)
+///         -> Result<Rotation, RefreshError> {
+///         let result = self.inner.rotate(presented, now).await;
+///         if let Err(RefreshError::Reused { .. }) = &result {
+///             self.reused.fetch_add(1, Ordering::Relaxed);
+///         }
+///         result
+///     }
+///     async fn revoke_family(&self, family: SessionId, reason: RevokeReason, now: SystemTime)
+///         -> Result<bool, RefreshError> {
+///         self.inner.revoke_family(family, reason, now).await
+///     }
+///     async fn revoke_presented(&self, presented: &str, now: SystemTime)
+///         -> Result<Option<RefreshFamily>, RefreshError> {
+///         self.inner.revoke_presented(presented, now).await
+///     }
+///     async fn revoke_user(&self, user: UserId, now: SystemTime) -> Result<u64, RefreshError> {
+///         self.inner.revoke_user(user, now).await
+///     }
+///     async fn purge_expired(&self, now: SystemTime) -> Result<Purged, RefreshError> {
+///         self.inner.purge_expired(now).await
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = CountReuse { inner: MemoryRefreshStore::default(), reused: AtomicU64::new(0) };
+/// let now = SystemTime::now();
+/// let issued = store.open_family(UserId::new(), now).await.unwrap();
+/// store.rotate(issued.token.expose(), now).await.unwrap();
+/// assert!(store.rotate(issued.token.expose(), now).await.is_err());
+/// assert_eq!(store.reused.load(Ordering::Relaxed), 1);
+/// # });
+/// ```
+#[async_trait]
+pub trait RefreshStore: fmt::Debug + Send + Sync + 'static {
+    /// The lifetimes and grace this store applies.
+    fn policy(&self) -> &RefreshPolicy;
+
+    /// Opens a new family for `user` (a sign-in) and issues its first token.
+    async fn open_family(
+        &self,
+        user: UserId,
+        now: SystemTime,
+    ) -> Result<IssuedRefresh, RefreshError>;
+
+    /// Exchanges `presented` for a new token of the same family (a refresh).
+    ///
+    /// Errors: [`RefreshError::Invalid`] (unknown or malformed), [`RefreshError::Expired`]
+    /// (the token or its family), [`RefreshError::Reused`] (already exchanged, outside
+    /// the grace rules: the family is now revoked), [`RefreshError::Revoked`] (the
+    /// family was revoked), [`RefreshError::Backend`].
+    ///
+    /// The checks, in order: the family's absolute end and the token's expiry (an
+    /// expired token answers `Expired` and changes nothing, even if it was exchanged);
+    /// an exchanged token is a grace retry or reuse (reuse again, with the family revoked
+    /// already, is still `Reused`: each replay is worth a security event); a revoked
+    /// family; an unused sibling of a token that was used is reuse.
+    async fn rotate(&self, presented: &str, now: SystemTime) -> Result<Rotation, RefreshError>;
+
+    /// Revokes a family: none of its tokens rotates once this returns. `true` if this
+    /// call revoked it, `false` if it was revoked already or is unknown.
+    async fn revoke_family(
+        &self,
+        family: SessionId,
+        reason: RevokeReason,
+        now: SystemTime,
+    ) -> Result<bool, RefreshError>;
+
+    /// Logout: revokes the family of `presented` (any token of it, rotated or expired
+    /// too). `None` for an unknown or malformed token, which is not an error: the caller
+    /// answers the same either way.
+    async fn revoke_presented(
+        &self,
+        presented: &str,
+        now: SystemTime,
+    ) -> Result<Option<RefreshFamily>, RefreshError>;
+
+    /// Revokes every live family of `user` (sign out everywhere); how many it revoked.
+    async fn revoke_user(&self, user: UserId, now: SystemTime) -> Result<u64, RefreshError>;
+
+    /// Removes families past their absolute lifetime and tokens past their expiry (plus
+    /// the grace). Presented afterwards, such a token is [`RefreshError::Invalid`]
+    /// instead of [`RefreshError::Expired`]. The memory store also does this a little at
+    /// a time on every call; run it periodically on Postgres.
+    async fn purge_expired(&self, now: SystemTime) -> Result<Purged, RefreshError>;
+}
+
+/// `t` cut to whole microseconds, as Postgres keeps it.
+pub(crate) fn to_micros(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SystemTime::UNIX_EPOCH + Duration::new(d.as_secs(), d.subsec_micros() * 1_000),
+        Err(e) => {
+            let d = e.duration();
+            let up = Duration::new(d.as_secs(), d.subsec_nanos().div_ceil(1_000) * 1_000);
+            SystemTime::UNIX_EPOCH - up
+        }
+    }
+}
+
+/// `now + d`, saturating far in the future instead of overflowing.
+pub(crate) fn later(now: SystemTime, d: Duration) -> SystemTime {
+    now.checked_add(d)
+        .unwrap_or_else(|| SystemTime::UNIX_EPOCH + Duration::from_secs(200_000 * 365 * 86_400))
+}
+
+/// What a store knows about a presented token when it decides.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Observed {
+    /// The token's expiry.
+    pub(crate) expires_at: SystemTime,
+    /// The family's absolute end.
+    pub(crate) family_expires_at: SystemTime,
+    /// When the token was exchanged, if it was.
+    pub(crate) rotated_at: Option<SystemTime>,
+    /// Whether the token or its family is revoked.
+    pub(crate) revoked: bool,
+    /// Whether a child of this token has been exchanged already.
+    pub(crate) child_rotated: bool,
+    /// Whether another child of this token's parent has been exchanged already.
+    pub(crate) sibling_rotated: bool,
+}
+
+/// What to do with a presented, known token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Exchange it for a child.
+    Rotate,
+    /// Issue another child of this parent (an honest retry).
+    GraceRetry,
+    /// Revoke the family and answer `refresh_token_reused`.
+    Reuse,
+    /// Answer `refresh_token_revoked`.
+    Revoked,
+    /// Answer `refresh_token_expired`.
+    Expired,
+}
+
+/// The one decision every store makes, in this order: expiry (the family's, then the
+/// token's); an exchanged token is a grace retry or reuse; a revoked family; a sibling
+/// of an exchanged token is reuse; otherwise rotate.
+pub(crate) fn decide(token: &Observed, policy: &RefreshPolicy, now: SystemTime) -> Verdict {
+    if now >= token.family_expires_at || now >= token.expires_at {
+        return Verdict::Expired;
+    }
+    if let Some(rotated_at) = token.rotated_at {
+        let within_grace = !policy.grace.is_zero() && now < later(rotated_at, policy.grace);
+        return if within_grace && !token.revoked && !token.child_rotated {
+            Verdict::GraceRetry
+        } else {
+            Verdict::Reuse
+        };
+    }
+    if token.revoked {
+        return Verdict::Revoked;
+    }
+    if token.sibling_rotated {
+        return Verdict::Reuse;
+    }
+    Verdict::Rotate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_prints_the_token() {
+        let token = RefreshToken::generate().unwrap();
+        let issued = IssuedRefresh {
+            token: token.clone(),
+            family_id: SessionId::new(),
+            expires_at: SystemTime::now(),
+            family_expires_at: SystemTime::now(),
+        };
+        for text in [
+            format!("{token:?}"),
+            format!("{token}"),
+            format!("{issued:?}"),
+            format!("{:?}", token.hash()),
+        ] {
+            assert!(!text.contains(token.expose()), "{text}");
+        }
+    }
+
+    #[test]
+    fn micros_truncate_both_sides_of_the_epoch() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(5, 123_456_789);
+        assert_eq!(
+            to_micros(t),
+            SystemTime::UNIX_EPOCH + Duration::new(5, 123_456_000)
+        );
+        let before = SystemTime::UNIX_EPOCH - Duration::new(5, 123_456_789);
+        assert_eq!(
+            to_micros(before),
+            SystemTime::UNIX_EPOCH - Duration::new(5, 123_457_000)
+        );
+    }
+
+    #[test]
+    fn decisions() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Duration::from_secs(1);
+        let fresh = Observed {
+            expires_at: t + 100 * s,
+            family_expires_at: t + 200 * s,
+            rotated_at: None,
+            revoked: false,
+            child_rotated: false,
+            sibling_rotated: false,
+        };
+        let strict = RefreshPolicy::default();
+        let lenient = strict.with_grace(10 * s);
+        assert_eq!(decide(&fresh, &strict, t), Verdict::Rotate);
+        assert_eq!(decide(&fresh, &strict, t + 100 * s), Verdict::Expired);
+        let short_family = Observed {
+            family_expires_at: t + 50 * s,
+            ..fresh
+        };
+        assert_eq!(decide(&short_family, &strict, t + 50 * s), Verdict::Expired);
+        let revoked = Observed {
+            revoked: true,
+            ..fresh
+        };
+        assert_eq!(decide(&revoked, &strict, t), Verdict::Revoked);
+        let stale = Observed {
+            sibling_rotated: true,
+            ..fresh
+        };
+        assert_eq!(decide(&stale, &lenient, t), Verdict::Reuse);
+
+        let rotated = Observed {
+            rotated_at: Some(t),
+            ..fresh
+        };
+        assert_eq!(decide(&rotated, &strict, t), Verdict::Reuse);
+        assert_eq!(
+            decide(&rotated, &strict, t - s),
+            Verdict::Reuse,
+            "no grace even when the caller's clock is behind"
+        );
+        assert_eq!(decide(&rotated, &lenient, t + 9 * s), Verdict::GraceRetry);
+        assert_eq!(decide(&rotated, &lenient, t + 10 * s), Verdict::Reuse);
+        let ancestor = Observed {
+            child_rotated: true,
+            ..rotated
+        };
+        assert_eq!(decide(&ancestor, &lenient, t + s), Verdict::Reuse);
+        let rotated_and_revoked = Observed {
+            revoked: true,
+            ..rotated
+        };
+        assert_eq!(
+            decide(&rotated_and_revoked, &lenient, t + s),
+            Verdict::Reuse
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! - [`RedisPrefix`]: a random key prefix per test, its keys deleted afterwards.
 //! - [`FaultProxy`]: a TCP proxy a test can [`cut`](FaultProxy::cut) and
 //!   [`restore`](FaultProxy::restore) to put Redis or Postgres "down".
+//! - [`OidcProvider`]: an independent OpenID provider (npm `oauth2-mock-server`).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -16,10 +17,12 @@
 //! # }
 //! ```
 
+mod oidc;
 mod proxy;
 
 use std::net::SocketAddr;
 
+pub use oidc::OidcProvider;
 pub use proxy::FaultProxy;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

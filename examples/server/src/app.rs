@@ -81,6 +81,33 @@ pub enum StartError {
     /// The development signing key could not be made.
     #[error("could not generate the development signing key")]
     Keys(#[source] upcoach_auth::Error),
+    /// `AUTH_SIGNING_KEY` or `AUTH_PREVIOUS_SIGNING_KEY` is not a base64url 32-byte seed.
+    #[error("{0} is not a base64url Ed25519 seed of 32 bytes")]
+    SigningKey(&'static str),
+    /// A configured sign-in provider could not be set up (its discovery failed).
+    #[error("{provider} sign-in could not be set up")]
+    Provider {
+        /// Which provider.
+        provider: &'static str,
+        /// Why.
+        #[source]
+        source: upcoach_auth::Error,
+    },
+}
+
+/// A signing key from configuration.
+fn signing_key(
+    seed: &upcoach_core::Secret,
+    variable: &'static str,
+) -> Result<SigningKey, StartError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(seed.expose().trim_end_matches('='))
+        .map_err(|_| StartError::SigningKey(variable))?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StartError::SigningKey(variable))?;
+    Ok(SigningKey::from_seed(&seed))
 }
 
 /// The backends in use, for the banner and `/health`.
@@ -106,6 +133,8 @@ pub struct App {
     pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
     pub(crate) hub: Hub,
+    pub(crate) auth: crate::auth_routes::Auth,
+    pub(crate) clock: Arc<dyn Clock>,
     /// Background tasks to stop with the app.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -211,17 +240,27 @@ impl App {
             )),
             _ => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
         };
-        let tokens = if options.dev {
-            tracing::warn!(
-                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
-                 signed by a key generated at start that is lost at exit. Never run this in production."
-            );
-            Some(Arc::new(AccessTokens::new(
-                SigningKey::generate().map_err(StartError::Keys)?,
-                clock.clone(),
-            )))
-        } else {
-            None
+        let tokens = match (&config.signing_key, options.dev) {
+            (Some(seed), _) => {
+                let mut tokens =
+                    AccessTokens::new(signing_key(seed, "AUTH_SIGNING_KEY")?, clock.clone());
+                if let Some(previous) = &config.previous_signing_key {
+                    tokens = tokens
+                        .with_previous_key(signing_key(previous, "AUTH_PREVIOUS_SIGNING_KEY")?);
+                }
+                Some(Arc::new(tokens))
+            }
+            (None, true) => {
+                tracing::warn!(
+                    "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
+                     signed by a key generated at start that is lost at exit. Never run this in production."
+                );
+                Some(Arc::new(AccessTokens::new(
+                    SigningKey::generate().map_err(StartError::Keys)?,
+                    clock.clone(),
+                )))
+            }
+            (None, false) => None,
         };
         let verifier: Arc<dyn upcoach_core::TokenVerifier> = match &tokens {
             Some(tokens) => tokens.clone(),
@@ -313,6 +352,59 @@ impl App {
             }
         }));
 
+        let auth = {
+            use upcoach_auth::flow::{FlowStore, MemoryFlowStore, RedisFlowStore};
+            use upcoach_auth::refresh::{
+                MemoryRefreshStore, PgRefreshStore, RefreshPolicy, RefreshStore,
+            };
+            use upcoach_auth::users::{MemoryUserStore, PgUserStore, UserStore};
+            let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match &postgres {
+                Some(pool) => (
+                    Arc::new(PgRefreshStore::new(pool.clone())),
+                    Arc::new(PgUserStore::new(pool.clone())),
+                ),
+                None => (
+                    Arc::new(MemoryRefreshStore::new(RefreshPolicy::default())),
+                    Arc::new(MemoryUserStore::new()),
+                ),
+            };
+            let flows: Arc<dyn FlowStore> = match &redis {
+                Some(redis) => Arc::new(
+                    RedisFlowStore::new(redis.manager())
+                        .with_prefix(format!("{}:flow:", config.cache_prefix)),
+                ),
+                None => Arc::new(MemoryFlowStore::new()),
+            };
+            let public_url = config
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", config.addr));
+            let mut providers: std::collections::HashMap<
+                upcoach_auth::ProviderId,
+                Arc<dyn upcoach_auth::AuthProvider>,
+            > = std::collections::HashMap::new();
+            if let Some(google) = &config.google {
+                let provider = upcoach_auth::google::GoogleProvider::discover(
+                    google,
+                    &format!("{public_url}/auth/google/callback"),
+                    clock.clone(),
+                )
+                .await
+                .map_err(|source| StartError::Provider {
+                    provider: "google",
+                    source,
+                })?;
+                providers.insert(upcoach_auth::ProviderId::Google, Arc::new(provider));
+            }
+            crate::auth_routes::Auth {
+                refresh,
+                users,
+                web: upcoach_auth::web::WebSignIn::new(flows, config.return_to_allowlist.clone()),
+                providers,
+                linking: upcoach_auth::users::LinkingPolicy::default(),
+                public_url,
+            }
+        };
         let alerts = perf.alerts().subscribe();
         let app = App {
             config,
@@ -342,6 +434,8 @@ impl App {
             slow_queries: sinks.slow_queries,
             started: Instant::now(),
             hub,
+            auth,
+            clock,
             tasks: std::sync::Mutex::new(tasks),
         };
         app.banner();

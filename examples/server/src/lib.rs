@@ -31,6 +31,7 @@
 //! ```
 
 mod app;
+mod auth_routes;
 mod cli;
 mod http_util;
 mod perf_routes;

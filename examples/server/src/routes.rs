@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use upcoach_core::{Principal, Role, SessionId, TokenError, TokenVerifier, UserId};
+use upcoach_core::{Principal, Role, TokenError, TokenVerifier, UserId};
 
 use crate::Body;
 use crate::app::App;
@@ -26,6 +26,15 @@ pub(crate) const TEMPLATES: &[&str] = &[
     "/api/dashboard/realtime/ws",
     "/api/dashboard/realtime/status",
     "/api/dashboard/realtime/broadcast/{room}",
+    "/auth/{provider}/authorize",
+    "/auth/{provider}/callback",
+    "/auth/{provider}/token",
+    "/auth/exchange",
+    "/auth/refresh",
+    "/auth/logout",
+    "/auth/me",
+    "/auth/link/{provider}",
+    "/.well-known/jwks.json",
 ];
 
 /// The largest body `POST .../broadcast/{room}` reads.
@@ -122,6 +131,24 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
             Method::POST => broadcast(app, request).await,
             _ => Err(method_not_allowed("POST")),
         },
+        "/.well-known/jwks.json" => match *method {
+            Method::GET => match &app.tokens {
+                Some(tokens) => {
+                    let mut response = json_response(StatusCode::OK, &tokens.jwks());
+                    response.headers_mut().insert(
+                        http::header::CACHE_CONTROL,
+                        http::HeaderValue::from_static("public, max-age=300"),
+                    );
+                    Ok(response)
+                }
+                None => Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"keys": []}),
+                )),
+            },
+            _ => Err(method_not_allowed("GET")),
+        },
+        path if path.starts_with("/auth/") => crate::auth_routes::route(app, request).await,
         // Only exists in --dev mode: otherwise it is an unknown route like any other.
         "/dev/token" if app.options.dev => match *method {
             Method::POST => dev_token(app, request).await,
@@ -528,19 +555,9 @@ struct DevTokenRequest {
     roles: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct DevUser {
-    id: String,
-    email: Option<String>,
-    email_verified: bool,
-    name: Option<String>,
-    roles: Vec<String>,
-    providers: Vec<String>,
-}
-
 /// `POST /dev/token` (`--dev` only): an access token for any user and roles.
 async fn dev_token(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let tokens = app.tokens.as_ref().ok_or_else(ApiError::not_found)?;
+    app.tokens.as_ref().ok_or_else(ApiError::not_found)?;
     let body: DevTokenRequest = read_json(request.into_body(), DEV_TOKEN_BODY_LIMIT).await?;
     let user_id = match &body.sub {
         Some(sub) => sub
@@ -562,31 +579,23 @@ async fn dev_token(app: &Arc<App>, request: Request<Incoming>) -> Result<Respons
             roles.push(role);
         }
     }
-    let issued = tokens
-        .issue(user_id, roles.clone(), SessionId::new())
-        .map_err(|e| {
-            tracing::error!(error = %e, "signing a development token failed");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "internal error",
-            )
-        })?;
-    let user = DevUser {
-        id: user_id.to_string(),
-        email: None,
-        email_verified: false,
-        name: None,
-        roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
-        providers: Vec::new(),
-    };
+    // Roles of an existing user stay as they are; a new one gets the asked roles.
+    let mut user = app
+        .auth
+        .users
+        .provision(user_id, &roles)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()))?;
+    if user.roles != roles {
+        user = app
+            .auth
+            .users
+            .set_roles(user_id, &roles)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()))?;
+    }
     Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({
-            "access_token": issued.token,
-            "token_type": "Bearer",
-            "expires_in": issued.expires_in.as_secs(),
-            "user": user,
-        }),
+        &crate::auth_routes::open_session(app, &user).await?,
     ))
 }

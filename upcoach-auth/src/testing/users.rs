@@ -1,1 +1,511 @@
-//! The conformance suite of the users store (being built).
+//! The conformance suite every [`UserStore`] passes (feature `testing`).
+//!
+//! ```
+//! use upcoach_auth::users::MemoryUserStore;
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! upcoach_auth::testing::users::user_store_conformance(&MemoryUserStore::new()).await;
+//! # });
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use upcoach_core::{Role, UserId};
+
+use crate::users::{LinkingPolicy, SignIn, User, UserError, UserStore};
+use crate::{ProviderId, VerifiedIdentity};
+
+use ProviderId::{Apple, Facebook, Google};
+
+/// Checks an empty `store` (its own schema or instance): sign-in by (provider, subject)
+/// whatever the address says, automatic linking only by a verified address from a
+/// trusted provider to exactly one user who holds it verified, `account_exists`
+/// otherwise, explicit linking and unlinking with their refusals, roles, invalid
+/// identities, and concurrent first sign-ins and unlinks. Panics with a message at the
+/// first difference.
+pub async fn user_store_conformance(store: &dyn UserStore) {
+    signs_in_by_provider_and_subject(store).await;
+    links_by_verified_address(store).await;
+    refuses_to_link_what_it_cannot_trust(store).await;
+    links_and_unlinks_explicitly(store).await;
+    sets_roles(store).await;
+    provisions_users_without_identities(store).await;
+    refuses_invalid_identities(store).await;
+    concurrent_first_sign_ins_make_one_user(store).await;
+    concurrent_unlinks_keep_one_identity(store).await;
+}
+
+fn identity(
+    provider: ProviderId,
+    subject: &str,
+    email: Option<&str>,
+    email_verified: bool,
+) -> VerifiedIdentity {
+    VerifiedIdentity {
+        provider,
+        subject: subject.to_owned(),
+        email: email.map(str::to_owned),
+        email_verified,
+        name: None,
+    }
+}
+
+fn verified(provider: ProviderId, subject: &str, email: &str) -> VerifiedIdentity {
+    identity(provider, subject, Some(email), true)
+}
+
+fn anonymous(provider: ProviderId, subject: &str) -> VerifiedIdentity {
+    identity(provider, subject, None, false)
+}
+
+async fn sign_in(store: &dyn UserStore, identity: &VerifiedIdentity) -> SignIn {
+    store
+        .sign_in(identity, &LinkingPolicy::default())
+        .await
+        .unwrap_or_else(|e| panic!("sign-in of {identity:?}: {e:?}"))
+}
+
+async fn refused(store: &dyn UserStore, identity: &VerifiedIdentity, policy: &LinkingPolicy) {
+    match store.sign_in(identity, policy).await {
+        Err(UserError::AccountExists) => {}
+        other => panic!("{identity:?} should be refused with account_exists, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .find_by_identity(identity.provider, &identity.subject)
+            .await
+            .unwrap(),
+        None,
+        "a refused identity is not stored"
+    );
+}
+
+async fn signs_in_by_provider_and_subject(store: &dyn UserStore) {
+    assert_eq!(store.get(UserId::new()).await.unwrap(), None);
+    assert_eq!(
+        store.find_by_identity(Google, "nobody").await.unwrap(),
+        None
+    );
+
+    let grace = VerifiedIdentity {
+        name: Some("Grace Hopper — グレース 🚀".into()),
+        ..verified(Google, "c-1", "Grace@Example.org")
+    };
+    let first = sign_in(store, &grace).await;
+    assert!(first.created && !first.linked, "{first:?}");
+    let user = first.user;
+    assert_eq!(user.email.as_deref(), Some("Grace@Example.org"));
+    assert!(user.email_verified);
+    assert_eq!(user.name.as_deref(), Some("Grace Hopper — グレース 🚀"));
+    assert_eq!(user.roles, [Role::USER], "a new user has role user");
+    assert_eq!(user.providers, [Google]);
+    assert_eq!(store.get(user.id).await.unwrap().as_ref(), Some(&user));
+    assert_eq!(
+        store
+            .find_by_identity(Google, "c-1")
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&user)
+    );
+    assert_eq!(store.find_by_identity(Apple, "c-1").await.unwrap(), None);
+    assert_eq!(
+        store.find_by_identity(Google, "C-1").await.unwrap(),
+        None,
+        "subjects are case-sensitive"
+    );
+
+    // The same identity later, with another (unverified) address: the same user.
+    let again = sign_in(
+        store,
+        &identity(Google, "c-1", Some("grace@elsewhere.example"), false),
+    )
+    .await;
+    assert!(!again.created && !again.linked, "{again:?}");
+    assert_eq!(again.user, user, "the user's own fields are not rewritten");
+
+    // The same subject at another provider is another identity, another user.
+    let other = sign_in(store, &anonymous(Apple, "c-1")).await;
+    assert!(other.created);
+    assert_ne!(other.user.id, user.id);
+
+    // No address, an empty address, an unverified one: a new user each.
+    for (subject, email, email_verified) in [
+        ("c-2", None, true),
+        ("c-3", Some(""), true),
+        ("c-4", Some("nobody-else@example.org"), false),
+    ] {
+        let new = sign_in(store, &identity(Google, subject, email, email_verified)).await;
+        assert!(new.created, "{subject}");
+        let expected = email.filter(|e| !e.is_empty());
+        assert_eq!(new.user.email.as_deref(), expected, "{subject}");
+        assert!(!new.user.email_verified, "{subject}: nothing verified");
+        assert_eq!(new.user.name, None);
+    }
+}
+
+async fn links_by_verified_address(store: &dyn UserStore) {
+    let ada = sign_in(store, &verified(Google, "l-g", "ada@link.example"))
+        .await
+        .user;
+
+    // Apple, same verified address in another case: linked.
+    let apple = sign_in(store, &verified(Apple, "l-a", "ADA@Link.Example")).await;
+    assert!(apple.linked && !apple.created, "{apple:?}");
+    assert_eq!(apple.user.id, ada.id);
+    assert_eq!(apple.user.providers, [Google, Apple], "in link order");
+    assert_eq!(
+        apple.user.email.as_deref(),
+        Some("ada@link.example"),
+        "the user keeps its address"
+    );
+    let again = sign_in(store, &verified(Apple, "l-a", "ada@link.example")).await;
+    assert!(!again.created && !again.linked);
+    assert_eq!(again.user.id, ada.id);
+
+    // Facebook: not trusted by default, trusted when the policy says so.
+    let facebook = verified(Facebook, "l-f", "ada@link.example");
+    refused(store, &facebook, &LinkingPolicy::default()).await;
+    let trusting = LinkingPolicy::default().with(Facebook, true);
+    let linked = store.sign_in(&facebook, &trusting).await.unwrap();
+    assert!(linked.linked);
+    assert_eq!(linked.user.id, ada.id);
+    assert_eq!(linked.user.providers, [Google, Apple, Facebook]);
+
+    // A user may hold the address through a linked identity only.
+    let bo = sign_in(store, &anonymous(Facebook, "l-bo")).await.user;
+    assert_eq!(bo.email, None);
+    store
+        .link(bo.id, &verified(Apple, "l-bo-a", "Bo@Link.Example"))
+        .await
+        .unwrap();
+    let google = sign_in(store, &verified(Google, "l-bo-g", "bo@link.example")).await;
+    assert!(google.linked, "{google:?}");
+    assert_eq!(google.user.id, bo.id);
+    assert_eq!(google.user.providers, [Facebook, Apple, Google]);
+}
+
+async fn refuses_to_link_what_it_cannot_trust(store: &dyn UserStore) {
+    let rex = sign_in(store, &verified(Google, "r-g", "rex@refuse.example"))
+        .await
+        .user;
+    let default = LinkingPolicy::default();
+    // The new identity's address is not verified.
+    refused(
+        store,
+        &identity(Apple, "r-a1", Some("rex@refuse.example"), false),
+        &default,
+    )
+    .await;
+    // The provider is not trusted.
+    refused(
+        store,
+        &verified(Apple, "r-a2", "rex@refuse.example"),
+        &LinkingPolicy::none(),
+    )
+    .await;
+    // The user has an identity of this provider already.
+    refused(
+        store,
+        &verified(Google, "r-g2", "rex@refuse.example"),
+        &default,
+    )
+    .await;
+    assert_eq!(
+        store.get(rex.id).await.unwrap().unwrap().providers,
+        [Google]
+    );
+
+    // The existing user's address is not verified: no automatic link, whoever asks.
+    let una = sign_in(
+        store,
+        &identity(Google, "u-g", Some("una@unverified.example"), false),
+    )
+    .await
+    .user;
+    let apple = verified(Apple, "u-a", "una@unverified.example");
+    refused(store, &apple, &default).await;
+    // Once Una signs in and Google says the address is verified, it is.
+    sign_in(store, &verified(Google, "u-g", "una@unverified.example")).await;
+    let linked = sign_in(store, &apple).await;
+    assert!(linked.linked, "{linked:?}");
+    assert_eq!(linked.user.id, una.id);
+    // A later sign-in without the address takes the verification away again: with
+    // Apple unlinked, Una's own address is unverified, and Apple is refused once more.
+    sign_in(store, &anonymous(Google, "u-g")).await;
+    store.unlink(una.id, Apple).await.unwrap();
+    refused(store, &apple, &default).await;
+
+    // Several users have the address: never a guess.
+    let sam = sign_in(store, &anonymous(Google, "s-1")).await.user;
+    store
+        .link(sam.id, &verified(Apple, "s-1a", "sam@several.example"))
+        .await
+        .unwrap();
+    let other = sign_in(store, &anonymous(Google, "s-2")).await.user;
+    store
+        .link(other.id, &verified(Facebook, "s-2f", "SAM@several.example"))
+        .await
+        .unwrap();
+    refused(
+        store,
+        &verified(Google, "s-3", "sam@several.example"),
+        &default,
+    )
+    .await;
+}
+
+async fn links_and_unlinks_explicitly(store: &dyn UserStore) {
+    let user = sign_in(store, &anonymous(Google, "e-g")).await.user;
+    let apple = identity(Apple, "e-a", Some("e@explicit.example"), false);
+
+    let linked = store.link(user.id, &apple).await.unwrap();
+    assert_eq!(linked.id, user.id);
+    assert_eq!(linked.providers, [Google, Apple]);
+    let again = store.link(user.id, &apple).await.unwrap();
+    assert_eq!(
+        again, linked,
+        "linking the same identity again changes nothing"
+    );
+    assert_eq!(
+        store
+            .find_by_identity(Apple, "e-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        user.id
+    );
+
+    match store.link(user.id, &anonymous(Apple, "e-a2")).await {
+        Err(e @ UserError::ProviderAlreadyLinked { provider: Apple }) => {
+            assert_eq!(e.code(), "provider_already_linked");
+        }
+        other => panic!("a second Apple identity: {other:?}"),
+    }
+    let stranger = sign_in(store, &anonymous(Google, "e-g2")).await.user;
+    match store.link(stranger.id, &apple).await {
+        Err(e @ UserError::IdentityTaken) => assert_eq!(e.code(), "identity_taken"),
+        other => panic!("another user's identity: {other:?}"),
+    }
+    match store.link(UserId::new(), &anonymous(Facebook, "e-f")).await {
+        Err(e @ UserError::NotFound) => assert_eq!(e.code(), "user_not_found"),
+        other => panic!("linking to nobody: {other:?}"),
+    }
+    assert_eq!(store.find_by_identity(Facebook, "e-f").await.unwrap(), None);
+
+    match store.unlink(user.id, Facebook).await {
+        Err(e @ UserError::NotLinked { provider: Facebook }) => assert_eq!(e.code(), "not_linked"),
+        other => panic!("unlinking what is not linked: {other:?}"),
+    }
+    let unlinked = store.unlink(user.id, Google).await.unwrap();
+    assert_eq!(unlinked.providers, [Apple]);
+    assert_eq!(store.find_by_identity(Google, "e-g").await.unwrap(), None);
+    match store.unlink(user.id, Apple).await {
+        Err(e @ UserError::LastIdentity) => assert_eq!(e.code(), "last_identity"),
+        other => panic!("unlinking the last identity: {other:?}"),
+    }
+    assert_eq!(
+        store.get(user.id).await.unwrap().unwrap().providers,
+        [Apple]
+    );
+    assert!(matches!(
+        store.unlink(UserId::new(), Google).await,
+        Err(UserError::NotFound)
+    ));
+
+    // The unlinked identity is free: it signs in as a new user, and is then taken.
+    let reborn = sign_in(store, &anonymous(Google, "e-g")).await;
+    assert!(reborn.created);
+    assert_ne!(reborn.user.id, user.id);
+    assert!(matches!(
+        store.link(user.id, &anonymous(Google, "e-g")).await,
+        Err(UserError::IdentityTaken)
+    ));
+    // Another provider links, listed last.
+    let relinked = store
+        .link(user.id, &anonymous(Facebook, "e-f2"))
+        .await
+        .unwrap();
+    assert_eq!(relinked.providers, [Apple, Facebook]);
+    assert_eq!(sign_in(store, &apple).await.user.id, user.id);
+}
+
+async fn sets_roles(store: &dyn UserStore) {
+    let user = sign_in(store, &anonymous(Google, "roles-1")).await.user;
+    let lead: Role = "team-lead".parse().unwrap();
+    let set = store
+        .set_roles(
+            user.id,
+            &[Role::ADMIN, lead.clone(), Role::ADMIN, Role::COACH],
+        )
+        .await
+        .unwrap();
+    assert_eq!(set.roles, [Role::ADMIN, lead.clone(), Role::COACH]);
+    assert_eq!(store.get(user.id).await.unwrap().unwrap().roles, set.roles);
+    let again = sign_in(store, &anonymous(Google, "roles-1")).await;
+    assert_eq!(
+        again.user.roles, set.roles,
+        "a sign-in keeps the granted roles"
+    );
+    assert!(
+        store
+            .set_roles(user.id, &[])
+            .await
+            .unwrap()
+            .roles
+            .is_empty()
+    );
+    assert!(matches!(
+        store.set_roles(UserId::new(), &[Role::ADMIN]).await,
+        Err(UserError::NotFound)
+    ));
+}
+
+async fn refuses_invalid_identities(store: &dyn UserStore) {
+    let user = sign_in(store, &anonymous(Google, "bad-0")).await.user;
+    let bad = [
+        anonymous(Google, ""),
+        anonymous(Google, &"s".repeat(256)),
+        VerifiedIdentity {
+            name: Some("nul\0name".into()),
+            ..anonymous(Google, "bad-1")
+        },
+        identity(Apple, "bad-2", Some("nul\0@example.org"), true),
+        identity(
+            Apple,
+            "bad-3",
+            Some(&format!("{}@example.org", "a".repeat(320))),
+            true,
+        ),
+    ];
+    for identity in &bad {
+        let policy = LinkingPolicy::default();
+        for result in [
+            store.sign_in(identity, &policy).await.map(|s| s.user),
+            store.link(user.id, identity).await,
+        ] {
+            match result {
+                Err(e @ UserError::InvalidIdentity { .. }) => {
+                    assert_eq!(e.code(), "invalid_identity");
+                    assert!(!e.is_retryable());
+                }
+                other => panic!("{identity:?} should be invalid, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        store.get(user.id).await.unwrap().unwrap().providers,
+        [Google]
+    );
+}
+
+async fn concurrent_first_sign_ins_make_one_user(store: &dyn UserStore) {
+    let policy = LinkingPolicy::default();
+    for new in [
+        verified(Google, "k-1", "kim@concurrent.example"),
+        anonymous(Google, "k-2"),
+    ] {
+        let results = join_all((0..8).map(|_| store.sign_in(&new, &policy)).collect()).await;
+        let results: Vec<SignIn> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("concurrent sign-in of {new:?}: {e:?}")))
+            .collect();
+        assert_eq!(
+            results.iter().filter(|r| r.created).count(),
+            1,
+            "exactly one of 8 concurrent first sign-ins creates the user: {results:?}"
+        );
+        assert!(results.iter().all(|r| !r.linked));
+        assert!(results.iter().all(|r| r.user.id == results[0].user.id));
+        assert_eq!(results[0].user.providers, [Google]);
+    }
+
+    // Two providers, one new verified address, at once: one user, the other linked.
+    let google = verified(Google, "k-3g", "lee@concurrent.example");
+    let apple = verified(Apple, "k-3a", "Lee@Concurrent.example");
+    let both = join_all(vec![
+        store.sign_in(&google, &policy),
+        store.sign_in(&apple, &policy),
+    ])
+    .await;
+    let both: Vec<SignIn> = both.into_iter().map(Result::unwrap).collect();
+    assert_eq!(both[0].user.id, both[1].user.id, "{both:?}");
+    assert_eq!(both.iter().filter(|r| r.created).count(), 1, "{both:?}");
+    assert_eq!(both.iter().filter(|r| r.linked).count(), 1, "{both:?}");
+    let user: User = store.get(both[0].user.id).await.unwrap().unwrap();
+    assert_eq!(user.providers.len(), 2);
+}
+
+async fn concurrent_unlinks_keep_one_identity(store: &dyn UserStore) {
+    let user = sign_in(store, &anonymous(Google, "cu-g")).await.user;
+    store
+        .link(user.id, &anonymous(Apple, "cu-a"))
+        .await
+        .unwrap();
+    let results = join_all(vec![
+        store.unlink(user.id, Google),
+        store.unlink(user.id, Apple),
+    ])
+    .await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let last = results
+        .iter()
+        .filter(|r| matches!(r, Err(UserError::LastIdentity)))
+        .count();
+    assert_eq!((ok, last), (1, 1), "{results:?}");
+    assert_eq!(
+        store.get(user.id).await.unwrap().unwrap().providers.len(),
+        1,
+        "one way to sign in is left"
+    );
+}
+
+/// Polls every future on this task until all are done; their outputs in order. (The
+/// suites take `&dyn` stores, so they cannot spawn; the calls still overlap at every
+/// `.await`, which is where a backend's races are.)
+pub(crate) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
+async fn provisions_users_without_identities(store: &dyn UserStore) {
+    let id = UserId::new();
+    let made = store
+        .provision(id, &[Role::ADMIN, Role::ADMIN])
+        .await
+        .unwrap();
+    assert_eq!(made.id, id);
+    assert_eq!(made.roles, vec![Role::ADMIN], "roles deduplicated");
+    assert!(made.providers.is_empty() && made.email.is_none());
+    let again = store.provision(id, &[Role::USER]).await.unwrap();
+    assert_eq!(
+        again.roles,
+        vec![Role::ADMIN],
+        "an existing user is left unchanged"
+    );
+    assert_eq!(store.get(id).await.unwrap(), Some(made));
+}

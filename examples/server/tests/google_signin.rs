@@ -1,0 +1,623 @@
+//! Google sign-in end to end against an independent OpenID provider (npm
+//! `oauth2-mock-server`): the browser flow with a login code, native sign-in by id token,
+//! refresh rotation with reuse detection, linking rules, and the flow's refusals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use upcoach_core::Config;
+use upcoach_core::event::EventKind;
+use upcoach_server::{App, Options, ServeOptions};
+use upcoach_testing::OidcProvider;
+
+const CLIENT_ID: &str = "upcoach-test-client";
+const RETURN_TO: &str = "http://app.example.test/signed-in";
+
+struct Server {
+    addr: SocketAddr,
+    app: Arc<App>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _provider: OidcProvider,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The server with Google pointed at a fresh provider, or `None` (skip) without Node.
+async fn start(edit: impl FnOnce(&mut Config)) -> Option<Server> {
+    let provider = OidcProvider::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seed = URL_SAFE_NO_PAD.encode([7u8; 32]);
+    let mut env = vec![
+        ("UPCOACH_PUBLIC_URL".to_owned(), format!("http://{addr}")),
+        ("AUTH_RETURN_TO_ALLOWLIST".to_owned(), RETURN_TO.to_owned()),
+        ("AUTH_SIGNING_KEY".to_owned(), seed),
+        ("GOOGLE_CLIENT_ID".to_owned(), CLIENT_ID.to_owned()),
+        ("GOOGLE_CLIENT_SECRET".to_owned(), "test-secret".to_owned()),
+        ("GOOGLE_ISSUER_URL".to_owned(), provider.issuer().to_owned()),
+    ];
+    env.push(("UPCOACH_ADDR".to_owned(), addr.to_string()));
+    let mut config =
+        Config::from_lookup(|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+            .unwrap();
+    edit(&mut config);
+    let app = App::start(config, Options::default())
+        .await
+        .expect("app starts");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(upcoach_server::serve(
+        listener,
+        app.service(),
+        async {
+            let _ = stopped.await;
+        },
+        ServeOptions::default(),
+    ));
+    Some(Server {
+        addr,
+        app,
+        stop: Some(stop),
+        _provider: provider,
+    })
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+
+    fn location(&self) -> url::Url {
+        let location = self.headers["location"].to_str().unwrap();
+        url::Url::parse(location).unwrap()
+    }
+
+    fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// One HTTP/1.1 request to `url` (any host:port), no redirects followed.
+async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Option<String>) -> Answer {
+    let url = url::Url::parse(url).unwrap();
+    let addr = format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    );
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", url.authority());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let response = sender
+        .send_request(
+            request
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> Answer {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        send(
+            Method::POST,
+            &self.url(path),
+            &headers,
+            Some(body.to_string()),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Answer {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        send(Method::GET, &self.url(path), &headers, None).await
+    }
+}
+
+/// A browser signing in: our authorize → the provider (with `claims` as its user) →
+/// our callback. Returns the callback's answer.
+struct Browser {
+    cookie: Option<String>,
+}
+
+fn hint(claims: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(claims.to_string())
+}
+
+impl Browser {
+    /// Starts at `/auth/google/authorize?{query}`; returns the provider's redirect to
+    /// our callback (not yet followed).
+    async fn start(&mut self, server: &Server, query: &str, claims: &Value) -> url::Url {
+        let started = send(
+            Method::GET,
+            &server.url(&format!("/auth/google/authorize?{query}")),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(started.status, StatusCode::FOUND, "{:?}", started.body);
+        let set_cookie = started.headers["set-cookie"].to_str().unwrap();
+        assert!(
+            set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"),
+            "{set_cookie}"
+        );
+        self.cookie = Some(set_cookie.split(';').next().unwrap().to_owned());
+        let mut to_provider = started.location();
+        let params: std::collections::HashMap<String, String> =
+            to_provider.query_pairs().into_owned().collect();
+        assert_eq!(params["code_challenge_method"], "S256");
+        assert_eq!(params["response_type"], "code");
+        assert_eq!(params["redirect_uri"], server.url("/auth/google/callback"));
+        assert!(params["nonce"].len() >= 43 && params["state"].len() >= 43);
+        to_provider
+            .query_pairs_mut()
+            .append_pair("login_hint", &hint(claims));
+        let at_provider = send(Method::GET, to_provider.as_str(), &[], None).await;
+        assert_eq!(at_provider.status, StatusCode::FOUND);
+        at_provider.location()
+    }
+
+    async fn callback(&self, callback: &url::Url) -> Answer {
+        let headers: Vec<(&str, &str)> =
+            self.cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+        send(Method::GET, callback.as_str(), &headers, None).await
+    }
+}
+
+fn user_claims() -> Value {
+    json!({})
+}
+
+#[tokio::test]
+async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser
+        .start(
+            &server,
+            &format!("platform=web&return_to={}", urlencode(RETURN_TO)),
+            &user_claims(),
+        )
+        .await;
+    let landed = browser.callback(&callback).await;
+    assert_eq!(landed.status, StatusCode::FOUND, "{:?}", landed.body);
+    let back = landed.location();
+    assert_eq!(
+        format!("{}://{}{}", back.scheme(), back.authority(), back.path()),
+        RETURN_TO
+    );
+    let login_code: String = back
+        .query_pairs()
+        .find(|(k, _)| k == "login_code")
+        .unwrap()
+        .1
+        .into_owned();
+    assert!(
+        !back.as_str().contains("access_token"),
+        "never tokens in a URL"
+    );
+
+    let tokens = server
+        .post("/auth/exchange", json!({"login_code": login_code}), None)
+        .await;
+    assert_eq!(tokens.status, StatusCode::OK, "{:?}", tokens.body);
+    let tokens = tokens.json();
+    assert_eq!(tokens["token_type"], "Bearer");
+    assert_eq!(tokens["user"]["email"], "johndoe@example.test");
+    assert_eq!(tokens["user"]["providers"], json!(["google"]));
+    let again = server
+        .post("/auth/exchange", json!({"login_code": login_code}), None)
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::UNAUTHORIZED, "login_code_invalid".into()),
+        "one-time"
+    );
+
+    let access = tokens["access_token"].as_str().unwrap();
+    let me = server.get("/auth/me", Some(access)).await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.json()["id"], tokens["user"]["id"]);
+
+    let first = tokens["refresh_token"].as_str().unwrap().to_owned();
+    let rotated = server
+        .post("/auth/refresh", json!({"refresh_token": first}), None)
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
+    let second = rotated.json()["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+
+    let reused = server
+        .post("/auth/refresh", json!({"refresh_token": first}), None)
+        .await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
+    );
+    let after = server
+        .post("/auth/refresh", json!({"refresh_token": second}), None)
+        .await;
+    assert_eq!(
+        after.status,
+        StatusCode::UNAUTHORIZED,
+        "the whole family is revoked: {:?}",
+        after.body
+    );
+    let events = server
+        .app
+        .event_log()
+        .recent(EventKind::Security, 100)
+        .await
+        .unwrap();
+    let names: Vec<&str> = events.iter().map(|e| e.name()).collect();
+    assert!(
+        names.contains(&"refresh_token_reused") && names.contains(&"login_success"),
+        "{names:?}"
+    );
+
+    let jwks = server.get("/.well-known/jwks.json", None).await.json();
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn without_return_to_the_callback_answers_with_tokens_and_logout_revokes() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser.start(&server, "platform=web", &user_claims()).await;
+    let answer = browser.callback(&callback).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    let tokens = answer.json();
+    let access = tokens["access_token"].as_str().unwrap();
+    let out = server.post("/auth/logout", json!({}), Some(access)).await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT, "{:?}", out.body);
+    let refresh = server
+        .post(
+            "/auth/refresh",
+            json!({"refresh_token": tokens["refresh_token"]}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (refresh.status, refresh.code()),
+        (StatusCode::UNAUTHORIZED, "refresh_token_revoked".into())
+    );
+}
+
+#[tokio::test]
+async fn state_must_be_present_right_and_from_the_same_browser() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser.start(&server, "platform=web", &user_claims()).await;
+    let code: String = callback
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+
+    let no_state = send(
+        Method::GET,
+        &server.url(&format!("/auth/google/callback?code={code}")),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (no_state.status, no_state.code()),
+        (StatusCode::BAD_REQUEST, "state_missing".into())
+    );
+    let wrong = Browser {
+        cookie: browser.cookie.clone(),
+    }
+    .callback(
+        &url::Url::parse(&server.url(&format!("/auth/google/callback?code={code}&state=forged")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::UNAUTHORIZED, "state_invalid".into())
+    );
+    let other_browser = Browser {
+        cookie: Some("upcoach_flow=someone-elses".into()),
+    }
+    .callback(&callback)
+    .await;
+    assert_eq!(
+        (other_browser.status, other_browser.code()),
+        (StatusCode::UNAUTHORIZED, "flow_browser_mismatch".into())
+    );
+    // The flow was used up by that attempt: even the right browser cannot replay it.
+    let replay = browser.callback(&callback).await;
+    assert_eq!(
+        (replay.status, replay.code()),
+        (StatusCode::UNAUTHORIZED, "state_invalid".into())
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_callback_and_code_are_refused() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser.start(&server, "platform=web", &user_claims()).await;
+    assert_eq!(browser.callback(&callback).await.status, StatusCode::OK);
+    let replay = browser.callback(&callback).await;
+    assert_eq!(
+        (replay.status, replay.code()),
+        (StatusCode::UNAUTHORIZED, "state_invalid".into())
+    );
+}
+
+#[tokio::test]
+async fn return_to_must_be_exactly_on_the_allow_list() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    for bad in [
+        "http://app.example.test/signed-in/extra",
+        "http://app.example.test/signed-in?next=/admin",
+        "http://evil.example.test/signed-in",
+        "http://app.example.test/other/../signed-in",
+        "https://app.example.test/signed-in",
+        "//evil.example.test",
+    ] {
+        let answer = send(
+            Method::GET,
+            &server.url(&format!(
+                "/auth/google/authorize?return_to={}",
+                urlencode(bad)
+            )),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(
+            (answer.status, answer.code()),
+            (StatusCode::BAD_REQUEST, "return_to_not_allowed".into()),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_hosted_domain_is_refused() {
+    let Some(server) = start(|c| {
+        c.google.as_mut().unwrap().hosted_domain = Some("example.com".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser
+        .start(&server, "platform=web", &json!({"hd": "other.example"}))
+        .await;
+    let answer = browser.callback(&callback).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::UNAUTHORIZED, "wrong_hosted_domain".into())
+    );
+    let callback = browser
+        .start(&server, "platform=web", &json!({"hd": "example.com"}))
+        .await;
+    assert_eq!(browser.callback(&callback).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_unverified_email_never_links_automatically() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let first = browser
+        .start(
+            &server,
+            "platform=web",
+            &json!({"sub": "google-user-1", "email": "ana@example.test"}),
+        )
+        .await;
+    assert_eq!(browser.callback(&first).await.status, StatusCode::OK);
+    for verified in [json!(false), json!("false"), json!("true")] {
+        let claims = json!({"sub": "google-user-2", "email": "ana@example.test", "email_verified": verified});
+        let callback = browser.start(&server, "platform=web", &claims).await;
+        let answer = browser.callback(&callback).await;
+        assert_eq!(
+            (answer.status, answer.code()),
+            (StatusCode::CONFLICT, "account_exists".into()),
+            "{verified}"
+        );
+    }
+    // A second Google identity never joins a user who has one (one per provider), even
+    // with a verified address: automatic linking is across providers only.
+    let claims =
+        json!({"sub": "google-user-2", "email": "ANA@example.test", "email_verified": true});
+    let callback = browser.start(&server, "platform=web", &claims).await;
+    let answer = browser.callback(&callback).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::CONFLICT, "account_exists".into())
+    );
+}
+
+/// An id token for the native route, from the provider directly (an app's SDK would do this).
+async fn native_id_token(server: &Server, nonce: &str, claims: &Value) -> String {
+    let provider = server._provider.issuer();
+    let mut authorize = url::Url::parse(&format!("{provider}/authorize")).unwrap();
+    authorize
+        .query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", CLIENT_ID)
+        .append_pair("redirect_uri", "http://app.example.test/native")
+        .append_pair("nonce", nonce)
+        .append_pair("login_hint", &hint(claims));
+    let redirected = send(Method::GET, authorize.as_str(), &[], None)
+        .await
+        .location();
+    let code: String = redirected
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let form = format!(
+        "grant_type=authorization_code&code={code}&redirect_uri=http%3A%2F%2Fapp.example.test%2Fnative&client_id={CLIENT_ID}"
+    );
+    let url = url::Url::parse(&format!("{provider}/token")).unwrap();
+    let stream = tokio::net::TcpStream::connect(format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port().unwrap()
+    ))
+    .await
+    .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post("/token")
+        .header("host", url.authority())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form)))
+        .unwrap();
+    let body = sender
+        .send_request(request)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    body["id_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn native_sign_in_needs_the_nonce_once_and_linking_follows_the_rules() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let id_token = native_id_token(&server, "native-nonce-1", &json!({"sub": "native-1"})).await;
+    let missing = server
+        .post(
+            "/auth/google/token",
+            json!({"id_token": id_token, "platform": "ios"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (missing.status, missing.code()),
+        (StatusCode::UNAUTHORIZED, "nonce_required".into())
+    );
+    let wrong = server
+        .post(
+            "/auth/google/token",
+            json!({"id_token": id_token, "nonce": "another", "platform": "ios"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::UNAUTHORIZED, "id_token_nonce_mismatch".into())
+    );
+    let signed_in = server
+        .post(
+            "/auth/google/token",
+            json!({"id_token": id_token, "nonce": "native-nonce-1", "platform": "ios"}),
+            None,
+        )
+        .await;
+    assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
+    let replayed = server
+        .post(
+            "/auth/google/token",
+            json!({"id_token": id_token, "nonce": "native-nonce-1", "platform": "ios"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (replayed.status, replayed.code()),
+        (StatusCode::UNAUTHORIZED, "nonce_replayed".into())
+    );
+
+    let access = signed_in.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let last = send(
+        Method::DELETE,
+        &server.url("/auth/link/google"),
+        &[("authorization", &format!("Bearer {access}"))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (last.status, last.code()),
+        (StatusCode::CONFLICT, "last_identity".into())
+    );
+}

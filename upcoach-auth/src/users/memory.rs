@@ -1,0 +1,282 @@
+//! [`MemoryUserStore`]: users in process memory.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use upcoach_core::{Role, UserId};
+
+use super::{
+    LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles, email_of,
+};
+use crate::{ProviderId, VerifiedIdentity};
+
+/// A user store in process memory: for one process (the reference server without
+/// Postgres), and for tests. Everything is lost when the process ends.
+///
+/// One lock, never held across an `.await`, makes every call atomic, so concurrent
+/// sign-ins of one identity make one user. Finding users by address looks at every
+/// user, which is fine for the few a single process holds; keep a real deployment's
+/// users in `PgUserStore`.
+///
+/// ```
+/// use upcoach_auth::users::{MemoryUserStore, UserStore};
+/// use upcoach_core::UserId;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = MemoryUserStore::new();
+/// assert_eq!(store.get(UserId::new()).await?, None);
+/// # Ok::<(), upcoach_auth::users::UserError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Default)]
+pub struct MemoryUserStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    users: HashMap<UserId, UserRecord>,
+    identities: HashMap<IdentityKey, IdentityRecord>,
+}
+
+type IdentityKey = (ProviderId, String);
+
+#[derive(Debug)]
+struct UserRecord {
+    email: Option<String>,
+    email_verified: bool,
+    name: Option<String>,
+    roles: Vec<Role>,
+    /// The user's identities, in the order they were linked.
+    identities: Vec<IdentityKey>,
+}
+
+#[derive(Debug)]
+struct IdentityRecord {
+    user_id: UserId,
+    email: Option<String>,
+    email_verified: bool,
+}
+
+impl IdentityRecord {
+    fn refresh(&mut self, identity: &VerifiedIdentity) {
+        self.email = email_of(identity).map(str::to_owned);
+        self.email_verified = self.email.is_some() && identity.email_verified;
+    }
+}
+
+fn key_of(identity: &VerifiedIdentity) -> IdentityKey {
+    (identity.provider, identity.subject.clone())
+}
+
+fn same_address(stored: Option<&str>, lowered: &str) -> bool {
+    stored.is_some_and(|s| s.to_lowercase() == lowered)
+}
+
+impl State {
+    fn view(&self, id: UserId) -> Option<User> {
+        let user = self.users.get(&id)?;
+        Some(User {
+            id,
+            email: user.email.clone(),
+            email_verified: user.email_verified,
+            name: user.name.clone(),
+            roles: user.roles.clone(),
+            providers: user.identities.iter().map(|(p, _)| *p).collect(),
+        })
+    }
+
+    fn view_existing(&self, id: UserId) -> Result<User, UserError> {
+        self.view(id).ok_or(UserError::NotFound)
+    }
+
+    /// Whether the user has the (lower-cased) address, and whether verified.
+    fn address_of(&self, user: &UserRecord, lowered: &str) -> (bool, bool) {
+        let mut has = false;
+        let mut verified = false;
+        if same_address(user.email.as_deref(), lowered) {
+            has = true;
+            verified |= user.email_verified;
+        }
+        for key in &user.identities {
+            if let Some(identity) = self.identities.get(key)
+                && same_address(identity.email.as_deref(), lowered)
+            {
+                has = true;
+                verified |= identity.email_verified;
+            }
+        }
+        (has, verified)
+    }
+
+    fn attach(&mut self, user_id: UserId, identity: &VerifiedIdentity) {
+        let key = key_of(identity);
+        let mut record = IdentityRecord {
+            user_id,
+            email: None,
+            email_verified: false,
+        };
+        record.refresh(identity);
+        if let Some(user) = self.users.get_mut(&user_id) {
+            user.identities.push(key.clone());
+        }
+        self.identities.insert(key, record);
+    }
+}
+
+impl MemoryUserStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Each change to `State` is completed before the lock is released (nothing in
+        // between can panic but an allocation failure), so a poisoned lock holds a
+        // consistent state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl UserStore for MemoryUserStore {
+    async fn sign_in(
+        &self,
+        identity: &VerifiedIdentity,
+        policy: &LinkingPolicy,
+    ) -> Result<SignIn, UserError> {
+        check_identity(identity)?;
+        let mut state = self.lock();
+        let state = &mut *state;
+        if let Some(known) = state.identities.get_mut(&key_of(identity)) {
+            known.refresh(identity);
+            let user_id = known.user_id;
+            return Ok(SignIn {
+                user: state.view_existing(user_id)?,
+                created: false,
+                linked: false,
+            });
+        }
+
+        if let Some(email) = email_of(identity) {
+            let lowered = email.to_lowercase();
+            let mut owners = state.users.iter().filter_map(|(id, user)| {
+                let (has, verified) = state.address_of(user, &lowered);
+                has.then_some((*id, verified, user))
+            });
+            let first = owners.next();
+            let several = owners.next().is_some();
+            if let Some((owner, owner_verified, user)) = first {
+                let may_link = !several
+                    && identity.email_verified
+                    && policy.trusts(identity.provider)
+                    && owner_verified
+                    && !user.identities.iter().any(|(p, _)| *p == identity.provider);
+                if !may_link {
+                    return Err(UserError::AccountExists);
+                }
+                state.attach(owner, identity);
+                return Ok(SignIn {
+                    user: state.view_existing(owner)?,
+                    created: false,
+                    linked: true,
+                });
+            }
+        }
+
+        let id = UserId::new();
+        let email = email_of(identity).map(str::to_owned);
+        state.users.insert(
+            id,
+            UserRecord {
+                email_verified: email.is_some() && identity.email_verified,
+                email,
+                name: identity.name.clone(),
+                roles: vec![Role::USER],
+                identities: Vec::with_capacity(1),
+            },
+        );
+        state.attach(id, identity);
+        Ok(SignIn {
+            user: state.view_existing(id)?,
+            created: true,
+            linked: false,
+        })
+    }
+
+    async fn get(&self, user_id: UserId) -> Result<Option<User>, UserError> {
+        Ok(self.lock().view(user_id))
+    }
+
+    async fn find_by_identity(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<User>, UserError> {
+        let state = self.lock();
+        Ok(state
+            .identities
+            .get(&(provider, subject.to_owned()))
+            .and_then(|identity| state.view(identity.user_id)))
+    }
+
+    async fn link(&self, user_id: UserId, identity: &VerifiedIdentity) -> Result<User, UserError> {
+        check_identity(identity)?;
+        let mut state = self.lock();
+        let Some(user) = state.users.get(&user_id) else {
+            return Err(UserError::NotFound);
+        };
+        let has_provider = user.identities.iter().any(|(p, _)| *p == identity.provider);
+        match state.identities.get_mut(&key_of(identity)) {
+            Some(known) if known.user_id == user_id => known.refresh(identity),
+            Some(_) => return Err(UserError::IdentityTaken),
+            None if has_provider => {
+                return Err(UserError::ProviderAlreadyLinked {
+                    provider: identity.provider,
+                });
+            }
+            None => state.attach(user_id, identity),
+        }
+        state.view_existing(user_id)
+    }
+
+    async fn unlink(&self, user_id: UserId, provider: ProviderId) -> Result<User, UserError> {
+        let mut state = self.lock();
+        let Some(user) = state.users.get_mut(&user_id) else {
+            return Err(UserError::NotFound);
+        };
+        let Some(at) = user.identities.iter().position(|(p, _)| *p == provider) else {
+            return Err(UserError::NotLinked { provider });
+        };
+        if user.identities.len() == 1 {
+            return Err(UserError::LastIdentity);
+        }
+        let key = user.identities.remove(at);
+        state.identities.remove(&key);
+        state.view_existing(user_id)
+    }
+
+    async fn set_roles(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
+        let mut state = self.lock();
+        let Some(user) = state.users.get_mut(&user_id) else {
+            return Err(UserError::NotFound);
+        };
+        user.roles = dedup_roles(roles);
+        state.view_existing(user_id)
+    }
+
+    async fn provision(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
+        let mut state = self.lock();
+        state.users.entry(user_id).or_insert_with(|| UserRecord {
+            email: None,
+            email_verified: false,
+            name: None,
+            roles: dedup_roles(roles),
+            identities: Vec::new(),
+        });
+        state.view_existing(user_id)
+    }
+}

@@ -1,0 +1,332 @@
+//! The browser sign-in flow around a provider (RFC 9700 §2.1, §4.4, §4.5; RFC 7636):
+//! state, nonce and a PKCE S256 verifier kept server-side in a [`FlowStore`] for ten
+//! minutes and used once; the flow bound to the browser that started it by a cookie;
+//! the provider it was started for recorded (mix-up defence); `return_to` only from an
+//! exact allow-list; and a one-time, 60 s `login_code` instead of tokens in a URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use upcoach_core::{SessionId, UserId};
+
+use crate::flow::{FlowError, FlowStore, FlowStoreExt};
+use crate::{AuthProvider, AuthorizationRequest, Error, ProviderId, VerifiedIdentity};
+
+/// How long a started sign-in may take.
+pub const FLOW_TTL: Duration = Duration::from_secs(600);
+/// How long a login code may wait to be exchanged.
+pub const LOGIN_CODE_TTL: Duration = Duration::from_secs(60);
+/// The cookie that binds a flow to its browser.
+pub const FLOW_COOKIE: &str = "upcoach_flow";
+
+/// Why a browser sign-in step was refused. Each has a stable [`code`](Self::code).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignInError {
+    /// `return_to` is not exactly one of the allowed URLs.
+    #[error("return_to is not an allowed URL")]
+    ReturnToNotAllowed,
+    /// The callback has no `state`.
+    #[error("the callback carries no state")]
+    StateMissing,
+    /// The `state` is unknown, expired or already used.
+    #[error("the sign-in state is unknown, expired or already used")]
+    StateInvalid,
+    /// The flow was started in another browser (its cookie is missing or different).
+    #[error("this sign-in was started in another browser")]
+    BrowserMismatch,
+    /// The callback arrived on another provider's route than the flow was started for.
+    #[error("this sign-in was started with another provider")]
+    ProviderMismatch,
+    /// The provider reported an error (the user declined, say).
+    #[error("the provider did not grant access")]
+    ProviderDenied,
+    /// The callback has no `code`.
+    #[error("the callback carries no code")]
+    CodeMissing,
+    /// The login code is unknown, expired or already used.
+    #[error("the login code is unknown, expired or already used")]
+    LoginCodeInvalid,
+    /// The provider step failed.
+    #[error(transparent)]
+    Provider(#[from] Error),
+    /// The flow store failed.
+    #[error(transparent)]
+    Store(#[from] FlowError),
+}
+
+impl SignInError {
+    /// A stable snake_case code for clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SignInError::ReturnToNotAllowed => "return_to_not_allowed",
+            SignInError::StateMissing => "state_missing",
+            SignInError::StateInvalid => "state_invalid",
+            SignInError::BrowserMismatch => "flow_browser_mismatch",
+            SignInError::ProviderMismatch => "flow_provider_mismatch",
+            SignInError::ProviderDenied => "provider_denied",
+            SignInError::CodeMissing => "code_missing",
+            SignInError::LoginCodeInvalid => "login_code_invalid",
+            SignInError::Provider(e) => e.code(),
+            SignInError::Store(e) => e.code(),
+        }
+    }
+
+    /// Whether trying again later could succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SignInError::Provider(e) => e.is_retryable(),
+            SignInError::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// What the server keeps about a started sign-in.
+#[derive(Debug, Serialize, Deserialize)]
+struct FlowState {
+    provider: ProviderId,
+    nonce: String,
+    pkce_verifier: String,
+    redirect_uri: String,
+    /// SHA-256 of the browser cookie, base64url.
+    browser: String,
+    return_to: Option<String>,
+    platform: Option<String>,
+}
+
+/// A started sign-in: where to send the browser and the cookie to set on it.
+#[derive(Debug)]
+pub struct Started {
+    /// The provider's authorization URL.
+    pub redirect: url::Url,
+    /// The value of the [`FLOW_COOKIE`] cookie to set (random; only its hash is kept).
+    pub browser_cookie: String,
+}
+
+/// What the provider's callback carries.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct CallbackParams {
+    /// The `state` sent.
+    pub state: Option<String>,
+    /// The authorization code.
+    pub code: Option<String>,
+    /// An error the provider reports instead of a code.
+    pub error: Option<String>,
+}
+
+/// A finished sign-in: who, and where the browser goes next.
+#[derive(Debug)]
+pub struct Completed {
+    /// The identity the provider vouched for.
+    pub identity: VerifiedIdentity,
+    /// The allowed URL to return to, if the flow asked for one.
+    pub return_to: Option<String>,
+    /// The platform the flow named (`web`, ...).
+    pub platform: Option<String>,
+}
+
+/// What a login code stands for; tokens are made only when it is exchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginGrant {
+    /// The user who signed in.
+    pub user_id: UserId,
+    /// The provider used.
+    pub provider: ProviderId,
+    /// The session to open.
+    pub session_id: SessionId,
+}
+
+/// Browser sign-in steps over a [`FlowStore`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use upcoach_auth::flow::MemoryFlowStore;
+/// use upcoach_auth::web::WebSignIn;
+///
+/// let web = WebSignIn::new(
+///     Arc::new(MemoryFlowStore::default()),
+///     vec!["https://app.example.com/signed-in".into()],
+/// );
+/// assert!(web.check_return_to("https://app.example.com/signed-in").is_ok());
+/// assert!(web.check_return_to("https://app.example.com/signed-in/../admin").is_err());
+/// assert!(web.check_return_to("https://app.example.com/signed-in?next=/x").is_err());
+/// assert!(web.check_return_to("https://evil.example/signed-in").is_err());
+/// ```
+#[derive(Debug, Clone)]
+pub struct WebSignIn {
+    flows: Arc<dyn FlowStore>,
+    return_to_allowlist: Arc<Vec<String>>,
+}
+
+fn random_token() -> Result<String, Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).map_err(|e| Error::Crypto(Box::new(e)))?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+fn hash(value: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(value.as_bytes()))
+}
+
+impl WebSignIn {
+    /// Flows kept in `flows`; `return_to_allowlist` holds exact URLs.
+    pub fn new(flows: Arc<dyn FlowStore>, return_to_allowlist: Vec<String>) -> Self {
+        Self {
+            flows,
+            return_to_allowlist: Arc::new(return_to_allowlist),
+        }
+    }
+
+    /// `return_to` if it is exactly an allowed URL (compared after URL normalisation,
+    /// so `..` segments and default ports cannot sneak past).
+    pub fn check_return_to(&self, return_to: &str) -> Result<String, SignInError> {
+        let url = url::Url::parse(return_to).map_err(|_| SignInError::ReturnToNotAllowed)?;
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(SignInError::ReturnToNotAllowed);
+        }
+        let normal = url.to_string();
+        // The raw text must be the normal form too: "/a/../b" normalises elsewhere.
+        if normal != return_to && normal != format!("{return_to}/") {
+            return Err(SignInError::ReturnToNotAllowed);
+        }
+        self.return_to_allowlist
+            .iter()
+            .find(|allowed| **allowed == normal)
+            .cloned()
+            .ok_or(SignInError::ReturnToNotAllowed)
+    }
+
+    /// Starts a sign-in with `provider`, returning to `redirect_uri` (the provider's
+    /// callback route) and then to `return_to` if given.
+    pub async fn begin(
+        &self,
+        provider: &dyn AuthProvider,
+        redirect_uri: &str,
+        return_to: Option<&str>,
+        platform: Option<&str>,
+    ) -> Result<Started, SignInError> {
+        let return_to = return_to.map(|r| self.check_return_to(r)).transpose()?;
+        let state = random_token()?;
+        let nonce = random_token()?;
+        let pkce_verifier = random_token()?;
+        let browser_cookie = random_token()?;
+        let code_challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(pkce_verifier.as_bytes()));
+        let request = AuthorizationRequest {
+            state: state.clone(),
+            nonce: nonce.clone(),
+            code_challenge,
+            redirect_uri: redirect_uri.to_owned(),
+        };
+        let redirect = provider.authorization_url(&request)?;
+        let flow = FlowState {
+            provider: provider.id(),
+            nonce,
+            pkce_verifier,
+            redirect_uri: redirect_uri.to_owned(),
+            browser: hash(&browser_cookie),
+            return_to,
+            platform: platform.map(str::to_owned),
+        };
+        self.flows
+            .put_json(&format!("flow:{state}"), &flow, FLOW_TTL)
+            .await?;
+        Ok(Started {
+            redirect,
+            browser_cookie,
+        })
+    }
+
+    /// Finishes a sign-in at `provider`'s callback: the flow is taken (so it can never
+    /// be used again, whatever happens next), then checked, then the code exchanged.
+    pub async fn complete(
+        &self,
+        provider: &dyn AuthProvider,
+        params: &CallbackParams,
+        browser_cookie: Option<&str>,
+    ) -> Result<Completed, SignInError> {
+        let state = params
+            .state
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or(SignInError::StateMissing)?;
+        if state.len() > 128 || !state.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(SignInError::StateInvalid);
+        }
+        let flow: FlowState = self
+            .flows
+            .take_json(&format!("flow:{state}"))
+            .await?
+            .ok_or(SignInError::StateInvalid)?;
+        if flow.provider != provider.id() {
+            return Err(SignInError::ProviderMismatch);
+        }
+        let browser_ok = browser_cookie.is_some_and(|cookie| {
+            bool::from(hash(cookie).as_bytes().ct_eq(flow.browser.as_bytes()))
+        });
+        if !browser_ok {
+            return Err(SignInError::BrowserMismatch);
+        }
+        if params.error.is_some() {
+            return Err(SignInError::ProviderDenied);
+        }
+        let code = params
+            .code
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .ok_or(SignInError::CodeMissing)?;
+        let request = AuthorizationRequest {
+            state: state.to_owned(),
+            nonce: flow.nonce,
+            code_challenge: URL_SAFE_NO_PAD.encode(Sha256::digest(flow.pkce_verifier.as_bytes())),
+            redirect_uri: flow.redirect_uri,
+        };
+        let identity = provider
+            .exchange_code(code, &request, &flow.pkce_verifier)
+            .await?;
+        Ok(Completed {
+            identity,
+            return_to: flow.return_to,
+            platform: flow.platform,
+        })
+    }
+
+    /// A one-time code for `grant`, valid for [`LOGIN_CODE_TTL`].
+    pub async fn issue_login_code(&self, grant: &LoginGrant) -> Result<String, SignInError> {
+        let code = random_token()?;
+        self.flows
+            .put_json(&format!("login:{}", hash(&code)), grant, LOGIN_CODE_TTL)
+            .await?;
+        Ok(code)
+    }
+
+    /// What `code` stands for, once.
+    pub async fn redeem_login_code(&self, code: &str) -> Result<LoginGrant, SignInError> {
+        if code.is_empty() || code.len() > 128 {
+            return Err(SignInError::LoginCodeInvalid);
+        }
+        self.flows
+            .take_json(&format!("login:{}", hash(code)))
+            .await?
+            .ok_or(SignInError::LoginCodeInvalid)
+    }
+
+    /// Records a native sign-in's nonce as used; false if it was used before (a
+    /// replayed id token).
+    pub async fn claim_nonce(&self, nonce: &str, within: Duration) -> Result<bool, SignInError> {
+        match self
+            .flows
+            .put(&format!("nonce:{}", hash(nonce)), b"1", within)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(FlowError::KeyExists) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
