@@ -117,6 +117,7 @@ impl Discovery {
 #[derive(Debug)]
 pub struct GoogleProvider {
     oauth: OAuthClient,
+    issuer: String,
     http: reqwest::Client,
     verifier: IdTokenVerifier,
     hosted_domain: Option<String>,
@@ -168,6 +169,7 @@ impl GoogleProvider {
             );
         Ok(Self {
             oauth,
+            issuer: discovery.issuer.clone(),
             http,
             verifier,
             hosted_domain: config.hosted_domain.clone(),
@@ -210,6 +212,10 @@ impl GoogleProvider {
 impl AuthProvider for GoogleProvider {
     fn id(&self) -> ProviderId {
         ProviderId::Google
+    }
+
+    fn issuer(&self) -> Option<&str> {
+        Some(&self.issuer)
     }
 
     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {

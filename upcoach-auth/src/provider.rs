@@ -146,6 +146,12 @@ pub trait AuthProvider: fmt::Debug + Send + Sync + 'static {
     /// Which provider this is.
     fn id(&self) -> ProviderId;
 
+    /// The provider's issuer identifier, stored with each flow so that a callback naming
+    /// another issuer (RFC 9207 `iss`) is refused. `None` for providers without one.
+    fn issuer(&self) -> Option<&str> {
+        None
+    }
+
     /// Where to send the browser to start a sign-in.
     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error>;
 

@@ -43,6 +43,9 @@ pub enum SignInError {
     /// The callback arrived on another provider's route than the flow was started for.
     #[error("this sign-in was started with another provider")]
     ProviderMismatch,
+    /// The callback names another issuer (RFC 9207 `iss`) than the flow expects.
+    #[error("the callback names another issuer than this sign-in expects")]
+    IssuerMismatch,
     /// The provider reported an error (the user declined, say).
     #[error("the provider did not grant access")]
     ProviderDenied,
@@ -69,6 +72,7 @@ impl SignInError {
             SignInError::StateInvalid => "state_invalid",
             SignInError::BrowserMismatch => "flow_browser_mismatch",
             SignInError::ProviderMismatch => "flow_provider_mismatch",
+            SignInError::IssuerMismatch => "flow_issuer_mismatch",
             SignInError::ProviderDenied => "provider_denied",
             SignInError::CodeMissing => "code_missing",
             SignInError::LoginCodeInvalid => "login_code_invalid",
@@ -91,6 +95,8 @@ impl SignInError {
 #[derive(Debug, Serialize, Deserialize)]
 struct FlowState {
     provider: ProviderId,
+    /// The issuer the flow expects (mix-up defence).
+    issuer: Option<String>,
     nonce: String,
     pkce_verifier: String,
     redirect_uri: String,
@@ -118,6 +124,8 @@ pub struct CallbackParams {
     pub code: Option<String>,
     /// An error the provider reports instead of a code.
     pub error: Option<String>,
+    /// The issuer, for providers that send it (RFC 9207).
+    pub iss: Option<String>,
 }
 
 /// A finished sign-in: who, and where the browser goes next.
@@ -226,6 +234,7 @@ impl WebSignIn {
         let redirect = provider.authorization_url(&request)?;
         let flow = FlowState {
             provider: provider.id(),
+            issuer: provider.issuer().map(str::to_owned),
             nonce,
             pkce_verifier,
             redirect_uri: redirect_uri.to_owned(),
@@ -265,6 +274,14 @@ impl WebSignIn {
             .ok_or(SignInError::StateInvalid)?;
         if flow.provider != provider.id() {
             return Err(SignInError::ProviderMismatch);
+        }
+        if flow.issuer.as_deref() != provider.issuer()
+            || params
+                .iss
+                .as_deref()
+                .is_some_and(|iss| flow.issuer.as_deref() != Some(iss))
+        {
+            return Err(SignInError::IssuerMismatch);
         }
         let browser_ok = browser_cookie.is_some_and(|cookie| {
             bool::from(hash(cookie).as_bytes().ct_eq(flow.browser.as_bytes()))

@@ -16,6 +16,7 @@ use upcoach_core::{SessionId, UserId};
 #[derive(Debug)]
 struct Scripted {
     id: ProviderId,
+    issuer: &'static str,
     exchanges: AtomicUsize,
 }
 
@@ -23,6 +24,10 @@ struct Scripted {
 impl AuthProvider for Scripted {
     fn id(&self) -> ProviderId {
         self.id
+    }
+
+    fn issuer(&self) -> Option<&str> {
+        Some(self.issuer)
     }
 
     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
@@ -67,6 +72,7 @@ impl AuthProvider for Scripted {
 fn provider(id: ProviderId) -> Scripted {
     Scripted {
         id,
+        issuer: "https://provider.example.test",
         exchanges: AtomicUsize::new(0),
     }
 }
@@ -104,6 +110,7 @@ async fn a_callback_for_another_providers_flow_is_refused() {
         state: Some(state_of(&started.redirect)),
         code: Some("code-from-the-other-provider".into()),
         error: None,
+        iss: None,
     };
     let e = web
         .complete(&apple, &params, Some(&started.browser_cookie))
@@ -139,6 +146,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
             state: Some(state_of(&started.redirect)),
             code: Some("c".into()),
             error: None,
+            iss: None,
         };
         let e = web.complete(&google, &params, cookie).await.unwrap_err();
         assert_eq!(e.code(), "flow_browser_mismatch", "{cookie:?}");
@@ -156,6 +164,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
         state: Some(state_of(&started.redirect)),
         code: Some("c".into()),
         error: None,
+        iss: None,
     };
     let done = web
         .complete(&google, &params, Some(&started.browser_cookie))
@@ -180,6 +189,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
         state: Some(state_of(&started.redirect)),
         code: None,
         error: Some("access_denied".into()),
+        iss: None,
     };
     assert_eq!(
         web.complete(&google, &denied, Some(&started.browser_cookie))
@@ -196,6 +206,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
         state: Some(state_of(&started.redirect)),
         code: None,
         error: None,
+        iss: None,
     };
     assert_eq!(
         web.complete(&google, &no_code, Some(&started.browser_cookie))
@@ -223,5 +234,43 @@ async fn login_codes_work_once() {
     assert_eq!(
         web.redeem_login_code("guessed").await.unwrap_err().code(),
         "login_code_invalid"
+    );
+}
+
+#[tokio::test]
+async fn a_callback_naming_another_issuer_is_refused() {
+    let web = setup();
+    let google = provider(ProviderId::Google);
+    let started = web
+        .begin(&google, "https://api.example.test/cb", None, None)
+        .await
+        .unwrap();
+    let params = CallbackParams {
+        state: Some(state_of(&started.redirect)),
+        code: Some("c".into()),
+        error: None,
+        iss: Some("https://attacker.example.test".into()),
+    };
+    let e = web
+        .complete(&google, &params, Some(&started.browser_cookie))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "flow_issuer_mismatch");
+    assert_eq!(google.exchanges.load(Ordering::SeqCst), 0);
+    let started = web
+        .begin(&google, "https://api.example.test/cb", None, None)
+        .await
+        .unwrap();
+    let params = CallbackParams {
+        state: Some(state_of(&started.redirect)),
+        code: Some("c".into()),
+        error: None,
+        iss: Some("https://provider.example.test".into()),
+    };
+    assert!(
+        web.complete(&google, &params, Some(&started.browser_cookie))
+            .await
+            .is_ok(),
+        "its own issuer passes"
     );
 }

@@ -332,6 +332,7 @@ async fn callback(
             state: q.get("state").cloned(),
             code: q.get("code").cloned(),
             error: q.get("error").cloned(),
+            iss: q.get("iss").cloned(),
         }
     };
     let completed = match app
@@ -396,6 +397,7 @@ fn serde_urlencoded_params(bytes: &[u8]) -> CallbackParams {
             "state" => params.state = Some(value.into_owned()),
             "code" => params.code = Some(value.into_owned()),
             "error" => params.error = Some(value.into_owned()),
+            "iss" => params.iss = Some(value.into_owned()),
             _ => {}
         }
     }
