@@ -254,7 +254,7 @@ fn compression(c: &mut Criterion) {
         b.iter(|| black_box(envelope::encode(&json, &[], 0, 1024).unwrap()))
     });
     group.bench_function("envelope_decode", |b| {
-        b.iter(|| black_box(envelope::decode(&encoded).unwrap()))
+        b.iter(|| black_box(envelope::decode(encoded.clone()).unwrap()))
     });
     group.finish();
 }

@@ -492,7 +492,7 @@ impl TieredCache {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
-        let decoded = envelope::decode(&stored)?;
+        let decoded = envelope::decode(stored)?;
         if !self.tags_current(&decoded.tags).await {
             self.counters.stale.fetch_add(1, Ordering::Relaxed);
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
