@@ -485,7 +485,9 @@ impl TieredCache {
     /// Reads `key` from L2 after an L1 miss (L1 is not looked at again), honouring tags
     /// and filling L1; the value and when it expires.
     async fn read_l2(&self, key: &str) -> Result<Option<(Bytes, SystemTime)>> {
-        let now = self.now();
+        // Before the read, so an L1 copy is never older than its maximum age; not read at
+        // all when L1 keeps nothing.
+        let now = (!self.options.l1_max_age.is_zero()).then(|| self.now());
         let stripe = self.l1.stripe(key);
         let generation = stripe.load(Ordering::Relaxed);
         let stored = match self.l2_call(self.l2.get(key)).await {
@@ -508,7 +510,9 @@ impl TieredCache {
         self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
         let ttl_ends = from_ms(decoded.expires_at_ms);
         // L1 keeps it for its maximum age at most, and never past its own expiry.
-        if !self.options.l1_max_age.is_zero() && stripe.load(Ordering::Relaxed) == generation {
+        if let Some(now) = now
+            && stripe.load(Ordering::Relaxed) == generation
+        {
             self.l1.insert(
                 key.to_owned(),
                 L1Entry {
