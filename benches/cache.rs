@@ -178,10 +178,20 @@ fn l2_hit(c: &mut Criterion) {
     let rt = runtime();
     let prefix = format!("bench:{}", std::process::id());
     let client = redis::Client::open(url.as_str()).unwrap();
+    // Both connections keep their timer per command, with a generous limit: a stall of
+    // this shared machine (Redis's slow log has shown a GET taking 12 ms) once outlasted
+    // the default 500 ms and aborted the run.
+    let patience = Some(Duration::from_secs(10));
     let (bare, manager) = rt.block_on(async {
+        let bare_config = redis::AsyncConnectionConfig::new().set_response_timeout(patience);
+        let manager_config =
+            redis::aio::ConnectionManagerConfig::new().set_response_timeout(patience);
         (
-            client.get_multiplexed_async_connection().await.unwrap(),
-            redis::aio::ConnectionManager::new(client.clone())
+            client
+                .get_multiplexed_async_connection_with_config(&bare_config)
+                .await
+                .unwrap(),
+            redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config)
                 .await
                 .unwrap(),
         )
