@@ -8,7 +8,7 @@
 //! lz4:  [value length: u32 LE][lz4 block]
 //! ```
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::{Error, Result};
 
@@ -104,7 +104,10 @@ fn corrupt(reason: &'static str) -> Error {
 }
 
 /// Decodes what [`encode`] made; anything else is [`Error::Corrupt`], never a panic.
-pub fn decode(bytes: &Bytes) -> Result<Decoded> {
+///
+/// It takes the stored bytes by value: an uncompressed value is those same bytes past
+/// the header, without a copy or a new allocation.
+pub fn decode(mut bytes: Bytes) -> Result<Decoded> {
     let mut at = 0usize;
     let take = |at: &mut usize, n: usize| -> Result<std::ops::Range<usize>> {
         let end = at
@@ -134,7 +137,8 @@ pub fn decode(bytes: &Bytes) -> Result<Decoded> {
     }
     let expires_at_ms = u64::from_le_bytes(bytes[take(&mut at, 8)?].try_into().expect("8 bytes"));
     let value = if codec == RAW {
-        bytes.slice(at..)
+        bytes.advance(at);
+        bytes
     } else {
         let len =
             u32::from_le_bytes(bytes[take(&mut at, 4)?].try_into().expect("4 bytes")) as usize;
@@ -171,7 +175,7 @@ mod tests {
         let (bytes, saved) = encode(small, &tags(), 42, 1024).unwrap();
         assert_eq!((bytes[0], saved), (RAW, 0));
         assert_eq!(
-            decode(&bytes).unwrap(),
+            decode(bytes.clone()).unwrap(),
             Decoded {
                 value: Bytes::from_static(small),
                 tags: tags(),
@@ -189,7 +193,7 @@ mod tests {
             "repetitive JSON compresses well: saved {saved} of {}",
             json.len()
         );
-        assert_eq!(decode(&bytes).unwrap().value, Bytes::from(json));
+        assert_eq!(decode(bytes.clone()).unwrap().value, Bytes::from(json));
     }
 
     #[test]
@@ -209,9 +213,9 @@ mod tests {
             (RAW, 0),
             "kept raw when compression saves < 10 %"
         );
-        assert_eq!(decode(&bytes).unwrap().value.as_ref(), &noise[..]);
+        assert_eq!(decode(bytes.clone()).unwrap().value.as_ref(), &noise[..]);
         let (empty, _) = encode(b"", &[], 0, 0).unwrap();
-        assert_eq!(decode(&empty).unwrap().value.len(), 0);
+        assert_eq!(decode(empty).unwrap().value.len(), 0);
     }
 
     #[test]
@@ -236,7 +240,7 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         cases.push(huge);
         for case in cases {
-            match decode(&Bytes::from(case.clone())) {
+            match decode(Bytes::from(case.clone())) {
                 Err(Error::Corrupt { .. }) => {}
                 Ok(d) => assert!(case.len() >= 2, "decoded {d:?} from {case:?}"),
                 Err(e) => panic!("{e}"),

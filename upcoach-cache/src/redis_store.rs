@@ -1,10 +1,13 @@
 //! [`RedisStore`]: the Redis store.
 
+use std::borrow::Cow;
+use std::io::Write;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
+use redis::{Cmd, RedisWrite, ToRedisArgs};
 
 use crate::{CacheStore, Error, Result, canonical_key, check_ttl};
 
@@ -60,7 +63,54 @@ impl RedisStore {
     /// The Redis key of `key`: `<prefix>:v:<key>`, apart from tag counters
     /// (`<prefix>:t:`) and anything else the host keeps under the prefix.
     pub fn redis_key(&self, key: &str) -> Result<String> {
-        Ok(format!("{}:v:{}", self.prefix, canonical_key(key)?))
+        let key = self.value_key(key)?;
+        let mut out = String::with_capacity(key.len());
+        for part in key.parts() {
+            out.push_str(part);
+        }
+        Ok(out)
+    }
+
+    /// `key` as a command argument, written straight into the command's buffer.
+    fn value_key<'a>(&'a self, key: &'a str) -> Result<ValueKey<'a>> {
+        Ok(ValueKey {
+            prefix: &self.prefix,
+            key: canonical_key(key)?,
+        })
+    }
+
+    /// `name key`, with room for both: no reallocation while it is built.
+    fn key_cmd(name: &str, key: &ValueKey<'_>, extra_args: usize, extra_len: usize) -> Cmd {
+        let mut cmd = Cmd::with_capacity(2 + extra_args, name.len() + key.len() + extra_len);
+        cmd.arg(name).arg(key);
+        cmd
+    }
+}
+
+/// `<prefix>:v:<canonical key>` as one Redis argument, written into the command without
+/// an intermediate `String`: a read is on the hot path of every L2 hit.
+struct ValueKey<'a> {
+    prefix: &'a str,
+    key: Cow<'a, str>,
+}
+
+impl ValueKey<'_> {
+    fn parts(&self) -> [&str; 3] {
+        [self.prefix, ":v:", &self.key]
+    }
+
+    fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+}
+
+impl ToRedisArgs for &ValueKey<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        for part in self.parts() {
+            // Writing to the command's buffer cannot fail.
+            let _ = arg.write_all(part.as_bytes());
+        }
     }
 }
 
@@ -71,9 +121,8 @@ fn millis(ttl: Duration) -> u64 {
 #[async_trait]
 impl CacheStore for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let key = self.redis_key(key)?;
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(key)
+        let cmd = Self::key_cmd("GET", &self.value_key(key)?, 0, 0);
+        let value: Option<Vec<u8>> = cmd
             .query_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
@@ -82,21 +131,16 @@ impl CacheStore for RedisStore {
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
         check_ttl(ttl)?;
-        let key = self.redis_key(key)?;
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(millis(ttl))
-            .query_async::<()>(&mut self.conn.clone())
+        let mut cmd = Self::key_cmd("SET", &self.value_key(key)?, 3, value.len() + 22);
+        cmd.arg(value.as_ref()).arg("PX").arg(millis(ttl));
+        cmd.query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(backend)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let key = self.redis_key(key)?;
-        let removed: u64 = redis::cmd("DEL")
-            .arg(key)
+        let cmd = Self::key_cmd("DEL", &self.value_key(key)?, 0, 0);
+        let removed: u64 = cmd
             .query_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
@@ -104,9 +148,8 @@ impl CacheStore for RedisStore {
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
-        let key = self.redis_key(key)?;
-        let n: u64 = redis::cmd("EXISTS")
-            .arg(key)
+        let cmd = Self::key_cmd("EXISTS", &self.value_key(key)?, 0, 0);
+        let n: u64 = cmd
             .query_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
@@ -117,12 +160,11 @@ impl CacheStore for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = keys
-            .iter()
-            .map(|k| self.redis_key(k))
-            .collect::<Result<Vec<_>>>()?;
-        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-            .arg(keys)
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(&self.value_key(key)?);
+        }
+        let values: Vec<Option<Vec<u8>>> = cmd
             .query_async(&mut self.conn.clone())
             .await
             .map_err(backend)?;
@@ -134,7 +176,7 @@ impl CacheStore for RedisStore {
         for (key, value, ttl) in entries {
             check_ttl(*ttl)?;
             pipe.cmd("SET")
-                .arg(self.redis_key(key)?)
+                .arg(&self.value_key(key)?)
                 .arg(value.as_ref())
                 .arg("PX")
                 .arg(millis(*ttl))
@@ -146,5 +188,27 @@ impl CacheStore for RedisStore {
         pipe.query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_argument_is_the_prefixed_canonical_key() {
+        let long = "k".repeat(1000);
+        for key in ["user:42", "ключ", long.as_str()] {
+            let arg = ValueKey {
+                prefix: "app",
+                key: canonical_key(key).unwrap(),
+            };
+            let expected = format!("app:v:{}", canonical_key(key).unwrap());
+            assert_eq!(arg.len(), expected.len());
+            assert_eq!(
+                RedisStore::key_cmd("GET", &arg, 0, 0).get_packed_command(),
+                redis::cmd("GET").arg(&expected).get_packed_command()
+            );
+        }
     }
 }

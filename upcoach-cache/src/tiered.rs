@@ -347,7 +347,7 @@ impl TieredCache {
         if let Some(entry) = self.l1_hit(&key) {
             return Ok(Some(entry.value));
         }
-        self.read(&key).await
+        Ok(self.read_l2(&key).await?.map(|(value, _)| value))
     }
 
     /// A fresh L1 entry for `key` (counted as an L1 hit); a stale one is dropped.
@@ -479,8 +479,17 @@ impl TieredCache {
         if let Some(entry) = self.l1_hit(key) {
             return Ok(Some((entry.value, entry.ttl_ends)));
         }
-        let now = self.now();
-        let generation = self.l1.stripe(key).load(Ordering::Relaxed);
+        self.read_l2(key).await
+    }
+
+    /// Reads `key` from L2 after an L1 miss (L1 is not looked at again), honouring tags
+    /// and filling L1; the value and when it expires.
+    async fn read_l2(&self, key: &str) -> Result<Option<(Bytes, SystemTime)>> {
+        // Before the read, so an L1 copy is never older than its maximum age; not read at
+        // all when L1 keeps nothing.
+        let now = (!self.options.l1_max_age.is_zero()).then(|| self.now());
+        let stripe = self.l1.stripe(key);
+        let generation = stripe.load(Ordering::Relaxed);
         let stored = match self.l2_call(self.l2.get(key)).await {
             Ok(stored) => stored,
             Err(e) => {
@@ -492,7 +501,7 @@ impl TieredCache {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
-        let decoded = envelope::decode(&stored)?;
+        let decoded = envelope::decode(stored)?;
         if !self.tags_current(&decoded.tags).await {
             self.counters.stale.fetch_add(1, Ordering::Relaxed);
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -501,8 +510,8 @@ impl TieredCache {
         self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
         let ttl_ends = from_ms(decoded.expires_at_ms);
         // L1 keeps it for its maximum age at most, and never past its own expiry.
-        if !self.options.l1_max_age.is_zero()
-            && self.l1.stripe(key).load(Ordering::Relaxed) == generation
+        if let Some(now) = now
+            && stripe.load(Ordering::Relaxed) == generation
         {
             self.l1.insert(
                 key.to_owned(),
