@@ -13,7 +13,8 @@
 //!   200s, `Cache-Control`, `Vary`, per-user keys, `ETag`/304, `X-Cache`).
 //! - Cross-process L1 coherence over Redis pub/sub ([`TieredCache::enable_coherence`]).
 //!
-//! Not built yet: refresh-ahead and per-tier eviction counts.
+//! Refresh-ahead: [`TieredCache::get_or_refresh`] recomputes an entry read in the last
+//! tenth of its life in the background; [`CacheStats`] counts L1 evictions.
 //!
 //! ```
 //! use std::time::Duration;
