@@ -579,15 +579,18 @@ impl Config {
                 }
             },
         };
-        let realtime_max_connections =
-            count("REALTIME_MAX_CONNECTIONS", defaults.realtime_max_connections);
+        let realtime_max_connections = count(
+            "REALTIME_MAX_CONNECTIONS",
+            defaults.realtime_max_connections,
+        );
         let realtime_max_connections_per_user = count(
             "REALTIME_MAX_CONNECTIONS_PER_USER",
             defaults.realtime_max_connections_per_user,
         );
 
-        let public_url = r.get("UPCOACH_PUBLIC_URL").and_then(|v| {
-            match parse_origin(v.trim()) {
+        let public_url = r
+            .get("UPCOACH_PUBLIC_URL")
+            .and_then(|v| match parse_origin(v.trim()) {
                 Some(origin) => Some(origin),
                 None => {
                     r.invalid_because(
@@ -598,8 +601,7 @@ impl Config {
                     );
                     None
                 }
-            }
-        });
+            });
         let return_to_allowlist = match r.get("AUTH_RETURN_TO_ALLOWLIST") {
             None => Vec::new(),
             Some(v) => {
@@ -710,7 +712,11 @@ fn read_google<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> Option<Optio
                 Some(v.trim().trim_end_matches('/').to_owned())
             }
             _ => {
-                r.invalid("GOOGLE_ISSUER_URL", "an issuer URL such as https://accounts.google.com", Some(v.clone()));
+                r.invalid(
+                    "GOOGLE_ISSUER_URL",
+                    "an issuer URL such as https://accounts.google.com",
+                    Some(v.clone()),
+                );
                 None
             }
         },

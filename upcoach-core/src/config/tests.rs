@@ -71,7 +71,10 @@ fn a_full_environment_is_read() {
         ("UPCOACH_METRICS_PUBLIC", "no"),
         ("REALTIME_MAX_CONNECTIONS", "19000"),
         ("UPCOACH_PUBLIC_URL", "https://api.example.com"),
-        ("AUTH_RETURN_TO_ALLOWLIST", "https://app.example.com/signed-in, http://localhost:3000/cb"),
+        (
+            "AUTH_RETURN_TO_ALLOWLIST",
+            "https://app.example.com/signed-in, http://localhost:3000/cb",
+        ),
         ("AUTH_SIGNING_KEY", "c2VlZA"),
         ("GOOGLE_ISSUER_URL", "http://127.0.0.1:9999/"),
         ("GOOGLE_HOSTED_DOMAIN", "example.com"),
@@ -100,12 +103,21 @@ fn a_full_environment_is_read() {
     assert_eq!(c.public_url.as_deref(), Some("https://api.example.com"));
     assert_eq!(
         c.return_to_allowlist,
-        ["https://app.example.com/signed-in", "http://localhost:3000/cb"]
+        [
+            "https://app.example.com/signed-in",
+            "http://localhost:3000/cb"
+        ]
     );
     assert_eq!(c.signing_key.as_ref().unwrap().expose(), "c2VlZA");
     assert!(c.previous_signing_key.is_none());
-    assert_eq!(c.google.as_ref().unwrap().issuer_url, "http://127.0.0.1:9999");
-    assert_eq!(c.google.as_ref().unwrap().hosted_domain.as_deref(), Some("example.com"));
+    assert_eq!(
+        c.google.as_ref().unwrap().issuer_url,
+        "http://127.0.0.1:9999"
+    );
+    assert_eq!(
+        c.google.as_ref().unwrap().hosted_domain.as_deref(),
+        Some("example.com")
+    );
     let google = c.google.as_ref().unwrap();
     assert_eq!(
         google.audiences(),
@@ -148,7 +160,10 @@ fn every_invalid_value_names_its_variable() {
         ("REALTIME_MAX_CONNECTIONS_PER_USER", "-1"),
         ("UPCOACH_PUBLIC_URL", "api.example.com"),
         ("UPCOACH_PUBLIC_URL", "https://api.example.com/base"),
-        ("AUTH_RETURN_TO_ALLOWLIST", "https://app.example.com/x?next=1"),
+        (
+            "AUTH_RETURN_TO_ALLOWLIST",
+            "https://app.example.com/x?next=1",
+        ),
         ("AUTH_RETURN_TO_ALLOWLIST", "javascript:alert(1)"),
     ];
     for (var, value) in cases {
