@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod access;
+mod coalesce;
 mod cursor;
 mod hub;
 mod memory;

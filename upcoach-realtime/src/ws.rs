@@ -21,7 +21,7 @@ use crate::respond::{
 use crate::session::{Outbound, Session};
 use crate::wire::{ClientMessage, ServerMessage};
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Socket = WebSocketStream<crate::coalesce::Coalesce<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Close codes of API.md.
 const CLOSE_UNAUTHENTICATED: u16 = 4001;
@@ -135,7 +135,7 @@ impl Hub {
                 }
             };
             let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
+                crate::coalesce::Coalesce::new(TokioIo::new(upgraded)),
                 Role::Server,
                 Some(config),
             )

@@ -1,0 +1,302 @@
+//! The fan-out scenario: 10,000 WebSocket subscribers of one room, publishes at each
+//! rate of a ladder; ours in memory, the bare loop, and ours over Redis.
+
+use std::time::Duration;
+
+use crate::driver::{Fleet, FleetPlan, Kind, Res, Server, SharedRedis, machine_ticks, publish};
+use crate::report::{Table, ms, ms_summary, thousands};
+use crate::scenarios::Settings;
+
+/// One rate of one fan-out run.
+#[derive(Debug, Clone)]
+struct Step {
+    label: &'static str,
+    round: usize,
+    rate: f64,
+    subscribers: u64,
+    offered: f64,
+    /// Events received during the publishing window, per second.
+    delivered: f64,
+    /// Received after the drain, over expected.
+    complete: f64,
+    latency: String,
+    p99_us: u64,
+    /// From the broadcaster's `ts` stamp: the fan-out alone, without the publish request.
+    stamped: String,
+    stamped_p99_us: u64,
+    round_trip_p99_us: u64,
+    server_cpu: f64,
+    client_cpu: f64,
+    machine_busy: f64,
+    closed: u64,
+    sustained: bool,
+}
+
+/// 10,000 WebSocket subscribers of one room; publishes at each rate of the ladder until
+/// one is not sustained. Ours in memory, the bare loop, ours over Redis (publish on one
+/// process, subscribers on another), one after the other under the same client load.
+pub(crate) async fn fanout(s: &Settings, redis: Option<&SharedRedis>) -> Res<()> {
+    let mut steps: Vec<Step> = Vec::new();
+    for round in 1..=s.rounds {
+        for label in ["ours", "bare", "ours+redis"] {
+            if !s.runs.iter().any(|r| r == label) {
+                continue;
+            }
+            let redis = match (label, redis) {
+                ("ours+redis", None) => continue,
+                ("ours+redis", Some(redis)) => Some(redis),
+                _ => None,
+            };
+            steps.extend(fanout_run(s, label, round, redis).await?);
+        }
+    }
+    print_fanout(s, &steps);
+    Ok(())
+}
+
+async fn fanout_run(
+    s: &Settings,
+    label: &'static str,
+    round: usize,
+    redis: Option<&SharedRedis>,
+) -> Res<Vec<Step>> {
+    println!(
+        "\nfan-out: {label}, round {round}, {} subscribers",
+        s.connections
+    );
+    let kind = if label == "bare" {
+        Kind::Bare
+    } else {
+        Kind::Ours
+    };
+    let room = "public:bench";
+    let max = s.connections + 1_000;
+    let publisher = Server::start(kind, redis, max).await?;
+    let subscriber = match redis {
+        Some(_) => Some(Server::start(kind, redis, max).await?),
+        None => None,
+    };
+    let servers: Vec<&Server> = std::iter::once(&publisher)
+        .chain(subscriber.as_ref())
+        .collect();
+    let reading = subscriber.as_ref().unwrap_or(&publisher);
+    let admin = publisher.token(&["admin"]).await?;
+    let plan = FleetPlan {
+        transport: "ws",
+        connections: s.connections,
+        processes: s.clients,
+        concurrency: s.concurrency,
+        room: room.to_owned(),
+    };
+    let mut fleet = Fleet::open(&plan, &[reading]).await?;
+    println!(
+        "  {} subscribed ({} failed) in {:.1} s",
+        fleet.connected,
+        fleet.failed,
+        fleet.elapsed.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let subscribers = fleet.connected;
+    let window = Duration::from_secs(s.seconds);
+    let mut steps = Vec::new();
+    for &rate in &s.rates {
+        fleet.reset().await?;
+        let server_cpu0: f64 = servers.iter().map(|s| s.proc.cpu_seconds()).sum();
+        let client_cpu0 = fleet.cpu_seconds();
+        let machine0 = machine_ticks();
+        let published = publish(publisher.addr, &admin, room, rate, window).await;
+        let (in_window, _) = fleet.count().await?;
+        let server_cpu = servers.iter().map(|s| s.proc.cpu_seconds()).sum::<f64>() - server_cpu0;
+        let client_cpu = fleet.cpu_seconds() - client_cpu0;
+        let machine1 = machine_ticks();
+        let expected = published.accepted * subscribers;
+        let (after, closed) = fleet.wait_for(expected, Duration::from_secs(5)).await?;
+        let received = fleet.report().await?;
+        let seconds = published.elapsed.as_secs_f64();
+        let busy = (machine1.0 - machine0.0) as f64 / (machine1.1 - machine0.1).max(1) as f64;
+        let complete = after as f64 / expected.max(1) as f64;
+        let sustained = closed == 0
+            && published.failed == 0
+            && seconds <= window.as_secs_f64() + 0.5
+            && complete >= 0.999
+            && received.latency.value_at_quantile(0.99) < 1_000_000;
+        let step = Step {
+            label,
+            round,
+            rate,
+            subscribers,
+            offered: published.accepted as f64 / seconds,
+            delivered: in_window as f64 / seconds,
+            complete,
+            latency: ms_summary(&received.latency),
+            p99_us: received.latency.value_at_quantile(0.99),
+            stamped: ms_summary(&received.stamped),
+            stamped_p99_us: received.stamped.value_at_quantile(0.99),
+            round_trip_p99_us: published.round_trip.value_at_quantile(0.99),
+            server_cpu: server_cpu / seconds,
+            client_cpu: client_cpu / seconds,
+            machine_busy: busy,
+            closed,
+            sustained,
+        };
+        println!(
+            "  {rate:>5} publishes/s: {} published in {:.1} s ({} late, {} failed), {} delivered/s in the window, {:.2}% complete, latency p50/p99/max {} (from ts {}), server CPU {:.0}%, clients {:.0}%, machine {:.0}% busy, closed {}{}{}",
+            published.accepted,
+            seconds,
+            published.late,
+            published.failed,
+            thousands(step.delivered as u64),
+            complete * 100.0,
+            step.latency,
+            step.stamped,
+            step.server_cpu * 100.0,
+            step.client_cpu * 100.0,
+            busy * 100.0,
+            closed,
+            if received.codes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", received.codes.join(","))
+            },
+            if sustained { "" } else { "  <- not sustained" },
+        );
+        steps.push(step);
+        if !sustained {
+            break;
+        }
+        // Let queues and the previous window's stragglers clear.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    fleet.quit().await;
+    publisher.stop().await;
+    if let Some(subscriber) = subscriber {
+        subscriber.stop().await;
+    }
+    Ok(steps)
+}
+
+fn print_fanout(s: &Settings, steps: &[Step]) {
+    let mut table = Table::new(&[
+        "run",
+        "publishes/s",
+        "subscribers",
+        "delivered events/s",
+        "complete",
+        "latency p50 / p99 / max",
+        "from ts p50 / p99 / max",
+        "publish RTT p99",
+        "server CPU",
+        "clients CPU",
+        "machine busy",
+        "closed",
+        "sustained",
+    ]);
+    for st in steps {
+        table.row(vec![
+            format!("{} #{}", st.label, st.round),
+            format!("{:.1}", st.offered),
+            thousands(st.subscribers),
+            thousands(st.delivered as u64),
+            format!("{:.2}%", st.complete * 100.0),
+            st.latency.clone(),
+            st.stamped.clone(),
+            ms(st.round_trip_p99_us),
+            format!("{:.0}%", st.server_cpu * 100.0),
+            format!("{:.0}%", st.client_cpu * 100.0),
+            format!("{:.0}%", st.machine_busy * 100.0),
+            st.closed.to_string(),
+            if st.sustained { "yes" } else { "no" }.to_owned(),
+        ]);
+    }
+    table.print(&format!(
+        "Fan-out to one room ({} s per rate; sustained = every publish answered within the window + 0.5 s, every event delivered (within 5 s of the window's end), latency p99 < 1 s, no connection closed)",
+        s.seconds
+    ));
+
+    let mut ratios = Table::new(&[
+        "round",
+        "publishes/s",
+        "ours delivered/s",
+        "bare delivered/s",
+        "ours / bare",
+        "ours p99",
+        "bare p99",
+        "ours+redis p99",
+        "Redis adds (p99)",
+        "Redis adds (p99 from ts)",
+    ]);
+    let find = |label: &str, round: usize, rate: f64| {
+        steps
+            .iter()
+            .find(|st| st.label == label && st.round == round && st.rate == rate)
+    };
+    for round in 1..=s.rounds {
+        for &rate in &s.rates {
+            let (ours, bare, redis) = (
+                find("ours", round, rate),
+                find("bare", round, rate),
+                find("ours+redis", round, rate),
+            );
+            if ours.is_none() && bare.is_none() && redis.is_none() {
+                continue;
+            }
+            let delivered =
+                |st: Option<&Step>| st.map_or("-".to_owned(), |st| thousands(st.delivered as u64));
+            let p99 = |st: Option<&Step>| st.map_or("-".to_owned(), |st| ms(st.p99_us));
+            ratios.row(vec![
+                round.to_string(),
+                format!("{rate}"),
+                delivered(ours),
+                delivered(bare),
+                match (ours, bare) {
+                    (Some(o), Some(b)) => format!("{:.3}", o.delivered / b.delivered.max(1.0)),
+                    _ => "-".to_owned(),
+                },
+                p99(ours),
+                p99(bare),
+                p99(redis),
+                match (ours, redis) {
+                    (Some(o), Some(r)) => {
+                        format!("{:+.1} ms", (r.p99_us as f64 - o.p99_us as f64) / 1000.0)
+                    }
+                    _ => "-".to_owned(),
+                },
+                match (ours, redis) {
+                    (Some(o), Some(r)) => format!(
+                        "{:+.1} ms",
+                        (r.stamped_p99_us as f64 - o.stamped_p99_us as f64) / 1000.0
+                    ),
+                    _ => "-".to_owned(),
+                },
+            ]);
+        }
+        let best = |label: &str| {
+            steps
+                .iter()
+                .filter(|st| st.label == label && st.round == round && st.sustained)
+                .map(|st| st.delivered)
+                .fold(0.0f64, f64::max)
+        };
+        let (ours, bare, redis) = (best("ours"), best("bare"), best("ours+redis"));
+        ratios.row(vec![
+            round.to_string(),
+            "best sustained".to_owned(),
+            thousands(ours as u64),
+            thousands(bare as u64),
+            if bare > 0.0 {
+                format!("{:.3}", ours / bare)
+            } else {
+                "-".to_owned()
+            },
+            String::new(),
+            String::new(),
+            if redis > 0.0 {
+                format!("({} /s)", thousands(redis as u64))
+            } else {
+                String::new()
+            },
+            String::new(),
+        ]);
+    }
+    ratios.print("Ours against the bare tokio-tungstenite loop, and the Redis broadcaster's added latency (goals: >= 0.8x; p99 <= 25 ms at 10 publishes/s; >= 500,000 events/s)");
+}
