@@ -55,6 +55,9 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
     let redis_proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
 
     let mut config = Config::default();
+    // Every key the server writes (cache, realtime history) under the test's prefix,
+    // which is deleted when the test ends.
+    config.cache_prefix = prefix.prefix().trim_end_matches(':').to_owned();
     config.database_url = Some(schema_url(&schema, pg_proxy.addr()));
     config.redis_url = Some(
         ServiceUrl::parse(
