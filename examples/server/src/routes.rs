@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use upcoach_core::{Principal, Role, TokenError, TokenVerifier, UserId};
+use upcoach_core::{Principal, Role, UserId};
 
 use crate::Body;
 use crate::app::App;
@@ -160,42 +160,7 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Bo
 
 /// The caller's principal from `Authorization: Bearer`, if it is an admin.
 async fn admin(app: &Arc<App>, request: &Request<Incoming>) -> Result<Principal, ApiError> {
-    let unauthenticated =
-        |code, message: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, message);
-    let header = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| {
-            unauthenticated("token_missing", "send Authorization: Bearer <access_token>")
-        })?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            unauthenticated(
-                "token_malformed",
-                "expected Authorization: Bearer <access_token>",
-            )
-        })?;
-    // Until sign-in is built, only --dev mode has a token issuer; without one no token
-    // can be valid.
-    let tokens = app.tokens.as_ref().ok_or_else(|| {
-        unauthenticated(
-            "token_invalid",
-            "this server issues no tokens yet (start it with --dev)",
-        )
-    })?;
-    let principal = tokens.verify(token).await.map_err(|e| match e {
-        TokenError::Unavailable(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            e.code(),
-            "the token could not be checked right now",
-        ),
-        e => unauthenticated(e.code(), &e.to_string()),
-    })?;
+    let principal = crate::auth_routes::bearer(app, request).await?;
     if !principal.is_admin() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
