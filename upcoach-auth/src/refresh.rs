@@ -126,6 +126,13 @@ impl RefreshPolicy {
         self.grace = grace;
         self
     }
+
+    /// `(token expiry, family expiry)` of a family opened at `now` (microseconds, as
+    /// stored): a token never outlives its family.
+    pub fn first_expiries(&self, now: SystemTime) -> (SystemTime, SystemTime) {
+        let family = to_micros(later(now, self.family_lifetime));
+        (to_micros(later(now, self.token_ttl)).min(family), family)
+    }
 }
 
 /// The first token of a new family.

@@ -396,6 +396,9 @@ pub(crate) enum Delivery {
     Reset {
         room: Arc<str>,
         reason: &'static str,
+        /// The room's head when the reset was decided (read once for every reader):
+        /// readers resume after it. `None` when the broker could not say.
+        head: Option<u64>,
     },
 }
 
@@ -704,13 +707,7 @@ impl Inner {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                     tracing::error!(room = %room.name, "the broadcaster closed a room's feed");
-                    self.fan_out(
-                        &room,
-                        Delivery::Reset {
-                            room: room.name.clone(),
-                            reason: "broker_closed",
-                        },
-                    );
+                    self.reset(&room, "broker_closed").await;
                     return;
                 }
             };
@@ -747,29 +744,31 @@ impl Inner {
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Replay::Gone { reason }) => {
-                    self.reset(room, reason);
+                    self.reset(room, reason).await;
                     return;
                 }
                 Ok(Replay::Events(_)) => {
-                    self.reset(room, "history_expired");
+                    self.reset(room, "history_expired").await;
                     return;
                 }
                 Err(e) => {
                     tracing::warn!(room = %room.name, error = %e, "a hole in a room's feed could not be filled");
-                    self.reset(room, "broker_unavailable");
+                    self.reset(room, "broker_unavailable").await;
                     return;
                 }
             }
         }
     }
 
-    fn reset(&self, room: &Room, reason: &'static str) {
+    async fn reset(&self, room: &Room, reason: &'static str) {
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        let head = self.broadcaster.head(&room.name).await.ok();
         self.fan_out(
             room,
             Delivery::Reset {
                 room: room.name.clone(),
                 reason,
+                head,
             },
         );
     }

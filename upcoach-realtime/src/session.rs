@@ -317,12 +317,12 @@ impl Session {
                 self.rooms[i].last = event.seq;
                 out.push(Outbound::Event(event));
             }
-            Delivery::Reset { room, reason } => {
+            Delivery::Reset { room, reason, head } => {
                 let Some(i) = self.rooms.iter().position(|r| r.room == room) else {
                     return;
                 };
                 // Resume from the head: whatever the client missed is announced as gone.
-                if let Ok(head) = self.slot.hub.broadcaster.head(&room).await {
+                if let Some(head) = head {
                     self.rooms[i].last = self.rooms[i].last.max(head);
                 }
                 out.push(Outbound::Reset { room, reason });

@@ -92,7 +92,7 @@ impl Hub {
         if origin_allowed(hub, headers).is_err() {
             return origin_refused();
         }
-        let mut slot = match hub.reserve(Transport::WebSocket) {
+        let slot = match hub.reserve(Transport::WebSocket) {
             Ok(slot) => slot,
             Err(refusal) => return refusal_response(refusal),
         };
@@ -102,21 +102,17 @@ impl Hub {
         let mut principal: Option<Principal> = None;
         if let Some(token) = bearer(&request) {
             match verify(hub, &token).await {
-                Ok(p) => {
-                    if let Err(refusal) = slot.claim_user(p.user_id) {
-                        return refusal_response(refusal);
-                    }
-                    principal = Some(p);
-                }
+                Ok(p) => principal = Some(p),
                 Err(e) => refused = Some(e),
             }
         }
         let on_upgrade = hyper::upgrade::on(&mut request);
         let mut session = Session::new(slot);
+        // Counted against the user's limit here, before the upgrade, so a refusal is 429.
         if let Some(p) = principal
-            && session.authenticate(p).is_err()
+            && let Err(refusal) = session.authenticate(p)
         {
-            return refusal_response(crate::hub::Refusal::TooManyForUser);
+            return refusal_response(refusal);
         }
         let config = WebSocketConfig::default()
             .read_buffer_size(hub.config.ws_read_buffer)

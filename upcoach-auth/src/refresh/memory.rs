@@ -251,8 +251,7 @@ impl RefreshStore for MemoryRefreshStore {
         let now = to_micros(now);
         let token = RefreshToken::generate()?;
         let family_id = SessionId::new();
-        let family_expires_at = to_micros(later(now, self.policy.family_lifetime));
-        let expires_at = to_micros(later(now, self.policy.token_ttl)).min(family_expires_at);
+        let (expires_at, family_expires_at) = self.policy.first_expiries(now);
         let mut state = self.lock();
         state.key(family_expires_at, Expiring::Family(family_id));
         state.families.insert(

@@ -157,8 +157,7 @@ impl RefreshStore for PgRefreshStore {
         let now = to_micros(now);
         let token = RefreshToken::generate()?;
         let family_id = SessionId::new();
-        let family_expires_at = to_micros(later(now, self.policy.family_lifetime));
-        let expires_at = to_micros(later(now, self.policy.token_ttl)).min(family_expires_at);
+        let (expires_at, family_expires_at) = self.policy.first_expiries(now);
         let result = sqlx::query(
             "WITH family AS ( \
                INSERT INTO refresh_families (family_id, user_id, created_at, expires_at) \
