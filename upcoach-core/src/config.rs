@@ -2,8 +2,9 @@
 //!
 //! The variable names are those of the system this project replaces (`GOOGLE_*`,
 //! `APPLE_*`, `FACEBOOK_*`, `REDIS_URL`, `DATABASE_URL`, `WEBSOCKET_CORS_ORIGINS`,
-//! `CACHE_PREFIX`, `PERFORMANCE_MONITORING_ENABLED`, `SLOW_QUERY_THRESHOLD`) plus
-//! `UPCOACH_ADDR`. A variable set to the empty string counts as unset.
+//! `CACHE_PREFIX`, `PERFORMANCE_MONITORING_ENABLED`, `SLOW_QUERY_THRESHOLD`) plus this
+//! project's own (`UPCOACH_*`, `AUTH_*`, `REALTIME_*`, `DATABASE_MAX_CONNECTIONS`). A
+//! variable set to the empty string counts as unset.
 //!
 //! Every problem is reported at once, each naming its variable and what was expected;
 //! values of secret variables are never repeated in errors, `Debug` or logs.
@@ -37,6 +38,8 @@ use crate::Secret;
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
 /// The default key prefix of the cache (`CACHE_PREFIX`).
 pub const DEFAULT_CACHE_PREFIX: &str = "upcoach";
+/// The default of `DATABASE_MAX_CONNECTIONS`.
+pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 16;
 /// The default of `REALTIME_MAX_CONNECTIONS`.
 pub const DEFAULT_REALTIME_MAX_CONNECTIONS: usize = 10_000;
 /// The default of `REALTIME_MAX_CONNECTIONS_PER_USER`.
@@ -70,6 +73,9 @@ pub struct Config {
     /// `UPCOACH_METRICS_PUBLIC`: whether `GET /metrics` answers anyone (default true) or
     /// only an admin bearer token.
     pub metrics_public: bool,
+    /// `DATABASE_MAX_CONNECTIONS`: the most Postgres connections the pool opens (default
+    /// 16, at most 1,000).
+    pub database_max_connections: u32,
     /// `REALTIME_MAX_CONNECTIONS`: WebSocket and SSE connections one process holds
     /// before it answers 503 (default 10,000; the process's open-file limit must allow
     /// it).
@@ -114,6 +120,7 @@ impl Default for Config {
             performance_monitoring_enabled: true,
             slow_query_threshold: Duration::from_millis(DEFAULT_SLOW_QUERY_THRESHOLD_MS),
             metrics_public: true,
+            database_max_connections: DEFAULT_DATABASE_MAX_CONNECTIONS,
             realtime_max_connections: DEFAULT_REALTIME_MAX_CONNECTIONS,
             realtime_max_connections_per_user: DEFAULT_REALTIME_MAX_CONNECTIONS_PER_USER,
             public_url: None,
@@ -569,6 +576,21 @@ impl Config {
             },
         };
 
+        let database_max_connections = match r.get("DATABASE_MAX_CONNECTIONS") {
+            None => defaults.database_max_connections,
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if (1..=1000).contains(&n) => n,
+                _ => {
+                    r.invalid(
+                        "DATABASE_MAX_CONNECTIONS",
+                        "a whole number from 1 to 1000",
+                        Some(v.clone()),
+                    );
+                    defaults.database_max_connections
+                }
+            },
+        };
+
         let mut count = |name: &'static str, default: usize| match r.get(name) {
             None => default,
             Some(v) => match v.trim().parse::<usize>() {
@@ -648,6 +670,7 @@ impl Config {
             performance_monitoring_enabled,
             slow_query_threshold,
             metrics_public,
+            database_max_connections,
             realtime_max_connections,
             realtime_max_connections_per_user,
             public_url,

@@ -1,10 +1,13 @@
 //! Postgres: the pool, the embedded migrations and a latency check.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
 
 use crate::config::ServiceUrl;
 
@@ -70,11 +73,131 @@ impl Default for PgPoolConfig {
     }
 }
 
+/// A [`PgPool`] that counts the tasks waiting for one of its connections.
+///
+/// sqlx's pool reports its size and idle connections, but not how many tasks are queued
+/// for a connection: the queue is private, and nothing is reported when an acquire
+/// starts. Every query of the upcoach crates therefore takes its connection through
+/// [`MeteredPool::acquire`], which counts the caller from the moment it asks until it
+/// holds a connection, fails or gives up (a dropped or timed-out acquire leaves the count
+/// too). That count includes the brief moment of taking an idle connection and sqlx's
+/// liveness check of it, so a pool with idle connections shows at most a few.
+///
+/// Clones share one count. Hand every store clones of the same `MeteredPool` so that
+/// [`waiting`](Self::waiting) covers them all; each `From<PgPool>` conversion starts a
+/// count of its own.
+///
+/// ```no_run
+/// use upcoach_core::postgres::MeteredPool;
+///
+/// # async fn demo() -> Result<(), sqlx::Error> {
+/// let pool = MeteredPool::new(sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?);
+/// let mut conn = pool.acquire().await?;
+/// sqlx::query("SELECT 1").execute(&mut *conn).await?;
+/// println!("waiting for a connection: {}", pool.waiting());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MeteredPool {
+    pool: PgPool,
+    waiting: Arc<WaitCount>,
+}
+
+#[derive(Debug, Default)]
+struct WaitCount {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// Counts one waiter for as long as it lives.
+struct Waiter<'a>(&'a WaitCount);
+
+impl WaitCount {
+    fn enter(&self) -> Waiter<'_> {
+        let now = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Waiter(self)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl MeteredPool {
+    /// Counts the waiters of `pool`, starting from zero.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            waiting: Arc::default(),
+        }
+    }
+
+    /// Takes a connection, counted in [`waiting`](Self::waiting) until it is held.
+    ///
+    /// Fails like [`PgPool::acquire`]: `PoolTimedOut` after the pool's acquire timeout,
+    /// `PoolClosed` once the pool is closed.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let _waiter = self.waiting.enter();
+        self.pool.acquire().await
+    }
+
+    /// Tasks inside [`acquire`](Self::acquire) right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.now.load(Ordering::Relaxed)
+    }
+
+    /// The most tasks that were inside [`acquire`](Self::acquire) at once since the last
+    /// call, which restarts the count from the present number. A ticker that samples
+    /// [`waiting`](Self::waiting) every few seconds misses short queues; this does not.
+    /// Give it one reader: two would split the intervals between them.
+    pub fn take_peak_waiting(&self) -> usize {
+        let now = self.waiting.now.load(Ordering::Relaxed);
+        self.waiting.peak.swap(now, Ordering::Relaxed).max(now)
+    }
+
+    /// Open connections, idle or in use.
+    pub fn size(&self) -> u32 {
+        self.pool.size()
+    }
+
+    /// Idle connections.
+    pub fn num_idle(&self) -> usize {
+        self.pool.num_idle()
+    }
+
+    /// The most connections the pool opens.
+    pub fn max_connections(&self) -> u32 {
+        self.pool.options().get_max_connections()
+    }
+
+    /// The pool itself, for what needs a [`PgPool`] (migrations, sqlx's own tooling).
+    /// Connections taken through it directly are not counted.
+    pub fn inner(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes the pool: waiters fail with `PoolClosed`, and this returns once every
+    /// connection is closed.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl From<PgPool> for MeteredPool {
+    fn from(pool: PgPool) -> Self {
+        Self::new(pool)
+    }
+}
+
 /// Connects a pool to `url` and checks that a connection can be made.
-pub async fn connect(url: &ServiceUrl, config: &PgPoolConfig) -> Result<PgPool, PgError> {
+pub async fn connect(url: &ServiceUrl, config: &PgPoolConfig) -> Result<MeteredPool, PgError> {
     let options: PgConnectOptions = url.expose().parse().map_err(PgError::Options)?;
     connect_with(options, config)
         .await
+        .map(MeteredPool::new)
         .map_err(|source| PgError::Connect {
             url: url.redacted(),
             source,
@@ -109,11 +232,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), PgError> {
     MIGRATOR.run(pool).await.map_err(PgError::Migrate)
 }
 
-/// Round-trips `SELECT 1` and returns how long it took.
-pub async fn ping(pool: &PgPool) -> Result<Duration, PgError> {
+/// Round-trips `SELECT 1` and returns how long it took, the wait for a connection
+/// included.
+pub async fn ping(pool: &MeteredPool) -> Result<Duration, PgError> {
     let start = Instant::now();
+    let mut conn = pool.acquire().await.map_err(PgError::Query)?;
     sqlx::query("SELECT 1")
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(PgError::Query)?;
     Ok(start.elapsed())

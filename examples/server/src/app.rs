@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use sqlx::PgPool;
 use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{
@@ -15,7 +14,7 @@ use upcoach_cache::{
     ResponseCacheLayer, TagVersions, TieredCache, TieredOptions,
 };
 use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
-use upcoach_core::postgres::{self, PgError, PgPoolConfig};
+use upcoach_core::postgres::{self, MeteredPool, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, Config, SystemClock};
 use upcoach_perf::slow::{SlowQueryLog, SqlTimingLayer};
@@ -113,8 +112,9 @@ fn signing_key(
 /// The backends in use, for the banner and `/health`.
 #[derive(Debug, Clone)]
 pub struct Backends {
-    /// Postgres, when `DATABASE_URL` is set.
-    pub postgres: Option<PgPool>,
+    /// Postgres, when `DATABASE_URL` is set; every store shares this one pool, so its
+    /// count of waiting tasks covers them all.
+    pub postgres: Option<MeteredPool>,
     /// Redis, when `REDIS_URL` is set.
     pub redis: Option<RedisConnection>,
 }
@@ -172,11 +172,12 @@ impl App {
         let postgres = match &config.database_url {
             Some(url) => {
                 let pool_config = PgPoolConfig {
+                    max_connections: config.database_max_connections,
                     slow_statement_threshold: config.slow_query_threshold,
                     ..PgPoolConfig::default()
                 };
                 let pool = postgres::connect(url, &pool_config).await?;
-                postgres::migrate(&pool).await?;
+                postgres::migrate(pool.inner()).await?;
                 Some(pool)
             }
             None => None,
@@ -321,6 +322,8 @@ impl App {
                         &[("state", "busy")],
                         f64::from(pool.size()) - idle,
                     );
+                    sink.set_gauge("db_pool_waiters", &[], pool.waiting() as f64);
+                    sink.set_gauge("db_pool_waiters_peak", &[], pool.take_peak_waiting() as f64);
                 }
                 if let Some(redis) = &redis {
                     let connected = redis.state() == upcoach_core::redis::RedisState::Connected;

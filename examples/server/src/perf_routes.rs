@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
-use sqlx::PgPool;
+use upcoach_core::postgres::MeteredPool;
 use upcoach_perf::slow::SlowDigest;
 
 use crate::Body;
@@ -44,7 +44,10 @@ fn wants_explain(request: &Request<Incoming>) -> bool {
 /// Only the shape of the plan is returned (node types, relations, indexes, estimated
 /// costs and rows): conditions and outputs can hold the statement's literals. Errors are
 /// reported by a fixed reason, never the database's text.
-pub(crate) async fn explain(pool: &PgPool, sql: &str) -> Result<serde_json::Value, &'static str> {
+pub(crate) async fn explain(
+    pool: &MeteredPool,
+    sql: &str,
+) -> Result<serde_json::Value, &'static str> {
     use sqlx::Connection;
     if has_statement_separator(sql) {
         return Err(

@@ -313,7 +313,7 @@ fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
     let snapshot = app.perf.snapshot();
     let pools = app.backends.postgres.as_ref().map(|pool| {
         serde_json::json!({
-            "postgres": { "size": pool.size(), "idle": pool.num_idle(), "max": pool.options().get_max_connections() }
+            "postgres": { "size": pool.size(), "idle": pool.num_idle(), "waiting": pool.waiting(), "max": pool.max_connections() }
         })
     });
     let redis = app.backends.redis.as_ref().map(|redis| {

@@ -177,7 +177,14 @@ async fn slow_queries_are_listed_explained_and_recommended() {
     let Some((server, _guard, _schema)) = timed_server(200).await else {
         return;
     };
-    let pool = server.app.backends().postgres.clone().unwrap();
+    let pool = server
+        .app
+        .backends()
+        .postgres
+        .clone()
+        .unwrap()
+        .inner()
+        .clone();
 
     sqlx::query("SELECT pg_sleep(0.25)")
         .execute(&pool)
@@ -279,13 +286,103 @@ async fn slow_queries_are_listed_explained_and_recommended() {
     server.stop().await;
 }
 
+/// Requests queued for a Postgres connection show in the snapshot while they wait, and in
+/// `/metrics` as the peak of the interval once the next sample is taken.
+#[tokio::test]
+async fn requests_waiting_for_a_database_connection_are_counted() {
+    let Some(schema) = upcoach_testing::PgSchema::create().await else {
+        return;
+    };
+    let mut config = Config::default();
+    config.database_url = Some(schema_url(&schema));
+    config.database_max_connections = 2;
+    let options = Options {
+        dev: true,
+        ..Default::default()
+    };
+    let server = Running::start(config, options).await;
+    let admin = dev_token(&server, r#"["admin"]"#).await;
+    let pool = server.app.backends().postgres.clone().unwrap();
+    let snapshot = || async {
+        get_with_token(&server, "/api/dashboard/realtime/metrics", Some(&admin))
+            .await
+            .json["pools"]["postgres"]
+            .clone()
+    };
+    let text = support::get_text(server.addr, "/metrics").await;
+    assert!(text.contains("# TYPE db_pool_waiters gauge"), "{text}");
+    assert!(text.contains("db_pool_waiters_peak "), "{text}");
+    assert_eq!(snapshot().await["waiting"], 0);
+    assert_eq!(snapshot().await["max"], 2);
+
+    // Both connections held outside the pool's count, then two requests that need one.
+    let held = [
+        pool.inner().acquire().await.unwrap(),
+        pool.inner().acquire().await.unwrap(),
+    ];
+    let requests: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = server.addr;
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                support::request_with(addr, Method::GET, "/auth/me", None, Some(&admin)).await
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    loop {
+        let waiting = snapshot().await["waiting"].as_u64().unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the snapshot showed {waiting} waiting"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(held);
+    for request in requests {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    }
+    assert_eq!(snapshot().await["waiting"], 0);
+
+    // The gauges are sampled every 5 s: the next sample reports the queue as its peak.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(12);
+    loop {
+        let text = support::get_text(server.addr, "/metrics").await;
+        let peak = text
+            .lines()
+            .find_map(|line| line.strip_prefix("db_pool_waiters_peak "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap();
+        if peak >= 2.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sample showed the queue:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    server.stop().await;
+}
+
 /// EXPLAIN of a slow write never runs it, and a plan shows no literal.
 #[tokio::test]
 async fn explaining_a_slow_write_changes_nothing_and_shows_no_literal() {
     let Some((server, _guard, _schema)) = timed_server(100).await else {
         return;
     };
-    let pool = server.app.backends().postgres.clone().unwrap();
+    let pool = server
+        .app
+        .backends()
+        .postgres
+        .clone()
+        .unwrap()
+        .inner()
+        .clone();
 
     sqlx::query("CREATE TABLE counters (name text PRIMARY KEY, n int)")
         .execute(&pool)

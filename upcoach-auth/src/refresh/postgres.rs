@@ -6,7 +6,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::types::time::{Date, OffsetDateTime, Time};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, Row};
+use upcoach_core::postgres::MeteredPool;
 use upcoach_core::{SessionId, UserId};
 use uuid::Uuid;
 
@@ -53,15 +54,16 @@ const PURGE_BATCH: i64 = 5_000;
 /// ```
 #[derive(Debug, Clone)]
 pub struct PgRefreshStore {
-    pool: PgPool,
+    pool: MeteredPool,
     policy: RefreshPolicy,
 }
 
 impl PgRefreshStore {
-    /// A store on `pool` with the default [`RefreshPolicy`].
-    pub fn new(pool: PgPool) -> Self {
+    /// A store on `pool` with the default [`RefreshPolicy`]: a [`MeteredPool`] shared
+    /// with the other stores, or a plain `PgPool`.
+    pub fn new(pool: impl Into<MeteredPool>) -> Self {
         Self {
-            pool,
+            pool: pool.into(),
             policy: RefreshPolicy::default(),
         }
     }
@@ -73,7 +75,7 @@ impl PgRefreshStore {
     }
 
     /// The pool.
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &MeteredPool {
         &self.pool
     }
 }
@@ -157,6 +159,7 @@ impl RefreshStore for PgRefreshStore {
         let now = to_micros(now);
         let token = RefreshToken::generate()?;
         let family_id = SessionId::new();
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         let (expires_at, family_expires_at) = self.policy.first_expiries(now);
         let result = sqlx::query(
             "WITH family AS ( \
@@ -173,7 +176,7 @@ impl RefreshStore for PgRefreshStore {
         .bind(timestamp(family_expires_at))
         .bind(&token.hash().as_bytes()[..])
         .bind(timestamp(expires_at))
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await;
         match result {
             Ok(_) => Ok(IssuedRefresh {
@@ -201,7 +204,8 @@ impl RefreshStore for PgRefreshStore {
         let child_hash = child.hash();
         let child_expires = timestamp(to_micros(later(now, self.policy.token_ttl)));
 
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         // Serialize with every other change of the family (rotations and revocations).
         let locked = sqlx::query(
             "SELECT f.family_id FROM refresh_tokens t \
@@ -334,7 +338,8 @@ impl RefreshStore for PgRefreshStore {
         reason: RevokeReason,
         now: SystemTime,
     ) -> Result<bool, RefreshError> {
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         let revoked =
             revoke_in(&mut tx, family.as_uuid(), reason, timestamp(to_micros(now))).await?;
         tx.commit().await.map_err(backend)?;
@@ -350,7 +355,8 @@ impl RefreshStore for PgRefreshStore {
             return Ok(None);
         }
         let hash = TokenHash::of(presented);
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         let Some(row) =
             sqlx::query("SELECT family_id, user_id FROM refresh_tokens WHERE token_hash = $1")
                 .bind(&hash.as_bytes()[..])
@@ -378,7 +384,8 @@ impl RefreshStore for PgRefreshStore {
 
     async fn revoke_user(&self, user: UserId, now: SystemTime) -> Result<u64, RefreshError> {
         let at = timestamp(to_micros(now));
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         // Locked in one order, so two of these for one user cannot deadlock.
         let families: Vec<Uuid> = sqlx::query(
             "UPDATE refresh_families SET revoked_at = $2, revoke_reason = $3 \
@@ -415,6 +422,7 @@ impl RefreshStore for PgRefreshStore {
     async fn purge_expired(&self, now: SystemTime) -> Result<Purged, RefreshError> {
         let now = to_micros(now);
         let mut purged = Purged::default();
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         // Whole families past their end, with their tokens. Rows a rotation or
         // revocation holds are skipped, never waited for; a later purge takes them.
         loop {
@@ -434,7 +442,7 @@ impl RefreshStore for PgRefreshStore {
             )
             .bind(timestamp(now))
             .bind(PURGE_BATCH)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await
             .map_err(backend)?;
             let families: i64 = get(&row, "families")?;
@@ -457,7 +465,7 @@ impl RefreshStore for PgRefreshStore {
             )
             .bind(timestamp(cutoff))
             .bind(PURGE_BATCH)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .map_err(backend)?
             .rows_affected();

@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgExecutor, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, Postgres, Row, Transaction};
+use upcoach_core::postgres::MeteredPool;
 use upcoach_core::{Role, UserId};
 use uuid::Uuid;
 
@@ -69,13 +70,15 @@ fn violates(e: &sqlx::Error, constraint: &str) -> bool {
 /// ```
 #[derive(Debug, Clone)]
 pub struct PgUserStore {
-    pool: PgPool,
+    pool: MeteredPool,
 }
 
 impl PgUserStore {
     /// A store on `pool` (migrated already).
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    ///
+    /// `pool` is a [`MeteredPool`] shared with the other stores, or a plain `PgPool`.
+    pub fn new(pool: impl Into<MeteredPool>) -> Self {
+        Self { pool: pool.into() }
     }
 
     /// A known identity's user, after refreshing the identity's stored address.
@@ -85,6 +88,7 @@ impl PgUserStore {
         email: Option<&str>,
         verified: bool,
     ) -> Result<Option<User>, UserError> {
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         let row = sqlx::query(concat!(
             "SELECT i.email AS identity_email, i.email_verified AS identity_email_verified, ",
             user_columns!(),
@@ -93,7 +97,7 @@ impl PgUserStore {
         ))
         .bind(identity.provider.as_str())
         .bind(&identity.subject)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(backend)?;
         let Some(row) = row else {
@@ -110,7 +114,7 @@ impl PgUserStore {
             .bind(&identity.subject)
             .bind(email)
             .bind(verified)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .map_err(backend)?;
         }
@@ -126,7 +130,8 @@ impl PgUserStore {
         verified: bool,
         policy: &LinkingPolicy,
     ) -> Result<Option<SignIn>, UserError> {
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         if let Some(email) = email {
             sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))")
                 .bind(ADDRESS_LOCK_CLASS)
@@ -225,7 +230,8 @@ impl PgUserStore {
     ) -> Result<Option<User>, UserError> {
         let email = email_of(identity);
         let verified = email.is_some() && identity.email_verified;
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         lock_user(&mut tx, user_id).await?;
         match identity_owner(&mut tx, identity).await? {
             Some(owner) if owner == user_id => {
@@ -375,7 +381,8 @@ impl UserStore for PgUserStore {
     }
 
     async fn get(&self, user_id: UserId) -> Result<Option<User>, UserError> {
-        load(&self.pool, user_id.as_uuid()).await
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        load(&mut *conn, user_id.as_uuid()).await
     }
 
     async fn find_by_identity(
@@ -383,6 +390,7 @@ impl UserStore for PgUserStore {
         provider: ProviderId,
         subject: &str,
     ) -> Result<Option<User>, UserError> {
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         sqlx::query(concat!(
             "SELECT ",
             user_columns!(),
@@ -391,7 +399,7 @@ impl UserStore for PgUserStore {
         ))
         .bind(provider.as_str())
         .bind(subject)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(backend)?
         .as_ref()
@@ -411,7 +419,8 @@ impl UserStore for PgUserStore {
 
     async fn unlink(&self, user_id: UserId, provider: ProviderId) -> Result<User, UserError> {
         let id = user_id.as_uuid();
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         lock_user(&mut tx, id).await?;
         let linked: Vec<String> =
             sqlx::query_scalar("SELECT provider FROM user_identities WHERE user_id = $1")
@@ -439,7 +448,8 @@ impl UserStore for PgUserStore {
     async fn set_roles(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
         let roles = dedup_roles(roles);
         let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
-        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
         let updated = sqlx::query("UPDATE users SET roles = $2, updated_at = now() WHERE id = $1")
             .bind(user_id.as_uuid())
             .bind(names)
@@ -459,13 +469,14 @@ impl UserStore for PgUserStore {
     async fn provision(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
         let roles = dedup_roles(roles);
         let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         sqlx::query("INSERT INTO users (id, roles) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
             .bind(user_id.as_uuid())
             .bind(names)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .map_err(backend)?;
-        load(&self.pool, user_id.as_uuid())
+        load(&mut *conn, user_id.as_uuid())
             .await?
             .ok_or(UserError::NotFound)
     }

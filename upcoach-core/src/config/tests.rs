@@ -70,6 +70,7 @@ fn a_full_environment_is_read() {
         ("SLOW_QUERY_THRESHOLD", "250"),
         ("UPCOACH_METRICS_PUBLIC", "no"),
         ("REALTIME_MAX_CONNECTIONS", "19000"),
+        ("DATABASE_MAX_CONNECTIONS", "40"),
         ("UPCOACH_PUBLIC_URL", "https://api.example.com"),
         (
             "AUTH_RETURN_TO_ALLOWLIST",
@@ -98,6 +99,7 @@ fn a_full_environment_is_read() {
     assert!(!c.performance_monitoring_enabled);
     assert_eq!(c.slow_query_threshold, Duration::from_millis(250));
     assert!(!c.metrics_public);
+    assert_eq!(c.database_max_connections, 40);
     assert_eq!(c.realtime_max_connections, 19_000);
     assert_eq!(c.realtime_max_connections_per_user, 4);
     assert_eq!(c.public_url.as_deref(), Some("https://api.example.com"));
@@ -156,6 +158,9 @@ fn every_invalid_value_names_its_variable() {
         ("SLOW_QUERY_THRESHOLD", "0"),
         ("SLOW_QUERY_THRESHOLD", "-5"),
         ("REALTIME_MAX_CONNECTIONS", "0"),
+        ("DATABASE_MAX_CONNECTIONS", "0"),
+        ("DATABASE_MAX_CONNECTIONS", "1001"),
+        ("DATABASE_MAX_CONNECTIONS", "many"),
         ("REALTIME_MAX_CONNECTIONS", "lots"),
         ("REALTIME_MAX_CONNECTIONS_PER_USER", "-1"),
         ("UPCOACH_PUBLIC_URL", "api.example.com"),

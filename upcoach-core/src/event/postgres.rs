@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use sqlx::{PgPool, Row};
+use sqlx::Row;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,13 +17,14 @@ use super::{
     AlertLevel, Event, EventKind, EventLog, EventLogError, EventLogStats, EventTypeCount,
     MAX_RECENT,
 };
+use crate::postgres::MeteredPool;
 
 const BACKEND: &str = "postgres";
 
 /// Options of a [`PgEventLog`]; start from [`PgEventLog::builder`].
 #[derive(Debug, Clone)]
 pub struct PgEventLogBuilder {
-    pool: PgPool,
+    pool: MeteredPool,
     queue_capacity: usize,
     max_queued_bytes: usize,
     batch_size: usize,
@@ -108,7 +109,7 @@ impl PgEventLogBuilder {
 /// ```
 #[derive(Debug, Clone)]
 pub struct PgEventLog {
-    pool: PgPool,
+    pool: MeteredPool,
     tx: mpsc::Sender<Message>,
     shared: Arc<Shared>,
     queue_capacity: usize,
@@ -138,10 +139,11 @@ struct Shared {
 
 impl PgEventLog {
     /// Options for a log writing through `pool` (which must have had
-    /// [`migrate`](crate::postgres::migrate) run on it).
-    pub fn builder(pool: PgPool) -> PgEventLogBuilder {
+    /// [`migrate`](crate::postgres::migrate) run on it): a [`MeteredPool`] shared with
+    /// the other stores, or a plain `PgPool`.
+    pub fn builder(pool: impl Into<MeteredPool>) -> PgEventLogBuilder {
         PgEventLogBuilder {
-            pool,
+            pool: pool.into(),
             queue_capacity: 100_000,
             max_queued_bytes: 64 * 1024 * 1024,
             batch_size: 500,
@@ -151,7 +153,7 @@ impl PgEventLog {
     }
 
     /// A log with the default options.
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: impl Into<MeteredPool>) -> Self {
         Self::builder(pool).build()
     }
 
@@ -253,9 +255,10 @@ impl EventLog for PgEventLog {
                  FROM system_alerts ORDER BY created_at DESC, id COLLATE \"C\" DESC LIMIT $1"
             }
         };
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         let rows = sqlx::query(sql)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(backend)?;
         rows.iter().map(|row| decode(kind, row)).collect()
@@ -265,12 +268,13 @@ impl EventLog for PgEventLog {
         &self,
         since: SystemTime,
     ) -> Result<Vec<EventTypeCount>, EventLogError> {
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         let rows = sqlx::query(
             "SELECT event_type, count(*) AS n FROM security_events WHERE created_at >= $1 \
              GROUP BY event_type ORDER BY n DESC, event_type COLLATE \"C\"",
         )
         .bind(timestamp(since))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(backend)?;
         rows.iter()
@@ -358,7 +362,7 @@ fn decode(kind: EventKind, row: &sqlx::postgres::PgRow) -> Result<Event, EventLo
 
 /// The background task that drains the queue into Postgres.
 struct Writer {
-    pool: PgPool,
+    pool: MeteredPool,
     rx: mpsc::Receiver<Message>,
     shared: Arc<Shared>,
     batch_size: usize,
@@ -507,7 +511,7 @@ fn timestamp(t: SystemTime) -> OffsetDateTime {
 
 /// Inserts `rows` with one statement per kind present (UNNEST of arrays, so the
 /// statement is the same whatever the batch size). Idempotent by id.
-async fn insert(pool: &PgPool, rows: &[&EventRow]) -> Result<(), sqlx::Error> {
+async fn insert(pool: &MeteredPool, rows: &[&EventRow]) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
 
     let mut s_id = Vec::new();
