@@ -307,13 +307,24 @@ impl Hub {
         HubStatus {
             node_id: self.inner.node_id.clone(),
             uptime_s: self.inner.started.elapsed().as_secs(),
-            connections: ConnectionCounts {
-                ws: self.inner.ws.load(Ordering::Relaxed),
-                sse: self.inner.sse.load(Ordering::Relaxed),
-            },
+            connections: self.connection_counts(),
             rooms,
-            broker: self.inner.broadcaster.state(),
+            broker: self.broker_state(),
         }
+    }
+
+    /// Open connections, without [`status`](Self::status)'s walk over the rooms: cheap
+    /// enough for a health check answered thousands of times a second.
+    pub fn connection_counts(&self) -> ConnectionCounts {
+        ConnectionCounts {
+            ws: self.inner.ws.load(Ordering::Relaxed),
+            sse: self.inner.sse.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What the broadcaster says about its broker.
+    pub fn broker_state(&self) -> BrokerState {
+        self.inner.broadcaster.state()
     }
 
     /// Counters, cheap enough to read on every metrics tick.

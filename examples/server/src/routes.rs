@@ -431,6 +431,33 @@ impl Check {
     }
 }
 
+/// The body of `GET /health`, serialized straight from these types: the route is polled
+/// by load balancers, so it builds no JSON tree.
+#[derive(Debug, Serialize)]
+struct HealthBody {
+    status: &'static str,
+    checks: HealthChecks,
+    version: &'static str,
+    uptime_s: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthChecks {
+    cache: Check,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<Check>,
+    realtime: RealtimeCheck,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<Check>,
+}
+
+#[derive(Debug, Serialize)]
+struct RealtimeCheck {
+    status: &'static str,
+    broker: upcoach_realtime::BrokerState,
+    connections: upcoach_realtime::ConnectionCounts,
+}
+
 /// `GET /health`: each configured dependency's status and latency; 503 when a required
 /// dependency is down. In-memory mode has no dependency to check.
 async fn health(app: &Arc<App>) -> Response<Body> {
@@ -452,57 +479,44 @@ async fn health(app: &Arc<App>) -> Response<Body> {
     };
     let cache =
         async { Check::from_result(tokio::time::timeout(CHECK_TIMEOUT, app.cache.health()).await) };
-    let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
-
-    let mut checks = serde_json::Map::new();
-    let mut status = "ok";
-    for (name, check) in [
-        ("postgres", postgres),
-        ("redis", redis),
-        ("cache", Some(cache)),
-    ] {
-        // The cache fails open: its L2 being unreachable slows the service, it does not
-        // stop it.
-        let check = check.map(|mut c| {
-            if name == "cache" && c.status == "down" {
-                c.status = "degraded";
-            }
-            c
-        });
-        if let Some(check) = check {
-            status = match (status, check.status) {
-                (_, "down") | ("down", _) => "down",
-                (_, "degraded") | ("degraded", _) => "degraded",
-                _ => "ok",
-            };
-            checks.insert(name.into(), serde_json::to_value(check).unwrap_or_default());
-        }
+    let (postgres, redis, mut cache) = tokio::join!(postgres, redis, cache);
+    // The cache fails open: its L2 being unreachable slows the service, it does not stop
+    // it.
+    if cache.status == "down" {
+        cache.status = "degraded";
     }
     // Realtime keeps serving what this process publishes when its broker link is down,
     // and repairs the hole when it returns: degraded, not down.
-    let realtime = app.hub.status();
-    let realtime_status = if realtime.broker.connected {
-        "ok"
-    } else {
-        "degraded"
+    let broker = app.hub.broker_state();
+    let realtime = RealtimeCheck {
+        status: if broker.connected { "ok" } else { "degraded" },
+        broker,
+        connections: app.hub.connection_counts(),
     };
-    if realtime_status == "degraded" && status == "ok" {
-        status = "degraded";
-    }
-    checks.insert(
-        "realtime".into(),
-        serde_json::json!({
-            "status": realtime_status,
-            "broker": realtime.broker,
-            "connections": realtime.connections,
-        }),
-    );
-    let body = serde_json::json!({
-        "status": status,
-        "checks": checks,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": app.started.elapsed().as_secs(),
+    let status = [
+        postgres.as_ref().map(|c| c.status),
+        redis.as_ref().map(|c| c.status),
+        Some(cache.status),
+        Some(realtime.status),
+    ]
+    .into_iter()
+    .flatten()
+    .fold("ok", |worst, status| match (worst, status) {
+        (_, "down") | ("down", _) => "down",
+        (_, "degraded") | ("degraded", _) => "degraded",
+        _ => "ok",
     });
+    let body = HealthBody {
+        status,
+        checks: HealthChecks {
+            cache,
+            postgres,
+            realtime,
+            redis,
+        },
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: app.started.elapsed().as_secs(),
+    };
     let code = if status == "down" {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
