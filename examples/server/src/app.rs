@@ -39,7 +39,13 @@ pub struct Options {
     pub sinks: Option<PerfSinks>,
     /// Alert rules in place of [`AlertRule::defaults`] (the reference thresholds).
     pub alert_rules: Option<Vec<AlertRule>>,
+    /// How often expired refresh-token families and tokens are deleted (default 10
+    /// minutes; the first round runs one interval after start).
+    pub refresh_purge_every: Option<Duration>,
 }
+
+/// The default of [`Options::refresh_purge_every`].
+pub(crate) const REFRESH_PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// The parts of performance monitoring that must exist before logging starts, because
 /// SQL timing comes through the `tracing` subscriber.
@@ -444,7 +450,58 @@ impl App {
         app.banner();
         let app = Arc::new(app);
         app.spawn_publishers(alerts);
+        app.spawn_refresh_purge();
         Ok(app)
+    }
+
+    /// Deletes expired refresh families and tokens every
+    /// [`Options::refresh_purge_every`], so the store holds what can still be used (and,
+    /// within its grace, what reuse detection needs) rather than growing for ever. A
+    /// round that fails is logged and the next one tries again. Counted in
+    /// `refresh_purged_total{what=families|tokens}`.
+    fn spawn_refresh_purge(self: &Arc<Self>) {
+        let every = self
+            .options
+            .refresh_purge_every
+            .unwrap_or(REFRESH_PURGE_EVERY);
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(app) = weak.upgrade() else { return };
+                match app.auth.refresh.purge_expired(app.clock.now()).await {
+                    Ok(purged) => {
+                        let sink: &dyn MetricsSink = &**app.perf.metrics();
+                        sink.increment_counter(
+                            "refresh_purged_total",
+                            &[("what", "families")],
+                            purged.families,
+                        );
+                        sink.increment_counter(
+                            "refresh_purged_total",
+                            &[("what", "tokens")],
+                            purged.tokens,
+                        );
+                        if purged.families + purged.tokens > 0 {
+                            tracing::info!(
+                                families = purged.families,
+                                tokens = purged.tokens,
+                                "expired refresh tokens deleted"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deleting expired refresh tokens failed; trying again next round")
+                    }
+                }
+            }
+        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
     }
 
     /// Publishes the perf snapshot to `metrics` every 5 s and each alert transition to
