@@ -52,7 +52,8 @@ pub(crate) trait Apply: Send + Sync + 'static {
 pub(crate) struct Coherence {
     origin: String,
     outbox: mpsc::Sender<String>,
-    dropped: std::sync::atomic::AtomicU64,
+    /// Notices that never reached the channel: the outbox was full, or PUBLISH failed.
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Notices waiting to be published; past this they are dropped (the L1 maximum age
@@ -70,8 +71,10 @@ impl Coherence {
     ) -> Arc<Self> {
         let origin = uuid::Uuid::new_v4().simple().to_string();
         let (outbox, mut rx) = mpsc::channel::<String>(OUTBOX);
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         {
             let channel = channel.clone();
+            let dropped = dropped.clone();
             let mut conn = publisher;
             tokio::spawn(async move {
                 while let Some(message) = rx.recv().await {
@@ -81,6 +84,7 @@ impl Coherence {
                         .query_async(&mut conn)
                         .await;
                     if let Err(e) = sent {
+                        dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!(error = %e, "cache invalidation notice not published");
                     }
                 }
@@ -132,8 +136,13 @@ impl Coherence {
         Arc::new(Self {
             origin,
             outbox,
-            dropped: std::sync::atomic::AtomicU64::new(0),
+            dropped,
         })
+    }
+
+    /// Notices that never reached the other processes.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tells the other processes, without waiting.

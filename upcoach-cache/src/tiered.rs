@@ -241,6 +241,10 @@ pub struct CacheStats {
     /// Entries L1 pushed out to make room (L2's own evictions are Redis's business:
     /// `INFO stats` `evicted_keys`).
     pub l1_evictions: u64,
+    /// Invalidation notices that never reached the other processes (the outbox of
+    /// 4,096 was full, or `PUBLISH` failed); their L1 copies live out their maximum
+    /// age. 0 without [`enable_coherence`](TieredCache::enable_coherence).
+    pub coherence_dropped: u64,
 }
 
 /// An L1 (in process, quick_cache) in front of an L2 [`CacheStore`] (Redis, usually),
@@ -421,7 +425,16 @@ impl TieredCache {
             bytes_saved: load(&c.bytes_saved),
             l1_entries: self.l1.len() as u64,
             l1_evictions: self.l1_evictions.0.load(Ordering::Relaxed),
+            coherence_dropped: self.coherence_dropped(),
         }
+    }
+
+    fn coherence_dropped(&self) -> u64 {
+        #[cfg(feature = "redis")]
+        if let Some(coherence) = self.coherence.get() {
+            return coherence.dropped();
+        }
+        0
     }
 
     /// Round-trips L2 with a read and returns how long it took.

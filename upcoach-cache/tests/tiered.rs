@@ -523,3 +523,54 @@ async fn l1_evictions_are_counted() {
     // What L1 gave up is still in L2.
     assert!(cache.get("k0").await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_that_cannot_be_published_are_counted() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let name = prefix.prefix().trim_end_matches(':');
+    let direct = redis::Client::open(prefix.url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(direct.clone())
+        .await
+        .unwrap();
+    // Only the publisher goes through the proxy, so the cache itself keeps working.
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let via = redis::Client::open(upcoach_testing::url_via(prefix.url(), proxy.addr())).unwrap();
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_response_timeout(Some(Duration::from_millis(200)))
+        .set_number_of_retries(1);
+    let publisher = redis::aio::ConnectionManager::new_with_config(via, config)
+        .await
+        .unwrap();
+    let cache = TieredCache::new(
+        Arc::new(RedisStore::new(conn.clone(), name)),
+        Arc::new(RedisTagVersions::new(conn, name)),
+        TieredOptions::default(),
+    );
+    cache.enable_coherence(direct, publisher, format!("{name}:invalidate"));
+
+    cache.set("k", Bytes::from_static(b"1"), TTL).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cache.stats().coherence_dropped, 0, "published");
+
+    proxy.cut();
+    for i in 0..3u8 {
+        cache.set("k", Bytes::from(vec![i]), TTL).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().coherence_dropped < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed notices are counted: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cache.get("k").await.unwrap().as_deref(),
+        Some(&[2u8][..]),
+        "the cache itself carries on"
+    );
+}

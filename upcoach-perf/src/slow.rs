@@ -267,6 +267,17 @@ impl SlowQueryLog {
         self.evicted.load(Ordering::Relaxed)
     }
 
+    /// Slow statements whose entry never reached the Redis list: its queue (1,024
+    /// entries) was full, or Redis refused or missed the write. 0 without Redis. The
+    /// in-memory digests are kept either way.
+    pub fn redis_skipped(&self) -> u64 {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = self.redis.get() {
+            return redis.skipped();
+        }
+        0
+    }
+
     /// Records one statement; only those at or above the threshold are kept.
     pub fn observe(&self, sql: &str, elapsed: Duration) {
         if elapsed < self.threshold {

@@ -1,6 +1,7 @@
 //! The Redis copy of the slow-query list: `LPUSH` + `LTRIM` from a background task fed
 //! by a bounded queue, so a `tracing` callback never waits on the network.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +13,8 @@ const QUEUE: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct RedisSlowList {
     tx: mpsc::Sender<String>,
-    dropped: AtomicU64,
+    /// Entries that never reached Redis: the queue was full, or the write failed.
+    skipped: Arc<AtomicU64>,
 }
 
 impl RedisSlowList {
@@ -24,6 +26,8 @@ impl RedisSlowList {
     ) -> Self {
         let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
         let keep = max_len.max(1) as isize - 1;
+        let skipped = Arc::new(AtomicU64::new(0));
+        let task_skipped = skipped.clone();
         tokio::spawn(async move {
             let mut failing = false;
             while let Some(entry) = rx.recv().await {
@@ -39,6 +43,9 @@ impl RedisSlowList {
                     .ignore()
                     .query_async(&mut redis)
                     .await;
+                if result.is_err() {
+                    task_skipped.fetch_add(1, Ordering::Relaxed);
+                }
                 match result {
                     Err(e) if !failing => {
                         failing = true;
@@ -52,10 +59,12 @@ impl RedisSlowList {
                 }
             }
         });
-        Self {
-            tx,
-            dropped: AtomicU64::new(0),
-        }
+        Self { tx, skipped }
+    }
+
+    /// Entries that never reached Redis.
+    pub(crate) fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     pub(crate) fn push(&self, digest: &str, elapsed: Duration, at: SystemTime) {
@@ -65,7 +74,7 @@ impl RedisSlowList {
             "at_ms": at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         });
         if self.tx.try_send(entry.to_string()).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.skipped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -138,3 +138,38 @@ async fn the_redis_list_is_trimmed() {
     }
     assert_eq!(len, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_that_miss_redis_are_counted_and_the_digests_kept() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let proxy =
+        upcoach_testing::FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let client = redis::Client::open(upcoach_testing::url_via(prefix.url(), proxy.addr())).unwrap();
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_response_timeout(Some(Duration::from_millis(200)))
+        .set_number_of_retries(1);
+    let manager = redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .unwrap();
+    let slow =
+        SlowQueryLog::new(Duration::ZERO, 10).with_redis(manager, prefix.key("slow_queries"), 5);
+    slow.observe("SELECT 1", Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(slow.redis_skipped(), 0, "written");
+
+    proxy.cut();
+    // More than the queue holds: some wait for a dead Redis, the rest find it full.
+    for i in 0..2_000 {
+        slow.observe(&format!("SELECT {i} FROM t"), Duration::from_millis(1));
+    }
+    assert!(
+        slow.redis_skipped() >= 2_000 - 1_024 - 1,
+        "{}",
+        slow.redis_skipped()
+    );
+    assert_eq!(slow.digests().len(), 2, "the digests themselves are kept");
+    assert_eq!(SlowQueryLog::new(Duration::ZERO, 10).redis_skipped(), 0);
+}

@@ -305,6 +305,7 @@ impl App {
             let redis = redis.clone();
             let cache = cache.clone();
             let hub = hub.clone();
+            let slow_queries = sinks.slow_queries.clone();
             move || {
                 let sink: &dyn MetricsSink = &*metrics;
                 let mut values = std::collections::HashMap::new();
@@ -315,6 +316,16 @@ impl App {
                 sink.set_gauge("cache_misses", &[], stats.misses as f64);
                 sink.set_gauge("cache_l2_errors", &[], stats.l2_errors as f64);
                 sink.set_gauge("cache_l1_entries", &[], stats.l1_entries as f64);
+                sink.set_gauge(
+                    "cache_coherence_dropped",
+                    &[],
+                    stats.coherence_dropped as f64,
+                );
+                sink.set_gauge(
+                    "slow_queries_redis_skipped",
+                    &[],
+                    slow_queries.redis_skipped() as f64,
+                );
                 if stats.l1_hits + stats.l2_hits + stats.misses
                     >= upcoach_perf::MIN_REQUESTS_FOR_ERROR_RATE
                 {

@@ -43,6 +43,12 @@ async fn metrics_counts_requests_by_route_template() {
         text.contains("process_resident_memory_bytes "),
         "process gauges are exported:\n{text}"
     );
+    for lost in ["cache_coherence_dropped 0", "slow_queries_redis_skipped 0"] {
+        assert!(
+            text.lines().any(|line| line.starts_with(lost)),
+            "{lost} in:\n{text}"
+        );
+    }
     assert!(
         !text.contains("/no/such/page"),
         "raw paths never become labels"
