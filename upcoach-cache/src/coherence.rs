@@ -68,6 +68,7 @@ impl Coherence {
         publisher: redis::aio::ConnectionManager,
         channel: String,
         target: Weak<dyn Apply>,
+        ping_every: Duration,
     ) -> Arc<Self> {
         let origin = uuid::Uuid::new_v4().simple().to_string();
         let (outbox, mut rx) = mpsc::channel::<String>(OUTBOX);
@@ -90,49 +91,13 @@ impl Coherence {
                 }
             });
         }
-        {
-            let origin = origin.clone();
-            tokio::spawn(async move {
-                let mut backoff = Duration::from_millis(100);
-                // Ends when the cache it serves is gone.
-                while target.strong_count() > 0 {
-                    match client.get_async_pubsub().await {
-                        Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                            Ok(()) => {
-                                backoff = Duration::from_millis(100);
-                                let Some(live) = target.upgrade() else { return };
-                                live.resynced();
-                                drop(live);
-                                let mut messages = pubsub.on_message();
-                                while let Some(message) = messages.next().await {
-                                    let Ok(text) = std::str::from_utf8(message.get_payload_bytes())
-                                    else {
-                                        continue;
-                                    };
-                                    let Some(live) = target.upgrade() else { return };
-                                    if let Some((from, notice)) = Notice::decode(text)
-                                        && from != origin
-                                    {
-                                        live.apply(notice);
-                                    }
-                                }
-                                tracing::warn!(
-                                    "cache invalidation subscription lost; resubscribing"
-                                );
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cache invalidation subscribe failed")
-                            }
-                        },
-                        Err(e) => {
-                            tracing::debug!(error = %e, "cache invalidation connection failed")
-                        }
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            });
-        }
+        tokio::spawn(subscribe(
+            client,
+            channel,
+            target,
+            origin.clone(),
+            ping_every,
+        ));
         Arc::new(Self {
             origin,
             outbox,
@@ -151,6 +116,85 @@ impl Coherence {
             self.dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+}
+
+/// How long a liveness ping may go unanswered.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Applies the other processes' notices to `target` until it is gone: subscribes,
+/// empties L1 on every (re)subscription, pings every `ping_every` so that a connection
+/// that went silent without closing is replaced, and reconnects with backoff.
+async fn subscribe(
+    client: redis::Client,
+    channel: String,
+    target: Weak<dyn Apply>,
+    origin: String,
+    ping_every: Duration,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while target.strong_count() > 0 {
+        let session = async {
+            let pubsub = tokio::time::timeout(PING_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let (mut sink, stream) = pubsub.split();
+            tokio::time::timeout(PING_TIMEOUT, sink.subscribe(&channel))
+                .await
+                .map_err(|_| "subscribe timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((sink, stream))
+        }
+        .await;
+        let (mut sink, mut stream) = match session {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::debug!(error = %e, "cache invalidation subscribe failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let Some(live) = target.upgrade() else { return };
+        live.resynced();
+        drop(live);
+
+        let mut ping = tokio::time::interval(ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let why = loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else { break "the connection closed" };
+                    let Ok(text) = std::str::from_utf8(message.get_payload_bytes()) else {
+                        continue;
+                    };
+                    let Some(live) = target.upgrade() else { return };
+                    if let Some((from, notice)) = Notice::decode(text)
+                        && from != origin
+                    {
+                        live.apply(notice);
+                    }
+                }
+                _ = ping.tick() => {
+                    if target.strong_count() == 0 {
+                        return;
+                    }
+                    // Any reply will do: a subscribed RESP2 connection answers
+                    // `["pong", ""]`, not `PONG`.
+                    let alive = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        break "a ping went unanswered";
+                    }
+                }
+            }
+        };
+        tracing::warn!(
+            reason = why,
+            "cache invalidation subscription lost; resubscribing"
+        );
     }
 }
 

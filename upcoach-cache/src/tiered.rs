@@ -35,6 +35,10 @@ pub struct TieredOptions {
     /// How long one L2 call may take before the cache carries on without it
     /// (default 250 ms): a read becomes a miss, a write is skipped; both are counted.
     pub l2_timeout: Duration,
+    /// How often the coherence subscriber pings Redis (default 5 s), so that a
+    /// connection that went silent without closing is noticed, replaced, and L1
+    /// emptied; a ping unanswered within 2 s counts as dead.
+    pub coherence_ping_interval: Duration,
 }
 
 impl Default for TieredOptions {
@@ -45,6 +49,7 @@ impl Default for TieredOptions {
             compress_threshold: 1024,
             refresh_ahead: 0.1,
             l2_timeout: Duration::from_millis(250),
+            coherence_ping_interval: Duration::from_secs(5),
         }
     }
 }
@@ -381,9 +386,15 @@ impl TieredCache {
         let target: Arc<dyn crate::coherence::Apply> = self.l1.clone();
         let target = Arc::downgrade(&target);
         let channel = channel.into();
-        let _ = self
-            .coherence
-            .get_or_init(|| crate::coherence::Coherence::start(client, publisher, channel, target));
+        let _ = self.coherence.get_or_init(|| {
+            crate::coherence::Coherence::start(
+                client,
+                publisher,
+                channel,
+                target,
+                self.options.coherence_ping_interval,
+            )
+        });
     }
 
     fn notify(&self, notice: NoticeOf<'_>) {

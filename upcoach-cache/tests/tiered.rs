@@ -574,3 +574,51 @@ async fn notices_that_cannot_be_published_are_counted() {
         "the cache itself carries on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_goes_silent_is_replaced_and_l1_emptied() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let options = TieredOptions {
+        l1_max_age: Duration::from_secs(600),
+        coherence_ping_interval: Duration::from_millis(200),
+        ..TieredOptions::default()
+    };
+    let a = coherent(&prefix, options.clone()).await;
+    // B listens through the proxy; everything else of B goes straight to Redis.
+    let name = prefix.prefix().trim_end_matches(':');
+    let direct = redis::Client::open(prefix.url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(direct).await.unwrap();
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let via = redis::Client::open(upcoach_testing::url_via(prefix.url(), proxy.addr())).unwrap();
+    let b = TieredCache::new(
+        Arc::new(RedisStore::new(conn.clone(), name)),
+        Arc::new(RedisTagVersions::new(conn.clone(), name)),
+        options,
+    );
+    b.enable_coherence(via, conn, format!("{name}:invalidate"));
+    tokio::time::sleep(Duration::from_millis(300)).await; // both subscribed
+
+    a.set("k", Bytes::from_static(b"v1"), TTL).await.unwrap();
+    eventually("B holds v1 in L1", async || {
+        assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+        b.stats().l1_hits >= 1
+    })
+    .await;
+    assert_eq!(proxy.forwarded(), 1);
+
+    // B's subscription goes silent without closing: A's next notice cannot reach it,
+    // and only B's ping can tell.
+    proxy.stall();
+    a.set("k", Bytes::from_static(b"v2"), TTL).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.get("k").await.unwrap().as_deref() != Some(&b"v2"[..]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B still serves v1 from L1 after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy.forwarded() >= 2, "B subscribed again");
+}

@@ -13,6 +13,9 @@ use tokio::task::JoinHandle;
 /// - [`cut`](Self::cut): every open connection is closed at once and new ones are
 ///   accepted and closed straight away, as when the service's host goes down.
 /// - [`restore`](Self::restore): new connections are forwarded again.
+/// - [`stall`](Self::stall): every open connection goes silent but stays open, as when
+///   the service's host vanishes without closing anything (a half-open connection); new
+///   connections are forwarded as usual. Only a liveness check notices this one.
 ///
 /// The real service is never touched. The proxy stops when dropped.
 ///
@@ -41,6 +44,8 @@ struct State {
     cut: AtomicBool,
     /// Bumped on every cut; each link closes when it changes.
     generation: watch::Sender<u64>,
+    /// Bumped on every stall; each open link stops forwarding when it changes.
+    stalls: watch::Sender<u64>,
     accepted: AtomicU64,
     refused: AtomicU64,
 }
@@ -53,9 +58,11 @@ impl FaultProxy {
             .expect("bind the proxy on loopback");
         let addr = listener.local_addr().expect("proxy address");
         let (generation, _) = watch::channel(0);
+        let (stalls, _) = watch::channel(0);
         let state = Arc::new(State {
             cut: AtomicBool::new(false),
             generation,
+            stalls,
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         });
@@ -82,6 +89,12 @@ impl FaultProxy {
     pub fn cut(&self) {
         self.state.cut.store(true, Ordering::SeqCst);
         self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Silences every open link: nothing more crosses it either way, yet both sockets
+    /// stay open (until [`cut`](Self::cut) or drop). New connections are forwarded.
+    pub fn stall(&self) {
+        self.state.stalls.send_modify(|g| *g += 1);
     }
 
     /// Forwards new connections again.
@@ -123,6 +136,8 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<Sta
         // this link.
         let mut generation = state.generation.subscribe();
         generation.mark_unchanged();
+        let mut stalls = state.stalls.subscribe();
+        stalls.mark_unchanged();
         if state.cut.load(Ordering::SeqCst) {
             state.refused.fetch_add(1, Ordering::Relaxed);
             drop(client);
@@ -139,6 +154,10 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<Sta
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                 _ = generation.changed() => {}
+                _ = stalls.changed() => {
+                    // Half-open: hold both sockets, move nothing, until a cut or drop.
+                    let _ = generation.changed().await;
+                }
             }
             // Both sockets close here: the client sees its connection drop.
         });

@@ -1,4 +1,4 @@
-//! The fault proxy against a local echo server: forwards, cuts, refuses, restores.
+//! The fault proxy against a local echo server: forwards, cuts, refuses, restores, stalls.
 
 use std::time::Duration;
 
@@ -66,6 +66,32 @@ async fn forwards_cuts_refuses_and_restores() {
     let mut after = TcpStream::connect(proxy.addr()).await.unwrap();
     assert_eq!(round_trip(&mut after, b"again").await.unwrap(), b"again");
     assert_eq!(proxy.forwarded(), 2);
+}
+
+#[tokio::test]
+async fn a_stall_silences_open_links_without_closing_them() {
+    let proxy = FaultProxy::start(echo_server().await).await;
+    let mut stalled = TcpStream::connect(proxy.addr()).await.unwrap();
+    assert_eq!(round_trip(&mut stalled, b"hello").await.unwrap(), b"hello");
+
+    proxy.stall();
+    stalled.write_all(b"lost").await.unwrap();
+    let mut buf = [0u8; 4];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stalled.read(&mut buf))
+            .await
+            .is_err(),
+        "no answer and no close: the read just waits"
+    );
+
+    let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+    assert_eq!(round_trip(&mut fresh, b"new").await.unwrap(), b"new");
+
+    proxy.cut();
+    assert!(
+        is_closed(&mut stalled).await,
+        "a cut closes a stalled link too"
+    );
 }
 
 #[test]
