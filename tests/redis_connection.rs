@@ -1,4 +1,5 @@
-//! The self-reconnecting Redis connection through a cut and a restore.
+//! The self-reconnecting Redis connection through a cut and a restore, and through a
+//! link that goes silent without closing.
 
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ async fn reconnects_by_itself_and_reports_its_state() {
     redis.ping().await.unwrap();
 
     let key = prefix.key("greeting");
-    let mut conn = redis.manager();
+    let mut conn = redis.clone();
     let _: () = redis::cmd("SET")
         .arg(&key)
         .arg("hi")
@@ -60,6 +61,61 @@ async fn reconnects_by_itself_and_reports_its_state() {
         "the same handle works again after the reconnect"
     );
     assert!(proxy.forwarded() >= 2, "a new connection was made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_goes_silent_is_replaced() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let url = ServiceUrl::parse(
+        &upcoach_testing::url_via(prefix.url(), proxy.addr()),
+        &["redis"],
+    )
+    .unwrap();
+    let options = RedisOptions {
+        connection_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(300),
+        reconnect_retries: 1,
+    };
+    let redis = RedisConnection::connect(&url, options).await.unwrap();
+    let key = prefix.key("counter");
+    let mut conn = redis.clone();
+    let incr = async |conn: &mut RedisConnection| -> redis::RedisResult<u64> {
+        redis::cmd("INCR").arg(&key).query_async(conn).await
+    };
+    assert_eq!(incr(&mut conn).await.unwrap(), 1);
+
+    // The link stays open but nothing comes back: the manager alone would time out
+    // on it for ever, since a timeout is not a closed connection.
+    proxy.stall();
+    let mut timeouts = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let value = loop {
+        match incr(&mut conn).await {
+            Ok(value) => break value,
+            Err(e) => {
+                assert!(e.is_timeout(), "{e}");
+                timeouts += 1;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still failing after {timeouts} timeouts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        timeouts >= upcoach_core::redis::STALL_TIMEOUTS,
+        "{timeouts} timeouts"
+    );
+    assert!(
+        (2..=3).contains(&value),
+        "every INCR ran at most once more: {value}"
+    );
+    assert_eq!(redis.replacements(), 1);
+    assert_eq!(proxy.forwarded(), 2, "one new link");
 }
 
 #[tokio::test]

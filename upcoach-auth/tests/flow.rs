@@ -13,7 +13,10 @@ const TTL: Duration = Duration::from_secs(60);
 
 async fn redis_store(prefix: &RedisPrefix) -> RedisFlowStore {
     let client = redis::Client::open(prefix.url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let conn =
+        upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
+            .await
+            .unwrap();
     RedisFlowStore::new(conn).with_prefix(prefix.prefix())
 }
 
@@ -179,14 +182,18 @@ async fn redis_outage_is_a_retryable_error_and_passes() {
     };
     let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let url = upcoach_testing::url_via(prefix.url(), proxy.addr());
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(200)))
-        .set_number_of_retries(1);
-    let conn =
-        redis::aio::ConnectionManager::new_with_config(redis::Client::open(url).unwrap(), config)
-            .await
-            .unwrap();
+    let config = upcoach_core::redis::RedisOptions {
+        connection_timeout: Duration::from_millis(200),
+        response_timeout: Duration::from_millis(200),
+        reconnect_retries: 1,
+    };
+    let conn = upcoach_core::redis::RedisConnection::from_client(
+        redis::Client::open(url).unwrap(),
+        config,
+        "test",
+    )
+    .await
+    .unwrap();
     let store = RedisFlowStore::new(conn).with_prefix(prefix.prefix());
     store.put("before", b"v", TTL).await.unwrap();
 

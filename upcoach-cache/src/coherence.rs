@@ -65,7 +65,7 @@ impl Coherence {
     /// current Tokio runtime.
     pub(crate) fn start(
         client: redis::Client,
-        publisher: redis::aio::ConnectionManager,
+        publisher: upcoach_core::redis::RedisConnection,
         channel: String,
         target: Weak<dyn Apply>,
         ping_every: Duration,

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::{Cmd, RedisWrite, ToRedisArgs};
+use upcoach_core::redis::RedisConnection;
 
 use crate::{CacheStore, Error, Result, canonical_key, check_ttl};
 
@@ -24,22 +24,27 @@ fn backend(e: redis::RedisError) -> Error {
 /// millisecond TTL (`SET .. PX`), batches in one round trip (`MGET`, a pipeline of
 /// `SET`s).
 ///
-/// It shares one multiplexed, self-reconnecting connection ([`ConnectionManager`]);
-/// clones of the store share it too, with no lock around it.
+/// It shares one multiplexed, self-reconnecting connection ([`RedisConnection`], which
+/// times commands out and replaces a link gone silent); clones of the store share it
+/// too, with no lock around it.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
 /// use upcoach_cache::{CacheStore, RedisStore};
 ///
-/// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-/// let store = RedisStore::new(redis::aio::ConnectionManager::new(client).await?, "upcoach");
+/// use upcoach_core::config::ServiceUrl;
+/// use upcoach_core::redis::{RedisConnection, RedisOptions};
+///
+/// let url = ServiceUrl::parse("redis://127.0.0.1:6379", &["redis"])?;
+/// let redis = RedisConnection::connect(&url, RedisOptions::default()).await?;
+/// let store = RedisStore::new(redis, "upcoach");
 /// store.set("greeting", "hi".into(), Duration::from_secs(60)).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
 }
 
@@ -53,7 +58,7 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// A store using `conn`, with keys under `prefix` (`CACHE_PREFIX`).
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn new(conn: RedisConnection, prefix: impl Into<String>) -> Self {
         Self {
             conn,
             prefix: prefix.into(),

@@ -55,7 +55,7 @@ impl TagVersions for MemoryTagVersions {
 #[cfg(feature = "redis")]
 #[derive(Clone)]
 pub struct RedisTagVersions {
-    conn: redis::aio::ConnectionManager,
+    conn: upcoach_core::redis::RedisConnection,
     prefix: String,
 }
 
@@ -71,7 +71,7 @@ impl fmt::Debug for RedisTagVersions {
 #[cfg(feature = "redis")]
 impl RedisTagVersions {
     /// Tag counters under `prefix` on `conn`.
-    pub fn new(conn: redis::aio::ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn new(conn: upcoach_core::redis::RedisConnection, prefix: impl Into<String>) -> Self {
         Self {
             conn,
             prefix: prefix.into(),

@@ -380,7 +380,7 @@ impl TieredCache {
     pub fn enable_coherence(
         &self,
         client: redis::Client,
-        publisher: redis::aio::ConnectionManager,
+        publisher: upcoach_core::redis::RedisConnection,
         channel: impl Into<String>,
     ) {
         let target: Arc<dyn crate::coherence::Apply> = self.l1.clone();

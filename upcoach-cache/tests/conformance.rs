@@ -22,7 +22,10 @@ async fn redis_store_conforms() {
         return;
     };
     let client = redis::Client::open(prefix.url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let conn =
+        upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
+            .await
+            .unwrap();
     let store = RedisStore::new(conn, prefix.prefix().trim_end_matches(':'));
     cache_store_conformance(&store, &Sleep).await;
 }

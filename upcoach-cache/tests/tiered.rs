@@ -31,7 +31,10 @@ fn in_memory() -> (TieredCache, Arc<ManualClock>) {
 
 async fn on_redis(url: &str, prefix: &str, options: TieredOptions) -> TieredCache {
     let client = redis::Client::open(url).unwrap();
-    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let conn =
+        upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
+            .await
+            .unwrap();
     TieredCache::new(
         Arc::new(RedisStore::new(conn.clone(), prefix)),
         Arc::new(RedisTagVersions::new(conn, prefix)),
@@ -253,11 +256,12 @@ async fn with_redis_cut_the_cache_fails_open_and_recovers() {
     let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let url = upcoach_testing::url_via(prefix.url(), proxy.addr());
     let client = redis::Client::open(url.as_str()).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(200)))
-        .set_number_of_retries(1);
-    let conn = redis::aio::ConnectionManager::new_with_config(client, config)
+    let config = upcoach_core::redis::RedisOptions {
+        connection_timeout: Duration::from_millis(200),
+        response_timeout: Duration::from_millis(200),
+        reconnect_retries: 1,
+    };
+    let conn = upcoach_core::redis::RedisConnection::from_client(client, config, "test")
         .await
         .unwrap();
     let name = prefix.prefix().trim_end_matches(':');
@@ -340,9 +344,13 @@ async fn with_redis_cut_the_cache_fails_open_and_recovers() {
 async fn coherent(prefix: &RedisPrefix, options: TieredOptions) -> TieredCache {
     let name = prefix.prefix().trim_end_matches(':');
     let client = redis::Client::open(prefix.url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new(client.clone())
-        .await
-        .unwrap();
+    let conn = upcoach_core::redis::RedisConnection::from_client(
+        client.clone(),
+        Default::default(),
+        "test",
+    )
+    .await
+    .unwrap();
     let cache = TieredCache::new(
         Arc::new(RedisStore::new(conn.clone(), name)),
         Arc::new(RedisTagVersions::new(conn.clone(), name)),
@@ -531,17 +539,22 @@ async fn notices_that_cannot_be_published_are_counted() {
     };
     let name = prefix.prefix().trim_end_matches(':');
     let direct = redis::Client::open(prefix.url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new(direct.clone())
-        .await
-        .unwrap();
+    let conn = upcoach_core::redis::RedisConnection::from_client(
+        direct.clone(),
+        Default::default(),
+        "test",
+    )
+    .await
+    .unwrap();
     // Only the publisher goes through the proxy, so the cache itself keeps working.
     let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let via = redis::Client::open(upcoach_testing::url_via(prefix.url(), proxy.addr())).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(200)))
-        .set_number_of_retries(1);
-    let publisher = redis::aio::ConnectionManager::new_with_config(via, config)
+    let config = upcoach_core::redis::RedisOptions {
+        connection_timeout: Duration::from_millis(200),
+        response_timeout: Duration::from_millis(200),
+        reconnect_retries: 1,
+    };
+    let publisher = upcoach_core::redis::RedisConnection::from_client(via, config, "test")
         .await
         .unwrap();
     let cache = TieredCache::new(
@@ -589,7 +602,10 @@ async fn a_subscription_that_goes_silent_is_replaced_and_l1_emptied() {
     // B listens through the proxy; everything else of B goes straight to Redis.
     let name = prefix.prefix().trim_end_matches(':');
     let direct = redis::Client::open(prefix.url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new(direct).await.unwrap();
+    let conn =
+        upcoach_core::redis::RedisConnection::from_client(direct, Default::default(), "test")
+            .await
+            .unwrap();
     let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let via = redis::Client::open(upcoach_testing::url_via(prefix.url(), proxy.addr())).unwrap();
     let b = TieredCache::new(

@@ -1,11 +1,12 @@
-//! [`RedisConnection`]: one multiplexed Redis connection that reconnects by itself and
-//! reports its state.
+//! [`RedisConnection`]: one multiplexed Redis connection that reconnects by itself,
+//! replaces a link that went silent, and reports its state.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::ServiceUrl;
 
@@ -80,11 +81,21 @@ pub enum RedisConnectError {
 }
 
 /// A self-reconnecting, multiplexed Redis connection (the `redis` crate's
-/// [`ConnectionManager`]) that remembers whether it last worked.
+/// [`ConnectionManager`]) that replaces a link gone silent and remembers whether it last
+/// worked.
 ///
-/// Clone the [`manager`](Self::manager) into each component: clones share one TCP
-/// connection with no lock around it. Call [`spawn_monitor`](Self::spawn_monitor) so
-/// the state stays current (and a dead connection is replaced) even when idle.
+/// - **Commands**: it implements [`ConnectionLike`], so `query_async(&mut conn)`, pipelines
+///   and scripts run on it directly. Clones share one TCP connection with no lock around
+///   it; clone it into each component.
+/// - **Closed links** (reset, refused, EOF) are reconnected by the manager on the next
+///   command.
+/// - **Silent links** (the socket stays open but nothing comes back: a half-open
+///   connection, a stuck proxy, a paused server) time commands out without ever closing,
+///   and the manager would keep using them. After [`STALL_TIMEOUTS`] commands in a row
+///   time out, a fresh manager is connected in the background and takes over (counted in
+///   [`replacements`](Self::replacements)); commands keep failing fast meanwhile.
+/// - **State**: call [`spawn_monitor`](Self::spawn_monitor) so the state stays current, and
+///   a dead or silent link is replaced, even while idle.
 ///
 /// ```no_run
 /// use upcoach_core::config::ServiceUrl;
@@ -95,21 +106,30 @@ pub enum RedisConnectError {
 /// let redis = RedisConnection::connect(&url, RedisOptions::default()).await?;
 /// let latency = redis.ping().await?;
 /// assert_eq!(redis.state(), RedisState::Connected);
-/// let mut conn = redis.manager();
+/// let mut conn = redis.clone();
 /// let _: () = redis::cmd("SET").arg("greeting").arg("hi").query_async(&mut conn).await?;
 /// # let _ = latency; Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisConnection {
-    manager: ConnectionManager,
     shared: Arc<Shared>,
 }
 
-#[derive(Debug, Default)]
+/// Commands timing out in a row before a [`RedisConnection`] replaces its link.
+pub const STALL_TIMEOUTS: u32 = 3;
+
+#[derive(Debug)]
 struct Shared {
+    current: RwLock<ConnectionManager>,
+    /// What a replacement is made from; `None` for a connection made from a bare
+    /// manager, which cannot be replaced.
+    origin: Option<(redis::Client, ConnectionManagerConfig)>,
     state: AtomicU8,
     last_latency_micros: AtomicU64,
     url: String,
+    timeouts: AtomicU32,
+    replacing: AtomicBool,
+    replacements: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisConnection {
@@ -117,6 +137,7 @@ impl std::fmt::Debug for RedisConnection {
         f.debug_struct("RedisConnection")
             .field("url", &self.shared.url)
             .field("state", &self.state())
+            .field("replacements", &self.replacements())
             .finish()
     }
 }
@@ -128,34 +149,129 @@ impl RedisConnection {
         options: RedisOptions,
     ) -> Result<Self, RedisConnectError> {
         let client = redis::Client::open(url.expose()).map_err(RedisConnectError::Url)?;
+        Self::from_client(client, options, url.redacted())
+            .await
+            .map_err(|source| RedisConnectError::Connect {
+                url: url.redacted(),
+                source,
+            })
+    }
+
+    /// Connects with a client made elsewhere; `name` (no password in it) is what logs
+    /// call this connection.
+    pub async fn from_client(
+        client: redis::Client,
+        options: RedisOptions,
+        name: impl Into<String>,
+    ) -> RedisResult<Self> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connection_timeout))
             .set_response_timeout(Some(options.response_timeout))
             .set_number_of_retries(options.reconnect_retries)
             .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|source| RedisConnectError::Connect {
-                url: url.redacted(),
-                source,
-            })?;
-        let shared = Arc::new(Shared {
-            state: AtomicU8::new(1),
-            last_latency_micros: AtomicU64::new(0),
-            url: url.redacted(),
-        });
-        Ok(Self { manager, shared })
+        let manager = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+        Ok(Self::with_parts(
+            manager,
+            Some((client, config)),
+            name.into(),
+        ))
     }
 
-    /// A handle to the shared connection, to run commands on.
+    /// Uses a manager made elsewhere as it is. Closed links are reconnected by the
+    /// manager, but a link gone silent cannot be replaced, since the manager does not
+    /// say how it was made: prefer [`connect`](Self::connect) or
+    /// [`from_client`](Self::from_client).
+    pub fn from_manager(manager: ConnectionManager) -> Self {
+        Self::with_parts(manager, None, "a given ConnectionManager".into())
+    }
+
+    fn with_parts(
+        manager: ConnectionManager,
+        origin: Option<(redis::Client, ConnectionManagerConfig)>,
+        url: String,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                current: RwLock::new(manager),
+                origin,
+                state: AtomicU8::new(1),
+                last_latency_micros: AtomicU64::new(0),
+                url,
+                timeouts: AtomicU32::new(0),
+                replacing: AtomicBool::new(false),
+                replacements: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The manager in use now. A clone of it runs commands, but is not replaced when its
+    /// link goes silent: prefer cloning this `RedisConnection`.
     pub fn manager(&self) -> ConnectionManager {
-        self.manager.clone()
+        self.shared
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Links replaced after going silent, since start.
+    pub fn replacements(&self) -> u64 {
+        self.shared.replacements.load(Ordering::Relaxed)
+    }
+
+    /// Counts a command's outcome: a run of [`STALL_TIMEOUTS`] timeouts starts a
+    /// replacement.
+    fn after<T>(&self, result: &RedisResult<T>) {
+        match result {
+            Ok(_) => {
+                if self.shared.timeouts.load(Ordering::Relaxed) != 0 {
+                    self.shared.timeouts.store(0, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.is_timeout() => {
+                let n = self.shared.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= STALL_TIMEOUTS {
+                    self.replace();
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Connects a fresh manager in the background and swaps it in; at most one attempt
+    /// at a time, and none for a connection made from a bare manager.
+    fn replace(&self) {
+        let Some((client, config)) = self.shared.origin.clone() else {
+            return;
+        };
+        if self.shared.replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.shared.replacing.store(false, Ordering::Release);
+            return;
+        };
+        let shared = self.shared.clone();
+        runtime.spawn(async move {
+            match ConnectionManager::new_with_config(client, config).await {
+                Ok(fresh) => {
+                    *shared.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                    shared.timeouts.store(0, Ordering::Relaxed);
+                    shared.replacements.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(url = %shared.url, "Redis link went silent (commands kept timing out); replaced it with a new connection");
+                }
+                Err(error) => {
+                    tracing::debug!(url = %shared.url, %error, "replacing a silent Redis link failed; trying again after the next timeouts");
+                }
+            }
+            shared.replacing.store(false, Ordering::Release);
+        });
     }
 
     /// Sends `PING`, records the outcome in [`state`](Self::state) and returns the
     /// round-trip time.
     pub async fn ping(&self) -> Result<Duration, redis::RedisError> {
-        let mut conn = self.manager.clone();
+        let mut conn = self.clone();
         let start = Instant::now();
         let result: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
         let elapsed = start.elapsed();
@@ -168,8 +284,8 @@ impl RedisConnection {
         })
     }
 
-    /// Records the outcome of a command run elsewhere on [`manager`](Self::manager), so
-    /// the state follows real traffic; logs each change of state.
+    /// Records the outcome of a command run elsewhere on this connection, so the state
+    /// follows real traffic; logs each change of state.
     pub fn observe(&self, error: Option<String>) {
         let new = if error.is_none() {
             RedisState::Connected
@@ -210,5 +326,35 @@ impl RedisConnection {
                 let _ = this.ping().await;
             }
         })
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.manager().send_packed_command(cmd).await;
+            self.after(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self
+                .manager()
+                .send_packed_commands(pipeline, offset, count)
+                .await;
+            self.after(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.manager().get_db()
     }
 }

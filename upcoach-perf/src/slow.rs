@@ -235,7 +235,7 @@ impl SlowQueryLog {
     #[cfg(feature = "redis")]
     pub fn with_redis(
         self,
-        redis: redis::aio::ConnectionManager,
+        redis: upcoach_core::redis::RedisConnection,
         key: impl Into<String>,
         max_len: usize,
     ) -> Self {
@@ -248,7 +248,7 @@ impl SlowQueryLog {
     #[cfg(feature = "redis")]
     pub fn attach_redis(
         &self,
-        redis: redis::aio::ConnectionManager,
+        redis: upcoach_core::redis::RedisConnection,
         key: impl Into<String>,
         max_len: usize,
     ) {

@@ -20,7 +20,7 @@ pub(crate) struct RedisSlowList {
 impl RedisSlowList {
     /// Starts the writer task on the current Tokio runtime.
     pub(crate) fn start(
-        mut redis: redis::aio::ConnectionManager,
+        mut redis: upcoach_core::redis::RedisConnection,
         key: String,
         max_len: usize,
     ) -> Self {

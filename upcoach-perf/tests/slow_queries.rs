@@ -23,7 +23,10 @@ async fn a_slow_statement_becomes_one_digest_without_its_literal() {
     let list_key = redis.as_ref().map(|p| p.key("slow_queries"));
     if let (Some(prefix), Some(key)) = (&redis, &list_key) {
         let client = redis::Client::open(prefix.url()).unwrap();
-        let manager = redis::aio::ConnectionManager::new(client).await.unwrap();
+        let manager =
+            upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
+                .await
+                .unwrap();
         slow = slow.with_redis(manager, key.clone(), 1000);
     }
     let slow = Arc::new(slow);
@@ -108,9 +111,13 @@ async fn the_redis_list_is_trimmed() {
         return;
     };
     let client = redis::Client::open(prefix.url()).unwrap();
-    let manager = redis::aio::ConnectionManager::new(client.clone())
-        .await
-        .unwrap();
+    let manager = upcoach_core::redis::RedisConnection::from_client(
+        client.clone(),
+        Default::default(),
+        "test",
+    )
+    .await
+    .unwrap();
     let key = prefix.key("slow_queries");
     let slow = SlowQueryLog::new(Duration::ZERO, 10).with_redis(manager, key.clone(), 5);
     for i in 0..20 {
@@ -147,11 +154,12 @@ async fn entries_that_miss_redis_are_counted_and_the_digests_kept() {
     let proxy =
         upcoach_testing::FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let client = redis::Client::open(upcoach_testing::url_via(prefix.url(), proxy.addr())).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(200)))
-        .set_number_of_retries(1);
-    let manager = redis::aio::ConnectionManager::new_with_config(client, config)
+    let config = upcoach_core::redis::RedisOptions {
+        connection_timeout: Duration::from_millis(200),
+        response_timeout: Duration::from_millis(200),
+        reconnect_retries: 1,
+    };
+    let manager = upcoach_core::redis::RedisConnection::from_client(client, config, "test")
         .await
         .unwrap();
     let slow =

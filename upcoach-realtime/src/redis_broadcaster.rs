@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::PubSubSink;
 use tokio::sync::broadcast;
+use upcoach_core::redis::{RedisConnection, RedisOptions};
 use upcoach_core::{Clock, SystemClock};
 
 use crate::{
@@ -96,7 +97,7 @@ impl Drop for RedisBroadcaster {
 }
 
 struct Inner {
-    manager: ConnectionManager,
+    manager: RedisConnection,
     options: RedisBroadcasterOptions,
     script: redis::Script,
     rooms: Mutex<HashMap<String, LocalRoom>>,
@@ -137,25 +138,27 @@ fn corrupt(what: &'static str) -> Error {
 }
 
 impl RedisBroadcaster {
-    /// Connects to `url` (commands through a self-reconnecting `ConnectionManager`,
-    /// live events through a dedicated pub/sub connection).
+    /// Connects to `url` (commands through a [`RedisConnection`], which reconnects by
+    /// itself and replaces a link gone silent; live events through a dedicated pub/sub
+    /// connection).
     pub async fn connect(url: &str, options: RedisBroadcasterOptions) -> Result<Self> {
         let client = redis::Client::open(url).map_err(backend)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout))
-            .set_response_timeout(Some(options.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(backend)?;
+        let redis_options = RedisOptions {
+            connection_timeout: options.timeout,
+            response_timeout: options.timeout,
+            reconnect_retries: 2,
+        };
+        let manager =
+            RedisConnection::from_client(client.clone(), redis_options, "realtime broadcaster")
+                .await
+                .map_err(backend)?;
         Ok(Self::new(client, manager, options))
     }
 
     /// A broadcaster on an existing connection; `client` opens the pub/sub connection.
     pub fn new(
         client: redis::Client,
-        manager: ConnectionManager,
+        manager: RedisConnection,
         options: RedisBroadcasterOptions,
     ) -> Self {
         let inner = Arc::new(Inner {

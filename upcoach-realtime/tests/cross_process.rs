@@ -631,3 +631,55 @@ async fn a_redis_outage_on_one_process_leaves_no_silent_gap() {
     assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
     drop(prefix);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_link_that_goes_silent_is_replaced_with_no_gap() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
+    let via_proxy = upcoach_testing::url_via(prefix.url(), proxy.addr());
+    let tokens = Arc::new(Tokens::default());
+    let quick = RedisBroadcasterOptions {
+        timeout: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(200),
+        ..options(&prefix, HistoryLimits::default())
+    };
+    let a = Process::start(&via_proxy, quick, tokens.clone()).await;
+    let b = Process::start(
+        prefix.url(),
+        options(&prefix, HistoryLimits::default()),
+        tokens.clone(),
+    )
+    .await;
+    a.until_connected("A").await;
+    b.until_connected("B").await;
+
+    let token = tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200);
+    let before = publish(&b.hub, 10, "before", only_x).await;
+    let read = read_sse(&mut sse, &counts(&before)).await;
+    assert_streams("A's SSE before the stall", &read.events, &before);
+
+    // Every link of A to Redis goes silent but stays open: no error, no close. Only
+    // A's pings can tell, and new links work.
+    let links = proxy.forwarded();
+    proxy.stall();
+    let during = publish(&b.hub, 30, "during", only_x).await;
+    let read = read_sse(&mut sse, &counts(&during)).await;
+    assert_streams(
+        "A's SSE, the events sent while silent",
+        &read.events,
+        &during,
+    );
+    assert!(proxy.forwarded() > links, "A made new links");
+    a.until_connected("A, on its new link").await;
+
+    let after = publish(&b.hub, 10, "after", only_x).await;
+    let read = read_sse(&mut sse, &counts(&after)).await;
+    assert_streams("A's SSE after the stall", &read.events, &after);
+    assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
+    drop(prefix);
+}

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
 use async_trait::async_trait;
+use upcoach_core::redis::RedisConnection;
 
 use super::{FlowError, FlowStore, check_entry, check_key};
 
@@ -25,26 +25,29 @@ fn backend(e: ::redis::RedisError) -> FlowError {
 ///   exactly one with the value.
 /// - Keys are `<prefix><key>`; the prefix defaults to `upcoach:flow:`.
 ///
-/// It shares one multiplexed, self-reconnecting connection ([`ConnectionManager`]);
-/// clones of the store share it too. Build the manager with response and connection
-/// timeouts (as `upcoach_core::redis` does) so an outage fails a call instead of
-/// hanging it; the failure is [`FlowError::Backend`], which is retryable.
+/// It shares one multiplexed, self-reconnecting connection ([`RedisConnection`], which
+/// times commands out and replaces a link gone silent); clones of the store share it
+/// too. An outage fails a call instead of hanging it; the failure is
+/// [`FlowError::Backend`], which is retryable.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
 /// use upcoach_auth::flow::{FlowStore, RedisFlowStore};
 ///
-/// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-/// let store = RedisFlowStore::new(redis::aio::ConnectionManager::new(client).await?)
-///     .with_prefix("myapp:flow:");
+/// use upcoach_core::config::ServiceUrl;
+/// use upcoach_core::redis::{RedisConnection, RedisOptions};
+///
+/// let url = ServiceUrl::parse("redis://127.0.0.1:6379", &["redis"])?;
+/// let redis = RedisConnection::connect(&url, RedisOptions::default()).await?;
+/// let store = RedisFlowStore::new(redis).with_prefix("myapp:flow:");
 /// store.put("state:q8Zr", b"verifier", Duration::from_secs(600)).await?;
 /// assert_eq!(store.take("state:q8Zr").await?.as_deref(), Some(&b"verifier"[..]));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisFlowStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
 }
 
@@ -61,7 +64,7 @@ impl RedisFlowStore {
     pub const DEFAULT_PREFIX: &'static str = "upcoach:flow:";
 
     /// A store using `conn`, with keys under [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX).
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: RedisConnection) -> Self {
         Self {
             conn,
             prefix: Self::DEFAULT_PREFIX.to_owned(),
