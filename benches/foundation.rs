@@ -61,7 +61,9 @@ fn event_log_postgres(c: &mut Criterion) {
     rt.block_on(upcoach_core::postgres::migrate(schema.pool()))
         .unwrap();
     let pool = schema.pool().clone();
-    let log = rt.block_on(async { PgEventLog::new(pool.clone()) });
+    let log = rt.block_on(async {
+        PgEventLog::new(upcoach_core::postgres::MeteredPool::new(pool.clone()))
+    });
 
     let mut group = c.benchmark_group("event_log_postgres");
     group.sample_size(10);

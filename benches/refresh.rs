@@ -88,7 +88,9 @@ fn refresh_rotation(c: &mut Criterion) {
             .execute(&pool),
     )
     .unwrap();
-    let store = Arc::new(PgRefreshStore::new(pool.clone()));
+    let store = Arc::new(PgRefreshStore::new(
+        upcoach_core::postgres::MeteredPool::new(pool.clone()),
+    ));
     let tally: Tally = Arc::default();
 
     let mut group = c.benchmark_group("refresh_rotation");

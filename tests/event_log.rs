@@ -61,7 +61,9 @@ async fn postgres_event_log_conforms() {
         return;
     };
     postgres::migrate(schema.pool()).await.unwrap();
-    let log = PgEventLog::new(schema.pool().clone());
+    let log = PgEventLog::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
     testing::event_log_conformance(&log).await;
 }
 
@@ -89,7 +91,7 @@ async fn postgres_writer_keeps_every_event_through_an_outage() {
     )
     .await
     .unwrap();
-    let log = PgEventLog::builder(pool)
+    let log = PgEventLog::builder(upcoach_core::postgres::MeteredPool::new(pool))
         .batch_size(500)
         .backoff(Duration::from_millis(20), Duration::from_millis(200))
         .build();
@@ -175,7 +177,7 @@ async fn postgres_writer_drops_and_counts_when_the_queue_is_full() {
     .await
     .unwrap();
     proxy.cut();
-    let log = PgEventLog::builder(pool)
+    let log = PgEventLog::builder(upcoach_core::postgres::MeteredPool::new(pool))
         .queue_capacity(50)
         .batch_size(10)
         .backoff(Duration::from_millis(20), Duration::from_millis(100))
@@ -235,7 +237,9 @@ async fn postgres_writer_bounds_queued_bytes() {
     .await
     .unwrap();
     proxy.cut();
-    let log = PgEventLog::builder(pool).max_queued_bytes(100_000).build();
+    let log = PgEventLog::builder(upcoach_core::postgres::MeteredPool::new(pool))
+        .max_queued_bytes(100_000)
+        .build();
     let big = serde_json::json!({ "blob": "x".repeat(10_000) });
     let mut accepted = 0;
     for _ in 0..100 {

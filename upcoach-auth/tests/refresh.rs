@@ -73,14 +73,20 @@ async fn memory_store_conforms_with_short_lifetimes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_conforms() {
     let Some(schema) = schema().await else { return };
-    let store = PgRefreshStore::new(schema.pool().clone()).with_policy(strict());
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ))
+    .with_policy(strict());
     refresh_store_conformance(&store, &PgUserRows(schema.pool().clone())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_conforms_with_grace() {
     let Some(schema) = schema().await else { return };
-    let store = PgRefreshStore::new(schema.pool().clone()).with_policy(lenient());
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ))
+    .with_policy(lenient());
     refresh_store_conformance(&store, &PgUserRows(schema.pool().clone())).await;
 }
 
@@ -173,8 +179,18 @@ async fn race(
 
 async fn race_stores(schema: &PgSchema, policy: RefreshPolicy) -> [Arc<PgRefreshStore>; 2] {
     [
-        Arc::new(PgRefreshStore::new(pool(schema, 12).await).with_policy(policy)),
-        Arc::new(PgRefreshStore::new(pool(schema, 12).await).with_policy(policy)),
+        Arc::new(
+            PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+                pool(schema, 12).await,
+            ))
+            .with_policy(policy),
+        ),
+        Arc::new(
+            PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+                pool(schema, 12).await,
+            ))
+            .with_policy(policy),
+        ),
     ]
 }
 
@@ -381,7 +397,9 @@ async fn memory_rotation_racing_revocation_never_leaves_a_live_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_keeps_only_hashes() {
     let Some(schema) = schema().await else { return };
-    let store = PgRefreshStore::new(schema.pool().clone());
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
     let user = PgUserRows(schema.pool().clone()).create().await;
     let now = SystemTime::now();
     let issued = store.open_family(user, now).await.unwrap();
@@ -414,7 +432,9 @@ async fn postgres_store_keeps_only_hashes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_refuses_an_unknown_user() {
     let Some(schema) = schema().await else { return };
-    let store = PgRefreshStore::new(schema.pool().clone());
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
     let err = store
         .open_family(UserId::new(), SystemTime::now())
         .await
@@ -440,7 +460,7 @@ async fn postgres_outage_is_a_retryable_backend_error() {
     )
     .await
     .unwrap();
-    let store = PgRefreshStore::new(pool);
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(pool));
     let issued = store.open_family(user, SystemTime::now()).await.unwrap();
 
     proxy.cut();

@@ -23,7 +23,9 @@ fn identity(provider: ProviderId, subject: &str, email: Option<&str>) -> Verifie
 async fn pg_store() -> Option<(PgSchema, PgUserStore)> {
     let schema = PgSchema::create().await?;
     postgres::migrate(schema.pool()).await.unwrap();
-    let store = PgUserStore::new(schema.pool().clone());
+    let store = PgUserStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
     Some((schema, store))
 }
 
@@ -184,7 +186,7 @@ async fn postgres_outage_is_a_retryable_error_and_passes() {
     )
     .await
     .unwrap();
-    let store = PgUserStore::new(pool);
+    let store = PgUserStore::new(upcoach_core::postgres::MeteredPool::new(pool));
     let ada = identity(ProviderId::Google, "ada", Some("ada@outage.example"));
     let policy = LinkingPolicy::default();
     let user = store.sign_in(&ada, &policy).await.unwrap().user;

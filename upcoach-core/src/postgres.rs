@@ -66,7 +66,7 @@ pub struct PgPoolConfig {
 impl Default for PgPoolConfig {
     fn default() -> Self {
         Self {
-            max_connections: 16,
+            max_connections: crate::config::DEFAULT_DATABASE_MAX_CONNECTIONS,
             acquire_timeout: Duration::from_secs(5),
             slow_statement_threshold: Duration::from_secs(1),
         }
@@ -84,8 +84,8 @@ impl Default for PgPoolConfig {
 /// liveness check of it, so a pool with idle connections shows at most a few.
 ///
 /// Clones share one count. Hand every store clones of the same `MeteredPool` so that
-/// [`waiting`](Self::waiting) covers them all; each `From<PgPool>` conversion starts a
-/// count of its own.
+/// [`waiting`](Self::waiting) covers them all; each [`MeteredPool::new`] starts a count
+/// of its own.
 ///
 /// ```no_run
 /// use upcoach_core::postgres::MeteredPool;
@@ -155,7 +155,12 @@ impl MeteredPool {
     /// Give it one reader: two would split the intervals between them.
     pub fn take_peak_waiting(&self) -> usize {
         let now = self.waiting.now.load(Ordering::Relaxed);
-        self.waiting.peak.swap(now, Ordering::Relaxed).max(now)
+        let peak = self.waiting.peak.swap(now, Ordering::Relaxed).max(now);
+        // A waiter that arrived between the two reads must count in the next interval.
+        self.waiting
+            .peak
+            .fetch_max(self.waiting.now.load(Ordering::Relaxed), Ordering::Relaxed);
+        peak
     }
 
     /// Open connections, idle or in use.
@@ -183,12 +188,6 @@ impl MeteredPool {
     /// connection is closed.
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-impl From<PgPool> for MeteredPool {
-    fn from(pool: PgPool) -> Self {
-        Self::new(pool)
     }
 }
 

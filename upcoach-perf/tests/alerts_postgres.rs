@@ -16,7 +16,9 @@ async fn firing_and_resolved_rows_land_in_system_alerts() {
         return;
     };
     postgres::migrate(schema.pool()).await.unwrap();
-    let log = Arc::new(PgEventLog::new(schema.pool().clone()));
+    let log = Arc::new(PgEventLog::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    )));
     let clock = Arc::new(ManualClock::starting_now());
     let rule = AlertRule::new(
         "http_error_rate",

@@ -40,7 +40,7 @@ pub struct Options {
     /// Alert rules in place of [`AlertRule::defaults`] (the reference thresholds).
     pub alert_rules: Option<Vec<AlertRule>>,
     /// How often expired refresh-token families and tokens are deleted (default 10
-    /// minutes; the first round runs one interval after start).
+    /// minutes, at least 1 ms; the first round runs one interval after start).
     pub refresh_purge_every: Option<Duration>,
 }
 
@@ -193,7 +193,7 @@ impl App {
                 let redis = RedisConnection::connect(url, RedisOptions::default()).await?;
                 tasks.push(redis.spawn_monitor(Duration::from_secs(5)));
                 sinks.slow_queries.attach_redis(
-                    redis.manager(),
+                    redis.clone(),
                     format!("{}:slow_queries", config.cache_prefix),
                     1000,
                 );
@@ -208,12 +208,9 @@ impl App {
         let cache = {
             let (l2, tags): (Arc<dyn CacheStore>, Arc<dyn TagVersions>) = match &redis {
                 Some(redis) => (
-                    Arc::new(RedisStore::new(
-                        redis.manager(),
-                        config.cache_prefix.clone(),
-                    )),
+                    Arc::new(RedisStore::new(redis.clone(), config.cache_prefix.clone())),
                     Arc::new(RedisTagVersions::new(
-                        redis.manager(),
+                        redis.clone(),
                         config.cache_prefix.clone(),
                     )),
                 ),
@@ -228,7 +225,7 @@ impl App {
             {
                 cache.enable_coherence(
                     client,
-                    redis.manager(),
+                    redis.clone(),
                     format!("{}:invalidate", config.cache_prefix),
                 );
             }
@@ -238,7 +235,7 @@ impl App {
             (Some(redis), Some(url)) => Arc::new(RedisBroadcaster::new(
                 ::redis::Client::open(url.expose())
                     .map_err(|e| StartError::Redis(RedisConnectError::Url(e)))?,
-                redis.manager(),
+                redis.clone(),
                 RedisBroadcasterOptions {
                     prefix: format!("{}:rt", config.cache_prefix),
                     clock: clock.clone(),
@@ -390,7 +387,7 @@ impl App {
             };
             let flows: Arc<dyn FlowStore> = match &redis {
                 Some(redis) => Arc::new(
-                    RedisFlowStore::new(redis.manager())
+                    RedisFlowStore::new(redis.clone())
                         .with_prefix(format!("{}:flow:", config.cache_prefix)),
                 ),
                 None => Arc::new(MemoryFlowStore::new()),
@@ -471,10 +468,12 @@ impl App {
     /// round that fails is logged and the next one tries again. Counted in
     /// `refresh_purged_total{what=families|tokens}`.
     fn spawn_refresh_purge(self: &Arc<Self>) {
+        // tokio's interval refuses zero; a millisecond is as often as makes sense.
         let every = self
             .options
             .refresh_purge_every
-            .unwrap_or(REFRESH_PURGE_EVERY);
+            .unwrap_or(REFRESH_PURGE_EVERY)
+            .max(Duration::from_millis(1));
         let weak = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

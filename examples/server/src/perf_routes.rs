@@ -48,7 +48,6 @@ pub(crate) async fn explain(
     pool: &MeteredPool,
     sql: &str,
 ) -> Result<serde_json::Value, &'static str> {
-    use sqlx::Connection;
     if has_statement_separator(sql) {
         return Err(
             "the statement holds ';' outside a literal; only single statements are explained",
@@ -58,15 +57,17 @@ pub(crate) async fn explain(
     let mut conn = pool
         .acquire()
         .await
-        .map_err(|_| "no database connection was available")?
-        .detach();
+        .map_err(|_| "no database connection was available")?;
+    // Never back to the pool, even if this request is dropped halfway, yet counted
+    // against its size until closed.
+    conn.close_on_drop();
     let plan = async {
         for setup in [
             "BEGIN READ ONLY",
             "SET LOCAL statement_timeout = '2s'",
             "SET LOCAL plan_cache_mode = force_generic_plan",
         ] {
-            sqlx::raw_sql(setup).execute(&mut conn).await.map_err(|_| "could not open a read-only transaction")?;
+            sqlx::raw_sql(setup).execute(&mut *conn).await.map_err(|_| "could not open a read-only transaction")?;
         }
         let script = if params == 0 {
             format!("EXPLAIN (FORMAT JSON) {sql}")
@@ -76,7 +77,7 @@ pub(crate) async fn explain(
             format!("PREPARE upcoach_explain AS {sql}; EXPLAIN (FORMAT JSON) EXECUTE upcoach_explain({nulls})")
         };
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(script))
-            .fetch_all(&mut conn)
+            .fetch_all(&mut *conn)
             .await
             .map_err(|_| "Postgres could not plan the statement")?;
         use sqlx::Row;

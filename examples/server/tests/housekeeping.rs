@@ -31,8 +31,12 @@ async fn expired_refresh_families_are_purged_and_live_ones_kept() {
     .await;
 
     // The server migrated the schema; the test writes through a store of its own.
-    let store = PgRefreshStore::new(schema.pool().clone());
-    let users = PgUserStore::new(schema.pool().clone());
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
+    let users = PgUserStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
     let (old_user, user) = (UserId::new(), UserId::new());
     for id in [old_user, user] {
         users.provision(id, &[]).await.unwrap();
@@ -64,10 +68,15 @@ async fn expired_refresh_families_are_purged_and_live_ones_kept() {
         .expect("the live family still works");
     assert_eq!(rotated.family_id, live.family_id);
 
-    let text = support::get_text(server.addr, "/metrics").await;
-    assert!(
-        text.contains(r#"refresh_purged_total{what="families"} 1"#),
-        "{text}"
-    );
+    // The counter is bumped once the whole round is done, a moment after the rows go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = support::get_text(server.addr, "/metrics").await;
+        if text.contains(r#"refresh_purged_total{what="families"} 1"#) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }

@@ -44,9 +44,11 @@ const PURGE_BATCH: i64 = 5_000;
 /// use upcoach_core::UserId;
 ///
 /// # async fn demo(user: UserId) -> Result<(), Box<dyn std::error::Error>> {
-/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
-/// upcoach_core::postgres::migrate(&pool).await?;
-/// let store = PgRefreshStore::new(pool)
+/// let pool = upcoach_core::postgres::MeteredPool::new(
+///     sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?,
+/// );
+/// upcoach_core::postgres::migrate(pool.inner()).await?;
+/// let store = PgRefreshStore::new(pool.clone())
 ///     .with_policy(RefreshPolicy::default().with_grace(Duration::from_secs(10)));
 /// let issued = store.open_family(user, SystemTime::now()).await?;
 /// let rotation = store.rotate(issued.token.expose(), SystemTime::now()).await?;
@@ -59,11 +61,11 @@ pub struct PgRefreshStore {
 }
 
 impl PgRefreshStore {
-    /// A store on `pool` with the default [`RefreshPolicy`]: a [`MeteredPool`] shared
-    /// with the other stores, or a plain `PgPool`.
-    pub fn new(pool: impl Into<MeteredPool>) -> Self {
+    /// A store on `pool` (shared with the other stores) with the default
+    /// [`RefreshPolicy`].
+    pub fn new(pool: MeteredPool) -> Self {
         Self {
-            pool: pool.into(),
+            pool,
             policy: RefreshPolicy::default(),
         }
     }
@@ -422,10 +424,11 @@ impl RefreshStore for PgRefreshStore {
     async fn purge_expired(&self, now: SystemTime) -> Result<Purged, RefreshError> {
         let now = to_micros(now);
         let mut purged = Purged::default();
-        let mut conn = self.pool.acquire().await.map_err(backend)?;
         // Whole families past their end, with their tokens. Rows a rotation or
         // revocation holds are skipped, never waited for; a later purge takes them.
+        // A connection per batch, so requests waiting for one get a turn in between.
         loop {
+            let mut conn = self.pool.acquire().await.map_err(backend)?;
             let row = sqlx::query(
                 "WITH doomed AS ( \
                    SELECT family_id FROM refresh_families WHERE expires_at <= $1 \
@@ -458,6 +461,7 @@ impl RefreshStore for PgRefreshStore {
             .checked_sub(self.policy.grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         loop {
+            let mut conn = self.pool.acquire().await.map_err(backend)?;
             let deleted = sqlx::query(
                 "DELETE FROM refresh_tokens WHERE token_hash IN ( \
                    SELECT token_hash FROM refresh_tokens WHERE expires_at <= $1 \

@@ -62,9 +62,11 @@ fn violates(e: &sqlx::Error, constraint: &str) -> bool {
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use upcoach_auth::users::{PgUserStore, UserStore};
 ///
-/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
-/// upcoach_core::postgres::migrate(&pool).await?;
-/// let store = PgUserStore::new(pool);
+/// let pool = upcoach_core::postgres::MeteredPool::new(
+///     sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?,
+/// );
+/// upcoach_core::postgres::migrate(pool.inner()).await?;
+/// let store = PgUserStore::new(pool.clone());
 /// assert!(store.get(upcoach_core::UserId::new()).await?.is_none());
 /// # Ok(()) }
 /// ```
@@ -76,9 +78,10 @@ pub struct PgUserStore {
 impl PgUserStore {
     /// A store on `pool` (migrated already).
     ///
-    /// `pool` is a [`MeteredPool`] shared with the other stores, or a plain `PgPool`.
-    pub fn new(pool: impl Into<MeteredPool>) -> Self {
-        Self { pool: pool.into() }
+    /// `pool` is shared with the other stores, so that its count of waiting tasks covers
+    /// them all.
+    pub fn new(pool: MeteredPool) -> Self {
+        Self { pool }
     }
 
     /// A known identity's user, after refreshing the identity's stored address.

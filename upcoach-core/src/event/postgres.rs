@@ -100,9 +100,11 @@ impl PgEventLogBuilder {
 /// use upcoach_core::SystemClock;
 ///
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
-/// upcoach_core::postgres::migrate(&pool).await?;
-/// let log = PgEventLog::builder(pool).queue_capacity(50_000).build();
+/// let pool = upcoach_core::postgres::MeteredPool::new(
+///     sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?,
+/// );
+/// upcoach_core::postgres::migrate(pool.inner()).await?;
+/// let log = PgEventLog::builder(pool.clone()).queue_capacity(50_000).build();
 /// log.record(SecurityEvent::new("login_succeeded", &SystemClock).into())?;
 /// log.flush().await?;
 /// # Ok(()) }
@@ -139,11 +141,10 @@ struct Shared {
 
 impl PgEventLog {
     /// Options for a log writing through `pool` (which must have had
-    /// [`migrate`](crate::postgres::migrate) run on it): a [`MeteredPool`] shared with
-    /// the other stores, or a plain `PgPool`.
-    pub fn builder(pool: impl Into<MeteredPool>) -> PgEventLogBuilder {
+    /// [`migrate`](crate::postgres::migrate) run on it), shared with the other stores.
+    pub fn builder(pool: MeteredPool) -> PgEventLogBuilder {
         PgEventLogBuilder {
-            pool: pool.into(),
+            pool,
             queue_capacity: 100_000,
             max_queued_bytes: 64 * 1024 * 1024,
             batch_size: 500,
@@ -153,7 +154,7 @@ impl PgEventLog {
     }
 
     /// A log with the default options.
-    pub fn new(pool: impl Into<MeteredPool>) -> Self {
+    pub fn new(pool: MeteredPool) -> Self {
         Self::builder(pool).build()
     }
 
