@@ -342,6 +342,7 @@ impl App {
                 if let Some(redis) = &redis {
                     let connected = redis.state() == upcoach_core::redis::RedisState::Connected;
                     sink.set_gauge("redis_connected", &[], if connected { 1.0 } else { 0.0 });
+                    sink.set_gauge("redis_links_replaced", &[], redis.replacements() as f64);
                 }
                 let realtime = hub.stats();
                 for (transport, open) in [

@@ -138,6 +138,13 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A cut closes the link: the manager reconnects it, nothing is replaced.
+    let metrics = support::get_text(server.addr, "/metrics").await;
+    let replaced = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_links_replaced "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(replaced, Some(0.0), "{metrics}");
     server.stop().await;
 }
 
