@@ -216,6 +216,7 @@ struct Counters {
 
 /// A snapshot of a [`TieredCache`]'s counters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct CacheStats {
     /// Reads answered by L1.
     pub l1_hits: u64,

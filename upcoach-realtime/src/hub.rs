@@ -95,6 +95,7 @@ impl Default for HubConfig {
 
 /// Counters of what the hub has done since it started, cheap to read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct HubStats {
     /// Open WebSocket connections.
     pub ws_connections: usize,

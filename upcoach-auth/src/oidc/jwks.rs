@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use oauth2::reqwest;
 
@@ -231,11 +231,12 @@ impl JwksCache {
                 // nor is any key type this build does not know.
                 _ => continue,
             };
+            // A key that names its algorithm is used for that one only (and not at all
+            // if it names one outside its key type's family, or an encryption one).
             let algorithms: Vec<Algorithm> = match jwk.common.key_algorithm {
-                Some(alg) => family
-                    .iter()
-                    .copied()
-                    .filter(|a| format!("{a:?}") == format!("{alg:?}"))
+                Some(alg) => signing_algorithm(alg)
+                    .filter(|a| family.contains(a))
+                    .into_iter()
                     .collect(),
                 None => family.to_vec(),
             };
@@ -252,6 +253,26 @@ impl JwksCache {
         }
         Ok((keys, max_age))
     }
+}
+
+/// The signature algorithm a JWK's `alg` names; `None` for encryption algorithms and
+/// names this build does not know.
+fn signing_algorithm(alg: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match alg {
+        KeyAlgorithm::HS256 => Algorithm::HS256,
+        KeyAlgorithm::HS384 => Algorithm::HS384,
+        KeyAlgorithm::HS512 => Algorithm::HS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
 }
 
 fn http_cache_control() -> reqwest::header::HeaderName {
@@ -282,5 +303,29 @@ mod tests {
         );
         assert_eq!(max_age_of("no-cache"), None);
         assert_eq!(max_age_of("max-age=abc"), None);
+    }
+
+    #[test]
+    fn a_jwk_alg_names_one_signing_algorithm_or_none() {
+        assert_eq!(
+            signing_algorithm(KeyAlgorithm::RS256),
+            Some(Algorithm::RS256)
+        );
+        assert_eq!(
+            signing_algorithm(KeyAlgorithm::PS512),
+            Some(Algorithm::PS512)
+        );
+        assert_eq!(
+            signing_algorithm(KeyAlgorithm::EdDSA),
+            Some(Algorithm::EdDSA)
+        );
+        for encryption in [
+            KeyAlgorithm::RSA1_5,
+            KeyAlgorithm::RSA_OAEP,
+            KeyAlgorithm::RSA_OAEP_256,
+            KeyAlgorithm::UNKNOWN_ALGORITHM,
+        ] {
+            assert_eq!(signing_algorithm(encryption), None, "{encryption:?}");
+        }
     }
 }
