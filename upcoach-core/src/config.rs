@@ -38,6 +38,8 @@ use crate::Secret;
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
 /// The default key prefix of the cache (`CACHE_PREFIX`).
 pub const DEFAULT_CACHE_PREFIX: &str = "upcoach";
+/// The default of `AUTH_SESSION_LIFETIME_DAYS`.
+pub const DEFAULT_SESSION_LIFETIME_DAYS: u32 = 90;
 /// The default of `DATABASE_MAX_CONNECTIONS`.
 pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 16;
 /// The default of `REALTIME_MAX_CONNECTIONS`.
@@ -73,6 +75,13 @@ pub struct Config {
     /// `UPCOACH_METRICS_PUBLIC`: whether `GET /metrics` answers anyone (default true) or
     /// only an admin bearer token.
     pub metrics_public: bool,
+    /// `AUTH_REFRESH_GRACE_SECONDS`: how long after a refresh token's rotation the same
+    /// token may be presented again for a sibling (default 0, at most 60), for clients
+    /// whose answer got lost; within it a stolen token is not detected.
+    pub refresh_grace: Duration,
+    /// `AUTH_SESSION_LIFETIME_DAYS`: how long a sign-in's refresh tokens keep working,
+    /// whatever the rotations (default 90, 1 to 365).
+    pub session_lifetime: Duration,
     /// `DATABASE_MAX_CONNECTIONS`: the most Postgres connections the pool opens (default
     /// 16, at most 1,000).
     pub database_max_connections: u32,
@@ -120,6 +129,10 @@ impl Default for Config {
             performance_monitoring_enabled: true,
             slow_query_threshold: Duration::from_millis(DEFAULT_SLOW_QUERY_THRESHOLD_MS),
             metrics_public: true,
+            refresh_grace: Duration::ZERO,
+            session_lifetime: Duration::from_secs(
+                u64::from(DEFAULT_SESSION_LIFETIME_DAYS) * 24 * 3600,
+            ),
             database_max_connections: DEFAULT_DATABASE_MAX_CONNECTIONS,
             realtime_max_connections: DEFAULT_REALTIME_MAX_CONNECTIONS,
             realtime_max_connections_per_user: DEFAULT_REALTIME_MAX_CONNECTIONS_PER_USER,
@@ -576,6 +589,34 @@ impl Config {
             },
         };
 
+        let refresh_grace = match r.get("AUTH_REFRESH_GRACE_SECONDS") {
+            None => defaults.refresh_grace,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(s) if s <= 60 => Duration::from_secs(s),
+                _ => {
+                    r.invalid(
+                        "AUTH_REFRESH_GRACE_SECONDS",
+                        "a whole number of seconds from 0 to 60",
+                        Some(v.clone()),
+                    );
+                    defaults.refresh_grace
+                }
+            },
+        };
+        let session_lifetime = match r.get("AUTH_SESSION_LIFETIME_DAYS") {
+            None => defaults.session_lifetime,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(d) if (1..=365).contains(&d) => Duration::from_secs(d * 24 * 3600),
+                _ => {
+                    r.invalid(
+                        "AUTH_SESSION_LIFETIME_DAYS",
+                        "a whole number of days from 1 to 365",
+                        Some(v.clone()),
+                    );
+                    defaults.session_lifetime
+                }
+            },
+        };
         let database_max_connections = match r.get("DATABASE_MAX_CONNECTIONS") {
             None => defaults.database_max_connections,
             Some(v) => match v.trim().parse::<u32>() {
@@ -670,6 +711,8 @@ impl Config {
             performance_monitoring_enabled,
             slow_query_threshold,
             metrics_public,
+            refresh_grace,
+            session_lifetime,
             database_max_connections,
             realtime_max_connections,
             realtime_max_connections_per_user,

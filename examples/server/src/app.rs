@@ -376,13 +376,16 @@ impl App {
                 MemoryRefreshStore, PgRefreshStore, RefreshPolicy, RefreshStore,
             };
             use upcoach_auth::users::{MemoryUserStore, PgUserStore, UserStore};
+            let policy = RefreshPolicy::default()
+                .with_grace(config.refresh_grace)
+                .with_family_lifetime(config.session_lifetime);
             let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match &postgres {
                 Some(pool) => (
-                    Arc::new(PgRefreshStore::new(pool.clone())),
+                    Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
                     Arc::new(PgUserStore::new(pool.clone())),
                 ),
                 None => (
-                    Arc::new(MemoryRefreshStore::new(RefreshPolicy::default())),
+                    Arc::new(MemoryRefreshStore::new(policy)),
                     Arc::new(MemoryUserStore::new()),
                 ),
             };

@@ -129,3 +129,34 @@ async fn dev_token_refuses_bad_input_with_clear_errors() {
     assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
     server.stop().await;
 }
+
+/// A rotated refresh token presented again: reuse (the family is revoked) by default,
+/// a sibling within `AUTH_REFRESH_GRACE_SECONDS`.
+#[tokio::test]
+async fn a_refresh_retried_within_the_configured_grace_gets_a_sibling() {
+    async fn refresh_twice(server: &Running) -> (StatusCode, serde_json::Value) {
+        let issued = server.post("/dev/token", r#"{"roles":["coach"]}"#).await;
+        let token = issued.json["refresh_token"].as_str().unwrap().to_owned();
+        let body = format!(r#"{{"refresh_token":"{token}"}}"#);
+        let first = server.post("/auth/refresh", &body).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+        let again = server.post("/auth/refresh", &body).await;
+        (again.status, again.json)
+    }
+
+    let strict = Running::start(Config::default(), dev()).await;
+    let (status, json) = refresh_twice(&strict).await;
+    assert_eq!(
+        (status, json["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("refresh_token_reused"))
+    );
+    strict.stop().await;
+
+    let mut config = Config::default();
+    config.refresh_grace = std::time::Duration::from_secs(10);
+    let lenient = Running::start(config, dev()).await;
+    let (status, json) = refresh_twice(&lenient).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert!(json["refresh_token"].is_string());
+    lenient.stop().await;
+}

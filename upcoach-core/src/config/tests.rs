@@ -71,6 +71,8 @@ fn a_full_environment_is_read() {
         ("UPCOACH_METRICS_PUBLIC", "no"),
         ("REALTIME_MAX_CONNECTIONS", "19000"),
         ("DATABASE_MAX_CONNECTIONS", "40"),
+        ("AUTH_REFRESH_GRACE_SECONDS", "10"),
+        ("AUTH_SESSION_LIFETIME_DAYS", "30"),
         ("UPCOACH_PUBLIC_URL", "https://api.example.com"),
         (
             "AUTH_RETURN_TO_ALLOWLIST",
@@ -100,6 +102,8 @@ fn a_full_environment_is_read() {
     assert_eq!(c.slow_query_threshold, Duration::from_millis(250));
     assert!(!c.metrics_public);
     assert_eq!(c.database_max_connections, 40);
+    assert_eq!(c.refresh_grace, Duration::from_secs(10));
+    assert_eq!(c.session_lifetime, Duration::from_secs(30 * 24 * 3600));
     assert_eq!(c.realtime_max_connections, 19_000);
     assert_eq!(c.realtime_max_connections_per_user, 4);
     assert_eq!(c.public_url.as_deref(), Some("https://api.example.com"));
@@ -161,6 +165,10 @@ fn every_invalid_value_names_its_variable() {
         ("DATABASE_MAX_CONNECTIONS", "0"),
         ("DATABASE_MAX_CONNECTIONS", "1001"),
         ("DATABASE_MAX_CONNECTIONS", "many"),
+        ("AUTH_REFRESH_GRACE_SECONDS", "61"),
+        ("AUTH_REFRESH_GRACE_SECONDS", "10s"),
+        ("AUTH_SESSION_LIFETIME_DAYS", "0"),
+        ("AUTH_SESSION_LIFETIME_DAYS", "366"),
         ("REALTIME_MAX_CONNECTIONS", "lots"),
         ("REALTIME_MAX_CONNECTIONS_PER_USER", "-1"),
         ("UPCOACH_PUBLIC_URL", "api.example.com"),
