@@ -393,7 +393,10 @@ impl TieredCache {
                 publisher,
                 channel,
                 target,
-                self.options.coherence_ping_interval,
+                // tokio's interval refuses zero.
+                self.options
+                    .coherence_ping_interval
+                    .max(Duration::from_millis(1)),
             )
         });
     }

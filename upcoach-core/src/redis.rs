@@ -85,17 +85,23 @@ pub enum RedisConnectError {
 /// worked.
 ///
 /// - **Commands**: it implements [`ConnectionLike`], so `query_async(&mut conn)`, pipelines
-///   and scripts run on it directly. Clones share one TCP connection with no lock around
-///   it; clone it into each component.
+///   and scripts run on it directly. Clones share one multiplexed TCP connection (each
+///   command only takes a read lock long enough to clone a handle); clone it into each
+///   component.
 /// - **Closed links** (reset, refused, EOF) are reconnected by the manager on the next
 ///   command.
 /// - **Silent links** (the socket stays open but nothing comes back: a half-open
 ///   connection, a stuck proxy, a paused server) time commands out without ever closing,
-///   and the manager would keep using them. After [`STALL_TIMEOUTS`] commands in a row
-///   time out, a fresh manager is connected in the background and takes over (counted in
-///   [`replacements`](Self::replacements)); commands keep failing fast meanwhile.
-/// - **State**: call [`spawn_monitor`](Self::spawn_monitor) so the state stays current, and
-///   a dead or silent link is replaced, even while idle.
+///   and the manager would keep using them. Once [`STALL_TIMEOUTS`] commands in a row
+///   have timed out on the link in use, and nothing has succeeded on it for twice the
+///   response timeout (a merely slow server answers something in that time), a fresh
+///   manager is connected in the background and takes over (counted in
+///   [`replacements`](Self::replacements)). Until then commands keep failing, each after
+///   the response timeout.
+/// - **State**: call [`spawn_monitor`](Self::spawn_monitor) so the state stays current,
+///   and a dead or silent link is replaced, even while idle. Its pings are also what
+///   notices a silent link when every other caller gives up sooner than the response
+///   timeout (as the tiered cache does): a command cut off by its caller is not counted.
 ///
 /// ```no_run
 /// use upcoach_core::config::ServiceUrl;
@@ -120,7 +126,9 @@ pub const STALL_TIMEOUTS: u32 = 3;
 
 #[derive(Debug)]
 struct Shared {
-    current: RwLock<ConnectionManager>,
+    /// The manager in use and its generation (bumped by each replacement), so that
+    /// late answers on a replaced link are not held against its successor.
+    current: RwLock<(u64, ConnectionManager)>,
     /// What a replacement is made from; `None` for a connection made from a bare
     /// manager, which cannot be replaced.
     origin: Option<(redis::Client, ConnectionManagerConfig)>,
@@ -128,6 +136,9 @@ struct Shared {
     last_latency_micros: AtomicU64,
     url: String,
     timeouts: AtomicU32,
+    /// When a command last succeeded, in microseconds since `born`.
+    last_success_micros: AtomicU64,
+    born: Instant,
     replacing: AtomicBool,
     replacements: AtomicU64,
 }
@@ -192,12 +203,14 @@ impl RedisConnection {
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                current: RwLock::new(manager),
+                current: RwLock::new((0, manager)),
                 origin,
                 state: AtomicU8::new(1),
                 last_latency_micros: AtomicU64::new(0),
                 url,
                 timeouts: AtomicU32::new(0),
+                last_success_micros: AtomicU64::new(0),
+                born: Instant::now(),
                 replacing: AtomicBool::new(false),
                 replacements: AtomicU64::new(0),
             }),
@@ -207,6 +220,11 @@ impl RedisConnection {
     /// The manager in use now. A clone of it runs commands, but is not replaced when its
     /// link goes silent: prefer cloning this `RedisConnection`.
     pub fn manager(&self) -> ConnectionManager {
+        self.current().1
+    }
+
+    /// The manager in use and its generation.
+    fn current(&self) -> (u64, ConnectionManager) {
         self.shared
             .current
             .read()
@@ -219,28 +237,48 @@ impl RedisConnection {
         self.shared.replacements.load(Ordering::Relaxed)
     }
 
-    /// Counts a command's outcome: a run of [`STALL_TIMEOUTS`] timeouts starts a
-    /// replacement.
-    fn after<T>(&self, result: &RedisResult<T>) {
+    /// Counts the outcome of a command sent on generation `generation`: a run of
+    /// [`STALL_TIMEOUTS`] timeouts with no success for twice the response timeout starts
+    /// a replacement. Answers from a replaced generation are ignored.
+    fn after<T>(&self, generation: u64, result: &RedisResult<T>) {
+        let shared = &self.shared;
+        if self.current().0 != generation {
+            return;
+        }
         match result {
-            Ok(_) => {
-                if self.shared.timeouts.load(Ordering::Relaxed) != 0 {
-                    self.shared.timeouts.store(0, Ordering::Relaxed);
-                }
-            }
             Err(e) if e.is_timeout() => {
-                let n = self.shared.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= STALL_TIMEOUTS {
-                    self.replace();
+                let n = shared.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = shared.born.elapsed().as_micros() as u64;
+                let quiet = now.saturating_sub(shared.last_success_micros.load(Ordering::Relaxed));
+                let patience = shared
+                    .origin
+                    .as_ref()
+                    .and_then(|(_, config)| config.response_timeout())
+                    .unwrap_or(Duration::from_secs(1))
+                    * 2;
+                if n >= STALL_TIMEOUTS && quiet >= patience.as_micros() as u64 {
+                    self.replace(generation);
                 }
             }
-            Err(_) => {}
+            // An answer, even an error reply, shows the link is alive; a closed link is
+            // the manager's to reconnect.
+            _ => {
+                if result.is_ok() || !result.as_ref().is_err_and(|e| e.is_io_error()) {
+                    shared
+                        .last_success_micros
+                        .store(shared.born.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                if shared.timeouts.load(Ordering::Relaxed) != 0 {
+                    shared.timeouts.store(0, Ordering::Relaxed);
+                }
+            }
         }
     }
 
-    /// Connects a fresh manager in the background and swaps it in; at most one attempt
-    /// at a time, and none for a connection made from a bare manager.
-    fn replace(&self) {
+    /// Connects a fresh manager in the background and swaps it in for generation
+    /// `generation`; at most one attempt at a time, and none for a connection made from a
+    /// bare manager. A failed attempt starts the count of timeouts over.
+    fn replace(&self, generation: u64) {
         let Some((client, config)) = self.shared.origin.clone() else {
             return;
         };
@@ -255,13 +293,26 @@ impl RedisConnection {
         runtime.spawn(async move {
             match ConnectionManager::new_with_config(client, config).await {
                 Ok(fresh) => {
-                    *shared.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-                    shared.timeouts.store(0, Ordering::Relaxed);
-                    shared.replacements.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(url = %shared.url, "Redis link went silent (commands kept timing out); replaced it with a new connection");
+                    let old = {
+                        let mut current =
+                            shared.current.write().unwrap_or_else(|e| e.into_inner());
+                        if current.0 == generation {
+                            Some(std::mem::replace(&mut *current, (generation + 1, fresh)))
+                        } else {
+                            None
+                        }
+                    };
+                    if old.is_some() {
+                        shared.timeouts.store(0, Ordering::Relaxed);
+                        shared.replacements.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(url = %shared.url, "Redis link went silent (commands kept timing out); replaced it with a new connection");
+                    }
+                    // The old manager (and its link) goes here, outside the lock.
+                    drop(old);
                 }
                 Err(error) => {
-                    tracing::debug!(url = %shared.url, %error, "replacing a silent Redis link failed; trying again after the next timeouts");
+                    shared.timeouts.store(0, Ordering::Relaxed);
+                    tracing::warn!(url = %shared.url, %error, "replacing a silent Redis link failed; trying again after the next timeouts");
                 }
             }
             shared.replacing.store(false, Ordering::Release);
@@ -332,8 +383,9 @@ impl RedisConnection {
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = self.manager().send_packed_command(cmd).await;
-            self.after(&result);
+            let (generation, mut manager) = self.current();
+            let result = manager.send_packed_command(cmd).await;
+            self.after(generation, &result);
             result
         })
     }
@@ -345,11 +397,9 @@ impl ConnectionLike for RedisConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let result = self
-                .manager()
-                .send_packed_commands(pipeline, offset, count)
-                .await;
-            self.after(&result);
+            let (generation, mut manager) = self.current();
+            let result = manager.send_packed_commands(pipeline, offset, count).await;
+            self.after(generation, &result);
             result
         })
     }

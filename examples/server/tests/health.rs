@@ -139,6 +139,10 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A cut closes the link: the manager reconnects it, nothing is replaced.
+    assert_eq!(
+        server.app.backends().redis.as_ref().unwrap().replacements(),
+        0
+    );
     let metrics = support::get_text(server.addr, "/metrics").await;
     let replaced = metrics
         .lines()
