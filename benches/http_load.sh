@@ -63,4 +63,11 @@ echo "GET /health, $CONNECTIONS connections, $ROUNDS rounds of $DURATION (median
 printf '  layer on   %10.0f\n  layer off  %10.0f\n  bare hyper %10.0f\n' "$on" "$off" "$bare"
 awk -v on="$on" -v off="$off" -v bare="$bare" 'BEGIN {
   printf "  on/off     %10.3f   (goal >= 0.95)\n  off/bare   %10.3f\n  on/bare    %10.3f\n", on/off, off/bare, on/bare }'
+# Each round runs the three servers back to back, so a round's own ratios cancel the
+# machine's slower and faster minutes; their median is the steadier figure.
+paired() {
+  awk -v a="$1" -v b="$2" '$1==a {x[++n]=$2} $1==b {y[++m]=$2} END {for (i=1; i<=n; i++) print x[i]/y[i]}' "$results" | median
+}
+echo "Median of the rounds' own ratios:"
+printf '  on/off     %10.3f\n  off/bare   %10.3f\n' "$(paired layer_on layer_off)" "$(paired layer_off bare_hyper)"
 rm -f "$results"
