@@ -7,11 +7,8 @@ use upcoach_core::config::ServiceUrl;
 use upcoach_core::redis::{RedisConnection, RedisOptions, RedisState};
 use upcoach_testing::{FaultProxy, RedisPrefix};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnects_by_itself_and_reports_its_state() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
+/// A connection to the test's Redis through a fault proxy, with 300 ms timeouts.
+async fn through_proxy(prefix: &RedisPrefix) -> (FaultProxy, RedisConnection) {
     let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let url = ServiceUrl::parse(
         &upcoach_testing::url_via(prefix.url(), proxy.addr()),
@@ -24,6 +21,15 @@ async fn reconnects_by_itself_and_reports_its_state() {
         reconnect_retries: 1,
     };
     let redis = RedisConnection::connect(&url, options).await.unwrap();
+    (proxy, redis)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_by_itself_and_reports_its_state() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let (proxy, redis) = through_proxy(&prefix).await;
     assert_eq!(redis.state(), RedisState::Connected);
     redis.ping().await.unwrap();
 
@@ -68,18 +74,7 @@ async fn a_link_that_goes_silent_is_replaced() {
     let Some(prefix) = RedisPrefix::create() else {
         return;
     };
-    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
-    let url = ServiceUrl::parse(
-        &upcoach_testing::url_via(prefix.url(), proxy.addr()),
-        &["redis"],
-    )
-    .unwrap();
-    let options = RedisOptions {
-        connection_timeout: Duration::from_millis(300),
-        response_timeout: Duration::from_millis(300),
-        reconnect_retries: 1,
-    };
-    let redis = RedisConnection::connect(&url, options).await.unwrap();
+    let (proxy, redis) = through_proxy(&prefix).await;
     let key = prefix.key("counter");
     let mut conn = redis.clone();
     let incr = async |conn: &mut RedisConnection| -> redis::RedisResult<u64> {

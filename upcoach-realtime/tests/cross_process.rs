@@ -546,29 +546,35 @@ async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
     assert_eq!(cluster.b.hub.stats().resets, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_redis_outage_on_one_process_leaves_no_silent_gap() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
+/// Two connected processes: A reaches Redis (commands and pub/sub) only through the
+/// returned proxy, with 300 ms timeouts and 200 ms pings; B directly.
+async fn proxied_pair(prefix: &RedisPrefix) -> (FaultProxy, Process, Process, Arc<Tokens>) {
     let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
     let via_proxy = upcoach_testing::url_via(prefix.url(), proxy.addr());
     let tokens = Arc::new(Tokens::default());
     let quick = RedisBroadcasterOptions {
         timeout: Duration::from_millis(300),
         ping_interval: Duration::from_millis(200),
-        ..options(&prefix, HistoryLimits::default())
+        ..options(prefix, HistoryLimits::default())
     };
-    // A reaches Redis (commands and pub/sub) only through the proxy; B directly.
     let a = Process::start(&via_proxy, quick, tokens.clone()).await;
     let b = Process::start(
         prefix.url(),
-        options(&prefix, HistoryLimits::default()),
+        options(prefix, HistoryLimits::default()),
         tokens.clone(),
     )
     .await;
     a.until_connected("A").await;
     b.until_connected("B").await;
+    (proxy, a, b, tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_on_one_process_leaves_no_silent_gap() {
+    let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    let (proxy, a, b, tokens) = proxied_pair(&prefix).await;
 
     let token = tokens.admin();
     let auth = format!("Bearer {token}");
@@ -637,23 +643,7 @@ async fn a_redis_link_that_goes_silent_is_replaced_with_no_gap() {
     let Some(prefix) = RedisPrefix::create() else {
         return;
     };
-    let proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
-    let via_proxy = upcoach_testing::url_via(prefix.url(), proxy.addr());
-    let tokens = Arc::new(Tokens::default());
-    let quick = RedisBroadcasterOptions {
-        timeout: Duration::from_millis(300),
-        ping_interval: Duration::from_millis(200),
-        ..options(&prefix, HistoryLimits::default())
-    };
-    let a = Process::start(&via_proxy, quick, tokens.clone()).await;
-    let b = Process::start(
-        prefix.url(),
-        options(&prefix, HistoryLimits::default()),
-        tokens.clone(),
-    )
-    .await;
-    a.until_connected("A").await;
-    b.until_connected("B").await;
+    let (proxy, a, b, tokens) = proxied_pair(&prefix).await;
 
     let token = tokens.admin();
     let auth = format!("Bearer {token}");
