@@ -408,3 +408,118 @@ impl ConnectionLike for RedisConnection {
         self.manager().get_db()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout() -> redis::RedisError {
+        std::io::Error::from(std::io::ErrorKind::TimedOut).into()
+    }
+
+    /// A connection to `REDIS_URL` with 100 ms timeouts; `None` (skip) when unset,
+    /// unless `UPCOACH_REQUIRE_SERVICES=1`.
+    async fn connection() -> Option<RedisConnection> {
+        let Ok(url) = std::env::var("REDIS_URL") else {
+            assert!(
+                std::env::var("UPCOACH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "REDIS_URL is required"
+            );
+            return None;
+        };
+        let options = RedisOptions {
+            connection_timeout: Duration::from_millis(100),
+            response_timeout: Duration::from_millis(100),
+            reconnect_retries: 1,
+        };
+        let client = redis::Client::open(url).unwrap();
+        Some(
+            RedisConnection::from_client(client, options, "test")
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn until_replaced(conn: &RedisConnection, n: u64) {
+        for _ in 0..200 {
+            if conn.replacements() == n && !conn.shared.replacing.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} replacements, expected {n}", conn.replacements());
+    }
+
+    #[tokio::test]
+    async fn timeouts_right_after_an_answer_are_a_slow_server_not_a_silent_link() {
+        let Some(conn) = connection().await else {
+            return;
+        };
+        conn.after(0, &Ok(()));
+        for _ in 0..10 {
+            conn.after(0, &Err::<(), _>(timeout()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(conn.replacements(), 0, "an answer came 0 ms ago");
+    }
+
+    #[tokio::test]
+    async fn a_run_of_timeouts_with_no_answer_replaces_the_link_once() {
+        let Some(conn) = connection().await else {
+            return;
+        };
+        conn.after(0, &Ok(()));
+        tokio::time::sleep(Duration::from_millis(250)).await; // past 2 × 100 ms
+        conn.after(0, &Err::<(), _>(timeout()));
+        conn.after(0, &Err::<(), _>(timeout()));
+        assert_eq!(conn.replacements(), 0, "two are not a run");
+        conn.after(0, &Err::<(), _>(timeout()));
+        until_replaced(&conn, 1).await;
+        assert_eq!(conn.current().0, 1, "the new link is generation 1");
+
+        // Late timeouts from generation 0 do not count against generation 1.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        for _ in 0..5 {
+            conn.after(0, &Err::<(), _>(timeout()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(conn.replacements(), 1);
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        assert_eq!(pong, "PONG", "the new link works");
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_is_an_answer_and_ends_the_run() {
+        let Some(conn) = connection().await else {
+            return;
+        };
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        conn.after(0, &Err::<(), _>(timeout()));
+        conn.after(0, &Err::<(), _>(timeout()));
+        let reply: RedisResult<()> = redis::cmd("NO_SUCH_COMMAND")
+            .query_async(&mut conn.clone())
+            .await;
+        assert!(reply.is_err() && !reply.as_ref().unwrap_err().is_io_error());
+        conn.after(0, &Err::<(), _>(timeout()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(conn.replacements(), 0, "the server answered in between");
+    }
+
+    #[tokio::test]
+    async fn a_bare_manager_is_never_replaced() {
+        let Some(conn) = connection().await else {
+            return;
+        };
+        let bare = RedisConnection::from_manager(conn.manager());
+        // Past twice the 1 s response timeout assumed for a manager of unknown make.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        for _ in 0..5 {
+            bare.after(0, &Err::<(), _>(timeout()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(bare.replacements(), 0);
+    }
+}
