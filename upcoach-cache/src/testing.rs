@@ -1,42 +1,12 @@
 //! The conformance suite every [`CacheStore`] passes (feature `testing`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use upcoach_core::ManualClock;
 
 use crate::{CacheStore, CacheStoreExt, Error, MAX_TTL};
 
-/// How the suite lets time pass for a store.
-#[async_trait]
-pub trait PassTime: Send + Sync {
-    /// Lets `d` pass as the store sees it.
-    async fn pass(&self, d: Duration);
-}
-
-/// Moves a [`ManualClock`] (for stores that take their time from one).
-#[derive(Debug)]
-pub struct MoveClock(pub Arc<ManualClock>);
-
-#[async_trait]
-impl PassTime for MoveClock {
-    async fn pass(&self, d: Duration) {
-        self.0.advance(d);
-    }
-}
-
-/// Really waits (for stores whose clock is elsewhere, such as Redis).
-#[derive(Debug)]
-pub struct Sleep;
-
-#[async_trait]
-impl PassTime for Sleep {
-    async fn pass(&self, d: Duration) {
-        tokio::time::sleep(d).await;
-    }
-}
+pub use upcoach_core::testing::{MoveClock, PassTime, Sleep};
 
 /// Checks an empty `store` (its own prefix or instance): misses, round trips, binary,
 /// large, empty and unicode values and keys, very long keys, batches, expiry, refusals

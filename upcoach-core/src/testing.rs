@@ -11,13 +11,45 @@
 //! ```
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
 
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::event::*;
-use crate::{SystemClock, UserId};
+use crate::{ManualClock, SystemClock, UserId};
+
+/// How a conformance suite lets time pass for the store under test.
+#[async_trait]
+pub trait PassTime: Send + Sync {
+    /// Lets `d` pass as the store sees it.
+    async fn pass(&self, d: Duration);
+}
+
+/// Moves a [`ManualClock`] (for stores that take their time from one).
+#[derive(Debug)]
+pub struct MoveClock(pub Arc<ManualClock>);
+
+#[async_trait]
+impl PassTime for MoveClock {
+    async fn pass(&self, d: Duration) {
+        self.0.advance(d);
+    }
+}
+
+/// Really waits (for stores whose clock is elsewhere, such as Redis).
+#[derive(Debug)]
+pub struct Sleep;
+
+#[async_trait]
+impl PassTime for Sleep {
+    async fn pass(&self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+}
 
 /// Checks an empty [`EventLog`]: round trip of every field of every kind, newest-first
 /// order and limits, counting by type over a window, and refusal of records no backend

@@ -13,44 +13,14 @@
 //! # });
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use upcoach_core::ManualClock;
 
 use super::users::join_all;
 use crate::flow::{FlowError, FlowStore, FlowStoreExt, MAX_KEY_LEN, MAX_TTL, MAX_VALUE_LEN};
 
-/// How the suite lets time pass for a store.
-#[async_trait]
-pub trait PassTime: Send + Sync {
-    /// Lets `d` pass as the store sees it.
-    async fn pass(&self, d: Duration);
-}
-
-/// Moves a [`ManualClock`] (for stores that take their time from one).
-#[derive(Debug)]
-pub struct MoveClock(pub Arc<ManualClock>);
-
-#[async_trait]
-impl PassTime for MoveClock {
-    async fn pass(&self, d: Duration) {
-        self.0.advance(d);
-    }
-}
-
-/// Really waits (for stores whose clock is elsewhere, such as Redis).
-#[derive(Debug)]
-pub struct Sleep;
-
-#[async_trait]
-impl PassTime for Sleep {
-    async fn pass(&self, d: Duration) {
-        tokio::time::sleep(d).await;
-    }
-}
+pub use upcoach_core::testing::{MoveClock, PassTime, Sleep};
 
 const TTL: Duration = Duration::from_secs(60);
 
