@@ -242,7 +242,8 @@ impl RedisConnection {
     /// a replacement. Answers from a replaced generation are ignored.
     fn after<T>(&self, generation: u64, result: &RedisResult<T>) {
         let shared = &self.shared;
-        if self.current().0 != generation {
+        let current = shared.current.read().unwrap_or_else(|e| e.into_inner()).0;
+        if current != generation {
             return;
         }
         match result {
