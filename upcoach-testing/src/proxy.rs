@@ -85,14 +85,16 @@ impl FaultProxy {
         self.upstream
     }
 
-    /// Closes every open link and refuses new ones until [`restore`](Self::restore).
+    /// Closes every open link and refuses new ones until [`restore`](Self::restore). No
+    /// byte read after this returns is forwarded.
     pub fn cut(&self) {
         self.state.cut.store(true, Ordering::SeqCst);
         self.state.generation.send_modify(|g| *g += 1);
     }
 
-    /// Silences every open link: nothing more crosses it either way, yet both sockets
-    /// stay open (until [`cut`](Self::cut) or drop). New connections are forwarded.
+    /// Silences every open link: nothing read after this returns crosses it either way,
+    /// yet both sockets stay open (until [`cut`](Self::cut) or drop). New connections
+    /// are forwarded.
     pub fn stall(&self) {
         self.state.stalls.send_modify(|g| *g += 1);
     }
@@ -136,30 +138,57 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, state: Arc<Sta
         // this link.
         let mut generation = state.generation.subscribe();
         generation.mark_unchanged();
-        let mut stalls = state.stalls.subscribe();
-        stalls.mark_unchanged();
+        let stalls = state.stalls.subscribe();
         if state.cut.load(Ordering::SeqCst) {
             state.refused.fetch_add(1, Ordering::Relaxed);
             drop(client);
             continue;
         }
         state.accepted.fetch_add(1, Ordering::Relaxed);
+        // What this link was opened under: it forwards only while both still hold, so
+        // no byte read after `cut` or `stall` returns crosses it.
+        let opened = (*generation.borrow(), *stalls.borrow());
+        let state = state.clone();
         tokio::spawn(async move {
-            let Ok(mut server) = TcpStream::connect(upstream).await else {
+            let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
             };
-            let mut client = client;
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let live =
+                || *state.generation.borrow() == opened.0 && *state.stalls.borrow() == opened.1;
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = pump(client_read, server_write, &live) => {}
+                _ = pump(server_read, client_write, &live) => {}
+                // A stalled link's pumps hold both sockets and move nothing (half-open)
+                // until this: a cut, or the proxy dropped.
                 _ = generation.changed() => {}
-                _ = stalls.changed() => {
-                    // Half-open: hold both sockets, move nothing, until a cut or drop.
-                    let _ = generation.changed().await;
-                }
             }
             // Both sockets close here: the client sees its connection drop.
         });
+    }
+}
+
+/// Copies `from` to `to` while `live()` holds; past that it reads on and forwards
+/// nothing, until the link's task ends it.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    live: &impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) if live() => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => std::future::pending::<()>().await,
+        }
     }
 }
