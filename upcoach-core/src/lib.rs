@@ -22,6 +22,8 @@
 pub mod clock;
 pub mod config;
 pub mod event;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod principal;
 pub mod secret;
 pub mod token;

@@ -1,0 +1,622 @@
+//! The one HTTP face every upcoach crate shares (feature `http`): the bearer-token
+//! parser, the JSON error body, the [`HttpError`] trait that every crate's error
+//! implements, JSON request bodies (`application/json` only, bounded), and the client
+//! facts a request carries.
+//!
+//! - [`bearer_token`] reads `Authorization: Bearer <token>` (the scheme is matched
+//!   case-insensitively, RFC 9110 §11.1); [`bearer_token_or_query`] also takes
+//!   `access_token=` from the query, for browsers' `EventSource` and WebSocket.
+//! - [`HttpError`]: `status()`, `code()`, `is_retryable()`; [`error_response`] turns
+//!   any of them into `{"error":{"code","message"}}`. A server error never shows its
+//!   internal message: only a fixed text per status.
+//! - [`read_json`]: `415` unless `Content-Type: application/json`, `413` past the limit,
+//!   `400 invalid_json` for anything serde refuses.
+//! - [`authenticate`] and [`require_admin`]: a bearer token to a [`Principal`].
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, StatusCode};
+//! use http_body_util::Full;
+//! use upcoach_core::http::{self, ApiError, HttpError};
+//!
+//! let request = Request::get("/auth/me")
+//!     .header("authorization", "bearer abc.def.ghi")
+//!     .body(())
+//!     .unwrap();
+//! assert_eq!(http::bearer_token(request.headers()).unwrap(), "abc.def.ghi");
+//!
+//! let missing = http::bearer_token(Request::get("/").body(()).unwrap().headers()).unwrap_err();
+//! assert_eq!((missing.status(), missing.code()), (StatusCode::UNAUTHORIZED, "token_missing"));
+//!
+//! let response: http::Response<Full<Bytes>> =
+//!     http::error_response(&ApiError::not_found());
+//! assert_eq!(response.status(), StatusCode::NOT_FOUND);
+//! ```
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+pub use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderValue, header};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Principal, TokenError, TokenVerifier};
+
+/// The body type of the JSON answers built here.
+pub type JsonBody = Full<Bytes>;
+
+/// The default bound of a JSON request body: 16 KiB.
+pub const DEFAULT_JSON_LIMIT: usize = 16 * 1024;
+
+/// The longest bearer token accepted, in bytes.
+pub const MAX_BEARER_LEN: usize = 8 * 1024;
+
+/// An error that can be answered over HTTP: a status, a stable snake_case code, and
+/// whether retrying later could succeed. Implemented by every upcoach crate's error.
+///
+/// ```
+/// use http::StatusCode;
+/// use upcoach_core::http::HttpError;
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("the coach is on holiday")]
+/// struct OnHoliday;
+///
+/// impl HttpError for OnHoliday {
+///     fn status(&self) -> StatusCode { StatusCode::CONFLICT }
+///     fn code(&self) -> &'static str { "coach_on_holiday" }
+/// }
+///
+/// let response: http::Response<bytes::Bytes> = upcoach_core::http::error_response(&OnHoliday);
+/// let response = response.map(|body| String::from_utf8(body.to_vec()).unwrap());
+/// assert_eq!(response.status(), 409);
+/// assert_eq!(response.body(), r#"{"error":{"code":"coach_on_holiday","message":"the coach is on holiday"}}"#);
+/// ```
+pub trait HttpError: std::error::Error {
+    /// The status to answer with.
+    fn status(&self) -> StatusCode;
+
+    /// A stable snake_case code for clients.
+    fn code(&self) -> &'static str;
+
+    /// Whether trying again later could succeed (a dependency was down).
+    fn is_retryable(&self) -> bool {
+        self.status() == StatusCode::SERVICE_UNAVAILABLE
+    }
+
+    /// The text for people. Server errors get a fixed text per status, so no internal
+    /// detail (a backend's message, an address) reaches a client; others their
+    /// `Display`.
+    fn message(&self) -> Cow<'_, str> {
+        match self.status() {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                Cow::Borrowed("a dependency is unavailable; retry shortly")
+            }
+            status if status.is_server_error() => Cow::Borrowed("internal error"),
+            _ => Cow::Owned(self.to_string()),
+        }
+    }
+
+    /// Headers the answer carries besides the body (`WWW-Authenticate`, `Retry-After`).
+    fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        Vec::new()
+    }
+}
+
+impl HttpError for TokenError {
+    fn status(&self) -> StatusCode {
+        if self.is_retryable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::UNAUTHORIZED
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        TokenError::code(self)
+    }
+
+    fn is_retryable(&self) -> bool {
+        TokenError::is_retryable(self)
+    }
+
+    fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        if self.is_retryable() {
+            Vec::new()
+        } else {
+            vec![(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))]
+        }
+    }
+}
+
+/// An error answer made on the spot: a status, a code and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The status.
+    pub status: StatusCode,
+    /// The stable code.
+    pub code: &'static str,
+    /// The text for people.
+    pub message: Cow<'static, str>,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    /// 405 `method_not_allowed`, naming what the route accepts.
+    pub fn method_not_allowed(allowed: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("this route accepts {allowed}"),
+        )
+    }
+
+    /// 403 `forbidden`, naming what is needed.
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl HttpError for ApiError {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    fn code(&self) -> &'static str {
+        self.code
+    }
+
+    fn message(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.message)
+    }
+}
+
+/// `{"error":{"code","message"}}`, the body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    /// The code and the message.
+    pub error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ErrorDetail {
+    /// The stable snake_case code.
+    pub code: String,
+    /// The text for people.
+    pub message: String,
+}
+
+/// The JSON answer of `error`, with its status and headers.
+pub fn error_response<B: From<Bytes>>(error: &(impl HttpError + ?Sized)) -> Response<B> {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: error.code().to_owned(),
+            message: error.message().into_owned(),
+        },
+    };
+    let mut response = json_response(error.status(), &body);
+    for (name, value) in error.headers() {
+        response.headers_mut().insert(name, value);
+    }
+    if error.status().is_server_error() {
+        tracing::debug!(code = error.code(), error = %error, "answered with a server error");
+    }
+    response
+}
+
+/// A JSON answer with `status`.
+pub fn json_response<B: From<Bytes>, T: Serialize + ?Sized>(
+    status: StatusCode,
+    value: &T,
+) -> Response<B> {
+    let (status, bytes) = match serde_json::to_vec(value) {
+        Ok(bytes) => (status, Bytes::from(bytes)),
+        Err(e) => {
+            tracing::error!(error = %e, "a response could not be serialized");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Bytes::from_static(
+                    br#"{"error":{"code":"internal_error","message":"internal error"}}"#,
+                ),
+            )
+        }
+    };
+    let mut response = Response::new(B::from(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An empty answer with `status` (`204`, `302`).
+pub fn empty_response<B: From<Bytes>>(status: StatusCode) -> Response<B> {
+    let mut response = Response::new(B::from(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}
+
+/// The token of `Authorization: Bearer <token>`.
+///
+/// [`TokenError::Missing`] without the header; [`TokenError::Malformed`] for another
+/// scheme, an empty or oversized token, or bytes outside visible ASCII.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, TokenError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(TokenError::Missing)?;
+    let text = value.to_str().map_err(|_| TokenError::Malformed)?;
+    let (scheme, token) = text.split_once(' ').ok_or(TokenError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::Malformed);
+    }
+    checked_token(token.trim())
+}
+
+/// [`bearer_token`], or else the query's `access_token=` (percent-decoded): what a
+/// browser's `EventSource` or WebSocket can send. A present but malformed header is
+/// an error, never a reason to look at the query.
+pub fn bearer_token_or_query<B>(request: &Request<B>) -> Result<Cow<'_, str>, TokenError> {
+    match bearer_token(request.headers()) {
+        Ok(token) => Ok(Cow::Borrowed(token)),
+        Err(TokenError::Missing) => {
+            let token =
+                query_param(request.uri().query(), "access_token").ok_or(TokenError::Missing)?;
+            checked_token(&token)?;
+            Ok(Cow::Owned(token.into_owned()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn checked_token(token: &str) -> Result<&str, TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Missing);
+    }
+    if token.len() > MAX_BEARER_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::Malformed);
+    }
+    Ok(token)
+}
+
+/// The first value of `name` in `query`, percent-decoded (`+` is a space, as in forms).
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str>> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value)
+}
+
+/// The principal of the request's bearer token, by `verifier`.
+pub async fn authenticate(
+    verifier: &dyn TokenVerifier,
+    headers: &HeaderMap,
+) -> Result<Principal, TokenError> {
+    verifier.verify(bearer_token(headers)?).await
+}
+
+/// Why a caller may not use an admin route.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccessError {
+    /// No valid token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A valid token without the role.
+    #[error("this route needs the {0} role")]
+    MissingRole(&'static str),
+}
+
+impl HttpError for AccessError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AccessError::Token(e) => e.status(),
+            AccessError::MissingRole(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            AccessError::Token(e) => e.code(),
+            AccessError::MissingRole(_) => "forbidden",
+        }
+    }
+
+    fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        match self {
+            AccessError::Token(e) => e.headers(),
+            AccessError::MissingRole(_) => Vec::new(),
+        }
+    }
+}
+
+/// The principal of the request's bearer token if it has the `admin` role.
+pub async fn require_admin(
+    verifier: &dyn TokenVerifier,
+    headers: &HeaderMap,
+) -> Result<Principal, AccessError> {
+    let principal = authenticate(verifier, headers).await?;
+    if !principal.is_admin() {
+        return Err(AccessError::MissingRole("admin"));
+    }
+    Ok(principal)
+}
+
+/// Whether the request says its body is JSON (`application/json`, parameters allowed).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// 415 `unsupported_media_type` unless the request says `application/json`: a
+/// cross-site form or `text/plain` POST (which needs no CORS preflight) never reaches a
+/// JSON route.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    if is_json(headers) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ))
+    }
+}
+
+/// Reads a body of at most `limit` bytes: 413 `payload_too_large` past it, 400
+/// `bad_body` when it cannot be read.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body is larger than {limit} bytes"),
+            ))
+        }
+        Err(_) => Err(ApiError::bad_request(
+            "bad_body",
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// Reads a JSON request of at most `limit` bytes: [`require_json`], then
+/// [`read_body`], then serde (400 `invalid_json`).
+pub async fn read_json<T, B>(request: Request<B>, limit: usize) -> Result<T, ApiError>
+where
+    T: DeserializeOwned,
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    require_json(request.headers())?;
+    let bytes = read_body(request.into_body(), limit).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON for this route: {e}"),
+        )
+    })
+}
+
+/// The address of the peer that sent a request, as the server saw it: servers insert
+/// it into each request's extensions (the reference server does; an axum host copies
+/// `ConnectInfo` into it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The longest user agent kept, in bytes; longer ones are cut.
+pub const MAX_USER_AGENT_LEN: usize = 512;
+
+/// What a request says about its client, for audit records: its address and user
+/// agent (the platform is the caller's to add).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// The peer's address ([`ClientAddr`]), when the server recorded one.
+    pub ip: Option<IpAddr>,
+    /// `User-Agent` (bytes that are not UTF-8 replaced), cut to [`MAX_USER_AGENT_LEN`]
+    /// bytes.
+    pub user_agent: Option<String>,
+}
+
+impl RequestFacts {
+    /// The facts of a request.
+    pub fn of<B>(request: &Request<B>) -> Self {
+        Self::from_parts(request.headers(), request.extensions())
+    }
+
+    /// The facts from a request's headers and extensions.
+    pub fn from_parts(headers: &HeaderMap, extensions: &http::Extensions) -> Self {
+        let user_agent = headers
+            .get(header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .map(|ua| {
+                let mut end = ua.len().min(MAX_USER_AGENT_LEN);
+                while !ua.is_char_boundary(end) {
+                    end -= 1;
+                }
+                ua[..end].to_owned()
+            })
+            .filter(|ua| !ua.is_empty());
+        Self {
+            ip: extensions.get::<ClientAddr>().map(|a| a.0.ip()),
+            user_agent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn bearer_tokens_are_parsed_one_way() {
+        let ok = |v: &str| {
+            bearer_token(&headers(&[("authorization", v)]))
+                .map(str::to_owned)
+                .map_err(|e| e.code())
+        };
+        assert_eq!(ok("Bearer a.b.c"), Ok("a.b.c".into()));
+        assert_eq!(ok("bearer a.b.c"), Ok("a.b.c".into()));
+        assert_eq!(ok("BEARER  a.b.c "), Ok("a.b.c".into()));
+        assert_eq!(ok("Basic dXNlcg=="), Err("token_malformed"));
+        assert_eq!(ok("Bearer"), Err("token_malformed"));
+        assert_eq!(ok("Bearer "), Err("token_missing"));
+        assert_eq!(ok("Bearer a b"), Err("token_malformed"));
+        assert_eq!(
+            ok(&format!("Bearer {}", "x".repeat(MAX_BEARER_LEN + 1))),
+            Err("token_malformed")
+        );
+        assert_eq!(
+            bearer_token(&HeaderMap::new()).unwrap_err().code(),
+            "token_missing"
+        );
+    }
+
+    #[test]
+    fn the_query_is_read_only_without_a_header() {
+        let request = Request::get("/sse?access_token=a%2Eb&rooms=x")
+            .body(())
+            .unwrap();
+        assert_eq!(bearer_token_or_query(&request).unwrap(), "a.b");
+        let request = Request::get("/sse?access_token=q")
+            .header("authorization", "Basic x")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            bearer_token_or_query(&request).unwrap_err().code(),
+            "token_malformed"
+        );
+        let request = Request::get("/sse?access_token=").body(()).unwrap();
+        assert_eq!(
+            bearer_token_or_query(&request).unwrap_err().code(),
+            "token_missing"
+        );
+    }
+
+    #[test]
+    fn only_json_is_json() {
+        assert!(is_json(&headers(&[("content-type", "application/json")])));
+        assert!(is_json(&headers(&[(
+            "content-type",
+            "Application/JSON; charset=utf-8"
+        )])));
+        for other in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+            "application/jsonx",
+        ] {
+            assert!(!is_json(&headers(&[("content-type", other)])), "{other}");
+        }
+        assert_eq!(
+            require_json(&HeaderMap::new()).unwrap_err().status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+    }
+
+    #[tokio::test]
+    async fn json_bodies_are_bounded_and_typed() {
+        let request = |ct: &str, body: &'static str| {
+            Request::post("/")
+                .header("content-type", ct)
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap()
+        };
+        let ok: serde_json::Value = read_json(request("application/json", r#"{"a":1}"#), 64)
+            .await
+            .unwrap();
+        assert_eq!(ok["a"], 1);
+        let e = read_json::<serde_json::Value, _>(request("text/plain", r#"{"a":1}"#), 64)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "unsupported_media_type");
+        let e = read_json::<serde_json::Value, _>(request("application/json", "{}  "), 2)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "payload_too_large");
+        let e = read_json::<serde_json::Value, _>(request("application/json", "nope"), 64)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "invalid_json");
+    }
+
+    #[test]
+    fn server_errors_show_no_detail() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("redis at 10.0.0.7:6379 refused")]
+        struct Down;
+        impl HttpError for Down {
+            fn status(&self) -> StatusCode {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            fn code(&self) -> &'static str {
+                "cache_unavailable"
+            }
+        }
+        let response: Response<Full<Bytes>> = error_response(&Down);
+        assert_eq!(response.status(), 503);
+        assert!(Down.is_retryable());
+        assert!(!Down.message().contains("10.0.0.7"));
+    }
+
+    #[test]
+    fn facts_come_from_headers_and_the_peer() {
+        let mut request = Request::get("/")
+            .header("user-agent", "é".repeat(400))
+            .body(())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(ClientAddr("192.0.2.7:4000".parse().unwrap()));
+        let facts = RequestFacts::of(&request);
+        assert_eq!(facts.ip, Some("192.0.2.7".parse().unwrap()));
+        let ua = facts.user_agent.unwrap();
+        assert!(ua.len() <= MAX_USER_AGENT_LEN && ua.starts_with('é'));
+    }
+}
