@@ -75,8 +75,9 @@ mod redis;
 pub use self::redis::RedisFlowStore;
 pub use memory::{MemoryFlowStore, MemoryFlowStoreBuilder};
 
-/// The longest time a value may live: one hour.
-pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// The longest time a value may live: one day (a native sign-in's nonce is kept as
+/// long as its id token is accepted).
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 256;
@@ -95,7 +96,7 @@ pub enum FlowError {
         reason: &'static str,
     },
     /// The time to live is zero or longer than [`MAX_TTL`].
-    #[error("invalid time to live {ttl:?}: expected more than zero and at most one hour")]
+    #[error("invalid time to live {ttl:?}: expected more than zero and at most one day")]
     InvalidTtl {
         /// The refused value.
         ttl: Duration,

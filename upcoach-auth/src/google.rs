@@ -1,11 +1,23 @@
 //! Sign in with Google: OpenID discovery, the authorization-code flow with PKCE (through
 //! the `oauth2` crate), and native sign-in by id token.
+//!
+//! The identity comes from the verified id token. Google puts `email` there; other
+//! OpenID providers (`GOOGLE_ISSUER_URL` may name any issuer) may put it only in UserInfo
+//! (OIDC Core §5.3). So in the authorization-code flow, when the id token has no `email`
+//! and discovery advertised a `userinfo_endpoint`, that endpoint is asked with the access
+//! token (`Authorization: Bearer`, the provider HTTP client: bounded time, no redirects;
+//! at most 64 KiB of JSON). Its `sub` must equal the id token's, else the sign-in is
+//! refused (`userinfo_subject_mismatch`); then `email`, `email_verified` (only the JSON
+//! boolean `true` counts) and, when the id token had none, `name` are taken from it. An
+//! endpoint that fails or cannot be reached is [`Error::ProviderUnavailable`] (retryable).
+//! Native sign-in has an id token only, so it never consults UserInfo.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use oauth2::TokenResponse as _;
 use oauth2::basic::{
     BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
     BasicTokenIntrospectionResponse, BasicTokenType,
@@ -16,16 +28,19 @@ use oauth2::{
     StandardRevocableToken, StandardTokenResponse, TokenUrl, reqwest,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use upcoach_core::Clock;
 use upcoach_core::config::{GOOGLE_ISSUER, GoogleConfig};
 
-use crate::oidc::{IdTokenRules, IdTokenVerifier, JwksCache};
+use crate::oidc::{IdTokenClaims, IdTokenRules, IdTokenVerifier, JwksCache};
 use crate::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
 };
 
 /// The two spellings of Google's issuer that its id tokens carry.
 const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
+/// The largest UserInfo answer read.
+const MAX_USERINFO_BYTES: usize = 64 * 1024;
 
 /// The token endpoint's answer, with the id token OpenID adds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +75,10 @@ pub struct Discovery {
     pub token_endpoint: String,
     /// The provider's signing keys.
     pub jwks_uri: String,
+    /// The UserInfo endpoint, if the provider has one (asked for the e-mail address
+    /// when an id token carries none).
+    #[serde(default)]
+    pub userinfo_endpoint: Option<String>,
 }
 
 impl Discovery {
@@ -120,6 +139,7 @@ pub struct GoogleProvider {
     issuer: String,
     http: reqwest::Client,
     verifier: IdTokenVerifier,
+    userinfo_endpoint: Option<String>,
     hosted_domain: Option<String>,
     redirect_uri: String,
 }
@@ -172,6 +192,9 @@ impl GoogleProvider {
             issuer: discovery.issuer.clone(),
             http,
             verifier,
+            // Not checked here: a provider that never needs it keeps working; a bad URL
+            // fails the one request that uses it.
+            userinfo_endpoint: discovery.userinfo_endpoint.clone(),
             hosted_domain: config.hosted_domain.clone(),
             redirect_uri: redirect_uri.to_owned(),
         })
@@ -187,25 +210,97 @@ impl GoogleProvider {
         &self.redirect_uri
     }
 
-    async fn identity(
+    /// Verifies `id_token` (and the hosted domain, when one is required).
+    async fn verified_claims(
         &self,
         id_token: &str,
         nonce: Option<&str>,
-    ) -> Result<VerifiedIdentity, Error> {
+    ) -> Result<IdTokenClaims, Error> {
         let claims = self.verifier.verify(id_token, nonce).await?;
         if let Some(domain) = &self.hosted_domain
             && claims.string("hd") != Some(domain.as_str())
         {
             return Err(Error::WrongHostedDomain);
         }
-        Ok(VerifiedIdentity {
+        Ok(claims)
+    }
+
+    fn identity_of(&self, claims: &IdTokenClaims) -> VerifiedIdentity {
+        VerifiedIdentity {
             provider: ProviderId::Google,
             subject: claims.sub.clone(),
             email: claims.string("email").map(str::to_owned),
             email_verified: claims.email_verified(),
             name: claims.string("name").map(str::to_owned),
-        })
+            expires_at: self.verifier.accepted_until(claims),
+        }
     }
+
+    /// The UserInfo claims for `access_token`, whose `sub` must be `subject`.
+    async fn userinfo(
+        &self,
+        endpoint: &str,
+        access_token: &str,
+        subject: &str,
+    ) -> Result<serde_json::Map<String, Value>, Error> {
+        let unavailable =
+            |e: Box<dyn std::error::Error + Send + Sync>| Error::ProviderUnavailable(e);
+        let mut response = self
+            .http
+            .get(endpoint)
+            .bearer_auth(access_token)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| unavailable(Box::new(e)))?;
+        if !response.status().is_success() {
+            return Err(unavailable(
+                format!("the userinfo endpoint answered {}", response.status()).into(),
+            ));
+        }
+        let too_large = || unavailable("the userinfo answer is too large".into());
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_USERINFO_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| unavailable(Box::new(e)))?
+        {
+            if body.len() + chunk.len() > MAX_USERINFO_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let claims: serde_json::Map<String, Value> =
+            serde_json::from_slice(&body).map_err(|e| unavailable(Box::new(e)))?;
+        // OIDC Core §5.3.2: values of another subject must not be used.
+        if claims.get("sub").and_then(Value::as_str) != Some(subject) {
+            return Err(Error::InvalidCredential {
+                reason: "userinfo_subject_mismatch",
+            });
+        }
+        Ok(claims)
+    }
+}
+
+/// `identity` with the address (and, if it had none, the name) UserInfo reported.
+fn with_userinfo(
+    mut identity: VerifiedIdentity,
+    info: &serde_json::Map<String, Value>,
+) -> VerifiedIdentity {
+    let string = |name: &str| info.get(name).and_then(Value::as_str).map(str::to_owned);
+    identity.email = string("email");
+    // Strictly, as for id tokens: only the JSON boolean `true` counts.
+    identity.email_verified = matches!(info.get("email_verified"), Some(Value::Bool(true)));
+    if identity.name.is_none() {
+        identity.name = string("name");
+    }
+    identity
 }
 
 #[async_trait]
@@ -279,7 +374,17 @@ impl AuthProvider for GoogleProvider {
                 .ok_or(Error::InvalidCredential {
                     reason: "no_id_token",
                 })?;
-        self.identity(id_token, Some(&request.nonce)).await
+        let claims = self.verified_claims(id_token, Some(&request.nonce)).await?;
+        let identity = self.identity_of(&claims);
+        match &self.userinfo_endpoint {
+            Some(endpoint) if identity.email.is_none() => {
+                let info = self
+                    .userinfo(endpoint, response.access_token().secret(), &claims.sub)
+                    .await?;
+                Ok(with_userinfo(identity, &info))
+            }
+            _ => Ok(identity),
+        }
     }
 
     async fn verify_native(
@@ -291,7 +396,8 @@ impl AuthProvider for GoogleProvider {
                 let nonce = nonce.as_deref().ok_or(Error::InvalidCredential {
                     reason: "nonce_required",
                 })?;
-                self.identity(id_token, Some(nonce)).await
+                let claims = self.verified_claims(id_token, Some(nonce)).await?;
+                Ok(self.identity_of(&claims))
             }
             _ => Err(Error::InvalidCredential {
                 reason: "id_token_required",

@@ -33,10 +33,13 @@
 
 pub mod flow;
 pub mod google;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod oidc;
 mod provider;
 pub mod refresh;
 pub mod session;
+pub mod sessions;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod users;

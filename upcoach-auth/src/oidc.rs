@@ -32,7 +32,7 @@
 mod jwks;
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -222,6 +222,19 @@ impl IdTokenVerifier {
     /// The provider's key cache.
     pub fn keys(&self) -> &Arc<JwksCache> {
         &self.keys
+    }
+
+    /// Until when this verifier accepts a token with these claims: the first instant at
+    /// which it refuses it as expired, `exp` plus the leeway (plus the second that
+    /// reading the clock in whole seconds adds). A caller that remembers a one-time
+    /// nonce until then can never see the same token accepted after forgetting it.
+    /// `None` only for an `exp` too far ahead for [`SystemTime`].
+    pub fn accepted_until(&self, claims: &IdTokenClaims) -> Option<SystemTime> {
+        let secs = claims
+            .exp
+            .checked_add(self.rules.leeway.as_secs())?
+            .checked_add(1)?;
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs))
     }
 
     /// Verifies `token`; with `nonce`, the token must carry exactly that nonce.

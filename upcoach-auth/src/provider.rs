@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,13 @@ pub struct VerifiedIdentity {
     pub email_verified: bool,
     /// A display name, if the provider gave one.
     pub name: Option<String>,
+    /// Until when the credential that proved this identity is still accepted by the
+    /// verifier (an id token's `exp` plus the verifier's leeway, as
+    /// [`IdTokenVerifier::accepted_until`](crate::oidc::IdTokenVerifier::accepted_until)
+    /// computes it), so a caller can remember a one-time nonce at least that long; `None`
+    /// when the credential carries no expiry.
+    #[serde(default)]
+    pub expires_at: Option<SystemTime>,
 }
 
 /// A credential a native app obtained from the provider itself.
@@ -135,6 +143,7 @@ impl fmt::Debug for NativeCredential {
 ///                 email: None,
 ///                 email_verified: false,
 ///                 name: None,
+///                 expires_at: None,
 ///             }),
 ///             _ => Err(Error::InvalidCredential { reason: "unknown fixture credential" }),
 ///         }

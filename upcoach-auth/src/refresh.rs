@@ -233,6 +233,10 @@ pub enum RefreshError {
         /// The revoked family.
         family_id: SessionId,
     },
+    /// A logout presented a refresh token of another user's family
+    /// ([`RefreshStore::revoke_presented`]); nothing was revoked.
+    #[error("this refresh token belongs to another user")]
+    NotOwner,
     /// The store refused to open a family for a user it does not know (Postgres: no
     /// such row in `users`).
     #[error("no such user")]
@@ -259,6 +263,7 @@ impl RefreshError {
             RefreshError::Expired => "refresh_token_expired",
             RefreshError::Revoked => "refresh_token_revoked",
             RefreshError::Reused { .. } => "refresh_token_reused",
+            RefreshError::NotOwner => "refresh_token_not_yours",
             RefreshError::UnknownUser => "unknown_user",
             RefreshError::Random(_) => "internal_error",
             RefreshError::Backend { .. } => "refresh_store_unavailable",
@@ -314,9 +319,9 @@ impl RefreshError {
 ///         -> Result<bool, RefreshError> {
 ///         self.inner.revoke_family(family, reason, now).await
 ///     }
-///     async fn revoke_presented(&self, presented: &str, now: SystemTime)
+///     async fn revoke_presented(&self, presented: &str, owner: UserId, now: SystemTime)
 ///         -> Result<Option<RefreshFamily>, RefreshError> {
-///         self.inner.revoke_presented(presented, now).await
+///         self.inner.revoke_presented(presented, owner, now).await
 ///     }
 ///     async fn revoke_user(&self, user: UserId, now: SystemTime) -> Result<u64, RefreshError> {
 ///         self.inner.revoke_user(user, now).await
@@ -371,11 +376,13 @@ pub trait RefreshStore: fmt::Debug + Send + Sync + 'static {
     ) -> Result<bool, RefreshError>;
 
     /// Logout: revokes the family of `presented` (any token of it, rotated or expired
-    /// too). `None` for an unknown or malformed token, which is not an error: the caller
-    /// answers the same either way.
+    /// too) if it belongs to `owner`, the signed-in user asking. A family of another user
+    /// is [`RefreshError::NotOwner`] and stays as it was. `None` for an unknown or
+    /// malformed token, which is not an error: the caller answers the same either way.
     async fn revoke_presented(
         &self,
         presented: &str,
+        owner: UserId,
         now: SystemTime,
     ) -> Result<Option<RefreshFamily>, RefreshError>;
 
@@ -387,6 +394,27 @@ pub trait RefreshStore: fmt::Debug + Send + Sync + 'static {
     /// instead of [`RefreshError::Expired`]. The memory store also does this a little at
     /// a time on every call; run it periodically on Postgres.
     async fn purge_expired(&self, now: SystemTime) -> Result<Purged, RefreshError>;
+}
+
+/// Runs [`RefreshStore::purge_expired`] on `store` every `every` (at least 1 ms; the
+/// first round one interval from now), timed by `clock`, handing each round's outcome
+/// to `report`, until the task is aborted. The memory store purges a little on every
+/// call anyway; Postgres needs this.
+pub fn spawn_purge(
+    store: std::sync::Arc<dyn RefreshStore>,
+    clock: std::sync::Arc<dyn upcoach_core::Clock>,
+    every: Duration,
+    report: impl Fn(Result<Purged, RefreshError>) + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let every = every.max(Duration::from_millis(1));
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            report(store.purge_expired(clock.now()).await);
+        }
+    })
 }
 
 /// `t` cut to whole microseconds, as Postgres keeps it.

@@ -41,6 +41,7 @@
 //!     email: Some("ada@example.com".into()),
 //!     email_verified: true,
 //!     name: Some("Ada".into()),
+//!     expires_at: None,
 //! };
 //!
 //! let first = store.sign_in(&identity(ProviderId::Google, "g-1"), &policy).await?;
@@ -409,6 +410,7 @@ mod tests {
             email: None,
             email_verified: false,
             name: None,
+            expires_at: None,
         };
         assert!(check_identity(&ok).is_ok());
         for bad in [

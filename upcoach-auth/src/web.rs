@@ -3,6 +3,12 @@
 //! minutes and used once; the flow bound to the browser that started it by a cookie;
 //! the provider it was started for recorded (mix-up defence); `return_to` only from an
 //! exact allow-list; and a one-time, 60 s `login_code` instead of tokens in a URL.
+//!
+//! The login code is bound to the browser that began the sign-in, so a code planted by
+//! someone else (login CSRF: an attacker finishes a sign-in in their own browser and
+//! sends the victim the `return_to?login_code=` link) is refused: redeeming it needs
+//! either that browser's flow cookie, or the verifier whose S256 challenge the web app
+//! passed as `login_challenge` when it began ([`LoginProof`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +61,13 @@ pub enum SignInError {
     /// The login code is unknown, expired or already used.
     #[error("the login code is unknown, expired or already used")]
     LoginCodeInvalid,
+    /// The login code was redeemed without proof that this browser began the sign-in:
+    /// neither its flow cookie nor the verifier of its `login_challenge`.
+    #[error("this login code was issued to another browser")]
+    LoginCodeBrowserMismatch,
+    /// `login_challenge` is not a base64url S256 challenge (43 characters).
+    #[error("login_challenge must be the base64url SHA-256 of a verifier (43 characters)")]
+    LoginChallengeInvalid,
     /// The provider step failed.
     #[error(transparent)]
     Provider(#[from] Error),
@@ -76,6 +89,8 @@ impl SignInError {
             SignInError::ProviderDenied => "provider_denied",
             SignInError::CodeMissing => "code_missing",
             SignInError::LoginCodeInvalid => "login_code_invalid",
+            SignInError::LoginCodeBrowserMismatch => "login_code_browser_mismatch",
+            SignInError::LoginChallengeInvalid => "login_challenge_invalid",
             SignInError::Provider(e) => e.code(),
             SignInError::Store(e) => e.code(),
         }
@@ -104,6 +119,9 @@ struct FlowState {
     browser: String,
     return_to: Option<String>,
     platform: Option<String>,
+    /// The web app's S256 challenge for redeeming the login code, if it gave one.
+    #[serde(default)]
+    login_challenge: Option<String>,
 }
 
 /// A started sign-in: where to send the browser and the cookie to set on it.
@@ -137,6 +155,75 @@ pub struct Completed {
     pub return_to: Option<String>,
     /// The platform the flow named (`web`, ...).
     pub platform: Option<String>,
+    /// What binds a login code to the browser that began: see [`LoginGrant::binding`].
+    pub binding: BrowserBinding,
+}
+
+/// What ties a login code to the browser that began the sign-in.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrowserBinding {
+    /// SHA-256 (base64url) of the flow cookie.
+    browser: String,
+    /// The web app's S256 challenge, if it gave one.
+    login_challenge: Option<String>,
+}
+
+impl std::fmt::Debug for BrowserBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrowserBinding")
+            .field("login_challenge", &self.login_challenge.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a redeemer presents to show it is the browser that began the sign-in.
+#[derive(Clone, Copy, Default)]
+pub struct LoginProof<'a> {
+    /// The [`FLOW_COOKIE`] the browser sends.
+    pub browser_cookie: Option<&'a str>,
+    /// The verifier of the `login_challenge` the web app gave at the start.
+    pub login_verifier: Option<&'a str>,
+}
+
+impl std::fmt::Debug for LoginProof<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginProof")
+            .field("browser_cookie", &self.browser_cookie.is_some())
+            .field("login_verifier", &self.login_verifier.is_some())
+            .finish()
+    }
+}
+
+impl BrowserBinding {
+    /// The binding of a browser holding `browser_cookie`, and of the app holding the
+    /// verifier of `login_challenge` (base64url SHA-256), if given.
+    pub fn new(browser_cookie: &str, login_challenge: Option<&str>) -> Self {
+        Self {
+            browser: hash(browser_cookie),
+            login_challenge: login_challenge.map(str::to_owned),
+        }
+    }
+
+    /// The S256 challenge (base64url, no padding) of `verifier`, as a web app computes
+    /// it for `login_challenge`.
+    pub fn challenge_of(verifier: &str) -> String {
+        hash(verifier)
+    }
+
+    /// Whether `proof` comes from the browser that began: its cookie, or the verifier
+    /// of its challenge (both compared in constant time).
+    pub fn accepts(&self, proof: &LoginProof<'_>) -> bool {
+        let cookie_ok = proof.browser_cookie.is_some_and(|cookie| {
+            bool::from(hash(cookie).as_bytes().ct_eq(self.browser.as_bytes()))
+        });
+        let verifier_ok = match (&self.login_challenge, proof.login_verifier) {
+            (Some(challenge), Some(verifier)) => {
+                bool::from(hash(verifier).as_bytes().ct_eq(challenge.as_bytes()))
+            }
+            _ => false,
+        };
+        cookie_ok || verifier_ok
+    }
 }
 
 /// What a login code stands for; tokens are made only when it is exchanged.
@@ -148,6 +235,8 @@ pub struct LoginGrant {
     pub provider: ProviderId,
     /// The session to open.
     pub session_id: SessionId,
+    /// The browser that began the sign-in.
+    pub binding: BrowserBinding,
 }
 
 /// Browser sign-in steps over a [`FlowStore`].
@@ -218,8 +307,17 @@ impl WebSignIn {
         redirect_uri: &str,
         return_to: Option<&str>,
         platform: Option<&str>,
+        login_challenge: Option<&str>,
     ) -> Result<Started, SignInError> {
         let return_to = return_to.map(|r| self.check_return_to(r)).transpose()?;
+        if let Some(challenge) = login_challenge
+            && (challenge.len() != 43
+                || !challenge
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(SignInError::LoginChallengeInvalid);
+        }
         let state = random_token()?;
         let nonce = random_token()?;
         let pkce_verifier = random_token()?;
@@ -241,6 +339,7 @@ impl WebSignIn {
             browser: hash(&browser_cookie),
             return_to,
             platform: platform.map(str::to_owned),
+            login_challenge: login_challenge.map(str::to_owned),
         };
         self.flows
             .put_json(&format!("flow:{state}"), &flow, FLOW_TTL)
@@ -283,10 +382,15 @@ impl WebSignIn {
         {
             return Err(SignInError::IssuerMismatch);
         }
-        let browser_ok = browser_cookie.is_some_and(|cookie| {
-            bool::from(hash(cookie).as_bytes().ct_eq(flow.browser.as_bytes()))
-        });
-        if !browser_ok {
+        let binding = BrowserBinding {
+            browser: flow.browser,
+            login_challenge: flow.login_challenge,
+        };
+        let cookie_only = LoginProof {
+            browser_cookie,
+            login_verifier: None,
+        };
+        if !binding.accepts(&cookie_only) {
             return Err(SignInError::BrowserMismatch);
         }
         if params.error.is_some() {
@@ -310,6 +414,7 @@ impl WebSignIn {
             identity,
             return_to: flow.return_to,
             platform: flow.platform,
+            binding,
         })
     }
 
@@ -322,15 +427,26 @@ impl WebSignIn {
         Ok(code)
     }
 
-    /// What `code` stands for, once.
-    pub async fn redeem_login_code(&self, code: &str) -> Result<LoginGrant, SignInError> {
+    /// What `code` stands for, once, if `proof` shows this is the browser that began
+    /// the sign-in ([`SignInError::LoginCodeBrowserMismatch`] otherwise). The code is
+    /// used up either way.
+    pub async fn redeem_login_code(
+        &self,
+        code: &str,
+        proof: &LoginProof<'_>,
+    ) -> Result<LoginGrant, SignInError> {
         if code.is_empty() || code.len() > 128 {
             return Err(SignInError::LoginCodeInvalid);
         }
-        self.flows
+        let grant: LoginGrant = self
+            .flows
             .take_json(&format!("login:{}", hash(code)))
             .await?
-            .ok_or(SignInError::LoginCodeInvalid)
+            .ok_or(SignInError::LoginCodeInvalid)?;
+        if !grant.binding.accepts(proof) {
+            return Err(SignInError::LoginCodeBrowserMismatch);
+        }
+        Ok(grant)
     }
 
     /// Records a native sign-in's nonce as used; false if it was used before (a

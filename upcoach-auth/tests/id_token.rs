@@ -373,6 +373,27 @@ async fn an_expired_token_is_refused_beyond_the_leeway_only() {
 }
 
 #[tokio::test]
+async fn accepted_until_is_the_first_instant_the_token_is_refused() {
+    let s = setup().await;
+    let c = claims(&s.clock);
+    let token = sign(&c);
+    let verified = s.verifier.verify(&token, None).await.unwrap();
+    let until = s
+        .verifier
+        .accepted_until(&verified)
+        .expect("an exp that fits");
+    let exp = UNIX_EPOCH + Duration::from_secs(c["exp"].as_u64().unwrap());
+    assert!(until >= exp + s.verifier.rules().leeway, "{until:?}");
+    s.clock.set(until - Duration::from_nanos(1));
+    assert!(
+        s.verifier.verify(&token, None).await.is_ok(),
+        "accepted until then"
+    );
+    s.clock.set(until);
+    assert_eq!(refused(&s, &token, None).await.code(), "id_token_expired");
+}
+
+#[tokio::test]
 async fn exp_and_nbf_as_strings_are_refused() {
     assert_eq!(
         refused_claims(|c, now| c["exp"] = json!((now + 3600).to_string())).await,

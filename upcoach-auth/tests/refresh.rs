@@ -328,7 +328,7 @@ async fn postgres_rotation_racing_revocation_never_leaves_a_live_token() {
                         .await
                         .map(|_| ()),
                     1 => store
-                        .revoke_presented(token.expose(), now)
+                        .revoke_presented(token.expose(), user, now)
                         .await
                         .map(|_| ()),
                     _ => store.revoke_user(user, now).await.map(|_| ()),

@@ -17,6 +17,7 @@ fn identity(provider: ProviderId, subject: &str, email: Option<&str>) -> Verifie
         email: email.map(str::to_owned),
         email_verified: email.is_some(),
         name: None,
+        expires_at: None,
     }
 }
 

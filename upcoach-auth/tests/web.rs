@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use upcoach_auth::flow::MemoryFlowStore;
+use upcoach_auth::web::{BrowserBinding, LoginProof};
 use upcoach_auth::web::{CallbackParams, LoginGrant, WebSignIn};
 use upcoach_auth::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
@@ -59,6 +60,7 @@ impl AuthProvider for Scripted {
             email: None,
             email_verified: false,
             name: None,
+            expires_at: None,
         })
     }
 
@@ -103,6 +105,7 @@ async fn a_callback_for_another_providers_flow_is_refused() {
             "https://api.example.test/auth/google/callback",
             None,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -139,7 +142,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
     let google = provider(ProviderId::Google);
     for cookie in [None, Some("another-browser")] {
         let started = web
-            .begin(&google, "https://api.example.test/cb", None, None)
+            .begin(&google, "https://api.example.test/cb", None, None, None)
             .await
             .unwrap();
         let params = CallbackParams {
@@ -157,6 +160,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
             "https://api.example.test/cb",
             Some("https://app.example.test/in"),
             Some("web"),
+            None,
         )
         .await
         .unwrap();
@@ -182,7 +186,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
     let web = setup();
     let google = provider(ProviderId::Google);
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None)
+        .begin(&google, "https://api.example.test/cb", None, None, None)
         .await
         .unwrap();
     let denied = CallbackParams {
@@ -199,7 +203,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
         "provider_denied"
     );
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None)
+        .begin(&google, "https://api.example.test/cb", None, None, None)
         .await
         .unwrap();
     let no_code = CallbackParams {
@@ -224,17 +228,90 @@ async fn login_codes_work_once() {
         user_id: UserId::new(),
         provider: ProviderId::Google,
         session_id: SessionId::new(),
+        binding: BrowserBinding::new("the-browser", None),
+    };
+    let proof = LoginProof {
+        browser_cookie: Some("the-browser"),
+        login_verifier: None,
     };
     let code = web.issue_login_code(&grant).await.unwrap();
-    assert_eq!(web.redeem_login_code(&code).await.unwrap(), grant);
+    assert_eq!(web.redeem_login_code(&code, &proof).await.unwrap(), grant);
     assert_eq!(
-        web.redeem_login_code(&code).await.unwrap_err().code(),
+        web.redeem_login_code(&code, &proof)
+            .await
+            .unwrap_err()
+            .code(),
         "login_code_invalid"
     );
     assert_eq!(
-        web.redeem_login_code("guessed").await.unwrap_err().code(),
+        web.redeem_login_code("guessed", &proof)
+            .await
+            .unwrap_err()
+            .code(),
         "login_code_invalid"
     );
+}
+
+/// Login CSRF: a code issued to one browser, redeemed by another (no cookie, another
+/// cookie, a wrong verifier), is refused and used up.
+#[tokio::test]
+async fn login_codes_only_work_in_the_browser_that_began() {
+    let web = setup();
+    let verifier = "a-verifier-the-web-app-chose-and-kept-to-itself";
+    let grant = LoginGrant {
+        user_id: UserId::new(),
+        provider: ProviderId::Google,
+        session_id: SessionId::new(),
+        binding: BrowserBinding::new(
+            "victim-cookie",
+            Some(&BrowserBinding::challenge_of(verifier)),
+        ),
+    };
+    for (cookie, login_verifier) in [
+        (None, None),
+        (Some("attacker-cookie"), None),
+        (None, Some("a-guessed-verifier")),
+        (Some("attacker-cookie"), Some("a-guessed-verifier")),
+    ] {
+        let code = web.issue_login_code(&grant).await.unwrap();
+        let proof = LoginProof {
+            browser_cookie: cookie,
+            login_verifier,
+        };
+        assert_eq!(
+            web.redeem_login_code(&code, &proof)
+                .await
+                .unwrap_err()
+                .code(),
+            "login_code_browser_mismatch",
+            "{proof:?}"
+        );
+        let right = LoginProof {
+            browser_cookie: Some("victim-cookie"),
+            login_verifier: None,
+        };
+        assert_eq!(
+            web.redeem_login_code(&code, &right)
+                .await
+                .unwrap_err()
+                .code(),
+            "login_code_invalid",
+            "a refused code is used up"
+        );
+    }
+    for proof in [
+        LoginProof {
+            browser_cookie: Some("victim-cookie"),
+            login_verifier: None,
+        },
+        LoginProof {
+            browser_cookie: None,
+            login_verifier: Some(verifier),
+        },
+    ] {
+        let code = web.issue_login_code(&grant).await.unwrap();
+        assert_eq!(web.redeem_login_code(&code, &proof).await.unwrap(), grant);
+    }
 }
 
 #[tokio::test]
@@ -242,7 +319,7 @@ async fn a_callback_naming_another_issuer_is_refused() {
     let web = setup();
     let google = provider(ProviderId::Google);
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None)
+        .begin(&google, "https://api.example.test/cb", None, None, None)
         .await
         .unwrap();
     let params = CallbackParams {
@@ -258,7 +335,7 @@ async fn a_callback_naming_another_issuer_is_refused() {
     assert_eq!(e.code(), "flow_issuer_mismatch");
     assert_eq!(google.exchanges.load(Ordering::SeqCst), 0);
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None)
+        .begin(&google, "https://api.example.test/cb", None, None, None)
         .await
         .unwrap();
     let params = CallbackParams {

@@ -157,6 +157,41 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Backend { .. })
     }
+
+    /// A stable snake_case code for clients and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidKey { .. } => "invalid_cache_key",
+            Error::InvalidTtl { .. } => "invalid_ttl",
+            Error::InvalidTag { .. } => "invalid_tags",
+            Error::ValueTooLarge { .. } => "value_too_large",
+            Error::Corrupt { .. } => "cache_entry_corrupt",
+            Error::Serde(_) => "invalid_cache_value",
+            Error::Unsupported { .. } => "unsupported",
+            Error::Backend { .. } => "cache_unavailable",
+        }
+    }
+}
+
+impl upcoach_core::http::HttpError for Error {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            Error::InvalidKey { .. } | Error::InvalidTtl { .. } | Error::InvalidTag { .. } => {
+                http::StatusCode::BAD_REQUEST
+            }
+            Error::ValueTooLarge { .. } => http::StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Backend { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+            _ => http::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        Error::code(self)
+    }
+
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
 }
 
 /// `Result` with this crate's [`Error`].

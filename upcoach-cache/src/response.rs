@@ -400,13 +400,8 @@ where
                 (false, false, _) => None,
                 (false, true, _) => Some("anonymous".to_owned()),
                 (true, true, Some(verifier)) => {
-                    let token = parts
-                        .headers
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.strip_prefix("Bearer "))
-                        .unwrap_or_default();
-                    match verifier.verify(token.trim()).await {
+                    match upcoach_core::http::authenticate(verifier.as_ref(), &parts.headers).await
+                    {
                         Ok(principal) if rule.authorize.as_ref().is_none_or(|f| f(&principal)) => {
                             // Roles are part of the key: a caller whose roles changed
                             // never gets an answer computed for the old ones.

@@ -145,6 +145,41 @@ impl SecurityEvent {
         self.user_agent = Some(user_agent.into());
         self
     }
+
+    /// Sets the client's address, user agent and platform, where `facts` knows them.
+    pub fn client(mut self, facts: &ClientFacts) -> Self {
+        if facts.ip.is_some() {
+            self.ip_address = facts.ip;
+        }
+        if let Some(user_agent) = &facts.user_agent {
+            self.user_agent = Some(user_agent.clone());
+        }
+        if let Some(platform) = &facts.platform {
+            self.platform = Some(platform.clone());
+        }
+        self
+    }
+}
+
+/// What a request says about its client, for the audit columns `ip_address`,
+/// `user_agent` and `platform` (with feature `http`,
+/// [`http::client_facts`](crate::http::client_facts) reads the first two off a request).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientFacts {
+    /// The client's address, when the server knows it.
+    pub ip: Option<IpAddr>,
+    /// Its `User-Agent`.
+    pub user_agent: Option<String>,
+    /// Where it runs (`web`, `ios`, `android`), when it said so.
+    pub platform: Option<String>,
+}
+
+impl ClientFacts {
+    /// The same facts with `platform` set (or cleared).
+    pub fn with_platform(mut self, platform: Option<String>) -> Self {
+        self.platform = platform;
+        self
+    }
 }
 
 /// A realtime connection happening: connected, disconnected (with reason), refused.

@@ -34,7 +34,7 @@
 //! ```
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 pub use http::{HeaderMap, Request, Response, StatusCode};
@@ -43,6 +43,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::event::ClientFacts;
 use crate::{Principal, TokenError, TokenVerifier};
 
 /// The body type of the JSON answers built here.
@@ -445,40 +446,25 @@ pub struct ClientAddr(pub SocketAddr);
 /// The longest user agent kept, in bytes; longer ones are cut.
 pub const MAX_USER_AGENT_LEN: usize = 512;
 
-/// What a request says about its client, for audit records: its address and user
-/// agent (the platform is the caller's to add).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RequestFacts {
-    /// The peer's address ([`ClientAddr`]), when the server recorded one.
-    pub ip: Option<IpAddr>,
-    /// `User-Agent` (bytes that are not UTF-8 replaced), cut to [`MAX_USER_AGENT_LEN`]
-    /// bytes.
-    pub user_agent: Option<String>,
-}
-
-impl RequestFacts {
-    /// The facts of a request.
-    pub fn of<B>(request: &Request<B>) -> Self {
-        Self::from_parts(request.headers(), request.extensions())
-    }
-
-    /// The facts from a request's headers and extensions.
-    pub fn from_parts(headers: &HeaderMap, extensions: &http::Extensions) -> Self {
-        let user_agent = headers
-            .get(header::USER_AGENT)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()))
-            .map(|ua| {
-                let mut end = ua.len().min(MAX_USER_AGENT_LEN);
-                while !ua.is_char_boundary(end) {
-                    end -= 1;
-                }
-                ua[..end].to_owned()
-            })
-            .filter(|ua| !ua.is_empty());
-        Self {
-            ip: extensions.get::<ClientAddr>().map(|a| a.0.ip()),
-            user_agent,
-        }
+/// What a request says about its client: the peer's address ([`ClientAddr`], when the
+/// server recorded one) and `User-Agent` (bytes that are not UTF-8 replaced, cut to
+/// [`MAX_USER_AGENT_LEN`] bytes). The platform is the caller's to add.
+pub fn client_facts(headers: &HeaderMap, extensions: &http::Extensions) -> ClientFacts {
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .map(|ua| {
+            let mut end = ua.len().min(MAX_USER_AGENT_LEN);
+            while !ua.is_char_boundary(end) {
+                end -= 1;
+            }
+            ua[..end].to_owned()
+        })
+        .filter(|ua| !ua.is_empty());
+    ClientFacts {
+        ip: extensions.get::<ClientAddr>().map(|a| a.0.ip()),
+        user_agent,
+        platform: None,
     }
 }
 
@@ -614,7 +600,7 @@ mod tests {
         request
             .extensions_mut()
             .insert(ClientAddr("192.0.2.7:4000".parse().unwrap()));
-        let facts = RequestFacts::of(&request);
+        let facts = client_facts(request.headers(), request.extensions());
         assert_eq!(facts.ip, Some("192.0.2.7".parse().unwrap()));
         let ua = facts.user_agent.unwrap();
         assert!(ua.len() <= MAX_USER_AGENT_LEN && ua.starts_with('é'));

@@ -155,6 +155,24 @@ impl Error {
     }
 }
 
+impl upcoach_core::http::HttpError for Error {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            Error::TooLarge { .. } => http::StatusCode::PAYLOAD_TOO_LARGE,
+            e if e.is_retryable() => http::StatusCode::SERVICE_UNAVAILABLE,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        Error::code(self)
+    }
+
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

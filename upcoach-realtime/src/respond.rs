@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use upcoach_core::http::HttpError;
 use upcoach_core::{Principal, TokenError};
 
 use crate::hub::{Inner, RealtimeBody, Refusal};
@@ -12,17 +13,16 @@ use crate::hub::{Inner, RealtimeBody, Refusal};
 /// API.md's error answer: `{"error":{"code","message"}}`.
 pub(crate) fn error_response(
     status: StatusCode,
-    code: &str,
-    message: &str,
+    code: &'static str,
+    message: impl Into<std::borrow::Cow<'static, str>>,
 ) -> Response<RealtimeBody> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
-    let mut response = Response::new(body_from(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    http_error(&upcoach_core::http::ApiError::new(status, code, message))
+}
+
+/// The answer of any error, with the realtime body type.
+pub(crate) fn http_error(error: &(impl HttpError + ?Sized)) -> Response<RealtimeBody> {
+    upcoach_core::http::error_response::<Full<Bytes>>(error)
+        .map(|body| body.map_err(|never: Infallible| match never {}).boxed())
 }
 
 pub(crate) fn body_from(bytes: impl Into<Bytes>) -> RealtimeBody {
@@ -55,23 +55,13 @@ pub(crate) fn refusal_response(refusal: Refusal) -> Response<RealtimeBody> {
 
 /// The query parameter `name`, percent-decoded.
 pub(crate) fn query_param<B>(request: &Request<B>, name: &str) -> Option<String> {
-    let query = request.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
+    upcoach_core::http::query_param(request.uri().query(), name).map(|v| v.into_owned())
 }
 
-/// The bearer token from `Authorization`, else from `access_token=`.
-pub(crate) fn bearer<B>(request: &Request<B>) -> Option<String> {
-    if let Some(value) = request.headers().get(header::AUTHORIZATION) {
-        let value = value.to_str().ok()?;
-        let (scheme, token) = value.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_owned())
-            .filter(|t| !t.is_empty());
-    }
-    query_param(request, "access_token").filter(|t| !t.is_empty())
+/// The bearer token from `Authorization`, else from `access_token=` (the one parser
+/// of every crate: [`upcoach_core::http::bearer_token_or_query`]).
+pub(crate) fn bearer<B>(request: &Request<B>) -> Result<String, TokenError> {
+    upcoach_core::http::bearer_token_or_query(request).map(|t| t.into_owned())
 }
 
 /// Whether the request's `Origin` (if any) is allowed. Absent means not a browser.
@@ -105,16 +95,5 @@ pub(crate) async fn verify(hub: &Inner, token: &str) -> Result<Principal, TokenE
 }
 
 pub(crate) fn token_refused(error: &TokenError) -> Response<RealtimeBody> {
-    let status = if error.is_retryable() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::UNAUTHORIZED
-    };
-    let mut response = error_response(status, error.code(), &error.to_string());
-    if status == StatusCode::UNAUTHORIZED {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    response
+    http_error(error)
 }

@@ -62,12 +62,15 @@ impl Hub {
         let cursor = match cursor.as_deref().map(str::parse::<Cursor>).transpose() {
             Ok(cursor) => cursor,
             Err(e) => {
-                return error_response(StatusCode::BAD_REQUEST, "invalid_cursor", &e.to_string());
+                return error_response(StatusCode::BAD_REQUEST, "invalid_cursor", e.to_string());
             }
         };
-        let Some(token) = bearer(&request) else {
-            sse_auth_failed(hub, &TokenError::Missing);
-            return token_refused(&TokenError::Missing);
+        let token = match bearer(&request) {
+            Ok(token) => token,
+            Err(e) => {
+                sse_auth_failed(hub, &e);
+                return token_refused(&e);
+            }
         };
         let principal = match verify(hub, &token).await {
             Ok(principal) => principal,
@@ -100,7 +103,7 @@ impl Hub {
                     }
                 };
                 session.end_reason = e.code();
-                let mut response = error_response(status, e.code(), &e.message());
+                let mut response = error_response(status, e.code(), e.message());
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     response
                         .headers_mut()

@@ -100,11 +100,14 @@ impl Hub {
         // cannot read an HTTP refusal of a WebSocket handshake).
         let mut refused: Option<TokenError> = None;
         let mut principal: Option<Principal> = None;
-        if let Some(token) = bearer(&request) {
-            match verify(hub, &token).await {
+        match bearer(&request) {
+            Ok(token) => match verify(hub, &token).await {
                 Ok(p) => principal = Some(p),
                 Err(e) => refused = Some(e),
-            }
+            },
+            // No token yet: it may come as the first message.
+            Err(TokenError::Missing) => {}
+            Err(e) => refused = Some(e),
         }
         let on_upgrade = hyper::upgrade::on(&mut request);
         let mut session = Session::new(slot);

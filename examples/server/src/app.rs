@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
+use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{
@@ -132,15 +133,16 @@ pub struct App {
     pub(crate) options: Options,
     pub(crate) backends: Backends,
     pub(crate) event_log: Arc<dyn EventLog>,
-    pub(crate) tokens: Option<Arc<AccessTokens>>,
+    /// Verifies bearer tokens (ours, or refuses all without a signing key).
+    pub(crate) verifier: Arc<dyn upcoach_core::TokenVerifier>,
     pub(crate) cache: Arc<TieredCache>,
     response_cache: ResponseCacheLayer,
     pub(crate) perf: Arc<PerfMonitor>,
     pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
     pub(crate) hub: Hub,
-    pub(crate) auth: crate::auth_routes::Auth,
-    pub(crate) clock: Arc<dyn Clock>,
+    /// Sign-in, when the server has a signing key.
+    pub(crate) auth: Option<AuthRoutes>,
     /// Background tasks to stop with the app.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -270,7 +272,8 @@ impl App {
             Some(tokens) => tokens.clone(),
             None => Arc::new(NoIssuer),
         };
-        let hub = Hub::builder(broadcaster, verifier)
+        let hub_verifier = verifier.clone();
+        let hub = Hub::builder(broadcaster, verifier.clone())
             .events(event_log.clone())
             .clock(clock.clone())
             .config(HubConfig {
@@ -282,7 +285,7 @@ impl App {
             .build();
         let perf = Arc::new(PerfMonitor::new(
             Arc::new(RequestMetrics::new(
-                RouteTable::new(crate::routes::TEMPLATES.iter().copied())
+                RouteTable::new(crate::router::templates())
                     .expect("the server's route templates are valid"),
             )),
             sinks.metrics.clone(),
@@ -370,62 +373,28 @@ impl App {
             }
         }));
 
-        let auth = {
-            use upcoach_auth::flow::{FlowStore, MemoryFlowStore, RedisFlowStore};
-            use upcoach_auth::refresh::{
-                MemoryRefreshStore, PgRefreshStore, RefreshPolicy, RefreshStore,
-            };
-            use upcoach_auth::users::{MemoryUserStore, PgUserStore, UserStore};
-            let policy = RefreshPolicy::default()
-                .with_grace(config.refresh_grace)
-                .with_family_lifetime(config.session_lifetime);
-            let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match &postgres {
-                Some(pool) => (
-                    Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
-                    Arc::new(PgUserStore::new(pool.clone())),
-                ),
-                None => (
-                    Arc::new(MemoryRefreshStore::new(policy)),
-                    Arc::new(MemoryUserStore::new()),
-                ),
-            };
-            let flows: Arc<dyn FlowStore> = match &redis {
-                Some(redis) => Arc::new(
-                    RedisFlowStore::new(redis.clone())
-                        .with_prefix(format!("{}:flow:", config.cache_prefix)),
-                ),
-                None => Arc::new(MemoryFlowStore::new()),
-            };
-            let public_url = config
-                .public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", config.addr));
-            let mut providers: std::collections::HashMap<
-                upcoach_auth::ProviderId,
-                Arc<dyn upcoach_auth::AuthProvider>,
-            > = std::collections::HashMap::new();
-            if let Some(google) = &config.google {
-                let provider = upcoach_auth::google::GoogleProvider::discover(
-                    google,
-                    &format!("{public_url}/auth/google/callback"),
-                    clock.clone(),
+        let refresh = crate::wiring::refresh_store(&config, &postgres);
+        let auth = match tokens {
+            Some(tokens) => Some(
+                crate::wiring::sessions(
+                    &config,
+                    tokens,
+                    refresh.clone(),
+                    &postgres,
+                    &redis,
+                    &event_log,
+                    &clock,
                 )
-                .await
-                .map_err(|source| StartError::Provider {
-                    provider: "google",
-                    source,
-                })?;
-                providers.insert(upcoach_auth::ProviderId::Google, Arc::new(provider));
-            }
-            crate::auth_routes::Auth {
-                refresh,
-                users,
-                web: upcoach_auth::web::WebSignIn::new(flows, config.return_to_allowlist.clone()),
-                providers,
-                linking: upcoach_auth::users::LinkingPolicy::default(),
-                public_url,
-            }
+                .await?,
+            ),
+            None => None,
         };
+        tasks.push(crate::app::spawn_refresh_purge(
+            refresh,
+            clock.clone(),
+            options.refresh_purge_every.unwrap_or(REFRESH_PURGE_EVERY),
+            sinks.metrics.clone(),
+        ));
         let alerts = perf.alerts().subscribe();
         let app = App {
             config,
@@ -441,81 +410,21 @@ impl App {
                 .per_user()
                 // A hit skips the handler's admin check: the layer repeats it.
                 .authorize(|principal| principal.is_admin());
-                let layer = ResponseCacheLayer::new(cache.clone(), vec![rule]);
-                match &tokens {
-                    Some(tokens) => {
-                        layer.with_verifier(tokens.clone() as Arc<dyn upcoach_core::TokenVerifier>)
-                    }
-                    None => layer,
-                }
+                ResponseCacheLayer::new(cache.clone(), vec![rule]).with_verifier(verifier)
             },
             cache,
-            tokens,
+            verifier: hub_verifier,
             perf,
             slow_queries: sinks.slow_queries,
             started: Instant::now(),
             hub,
             auth,
-            clock,
             tasks: std::sync::Mutex::new(tasks),
         };
         app.banner();
         let app = Arc::new(app);
         app.spawn_publishers(alerts);
-        app.spawn_refresh_purge();
         Ok(app)
-    }
-
-    /// Deletes expired refresh families and tokens every
-    /// [`Options::refresh_purge_every`], so the store holds what can still be used (and,
-    /// within its grace, what reuse detection needs) rather than growing for ever. A
-    /// round that fails is logged and the next one tries again. Counted in
-    /// `refresh_purged_total{what=families|tokens}`.
-    fn spawn_refresh_purge(self: &Arc<Self>) {
-        // tokio's interval refuses zero; a millisecond is as often as makes sense.
-        let every = self
-            .options
-            .refresh_purge_every
-            .unwrap_or(REFRESH_PURGE_EVERY)
-            .max(Duration::from_millis(1));
-        let weak = Arc::downgrade(self);
-        let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                let Some(app) = weak.upgrade() else { return };
-                match app.auth.refresh.purge_expired(app.clock.now()).await {
-                    Ok(purged) => {
-                        let sink: &dyn MetricsSink = &**app.perf.metrics();
-                        sink.increment_counter(
-                            "refresh_purged_total",
-                            &[("what", "families")],
-                            purged.families,
-                        );
-                        sink.increment_counter(
-                            "refresh_purged_total",
-                            &[("what", "tokens")],
-                            purged.tokens,
-                        );
-                        if purged.families + purged.tokens > 0 {
-                            tracing::info!(
-                                families = purged.families,
-                                tokens = purged.tokens,
-                                "expired refresh tokens deleted"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "deleting expired refresh tokens failed; trying again next round")
-                    }
-                }
-            }
-        });
-        self.tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(task);
     }
 
     /// Publishes the perf snapshot to `metrics` every 5 s and each alert transition to
@@ -599,9 +508,17 @@ impl App {
         &self.backends
     }
 
-    /// The access-token issuer and verifier (`--dev` only, so far).
+    /// The access-token issuer and verifier, when the server has a signing key (or
+    /// `--dev`).
     pub fn access_tokens(&self) -> Option<&AccessTokens> {
-        self.tokens.as_deref()
+        self.auth
+            .as_ref()
+            .map(|auth| auth.sessions().tokens().as_ref())
+    }
+
+    /// The sign-in service, when the server has a signing key (or `--dev`).
+    pub fn sessions(&self) -> Option<&Arc<upcoach_auth::sessions::Sessions>> {
+        self.auth.as_ref().map(AuthRoutes::sessions)
     }
 
     /// The tiered cache (L2 in Redis when configured, in memory otherwise).
@@ -654,6 +571,35 @@ impl App {
     }
 }
 
+/// Deletes expired refresh families and tokens every `every`, counted in
+/// `refresh_purged_total{what=families|tokens}`; a failed round is logged and the next
+/// one tries again.
+fn spawn_refresh_purge(
+    store: Arc<dyn upcoach_auth::refresh::RefreshStore>,
+    clock: Arc<dyn Clock>,
+    every: Duration,
+    metrics: Arc<MemoryMetrics>,
+) -> tokio::task::JoinHandle<()> {
+    upcoach_auth::refresh::spawn_purge(store, clock, every, move |result| match result {
+        Ok(purged) => {
+            let sink: &dyn MetricsSink = &*metrics;
+            for (what, n) in [("families", purged.families), ("tokens", purged.tokens)] {
+                sink.increment_counter("refresh_purged_total", &[("what", what)], n);
+            }
+            if purged.families + purged.tokens > 0 {
+                tracing::info!(
+                    families = purged.families,
+                    tokens = purged.tokens,
+                    "expired refresh tokens deleted"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "deleting expired refresh tokens failed; trying again next round")
+        }
+    })
+}
+
 /// The service [`App::service`] hands to hyper.
 pub type HttpService =
     hyper_util::service::TowerToHyperService<RequestTiming<ResponseCache<AppService>>>;
@@ -678,6 +624,6 @@ impl tower_service::Service<http::Request<Incoming>> for AppService {
 
     fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
-        Box::pin(async move { Ok(crate::routes::handle(app, request).await) })
+        Box::pin(async move { Ok(crate::router::handle(app, request).await) })
     }
 }

@@ -31,14 +31,16 @@
 //! ```
 
 mod app;
-mod auth_routes;
 mod cli;
 mod http_util;
 mod perf_routes;
+mod router;
 mod routes;
 mod serve;
+mod wiring;
 
 pub use app::{App, AppService, Backends, HttpService, Options, PerfSinks, StartError};
 pub use cli::cli_main;
-pub use http_util::{ApiError, Body};
+pub use http_util::Body;
 pub use serve::{ServeOptions, serve};
+pub use upcoach_core::http::ApiError;

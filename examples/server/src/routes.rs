@@ -1,41 +1,17 @@
-//! Routing and the handlers of the routes built so far.
+//! The handlers of the routes that are not a crate's own: health, metrics, the
+//! dashboard's snapshot, cached analytics, cache invalidation and broadcasts.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use upcoach_core::{Principal, Role, UserId};
+use upcoach_core::http::{ApiError, DEFAULT_JSON_LIMIT, query_param, read_json};
 
 use crate::Body;
 use crate::app::App;
-use crate::http_util::{ApiError, json_response, read_json};
-
-/// Every route template the server serves, for the timing layer's labels.
-pub(crate) const TEMPLATES: &[&str] = &[
-    "/health",
-    "/metrics",
-    "/dev/token",
-    "/api/dashboard/realtime/metrics",
-    "/api/performance/slow-queries",
-    "/api/performance/optimize",
-    "/api/analytics/security-events",
-    "/api/cache/invalidate",
-    "/api/dashboard/realtime/sse",
-    "/api/dashboard/realtime/ws",
-    "/api/dashboard/realtime/status",
-    "/api/dashboard/realtime/broadcast/{room}",
-    "/auth/{provider}/authorize",
-    "/auth/{provider}/callback",
-    "/auth/{provider}/token",
-    "/auth/exchange",
-    "/auth/refresh",
-    "/auth/logout",
-    "/auth/me",
-    "/auth/link/{provider}",
-    "/.well-known/jwks.json",
-];
+use crate::router::{error, json};
 
 /// The largest body `POST .../broadcast/{room}` reads.
 const BROADCAST_BODY_LIMIT: usize = 64 * 1024 + 1024;
@@ -44,132 +20,6 @@ const BROADCAST_BODY_LIMIT: usize = 64 * 1024 + 1024;
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A check slower than this is reported as degraded.
 const CHECK_SLOW: Duration = Duration::from_millis(250);
-/// The largest body `/dev/token` reads.
-const DEV_TOKEN_BODY_LIMIT: usize = 16 * 1024;
-
-pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = match route(&app, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    };
-    let status = response.status();
-    if status.is_server_error() {
-        tracing::warn!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request failed");
-    } else {
-        tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
-    }
-    response
-}
-
-async fn route(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let method = request.method();
-    match request.uri().path() {
-        "/health" => match *method {
-            Method::GET | Method::HEAD => Ok(health(app).await),
-            _ => Err(method_not_allowed("GET")),
-        },
-        "/metrics" => match *method {
-            Method::GET | Method::HEAD => {
-                if !app.config.metrics_public {
-                    admin(app, &request).await?;
-                }
-                Ok(metrics(app))
-            }
-            _ => Err(method_not_allowed("GET")),
-        },
-        "/api/dashboard/realtime/metrics" => match *method {
-            Method::GET => {
-                admin(app, &request).await?;
-                Ok(dashboard_metrics(app))
-            }
-            _ => Err(method_not_allowed("GET")),
-        },
-        "/api/performance/slow-queries" => match *method {
-            Method::GET => {
-                admin(app, &request).await?;
-                Ok(crate::perf_routes::slow_queries(app, &request).await)
-            }
-            _ => Err(method_not_allowed("GET")),
-        },
-        "/api/performance/optimize" => match *method {
-            Method::POST => {
-                admin(app, &request).await?;
-                Ok(crate::perf_routes::optimize(app).await)
-            }
-            _ => Err(method_not_allowed("POST")),
-        },
-        "/api/analytics/security-events" => match *method {
-            Method::GET | Method::HEAD => {
-                admin(app, &request).await?;
-                security_events(app, &request).await
-            }
-            _ => Err(method_not_allowed("GET")),
-        },
-        "/api/cache/invalidate" => match *method {
-            Method::POST => {
-                admin(app, &request).await?;
-                invalidate(app, request).await
-            }
-            _ => Err(method_not_allowed("POST")),
-        },
-        "/api/dashboard/realtime/ws" => Ok(app.hub.websocket(request).await),
-        "/api/dashboard/realtime/sse" => match *method {
-            Method::GET => Ok(app.hub.sse(request).await),
-            _ => Err(method_not_allowed("GET")),
-        },
-        "/api/dashboard/realtime/status" => match *method {
-            Method::GET => {
-                admin(app, &request).await?;
-                Ok(json_response(StatusCode::OK, &app.hub.status()))
-            }
-            _ => Err(method_not_allowed("GET")),
-        },
-        path if path.starts_with("/api/dashboard/realtime/broadcast/") => match *method {
-            Method::POST => broadcast(app, request).await,
-            _ => Err(method_not_allowed("POST")),
-        },
-        "/.well-known/jwks.json" => match *method {
-            Method::GET => match &app.tokens {
-                Some(tokens) => {
-                    let mut response = json_response(StatusCode::OK, &tokens.jwks());
-                    response.headers_mut().insert(
-                        http::header::CACHE_CONTROL,
-                        http::HeaderValue::from_static("public, max-age=300"),
-                    );
-                    Ok(response)
-                }
-                None => Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({"keys": []}),
-                )),
-            },
-            _ => Err(method_not_allowed("GET")),
-        },
-        path if path.starts_with("/auth/") => crate::auth_routes::route(app, request).await,
-        // Only exists in --dev mode: otherwise it is an unknown route like any other.
-        "/dev/token" if app.options.dev => match *method {
-            Method::POST => dev_token(app, request).await,
-            _ => Err(method_not_allowed("POST")),
-        },
-        _ => Err(ApiError::not_found()),
-    }
-}
-
-/// The caller's principal from `Authorization: Bearer`, if it is an admin.
-async fn admin(app: &Arc<App>, request: &Request<Incoming>) -> Result<Principal, ApiError> {
-    let principal = crate::auth_routes::bearer(app, request).await?;
-    if !principal.is_admin() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this route needs the admin role",
-        ));
-    }
-    Ok(principal)
-}
 
 /// `1h`, `30m`, `7d`, `90s`: at most 30 days.
 fn parse_window(text: &str) -> Option<Duration> {
@@ -187,32 +37,29 @@ fn parse_window(text: &str) -> Option<Duration> {
 
 /// `GET /api/analytics/security-events?window=1h`: security events counted by type over
 /// the window (cached by the response layer: 300 s, tags `analytics` and `dashboard`).
-async fn security_events(
-    app: &Arc<App>,
-    request: &Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let window_text = request
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("window=")))
-        .unwrap_or("1h");
-    let window = parse_window(window_text).ok_or_else(|| {
-        ApiError::bad_request(
+pub(crate) async fn security_events(app: &Arc<App>, request: &Request<Incoming>) -> Response<Body> {
+    let window_text = query_param(request.uri().query(), "window");
+    let window_text = window_text.as_deref().unwrap_or("1h");
+    let Some(window) = parse_window(window_text) else {
+        return error(&ApiError::bad_request(
             "invalid_window",
             "window is a number and s, m, h or d, at most 30d (1h, 30m, 7d)",
-        )
-    })?;
-    let counts = security_counts(app, window).await.map_err(|e| {
-        tracing::warn!(error = %e, "security event counts failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "event_log_unavailable",
-            "the event log could not be read",
-        )
-    })?;
-    let mut body = counts;
-    body["window"] = window_text.into();
-    Ok(json_response(StatusCode::OK, &body))
+        ));
+    };
+    match security_counts(app, window).await {
+        Ok(mut body) => {
+            body["window"] = window_text.into();
+            json(StatusCode::OK, &body)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "security event counts failed");
+            error(&ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "event_log_unavailable",
+                "the event log could not be read",
+            ))
+        }
+    }
 }
 
 /// How long counted security events are shared between admins before a recount.
@@ -264,43 +111,34 @@ struct InvalidateRequest {
 }
 
 /// `POST /api/cache/invalidate {"tags":[...]}`.
-async fn invalidate(
-    app: &Arc<App>,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let body: InvalidateRequest = read_json(request.into_body(), 16 * 1024).await?;
+pub(crate) async fn invalidate(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let body: InvalidateRequest = match read_json(request, DEFAULT_JSON_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => return error(&e),
+    };
     let tags: Vec<&str> = body.tags.iter().map(String::as_str).collect();
     if tags.is_empty() {
-        return Err(ApiError::bad_request(
+        return error(&ApiError::bad_request(
             "invalid_tags",
             "name at least one tag",
         ));
     }
-    app.cache
-        .invalidate_tags(&tags)
-        .await
-        .map_err(|e| match e {
-            upcoach_cache::Error::InvalidTag { reason } => {
-                ApiError::bad_request("invalid_tags", reason)
-            }
-            e => {
+    match app.cache.invalidate_tags(&tags).await {
+        Ok(_) => json(StatusCode::OK, &serde_json::json!({ "invalidated": tags })),
+        Err(e) => {
+            if e.is_retryable() {
                 tracing::warn!(error = %e, "tag invalidation failed");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cache_unavailable",
-                    "the cache could not be reached",
-                )
             }
-        })?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({ "invalidated": tags }),
-    ))
+            error(&e)
+        }
+    }
 }
 
 /// `GET /metrics`: Prometheus text exposition.
-fn metrics(app: &Arc<App>) -> Response<Body> {
-    let mut response = Response::new(crate::http_util::full(app.perf.render_prometheus()));
+pub(crate) fn metrics(app: &Arc<App>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Full::new(bytes::Bytes::from(app.perf.render_prometheus()));
+    let mut response = Response::new(body.boxed());
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(upcoach_perf::CONTENT_TYPE),
@@ -309,7 +147,7 @@ fn metrics(app: &Arc<App>) -> Response<Body> {
 }
 
 /// `GET /api/dashboard/realtime/metrics`: the JSON snapshot.
-fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
+pub(crate) fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
     let snapshot = app.perf.snapshot();
     let pools = app.backends.postgres.as_ref().map(|pool| {
         serde_json::json!({
@@ -319,7 +157,7 @@ fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
     let redis = app.backends.redis.as_ref().map(|redis| {
         serde_json::json!({ "state": redis.state().as_str(), "last_latency_ms": redis.last_latency().as_secs_f64() * 1000.0 })
     });
-    json_response(
+    json(
         StatusCode::OK,
         &serde_json::json!({
             "routes": snapshot.routes,
@@ -357,44 +195,27 @@ struct BroadcastBody {
 }
 
 /// `POST /api/dashboard/realtime/broadcast/{room}`: 202 `{"room","seq"}`.
-async fn broadcast(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    admin(app, &request).await?;
-    let room = request
-        .uri()
-        .path()
-        .trim_start_matches("/api/dashboard/realtime/broadcast/")
-        .to_owned();
-    let body: BroadcastBody = read_json(request.into_body(), BROADCAST_BODY_LIMIT).await?;
-    match app.hub.publish(&room, &body.event, body.data).await {
-        Ok(event) => Ok(json_response(
+pub(crate) async fn broadcast(
+    app: &Arc<App>,
+    room: &str,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let body: BroadcastBody = match read_json(request, BROADCAST_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => return error(&e),
+    };
+    match app.hub.publish(room, &body.event, body.data).await {
+        Ok(event) => json(
             StatusCode::ACCEPTED,
             &serde_json::json!({ "room": event.room, "seq": event.seq }),
-        )),
+        ),
         Err(e) => {
-            let status = match &e {
-                upcoach_realtime::Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            if status == StatusCode::SERVICE_UNAVAILABLE {
+            if e.is_retryable() {
                 tracing::warn!(error = %e, room, "a broadcast failed");
             }
-            let message = if status == StatusCode::SERVICE_UNAVAILABLE {
-                "the realtime broker is unavailable; retry".to_owned()
-            } else {
-                e.to_string()
-            };
-            Err(ApiError::new(status, e.code(), message))
+            error(&e)
         }
     }
-}
-
-fn method_not_allowed(allowed: &'static str) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("this route accepts {allowed}"),
-    )
 }
 
 #[derive(Debug, Serialize)]
@@ -460,7 +281,7 @@ struct RealtimeCheck {
 
 /// `GET /health`: each configured dependency's status and latency; 503 when a required
 /// dependency is down. In-memory mode has no dependency to check.
-async fn health(app: &Arc<App>) -> Response<Body> {
+pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
     let postgres = async {
         match &app.backends.postgres {
             Some(pool) => Some(Check::from_result(
@@ -522,59 +343,5 @@ async fn health(app: &Arc<App>) -> Response<Body> {
     } else {
         StatusCode::OK
     };
-    json_response(code, &body)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DevTokenRequest {
-    /// A user id (UUID); a new one when absent.
-    sub: Option<String>,
-    #[serde(default)]
-    roles: Vec<String>,
-}
-
-/// `POST /dev/token` (`--dev` only): an access token for any user and roles.
-async fn dev_token(app: &Arc<App>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    app.tokens.as_ref().ok_or_else(ApiError::not_found)?;
-    let body: DevTokenRequest = read_json(request.into_body(), DEV_TOKEN_BODY_LIMIT).await?;
-    let user_id = match &body.sub {
-        Some(sub) => sub
-            .parse::<UserId>()
-            .map_err(|e| ApiError::bad_request("invalid_sub", e.to_string()))?,
-        None => UserId::new(),
-    };
-    if body.roles.len() > 16 {
-        return Err(ApiError::bad_request("invalid_roles", "at most 16 roles"));
-    }
-    let mut roles = Vec::with_capacity(body.roles.len());
-    for role in &body.roles {
-        let role: Role = role
-            .parse()
-            .map_err(|e: upcoach_core::principal::InvalidRole| {
-                ApiError::bad_request("invalid_roles", e.to_string())
-            })?;
-        if !roles.contains(&role) {
-            roles.push(role);
-        }
-    }
-    // Roles of an existing user stay as they are; a new one gets the asked roles.
-    let mut user = app
-        .auth
-        .users
-        .provision(user_id, &roles)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()))?;
-    if user.roles != roles {
-        user = app
-            .auth
-            .users
-            .set_roles(user_id, &roles)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()))?;
-    }
-    Ok(json_response(
-        StatusCode::OK,
-        &crate::auth_routes::open_session(app, &user).await?,
-    ))
+    json(code, &body)
 }

@@ -210,6 +210,19 @@ impl Browser {
         at_provider.location()
     }
 
+    /// `POST /auth/exchange` from this browser (with its flow cookie).
+    async fn exchange(&self, server: &Server, body: Value) -> Answer {
+        let headers: Vec<(&str, &str)> =
+            self.cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+        send(
+            Method::POST,
+            &server.url("/auth/exchange"),
+            &headers,
+            Some(body.to_string()),
+        )
+        .await
+    }
+
     async fn callback(&self, callback: &url::Url) -> Answer {
         let headers: Vec<(&str, &str)> =
             self.cookie.iter().map(|c| ("cookie", c.as_str())).collect();
@@ -252,16 +265,16 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
         "never tokens in a URL"
     );
 
-    let tokens = server
-        .post("/auth/exchange", json!({"login_code": login_code}), None)
+    let tokens = browser
+        .exchange(&server, json!({"login_code": login_code}))
         .await;
     assert_eq!(tokens.status, StatusCode::OK, "{:?}", tokens.body);
     let tokens = tokens.json();
     assert_eq!(tokens["token_type"], "Bearer");
     assert_eq!(tokens["user"]["email"], "johndoe@example.test");
     assert_eq!(tokens["user"]["providers"], json!(["google"]));
-    let again = server
-        .post("/auth/exchange", json!({"login_code": login_code}), None)
+    let again = browser
+        .exchange(&server, json!({"login_code": login_code}))
         .await;
     assert_eq!(
         (again.status, again.code()),
@@ -620,4 +633,209 @@ async fn native_sign_in_needs_the_nonce_once_and_linking_follows_the_rules() {
         (last.status, last.code()),
         (StatusCode::CONFLICT, "last_identity".into())
     );
+}
+
+/// The login code of a finished browser sign-in (`return_to` set).
+async fn login_code(server: &Server, browser: &mut Browser, query: &str, claims: &Value) -> String {
+    let callback = browser.start(server, query, claims).await;
+    let landed = browser.callback(&callback).await;
+    assert_eq!(landed.status, StatusCode::FOUND, "{:?}", landed.body);
+    landed
+        .location()
+        .query_pairs()
+        .find(|(k, _)| k == "login_code")
+        .unwrap()
+        .1
+        .into_owned()
+}
+
+/// Login CSRF: an attacker finishes a sign-in in their own browser and sends the victim
+/// the `return_to?login_code=` link. The victim's browser has no (or another) flow
+/// cookie, so the exchange is refused with its own code and the code is used up.
+#[tokio::test]
+async fn a_login_code_planted_from_another_browser_is_refused() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let query = format!("platform=web&return_to={}", urlencode(RETURN_TO));
+    let attacker_claims = json!({"sub": "attacker", "email": "attacker@example.test"});
+    let mut attacker = Browser { cookie: None };
+    let mut victim = Browser { cookie: None };
+    // The victim has a flow cookie of its own from an abandoned sign-in.
+    victim.start(&server, "platform=web", &user_claims()).await;
+    for planted_in in [Browser { cookie: None }, victim] {
+        let code = login_code(&server, &mut attacker, &query, &attacker_claims).await;
+        let answer = planted_in
+            .exchange(&server, json!({"login_code": code}))
+            .await;
+        assert_eq!(
+            (answer.status, answer.code()),
+            (
+                StatusCode::UNAUTHORIZED,
+                "login_code_browser_mismatch".into()
+            ),
+            "cookie {:?}",
+            planted_in.cookie
+        );
+        let late = attacker
+            .exchange(&server, json!({"login_code": code}))
+            .await;
+        assert_eq!(
+            late.code(),
+            "login_code_invalid",
+            "a refused code is used up"
+        );
+    }
+
+    // A web app that cannot send the cookie to the API proves itself with the verifier
+    // of the challenge it chose at authorize.
+    let verifier = "a-verifier-this-web-app-chose-and-kept-in-session-storage";
+    let challenge = URL_SAFE_NO_PAD.encode(<sha2::Sha256 as sha2::Digest>::digest(verifier));
+    let query = format!("{query}&login_challenge={challenge}");
+    let mut app_browser = Browser { cookie: None };
+    let code = login_code(&server, &mut app_browser, &query, &user_claims()).await;
+    let cookieless = Browser { cookie: None };
+    let wrong = cookieless
+        .exchange(
+            &server,
+            json!({"login_code": code, "login_verifier": "guessed"}),
+        )
+        .await;
+    assert_eq!(wrong.code(), "login_code_browser_mismatch");
+    let code = login_code(&server, &mut app_browser, &query, &user_claims()).await;
+    let right = cookieless
+        .exchange(
+            &server,
+            json!({"login_code": code, "login_verifier": verifier}),
+        )
+        .await;
+    assert_eq!(right.status, StatusCode::OK, "{:?}", right.body);
+    let bad_challenge = send(
+        Method::GET,
+        &server.url("/auth/google/authorize?platform=web&login_challenge=short"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (bad_challenge.status, bad_challenge.code()),
+        (StatusCode::BAD_REQUEST, "login_challenge_invalid".into())
+    );
+}
+
+/// Logout with a bearer of user A and a refresh token of user B: 403, B's session
+/// lives on, and the attempt is recorded.
+#[tokio::test]
+async fn logout_never_revokes_another_users_session() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let mut sign_in = async |claims: Value| {
+        let callback = browser.start(&server, "platform=web", &claims).await;
+        let answer = browser.callback(&callback).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        answer.json()
+    };
+    let a = sign_in(json!({"sub": "user-a", "email": "a@example.test"})).await;
+    let b = sign_in(json!({"sub": "user-b", "email": "b@example.test"})).await;
+    let a_access = a["access_token"].as_str().unwrap();
+
+    let refused = server
+        .post(
+            "/auth/logout",
+            json!({"refresh_token": b["refresh_token"]}),
+            Some(a_access),
+        )
+        .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (StatusCode::FORBIDDEN, "refresh_token_not_yours".into())
+    );
+    let b_refresh = server
+        .post(
+            "/auth/refresh",
+            json!({"refresh_token": b["refresh_token"]}),
+            None,
+        )
+        .await;
+    assert_eq!(b_refresh.status, StatusCode::OK, "B's session lives on");
+    let events = server
+        .app
+        .event_log()
+        .recent(EventKind::Security, 100)
+        .await
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e.name() == "logout_refused"),
+        "the attempt is recorded"
+    );
+
+    let own = server
+        .post(
+            "/auth/logout",
+            json!({"refresh_token": a["refresh_token"]}),
+            Some(a_access),
+        )
+        .await;
+    assert_eq!(own.status, StatusCode::NO_CONTENT, "{:?}", own.body);
+    let after = server
+        .post(
+            "/auth/refresh",
+            json!({"refresh_token": a["refresh_token"]}),
+            None,
+        )
+        .await;
+    assert_eq!(after.code(), "refresh_token_revoked");
+}
+
+/// JSON routes refuse anything but `application/json`: a cross-site `text/plain` or
+/// form POST needs no CORS preflight and must not reach them.
+#[tokio::test]
+async fn json_routes_refuse_other_content_types() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    for path in ["/auth/refresh", "/auth/exchange", "/auth/google/token"] {
+        for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+            let answer =
+                send_typed(&server.url(path), content_type, r#"{"refresh_token":"x"}"#).await;
+            assert_eq!(
+                (answer.status, answer.code()),
+                (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type".into()
+                ),
+                "{path} {content_type}"
+            );
+        }
+    }
+}
+
+/// A POST with `content_type` and no other header.
+async fn send_typed(url: &str, content_type: &str, body: &str) -> Answer {
+    let url = url::Url::parse(url).unwrap();
+    let stream = tokio::net::TcpStream::connect(format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port().unwrap()
+    ))
+    .await
+    .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post(url.path())
+        .header("host", url.authority())
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
 }

@@ -342,6 +342,7 @@ impl RefreshStore for MemoryRefreshStore {
     async fn revoke_presented(
         &self,
         presented: &str,
+        owner: UserId,
         now: SystemTime,
     ) -> Result<Option<RefreshFamily>, RefreshError> {
         if !RefreshToken::is_well_formed(presented) {
@@ -349,7 +350,13 @@ impl RefreshStore for MemoryRefreshStore {
         }
         let hash = TokenHash::of(presented);
         let mut state = self.lock();
-        let found = state.observe(&hash).map(|(_, family_id, user_id)| {
+        let found = state.observe(&hash);
+        if let Some((_, _, user_id)) = found
+            && user_id != owner
+        {
+            return Err(RefreshError::NotOwner);
+        }
+        let found = found.map(|(_, family_id, user_id)| {
             state.revoke(family_id);
             RefreshFamily { family_id, user_id }
         });

@@ -351,6 +351,7 @@ impl RefreshStore for PgRefreshStore {
     async fn revoke_presented(
         &self,
         presented: &str,
+        owner: UserId,
         now: SystemTime,
     ) -> Result<Option<RefreshFamily>, RefreshError> {
         if !RefreshToken::is_well_formed(presented) {
@@ -370,6 +371,10 @@ impl RefreshStore for PgRefreshStore {
         };
         let family_id: Uuid = get(&row, "family_id")?;
         let user_id: Uuid = get(&row, "user_id")?;
+        if UserId::from_uuid(user_id) != owner {
+            // Dropping the transaction rolls it back: nothing changed.
+            return Err(RefreshError::NotOwner);
+        }
         revoke_in(
             &mut tx,
             family_id,

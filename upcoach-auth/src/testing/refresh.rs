@@ -214,7 +214,10 @@ impl Suite<'_> {
         ] {
             self.refused(token, t, "refresh_token_invalid", what).await;
             assert_eq!(
-                self.store.revoke_presented(token, t).await.unwrap(),
+                self.store
+                    .revoke_presented(token, UserId::new(), t)
+                    .await
+                    .unwrap(),
                 None,
                 "logout with {what} finds nothing"
             );
@@ -486,9 +489,23 @@ impl Suite<'_> {
             family_id: issued.family_id,
             user_id: user,
         };
+        let stranger = self.users.create().await;
+        let refused = self
+            .store
+            .revoke_presented(child.token.expose(), stranger, t + 2 * SEC)
+            .await
+            .expect_err("another user's logout with this token");
+        assert_eq!(refused.code(), "refresh_token_not_yours");
+        let child = self
+            .rotate(
+                &child.token,
+                t + 2 * SEC,
+                "a token another user failed to revoke",
+            )
+            .await;
         assert_eq!(
             self.store
-                .revoke_presented(child.token.expose(), t + 2 * SEC)
+                .revoke_presented(child.token.expose(), user, t + 2 * SEC)
                 .await
                 .unwrap(),
             Some(family),
@@ -503,7 +520,7 @@ impl Suite<'_> {
         .await;
         assert_eq!(
             self.store
-                .revoke_presented(child.token.expose(), t + 3 * SEC)
+                .revoke_presented(child.token.expose(), user, t + 3 * SEC)
                 .await
                 .unwrap(),
             Some(family),
@@ -511,7 +528,7 @@ impl Suite<'_> {
         );
         assert_eq!(
             self.store
-                .revoke_presented(issued.token.expose(), t + 3 * SEC)
+                .revoke_presented(issued.token.expose(), user, t + 3 * SEC)
                 .await
                 .unwrap(),
             Some(family),
@@ -521,10 +538,10 @@ impl Suite<'_> {
             .await;
 
         // Logout with a rotated token revokes the live line too.
-        let (_, issued) = self.open(t).await;
+        let (user, issued) = self.open(t).await;
         let child = self.rotate(&issued.token, t + SEC, "first use").await;
         self.store
-            .revoke_presented(issued.token.expose(), t + 2 * SEC)
+            .revoke_presented(issued.token.expose(), user, t + 2 * SEC)
             .await
             .unwrap();
         self.refused(
@@ -623,7 +640,7 @@ impl Suite<'_> {
         .await;
         assert_eq!(
             self.store
-                .revoke_presented(child.token.expose(), end)
+                .revoke_presented(child.token.expose(), UserId::new(), end)
                 .await
                 .unwrap(),
             None

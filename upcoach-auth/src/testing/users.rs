@@ -49,6 +49,7 @@ fn identity(
         email: email.map(str::to_owned),
         email_verified,
         name: None,
+        expires_at: None,
     }
 }
 

@@ -1,0 +1,835 @@
+//! [`Sessions`]: the sign-in service a host embeds. One type for every step of every
+//! provider (authorize, callback, native sign-in, login-code exchange, refresh, logout,
+//! me, link, unlink), which issues our tokens, enforces the one-time nonce and login
+//! code, and records each security event itself, with the client's address, user agent
+//! and platform ([`ClientFacts`]).
+//!
+//! A provider is anything implementing [`AuthProvider`]; the service needs nothing
+//! else from it. A host adds its own:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use upcoach_auth::session::{AccessTokens, SigningKey};
+//! use upcoach_auth::sessions::Sessions;
+//! use upcoach_auth::{AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity};
+//! use upcoach_core::event::{ClientFacts, EventKind, EventLog, MemoryEventLog};
+//! use upcoach_core::SystemClock;
+//!
+//! /// A provider of the host's own: accepts one test credential.
+//! #[derive(Debug)]
+//! struct Staff;
+//!
+//! #[async_trait]
+//! impl AuthProvider for Staff {
+//!     fn id(&self) -> ProviderId { ProviderId::Google }
+//!     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
+//!         let mut url = url::Url::parse("https://sso.staff.example/authorize").unwrap();
+//!         url.query_pairs_mut().append_pair("state", &request.state);
+//!         Ok(url)
+//!     }
+//!     async fn exchange_code(&self, _: &str, _: &AuthorizationRequest, _: &str)
+//!         -> Result<VerifiedIdentity, Error> {
+//!         Err(Error::CodeRejected)
+//!     }
+//!     async fn verify_native(&self, credential: &NativeCredential) -> Result<VerifiedIdentity, Error> {
+//!         match credential {
+//!             NativeCredential::IdToken { id_token, .. } if id_token == "badge-42" => Ok(VerifiedIdentity {
+//!                 provider: ProviderId::Google,
+//!                 subject: "staff-42".into(),
+//!                 email: Some("ada@staff.example".into()),
+//!                 email_verified: true,
+//!                 name: Some("Ada".into()),
+//!                 expires_at: None,
+//!             }),
+//!             _ => Err(Error::InvalidCredential { reason: "unknown_badge" }),
+//!         }
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let events = Arc::new(MemoryEventLog::default());
+//! let tokens = Arc::new(AccessTokens::new(SigningKey::generate()?, Arc::new(SystemClock)));
+//! let sessions = Sessions::builder(tokens, "https://api.example.com")
+//!     .provider(Arc::new(Staff))
+//!     .events(events.clone())
+//!     .build();
+//!
+//! let facts = ClientFacts {
+//!     ip: Some("203.0.113.9".parse().unwrap()),
+//!     user_agent: Some("StaffApp/1.0".into()),
+//!     platform: Some("ios".into()),
+//! };
+//! let credential = NativeCredential::IdToken { id_token: "badge-42".into(), nonce: Some("n-1".into()) };
+//! let signed_in = sessions.sign_in_with_token("google", credential, &facts).await.unwrap();
+//! assert_eq!(signed_in.user.email.as_deref(), Some("ada@staff.example"));
+//!
+//! let rotated = sessions.refresh(&signed_in.refresh_token, &facts).await.unwrap();
+//! assert_ne!(rotated.refresh_token, signed_in.refresh_token);
+//!
+//! events.flush().await?;
+//! let logged = events.recent(EventKind::Security, 10).await?;
+//! assert!(logged.iter().any(|e| e.name() == "login_success"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use upcoach_core::event::{ClientFacts, Event, EventLog, MemoryEventLog, SecurityEvent};
+use upcoach_core::{Clock, Principal, Role, SessionId, SystemClock, TokenError, UserId};
+
+use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
+use crate::refresh::{
+    MemoryRefreshStore, Purged, RefreshError, RefreshPolicy, RefreshStore, RevokeReason,
+};
+use crate::session::AccessTokens;
+use crate::users::{LinkingPolicy, MemoryUserStore, User, UserError, UserStore};
+use crate::web::{CallbackParams, LoginGrant, LoginProof, SignInError, Started, WebSignIn};
+use crate::{AuthProvider, Error, NativeCredential, ProviderId, VerifiedIdentity};
+
+/// How long a native sign-in's nonce is remembered when the credential says nothing
+/// about its own expiry.
+pub const DEFAULT_NONCE_MEMORY: Duration = Duration::from_secs(3600);
+/// The longest platform name accepted (`web`, `ios`, `android`, ...).
+pub const MAX_PLATFORM_LEN: usize = 32;
+
+/// Why a sign-in step was refused. Each has a stable [`code`](Self::code); with the
+/// `http` feature, [`HttpError`](upcoach_core::http::HttpError) gives its status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The provider name is not `google`, `apple` or `facebook`.
+    #[error("unknown provider: expected google, apple or facebook")]
+    UnknownProvider,
+    /// The provider is not configured on this server.
+    #[error("{0} sign-in is not configured on this server")]
+    ProviderNotConfigured(ProviderId),
+    /// The platform is not 1 to 32 of `a-z 0-9 _ -`.
+    #[error("platform must be 1 to 32 characters of a-z, 0-9, '_' or '-' (web, ios, android)")]
+    InvalidPlatform,
+    /// The native credential's nonce was used before (a replayed id token).
+    #[error("this nonce was used before")]
+    NonceReplayed,
+    /// The credential stays valid for longer than a nonce can be remembered.
+    #[error("the credential is valid for longer than this server accepts")]
+    CredentialLivesTooLong,
+    /// The user behind a login code, refresh token or access token no longer exists.
+    #[error("the user no longer exists")]
+    UserGone {
+        /// The code clients see (`login_code_invalid`, `refresh_token_revoked`,
+        /// `unknown_user`).
+        code: &'static str,
+    },
+    /// The access token could not be signed.
+    #[error("signing an access token failed")]
+    Signing(#[source] Error),
+    /// The provider refused the credential or could not be reached.
+    #[error(transparent)]
+    Provider(#[from] Error),
+    /// A browser-flow step was refused.
+    #[error(transparent)]
+    SignIn(#[from] SignInError),
+    /// The user store refused or failed.
+    #[error(transparent)]
+    Users(#[from] UserError),
+    /// The refresh-token store refused or failed.
+    #[error(transparent)]
+    Refresh(#[from] RefreshError),
+    /// The flow store failed.
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+}
+
+impl AuthError {
+    /// A stable snake_case code for clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::UnknownProvider => "unknown_provider",
+            AuthError::ProviderNotConfigured(_) => "provider_not_configured",
+            AuthError::InvalidPlatform => "invalid_platform",
+            AuthError::NonceReplayed => "nonce_replayed",
+            AuthError::CredentialLivesTooLong => "credential_lifetime_too_long",
+            AuthError::UserGone { code } => code,
+            AuthError::Signing(_) => "internal_error",
+            AuthError::Provider(e) => e.code(),
+            AuthError::SignIn(e) => e.code(),
+            AuthError::Users(e) => e.code(),
+            AuthError::Refresh(e) => e.code(),
+            AuthError::Flow(e) => e.code(),
+        }
+    }
+
+    /// Whether trying again later could succeed (a store or the provider was down).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AuthError::Provider(e) => e.is_retryable(),
+            AuthError::SignIn(e) => e.is_retryable(),
+            AuthError::Users(e) => e.is_retryable(),
+            AuthError::Refresh(e) => e.is_retryable(),
+            AuthError::Flow(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// `{"access_token","token_type":"Bearer","expires_in","refresh_token","user"}`.
+#[derive(Clone, Serialize)]
+pub struct TokenResponse {
+    /// Our access token (an EdDSA JWT).
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    /// The refresh token (opaque, one use).
+    pub refresh_token: String,
+    /// The signed-in user.
+    pub user: User,
+}
+
+impl fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .field("user", &self.user.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a browser sign-in ends at the callback.
+#[derive(Debug)]
+pub enum CallbackOutcome {
+    /// No `return_to`: the tokens, for the caller to answer with.
+    SignedIn(TokenResponse),
+    /// Back to the web app with a one-time login code: `return_to?login_code=…`. The
+    /// browser keeps its flow cookie: it is one proof that the exchange comes from it.
+    Redirect(url::Url),
+}
+
+/// The sign-in service. Build one with [`Sessions::builder`]; see the [module
+/// docs](self).
+pub struct Sessions {
+    tokens: Arc<AccessTokens>,
+    refresh: Arc<dyn RefreshStore>,
+    users: Arc<dyn UserStore>,
+    web: WebSignIn,
+    providers: HashMap<ProviderId, Arc<dyn AuthProvider>>,
+    linking: LinkingPolicy,
+    events: Arc<dyn EventLog>,
+    clock: Arc<dyn Clock>,
+    public_url: String,
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut providers: Vec<_> = self.providers.keys().map(|p| p.as_str()).collect();
+        providers.sort_unstable();
+        f.debug_struct("Sessions")
+            .field("public_url", &self.public_url)
+            .field("providers", &providers)
+            .field("users", &self.users)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`Sessions`]: in-memory stores, an in-memory event log and the system clock
+/// unless set.
+pub struct SessionsBuilder {
+    tokens: Arc<AccessTokens>,
+    public_url: String,
+    refresh: Option<Arc<dyn RefreshStore>>,
+    users: Option<Arc<dyn UserStore>>,
+    flows: Option<Arc<dyn FlowStore>>,
+    providers: Vec<Arc<dyn AuthProvider>>,
+    return_to_allowlist: Vec<String>,
+    linking: LinkingPolicy,
+    events: Option<Arc<dyn EventLog>>,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl fmt::Debug for SessionsBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionsBuilder")
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionsBuilder {
+    /// Where refresh-token families live (default: in memory, default policy).
+    pub fn refresh_store(mut self, store: Arc<dyn RefreshStore>) -> Self {
+        self.refresh = Some(store);
+        self
+    }
+
+    /// Where users and identities live (default: in memory).
+    pub fn user_store(mut self, store: Arc<dyn UserStore>) -> Self {
+        self.users = Some(store);
+        self
+    }
+
+    /// Where one-time flow state, login codes and used nonces live (default: in
+    /// memory; use Redis when several processes serve sign-in).
+    pub fn flow_store(mut self, store: Arc<dyn FlowStore>) -> Self {
+        self.flows = Some(store);
+        self
+    }
+
+    /// Adds a provider; a second one with the same [`ProviderId`] replaces the first.
+    pub fn provider(mut self, provider: Arc<dyn AuthProvider>) -> Self {
+        self.providers.push(provider);
+        self
+    }
+
+    /// The exact URLs a web sign-in may return to (default: none).
+    pub fn return_to_allowlist(mut self, urls: Vec<String>) -> Self {
+        self.return_to_allowlist = urls;
+        self
+    }
+
+    /// Which providers' verified addresses link accounts automatically.
+    pub fn linking(mut self, policy: LinkingPolicy) -> Self {
+        self.linking = policy;
+        self
+    }
+
+    /// Where security events go (default: an in-memory ring buffer).
+    pub fn events(mut self, events: Arc<dyn EventLog>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// The clock of every time decision (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> Sessions {
+        let flows = self
+            .flows
+            .unwrap_or_else(|| Arc::new(MemoryFlowStore::new()));
+        Sessions {
+            refresh: self
+                .refresh
+                .unwrap_or_else(|| Arc::new(MemoryRefreshStore::new(RefreshPolicy::default()))),
+            users: self
+                .users
+                .unwrap_or_else(|| Arc::new(MemoryUserStore::new())),
+            web: WebSignIn::new(flows, self.return_to_allowlist),
+            providers: self.providers.into_iter().map(|p| (p.id(), p)).collect(),
+            linking: self.linking,
+            events: self
+                .events
+                .unwrap_or_else(|| Arc::new(MemoryEventLog::default())),
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            tokens: self.tokens,
+            public_url: self.public_url.trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+/// Refuses a platform that is not 1 to [`MAX_PLATFORM_LEN`] of `a-z 0-9 _ -`.
+pub fn check_platform(platform: Option<&str>) -> Result<(), AuthError> {
+    match platform {
+        None => Ok(()),
+        Some(p)
+            if (1..=MAX_PLATFORM_LEN).contains(&p.len())
+                && p.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                }) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(AuthError::InvalidPlatform),
+    }
+}
+
+impl Sessions {
+    /// A builder for tokens signed by `tokens`, with callbacks under `public_url` (the
+    /// server's origin as browsers and providers reach it: `https://api.example.com`).
+    pub fn builder(tokens: Arc<AccessTokens>, public_url: impl Into<String>) -> SessionsBuilder {
+        SessionsBuilder {
+            tokens,
+            public_url: public_url.into(),
+            refresh: None,
+            users: None,
+            flows: None,
+            providers: Vec::new(),
+            return_to_allowlist: Vec::new(),
+            linking: LinkingPolicy::default(),
+            events: None,
+            clock: None,
+        }
+    }
+
+    /// The callback URL of `provider` under `public_url`:
+    /// `{public_url}/auth/{provider}/callback`, what to register with the provider.
+    pub fn callback_url_of(public_url: &str, provider: ProviderId) -> String {
+        format!(
+            "{}/auth/{provider}/callback",
+            public_url.trim_end_matches('/')
+        )
+    }
+
+    /// This service's callback URL of `provider`.
+    pub fn callback_url(&self, provider: ProviderId) -> String {
+        Self::callback_url_of(&self.public_url, provider)
+    }
+
+    /// The server's public origin.
+    pub fn public_url(&self) -> &str {
+        &self.public_url
+    }
+
+    /// Our access tokens: their issuer and verifier, and the JWK Set.
+    pub fn tokens(&self) -> &Arc<AccessTokens> {
+        &self.tokens
+    }
+
+    /// The user store.
+    pub fn users(&self) -> &Arc<dyn UserStore> {
+        &self.users
+    }
+
+    /// The refresh-token store.
+    pub fn refresh_store(&self) -> &Arc<dyn RefreshStore> {
+        &self.refresh
+    }
+
+    /// The configured providers.
+    pub fn providers(&self) -> impl Iterator<Item = ProviderId> + '_ {
+        self.providers.keys().copied()
+    }
+
+    fn provider(&self, name: &str) -> Result<&Arc<dyn AuthProvider>, AuthError> {
+        let id: ProviderId = name.parse().map_err(|_| AuthError::UnknownProvider)?;
+        self.providers
+            .get(&id)
+            .ok_or(AuthError::ProviderNotConfigured(id))
+    }
+
+    fn record(
+        &self,
+        event_type: &str,
+        user: Option<UserId>,
+        facts: &ClientFacts,
+        details: serde_json::Value,
+    ) {
+        let mut event = SecurityEvent::new(event_type, self.clock.as_ref())
+            .details(details)
+            .client(facts);
+        if let Some(user) = user {
+            event = event.user(user);
+        }
+        if let Err(e) = self.events.record(Event::Security(event)) {
+            tracing::warn!(error = %e, event_type, "a security event was not logged");
+        }
+    }
+
+    fn failed(&self, provider: ProviderId, facts: &ClientFacts, error: &AuthError) {
+        self.record(
+            "login_failed",
+            None,
+            facts,
+            serde_json::json!({"provider": provider, "code": error.code()}),
+        );
+    }
+
+    /// Tokens for `user` in session `session`, with `refresh_token`.
+    fn token_response(
+        &self,
+        user: User,
+        session: SessionId,
+        refresh_token: &str,
+    ) -> Result<TokenResponse, AuthError> {
+        let issued = self
+            .tokens
+            .issue(user.id, user.roles.clone(), session)
+            .map_err(AuthError::Signing)?;
+        Ok(TokenResponse {
+            access_token: issued.token,
+            token_type: "Bearer",
+            expires_in: issued.expires_in.as_secs(),
+            refresh_token: refresh_token.to_owned(),
+            user,
+        })
+    }
+
+    /// Opens a new session (a refresh family) for `user`.
+    async fn open_session(&self, user: User) -> Result<TokenResponse, AuthError> {
+        let issued = self.refresh.open_family(user.id, self.clock.now()).await?;
+        self.token_response(user, issued.family_id, issued.token.expose())
+    }
+
+    /// Finds, links or creates the user of a verified identity, recording the outcome.
+    async fn sign_in_identity(
+        &self,
+        identity: &VerifiedIdentity,
+        facts: &ClientFacts,
+    ) -> Result<User, AuthError> {
+        match self.users.sign_in(identity, &self.linking).await {
+            Ok(signed_in) => {
+                self.record(
+                    "login_success",
+                    Some(signed_in.user.id),
+                    facts,
+                    serde_json::json!({
+                        "provider": identity.provider,
+                        "created": signed_in.created,
+                        "linked": signed_in.linked,
+                    }),
+                );
+                Ok(signed_in.user)
+            }
+            Err(e) => {
+                let e = AuthError::from(e);
+                self.failed(identity.provider, facts, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// `GET /auth/{provider}/authorize`: starts a browser sign-in. Returns where to
+    /// send the browser and the flow cookie to set on it. `return_to` must be exactly
+    /// on the allow-list; `login_challenge` is the web app's S256 challenge, whose
+    /// verifier it may present at [`exchange`](Self::exchange) instead of the cookie.
+    pub async fn authorize(
+        &self,
+        provider: &str,
+        return_to: Option<&str>,
+        login_challenge: Option<&str>,
+        facts: &ClientFacts,
+    ) -> Result<Started, AuthError> {
+        check_platform(facts.platform.as_deref())?;
+        let provider = self.provider(provider)?;
+        Ok(self
+            .web
+            .begin(
+                provider.as_ref(),
+                &self.callback_url(provider.id()),
+                return_to,
+                facts.platform.as_deref(),
+                login_challenge,
+            )
+            .await?)
+    }
+
+    /// `GET|POST /auth/{provider}/callback`: finishes a browser sign-in started by
+    /// the browser holding `browser_cookie`. The platform recorded is the one the flow
+    /// began with.
+    pub async fn callback(
+        &self,
+        provider: &str,
+        params: &CallbackParams,
+        browser_cookie: Option<&str>,
+        facts: &ClientFacts,
+    ) -> Result<CallbackOutcome, AuthError> {
+        let provider = self.provider(provider)?;
+        let completed = match self
+            .web
+            .complete(provider.as_ref(), params, browser_cookie)
+            .await
+        {
+            Ok(completed) => completed,
+            Err(e) => {
+                let e = AuthError::from(e);
+                self.failed(provider.id(), facts, &e);
+                return Err(e);
+            }
+        };
+        let facts = facts.clone().with_platform(completed.platform.clone());
+        let user = self.sign_in_identity(&completed.identity, &facts).await?;
+        match completed.return_to {
+            None => Ok(CallbackOutcome::SignedIn(self.open_session(user).await?)),
+            Some(return_to) => {
+                let grant = LoginGrant {
+                    user_id: user.id,
+                    provider: provider.id(),
+                    session_id: SessionId::new(),
+                    binding: completed.binding,
+                };
+                let code = self.web.issue_login_code(&grant).await?;
+                let mut url = url::Url::parse(&return_to)
+                    .map_err(|_| AuthError::SignIn(SignInError::ReturnToNotAllowed))?;
+                url.query_pairs_mut().append_pair("login_code", &code);
+                Ok(CallbackOutcome::Redirect(url))
+            }
+        }
+    }
+
+    /// `POST /auth/exchange`: the tokens of a login code, once, for the browser that
+    /// began the sign-in (its flow cookie, or the verifier of its `login_challenge`).
+    pub async fn exchange(
+        &self,
+        login_code: &str,
+        proof: &LoginProof<'_>,
+        facts: &ClientFacts,
+    ) -> Result<TokenResponse, AuthError> {
+        let grant = match self.web.redeem_login_code(login_code, proof).await {
+            Ok(grant) => grant,
+            Err(e) => {
+                let e = AuthError::from(e);
+                if matches!(e, AuthError::SignIn(SignInError::LoginCodeBrowserMismatch)) {
+                    self.record(
+                        "login_code_refused",
+                        None,
+                        facts,
+                        serde_json::json!({"code": e.code()}),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        let user = self
+            .users
+            .get(grant.user_id)
+            .await?
+            .ok_or(AuthError::UserGone {
+                code: "login_code_invalid",
+            })?;
+        self.open_session(user).await
+    }
+
+    /// `POST /auth/{provider}/token`: a native app's sign-in with the provider's
+    /// credential. The nonce is usable once, remembered for as long as the credential
+    /// is accepted.
+    pub async fn sign_in_with_token(
+        &self,
+        provider: &str,
+        credential: NativeCredential,
+        facts: &ClientFacts,
+    ) -> Result<TokenResponse, AuthError> {
+        check_platform(facts.platform.as_deref())?;
+        let provider = self.provider(provider)?;
+        let identity = self
+            .verify_native(provider.as_ref(), &credential, facts)
+            .await?;
+        let user = self.sign_in_identity(&identity, facts).await?;
+        self.open_session(user).await
+    }
+
+    /// Verifies a native credential and claims its nonce, recording a failure.
+    async fn verify_native(
+        &self,
+        provider: &dyn AuthProvider,
+        credential: &NativeCredential,
+        facts: &ClientFacts,
+    ) -> Result<VerifiedIdentity, AuthError> {
+        let result = async {
+            let identity = provider.verify_native(credential).await?;
+            if let NativeCredential::IdToken {
+                nonce: Some(nonce), ..
+            } = credential
+            {
+                self.claim_nonce(nonce, identity.expires_at).await?;
+            }
+            Ok::<_, AuthError>(identity)
+        }
+        .await;
+        if let Err(e) = &result {
+            self.failed(provider.id(), facts, e);
+        }
+        result
+    }
+
+    /// Remembers `nonce` until `accepted_until` (the credential's expiry and leeway),
+    /// refusing one seen before.
+    async fn claim_nonce(
+        &self,
+        nonce: &str,
+        accepted_until: Option<SystemTime>,
+    ) -> Result<(), AuthError> {
+        let memory = match accepted_until {
+            None => DEFAULT_NONCE_MEMORY,
+            Some(until) => until
+                .duration_since(self.clock.now())
+                .unwrap_or(Duration::ZERO)
+                // A second more than the credential lives: never a moment without it.
+                .saturating_add(Duration::from_secs(1)),
+        };
+        if memory > crate::flow::MAX_TTL {
+            return Err(AuthError::CredentialLivesTooLong);
+        }
+        if self.web.claim_nonce(nonce, memory).await? {
+            Ok(())
+        } else {
+            Err(AuthError::NonceReplayed)
+        }
+    }
+
+    /// `POST /auth/refresh`: a new token pair for a refresh token, which is used up. A
+    /// token presented again revokes its whole family (`refresh_token_reused`, and a
+    /// security event).
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        facts: &ClientFacts,
+    ) -> Result<TokenResponse, AuthError> {
+        let rotation = match self.refresh.rotate(refresh_token, self.clock.now()).await {
+            Ok(rotation) => rotation,
+            Err(e) => {
+                if let RefreshError::Reused { user_id, family_id } = &e {
+                    self.record(
+                        "refresh_token_reused",
+                        Some(*user_id),
+                        facts,
+                        serde_json::json!({"family_id": family_id.to_string()}),
+                    );
+                }
+                return Err(e.into());
+            }
+        };
+        let user = self
+            .users
+            .get(rotation.user_id)
+            .await?
+            .ok_or(AuthError::UserGone {
+                code: "refresh_token_revoked",
+            })?;
+        self.token_response(user, rotation.family_id, rotation.token.expose())
+    }
+
+    /// `POST /auth/logout`: revokes the signed-in user's session, and the family of
+    /// `refresh_token` if it is one of the same user's. Another user's token is
+    /// `refresh_token_not_yours`, recorded as `logout_refused`, and revokes nothing.
+    pub async fn logout(
+        &self,
+        principal: &Principal,
+        refresh_token: Option<&str>,
+        facts: &ClientFacts,
+    ) -> Result<(), AuthError> {
+        let now = self.clock.now();
+        let mut revoked = vec![principal.session_id.to_string()];
+        if let Some(token) = refresh_token {
+            match self
+                .refresh
+                .revoke_presented(token, principal.user_id, now)
+                .await
+            {
+                Ok(Some(family)) if family.family_id != principal.session_id => {
+                    revoked.push(family.family_id.to_string());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if matches!(e, RefreshError::NotOwner) {
+                        self.record(
+                            "logout_refused",
+                            Some(principal.user_id),
+                            facts,
+                            serde_json::json!({"code": e.code(), "session": principal.session_id.to_string()}),
+                        );
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        self.refresh
+            .revoke_family(principal.session_id, RevokeReason::Logout, now)
+            .await?;
+        self.record(
+            "logout",
+            Some(principal.user_id),
+            facts,
+            serde_json::json!({"sessions": revoked}),
+        );
+        Ok(())
+    }
+
+    /// `GET /auth/me`: the signed-in user.
+    pub async fn me(&self, principal: &Principal) -> Result<User, AuthError> {
+        self.users
+            .get(principal.user_id)
+            .await?
+            .ok_or(AuthError::UserGone {
+                code: "unknown_user",
+            })
+    }
+
+    /// `POST /auth/link/{provider}`: links the identity a native credential proves to
+    /// the signed-in user.
+    pub async fn link(
+        &self,
+        principal: &Principal,
+        provider: &str,
+        credential: NativeCredential,
+        facts: &ClientFacts,
+    ) -> Result<User, AuthError> {
+        check_platform(facts.platform.as_deref())?;
+        let provider = self.provider(provider)?;
+        let identity = self
+            .verify_native(provider.as_ref(), &credential, facts)
+            .await?;
+        let user = self.users.link(principal.user_id, &identity).await?;
+        self.record(
+            "identity_linked",
+            Some(user.id),
+            facts,
+            serde_json::json!({"provider": provider.id()}),
+        );
+        Ok(user)
+    }
+
+    /// `DELETE /auth/link/{provider}`: removes the signed-in user's identity of
+    /// `provider` (`last_identity` for the last way to sign in).
+    pub async fn unlink(
+        &self,
+        principal: &Principal,
+        provider: &str,
+        facts: &ClientFacts,
+    ) -> Result<User, AuthError> {
+        let provider: ProviderId = provider.parse().map_err(|_| AuthError::UnknownProvider)?;
+        let user = self.users.unlink(principal.user_id, provider).await?;
+        self.record(
+            "identity_unlinked",
+            Some(user.id),
+            facts,
+            serde_json::json!({"provider": provider}),
+        );
+        Ok(user)
+    }
+
+    /// Opens a session for `user_id` without a provider: an operator's or service
+    /// account, or development tokens. A new user gets `roles`; an existing user keeps
+    /// the roles it has. Recorded as `session_issued`.
+    pub async fn issue_for(
+        &self,
+        user_id: UserId,
+        roles: &[Role],
+        facts: &ClientFacts,
+    ) -> Result<TokenResponse, AuthError> {
+        let user = self.users.provision(user_id, roles).await?;
+        self.record(
+            "session_issued",
+            Some(user.id),
+            facts,
+            serde_json::json!({"roles": user.roles}),
+        );
+        self.open_session(user).await
+    }
+
+    /// The principal of one of our access tokens.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, TokenError> {
+        upcoach_core::TokenVerifier::verify(self.tokens.as_ref(), bearer).await
+    }
+
+    /// Deletes expired refresh families and tokens (run it every few minutes on
+    /// Postgres; [`refresh::spawn_purge`](crate::refresh::spawn_purge) does).
+    pub async fn purge_expired(&self) -> Result<Purged, AuthError> {
+        Ok(self.refresh.purge_expired(self.clock.now()).await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl upcoach_core::TokenVerifier for Sessions {
+    async fn verify(&self, bearer: &str) -> Result<Principal, TokenError> {
+        self.authenticate(bearer).await
+    }
+}
