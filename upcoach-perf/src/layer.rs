@@ -10,9 +10,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::RequestMetrics;
 use crate::requests::Outcome;
 use crate::route::{MethodClass, RouteId};
+use crate::{MatchedRoute, RequestMetrics};
 
 /// Times each request (to its response head: a streamed body is not waited for) and
 /// records method, route template, status class and latency into [`RequestMetrics`].
@@ -29,6 +29,55 @@ use crate::route::{MethodClass, RouteId};
 /// // tower::ServiceBuilder::new().layer(layer).service(app), or layer.layer(app)
 /// # let _ = layer;
 /// # Ok::<(), upcoach_perf::InvalidTemplate>(())
+/// ```
+///
+/// # Which route
+///
+/// A router that knows which template it matched says so by putting a [`MatchedRoute`]
+/// in the *response* extensions: the request is then recorded under the table's template
+/// of exactly that text (one hash lookup, see [`RouteTable::id_of`](crate::RouteTable::id_of)),
+/// or as `unmatched` if the table has no such template. Without it (a router that does
+/// not set it, a service error, a request dropped before its response) the request path
+/// is matched against the [`RouteTable`](crate::RouteTable), as it was when the request
+/// came in.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::sync::Arc;
+/// use tower_layer::Layer;
+/// use tower_service::Service;
+/// use upcoach_perf::{MatchedRoute, RequestMetrics, RequestTimingLayer, RouteTable};
+///
+/// /// A router that answers every `/auth/...` path and says which template it used.
+/// #[derive(Clone)]
+/// struct Router;
+///
+/// impl Service<http::Request<()>> for Router {
+///     type Response = http::Response<()>;
+///     type Error = Infallible;
+///     type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+///
+///     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+///         std::task::Poll::Ready(Ok(()))
+///     }
+///
+///     fn call(&mut self, _request: http::Request<()>) -> Self::Future {
+///         let mut response = http::Response::new(());
+///         response.extensions_mut().insert(MatchedRoute::from_static("/auth/{provider}/token"));
+///         std::future::ready(Ok(response))
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let routes = RouteTable::new(["/auth/{provider}/token", "/auth/{provider}/{step}"])?;
+/// let metrics = Arc::new(RequestMetrics::new(routes));
+/// let mut service = RequestTimingLayer::new(metrics.clone()).layer(Router);
+/// // The path alone would match neither template; the router's word is taken.
+/// let request = http::Request::post("/auth/google/token/").body(()).unwrap();
+/// service.call(request).await.unwrap();
+/// assert_eq!(metrics.snapshot()[0].route, "/auth/{provider}/token");
+/// # Ok::<(), upcoach_perf::InvalidTemplate>(())
+/// # }).unwrap();
 /// ```
 #[derive(Debug, Clone)]
 pub struct RequestTimingLayer {
@@ -103,6 +152,8 @@ where
 #[derive(Debug)]
 struct Timing {
     metrics: &'static RequestMetrics,
+    /// The path's match when the request came in; replaced by the response's
+    /// [`MatchedRoute`] when it has one.
     route: RouteId,
     method: MethodClass,
     start: Instant,
@@ -151,9 +202,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
-        if let Some(t) = this.timing.take() {
+        if let Some(mut t) = this.timing.take() {
             let outcome = match &output {
-                Ok(response) => Outcome::Status(response.status().as_u16()),
+                Ok(response) => {
+                    // The router's own word beats the path match made at call time.
+                    if let Some(matched) = response.extensions().get::<MatchedRoute>() {
+                        t.route = t.metrics.routes().id_of(matched.as_str());
+                    }
+                    Outcome::Status(response.status().as_u16())
+                }
                 Err(_) => Outcome::Failed,
             };
             t.finish(outcome);

@@ -12,7 +12,12 @@
 //! - [`PerfMonitor`]: all of the above on a ticker, and the JSON snapshot.
 //!
 //! - [`slow`]: every SQL statement timed through sqlx's `tracing` log; slow ones grouped
-//!   by normalized SQL.
+//!   by normalized SQL. With the `postgres` feature, `slow::explain` gives each its
+//!   plan, without running it.
+//! - [`advice`]: recommendations from the above (slowest routes, a poor cache hit rate,
+//!   and with `postgres` the slow statements and their plans).
+//! - [`MatchedRoute`]: a router names the template it matched in the response, and the
+//!   timing layer takes its word instead of matching the path again.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -31,6 +36,7 @@
 
 use std::fmt;
 
+pub mod advice;
 pub mod alert;
 mod exposition;
 pub mod histogram;
@@ -50,7 +56,7 @@ pub use layer::{RequestTiming, RequestTimingLayer, TimingFuture};
 pub use monitor::{MIN_REQUESTS_FOR_ERROR_RATE, OverallWindow, PerfMonitor, PerfSnapshot};
 pub use process::{ProcessReading, ProcessSampler};
 pub use requests::{LatencySummary, RequestMetrics, RouteSnapshot, WindowSummary};
-pub use route::{InvalidTemplate, RouteId, RouteTable, UNMATCHED};
+pub use route::{InvalidTemplate, MatchedRoute, RouteId, RouteTable, UNMATCHED};
 pub use sink::{DEFAULT_MAX_SERIES, MemoryMetrics};
 
 /// Label pairs of one sample: `(name, value)`. Label values must come from a bounded

@@ -1,7 +1,9 @@
 //! Route templates: raw paths are matched to a known template, so the label set stays
 //! bounded whatever URLs clients send.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// A route template such as `/api/dashboard/realtime/broadcast/{room}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct RouteTable {
     /// Template ids by segment count, in table order: a path is only compared with
     /// templates of its own length.
     by_len: Vec<Vec<RouteId>>,
+    /// Template ids by their exact text, for [`RouteTable::id_of`].
+    by_text: HashMap<Box<str>, RouteId>,
 }
 
 /// The most segments a template (and a matched path) may have.
@@ -105,9 +109,15 @@ impl RouteTable {
         for (id, template) in out.iter().enumerate() {
             by_len[template.segments.len()].push(id);
         }
+        let by_text = out
+            .iter()
+            .enumerate()
+            .map(|(id, template)| (Box::from(template.text.as_str()), id))
+            .collect();
         Ok(Self {
             templates: out,
             by_len,
+            by_text,
         })
     }
 
@@ -139,6 +149,26 @@ impl RouteTable {
             }
         }
         unmatched
+    }
+
+    /// The id of the template whose text is exactly `template` (as a router names the
+    /// route it matched, e.g. `/auth/{provider}/token`), or [`len`](Self::len) for a
+    /// template not in the table. One hash lookup: no path matching.
+    ///
+    /// ```
+    /// use upcoach_perf::RouteTable;
+    ///
+    /// let routes = RouteTable::new(["/health", "/auth/{provider}/token"])?;
+    /// assert_eq!(routes.id_of("/auth/{provider}/token"), 1);
+    /// assert_eq!(routes.id_of("/auth/google/token"), routes.len(), "a path is not a template");
+    /// # Ok::<(), upcoach_perf::InvalidTemplate>(())
+    /// ```
+    #[inline]
+    pub fn id_of(&self, template: &str) -> RouteId {
+        self.by_text
+            .get(template)
+            .copied()
+            .unwrap_or(self.templates.len())
     }
 
     /// The template text of `id` ([`UNMATCHED`] for the unmatched id).
@@ -184,6 +214,99 @@ fn matches(segments: &[Segment], rest: &[u8]) -> bool {
         pos = end + 1;
     }
     false
+}
+
+/// The route template a router matched, e.g. `/auth/{provider}/token`, put in the
+/// *response* extensions so that [`RequestTimingLayer`](crate::RequestTimingLayer)
+/// records the request under it instead of matching the path against its
+/// [`RouteTable`] again.
+///
+/// A template from a `&'static str` (the usual case: a router's table of literals) costs
+/// nothing to make or clone; one from a `String` or `Arc<str>` is shared through an
+/// [`Arc`]. It is compared with the table's templates by exact text.
+///
+/// ```
+/// use std::sync::Arc;
+/// use upcoach_perf::MatchedRoute;
+///
+/// let mut response = http::Response::new(());
+/// response.extensions_mut().insert(MatchedRoute::from_static("/auth/{provider}/token"));
+/// let matched = response.extensions().get::<MatchedRoute>().unwrap();
+/// assert_eq!(matched.as_str(), "/auth/{provider}/token");
+/// assert_eq!(*matched, MatchedRoute::from(Arc::<str>::from("/auth/{provider}/token")));
+/// ```
+#[derive(Clone)]
+pub struct MatchedRoute(MatchedRepr);
+
+#[derive(Clone)]
+enum MatchedRepr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl MatchedRoute {
+    /// A template known at compile time (no allocation, no reference count).
+    pub const fn from_static(template: &'static str) -> Self {
+        Self(MatchedRepr::Static(template))
+    }
+
+    /// The template text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            MatchedRepr::Static(s) => s,
+            MatchedRepr::Shared(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for MatchedRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("MatchedRoute").field(&self.as_str()).finish()
+    }
+}
+
+impl fmt::Display for MatchedRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for MatchedRoute {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for MatchedRoute {}
+
+impl std::hash::Hash for MatchedRoute {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl AsRef<str> for MatchedRoute {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&'static str> for MatchedRoute {
+    fn from(template: &'static str) -> Self {
+        Self::from_static(template)
+    }
+}
+
+impl From<Arc<str>> for MatchedRoute {
+    fn from(template: Arc<str>) -> Self {
+        Self(MatchedRepr::Shared(template))
+    }
+}
+
+impl From<String> for MatchedRoute {
+    fn from(template: String) -> Self {
+        Self(MatchedRepr::Shared(template.into()))
+    }
 }
 
 /// A request method, folded into a bounded set.
@@ -267,6 +390,23 @@ mod tests {
             assert_eq!(t.match_path(unmatched), t.len(), "{unmatched:?}");
         }
         assert_eq!(t.template(t.len()), UNMATCHED);
+    }
+
+    #[test]
+    fn templates_are_found_by_their_exact_text() {
+        let t = RouteTable::new(["/health", "/api/users/{id}", "/"]).unwrap();
+        assert_eq!(t.id_of("/health"), 0);
+        assert_eq!(t.id_of("/api/users/{id}"), 1);
+        assert_eq!(t.id_of("/"), 2);
+        for unknown in [
+            "/api/users/42",
+            "/api/users/{user}",
+            "/health/",
+            "",
+            "unmatched",
+        ] {
+            assert_eq!(t.id_of(unknown), t.len(), "{unknown:?}");
+        }
     }
 
     #[test]

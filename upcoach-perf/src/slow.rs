@@ -7,6 +7,9 @@
 //!   them);
 //! - add [`SqlTimingLayer`] to the `tracing` subscriber, filtered to
 //!   [`SqlTimingLayer::TARGETS`].
+//!
+//! With the `postgres` feature, [`explain`] plans a kept statement without running it
+//! and builds the slow-query list with plans.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +20,9 @@ use serde::Serialize;
 
 use crate::histogram::{AtomicHistogram, HistogramSnapshot};
 use crate::{MemoryMetrics, MetricsSink};
+
+#[cfg(feature = "postgres")]
+pub mod explain;
 
 /// Replaces literals with `?` and collapses whitespace, so statements that differ only
 /// in their values share one digest.

@@ -1,5 +1,6 @@
 //! The timing layer through tower's Service trait: statuses, failures, pass-through,
-//! bounded cardinality under a scan, and exposition that a Prometheus parser accepts.
+//! the router's matched route, bounded cardinality under a scan, and exposition that a
+//! Prometheus parser accepts.
 
 use std::future::{Ready, ready};
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use http::{Method, Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 use upcoach_perf::{
-    MemoryMetrics, MetricsSink, PrometheusExporter, RequestMetrics, RequestTimingLayer, RouteTable,
+    MatchedRoute, MemoryMetrics, MetricsSink, PrometheusExporter, RequestMetrics,
+    RequestTimingLayer, RouteTable,
 };
 
 /// Answers with the status named in the path's last segment (`/.../404`), or fails
@@ -90,6 +92,134 @@ async fn records_route_template_method_and_status_class() {
     let failed = find("POST", "/fail");
     assert_eq!((failed.count, failed.errors), (1, 1));
     assert_eq!(failed.statuses, [("error", 1)]);
+}
+
+/// A router that names the template it matched: the `x-template` header of the request
+/// (none without it), as a `&'static` template or a shared one (`x-shared`).
+#[derive(Clone)]
+struct Named;
+
+impl Service<Request<()>> for Named {
+    type Response = Response<()>;
+    type Error = &'static str;
+    type Future = Ready<Result<Response<()>, &'static str>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        let mut response = Response::new(());
+        if let Some(template) = req.headers().get("x-template") {
+            let template = template.to_str().unwrap();
+            let matched = match template {
+                "/api/items/{id}" if !req.headers().contains_key("x-shared") => {
+                    MatchedRoute::from_static("/api/items/{id}")
+                }
+                other => MatchedRoute::from(Arc::<str>::from(other)),
+            };
+            response.extensions_mut().insert(matched);
+        }
+        ready(Ok(response))
+    }
+}
+
+fn named(method: Method, path: &str, template: Option<&str>, shared: bool) -> Request<()> {
+    let mut builder = Request::builder().method(method).uri(path);
+    if let Some(template) = template {
+        builder = builder.header("x-template", template);
+    }
+    if shared {
+        builder = builder.header("x-shared", "1");
+    }
+    builder.body(()).unwrap()
+}
+
+#[tokio::test]
+async fn the_routers_matched_route_wins_over_the_path() {
+    let metrics = Arc::new(RequestMetrics::new(table()));
+    let mut service = RequestTimingLayer::new(metrics.clone()).layer(Named);
+    let cases = [
+        // The path matches another template: the router's word is taken.
+        ("/health", Some("/api/items/{id}"), false),
+        // The path matches no template.
+        ("/v2/items/7/", Some("/api/items/{id}"), false),
+        // The same template as an `Arc<str>`.
+        ("/fail", Some("/api/items/{id}"), true),
+        // A template the table does not know: unmatched, whatever the path.
+        ("/api/items/1", Some("/api/items/{item}"), true),
+        ("/health", Some("/nowhere/{x}"), true),
+        // No extension: the path decides.
+        ("/health", None, false),
+        ("/api/items/3", None, false),
+        ("/elsewhere", None, false),
+    ];
+    for (path, template, shared) in cases {
+        let _ = service
+            .call(named(Method::GET, path, template, shared))
+            .await;
+    }
+    let routes = metrics.snapshot();
+    let count = |route: &str| {
+        routes
+            .iter()
+            .filter(|r| r.method == "GET" && r.route == route)
+            .map(|r| r.count)
+            .sum::<u64>()
+    };
+    assert_eq!(count("/api/items/{id}"), 4, "{routes:?}");
+    assert_eq!(count("unmatched"), 3, "{routes:?}");
+    assert_eq!(count("/health"), 1, "{routes:?}");
+    assert_eq!(count("/fail"), 0, "{routes:?}");
+}
+
+/// Names a template in its response, but only after a wait.
+#[derive(Clone)]
+struct SlowNamed;
+
+impl Service<Request<()>> for SlowNamed {
+    type Response = Response<()>;
+    type Error = &'static str;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<()>, &'static str>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        Box::pin(async {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            let mut response = Response::new(());
+            response
+                .extensions_mut()
+                .insert(MatchedRoute::from_static("/fail"));
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_request_dropped_before_its_response_keeps_the_route_of_its_path() {
+    let metrics = Arc::new(RequestMetrics::new(table()));
+    let mut service = RequestTimingLayer::new(metrics.clone()).layer(SlowNamed);
+    for path in ["/api/items/5", "/nowhere"] {
+        let future = service.call(request(Method::GET, path));
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(5), future).await;
+    }
+    let routes = metrics.snapshot();
+    let routes: Vec<(&str, &[(&str, u64)])> = routes
+        .iter()
+        .map(|r| (r.route.as_str(), r.statuses.as_slice()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("/api/items/{id}", &[("cancelled", 1)][..]),
+            ("unmatched", &[("cancelled", 1)][..])
+        ]
+    );
 }
 
 /// Never answers: a request that is dropped before its response.
