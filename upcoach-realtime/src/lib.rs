@@ -5,6 +5,7 @@ mod coalesce;
 mod cursor;
 mod hub;
 mod memory;
+mod operate;
 #[cfg(feature = "redis")]
 mod redis_broadcaster;
 mod respond;
@@ -28,6 +29,7 @@ pub use hub::{
     ConnectionCounts, Hub, HubBuilder, HubConfig, HubStats, HubStatus, RealtimeBody, RoomStatus,
 };
 pub use memory::MemoryBroadcaster;
+pub use operate::PUBLISH_BODY_LIMIT;
 #[cfg(feature = "redis")]
 pub use redis_broadcaster::{RedisBroadcaster, RedisBroadcasterOptions};
 

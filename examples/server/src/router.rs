@@ -189,13 +189,7 @@ async fn dispatch(
     use crate::routes;
     let admin = matches!(
         endpoint,
-        E::DashboardMetrics
-            | E::SlowQueries
-            | E::Optimize
-            | E::SecurityEvents
-            | E::Invalidate
-            | E::Status
-            | E::Broadcast
+        E::DashboardMetrics | E::SlowQueries | E::Optimize | E::SecurityEvents | E::Invalidate
     ) || (endpoint == E::Metrics && !app.config.metrics_public);
     if admin
         && let Err(e) =
@@ -213,8 +207,19 @@ async fn dispatch(
         E::Invalidate => routes::invalidate(app, request).await,
         E::Websocket => app.hub.websocket(request).await,
         E::Sse => app.hub.sse(request).await,
-        E::Status => json(StatusCode::OK, &app.hub.status()),
-        E::Broadcast => routes::broadcast(app, param, request).await,
+        E::Status | E::Broadcast => {
+            let principal =
+                match upcoach_core::http::authenticate(app.verifier.as_ref(), request.headers())
+                    .await
+                {
+                    Ok(principal) => principal,
+                    Err(e) => return error(&e),
+                };
+            match endpoint {
+                E::Status => app.hub.status_route(&principal),
+                _ => app.hub.publish_route(&principal, param, request).await,
+            }
+        }
         sign_in => self::sign_in(app, sign_in, param, request).await,
     }
 }

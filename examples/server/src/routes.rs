@@ -13,9 +13,6 @@ use crate::Body;
 use crate::app::App;
 use crate::router::{error, json};
 
-/// The largest body `POST .../broadcast/{room}` reads.
-const BROADCAST_BODY_LIMIT: usize = 64 * 1024 + 1024;
-
 /// How long one health check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A check slower than this is reported as degraded.
@@ -184,38 +181,6 @@ pub(crate) fn realtime_snapshot(app: &Arc<App>) -> serde_json::Value {
         "cache": { "hit_rate": cache.hit_rate, "l1_hits": cache.l1_hits, "l2_hits": cache.l2_hits, "misses": cache.misses },
         "realtime": app.hub.stats(),
     })
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BroadcastBody {
-    event: String,
-    #[serde(default)]
-    data: serde_json::Value,
-}
-
-/// `POST /api/dashboard/realtime/broadcast/{room}`: 202 `{"room","seq"}`.
-pub(crate) async fn broadcast(
-    app: &Arc<App>,
-    room: &str,
-    request: Request<Incoming>,
-) -> Response<Body> {
-    let body: BroadcastBody = match read_json(request, BROADCAST_BODY_LIMIT).await {
-        Ok(body) => body,
-        Err(e) => return error(&e),
-    };
-    match app.hub.publish(room, &body.event, body.data).await {
-        Ok(event) => json(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({ "room": event.room, "seq": event.seq }),
-        ),
-        Err(e) => {
-            if e.is_retryable() {
-                tracing::warn!(error = %e, room, "a broadcast failed");
-            }
-            error(&e)
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]
