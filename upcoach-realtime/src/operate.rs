@@ -31,12 +31,9 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Realtime
     })
 }
 
-fn admin(principal: &Principal) -> Result<(), Response<RealtimeBody>> {
-    if principal.is_admin() {
-        Ok(())
-    } else {
-        Err(http_error(&AccessError::MissingRole("admin")))
-    }
+/// A refusal unless `principal` is an admin.
+fn refuse_unless_admin(principal: &Principal) -> Option<Response<RealtimeBody>> {
+    (!principal.is_admin()).then(|| http_error(&AccessError::MissingRole("admin")))
 }
 
 impl Hub {
@@ -80,7 +77,7 @@ impl Hub {
         B: http_body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Err(refused) = admin(principal) {
+        if let Some(refused) = refuse_unless_admin(principal) {
             return refused;
         }
         let body: PublishBody = match read_json(request, PUBLISH_BODY_LIMIT).await {
@@ -103,9 +100,6 @@ impl Hub {
 
     /// `GET /api/dashboard/realtime/status` for an admin: [`Hub::status`] as JSON.
     pub fn status_route(&self, principal: &Principal) -> Response<RealtimeBody> {
-        match admin(principal) {
-            Ok(()) => json(StatusCode::OK, &self.status()),
-            Err(refused) => refused,
-        }
+        refuse_unless_admin(principal).unwrap_or_else(|| json(StatusCode::OK, &self.status()))
     }
 }
