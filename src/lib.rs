@@ -6,10 +6,11 @@
 //! the matching backends.
 //!
 //! ```
-//! use upcoach::core::{Config, Role};
+//! use upcoach::core::Role;
+//! use upcoach::core::config::ServicesConfig;
 //!
-//! let config = Config::default();
-//! assert!(config.redis_url.is_none());
+//! let services = ServicesConfig::default();
+//! assert!(services.redis_url.is_none(), "in-memory backends by default");
 //! assert_eq!(Role::ADMIN.as_str(), "admin");
 //! ```
 

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use upcoach_core::Config;
+use upcoach_server::ServerConfig;
 use upcoach_server::{App, Options, ServeOptions};
 
 use crate::Args;
@@ -65,7 +65,7 @@ pub(crate) fn run_ours(args: &Args) -> ExitCode {
     let redis = args.get("redis").map(str::to_owned);
     let prefix = args.get("prefix").map(str::to_owned);
     let max = args.parsed::<usize>("max-connections", 20_000).to_string();
-    let config = Config::from_lookup(|name| match name {
+    let config = ServerConfig::from_lookup(|name| match name {
         "UPCOACH_ADDR" => Some(addr.clone()),
         "REDIS_URL" => redis.clone(),
         "CACHE_PREFIX" => prefix.clone(),

@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::{GOOGLE_ISSUER, GoogleConfig};
 use async_trait::async_trait;
 use oauth2::TokenResponse as _;
 use oauth2::basic::{
@@ -30,7 +31,6 @@ use oauth2::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use upcoach_core::Clock;
-use upcoach_core::config::{GOOGLE_ISSUER, GoogleConfig};
 
 use crate::oidc::{IdTokenClaims, IdTokenRules, IdTokenVerifier, JwksCache};
 use crate::{
@@ -120,10 +120,11 @@ impl Discovery {
 /// ```no_run
 /// use std::sync::Arc;
 /// use upcoach_auth::google::GoogleProvider;
-/// use upcoach_core::{Config, SystemClock};
+/// use upcoach_auth::config::AuthConfig;
+/// use upcoach_core::SystemClock;
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// let config = Config::from_env()?;
+/// let config = AuthConfig::from_env()?;
 /// let google = config.google.as_ref().expect("GOOGLE_* set");
 /// let provider = GoogleProvider::discover(
 ///     google,

@@ -31,6 +31,7 @@
 //! # }).unwrap();
 //! ```
 
+pub mod config;
 pub mod flow;
 pub mod google;
 #[cfg(feature = "http")]

@@ -83,6 +83,7 @@ use serde::Serialize;
 use upcoach_core::event::{ClientFacts, Event, EventLog, MemoryEventLog, SecurityEvent};
 use upcoach_core::{Clock, Principal, Role, SessionId, SystemClock, TokenError, UserId};
 
+use crate::config::AuthConfig;
 use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
 use crate::refresh::{
     MemoryRefreshStore, Purged, RefreshError, RefreshPolicy, RefreshStore, RevokeReason,
@@ -309,6 +310,21 @@ impl SessionsBuilder {
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
+    }
+
+    /// Takes `config`'s return-to allow-list and adds each provider it configures
+    /// (Google: OpenID discovery of its issuer now), with callbacks under this
+    /// builder's public URL.
+    pub async fn configure(mut self, config: &AuthConfig) -> Result<Self, Error> {
+        let clock = self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
+        self.return_to_allowlist = config.return_to_allowlist.clone();
+        if let Some(google) = &config.google {
+            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::Google);
+            let provider =
+                crate::google::GoogleProvider::discover(google, &callback, clock).await?;
+            self.providers.push(Arc::new(provider));
+        }
+        Ok(self)
     }
 
     /// The service.

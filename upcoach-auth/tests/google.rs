@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
+use upcoach_auth::config::{AuthConfig, GoogleConfig};
 use upcoach_auth::google::GoogleProvider;
 use upcoach_auth::{AuthProvider, AuthorizationRequest};
-use upcoach_core::config::GoogleConfig;
-use upcoach_core::{Config, SystemClock};
+use upcoach_core::SystemClock;
 use upcoach_testing::OidcProvider;
 
 const REDIRECT: &str = "http://127.0.0.1:1/auth/google/callback";
@@ -24,7 +24,8 @@ async fn setup() -> Option<(OidcProvider, GoogleProvider)> {
         ("GOOGLE_ISSUER_URL", issuer),
     ];
     let config =
-        Config::from_lookup(|n| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone())).unwrap();
+        AuthConfig::from_lookup(|n| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()))
+            .unwrap();
     let google: &GoogleConfig = config.google.as_ref().unwrap();
     let google = GoogleProvider::discover(google, REDIRECT, Arc::new(SystemClock))
         .await

@@ -73,6 +73,7 @@ use serde::de::DeserializeOwned;
 
 #[cfg(feature = "redis")]
 mod coherence;
+mod config;
 pub mod envelope;
 mod key;
 mod memory;
@@ -84,6 +85,7 @@ mod tags;
 pub mod testing;
 mod tiered;
 
+pub use config::{CacheConfig, DEFAULT_CACHE_PREFIX};
 pub use key::{MAX_KEY_LEN, canonical_key};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]

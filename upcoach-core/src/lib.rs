@@ -3,7 +3,8 @@
 //! - Who is calling: [`Principal`], [`UserId`], [`Role`], [`SessionId`], and the
 //!   [`TokenVerifier`] seam that turns a bearer token into a principal.
 //! - Time: [`Clock`], with [`SystemClock`] and the tests' [`ManualClock`].
-//! - Configuration from the environment: [`Config::from_env`].
+//! - Settings from the environment: [`config::Env`], which every crate's settings read
+//!   through, and core's own [`config::ServicesConfig`] (Redis, Postgres).
 //! - The audit log: [`event::EventLog`], in memory or batched into Postgres.
 //! - Postgres (feature `postgres`): the pool and the embedded migrations.
 //! - Redis (feature `redis`): a self-reconnecting connection that reports its state.
@@ -36,7 +37,6 @@ pub mod redis;
 pub mod testing;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::Config;
 pub use principal::{Principal, Role, SessionId, UserId};
 pub use secret::Secret;
 pub use token::{TokenError, TokenVerifier};

@@ -69,6 +69,48 @@ pub struct HubConfig {
     pub ws_read_buffer: usize,
 }
 
+impl HubConfig {
+    /// The defaults with `WEBSOCKET_CORS_ORIGINS`, `REALTIME_MAX_CONNECTIONS` and
+    /// `REALTIME_MAX_CONNECTIONS_PER_USER` read through `env` (problems recorded there).
+    pub fn read(env: &mut upcoach_core::config::Env<'_>) -> Self {
+        let defaults = Self::default();
+        let count = "a whole number from 1 to 10000000";
+        Self {
+            allowed_origins: env.origins("WEBSOCKET_CORS_ORIGINS"),
+            max_connections: env.number(
+                "REALTIME_MAX_CONNECTIONS",
+                defaults.max_connections,
+                1..=10_000_000,
+                count,
+            ),
+            max_connections_per_user: env.number(
+                "REALTIME_MAX_CONNECTIONS_PER_USER",
+                defaults.max_connections_per_user,
+                1..=10_000_000,
+                count,
+            ),
+            ..defaults
+        }
+    }
+
+    /// [`read`](Self::read) from the process environment.
+    ///
+    /// ```
+    /// use upcoach_core::config::Env;
+    /// use upcoach_realtime::HubConfig;
+    ///
+    /// let mut env = Env::from_lookup(|n| (n == "REALTIME_MAX_CONNECTIONS").then(|| "19000".into()));
+    /// let config = HubConfig::read(&mut env);
+    /// assert_eq!(env.finish(config)?.max_connections, 19_000);
+    /// # Ok::<(), upcoach_core::config::ConfigErrors>(())
+    /// ```
+    pub fn from_env() -> Result<Self, upcoach_core::config::ConfigErrors> {
+        let mut env = upcoach_core::config::Env::process();
+        let config = Self::read(&mut env);
+        env.finish(config)
+    }
+}
+
 impl Default for HubConfig {
     fn default() -> Self {
         Self {

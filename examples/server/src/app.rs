@@ -7,8 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
+use upcoach_auth::flow::{FlowStore, MemoryFlowStore, RedisFlowStore};
 use upcoach_auth::http::AuthRoutes;
+use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
 use upcoach_auth::session::{AccessTokens, SigningKey};
+use upcoach_auth::sessions::Sessions;
+use upcoach_auth::users::{MemoryUserStore, PgUserStore, UserStore};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{
     CacheRule, CacheStore, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions,
@@ -17,14 +21,16 @@ use upcoach_cache::{
 use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
 use upcoach_core::postgres::{self, MeteredPool, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
-use upcoach_core::{Clock, Config, SystemClock};
+use upcoach_core::{Clock, SystemClock};
+
+use crate::config::ServerConfig;
 use upcoach_perf::slow::{SlowQueryLog, SqlTimingLayer};
 use upcoach_perf::{
     AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
     RequestTimingLayer, RouteTable,
 };
 use upcoach_realtime::{
-    Broadcaster, Hub, HubConfig, MemoryBroadcaster, RedisBroadcaster, RedisBroadcasterOptions,
+    Broadcaster, Hub, MemoryBroadcaster, RedisBroadcaster, RedisBroadcasterOptions,
 };
 
 use crate::Body;
@@ -60,10 +66,10 @@ pub struct PerfSinks {
 
 impl PerfSinks {
     /// Sinks for `config` (`SLOW_QUERY_THRESHOLD`).
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &ServerConfig) -> Self {
         Self {
             metrics: Arc::new(MemoryMetrics::default()),
-            slow_queries: Arc::new(SlowQueryLog::new(config.slow_query_threshold, 200)),
+            slow_queries: Arc::new(SlowQueryLog::new(config.perf.slow_query_threshold, 200)),
         }
     }
 
@@ -78,6 +84,9 @@ impl PerfSinks {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// `--dev` was asked where it must not run: beyond loopback or behind https.
+    #[error("--dev refuses to start: {0}")]
+    DevMode(&'static str),
     /// Postgres is configured and could not be used.
     #[error(transparent)]
     Postgres(#[from] PgError),
@@ -88,8 +97,8 @@ pub enum StartError {
     #[error("could not generate the development signing key")]
     Keys(#[source] upcoach_auth::Error),
     /// `AUTH_SIGNING_KEY` or `AUTH_PREVIOUS_SIGNING_KEY` is not a base64url 32-byte seed.
-    #[error("{0} is not a base64url Ed25519 seed of 32 bytes")]
-    SigningKey(&'static str),
+    #[error(transparent)]
+    SigningKey(#[from] upcoach_auth::config::InvalidSigningKey),
     /// A configured sign-in provider could not be set up (its discovery failed).
     #[error("{provider} sign-in could not be set up")]
     Provider {
@@ -99,21 +108,6 @@ pub enum StartError {
         #[source]
         source: upcoach_auth::Error,
     },
-}
-
-/// A signing key from configuration.
-fn signing_key(
-    seed: &upcoach_core::Secret,
-    variable: &'static str,
-) -> Result<SigningKey, StartError> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(seed.expose().trim_end_matches('='))
-        .map_err(|_| StartError::SigningKey(variable))?;
-    let seed: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| StartError::SigningKey(variable))?;
-    Ok(SigningKey::from_seed(&seed))
 }
 
 /// The backends in use, for the banner and `/health`.
@@ -129,7 +123,7 @@ pub struct Backends {
 /// Everything a request handler can reach.
 #[derive(Debug)]
 pub struct App {
-    pub(crate) config: Config,
+    pub(crate) config: ServerConfig,
     pub(crate) options: Options,
     pub(crate) backends: Backends,
     pub(crate) event_log: Arc<dyn EventLog>,
@@ -169,7 +163,28 @@ impl upcoach_core::TokenVerifier for NoIssuer {
 impl App {
     /// Connects the configured backends (applying migrations on Postgres) and builds the
     /// application. Fails, naming the service, if a configured service does not answer.
-    pub async fn start(config: Config, options: Options) -> Result<Arc<App>, StartError> {
+    pub async fn start(config: ServerConfig, options: Options) -> Result<Arc<App>, StartError> {
+        if options.dev {
+            if !config.addr.ip().is_loopback() {
+                return Err(StartError::DevMode(
+                    "it hands out tokens for any user, so it listens on loopback only (UPCOACH_ADDR)",
+                ));
+            }
+            if config.public_url().starts_with("https://") {
+                return Err(StartError::DevMode(
+                    "UPCOACH_PUBLIC_URL is https: this looks like production",
+                ));
+            }
+            tracing::warn!(
+                signing_key = if config.auth.signing_key.is_some() {
+                    "AUTH_SIGNING_KEY"
+                } else {
+                    "generated at start, lost at exit"
+                },
+                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role. \
+                 Never run this in production."
+            );
+        }
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let mut tasks = Vec::new();
 
@@ -177,11 +192,12 @@ impl App {
             .sinks
             .clone()
             .unwrap_or_else(|| PerfSinks::new(&config));
-        let postgres = match &config.database_url {
+        let prefix = &config.cache.prefix;
+        let postgres = match &config.services.database_url {
             Some(url) => {
                 let pool_config = PgPoolConfig {
-                    max_connections: config.database_max_connections,
-                    slow_statement_threshold: config.slow_query_threshold,
+                    max_connections: config.services.database_max_connections,
+                    slow_statement_threshold: config.perf.slow_query_threshold,
                     ..PgPoolConfig::default()
                 };
                 let pool = postgres::connect(url, &pool_config).await?;
@@ -190,13 +206,13 @@ impl App {
             }
             None => None,
         };
-        let redis = match &config.redis_url {
+        let redis = match &config.services.redis_url {
             Some(url) => {
                 let redis = RedisConnection::connect(url, RedisOptions::default()).await?;
                 tasks.push(redis.spawn_monitor(Duration::from_secs(5)));
                 sinks.slow_queries.attach_redis(
                     redis.clone(),
-                    format!("{}:slow_queries", config.cache_prefix),
+                    format!("{prefix}:slow_queries"),
                     1000,
                 );
                 Some(redis)
@@ -210,11 +226,8 @@ impl App {
         let cache = {
             let (l2, tags): (Arc<dyn CacheStore>, Arc<dyn TagVersions>) = match &redis {
                 Some(redis) => (
-                    Arc::new(RedisStore::new(redis.clone(), config.cache_prefix.clone())),
-                    Arc::new(RedisTagVersions::new(
-                        redis.clone(),
-                        config.cache_prefix.clone(),
-                    )),
+                    Arc::new(RedisStore::new(redis.clone(), prefix.clone())),
+                    Arc::new(RedisTagVersions::new(redis.clone(), prefix.clone())),
                 ),
                 None => (
                     Arc::new(MemoryStore::new(256 * 1024 * 1024)),
@@ -222,51 +235,34 @@ impl App {
                 ),
             };
             let cache = Arc::new(TieredCache::new(l2, tags, TieredOptions::default()));
-            if let (Some(redis), Some(url)) = (&redis, &config.redis_url)
+            if let (Some(redis), Some(url)) = (&redis, &config.services.redis_url)
                 && let Ok(client) = redis::Client::open(url.expose())
             {
-                cache.enable_coherence(
-                    client,
-                    redis.clone(),
-                    format!("{}:invalidate", config.cache_prefix),
-                );
+                cache.enable_coherence(client, redis.clone(), format!("{prefix}:invalidate"));
             }
             cache
         };
-        let broadcaster: Arc<dyn Broadcaster> = match (&redis, &config.redis_url) {
+        let broadcaster: Arc<dyn Broadcaster> = match (&redis, &config.services.redis_url) {
             (Some(redis), Some(url)) => Arc::new(RedisBroadcaster::new(
                 ::redis::Client::open(url.expose())
                     .map_err(|e| StartError::Redis(RedisConnectError::Url(e)))?,
                 redis.clone(),
                 RedisBroadcasterOptions {
-                    prefix: format!("{}:rt", config.cache_prefix),
+                    prefix: format!("{prefix}:rt"),
                     clock: clock.clone(),
                     ..RedisBroadcasterOptions::default()
                 },
             )),
             _ => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
         };
-        let tokens = match (&config.signing_key, options.dev) {
-            (Some(seed), _) => {
-                let mut tokens =
-                    AccessTokens::new(signing_key(seed, "AUTH_SIGNING_KEY")?, clock.clone());
-                if let Some(previous) = &config.previous_signing_key {
-                    tokens = tokens
-                        .with_previous_key(signing_key(previous, "AUTH_PREVIOUS_SIGNING_KEY")?);
-                }
-                Some(Arc::new(tokens))
-            }
-            (None, true) => {
-                tracing::warn!(
-                    "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role, \
-                     signed by a key generated at start that is lost at exit. Never run this in production."
-                );
-                Some(Arc::new(AccessTokens::new(
-                    SigningKey::generate().map_err(StartError::Keys)?,
-                    clock.clone(),
-                )))
-            }
-            (None, false) => None,
+        let tokens = match config.auth.access_tokens(clock.clone()) {
+            Ok(Some(tokens)) => Some(Arc::new(tokens)),
+            Ok(None) if options.dev => Some(Arc::new(AccessTokens::new(
+                SigningKey::generate().map_err(StartError::Keys)?,
+                clock.clone(),
+            ))),
+            Ok(None) => None,
+            Err(e) => return Err(StartError::SigningKey(e)),
         };
         let verifier: Arc<dyn upcoach_core::TokenVerifier> = match &tokens {
             Some(tokens) => tokens.clone(),
@@ -276,12 +272,7 @@ impl App {
         let hub = Hub::builder(broadcaster, verifier.clone())
             .events(event_log.clone())
             .clock(clock.clone())
-            .config(HubConfig {
-                allowed_origins: config.websocket_cors_origins.clone(),
-                max_connections: config.realtime_max_connections,
-                max_connections_per_user: config.realtime_max_connections_per_user,
-                ..HubConfig::default()
-            })
+            .config(config.realtime.clone())
             .build();
         let perf = Arc::new(PerfMonitor::new(
             Arc::new(RequestMetrics::new(
@@ -373,21 +364,40 @@ impl App {
             }
         }));
 
-        let refresh = crate::wiring::refresh_store(&config, &postgres);
-        let auth = match tokens {
-            Some(tokens) => Some(
-                crate::wiring::sessions(
-                    &config,
-                    tokens,
-                    refresh.clone(),
-                    &postgres,
-                    &redis,
-                    &event_log,
-                    &clock,
-                )
-                .await?,
+        let policy = config.auth.refresh_policy();
+        let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match &postgres {
+            Some(pool) => (
+                Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
+                Arc::new(PgUserStore::new(pool.clone())),
             ),
+            None => (
+                Arc::new(MemoryRefreshStore::new(policy)),
+                Arc::new(MemoryUserStore::new()),
+            ),
+        };
+        let auth = match tokens {
             None => None,
+            Some(tokens) => {
+                let flows: Arc<dyn FlowStore> = match &redis {
+                    Some(redis) => Arc::new(
+                        RedisFlowStore::new(redis.clone()).with_prefix(format!("{prefix}:flow:")),
+                    ),
+                    None => Arc::new(MemoryFlowStore::new()),
+                };
+                let sessions = Sessions::builder(tokens, config.public_url())
+                    .refresh_store(refresh.clone())
+                    .user_store(users)
+                    .flow_store(flows)
+                    .events(event_log.clone())
+                    .clock(clock.clone())
+                    .configure(&config.auth)
+                    .await
+                    .map_err(|source| StartError::Provider {
+                        provider: "google",
+                        source,
+                    })?;
+                Some(AuthRoutes::new(Arc::new(sessions.build())))
+            }
         };
         tasks.push(crate::app::spawn_refresh_purge(
             refresh,
@@ -483,11 +493,11 @@ impl App {
         };
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
-            postgres = %describe(self.config.database_url.as_ref()),
-            redis = %describe(self.config.redis_url.as_ref()),
+            postgres = %describe(self.config.services.database_url.as_ref()),
+            redis = %describe(self.config.services.redis_url.as_ref()),
             event_log = if self.backends.postgres.is_some() { "postgres (batched)" } else { "in-memory ring buffer" },
             dev = self.options.dev,
-            performance_monitoring = self.config.performance_monitoring_enabled,
+            performance_monitoring = self.config.perf.enabled,
             "upcoach reference server configured"
         );
         if self.backends.postgres.is_none() && self.backends.redis.is_none() {
@@ -499,7 +509,7 @@ impl App {
     }
 
     /// The configuration in use.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ServerConfig {
         &self.config
     }
 
@@ -539,7 +549,7 @@ impl App {
     /// The request service, for [`serve`](crate::serve): the routes behind the timing
     /// layer (a pass-through when `PERFORMANCE_MONITORING_ENABLED=false`).
     pub fn service(self: &Arc<Self>) -> HttpService {
-        let layer = if self.config.performance_monitoring_enabled {
+        let layer = if self.config.perf.enabled {
             RequestTimingLayer::new(self.perf.requests().clone())
         } else {
             RequestTimingLayer::disabled()

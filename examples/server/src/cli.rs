@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::config::ServerConfig;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
-use upcoach_core::Config;
 use upcoach_perf::slow::SqlTimingLayer;
 
 use crate::{App, Options, PerfSinks, ServeOptions, serve};
@@ -46,7 +46,7 @@ pub fn cli_main() -> ExitCode {
             }
         }
     }
-    let config = match Config::from_env() {
+    let config = match ServerConfig::from_env() {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");
@@ -90,7 +90,7 @@ fn init_logging(sinks: &PerfSinks) {
     }
 }
 
-async fn run(config: Config, options: Options) -> ExitCode {
+async fn run(config: ServerConfig, options: Options) -> ExitCode {
     let addr = config.addr;
     let app = match App::start(config, options).await {
         Ok(app) => app,

@@ -17,7 +17,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use upcoach_server::{App, Options};
 //!
-//! let app = App::start(upcoach_core::Config::default(), Options::default()).await?;
+//! let app = App::start(upcoach_server::ServerConfig::default(), Options::default()).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let addr = listener.local_addr()?;
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -32,15 +32,16 @@
 
 mod app;
 mod cli;
+mod config;
 mod http_util;
 mod perf_routes;
 mod router;
 mod routes;
 mod serve;
-mod wiring;
 
 pub use app::{App, AppService, Backends, HttpService, Options, PerfSinks, StartError};
 pub use cli::cli_main;
+pub use config::ServerConfig;
 pub use http_util::Body;
 pub use serve::{ServeOptions, serve};
 pub use upcoach_core::http::ApiError;

@@ -12,9 +12,8 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use upcoach_core::Config;
 use upcoach_core::event::EventKind;
-use upcoach_server::{App, Options, ServeOptions};
+use upcoach_server::{App, Options, ServeOptions, ServerConfig};
 use upcoach_testing::OidcProvider;
 
 const CLIENT_ID: &str = "upcoach-test-client";
@@ -36,7 +35,7 @@ impl Drop for Server {
 }
 
 /// The server with Google pointed at a fresh provider, or `None` (skip) without Node.
-async fn start(edit: impl FnOnce(&mut Config)) -> Option<Server> {
+async fn start(edit: impl FnOnce(&mut ServerConfig)) -> Option<Server> {
     let provider = OidcProvider::start().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -50,9 +49,10 @@ async fn start(edit: impl FnOnce(&mut Config)) -> Option<Server> {
         ("GOOGLE_ISSUER_URL".to_owned(), provider.issuer().to_owned()),
     ];
     env.push(("UPCOACH_ADDR".to_owned(), addr.to_string()));
-    let mut config =
-        Config::from_lookup(|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-            .unwrap();
+    let mut config = ServerConfig::from_lookup(|name| {
+        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    })
+    .unwrap();
     edit(&mut config);
     let app = App::start(config, Options::default())
         .await
@@ -460,7 +460,7 @@ async fn return_to_must_be_exactly_on_the_allow_list() {
 #[tokio::test]
 async fn a_wrong_hosted_domain_is_refused() {
     let Some(server) = start(|c| {
-        c.google.as_mut().unwrap().hosted_domain = Some("example.com".into());
+        c.auth.google.as_mut().unwrap().hosted_domain = Some("example.com".into());
     })
     .await
     else {

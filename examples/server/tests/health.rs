@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::Running;
-use upcoach_core::Config;
 use upcoach_core::config::ServiceUrl;
-use upcoach_server::Options;
+use upcoach_server::{Options, ServerConfig};
 use upcoach_testing::{FaultProxy, PgSchema, RedisPrefix};
 
 #[tokio::test]
 async fn in_memory_mode_is_healthy_and_reports_no_service_checks() {
-    let server = Running::start(Config::default(), Options::default()).await;
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
     let answer = server.get("/health").await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.json["status"], "ok");
@@ -54,12 +53,12 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
     let pg_proxy = FaultProxy::start(upcoach_testing::service_addr(schema.url())).await;
     let redis_proxy = FaultProxy::start(upcoach_testing::service_addr(prefix.url())).await;
 
-    let mut config = Config::default();
+    let mut config = ServerConfig::default();
     // Every key the server writes (cache, realtime history) under the test's prefix,
     // which is deleted when the test ends.
-    config.cache_prefix = prefix.prefix().trim_end_matches(':').to_owned();
-    config.database_url = Some(schema_url(&schema, pg_proxy.addr()));
-    config.redis_url = Some(
+    config.cache.prefix = prefix.prefix().trim_end_matches(':').to_owned();
+    config.services.database_url = Some(schema_url(&schema, pg_proxy.addr()));
+    config.services.redis_url = Some(
         ServiceUrl::parse(
             &upcoach_testing::url_via(prefix.url(), redis_proxy.addr()),
             &["redis"],
@@ -159,8 +158,8 @@ async fn a_configured_service_that_does_not_answer_stops_the_start() {
         .local_addr()
         .unwrap()
         .port();
-    let mut config = Config::default();
-    config.redis_url =
+    let mut config = ServerConfig::default();
+    config.services.redis_url =
         Some(ServiceUrl::parse(&format!("redis://127.0.0.1:{port}"), &["redis"]).unwrap());
     let err = upcoach_server::App::start(config, Options::default())
         .await
@@ -170,8 +169,8 @@ async fn a_configured_service_that_does_not_answer_stops_the_start() {
         "{err}"
     );
 
-    let mut config = Config::default();
-    config.database_url = Some(
+    let mut config = ServerConfig::default();
+    config.services.database_url = Some(
         ServiceUrl::parse(
             &format!("postgres://u:secretpw@127.0.0.1:{port}/db"),
             &["postgres"],

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use support::Running;
 use upcoach_auth::refresh::{PgRefreshStore, RefreshStore};
 use upcoach_auth::users::{PgUserStore, UserStore};
-use upcoach_core::{Config, UserId};
-use upcoach_server::Options;
+use upcoach_core::UserId;
+use upcoach_server::{Options, ServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_refresh_families_are_purged_and_live_ones_kept() {
@@ -18,8 +18,8 @@ async fn expired_refresh_families_are_purged_and_live_ones_kept() {
     let mut url = url::Url::parse(schema.url()).unwrap();
     url.query_pairs_mut()
         .append_pair("options", &format!("-c search_path={}", schema.name()));
-    let mut config = Config::default();
-    config.database_url =
+    let mut config = ServerConfig::default();
+    config.services.database_url =
         Some(upcoach_core::config::ServiceUrl::parse(url.as_str(), &["postgres"]).unwrap());
     let server = Running::start(
         config,

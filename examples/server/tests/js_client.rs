@@ -12,8 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::Running;
-use upcoach_core::Config;
-use upcoach_server::Options;
+use upcoach_server::{Options, ServerConfig};
 
 /// Set to `1` to turn a skip for a missing `node` or `node_modules` into a failure.
 const REQUIRE_NODE: &str = "UPCOACH_REQUIRE_NODE";
@@ -112,7 +111,7 @@ async fn the_js_client_passes_against_the_reference_server() {
     }
 
     let server = Running::start(
-        Config::default(),
+        ServerConfig::default(),
         Options {
             dev: true,
             ..Options::default()

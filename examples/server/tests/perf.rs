@@ -5,8 +5,7 @@ mod support;
 
 use http::{Method, StatusCode};
 use support::Running;
-use upcoach_core::Config;
-use upcoach_server::Options;
+use upcoach_server::{Options, ServerConfig};
 
 async fn dev_token(server: &Running, roles: &str) -> String {
     let answer = server
@@ -21,7 +20,7 @@ async fn get_with_token(server: &Running, path: &str, token: Option<&str>) -> su
 
 #[tokio::test]
 async fn metrics_counts_requests_by_route_template() {
-    let server = Running::start(Config::default(), Options::default()).await;
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
     for _ in 0..3 {
         server.get("/health").await;
     }
@@ -58,7 +57,7 @@ async fn metrics_counts_requests_by_route_template() {
 
 #[tokio::test]
 async fn metrics_can_be_limited_to_admins() {
-    let mut config = Config::default();
+    let mut config = ServerConfig::default();
     config.metrics_public = false;
     let server = Running::start(
         config,
@@ -80,7 +79,7 @@ async fn metrics_can_be_limited_to_admins() {
 #[tokio::test]
 async fn the_dashboard_snapshot_is_for_admins_only() {
     let server = Running::start(
-        Config::default(),
+        ServerConfig::default(),
         Options {
             dev: true,
             ..Default::default()
@@ -128,8 +127,8 @@ async fn the_dashboard_snapshot_is_for_admins_only() {
 
 #[tokio::test]
 async fn with_monitoring_off_the_layer_records_nothing() {
-    let mut config = Config::default();
-    config.performance_monitoring_enabled = false;
+    let mut config = ServerConfig::default();
+    config.perf.enabled = false;
     let server = Running::start(config, Options::default()).await;
     server.get("/health").await;
     assert!(server.app.perf().requests().snapshot().is_empty());
@@ -160,9 +159,9 @@ async fn timed_server(
     use tracing_subscriber::layer::SubscriberExt;
 
     let schema = upcoach_testing::PgSchema::create().await?;
-    let mut config = Config::default();
-    config.database_url = Some(schema_url(&schema));
-    config.slow_query_threshold = std::time::Duration::from_millis(threshold_ms);
+    let mut config = ServerConfig::default();
+    config.services.database_url = Some(schema_url(&schema));
+    config.perf.slow_query_threshold = std::time::Duration::from_millis(threshold_ms);
     let sinks = upcoach_server::PerfSinks::new(&config);
     let layer = sinks
         .sql_layer()
@@ -299,9 +298,9 @@ async fn requests_waiting_for_a_database_connection_are_counted() {
     let Some(schema) = upcoach_testing::PgSchema::create().await else {
         return;
     };
-    let mut config = Config::default();
-    config.database_url = Some(schema_url(&schema));
-    config.database_max_connections = 2;
+    let mut config = ServerConfig::default();
+    config.services.database_url = Some(schema_url(&schema));
+    config.services.database_max_connections = 2;
     let options = Options {
         dev: true,
         ..Default::default()
@@ -440,7 +439,7 @@ async fn explaining_a_slow_write_changes_nothing_and_shows_no_literal() {
 #[tokio::test]
 async fn security_event_analytics_are_cached_per_admin_and_invalidated_by_tag() {
     let server = Running::start(
-        Config::default(),
+        ServerConfig::default(),
         Options {
             dev: true,
             ..Default::default()

@@ -10,10 +10,9 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Method, StatusCode};
 use support::Running;
 use tokio_tungstenite::tungstenite::Message;
-use upcoach_core::Config;
 use upcoach_core::event::AlertLevel;
 use upcoach_perf::{AlertRule, Breach};
-use upcoach_server::Options;
+use upcoach_server::{Options, ServerConfig};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -72,7 +71,7 @@ async fn send(ws: &mut Ws, value: serde_json::Value) {
 #[tokio::test]
 async fn broadcast_and_status_follow_the_api() {
     let server = Running::start(
-        Config::default(),
+        ServerConfig::default(),
         Options {
             dev: true,
             ..Options::default()
@@ -158,7 +157,7 @@ async fn broadcast_and_status_follow_the_api() {
 #[tokio::test]
 async fn websocket_clients_get_broadcasts_and_the_metrics_snapshot() {
     let server = Running::start(
-        Config::default(),
+        ServerConfig::default(),
         Options {
             dev: true,
             ..Options::default()
@@ -252,7 +251,7 @@ async fn alert_transitions_reach_the_alerts_room_over_sse() {
         alert_rules: Some(vec![rule]),
         ..Options::default()
     };
-    let server = Running::start(Config::default(), options).await;
+    let server = Running::start(ServerConfig::default(), options).await;
     let admin = dev_token(&server, r#"["admin"]"#).await;
 
     let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();

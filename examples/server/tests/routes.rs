@@ -4,8 +4,8 @@ mod support;
 
 use http::{Method, StatusCode};
 use support::{Running, request};
-use upcoach_core::{Config, Role, TokenVerifier, UserId};
-use upcoach_server::Options;
+use upcoach_core::{Role, TokenVerifier, UserId};
+use upcoach_server::{Options, ServerConfig};
 
 fn dev() -> Options {
     Options {
@@ -16,7 +16,7 @@ fn dev() -> Options {
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_with_the_error_shape() {
-    let server = Running::start(Config::default(), Options::default()).await;
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
     let answer = server.get("/nope").await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     assert_eq!(answer.json["error"]["code"], "not_found");
@@ -30,7 +30,7 @@ async fn unknown_routes_and_methods_answer_with_the_error_shape() {
 
 #[tokio::test]
 async fn dev_token_does_not_exist_without_dev() {
-    let server = Running::start(Config::default(), Options::default()).await;
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
     let answer = server.post("/dev/token", r#"{"roles":["admin"]}"#).await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     assert_eq!(answer.json["error"]["code"], "not_found");
@@ -40,7 +40,7 @@ async fn dev_token_does_not_exist_without_dev() {
 
 #[tokio::test]
 async fn dev_token_issues_a_verifiable_token_for_the_asked_user_and_roles() {
-    let server = Running::start(Config::default(), dev()).await;
+    let server = Running::start(ServerConfig::default(), dev()).await;
     let user = UserId::new();
     let answer = server
         .post(
@@ -82,7 +82,7 @@ async fn dev_token_issues_a_verifiable_token_for_the_asked_user_and_roles() {
 
 #[tokio::test]
 async fn dev_token_refuses_bad_input_with_clear_errors() {
-    let server = Running::start(Config::default(), dev()).await;
+    let server = Running::start(ServerConfig::default(), dev()).await;
     let cases = [
         (r#"{"sub":"42"}"#, StatusCode::BAD_REQUEST, "invalid_sub"),
         (
@@ -144,7 +144,7 @@ async fn a_refresh_retried_within_the_configured_grace_gets_a_sibling() {
         (again.status, again.json)
     }
 
-    let strict = Running::start(Config::default(), dev()).await;
+    let strict = Running::start(ServerConfig::default(), dev()).await;
     let (status, json) = refresh_twice(&strict).await;
     assert_eq!(
         (status, json["error"]["code"].as_str()),
@@ -152,8 +152,8 @@ async fn a_refresh_retried_within_the_configured_grace_gets_a_sibling() {
     );
     strict.stop().await;
 
-    let mut config = Config::default();
-    config.refresh_grace = std::time::Duration::from_secs(10);
+    let mut config = ServerConfig::default();
+    config.auth.refresh_grace = std::time::Duration::from_secs(10);
     let lenient = Running::start(config, dev()).await;
     let (status, json) = refresh_twice(&lenient).await;
     assert_eq!(status, StatusCode::OK, "{json}");

@@ -10,8 +10,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
-use upcoach_core::Config;
-use upcoach_server::{App, Options, ServeOptions};
+use upcoach_server::{App, Options, ServeOptions, ServerConfig};
 
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
@@ -110,7 +109,7 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    pub(crate) async fn start(config: Config, options: Options) -> Self {
+    pub(crate) async fn start(config: ServerConfig, options: Options) -> Self {
         let app = App::start(config, options).await.expect("app starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

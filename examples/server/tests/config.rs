@@ -1,13 +1,33 @@
+//! The server's settings, read together from every crate: defaults, every variable,
+//! every problem at once, secrets never shown.
+
 use std::collections::HashMap;
+use std::time::Duration;
 
-use super::*;
+use upcoach_core::config::{ConfigError, ConfigErrors, ConfigProblem};
+use upcoach_server::ServerConfig;
 
-fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+fn config(vars: &[(&str, &str)]) -> Result<ServerConfig, ConfigErrors> {
     let map: HashMap<String, String> = vars
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Config::from_lookup(|name| map.get(name).cloned())
+    ServerConfig::from_lookup(|name| map.get(name).cloned())
+}
+
+/// The parts of a configuration that compare.
+fn comparable(c: &ServerConfig) -> impl PartialEq + std::fmt::Debug + use<> {
+    (
+        c.addr,
+        c.metrics_public,
+        c.services.clone(),
+        c.auth.clone(),
+        c.cache.clone(),
+        c.perf.clone(),
+        c.realtime.allowed_origins.clone(),
+        c.realtime.max_connections,
+        c.realtime.max_connections_per_user,
+    )
 }
 
 fn only_error(vars: &[(&str, &str)]) -> ConfigError {
@@ -35,13 +55,13 @@ const FACEBOOK: &[(&str, &str)] = &[
 #[test]
 fn empty_environment_gives_the_in_memory_defaults() {
     let c = config(&[]).unwrap();
-    assert_eq!(c, Config::default());
+    assert_eq!(comparable(&c), comparable(&ServerConfig::default()));
     assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
-    assert!(c.redis_url.is_none() && c.database_url.is_none());
-    assert_eq!(c.cache_prefix, "upcoach");
-    assert!(c.performance_monitoring_enabled);
-    assert_eq!(c.slow_query_threshold, Duration::from_millis(1000));
-    assert!(c.google.is_none() && c.apple.is_none() && c.facebook.is_none());
+    assert!(c.services.redis_url.is_none() && c.services.database_url.is_none());
+    assert_eq!(c.cache.prefix, "upcoach");
+    assert!(c.perf.enabled);
+    assert_eq!(c.perf.slow_query_threshold, Duration::from_millis(1000));
+    assert!(c.auth.google.is_none() && c.auth.apple.is_none() && c.auth.facebook.is_none());
 }
 
 #[test]
@@ -52,7 +72,7 @@ fn empty_strings_count_as_unset() {
         ("GOOGLE_CLIENT_ID", ""),
     ])
     .unwrap();
-    assert_eq!(c, Config::default());
+    assert_eq!(comparable(&c), comparable(&ServerConfig::default()));
 }
 
 #[test]
@@ -90,41 +110,44 @@ fn a_full_environment_is_read() {
     let c = config(&vars).unwrap();
     assert_eq!(c.addr.port(), 9000);
     assert_eq!(
-        c.redis_url.as_ref().unwrap().expose(),
+        c.services.redis_url.as_ref().unwrap().expose(),
         "redis://:pw@127.0.0.1:6379/2"
     );
     assert_eq!(
-        c.websocket_cors_origins,
+        c.realtime.allowed_origins,
         ["https://app.example.com", "http://localhost:3000"]
     );
-    assert_eq!(c.cache_prefix, "upcoach_prod");
-    assert!(!c.performance_monitoring_enabled);
-    assert_eq!(c.slow_query_threshold, Duration::from_millis(250));
+    assert_eq!(c.cache.prefix, "upcoach_prod");
+    assert!(!c.perf.enabled);
+    assert_eq!(c.perf.slow_query_threshold, Duration::from_millis(250));
     assert!(!c.metrics_public);
-    assert_eq!(c.database_max_connections, 40);
-    assert_eq!(c.refresh_grace, Duration::from_secs(10));
-    assert_eq!(c.session_lifetime, Duration::from_secs(30 * 24 * 3600));
-    assert_eq!(c.realtime_max_connections, 19_000);
-    assert_eq!(c.realtime_max_connections_per_user, 4);
-    assert_eq!(c.public_url.as_deref(), Some("https://api.example.com"));
+    assert_eq!(c.services.database_max_connections, 40);
+    assert_eq!(c.auth.refresh_grace, Duration::from_secs(10));
+    assert_eq!(c.auth.session_lifetime, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(c.realtime.max_connections, 19_000);
+    assert_eq!(c.realtime.max_connections_per_user, 4);
     assert_eq!(
-        c.return_to_allowlist,
+        c.auth.public_url.as_deref(),
+        Some("https://api.example.com")
+    );
+    assert_eq!(
+        c.auth.return_to_allowlist,
         [
             "https://app.example.com/signed-in",
             "http://localhost:3000/cb"
         ]
     );
-    assert_eq!(c.signing_key.as_ref().unwrap().expose(), "c2VlZA");
-    assert!(c.previous_signing_key.is_none());
+    assert_eq!(c.auth.signing_key.as_ref().unwrap().expose(), "c2VlZA");
+    assert!(c.auth.previous_signing_key.is_none());
     assert_eq!(
-        c.google.as_ref().unwrap().issuer_url,
+        c.auth.google.as_ref().unwrap().issuer_url,
         "http://127.0.0.1:9999"
     );
     assert_eq!(
-        c.google.as_ref().unwrap().hosted_domain.as_deref(),
+        c.auth.google.as_ref().unwrap().hosted_domain.as_deref(),
         Some("example.com")
     );
-    let google = c.google.as_ref().unwrap();
+    let google = c.auth.google.as_ref().unwrap();
     assert_eq!(
         google.audiences(),
         [
@@ -132,12 +155,12 @@ fn a_full_environment_is_read() {
             "ios.apps.googleusercontent.com"
         ]
     );
-    let apple = c.apple.as_ref().unwrap();
+    let apple = c.auth.apple.as_ref().unwrap();
     assert!(
         apple.private_key.expose().contains("\nMIGT"),
         "\\n escapes become newlines"
     );
-    assert_eq!(c.facebook.as_ref().unwrap().app_id, "1234567890");
+    assert_eq!(c.auth.facebook.as_ref().unwrap().app_id, "1234567890");
 }
 
 #[test]
@@ -341,8 +364,8 @@ fn secrets_never_show_in_debug_or_errors() {
     .unwrap();
     let shown = format!(
         "{c:?} {} {}",
-        c.database_url.as_ref().unwrap(),
-        c.redis_url.as_ref().unwrap()
+        c.services.database_url.as_ref().unwrap(),
+        c.services.redis_url.as_ref().unwrap()
     );
     assert!(
         !shown.contains("qp-secret") && !shown.contains("unix-secret"),
@@ -352,5 +375,11 @@ fn secrets_never_show_in_debug_or_errors() {
         shown.contains("sslmode=disable") && shown.contains("db=2"),
         "{shown}"
     );
-    assert!(c.database_url.unwrap().expose().contains("qp-secret"));
+    assert!(
+        c.services
+            .database_url
+            .unwrap()
+            .expose()
+            .contains("qp-secret")
+    );
 }

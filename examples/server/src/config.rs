@@ -1,0 +1,93 @@
+//! The server's settings: its own (`UPCOACH_ADDR`, `UPCOACH_METRICS_PUBLIC`) and each
+//! crate's, read together so every problem is reported at once.
+
+use std::net::SocketAddr;
+
+use upcoach_auth::config::AuthConfig;
+use upcoach_cache::CacheConfig;
+use upcoach_core::config::{ConfigErrors, Env, ServicesConfig};
+use upcoach_perf::PerfConfig;
+use upcoach_realtime::HubConfig;
+
+/// The default listening address.
+pub(crate) const DEFAULT_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+/// Everything the reference server reads from the environment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// `UPCOACH_ADDR`: where it listens (default `127.0.0.1:8080`).
+    pub addr: SocketAddr,
+    /// `UPCOACH_METRICS_PUBLIC`: whether `GET /metrics` answers anyone (default true)
+    /// or only an admin.
+    pub metrics_public: bool,
+    /// Redis and Postgres.
+    pub services: ServicesConfig,
+    /// Sign-in.
+    pub auth: AuthConfig,
+    /// Realtime limits and allowed origins.
+    pub realtime: HubConfig,
+    /// The cache (and the prefix of every Redis key of the server).
+    pub cache: CacheConfig,
+    /// Performance monitoring.
+    pub perf: PerfConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_ADDR,
+            metrics_public: true,
+            services: ServicesConfig::default(),
+            auth: AuthConfig::default(),
+            realtime: HubConfig::default(),
+            cache: CacheConfig::default(),
+            perf: PerfConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigErrors> {
+        Self::read(Env::process())
+    }
+
+    /// Reads variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        Self::read(Env::from_lookup(lookup))
+    }
+
+    fn read(mut env: Env<'_>) -> Result<Self, ConfigErrors> {
+        let addr = match env.get("UPCOACH_ADDR") {
+            None => DEFAULT_ADDR,
+            Some(v) => v.trim().parse().unwrap_or_else(|_| {
+                env.invalid(
+                    "UPCOACH_ADDR",
+                    "a socket address such as 127.0.0.1:8080 or [::]:8080",
+                    Some(v.clone()),
+                );
+                DEFAULT_ADDR
+            }),
+        };
+        let config = Self {
+            addr,
+            services: ServicesConfig::read(&mut env),
+            realtime: HubConfig::read(&mut env),
+            cache: CacheConfig::read(&mut env),
+            perf: PerfConfig::read(&mut env),
+            metrics_public: env.flag("UPCOACH_METRICS_PUBLIC", true),
+            auth: AuthConfig::read(&mut env),
+        };
+        env.finish(config)
+    }
+
+    /// `UPCOACH_PUBLIC_URL`, or `http://` + the listening address.
+    pub fn public_url(&self) -> String {
+        self.auth
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.addr))
+    }
+}

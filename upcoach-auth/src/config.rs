@@ -1,0 +1,433 @@
+//! Sign-in's settings: [`AuthConfig::from_env`], reading `UPCOACH_PUBLIC_URL`,
+//! `AUTH_*`, `GOOGLE_*`, `APPLE_*` and `FACEBOOK_*`.
+//!
+//! ```
+//! use upcoach_auth::config::AuthConfig;
+//!
+//! let env = [("GOOGLE_CLIENT_ID", "web.apps.googleusercontent.com"), ("GOOGLE_CLIENT_SECRET", "s3cret")];
+//! let config = AuthConfig::from_lookup(|name| {
+//!     env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+//! })?;
+//! assert_eq!(config.google.unwrap().issuer_url, "https://accounts.google.com");
+//!
+//! let err = AuthConfig::from_lookup(|name| (name == "GOOGLE_CLIENT_SECRET").then(|| "s3cret".into()))
+//!     .unwrap_err();
+//! assert!(err.to_string().contains("GOOGLE_CLIENT_ID") && !err.to_string().contains("s3cret"));
+//! # Ok::<(), upcoach_core::config::ConfigErrors>(())
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use upcoach_core::{Clock, Secret};
+
+use crate::refresh::RefreshPolicy;
+use crate::session::{AccessTokens, SigningKey};
+use upcoach_core::config::{ConfigErrors, Env, parse_origin};
+use url::Url;
+
+/// `AUTH_SIGNING_KEY` or `AUTH_PREVIOUS_SIGNING_KEY` is not a base64url Ed25519 seed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not a base64url Ed25519 seed of 32 bytes")]
+pub struct InvalidSigningKey(pub &'static str);
+
+/// The default of `AUTH_SESSION_LIFETIME_DAYS`.
+pub const DEFAULT_SESSION_LIFETIME_DAYS: u32 = 90;
+
+/// Everything sign-in reads from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// `UPCOACH_PUBLIC_URL`: the server's address as browsers and providers reach it
+    /// (`https://api.example.com`), from which callback URLs are made; `None` leaves
+    /// the default to the server (`http://` + its listening address).
+    pub public_url: Option<String>,
+    /// `AUTH_RETURN_TO_ALLOWLIST`: comma-separated URLs a web sign-in may return to
+    /// (`https://app.example.com/signed-in`), matched exactly: no other path, query or
+    /// host. Empty allows none (sign-in then answers with tokens, no redirect).
+    pub return_to_allowlist: Vec<String>,
+    /// `AUTH_SIGNING_KEY`: the Ed25519 seed (32 bytes, base64url) that signs access
+    /// tokens. Without a key no tokens are issued (a development server makes one).
+    pub signing_key: Option<Secret>,
+    /// `AUTH_PREVIOUS_SIGNING_KEY`: the key before it, still accepted and published
+    /// until its tokens expire.
+    pub previous_signing_key: Option<Secret>,
+    /// `AUTH_REFRESH_GRACE_SECONDS`: how long after a refresh token's rotation the same
+    /// token may be presented again for a sibling (default 0, at most 60), for clients
+    /// whose answer got lost; within it a stolen token is not detected.
+    pub refresh_grace: Duration,
+    /// `AUTH_SESSION_LIFETIME_DAYS`: how long a sign-in's refresh tokens keep working,
+    /// whatever the rotations (default 90, 1 to 365).
+    pub session_lifetime: Duration,
+    /// `GOOGLE_*`: Google sign-in, when any of its variables is set.
+    pub google: Option<GoogleConfig>,
+    /// `APPLE_*`: Sign in with Apple, when any of its variables is set.
+    pub apple: Option<AppleConfig>,
+    /// `FACEBOOK_*`: Facebook Login, when any of its variables is set.
+    pub facebook: Option<FacebookConfig>,
+}
+
+impl Default for AuthConfig {
+    /// No providers, no key, no allowed return URLs.
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            return_to_allowlist: Vec::new(),
+            signing_key: None,
+            previous_signing_key: None,
+            refresh_grace: Duration::ZERO,
+            session_lifetime: Duration::from_secs(
+                u64::from(DEFAULT_SESSION_LIFETIME_DAYS) * 24 * 3600,
+            ),
+            google: None,
+            apple: None,
+            facebook: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigErrors> {
+        let mut env = Env::process();
+        let config = Self::read(&mut env);
+        env.finish(config)
+    }
+
+    /// Reads variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let mut env = Env::from_lookup(lookup);
+        let config = Self::read(&mut env);
+        env.finish(config)
+    }
+
+    /// The refresh-token policy: `AUTH_REFRESH_GRACE_SECONDS` and
+    /// `AUTH_SESSION_LIFETIME_DAYS`.
+    pub fn refresh_policy(&self) -> RefreshPolicy {
+        RefreshPolicy::default()
+            .with_grace(self.refresh_grace)
+            .with_family_lifetime(self.session_lifetime)
+    }
+
+    /// Our access tokens signed by `AUTH_SIGNING_KEY` (also accepting
+    /// `AUTH_PREVIOUS_SIGNING_KEY`), or `None` without a key.
+    pub fn access_tokens(
+        &self,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Option<AccessTokens>, InvalidSigningKey> {
+        let Some(seed) = &self.signing_key else {
+            return Ok(None);
+        };
+        let mut tokens = AccessTokens::new(signing_key(seed, "AUTH_SIGNING_KEY")?, clock);
+        if let Some(previous) = &self.previous_signing_key {
+            tokens = tokens.with_previous_key(signing_key(previous, "AUTH_PREVIOUS_SIGNING_KEY")?);
+        }
+        Ok(Some(tokens))
+    }
+
+    /// Reads the variables through `env`, recording problems there.
+    pub fn read(r: &mut Env<'_>) -> Self {
+        let defaults = Self::default();
+        let refresh_grace = Duration::from_secs(r.number(
+            "AUTH_REFRESH_GRACE_SECONDS",
+            defaults.refresh_grace.as_secs(),
+            0..=60,
+            "a whole number of seconds from 0 to 60",
+        ));
+        let session_lifetime = Duration::from_secs(
+            r.number(
+                "AUTH_SESSION_LIFETIME_DAYS",
+                u64::from(DEFAULT_SESSION_LIFETIME_DAYS),
+                1..=365,
+                "a whole number of days from 1 to 365",
+            ) * 24
+                * 3600,
+        );
+        let public_url = r
+            .get("UPCOACH_PUBLIC_URL")
+            .and_then(|v| match parse_origin(v.trim()) {
+                Some(origin) => Some(origin),
+                None => {
+                    r.invalid_because(
+                        "UPCOACH_PUBLIC_URL",
+                        "the server's public origin such as https://api.example.com",
+                        Some(v.clone()),
+                        Some("scheme://host[:port] with no path"),
+                    );
+                    None
+                }
+            });
+        let return_to_allowlist = match r.get("AUTH_RETURN_TO_ALLOWLIST") {
+            None => Vec::new(),
+            Some(v) => {
+                let mut urls = Vec::new();
+                for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    match Url::parse(part) {
+                        Ok(url)
+                            if matches!(url.scheme(), "https" | "http")
+                                && url.host_str().is_some()
+                                && url.username().is_empty()
+                                && url.password().is_none()
+                                && url.query().is_none()
+                                && url.fragment().is_none() =>
+                        {
+                            urls.push(url.to_string());
+                        }
+                        _ => r.invalid_because(
+                            "AUTH_RETURN_TO_ALLOWLIST",
+                            "comma-separated URLs such as https://app.example.com/signed-in",
+                            (!part.contains('@')).then(|| part.to_owned()),
+                            Some("each is an http(s) URL with a host and path, without query or fragment"),
+                        ),
+                    }
+                }
+                urls
+            }
+        };
+        let signing_key = r.secret_optional("AUTH_SIGNING_KEY");
+        let previous_signing_key = r.secret_optional("AUTH_PREVIOUS_SIGNING_KEY");
+        let google = read_google(r);
+        let apple = read_apple(r);
+        let facebook = read_facebook(r);
+        Self {
+            public_url,
+            return_to_allowlist,
+            signing_key,
+            previous_signing_key,
+            refresh_grace,
+            session_lifetime,
+            google: google.flatten(),
+            apple: apple.flatten(),
+            facebook: facebook.flatten(),
+        }
+    }
+}
+
+/// Google sign-in (`GOOGLE_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GoogleConfig {
+    /// `GOOGLE_CLIENT_ID`: the OAuth client used for the web authorization-code flow.
+    pub client_id: String,
+    /// `GOOGLE_CLIENT_SECRET`: that client's secret.
+    pub client_secret: Secret,
+    /// `GOOGLE_WEB_CLIENT_ID`: another accepted audience for id tokens (web apps).
+    pub web_client_id: Option<String>,
+    /// `GOOGLE_MOBILE_CLIENT_ID`: another accepted audience for id tokens (native apps).
+    pub mobile_client_id: Option<String>,
+    /// `GOOGLE_ISSUER_URL`: where discovery starts (default
+    /// `https://accounts.google.com`; tests point it at their own provider).
+    pub issuer_url: String,
+    /// `GOOGLE_HOSTED_DOMAIN`: only accounts of this Google Workspace domain (`hd`).
+    pub hosted_domain: Option<String>,
+}
+
+impl GoogleConfig {
+    /// Every client id that an id token may be issued to, without duplicates.
+    pub fn audiences(&self) -> Vec<&str> {
+        let mut out = vec![self.client_id.as_str()];
+        for id in [&self.web_client_id, &self.mobile_client_id]
+            .into_iter()
+            .flatten()
+        {
+            if !out.contains(&id.as_str()) {
+                out.push(id);
+            }
+        }
+        out
+    }
+}
+
+/// Sign in with Apple (`APPLE_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AppleConfig {
+    /// `APPLE_WEB_CLIENT_ID`: the Services ID used on the web.
+    pub web_client_id: Option<String>,
+    /// `APPLE_MOBILE_CLIENT_ID`: the app's bundle id used by native sign-in.
+    pub mobile_client_id: Option<String>,
+    /// `APPLE_TEAM_ID`: the 10-character team id.
+    pub team_id: String,
+    /// `APPLE_KEY_ID`: the 10-character id of the Sign in with Apple key.
+    pub key_id: String,
+    /// `APPLE_PRIVATE_KEY`: that key, PEM (PKCS#8); `\n` escapes are turned into newlines.
+    pub private_key: Secret,
+}
+
+/// Facebook Login (`FACEBOOK_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FacebookConfig {
+    /// `FACEBOOK_APP_ID`: the numeric app id.
+    pub app_id: String,
+    /// `FACEBOOK_APP_SECRET`: the app secret.
+    pub app_secret: Secret,
+}
+
+const GOOGLE_VARS: &[&str] = &[
+    "GOOGLE_CLIENT_ID",
+    "GOOGLE_CLIENT_SECRET",
+    "GOOGLE_WEB_CLIENT_ID",
+    "GOOGLE_MOBILE_CLIENT_ID",
+    "GOOGLE_ISSUER_URL",
+    "GOOGLE_HOSTED_DOMAIN",
+];
+
+/// Google's issuer, where discovery starts by default.
+pub const GOOGLE_ISSUER: &str = "https://accounts.google.com";
+const APPLE_VARS: &[&str] = &[
+    "APPLE_WEB_CLIENT_ID",
+    "APPLE_MOBILE_CLIENT_ID",
+    "APPLE_TEAM_ID",
+    "APPLE_KEY_ID",
+    "APPLE_PRIVATE_KEY",
+];
+const FACEBOOK_VARS: &[&str] = &["FACEBOOK_APP_ID", "FACEBOOK_APP_SECRET"];
+
+/// `None` when no variable of the provider is set; `Some(None)` when set but broken.
+fn read_google(r: &mut Env<'_>) -> Option<Option<GoogleConfig>> {
+    if GOOGLE_VARS.iter().all(|v| r.get(v).is_none()) {
+        return None;
+    }
+    const BECAUSE: &str = "required once any GOOGLE_* variable is set";
+    let client_id = r.identifier(
+        "GOOGLE_CLIENT_ID",
+        "the Google OAuth client id",
+        Some(BECAUSE),
+    );
+    let client_secret = r.secret(
+        "GOOGLE_CLIENT_SECRET",
+        "the Google OAuth client secret",
+        BECAUSE,
+    );
+    let web_client_id = r.identifier("GOOGLE_WEB_CLIENT_ID", "a Google OAuth client id", None);
+    let mobile_client_id =
+        r.identifier("GOOGLE_MOBILE_CLIENT_ID", "a Google OAuth client id", None);
+    let issuer_url = match r.get("GOOGLE_ISSUER_URL") {
+        None => Some(GOOGLE_ISSUER.to_owned()),
+        Some(v) => match Url::parse(v.trim()) {
+            Ok(url)
+                if matches!(url.scheme(), "https" | "http")
+                    && url.host_str().is_some()
+                    && url.query().is_none()
+                    && url.username().is_empty() =>
+            {
+                Some(v.trim().trim_end_matches('/').to_owned())
+            }
+            _ => {
+                r.invalid(
+                    "GOOGLE_ISSUER_URL",
+                    "an issuer URL such as https://accounts.google.com",
+                    Some(v.clone()),
+                );
+                None
+            }
+        },
+    };
+    let hosted_domain = r.identifier("GOOGLE_HOSTED_DOMAIN", "a domain such as example.com", None);
+    Some(Some(GoogleConfig {
+        client_id: client_id?,
+        client_secret: client_secret?,
+        web_client_id,
+        mobile_client_id,
+        issuer_url: issuer_url?,
+        hosted_domain,
+    }))
+}
+
+fn read_apple(r: &mut Env<'_>) -> Option<Option<AppleConfig>> {
+    if APPLE_VARS.iter().all(|v| r.get(v).is_none()) {
+        return None;
+    }
+    const BECAUSE: &str = "required once any APPLE_* variable is set";
+    const TEN: &str = "the 10-character identifier from Apple's developer account";
+    let web_client_id = r.identifier(
+        "APPLE_WEB_CLIENT_ID",
+        "the Services ID used on the web",
+        None,
+    );
+    let mobile_client_id = r.identifier("APPLE_MOBILE_CLIENT_ID", "the app's bundle id", None);
+    let none_set =
+        r.get("APPLE_WEB_CLIENT_ID").is_none() && r.get("APPLE_MOBILE_CLIENT_ID").is_none();
+    if none_set {
+        r.missing(
+            "APPLE_WEB_CLIENT_ID",
+            "the Services ID used on the web, or APPLE_MOBILE_CLIENT_ID",
+            "Sign in with Apple needs at least one client id",
+        );
+    }
+    let mut ten_chars = |variable: &'static str| {
+        let value = r.required(variable, TEN, BECAUSE)?;
+        let value = value.trim().to_owned();
+        if value.len() != 10 || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            r.invalid(variable, TEN, Some(value));
+            return None;
+        }
+        Some(value)
+    };
+    let team_id = ten_chars("APPLE_TEAM_ID");
+    let key_id = ten_chars("APPLE_KEY_ID");
+    let private_key = r
+        .secret("APPLE_PRIVATE_KEY", "the Sign in with Apple key as PEM (PKCS#8)", BECAUSE)
+        .and_then(|key| {
+            let pem = key.expose().replace("\\n", "\n");
+            let pem = pem.trim();
+            if pem.starts_with("-----BEGIN PRIVATE KEY-----")
+                && pem.ends_with("-----END PRIVATE KEY-----")
+            {
+                Some(Secret::new(pem))
+            } else {
+                r.invalid_because(
+                    "APPLE_PRIVATE_KEY",
+                    "the Sign in with Apple key as PEM (PKCS#8)",
+                    None,
+                    Some("it must start with -----BEGIN PRIVATE KEY----- and end with -----END PRIVATE KEY-----"),
+                );
+                None
+            }
+        });
+    if web_client_id.is_none() && mobile_client_id.is_none() {
+        return Some(None);
+    }
+    Some(Some(AppleConfig {
+        web_client_id,
+        mobile_client_id,
+        team_id: team_id?,
+        key_id: key_id?,
+        private_key: private_key?,
+    }))
+}
+
+fn read_facebook(r: &mut Env<'_>) -> Option<Option<FacebookConfig>> {
+    if FACEBOOK_VARS.iter().all(|v| r.get(v).is_none()) {
+        return None;
+    }
+    const BECAUSE: &str = "required once any FACEBOOK_* variable is set";
+    const APP_ID: &str = "the numeric Facebook app id";
+    let app_id = r
+        .required("FACEBOOK_APP_ID", APP_ID, BECAUSE)
+        .and_then(|v| {
+            let v = v.trim().to_owned();
+            if v.is_empty() || v.len() > 32 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                r.invalid("FACEBOOK_APP_ID", APP_ID, Some(v));
+                None
+            } else {
+                Some(v)
+            }
+        });
+    let app_secret = r.secret("FACEBOOK_APP_SECRET", "the Facebook app secret", BECAUSE);
+    Some(Some(FacebookConfig {
+        app_id: app_id?,
+        app_secret: app_secret?,
+    }))
+}
+
+/// The signing key of a base64url seed of 32 bytes.
+fn signing_key(seed: &Secret, variable: &'static str) -> Result<SigningKey, InvalidSigningKey> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(seed.expose().trim_end_matches('='))
+        .map_err(|_| InvalidSigningKey(variable))?;
+    let seed: [u8; 32] = bytes.try_into().map_err(|_| InvalidSigningKey(variable))?;
+    Ok(SigningKey::from_seed(&seed))
+}

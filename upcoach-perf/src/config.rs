@@ -1,0 +1,70 @@
+//! Performance monitoring's settings: `PERFORMANCE_MONITORING_ENABLED` and
+//! `SLOW_QUERY_THRESHOLD`.
+
+use std::time::Duration;
+
+use upcoach_core::config::{ConfigErrors, Env};
+
+/// The default slow-query threshold (`SLOW_QUERY_THRESHOLD`), in milliseconds.
+pub const DEFAULT_SLOW_QUERY_THRESHOLD_MS: u64 = 1000;
+
+/// What performance monitoring reads from the environment.
+///
+/// ```
+/// use upcoach_perf::PerfConfig;
+///
+/// let config = PerfConfig::from_lookup(|name| (name == "SLOW_QUERY_THRESHOLD").then(|| "250".into()))?;
+/// assert_eq!(config.slow_query_threshold.as_millis(), 250);
+/// assert!(config.enabled);
+/// assert!(PerfConfig::from_lookup(|name| (name == "SLOW_QUERY_THRESHOLD").then(|| "soon".into())).is_err());
+/// # Ok::<(), upcoach_core::config::ConfigErrors>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PerfConfig {
+    /// `PERFORMANCE_MONITORING_ENABLED`: whether the timing layer records (default
+    /// true; false makes it a pass-through).
+    pub enabled: bool,
+    /// `SLOW_QUERY_THRESHOLD`: statements at least this slow are grouped in the
+    /// slow-query list (milliseconds, 1 to 3,600,000; default 1000).
+    pub slow_query_threshold: Duration,
+}
+
+impl Default for PerfConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            slow_query_threshold: Duration::from_millis(DEFAULT_SLOW_QUERY_THRESHOLD_MS),
+        }
+    }
+}
+
+impl PerfConfig {
+    /// Reads the variables through `env`, recording problems there.
+    pub fn read(env: &mut Env<'_>) -> Self {
+        let defaults = Self::default();
+        Self {
+            enabled: env.flag("PERFORMANCE_MONITORING_ENABLED", defaults.enabled),
+            slow_query_threshold: Duration::from_millis(env.number(
+                "SLOW_QUERY_THRESHOLD",
+                DEFAULT_SLOW_QUERY_THRESHOLD_MS,
+                1..=3_600_000,
+                "a whole number of milliseconds from 1 to 3600000",
+            )),
+        }
+    }
+
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigErrors> {
+        let mut env = Env::process();
+        let config = Self::read(&mut env);
+        env.finish(config)
+    }
+
+    /// Reads variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let mut env = Env::from_lookup(lookup);
+        let config = Self::read(&mut env);
+        env.finish(config)
+    }
+}
