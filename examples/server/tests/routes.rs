@@ -160,3 +160,115 @@ async fn a_refresh_retried_within_the_configured_grace_gets_a_sibling() {
     assert!(json["refresh_token"].is_string());
     lenient.stop().await;
 }
+
+#[tokio::test]
+async fn dev_mode_refuses_to_listen_beyond_loopback_or_behind_https() {
+    let mut public = ServerConfig::default();
+    public.addr = "0.0.0.0:0".parse().unwrap();
+    let err = upcoach_server::App::start(public, dev()).await.unwrap_err();
+    assert!(err.to_string().contains("--dev refuses"), "{err}");
+
+    let behind_https = ServerConfig::from_lookup(|name| {
+        (name == "UPCOACH_PUBLIC_URL").then(|| "https://api.example.com".to_owned())
+    })
+    .unwrap();
+    let err = upcoach_server::App::start(behind_https, dev())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("https"), "{err}");
+
+    // Not in dev mode, both are fine.
+    let mut public = ServerConfig::default();
+    public.addr = "0.0.0.0:0".parse().unwrap();
+    assert!(
+        upcoach_server::App::start(public, Options::default())
+            .await
+            .is_ok()
+    );
+}
+
+/// With AUTH_SIGNING_KEY, `--dev` signs with that key (so several local processes share
+/// one), and `/dev/token` leaves an existing user's roles as they are.
+#[tokio::test]
+async fn dev_tokens_use_the_configured_key_and_keep_existing_roles() {
+    let seed = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc";
+    let config =
+        ServerConfig::from_lookup(|name| (name == "AUTH_SIGNING_KEY").then(|| seed.to_owned()))
+            .unwrap();
+    let server = Running::start(config.clone(), dev()).await;
+    let other = Running::start(config, Options::default()).await;
+    let user = UserId::new();
+    let first = server
+        .post(
+            "/dev/token",
+            &format!(r#"{{"sub":"{user}","roles":["coach"]}}"#),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    let token = first.json["access_token"].as_str().unwrap();
+    assert!(
+        other
+            .app
+            .access_tokens()
+            .unwrap()
+            .verify(token)
+            .await
+            .is_ok(),
+        "a process with the same key (and no --dev) accepts it"
+    );
+    let again = server
+        .post(
+            "/dev/token",
+            &format!(r#"{{"sub":"{user}","roles":["admin"]}}"#),
+        )
+        .await;
+    assert_eq!(again.json["user"]["roles"], serde_json::json!(["coach"]));
+    server.stop().await;
+    other.stop().await;
+}
+
+/// Path parameters are validated decoded: what `encodeURIComponent("public:news")`
+/// sends is the room `public:news`.
+#[tokio::test]
+async fn percent_encoded_path_parameters_are_decoded() {
+    let server = Running::start(ServerConfig::default(), dev()).await;
+    let admin = server.post("/dev/token", r#"{"roles":["admin"]}"#).await;
+    let token = admin.json["access_token"].as_str().unwrap();
+    let answer = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/dashboard/realtime/broadcast/public%3Anews",
+        Some(r#"{"event":"headline","data":{"n":1}}"#),
+        Some(token),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+    assert_eq!(answer.json["room"], "public:news");
+    let bad = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/dashboard/realtime/broadcast/%FF",
+        Some(r#"{"event":"x"}"#),
+        Some(token),
+    )
+    .await;
+    assert_eq!(bad.json["error"]["code"], "invalid_path");
+    let provider = request(server.addr, Method::GET, "/auth/goo%67le/authorize", None).await;
+    assert_eq!(
+        provider.json["error"]["code"], "provider_not_configured",
+        "goo%67le is google"
+    );
+    server.stop().await;
+}
+
+/// A cross-site `text/plain` POST (no preflight) never reaches a JSON route.
+#[tokio::test]
+async fn json_routes_refuse_other_content_types_in_dev_mode() {
+    let server = Running::start(ServerConfig::default(), dev()).await;
+    for path in ["/dev/token", "/auth/refresh", "/auth/exchange"] {
+        let answer =
+            support::request_typed(server.addr, path, "text/plain", r#"{"roles":["admin"]}"#).await;
+        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{path}");
+    }
+    server.stop().await;
+}

@@ -55,6 +55,39 @@ pub(crate) async fn request_with(
     }
 }
 
+/// A POST with `content_type` and no bearer; the answer's status and JSON.
+pub(crate) async fn request_typed(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let request = Request::post(path)
+        .header("host", addr.to_string())
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    }
+}
+
 /// `GET path` with a bearer token: status, headers and raw body.
 pub(crate) async fn raw_with(
     addr: SocketAddr,
