@@ -18,8 +18,9 @@ URL="http://127.0.0.1:$PORT/health"
 
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 cargo build --release --quiet -p upcoach-server --bins
+cargo build --release --quiet --example bare_hyper
 SERVER=target/release/upcoach-server
-BARE=target/release/bare-hyper
+BARE=target/release/examples/bare_hyper
 
 wait_for_port() {
   for _ in $(seq 1 100); do

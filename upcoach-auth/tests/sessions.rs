@@ -170,7 +170,9 @@ async fn a_host_gets_client_facts_in_every_security_event_row_in_postgres() {
         .build();
     every_kind_of_event(&sessions).await;
     events.flush().await.unwrap();
-    let rows: Vec<(String, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+    /// `event_type`, `ip_address`, `user_agent`, `platform`.
+    type Row = (String, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT event_type, host(ip_address), user_agent, platform FROM security_events",
     )
     .fetch_all(schema.pool())

@@ -253,6 +253,26 @@ pub struct CacheStats {
     pub coherence_dropped: u64,
 }
 
+impl CacheStats {
+    /// These counts as gauges: `cache_hits{tier}`, `cache_misses`, `cache_l2_errors`,
+    /// `cache_l1_entries`, `cache_coherence_dropped`.
+    pub fn gauges(&self) -> [upcoach_core::health::Gauge; 6] {
+        use upcoach_core::health::Gauge;
+        [
+            Gauge::new("cache_hits", &[("tier", "l1")], self.l1_hits as f64),
+            Gauge::new("cache_hits", &[("tier", "l2")], self.l2_hits as f64),
+            Gauge::new("cache_misses", &[], self.misses as f64),
+            Gauge::new("cache_l2_errors", &[], self.l2_errors as f64),
+            Gauge::new("cache_l1_entries", &[], self.l1_entries as f64),
+            Gauge::new(
+                "cache_coherence_dropped",
+                &[],
+                self.coherence_dropped as f64,
+            ),
+        ]
+    }
+}
+
 /// An L1 (in process, quick_cache) in front of an L2 [`CacheStore`] (Redis, usually),
 /// with tag versions in a [`TagVersions`].
 ///
@@ -370,6 +390,38 @@ impl TieredCache {
         }
         self.l1.remove(key);
         None
+    }
+
+    /// The cache of a server: L2 in Redis under `config.prefix` with L1 kept coherent
+    /// across processes (channel `{prefix}:invalidate`) when `redis` is given, else an
+    /// in-memory L2 of 256 MiB.
+    #[cfg(feature = "redis")]
+    pub fn on(
+        redis: Option<&upcoach_core::redis::RedisConnection>,
+        config: &crate::CacheConfig,
+    ) -> Arc<Self> {
+        let prefix = &config.prefix;
+        let (l2, tags): (Arc<dyn CacheStore>, Arc<dyn crate::TagVersions>) = match redis {
+            Some(redis) => (
+                Arc::new(crate::RedisStore::new(redis.clone(), prefix.clone())),
+                Arc::new(crate::RedisTagVersions::new(redis.clone(), prefix.clone())),
+            ),
+            None => (
+                Arc::new(crate::MemoryStore::new(256 * 1024 * 1024)),
+                Arc::new(crate::MemoryTagVersions::default()),
+            ),
+        };
+        let cache = Arc::new(Self::new(l2, tags, TieredOptions::default()));
+        if let Some(redis) = redis
+            && let Some(client) = redis.client()
+        {
+            cache.enable_coherence(
+                client.clone(),
+                redis.clone(),
+                format!("{prefix}:invalidate"),
+            );
+        }
+        cache
     }
 
     /// Keeps the L1 of every process that shares `channel` coherent: this process's

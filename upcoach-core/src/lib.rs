@@ -23,6 +23,7 @@
 pub mod clock;
 pub mod config;
 pub mod event;
+pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod principal;

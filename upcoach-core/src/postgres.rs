@@ -127,6 +127,26 @@ impl Drop for Waiter<'_> {
 }
 
 impl MeteredPool {
+    /// The pool as gauges: `db_pool_connections{state=idle|busy}`, `db_pool_waiters`
+    /// and `db_pool_waiters_peak` (which [`take_peak_waiting`](Self::take_peak_waiting)
+    /// resets).
+    pub fn gauges(&self) -> [crate::health::Gauge; 4] {
+        use crate::health::Gauge;
+        let idle = self.num_idle() as f64;
+        [
+            Gauge::new("db_pool_connections", &[("state", "idle")], idle),
+            Gauge::new(
+                "db_pool_connections",
+                &[("state", "busy")],
+                f64::from(self.size()) - idle,
+            ),
+            Gauge::new("db_pool_waiters", &[], self.waiting() as f64),
+            Gauge::new("db_pool_waiters_peak", &[], self.take_peak_waiting() as f64),
+        ]
+    }
+}
+
+impl MeteredPool {
     /// Counts the waiters of `pool`, starting from zero.
     pub fn new(pool: PgPool) -> Self {
         Self {

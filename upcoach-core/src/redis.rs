@@ -154,6 +154,24 @@ impl std::fmt::Debug for RedisConnection {
 }
 
 impl RedisConnection {
+    /// The client this connection was made from (for pub/sub connections of its own);
+    /// `None` for one made from a bare manager.
+    pub fn client(&self) -> Option<&redis::Client> {
+        self.shared.origin.as_ref().map(|(client, _)| client)
+    }
+
+    /// The link as gauges: `redis_connected` (1 or 0) and `redis_links_replaced`.
+    pub fn gauges(&self) -> [crate::health::Gauge; 2] {
+        use crate::health::Gauge;
+        let connected = self.state() == RedisState::Connected;
+        [
+            Gauge::new("redis_connected", &[], if connected { 1.0 } else { 0.0 }),
+            Gauge::new("redis_links_replaced", &[], self.replacements() as f64),
+        ]
+    }
+}
+
+impl RedisConnection {
     /// Connects to `url`, failing if Redis does not answer within the connection timeout.
     pub async fn connect(
         url: &ServiceUrl,

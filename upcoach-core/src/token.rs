@@ -112,3 +112,20 @@ pub trait TokenVerifier: fmt::Debug + Send + Sync + 'static {
     /// Verifies `bearer` and returns the principal it proves.
     async fn verify(&self, bearer: &str) -> Result<Principal, TokenError>;
 }
+
+/// A verifier that refuses every token with [`TokenError::Invalid`] and `reason`: for a
+/// server that issues none (no signing key).
+#[derive(Debug, Clone, Copy)]
+pub struct RefuseAll {
+    /// Why, as the refusal says.
+    pub reason: &'static str,
+}
+
+#[async_trait]
+impl TokenVerifier for RefuseAll {
+    async fn verify(&self, _bearer: &str) -> Result<Principal, TokenError> {
+        Err(TokenError::Invalid {
+            reason: self.reason,
+        })
+    }
+}

@@ -68,3 +68,34 @@ impl PerfConfig {
         env.finish(config)
     }
 }
+
+/// The parts of performance monitoring that must exist before logging starts, because
+/// SQL timing comes through the `tracing` subscriber: make them first, add
+/// [`sql_layer`](Self::sql_layer) to the subscriber, then hand them to the rest.
+#[derive(Debug, Clone)]
+pub struct PerfSinks {
+    /// Counters, gauges and histograms.
+    pub metrics: std::sync::Arc<crate::MemoryMetrics>,
+    /// Slow statements, grouped by digest (the 200 slowest kept).
+    pub slow_queries: std::sync::Arc<crate::slow::SlowQueryLog>,
+}
+
+impl PerfSinks {
+    /// Sinks for `config` (`SLOW_QUERY_THRESHOLD`).
+    pub fn new(config: &PerfConfig) -> Self {
+        Self {
+            metrics: Default::default(),
+            slow_queries: std::sync::Arc::new(crate::slow::SlowQueryLog::new(
+                config.slow_query_threshold,
+                200,
+            )),
+        }
+    }
+
+    /// The `tracing` layer that times SQL statements into these sinks; add it to the
+    /// subscriber with a filter on
+    /// [`SqlTimingLayer::wants`](crate::slow::SqlTimingLayer::wants).
+    pub fn sql_layer(&self) -> crate::slow::SqlTimingLayer {
+        crate::slow::SqlTimingLayer::new(self.slow_queries.clone(), self.metrics.clone())
+    }
+}

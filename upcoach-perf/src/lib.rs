@@ -52,7 +52,7 @@ pub mod slow;
 mod slow_redis;
 
 pub use alert::{AlertEngine, AlertRule, AlertState, AlertTransition, Breach, FiringAlert};
-pub use config::{DEFAULT_SLOW_QUERY_THRESHOLD_MS, PerfConfig};
+pub use config::{DEFAULT_SLOW_QUERY_THRESHOLD_MS, PerfConfig, PerfSinks};
 pub use exposition::{CONTENT_TYPE, LATENCY_BUCKETS, PrometheusExporter};
 pub use layer::{RequestTiming, RequestTimingLayer, TimingFuture};
 pub use monitor::{MIN_REQUESTS_FOR_ERROR_RATE, OverallWindow, PerfMonitor, PerfSnapshot};

@@ -161,6 +161,33 @@ pub struct HubStats {
     pub gaps_repaired: u64,
 }
 
+impl HubStats {
+    /// These counts as gauges: `realtime_connections{transport}`, `realtime_rooms`,
+    /// `realtime_delivered`, `realtime_slow_consumers_closed`.
+    pub fn gauges(&self) -> [upcoach_core::health::Gauge; 5] {
+        use upcoach_core::health::Gauge;
+        [
+            Gauge::new(
+                "realtime_connections",
+                &[("transport", "ws")],
+                self.ws_connections as f64,
+            ),
+            Gauge::new(
+                "realtime_connections",
+                &[("transport", "sse")],
+                self.sse_connections as f64,
+            ),
+            Gauge::new("realtime_rooms", &[], self.rooms as f64),
+            Gauge::new("realtime_delivered", &[], self.delivered as f64),
+            Gauge::new(
+                "realtime_slow_consumers_closed",
+                &[],
+                self.slow_consumers_closed as f64,
+            ),
+        ]
+    }
+}
+
 /// One room in [`HubStatus`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RoomStatus {

@@ -103,3 +103,64 @@ impl Hub {
         refuse_unless_admin(principal).unwrap_or_else(|| json(StatusCode::OK, &self.status()))
     }
 }
+
+impl Hub {
+    /// Publishes every value `rx` receives to `room` as `event`, until the sender is
+    /// gone (a host forwards its alert transitions to `alerts` this way). Values lost
+    /// to the channel's bound are logged with how many.
+    pub fn spawn_forward<T>(
+        &self,
+        mut rx: tokio::sync::broadcast::Receiver<T>,
+        room: &'static str,
+        event: &'static str,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        T: serde::Serialize + Clone + Send + 'static,
+    {
+        use tokio::sync::broadcast::error::RecvError;
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(value) => {
+                        let data = serde_json::to_value(&value).unwrap_or_default();
+                        if let Err(e) = hub.publish(room, event, data).await {
+                            tracing::warn!(error = %e, room, "a forwarded event was not published");
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(
+                            missed,
+                            room,
+                            "events were not forwarded: the channel lagged"
+                        );
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    /// Publishes `make()` to `room` as `event` every `every` (at least 1 ms), while
+    /// `make` answers `Some` (a host's metrics snapshot, say, holding its state weakly).
+    pub fn spawn_every(
+        &self,
+        every: std::time::Duration,
+        room: &'static str,
+        event: &'static str,
+        make: impl Fn() -> Option<serde_json::Value> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(data) = make() else { return };
+                if let Err(e) = hub.publish(room, event, data).await {
+                    tracing::debug!(error = %e, room, "a periodic event was not published");
+                }
+            }
+        })
+    }
+}

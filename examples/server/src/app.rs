@@ -14,17 +14,16 @@ use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_auth::sessions::Sessions;
 use upcoach_auth::users::{MemoryUserStore, PgUserStore, UserStore};
 use upcoach_cache::response::ResponseCache;
-use upcoach_cache::{
-    CacheRule, CacheStore, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions,
-    ResponseCacheLayer, TagVersions, TieredCache, TieredOptions,
-};
+use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
 use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
+use upcoach_core::health::Gauge;
 use upcoach_core::postgres::{self, MeteredPool, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, SystemClock};
 
 use crate::config::ServerConfig;
-use upcoach_perf::slow::{SlowQueryLog, SqlTimingLayer};
+use upcoach_perf::PerfSinks;
+use upcoach_perf::slow::SlowQueryLog;
 use upcoach_perf::{
     AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
     RequestTimingLayer, RouteTable,
@@ -53,32 +52,6 @@ pub struct Options {
 
 /// The default of [`Options::refresh_purge_every`].
 pub(crate) const REFRESH_PURGE_EVERY: Duration = Duration::from_secs(600);
-
-/// The parts of performance monitoring that must exist before logging starts, because
-/// SQL timing comes through the `tracing` subscriber.
-#[derive(Debug, Clone)]
-pub struct PerfSinks {
-    /// Counters, gauges and histograms.
-    pub metrics: Arc<MemoryMetrics>,
-    /// Slow statements, grouped by digest.
-    pub slow_queries: Arc<SlowQueryLog>,
-}
-
-impl PerfSinks {
-    /// Sinks for `config` (`SLOW_QUERY_THRESHOLD`).
-    pub fn new(config: &ServerConfig) -> Self {
-        Self {
-            metrics: Arc::new(MemoryMetrics::default()),
-            slow_queries: Arc::new(SlowQueryLog::new(config.perf.slow_query_threshold, 200)),
-        }
-    }
-
-    /// The `tracing` layer that times SQL statements into these sinks; add it to the
-    /// subscriber with a filter on [`SqlTimingLayer::wants`].
-    pub fn sql_layer(&self) -> SqlTimingLayer {
-        SqlTimingLayer::new(self.slow_queries.clone(), self.metrics.clone())
-    }
-}
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -144,22 +117,6 @@ pub struct App {
 /// How often the perf snapshot goes to the `metrics` room.
 const METRICS_EVERY: Duration = Duration::from_secs(5);
 
-/// Refuses every token: without `--dev` this server issues none yet.
-#[derive(Debug)]
-struct NoIssuer;
-
-#[async_trait::async_trait]
-impl upcoach_core::TokenVerifier for NoIssuer {
-    async fn verify(
-        &self,
-        _bearer: &str,
-    ) -> Result<upcoach_core::Principal, upcoach_core::TokenError> {
-        Err(upcoach_core::TokenError::Invalid {
-            reason: "this server issues no tokens yet (start it with --dev)",
-        })
-    }
-}
-
 impl App {
     /// Connects the configured backends (applying migrations on Postgres) and builds the
     /// application. Fails, naming the service, if a configured service does not answer.
@@ -191,7 +148,7 @@ impl App {
         let sinks = options
             .sinks
             .clone()
-            .unwrap_or_else(|| PerfSinks::new(&config));
+            .unwrap_or_else(|| PerfSinks::new(&config.perf));
         let prefix = &config.cache.prefix;
         let postgres = match &config.services.database_url {
             Some(url) => {
@@ -223,38 +180,20 @@ impl App {
             Some(pool) => Arc::new(PgEventLog::new(pool.clone())),
             None => Arc::new(MemoryEventLog::default()),
         };
-        let cache = {
-            let (l2, tags): (Arc<dyn CacheStore>, Arc<dyn TagVersions>) = match &redis {
-                Some(redis) => (
-                    Arc::new(RedisStore::new(redis.clone(), prefix.clone())),
-                    Arc::new(RedisTagVersions::new(redis.clone(), prefix.clone())),
-                ),
-                None => (
-                    Arc::new(MemoryStore::new(256 * 1024 * 1024)),
-                    Arc::new(MemoryTagVersions::default()),
-                ),
+        let cache = TieredCache::on(redis.as_ref(), &config.cache);
+        let broadcaster: Arc<dyn Broadcaster> =
+            match redis.as_ref().and_then(|r| Some((r, r.client()?))) {
+                Some((redis, client)) => Arc::new(RedisBroadcaster::new(
+                    client.clone(),
+                    redis.clone(),
+                    RedisBroadcasterOptions {
+                        prefix: format!("{prefix}:rt"),
+                        clock: clock.clone(),
+                        ..RedisBroadcasterOptions::default()
+                    },
+                )),
+                None => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
             };
-            let cache = Arc::new(TieredCache::new(l2, tags, TieredOptions::default()));
-            if let (Some(redis), Some(url)) = (&redis, &config.services.redis_url)
-                && let Ok(client) = redis::Client::open(url.expose())
-            {
-                cache.enable_coherence(client, redis.clone(), format!("{prefix}:invalidate"));
-            }
-            cache
-        };
-        let broadcaster: Arc<dyn Broadcaster> = match (&redis, &config.services.redis_url) {
-            (Some(redis), Some(url)) => Arc::new(RedisBroadcaster::new(
-                ::redis::Client::open(url.expose())
-                    .map_err(|e| StartError::Redis(RedisConnectError::Url(e)))?,
-                redis.clone(),
-                RedisBroadcasterOptions {
-                    prefix: format!("{prefix}:rt"),
-                    clock: clock.clone(),
-                    ..RedisBroadcasterOptions::default()
-                },
-            )),
-            _ => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
-        };
         let tokens = match config.auth.access_tokens(clock.clone()) {
             Ok(Some(tokens)) => Some(Arc::new(tokens)),
             Ok(None) if options.dev => Some(Arc::new(AccessTokens::new(
@@ -266,7 +205,9 @@ impl App {
         };
         let verifier: Arc<dyn upcoach_core::TokenVerifier> = match &tokens {
             Some(tokens) => tokens.clone(),
-            None => Arc::new(NoIssuer),
+            None => Arc::new(upcoach_core::token::RefuseAll {
+                reason: "this server issues no tokens (no signing key; start it with --dev)",
+            }),
         };
         let hub_verifier = verifier.clone();
         let hub = Hub::builder(broadcaster, verifier.clone())
@@ -299,66 +240,26 @@ impl App {
             let slow_queries = sinks.slow_queries.clone();
             move || {
                 let sink: &dyn MetricsSink = &*metrics;
-                let mut values = std::collections::HashMap::new();
-                let stats = cache.stats();
-                for (tier, hits) in [("l1", stats.l1_hits), ("l2", stats.l2_hits)] {
-                    sink.set_gauge("cache_hits", &[("tier", tier)], hits as f64);
+                let (stats, realtime) = (cache.stats(), hub.stats());
+                let skipped = slow_queries.redis_skipped() as f64;
+                let gauges = (stats.gauges().into_iter())
+                    .chain(realtime.gauges())
+                    .chain(postgres.iter().flat_map(MeteredPool::gauges))
+                    .chain(redis.iter().flat_map(RedisConnection::gauges))
+                    .chain([Gauge::new("slow_queries_redis_skipped", &[], skipped)]);
+                for gauge in gauges {
+                    sink.set_gauge(gauge.name, gauge.labels, gauge.value);
                 }
-                sink.set_gauge("cache_misses", &[], stats.misses as f64);
-                sink.set_gauge("cache_l2_errors", &[], stats.l2_errors as f64);
-                sink.set_gauge("cache_l1_entries", &[], stats.l1_entries as f64);
-                sink.set_gauge(
-                    "cache_coherence_dropped",
-                    &[],
-                    stats.coherence_dropped as f64,
-                );
-                sink.set_gauge(
-                    "slow_queries_redis_skipped",
-                    &[],
-                    slow_queries.redis_skipped() as f64,
-                );
+                let mut values = std::collections::HashMap::new();
                 if stats.l1_hits + stats.l2_hits + stats.misses
                     >= upcoach_perf::MIN_REQUESTS_FOR_ERROR_RATE
                 {
                     values.insert(upcoach_perf::alert::metrics::CACHE_HIT_RATE, stats.hit_rate);
                 }
-                if let Some(pool) = &postgres {
-                    let idle = pool.num_idle() as f64;
-                    sink.set_gauge("db_pool_connections", &[("state", "idle")], idle);
-                    sink.set_gauge(
-                        "db_pool_connections",
-                        &[("state", "busy")],
-                        f64::from(pool.size()) - idle,
-                    );
-                    sink.set_gauge("db_pool_waiters", &[], pool.waiting() as f64);
-                    sink.set_gauge("db_pool_waiters_peak", &[], pool.take_peak_waiting() as f64);
-                }
-                if let Some(redis) = &redis {
-                    let connected = redis.state() == upcoach_core::redis::RedisState::Connected;
-                    sink.set_gauge("redis_connected", &[], if connected { 1.0 } else { 0.0 });
-                    sink.set_gauge("redis_links_replaced", &[], redis.replacements() as f64);
-                }
-                let realtime = hub.stats();
-                for (transport, open) in [
-                    ("ws", realtime.ws_connections),
-                    ("sse", realtime.sse_connections),
-                ] {
-                    sink.set_gauge(
-                        "realtime_connections",
-                        &[("transport", transport)],
-                        open as f64,
-                    );
-                }
-                sink.set_gauge("realtime_rooms", &[], realtime.rooms as f64);
-                sink.set_gauge("realtime_delivered", &[], realtime.delivered as f64);
-                sink.set_gauge(
-                    "realtime_slow_consumers_closed",
-                    &[],
-                    realtime.slow_consumers_closed as f64,
-                );
+                let open = realtime.ws_connections + realtime.sse_connections;
                 values.insert(
                     upcoach_perf::alert::metrics::ACTIVE_CONNECTIONS,
-                    (realtime.ws_connections + realtime.sse_connections) as f64,
+                    open as f64,
                 );
                 values
             }
@@ -441,44 +342,18 @@ impl App {
     /// `alerts`. The tasks hold the app weakly and end with it.
     fn spawn_publishers(
         self: &Arc<Self>,
-        mut alerts: tokio::sync::broadcast::Receiver<upcoach_perf::AlertTransition>,
+        alerts: tokio::sync::broadcast::Receiver<upcoach_perf::AlertTransition>,
     ) {
         let weak = Arc::downgrade(self);
-        let snapshots = tokio::spawn(async move {
-            let mut every = tokio::time::interval(METRICS_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let Some(app) = weak.upgrade() else { return };
-                let snapshot = crate::routes::realtime_snapshot(&app);
-                if let Err(e) = app.hub.publish("metrics", "metrics", snapshot).await {
-                    tracing::debug!(error = %e, "the metrics snapshot was not published");
-                }
-            }
-        });
-        let hub = self.hub.clone();
-        let transitions = tokio::spawn(async move {
-            loop {
-                match alerts.recv().await {
-                    Ok(transition) => {
-                        let data = serde_json::to_value(&transition).unwrap_or_default();
-                        if let Err(e) = hub.publish("alerts", "alert", data).await {
-                            tracing::warn!(error = %e, rule = transition.rule, "an alert was not published");
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(
-                            missed = n,
-                            "alert transitions were not published (kept in system_alerts)"
-                        );
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
+        let snapshots = self
+            .hub
+            .spawn_every(METRICS_EVERY, "metrics", "metrics", move || {
+                weak.upgrade()
+                    .map(|app| crate::routes::realtime_snapshot(&app))
+            });
+        let transitions = self.hub.spawn_forward(alerts, "alerts", "alert");
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.push(snapshots);
-        tasks.push(transitions);
+        tasks.extend([snapshots, transitions]);
     }
 
     /// The realtime hub.
@@ -495,17 +370,11 @@ impl App {
             version = env!("CARGO_PKG_VERSION"),
             postgres = %describe(self.config.services.database_url.as_ref()),
             redis = %describe(self.config.services.redis_url.as_ref()),
-            event_log = if self.backends.postgres.is_some() { "postgres (batched)" } else { "in-memory ring buffer" },
             dev = self.options.dev,
             performance_monitoring = self.config.perf.enabled,
-            "upcoach reference server configured"
+            "upcoach reference server configured (in-memory backends share nothing between \
+             processes and keep nothing across a restart)"
         );
-        if self.backends.postgres.is_none() && self.backends.redis.is_none() {
-            tracing::info!(
-                "running on in-memory backends (no REDIS_URL / DATABASE_URL): nothing is shared \
-                 between processes and nothing survives a restart"
-            );
-        }
     }
 
     /// The configuration in use.

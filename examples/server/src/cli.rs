@@ -53,7 +53,7 @@ pub fn cli_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let sinks = PerfSinks::new(&config);
+    let sinks = PerfSinks::new(&config.perf);
     init_logging(&sinks);
     options.sinks = Some(sinks);
 

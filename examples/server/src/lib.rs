@@ -39,7 +39,8 @@ mod router;
 mod routes;
 mod serve;
 
-pub use app::{App, AppService, Backends, HttpService, Options, PerfSinks, StartError};
+pub use app::{App, AppService, Backends, HttpService, Options, StartError};
+pub use upcoach_perf::PerfSinks;
 pub use cli::cli_main;
 pub use config::ServerConfig;
 pub use http_util::Body;

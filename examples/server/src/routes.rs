@@ -9,14 +9,11 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use upcoach_core::http::{ApiError, DEFAULT_JSON_LIMIT, query_param, read_json};
 
+use upcoach_core::health::{Check, Status};
+
 use crate::Body;
 use crate::app::App;
 use crate::router::{error, json};
-
-/// How long one health check may take before it counts as down.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-/// A check slower than this is reported as degraded.
-const CHECK_SLOW: Duration = Duration::from_millis(250);
 
 /// `1h`, `30m`, `7d`, `90s`: at most 30 days.
 fn parse_window(text: &str) -> Option<Duration> {
@@ -183,45 +180,11 @@ pub(crate) fn realtime_snapshot(app: &Arc<App>) -> serde_json::Value {
     })
 }
 
-#[derive(Debug, Serialize)]
-struct Check {
-    status: &'static str,
-    latency_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
-}
-
-impl Check {
-    fn from_result<E>(result: Result<Result<Duration, E>, tokio::time::error::Elapsed>) -> Self {
-        match result {
-            Ok(Ok(latency)) => Check {
-                status: if latency > CHECK_SLOW {
-                    "degraded"
-                } else {
-                    "ok"
-                },
-                latency_ms: (latency.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-                error: None,
-            },
-            Ok(Err(_)) => Check {
-                status: "down",
-                latency_ms: 0.0,
-                error: Some("unreachable"),
-            },
-            Err(_) => Check {
-                status: "down",
-                latency_ms: CHECK_TIMEOUT.as_secs_f64() * 1000.0,
-                error: Some("timeout"),
-            },
-        }
-    }
-}
-
 /// The body of `GET /health`, serialized straight from these types: the route is polled
 /// by load balancers, so it builds no JSON tree.
 #[derive(Debug, Serialize)]
 struct HealthBody {
-    status: &'static str,
+    status: Status,
     checks: HealthChecks,
     version: &'static str,
     uptime_s: u64,
@@ -239,59 +202,44 @@ struct HealthChecks {
 
 #[derive(Debug, Serialize)]
 struct RealtimeCheck {
-    status: &'static str,
+    status: Status,
     broker: upcoach_realtime::BrokerState,
     connections: upcoach_realtime::ConnectionCounts,
 }
 
-/// `GET /health`: each configured dependency's status and latency; 503 when a required
-/// dependency is down. In-memory mode has no dependency to check.
+/// `GET /health`: each configured dependency's status and latency; 503 when Postgres
+/// or Redis is down. The cache fails open (its L2 down is degraded); realtime keeps
+/// serving this process's events while its broker is away (degraded).
 pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
     let postgres = async {
         match &app.backends.postgres {
-            Some(pool) => Some(Check::from_result(
-                tokio::time::timeout(CHECK_TIMEOUT, upcoach_core::postgres::ping(pool)).await,
-            )),
+            Some(pool) => Some(Check::run(upcoach_core::postgres::ping(pool)).await),
             None => None,
         }
     };
     let redis = async {
         match &app.backends.redis {
-            Some(redis) => Some(Check::from_result(
-                tokio::time::timeout(CHECK_TIMEOUT, redis.ping()).await,
-            )),
+            Some(redis) => Some(Check::run(redis.ping()).await),
             None => None,
         }
     };
-    let cache =
-        async { Check::from_result(tokio::time::timeout(CHECK_TIMEOUT, app.cache.health()).await) };
-    let (postgres, redis, mut cache) = tokio::join!(postgres, redis, cache);
-    // The cache fails open: its L2 being unreachable slows the service, it does not stop
-    // it.
-    if cache.status == "down" {
-        cache.status = "degraded";
-    }
-    // Realtime keeps serving what this process publishes when its broker link is down,
-    // and repairs the hole when it returns: degraded, not down.
+    let cache = async { Check::run(app.cache.health()).await.failing_open() };
+    let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
     let broker = app.hub.broker_state();
     let realtime = RealtimeCheck {
-        status: if broker.connected { "ok" } else { "degraded" },
+        status: if broker.connected {
+            Status::Ok
+        } else {
+            Status::Degraded
+        },
         broker,
         connections: app.hub.connection_counts(),
     };
-    let status = [
-        postgres.as_ref().map(|c| c.status),
-        redis.as_ref().map(|c| c.status),
-        Some(cache.status),
-        Some(realtime.status),
-    ]
-    .into_iter()
-    .flatten()
-    .fold("ok", |worst, status| match (worst, status) {
-        (_, "down") | ("down", _) => "down",
-        (_, "degraded") | ("degraded", _) => "degraded",
-        _ => "ok",
-    });
+    let status = [&postgres, &redis]
+        .into_iter()
+        .flatten()
+        .map(|c| c.status)
+        .fold(cache.status.worst(realtime.status), Status::worst);
     let body = HealthBody {
         status,
         checks: HealthChecks {
@@ -303,7 +251,7 @@ pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: app.started.elapsed().as_secs(),
     };
-    let code = if status == "down" {
+    let code = if status == Status::Down {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

@@ -8,6 +8,29 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use upcoach_core::http::ClientAddr;
+
+/// Puts the peer's address into each request's extensions ([`ClientAddr`]), where the
+/// crates read it for audit records.
+#[derive(Debug, Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: std::net::SocketAddr,
+}
+
+impl<S, B> hyper::service::Service<http::Request<B>> for WithPeer<S>
+where
+    S: hyper::service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(request)
+    }
+}
 
 /// How the accept loop behaves.
 #[derive(Debug, Clone)]
@@ -63,7 +86,7 @@ where
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let connection = http
-                        .serve_connection(TokioIo::new(stream), service.clone())
+                        .serve_connection(TokioIo::new(stream), WithPeer { inner: service.clone(), peer })
                         .with_upgrades();
                     let mut stopping = stopping.clone();
                     connections.spawn(async move {

@@ -322,6 +322,20 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
         names.contains(&"refresh_token_reused") && names.contains(&"login_success"),
         "{names:?}"
     );
+    // Each security event carries the client's address and platform.
+    for event in &events {
+        let upcoach_core::event::Event::Security(event) = event else {
+            continue;
+        };
+        assert_eq!(
+            event.ip_address,
+            Some("127.0.0.1".parse().unwrap()),
+            "{event:?}"
+        );
+        if event.event_type == "login_success" {
+            assert_eq!(event.platform.as_deref(), Some("web"), "{event:?}");
+        }
+    }
 
     let jwks = server.get("/.well-known/jwks.json", None).await.json();
     assert_eq!(jwks["keys"][0]["alg"], "EdDSA");

@@ -162,7 +162,7 @@ async fn timed_server(
     let mut config = ServerConfig::default();
     config.services.database_url = Some(schema_url(&schema));
     config.perf.slow_query_threshold = std::time::Duration::from_millis(threshold_ms);
-    let sinks = upcoach_server::PerfSinks::new(&config);
+    let sinks = upcoach_server::PerfSinks::new(&config.perf);
     let layer = sinks
         .sql_layer()
         .with_filter(tracing_subscriber::filter::filter_fn(
