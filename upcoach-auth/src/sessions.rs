@@ -282,6 +282,47 @@ impl SessionsBuilder {
         self
     }
 
+    /// Users and refresh-token families in Postgres when `pool` is given (with
+    /// `policy`), in memory otherwise.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(
+        mut self,
+        pool: Option<&upcoach_core::postgres::MeteredPool>,
+        policy: RefreshPolicy,
+    ) -> Self {
+        let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match pool {
+            Some(pool) => (
+                Arc::new(crate::refresh::PgRefreshStore::new(pool.clone()).with_policy(policy)),
+                Arc::new(crate::users::PgUserStore::new(pool.clone())),
+            ),
+            None => (
+                Arc::new(MemoryRefreshStore::new(policy)),
+                Arc::new(MemoryUserStore::new()),
+            ),
+        };
+        self.refresh = Some(refresh);
+        self.users = Some(users);
+        self
+    }
+
+    /// Flow state in Redis under `{prefix}:flow:` when `redis` is given (so any process
+    /// finishes a flow another began), in memory otherwise.
+    #[cfg(feature = "redis")]
+    pub fn redis(
+        mut self,
+        redis: Option<&upcoach_core::redis::RedisConnection>,
+        prefix: &str,
+    ) -> Self {
+        self.flows = Some(match redis {
+            Some(redis) => Arc::new(
+                crate::flow::RedisFlowStore::new(redis.clone())
+                    .with_prefix(format!("{prefix}:flow:")),
+            ),
+            None => Arc::new(MemoryFlowStore::new()),
+        });
+        self
+    }
+
     /// Adds a provider; a second one with the same [`ProviderId`] replaces the first.
     pub fn provider(mut self, provider: Arc<dyn AuthProvider>) -> Self {
         self.providers.push(provider);

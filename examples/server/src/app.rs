@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use upcoach_auth::flow::{FlowStore, MemoryFlowStore, RedisFlowStore};
 use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
 use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_auth::sessions::Sessions;
-use upcoach_auth::users::{MemoryUserStore, PgUserStore, UserStore};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
 use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
@@ -266,29 +264,17 @@ impl App {
         }));
 
         let policy = config.auth.refresh_policy();
-        let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match &postgres {
-            Some(pool) => (
-                Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
-                Arc::new(PgUserStore::new(pool.clone())),
-            ),
-            None => (
-                Arc::new(MemoryRefreshStore::new(policy)),
-                Arc::new(MemoryUserStore::new()),
-            ),
+        let refresh: Arc<dyn RefreshStore> = match &postgres {
+            Some(pool) => Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
+            None => Arc::new(MemoryRefreshStore::new(policy)),
         };
         let auth = match tokens {
             None => None,
             Some(tokens) => {
-                let flows: Arc<dyn FlowStore> = match &redis {
-                    Some(redis) => Arc::new(
-                        RedisFlowStore::new(redis.clone()).with_prefix(format!("{prefix}:flow:")),
-                    ),
-                    None => Arc::new(MemoryFlowStore::new()),
-                };
                 let sessions = Sessions::builder(tokens, config.public_url())
+                    .postgres(postgres.as_ref(), policy)
                     .refresh_store(refresh.clone())
-                    .user_store(users)
-                    .flow_store(flows)
+                    .redis(redis.as_ref(), prefix)
                     .events(event_log.clone())
                     .clock(clock.clone())
                     .configure(&config.auth)

@@ -8,8 +8,7 @@
 //! ```
 //!
 //! With `REDIS_URL` and `DATABASE_URL` set it uses Redis and Postgres, and applies the
-//! migrations at start. The routes follow `API.md`; so far: `GET /health`, `GET /metrics`,
-//! `GET /api/dashboard/realtime/metrics` and, with `--dev`, `POST /dev/token`.
+//! migrations at start. Every route of `API.md` is a crate's; this crate only composes.
 //!
 //! Embedding it in a test:
 //!
@@ -33,7 +32,6 @@
 mod app;
 mod cli;
 mod config;
-mod http_util;
 mod perf_routes;
 mod router;
 mod routes;
@@ -43,6 +41,7 @@ pub use app::{App, AppService, Backends, HttpService, Options, StartError};
 pub use upcoach_perf::PerfSinks;
 pub use cli::cli_main;
 pub use config::ServerConfig;
-pub use http_util::Body;
+/// The body type of every response.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
 pub use serve::{ServeOptions, serve};
 pub use upcoach_core::http::ApiError;

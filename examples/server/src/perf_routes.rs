@@ -10,7 +10,7 @@ use upcoach_perf::slow::explain::slow_queries_report;
 
 use crate::Body;
 use crate::app::App;
-use crate::http_util::json_response;
+use crate::router::json as json_response;
 
 /// Whether `?explain=true` (or `1`) was asked.
 fn wants_explain(request: &Request<Incoming>) -> bool {

@@ -1,0 +1,306 @@
+//! `cargo run -p upcoach-axum-example` (add `-- --dev` to serve `POST /dev/token`)
+//!
+//! The upcoach crates embedded in an axum app: sign-in's routes, the realtime WebSocket
+//! and SSE handlers and the admin broadcast and status routes on an [`axum::Router`],
+//! behind the response cache and the request timing layers. The reference server
+//! (`examples/server`) composes the same parts behind bare hyper; this example shows
+//! they need nothing of it. Backends are in memory.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), upcoach_axum_example::Error> {
+//! use std::{net::SocketAddr, sync::Arc};
+//! use upcoach_auth::config::AuthConfig;
+//! use upcoach_axum_example::{App, router};
+//! use upcoach_realtime::HubConfig;
+//!
+//! let addr: SocketAddr = "127.0.0.1:8080".parse()?;
+//! let app = App::new(&AuthConfig::from_env()?, HubConfig::from_env()?, addr, false).await?;
+//! let service = router(Arc::new(app)).into_make_service_with_connect_info::<SocketAddr>();
+//! axum::serve(tokio::net::TcpListener::bind(addr).await?, service).await?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use axum::{Router, http::StatusCode};
+use upcoach_auth::config::AuthConfig;
+use upcoach_auth::http::AuthRoutes;
+use upcoach_auth::refresh::MemoryRefreshStore;
+use upcoach_auth::session::{AccessTokens, SigningKey};
+use upcoach_auth::sessions::Sessions;
+use upcoach_cache::{
+    CacheRule, MemoryStore, MemoryTagVersions, ResponseCacheLayer, TieredCache, TieredOptions,
+};
+use upcoach_core::event::{EventLog, MemoryEventLog};
+use upcoach_core::http::{ApiError, ClientAddr, HttpError, authenticate, error_response};
+use upcoach_core::{Clock, Principal, SystemClock, TokenVerifier};
+use upcoach_perf::{MatchedRoute, RequestMetrics, RequestTimingLayer, RouteTable};
+use upcoach_realtime::{Hub, HubConfig, MemoryBroadcaster};
+
+/// What went wrong while building an [`App`].
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The crates' parts that the router mounts.
+#[derive(Debug)]
+pub struct App {
+    /// Sign-in's routes, over [`Sessions`] (users, refresh tokens, providers).
+    pub auth: AuthRoutes,
+    /// Rooms, WebSocket and SSE.
+    pub hub: Hub,
+    /// Checks bearer tokens for the realtime admin routes and the response cache.
+    pub verifier: Arc<dyn TokenVerifier>,
+    /// Latency by route template, recorded by the timing layer.
+    pub requests: Arc<RequestMetrics>,
+    /// What the response cache layer stores into.
+    pub cache: Arc<TieredCache>,
+    /// Security and realtime events of sign-in and the hub.
+    pub events: Arc<dyn EventLog>,
+    /// Whether `POST /dev/token` is mounted.
+    pub dev: bool,
+}
+
+impl App {
+    /// Every part on in-memory backends, for a server listening on `addr`: sign-in as
+    /// `auth` says (signing keys, providers, the `return_to` allow-list), the hub with
+    /// `hub`'s limits. `dev` (loopback only) mounts `POST /dev/token` and, without
+    /// `AUTH_SIGNING_KEY`, signs with a key made now; without either it fails.
+    pub async fn new(
+        auth: &AuthConfig,
+        hub: HubConfig,
+        addr: SocketAddr,
+        dev: bool,
+    ) -> Result<Self, Error> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let events: Arc<dyn EventLog> = Arc::new(MemoryEventLog::default());
+        let public_url = auth.public_url.clone();
+        let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
+        if dev {
+            if !addr.ip().is_loopback() || public_url.starts_with("https://") {
+                return Err("--dev hands out tokens for any user: loopback and http only".into());
+            }
+            tracing::warn!(
+                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role \
+                 (signed, without AUTH_SIGNING_KEY, by a key made now and lost at exit). Never in \
+                 production."
+            );
+        }
+        let tokens = match auth.access_tokens(clock.clone())? {
+            Some(tokens) => tokens,
+            None if dev => AccessTokens::new(SigningKey::generate()?, clock.clone()),
+            None => return Err("set AUTH_SIGNING_KEY (or pass --dev)".into()),
+        };
+        let tokens = Arc::new(tokens);
+        let sessions = Sessions::builder(tokens.clone(), public_url)
+            .refresh_store(Arc::new(MemoryRefreshStore::new(auth.refresh_policy())))
+            .events(events.clone())
+            .clock(clock.clone())
+            .configure(auth)
+            .await?;
+        let verifier: Arc<dyn TokenVerifier> = tokens;
+        let hub = Hub::builder(Arc::new(MemoryBroadcaster::default()), verifier.clone())
+            .events(events.clone())
+            .clock(clock)
+            .config(hub)
+            .build();
+        let cache = Arc::new(TieredCache::new(
+            Arc::new(MemoryStore::new(64 * 1024 * 1024)),
+            Arc::new(MemoryTagVersions::default()),
+            TieredOptions::default(),
+        ));
+        Ok(Self {
+            auth: AuthRoutes::new(Arc::new(sessions.build())),
+            hub,
+            verifier,
+            requests: Arc::new(RequestMetrics::new(RouteTable::new(templates())?)),
+            cache,
+            events,
+            dev,
+        })
+    }
+}
+
+type AppState = State<Arc<App>>;
+
+/// The routes, each template once: what the router mounts and the timing layer's labels.
+fn table() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
+    vec![
+        (
+            "/auth/{provider}/authorize",
+            get(async |State(app): AppState, Param(p): Param, r: Request| {
+                app.auth.authorize(&p, r).await
+            }),
+        ),
+        ("/auth/{provider}/callback", get(callback).post(callback)),
+        (
+            "/auth/{provider}/token",
+            post(async |State(app): AppState, Param(p): Param, r: Request| {
+                app.auth.token(&p, r).await
+            }),
+        ),
+        (
+            "/auth/exchange",
+            post(async |State(app): AppState, r: Request| app.auth.exchange(r).await),
+        ),
+        (
+            "/auth/refresh",
+            post(async |State(app): AppState, r: Request| app.auth.refresh(r).await),
+        ),
+        (
+            "/auth/logout",
+            post(async |State(app): AppState, r: Request| app.auth.logout(r).await),
+        ),
+        (
+            "/auth/me",
+            get(async |State(app): AppState, r: Request| app.auth.me(r).await),
+        ),
+        (
+            "/auth/link/{provider}",
+            post(async |State(app): AppState, Param(p): Param, r: Request| {
+                app.auth.link(&p, r).await
+            })
+            .delete(async |State(app): AppState, Param(p): Param, r: Request| {
+                app.auth.unlink(&p, r).await
+            }),
+        ),
+        (
+            "/.well-known/jwks.json",
+            get(async |State(app): AppState| app.auth.jwks()),
+        ),
+        (
+            "/dev/token",
+            post(async |State(app): AppState, r: Request| app.auth.dev_token(r).await),
+        ),
+        (
+            "/api/dashboard/realtime/ws",
+            get(async |State(app): AppState, r: Request| app.hub.websocket(r).await),
+        ),
+        (
+            "/api/dashboard/realtime/sse",
+            get(async |State(app): AppState, r: Request| app.hub.sse(r).await),
+        ),
+        (
+            "/api/dashboard/realtime/status",
+            get(async |State(app): AppState, Caller(p): Caller| app.hub.status_route(&p)),
+        ),
+        (
+            "/api/dashboard/realtime/broadcast/{room}",
+            post(
+                async |State(app): AppState, Param(room): Param, Caller(p): Caller, r: Request| {
+                    app.hub.publish_route(&p, &room, r).await
+                },
+            ),
+        ),
+    ]
+}
+
+async fn callback(State(app): AppState, Param(provider): Param, request: Request) -> Response {
+    app.auth.callback(&provider, request).await.into_response()
+}
+
+/// The route templates of [`router`], for a [`RouteTable`].
+pub fn templates() -> Vec<&'static str> {
+    table().into_iter().map(|(template, _)| template).collect()
+}
+
+/// The routes of `app` (`POST /dev/token` only when [`App::dev`]) behind the response
+/// cache (the status route, per admin, for a second) and the timing layer. Serve it with
+/// [`Router::into_make_service_with_connect_info`]`::<SocketAddr>()`: sign-in records
+/// the client's address.
+pub fn router(app: Arc<App>) -> Router {
+    let status = CacheRule::new(
+        "/api/dashboard/realtime/status",
+        Duration::from_secs(1),
+        &["realtime"],
+    )
+    .per_user()
+    // A hit skips the handler's admin check: the layer repeats it.
+    .authorize(|principal| principal.is_admin());
+    let cache = ResponseCacheLayer::new(app.cache.clone(), vec![status])
+        .with_verifier(app.verifier.clone());
+    let timing = RequestTimingLayer::new(app.requests.clone());
+    table()
+        .into_iter()
+        .filter(|(template, _)| app.dev || *template != "/dev/token")
+        .fold(Router::new(), |router, (template, route)| {
+            router.route(template, route)
+        })
+        .route_layer(middleware::from_fn(matched_route))
+        .fallback(async || error(&ApiError::not_found()))
+        .method_not_allowed_fallback(async || {
+            let message = "this route does not take this method: see Allow";
+            error(&ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                message,
+            ))
+        })
+        .layer(middleware::from_fn(client_addr))
+        .layer(cache)
+        .layer(timing)
+        .with_state(app)
+}
+
+/// The matched template, for the timing layer.
+async fn matched_route(path: MatchedPath, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    response
+        .extensions_mut()
+        .insert(MatchedRoute::from(path.as_str().to_owned()));
+    response
+}
+
+/// The peer's address as the crates read it.
+async fn client_addr(mut request: Request, next: Next) -> Response {
+    if let Some(&ConnectInfo(addr)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        request.extensions_mut().insert(ClientAddr(addr));
+    }
+    next.run(request).await
+}
+
+fn error(e: &(impl HttpError + ?Sized)) -> Response {
+    error_response::<axum::body::Body>(e)
+}
+
+/// A path parameter, percent-decoded (`public%3Anews` is `public:news`); 400
+/// `invalid_path` as JSON when it is not UTF-8.
+struct Param(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Param {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(param)) => Ok(Self(param)),
+            Err(_) => Err(error(&ApiError::bad_request(
+                "invalid_path",
+                "a path segment is not UTF-8 once percent-decoded",
+            ))),
+        }
+    }
+}
+
+/// The principal of the request's bearer token; 401 as JSON without a valid one.
+struct Caller(Principal);
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Response> {
+        match authenticate(app.verifier.as_ref(), &parts.headers).await {
+            Ok(principal) => Ok(Self(principal)),
+            Err(e) => Err(error(&e)),
+        }
+    }
+}
