@@ -16,6 +16,7 @@
 //! # Ok::<(), upcoach_core::config::ConfigErrors>(())
 //! ```
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,26 @@ use url::Url;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0} is not a base64url Ed25519 seed of 32 bytes")]
 pub struct InvalidSigningKey(pub &'static str);
+
+/// Why a development server (`--dev`) may not start, or its key could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevModeError {
+    /// It would listen beyond loopback.
+    #[error(
+        "--dev refuses to start: it hands out tokens for any user, so it listens on loopback only (UPCOACH_ADDR is {0})"
+    )]
+    NotLoopback(SocketAddr),
+    /// The public URL is https: this looks like production.
+    #[error("--dev refuses to start: UPCOACH_PUBLIC_URL is https, which looks like production")]
+    Https,
+    /// `AUTH_SIGNING_KEY` is not a key.
+    #[error(transparent)]
+    Key(#[from] InvalidSigningKey),
+    /// No key could be generated.
+    #[error("could not generate the development signing key")]
+    Generate(#[source] crate::Error),
+}
 
 /// The default of `AUTH_SESSION_LIFETIME_DAYS`.
 pub const DEFAULT_SESSION_LIFETIME_DAYS: u32 = 90;
@@ -124,6 +145,43 @@ impl AuthConfig {
             tokens = tokens.with_previous_key(signing_key(previous, "AUTH_PREVIOUS_SIGNING_KEY")?);
         }
         Ok(Some(tokens))
+    }
+
+    /// The access tokens of a development server (one that hands out tokens for any
+    /// user) listening on `addr`: refused beyond loopback or behind an https public URL;
+    /// signed by `AUTH_SIGNING_KEY` when set (so several local processes share one key),
+    /// else by a key made now and lost at exit. Always logs loudly that it is on.
+    pub fn dev_access_tokens(
+        &self,
+        addr: SocketAddr,
+        clock: Arc<dyn Clock>,
+    ) -> Result<AccessTokens, DevModeError> {
+        if !addr.ip().is_loopback() {
+            return Err(DevModeError::NotLoopback(addr));
+        }
+        if self
+            .public_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"))
+        {
+            return Err(DevModeError::Https);
+        }
+        let (tokens, key) = match self.access_tokens(clock.clone())? {
+            Some(tokens) => (tokens, "AUTH_SIGNING_KEY"),
+            None => {
+                let key = SigningKey::generate().map_err(DevModeError::Generate)?;
+                (
+                    AccessTokens::new(key, clock),
+                    "generated at start, lost at exit",
+                )
+            }
+        };
+        tracing::warn!(
+            signing_key = key,
+            "DEVELOPMENT MODE (--dev): tokens for any user and role are handed out. \
+             Never run this in production."
+        );
+        Ok(tokens)
     }
 
     /// Reads the variables through `env`, recording problems there.

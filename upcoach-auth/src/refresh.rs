@@ -397,14 +397,15 @@ pub trait RefreshStore: fmt::Debug + Send + Sync + 'static {
 }
 
 /// Runs [`RefreshStore::purge_expired`] on `store` every `every` (at least 1 ms; the
-/// first round one interval from now), timed by `clock`, handing each round's outcome
-/// to `report`, until the task is aborted. The memory store purges a little on every
-/// call anyway; Postgres needs this.
+/// first round one interval from now), timed by `clock`, until the task is aborted.
+/// Each round is logged (a failed one as a warning: the next round tries again) and
+/// what it removed handed to `report` (for a metric). The memory store purges a little
+/// on every call anyway; Postgres needs this.
 pub fn spawn_purge(
     store: std::sync::Arc<dyn RefreshStore>,
     clock: std::sync::Arc<dyn upcoach_core::Clock>,
     every: Duration,
-    report: impl Fn(Result<Purged, RefreshError>) + Send + Sync + 'static,
+    report: impl Fn(Purged) + Send + Sync + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let every = every.max(Duration::from_millis(1));
     tokio::spawn(async move {
@@ -412,7 +413,22 @@ pub fn spawn_purge(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            report(store.purge_expired(clock.now()).await);
+            match store.purge_expired(clock.now()).await {
+                Ok(purged) => {
+                    if purged.families + purged.tokens > 0 {
+                        tracing::info!(
+                            families = purged.families,
+                            tokens = purged.tokens,
+                            "expired refresh tokens deleted"
+                        );
+                    }
+                    report(purged);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "deleting expired refresh tokens failed; trying again next round"
+                ),
+            }
         }
     })
 }

@@ -445,6 +445,25 @@ impl<'a> Env<'a> {
         self.get(variable).map(|v| Secret::new(v.trim().to_owned()))
     }
 
+    /// A socket address (`127.0.0.1:8080`, `[::]:8080`), or `default`.
+    pub fn socket_addr(
+        &mut self,
+        variable: &'static str,
+        default: std::net::SocketAddr,
+    ) -> std::net::SocketAddr {
+        let Some(v) = self.get(variable) else {
+            return default;
+        };
+        v.trim().parse().unwrap_or_else(|_| {
+            self.invalid(
+                variable,
+                "a socket address such as 127.0.0.1:8080 or [::]:8080",
+                Some(v.clone()),
+            );
+            default
+        })
+    }
+
     /// A whole number in `range` (`expected` says so in words), or `default`.
     pub fn number<T>(
         &mut self,

@@ -619,6 +619,55 @@ pub trait EventLog: fmt::Debug + Send + Sync + 'static {
     fn stats(&self) -> EventLogStats;
 }
 
+/// A window of the event log as people write it: `1h`, `30m`, `7d`, `90s`; at most 30
+/// days. `None` for anything else.
+///
+/// ```
+/// use std::time::Duration;
+/// use upcoach_core::event::parse_window;
+///
+/// assert_eq!(parse_window("30m"), Some(Duration::from_secs(1800)));
+/// assert_eq!(parse_window("31d"), None);
+/// assert_eq!(parse_window("1 h"), None);
+/// ```
+pub fn parse_window(text: &str) -> Option<Duration> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (seconds <= 30 * 86_400).then(|| Duration::from_secs(seconds))
+}
+
+/// Security events of a window counted by type: `{"since_ms","counts":[...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityCounts {
+    /// Where the window starts, milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// Counts by `event_type`, most frequent first.
+    pub counts: Vec<EventTypeCount>,
+}
+
+/// The security events of `log` in the `window` up to `now`, counted by type.
+pub async fn count_security_events(
+    log: &dyn EventLog,
+    window: Duration,
+    now: SystemTime,
+) -> Result<SecurityCounts, EventLogError> {
+    let since = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok(SecurityCounts {
+        since_ms: since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        counts: log.security_event_counts(since).await?,
+    })
+}
+
 /// Truncates to whole microseconds, the precision every backend stores.
 pub fn to_micros(t: SystemTime) -> SystemTime {
     match t.duration_since(SystemTime::UNIX_EPOCH) {

@@ -155,6 +155,22 @@ impl RedisBroadcaster {
         Ok(Self::new(client, manager, options))
     }
 
+    /// The broadcaster of a server on `redis` (its keys and channels under
+    /// `{prefix}:rt`), or `None` when the connection was made from a bare manager (no
+    /// client for the subscription).
+    pub fn on(
+        redis: &RedisConnection,
+        prefix: &str,
+        clock: Arc<dyn upcoach_core::Clock>,
+    ) -> Option<Self> {
+        let options = RedisBroadcasterOptions {
+            prefix: format!("{prefix}:rt"),
+            clock,
+            ..RedisBroadcasterOptions::default()
+        };
+        Some(Self::new(redis.client()?.clone(), redis.clone(), options))
+    }
+
     /// A broadcaster on an existing connection; `client` opens the pub/sub connection.
     pub fn new(
         client: redis::Client,

@@ -32,7 +32,6 @@ use axum::{Router, http::StatusCode};
 use upcoach_auth::config::AuthConfig;
 use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::MemoryRefreshStore;
-use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_auth::sessions::Sessions;
 use upcoach_cache::{
     CacheRule, MemoryStore, MemoryTagVersions, ResponseCacheLayer, TieredCache, TieredOptions,
@@ -80,20 +79,11 @@ impl App {
         let events: Arc<dyn EventLog> = Arc::new(MemoryEventLog::default());
         let public_url = auth.public_url.clone();
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
-        if dev {
-            if !addr.ip().is_loopback() || public_url.starts_with("https://") {
-                return Err("--dev hands out tokens for any user: loopback and http only".into());
-            }
-            tracing::warn!(
-                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role \
-                 (signed, without AUTH_SIGNING_KEY, by a key made now and lost at exit). Never in \
-                 production."
-            );
-        }
-        let tokens = match auth.access_tokens(clock.clone())? {
-            Some(tokens) => tokens,
-            None if dev => AccessTokens::new(SigningKey::generate()?, clock.clone()),
-            None => return Err("set AUTH_SIGNING_KEY (or pass --dev)".into()),
+        let tokens = if dev {
+            auth.dev_access_tokens(addr, clock.clone())?
+        } else {
+            auth.access_tokens(clock.clone())?
+                .ok_or("set AUTH_SIGNING_KEY (or pass --dev)")?
         };
         let tokens = Arc::new(tokens);
         let sessions = Sessions::builder(tokens.clone(), public_url)

@@ -42,17 +42,7 @@ async fn main() -> ExitCode {
 
 async fn run(dev: bool) -> Result<(), Error> {
     let mut env = Env::process();
-    let addr = env
-        .get("UPCOACH_ADDR")
-        .unwrap_or_else(|| "127.0.0.1:8080".into());
-    let addr = addr.trim().parse().unwrap_or_else(|_| {
-        env.invalid(
-            "UPCOACH_ADDR",
-            "a socket address such as 127.0.0.1:8080",
-            Some(addr.clone()),
-        );
-        SocketAddr::from(([127, 0, 0, 1], 8080))
-    });
+    let addr = env.socket_addr("UPCOACH_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)));
     let (auth, hub) = (AuthConfig::read(&mut env), HubConfig::read(&mut env));
     let (auth, hub) = env.finish((auth, hub))?;
     let app = Arc::new(App::new(&auth, hub, addr, dev).await?);
@@ -61,11 +51,7 @@ async fn run(dev: bool) -> Result<(), Error> {
         refresh,
         Arc::new(SystemClock),
         Duration::from_secs(600),
-        |r| {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "deleting expired refresh tokens failed");
-            }
-        },
+        |_| {},
     );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);

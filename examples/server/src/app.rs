@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
-use upcoach_auth::session::{AccessTokens, SigningKey};
+use upcoach_auth::session::AccessTokens;
 use upcoach_auth::sessions::Sessions;
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
@@ -26,9 +26,7 @@ use upcoach_perf::{
     AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
     RequestTimingLayer, RouteTable,
 };
-use upcoach_realtime::{
-    Broadcaster, Hub, MemoryBroadcaster, RedisBroadcaster, RedisBroadcasterOptions,
-};
+use upcoach_realtime::{Broadcaster, Hub, MemoryBroadcaster, RedisBroadcaster};
 
 use crate::Body;
 
@@ -56,29 +54,20 @@ pub(crate) const REFRESH_PURGE_EVERY: Duration = Duration::from_secs(600);
 #[non_exhaustive]
 pub enum StartError {
     /// `--dev` was asked where it must not run: beyond loopback or behind https.
-    #[error("--dev refuses to start: {0}")]
-    DevMode(&'static str),
+    #[error(transparent)]
+    DevMode(#[from] upcoach_auth::config::DevModeError),
     /// Postgres is configured and could not be used.
     #[error(transparent)]
     Postgres(#[from] PgError),
     /// Redis is configured and could not be reached.
     #[error(transparent)]
     Redis(#[from] RedisConnectError),
-    /// The development signing key could not be made.
-    #[error("could not generate the development signing key")]
-    Keys(#[source] upcoach_auth::Error),
     /// `AUTH_SIGNING_KEY` or `AUTH_PREVIOUS_SIGNING_KEY` is not a base64url 32-byte seed.
     #[error(transparent)]
     SigningKey(#[from] upcoach_auth::config::InvalidSigningKey),
     /// A configured sign-in provider could not be set up (its discovery failed).
-    #[error("{provider} sign-in could not be set up")]
-    Provider {
-        /// Which provider.
-        provider: &'static str,
-        /// Why.
-        #[source]
-        source: upcoach_auth::Error,
-    },
+    #[error("a configured sign-in provider could not be set up")]
+    Provider(#[from] upcoach_auth::Error),
 }
 
 /// The backends in use, for the banner and `/health`.
@@ -119,27 +108,6 @@ impl App {
     /// Connects the configured backends (applying migrations on Postgres) and builds the
     /// application. Fails, naming the service, if a configured service does not answer.
     pub async fn start(config: ServerConfig, options: Options) -> Result<Arc<App>, StartError> {
-        if options.dev {
-            if !config.addr.ip().is_loopback() {
-                return Err(StartError::DevMode(
-                    "it hands out tokens for any user, so it listens on loopback only (UPCOACH_ADDR)",
-                ));
-            }
-            if config.public_url().starts_with("https://") {
-                return Err(StartError::DevMode(
-                    "UPCOACH_PUBLIC_URL is https: this looks like production",
-                ));
-            }
-            tracing::warn!(
-                signing_key = if config.auth.signing_key.is_some() {
-                    "AUTH_SIGNING_KEY"
-                } else {
-                    "generated at start, lost at exit"
-                },
-                "DEVELOPMENT MODE (--dev): POST /dev/token hands out tokens for any user and role. \
-                 Never run this in production."
-            );
-        }
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let mut tasks = Vec::new();
 
@@ -179,28 +147,19 @@ impl App {
             None => Arc::new(MemoryEventLog::default()),
         };
         let cache = TieredCache::on(redis.as_ref(), &config.cache);
-        let broadcaster: Arc<dyn Broadcaster> =
-            match redis.as_ref().and_then(|r| Some((r, r.client()?))) {
-                Some((redis, client)) => Arc::new(RedisBroadcaster::new(
-                    client.clone(),
-                    redis.clone(),
-                    RedisBroadcasterOptions {
-                        prefix: format!("{prefix}:rt"),
-                        clock: clock.clone(),
-                        ..RedisBroadcasterOptions::default()
-                    },
-                )),
-                None => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
-            };
-        let tokens = match config.auth.access_tokens(clock.clone()) {
-            Ok(Some(tokens)) => Some(Arc::new(tokens)),
-            Ok(None) if options.dev => Some(Arc::new(AccessTokens::new(
-                SigningKey::generate().map_err(StartError::Keys)?,
-                clock.clone(),
-            ))),
-            Ok(None) => None,
-            Err(e) => return Err(StartError::SigningKey(e)),
+        let broadcaster: Arc<dyn Broadcaster> = match redis
+            .as_ref()
+            .and_then(|r| RedisBroadcaster::on(r, prefix, clock.clone()))
+        {
+            Some(redis) => Arc::new(redis),
+            None => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
         };
+        let tokens = if options.dev {
+            Some(config.auth.dev_access_tokens(config.addr, clock.clone())?)
+        } else {
+            config.auth.access_tokens(clock.clone())?
+        }
+        .map(Arc::new);
         let verifier: Arc<dyn upcoach_core::TokenVerifier> = match &tokens {
             Some(tokens) => tokens.clone(),
             None => Arc::new(upcoach_core::token::RefuseAll {
@@ -278,11 +237,7 @@ impl App {
                     .events(event_log.clone())
                     .clock(clock.clone())
                     .configure(&config.auth)
-                    .await
-                    .map_err(|source| StartError::Provider {
-                        provider: "google",
-                        source,
-                    })?;
+                    .await?;
                 Some(AuthRoutes::new(Arc::new(sessions.build())))
             }
         };
@@ -445,22 +400,10 @@ fn spawn_refresh_purge(
     every: Duration,
     metrics: Arc<MemoryMetrics>,
 ) -> tokio::task::JoinHandle<()> {
-    upcoach_auth::refresh::spawn_purge(store, clock, every, move |result| match result {
-        Ok(purged) => {
-            let sink: &dyn MetricsSink = &*metrics;
-            for (what, n) in [("families", purged.families), ("tokens", purged.tokens)] {
-                sink.increment_counter("refresh_purged_total", &[("what", what)], n);
-            }
-            if purged.families + purged.tokens > 0 {
-                tracing::info!(
-                    families = purged.families,
-                    tokens = purged.tokens,
-                    "expired refresh tokens deleted"
-                );
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "deleting expired refresh tokens failed; trying again next round")
+    upcoach_auth::refresh::spawn_purge(store, clock, every, move |purged| {
+        let sink: &dyn MetricsSink = &*metrics;
+        for (what, n) in [("families", purged.families), ("tokens", purged.tokens)] {
+            sink.increment_counter("refresh_purged_total", &[("what", what)], n);
         }
     })
 }

@@ -60,19 +60,8 @@ impl ServerConfig {
     }
 
     fn read(mut env: Env<'_>) -> Result<Self, ConfigErrors> {
-        let addr = match env.get("UPCOACH_ADDR") {
-            None => DEFAULT_ADDR,
-            Some(v) => v.trim().parse().unwrap_or_else(|_| {
-                env.invalid(
-                    "UPCOACH_ADDR",
-                    "a socket address such as 127.0.0.1:8080 or [::]:8080",
-                    Some(v.clone()),
-                );
-                DEFAULT_ADDR
-            }),
-        };
         let config = Self {
-            addr,
+            addr: env.socket_addr("UPCOACH_ADDR", DEFAULT_ADDR),
             services: ServicesConfig::read(&mut env),
             realtime: HubConfig::read(&mut env),
             cache: CacheConfig::read(&mut env),

@@ -38,9 +38,9 @@ mod routes;
 mod serve;
 
 pub use app::{App, AppService, Backends, HttpService, Options, StartError};
-pub use upcoach_perf::PerfSinks;
 pub use cli::cli_main;
 pub use config::ServerConfig;
+pub use upcoach_perf::PerfSinks;
 /// The body type of every response.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
 pub use serve::{ServeOptions, serve};

@@ -158,7 +158,11 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     };
     let Some(&(_, endpoint)) = methods.iter().find(|(m, _)| *m == wanted) else {
         let allowed: Vec<&str> = methods.iter().map(|(m, _)| m.as_str()).collect();
-        return error(&ApiError::method_not_allowed(&allowed.join(", ")));
+        let mut answer = error(&ApiError::method_not_allowed(&allowed.join(", ")));
+        if let Ok(allow) = http::HeaderValue::from_str(&allowed.join(", ")) {
+            answer.headers_mut().insert(http::header::ALLOW, allow);
+        }
+        return answer;
     };
     // Path parameters are validated decoded: `public%3Anews` is `public:news`.
     let param = match matched.params.iter().next() {

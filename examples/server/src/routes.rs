@@ -15,26 +15,12 @@ use crate::Body;
 use crate::app::App;
 use crate::router::{error, json};
 
-/// `1h`, `30m`, `7d`, `90s`: at most 30 days.
-fn parse_window(text: &str) -> Option<Duration> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    (seconds <= 30 * 86_400).then(|| Duration::from_secs(seconds))
-}
-
 /// `GET /api/analytics/security-events?window=1h`: security events counted by type over
 /// the window (cached by the response layer: 300 s, tags `analytics` and `dashboard`).
 pub(crate) async fn security_events(app: &Arc<App>, request: &Request<Incoming>) -> Response<Body> {
     let window_text = query_param(request.uri().query(), "window");
     let window_text = window_text.as_deref().unwrap_or("1h");
-    let Some(window) = parse_window(window_text) else {
+    let Some(window) = upcoach_core::event::parse_window(window_text) else {
         return error(&ApiError::bad_request(
             "invalid_window",
             "window is a number and s, m, h or d, at most 30d (1h, 30m, 7d)",
@@ -88,14 +74,9 @@ pub(crate) async fn count_security_events(
     app: Arc<App>,
     window: Duration,
 ) -> Result<bytes::Bytes, upcoach_core::event::EventLogError> {
-    let since = std::time::SystemTime::now() - window;
-    let counts = app.event_log.security_event_counts(since).await?;
-    let since_ms = since
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let body = serde_json::json!({ "since_ms": since_ms, "counts": counts });
-    Ok(bytes::Bytes::from(body.to_string()))
+    let now = std::time::SystemTime::now();
+    let counts = upcoach_core::event::count_security_events(&*app.event_log, window, now).await?;
+    Ok(serde_json::to_vec(&counts).unwrap_or_default().into())
 }
 
 #[derive(Debug, Deserialize)]
