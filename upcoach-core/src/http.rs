@@ -133,6 +133,26 @@ impl HttpError for TokenError {
     }
 }
 
+impl HttpError for crate::event::EventLogError {
+    fn status(&self) -> StatusCode {
+        match self {
+            crate::event::EventLogError::InvalidEvent { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            crate::event::EventLogError::InvalidEvent { .. } => "invalid_event",
+            _ => "event_log_unavailable",
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        crate::event::EventLogError::is_retryable(self)
+    }
+}
+
 /// An error answer made on the spot: a status, a code and a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
