@@ -246,6 +246,12 @@ impl GoogleProvider {
     ) -> Result<serde_json::Map<String, Value>, Error> {
         let unavailable =
             |e: Box<dyn std::error::Error + Send + Sync>| Error::ProviderUnavailable(e);
+        // The access token goes there: never in clear text from an https issuer.
+        if self.issuer.starts_with("https://") && !endpoint.starts_with("https://") {
+            return Err(unavailable(
+                "the userinfo endpoint of an https issuer is not https".into(),
+            ));
+        }
         let mut response = self
             .http
             .get(endpoint)

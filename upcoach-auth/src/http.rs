@@ -62,6 +62,9 @@ use crate::refresh::RefreshError;
 use crate::sessions::{AuthError, CallbackOutcome, Sessions};
 use crate::users::UserError;
 use crate::web::{CallbackParams, FLOW_COOKIE, FLOW_TTL, LoginProof, SignInError};
+
+/// The flow cookie's name behind https (see [`AuthRoutes`]).
+pub const FLOW_COOKIE_HOST: &str = "__Host-upcoach_flow";
 use crate::{Error, NativeCredential};
 
 /// An answer of these routes.
@@ -203,16 +206,20 @@ fn no_store(mut response: Answer) -> Answer {
     response
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
+/// The value of cookie `name` in the request's `Cookie` headers, if it is there exactly
+/// once. Two (a cookie "tossed" in by a sibling subdomain with a longer path, say) are
+/// none: which one the browser meant cannot be told.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+    let mut values = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,12 +293,27 @@ impl AuthRoutes {
         &self.sessions
     }
 
-    /// The flow cookie: `HttpOnly`, `SameSite=Lax`, on `/auth` (the callback and the
-    /// login-code exchange), `Secure` behind https.
+    /// The flow cookie's name: behind https `__Host-upcoach_flow`, which no sibling
+    /// subdomain can set or shadow; `upcoach_flow` on plain http (development).
+    fn flow_cookie_name(&self) -> &'static str {
+        if self.secure_cookie {
+            FLOW_COOKIE_HOST
+        } else {
+            FLOW_COOKIE
+        }
+    }
+
+    /// The flow cookie: `HttpOnly`, `SameSite=Lax`; behind https `Secure` on `/` with the
+    /// `__Host-` prefix, else on `/auth` (the callback and the login-code exchange).
     fn flow_cookie(&self, value: &str, max_age: u64) -> Option<HeaderValue> {
-        let secure = if self.secure_cookie { "; Secure" } else { "" };
+        let attributes = if self.secure_cookie {
+            "Path=/; Secure"
+        } else {
+            "Path=/auth"
+        };
         HeaderValue::from_str(&format!(
-            "{FLOW_COOKIE}={value}; Path=/auth; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
+            "{}={value}; {attributes}; Max-Age={max_age}; HttpOnly; SameSite=Lax",
+            self.flow_cookie_name()
         ))
         .ok()
     }
@@ -343,7 +365,7 @@ impl AuthRoutes {
         B::Error: Into<BoxError>,
     {
         let facts = client_facts(request.headers(), request.extensions());
-        let browser = cookie(request.headers(), FLOW_COOKIE).map(str::to_owned);
+        let browser = cookie(request.headers(), self.flow_cookie_name()).map(str::to_owned);
         let params = if request.method() == Method::POST {
             match read_body(request.into_body(), DEFAULT_JSON_LIMIT).await {
                 Ok(bytes) => callback_params(Some(&bytes)),
@@ -412,7 +434,7 @@ impl AuthRoutes {
         B::Error: Into<BoxError>,
     {
         let facts = client_facts(request.headers(), request.extensions());
-        let browser = cookie(request.headers(), FLOW_COOKIE).map(str::to_owned);
+        let browser = cookie(request.headers(), self.flow_cookie_name()).map(str::to_owned);
         let body: ExchangeBody = match read_json(request, DEFAULT_JSON_LIMIT).await {
             Ok(body) => body,
             Err(e) => return fail(&e),
@@ -568,6 +590,13 @@ impl AuthRoutes {
         B::Error: Into<BoxError>,
     {
         let facts: ClientFacts = client_facts(request.headers(), request.extensions());
+        // DNS rebinding: a page of another site that resolves its name to 127.0.0.1
+        // reaches a loopback server with its own name in Host.
+        if !loopback_host(request.headers()) {
+            return fail(&ApiError::forbidden(
+                "POST /dev/token answers only requests addressed to localhost or a loopback address",
+            ));
+        }
         let body: DevTokenBody = match read_json(request, DEFAULT_JSON_LIMIT).await {
             Ok(body) => body,
             Err(e) => return fail(&e),
@@ -597,6 +626,21 @@ impl AuthRoutes {
             Err(e) => fail(&e),
         }
     }
+}
+
+/// Whether the request's `Host` is `localhost` or a loopback address (any port).
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `state`, `code`, `error` and `iss` of a callback's query or form body.

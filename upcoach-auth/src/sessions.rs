@@ -40,7 +40,8 @@
 //!                 email: Some("ada@staff.example".into()),
 //!                 email_verified: true,
 //!                 name: Some("Ada".into()),
-//!                 expires_at: None,
+//!                 // Until when this credential is accepted: its nonce is kept that long.
+//!                 expires_at: Some(std::time::SystemTime::now() + std::time::Duration::from_secs(300)),
 //!             }),
 //!             _ => Err(Error::InvalidCredential { reason: "unknown_badge" }),
 //!         }
@@ -93,9 +94,6 @@ use crate::users::{LinkingPolicy, MemoryUserStore, User, UserError, UserStore};
 use crate::web::{CallbackParams, LoginGrant, LoginProof, SignInError, Started, WebSignIn};
 use crate::{AuthProvider, Error, NativeCredential, ProviderId, VerifiedIdentity};
 
-/// How long a native sign-in's nonce is remembered when the credential says nothing
-/// about its own expiry.
-pub const DEFAULT_NONCE_MEMORY: Duration = Duration::from_secs(3600);
 /// The longest platform name accepted (`web`, `ios`, `android`, ...).
 pub const MAX_PLATFORM_LEN: usize = 32;
 
@@ -116,8 +114,9 @@ pub enum AuthError {
     /// The native credential's nonce was used before (a replayed id token).
     #[error("this nonce was used before")]
     NonceReplayed,
-    /// The credential stays valid for longer than a nonce can be remembered.
-    #[error("the credential is valid for longer than this server accepts")]
+    /// The credential does not say when it expires, or stays valid for longer than a
+    /// nonce can be remembered ([`MAX_TTL`](crate::flow::MAX_TTL)).
+    #[error("the credential does not expire, or not soon enough, for this server")]
     CredentialLivesTooLong,
     /// The user behind a login code, refresh token or access token no longer exists.
     #[error("the user no longer exists")]
@@ -681,12 +680,25 @@ impl Sessions {
         facts: &ClientFacts,
     ) -> Result<VerifiedIdentity, AuthError> {
         let result = async {
+            // An id token without a nonce could be replayed by whoever saw it.
+            if let NativeCredential::IdToken { nonce: None, .. } = credential {
+                return Err(Error::InvalidCredential {
+                    reason: "nonce_required",
+                }
+                .into());
+            }
             let identity = provider.verify_native(credential).await?;
             if let NativeCredential::IdToken {
-                nonce: Some(nonce), ..
+                id_token,
+                nonce: Some(nonce),
             } = credential
             {
-                self.claim_nonce(nonce, identity.expires_at).await?;
+                // The token itself is claimed too, so a provider that does not compare
+                // nonces still never takes one token twice.
+                let until = identity.expires_at;
+                self.claim_once(&format!("nonce:{nonce}"), until).await?;
+                self.claim_once(&format!("id_token:{id_token}"), until)
+                    .await?;
             }
             Ok::<_, AuthError>(identity)
         }
@@ -697,25 +709,24 @@ impl Sessions {
         result
     }
 
-    /// Remembers `nonce` until `accepted_until` (the credential's expiry and leeway),
-    /// refusing one seen before.
-    async fn claim_nonce(
+    /// Remembers `value` (hashed) until `accepted_until` (the credential's expiry and
+    /// leeway), refusing one seen before. A credential that does not say when it
+    /// expires, or lives longer than a value can be remembered, is refused.
+    async fn claim_once(
         &self,
-        nonce: &str,
+        value: &str,
         accepted_until: Option<SystemTime>,
     ) -> Result<(), AuthError> {
-        let memory = match accepted_until {
-            None => DEFAULT_NONCE_MEMORY,
-            Some(until) => until
-                .duration_since(self.clock.now())
-                .unwrap_or(Duration::ZERO)
-                // A second more than the credential lives: never a moment without it.
-                .saturating_add(Duration::from_secs(1)),
-        };
+        let memory = accepted_until
+            .ok_or(AuthError::CredentialLivesTooLong)?
+            .duration_since(self.clock.now())
+            .unwrap_or(Duration::ZERO)
+            // A second more than the credential lives: never a moment without it.
+            .saturating_add(Duration::from_secs(1));
         if memory > crate::flow::MAX_TTL {
             return Err(AuthError::CredentialLivesTooLong);
         }
-        if self.web.claim_nonce(nonce, memory).await? {
+        if self.web.claim_nonce(value, memory).await? {
             Ok(())
         } else {
             Err(AuthError::NonceReplayed)

@@ -210,19 +210,28 @@ impl BrowserBinding {
         hash(verifier)
     }
 
-    /// Whether `proof` comes from the browser that began: its cookie, or the verifier
-    /// of its challenge (both compared in constant time).
+    /// Whether `proof` comes from the browser that began: the verifier of its
+    /// challenge when the app gave one, else its cookie (compared in constant time).
     pub fn accepts(&self, proof: &LoginProof<'_>) -> bool {
-        let cookie_ok = proof.browser_cookie.is_some_and(|cookie| {
-            bool::from(hash(cookie).as_bytes().ct_eq(self.browser.as_bytes()))
-        });
-        let verifier_ok = match (&self.login_challenge, proof.login_verifier) {
+        match (&self.login_challenge, proof.login_verifier) {
+            // The app chose a verifier: only it proves the redeemer, so a cookie tossed
+            // in by another origin cannot stand in for it.
             (Some(challenge), Some(verifier)) => {
                 bool::from(hash(verifier).as_bytes().ct_eq(challenge.as_bytes()))
             }
-            _ => false,
-        };
-        cookie_ok || verifier_ok
+            (Some(_), None) => false,
+            (None, _) => proof.browser_cookie.is_some_and(|cookie| {
+                bool::from(hash(cookie).as_bytes().ct_eq(self.browser.as_bytes()))
+            }),
+        }
+    }
+
+    /// Whether `cookie` is the flow cookie of the browser that began (checked at the
+    /// callback, whatever the login code's binding).
+    pub(crate) fn same_browser(&self, cookie: Option<&str>) -> bool {
+        cookie.is_some_and(|cookie| {
+            bool::from(hash(cookie).as_bytes().ct_eq(self.browser.as_bytes()))
+        })
     }
 }
 
@@ -386,11 +395,7 @@ impl WebSignIn {
             browser: flow.browser,
             login_challenge: flow.login_challenge,
         };
-        let cookie_only = LoginProof {
-            browser_cookie,
-            login_verifier: None,
-        };
-        if !binding.accepts(&cookie_only) {
+        if !binding.same_browser(browser_cookie) {
             return Err(SignInError::BrowserMismatch);
         }
         if params.error.is_some() {

@@ -30,10 +30,10 @@ impl AuthProvider for Badges {
     fn id(&self) -> ProviderId {
         ProviderId::Google
     }
-    fn authorization_url(&self, _: &AuthorizationRequest) -> Result<url::Url, Error> {
-        Err(Error::InvalidCredential {
-            reason: "native_only",
-        })
+    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
+        let mut url = url::Url::parse("https://badges.example.test/authorize").unwrap();
+        url.query_pairs_mut().append_pair("state", &request.state);
+        Ok(url)
     }
     async fn exchange_code(
         &self,
@@ -124,7 +124,9 @@ async fn a_host_gets_client_facts_in_every_security_event_in_memory() {
         Arc::new(upcoach_core::SystemClock),
     ));
     let sessions = Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(Badges { valid_until: None }))
+        .provider(Arc::new(Badges {
+            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
+        }))
         .events(events.clone())
         .build();
     every_kind_of_event(&sessions).await;
@@ -161,7 +163,9 @@ async fn a_host_gets_client_facts_in_every_security_event_row_in_postgres() {
         Arc::new(upcoach_core::SystemClock),
     ));
     let sessions = Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(Badges { valid_until: None }))
+        .provider(Arc::new(Badges {
+            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
+        }))
         .user_store(Arc::new(PgUserStore::new(pool.clone())))
         .refresh_store(Arc::new(
             PgRefreshStore::new(pool.clone()).with_policy(RefreshPolicy::default()),
@@ -244,4 +248,101 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "credential_lifetime_too_long");
+
+    // Nor one that does not say when it expires, nor an id token without a nonce; and
+    // one token is taken once, whatever nonce comes with it.
+    let unknown = Sessions::builder(
+        Arc::new(AccessTokens::new(
+            SigningKey::generate().unwrap(),
+            clock.clone(),
+        )),
+        "https://api.example.test",
+    )
+    .provider(Arc::new(Badges { valid_until: None }))
+    .clock(clock.clone())
+    .build();
+    let refused = unknown
+        .sign_in_with_token("google", badge("ada", "nonce-unknown"), &facts)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "credential_lifetime_too_long");
+    let no_nonce = NativeCredential::IdToken {
+        id_token: "badge:ada".into(),
+        nonce: None,
+    };
+    let refused = sessions
+        .sign_in_with_token("google", no_nonce, &facts)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "nonce_required");
+    let same_token = sessions
+        .sign_in_with_token("google", badge("ada", "a-fresh-nonce"), &facts)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        same_token.code(),
+        "nonce_replayed",
+        "the id token was used before"
+    );
+}
+
+/// Behind https the flow cookie is `__Host-` prefixed (no sibling subdomain can set or
+/// shadow it); a request carrying two flow cookies proves no browser.
+#[tokio::test]
+async fn the_flow_cookie_cannot_be_tossed_in() {
+    use http_body_util::Full;
+    use upcoach_auth::http::{AuthRoutes, FLOW_COOKIE_HOST};
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(upcoach_core::SystemClock),
+    ));
+    let sessions = Sessions::builder(tokens, "https://api.example.test")
+        .provider(Arc::new(Badges { valid_until: None }))
+        .build();
+    let routes = AuthRoutes::new(Arc::new(sessions));
+    let started = routes
+        .authorize(
+            "google",
+            http::Request::get("/auth/google/authorize?platform=web")
+                .body(())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(started.status(), 302, "{:?}", started.body());
+    let set_cookie = started.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set_cookie.starts_with(&format!("{FLOW_COOKIE_HOST}="))
+            && set_cookie.contains("Path=/;")
+            && set_cookie.contains("Secure")
+            && set_cookie.contains("HttpOnly")
+            && set_cookie.contains("SameSite=Lax"),
+        "{set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().unwrap();
+    let location = url::Url::parse(started.headers()["location"].to_str().unwrap()).unwrap();
+    let state = location
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let tossed = format!("{FLOW_COOKIE_HOST}=tossed-by-a-sibling; {cookie}");
+    let answer = routes
+        .callback(
+            "google",
+            http::Request::get(format!("/auth/google/callback?state={state}&code=c"))
+                .header("cookie", tossed)
+                .body(Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status(), 401);
+    let body: serde_json::Value = serde_json::from_slice(
+        &http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .unwrap();
+    assert_eq!(body["error"]["code"], "flow_browser_mismatch");
 }

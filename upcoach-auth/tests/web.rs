@@ -299,19 +299,39 @@ async fn login_codes_only_work_in_the_browser_that_began() {
             "a refused code is used up"
         );
     }
-    for proof in [
-        LoginProof {
-            browser_cookie: Some("victim-cookie"),
-            login_verifier: None,
-        },
-        LoginProof {
-            browser_cookie: None,
-            login_verifier: Some(verifier),
-        },
-    ] {
-        let code = web.issue_login_code(&grant).await.unwrap();
-        assert_eq!(web.redeem_login_code(&code, &proof).await.unwrap(), grant);
-    }
+    // The app chose a verifier: only the verifier redeems, the cookie alone does not
+    // (a cookie can be tossed in by a sibling subdomain).
+    let code = web.issue_login_code(&grant).await.unwrap();
+    let cookie_only = LoginProof {
+        browser_cookie: Some("victim-cookie"),
+        login_verifier: None,
+    };
+    assert_eq!(
+        web.redeem_login_code(&code, &cookie_only)
+            .await
+            .unwrap_err()
+            .code(),
+        "login_code_browser_mismatch"
+    );
+    let code = web.issue_login_code(&grant).await.unwrap();
+    let with_verifier = LoginProof {
+        browser_cookie: None,
+        login_verifier: Some(verifier),
+    };
+    assert_eq!(
+        web.redeem_login_code(&code, &with_verifier).await.unwrap(),
+        grant
+    );
+    // Without a challenge, the browser's cookie redeems.
+    let by_cookie = LoginGrant {
+        binding: BrowserBinding::new("victim-cookie", None),
+        ..grant
+    };
+    let code = web.issue_login_code(&by_cookie).await.unwrap();
+    assert_eq!(
+        web.redeem_login_code(&code, &cookie_only).await.unwrap(),
+        by_cookie
+    );
 }
 
 #[tokio::test]

@@ -288,14 +288,15 @@ pub fn empty_response<B: From<Bytes>>(status: StatusCode) -> Response<B> {
 /// The token of `Authorization: Bearer <token>`.
 ///
 /// [`TokenError::Missing`] without the header; [`TokenError::Malformed`] for another
-/// scheme, an empty or oversized token, or bytes outside visible ASCII.
+/// scheme, an empty or oversized token, or bytes outside visible ASCII (a header that
+/// is there but empty is malformed, never a reason to look elsewhere).
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, TokenError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(TokenError::Missing)?;
     let text = value.to_str().map_err(|_| TokenError::Malformed)?;
     let (scheme, token) = text.split_once(' ').ok_or(TokenError::Malformed)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(TokenError::Malformed);
     }
     checked_token(token.trim())
@@ -512,7 +513,7 @@ mod tests {
         assert_eq!(ok("BEARER  a.b.c "), Ok("a.b.c".into()));
         assert_eq!(ok("Basic dXNlcg=="), Err("token_malformed"));
         assert_eq!(ok("Bearer"), Err("token_malformed"));
-        assert_eq!(ok("Bearer "), Err("token_missing"));
+        assert_eq!(ok("Bearer "), Err("token_malformed"), "present but empty");
         assert_eq!(ok("Bearer a b"), Err("token_malformed"));
         assert_eq!(
             ok(&format!("Bearer {}", "x".repeat(MAX_BEARER_LEN + 1))),
@@ -532,6 +533,14 @@ mod tests {
         assert_eq!(bearer_token_or_query(&request).unwrap(), "a.b");
         let request = Request::get("/sse?access_token=q")
             .header("authorization", "Basic x")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            bearer_token_or_query(&request).unwrap_err().code(),
+            "token_malformed"
+        );
+        let request = Request::get("/sse?access_token=q")
+            .header("authorization", "Bearer ")
             .body(())
             .unwrap();
         assert_eq!(

@@ -272,3 +272,24 @@ async fn json_routes_refuse_other_content_types_in_dev_mode() {
     }
     server.stop().await;
 }
+
+/// DNS rebinding: a page of another site whose name resolves to 127.0.0.1 reaches a
+/// loopback server with its own name in `Host`; `/dev/token` answers only loopback names.
+#[tokio::test]
+async fn dev_tokens_are_only_for_requests_addressed_to_loopback() {
+    let server = Running::start(ServerConfig::default(), dev()).await;
+    let body = r#"{"roles":["admin"]}"#;
+    for host in ["evil.example.test", "evil.example.test:8080", "10.0.0.7"] {
+        let answer =
+            support::request_to_host(server.addr, host, "/dev/token", "application/json", body)
+                .await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{host}");
+    }
+    for host in ["localhost:8080", "127.0.0.1", "[::1]:8080"] {
+        let answer =
+            support::request_to_host(server.addr, host, "/dev/token", "application/json", body)
+                .await;
+        assert_eq!(answer.status, StatusCode::OK, "{host}: {}", answer.json);
+    }
+    server.stop().await;
+}

@@ -62,13 +62,24 @@ pub(crate) async fn request_typed(
     content_type: &str,
     body: &str,
 ) -> Answer {
+    request_to_host(addr, &addr.to_string(), path, content_type, body).await
+}
+
+/// A POST to `addr` that says it is for `host`.
+pub(crate) async fn request_to_host(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Answer {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
     tokio::spawn(conn);
     let request = Request::post(path)
-        .header("host", addr.to_string())
+        .header("host", host)
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
