@@ -73,25 +73,12 @@ pub(crate) async fn request_to_host(
     content_type: &str,
     body: &str,
 ) -> Answer {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
     let request = Request::post(path)
         .header("host", host)
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let (status, headers, bytes) = send(addr, request).await;
     Answer {
         status,
         headers,
@@ -115,11 +102,6 @@ async fn raw(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (StatusCode, HeaderMap, Bytes) {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
@@ -133,6 +115,16 @@ async fn raw(
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
         .unwrap();
+    send(addr, request).await
+}
+
+/// Sends `request` on a new connection to `addr`: status, headers and raw body.
+async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
     let response = sender.send_request(request).await.expect("response");
     let status = response.status();
     let headers = response.headers().clone();
