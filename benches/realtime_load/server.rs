@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use upcoach_core::config::Settings;
 use upcoach_server::ServerConfig;
 use upcoach_server::{App, Options, ServeOptions};
 

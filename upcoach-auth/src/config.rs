@@ -1,8 +1,9 @@
-//! Sign-in's settings: [`AuthConfig::from_env`], reading `UPCOACH_PUBLIC_URL`,
+//! Sign-in's settings: `AuthConfig::from_env()` ([`Settings`]), reading `UPCOACH_PUBLIC_URL`,
 //! `AUTH_*`, `GOOGLE_*`, `APPLE_*` and `FACEBOOK_*`.
 //!
 //! ```
 //! use upcoach_auth::config::AuthConfig;
+//! use upcoach_core::config::Settings;
 //!
 //! let env = [("GOOGLE_CLIENT_ID", "web.apps.googleusercontent.com"), ("GOOGLE_CLIENT_SECRET", "s3cret")];
 //! let config = AuthConfig::from_lookup(|name| {
@@ -25,7 +26,7 @@ use upcoach_core::{Clock, Secret};
 
 use crate::refresh::RefreshPolicy;
 use crate::session::{AccessTokens, SigningKey};
-use upcoach_core::config::{ConfigErrors, Env, parse_origin};
+use upcoach_core::config::{Env, Settings, parse_origin};
 use url::Url;
 
 /// `AUTH_SIGNING_KEY` or `AUTH_PREVIOUS_SIGNING_KEY` is not a base64url Ed25519 seed.
@@ -109,20 +110,6 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigErrors> {
-        let mut env = Env::process();
-        let config = Self::read(&mut env);
-        env.finish(config)
-    }
-
-    /// Reads variables through `lookup`.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
-        let mut env = Env::from_lookup(lookup);
-        let config = Self::read(&mut env);
-        env.finish(config)
-    }
-
     /// The refresh-token policy: `AUTH_REFRESH_GRACE_SECONDS` and
     /// `AUTH_SESSION_LIFETIME_DAYS`.
     pub fn refresh_policy(&self) -> RefreshPolicy {
@@ -183,9 +170,10 @@ impl AuthConfig {
         );
         Ok(tokens)
     }
+}
 
-    /// Reads the variables through `env`, recording problems there.
-    pub fn read(r: &mut Env<'_>) -> Self {
+impl Settings for AuthConfig {
+    fn read(r: &mut Env<'_>) -> Self {
         let defaults = Self::default();
         let refresh_grace = Duration::from_secs(r.number(
             "AUTH_REFRESH_GRACE_SECONDS",

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use upcoach_core::config::Settings;
 
 use serde_json::{Value, json};
 

@@ -1,6 +1,6 @@
 //! The cache's settings: `CACHE_PREFIX`.
 
-use upcoach_core::config::{ConfigErrors, Env};
+use upcoach_core::config::{Env, Settings};
 
 /// The default key prefix in Redis (`CACHE_PREFIX`).
 pub const DEFAULT_CACHE_PREFIX: &str = "upcoach";
@@ -9,6 +9,7 @@ pub const DEFAULT_CACHE_PREFIX: &str = "upcoach";
 ///
 /// ```
 /// use upcoach_cache::CacheConfig;
+/// use upcoach_core::config::Settings;
 ///
 /// assert_eq!(CacheConfig::from_lookup(|_| None)?.prefix, "upcoach");
 /// assert!(CacheConfig::from_lookup(|n| (n == "CACHE_PREFIX").then(|| "a b".into())).is_err());
@@ -30,9 +31,8 @@ impl Default for CacheConfig {
     }
 }
 
-impl CacheConfig {
-    /// Reads the variables through `env`, recording problems there.
-    pub fn read(env: &mut Env<'_>) -> Self {
+impl Settings for CacheConfig {
+    fn read(env: &mut Env<'_>) -> Self {
         let prefix = match env.get("CACHE_PREFIX") {
             None => DEFAULT_CACHE_PREFIX.to_owned(),
             Some(v) => {
@@ -50,19 +50,5 @@ impl CacheConfig {
             }
         };
         Self { prefix }
-    }
-
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigErrors> {
-        let mut env = Env::process();
-        let config = Self::read(&mut env);
-        env.finish(config)
-    }
-
-    /// Reads variables through `lookup`.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
-        let mut env = Env::from_lookup(lookup);
-        let config = Self::read(&mut env);
-        env.finish(config)
     }
 }

@@ -10,7 +10,7 @@
 //! never repeated in errors, `Debug` or logs.
 //!
 //! ```
-//! use upcoach_core::config::ServicesConfig;
+//! use upcoach_core::config::{ServicesConfig, Settings};
 //!
 //! let env = [("DATABASE_URL", "postgres://app:hunter2@db/app"), ("DATABASE_MAX_CONNECTIONS", "40")];
 //! let services = ServicesConfig::from_lookup(|name| {
@@ -56,9 +56,8 @@ impl Default for ServicesConfig {
     }
 }
 
-impl ServicesConfig {
-    /// Reads the variables through `env`, recording problems there.
-    pub fn read(env: &mut Env<'_>) -> Self {
+impl Settings for ServicesConfig {
+    fn read(env: &mut Env<'_>) -> Self {
         let redis_url = env.service_url(
             "REDIS_URL",
             &["redis", "unix", "redis+unix"],
@@ -80,20 +79,6 @@ impl ServicesConfig {
             database_url,
             database_max_connections,
         }
-    }
-
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigErrors> {
-        let mut env = Env::process();
-        let config = Self::read(&mut env);
-        env.finish(config)
-    }
-
-    /// Reads variables through `lookup`.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
-        let mut env = Env::from_lookup(lookup);
-        let config = Self::read(&mut env);
-        env.finish(config)
     }
 }
 
@@ -271,6 +256,29 @@ impl ConfigErrors {
     }
 }
 
+/// A crate's settings: implement [`read`](Self::read) (every problem recorded in the
+/// [`Env`], never returned early), and get [`from_env`](Self::from_env) and
+/// [`from_lookup`](Self::from_lookup). A server composes several by calling each one's
+/// `read` on one `Env`, so all their problems are reported together.
+pub trait Settings: Sized {
+    /// Reads the variables through `env`, recording problems there.
+    fn read(env: &mut Env<'_>) -> Self;
+
+    /// Reads the process environment.
+    fn from_env() -> Result<Self, ConfigErrors> {
+        let mut env = Env::process();
+        let settings = Self::read(&mut env);
+        env.finish(settings)
+    }
+
+    /// Reads variables through `lookup` (a map in tests, a secrets manager in a host).
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let mut env = Env::from_lookup(lookup);
+        let settings = Self::read(&mut env);
+        env.finish(settings)
+    }
+}
+
 /// A variable's value by name.
 type Lookup<'a> = dyn Fn(&str) -> Option<String> + 'a;
 
@@ -279,7 +287,7 @@ type Lookup<'a> = dyn Fn(&str) -> Option<String> + 'a;
 /// settings have a `read(&mut Env)` and a `from_env()`.
 ///
 /// ```
-/// use upcoach_core::config::{Env, ServicesConfig};
+/// use upcoach_core::config::{Env, ServicesConfig, Settings};
 ///
 /// let mut env = Env::from_lookup(|name| (name == "DATABASE_MAX_CONNECTIONS").then(|| "0".into()));
 /// let services = ServicesConfig::read(&mut env);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use upcoach_core::config::{ConfigErrors, Env};
+use upcoach_core::config::{Env, Settings};
 
 /// The default slow-query threshold (`SLOW_QUERY_THRESHOLD`), in milliseconds.
 pub const DEFAULT_SLOW_QUERY_THRESHOLD_MS: u64 = 1000;
@@ -11,6 +11,7 @@ pub const DEFAULT_SLOW_QUERY_THRESHOLD_MS: u64 = 1000;
 /// What performance monitoring reads from the environment.
 ///
 /// ```
+/// use upcoach_core::config::Settings;
 /// use upcoach_perf::PerfConfig;
 ///
 /// let config = PerfConfig::from_lookup(|name| (name == "SLOW_QUERY_THRESHOLD").then(|| "250".into()))?;
@@ -39,9 +40,8 @@ impl Default for PerfConfig {
     }
 }
 
-impl PerfConfig {
-    /// Reads the variables through `env`, recording problems there.
-    pub fn read(env: &mut Env<'_>) -> Self {
+impl Settings for PerfConfig {
+    fn read(env: &mut Env<'_>) -> Self {
         let defaults = Self::default();
         Self {
             enabled: env.flag("PERFORMANCE_MONITORING_ENABLED", defaults.enabled),
@@ -52,20 +52,6 @@ impl PerfConfig {
                 "a whole number of milliseconds from 1 to 3600000",
             )),
         }
-    }
-
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigErrors> {
-        let mut env = Env::process();
-        let config = Self::read(&mut env);
-        env.finish(config)
-    }
-
-    /// Reads variables through `lookup`.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
-        let mut env = Env::from_lookup(lookup);
-        let config = Self::read(&mut env);
-        env.finish(config)
     }
 }
 

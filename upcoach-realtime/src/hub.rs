@@ -69,10 +69,19 @@ pub struct HubConfig {
     pub ws_read_buffer: usize,
 }
 
-impl HubConfig {
-    /// The defaults with `WEBSOCKET_CORS_ORIGINS`, `REALTIME_MAX_CONNECTIONS` and
-    /// `REALTIME_MAX_CONNECTIONS_PER_USER` read through `env` (problems recorded there).
-    pub fn read(env: &mut upcoach_core::config::Env<'_>) -> Self {
+/// The defaults with `WEBSOCKET_CORS_ORIGINS`, `REALTIME_MAX_CONNECTIONS` and
+/// `REALTIME_MAX_CONNECTIONS_PER_USER` read from the environment.
+///
+/// ```
+/// use upcoach_core::config::Settings;
+/// use upcoach_realtime::HubConfig;
+///
+/// let config = HubConfig::from_lookup(|n| (n == "REALTIME_MAX_CONNECTIONS").then(|| "19000".into()))?;
+/// assert_eq!(config.max_connections, 19_000);
+/// # Ok::<(), upcoach_core::config::ConfigErrors>(())
+/// ```
+impl upcoach_core::config::Settings for HubConfig {
+    fn read(env: &mut upcoach_core::config::Env<'_>) -> Self {
         let defaults = Self::default();
         let count = "a whole number from 1 to 10000000";
         Self {
@@ -91,23 +100,6 @@ impl HubConfig {
             ),
             ..defaults
         }
-    }
-
-    /// [`read`](Self::read) from the process environment.
-    ///
-    /// ```
-    /// use upcoach_core::config::Env;
-    /// use upcoach_realtime::HubConfig;
-    ///
-    /// let mut env = Env::from_lookup(|n| (n == "REALTIME_MAX_CONNECTIONS").then(|| "19000".into()));
-    /// let config = HubConfig::read(&mut env);
-    /// assert_eq!(env.finish(config)?.max_connections, 19_000);
-    /// # Ok::<(), upcoach_core::config::ConfigErrors>(())
-    /// ```
-    pub fn from_env() -> Result<Self, upcoach_core::config::ConfigErrors> {
-        let mut env = upcoach_core::config::Env::process();
-        let config = Self::read(&mut env);
-        env.finish(config)
     }
 }
 

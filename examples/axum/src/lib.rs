@@ -10,6 +10,7 @@
 //! # async fn demo() -> Result<(), upcoach_axum_example::Error> {
 //! use std::{net::SocketAddr, sync::Arc};
 //! use upcoach_auth::config::AuthConfig;
+//! use upcoach_core::config::Settings;
 //! use upcoach_axum_example::{App, router};
 //! use upcoach_realtime::HubConfig;
 //!

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use upcoach_core::config::Settings;
 
 use upcoach_auth::config::AuthConfig;
 use upcoach_axum_example::{App, Error, router};

@@ -8,6 +8,7 @@ use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+use upcoach_core::config::Settings;
 use upcoach_perf::slow::SqlTimingLayer;
 
 use crate::{App, Options, PerfSinks, ServeOptions, serve};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use upcoach_auth::config::AuthConfig;
 use upcoach_cache::CacheConfig;
-use upcoach_core::config::{ConfigErrors, Env, ServicesConfig};
+use upcoach_core::config::{Env, ServicesConfig, Settings};
 use upcoach_perf::PerfConfig;
 use upcoach_realtime::HubConfig;
 
@@ -48,30 +48,21 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigErrors> {
-        Self::read(Env::process())
-    }
-
-    /// Reads variables through `lookup`.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
-        Self::read(Env::from_lookup(lookup))
-    }
-
-    fn read(mut env: Env<'_>) -> Result<Self, ConfigErrors> {
-        let config = Self {
+impl Settings for ServerConfig {
+    fn read(env: &mut Env<'_>) -> Self {
+        Self {
             addr: env.socket_addr("UPCOACH_ADDR", DEFAULT_ADDR),
-            services: ServicesConfig::read(&mut env),
-            realtime: HubConfig::read(&mut env),
-            cache: CacheConfig::read(&mut env),
-            perf: PerfConfig::read(&mut env),
+            services: ServicesConfig::read(env),
+            realtime: HubConfig::read(env),
+            cache: CacheConfig::read(env),
+            perf: PerfConfig::read(env),
             metrics_public: env.flag("UPCOACH_METRICS_PUBLIC", true),
-            auth: AuthConfig::read(&mut env),
-        };
-        env.finish(config)
+            auth: AuthConfig::read(env),
+        }
     }
+}
 
+impl ServerConfig {
     /// `UPCOACH_PUBLIC_URL`, or `http://` + the listening address.
     pub fn public_url(&self) -> String {
         self.auth

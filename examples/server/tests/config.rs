@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use upcoach_core::config::Settings;
 
 use upcoach_core::config::{ConfigError, ConfigErrors, ConfigProblem};
 use upcoach_server::ServerConfig;

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use upcoach_core::config::Settings;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -704,6 +705,16 @@ async fn a_login_code_planted_from_another_browser_is_refused() {
             "a refused code is used up"
         );
     }
+    let events = server
+        .app
+        .event_log()
+        .recent(EventKind::Security, 100)
+        .await
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e.name() == "login_code_refused"),
+        "each planted code is recorded"
+    );
 
     // A web app that cannot send the cookie to the API proves itself with the verifier
     // of the challenge it chose at authorize.

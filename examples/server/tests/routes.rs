@@ -4,6 +4,7 @@ mod support;
 
 use http::{Method, StatusCode};
 use support::{Running, request};
+use upcoach_core::config::Settings;
 use upcoach_core::{Role, TokenVerifier, UserId};
 use upcoach_server::{Options, ServerConfig};
 
@@ -223,6 +224,16 @@ async fn dev_tokens_use_the_configured_key_and_keep_existing_roles() {
         )
         .await;
     assert_eq!(again.json["user"]["roles"], serde_json::json!(["coach"]));
+    let events = server
+        .app
+        .event_log()
+        .recent(upcoach_core::event::EventKind::Security, 10)
+        .await
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e.name() == "session_issued"),
+        "{events:?}"
+    );
     server.stop().await;
     other.stop().await;
 }

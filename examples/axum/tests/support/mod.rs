@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use upcoach_core::config::Settings;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
