@@ -121,6 +121,7 @@ impl Discovery {
 /// use std::sync::Arc;
 /// use upcoach_auth::google::GoogleProvider;
 /// use upcoach_auth::config::AuthConfig;
+/// use upcoach_core::config::Settings;
 /// use upcoach_core::SystemClock;
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
