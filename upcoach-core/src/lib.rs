@@ -24,6 +24,7 @@ pub mod clock;
 pub mod config;
 pub mod event;
 pub mod health;
+pub mod limit;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod principal;

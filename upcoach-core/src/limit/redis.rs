@@ -1,0 +1,1 @@
+//! GCRA in Redis (placeholder until the backend lands).
