@@ -34,7 +34,7 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryLimiter;
-#[cfg(feature = "redis")]
+// #[cfg(feature = "redis")]
 // pub use redis::RedisLimiter;
 
 /// The longest subject or rule name a limiter accepts, in bytes.
@@ -158,4 +158,30 @@ pub fn validate_name(name: &str) -> Result<(), LimitError> {
         ));
     }
     Ok(())
+}
+
+/// The subject that limits a client address: `ip:203.0.113.7` for IPv4 (and IPv4
+/// mapped into IPv6), `ip:2001:db8:1:2::/64` for IPv6, whose /64 is what one client
+/// usually holds.
+///
+/// ```
+/// use upcoach_core::limit::ip_subject;
+///
+/// assert_eq!(ip_subject("203.0.113.7".parse().unwrap()), "ip:203.0.113.7");
+/// assert_eq!(ip_subject("2001:db8:1:2:aaaa::1".parse().unwrap()), "ip:2001:db8:1:2::/64");
+/// assert_eq!(ip_subject("::ffff:203.0.113.7".parse().unwrap()), "ip:203.0.113.7");
+/// ```
+pub fn ip_subject(ip: std::net::IpAddr) -> String {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("ip:{v4}"),
+            None => {
+                let s = v6.segments();
+                let net = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("ip:{net}/64")
+            }
+        },
+    }
 }
