@@ -15,6 +15,7 @@ use upcoach_core::event::{Event, EventLog, WebSocketEvent};
 use upcoach_core::{Clock, SystemClock, TokenVerifier, UserId};
 
 use crate::access::{DefaultRoomAccess, RoomAccess};
+use crate::pending::PendingAuth;
 use crate::wire::Encoded;
 use crate::{Broadcaster, BrokerState, Replay, Result, RoomEvent};
 
@@ -30,9 +31,22 @@ pub struct HubConfig {
     pub queue_capacity: usize,
     /// Open connections of both kinds together; past it new ones get 503. Default 10,000.
     pub max_connections: usize,
-    /// Open connections per user; past it new ones get 429 (header token) or close
-    /// 4008 (token sent later). Default 32.
+    /// Open connections per user; past it new ones get 429 (token at the upgrade) or
+    /// close 1013 (token sent later). Default 32.
     pub max_connections_per_user: usize,
+    /// WebSocket connections opened without a token that have not authenticated yet,
+    /// from all addresses together. They hold no place in `max_connections` until
+    /// their `{"type":"auth"}` comes (then they take one, or close 1013 when none is
+    /// left); past this, such upgrades get 429 `too_many_pending_connections` with
+    /// `Retry-After`. A connection whose token was refused at the upgrade counts here
+    /// too until it is closed. Default 256.
+    pub max_pending_auth: usize,
+    /// The same per client address: [`ClientAddr`](upcoach_core::http::ClientAddr) in
+    /// the request's extensions, IPv6 grouped by /64 (as
+    /// [`ip_subject`](upcoach_core::limit::ip_subject) does). Requests without a
+    /// `ClientAddr` all share one budget, so a host must insert it (behind a proxy:
+    /// the client's address, not the proxy's). Default 4.
+    pub max_pending_auth_per_address: usize,
     /// Rooms one connection may read. Default 32.
     pub max_rooms_per_connection: usize,
     /// How often a WebSocket gets a ping. Default 25 s.
@@ -69,8 +83,9 @@ pub struct HubConfig {
     pub ws_read_buffer: usize,
 }
 
-/// The defaults with `WEBSOCKET_CORS_ORIGINS`, `REALTIME_MAX_CONNECTIONS` and
-/// `REALTIME_MAX_CONNECTIONS_PER_USER` read from the environment.
+/// The defaults with `WEBSOCKET_CORS_ORIGINS`, `REALTIME_MAX_CONNECTIONS`,
+/// `REALTIME_MAX_CONNECTIONS_PER_USER`, `REALTIME_MAX_PENDING_AUTH` and
+/// `REALTIME_MAX_PENDING_AUTH_PER_ADDRESS` read from the environment.
 ///
 /// ```
 /// use upcoach_core::config::Settings;
@@ -78,6 +93,13 @@ pub struct HubConfig {
 ///
 /// let config = HubConfig::from_lookup(|n| (n == "REALTIME_MAX_CONNECTIONS").then(|| "19000".into()))?;
 /// assert_eq!(config.max_connections, 19_000);
+/// let config = HubConfig::from_lookup(|n| match n {
+///     "REALTIME_MAX_PENDING_AUTH" => Some("1000".into()),
+///     "REALTIME_MAX_PENDING_AUTH_PER_ADDRESS" => Some("16".into()),
+///     _ => None,
+/// })?;
+/// assert_eq!((config.max_pending_auth, config.max_pending_auth_per_address), (1000, 16));
+/// assert!(HubConfig::from_lookup(|n| (n == "REALTIME_MAX_PENDING_AUTH").then(|| "0".into())).is_err());
 /// # Ok::<(), upcoach_core::config::ConfigErrors>(())
 /// ```
 impl upcoach_core::config::Settings for HubConfig {
@@ -98,6 +120,18 @@ impl upcoach_core::config::Settings for HubConfig {
                 1..=10_000_000,
                 count,
             ),
+            max_pending_auth: env.number(
+                "REALTIME_MAX_PENDING_AUTH",
+                defaults.max_pending_auth,
+                1..=10_000_000,
+                count,
+            ),
+            max_pending_auth_per_address: env.number(
+                "REALTIME_MAX_PENDING_AUTH_PER_ADDRESS",
+                defaults.max_pending_auth_per_address,
+                1..=10_000_000,
+                count,
+            ),
             ..defaults
         }
     }
@@ -109,6 +143,8 @@ impl Default for HubConfig {
             queue_capacity: 1024,
             max_connections: 10_000,
             max_connections_per_user: 32,
+            max_pending_auth: 256,
+            max_pending_auth_per_address: 4,
             max_rooms_per_connection: 32,
             ws_ping_interval: Duration::from_secs(25),
             ws_pong_timeout: Duration::from_secs(10),
@@ -135,6 +171,9 @@ pub struct HubStats {
     pub ws_connections: usize,
     /// Open SSE connections.
     pub sse_connections: usize,
+    /// WebSocket connections open without a token yet (not in `ws_connections`):
+    /// see [`HubConfig::max_pending_auth`].
+    pub pending_auth_connections: usize,
     /// Rooms with at least one reader on this process.
     pub rooms: usize,
     /// Events handed to connection queues.
@@ -143,6 +182,9 @@ pub struct HubStats {
     pub slow_consumers_closed: u64,
     /// Connections refused by a connection limit.
     pub refused: u64,
+    /// WebSocket upgrades without a token refused by the pending-auth budget (also
+    /// counted in `refused`).
+    pub refused_pending: u64,
     /// Connections refused or closed for a missing, invalid or expired token.
     pub auth_failures: u64,
     /// Subscriptions refused by the access rules.
@@ -154,9 +196,10 @@ pub struct HubStats {
 }
 
 impl HubStats {
-    /// These counts as gauges: `realtime_connections{transport}`, `realtime_rooms`,
-    /// `realtime_delivered`, `realtime_slow_consumers_closed`.
-    pub fn gauges(&self) -> [upcoach_core::health::Gauge; 5] {
+    /// These counts as gauges: `realtime_connections{transport}`,
+    /// `realtime_pending_auth_connections`, `realtime_rooms`, `realtime_delivered`,
+    /// `realtime_slow_consumers_closed`.
+    pub fn gauges(&self) -> [upcoach_core::health::Gauge; 6] {
         use upcoach_core::health::Gauge;
         [
             Gauge::new(
@@ -168,6 +211,11 @@ impl HubStats {
                 "realtime_connections",
                 &[("transport", "sse")],
                 self.sse_connections as f64,
+            ),
+            Gauge::new(
+                "realtime_pending_auth_connections",
+                &[],
+                self.pending_auth_connections as f64,
             ),
             Gauge::new("realtime_rooms", &[], self.rooms as f64),
             Gauge::new("realtime_delivered", &[], self.delivered as f64),
@@ -207,6 +255,8 @@ pub struct HubStatus {
     pub uptime_s: u64,
     /// Open connections.
     pub connections: ConnectionCounts,
+    /// WebSocket connections open without a token yet, not in `connections`.
+    pub pending_auth: usize,
     /// Rooms read on this process, busiest first.
     pub rooms: Vec<RoomStatus>,
     /// The broadcaster's broker.
@@ -309,6 +359,7 @@ impl HubBuilder {
                 ws: AtomicUsize::new(0),
                 sse: AtomicUsize::new(0),
                 per_user: Mutex::new(HashMap::new()),
+                pending: PendingAuth::default(),
                 all_closed: Notify::new(),
                 shutdown: watch::channel(false).0,
                 counters: Counters::default(),
@@ -370,6 +421,7 @@ impl Hub {
             node_id: self.inner.node_id.clone(),
             uptime_s: self.inner.started.elapsed().as_secs(),
             connections: self.connection_counts(),
+            pending_auth: self.inner.pending.count(),
             rooms,
             broker: self.broker_state(),
         }
@@ -395,10 +447,12 @@ impl Hub {
         HubStats {
             ws_connections: self.inner.ws.load(Ordering::Relaxed),
             sse_connections: self.inner.sse.load(Ordering::Relaxed),
+            pending_auth_connections: self.inner.pending.count(),
             rooms: self.inner.lock_rooms().len(),
             delivered: c.delivered.load(Ordering::Relaxed),
             slow_consumers_closed: c.slow.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
+            refused_pending: c.refused_pending.load(Ordering::Relaxed),
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
             denied_subscriptions: c.denied.load(Ordering::Relaxed),
             resets: c.resets.load(Ordering::Relaxed),
@@ -406,25 +460,26 @@ impl Hub {
         }
     }
 
-    /// Open connections of both kinds.
+    /// Open connections of both kinds (WebSocket connections that have not
+    /// authenticated yet are not among them: [`HubStats::pending_auth_connections`]).
     pub fn connections(&self) -> usize {
         self.inner.open.load(Ordering::Acquire)
     }
 
     /// Closes every connection (WebSocket with 1001, SSE by ending the stream after its
     /// last record) and refuses new ones; returns once all are gone or `timeout`
-    /// passed, with the number still open.
+    /// passed, with the number still open (those waiting to authenticate included).
     pub async fn shutdown(&self, timeout: Duration) -> usize {
         self.inner.shutdown.send_replace(true);
         let deadline = tokio::time::Instant::now() + timeout;
+        let open = || self.connections() + self.inner.pending.count();
         loop {
             let notified = self.inner.all_closed.notified();
-            let open = self.connections();
-            if open == 0 {
+            if open() == 0 {
                 return 0;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.connections();
+                return open();
             }
         }
     }
@@ -440,6 +495,7 @@ pub(crate) struct Counters {
     pub(crate) delivered: AtomicU64,
     pub(crate) slow: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) refused_pending: AtomicU64,
     pub(crate) auth_failures: AtomicU64,
     pub(crate) denied: AtomicU64,
     pub(crate) resets: AtomicU64,
@@ -547,7 +603,9 @@ pub(crate) struct Inner {
     ws: AtomicUsize,
     sse: AtomicUsize,
     per_user: Mutex<HashMap<UserId, usize>>,
-    all_closed: Notify,
+    pub(crate) pending: PendingAuth,
+    /// Notified when the last open (or the last pending) connection is gone.
+    pub(crate) all_closed: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) counters: Counters,
 }
@@ -558,6 +616,8 @@ pub(crate) enum Refusal {
     ShuttingDown,
     TooManyConnections,
     TooManyForUser,
+    /// The pending-auth budget of the client's address, or the total one, is spent.
+    TooManyPending,
 }
 
 impl Refusal {
@@ -566,6 +626,7 @@ impl Refusal {
             Refusal::ShuttingDown => "shutting_down",
             Refusal::TooManyConnections => "too_many_connections",
             Refusal::TooManyForUser => "too_many_connections_for_user",
+            Refusal::TooManyPending => "too_many_pending_connections",
         }
     }
 }
@@ -573,13 +634,20 @@ impl Refusal {
 /// A place among the hub's open connections; released on drop.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    pub(crate) hub: Arc<Inner>,
-    pub(crate) transport: Transport,
-    pub(crate) id: u64,
+    hub: Arc<Inner>,
+    transport: Transport,
     user: Option<UserId>,
 }
 
 impl Slot {
+    pub(crate) fn hub(&self) -> &Arc<Inner> {
+        &self.hub
+    }
+
+    pub(crate) fn transport(&self) -> Transport {
+        self.transport
+    }
+
     /// Counts the connection against `user`'s limit.
     pub(crate) fn claim_user(&mut self, user: UserId) -> Result<(), Refusal> {
         if self.user == Some(user) {
@@ -640,6 +708,11 @@ impl Inner {
         }
     }
 
+    /// A new connection's id, unique in this hub.
+    pub(crate) fn connection_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Admits one more connection, or says why not.
     pub(crate) fn reserve(self: &Arc<Self>, transport: Transport) -> Result<Slot, Refusal> {
         if *self.shutdown.borrow() {
@@ -663,7 +736,6 @@ impl Inner {
         Ok(Slot {
             hub: self.clone(),
             transport,
-            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             user: None,
         })
     }

@@ -6,6 +6,7 @@ mod cursor;
 mod hub;
 mod memory;
 mod operate;
+mod pending;
 #[cfg(feature = "redis")]
 mod redis_broadcaster;
 mod respond;

@@ -31,7 +31,9 @@ pub(crate) fn body_from(bytes: impl Into<Bytes>) -> RealtimeBody {
         .boxed()
 }
 
-pub(crate) fn refusal_response(refusal: Refusal) -> Response<RealtimeBody> {
+/// The answer to a connection the hub did not admit. `Retry-After` is 5 s, or the
+/// auth timeout for the pending-auth budget (a place there comes back within it).
+pub(crate) fn refusal_response(hub: &Inner, refusal: Refusal) -> Response<RealtimeBody> {
     let (status, message) = match refusal {
         Refusal::ShuttingDown => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -45,11 +47,24 @@ pub(crate) fn refusal_response(refusal: Refusal) -> Response<RealtimeBody> {
             StatusCode::TOO_MANY_REQUESTS,
             "this user holds as many realtime connections as it may",
         ),
+        Refusal::TooManyPending => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections are waiting to authenticate; \
+             send the token with the upgrade or retry later",
+        ),
+    };
+    let retry_after = match refusal {
+        Refusal::TooManyPending => {
+            let timeout = hub.config.auth_timeout;
+            // Whole seconds, rounded up, at least one.
+            (timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)).max(1)
+        }
+        _ => 5,
     };
     let mut response = error_response(status, refusal.code(), message);
     response
         .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     response
 }
 

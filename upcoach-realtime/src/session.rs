@@ -8,7 +8,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use upcoach_core::Principal;
 
-use crate::hub::{ConnShared, Delivery, Inner, Refusal, Slot};
+use crate::hub::{ConnShared, Delivery, Inner, Refusal, Slot, Transport};
+use crate::pending::PendingPermit;
 use crate::wire::Encoded;
 use crate::{Error, Replay, validate_room};
 
@@ -65,9 +66,27 @@ struct Reading {
     last: u64,
 }
 
+/// What holds a connection's place in the hub.
+#[derive(Debug)]
+enum Place {
+    /// Not authenticated yet: a place in the pending-auth budget, none among the
+    /// shared connections.
+    Pending(
+        #[expect(dead_code, reason = "held for its drop, which gives the place back")]
+        PendingPermit,
+    ),
+    /// A place among the shared connections (and, once authenticated, in its user's
+    /// count).
+    Admitted(Slot),
+}
+
 #[derive(Debug)]
 pub(crate) struct Session {
-    pub(crate) slot: Slot,
+    hub: Arc<Inner>,
+    /// The connection's id in the rooms it reads and in its records.
+    id: u64,
+    transport: Transport,
+    place: Place,
     pub(crate) principal: Option<Principal>,
     pub(crate) shared: Arc<ConnShared>,
     tx: mpsc::Sender<Delivery>,
@@ -79,10 +98,26 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// A session holding a shared place already (its token came with the request).
     pub(crate) fn new(slot: Slot) -> Self {
-        let (tx, rx) = mpsc::channel(slot.hub.config.queue_capacity);
+        let (hub, transport) = (slot.hub().clone(), slot.transport());
+        Self::with_place(hub, transport, Place::Admitted(slot))
+    }
+
+    /// A WebSocket session waiting for its token: it takes a shared place when it
+    /// authenticates.
+    pub(crate) fn pending(permit: PendingPermit) -> Self {
+        let hub = permit.hub().clone();
+        Self::with_place(hub, Transport::WebSocket, Place::Pending(permit))
+    }
+
+    fn with_place(hub: Arc<Inner>, transport: Transport, place: Place) -> Self {
+        let (tx, rx) = mpsc::channel(hub.config.queue_capacity);
         Session {
-            slot,
+            id: hub.connection_id(),
+            hub,
+            transport,
+            place,
             principal: None,
             shared: Arc::new(ConnShared::default()),
             tx,
@@ -94,18 +129,28 @@ impl Session {
     }
 
     pub(crate) fn hub(&self) -> &Arc<Inner> {
-        &self.slot.hub
+        &self.hub
     }
 
     /// Sets (or replaces, on a token refresh) who the connection acts for. A refresh
-    /// for another user is refused by the caller before this.
+    /// for another user is refused by the caller before this. A pending connection
+    /// takes its shared place here (and gives back its pending one); refused, it
+    /// keeps the pending place until it closes.
     pub(crate) fn authenticate(&mut self, principal: Principal) -> Result<(), Refusal> {
-        self.slot.claim_user(principal.user_id)?;
+        match &mut self.place {
+            Place::Admitted(slot) => slot.claim_user(principal.user_id)?,
+            Place::Pending(_) => {
+                let mut slot = self.hub.reserve(self.transport)?;
+                // Refused, the slot is dropped and so given back.
+                slot.claim_user(principal.user_id)?;
+                self.place = Place::Admitted(slot);
+            }
+        }
         if self.principal.is_none() {
             self.hub().record(
                 "connect",
                 Some(principal.user_id),
-                serde_json::json!({ "transport": self.slot.transport.as_str(), "connection": self.slot.id }),
+                serde_json::json!({ "transport": self.transport.as_str(), "connection": self.id }),
             );
         }
         self.principal = Some(principal);
@@ -118,13 +163,13 @@ impl Session {
         let Some(principal) = &self.principal else {
             return Vec::new();
         };
-        let hub = self.slot.hub.clone();
+        let hub = self.hub.clone();
         let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rooms)
             .into_iter()
             .partition(|r| hub.access.can_subscribe(principal, &r.room));
         self.rooms = keep;
         for reading in &drop {
-            hub.leave(&reading.room, self.slot.id);
+            hub.leave(&reading.room, self.id);
         }
         drop.into_iter().map(|r| r.room).collect()
     }
@@ -151,26 +196,26 @@ impl Session {
             return Err(SubscribeError::Unauthenticated);
         };
         let user = principal.user_id;
-        let hub = self.slot.hub.clone();
+        let hub = self.hub.clone();
         if !hub.access.can_subscribe(principal, room) {
             hub.counters.denied.fetch_add(1, Ordering::Relaxed);
             hub.record(
                 "subscription_denied",
                 Some(user),
-                serde_json::json!({ "room": room, "transport": self.slot.transport.as_str() }),
+                serde_json::json!({ "room": room, "transport": self.transport.as_str() }),
             );
             return Err(SubscribeError::Forbidden);
         }
         if let Some(existing) = self.rooms.iter().position(|r| &*r.room == room) {
             // Subscribing again moves the position (a client re-syncing one room).
             let reading = self.rooms.remove(existing);
-            hub.leave(&reading.room, self.slot.id);
+            hub.leave(&reading.room, self.id);
         }
         if self.rooms.len() >= hub.config.max_rooms_per_connection {
             return Err(SubscribeError::TooManyRooms);
         }
         if let Err(e) = hub
-            .join(room, self.slot.id, self.tx.clone(), self.shared.clone())
+            .join(room, self.id, self.tx.clone(), self.shared.clone())
             .await
         {
             tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
@@ -185,7 +230,7 @@ impl Session {
             }
             Err(e) => {
                 tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
-                hub.leave(room, self.slot.id);
+                hub.leave(room, self.id);
                 Err(SubscribeError::Broker)
             }
         }
@@ -199,7 +244,7 @@ impl Session {
         since: Option<u64>,
         out: &mut Vec<Outbound>,
     ) -> Result<u64, Error> {
-        let hub = &self.slot.hub;
+        let hub = &self.hub;
         let head = hub.broadcaster.head(room).await?;
         out.push(Outbound::Subscribed {
             room: room.clone(),
@@ -229,7 +274,7 @@ impl Session {
         until: u64,
         out: &mut Vec<Outbound>,
     ) -> Result<u64, Error> {
-        let hub = &self.slot.hub;
+        let hub = &self.hub;
         let page = hub.config.replay_page;
         while after < until {
             match hub.broadcaster.replay(room, after, page).await? {
@@ -265,7 +310,7 @@ impl Session {
         match self.rooms.iter().position(|r| &*r.room == room) {
             Some(i) => {
                 self.rooms.remove(i);
-                self.slot.hub.leave(room, self.slot.id);
+                self.hub.leave(room, self.id);
                 true
             }
             None => false,
@@ -299,11 +344,7 @@ impl Session {
                     match self.catch_up(&room, last, event.seq - 1, out).await {
                         Ok(reached) => self.rooms[i].last = reached,
                         Err(_) => {
-                            self.slot
-                                .hub
-                                .counters
-                                .resets
-                                .fetch_add(1, Ordering::Relaxed);
+                            self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
                             out.push(Outbound::Reset {
                                 room,
                                 reason: "broker_unavailable",
@@ -333,17 +374,17 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let hub = self.slot.hub.clone();
+        let hub = self.hub.clone();
         for reading in self.rooms.drain(..) {
-            hub.leave(&reading.room, self.slot.id);
+            hub.leave(&reading.room, self.id);
         }
         if let Some(principal) = &self.principal {
             hub.record(
                 "disconnect",
                 Some(principal.user_id),
                 serde_json::json!({
-                    "transport": self.slot.transport.as_str(),
-                    "connection": self.slot.id,
+                    "transport": self.transport.as_str(),
+                    "connection": self.id,
                     "reason": self.end_reason,
                     "seconds": self.opened.elapsed().as_secs(),
                 }),

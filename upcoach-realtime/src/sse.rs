@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use upcoach_core::TokenError;
 
 use crate::cursor::{Cursor, MAX_CURSOR_ROOMS};
-use crate::hub::{Hub, Inner, RealtimeBody, Refusal, Transport};
+use crate::hub::{Hub, Inner, RealtimeBody, Transport};
 use crate::respond::{
     bearer, error_response, origin_allowed, origin_refused, query_param, refusal_response,
     token_refused, verify,
@@ -80,14 +80,16 @@ impl Hub {
             }
         };
         let gzip = hub.config.sse_gzip && accepts_gzip(&request);
+        // The token is verified before a place is taken, so a stream without a valid
+        // one never holds a place.
         let slot = match hub.reserve(Transport::Sse) {
             Ok(slot) => slot,
-            Err(refusal) => return refusal_response(refusal),
+            Err(refusal) => return refusal_response(hub, refusal),
         };
         let expires_at = principal.expires_at;
         let mut session = Session::new(slot);
-        if session.authenticate(principal).is_err() {
-            return refusal_response(Refusal::TooManyForUser);
+        if let Err(refusal) = session.authenticate(principal) {
+            return refusal_response(hub, refusal);
         }
         let mut out = Vec::new();
         let mut start = Cursor::default();

@@ -12,9 +12,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use upcoach_core::http::ClientAddr;
 use upcoach_core::{Principal, TokenError};
 
-use crate::hub::{Hub, Inner, RealtimeBody, Transport};
+use crate::hub::{Hub, Inner, RealtimeBody, Refusal, Transport};
 use crate::respond::{
     bearer, body_from, error_response, origin_allowed, origin_refused, refusal_response, verify,
 };
@@ -37,10 +38,14 @@ const WRITE_BATCH: usize = 256;
 
 impl Hub {
     /// Answers `GET /api/dashboard/realtime/ws`: checks the handshake, the origin,
-    /// the connection limits and the token (header or `access_token=`; without one
-    /// the client has [`HubConfig::auth_timeout`](crate::HubConfig::auth_timeout) to
-    /// send `{"type":"auth"}`), then upgrades and serves the connection on its own
-    /// task. Works with any body type, so hyper and axum hosts call it alike.
+    /// the token (header or `access_token=`) and the connection limits, then upgrades
+    /// and serves the connection on its own task. Without a token the client has
+    /// [`HubConfig::auth_timeout`](crate::HubConfig::auth_timeout) to send
+    /// `{"type":"auth"}`; until then it counts against the pending-auth budget of its
+    /// address ([`ClientAddr`] in the request's extensions) and of the hub
+    /// ([`HubConfig::max_pending_auth`](crate::HubConfig::max_pending_auth)), not
+    /// against the shared connections. Works with any body type, so hyper and axum
+    /// hosts call it alike.
     pub async fn websocket<B>(&self, mut request: Request<B>) -> Response<RealtimeBody> {
         let hub = &self.inner;
         let headers = request.headers();
@@ -92,10 +97,6 @@ impl Hub {
         if origin_allowed(hub, headers).is_err() {
             return origin_refused();
         }
-        let slot = match hub.reserve(Transport::WebSocket) {
-            Ok(slot) => slot,
-            Err(refusal) => return refusal_response(refusal),
-        };
         // A bad token still upgrades, so that a browser sees close code 4001 (it
         // cannot read an HTTP refusal of a WebSocket handshake).
         let mut refused: Option<TokenError> = None;
@@ -109,14 +110,32 @@ impl Hub {
             Err(TokenError::Missing) => {}
             Err(e) => refused = Some(e),
         }
+        let mut session = match principal {
+            // A shared place and the user's count are taken here, before the upgrade,
+            // so a refusal is 503 or 429.
+            Some(p) => {
+                let slot = match hub.reserve(Transport::WebSocket) {
+                    Ok(slot) => slot,
+                    Err(refusal) => return refusal_response(hub, refusal),
+                };
+                let mut session = Session::new(slot);
+                if let Err(refusal) = session.authenticate(p) {
+                    return refusal_response(hub, refusal);
+                }
+                session
+            }
+            // Without a valid token the client has proved nothing yet: it holds a
+            // place of the small pending-auth budget (per address and in all), not a
+            // shared one, until its `{"type":"auth"}` comes.
+            None => {
+                let ip = request.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+                match hub.admit_pending(ip) {
+                    Ok(permit) => Session::pending(permit),
+                    Err(refusal) => return refusal_response(hub, refusal),
+                }
+            }
+        };
         let on_upgrade = hyper::upgrade::on(&mut request);
-        let mut session = Session::new(slot);
-        // Counted against the user's limit here, before the upgrade, so a refusal is 429.
-        if let Some(p) = principal
-            && let Err(refusal) = session.authenticate(p)
-        {
-            return refusal_response(refusal);
-        }
         let config = WebSocketConfig::default()
             .read_buffer_size(hub.config.ws_read_buffer)
             .write_buffer_size(0)
@@ -425,8 +444,14 @@ impl Connection {
                     );
                     return Step::Close(CLOSE_FORBIDDEN, "token_user_mismatch");
                 }
-                if self.session.authenticate(principal).is_err() {
-                    return Step::Close(CLOSE_TRY_LATER, "too_many_connections_for_user");
+                // A connection that had no token yet takes its shared place here.
+                if let Err(refusal) = self.session.authenticate(principal) {
+                    return match refusal {
+                        Refusal::ShuttingDown => {
+                            Step::Close(CLOSE_GOING_AWAY, "server shutting down")
+                        }
+                        other => Step::Close(CLOSE_TRY_LATER, other.code()),
+                    };
                 }
                 for room in self.session.drop_forbidden() {
                     let step = self

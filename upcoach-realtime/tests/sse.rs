@@ -392,3 +392,30 @@ async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
         "live events flow again"
     );
 }
+
+/// A stream's token is checked before it takes a place: requests without a valid one
+/// never hold any, and get 401 even when every place is taken.
+#[tokio::test]
+async fn tokens_are_checked_before_a_place_is_taken() {
+    let (hub, tokens, addr) = setup(
+        HubConfig {
+            max_connections: 1,
+            ..HubConfig::default()
+        },
+        HistoryLimits::default(),
+    )
+    .await;
+    for _ in 0..3 {
+        let refused = sse(addr, "rooms=metrics", &[("authorization", "Bearer forged")]).await;
+        assert_eq!(refused.status, 401);
+    }
+    assert_eq!(hub.connections(), 0);
+    let admin = format!("Bearer {}", tokens.admin());
+    let open = sse(addr, "rooms=metrics", &[("authorization", &admin)]).await;
+    assert_eq!(open.status, 200);
+    let no_token = sse(addr, "rooms=metrics", &[]).await;
+    assert_eq!(no_token.status, 401, "not 503: the token is checked first");
+    let full = sse(addr, "rooms=metrics", &[("authorization", &admin)]).await;
+    assert_eq!(full.status, 503);
+    assert_eq!(hub.stats().refused, 1);
+}

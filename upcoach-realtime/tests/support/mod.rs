@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use upcoach_core::http::ClientAddr;
 use upcoach_core::{Principal, Role, SessionId, TokenError, TokenVerifier, UserId};
 use upcoach_realtime::Hub;
 
@@ -61,20 +62,22 @@ impl TokenVerifier for Tokens {
     }
 }
 
-/// Serves `hub` at `/ws` and `/sse` on a random port.
+/// Serves `hub` at `/ws` and `/sse` on a random port, with each request's peer
+/// address in its extensions ([`ClientAddr`]) as a real server puts it.
 pub async fn serve(hub: Hub) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let hub = hub.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
-                    move |request: hyper::Request<hyper::body::Incoming>| {
+                    move |mut request: hyper::Request<hyper::body::Incoming>| {
                         let hub = hub.clone();
+                        request.extensions_mut().insert(ClientAddr(peer));
                         async move {
                             let response = match request.uri().path() {
                                 "/ws" => hub.websocket(request).await,
@@ -130,6 +133,30 @@ pub async fn ws_with(
             .insert("origin", origin.parse().unwrap());
     }
     tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Like [`ws_with`], from the local address `from` (any of 127.0.0.0/8 on the
+/// loopback): a client at another address.
+pub async fn ws_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    path_and_query: &str,
+    token: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut request = format!("ws://{addr}{path_and_query}")
+        .into_client_request()
+        .unwrap();
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
         .await
         .map(|(ws, _)| ws)
 }
