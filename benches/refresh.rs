@@ -107,7 +107,7 @@ fn refresh_rotation(c: &mut Criterion) {
                 for _ in 0..n {
                     tokens.push(
                         store
-                            .open_family(user, SystemTime::now())
+                            .open_family(user, None, SystemTime::now())
                             .await
                             .unwrap()
                             .token,
@@ -163,7 +163,7 @@ fn refresh_rotation(c: &mut Criterion) {
                         rt.spawn(async move {
                             for _ in 0..n {
                                 current = store
-                                    .rotate(current.expose(), SystemTime::now())
+                                    .rotate(current.expose(), None, SystemTime::now())
                                     .await
                                     .unwrap()
                                     .token;

@@ -21,6 +21,49 @@
 //! cross-site form or `text/plain` POST never reaches them. The client's address comes
 //! from the [`ClientAddr`](upcoach_core::http::ClientAddr) extension the server sets.
 //!
+//! **Devices**: every refresh is checked against the device its session is bound to
+//! ([`refresh::device`](crate::refresh::device)).
+//!
+//! - A native app names its device at `POST /auth/{provider}/token` (the
+//!   [`DEVICE_ID_HEADER`] `X-Device-Id`, or `"device_id"` in the body; both must agree)
+//!   and sends `X-Device-Id` on every `POST /auth/refresh`. No cookie is set for it.
+//! - A browser gets its device id from the flow, as a cookie: `GET
+//!   /auth/{provider}/authorize?platform=web` sets [`DEVICE_COOKIE`] (behind https
+//!   [`DEVICE_COOKIE_HOST`]) when the request carries no valid one: a random id,
+//!   `HttpOnly`, `SameSite=Lax`, `Max-Age` [`DEVICE_COOKIE_MAX_AGE`] (400 days, the
+//!   most a browser keeps), named and scoped like the flow cookie (on `/auth` over
+//!   plain http; `Secure` on `/` with the `__Host-` prefix behind https). The browser
+//!   sends it back to `/auth/exchange` and `/auth/refresh` by itself, so a web app on
+//!   the API's site that calls `POST /auth/refresh {"refresh_token"}` (with the
+//!   browser's credentials) needs nothing more.
+//! - At `POST /auth/exchange`, a callback that answers with tokens, and `POST
+//!   /auth/refresh`, the device is `X-Device-Id` if the request has it, else the device
+//!   cookie if it is valid, else none. An exchange or callback with neither binds the
+//!   session to a new random id, answers it as `device_id` (for a web app that cannot
+//!   use the cookie: it sends it as `X-Device-Id` on every refresh) and sets it as the
+//!   device cookie.
+//!
+//! An `X-Device-Id` that is not 8 to 128 of `A-Z a-z 0-9 . _ : -`, or given twice, is
+//! 400 `invalid_device_id`; a device cookie like that, or two of them, is ignored (no
+//! cookie; `authorize` replaces it). A refresh of a session bound to another device
+//! (or presenting none) is 401 `device_mismatch`, and the session is revoked.
+//!
+//! The refresh token is the secret; the device cookie is the binding. The cookie opens
+//! nothing by itself: it makes a refresh token that leaked out of the browser (a log,
+//! a copied storage, a stolen backup) useless on another device. `HttpOnly` keeps it
+//! from any page's script, `SameSite=Lax` keeps it off a cross-site `POST` (and the
+//! JSON routes refuse what a cross-site form can send anyway), the `__Host-` prefix
+//! keeps a sibling subdomain from setting or shadowing it, and the device id is never
+//! logged, recorded in an event, or answered except as the `device_id` of a session
+//! bound to an id the server made. It does not stop script running in the web app's
+//! own page, in the same browser, from refreshing: that browser is the device.
+//!
+//! **Sign-ins started**: `GET /auth/{provider}/authorize` is admitted per address and in
+//! total before it stores a flow ([`sessions`](crate::sessions)): 429
+//! `too_many_sign_in_flows`, or 503 `sign_in_busy`, with `Retry-After`,
+//! `RateLimit-Policy` and `RateLimit`; 503 `rate_limiter_unavailable` with
+//! `Retry-After: 1` when the limiter is down.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use bytes::Bytes;
@@ -47,6 +90,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
@@ -58,17 +102,37 @@ use upcoach_core::http::{
 };
 
 use crate::flow::FlowError;
-use crate::refresh::RefreshError;
-use crate::sessions::{AuthError, CallbackOutcome, Sessions};
+use crate::refresh::{DeviceId, InvalidDeviceId, RefreshError};
+use crate::sessions::{AuthError, CallbackOutcome, Sessions, TokenResponse};
 use crate::users::UserError;
 use crate::web::{CallbackParams, FLOW_COOKIE, FLOW_TTL, LoginProof, SignInError};
 
+pub use crate::refresh::device::DEVICE_ID_HEADER;
+
+use crate::{Error, NativeCredential};
+
 /// The flow cookie's name behind https (see [`AuthRoutes`]).
 pub const FLOW_COOKIE_HOST: &str = "__Host-upcoach_flow";
-use crate::{Error, NativeCredential};
+/// The cookie that carries a browser's device id, on plain http (see the [module
+/// docs](self)).
+pub const DEVICE_COOKIE: &str = "upcoach_device";
+/// The device cookie's name behind https.
+pub const DEVICE_COOKIE_HOST: &str = "__Host-upcoach_device";
+/// How long a browser keeps its device cookie: 400 days, the longest a browser keeps
+/// any cookie (RFC 6265bis), so one browser stays one device.
+pub const DEVICE_COOKIE_MAX_AGE: Duration = Duration::from_secs(400 * 24 * 3600);
 
 /// An answer of these routes.
 pub type Answer = Response<JsonBody>;
+
+impl HttpError for InvalidDeviceId {
+    fn status(&self) -> StatusCode {
+        StatusCode::BAD_REQUEST
+    }
+    fn code(&self) -> &'static str {
+        InvalidDeviceId::code(self)
+    }
+}
 
 impl HttpError for Error {
     fn status(&self) -> StatusCode {
@@ -177,6 +241,13 @@ impl HttpError for AuthError {
             AuthError::Users(e) => e.status(),
             AuthError::Refresh(e) => e.status(),
             AuthError::Flow(e) => e.status(),
+            AuthError::InvalidDeviceId(e) => e.status(),
+            AuthError::TooManySignInFlows { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AuthError::SignInBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::FlowLimiter(upcoach_core::limit::LimitError::Unavailable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AuthError::FlowLimiter(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
     fn code(&self) -> &'static str {
@@ -185,15 +256,105 @@ impl HttpError for AuthError {
     fn is_retryable(&self) -> bool {
         AuthError::is_retryable(self)
     }
+    fn message(&self) -> Cow<'_, str> {
+        match self {
+            // Not a dependency that is down: say what it is.
+            AuthError::SignInBusy { .. } => Cow::Owned(self.to_string()),
+            AuthError::TooManySignInFlows { decision, .. } => Cow::Owned(format!(
+                "{self} (in {} s)",
+                retry_seconds(decision.retry_after)
+            )),
+            _ => match self.status() {
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    Cow::Borrowed("a dependency is unavailable; retry shortly")
+                }
+                status if status.is_server_error() => Cow::Borrowed("internal error"),
+                _ => Cow::Owned(self.to_string()),
+            },
+        }
+    }
+    fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        let (rule, quota, decision) = match self {
+            AuthError::TooManySignInFlows { quota, decision } => {
+                (crate::sessions::FLOW_RULE, quota, decision)
+            }
+            AuthError::SignInBusy { quota, decision } => {
+                (crate::sessions::FLOW_TOTAL_RULE, quota, decision)
+            }
+            AuthError::FlowLimiter(_) => {
+                return vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))];
+            }
+            _ => return Vec::new(),
+        };
+        let mut headers = vec![(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_seconds(decision.retry_after)),
+        )];
+        let policy = format!(
+            "\"{rule}\";q={};w={}",
+            quota.limit(),
+            quota.window().as_secs().max(1)
+        );
+        let state = format!(
+            "\"{rule}\";r={};t={}",
+            decision.remaining,
+            decision.reset_after.as_secs_f64().ceil() as u64
+        );
+        if let (Ok(policy), Ok(state)) =
+            (HeaderValue::try_from(policy), HeaderValue::try_from(state))
+        {
+            headers.push((header::HeaderName::from_static("ratelimit-policy"), policy));
+            headers.push((header::HeaderName::from_static("ratelimit"), state));
+        }
+        headers
+    }
+}
+
+/// `Retry-After` seconds for a wait: rounded up, at least 1.
+fn retry_seconds(wait: Duration) -> u64 {
+    (wait.as_secs_f64().ceil() as u64).max(1)
+}
+
+/// The device id of `X-Device-Id`, if the request has one: `invalid_device_id` when it
+/// is not a valid id or the header is given twice.
+pub fn device_id(headers: &HeaderMap) -> Result<Option<DeviceId>, InvalidDeviceId> {
+    let mut values = headers.get_all(DEVICE_ID_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(InvalidDeviceId);
+    }
+    let text = value.to_str().map_err(|_| InvalidDeviceId)?;
+    DeviceId::parse(text).map(Some)
 }
 
 /// Sign-in's routes over one [`Sessions`]; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct AuthRoutes {
     sessions: Arc<Sessions>,
-    /// `Secure` on the flow cookie: the public URL is https.
+    /// `Secure` and `__Host-` cookies: the public URL is https.
     secure_cookie: bool,
 }
+
+/// A cookie these routes set on a browser: its name on plain http and behind https.
+#[derive(Debug, Clone, Copy)]
+struct BrowserCookie {
+    name: &'static str,
+    host_name: &'static str,
+}
+
+/// The flow cookie: binds a started sign-in to its browser, for [`FLOW_TTL`].
+const FLOW: BrowserCookie = BrowserCookie {
+    name: FLOW_COOKIE,
+    host_name: FLOW_COOKIE_HOST,
+};
+
+/// The device cookie: the browser's device id, for [`DEVICE_COOKIE_MAX_AGE`].
+const DEVICE: BrowserCookie = BrowserCookie {
+    name: DEVICE_COOKIE,
+    host_name: DEVICE_COOKIE_HOST,
+};
 
 fn fail(error: &(impl HttpError + ?Sized)) -> Answer {
     error_response(error)
@@ -229,20 +390,37 @@ struct NativeBody {
     nonce: Option<String>,
     #[serde(default)]
     platform: Option<String>,
+    /// The device, as `X-Device-Id` gives it (sign-in only; linking ignores it).
+    #[serde(default)]
+    device_id: Option<String>,
     /// Apple's first-sign-in user JSON (name); accepted, not used yet.
     #[serde(default, rename = "user")]
     _user: Option<serde_json::Value>,
 }
 
 impl NativeBody {
-    fn into_parts(self) -> (NativeCredential, Option<String>) {
+    fn into_parts(self) -> (NativeCredential, Option<String>, Option<String>) {
         (
             NativeCredential::IdToken {
                 id_token: self.id_token,
                 nonce: self.nonce,
             },
             self.platform,
+            self.device_id,
         )
+    }
+}
+
+/// The device of a native sign-in: `X-Device-Id` or the body's `device_id`, which must
+/// agree when both are given.
+fn native_device(
+    header: Option<DeviceId>,
+    body: Option<&str>,
+) -> Result<Option<DeviceId>, InvalidDeviceId> {
+    let body = body.map(DeviceId::parse).transpose()?;
+    match (header, body) {
+        (Some(header), Some(body)) if header != body => Err(InvalidDeviceId),
+        (header, body) => Ok(header.or(body)),
     }
 }
 
@@ -278,8 +456,8 @@ struct DevTokenBody {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl AuthRoutes {
-    /// The routes of `sessions`; the flow cookie is `Secure` when its public URL is
-    /// https.
+    /// The routes of `sessions`; their cookies are `Secure` and `__Host-` prefixed when
+    /// its public URL is https.
     pub fn new(sessions: Arc<Sessions>) -> Self {
         let secure_cookie = sessions.public_url().starts_with("https://");
         Self {
@@ -293,19 +471,20 @@ impl AuthRoutes {
         &self.sessions
     }
 
-    /// The flow cookie's name: behind https `__Host-upcoach_flow`, which no sibling
-    /// subdomain can set or shadow; `upcoach_flow` on plain http (development).
-    fn flow_cookie_name(&self) -> &'static str {
+    /// The name of `cookie` here: behind https its `__Host-` name, which no sibling
+    /// subdomain can set or shadow; its plain name on http (development).
+    fn cookie_name(&self, cookie: BrowserCookie) -> &'static str {
         if self.secure_cookie {
-            FLOW_COOKIE_HOST
+            cookie.host_name
         } else {
-            FLOW_COOKIE
+            cookie.name
         }
     }
 
-    /// The flow cookie: `HttpOnly`, `SameSite=Lax`; behind https `Secure` on `/` with the
-    /// `__Host-` prefix, else on `/auth` (the callback and the login-code exchange).
-    fn flow_cookie(&self, value: &str, max_age: u64) -> Option<HeaderValue> {
+    /// A `Set-Cookie` of `cookie`: `HttpOnly`, `SameSite=Lax`; behind https `Secure` on
+    /// `/` with the `__Host-` prefix, else on `/auth` (the callback, the login-code
+    /// exchange and the refresh).
+    fn set_cookie(&self, cookie: BrowserCookie, value: &str, max_age: u64) -> Option<HeaderValue> {
         let attributes = if self.secure_cookie {
             "Path=/; Secure"
         } else {
@@ -313,9 +492,56 @@ impl AuthRoutes {
         };
         HeaderValue::from_str(&format!(
             "{}={value}; {attributes}; Max-Age={max_age}; HttpOnly; SameSite=Lax",
-            self.flow_cookie_name()
+            self.cookie_name(cookie)
         ))
         .ok()
+    }
+
+    /// The flow cookie's name (see [`cookie_name`](Self::cookie_name)).
+    fn flow_cookie_name(&self) -> &'static str {
+        self.cookie_name(FLOW)
+    }
+
+    /// The flow cookie, or (empty, `max_age` 0) its removal.
+    fn flow_cookie(&self, value: &str, max_age: u64) -> Option<HeaderValue> {
+        self.set_cookie(FLOW, value, max_age)
+    }
+
+    /// The device cookie carrying `device`, for [`DEVICE_COOKIE_MAX_AGE`].
+    fn device_cookie(&self, device: &DeviceId) -> Option<HeaderValue> {
+        self.set_cookie(DEVICE, device.expose(), DEVICE_COOKIE_MAX_AGE.as_secs())
+    }
+
+    /// The device id of the request's device cookie: none if it has none, two, or one
+    /// that is not a valid device id (ignored, never an error: the browser cannot fix
+    /// it, and `authorize` replaces it).
+    fn cookie_device(&self, headers: &HeaderMap) -> Option<DeviceId> {
+        cookie(headers, self.cookie_name(DEVICE)).and_then(|value| DeviceId::parse(value).ok())
+    }
+
+    /// The device a request presents: `X-Device-Id` if it has one (invalid: 400
+    /// `invalid_device_id`), else its valid device cookie, else none.
+    fn presented_device(&self, headers: &HeaderMap) -> Result<Option<DeviceId>, InvalidDeviceId> {
+        Ok(device_id(headers)?.or_else(|| self.cookie_device(headers)))
+    }
+
+    /// The answer of a browser sign-in that ends with tokens (exchange, callback): the
+    /// TokenResponse, the flow cookie cleared (used: the browser needs it no more) and,
+    /// when the session is bound to a device id the server made (`device_id`), that id
+    /// set as the device cookie, so the browser's refreshes carry it.
+    fn signed_in_browser(&self, tokens: &TokenResponse) -> Answer {
+        let mut response = json_response(StatusCode::OK, tokens);
+        if let Some(clear) = self.flow_cookie("", 0) {
+            response.headers_mut().insert(header::SET_COOKIE, clear);
+        }
+        let generated = tokens.device_id.as_deref().map(DeviceId::parse);
+        if let Some(cookie) = generated
+            .and_then(Result::ok)
+            .and_then(|d| self.device_cookie(&d))
+        {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        response
     }
 
     async fn principal(&self, headers: &HeaderMap) -> Result<upcoach_core::Principal, Answer> {
@@ -325,11 +551,14 @@ impl AuthRoutes {
     }
 
     /// `GET /auth/{provider}/authorize?platform=&return_to=&login_challenge=`: 302 to
-    /// the provider, setting the flow cookie.
+    /// the provider, setting the flow cookie; with `platform=web`, also the device
+    /// cookie when the browser has no valid one.
     pub async fn authorize<B>(&self, provider: &str, request: Request<B>) -> Answer {
         let query = request.uri().query();
         let facts = client_facts(request.headers(), request.extensions())
             .with_platform(query_param(query, "platform").map(Cow::into_owned));
+        let new_device = facts.platform.as_deref() == Some("web")
+            && self.cookie_device(request.headers()).is_none();
         let return_to = query_param(query, "return_to");
         let challenge = query_param(query, "login_challenge");
         let started = match self
@@ -353,18 +582,34 @@ impl AuthRoutes {
         let mut response = empty_response(StatusCode::FOUND);
         response.headers_mut().insert(header::LOCATION, location);
         response.headers_mut().insert(header::SET_COOKIE, cookie);
+        if new_device {
+            let device = match DeviceId::generate() {
+                Ok(device) => device,
+                Err(e) => return fail(&AuthError::from(e)),
+            };
+            // After the flow cookie: a client reading one `Set-Cookie` gets that one.
+            if let Some(cookie) = self.device_cookie(&device) {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+        }
         no_store(response)
     }
 
     /// `GET|POST /auth/{provider}/callback` (the query, or a form body for
     /// `response_mode=form_post`): 200 TokenResponse, or 302 to `return_to` with a
-    /// login code.
+    /// login code. Tokens answered here are bound to the device presented
+    /// (`X-Device-Id`, else the device cookie), or to a new one, set as the device
+    /// cookie.
     pub async fn callback<B>(&self, provider: &str, request: Request<B>) -> Answer
     where
         B: http_body::Body,
         B::Error: Into<BoxError>,
     {
         let facts = client_facts(request.headers(), request.extensions());
+        let device = match self.presented_device(request.headers()) {
+            Ok(device) => device,
+            Err(e) => return fail(&e),
+        };
         let browser = cookie(request.headers(), self.flow_cookie_name()).map(str::to_owned);
         let params = if request.method() == Method::POST {
             match read_body(request.into_body(), DEFAULT_JSON_LIMIT).await {
@@ -376,18 +621,17 @@ impl AuthRoutes {
         };
         let outcome = self
             .sessions
-            .callback(provider, &params, browser.as_deref(), &facts)
+            .callback(
+                provider,
+                &params,
+                browser.as_deref(),
+                device.as_ref(),
+                &facts,
+            )
             .await;
         let response = match outcome {
             Err(e) => return no_store(fail(&e)),
-            Ok(CallbackOutcome::SignedIn(tokens)) => {
-                let mut response = json_response(StatusCode::OK, &tokens);
-                // Used: the browser needs the cookie no more.
-                if let Some(clear) = self.flow_cookie("", 0) {
-                    response.headers_mut().insert(header::SET_COOKIE, clear);
-                }
-                response
-            }
+            Ok(CallbackOutcome::SignedIn(tokens)) => self.signed_in_browser(&tokens),
             Ok(CallbackOutcome::Redirect(url)) => {
                 let Ok(location) = HeaderValue::from_str(url.as_str()) else {
                     return fail(&AuthError::SignIn(SignInError::ReturnToNotAllowed));
@@ -401,23 +645,32 @@ impl AuthRoutes {
         no_store(response)
     }
 
-    /// `POST /auth/{provider}/token` `{"id_token","nonce","platform","user"?}`: a native
-    /// sign-in.
+    /// `POST /auth/{provider}/token` `{"id_token","nonce","platform","device_id"?,"user"?}`
+    /// (the device also as `X-Device-Id`): a native sign-in, bound to the device when
+    /// the app names one.
     pub async fn token<B>(&self, provider: &str, request: Request<B>) -> Answer
     where
         B: http_body::Body,
         B::Error: Into<BoxError>,
     {
         let facts = client_facts(request.headers(), request.extensions());
+        let header = match device_id(request.headers()) {
+            Ok(device) => device,
+            Err(e) => return fail(&e),
+        };
         let body: NativeBody = match read_json(request, DEFAULT_JSON_LIMIT).await {
             Ok(body) => body,
             Err(e) => return fail(&e),
         };
-        let (credential, platform) = body.into_parts();
+        let (credential, platform, body_device) = body.into_parts();
+        let device = match native_device(header, body_device.as_deref()) {
+            Ok(device) => device,
+            Err(e) => return fail(&e),
+        };
         let facts = facts.with_platform(platform);
         match self
             .sessions
-            .sign_in_with_token(provider, credential, &facts)
+            .sign_in_with_token(provider, credential, device.as_ref(), &facts)
             .await
         {
             Ok(tokens) => no_store(json_response(StatusCode::OK, &tokens)),
@@ -427,13 +680,19 @@ impl AuthRoutes {
 
     /// `POST /auth/exchange` `{"login_code","login_verifier"?}`: the tokens of a login
     /// code, for the browser that began (its flow cookie, or the verifier of its
-    /// `login_challenge`).
+    /// `login_challenge`), bound to the device presented (`X-Device-Id`, else the
+    /// device cookie), or to a new one: `device_id` in the answer, and set as the
+    /// device cookie.
     pub async fn exchange<B>(&self, request: Request<B>) -> Answer
     where
         B: http_body::Body,
         B::Error: Into<BoxError>,
     {
         let facts = client_facts(request.headers(), request.extensions());
+        let device = match self.presented_device(request.headers()) {
+            Ok(device) => device,
+            Err(e) => return fail(&e),
+        };
         let browser = cookie(request.headers(), self.flow_cookie_name()).map(str::to_owned);
         let body: ExchangeBody = match read_json(request, DEFAULT_JSON_LIMIT).await {
             Ok(body) => body,
@@ -445,32 +704,36 @@ impl AuthRoutes {
         };
         match self
             .sessions
-            .exchange(&body.login_code, &proof, &facts)
+            .exchange(&body.login_code, &proof, device.as_ref(), &facts)
             .await
         {
-            Ok(tokens) => {
-                let mut response = json_response(StatusCode::OK, &tokens);
-                if let Some(clear) = self.flow_cookie("", 0) {
-                    response.headers_mut().insert(header::SET_COOKIE, clear);
-                }
-                no_store(response)
-            }
+            Ok(tokens) => no_store(self.signed_in_browser(&tokens)),
             Err(e) => fail(&e),
         }
     }
 
-    /// `POST /auth/refresh` `{"refresh_token"}`: a rotated TokenResponse.
+    /// `POST /auth/refresh` `{"refresh_token"}` from the session's device
+    /// (`X-Device-Id`, else the device cookie a browser sends by itself): a rotated
+    /// TokenResponse.
     pub async fn refresh<B>(&self, request: Request<B>) -> Answer
     where
         B: http_body::Body,
         B::Error: Into<BoxError>,
     {
         let facts = client_facts(request.headers(), request.extensions());
+        let device = match self.presented_device(request.headers()) {
+            Ok(device) => device,
+            Err(e) => return fail(&e),
+        };
         let body: RefreshBody = match read_json(request, DEFAULT_JSON_LIMIT).await {
             Ok(body) => body,
             Err(e) => return fail(&e),
         };
-        match self.sessions.refresh(&body.refresh_token, &facts).await {
+        match self
+            .sessions
+            .refresh(&body.refresh_token, device.as_ref(), &facts)
+            .await
+        {
             Ok(tokens) => no_store(json_response(StatusCode::OK, &tokens)),
             Err(e) => fail(&e),
         }
@@ -546,7 +809,7 @@ impl AuthRoutes {
             Ok(body) => body,
             Err(e) => return fail(&e),
         };
-        let (credential, platform) = body.into_parts();
+        let (credential, platform, _device) = body.into_parts();
         let facts = facts.with_platform(platform);
         match self
             .sessions

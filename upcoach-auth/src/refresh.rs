@@ -18,6 +18,14 @@
 //!   whose response it lost. Once any child of it has been used, or after the grace, the
 //!   parent is reuse. Once one of several siblings has been used, presenting another one
 //!   is reuse too, so a family never has two live lines.
+//! - **Device binding** ([`device`]): a family may be bound to a [`DeviceFingerprint`]
+//!   when it is opened; [`RefreshStore::rotate`] then takes the fingerprint the refresh
+//!   presents, and any other (or none) revokes the family and answers
+//!   [`RefreshError::DeviceMismatch`]: a token used from another device is treated as
+//!   stolen, like reuse, and the caller records `refresh_device_mismatch`. A family
+//!   opened without a fingerprint (a native client that sent no device id, a session
+//!   issued by the host, a family from before the `device_fingerprint` column) is not
+//!   bound and accepts any. The comparison is constant-time.
 //! - **Concurrency**: of two rotations of one token, at most one rotates it; the other is
 //!   a grace retry or reuse. After [`RefreshStore::revoke_family`] returns, no token of
 //!   the family rotates any more, whatever was in flight.
@@ -31,7 +39,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use upcoach_auth::refresh::{MemoryRefreshStore, RefreshPolicy, RefreshStore};
+//! use upcoach_auth::refresh::{DeviceId, MemoryRefreshStore, RefreshPolicy, RefreshStore};
 //! use upcoach_core::{Clock, ManualClock, UserId};
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -39,23 +47,33 @@
 //! let store = MemoryRefreshStore::new(RefreshPolicy::default());
 //! let user = UserId::new();
 //!
-//! // Sign-in: the first token of a new family.
-//! let issued = store.open_family(user, clock.now()).await?;
+//! // Sign-in from a phone: the first token of a new family, bound to the phone.
+//! let phone = DeviceId::parse("6F9619FF-8B86-D011-B42D-00CF4FC964FF").unwrap().fingerprint();
+//! let issued = store.open_family(user, Some(phone), clock.now()).await?;
 //!
 //! // Each refresh exchanges the token for a new one in the same family.
 //! clock.advance(Duration::from_secs(15 * 60));
-//! let rotation = store.rotate(issued.token.expose(), clock.now()).await?;
+//! let rotation = store.rotate(issued.token.expose(), Some(phone), clock.now()).await?;
 //! assert_eq!((rotation.user_id, rotation.family_id), (user, issued.family_id));
 //!
 //! // The old token again: reuse. The family is revoked, the new token stops working.
-//! let reused = store.rotate(issued.token.expose(), clock.now()).await.unwrap_err();
+//! let reused = store.rotate(issued.token.expose(), Some(phone), clock.now()).await.unwrap_err();
 //! assert_eq!(reused.code(), "refresh_token_reused");
-//! let revoked = store.rotate(rotation.token.expose(), clock.now()).await.unwrap_err();
+//! let revoked = store.rotate(rotation.token.expose(), Some(phone), clock.now()).await.unwrap_err();
+//! assert_eq!(revoked.code(), "refresh_token_revoked");
+//!
+//! // Another sign-in; its token shows up on another device: the family is revoked.
+//! let issued = store.open_family(user, Some(phone), clock.now()).await?;
+//! let laptop = DeviceId::parse("laptop-0001").unwrap().fingerprint();
+//! let stolen = store.rotate(issued.token.expose(), Some(laptop), clock.now()).await.unwrap_err();
+//! assert_eq!(stolen.code(), "device_mismatch");
+//! let revoked = store.rotate(issued.token.expose(), Some(phone), clock.now()).await.unwrap_err();
 //! assert_eq!(revoked.code(), "refresh_token_revoked");
 //! # Ok::<(), upcoach_auth::refresh::RefreshError>(())
 //! # }).unwrap();
 //! ```
 
+pub mod device;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -67,6 +85,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use upcoach_core::{SessionId, UserId};
 
+pub use device::{DeviceFingerprint, DeviceId, InvalidDeviceId};
 pub use memory::MemoryRefreshStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PgRefreshStore;
@@ -185,6 +204,9 @@ pub enum RevokeReason {
     AllSessions,
     /// An operator or the host decided.
     Admin,
+    /// A token of the family was presented from another device than the family is
+    /// bound to.
+    DeviceMismatch,
 }
 
 impl RevokeReason {
@@ -195,6 +217,7 @@ impl RevokeReason {
             RevokeReason::Reuse => "reuse",
             RevokeReason::AllSessions => "all_sessions",
             RevokeReason::Admin => "admin",
+            RevokeReason::DeviceMismatch => "device_mismatch",
         }
     }
 }
@@ -210,7 +233,7 @@ pub struct Purged {
 
 /// Why a refresh token was not accepted.
 ///
-/// The token codes say nothing more than these five facts; in particular an unknown
+/// The token codes say nothing more than these six facts; in particular an unknown
 /// token and a malformed one are both [`RefreshError::Invalid`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -228,6 +251,16 @@ pub enum RefreshError {
     /// `refresh_token_reused` security event with these.
     #[error("a rotated refresh token was used again; its family is revoked")]
     Reused {
+        /// The family's user.
+        user_id: UserId,
+        /// The revoked family.
+        family_id: SessionId,
+    },
+    /// The family is bound to another device than the refresh presented (or the refresh
+    /// presented none): its whole family is now revoked. Record a
+    /// `refresh_device_mismatch` security event with these.
+    #[error("this refresh token belongs to another device; its family is revoked")]
+    DeviceMismatch {
         /// The family's user.
         user_id: UserId,
         /// The revoked family.
@@ -263,6 +296,7 @@ impl RefreshError {
             RefreshError::Expired => "refresh_token_expired",
             RefreshError::Revoked => "refresh_token_revoked",
             RefreshError::Reused { .. } => "refresh_token_reused",
+            RefreshError::DeviceMismatch { .. } => "device_mismatch",
             RefreshError::NotOwner => "refresh_token_not_yours",
             RefreshError::UnknownUser => "unknown_user",
             RefreshError::Random(_) => "internal_error",
@@ -303,13 +337,13 @@ impl RefreshError {
 ///     fn policy(&self) -> &RefreshPolicy {
 ///         self.inner.policy()
 ///     }
-///     async fn open_family(&self, user: UserId, now: SystemTime)
+///     async fn open_family(&self, user: UserId, device: Option<DeviceFingerprint>, now: SystemTime)
 ///         -> Result<IssuedRefresh, RefreshError> {
-///         self.inner.open_family(user, now).await
+///         self.inner.open_family(user, device, now).await
 ///     }
-///     async fn rotate(&self, presented: &str, now: SystemTime)
+///     async fn rotate(&self, presented: &str, device: Option<DeviceFingerprint>, now: SystemTime)
 ///         -> Result<Rotation, RefreshError> {
-///         let result = self.inner.rotate(presented, now).await;
+///         let result = self.inner.rotate(presented, device, now).await;
 ///         if let Err(RefreshError::Reused { .. }) = &result {
 ///             self.reused.fetch_add(1, Ordering::Relaxed);
 ///         }
@@ -334,9 +368,9 @@ impl RefreshError {
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let store = CountReuse { inner: MemoryRefreshStore::default(), reused: AtomicU64::new(0) };
 /// let now = SystemTime::now();
-/// let issued = store.open_family(UserId::new(), now).await.unwrap();
-/// store.rotate(issued.token.expose(), now).await.unwrap();
-/// assert!(store.rotate(issued.token.expose(), now).await.is_err());
+/// let issued = store.open_family(UserId::new(), None, now).await.unwrap();
+/// store.rotate(issued.token.expose(), None, now).await.unwrap();
+/// assert!(store.rotate(issued.token.expose(), None, now).await.is_err());
 /// assert_eq!(store.reused.load(Ordering::Relaxed), 1);
 /// # });
 /// ```
@@ -345,26 +379,39 @@ pub trait RefreshStore: fmt::Debug + Send + Sync + 'static {
     /// The lifetimes and grace this store applies.
     fn policy(&self) -> &RefreshPolicy;
 
-    /// Opens a new family for `user` (a sign-in) and issues its first token.
+    /// Opens a new family for `user` (a sign-in) and issues its first token. With
+    /// `device`, the family is bound to it for its whole life; without, it is not bound.
+    /// A store keeps the fingerprint only, never a device id.
     async fn open_family(
         &self,
         user: UserId,
+        device: Option<DeviceFingerprint>,
         now: SystemTime,
     ) -> Result<IssuedRefresh, RefreshError>;
 
-    /// Exchanges `presented` for a new token of the same family (a refresh).
+    /// Exchanges `presented`, sent from the device whose fingerprint is `device` (`None`:
+    /// the client named no device), for a new token of the same family (a refresh).
     ///
     /// Errors: [`RefreshError::Invalid`] (unknown or malformed), [`RefreshError::Expired`]
-    /// (the token or its family), [`RefreshError::Reused`] (already exchanged, outside
-    /// the grace rules: the family is now revoked), [`RefreshError::Revoked`] (the
-    /// family was revoked), [`RefreshError::Backend`].
+    /// (the token or its family), [`RefreshError::DeviceMismatch`] (the family is bound
+    /// to another device, see [`DeviceFingerprint::accepts`]: the family is now revoked),
+    /// [`RefreshError::Reused`] (already exchanged, outside the grace rules: the family
+    /// is now revoked), [`RefreshError::Revoked`] (the family was revoked),
+    /// [`RefreshError::Backend`].
     ///
     /// The checks, in order: the family's absolute end and the token's expiry (an
     /// expired token answers `Expired` and changes nothing, even if it was exchanged);
-    /// an exchanged token is a grace retry or reuse (reuse again, with the family revoked
+    /// the device (another device is `DeviceMismatch` whatever state the token and its
+    /// family are in, and again each time: each attempt is worth a security event); an
+    /// exchanged token is a grace retry or reuse (reuse again, with the family revoked
     /// already, is still `Reused`: each replay is worth a security event); a revoked
     /// family; an unused sibling of a token that was used is reuse.
-    async fn rotate(&self, presented: &str, now: SystemTime) -> Result<Rotation, RefreshError>;
+    async fn rotate(
+        &self,
+        presented: &str,
+        device: Option<DeviceFingerprint>,
+        now: SystemTime,
+    ) -> Result<Rotation, RefreshError>;
 
     /// Revokes a family: none of its tokens rotates once this returns. `true` if this
     /// call revoked it, `false` if it was revoked already or is unknown.
@@ -462,10 +509,22 @@ pub(crate) struct Observed {
     pub(crate) rotated_at: Option<SystemTime>,
     /// Whether the token or its family is revoked.
     pub(crate) revoked: bool,
+    /// Whether the family accepts the presented device ([`DeviceFingerprint::accepts`]).
+    pub(crate) device_accepted: bool,
     /// Whether a child of this token has been exchanged already.
     pub(crate) child_rotated: bool,
     /// Whether another child of this token's parent has been exchanged already.
     pub(crate) sibling_rotated: bool,
+}
+
+/// Whether a token expiring at `expires_at`, of a family ending at `family_expires_at`,
+/// is expired at `now` (the first check of [`decide`]).
+pub(crate) fn is_expired(
+    expires_at: SystemTime,
+    family_expires_at: SystemTime,
+    now: SystemTime,
+) -> bool {
+    now >= family_expires_at || now >= expires_at
 }
 
 /// What to do with a presented, known token.
@@ -481,14 +540,19 @@ pub(crate) enum Verdict {
     Revoked,
     /// Answer `refresh_token_expired`.
     Expired,
+    /// Revoke the family and answer `device_mismatch`.
+    DeviceMismatch,
 }
 
 /// The one decision every store makes, in this order: expiry (the family's, then the
-/// token's); an exchanged token is a grace retry or reuse; a revoked family; a sibling
-/// of an exchanged token is reuse; otherwise rotate.
+/// token's); another device; an exchanged token is a grace retry or reuse; a revoked
+/// family; a sibling of an exchanged token is reuse; otherwise rotate.
 pub(crate) fn decide(token: &Observed, policy: &RefreshPolicy, now: SystemTime) -> Verdict {
-    if now >= token.family_expires_at || now >= token.expires_at {
+    if is_expired(token.expires_at, token.family_expires_at, now) {
         return Verdict::Expired;
+    }
+    if !token.device_accepted {
+        return Verdict::DeviceMismatch;
     }
     if let Some(rotated_at) = token.rotated_at {
         let within_grace = !policy.grace.is_zero() && now < later(rotated_at, policy.grace);
@@ -553,6 +617,7 @@ mod tests {
             family_expires_at: t + 200 * s,
             rotated_at: None,
             revoked: false,
+            device_accepted: true,
             child_rotated: false,
             sibling_rotated: false,
         };
@@ -601,5 +666,20 @@ mod tests {
             decide(&rotated_and_revoked, &lenient, t + s),
             Verdict::Reuse
         );
+
+        // Another device: after expiry, before everything else.
+        let elsewhere = Observed {
+            device_accepted: false,
+            ..fresh
+        };
+        assert_eq!(decide(&elsewhere, &lenient, t), Verdict::DeviceMismatch);
+        assert_eq!(decide(&elsewhere, &lenient, t + 100 * s), Verdict::Expired);
+        for state in [rotated, revoked, stale, rotated_and_revoked] {
+            let elsewhere = Observed {
+                device_accepted: false,
+                ..state
+            };
+            assert_eq!(decide(&elsewhere, &lenient, t + s), Verdict::DeviceMismatch);
+        }
     }
 }

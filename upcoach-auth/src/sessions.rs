@@ -4,12 +4,44 @@
 //! code, and records each security event itself, with the client's address, user agent
 //! and platform ([`ClientFacts`]).
 //!
+//! **Devices.** Every session a browser sign-in opens is bound to a device
+//! ([`refresh::device`](crate::refresh::device)): the [`DeviceId`] the browser presents
+//! at [`exchange`](Sessions::exchange) (or at the [`callback`](Sessions::callback) when
+//! it answers with tokens), or a random one made there. Over HTTP
+//! (`upcoach_auth::http`, feature `http`) a browser presents the device cookie it got
+//! at `authorize`, or the web app its own `X-Device-Id`; a made id is the one case the
+//! [`TokenResponse`] carries as `device_id` (and the routes set as the device cookie),
+//! to be presented again on every [`refresh`](Sessions::refresh). A native sign-in is
+//! bound to the device id the app presents; one that presents none is not bound (so
+//! apps that predate device ids keep working), nor is a session from
+//! [`issue_for`](Sessions::issue_for). A refresh from another device (or with no device
+//! id, for a bound session) is refused with `device_mismatch`, revokes the session and
+//! is recorded as `refresh_device_mismatch`. A device id is never recorded in an event
+//! nor answered back: only a made one, once, as `device_id`.
+//!
+//! **Stored flows.** Each browser sign-in started ([`authorize`](Sessions::authorize))
+//! stores a flow for ten minutes, before anyone has signed in. So that a flood of them
+//! neither fills the [`FlowStore`] (every web sign-in would then fail until flows
+//! expire) nor grows Redis without end, the service admits flows through a
+//! [`RateLimiter`]: per client address (rule `auth.flows`, subject
+//! [`ip_subject`](upcoach_core::limit::ip_subject) of [`ClientFacts::ip`], `ip:unknown`
+//! for requests whose address is unknown; default [`DEFAULT_FLOWS_PER_ADDRESS`] per
+//! ten minutes, over it 429 `too_many_sign_in_flows`), and in total (rule
+//! `auth.flows.total`; default [`DEFAULT_FLOWS_TOTAL`] per ten minutes, over it 503
+//! `sign_in_busy`). The window is the flow's lifetime, so a limiter that admits `n` per
+//! window leaves at most about `2n` flows alive (a full burst, then the refill over
+//! the ten minutes). When the limiter cannot answer (its Redis is down), sign-in fails
+//! closed: 503 `rate_limiter_unavailable`. The default limiter is in this process;
+//! with [`SessionsBuilder::redis`] it is in Redis, one budget for every process
+//! (or give your own: [`SessionsBuilder::flow_limiter`]).
+//!
 //! A provider is anything implementing [`AuthProvider`]; the service needs nothing
 //! else from it. A host adds its own:
 //!
 //! ```
 //! use std::sync::Arc;
 //! use async_trait::async_trait;
+//! use upcoach_auth::refresh::DeviceId;
 //! use upcoach_auth::session::{AccessTokens, SigningKey};
 //! use upcoach_auth::sessions::Sessions;
 //! use upcoach_auth::{AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity};
@@ -62,15 +94,22 @@
 //!     platform: Some("ios".into()),
 //! };
 //! let credential = NativeCredential::IdToken { id_token: "badge-42".into(), nonce: Some("n-1".into()) };
-//! let signed_in = sessions.sign_in_with_token("google", credential, &facts).await.unwrap();
+//! let phone: DeviceId = "6F9619FF-8B86-D011-B42D-00CF4FC964FF".parse()?;
+//! let signed_in = sessions.sign_in_with_token("google", credential, Some(&phone), &facts).await.unwrap();
 //! assert_eq!(signed_in.user.email.as_deref(), Some("ada@staff.example"));
 //!
-//! let rotated = sessions.refresh(&signed_in.refresh_token, &facts).await.unwrap();
+//! let rotated = sessions.refresh(&signed_in.refresh_token, Some(&phone), &facts).await.unwrap();
 //! assert_ne!(rotated.refresh_token, signed_in.refresh_token);
+//!
+//! // The newest token, from another device: refused, and the session is over.
+//! let laptop: DeviceId = "laptop-0001".parse()?;
+//! let stolen = sessions.refresh(&rotated.refresh_token, Some(&laptop), &facts).await.unwrap_err();
+//! assert_eq!(stolen.code(), "device_mismatch");
 //!
 //! events.flush().await?;
 //! let logged = events.recent(EventKind::Security, 10).await?;
 //! assert!(logged.iter().any(|e| e.name() == "login_success"));
+//! assert!(logged.iter().any(|e| e.name() == "refresh_device_mismatch"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
@@ -82,20 +121,42 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use upcoach_core::event::{ClientFacts, Event, EventLog, MemoryEventLog, SecurityEvent};
+use upcoach_core::limit::{Decision, LimitError, MemoryLimiter, Quota, RateLimiter};
 use upcoach_core::{Clock, Principal, Role, SessionId, SystemClock, TokenError, UserId};
 
 use crate::config::AuthConfig;
 use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
 use crate::refresh::{
-    MemoryRefreshStore, Purged, RefreshError, RefreshPolicy, RefreshStore, RevokeReason,
+    DeviceId, InvalidDeviceId, MemoryRefreshStore, Purged, RefreshError, RefreshPolicy,
+    RefreshStore, RevokeReason,
 };
 use crate::session::AccessTokens;
 use crate::users::{LinkingPolicy, MemoryUserStore, User, UserError, UserStore};
 use crate::web::{CallbackParams, LoginGrant, LoginProof, SignInError, Started, WebSignIn};
 use crate::{AuthProvider, Error, NativeCredential, ProviderId, VerifiedIdentity};
 
-/// The longest platform name accepted (`web`, `ios`, `android`, ...).
-pub const MAX_PLATFORM_LEN: usize = 32;
+/// The platforms a client may name (API.md): checked before anything is stored.
+pub const PLATFORMS: [&str; 3] = ["web", "ios", "android"];
+
+/// The rate-limit rule of browser sign-ins started per client address.
+pub const FLOW_RULE: &str = "auth.flows";
+/// The rate-limit rule of browser sign-ins started in total.
+pub const FLOW_TOTAL_RULE: &str = "auth.flows.total";
+/// The subject of [`FLOW_TOTAL_RULE`].
+pub const FLOW_TOTAL_SUBJECT: &str = "all";
+/// The subject shared by every request whose client address is unknown.
+pub const UNKNOWN_ADDRESS_SUBJECT: &str = "ip:unknown";
+
+/// Browser sign-ins one address may start per [`FLOW_TTL`](crate::web::FLOW_TTL) (ten
+/// minutes), by default: 30 at once, then one every 20 s. A person needs one (a few
+/// with retries and tabs); 30 leaves room for a household or a small office behind one
+/// address, and holds one address to about 60 stored flows.
+pub const DEFAULT_FLOWS_PER_ADDRESS: u32 = 30;
+
+/// Browser sign-ins all clients together may start per
+/// [`FLOW_TTL`](crate::web::FLOW_TTL), by default: about 16 a second, sustained; at
+/// most about 20,000 stored flows (some 20 MB), whatever the number of addresses.
+pub const DEFAULT_FLOWS_TOTAL: u32 = 10_000;
 
 /// Why a sign-in step was refused. Each has a stable [`code`](Self::code); with the
 /// `http` feature, [`HttpError`](upcoach_core::http::HttpError) gives its status.
@@ -108,8 +169,8 @@ pub enum AuthError {
     /// The provider is not configured on this server.
     #[error("{0} sign-in is not configured on this server")]
     ProviderNotConfigured(ProviderId),
-    /// The platform is not 1 to 32 of `a-z 0-9 _ -`.
-    #[error("platform must be 1 to 32 characters of a-z, 0-9, '_' or '-' (web, ios, android)")]
+    /// The platform is not one of [`PLATFORMS`].
+    #[error("platform must be web, ios or android")]
     InvalidPlatform,
     /// The native credential's nonce was used before (a replayed id token).
     #[error("this nonce was used before")]
@@ -143,6 +204,30 @@ pub enum AuthError {
     /// The flow store failed.
     #[error(transparent)]
     Flow(#[from] FlowError),
+    /// The device id is not 8 to 128 characters of `A-Z a-z 0-9 . _ : -`.
+    #[error(transparent)]
+    InvalidDeviceId(#[from] InvalidDeviceId),
+    /// This client address started too many sign-ins ([`FLOW_RULE`]); try again after
+    /// `decision.retry_after`.
+    #[error("too many sign-ins were started from this address; retry later")]
+    TooManySignInFlows {
+        /// The quota that refused.
+        quota: Quota,
+        /// The limiter's answer.
+        decision: Decision,
+    },
+    /// All clients together started too many sign-ins ([`FLOW_TOTAL_RULE`]); try again
+    /// after `decision.retry_after`.
+    #[error("too many sign-ins are under way; retry later")]
+    SignInBusy {
+        /// The quota that refused.
+        quota: Quota,
+        /// The limiter's answer.
+        decision: Decision,
+    },
+    /// The rate limiter that admits sign-ins could not answer: sign-in fails closed.
+    #[error("the sign-in rate limiter failed")]
+    FlowLimiter(#[source] LimitError),
 }
 
 impl AuthError {
@@ -161,6 +246,20 @@ impl AuthError {
             AuthError::Users(e) => e.code(),
             AuthError::Refresh(e) => e.code(),
             AuthError::Flow(e) => e.code(),
+            AuthError::InvalidDeviceId(e) => e.code(),
+            AuthError::TooManySignInFlows { .. } => "too_many_sign_in_flows",
+            AuthError::SignInBusy { .. } => "sign_in_busy",
+            AuthError::FlowLimiter(e) => e.code(),
+        }
+    }
+
+    /// How long to wait before trying again, when the error says
+    /// ([`AuthError::TooManySignInFlows`], [`AuthError::SignInBusy`]).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AuthError::TooManySignInFlows { decision, .. }
+            | AuthError::SignInBusy { decision, .. } => Some(decision.retry_after),
+            _ => None,
         }
     }
 
@@ -172,12 +271,15 @@ impl AuthError {
             AuthError::Users(e) => e.is_retryable(),
             AuthError::Refresh(e) => e.is_retryable(),
             AuthError::Flow(e) => e.is_retryable(),
+            AuthError::TooManySignInFlows { .. } | AuthError::SignInBusy { .. } => true,
+            AuthError::FlowLimiter(e) => matches!(e, LimitError::Unavailable(_)),
             _ => false,
         }
     }
 }
 
-/// `{"access_token","token_type":"Bearer","expires_in","refresh_token","user"}`.
+/// `{"access_token","token_type":"Bearer","expires_in","refresh_token","user"}`, and
+/// `"device_id"` when the session was just bound to a device id the server made.
 #[derive(Clone, Serialize)]
 pub struct TokenResponse {
     /// Our access token (an EdDSA JWT).
@@ -190,6 +292,12 @@ pub struct TokenResponse {
     pub refresh_token: String,
     /// The signed-in user.
     pub user: User,
+    /// The device id the server made for a browser sign-in that presented none, which
+    /// the session is now bound to: present it as `X-Device-Id` on every refresh (a
+    /// browser on the API's site sends the device cookie instead). Absent otherwise: the
+    /// session is bound to the id the client presented (which it knows), or to none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
 }
 
 impl fmt::Debug for TokenResponse {
@@ -223,6 +331,20 @@ pub struct Sessions {
     events: Arc<dyn EventLog>,
     clock: Arc<dyn Clock>,
     public_url: String,
+    flow_quota: FlowQuota,
+}
+
+/// How browser sign-ins are admitted before their flow is stored.
+#[derive(Debug, Clone)]
+struct FlowQuota {
+    limiter: Arc<dyn RateLimiter>,
+    per_address: Quota,
+    total: Option<Quota>,
+}
+
+/// `limit` per [`FLOW_TTL`](crate::web::FLOW_TTL).
+fn flows_per_ttl(limit: u32) -> Quota {
+    Quota::new(limit, crate::web::FLOW_TTL).unwrap_or_else(|| unreachable!("a valid quota"))
 }
 
 impl fmt::Debug for Sessions {
@@ -251,6 +373,9 @@ pub struct SessionsBuilder {
     linking: LinkingPolicy,
     events: Option<Arc<dyn EventLog>>,
     clock: Option<Arc<dyn Clock>>,
+    flow_limiter: Option<Arc<dyn RateLimiter>>,
+    flow_quota: Quota,
+    flow_total_quota: Option<Quota>,
 }
 
 impl fmt::Debug for SessionsBuilder {
@@ -305,7 +430,10 @@ impl SessionsBuilder {
     }
 
     /// Flow state in Redis under `{prefix}:flow:` when `redis` is given (so any process
-    /// finishes a flow another began), in memory otherwise.
+    /// finishes a flow another began), in memory otherwise. With Redis, the flow quota
+    /// is counted there too (a `RedisLimiter` under `{prefix}:limit`, shared by every
+    /// process), unless a limiter was set already ([`flow_quota`](Self::flow_quota),
+    /// [`flow_limiter`](Self::flow_limiter)).
     #[cfg(feature = "redis")]
     pub fn redis(
         mut self,
@@ -319,6 +447,12 @@ impl SessionsBuilder {
             ),
             None => Arc::new(MemoryFlowStore::new()),
         });
+        if let (None, Some(redis)) = (&self.flow_limiter, redis) {
+            self.flow_limiter = Some(Arc::new(upcoach_core::limit::RedisLimiter::new(
+                redis.clone(),
+                format!("{prefix}:limit"),
+            )));
+        }
         self
     }
 
@@ -349,6 +483,34 @@ impl SessionsBuilder {
     /// The clock of every time decision (default: the system clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// How many browser sign-ins one client address may start ([`FLOW_RULE`], subject
+    /// `ip:<address>`), counted by `limiter` (which counts the
+    /// [total](Self::flow_total_quota) too). Default: an in-process [`MemoryLimiter`]
+    /// and [`DEFAULT_FLOWS_PER_ADDRESS`] per ten minutes. Give every process of a
+    /// deployment one shared limiter (`RedisLimiter`), so the quota is the deployment's
+    /// and not each process's.
+    pub fn flow_quota(mut self, limiter: Arc<dyn RateLimiter>, quota: Quota) -> Self {
+        self.flow_limiter = Some(limiter);
+        self.flow_quota = quota;
+        self
+    }
+
+    /// The limiter that counts the flow quotas, keeping their limits (see
+    /// [`flow_quota`](Self::flow_quota)): a host's shared limiter, say.
+    pub fn flow_limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
+        self.flow_limiter = Some(limiter);
+        self
+    }
+
+    /// How many browser sign-ins all clients together may start ([`FLOW_TOTAL_RULE`]):
+    /// what bounds the stored flows when requests come from many addresses (a Redis
+    /// flow store has no bound of its own). Default: [`DEFAULT_FLOWS_TOTAL`] per ten
+    /// minutes; `None` turns it off.
+    pub fn flow_total_quota(mut self, quota: Option<Quota>) -> Self {
+        self.flow_total_quota = quota;
         self
     }
 
@@ -388,23 +550,30 @@ impl SessionsBuilder {
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             tokens: self.tokens,
             public_url: self.public_url.trim_end_matches('/').to_owned(),
+            flow_quota: FlowQuota {
+                limiter: self
+                    .flow_limiter
+                    .unwrap_or_else(|| Arc::new(MemoryLimiter::new())),
+                per_address: self.flow_quota,
+                total: self.flow_total_quota,
+            },
         }
     }
 }
 
-/// Refuses a platform that is not 1 to [`MAX_PLATFORM_LEN`] of `a-z 0-9 _ -`.
+/// Refuses a platform that is not one of [`PLATFORMS`] (absent is fine).
+///
+/// ```
+/// use upcoach_auth::sessions::check_platform;
+///
+/// assert!(check_platform(Some("ios")).is_ok() && check_platform(None).is_ok());
+/// assert!(check_platform(Some("webview")).is_err());
+/// assert!(check_platform(Some(&"x".repeat(16 * 1024))).is_err());
+/// ```
 pub fn check_platform(platform: Option<&str>) -> Result<(), AuthError> {
     match platform {
-        None => Ok(()),
-        Some(p)
-            if (1..=MAX_PLATFORM_LEN).contains(&p.len())
-                && p.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-                }) =>
-        {
-            Ok(())
-        }
-        Some(_) => Err(AuthError::InvalidPlatform),
+        Some(p) if !PLATFORMS.contains(&p) => Err(AuthError::InvalidPlatform),
+        _ => Ok(()),
     }
 }
 
@@ -423,6 +592,9 @@ impl Sessions {
             linking: LinkingPolicy::default(),
             events: None,
             clock: None,
+            flow_limiter: None,
+            flow_quota: flows_per_ttl(DEFAULT_FLOWS_PER_ADDRESS),
+            flow_total_quota: Some(flows_per_ttl(DEFAULT_FLOWS_TOTAL)),
         }
     }
 
@@ -516,13 +688,76 @@ impl Sessions {
             expires_in: issued.expires_in.as_secs(),
             refresh_token: refresh_token.to_owned(),
             user,
+            device_id: None,
         })
     }
 
-    /// Opens a new session (a refresh family) for `user`.
-    async fn open_session(&self, user: User) -> Result<TokenResponse, AuthError> {
-        let issued = self.refresh.open_family(user.id, self.clock.now()).await?;
+    /// Opens a new session (a refresh family) for `user`, bound to `device` if given.
+    /// The answer does not name the device: the client presented it.
+    async fn open_session(
+        &self,
+        user: User,
+        device: Option<&DeviceId>,
+    ) -> Result<TokenResponse, AuthError> {
+        let issued = self
+            .refresh
+            .open_family(user.id, device.map(DeviceId::fingerprint), self.clock.now())
+            .await?;
         self.token_response(user, issued.family_id, issued.token.expose())
+    }
+
+    /// Opens a browser's session: bound to `device` (the browser's) if given, else to
+    /// a new random id, which the answer carries as `device_id` (the only device id
+    /// ever answered).
+    async fn open_browser_session(
+        &self,
+        user: User,
+        device: Option<&DeviceId>,
+    ) -> Result<TokenResponse, AuthError> {
+        if let Some(device) = device {
+            return self.open_session(user, Some(device)).await;
+        }
+        let made = DeviceId::generate()?;
+        let mut response = self.open_session(user, Some(&made)).await?;
+        response.device_id = Some(made.expose().to_owned());
+        Ok(response)
+    }
+
+    /// Admits one more stored flow for the client of `facts`: its address's quota, then
+    /// the total. A limiter that cannot answer refuses (fails closed).
+    async fn admit_flow(&self, facts: &ClientFacts) -> Result<(), AuthError> {
+        let quota = &self.flow_quota;
+        let subject = facts.ip.map_or_else(
+            || UNKNOWN_ADDRESS_SUBJECT.to_owned(),
+            upcoach_core::limit::ip_subject,
+        );
+        let decision = quota
+            .limiter
+            .check(FLOW_RULE, &subject, quota.per_address)
+            .await
+            .map_err(AuthError::FlowLimiter)?;
+        if !decision.allowed {
+            tracing::debug!(subject, "sign-in refused: too many flows from this address");
+            return Err(AuthError::TooManySignInFlows {
+                quota: quota.per_address,
+                decision,
+            });
+        }
+        if let Some(total) = quota.total {
+            let decision = quota
+                .limiter
+                .check(FLOW_TOTAL_RULE, FLOW_TOTAL_SUBJECT, total)
+                .await
+                .map_err(AuthError::FlowLimiter)?;
+            if !decision.allowed {
+                tracing::debug!(quota = %total, "sign-in refused: too many flows in total");
+                return Err(AuthError::SignInBusy {
+                    quota: total,
+                    decision,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Finds, links or creates the user of a verified identity, recording the outcome.
@@ -557,6 +792,10 @@ impl Sessions {
     /// send the browser and the flow cookie to set on it. `return_to` must be exactly
     /// on the allow-list; `login_challenge` is the web app's S256 challenge, whose
     /// verifier it may present at [`exchange`](Self::exchange) instead of the cookie.
+    ///
+    /// A valid request is admitted by the flow quota before its flow is stored (see the
+    /// [module docs](self)): [`AuthError::TooManySignInFlows`],
+    /// [`AuthError::SignInBusy`], [`AuthError::FlowLimiter`].
     pub async fn authorize(
         &self,
         provider: &str,
@@ -566,6 +805,9 @@ impl Sessions {
     ) -> Result<Started, AuthError> {
         check_platform(facts.platform.as_deref())?;
         let provider = self.provider(provider)?;
+        // Refuse a bad request before it counts against anyone's quota.
+        self.web.check_start(return_to, login_challenge)?;
+        self.admit_flow(facts).await?;
         Ok(self
             .web
             .begin(
@@ -580,12 +822,14 @@ impl Sessions {
 
     /// `GET|POST /auth/{provider}/callback`: finishes a browser sign-in started by
     /// the browser holding `browser_cookie`. The platform recorded is the one the flow
-    /// began with.
+    /// began with. Tokens answered here (no `return_to`) are bound to `device`, the
+    /// browser's, or to a new random one whose id the [`TokenResponse`] carries.
     pub async fn callback(
         &self,
         provider: &str,
         params: &CallbackParams,
         browser_cookie: Option<&str>,
+        device: Option<&DeviceId>,
         facts: &ClientFacts,
     ) -> Result<CallbackOutcome, AuthError> {
         let provider = self.provider(provider)?;
@@ -604,7 +848,9 @@ impl Sessions {
         let facts = facts.clone().with_platform(completed.platform.clone());
         let user = self.sign_in_identity(&completed.identity, &facts).await?;
         match completed.return_to {
-            None => Ok(CallbackOutcome::SignedIn(self.open_session(user).await?)),
+            None => Ok(CallbackOutcome::SignedIn(
+                self.open_browser_session(user, device).await?,
+            )),
             Some(return_to) => {
                 let grant = LoginGrant {
                     user_id: user.id,
@@ -623,10 +869,13 @@ impl Sessions {
 
     /// `POST /auth/exchange`: the tokens of a login code, once, for the browser that
     /// began the sign-in (its flow cookie, or the verifier of its `login_challenge`).
+    /// The session is bound to `device` (the browser's, or the web app's own), or to a
+    /// new random one whose id the [`TokenResponse`] carries.
     pub async fn exchange(
         &self,
         login_code: &str,
         proof: &LoginProof<'_>,
+        device: Option<&DeviceId>,
         facts: &ClientFacts,
     ) -> Result<TokenResponse, AuthError> {
         let grant = match self.web.redeem_login_code(login_code, proof).await {
@@ -651,16 +900,18 @@ impl Sessions {
             .ok_or(AuthError::UserGone {
                 code: "login_code_invalid",
             })?;
-        self.open_session(user).await
+        self.open_browser_session(user, device).await
     }
 
     /// `POST /auth/{provider}/token`: a native app's sign-in with the provider's
     /// credential. The nonce is usable once, remembered for as long as the credential
-    /// is accepted.
+    /// is accepted. The session is bound to `device` when the app names one; without,
+    /// it is not bound.
     pub async fn sign_in_with_token(
         &self,
         provider: &str,
         credential: NativeCredential,
+        device: Option<&DeviceId>,
         facts: &ClientFacts,
     ) -> Result<TokenResponse, AuthError> {
         check_platform(facts.platform.as_deref())?;
@@ -669,7 +920,7 @@ impl Sessions {
             .verify_native(provider.as_ref(), &credential, facts)
             .await?;
         let user = self.sign_in_identity(&identity, facts).await?;
-        self.open_session(user).await
+        self.open_session(user, device).await
     }
 
     /// Verifies a native credential and claims its nonce, recording a failure.
@@ -733,24 +984,57 @@ impl Sessions {
         }
     }
 
-    /// `POST /auth/refresh`: a new token pair for a refresh token, which is used up. A
-    /// token presented again revokes its whole family (`refresh_token_reused`, and a
-    /// security event).
+    /// `POST /auth/refresh`: a new token pair for a refresh token, which is used up, sent
+    /// from `device` (the `X-Device-Id` or device cookie the client presents; never
+    /// answered back). A token presented again
+    /// revokes its whole family (`refresh_token_reused`, and a security event); so does
+    /// a token of a session bound to another device, or presented without a device id
+    /// (`device_mismatch`, and a `refresh_device_mismatch` event).
     pub async fn refresh(
         &self,
         refresh_token: &str,
+        device: Option<&DeviceId>,
         facts: &ClientFacts,
     ) -> Result<TokenResponse, AuthError> {
-        let rotation = match self.refresh.rotate(refresh_token, self.clock.now()).await {
+        let rotation = match self
+            .refresh
+            .rotate(
+                refresh_token,
+                device.map(DeviceId::fingerprint),
+                self.clock.now(),
+            )
+            .await
+        {
             Ok(rotation) => rotation,
             Err(e) => {
-                if let RefreshError::Reused { user_id, family_id } = &e {
-                    self.record(
+                match &e {
+                    RefreshError::Reused { user_id, family_id } => self.record(
                         "refresh_token_reused",
                         Some(*user_id),
                         facts,
                         serde_json::json!({"family_id": family_id.to_string()}),
-                    );
+                    ),
+                    // Never the token or the device id: whether one was presented.
+                    RefreshError::DeviceMismatch { user_id, family_id } => self.record(
+                        "refresh_device_mismatch",
+                        Some(*user_id),
+                        facts,
+                        serde_json::json!({
+                            "family_id": family_id.to_string(),
+                            "device_id_presented": device.is_some(),
+                        }),
+                    ),
+                    // A token that is not (or no longer) good: recorded without a
+                    // user, so a flood of guesses is counted, not stored row by row.
+                    RefreshError::Invalid | RefreshError::Expired | RefreshError::Revoked => {
+                        self.record(
+                            "refresh_failed",
+                            None,
+                            facts,
+                            serde_json::json!({"code": e.code()}),
+                        );
+                    }
+                    _ => {}
                 }
                 return Err(e.into());
             }
@@ -762,6 +1046,12 @@ impl Sessions {
             .ok_or(AuthError::UserGone {
                 code: "refresh_token_revoked",
             })?;
+        self.record(
+            "session_refreshed",
+            Some(user.id),
+            facts,
+            serde_json::json!({"family_id": rotation.family_id.to_string()}),
+        );
         self.token_response(user, rotation.family_id, rotation.token.expose())
     }
 
@@ -866,7 +1156,8 @@ impl Sessions {
 
     /// Opens a session for `user_id` without a provider: an operator's or service
     /// account, or development tokens. A new user gets `roles`; an existing user keeps
-    /// the roles it has. Recorded as `session_issued`.
+    /// the roles it has. Recorded as `session_issued`. The session is not bound to a
+    /// device.
     pub async fn issue_for(
         &self,
         user_id: UserId,
@@ -880,7 +1171,7 @@ impl Sessions {
             facts,
             serde_json::json!({"roles": user.roles}),
         );
-        self.open_session(user).await
+        self.open_session(user, None).await
     }
 
     /// The principal of one of our access tokens.

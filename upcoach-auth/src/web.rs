@@ -9,6 +9,14 @@
 //! sends the victim the `return_to?login_code=` link) is refused: redeeming it needs
 //! either that browser's flow cookie, or the verifier whose S256 challenge the web app
 //! passed as `login_challenge` when it began ([`LoginProof`]).
+//!
+//! Two things around the flow live in [`Sessions`](crate::sessions::Sessions): the
+//! quota on flows started (per address and in total, checked after
+//! [`WebSignIn::check_start`] and before anything is stored), and the device the
+//! session is bound to when the flow ends (the browser's device cookie, set at
+//! `authorize`, or the web app's `X-Device-Id`, at the exchange; without either, a
+//! random id the answer carries and the routes set as the device cookie: see
+//! `upcoach_auth::http`, feature `http`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -308,6 +316,27 @@ impl WebSignIn {
             .ok_or(SignInError::ReturnToNotAllowed)
     }
 
+    /// What [`begin`](Self::begin) refuses before it stores anything: a `return_to`
+    /// that is not allowed ([`check_return_to`](Self::check_return_to)), a
+    /// `login_challenge` that is not 43 base64url characters. Returns the allowed
+    /// `return_to`. Lets a caller refuse a bad request before it counts against a quota.
+    pub fn check_start(
+        &self,
+        return_to: Option<&str>,
+        login_challenge: Option<&str>,
+    ) -> Result<Option<String>, SignInError> {
+        let return_to = return_to.map(|r| self.check_return_to(r)).transpose()?;
+        if let Some(challenge) = login_challenge
+            && (challenge.len() != 43
+                || !challenge
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(SignInError::LoginChallengeInvalid);
+        }
+        Ok(return_to)
+    }
+
     /// Starts a sign-in with `provider`, returning to `redirect_uri` (the provider's
     /// callback route) and then to `return_to` if given.
     pub async fn begin(
@@ -318,15 +347,7 @@ impl WebSignIn {
         platform: Option<&str>,
         login_challenge: Option<&str>,
     ) -> Result<Started, SignInError> {
-        let return_to = return_to.map(|r| self.check_return_to(r)).transpose()?;
-        if let Some(challenge) = login_challenge
-            && (challenge.len() != 43
-                || !challenge
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-        {
-            return Err(SignInError::LoginChallengeInvalid);
-        }
+        let return_to = self.check_start(return_to, login_challenge)?;
         let state = random_token()?;
         let nonce = random_token()?;
         let pkce_verifier = random_token()?;

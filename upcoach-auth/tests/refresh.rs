@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Barrier;
 use upcoach_auth::refresh::{
-    MemoryRefreshStore, PgRefreshStore, RefreshError, RefreshPolicy, RefreshStore, RefreshToken,
-    RevokeReason, TokenHash,
+    DeviceFingerprint, DeviceId, MemoryRefreshStore, PgRefreshStore, RefreshError, RefreshPolicy,
+    RefreshStore, RefreshToken, RevokeReason, TokenHash,
 };
 use upcoach_auth::testing::refresh::{
     FreshIds, PgUserRows, UserFixture, refresh_store_conformance,
@@ -20,6 +20,11 @@ use upcoach_core::postgres::PgPoolConfig;
 use upcoach_testing::{FaultProxy, PgSchema};
 
 const GRACE: Duration = Duration::from_secs(10);
+
+/// The device the tests' families are bound to and refreshed from.
+fn phone() -> Option<DeviceFingerprint> {
+    Some(DeviceId::parse("test-phone-0001").unwrap().fingerprint())
+}
 
 fn strict() -> RefreshPolicy {
     RefreshPolicy::default()
@@ -103,7 +108,10 @@ async fn memory_store_does_not_grow_with_expired_data() {
     let mut peak = (0, 0);
     for minute in 0..(48 * 60u64) {
         let now = start + Duration::from_secs(minute * 60);
-        let issued = store.open_family(UserId::new(), now).await.unwrap();
+        let issued = store
+            .open_family(UserId::new(), phone(), now)
+            .await
+            .unwrap();
         live.push((now, issued.token));
         let mut next = Vec::with_capacity(live.len());
         for (last, token) in live.drain(..) {
@@ -111,7 +119,7 @@ async fn memory_store_does_not_grow_with_expired_data() {
                 next.push((last, token));
                 continue;
             }
-            match store.rotate(token.expose(), now).await {
+            match store.rotate(token.expose(), phone(), now).await {
                 Ok(rotation) => next.push((now, rotation.token)),
                 Err(RefreshError::Expired | RefreshError::Invalid) => {}
                 Err(e) => panic!("unexpected {e:?}"),
@@ -137,14 +145,17 @@ async fn memory_store_sweeps_a_little_on_every_call() {
     let store = MemoryRefreshStore::new(strict());
     let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     for _ in 0..1_000 {
-        store.open_family(UserId::new(), start).await.unwrap();
+        store
+            .open_family(UserId::new(), phone(), start)
+            .await
+            .unwrap();
     }
     assert_eq!(store.families(), 1_000);
     let after = start + strict().family_lifetime;
     let unknown = RefreshToken::generate().unwrap();
     let mut calls = 0;
     while store.families() > 0 {
-        let _ = store.rotate(unknown.expose(), after).await;
+        let _ = store.rotate(unknown.expose(), phone(), after).await;
         calls += 1;
         assert!(calls <= 40, "each call removes a bounded batch");
     }
@@ -166,7 +177,7 @@ async fn race(
             let token = token.expose().to_owned();
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.rotate(&token, SystemTime::now()).await
+                store.rotate(&token, phone(), SystemTime::now()).await
             })
         })
         .collect();
@@ -202,7 +213,7 @@ async fn postgres_refresh_race_without_grace_has_one_winner() {
     for round in 0..5 {
         let user = users.create().await;
         let issued = stores[0]
-            .open_family(user, SystemTime::now())
+            .open_family(user, phone(), SystemTime::now())
             .await
             .unwrap();
         let results = race(&stores, &issued.token, 50).await;
@@ -219,7 +230,7 @@ async fn postgres_refresh_race_without_grace_has_one_winner() {
 
         // The family ends revoked: the winner's token is dead, and so is every row.
         let err = stores[1]
-            .rotate(winners[0].token.expose(), SystemTime::now())
+            .rotate(winners[0].token.expose(), phone(), SystemTime::now())
             .await
             .unwrap_err();
         assert_eq!(err.code(), "refresh_token_revoked");
@@ -243,7 +254,7 @@ async fn postgres_refresh_race_with_grace_has_one_rotation_and_sibling_retries()
     for round in 0..5 {
         let user = users.create().await;
         let issued = stores[0]
-            .open_family(user, SystemTime::now())
+            .open_family(user, phone(), SystemTime::now())
             .await
             .unwrap();
         let results = race(&stores, &issued.token, 50).await;
@@ -283,11 +294,11 @@ async fn postgres_refresh_race_with_grace_has_one_rotation_and_sibling_retries()
         let kept = rotations[round].token.clone();
         let other = rotations[(round + 1) % 50].token.clone();
         stores[0]
-            .rotate(kept.expose(), SystemTime::now())
+            .rotate(kept.expose(), phone(), SystemTime::now())
             .await
             .expect("one child goes on");
         let err = stores[1]
-            .rotate(other.expose(), SystemTime::now())
+            .rotate(other.expose(), phone(), SystemTime::now())
             .await
             .unwrap_err();
         assert_eq!(err.code(), "refresh_token_reused");
@@ -306,15 +317,18 @@ async fn postgres_rotation_racing_revocation_never_leaves_a_live_token() {
     let mut rotated_first = 0;
     for round in 0..200 {
         let now = SystemTime::now();
-        let issued = stores[0].open_family(user, now).await.unwrap();
-        let child = stores[0].rotate(issued.token.expose(), now).await.unwrap();
+        let issued = stores[0].open_family(user, phone(), now).await.unwrap();
+        let child = stores[0]
+            .rotate(issued.token.expose(), phone(), now)
+            .await
+            .unwrap();
         let barrier = Arc::new(Barrier::new(2));
         let rotate = {
             let (store, barrier) = (stores[round % 2].clone(), barrier.clone());
             let token = child.token.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.rotate(token.expose(), now).await
+                store.rotate(token.expose(), phone(), now).await
             })
         };
         let revoke = {
@@ -350,7 +364,7 @@ async fn postgres_rotation_racing_revocation_never_leaves_a_live_token() {
             Ok(rotation) => {
                 rotated_first += 1;
                 let err = stores[0]
-                    .rotate(rotation.token.expose(), now)
+                    .rotate(rotation.token.expose(), phone(), now)
                     .await
                     .unwrap_err();
                 assert_eq!(err.code(), "refresh_token_revoked", "round {round}");
@@ -375,10 +389,13 @@ async fn memory_rotation_racing_revocation_never_leaves_a_live_token() {
     let store = Arc::new(MemoryRefreshStore::new(lenient()));
     for _ in 0..500 {
         let now = SystemTime::now();
-        let issued = store.open_family(UserId::new(), now).await.unwrap();
+        let issued = store
+            .open_family(UserId::new(), phone(), now)
+            .await
+            .unwrap();
         let rotate = {
             let (store, token) = (store.clone(), issued.token.clone());
-            tokio::spawn(async move { store.rotate(token.expose(), now).await })
+            tokio::spawn(async move { store.rotate(token.expose(), phone(), now).await })
         };
         store
             .revoke_family(issued.family_id, RevokeReason::Admin, now)
@@ -386,7 +403,7 @@ async fn memory_rotation_racing_revocation_never_leaves_a_live_token() {
             .unwrap();
         if let Ok(rotation) = rotate.await.unwrap() {
             let err = store
-                .rotate(rotation.token.expose(), now)
+                .rotate(rotation.token.expose(), phone(), now)
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), "refresh_token_revoked");
@@ -402,8 +419,11 @@ async fn postgres_store_keeps_only_hashes() {
     ));
     let user = PgUserRows(schema.pool().clone()).create().await;
     let now = SystemTime::now();
-    let issued = store.open_family(user, now).await.unwrap();
-    let child = store.rotate(issued.token.expose(), now).await.unwrap();
+    let issued = store.open_family(user, phone(), now).await.unwrap();
+    let child = store
+        .rotate(issued.token.expose(), phone(), now)
+        .await
+        .unwrap();
 
     let rows: Vec<(Vec<u8>, Option<Vec<u8>>)> = sqlx::query_as(
         "SELECT token_hash, parent_hash FROM refresh_tokens ORDER BY issued_at, parent_hash NULLS FIRST",
@@ -436,7 +456,7 @@ async fn postgres_store_refuses_an_unknown_user() {
         schema.pool().clone(),
     ));
     let err = store
-        .open_family(UserId::new(), SystemTime::now())
+        .open_family(UserId::new(), phone(), SystemTime::now())
         .await
         .unwrap_err();
     assert_eq!(err.code(), "unknown_user");
@@ -461,11 +481,14 @@ async fn postgres_outage_is_a_retryable_backend_error() {
     .await
     .unwrap();
     let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(pool));
-    let issued = store.open_family(user, SystemTime::now()).await.unwrap();
+    let issued = store
+        .open_family(user, phone(), SystemTime::now())
+        .await
+        .unwrap();
 
     proxy.cut();
     let err = store
-        .rotate(issued.token.expose(), SystemTime::now())
+        .rotate(issued.token.expose(), phone(), SystemTime::now())
         .await
         .unwrap_err();
     assert_eq!(err.code(), "refresh_store_unavailable");
@@ -481,7 +504,10 @@ async fn postgres_outage_is_a_retryable_backend_error() {
     proxy.restore();
     let mut rotated = None;
     for _ in 0..50 {
-        match store.rotate(issued.token.expose(), SystemTime::now()).await {
+        match store
+            .rotate(issued.token.expose(), phone(), SystemTime::now())
+            .await
+        {
             Ok(rotation) => {
                 rotated = Some(rotation);
                 break;
@@ -493,4 +519,136 @@ async fn postgres_outage_is_a_retryable_backend_error() {
     let rotation = rotated.expect("rotation after the outage");
     assert!(!rotation.grace_retry);
     assert_eq!(rotation.family_id, issued.family_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_keeps_only_the_device_fingerprint() {
+    let Some(schema) = schema().await else { return };
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
+    let user = PgUserRows(schema.pool().clone()).create().await;
+    let device = DeviceId::parse("raw-device-id-of-a-phone").unwrap();
+    let now = SystemTime::now();
+    let bound = store
+        .open_family(user, Some(device.fingerprint()), now)
+        .await
+        .unwrap();
+    let unbound = store.open_family(user, None, now).await.unwrap();
+
+    let stored: Vec<(uuid::Uuid, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT family_id, device_fingerprint FROM refresh_families")
+            .fetch_all(schema.pool())
+            .await
+            .unwrap();
+    let of = |family: upcoach_core::SessionId| {
+        stored
+            .iter()
+            .find(|(id, _)| *id == family.as_uuid())
+            .map(|(_, fingerprint)| fingerprint.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        of(bound.family_id),
+        Some(device.fingerprint().as_bytes().to_vec())
+    );
+    assert_eq!(of(unbound.family_id), None);
+    let dump: String = sqlx::query_scalar(
+        "SELECT string_agg(f::text, ' ') || encode(string_agg(f.device_fingerprint, ''), 'escape') \
+         FROM refresh_families f",
+    )
+    .fetch_one(schema.pool())
+    .await
+    .unwrap();
+    assert!(!dump.contains(device.expose()), "{dump}");
+
+    // A fingerprint that is not 32 bytes is refused by the table itself.
+    let short = sqlx::query(
+        "UPDATE refresh_families SET device_fingerprint = '\\x00' WHERE family_id = $1",
+    )
+    .bind(unbound.family_id.as_uuid())
+    .execute(schema.pool())
+    .await
+    .unwrap_err();
+    assert!(
+        short
+            .to_string()
+            .contains("refresh_families_device_fingerprint_len"),
+        "{short}"
+    );
+
+    // A mismatch is kept as the revocation's reason.
+    let other = DeviceId::parse("another-device").unwrap();
+    let err = store
+        .rotate(bound.token.expose(), Some(other.fingerprint()), now)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "device_mismatch");
+    let reason: Option<String> =
+        sqlx::query_scalar("SELECT revoke_reason FROM refresh_families WHERE family_id = $1")
+            .bind(bound.family_id.as_uuid())
+            .fetch_one(schema.pool())
+            .await
+            .unwrap();
+    assert_eq!(reason.as_deref(), Some("device_mismatch"));
+}
+
+/// A family written before the device-binding migration (its column `NULL` once the
+/// migration runs) is not bound: it rotates from any device, and from none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_families_from_before_device_binding_are_not_bound() {
+    const DEVICE_BINDING: i64 = 20261206000001;
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let migrations = upcoach_core::postgres::MIGRATOR.iter();
+    let (before, from): (Vec<_>, Vec<_>) = migrations.partition(|m| m.version < DEVICE_BINDING);
+    assert!(!before.is_empty() && from.iter().any(|m| m.version == DEVICE_BINDING));
+    for migration in before {
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(schema.pool())
+            .await
+            .unwrap();
+    }
+    // A sign-in of the old code: a user, a family, its first token.
+    let user = PgUserRows(schema.pool().clone()).create().await;
+    let token = RefreshToken::generate().unwrap();
+    let family = uuid::Uuid::new_v4();
+    sqlx::query(
+        "WITH family AS ( \
+           INSERT INTO refresh_families (family_id, user_id, created_at, expires_at) \
+           VALUES ($1, $2, now(), now() + interval '90 days')) \
+         INSERT INTO refresh_tokens \
+           (token_hash, family_id, parent_hash, user_id, issued_at, expires_at, family_expires_at) \
+         VALUES ($3, $1, NULL, $2, now(), now() + interval '30 days', now() + interval '90 days')",
+    )
+    .bind(family)
+    .bind(user.as_uuid())
+    .bind(&token.hash().as_bytes()[..])
+    .execute(schema.pool())
+    .await
+    .unwrap();
+    for migration in from {
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(schema.pool())
+            .await
+            .unwrap();
+    }
+
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(
+        schema.pool().clone(),
+    ));
+    let mut current = token;
+    for presented in [
+        None,
+        phone(),
+        Some(DeviceId::parse("another-device").unwrap().fingerprint()),
+    ] {
+        let rotation = store
+            .rotate(current.expose(), presented, SystemTime::now())
+            .await
+            .unwrap_or_else(|e| panic!("a family from before binding, from {presented:?}: {e:?}"));
+        assert_eq!(rotation.family_id.as_uuid(), family);
+        current = rotation.token;
+    }
 }

@@ -1,14 +1,15 @@
 //! `Sessions` as a host uses it, with no server code: every security event carries the
 //! client's address, user agent and platform (in memory and in Postgres's
-//! `security_events`), and a native nonce is remembered as long as its credential is
-//! accepted.
+//! `security_events`), a native nonce is remembered as long as its credential is
+//! accepted, and sessions are bound to the device they were opened for (natively and
+//! through the routes).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use upcoach_auth::flow::MemoryFlowStore;
-use upcoach_auth::refresh::{PgRefreshStore, RefreshPolicy};
+use upcoach_auth::refresh::{DeviceId, PgRefreshStore, RefreshPolicy};
 use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_auth::sessions::Sessions;
 use upcoach_auth::users::PgUserStore;
@@ -76,6 +77,14 @@ fn facts() -> ClientFacts {
     }
 }
 
+fn phone() -> DeviceId {
+    DeviceId::parse("6F9619FF-8B86-D011-B42D-00CF4FC964FF").unwrap()
+}
+
+fn laptop() -> DeviceId {
+    DeviceId::parse("laptop:0001").unwrap()
+}
+
 fn badge(subject: &str, nonce: &str) -> NativeCredential {
     NativeCredential::IdToken {
         id_token: format!("badge:{subject}"),
@@ -83,37 +92,62 @@ fn badge(subject: &str, nonce: &str) -> NativeCredential {
     }
 }
 
-/// Signs in, refreshes, replays a refresh token, fails a sign-in and logs out, so each
-/// kind of event is recorded once.
-async fn every_kind_of_event(sessions: &Sessions) {
+/// Signs in, refreshes, replays a refresh token, fails a sign-in, logs out, and
+/// refreshes from another device, so each kind of event is recorded. Returns the
+/// refresh tokens it saw.
+async fn every_kind_of_event(sessions: &Sessions) -> Vec<String> {
     let facts = facts();
     let signed_in = sessions
-        .sign_in_with_token("google", badge("ada", "n-1"), &facts)
+        .sign_in_with_token("google", badge("ada", "n-1"), Some(&phone()), &facts)
         .await
         .unwrap();
+    assert_eq!(signed_in.device_id, None, "the app knows its own device id");
     let rotated = sessions
-        .refresh(&signed_in.refresh_token, &facts)
+        .refresh(&signed_in.refresh_token, Some(&phone()), &facts)
         .await
         .unwrap();
+    assert_eq!(rotated.device_id, None);
     let reused = sessions
-        .refresh(&signed_in.refresh_token, &facts)
+        .refresh(&signed_in.refresh_token, Some(&phone()), &facts)
         .await
         .unwrap_err();
     assert_eq!(reused.code(), "refresh_token_reused");
     let failed = sessions
-        .sign_in_with_token("google", badge("ada", "n-1"), &facts)
+        .sign_in_with_token("google", badge("ada", "n-1"), Some(&phone()), &facts)
         .await
         .unwrap_err();
     assert_eq!(failed.code(), "nonce_replayed");
     let principal = sessions.authenticate(&rotated.access_token).await.unwrap();
     sessions.logout(&principal, None, &facts).await.unwrap();
+
+    // A stolen token, used from another device: refused, and the session is over.
+    let again = sessions
+        .sign_in_with_token("google", badge("grace", "n-2"), Some(&phone()), &facts)
+        .await
+        .unwrap();
+    let stolen = sessions
+        .refresh(&again.refresh_token, Some(&laptop()), &facts)
+        .await
+        .unwrap_err();
+    assert_eq!(stolen.code(), "device_mismatch");
+    let after = sessions
+        .refresh(&again.refresh_token, Some(&phone()), &facts)
+        .await
+        .unwrap_err();
+    assert_eq!(after.code(), "refresh_token_revoked");
+    vec![
+        signed_in.refresh_token,
+        rotated.refresh_token,
+        again.refresh_token,
+    ]
 }
 
-const KINDS: [&str; 4] = [
+const KINDS: [&str; 5] = [
     "login_success",
     "refresh_token_reused",
     "login_failed",
     "logout",
+    "refresh_device_mismatch",
 ];
 
 #[tokio::test]
@@ -129,11 +163,32 @@ async fn a_host_gets_client_facts_in_every_security_event_in_memory() {
         }))
         .events(events.clone())
         .build();
-    every_kind_of_event(&sessions).await;
+    let tokens = every_kind_of_event(&sessions).await;
     let rows = events
         .recent(upcoach_core::event::EventKind::Security, 100)
         .await
         .unwrap();
+    let mismatch = rows
+        .iter()
+        .find_map(|e| match e {
+            upcoach_core::event::Event::Security(e)
+                if e.event_type == "refresh_device_mismatch" =>
+            {
+                Some(e)
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(mismatch.details["device_id_presented"], true);
+    assert!(mismatch.details["family_id"].is_string());
+    let text = format!("{rows:?}");
+    for secret in tokens
+        .iter()
+        .map(String::as_str)
+        .chain([phone().expose(), laptop().expose()])
+    {
+        assert!(!text.contains(secret), "an event shows {secret}");
+    }
     for kind in KINDS {
         let row = rows
             .iter()
@@ -172,8 +227,19 @@ async fn a_host_gets_client_facts_in_every_security_event_row_in_postgres() {
         ))
         .events(events.clone())
         .build();
-    every_kind_of_event(&sessions).await;
+    let tokens = every_kind_of_event(&sessions).await;
     events.flush().await.unwrap();
+    let dump: String = sqlx::query_scalar("SELECT string_agg(e::text, ' ') FROM security_events e")
+        .fetch_one(schema.pool())
+        .await
+        .unwrap();
+    for secret in tokens
+        .iter()
+        .map(String::as_str)
+        .chain([phone().expose(), laptop().expose()])
+    {
+        assert!(!dump.contains(secret), "a row shows {secret}");
+    }
     /// `event_type`, `ip_address`, `user_agent`, `platform`.
     type Row = (String, Option<String>, Option<String>, Option<String>);
     let rows: Vec<Row> = sqlx::query_as(
@@ -218,13 +284,13 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
         .build();
     let facts = facts();
     sessions
-        .sign_in_with_token("google", badge("ada", "nonce-90"), &facts)
+        .sign_in_with_token("google", badge("ada", "nonce-90"), None, &facts)
         .await
         .unwrap();
     for minutes in [30, 61, 89] {
         clock.set(valid_until - Duration::from_secs((90 - minutes) * 60));
         let replay = sessions
-            .sign_in_with_token("google", badge("ada", "nonce-90"), &facts)
+            .sign_in_with_token("google", badge("ada", "nonce-90"), None, &facts)
             .await
             .unwrap_err();
         assert_eq!(replay.code(), "nonce_replayed", "after {minutes} minutes");
@@ -244,7 +310,7 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
     .clock(clock.clone())
     .build();
     let refused = forever
-        .sign_in_with_token("google", badge("ada", "nonce-long"), &facts)
+        .sign_in_with_token("google", badge("ada", "nonce-long"), None, &facts)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "credential_lifetime_too_long");
@@ -262,7 +328,7 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
     .clock(clock.clone())
     .build();
     let refused = unknown
-        .sign_in_with_token("google", badge("ada", "nonce-unknown"), &facts)
+        .sign_in_with_token("google", badge("ada", "nonce-unknown"), None, &facts)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "credential_lifetime_too_long");
@@ -271,12 +337,12 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
         nonce: None,
     };
     let refused = sessions
-        .sign_in_with_token("google", no_nonce, &facts)
+        .sign_in_with_token("google", no_nonce, None, &facts)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "nonce_required");
     let same_token = sessions
-        .sign_in_with_token("google", badge("ada", "a-fresh-nonce"), &facts)
+        .sign_in_with_token("google", badge("ada", "a-fresh-nonce"), None, &facts)
         .await
         .unwrap_err();
     assert_eq!(
@@ -345,4 +411,204 @@ async fn the_flow_cookie_cannot_be_tossed_in() {
     )
     .unwrap();
     assert_eq!(body["error"]["code"], "flow_browser_mismatch");
+}
+
+/// What a route answered: status, JSON body.
+async fn answer(response: upcoach_auth::http::Answer) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+fn post(
+    path: &str,
+    headers: &[(&str, &str)],
+    body: serde_json::Value,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut request = http::Request::post(path).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap()
+}
+
+/// Native apps name their device in `X-Device-Id` (or the body's `device_id`) at
+/// sign-in and on every refresh; an app that names none gets a session bound to no
+/// device, as before device ids.
+#[tokio::test]
+async fn native_sessions_are_bound_to_the_device_the_app_names() {
+    use serde_json::json;
+    use upcoach_auth::http::AuthRoutes;
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(upcoach_core::SystemClock),
+    ));
+    let sessions = Sessions::builder(tokens, "https://api.example.test")
+        .provider(Arc::new(Badges {
+            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
+        }))
+        .build();
+    let routes = AuthRoutes::new(Arc::new(sessions));
+    let phone = phone();
+    // A new id token each time: each is taken once.
+    let sign_in = |nonce: &str| json!({"id_token": format!("badge:{nonce}"), "nonce": nonce, "platform": "ios"});
+
+    // Bad ids, a header given twice, a header and a body that disagree: 400.
+    for (headers, body) in [
+        (vec![("x-device-id", "short")], sign_in("bad-1")),
+        (vec![("x-device-id", "has space in it")], sign_in("bad-2")),
+        (
+            vec![
+                ("x-device-id", "device-0001"),
+                ("x-device-id", "device-0001"),
+            ],
+            sign_in("bad-3"),
+        ),
+        (
+            vec![("x-device-id", "device-0001")],
+            json!({"id_token": "badge:ada", "nonce": "bad-4", "device_id": "device-0002"}),
+        ),
+        (
+            vec![],
+            json!({"id_token": "badge:ada", "nonce": "bad-5", "device_id": "x"}),
+        ),
+    ] {
+        let (status, body) = answer(
+            routes
+                .token("google", post("/auth/google/token", &headers, body))
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_device_id")),
+            "{headers:?}"
+        );
+    }
+
+    // Bound by the header; the answer does not repeat the device id, and no cookie is
+    // set for a native app.
+    let signed_in = routes
+        .token(
+            "google",
+            post(
+                "/auth/google/token",
+                &[("x-device-id", phone.expose())],
+                sign_in("n-1"),
+            ),
+        )
+        .await;
+    assert!(signed_in.headers().get("set-cookie").is_none());
+    let (status, tokens) = answer(signed_in).await;
+    assert_eq!(status, 200, "{tokens}");
+    assert!(tokens.get("device_id").is_none(), "{tokens}");
+    let refresh = |token: &serde_json::Value, headers: &[(&str, &str)]| {
+        post("/auth/refresh", headers, json!({"refresh_token": token}))
+    };
+    let (status, rotated) = answer(
+        routes
+            .refresh(refresh(
+                &tokens["refresh_token"],
+                &[("x-device-id", phone.expose())],
+            ))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    assert!(rotated.get("device_id").is_none(), "{rotated}");
+    let (status, refused) = answer(
+        routes
+            .refresh(refresh(&rotated["refresh_token"], &[]))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (401, Some("device_mismatch"))
+    );
+    let (status, refused) = answer(
+        routes
+            .refresh(refresh(
+                &rotated["refresh_token"],
+                &[("x-device-id", phone.expose())],
+            ))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (401, Some("refresh_token_revoked")),
+        "the mismatch ended the session"
+    );
+    let (status, refused) = answer(
+        routes
+            .refresh(refresh(&rotated["refresh_token"], &[("x-device-id", "no")]))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (400, Some("invalid_device_id"))
+    );
+
+    // Bound by the body's device_id just the same.
+    let body = json!({"id_token": "badge:n-2", "nonce": "n-2", "platform": "android", "device_id": laptop().expose()});
+    let (status, tokens) = answer(
+        routes
+            .token("google", post("/auth/google/token", &[], body))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{tokens}");
+    let (status, refused) = answer(
+        routes
+            .refresh(refresh(
+                &tokens["refresh_token"],
+                &[("x-device-id", phone.expose())],
+            ))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (401, Some("device_mismatch"))
+    );
+
+    // No device named: not bound, and no device_id in the answer. A device cookie
+    // (the app's HTTP client keeps cookies) names no device at the native route.
+    let cookie = "__Host-upcoach_device=6F9619FF-8B86-D011-B42D-00CF4FC964FF";
+    let (status, tokens) = answer(
+        routes
+            .token(
+                "google",
+                post("/auth/google/token", &[("cookie", cookie)], sign_in("n-3")),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{tokens}");
+    assert!(tokens.get("device_id").is_none(), "{tokens}");
+    let (status, rotated) =
+        answer(routes.refresh(refresh(&tokens["refresh_token"], &[])).await).await;
+    assert_eq!(status, 200, "{rotated}");
+    let (status, rotated) = answer(
+        routes
+            .refresh(refresh(
+                &rotated["refresh_token"],
+                &[("x-device-id", phone.expose())],
+            ))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "an unbound session refreshes from any device: {rotated}"
+    );
 }

@@ -164,6 +164,23 @@ impl Server {
         .await
     }
 
+    /// `POST /auth/refresh` `{"refresh_token"}` as API.md has it, from `browser`: with
+    /// the cookies it holds (its device cookie) and nothing else.
+    async fn refresh(&self, refresh_token: &Value, browser: &Browser) -> Answer {
+        self.refresh_with(refresh_token, &browser.headers()).await
+    }
+
+    /// `POST /auth/refresh` `{"refresh_token"}` with `headers`.
+    async fn refresh_with(&self, refresh_token: &Value, headers: &[(&str, &str)]) -> Answer {
+        send(
+            Method::POST,
+            &self.url("/auth/refresh"),
+            headers,
+            Some(json!({"refresh_token": refresh_token}).to_string()),
+        )
+        .await
+    }
+
     async fn get(&self, path: &str, token: Option<&str>) -> Answer {
         let auth = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> =
@@ -173,7 +190,8 @@ impl Server {
 }
 
 /// A browser signing in: our authorize → the provider (with `claims` as its user) →
-/// our callback. Returns the callback's answer.
+/// our callback. `cookie` is the `Cookie` header it sends us: every cookie we set on it
+/// that it still keeps.
 struct Browser {
     cookie: Option<String>,
 }
@@ -183,23 +201,65 @@ fn hint(claims: &Value) -> String {
 }
 
 impl Browser {
-    /// Starts at `/auth/google/authorize?{query}`; returns the provider's redirect to
-    /// our callback (not yet followed).
+    /// Keeps the cookies `headers` set, as a browser does: each by name, removed by
+    /// `Max-Age=0`.
+    fn keep(&mut self, headers: &HeaderMap) {
+        let mut jar: Vec<(String, String)> = self
+            .cookie
+            .iter()
+            .flat_map(|c| c.split("; "))
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
+        for set in headers.get_all("set-cookie") {
+            let set = set.to_str().unwrap();
+            let (name, value) = set.split(';').next().unwrap().split_once('=').unwrap();
+            jar.retain(|(n, _)| n != name);
+            if !set.contains("Max-Age=0") {
+                jar.push((name.to_owned(), value.to_owned()));
+            }
+        }
+        self.cookie = (!jar.is_empty()).then(|| {
+            jar.iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+    }
+
+    /// The value of our cookie `name` in this browser.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.cookie
+            .as_deref()?
+            .split("; ")
+            .filter_map(|pair| pair.split_once('='))
+            .find_map(|(n, v)| (n == name).then_some(v))
+    }
+
+    /// The headers of a request from this browser to us: its cookies.
+    fn headers(&self) -> Vec<(&str, &str)> {
+        self.cookie.iter().map(|c| ("cookie", c.as_str())).collect()
+    }
+
+    /// Starts at `/auth/google/authorize?{query}`, keeping the cookies it sets; returns
+    /// the provider's redirect to our callback (not yet followed).
     async fn start(&mut self, server: &Server, query: &str, claims: &Value) -> url::Url {
         let started = send(
             Method::GET,
             &server.url(&format!("/auth/google/authorize?{query}")),
-            &[],
+            &self.headers(),
             None,
         )
         .await;
         assert_eq!(started.status, StatusCode::FOUND, "{:?}", started.body);
-        let set_cookie = started.headers["set-cookie"].to_str().unwrap();
-        assert!(
-            set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"),
-            "{set_cookie}"
-        );
-        self.cookie = Some(set_cookie.split(';').next().unwrap().to_owned());
+        for set_cookie in started.headers.get_all("set-cookie") {
+            let set_cookie = set_cookie.to_str().unwrap();
+            assert!(
+                set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"),
+                "{set_cookie}"
+            );
+        }
+        self.keep(&started.headers);
         let mut to_provider = started.location();
         let params: std::collections::HashMap<String, String> =
             to_provider.query_pairs().into_owned().collect();
@@ -215,23 +275,19 @@ impl Browser {
         at_provider.location()
     }
 
-    /// `POST /auth/exchange` from this browser (with its flow cookie).
+    /// `POST /auth/exchange` from this browser (with its cookies).
     async fn exchange(&self, server: &Server, body: Value) -> Answer {
-        let headers: Vec<(&str, &str)> =
-            self.cookie.iter().map(|c| ("cookie", c.as_str())).collect();
         send(
             Method::POST,
             &server.url("/auth/exchange"),
-            &headers,
+            &self.headers(),
             Some(body.to_string()),
         )
         .await
     }
 
     async fn callback(&self, callback: &url::Url) -> Answer {
-        let headers: Vec<(&str, &str)> =
-            self.cookie.iter().map(|c| ("cookie", c.as_str())).collect();
-        send(Method::GET, callback.as_str(), &headers, None).await
+        send(Method::GET, callback.as_str(), &self.headers(), None).await
     }
 }
 
@@ -292,24 +348,22 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
     assert_eq!(me.status, StatusCode::OK);
     assert_eq!(me.json()["id"], tokens["user"]["id"]);
 
+    // The session is bound to the device cookie authorize gave this browser, which it
+    // sends on every refresh; the id is in no answer.
+    assert!(tokens.get("device_id").is_none(), "{tokens}");
     let first = tokens["refresh_token"].as_str().unwrap().to_owned();
-    let rotated = server
-        .post("/auth/refresh", json!({"refresh_token": first}), None)
-        .await;
+    let rotated = server.refresh(&json!(first), &browser).await;
     assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
+    assert!(rotated.json().get("device_id").is_none());
     let second = rotated.json()["refresh_token"].as_str().unwrap().to_owned();
     assert_ne!(first, second);
 
-    let reused = server
-        .post("/auth/refresh", json!({"refresh_token": first}), None)
-        .await;
+    let reused = server.refresh(&json!(first), &browser).await;
     assert_eq!(
         (reused.status, reused.code()),
         (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
     );
-    let after = server
-        .post("/auth/refresh", json!({"refresh_token": second}), None)
-        .await;
+    let after = server.refresh(&json!(second), &browser).await;
     assert_eq!(
         after.status,
         StatusCode::UNAUTHORIZED,
@@ -363,13 +417,7 @@ async fn without_return_to_the_callback_answers_with_tokens_and_logout_revokes()
     let access = tokens["access_token"].as_str().unwrap();
     let out = server.post("/auth/logout", json!({}), Some(access)).await;
     assert_eq!(out.status, StatusCode::NO_CONTENT, "{:?}", out.body);
-    let refresh = server
-        .post(
-            "/auth/refresh",
-            json!({"refresh_token": tokens["refresh_token"]}),
-            None,
-        )
-        .await;
+    let refresh = server.refresh(&tokens["refresh_token"], &browser).await;
     assert_eq!(
         (refresh.status, refresh.code()),
         (StatusCode::UNAUTHORIZED, "refresh_token_revoked".into())
@@ -781,13 +829,7 @@ async fn logout_never_revokes_another_users_session() {
         (refused.status, refused.code()),
         (StatusCode::FORBIDDEN, "refresh_token_not_yours".into())
     );
-    let b_refresh = server
-        .post(
-            "/auth/refresh",
-            json!({"refresh_token": b["refresh_token"]}),
-            None,
-        )
-        .await;
+    let b_refresh = server.refresh(&b["refresh_token"], &browser).await;
     assert_eq!(b_refresh.status, StatusCode::OK, "B's session lives on");
     let events = server
         .app
@@ -808,13 +850,7 @@ async fn logout_never_revokes_another_users_session() {
         )
         .await;
     assert_eq!(own.status, StatusCode::NO_CONTENT, "{:?}", own.body);
-    let after = server
-        .post(
-            "/auth/refresh",
-            json!({"refresh_token": a["refresh_token"]}),
-            None,
-        )
-        .await;
+    let after = server.refresh(&a["refresh_token"], &browser).await;
     assert_eq!(after.code(), "refresh_token_revoked");
 }
 
@@ -844,4 +880,168 @@ async fn json_routes_refuse_other_content_types() {
             );
         }
     }
+}
+
+/// A session is bound to its device: a browser's refresh token presented without the
+/// device id the server gave it (or with another) is refused with `device_mismatch`,
+/// ends the session and is recorded; a native app names its own device.
+#[tokio::test]
+async fn a_refresh_token_from_another_device_ends_its_session() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser.start(&server, "platform=web", &user_claims()).await;
+    let tokens = browser.callback(&callback).await.json();
+    let stolen = server
+        .post(
+            "/auth/refresh",
+            json!({"refresh_token": tokens["refresh_token"]}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (stolen.status, stolen.code()),
+        (StatusCode::UNAUTHORIZED, "device_mismatch".into())
+    );
+    let owner = server.refresh(&tokens["refresh_token"], &browser).await;
+    assert_eq!(
+        owner.code(),
+        "refresh_token_revoked",
+        "the session ended with the mismatch"
+    );
+    let events = server
+        .app
+        .event_log()
+        .recent(EventKind::Security, 100)
+        .await
+        .unwrap();
+    let mismatch = events
+        .iter()
+        .find_map(|e| match e {
+            upcoach_core::event::Event::Security(e)
+                if e.event_type == "refresh_device_mismatch" =>
+            {
+                Some(e)
+            }
+            _ => None,
+        })
+        .expect("a refresh_device_mismatch event");
+    assert_eq!(mismatch.ip_address, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(mismatch.details["device_id_presented"], false);
+
+    // Native: the app's own device id, in X-Device-Id.
+    let id_token = native_id_token(&server, "device-nonce", &user_claims()).await;
+    let signed_in = send(
+        Method::POST,
+        &server.url("/auth/google/token"),
+        &[("x-device-id", "6F9619FF-8B86-D011-B42D-00CF4FC964FF")],
+        Some(json!({"id_token": id_token, "nonce": "device-nonce", "platform": "ios"}).to_string()),
+    )
+    .await;
+    assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
+    assert!(
+        signed_in.headers.get("set-cookie").is_none(),
+        "no cookie for an app"
+    );
+    let tokens = signed_in.json();
+    assert!(tokens.get("device_id").is_none(), "{tokens}");
+    let rotated = server
+        .refresh_with(
+            &tokens["refresh_token"],
+            &[("x-device-id", "6F9619FF-8B86-D011-B42D-00CF4FC964FF")],
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
+    let invalid = send(
+        Method::POST,
+        &server.url("/auth/refresh"),
+        &[("x-device-id", "not valid!")],
+        Some(json!({"refresh_token": rotated.json()["refresh_token"]}).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (invalid.status, invalid.code()),
+        (StatusCode::BAD_REQUEST, "invalid_device_id".into())
+    );
+}
+
+/// A web app written to API.md, unchanged: authorize → callback → exchange, then
+/// `POST /auth/refresh {"refresh_token"}` with only what its browser sends by itself
+/// (the device cookie authorize set; no `X-Device-Id`) keeps its session. The same
+/// refresh token from a client without that cookie (another device, or a cross-site
+/// page, whose POST a `SameSite=Lax` cookie does not go with) is `device_mismatch`.
+#[tokio::test]
+async fn a_web_app_refreshes_with_the_device_cookie_its_browser_sends() {
+    let Some(server) = start(|_| {}).await else {
+        return;
+    };
+    let mut browser = Browser { cookie: None };
+    let callback = browser
+        .start(
+            &server,
+            &format!("platform=web&return_to={}", urlencode(RETURN_TO)),
+            &user_claims(),
+        )
+        .await;
+    let device = browser
+        .get("upcoach_device")
+        .expect("authorize set a device cookie")
+        .to_owned();
+    assert_eq!(device.len(), 43);
+    let landed = browser.callback(&callback).await;
+    assert_eq!(landed.status, StatusCode::FOUND, "{:?}", landed.body);
+    let code = landed
+        .location()
+        .query_pairs()
+        .find(|(k, _)| k == "login_code")
+        .unwrap()
+        .1
+        .into_owned();
+    let exchanged = browser.exchange(&server, json!({"login_code": code})).await;
+    assert_eq!(exchanged.status, StatusCode::OK, "{:?}", exchanged.body);
+    browser.keep(&exchanged.headers);
+    let tokens = exchanged.json();
+    assert!(tokens.get("device_id").is_none(), "{tokens}");
+    assert_eq!(
+        browser.cookie.as_deref(),
+        Some(format!("upcoach_device={device}").as_str()),
+        "the flow cookie is gone, the device cookie stays"
+    );
+
+    // Twice, as a web app does over a session's life: the cookie alone carries it.
+    let mut token = tokens["refresh_token"].clone();
+    for _ in 0..2 {
+        let rotated = server.refresh(&token, &browser).await;
+        assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
+        assert!(
+            !String::from_utf8_lossy(&rotated.body).contains(&device),
+            "the device id is in no answer"
+        );
+        token = rotated.json()["refresh_token"].clone();
+    }
+
+    // The same token from a client without the cookie: another device.
+    let elsewhere = server.refresh_with(&token, &[]).await;
+    assert_eq!(
+        (elsewhere.status, elsewhere.code()),
+        (StatusCode::UNAUTHORIZED, "device_mismatch".into())
+    );
+    let owner = server.refresh(&token, &browser).await;
+    assert_eq!(
+        owner.code(),
+        "refresh_token_revoked",
+        "the mismatch ended the session, for the browser too"
+    );
+
+    // The device id is in no security event.
+    let events = server
+        .app
+        .event_log()
+        .recent(EventKind::Security, 100)
+        .await
+        .unwrap();
+    assert!(events.iter().any(|e| e.name() == "refresh_device_mismatch"));
+    let text = format!("{events:?}");
+    assert!(!text.contains(&device), "an event shows the device id");
 }

@@ -42,8 +42,11 @@ async fn expired_refresh_families_are_purged_and_live_ones_kept() {
         users.provision(id, &[]).await.unwrap();
     }
     let long_ago = SystemTime::now() - Duration::from_secs(200 * 24 * 3600);
-    let expired = store.open_family(old_user, long_ago).await.unwrap();
-    let live = store.open_family(user, SystemTime::now()).await.unwrap();
+    let expired = store.open_family(old_user, None, long_ago).await.unwrap();
+    let live = store
+        .open_family(user, None, SystemTime::now())
+        .await
+        .unwrap();
     let families = || async {
         sqlx::query_scalar::<_, String>("SELECT family_id::text FROM refresh_families")
             .fetch_all(schema.pool())
@@ -63,7 +66,7 @@ async fn expired_refresh_families_are_purged_and_live_ones_kept() {
     assert_eq!(families().await, [live.family_id.as_uuid().to_string()]);
     assert_ne!(expired.family_id, live.family_id);
     let rotated = store
-        .rotate(live.token.expose(), SystemTime::now())
+        .rotate(live.token.expose(), None, SystemTime::now())
         .await
         .expect("the live family still works");
     assert_eq!(rotated.family_id, live.family_id);

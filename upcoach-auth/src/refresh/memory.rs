@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use upcoach_core::{SessionId, UserId};
 
 use super::{
-    IssuedRefresh, Observed, Purged, RefreshError, RefreshFamily, RefreshPolicy, RefreshStore,
-    RefreshToken, RevokeReason, Rotation, TokenHash, Verdict, decide, later, to_micros,
+    DeviceFingerprint, IssuedRefresh, Observed, Purged, RefreshError, RefreshFamily, RefreshPolicy,
+    RefreshStore, RefreshToken, RevokeReason, Rotation, TokenHash, Verdict, decide, later,
+    to_micros,
 };
 
 /// How many expired entries one call removes on its way out, at most. Each call adds at
@@ -32,7 +33,7 @@ const SWEEP_PER_CALL: usize = 64;
 ///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let store = MemoryRefreshStore::new(RefreshPolicy::default());
-/// let issued = store.open_family(UserId::new(), SystemTime::now()).await.unwrap();
+/// let issued = store.open_family(UserId::new(), None, SystemTime::now()).await.unwrap();
 /// assert_eq!((store.families(), store.tokens()), (1, 1));
 /// # });
 /// ```
@@ -86,6 +87,8 @@ struct FamilyEntry {
     user_id: UserId,
     expires_at: SystemTime,
     revoked: bool,
+    /// The device the family is bound to, if it is.
+    device: Option<DeviceFingerprint>,
     tokens: HashSet<TokenHash>,
     /// Parent → its child that was exchanged (by the sibling rule there is at most one).
     advanced: HashMap<TokenHash, TokenHash>,
@@ -152,7 +155,12 @@ impl State {
         }
     }
 
-    fn observe(&self, hash: &TokenHash) -> Option<(Observed, SessionId, UserId)> {
+    /// What the store knows of the token `hash`, presented from `device`.
+    fn observe(
+        &self,
+        hash: &TokenHash,
+        device: Option<&DeviceFingerprint>,
+    ) -> Option<(Observed, SessionId, UserId)> {
         let token = self.tokens.get(hash)?;
         let family = self.families.get(&token.family_id)?;
         let sibling_rotated = token
@@ -164,6 +172,7 @@ impl State {
             family_expires_at: family.expires_at,
             rotated_at: token.rotated_at,
             revoked: family.revoked,
+            device_accepted: DeviceFingerprint::accepts(family.device.as_ref(), device),
             child_rotated: family.advanced.contains_key(hash),
             sibling_rotated,
         };
@@ -246,6 +255,7 @@ impl RefreshStore for MemoryRefreshStore {
     async fn open_family(
         &self,
         user: UserId,
+        device: Option<DeviceFingerprint>,
         now: SystemTime,
     ) -> Result<IssuedRefresh, RefreshError> {
         let now = to_micros(now);
@@ -260,6 +270,7 @@ impl RefreshStore for MemoryRefreshStore {
                 user_id: user,
                 expires_at: family_expires_at,
                 revoked: false,
+                device,
                 tokens: HashSet::new(),
                 advanced: HashMap::new(),
             },
@@ -275,7 +286,12 @@ impl RefreshStore for MemoryRefreshStore {
         })
     }
 
-    async fn rotate(&self, presented: &str, now: SystemTime) -> Result<Rotation, RefreshError> {
+    async fn rotate(
+        &self,
+        presented: &str,
+        device: Option<DeviceFingerprint>,
+        now: SystemTime,
+    ) -> Result<Rotation, RefreshError> {
         if !RefreshToken::is_well_formed(presented) {
             return Err(RefreshError::Invalid);
         }
@@ -284,8 +300,9 @@ impl RefreshStore for MemoryRefreshStore {
         let child = RefreshToken::generate()?;
         let mut state = self.lock();
         let result = (|| {
-            let (observed, family_id, user_id) =
-                state.observe(&hash).ok_or(RefreshError::Invalid)?;
+            let (observed, family_id, user_id) = state
+                .observe(&hash, device.as_ref())
+                .ok_or(RefreshError::Invalid)?;
             let verdict = decide(&observed, &self.policy, now);
             match verdict {
                 Verdict::Rotate | Verdict::GraceRetry => {
@@ -319,6 +336,10 @@ impl RefreshStore for MemoryRefreshStore {
                     state.revoke(family_id);
                     Err(RefreshError::Reused { user_id, family_id })
                 }
+                Verdict::DeviceMismatch => {
+                    state.revoke(family_id);
+                    Err(RefreshError::DeviceMismatch { user_id, family_id })
+                }
                 Verdict::Revoked => Err(RefreshError::Revoked),
                 Verdict::Expired => Err(RefreshError::Expired),
             }
@@ -350,7 +371,7 @@ impl RefreshStore for MemoryRefreshStore {
         }
         let hash = TokenHash::of(presented);
         let mut state = self.lock();
-        let found = state.observe(&hash);
+        let found = state.observe(&hash, None);
         if let Some((_, _, user_id)) = found
             && user_id != owner
         {

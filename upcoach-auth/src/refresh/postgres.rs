@@ -12,8 +12,9 @@ use upcoach_core::{SessionId, UserId};
 use uuid::Uuid;
 
 use super::{
-    IssuedRefresh, Observed, Purged, RefreshError, RefreshFamily, RefreshPolicy, RefreshStore,
-    RefreshToken, RevokeReason, Rotation, TokenHash, Verdict, decide, later, to_micros,
+    DeviceFingerprint, IssuedRefresh, Observed, Purged, RefreshError, RefreshFamily, RefreshPolicy,
+    RefreshStore, RefreshToken, RevokeReason, Rotation, TokenHash, Verdict, decide, is_expired,
+    later, to_micros,
 };
 
 const BACKEND: &str = "postgres";
@@ -23,7 +24,9 @@ const PURGE_BATCH: i64 = 5_000;
 /// Refresh-token families in Postgres, shared by every process of a deployment.
 ///
 /// Needs the project's migrations ([`upcoach_core::postgres::migrate`]). Tokens are
-/// stored as their SHA-256 only.
+/// stored as their SHA-256 only; a family's device as its [`DeviceFingerprint`]
+/// (`refresh_families.device_fingerprint`, `NULL` for a family that is not bound,
+/// which every family from before that column is).
 ///
 /// How it stays right under concurrency (READ COMMITTED):
 /// - A rotation runs in one transaction that first locks its family's row in
@@ -35,6 +38,8 @@ const PURGE_BATCH: i64 = 5_000;
 /// - A revocation updates that same family row, so it waits for a rotation in flight
 ///   and any later rotation waits for it and sees it: once `revoke_*` returns, no token
 ///   of the family can rotate.
+/// - The lock also reads the family's device, so the device check costs no round trip;
+///   a mismatch revokes the family under that lock.
 /// - A rotation costs four round trips (`BEGIN`, lock, exchange, `COMMIT`); rotations of
 ///   different families never wait for each other.
 ///
@@ -50,8 +55,8 @@ const PURGE_BATCH: i64 = 5_000;
 /// upcoach_core::postgres::migrate(pool.inner()).await?;
 /// let store = PgRefreshStore::new(pool.clone())
 ///     .with_policy(RefreshPolicy::default().with_grace(Duration::from_secs(10)));
-/// let issued = store.open_family(user, SystemTime::now()).await?;
-/// let rotation = store.rotate(issued.token.expose(), SystemTime::now()).await?;
+/// let issued = store.open_family(user, None, SystemTime::now()).await?;
+/// let rotation = store.rotate(issued.token.expose(), None, SystemTime::now()).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -112,6 +117,19 @@ fn time_of(row: &PgRow, column: &str) -> Result<SystemTime, RefreshError> {
     Ok(get::<OffsetDateTime>(row, column)?.into())
 }
 
+fn fingerprint_of(row: &PgRow, column: &str) -> Result<Option<DeviceFingerprint>, RefreshError> {
+    get::<Option<Vec<u8>>>(row, column)?
+        .map(|bytes| {
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map(DeviceFingerprint::from_bytes)
+                .map_err(|_| RefreshError::Backend {
+                    backend: BACKEND,
+                    source: "a device fingerprint is not 32 bytes".into(),
+                })
+        })
+        .transpose()
+}
+
 /// Revokes `family` inside `conn`'s transaction: the family row first (which waits for
 /// a rotation holding it), then, in a statement of its own so that it sees every token
 /// committed meanwhile, the tokens. `true` if this call revoked it.
@@ -156,6 +174,7 @@ impl RefreshStore for PgRefreshStore {
     async fn open_family(
         &self,
         user: UserId,
+        device: Option<DeviceFingerprint>,
         now: SystemTime,
     ) -> Result<IssuedRefresh, RefreshError> {
         let now = to_micros(now);
@@ -165,8 +184,9 @@ impl RefreshStore for PgRefreshStore {
         let (expires_at, family_expires_at) = self.policy.first_expiries(now);
         let result = sqlx::query(
             "WITH family AS ( \
-               INSERT INTO refresh_families (family_id, user_id, created_at, expires_at) \
-               VALUES ($1, $2, $3, $4) \
+               INSERT INTO refresh_families \
+                 (family_id, user_id, created_at, expires_at, device_fingerprint) \
+               VALUES ($1, $2, $3, $4, $7) \
              ) \
              INSERT INTO refresh_tokens \
                (token_hash, family_id, parent_hash, user_id, issued_at, expires_at, family_expires_at) \
@@ -178,6 +198,7 @@ impl RefreshStore for PgRefreshStore {
         .bind(timestamp(family_expires_at))
         .bind(&token.hash().as_bytes()[..])
         .bind(timestamp(expires_at))
+        .bind(device.as_ref().map(|d| &d.as_bytes()[..]))
         .execute(&mut *conn)
         .await;
         match result {
@@ -194,7 +215,12 @@ impl RefreshStore for PgRefreshStore {
         }
     }
 
-    async fn rotate(&self, presented: &str, now: SystemTime) -> Result<Rotation, RefreshError> {
+    async fn rotate(
+        &self,
+        presented: &str,
+        device: Option<DeviceFingerprint>,
+        now: SystemTime,
+    ) -> Result<Rotation, RefreshError> {
         if !RefreshToken::is_well_formed(presented) {
             return Err(RefreshError::Invalid);
         }
@@ -209,17 +235,38 @@ impl RefreshStore for PgRefreshStore {
         let mut conn = self.pool.acquire().await.map_err(backend)?;
         let mut tx = conn.begin().await.map_err(backend)?;
         // Serialize with every other change of the family (rotations and revocations).
-        let locked = sqlx::query(
-            "SELECT f.family_id FROM refresh_tokens t \
+        let Some(locked) = sqlx::query(
+            "SELECT f.family_id, f.user_id, f.expires_at AS family_expires_at, \
+               f.device_fingerprint, t.expires_at \
+             FROM refresh_tokens t \
              JOIN refresh_families f ON f.family_id = t.family_id \
              WHERE t.token_hash = $1 FOR UPDATE OF f",
         )
         .bind(hash)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(backend)?;
-        if locked.is_none() {
+        .map_err(backend)?
+        else {
             return Err(RefreshError::Invalid);
+        };
+
+        // The device, after expiry (an expired token changes nothing): another device
+        // revokes the family, whatever state the token is in.
+        let expired = is_expired(
+            time_of(&locked, "expires_at")?,
+            time_of(&locked, "family_expires_at")?,
+            now,
+        );
+        let bound = fingerprint_of(&locked, "device_fingerprint")?;
+        if !expired && !DeviceFingerprint::accepts(bound.as_ref(), device.as_ref()) {
+            let family_id: Uuid = get(&locked, "family_id")?;
+            let user_id: Uuid = get(&locked, "user_id")?;
+            revoke_in(&mut tx, family_id, RevokeReason::DeviceMismatch, at).await?;
+            tx.commit().await.map_err(backend)?;
+            return Err(RefreshError::DeviceMismatch {
+                user_id: UserId::from_uuid(user_id),
+                family_id: SessionId::from_uuid(family_id),
+            });
         }
 
         // The exchange: only an unused, unrevoked, unexpired token of a live family
@@ -285,6 +332,8 @@ impl RefreshStore for PgRefreshStore {
             family_expires_at,
             rotated_at: get::<Option<OffsetDateTime>>(&row, "rotated_at")?.map(Into::into),
             revoked: get(&row, "revoked")?,
+            // Checked above, under the same lock.
+            device_accepted: true,
             child_rotated: get(&row, "child_rotated")?,
             sibling_rotated: get(&row, "sibling_rotated")?,
         };
@@ -326,8 +375,9 @@ impl RefreshStore for PgRefreshStore {
             }
             Verdict::Revoked => Err(RefreshError::Revoked),
             Verdict::Expired => Err(RefreshError::Expired),
-            // The exchange above matches exactly these tokens, under the same lock.
-            Verdict::Rotate => Err(RefreshError::Backend {
+            // The exchange above matches exactly these tokens, and the device was
+            // checked, under the same lock.
+            Verdict::Rotate | Verdict::DeviceMismatch => Err(RefreshError::Backend {
                 backend: BACKEND,
                 source: "the token was rotatable but the exchange did not match it".into(),
             }),

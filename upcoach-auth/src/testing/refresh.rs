@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use upcoach_core::UserId;
 
 use crate::refresh::{
-    Purged, RefreshError, RefreshFamily, RefreshStore, RefreshToken, RevokeReason, Rotation,
+    DeviceFingerprint, DeviceId, Purged, RefreshError, RefreshFamily, RefreshStore, RefreshToken,
+    RevokeReason, Rotation,
 };
 
 /// Makes users the store can open families for.
@@ -63,8 +64,10 @@ impl UserFixture for PgUserRows {
 /// needs `token_ttl` ≥ 1 min, `family_lifetime` > `token_ttl` and `grace` <
 /// `token_ttl / 8`): rotation chains, every error code, reuse revoking the family,
 /// the grace rules, the absolute lifetime, logout, revoking a user, refusal at the
-/// instant of a revocation, and purging. Times only move forward from section to
-/// section. Panics with a message at the first difference.
+/// instant of a revocation, purging, and device binding (the other sections use
+/// families bound to one device, presented from it; two sections check presentations
+/// from other devices, and families that are not bound). Times only move forward from
+/// section to section. Panics with a message at the first difference.
 pub async fn refresh_store_conformance(store: &dyn RefreshStore, users: &dyn UserFixture) {
     let policy = *store.policy();
     assert!(
@@ -81,6 +84,7 @@ pub async fn refresh_store_conformance(store: &dyn RefreshStore, users: &dyn Use
         ttl: policy.token_ttl,
         lifetime: policy.family_lifetime,
         grace: policy.grace,
+        device: device("conformance-device-1"),
     };
     suite.chain().await;
     suite.invalid().await;
@@ -98,6 +102,14 @@ pub async fn refresh_store_conformance(store: &dyn RefreshStore, users: &dyn Use
     suite.logout().await;
     suite.revoke_user().await;
     suite.purge().await;
+    suite.device_binding().await;
+    suite.unbound().await;
+}
+
+fn device(id: &str) -> DeviceFingerprint {
+    DeviceId::parse(id)
+        .expect("a valid device id")
+        .fingerprint()
 }
 
 const SEC: Duration = Duration::from_secs(1);
@@ -111,6 +123,8 @@ struct Suite<'a> {
     ttl: Duration,
     lifetime: Duration,
     grace: Duration,
+    /// The device every family of the other sections is bound to.
+    device: DeviceFingerprint,
 }
 
 impl Suite<'_> {
@@ -125,7 +139,7 @@ impl Suite<'_> {
         let user = self.users.create().await;
         let issued = self
             .store
-            .open_family(user, at)
+            .open_family(user, Some(self.device), at)
             .await
             .expect("open a family");
         (user, issued)
@@ -133,13 +147,26 @@ impl Suite<'_> {
 
     async fn rotate(&self, token: &RefreshToken, at: SystemTime, what: &str) -> Rotation {
         self.store
-            .rotate(token.expose(), at)
+            .rotate(token.expose(), Some(self.device), at)
             .await
             .unwrap_or_else(|e| panic!("{what}: expected a rotation, got {e:?}"))
     }
 
     async fn refused(&self, token: &str, at: SystemTime, code: &str, what: &str) -> RefreshError {
-        match self.store.rotate(token, at).await {
+        self.refused_from(token, Some(self.device), at, code, what)
+            .await
+    }
+
+    /// [`refused`](Self::refused), presented from `device`.
+    async fn refused_from(
+        &self,
+        token: &str,
+        device: Option<DeviceFingerprint>,
+        at: SystemTime,
+        code: &str,
+        what: &str,
+    ) -> RefreshError {
+        match self.store.rotate(token, device, at).await {
             Ok(rotation) => panic!("{what}: expected {code}, got a rotation {rotation:?}"),
             Err(e) => {
                 assert_eq!(e.code(), code, "{what}: {e:?}");
@@ -184,7 +211,7 @@ impl Suite<'_> {
         // A second family of the same user is independent of the first.
         let second = self
             .store
-            .open_family(user, t + step)
+            .open_family(user, Some(self.device), t + step)
             .await
             .expect("second family");
         assert_ne!(second.family_id, issued.family_id);
@@ -283,7 +310,7 @@ impl Suite<'_> {
         let (user, issued) = self.open(t).await;
         let (_, bystander) = self
             .store
-            .open_family(user, t)
+            .open_family(user, Some(self.device), t)
             .await
             .map(|b| (user, b))
             .expect("second family");
@@ -481,7 +508,7 @@ impl Suite<'_> {
         let (user, issued) = self.open(t).await;
         let other = self
             .store
-            .open_family(user, t)
+            .open_family(user, Some(self.device), t)
             .await
             .expect("second family");
         let child = self.rotate(&issued.token, t + SEC, "first use").await;
@@ -556,8 +583,16 @@ impl Suite<'_> {
     async fn revoke_user(&mut self) {
         let t = self.section();
         let (user, a) = self.open(t).await;
-        let b = self.store.open_family(user, t).await.unwrap();
-        let c = self.store.open_family(user, t).await.unwrap();
+        let b = self
+            .store
+            .open_family(user, Some(self.device), t)
+            .await
+            .unwrap();
+        let c = self
+            .store
+            .open_family(user, Some(self.device), t)
+            .await
+            .unwrap();
         let b_child = self.rotate(&b.token, t + SEC, "first use").await;
         self.store
             .revoke_family(c.family_id, RevokeReason::Logout, t + SEC)
@@ -649,6 +684,171 @@ impl Suite<'_> {
             self.store.purge_expired(end).await.unwrap(),
             Purged::default(),
             "purging again removes nothing"
+        );
+    }
+    async fn device_binding(&mut self) {
+        let t = self.section();
+        let other = device("conformance-device-2");
+        let (user, issued) = self.open(t).await;
+        let (_, bystander) = self.open(t).await;
+        let sibling = self
+            .store
+            .open_family(user, Some(self.device), t)
+            .await
+            .expect("the user's second family");
+        let child = self.rotate(&issued.token, t + SEC, "first use").await;
+
+        // From another device, or none: refused, and the family is revoked.
+        for (presented, what) in [
+            (Some(other), "the newest token from another device"),
+            (
+                Some(other),
+                "the same again (each attempt is refused and reported)",
+            ),
+            (None, "the newest token with no device"),
+        ] {
+            match self
+                .refused_from(
+                    child.token.expose(),
+                    presented,
+                    t + 2 * SEC,
+                    "device_mismatch",
+                    what,
+                )
+                .await
+            {
+                RefreshError::DeviceMismatch { user_id, family_id } => assert_eq!(
+                    (user_id, family_id),
+                    (user, issued.family_id),
+                    "{what}: the mismatch names the user and the family"
+                ),
+                e => panic!("{what}: expected DeviceMismatch, got {e:?}"),
+            }
+        }
+        self.refused(
+            child.token.expose(),
+            t + 2 * SEC,
+            "refresh_token_revoked",
+            "the newest token, from its own device, after a mismatch",
+        )
+        .await;
+        self.refused_from(
+            issued.token.expose(),
+            Some(other),
+            t + 2 * SEC,
+            "device_mismatch",
+            "a rotated token from another device is a mismatch before it is reuse",
+        )
+        .await;
+        self.rotate(&sibling.token, t + 3 * SEC, "the user's other session")
+            .await;
+        self.rotate(&bystander.token, t + 3 * SEC, "another user's session")
+            .await;
+
+        // An unused first token from another device revokes too.
+        let (_, issued) = self.open(t).await;
+        self.refused_from(
+            issued.token.expose(),
+            Some(other),
+            t + SEC,
+            "device_mismatch",
+            "a first token from another device",
+        )
+        .await;
+        self.refused(
+            issued.token.expose(),
+            t + SEC,
+            "refresh_token_revoked",
+            "the first token from its own device after that",
+        )
+        .await;
+
+        // Within the grace, a retry of the parent from another device is no retry.
+        if !self.grace.is_zero() {
+            let (_, issued) = self.open(t).await;
+            let child = self.rotate(&issued.token, t + SEC, "first use").await;
+            self.refused_from(
+                issued.token.expose(),
+                Some(other),
+                t + SEC + self.grace / 2,
+                "device_mismatch",
+                "a grace retry from another device",
+            )
+            .await;
+            self.refused(
+                child.token.expose(),
+                t + SEC + self.grace / 2,
+                "refresh_token_revoked",
+                "the child after a retry from another device",
+            )
+            .await;
+        }
+
+        // Logout is not bound: the signed-in owner revokes from anywhere.
+        let (user, issued) = self.open(t).await;
+        assert_eq!(
+            self.store
+                .revoke_presented(issued.token.expose(), user, t + SEC)
+                .await
+                .unwrap(),
+            Some(RefreshFamily {
+                family_id: issued.family_id,
+                user_id: user,
+            })
+        );
+
+        // An expired token from another device is only expired: nothing changes.
+        let (_, expiring) = self.open(t).await;
+        let child = self
+            .rotate(&expiring.token, t + self.ttl / 2, "first use")
+            .await;
+        self.refused_from(
+            expiring.token.expose(),
+            Some(other),
+            t + self.ttl,
+            "refresh_token_expired",
+            "an expired token from another device",
+        )
+        .await;
+        self.rotate(&child.token, t + self.ttl, "its family goes on")
+            .await;
+    }
+
+    async fn unbound(&mut self) {
+        let t = self.section();
+        let other = device("conformance-device-2");
+        let user = self.users.create().await;
+        let issued = self
+            .store
+            .open_family(user, None, t)
+            .await
+            .expect("a family without a device");
+        let mut current = issued.token;
+        for (i, presented) in [None, Some(self.device), Some(other), None]
+            .into_iter()
+            .enumerate()
+        {
+            let rotation = self
+                .store
+                .rotate(current.expose(), presented, t + SEC * (i as u32 + 1))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("a family that is not bound rotates from {presented:?}: {e:?}")
+                });
+            assert_eq!(rotation.family_id, issued.family_id);
+            current = rotation.token;
+        }
+        self.refused_from(
+            RefreshToken::generate().unwrap().expose(),
+            Some(other),
+            t + 5 * SEC,
+            "refresh_token_invalid",
+            "an unknown token from any device",
+        )
+        .await;
+        assert!(
+            !format!("{:?}", self.store).contains("conformance-device"),
+            "the store's Debug shows no device id"
         );
     }
 }
