@@ -14,6 +14,10 @@
 //!   codes).
 //! - [`users`]: users and their identities, keyed by (provider, subject), with the
 //!   linking policy ([`UserStore`](users::UserStore): memory, Postgres).
+//! - [`threat`]: sliding-window detectors (brute force, credential stuffing,
+//!   refresh-token reuse, sign-in bursts) over the security events, as an
+//!   [`EventLog`](upcoach_core::event::EventLog) wrapper that raises alerts and blocks
+//!   offenders (state: memory, Redis).
 //!
 //! Apple and Facebook are not built yet: [`ProviderId`] names them, and the server
 //! answers `provider_not_configured` for them.
@@ -43,6 +47,7 @@ pub mod session;
 pub mod sessions;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod threat;
 pub mod users;
 pub mod web;
 
