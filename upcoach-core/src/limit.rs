@@ -33,9 +33,9 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use memory::MemoryLimiter;
-// #[cfg(feature = "redis")]
-// pub use redis::RedisLimiter;
+pub use memory::{MemoryLimiter, MemoryLimiterStats};
+#[cfg(feature = "redis")]
+pub use redis::RedisLimiter;
 
 /// The longest subject or rule name a limiter accepts, in bytes.
 pub const MAX_NAME_LEN: usize = 200;
@@ -138,8 +138,7 @@ impl LimitError {
 pub trait RateLimiter: fmt::Debug + Send + Sync + 'static {
     /// Counts one request of `subject` against `rule` (when allowed) and says whether it
     /// may go ahead. A blocked subject is refused until its block ends.
-    async fn check(&self, rule: &str, subject: &str, quota: Quota)
-    -> Result<Decision, LimitError>;
+    async fn check(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError>;
 
     /// Refuses every request of `subject`, under every rule, for `duration`. A longer
     /// block replaces a shorter one; a shorter one does not cut a longer one.

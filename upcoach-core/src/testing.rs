@@ -259,3 +259,204 @@ pub async fn event_log_conformance(log: &dyn EventLog) {
     assert_eq!(newest[0], Event::from(twice));
     assert_eq!(log.stats().queued, 0);
 }
+
+/// Checks a [`RateLimiter`](crate::limit::RateLimiter) against GCRA as the trait
+/// describes it: a burst of `limit` admitted with `remaining` counting down, then
+/// refusals whose `retry_after` is the emission interval; one more admitted per interval;
+/// subjects and rules independent; blocks across rules that only ever lengthen; invalid
+/// names refused. Panics with a message on the first difference.
+///
+/// Quotas are 4 requests per 4 × `emission`. `time` lets time pass for the limiter:
+/// [`MoveClock`] for one on a [`ManualClock`] (then `slack` can be zero and every
+/// duration is checked exactly), [`Sleep`] for one on real time such as Redis (then
+/// `emission` should dwarf a round trip, e.g. 250 ms, and `slack` covers round trips and
+/// scheduling, e.g. 80 ms). Durations are checked as `ideal - slack <= got <= ideal`:
+/// real time only ever makes them shorter. Rule and subject names are unique per run, so
+/// runs can share a Redis.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use upcoach_core::ManualClock;
+/// use upcoach_core::limit::MemoryLimiter;
+/// use upcoach_core::testing::{MoveClock, rate_limiter_conformance};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let clock = Arc::new(ManualClock::starting_now());
+/// let limiter = MemoryLimiter::with_clock(clock.clone());
+/// rate_limiter_conformance(&limiter, &MoveClock(clock), Duration::from_secs(1), Duration::ZERO)
+///     .await;
+/// # });
+/// ```
+pub async fn rate_limiter_conformance(
+    limiter: &dyn crate::limit::RateLimiter,
+    time: &dyn PassTime,
+    emission: Duration,
+    slack: Duration,
+) {
+    use crate::limit::{LimitError, Quota};
+
+    let quota = Quota::new(4, emission * 4).expect("a valid quota");
+    let run = Uuid::now_v7().simple().to_string();
+    let rule = format!("conformance.{run}.a");
+    let other_rule = format!("conformance.{run}.b");
+    let subject = format!("user:{run}:1");
+    let near = |got: Duration, ideal: Duration, what: &str| {
+        assert!(
+            got <= ideal && got + slack >= ideal,
+            "{what}: {got:?}, expected {ideal:?} (slack {slack:?})"
+        );
+    };
+
+    // A burst of `limit`, remaining counting down, the bucket's refill time growing.
+    for n in 1..=4u32 {
+        let d = limiter.check(&rule, &subject, quota).await.unwrap();
+        assert!(d.allowed, "request {n} of a burst of 4 is admitted: {d:?}");
+        assert_eq!(d.limit, 4, "the decision carries the quota's limit");
+        assert_eq!(d.remaining, 4 - n, "remaining after request {n}: {d:?}");
+        assert_eq!(d.retry_after, Duration::ZERO, "no wait when admitted");
+        near(
+            d.reset_after,
+            emission * n,
+            &format!("reset_after after {n}"),
+        );
+    }
+
+    // Then refused until one emission interval has passed.
+    let refused = limiter.check(&rule, &subject, quota).await.unwrap();
+    assert!(!refused.allowed, "the 5th request is refused: {refused:?}");
+    assert_eq!((refused.limit, refused.remaining), (4, 0));
+    near(
+        refused.retry_after,
+        emission,
+        "retry_after once the burst is spent",
+    );
+    near(
+        refused.reset_after,
+        emission * 4,
+        "reset_after once the burst is spent",
+    );
+    let again = limiter.check(&rule, &subject, quota).await.unwrap();
+    assert!(
+        !again.allowed,
+        "a refused request is not counted, and still refused"
+    );
+    assert!(again.retry_after > Duration::ZERO && again.retry_after <= refused.retry_after);
+
+    // One interval later, exactly one more.
+    time.pass(again.retry_after + slack / 2).await;
+    let refilled = limiter.check(&rule, &subject, quota).await.unwrap();
+    assert!(
+        refilled.allowed,
+        "one request is back after the interval: {refilled:?}"
+    );
+    assert_eq!(refilled.remaining, 0);
+    let after = limiter.check(&rule, &subject, quota).await.unwrap();
+    assert!(!after.allowed, "only one came back: {after:?}");
+    near(after.retry_after, emission, "retry_after after the refill");
+
+    // Other subjects and other rules have budgets of their own.
+    let other_subject = format!("ip:{run}");
+    let d = limiter.check(&rule, &other_subject, quota).await.unwrap();
+    assert!(d.allowed && d.remaining == 3, "another subject: {d:?}");
+    let d = limiter.check(&other_rule, &subject, quota).await.unwrap();
+    assert!(d.allowed && d.remaining == 3, "another rule: {d:?}");
+    let wide = Quota::new(7, emission * 7).unwrap();
+    let d = limiter
+        .check(&format!("conformance.{run}.c"), &subject, wide)
+        .await
+        .unwrap();
+    assert_eq!((d.allowed, d.limit, d.remaining), (true, 7, 6), "{d:?}");
+    let single = Quota::new(1, emission * 4).unwrap();
+    let single_rule = format!("conformance.{run}.d");
+    assert!(
+        limiter
+            .check(&single_rule, &subject, single)
+            .await
+            .unwrap()
+            .allowed
+    );
+    let d = limiter.check(&single_rule, &subject, single).await.unwrap();
+    assert_eq!((d.allowed, d.limit, d.remaining), (false, 1, 0), "{d:?}");
+    near(
+        d.retry_after,
+        emission * 4,
+        "a quota of one waits the whole window",
+    );
+
+    // A block shuts the subject out of every rule, lengthens but never shortens.
+    let blocked = format!("ip:{run}:blocked");
+    let bystander = format!("ip:{run}:bystander");
+    limiter.block(&blocked, emission * 3).await.unwrap();
+    limiter.block(&blocked, emission).await.unwrap();
+    for r in [&rule, &other_rule] {
+        let d = limiter.check(r, &blocked, quota).await.unwrap();
+        assert!(!d.allowed, "a blocked subject is refused under {r}: {d:?}");
+        assert_eq!((d.limit, d.remaining), (4, 0));
+        near(
+            d.retry_after,
+            emission * 3,
+            "retry_after of a block (a shorter one came after)",
+        );
+        assert!(d.reset_after >= d.retry_after, "{d:?}");
+    }
+    assert!(
+        limiter
+            .check(&rule, &bystander, quota)
+            .await
+            .unwrap()
+            .allowed
+    );
+    limiter.block(&blocked, emission * 5).await.unwrap();
+    let d = limiter.check(&rule, &blocked, quota).await.unwrap();
+    near(
+        d.retry_after,
+        emission * 5,
+        "a longer block replaces a shorter one",
+    );
+    time.pass(d.retry_after + slack / 2).await;
+    let d = limiter.check(&rule, &blocked, quota).await.unwrap();
+    assert!(d.allowed, "the block has ended: {d:?}");
+    assert_eq!(d.remaining, 3, "refusals during a block use no budget");
+    limiter.block(&blocked, Duration::ZERO).await.unwrap();
+    assert!(
+        limiter.check(&rule, &blocked, quota).await.unwrap().allowed,
+        "a zero block is none"
+    );
+
+    // Names no backend can key.
+    let long = "x".repeat(crate::limit::MAX_NAME_LEN + 1);
+    for bad in [
+        "",
+        "a{b",
+        "a}b",
+        "{tag}",
+        "tab\there",
+        "nul\0",
+        long.as_str(),
+    ] {
+        let invalid = |r: Result<_, LimitError>, what: &str| {
+            assert!(
+                matches!(r, Err(LimitError::InvalidName(_))),
+                "{what} {bad:?} gave {r:?}"
+            );
+        };
+        invalid(
+            limiter.check(bad, &subject, quota).await.map(|_| ()),
+            "rule",
+        );
+        invalid(
+            limiter.check(&rule, bad, quota).await.map(|_| ()),
+            "subject",
+        );
+        invalid(limiter.block(bad, emission).await, "blocked subject");
+    }
+    let longest = "y".repeat(crate::limit::MAX_NAME_LEN);
+    assert!(
+        limiter
+            .check(&longest, &format!("user:{run}:ünï"), quota)
+            .await
+            .unwrap()
+            .allowed
+    );
+}
