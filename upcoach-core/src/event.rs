@@ -34,11 +34,13 @@ use uuid::Uuid;
 
 use crate::{Clock, UserId};
 
+mod aggregate;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod row;
 
+pub use aggregate::{AggregateConfig, AggregatingLog};
 pub use memory::MemoryEventLog;
 #[cfg(feature = "postgres")]
 pub use postgres::{PgEventLog, PgEventLogBuilder};

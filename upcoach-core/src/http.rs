@@ -35,6 +35,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 pub use http::{HeaderMap, Request, Response, StatusCode};
@@ -234,7 +235,14 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// The JSON answer of `error`, with its status and headers.
+/// The code of an error answer, in its response's extensions: layers outside the
+/// handler (the [`RateLimitLayer`](protect::RateLimitLayer)'s audit of token failures)
+/// read it without parsing the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
+/// The JSON answer of `error`, with its status and headers (and an [`ErrorCode`]
+/// extension).
 pub fn error_response<B: From<Bytes>>(error: &(impl HttpError + ?Sized)) -> Response<B> {
     let body = ErrorBody {
         error: ErrorDetail {
@@ -246,6 +254,7 @@ pub fn error_response<B: From<Bytes>>(error: &(impl HttpError + ?Sized)) -> Resp
     for (name, value) in error.headers() {
         response.headers_mut().insert(name, value);
     }
+    response.extensions_mut().insert(ErrorCode(error.code()));
     if error.status().is_server_error() {
         tracing::debug!(code = error.code(), error = %error, "answered with a server error");
     }
@@ -414,14 +423,62 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Reads a body of at most `limit` bytes: 413 `payload_too_large` past it, 400
+/// How long a client may take to send a whole request body once the handler starts
+/// reading it: 10 s. A body trickled a byte at a time holds a connection no longer.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a body of at most `limit` bytes within [`BODY_READ_TIMEOUT`]: 413
+/// `payload_too_large` past the limit, 408 `request_timeout` past the deadline, 400
 /// `bad_body` when it cannot be read.
 pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ApiError>
 where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match Limited::new(body, limit).collect().await {
+    read_body_within(body, limit, BODY_READ_TIMEOUT).await
+}
+
+/// [`read_body`] with its own deadline for the whole body.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use futures_util::StreamExt;
+/// use http_body_util::StreamBody;
+/// use upcoach_core::http::{read_body_within, HttpError};
+///
+/// // A body whose second chunk never comes.
+/// let chunks = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+///     http_body::Frame::data(Bytes::from_static(b"{")),
+/// )])
+/// .chain(futures_util::stream::pending());
+/// let error = read_body_within(StreamBody::new(chunks), 1024, Duration::from_secs(10))
+///     .await
+///     .unwrap_err();
+/// assert_eq!((error.status().as_u16(), error.code()), (408, "request_timeout"));
+/// # });
+/// ```
+pub async fn read_body_within<B>(
+    body: B,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Ok(read) = tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                deadline.as_secs_f64()
+            ),
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -457,6 +514,13 @@ where
         )
     })
 }
+
+mod connections;
+pub mod protect;
+#[cfg(feature = "server")]
+pub mod serve;
+
+pub use connections::{ConnectionLimits, ConnectionPermit, ConnectionRefused};
 
 /// The address of the peer that sent a request, as the server saw it: servers insert
 /// it into each request's extensions (the reference server does; an axum host copies

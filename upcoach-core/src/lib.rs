@@ -24,9 +24,9 @@ pub mod clock;
 pub mod config;
 pub mod event;
 pub mod health;
-pub mod limit;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod limit;
 pub mod principal;
 pub mod secret;
 pub mod token;

@@ -1,14 +1,21 @@
-//! The accept loop with graceful shutdown.
+//! An HTTP/1.1 accept loop for hyper services (feature `server`): the peer's address in
+//! every request ([`ClientAddr`]), a deadline for request headers, a cap on open
+//! connections per process and per address ([`ConnectionLimits`]), upgrades (WebSocket)
+//! and a graceful drain on shutdown. The reference server runs on it; a host with its
+//! own loop (axum's `serve`) keeps its own and takes the pieces it lacks.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::{ClientAddr, ConnectionLimits, ConnectionPermit};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use upcoach_core::http::ClientAddr;
 
 /// Puts the peer's address into each request's extensions ([`ClientAddr`]), where the
 /// crates read it for audit records.
@@ -32,6 +39,57 @@ where
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection's stream with its place among the open connections: the place is
+    /// given back when the stream closes, also after an upgrade hands the stream to a
+    /// WebSocket.
+    struct Held<S> {
+        #[pin]
+        stream: S,
+        _permit: Option<ConnectionPermit>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Held<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Held<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().stream.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().stream.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
+}
+
 /// How the accept loop behaves.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -39,6 +97,10 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// How long a client may take to send its request headers (default 10 s).
     pub header_read_timeout: Duration,
+    /// The cap on open connections (default: none). A connection over it gets a canned
+    /// 503 or 429 answer ([`ConnectionRefused::http_response`](super::ConnectionRefused::http_response))
+    /// and is closed before any of its bytes are read.
+    pub limits: Option<ConnectionLimits>,
 }
 
 impl Default for ServeOptions {
@@ -46,6 +108,7 @@ impl Default for ServeOptions {
         Self {
             drain_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            limits: None,
         }
     }
 }
@@ -84,9 +147,22 @@ where
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let permit = match options.limits.as_ref().map(|l| l.try_acquire(peer.ip())) {
+                        Some(Err(refused)) => {
+                            // A fresh socket's send buffer takes this whole; no task, no wait.
+                            let _ = stream.try_write(refused.http_response());
+                            tracing::debug!(%peer, %refused, "connection refused");
+                            continue;
+                        }
+                        Some(Ok(permit)) => Some(permit),
+                        None => None,
+                    };
                     let _ = stream.set_nodelay(true);
                     let connection = http
-                        .serve_connection(TokioIo::new(stream), WithPeer { inner: service.clone(), peer })
+                        .serve_connection(
+                            TokioIo::new(Held { stream, _permit: permit }),
+                            WithPeer { inner: service.clone(), peer },
+                        )
                         .with_upgrades();
                     let mut stopping = stopping.clone();
                     connections.spawn(async move {
