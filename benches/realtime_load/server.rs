@@ -72,6 +72,9 @@ pub(crate) fn run_ours(args: &Args) -> ExitCode {
         "CACHE_PREFIX" => prefix.clone(),
         // The limits a load test needs: every client process is one user.
         "REALTIME_MAX_CONNECTIONS" | "REALTIME_MAX_CONNECTIONS_PER_USER" => Some(max.clone()),
+        // Every client comes from 127.0.0.1: per-address rate limits would measure
+        // themselves, not the fan-out.
+        "RATE_LIMIT_REALTIME_CONNECT" | "RATE_LIMIT_REALTIME_BROADCAST" => Some("off".into()),
         _ => None,
     });
     let config = match config {

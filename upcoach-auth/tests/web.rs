@@ -1120,15 +1120,27 @@ async fn authorize_gives_a_browser_a_device_cookie() {
 #[tokio::test]
 async fn an_undocumented_platform_is_refused_before_anything_is_stored() {
     let routes = routes_at("http://127.0.0.1:8080", Arc::default());
-    for platform in ["webview".to_owned(), "x".repeat(16 * 1024), "WEB".to_owned()] {
+    for platform in [
+        "webview".to_owned(),
+        "x".repeat(16 * 1024),
+        "WEB".to_owned(),
+    ] {
         let uri = format!("/auth/google/authorize?platform={platform}");
-        let mut jar = Jar::default();
+        let jar = Jar::default();
         let answer = routes
-            .authorize("google", from_browser(http::Method::GET, &uri, &mut jar, &[], None))
+            .authorize(
+                "google",
+                from_browser(http::Method::GET, &uri, &jar, &[], None),
+            )
             .await;
         assert_eq!(answer.status(), 400);
-        assert!(answer.headers().get("set-cookie").is_none(), "no flow, no cookie");
-        let body = http_body_util::BodyExt::collect(answer.into_body()).await.unwrap();
+        assert!(
+            answer.headers().get("set-cookie").is_none(),
+            "no flow, no cookie"
+        );
+        let body = http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap();
         assert!(String::from_utf8_lossy(&body.to_bytes()).contains("invalid_platform"));
     }
 }

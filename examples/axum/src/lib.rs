@@ -10,12 +10,15 @@
 //! # async fn demo() -> Result<(), upcoach_axum_example::Error> {
 //! use std::{net::SocketAddr, sync::Arc};
 //! use upcoach_auth::config::AuthConfig;
+//! use upcoach_auth::threat::ThreatConfig;
 //! use upcoach_core::config::Settings;
+//! use upcoach_core::http::protect::LimitConfig;
 //! use upcoach_axum_example::{App, router};
 //! use upcoach_realtime::HubConfig;
 //!
 //! let addr: SocketAddr = "127.0.0.1:8080".parse()?;
-//! let app = App::new(&AuthConfig::from_env()?, HubConfig::from_env()?, addr, false).await?;
+//! let (limits, threats) = (LimitConfig::from_env()?, ThreatConfig::from_env()?);
+//! let app = App::new(&AuthConfig::from_env()?, HubConfig::from_env()?, &limits, &threats, addr, false).await?;
 //! let service = router(Arc::new(app)).into_make_service_with_connect_info::<SocketAddr>();
 //! axum::serve(tokio::net::TcpListener::bind(addr).await?, service).await?;
 //! # Ok(()) }
@@ -34,14 +37,17 @@ use upcoach_auth::config::AuthConfig;
 use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::MemoryRefreshStore;
 use upcoach_auth::sessions::Sessions;
+use upcoach_auth::threat::{self, AlertPublisherFn, ThreatConfig, ThreatDetector};
 use upcoach_cache::{
     CacheRule, MemoryStore, MemoryTagVersions, ResponseCacheLayer, TieredCache, TieredOptions,
 };
-use upcoach_core::event::{EventLog, MemoryEventLog};
+use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, SystemAlert};
+use upcoach_core::http::protect::{LimitConfig, RateLimitLayer};
 use upcoach_core::http::{ApiError, ClientAddr, HttpError, authenticate, error_response};
+use upcoach_core::limit::MemoryLimiter;
 use upcoach_core::{Clock, Principal, SystemClock, TokenVerifier};
 use upcoach_perf::{MatchedRoute, RequestMetrics, RequestTimingLayer, RouteTable};
-use upcoach_realtime::{Hub, HubConfig, MemoryBroadcaster};
+use upcoach_realtime::{Broadcaster, Hub, HubConfig, MemoryBroadcaster};
 
 /// What went wrong while building an [`App`].
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -63,6 +69,8 @@ pub struct App {
     pub events: Arc<dyn EventLog>,
     /// Whether `POST /dev/token` is mounted.
     pub dev: bool,
+    /// Rate limits in front of the routes (in memory).
+    pub limits: RateLimitLayer,
 }
 
 impl App {
@@ -73,11 +81,37 @@ impl App {
     pub async fn new(
         auth: &AuthConfig,
         hub: HubConfig,
+        limits: &LimitConfig,
+        threats: &ThreatConfig,
         addr: SocketAddr,
         dev: bool,
     ) -> Result<Self, Error> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let events: Arc<dyn EventLog> = Arc::new(MemoryEventLog::default());
+        let rows = Arc::new(MemoryEventLog::default());
+        // Floods of anonymous failures become counts (the closer task ends with the log).
+        let aggregated = Arc::new(AggregatingLog::new(rows, Default::default(), clock.clone()));
+        aggregated.spawn_closer(Duration::from_secs(15));
+        let broadcaster = Arc::new(MemoryBroadcaster::default());
+        // Threat detection sees every security event before aggregation; its alerts go
+        // to the `alerts` and `security` rooms and block the offending address a while.
+        let limiter = Arc::new(MemoryLimiter::new());
+        let rooms = broadcaster.clone();
+        let publisher = AlertPublisherFn::new(move |alert: SystemAlert| {
+            let rooms = rooms.clone();
+            async move {
+                let data = threat::alert_payload(&alert);
+                for room in threat::ALERT_ROOMS {
+                    let _ = rooms.publish(room, threat::ALERT_EVENT, data.clone()).await;
+                }
+            }
+        });
+        let detector = ThreatDetector::builder(aggregated)
+            .config(threats.clone())
+            .limiter(limiter.clone())
+            .publisher(Arc::new(publisher))
+            .clock(clock.clone())
+            .build();
+        let events: Arc<dyn EventLog> = detector;
         let public_url = auth.public_url.clone();
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
         let tokens = if dev {
@@ -94,7 +128,12 @@ impl App {
             .configure(auth)
             .await?;
         let verifier: Arc<dyn TokenVerifier> = tokens;
-        let hub = Hub::builder(Arc::new(MemoryBroadcaster::default()), verifier.clone())
+        let limits = RateLimitLayer::builder(limiter)
+            .config(limits)
+            .verifier(verifier.clone())
+            .events(events.clone())
+            .build()?;
+        let hub = Hub::builder(broadcaster, verifier.clone())
             .events(events.clone())
             .clock(clock)
             .config(hub)
@@ -112,6 +151,7 @@ impl App {
             cache,
             events,
             dev,
+            limits,
         })
     }
 }
@@ -200,7 +240,8 @@ pub fn templates() -> Vec<&'static str> {
 }
 
 /// The routes of `app` (`POST /dev/token` only when [`App::dev`]) behind the response
-/// cache (the status route, per admin, for a second) and the timing layer. Serve it with
+/// cache (the status route, per admin, for a second), the rate limits and the timing
+/// layer. Serve it with
 /// [`Router::into_make_service_with_connect_info`]`::<SocketAddr>()`: sign-in records
 /// the client's address.
 pub fn router(app: Arc<App>) -> Router {
@@ -231,8 +272,9 @@ pub fn router(app: Arc<App>) -> Router {
                 message,
             ))
         })
-        .layer(middleware::from_fn(client_addr))
         .layer(cache)
+        .layer(app.limits.clone())
+        .layer(middleware::from_fn(client_addr))
         .layer(timing)
         .with_state(app)
 }

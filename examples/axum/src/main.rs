@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use upcoach_auth::threat::ThreatConfig;
 use upcoach_core::config::Settings;
+use upcoach_core::http::protect::LimitConfig;
 
 use upcoach_auth::config::AuthConfig;
 use upcoach_axum_example::{App, Error, router};
@@ -45,8 +47,9 @@ async fn run(dev: bool) -> Result<(), Error> {
     let mut env = Env::process();
     let addr = env.socket_addr("UPCOACH_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)));
     let (auth, hub) = (AuthConfig::read(&mut env), HubConfig::read(&mut env));
-    let (auth, hub) = env.finish((auth, hub))?;
-    let app = Arc::new(App::new(&auth, hub, addr, dev).await?);
+    let (limits, threats) = (LimitConfig::read(&mut env), ThreatConfig::read(&mut env));
+    let (auth, hub, limits, threats) = env.finish((auth, hub, limits, threats))?;
+    let app = Arc::new(App::new(&auth, hub, &limits, &threats, addr, dev).await?);
     let refresh = app.auth.sessions().refresh_store().clone();
     upcoach_auth::refresh::spawn_purge(
         refresh,

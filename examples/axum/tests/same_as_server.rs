@@ -148,6 +148,7 @@ fn outcome(answer: &support::Answer) -> (u16, String, Vec<Option<String>>) {
         "cache-control",
         "www-authenticate",
         "retry-after",
+        "ratelimit-policy",
     ]
     .iter()
     .map(|h| {

@@ -11,10 +11,13 @@ use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
 use upcoach_auth::session::AccessTokens;
 use upcoach_auth::sessions::Sessions;
+use upcoach_auth::threat::{self, AlertPublisherFn, ThreatDetector};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
-use upcoach_core::event::{EventLog, MemoryEventLog, PgEventLog};
+use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, PgEventLog, SystemAlert};
 use upcoach_core::health::Gauge;
+use upcoach_core::http::protect::{RateLimit, RateLimitLayer};
+use upcoach_core::limit::{MemoryLimiter, RateLimiter, RedisLimiter};
 use upcoach_core::postgres::{self, MeteredPool, PgError, PgPoolConfig};
 use upcoach_core::redis::{RedisConnectError, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, SystemClock};
@@ -65,6 +68,9 @@ pub enum StartError {
     /// `AUTH_SIGNING_KEY` or `AUTH_PREVIOUS_SIGNING_KEY` is not a base64url 32-byte seed.
     #[error(transparent)]
     SigningKey(#[from] upcoach_auth::config::InvalidSigningKey),
+    /// A rate-limit rule could not be set up.
+    #[error("rate limits: {0}")]
+    Limits(String),
     /// A configured sign-in provider could not be set up (its discovery failed).
     #[error("a configured sign-in provider could not be set up")]
     Provider(#[from] upcoach_auth::Error),
@@ -91,6 +97,7 @@ pub struct App {
     pub(crate) verifier: Arc<dyn upcoach_core::TokenVerifier>,
     pub(crate) cache: Arc<TieredCache>,
     response_cache: ResponseCacheLayer,
+    limits: RateLimitLayer,
     pub(crate) perf: Arc<PerfMonitor>,
     pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
@@ -142,9 +149,17 @@ impl App {
             }
             None => None,
         };
-        let event_log: Arc<dyn EventLog> = match &postgres {
+        let rows: Arc<dyn EventLog> = match &postgres {
             Some(pool) => Arc::new(PgEventLog::new(pool.clone())),
             None => Arc::new(MemoryEventLog::default()),
+        };
+        // Floods of anonymous failures become counts, so the queue keeps real events.
+        let aggregated = Arc::new(AggregatingLog::new(rows, Default::default(), clock.clone()));
+        tasks.push(aggregated.spawn_closer(Duration::from_secs(15)));
+        let security_feed = aggregated.subscribe();
+        let limiter: Arc<dyn RateLimiter> = match &redis {
+            Some(redis) => Arc::new(RedisLimiter::new(redis.clone(), format!("{prefix}:limit"))),
+            None => Arc::new(MemoryLimiter::new()),
         };
         let cache = TieredCache::on(redis.as_ref(), &config.cache);
         let broadcaster: Arc<dyn Broadcaster> = match redis
@@ -154,6 +169,31 @@ impl App {
             Some(redis) => Arc::new(redis),
             None => Arc::new(MemoryBroadcaster::new(Default::default(), clock.clone())),
         };
+        // Threat detection sees every security event before aggregation thins them; its
+        // alerts go to the `alerts` and `security` rooms and block the offender a while.
+        let alert_rooms = broadcaster.clone();
+        let publisher = AlertPublisherFn::new(move |alert: SystemAlert| {
+            let broadcaster = alert_rooms.clone();
+            async move {
+                let data = threat::alert_payload(&alert);
+                for room in threat::ALERT_ROOMS {
+                    if let Err(e) = broadcaster
+                        .publish(room, threat::ALERT_EVENT, data.clone())
+                        .await
+                    {
+                        tracing::warn!(error = %e, room, "a threat alert was not published");
+                    }
+                }
+            }
+        });
+        let detector = ThreatDetector::builder(aggregated)
+            .config(config.threat.clone())
+            .redis(redis.as_ref(), prefix)
+            .limiter(limiter.clone())
+            .publisher(Arc::new(publisher))
+            .clock(clock.clone())
+            .build();
+        let event_log: Arc<dyn EventLog> = detector.clone();
         let tokens = if options.dev {
             Some(config.auth.dev_access_tokens(config.addr, clock.clone())?)
         } else {
@@ -195,6 +235,7 @@ impl App {
             let cache = cache.clone();
             let hub = hub.clone();
             let slow_queries = sinks.slow_queries.clone();
+            let detector = detector.clone();
             move || {
                 let sink: &dyn MetricsSink = &*metrics;
                 let (stats, realtime) = (cache.stats(), hub.stats());
@@ -203,6 +244,7 @@ impl App {
                     .chain(realtime.gauges())
                     .chain(postgres.iter().flat_map(MeteredPool::gauges))
                     .chain(redis.iter().flat_map(RedisConnection::gauges))
+                    .chain(detector.stats().gauges())
                     .chain([Gauge::new("slow_queries_redis_skipped", &[], skipped)]);
                 for gauge in gauges {
                     sink.set_gauge(gauge.name, gauge.labels, gauge.value);
@@ -248,7 +290,15 @@ impl App {
             sinks.metrics.clone(),
         ));
         let alerts = perf.alerts().subscribe();
+        let limits = RateLimitLayer::builder(limiter)
+            .config(&config.limits)
+            .verifier(verifier.clone())
+            .events(event_log.clone())
+            .clock(clock.clone())
+            .build()
+            .map_err(StartError::Limits)?;
         let app = App {
+            limits,
             config,
             options,
             backends: Backends { postgres, redis },
@@ -275,15 +325,17 @@ impl App {
         };
         app.banner();
         let app = Arc::new(app);
-        app.spawn_publishers(alerts);
+        app.spawn_publishers(alerts, security_feed);
         Ok(app)
     }
 
-    /// Publishes the perf snapshot to `metrics` every 5 s and each alert transition to
-    /// `alerts`. The tasks hold the app weakly and end with it.
+    /// Publishes the perf snapshot to `metrics` every 5 s, each alert transition to
+    /// `alerts` and each kept security event to `security`. The tasks hold the app
+    /// weakly and end with it.
     fn spawn_publishers(
         self: &Arc<Self>,
         alerts: tokio::sync::broadcast::Receiver<upcoach_perf::AlertTransition>,
+        security: tokio::sync::broadcast::Receiver<upcoach_core::event::SecurityEvent>,
     ) {
         let weak = Arc::downgrade(self);
         let snapshots = self
@@ -293,8 +345,11 @@ impl App {
                     .map(|app| crate::routes::realtime_snapshot(&app))
             });
         let transitions = self.hub.spawn_forward(alerts, "alerts", "alert");
+        let security = self
+            .hub
+            .spawn_forward(security, "security", "security_event");
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.extend([snapshots, transitions]);
+        tasks.extend([snapshots, transitions, security]);
     }
 
     /// The realtime hub.
@@ -356,17 +411,32 @@ impl App {
         &self.perf
     }
 
-    /// The request service, for [`serve`](crate::serve): the routes behind the timing
-    /// layer (a pass-through when `PERFORMANCE_MONITORING_ENABLED=false`).
+    /// The request service, for [`serve`](crate::serve): the timing layer (a
+    /// pass-through when `PERFORMANCE_MONITORING_ENABLED=false`), then rate limits, then
+    /// the response cache and the routes.
     pub fn service(self: &Arc<Self>) -> HttpService {
-        let layer = if self.config.perf.enabled {
+        use tower_layer::Layer;
+        let timing = if self.config.perf.enabled {
             RequestTimingLayer::new(self.perf.requests().clone())
         } else {
             RequestTimingLayer::disabled()
         };
-        let routes =
-            tower_layer::Layer::layer(&self.response_cache, AppService { app: self.clone() });
-        hyper_util::service::TowerToHyperService::new(tower_layer::Layer::layer(&layer, routes))
+        let routes = self.response_cache.layer(AppService { app: self.clone() });
+        let service = timing.layer(self.limits.layer(routes));
+        hyper_util::service::TowerToHyperService::new(service)
+    }
+
+    /// How [`serve`](crate::serve) should run this app: with its connection caps.
+    pub fn serve_options(&self) -> crate::ServeOptions {
+        crate::ServeOptions {
+            limits: Some(self.config.limits.connection_limits()),
+            ..crate::ServeOptions::default()
+        }
+    }
+
+    /// The rate-limit layer, for its rules and counters.
+    pub fn limits(&self) -> &RateLimitLayer {
+        &self.limits
     }
 
     /// Stops background tasks and writes what the event log still holds, waiting at most
@@ -410,7 +480,7 @@ fn spawn_refresh_purge(
 
 /// The service [`App::service`] hands to hyper.
 pub type HttpService =
-    hyper_util::service::TowerToHyperService<RequestTiming<ResponseCache<AppService>>>;
+    hyper_util::service::TowerToHyperService<RequestTiming<RateLimit<ResponseCache<AppService>>>>;
 
 /// The routes of an [`App`], as a tower service.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 use upcoach_core::config::Settings;
 use upcoach_perf::slow::SqlTimingLayer;
 
-use crate::{App, Options, PerfSinks, ServeOptions, serve};
+use crate::{App, Options, PerfSinks, serve};
 
 const USAGE: &str = "\
 upcoach reference server
@@ -132,7 +132,7 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
             }
         });
     };
-    let result = serve(listener, app.service(), stopping, ServeOptions::default()).await;
+    let result = serve(listener, app.service(), stopping, app.serve_options()).await;
     app.shutdown(Duration::from_secs(5)).await;
     match result {
         Ok(()) => {

@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 
 use upcoach_auth::config::AuthConfig;
+use upcoach_auth::threat::ThreatConfig;
 use upcoach_cache::CacheConfig;
 use upcoach_core::config::{Env, ServicesConfig, Settings};
+use upcoach_core::http::protect::LimitConfig;
 use upcoach_perf::PerfConfig;
 use upcoach_realtime::HubConfig;
 
@@ -32,6 +34,10 @@ pub struct ServerConfig {
     pub cache: CacheConfig,
     /// Performance monitoring.
     pub perf: PerfConfig,
+    /// Rate limits, trusted proxies and connection caps.
+    pub limits: LimitConfig,
+    /// Threat detection.
+    pub threat: ThreatConfig,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +50,8 @@ impl Default for ServerConfig {
             realtime: HubConfig::default(),
             cache: CacheConfig::default(),
             perf: PerfConfig::default(),
+            limits: LimitConfig::default(),
+            threat: ThreatConfig::default(),
         }
     }
 }
@@ -58,6 +66,8 @@ impl Settings for ServerConfig {
             perf: PerfConfig::read(env),
             metrics_public: env.flag("UPCOACH_METRICS_PUBLIC", true),
             auth: AuthConfig::read(env),
+            limits: LimitConfig::read(env),
+            threat: ThreatConfig::read(env),
         }
     }
 }

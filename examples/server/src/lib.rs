@@ -35,7 +35,6 @@ mod config;
 mod perf_routes;
 mod router;
 mod routes;
-mod serve;
 
 pub use app::{App, AppService, Backends, HttpService, Options, StartError};
 pub use cli::cli_main;
@@ -43,5 +42,5 @@ pub use config::ServerConfig;
 pub use upcoach_perf::PerfSinks;
 /// The body type of every response.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
-pub use serve::{ServeOptions, serve};
 pub use upcoach_core::http::ApiError;
+pub use upcoach_core::http::serve::{ServeOptions, serve};

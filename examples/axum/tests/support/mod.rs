@@ -42,9 +42,16 @@ pub(crate) async fn start_axum(provider: &OidcProvider, dev: bool) -> (SocketAdd
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let auth = AuthConfig::from_lookup(env(addr, provider)).unwrap();
-    let app = App::new(&auth, HubConfig::default(), addr, dev)
-        .await
-        .expect("app");
+    let app = App::new(
+        &auth,
+        HubConfig::default(),
+        &Default::default(),
+        &Default::default(),
+        addr,
+        dev,
+    )
+    .await
+    .expect("app");
     let app = Arc::new(app);
     let service = upcoach_axum_example::router(app.clone())
         .into_make_service_with_connect_info::<SocketAddr>();

@@ -10,7 +10,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
-use upcoach_server::{App, Options, ServeOptions, ServerConfig};
+use upcoach_server::{App, Options, ServerConfig};
 
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
@@ -156,7 +156,7 @@ impl Running {
             async {
                 let _ = stopped.await;
             },
-            ServeOptions::default(),
+            app.serve_options(),
         ));
         Self {
             addr,
