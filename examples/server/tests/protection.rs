@@ -5,9 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{Method, StatusCode};
-use support::Running;
+use support::{Running, next_json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -28,24 +28,6 @@ fn dev() -> Options {
 async fn admin_token(server: &Running) -> String {
     let answer = server.post("/dev/token", r#"{"roles":["admin"]}"#).await;
     answer.json["access_token"].as_str().unwrap().to_owned()
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn next_json(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("in time")
-            .expect("open")
-            .expect("ok")
-        {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
 }
 
 #[tokio::test]

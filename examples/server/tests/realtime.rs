@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{Method, StatusCode};
 use support::Running;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,34 +33,7 @@ async fn broadcast(
     support::request_with(server.addr, Method::POST, &path, Some(body), token).await
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws(server: &Running, token: &str) -> Ws {
-    let url = format!(
-        "ws://{}/api/dashboard/realtime/ws?access_token={token}",
-        server.addr
-    );
-    tokio_tungstenite::connect_async(url)
-        .await
-        .expect("WebSocket handshake")
-        .0
-}
-
-async fn next_json(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("in time")
-            .expect("open")
-            .expect("ok")
-        {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
+use support::{Ws, next_json, ws};
 
 async fn send(ws: &mut Ws, value: serde_json::Value) {
     ws.send(Message::Text(value.to_string().into()))

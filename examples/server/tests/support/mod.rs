@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
 use upcoach_server::{App, Options, ServerConfig};
 
 pub(crate) struct Answer {
@@ -177,5 +179,37 @@ impl Running {
     pub(crate) async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// A WebSocket client of the server.
+pub(crate) type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to the server's realtime route, signed in with `token`.
+pub(crate) async fn ws(server: &Running, token: &str) -> Ws {
+    let url = format!(
+        "ws://{}/api/dashboard/realtime/ws?access_token={token}",
+        server.addr
+    );
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("WebSocket handshake")
+        .0
+}
+
+/// The next JSON text frame (pings and pongs skipped), within 10 s.
+pub(crate) async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("ok")
+        {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }
