@@ -1,6 +1,8 @@
 //! The rate limiters against their bare baselines, in the same run:
 //!
-//! - `memory_check_<case>`: `MemoryLimiter::check` beside a bare `governor` keyed limiter
+//! - `memory_check_<case>` (`RateLimiter::check`, async) and `memory_check_now_<case>`
+//!   (`RateLimiter::check_now` through `&dyn RateLimiter`, the path the rate-limit layer
+//!   takes for an in-process limiter) beside a bare `governor` keyed limiter
 //!   (`check_key` on its default DashMap store and quanta clock, with the same
 //!   `rule\0subject` string keys, built beforehand) for one hot key that is always
 //!   admitted, one hot key that is always refused, and 10,000 subjects in turn. Goal:
@@ -17,11 +19,11 @@
 //!
 //! Redis parts need `REDIS_URL` (skipped, said so, without it).
 //!
-//! Measured (2-core shared machine, paired medians): the in-memory check runs at
-//! 0.52-0.67× the bare `check_key`. The difference is what the trait asks of it: the
-//! boxed future of `async_trait`, validating both names, assembling the key, finding
-//! the quota's limiter, and the decision's `remaining` (a division) and
-//! `reset_after`; about 40-70 ns a check. Through Redis the check is 0.97-0.99× its
+//! Measured (2-core machine, paired medians): the async check runs at 0.60-0.63× the
+//! bare `check_key` (0.76× on two threads), `check_now` at 0.71-0.75× (0.82× on two
+//! threads). The difference is what the seam asks of it: validating both names,
+//! assembling the key, finding the quota's limiter, and the decision's `remaining` (a
+//! division) and `reset_after`; the async path adds `async_trait`'s boxed future. Through Redis the check is 0.97-0.99× its
 //! own script sent bare (the limiter adds nothing measurable), but 0.69× `return 1`
 //! from one task and 0.28× from 64: the script's TIME, MGET and SET cost Redis about
 //! 3× a bare script call, and at 64 tasks Redis's time is the limit.
@@ -178,14 +180,33 @@ fn memory_check(c: &mut Criterion) {
                 }
             })
         };
+        // The same through the trait's `check_now`, as the rate-limit layer calls it.
+        let seam: &dyn RateLimiter = &limiter;
+        let now_on = |threads: usize, ops: u64| {
+            on_threads(threads, ops, |from, ops| {
+                for i in from..from + ops {
+                    let decided = seam.check_now(RULE, &case.subjects[i % n], quota);
+                    black_box(decided.expect("in memory").unwrap());
+                }
+            })
+        };
         let bare_batch = |ops: u64| bare_on(1, ops);
         let our_batch = |ops: u64| ours_on(1, ops);
+        let now_batch = |ops: u64| now_on(1, ops);
 
         let mut group = c.benchmark_group(format!("memory_check_{}", case.name));
         group.throughput(Throughput::Elements(1));
         group.bench_function("bare_governor_check_key", |b| b.iter_custom(bare_batch));
         group.bench_function("memory_limiter_check", |b| b.iter_custom(our_batch));
+        group.bench_function("memory_limiter_check_now", |b| b.iter_custom(now_batch));
         group.finish();
+        paired(
+            &format!("memory_check_now_{}", case.name),
+            0.8,
+            200_000,
+            || bare_batch(200_000),
+            || now_batch(200_000),
+        );
         paired(
             &format!("memory_check_{}", case.name),
             0.8,
@@ -200,6 +221,13 @@ fn memory_check(c: &mut Criterion) {
                 400_000,
                 || bare_on(2, 400_000),
                 || ours_on(2, 400_000),
+            );
+            paired(
+                "memory_check_now_10k_subjects_2_threads",
+                0.8,
+                400_000,
+                || bare_on(2, 400_000),
+                || now_on(2, 400_000),
             );
         }
         let stats = limiter.stats();

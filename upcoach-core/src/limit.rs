@@ -140,6 +140,20 @@ pub trait RateLimiter: fmt::Debug + Send + Sync + 'static {
     /// may go ahead. A blocked subject is refused until its block ends.
     async fn check(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError>;
 
+    /// The decision right away, when this limiter can make it without waiting on I/O:
+    /// an in-process limiter does (same semantics as [`check`](Self::check), without
+    /// the boxed future); a remote store answers `None` (the default) and the caller
+    /// awaits [`check`](Self::check). Callers on a hot path try this first.
+    fn check_now(
+        &self,
+        rule: &str,
+        subject: &str,
+        quota: Quota,
+    ) -> Option<Result<Decision, LimitError>> {
+        let _ = (rule, subject, quota);
+        None
+    }
+
     /// Refuses every request of `subject`, under every rule, for `duration`. A longer
     /// block replaces a shorter one; a shorter one does not cut a longer one.
     async fn block(&self, subject: &str, duration: Duration) -> Result<(), LimitError>;

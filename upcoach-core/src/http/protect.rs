@@ -859,11 +859,18 @@ impl Shared {
         for check in checks {
             let rule = &self.rules[check.rule];
             self.stats.checked.fetch_add(1, Ordering::Relaxed);
-            let decision = match self
+            let checked = match self
                 .limiter
-                .check(&rule.name, &check.subject, rule.quota)
-                .await
+                .check_now(&rule.name, &check.subject, rule.quota)
             {
+                Some(now) => now,
+                None => {
+                    self.limiter
+                        .check(&rule.name, &check.subject, rule.quota)
+                        .await
+                }
+            };
+            let decision = match checked {
                 Ok(decision) => decision,
                 Err(LimitError::Unavailable(why)) => match rule.outage {
                     OnOutage::FailClosed => {
@@ -873,13 +880,10 @@ impl Shared {
                     }
                     OnOutage::Local => {
                         self.stats.fell_back.fetch_add(1, Ordering::Relaxed);
-                        match self
-                            .local
-                            .check(&rule.name, &check.subject, rule.quota)
-                            .await
-                        {
-                            Ok(decision) => decision,
-                            Err(_) => continue,
+                        // In process: it always decides at once.
+                        match self.local.check_now(&rule.name, &check.subject, rule.quota) {
+                            Some(Ok(decision)) => decision,
+                            _ => continue,
                         }
                     }
                 },

@@ -600,6 +600,15 @@ impl RateLimiter for MemoryLimiter {
         self.decide(rule, subject, quota)
     }
 
+    fn check_now(
+        &self,
+        rule: &str,
+        subject: &str,
+        quota: Quota,
+    ) -> Option<Result<Decision, LimitError>> {
+        Some(self.decide(rule, subject, quota))
+    }
+
     async fn block(&self, subject: &str, duration: Duration) -> Result<(), LimitError> {
         validate_name(subject)?;
         if duration.is_zero() {
@@ -668,6 +677,24 @@ mod tests {
         // Arrival time 4 s; allowed again at 1 s.
         assert_eq!(refused.retry_after, Duration::from_millis(700));
         assert_eq!(refused.reset_after, Duration::from_millis(3700));
+    }
+
+    #[tokio::test]
+    async fn check_now_and_check_share_one_budget() {
+        let (_, limiter) = limiter(10);
+        let seam: &dyn RateLimiter = &limiter;
+        let quota = Quota::new(3, Duration::from_secs(60)).unwrap();
+        let now = |seam: &dyn RateLimiter| seam.check_now("r", "s", quota).unwrap().unwrap();
+        assert!(now(seam).allowed);
+        assert!(seam.check("r", "s", quota).await.unwrap().allowed);
+        let third = now(seam);
+        assert!(third.allowed && third.remaining == 0);
+        assert!(!seam.check("r", "s", quota).await.unwrap().allowed);
+        assert!(!now(seam).allowed);
+        assert!(matches!(
+            seam.check_now("", "s", quota),
+            Some(Err(LimitError::InvalidName(_)))
+        ));
     }
 
     #[test]
