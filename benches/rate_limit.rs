@@ -19,14 +19,16 @@
 //!
 //! Redis parts need `REDIS_URL` (skipped, said so, without it).
 //!
-//! Measured (2-core machine, paired medians): the async check runs at 0.60-0.63× the
-//! bare `check_key` (0.76× on two threads), `check_now` at 0.71-0.75× (0.82× on two
-//! threads). The difference is what the seam asks of it: validating both names,
-//! assembling the key, finding the quota's limiter, and the decision's `remaining` (a
-//! division) and `reset_after`; the async path adds `async_trait`'s boxed future. Through Redis the check is 0.97-0.99× its
-//! own script sent bare (the limiter adds nothing measurable), but 0.69× `return 1`
-//! from one task and 0.28× from 64: the script's TIME, MGET and SET cost Redis about
-//! 3× a bare script call, and at 64 tasks Redis's time is the limit.
+//! Measured (2-core machine, paired medians, two runs): the async check runs at
+//! 0.59-0.63× the bare `check_key` (0.76-0.78× on two threads), `check_now` at
+//! 0.68-0.75× (0.81-0.82× on two threads). The difference is what the seam asks of it:
+//! validating both names, assembling the key, finding the quota's limiter, and the
+//! decision's `remaining` (a division) and `reset_after`; the async path adds
+//! `async_trait`'s boxed future. Through Redis the check is 0.97-0.99× its own script
+//! sent bare (the limiter adds nothing measurable), but 0.68× `return 1` from one task
+//! and 0.28-0.32× from 64: the script's TIME, MGET and SET cost Redis far more than a
+//! bare script call (`redis-benchmark -c 64`: 87k/s against 142k/s), and at 64 tasks
+//! Redis's time is the limit.
 //!
 //! `cargo bench --bench rate_limit`
 
