@@ -520,7 +520,7 @@ pub mod protect;
 #[cfg(feature = "server")]
 pub mod serve;
 
-pub use connections::{ConnectionLimits, ConnectionPermit, ConnectionRefused};
+pub use connections::{ConnectionLimits, ConnectionPermit, ConnectionRefused, HeldStream};
 
 /// The address of the peer that sent a request, as the server saw it: servers insert
 /// it into each request's extensions (the reference server does; an axum host copies

@@ -13,14 +13,15 @@
 //! use upcoach_auth::threat::ThreatConfig;
 //! use upcoach_core::config::Settings;
 //! use upcoach_core::http::protect::LimitConfig;
-//! use upcoach_axum_example::{App, router};
+//! use upcoach_axum_example::{App, CappedListener, Peer, router};
 //! use upcoach_realtime::HubConfig;
 //!
 //! let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 //! let (limits, threats) = (LimitConfig::from_env()?, ThreatConfig::from_env()?);
 //! let app = App::new(&AuthConfig::from_env()?, HubConfig::from_env()?, &limits, &threats, addr, false).await?;
-//! let service = router(Arc::new(app)).into_make_service_with_connect_info::<SocketAddr>();
-//! axum::serve(tokio::net::TcpListener::bind(addr).await?, service).await?;
+//! let listener = CappedListener::new(tokio::net::TcpListener::bind(addr).await?, limits.connection_limits());
+//! let service = router(Arc::new(app)).into_make_service_with_connect_info::<Peer>();
+//! axum::serve(listener, service).await?;
 //! # Ok(()) }
 //! ```
 
@@ -43,7 +44,9 @@ use upcoach_cache::{
 };
 use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, SystemAlert};
 use upcoach_core::http::protect::{LimitConfig, RateLimitLayer};
-use upcoach_core::http::{ApiError, ClientAddr, HttpError, authenticate, error_response};
+use upcoach_core::http::{
+    ApiError, ClientAddr, ConnectionLimits, HeldStream, HttpError, authenticate, error_response,
+};
 use upcoach_core::limit::MemoryLimiter;
 use upcoach_core::{Clock, Principal, SystemClock, TokenVerifier};
 use upcoach_perf::{MatchedRoute, RequestMetrics, RequestTimingLayer, RouteTable};
@@ -288,12 +291,75 @@ async fn matched_route(path: MatchedPath, request: Request, next: Next) -> Respo
     response
 }
 
-/// The peer's address as the crates read it.
+/// The peer's address as the crates read it (from [`CappedListener`]'s [`Peer`], or
+/// from a plain `TcpListener`'s `SocketAddr`).
 async fn client_addr(mut request: Request, next: Next) -> Response {
-    if let Some(&ConnectInfo(addr)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+    let extensions = request.extensions();
+    let peer = match extensions.get::<ConnectInfo<Peer>>() {
+        Some(ConnectInfo(Peer(addr))) => Some(*addr),
+        None => extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
+    };
+    if let Some(addr) = peer {
         request.extensions_mut().insert(ClientAddr(addr));
     }
     next.run(request).await
+}
+
+/// A `TcpListener` for [`axum::serve`] that keeps to [`ConnectionLimits`]: a connection
+/// over the process's or its address's cap is answered with the canned 503 or 429 and
+/// closed unread, and an admitted one holds its place until it closes (also as a
+/// WebSocket). Serve with `into_make_service_with_connect_info::<Peer>()`.
+#[derive(Debug)]
+pub struct CappedListener {
+    inner: tokio::net::TcpListener,
+    limits: ConnectionLimits,
+}
+
+impl CappedListener {
+    /// `inner`, admitting connections by `limits`.
+    pub fn new(inner: tokio::net::TcpListener, limits: ConnectionLimits) -> Self {
+        Self { inner, limits }
+    }
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = HeldStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    if let Some(held) = self.limits.admit(stream, peer) {
+                        return (held, peer);
+                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors or a transient error: wait, don't spin.
+                    tracing::warn!(error = %e, "accept failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The peer's address of a connection from a [`CappedListener`], as axum's
+/// `ConnectInfo`.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
 }
 
 fn error(e: &(impl HttpError + ?Sized)) -> Response {

@@ -12,7 +12,7 @@ use upcoach_core::config::Settings;
 use upcoach_core::http::protect::LimitConfig;
 
 use upcoach_auth::config::AuthConfig;
-use upcoach_axum_example::{App, Error, router};
+use upcoach_axum_example::{App, CappedListener, Error, Peer, router};
 use upcoach_core::SystemClock;
 use upcoach_core::config::Env;
 use upcoach_realtime::HubConfig;
@@ -57,10 +57,16 @@ async fn run(dev: bool) -> Result<(), Error> {
         Duration::from_secs(600),
         |_| {},
     );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("listening on http://{}", listener.local_addr()?);
+    let listener = CappedListener::new(
+        tokio::net::TcpListener::bind(addr).await?,
+        limits.connection_limits(),
+    );
+    tracing::info!(
+        "listening on http://{}",
+        axum::serve::Listener::local_addr(&listener)?
+    );
     let hub = app.hub.clone();
-    let service = router(app).into_make_service_with_connect_info::<SocketAddr>();
+    let service = router(app).into_make_service_with_connect_info::<Peer>();
     axum::serve(listener, service)
         .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;

@@ -6,6 +6,11 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 use super::protect::TrustedProxies;
 use crate::limit::ip_subject;
 
@@ -158,6 +163,28 @@ impl ConnectionLimits {
         Ok(permit)
     }
 
+    /// Admits a freshly accepted `stream` from `peer`: the stream with its place, or,
+    /// over a cap, `None` after writing the canned refusal on it (a fresh socket's send
+    /// buffer takes it whole, so nothing waits) and closing it. The accept loop of any
+    /// host calls this (`upcoach_core::http::serve` does; an axum host's `Listener`).
+    pub fn admit(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+    ) -> Option<HeldStream<tokio::net::TcpStream>> {
+        match self.try_acquire(peer.ip()) {
+            Ok(permit) => Some(HeldStream {
+                stream,
+                _permit: Some(permit),
+            }),
+            Err(refused) => {
+                let _ = stream.try_write(refused.http_response());
+                tracing::debug!(%peer, %refused, "connection refused");
+                None
+            }
+        }
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.inner.open.load(Ordering::Acquire)
@@ -169,6 +196,76 @@ impl ConnectionLimits {
             self.inner.refused_process.load(Ordering::Relaxed),
             self.inner.refused_address.load(Ordering::Relaxed),
         )
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's stream with its place among the open connections
+    /// ([`ConnectionLimits::admit`]): the place is given back when the stream closes,
+    /// also after an upgrade hands the stream to a WebSocket. Reads and writes go
+    /// straight through.
+    pub struct HeldStream<S> {
+        #[pin]
+        stream: S,
+        _permit: Option<ConnectionPermit>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for HeldStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for HeldStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().stream.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().stream.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
+}
+
+impl<S> HeldStream<S> {
+    /// `stream` holding no place (no cap configured).
+    pub fn unlimited(stream: S) -> Self {
+        Self {
+            stream,
+            _permit: None,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for HeldStream<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldStream")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
     }
 }
 

@@ -5,15 +5,12 @@
 //! own loop (axum's `serve`) keeps its own and takes the pieces it lacks.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::{ClientAddr, ConnectionLimits, ConnectionPermit};
+use super::{ClientAddr, ConnectionLimits, HeldStream};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -36,57 +33,6 @@ where
     fn call(&self, mut request: http::Request<B>) -> Self::Future {
         request.extensions_mut().insert(ClientAddr(self.peer));
         self.inner.call(request)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A connection's stream with its place among the open connections: the place is
-    /// given back when the stream closes, also after an upgrade hands the stream to a
-    /// WebSocket.
-    struct Held<S> {
-        #[pin]
-        stream: S,
-        _permit: Option<ConnectionPermit>,
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Held<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        self.project().stream.poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Held<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().stream.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().stream.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().stream.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().stream.poll_shutdown(cx)
     }
 }
 
@@ -147,20 +93,17 @@ where
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let permit = match options.limits.as_ref().map(|l| l.try_acquire(peer.ip())) {
-                        Some(Err(refused)) => {
-                            // A fresh socket's send buffer takes this whole; no task, no wait.
-                            let _ = stream.try_write(refused.http_response());
-                            tracing::debug!(%peer, %refused, "connection refused");
-                            continue;
-                        }
-                        Some(Ok(permit)) => Some(permit),
-                        None => None,
-                    };
                     let _ = stream.set_nodelay(true);
+                    let stream = match &options.limits {
+                        Some(limits) => match limits.admit(stream, peer) {
+                            Some(held) => held,
+                            None => continue,
+                        },
+                        None => HeldStream::unlimited(stream),
+                    };
                     let connection = http
                         .serve_connection(
-                            TokioIo::new(Held { stream, _permit: permit }),
+                            TokioIo::new(stream),
                             WithPeer { inner: service.clone(), peer },
                         )
                         .with_upgrades();

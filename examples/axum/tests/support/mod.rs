@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use upcoach_auth::config::AuthConfig;
-use upcoach_axum_example::App;
+use upcoach_axum_example::{App, CappedListener, Peer};
+use upcoach_core::http::protect::LimitConfig;
 use upcoach_realtime::HubConfig;
 use upcoach_testing::OidcProvider;
 
@@ -39,22 +40,26 @@ fn env(addr: SocketAddr, provider: &OidcProvider) -> impl Fn(&str) -> Option<Str
 
 /// The axum example on a free port; it stops with the test's runtime.
 pub(crate) async fn start_axum(provider: &OidcProvider, dev: bool) -> (SocketAddr, Arc<App>) {
+    start_axum_with(provider, dev, &LimitConfig::default()).await
+}
+
+/// [`start_axum`] with `limits`, behind its [`CappedListener`] as `main` serves it.
+pub(crate) async fn start_axum_with(
+    provider: &OidcProvider,
+    dev: bool,
+    limits: &LimitConfig,
+) -> (SocketAddr, Arc<App>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let auth = AuthConfig::from_lookup(env(addr, provider)).unwrap();
-    let app = App::new(
-        &auth,
-        HubConfig::default(),
-        &Default::default(),
-        &Default::default(),
-        addr,
-        dev,
-    )
-    .await
-    .expect("app");
+    let threats = Default::default();
+    let app = App::new(&auth, HubConfig::default(), limits, &threats, addr, dev)
+        .await
+        .expect("app");
     let app = Arc::new(app);
-    let service = upcoach_axum_example::router(app.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let service =
+        upcoach_axum_example::router(app.clone()).into_make_service_with_connect_info::<Peer>();
+    let listener = CappedListener::new(listener, limits.connection_limits());
     tokio::spawn(async move { axum::serve(listener, service).await });
     (addr, app)
 }
