@@ -305,7 +305,7 @@ async fn client_addr(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-/// A `TcpListener` for [`axum::serve`] that keeps to [`ConnectionLimits`]: a connection
+/// A `TcpListener` for [`axum::serve()`] that keeps to [`ConnectionLimits`]: a connection
 /// over the process's or its address's cap is answered with the canned 503 or 429 and
 /// closed unread, and an admitted one holds its place until it closes (also as a
 /// WebSocket). Serve with `into_make_service_with_connect_info::<Peer>()`.
