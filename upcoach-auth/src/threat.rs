@@ -122,7 +122,7 @@ mod state;
 pub use config::{
     DEFAULT_MAX_KEYS, DEFAULT_QUEUE_CAPACITY, MAX_THRESHOLD, MAX_WINDOW, ThreatConfig, Threshold,
 };
-pub use publish::{AlertPublisher, AlertPublisherFn, alert_payload};
+pub use publish::{AlertPublisher, AlertPublisherFn, alert_payload, room_publisher};
 #[cfg(feature = "redis")]
 pub use redis::RedisDetectorState;
 pub use sighting::account_of;

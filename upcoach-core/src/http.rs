@@ -535,8 +535,15 @@ pub const MAX_USER_AGENT_LEN: usize = 512;
 /// server recorded one) and `User-Agent` (bytes that are not UTF-8 replaced, cut to
 /// [`MAX_USER_AGENT_LEN`] bytes). The platform is the caller's to add.
 pub fn client_facts(headers: &HeaderMap, extensions: &http::Extensions) -> ClientFacts {
-    let user_agent = headers
-        .get(header::USER_AGENT)
+    facts_of(
+        extensions.get::<ClientAddr>().copied(),
+        headers.get(header::USER_AGENT),
+    )
+}
+
+/// [`client_facts`] from the two things it reads, for a layer that kept only those.
+pub(crate) fn facts_of(addr: Option<ClientAddr>, user_agent: Option<&HeaderValue>) -> ClientFacts {
+    let user_agent = user_agent
         .map(|v| String::from_utf8_lossy(v.as_bytes()))
         .map(|ua| {
             let mut end = ua.len().min(MAX_USER_AGENT_LEN);
@@ -547,7 +554,7 @@ pub fn client_facts(headers: &HeaderMap, extensions: &http::Extensions) -> Clien
         })
         .filter(|ua| !ua.is_empty());
     ClientFacts {
-        ip: extensions.get::<ClientAddr>().map(|a| a.0.ip()),
+        ip: addr.map(|a| a.0.ip()),
         user_agent,
         platform: None,
     }

@@ -38,11 +38,11 @@ use upcoach_auth::config::AuthConfig;
 use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::MemoryRefreshStore;
 use upcoach_auth::sessions::Sessions;
-use upcoach_auth::threat::{self, AlertPublisherFn, ThreatConfig, ThreatDetector};
+use upcoach_auth::threat::{self, ThreatConfig, ThreatDetector};
 use upcoach_cache::{
     CacheRule, MemoryStore, MemoryTagVersions, ResponseCacheLayer, TieredCache, TieredOptions,
 };
-use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, SystemAlert};
+use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog};
 use upcoach_core::http::protect::{LimitConfig, RateLimitLayer};
 use upcoach_core::http::{
     ApiError, ClientAddr, ConnectionLimits, HeldStream, HttpError, authenticate, error_response,
@@ -99,19 +99,14 @@ impl App {
         // to the `alerts` and `security` rooms and block the offending address a while.
         let limiter = Arc::new(MemoryLimiter::new());
         let rooms = broadcaster.clone();
-        let publisher = AlertPublisherFn::new(move |alert: SystemAlert| {
+        let publisher = threat::room_publisher(move |room, event, data| {
             let rooms = rooms.clone();
-            async move {
-                let data = threat::alert_payload(&alert);
-                for room in threat::ALERT_ROOMS {
-                    let _ = rooms.publish(room, threat::ALERT_EVENT, data.clone()).await;
-                }
-            }
+            async move { rooms.publish(room, event, data).await }
         });
         let detector = ThreatDetector::builder(aggregated)
             .config(threats.clone())
             .limiter(limiter.clone())
-            .publisher(Arc::new(publisher))
+            .publisher(publisher)
             .clock(clock.clone())
             .build();
         let events: Arc<dyn EventLog> = detector;

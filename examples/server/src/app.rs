@@ -11,10 +11,10 @@ use upcoach_auth::http::AuthRoutes;
 use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
 use upcoach_auth::session::AccessTokens;
 use upcoach_auth::sessions::Sessions;
-use upcoach_auth::threat::{self, AlertPublisherFn, ThreatDetector};
+use upcoach_auth::threat::{self, ThreatDetector};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
-use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, PgEventLog, SystemAlert};
+use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, PgEventLog};
 use upcoach_core::health::Gauge;
 use upcoach_core::http::protect::{RateLimit, RateLimitLayer};
 use upcoach_core::limit::{MemoryLimiter, RateLimiter, RedisLimiter};
@@ -171,26 +171,16 @@ impl App {
         };
         // Threat detection sees every security event before aggregation thins them; its
         // alerts go to the `alerts` and `security` rooms and block the offender a while.
-        let alert_rooms = broadcaster.clone();
-        let publisher = AlertPublisherFn::new(move |alert: SystemAlert| {
-            let broadcaster = alert_rooms.clone();
-            async move {
-                let data = threat::alert_payload(&alert);
-                for room in threat::ALERT_ROOMS {
-                    if let Err(e) = broadcaster
-                        .publish(room, threat::ALERT_EVENT, data.clone())
-                        .await
-                    {
-                        tracing::warn!(error = %e, room, "a threat alert was not published");
-                    }
-                }
-            }
+        let rooms = broadcaster.clone();
+        let publisher = threat::room_publisher(move |room, event, data| {
+            let rooms = rooms.clone();
+            async move { rooms.publish(room, event, data).await }
         });
         let detector = ThreatDetector::builder(aggregated)
             .config(config.threat.clone())
             .redis(redis.as_ref(), prefix)
             .limiter(limiter.clone())
-            .publisher(Arc::new(publisher))
+            .publisher(publisher)
             .clock(clock.clone())
             .build();
         let event_log: Arc<dyn EventLog> = detector.clone();

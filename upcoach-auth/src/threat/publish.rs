@@ -75,6 +75,40 @@ where
     }
 }
 
+/// An [`AlertPublisher`] that sends each alert's [`alert_payload`] as
+/// [`ALERT_EVENT`](super::ALERT_EVENT) to every room of
+/// [`ALERT_ROOMS`](super::ALERT_ROOMS) through `publish` (a realtime hub's or
+/// broadcaster's publish, which this crate does not depend on), logging a room that
+/// fails.
+///
+/// ```
+/// use upcoach_auth::threat::room_publisher;
+///
+/// let publisher = room_publisher(|room, event, data| async move {
+///     println!("{event} to {room}: {data}"); // hub.publish(room, event, data).await
+///     Ok::<_, std::convert::Infallible>(())
+/// });
+/// ```
+pub fn room_publisher<F, Fut, T, E>(publish: F) -> std::sync::Arc<dyn AlertPublisher>
+where
+    F: Fn(&'static str, &'static str, serde_json::Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+    E: fmt::Display,
+{
+    let publish = std::sync::Arc::new(publish);
+    std::sync::Arc::new(AlertPublisherFn::new(move |alert: SystemAlert| {
+        let publish = publish.clone();
+        async move {
+            let data = alert_payload(&alert);
+            for room in super::ALERT_ROOMS {
+                if let Err(e) = publish(room, super::ALERT_EVENT, data.clone()).await {
+                    tracing::warn!(error = %e, room, "a threat alert was not published");
+                }
+            }
+        }
+    }))
+}
+
 /// The realtime payload of an alert, in the shape of the perf alerts on the `alerts`
 /// room (`rule`, `state`, `value`, `threshold`, `level`, `at` in ms), plus `id`,
 /// `source`, `message`, and the alert's metadata (`detector`, `subject`, `window_s`,

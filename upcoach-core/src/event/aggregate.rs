@@ -91,6 +91,19 @@ struct Bucket {
     last: Option<SecurityEvent>,
 }
 
+impl Bucket {
+    /// An empty window ending at `window_end`.
+    fn open(window_end: SystemTime) -> Self {
+        Self {
+            window_end,
+            kept: 0,
+            suppressed: 0,
+            first_at: None,
+            last: None,
+        }
+    }
+}
+
 impl fmt::Debug for AggregatingLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AggregatingLog")
@@ -217,22 +230,12 @@ impl AggregatingLog {
             if !buckets.contains_key(&key) && buckets.len() >= self.config.max_keys {
                 key.1 = "ip:other".to_owned();
             }
-            let bucket = buckets.entry(key).or_insert_with(|| Bucket {
-                window_end: now + self.config.window,
-                kept: 0,
-                suppressed: 0,
-                first_at: None,
-                last: None,
-            });
+            let bucket = buckets
+                .entry(key)
+                .or_insert_with(|| Bucket::open(now + self.config.window));
             if bucket.window_end <= now {
                 ended = self.summary(&event.event_type, bucket);
-                *bucket = Bucket {
-                    window_end: now + self.config.window,
-                    kept: 0,
-                    suppressed: 0,
-                    first_at: None,
-                    last: None,
-                };
+                *bucket = Bucket::open(now + self.config.window);
             }
             if bucket.kept < self.config.threshold {
                 bucket.kept += 1;

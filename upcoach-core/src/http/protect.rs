@@ -83,7 +83,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{Either, Full};
 use serde_json::json;
 
-use super::{ApiError, ClientAddr, ErrorCode, HttpError, client_facts, error_response};
+use super::{ApiError, ClientAddr, ErrorCode, HttpError, error_response, facts_of};
 use crate::config::{Env, Settings};
 use crate::event::{Event, EventLog, SecurityEvent};
 use crate::limit::{
@@ -748,11 +748,7 @@ impl Caller {
     }
 
     fn facts(&self) -> crate::event::ClientFacts {
-        let mut extensions = http::Extensions::new();
-        if let Some(addr) = self.addr {
-            extensions.insert(addr);
-        }
-        client_facts(&self.headers, &extensions)
+        facts_of(self.addr, self.headers.get(header::USER_AGENT))
     }
 }
 
@@ -968,16 +964,7 @@ impl Shared {
         let Some(events) = &self.events else {
             return;
         };
-        let mut headers = HeaderMap::new();
-        if let Some(ua) = &parts.user_agent {
-            headers.insert(header::USER_AGENT, ua.clone());
-        }
-        let caller = Caller {
-            addr: parts.addr,
-            headers,
-            method: Method::GET,
-        };
-        let facts = caller.facts();
+        let facts = facts_of(parts.addr, parts.user_agent.as_ref());
         let path: String = parts.path.path().chars().take(200).collect();
         let event = SecurityEvent::new("token_rejected", self.clock.as_ref())
             .client(&facts)
