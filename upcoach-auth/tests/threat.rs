@@ -16,7 +16,7 @@ use upcoach_auth::threat::{
 use upcoach_core::event::{
     AlertLevel, ClientFacts, Event, EventKind, EventLog, MemoryEventLog, SecurityEvent, SystemAlert,
 };
-use upcoach_core::limit::{Decision, LimitError, Quota, RateLimiter};
+use upcoach_core::limit::{Decision, LimitError, LimitFuture, Quota, RateLimiter};
 use upcoach_core::redis::{RedisConnection, RedisOptions};
 use upcoach_core::{Clock, ManualClock, UserId};
 use upcoach_testing::{FaultProxy, RedisPrefix};
@@ -44,14 +44,14 @@ impl RecordingLimiter {
 
 #[async_trait]
 impl RateLimiter for RecordingLimiter {
-    async fn check(&self, _: &str, _: &str, quota: Quota) -> Result<Decision, LimitError> {
-        Ok(Decision {
+    fn check<'a>(&'a self, _: &'a str, _: &'a str, quota: Quota) -> LimitFuture<'a> {
+        LimitFuture::ready(Ok(Decision {
             allowed: true,
             limit: quota.limit(),
             remaining: quota.limit(),
             reset_after: Duration::ZERO,
             retry_after: Duration::ZERO,
-        })
+        }))
     }
 
     async fn block(&self, subject: &str, duration: Duration) -> Result<(), LimitError> {

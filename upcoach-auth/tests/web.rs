@@ -385,7 +385,7 @@ use upcoach_auth::refresh::DeviceId;
 use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_auth::sessions::{AuthError, CallbackOutcome, Sessions, SessionsBuilder};
 use upcoach_core::event::ClientFacts;
-use upcoach_core::limit::{Decision, LimitError, MemoryLimiter, Quota, RateLimiter};
+use upcoach_core::limit::{Decision, LimitError, LimitFuture, MemoryLimiter, Quota, RateLimiter};
 
 const RETURN_TO: &str = "https://app.example.test/in";
 
@@ -507,11 +507,11 @@ struct Counting {
 
 #[async_trait]
 impl RateLimiter for Counting {
-    async fn check(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError> {
+    fn check<'a>(&'a self, rule: &'a str, subject: &'a str, quota: Quota) -> LimitFuture<'a> {
         if self.down {
-            return Err(LimitError::Unavailable(
+            return LimitFuture::ready(Err(LimitError::Unavailable(
                 "the limiter's Redis is down".into(),
-            ));
+            )));
         }
         let mut seen = self.seen.lock().unwrap();
         let count = seen.entry((rule.into(), subject.into())).or_default();
@@ -519,7 +519,7 @@ impl RateLimiter for Counting {
         if allowed {
             *count += 1;
         }
-        Ok(Decision {
+        LimitFuture::ready(Ok(Decision {
             allowed,
             limit: quota.limit(),
             remaining: quota.limit() - *count,
@@ -529,7 +529,7 @@ impl RateLimiter for Counting {
             } else {
                 quota.emission_interval()
             },
-        })
+        }))
     }
 
     async fn block(&self, _: &str, _: Duration) -> Result<(), LimitError> {

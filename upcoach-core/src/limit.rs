@@ -25,6 +25,9 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -134,16 +137,47 @@ impl LimitError {
 ///
 /// Implementations are GCRA: a subject that keeps to the quota is never refused, and
 /// one that bursts gets `limit` requests and then one every `window / limit`.
+///
+/// `check` returns a [`LimitFuture`]: an in-process limiter hands back the decision
+/// made ([`LimitFuture::ready`], awaiting it allocates nothing), a remote one the work
+/// still to do ([`LimitFuture::pending`]). `block` is an `async_trait` method.
+///
+/// ```
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use upcoach_core::limit::{Decision, LimitError, LimitFuture, Quota, RateLimiter};
+///
+/// /// Lets everything through (a stand-in for a test).
+/// #[derive(Debug)]
+/// struct Open;
+///
+/// #[async_trait]
+/// impl RateLimiter for Open {
+///     fn check<'a>(&'a self, _: &'a str, _: &'a str, quota: Quota) -> LimitFuture<'a> {
+///         LimitFuture::ready(Ok(Decision {
+///             allowed: true,
+///             limit: quota.limit(),
+///             remaining: quota.limit(),
+///             reset_after: Duration::ZERO,
+///             retry_after: Duration::ZERO,
+///         }))
+///     }
+///
+///     async fn block(&self, _: &str, _: Duration) -> Result<(), LimitError> {
+///         Ok(())
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait RateLimiter: fmt::Debug + Send + Sync + 'static {
     /// Counts one request of `subject` against `rule` (when allowed) and says whether it
     /// may go ahead. A blocked subject is refused until its block ends.
-    async fn check(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError>;
+    fn check<'a>(&'a self, rule: &'a str, subject: &'a str, quota: Quota) -> LimitFuture<'a>;
 
     /// The decision right away, when this limiter can make it without waiting on I/O:
-    /// an in-process limiter does (same semantics as [`check`](Self::check), without
-    /// the boxed future); a remote store answers `None` (the default) and the caller
-    /// awaits [`check`](Self::check). Callers on a hot path try this first.
+    /// an in-process limiter does (same semantics as [`check`](Self::check)); a remote
+    /// store answers `None` (the default) and the caller awaits
+    /// [`check`](Self::check). Callers on a hot path try this first.
     fn check_now(
         &self,
         rule: &str,
@@ -157,6 +191,62 @@ pub trait RateLimiter: fmt::Debug + Send + Sync + 'static {
     /// Refuses every request of `subject`, under every rule, for `duration`. A longer
     /// block replaces a shorter one; a shorter one does not cut a longer one.
     async fn block(&self, subject: &str, duration: Duration) -> Result<(), LimitError>;
+}
+
+/// What [`RateLimiter::check`] returns: a decision already made, or a future that
+/// makes it. Awaiting a made decision allocates nothing.
+#[must_use = "a check decides nothing until it is awaited"]
+pub struct LimitFuture<'a>(Check<'a>);
+
+/// The two kinds of [`LimitFuture`].
+enum Check<'a> {
+    /// Taken when polled.
+    Made(Option<Result<Decision, LimitError>>),
+    Pending(Pin<Box<dyn Future<Output = Result<Decision, LimitError>> + Send + 'a>>),
+}
+
+impl<'a> LimitFuture<'a> {
+    /// A decision already made (an in-process limiter).
+    pub fn ready(decided: Result<Decision, LimitError>) -> Self {
+        Self(Check::Made(Some(decided)))
+    }
+
+    /// A decision still to be made by `future` (a remote store), boxed.
+    pub fn pending(future: impl Future<Output = Result<Decision, LimitError>> + Send + 'a) -> Self {
+        Self(Check::Pending(Box::pin(future)))
+    }
+
+    /// The decision if it is made already, or else this future back.
+    pub fn into_ready(self) -> Result<Result<Decision, LimitError>, Self> {
+        match self.0 {
+            Check::Made(Some(decided)) => Ok(decided),
+            check => Err(Self(check)),
+        }
+    }
+}
+
+impl Future for LimitFuture<'_> {
+    type Output = Result<Decision, LimitError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            Check::Made(decided) => Poll::Ready(decided.take().unwrap_or_else(|| {
+                Err(LimitError::Unavailable(
+                    "a rate-limit check was polled after it finished".into(),
+                ))
+            })),
+            Check::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for LimitFuture<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Check::Made(decided) => f.debug_tuple("LimitFuture::Made").field(decided).finish(),
+            Check::Pending(_) => f.write_str("LimitFuture::Pending"),
+        }
+    }
 }
 
 /// Checks a rule or subject name: 1 to [`MAX_NAME_LEN`] bytes, no braces (they are

@@ -18,7 +18,7 @@ use upcoach_core::http::protect::{
     KeyBy, LimitConfig, OnOutage, RateLimitLayer, Rule, TrustedProxies, default_rules,
 };
 use upcoach_core::http::{ClientAddr, error_response};
-use upcoach_core::limit::{Decision, LimitError, MemoryLimiter, Quota, RateLimiter};
+use upcoach_core::limit::{LimitError, LimitFuture, MemoryLimiter, Quota, RateLimiter};
 use upcoach_core::{Principal, Role, SessionId, TokenError, TokenVerifier, UserId};
 
 /// The host's routes: 401 `token_missing` on `/auth/me` without a bearer, 200
@@ -384,8 +384,8 @@ struct Down;
 
 #[async_trait]
 impl RateLimiter for Down {
-    async fn check(&self, _: &str, _: &str, _: Quota) -> Result<Decision, LimitError> {
-        Err(LimitError::Unavailable("connection refused".into()))
+    fn check<'a>(&'a self, _: &'a str, _: &'a str, _: Quota) -> LimitFuture<'a> {
+        LimitFuture::ready(Err(LimitError::Unavailable("connection refused".into())))
     }
     async fn block(&self, _: &str, _: Duration) -> Result<(), LimitError> {
         Err(LimitError::Unavailable("connection refused".into()))

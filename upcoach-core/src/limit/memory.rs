@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use governor::clock::{Clock as GovernorClock, QuantaClock, QuantaInstant, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
-use governor::state::StateStore;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 
 use super::*;
 use crate::Clock;
@@ -30,8 +30,9 @@ struct Scratch {
     /// The (rule, subject) key of the check in progress, reused so a check allocates
     /// nothing for a key it has seen.
     key: RefCell<String>,
-    /// Set by [`SharedStore`] when a check met no state for its key (a new key).
-    fresh: Cell<bool>,
+    /// Set by [`SharedStore`] when the check in progress would make a key of names
+    /// that are not valid (which it does not make).
+    invalid: Cell<bool>,
     /// The last time governor read on this thread: the instant of the last decision,
     /// from which a refusal's wait is measured (without reading the clock again).
     now: Cell<u64>,
@@ -43,6 +44,8 @@ struct Scratch {
     buckets: RefCell<[Option<CachedBucket>; CACHED]>,
     /// The entry of `buckets` to replace next.
     next: Cell<usize>,
+    /// The entry of `buckets` used last.
+    last: Cell<usize>,
 }
 
 /// Quota tables each thread keeps at hand.
@@ -64,11 +67,12 @@ thread_local! {
     static SCRATCH: Scratch = const {
         Scratch {
             key: RefCell::new(String::new()),
-            fresh: Cell::new(false),
+            invalid: Cell::new(false),
             now: Cell::new(0),
             ticks: Cell::new(0),
             buckets: RefCell::new([const { None }; CACHED]),
             next: Cell::new(0),
+            last: Cell::new(0),
         }
     };
 }
@@ -100,18 +104,22 @@ impl Hasher for QuotaHasher {
 
 type QuotaMap = HashMap<Quota, Arc<Bucket>, BuildHasherDefault<QuotaHasher>>;
 
-/// [`validate_name`], with a quick pass for the usual all-ASCII name.
-fn check_name(name: &str) -> Result<(), LimitError> {
-    let bytes = name.as_bytes();
-    if !bytes.is_empty()
-        && bytes.len() <= MAX_NAME_LEN
-        && bytes
-            .iter()
-            .all(|&b| (0x20..0x7f).contains(&b) && b != b'{' && b != b'}')
-    {
-        return Ok(());
+/// Joins rule and subject in a key; names cannot hold it, so keys cannot collide.
+const SEPARATOR: char = '\0';
+
+/// `Err` for the first of `rule` and `subject` that is not a valid name.
+fn invalid_names(rule: &str, subject: &str) -> LimitError {
+    match validate_name(rule).and_then(|()| validate_name(subject)) {
+        Err(error) => error,
+        Ok(()) => LimitError::InvalidName(subject.chars().take(40).collect()),
     }
-    validate_name(name)
+}
+
+/// Whether the key `rule\0subject` is of two valid names.
+fn valid_key(key: &str) -> bool {
+    key.split_once(SEPARATOR).is_some_and(|(rule, subject)| {
+        validate_name(rule).is_ok() && validate_name(subject).is_ok()
+    })
 }
 
 /// GCRA in memory, on [`governor`]'s keyed limiters: one per distinct [`Quota`], keyed by
@@ -139,8 +147,12 @@ fn check_name(name: &str) -> Result<(), LimitError> {
 ///   ([`with_max_blocks`](Self::with_max_blocks)); a block that finds no room once
 ///   expired blocks are dropped fails with [`LimitError::Unavailable`].
 /// - **Cost**: a check takes no lock of its own (each thread keeps the last few quota
-///   tables at hand) and allocates nothing for a key already present; `cargo bench
-///   --bench rate_limit` measures it beside a bare governor `check_key`.
+///   tables at hand), allocates nothing for a key already present (awaiting
+///   [`check`](RateLimiter::check) included: its [`LimitFuture`] is made already), and
+///   checks the names in full only when it makes their key (a key in the table is of
+///   valid names). The key table hashes with `foldhash`, seeded at random per table,
+///   rather than SipHash. `cargo bench --bench rate_limit` measures it beside a bare
+///   governor `check_key`.
 /// - **Quotas**: each distinct quota has its budget of its own, so a rule whose quota
 ///   changes (a tightened rule) starts its subjects on a full bucket of the new quota.
 ///   (The Redis limiter keeps one arrival time per (rule, subject) whatever the quota.)
@@ -175,7 +187,7 @@ pub struct MemoryLimiter {
     /// `blocks.len()`, so a check skips the lock while nothing is blocked.
     blocked: AtomicUsize,
     /// Keys in all buckets: counted up as keys are made, recounted at each tidy-up.
-    keys: AtomicUsize,
+    keys: Arc<AtomicUsize>,
     max_keys: usize,
     max_blocks: usize,
     refused_full: AtomicU64,
@@ -205,18 +217,29 @@ pub struct MemoryLimiterStats {
 /// Governor's keyed limiter as used here: decisions come with a state snapshot.
 type Keyed = governor::RateLimiter<String, SharedStore, TimeSource, StateInformationMiddleware>;
 
+/// Governor's DashMap state table, on a fast hasher seeded at random per table
+/// (`foldhash`) rather than SipHash: the keys are `rule\0subject`, and a subject is a
+/// client address or an account, which a client cannot pick freely enough to aim at
+/// collisions it cannot see.
+type States = DashMapStateStore<String, foldhash::fast::RandomState>;
+
 /// The keyed limiter of one quota and a handle on its table.
 struct Bucket {
     limiter: Keyed,
-    states: Arc<DashMapStateStore<String>>,
-    /// `window / limit`, governor's emission interval.
-    emission: Duration,
+    states: Arc<States>,
+    /// `window / limit`, governor's emission interval, in nanoseconds.
+    emission_nanos: u64,
+    /// The quota's window, in nanoseconds.
+    window_nanos: u64,
 }
 
-/// A governor state table the limiter can look into (is this key new?) while governor
-/// owns it, and that notes on this thread when a check made a new key.
+/// A governor state table the limiter can look into (is this key held?) while governor
+/// owns it, and that counts the keys it makes in the limiter's key count.
 #[derive(Debug)]
-struct SharedStore(Arc<DashMapStateStore<String>>);
+struct SharedStore {
+    states: Arc<States>,
+    keys: Arc<AtomicUsize>,
+}
 
 impl StateStore for SharedStore {
     type Key = String;
@@ -225,30 +248,41 @@ impl StateStore for SharedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        StateStore::measure_and_replace(&*self.0, key, |previous: Option<Nanos>| {
-            if previous.is_none() {
-                let _ = SCRATCH.try_with(|scratch| scratch.fresh.set(true));
+        // As governor's own DashMap store does, and counting a key when it is made.
+        if let Some(state) = self.states.get(key.as_str()) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        // A key in the table is of valid names, checked here once.
+        if !valid_key(key) {
+            let _ = SCRATCH.try_with(|scratch| scratch.invalid.set(true));
+            return InMemoryState::default().measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        let state = match self.states.entry(key.clone()) {
+            dashmap::Entry::Occupied(held) => held.into_ref(),
+            dashmap::Entry::Vacant(room) => {
+                self.keys.fetch_add(1, Ordering::Relaxed);
+                room.insert(InMemoryState::default())
             }
-            f(previous)
-        })
+        };
+        state.measure_and_replace(&NotKeyed::NonKey, f)
     }
 }
 
 impl ShrinkableKeyedStateStore<String> for SharedStore {
     fn retain_recent(&self, drop_below: Nanos) {
-        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below);
+        ShrinkableKeyedStateStore::retain_recent(&*self.states, drop_below);
     }
 
     fn shrink_to_fit(&self) {
-        self.0.shrink_to_fit();
+        self.states.shrink_to_fit();
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.states.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.states.is_empty()
     }
 }
 
@@ -329,7 +363,7 @@ impl MemoryLimiter {
             generation: AtomicU64::new(0),
             blocks: RwLock::new(HashMap::new()),
             blocked: AtomicUsize::new(0),
-            keys: AtomicUsize::new(0),
+            keys: Arc::new(AtomicUsize::new(0)),
             max_keys: Self::DEFAULT_MAX_KEYS,
             max_blocks: Self::DEFAULT_MAX_BLOCKS,
             refused_full: AtomicU64::new(0),
@@ -366,11 +400,16 @@ impl MemoryLimiter {
 
     /// The check, which never waits.
     fn decide(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError> {
-        check_name(rule)?;
-        check_name(subject)?;
+        // The names are checked in full when their key is made (a key in the table is
+        // of valid names), here only what bounds the work.
+        let short = |name: &str| (1..=MAX_NAME_LEN).contains(&name.len());
+        if !(short(rule) && short(subject)) {
+            return Err(invalid_names(rule, subject));
+        }
         if self.blocked.load(Ordering::Relaxed) > 0
             && let Some(left) = self.block_left(subject)
         {
+            validate_name(rule)?;
             return Ok(Decision {
                 allowed: false,
                 limit: quota.limit(),
@@ -380,46 +419,65 @@ impl MemoryLimiter {
             });
         }
         // Only a check made by a thread-local destructor finds no scratch space.
-        let decided = SCRATCH.try_with(|scratch| {
-            let ticks = scratch.ticks.get().wrapping_add(1);
-            scratch.ticks.set(ticks);
-            if ticks.is_multiple_of(TIDY_EVERY) {
-                self.tidy();
-            }
-            let generation = self.generation.load(Ordering::Acquire);
-            let mut cache = scratch.buckets.borrow_mut();
-            let hit = cache.iter().position(|entry| {
-                entry.as_ref().is_some_and(|entry| {
-                    entry.limiter == self.id
-                        && entry.generation == generation
-                        && entry.quota == quota
-                })
-            });
-            let index = match hit {
-                Some(index) => index,
-                None => {
-                    let Some(bucket) = self.bucket(quota) else {
-                        return self.refuse_full(quota);
-                    };
-                    let index = scratch.next.get() % CACHED;
-                    scratch.next.set(index + 1);
-                    cache[index] = Some(CachedBucket {
-                        limiter: self.id,
-                        generation,
-                        quota,
-                        bucket,
-                    });
-                    index
-                }
+        match SCRATCH.try_with(|scratch| self.decide_on(scratch, rule, subject, quota)) {
+            Ok(Some(decision)) => Ok(decision),
+            Ok(None) => Err(invalid_names(rule, subject)),
+            Err(_) => Err(LimitError::Unavailable(
+                "checked while its thread was shutting down".into(),
+            )),
+        }
+    }
+
+    /// The check, with this thread's scratch space; `None` when the names are not valid.
+    fn decide_on(
+        &self,
+        scratch: &Scratch,
+        rule: &str,
+        subject: &str,
+        quota: Quota,
+    ) -> Option<Decision> {
+        let ticks = scratch.ticks.get().wrapping_add(1);
+        scratch.ticks.set(ticks);
+        if ticks.is_multiple_of(TIDY_EVERY) {
+            self.tidy();
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut cache = scratch.buckets.borrow_mut();
+        let usable = |entry: &Option<CachedBucket>| {
+            entry.as_ref().is_some_and(|entry| {
+                entry.limiter == self.id && entry.generation == generation && entry.quota == quota
+            })
+        };
+        // The table used last first: a rule's checks come in runs.
+        let last = scratch.last.get();
+        let index = if usable(&cache[last]) {
+            last
+        } else if let Some(index) = cache.iter().position(usable) {
+            index
+        } else {
+            let Some(bucket) = self.bucket(quota) else {
+                return Some(self.refuse_full(quota));
             };
-            match &cache[index] {
-                Some(entry) => self.check_in(scratch, &entry.bucket, rule, subject, quota),
-                None => self.refuse_full(quota),
-            }
-        });
-        decided.map_err(|_| {
-            LimitError::Unavailable("checked while its thread was shutting down".into())
-        })
+            let index = scratch.next.get() % CACHED;
+            scratch.next.set(index + 1);
+            cache[index] = Some(CachedBucket {
+                limiter: self.id,
+                generation,
+                quota,
+                bucket,
+            });
+            index
+        };
+        scratch.last.set(index);
+        let Some(entry) = &cache[index] else {
+            return Some(self.refuse_full(quota));
+        };
+        let mut key = scratch.key.borrow_mut();
+        key.clear();
+        key.push_str(rule);
+        key.push(SEPARATOR);
+        key.push_str(subject);
+        self.check_in(scratch, &entry.bucket, &key, quota)
     }
 
     /// The keyed limiter of `quota`, made if need be; `None` when the quota table is
@@ -438,59 +496,59 @@ impl MemoryLimiter {
         None
     }
 
-    /// Counts one request of (rule, subject) in `bucket`. A bucket dropped from the
-    /// table meanwhile (only empty ones are, when the quota table is full) takes the
-    /// request and forgets it: the subject starts again on a full bucket.
+    /// Counts one request of `key` in `bucket`. A bucket dropped from the table
+    /// meanwhile (only empty ones are, when the quota table is full) takes the request
+    /// and forgets it: the subject starts again on a full bucket.
     fn check_in(
         &self,
         scratch: &Scratch,
         bucket: &Bucket,
-        rule: &str,
-        subject: &str,
+        key: &String,
         quota: Quota,
-    ) -> Decision {
-        let mut key = scratch.key.borrow_mut();
-        key.clear();
-        key.push_str(rule);
-        key.push('\0');
-        key.push_str(subject);
+    ) -> Option<Decision> {
         if self.keys.load(Ordering::Relaxed) >= self.max_keys
             && !bucket.states.contains_key(key.as_str())
         {
+            if !valid_key(key) {
+                return None;
+            }
             self.tidy();
             if self.keys.load(Ordering::Relaxed) >= self.max_keys {
-                return self.refuse_full(quota);
+                return Some(self.refuse_full(quota));
             }
         }
-        scratch.fresh.set(false);
-        let outcome = bucket.limiter.check_key(&key);
-        if scratch.fresh.replace(false) {
-            self.keys.fetch_add(1, Ordering::Relaxed);
+        scratch.invalid.set(false);
+        let outcome = bucket.limiter.check_key(key);
+        if scratch.invalid.replace(false) {
+            return None;
         }
         let limit = quota.limit();
-        match outcome {
+        Some(match outcome {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity().min(limit);
+                // At most `window`: the emission interval is `window / limit`.
+                let used = bucket.emission_nanos * u64::from(limit - remaining);
                 Decision {
                     allowed: true,
                     limit,
                     remaining,
-                    reset_after: (bucket.emission * (limit - remaining)).min(quota.window()),
+                    reset_after: Duration::from_nanos(used.min(bucket.window_nanos)),
                     retry_after: Duration::ZERO,
                 }
             }
             Err(not_until) => {
                 // Measured from the instant governor decided at.
                 let retry_after = not_until.wait_time_from(Nanos::new(scratch.now.get()));
+                let rest = bucket.emission_nanos * u64::from(limit - 1);
                 Decision {
                     allowed: false,
                     limit,
                     remaining: 0,
-                    reset_after: retry_after + bucket.emission * (limit - 1),
+                    reset_after: retry_after.saturating_add(Duration::from_nanos(rest)),
                     retry_after,
                 }
             }
-        }
+        })
     }
 
     fn refuse_full(&self, quota: Quota) -> Decision {
@@ -529,18 +587,19 @@ impl MemoryLimiter {
         ) else {
             return false;
         };
-        let states = Arc::new(DashMapStateStore::<String>::default());
-        let limiter = Keyed::new(
-            gcra.allow_burst(burst),
-            SharedStore(states.clone()),
-            self.time.clone(),
-        );
+        let states = Arc::new(States::default());
+        let store = SharedStore {
+            states: states.clone(),
+            keys: self.keys.clone(),
+        };
+        let limiter = Keyed::new(gcra.allow_burst(burst), store, self.time.clone());
         buckets.insert(
             quota,
             Arc::new(Bucket {
                 limiter,
                 states,
-                emission,
+                emission_nanos: nanos(emission),
+                window_nanos: nanos(quota.window()),
             }),
         );
         true
@@ -596,8 +655,8 @@ impl fmt::Debug for MemoryLimiter {
 
 #[async_trait]
 impl RateLimiter for MemoryLimiter {
-    async fn check(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError> {
-        self.decide(rule, subject, quota)
+    fn check<'a>(&'a self, rule: &'a str, subject: &'a str, quota: Quota) -> LimitFuture<'a> {
+        LimitFuture::ready(self.decide(rule, subject, quota))
     }
 
     fn check_now(
@@ -723,6 +782,31 @@ mod tests {
         assert!(!limiter.decide("r", "s", first).unwrap().allowed);
         assert_eq!(limiter.stats().quotas, 2);
         assert_eq!(limiter.stats().keys, 2);
+    }
+
+    #[test]
+    fn invalid_names_never_make_a_key() {
+        let (_, limiter) = limiter(2);
+        let quota = Quota::new(5, Duration::from_secs(60)).unwrap();
+        assert!(limiter.decide("r", "s", quota).unwrap().allowed);
+        // Each would join to a key with two separators or a brace; none is stored,
+        // whether the table has room or is full.
+        for held in 1..=2 {
+            for (rule, subject) in [("r", "s\0"), ("r\0s", "t"), ("r", "{s}"), ("r}", "s")] {
+                assert!(
+                    matches!(
+                        limiter.decide(rule, subject, quota),
+                        Err(LimitError::InvalidName(_))
+                    ),
+                    "{rule:?} {subject:?}"
+                );
+            }
+            assert_eq!(limiter.stats().keys, held);
+            // Fills the table on the first pass.
+            assert!(limiter.decide("r", "t", quota).unwrap().allowed);
+        }
+        // The valid keys keep their own budgets.
+        assert_eq!(limiter.decide("r", "s", quota).unwrap().remaining, 3);
     }
 
     #[test]

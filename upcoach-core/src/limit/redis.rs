@@ -171,7 +171,32 @@ impl fmt::Debug for RedisLimiter {
 
 #[async_trait]
 impl RateLimiter for RedisLimiter {
-    async fn check(&self, rule: &str, subject: &str, quota: Quota) -> Result<Decision, LimitError> {
+    fn check<'a>(&'a self, rule: &'a str, subject: &'a str, quota: Quota) -> LimitFuture<'a> {
+        LimitFuture::pending(self.check_in_redis(rule, subject, quota))
+    }
+
+    async fn block(&self, subject: &str, duration: Duration) -> Result<(), LimitError> {
+        validate_name(subject)?;
+        if duration.is_zero() {
+            return Ok(());
+        }
+        // Whole milliseconds, rounded up, so a block is never shorter than asked.
+        let ms = duration.as_nanos().div_ceil(1_000_000).min(MAX_BLOCK_MS) as u64;
+        let mut invocation = self.block.prepare_invoke();
+        invocation.key(self.block_key(subject)).arg(ms);
+        let _: i64 = self.run(&invocation).await?;
+        Ok(())
+    }
+}
+
+impl RedisLimiter {
+    /// One check: the script, and its reply read.
+    async fn check_in_redis(
+        &self,
+        rule: &str,
+        subject: &str,
+        quota: Quota,
+    ) -> Result<Decision, LimitError> {
         validate_name(rule)?;
         validate_name(subject)?;
         let interval = u64::try_from(quota.emission_interval().as_micros())
@@ -199,18 +224,5 @@ impl RateLimiter for RedisLimiter {
             reset_after: micros(reset_after),
             retry_after: micros(retry_after),
         })
-    }
-
-    async fn block(&self, subject: &str, duration: Duration) -> Result<(), LimitError> {
-        validate_name(subject)?;
-        if duration.is_zero() {
-            return Ok(());
-        }
-        // Whole milliseconds, rounded up, so a block is never shorter than asked.
-        let ms = duration.as_nanos().div_ceil(1_000_000).min(MAX_BLOCK_MS) as u64;
-        let mut invocation = self.block.prepare_invoke();
-        invocation.key(self.block_key(subject)).arg(ms);
-        let _: i64 = self.run(&invocation).await?;
-        Ok(())
     }
 }
