@@ -27,18 +27,18 @@ const TIDY_SPACING: u64 = 1_000_000_000;
 
 /// Per-thread scratch space of the checks.
 struct Scratch {
-    /// The (rule, subject) key of the check in progress, reused so a check allocates
-    /// nothing for a key it has seen.
+    /// The subject of the check in progress as governor's key (a `String`), reused
+    /// so a check allocates nothing for a key it has seen.
     key: RefCell<String>,
-    /// Set by [`SharedStore`] when the check in progress would make a key of names
-    /// that are not valid (which it does not make).
+    /// Set by [`SharedStore`] when the check in progress would make a key of a subject
+    /// that is not valid (which it does not make).
     invalid: Cell<bool>,
     /// The last time governor read on this thread: the instant of the last decision,
     /// from which a refusal's wait is measured (without reading the clock again).
     now: Cell<u64>,
     /// Checks on this thread since the last tidy-up.
     ticks: Cell<u32>,
-    /// The quota tables this thread used last, so a check takes no lock (a shared lock
+    /// The tables this thread used last, so a check takes no lock (a shared lock
     /// is a write to one cache line from every core). Holds at most [`CACHED`] tables
     /// alive after their limiter is gone.
     buckets: RefCell<[Option<CachedBucket>; CACHED]>,
@@ -48,15 +48,16 @@ struct Scratch {
     last: Cell<usize>,
 }
 
-/// Quota tables each thread keeps at hand.
+/// Tables each thread keeps at hand.
 const CACHED: usize = 4;
 
 /// One entry of a thread's [`Scratch::buckets`]: valid while its limiter's generation
-/// has not moved (a quota table was dropped).
+/// has not moved (a table was dropped).
 struct CachedBucket {
     limiter: usize,
     generation: u64,
     quota: Quota,
+    rule: Box<str>,
     bucket: Arc<Bucket>,
 }
 
@@ -77,7 +78,7 @@ thread_local! {
     };
 }
 
-/// A quick hash for the quota table: its keys come from the program's rules, not from
+/// A quick hash for a rule's quotas: they come from the program's rules, not from
 /// clients, so it needs no protection against chosen collisions.
 #[derive(Default, Clone, Copy)]
 struct QuotaHasher(u64);
@@ -102,10 +103,11 @@ impl Hasher for QuotaHasher {
     }
 }
 
+/// A rule's tables, one per quota it was checked with.
 type QuotaMap = HashMap<Quota, Arc<Bucket>, BuildHasherDefault<QuotaHasher>>;
 
-/// Joins rule and subject in a key; names cannot hold it, so keys cannot collide.
-const SEPARATOR: char = '\0';
+/// Every table: rule -> quota -> table.
+type Tables = HashMap<Box<str>, QuotaMap, foldhash::fast::RandomState>;
 
 /// `Err` for the first of `rule` and `subject` that is not a valid name.
 fn invalid_names(rule: &str, subject: &str) -> LimitError {
@@ -115,15 +117,8 @@ fn invalid_names(rule: &str, subject: &str) -> LimitError {
     }
 }
 
-/// Whether the key `rule\0subject` is of two valid names.
-fn valid_key(key: &str) -> bool {
-    key.split_once(SEPARATOR).is_some_and(|(rule, subject)| {
-        validate_name(rule).is_ok() && validate_name(subject).is_ok()
-    })
-}
-
-/// GCRA in memory, on [`governor`]'s keyed limiters: one per distinct [`Quota`], keyed by
-/// (rule, subject).
+/// GCRA in memory, on [`governor`]'s keyed limiters: one per (rule, [`Quota`]), keyed by
+/// subject.
 ///
 /// - **Time**: [`new`](Self::new) uses a fast monotonic clock (`quanta`);
 ///   [`with_clock`](Self::with_clock) takes a [`Clock`] so tests can move time by hand
@@ -146,14 +141,14 @@ fn valid_key(key: &str) -> bool {
 /// - **Blocks**: at most [`DEFAULT_MAX_BLOCKS`](Self::DEFAULT_MAX_BLOCKS) subjects
 ///   ([`with_max_blocks`](Self::with_max_blocks)); a block that finds no room once
 ///   expired blocks are dropped fails with [`LimitError::Unavailable`].
-/// - **Cost**: a check takes no lock of its own (each thread keeps the last few quota
-///   tables at hand), allocates nothing for a key already present (awaiting
+/// - **Cost**: a check takes no lock of its own (each thread keeps the last few tables
+///   at hand), allocates nothing for a key already present (awaiting
 ///   [`check`](RateLimiter::check) included: its [`LimitFuture`] is made already), and
-///   checks the names in full only when it makes their key (a key in the table is of
-///   valid names). The key table hashes with `foldhash`, seeded at random per table,
+///   checks a name in full only when it makes its table or key (what is in a table
+///   is valid). The key tables hash with `foldhash`, seeded at random per table,
 ///   rather than SipHash. `cargo bench --bench rate_limit` measures it beside a bare
 ///   governor `check_key`.
-/// - **Quotas**: each distinct quota has its budget of its own, so a rule whose quota
+/// - **Quotas**: each (rule, quota) has its budget of its own, so a rule whose quota
 ///   changes (a tightened rule) starts its subjects on a full bucket of the new quota.
 ///   (The Redis limiter keeps one arrival time per (rule, subject) whatever the quota.)
 ///
@@ -179,8 +174,8 @@ pub struct MemoryLimiter {
     time: TimeSource,
     /// This limiter in the threads' caches.
     id: usize,
-    buckets: RwLock<QuotaMap>,
-    /// Bumped when a quota table is dropped, so the threads' caches let it go.
+    buckets: RwLock<Tables>,
+    /// Bumped when a table is dropped, so the threads' caches let it go.
     generation: AtomicU64,
     /// Subject -> end of its block, in [`TimeSource`] nanoseconds.
     blocks: RwLock<HashMap<Box<str>, u64>>,
@@ -204,8 +199,8 @@ pub struct MemoryLimiterStats {
     pub keys: usize,
     /// The most keys it holds (new keys beyond are refused).
     pub max_keys: usize,
-    /// Distinct quotas seen (each has a keyed limiter).
-    pub quotas: usize,
+    /// Tables held: one keyed limiter per (rule, quota) seen.
+    pub tables: usize,
     /// Subjects blocked (some blocks may have ended and not been dropped yet).
     pub blocks: usize,
     /// Checks of new keys refused because the key table was full, since start.
@@ -252,8 +247,8 @@ impl StateStore for SharedStore {
         if let Some(state) = self.states.get(key.as_str()) {
             return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
-        // A key in the table is of valid names, checked here once.
-        if !valid_key(key) {
+        // A key in the table is a valid name, checked here once.
+        if validate_name(key).is_err() {
             let _ = SCRATCH.try_with(|scratch| scratch.invalid.set(true));
             return InMemoryState::default().measure_and_replace(&NotKeyed::NonKey, f);
         }
@@ -335,10 +330,11 @@ impl MemoryLimiter {
     pub const DEFAULT_MAX_KEYS: usize = 100_000;
     /// The default bound on blocked subjects.
     pub const DEFAULT_MAX_BLOCKS: usize = 10_000;
-    /// Distinct quotas it keeps a keyed limiter for. A program has a handful of rules;
-    /// past this many, quotas with no live keys are dropped, and a new quota that still
-    /// finds no room is refused as when the key table is full.
-    pub const MAX_QUOTAS: usize = 1_000;
+    /// The most (rule, quota) tables it keeps, each a keyed limiter. A program has a
+    /// handful of rules; past this many, tables with no live keys are dropped, and a
+    /// new (rule, quota) that still finds no room is refused as when the key table is
+    /// full.
+    pub const MAX_TABLES: usize = 1_000;
     /// How long a caller refused because the key table is full is told to wait.
     pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -359,7 +355,7 @@ impl MemoryLimiter {
         Self {
             time,
             id: NEXT_LIMITER.fetch_add(1, Ordering::Relaxed),
-            buckets: RwLock::new(QuotaMap::default()),
+            buckets: RwLock::new(Tables::default()),
             generation: AtomicU64::new(0),
             blocks: RwLock::new(HashMap::new()),
             blocked: AtomicUsize::new(0),
@@ -389,9 +385,9 @@ impl MemoryLimiter {
     pub fn stats(&self) -> MemoryLimiterStats {
         let buckets = read(&self.buckets);
         MemoryLimiterStats {
-            keys: buckets.values().map(|b| b.states.len()).sum(),
+            keys: all(&buckets).map(|b| b.states.len()).sum(),
             max_keys: self.max_keys,
-            quotas: buckets.len(),
+            tables: all(&buckets).count(),
             blocks: read(&self.blocks).len(),
             refused_full: self.refused_full.load(Ordering::Relaxed),
             blocks_refused: self.blocks_refused.load(Ordering::Relaxed),
@@ -445,7 +441,10 @@ impl MemoryLimiter {
         let mut cache = scratch.buckets.borrow_mut();
         let usable = |entry: &Option<CachedBucket>| {
             entry.as_ref().is_some_and(|entry| {
-                entry.limiter == self.id && entry.generation == generation && entry.quota == quota
+                entry.limiter == self.id
+                    && entry.generation == generation
+                    && entry.quota == quota
+                    && *entry.rule == *rule
             })
         };
         // The table used last first: a rule's checks come in runs.
@@ -455,7 +454,9 @@ impl MemoryLimiter {
         } else if let Some(index) = cache.iter().position(usable) {
             index
         } else {
-            let Some(bucket) = self.bucket(quota) else {
+            // A rule is checked in full once per table and thread.
+            validate_name(rule).ok()?;
+            let Some(bucket) = self.bucket(rule, quota) else {
                 return Some(self.refuse_full(quota));
             };
             let index = scratch.next.get() % CACHED;
@@ -464,6 +465,7 @@ impl MemoryLimiter {
                 limiter: self.id,
                 generation,
                 quota,
+                rule: rule.into(),
                 bucket,
             });
             index
@@ -474,30 +476,32 @@ impl MemoryLimiter {
         };
         let mut key = scratch.key.borrow_mut();
         key.clear();
-        key.push_str(rule);
-        key.push(SEPARATOR);
         key.push_str(subject);
         self.check_in(scratch, &entry.bucket, &key, quota)
     }
 
-    /// The keyed limiter of `quota`, made if need be; `None` when the quota table is
-    /// full of limiters that still hold keys.
-    fn bucket(&self, quota: Quota) -> Option<Arc<Bucket>> {
-        // Tries again when the quota's limiter was made in between, or dropped again
-        // (by a tidy-up of an over-full quota table) before it could be used.
+    /// The keyed limiter of (`rule`, `quota`), made if need be; `None` when the tables
+    /// are all taken by limiters that still hold keys.
+    fn bucket(&self, rule: &str, quota: Quota) -> Option<Arc<Bucket>> {
+        // Tries again when the limiter was made in between, or dropped again (by a
+        // tidy-up of over-full tables) before it could be used.
         for _ in 0..3 {
-            if let Some(bucket) = read(&self.buckets).get(&quota) {
-                return Some(bucket.clone());
+            let found = read(&self.buckets)
+                .get(rule)
+                .and_then(|quotas| quotas.get(&quota))
+                .cloned();
+            if found.is_some() {
+                return found;
             }
-            if !self.add_bucket(quota) {
+            if !self.add_bucket(rule, quota) {
                 return None;
             }
         }
         None
     }
 
-    /// Counts one request of `key` in `bucket`. A bucket dropped from the table
-    /// meanwhile (only empty ones are, when the quota table is full) takes the request
+    /// Counts one request of `key` (the subject) in `bucket`. A bucket dropped
+    /// meanwhile (only empty ones are, when the tables are all taken) takes the request
     /// and forgets it: the subject starts again on a full bucket.
     fn check_in(
         &self,
@@ -509,9 +513,7 @@ impl MemoryLimiter {
         if self.keys.load(Ordering::Relaxed) >= self.max_keys
             && !bucket.states.contains_key(key.as_str())
         {
-            if !valid_key(key) {
-                return None;
-            }
+            validate_name(key).ok()?;
             self.tidy();
             if self.keys.load(Ordering::Relaxed) >= self.max_keys {
                 return Some(self.refuse_full(quota));
@@ -562,20 +564,26 @@ impl MemoryLimiter {
         }
     }
 
-    /// Makes the keyed limiter of `quota`; false when the quota table is full of
-    /// limiters that still hold keys.
-    fn add_bucket(&self, quota: Quota) -> bool {
+    /// Makes the keyed limiter of (`rule`, `quota`); false when the tables are all
+    /// taken by limiters that still hold keys.
+    fn add_bucket(&self, rule: &str, quota: Quota) -> bool {
         let mut buckets = write(&self.buckets);
-        if buckets.contains_key(&quota) {
+        if buckets
+            .get(rule)
+            .is_some_and(|quotas| quotas.contains_key(&quota))
+        {
             return true;
         }
-        if buckets.len() >= Self::MAX_QUOTAS {
-            buckets.retain(|_, bucket| {
-                bucket.limiter.retain_recent();
-                !bucket.states.is_empty()
+        if all(&buckets).count() >= Self::MAX_TABLES {
+            buckets.retain(|_, quotas| {
+                quotas.retain(|_, bucket| {
+                    bucket.limiter.retain_recent();
+                    !bucket.states.is_empty()
+                });
+                !quotas.is_empty()
             });
             self.generation.fetch_add(1, Ordering::Release);
-            if buckets.len() >= Self::MAX_QUOTAS {
+            if all(&buckets).count() >= Self::MAX_TABLES {
                 return false;
             }
         }
@@ -593,7 +601,7 @@ impl MemoryLimiter {
             keys: self.keys.clone(),
         };
         let limiter = Keyed::new(gcra.allow_burst(burst), store, self.time.clone());
-        buckets.insert(
+        buckets.entry(rule.into()).or_default().insert(
             quota,
             Arc::new(Bucket {
                 limiter,
@@ -617,7 +625,7 @@ impl MemoryLimiter {
         }
         *last = Some(now);
         let mut keys = 0;
-        for bucket in read(&self.buckets).values() {
+        for bucket in all(&read(&self.buckets)) {
             bucket.limiter.retain_recent();
             keys += bucket.states.len();
         }
@@ -698,6 +706,11 @@ impl RateLimiter for MemoryLimiter {
     }
 }
 
+/// Every table.
+fn all(tables: &Tables) -> impl Iterator<Item = &Arc<Bucket>> {
+    tables.values().flat_map(|quotas| quotas.values())
+}
+
 /// Reads `lock`; a panic elsewhere cannot leave these tables half-written.
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|e| e.into_inner())
@@ -757,14 +770,14 @@ mod tests {
     }
 
     #[test]
-    fn the_quota_table_is_bounded() {
+    fn the_tables_are_bounded() {
         let (clock, limiter) = limiter(100_000);
-        for limit in 1..=MemoryLimiter::MAX_QUOTAS as u32 {
+        for limit in 1..=MemoryLimiter::MAX_TABLES as u32 {
             let quota = Quota::new(limit, Duration::from_secs(3600)).unwrap();
             assert!(limiter.decide("r", "s", quota).unwrap().allowed);
         }
         let one_more = Quota::new(
-            MemoryLimiter::MAX_QUOTAS as u32 + 1,
+            MemoryLimiter::MAX_TABLES as u32 + 1,
             Duration::from_secs(3600),
         )
         .unwrap();
@@ -775,12 +788,12 @@ mod tests {
         // governor keeps them), their limiters go.
         clock.advance(Duration::from_secs(7200));
         assert!(limiter.decide("r", "s", one_more).unwrap().allowed);
-        assert_eq!(limiter.stats().quotas, 1, "the empty tables were dropped");
+        assert_eq!(limiter.stats().tables, 1, "the empty tables were dropped");
         // This thread's cached table of the first quota is not used any more.
         let first = Quota::new(1, Duration::from_secs(3600)).unwrap();
         assert!(limiter.decide("r", "s", first).unwrap().allowed);
         assert!(!limiter.decide("r", "s", first).unwrap().allowed);
-        assert_eq!(limiter.stats().quotas, 2);
+        assert_eq!(limiter.stats().tables, 2);
         assert_eq!(limiter.stats().keys, 2);
     }
 
