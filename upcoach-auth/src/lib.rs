@@ -19,8 +19,14 @@
 //!   [`EventLog`](upcoach_core::event::EventLog) wrapper that raises alerts and blocks
 //!   offenders (state: memory, Redis).
 //!
-//! Apple and Facebook are not built yet: [`ProviderId`] names them, and the server
-//! answers `provider_not_configured` for them.
+//! Apple and Facebook sign-in are not built yet: [`ProviderId`] names them, and the
+//! server answers `provider_not_configured` for them. Their first parts are here, not
+//! yet wired into [`Sessions`](sessions::Sessions):
+//! - [`apple`]: the ES256 client secret (made and renewed, never pasted), Apple's
+//!   id-token claims, the native nonce check and the server-to-server notification
+//!   events;
+//! - [`facebook`]: `signed_request` verification, `appsecret_proof`, and the
+//!   `debug_token` and `/me` answers.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -35,7 +41,9 @@
 //! # }).unwrap();
 //! ```
 
+pub mod apple;
 pub mod config;
+pub mod facebook;
 pub mod flow;
 pub mod google;
 #[cfg(feature = "http")]
