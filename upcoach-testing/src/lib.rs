@@ -9,6 +9,8 @@
 //! - [`FaultProxy`]: a TCP proxy a test can [`cut`](FaultProxy::cut) and
 //!   [`restore`](FaultProxy::restore) to put Redis or Postgres "down".
 //! - [`OidcProvider`]: an independent OpenID provider (npm `oauth2-mock-server`).
+//! - [`FacebookStandIn`]: a loopback stand-in for Facebook's Graph API (code exchange,
+//!   `debug_token`, `/me` with `appsecret_proof`), see [`facebook`].
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -17,11 +19,13 @@
 //! # }
 //! ```
 
+pub mod facebook;
 mod oidc;
 mod proxy;
 
 use std::net::SocketAddr;
 
+pub use facebook::{FacebookStandIn, FacebookUser};
 pub use oidc::OidcProvider;
 pub use proxy::FaultProxy;
 use sqlx::PgPool;
