@@ -309,6 +309,31 @@ pub struct FacebookConfig {
     pub app_id: String,
     /// `FACEBOOK_APP_SECRET`: the app secret.
     pub app_secret: Secret,
+    /// `FACEBOOK_GRAPH_URL`: the Graph API with its version (default
+    /// [`FACEBOOK_GRAPH_URL`]; tests point it at a stand-in). https, or http to a
+    /// loopback address.
+    pub graph_url: String,
+    /// `FACEBOOK_DIALOG_URL`: the login dialog (default [`FACEBOOK_DIALOG_URL`]).
+    pub dialog_url: String,
+}
+
+/// The Graph API version this crate speaks, where Facebook calls go by default.
+pub const FACEBOOK_GRAPH_URL: &str = "https://graph.facebook.com/v19.0";
+/// Facebook's login dialog of that version.
+pub const FACEBOOK_DIALOG_URL: &str = "https://www.facebook.com/v19.0/dialog/oauth";
+
+/// Whether `url` may carry tokens: https, or http to a loopback address (a stand-in).
+fn token_safe_url(url: &Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    };
+    url.host().is_some()
+        && url.query().is_none()
+        && url.username().is_empty()
+        && (url.scheme() == "https" || (url.scheme() == "http" && loopback))
 }
 
 const GOOGLE_VARS: &[&str] = &[
@@ -329,7 +354,12 @@ const APPLE_VARS: &[&str] = &[
     "APPLE_KEY_ID",
     "APPLE_PRIVATE_KEY",
 ];
-const FACEBOOK_VARS: &[&str] = &["FACEBOOK_APP_ID", "FACEBOOK_APP_SECRET"];
+const FACEBOOK_VARS: &[&str] = &[
+    "FACEBOOK_APP_ID",
+    "FACEBOOK_APP_SECRET",
+    "FACEBOOK_GRAPH_URL",
+    "FACEBOOK_DIALOG_URL",
+];
 
 /// `None` when no variable of the provider is set; `Some(None)` when set but broken.
 fn read_google(r: &mut Env<'_>) -> Option<Option<GoogleConfig>> {
@@ -463,9 +493,31 @@ fn read_facebook(r: &mut Env<'_>) -> Option<Option<FacebookConfig>> {
             }
         });
     let app_secret = r.secret("FACEBOOK_APP_SECRET", "the Facebook app secret", BECAUSE);
+    let mut url = |name: &'static str, default: &str, what: &'static str| match r.get(name) {
+        None => Some(default.to_owned()),
+        Some(v) => match Url::parse(v.trim()) {
+            Ok(url) if token_safe_url(&url) => Some(v.trim().trim_end_matches('/').to_owned()),
+            _ => {
+                r.invalid(name, what, Some(v.clone()));
+                None
+            }
+        },
+    };
+    let graph_url = url(
+        "FACEBOOK_GRAPH_URL",
+        FACEBOOK_GRAPH_URL,
+        "the Graph API with its version, https (or http to a loopback address)",
+    );
+    let dialog_url = url(
+        "FACEBOOK_DIALOG_URL",
+        FACEBOOK_DIALOG_URL,
+        "the login dialog URL, https (or http to a loopback address)",
+    );
     Some(Some(FacebookConfig {
         app_id: app_id?,
         app_secret: app_secret?,
+        graph_url: graph_url?,
+        dialog_url: dialog_url?,
     }))
 }
 

@@ -64,6 +64,9 @@ use serde::Deserialize;
 use sha2::Sha256;
 use upcoach_core::Secret;
 
+mod provider;
+pub use provider::FacebookProvider;
+
 /// The longest `signed_request` accepted, in bytes. Facebook's are a few hundred.
 pub const MAX_SIGNED_REQUEST_LEN: usize = 8 * 1024;
 

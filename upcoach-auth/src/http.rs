@@ -383,11 +383,25 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     values.next().is_none().then_some(first)
 }
 
+/// A native sign-in's body: an id token and its nonce, or (Facebook classic login) an
+/// access token; exactly one of the two.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawNativeBody")]
 struct NativeBody {
-    id_token: String,
+    credential: NativeCredential,
+    platform: Option<String>,
+    device_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNativeBody {
+    #[serde(default)]
+    id_token: Option<String>,
+    #[serde(default)]
     nonce: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
     #[serde(default)]
     platform: Option<String>,
     /// The device, as `X-Device-Id` gives it (sign-in only; linking ignores it).
@@ -398,16 +412,27 @@ struct NativeBody {
     _user: Option<serde_json::Value>,
 }
 
+impl TryFrom<RawNativeBody> for NativeBody {
+    type Error = &'static str;
+
+    fn try_from(raw: RawNativeBody) -> Result<Self, Self::Error> {
+        let credential = match (raw.id_token, raw.access_token, raw.nonce) {
+            (Some(id_token), None, nonce) => NativeCredential::IdToken { id_token, nonce },
+            (None, Some(token), None) => NativeCredential::AccessToken(token),
+            (None, Some(_), Some(_)) => return Err("an access_token takes no nonce"),
+            _ => return Err("expected exactly one of id_token and access_token"),
+        };
+        Ok(Self {
+            credential,
+            platform: raw.platform,
+            device_id: raw.device_id,
+        })
+    }
+}
+
 impl NativeBody {
     fn into_parts(self) -> (NativeCredential, Option<String>, Option<String>) {
-        (
-            NativeCredential::IdToken {
-                id_token: self.id_token,
-                nonce: self.nonce,
-            },
-            self.platform,
-            self.device_id,
-        )
+        (self.credential, self.platform, self.device_id)
     }
 }
 

@@ -105,8 +105,9 @@ impl fmt::Debug for NativeCredential {
 /// One sign-in provider: its authorization URL, its code exchange and its native
 /// sign-in, each ending in a [`VerifiedIdentity`] only when every check passed.
 ///
-/// The Google, Apple and Facebook providers are not built yet; this is the seam they
-/// will implement. A provider of your own looks like this:
+/// [`GoogleProvider`](crate::google::GoogleProvider) and
+/// [`FacebookProvider`](crate::facebook::FacebookProvider) implement it; Apple is still
+/// to come. A provider of your own looks like this:
 ///
 /// ```
 /// use async_trait::async_trait;

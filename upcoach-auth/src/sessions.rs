@@ -515,15 +515,20 @@ impl SessionsBuilder {
     }
 
     /// Takes `config`'s return-to allow-list and adds each provider it configures
-    /// (Google: OpenID discovery of its issuer now), with callbacks under this
-    /// builder's public URL.
+    /// (Google: OpenID discovery of its issuer now; Facebook: nothing fetched until a
+    /// sign-in), with callbacks under this builder's public URL.
     pub async fn configure(mut self, config: &AuthConfig) -> Result<Self, Error> {
         let clock = self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
         self.return_to_allowlist = config.return_to_allowlist.clone();
         if let Some(google) = &config.google {
             let callback = Sessions::callback_url_of(&self.public_url, ProviderId::Google);
             let provider =
-                crate::google::GoogleProvider::discover(google, &callback, clock).await?;
+                crate::google::GoogleProvider::discover(google, &callback, clock.clone()).await?;
+            self.providers.push(Arc::new(provider));
+        }
+        if let Some(facebook) = &config.facebook {
+            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::Facebook);
+            let provider = crate::facebook::FacebookProvider::new(facebook, &callback, clock)?;
             self.providers.push(Arc::new(provider));
         }
         Ok(self)

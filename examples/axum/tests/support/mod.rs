@@ -38,6 +38,53 @@ fn env(addr: SocketAddr, provider: &OidcProvider) -> impl Fn(&str) -> Option<Str
     move |name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
 }
 
+/// The axum example on a free port with Facebook Login pointed at `graph` (app
+/// [`FACEBOOK_APP_ID`] and [`FACEBOOK_APP_SECRET`]); it stops with the test's runtime.
+pub(crate) async fn start_axum_facebook(
+    graph: &upcoach_testing::facebook::FacebookStandIn,
+) -> (SocketAddr, Arc<App>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let env = [
+        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
+        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
+        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
+        ("FACEBOOK_APP_ID", FACEBOOK_APP_ID.to_owned()),
+        ("FACEBOOK_APP_SECRET", FACEBOOK_APP_SECRET.to_owned()),
+        ("FACEBOOK_GRAPH_URL", graph.graph_url()),
+        (
+            "FACEBOOK_DIALOG_URL",
+            format!("{}/v19.0/dialog/oauth", graph.base_url()),
+        ),
+    ];
+    let auth = AuthConfig::from_lookup(|name| {
+        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let limits = LimitConfig::default();
+    let app = App::new(
+        &auth,
+        HubConfig::default(),
+        &limits,
+        &Default::default(),
+        addr,
+        false,
+    )
+    .await
+    .expect("app");
+    let app = Arc::new(app);
+    let service =
+        upcoach_axum_example::router(app.clone()).into_make_service_with_connect_info::<Peer>();
+    let listener = CappedListener::new(listener, limits.connection_limits());
+    tokio::spawn(async move { axum::serve(listener, service).await });
+    (addr, app)
+}
+
+/// The Facebook app of [`start_axum_facebook`].
+pub(crate) const FACEBOOK_APP_ID: &str = "1234567890";
+/// Its secret.
+pub(crate) const FACEBOOK_APP_SECRET: &str = "stand-in-app-secret";
+
 /// The axum example on a free port; it stops with the test's runtime.
 pub(crate) async fn start_axum(provider: &OidcProvider, dev: bool) -> (SocketAddr, Arc<App>) {
     start_axum_with(provider, dev, &LimitConfig::default()).await

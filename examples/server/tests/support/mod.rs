@@ -88,6 +88,36 @@ pub(crate) async fn request_to_host(
     }
 }
 
+/// Sends one request with `headers` (a JSON body if given); the answer's status,
+/// headers and JSON (`Null` when the body is empty or not JSON).
+pub(crate) async fn request_headers(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
+    let (status, headers, bytes) = send(addr, request).await;
+    Answer {
+        status,
+        headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    }
+}
+
 /// `GET path` with a bearer token: status, headers and raw body.
 pub(crate) async fn raw_with(
     addr: SocketAddr,

@@ -1,0 +1,303 @@
+//! [`FacebookProvider`]: Facebook Login (classic access tokens) as an [`AuthProvider`].
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use oauth2::reqwest;
+use upcoach_core::{Clock, Secret};
+use url::Url;
+
+use super::{DebugToken, FacebookError, FacebookProfile, appsecret_proof};
+use crate::config::FacebookConfig;
+use crate::google::provider_http_client;
+use crate::{
+    AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
+};
+
+/// The most bytes read from one Graph API answer.
+const MAX_GRAPH_ANSWER: usize = 64 * 1024;
+
+/// Facebook Login: the login dialog with PKCE, the code exchange, and an access token
+/// checked with `debug_token` (valid, issued to our app, for a user, not expired)
+/// before `/me` is read. Every Graph call carries `appsecret_proof`, so the app can be
+/// set to require it.
+///
+/// - The identity's subject is the app-scoped user id; the profile's `id` must be that
+///   user. Facebook does not say whether it verified the e-mail address, so
+///   `email_verified` is always `false`: a Facebook address never links accounts by
+///   itself (see [`LinkingPolicy`](crate::users::LinkingPolicy)).
+/// - Native apps send the access token (`NativeCredential::AccessToken`). Limited Login
+///   id tokens are not accepted yet (`facebook_limited_login_unsupported`).
+/// - Errors: a refused token has its own code (`facebook_token_invalid`,
+///   `facebook_token_foreign_app`, `facebook_token_expired`, …); a code Facebook does
+///   not take is [`Error::CodeRejected`]; anything else Facebook answers is
+///   [`Error::ProviderUnavailable`], never with a token or Facebook's message in it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use upcoach_auth::config::AuthConfig;
+/// use upcoach_auth::facebook::FacebookProvider;
+/// use upcoach_auth::{AuthProvider, AuthorizationRequest, ProviderId};
+/// use upcoach_core::SystemClock;
+/// use upcoach_core::config::Settings;
+///
+/// let config = AuthConfig::from_lookup(|name| match name {
+///     "FACEBOOK_APP_ID" => Some("1234567890".into()),
+///     "FACEBOOK_APP_SECRET" => Some("app-secret".into()),
+///     _ => None,
+/// })
+/// .unwrap();
+/// let callback = "https://app.example/auth/facebook/callback";
+/// let facebook =
+///     FacebookProvider::new(config.facebook.as_ref().unwrap(), callback, Arc::new(SystemClock))
+///         .unwrap();
+/// assert_eq!(facebook.id(), ProviderId::Facebook);
+/// let url = facebook
+///     .authorization_url(&AuthorizationRequest {
+///         state: "state".into(),
+///         nonce: "nonce".into(),
+///         code_challenge: "challenge".into(),
+///         redirect_uri: callback.into(),
+///     })
+///     .unwrap();
+/// assert!(url.as_str().starts_with("https://www.facebook.com/v19.0/dialog/oauth?"));
+/// ```
+pub struct FacebookProvider {
+    app_id: String,
+    app_secret: Secret,
+    /// `app_id|app_secret`, the app access token `debug_token` is asked with.
+    app_token: Secret,
+    graph_url: String,
+    dialog_url: Url,
+    redirect_uri: String,
+    http: reqwest::Client,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for FacebookProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FacebookProvider")
+            .field("app_id", &self.app_id)
+            .field("graph_url", &self.graph_url)
+            .field("redirect_uri", &self.redirect_uri)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FacebookProvider {
+    /// The provider of `config`, with `redirect_uri` as its one callback.
+    pub fn new(
+        config: &FacebookConfig,
+        redirect_uri: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
+        let dialog_url = Url::parse(&config.dialog_url)
+            .map_err(|_| Error::ProviderUnavailable("the login dialog is not a URL".into()))?;
+        Ok(Self {
+            app_id: config.app_id.clone(),
+            app_secret: config.app_secret.clone(),
+            app_token: Secret::new(format!("{}|{}", config.app_id, config.app_secret.expose())),
+            graph_url: config.graph_url.trim_end_matches('/').to_owned(),
+            dialog_url,
+            redirect_uri: redirect_uri.to_owned(),
+            http: provider_http_client()?,
+            clock,
+        })
+    }
+
+    /// The callback URL registered with Facebook.
+    pub fn redirect_uri(&self) -> &str {
+        &self.redirect_uri
+    }
+
+    /// The identity behind a user access token, after `debug_token` accepted it.
+    async fn identity_of(&self, access_token: &str) -> Result<VerifiedIdentity, Error> {
+        let proof = appsecret_proof(self.app_token.expose(), &self.app_secret);
+        let debug = self
+            .graph(
+                "debug_token",
+                &[
+                    ("input_token", access_token),
+                    ("access_token", self.app_token.expose()),
+                    ("appsecret_proof", &proof),
+                ],
+            )
+            .await?;
+        let token = DebugToken::from_json(&debug)
+            .and_then(|d| d.check(&self.app_id, self.clock.now()))
+            .map_err(refused)?;
+        let proof = appsecret_proof(access_token, &self.app_secret);
+        let me = self
+            .graph(
+                "me",
+                &[
+                    ("fields", "id,name,email"),
+                    ("access_token", access_token),
+                    ("appsecret_proof", &proof),
+                ],
+            )
+            .await?;
+        let profile = FacebookProfile::from_json(&me).map_err(refused)?;
+        if profile.id != token.user_id {
+            return Err(Error::InvalidCredential {
+                reason: "facebook_profile_mismatch",
+            });
+        }
+        Ok(VerifiedIdentity {
+            provider: ProviderId::Facebook,
+            subject: token.user_id,
+            email: profile.email,
+            email_verified: false,
+            name: profile.name,
+            expires_at: token.expires_at.filter(|at| *at > SystemTime::UNIX_EPOCH),
+        })
+    }
+
+    /// `GET <graph>/<path>?<query>`: the answer's body when 2xx. A 4xx with an OAuth
+    /// error about the token (Graph code 190) is `facebook_token_invalid`; anything
+    /// else is unavailable.
+    async fn graph(&self, path: &str, query: &[(&str, &str)]) -> Result<Vec<u8>, Error> {
+        let (status, body) = self.get(path, query).await?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        if status.is_client_error() && graph_error_code(&body) == Some(190) {
+            return Err(Error::InvalidCredential {
+                reason: "facebook_token_invalid",
+            });
+        }
+        Err(Error::ProviderUnavailable(
+            format!("the Graph API answered {status} to /{path}").into(),
+        ))
+    }
+
+    /// One GET, its status and at most [`MAX_GRAPH_ANSWER`] bytes of body. Errors carry
+    /// no URL (the query holds tokens).
+    async fn get(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), Error> {
+        let unavailable = |e: reqwest::Error| Error::ProviderUnavailable(Box::new(e.without_url()));
+        let mut url = Url::parse(&format!("{}/{path}", self.graph_url))
+            .map_err(|_| Error::ProviderUnavailable("the Graph API URL is not a URL".into()))?;
+        url.query_pairs_mut().extend_pairs(query);
+        let mut response = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let too_large = || Error::ProviderUnavailable("a Graph API answer is too large".into());
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_GRAPH_ANSWER as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            if body.len() + chunk.len() > MAX_GRAPH_ANSWER {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((response.status(), body))
+    }
+}
+
+/// A refusal of the token or profile as our error: a malformed answer is Facebook
+/// failing, the rest is the credential's fault.
+fn refused(error: FacebookError) -> Error {
+    match error.code() {
+        "facebook_token_malformed" | "facebook_profile_malformed" => {
+            Error::ProviderUnavailable(Box::new(error))
+        }
+        reason => Error::InvalidCredential { reason },
+    }
+}
+
+/// The Graph error code of an error answer (`{"error":{"code":190,…}}`).
+fn graph_error_code(body: &[u8]) -> Option<i64> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get("error")?.get("code")?.as_i64()
+}
+
+#[async_trait]
+impl AuthProvider for FacebookProvider {
+    fn id(&self) -> ProviderId {
+        ProviderId::Facebook
+    }
+
+    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, Error> {
+        if request.redirect_uri != self.redirect_uri {
+            return Err(Error::InvalidCredential {
+                reason: "redirect_uri_mismatch",
+            });
+        }
+        let mut url = self.dialog_url.clone();
+        url.query_pairs_mut()
+            .append_pair("client_id", &self.app_id)
+            .append_pair("redirect_uri", &request.redirect_uri)
+            .append_pair("response_type", "code")
+            .append_pair("scope", "email,public_profile")
+            .append_pair("state", &request.state)
+            .append_pair("code_challenge", &request.code_challenge)
+            .append_pair("code_challenge_method", "S256");
+        Ok(url)
+    }
+
+    async fn exchange_code(
+        &self,
+        code: &str,
+        request: &AuthorizationRequest,
+        verifier: &str,
+    ) -> Result<VerifiedIdentity, Error> {
+        let (status, body) = self
+            .get(
+                "oauth/access_token",
+                &[
+                    ("client_id", &self.app_id),
+                    ("client_secret", self.app_secret.expose()),
+                    ("redirect_uri", &request.redirect_uri),
+                    ("code", code),
+                    ("code_verifier", verifier),
+                ],
+            )
+            .await?;
+        if status.is_client_error() {
+            return Err(Error::CodeRejected);
+        }
+        if !status.is_success() {
+            return Err(Error::ProviderUnavailable(
+                format!("the Graph API answered {status} to the code exchange").into(),
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        struct Tokens {
+            access_token: String,
+        }
+        let tokens: Tokens =
+            serde_json::from_slice(&body).map_err(|e| Error::ProviderUnavailable(Box::new(e)))?;
+        self.identity_of(&tokens.access_token).await
+    }
+
+    async fn verify_native(
+        &self,
+        credential: &NativeCredential,
+    ) -> Result<VerifiedIdentity, Error> {
+        match credential {
+            NativeCredential::AccessToken(token) if !token.is_empty() && token.len() <= 4096 => {
+                self.identity_of(token).await
+            }
+            NativeCredential::AccessToken(_) => Err(Error::InvalidCredential {
+                reason: "facebook_token_malformed",
+            }),
+            NativeCredential::IdToken { .. } => Err(Error::InvalidCredential {
+                reason: "facebook_limited_login_unsupported",
+            }),
+        }
+    }
+}

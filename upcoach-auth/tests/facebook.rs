@@ -1,0 +1,266 @@
+//! Facebook Login through `Sessions` and its routes, against the Graph API stand-in on
+//! loopback (`upcoach_testing::facebook`), which requires `appsecret_proof` on every
+//! call as an app can be set to.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde_json::json;
+use upcoach_auth::config::AuthConfig;
+use upcoach_auth::facebook::FacebookProvider;
+use upcoach_auth::http::AuthRoutes;
+use upcoach_auth::session::{AccessTokens, SigningKey};
+use upcoach_auth::sessions::{CallbackOutcome, Sessions};
+use upcoach_auth::web::CallbackParams;
+use upcoach_auth::{AuthProvider, NativeCredential, ProviderId};
+use upcoach_core::SystemClock;
+use upcoach_core::config::Settings;
+use upcoach_core::event::{ClientFacts, Event, EventKind, EventLog, MemoryEventLog};
+use upcoach_testing::facebook::{FacebookStandIn, FacebookUser};
+
+const APP_ID: &str = "1234567890";
+const APP_SECRET: &str = "stand-in-app-secret";
+const PUBLIC_URL: &str = "https://api.example.test";
+const CALLBACK: &str = "https://api.example.test/auth/facebook/callback";
+
+fn config(graph: &FacebookStandIn) -> AuthConfig {
+    let base = graph.base_url();
+    AuthConfig::from_lookup(move |name| match name {
+        "FACEBOOK_APP_ID" => Some(APP_ID.into()),
+        "FACEBOOK_APP_SECRET" => Some(APP_SECRET.into()),
+        "FACEBOOK_GRAPH_URL" => Some(format!("{base}/v19.0")),
+        "FACEBOOK_DIALOG_URL" => Some(format!("{base}/v19.0/dialog/oauth")),
+        _ => None,
+    })
+    .unwrap()
+}
+
+async fn sessions(graph: &FacebookStandIn) -> (Sessions, Arc<MemoryEventLog>) {
+    let events = Arc::new(MemoryEventLog::default());
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(SystemClock),
+    ));
+    let sessions = Sessions::builder(tokens, PUBLIC_URL)
+        .events(events.clone())
+        .configure(&config(graph))
+        .await
+        .unwrap()
+        .build();
+    (sessions, events)
+}
+
+fn alice() -> FacebookUser {
+    FacebookUser {
+        id: "10150000000000001".into(),
+        name: Some("Alice".into()),
+        email: Some("alice@example.test".into()),
+    }
+}
+
+fn facts(platform: &str) -> ClientFacts {
+    ClientFacts {
+        ip: Some("203.0.113.9".parse::<IpAddr>().unwrap()),
+        user_agent: Some("test".into()),
+        platform: Some(platform.into()),
+    }
+}
+
+fn query(url: &url::Url, name: &str) -> Option<String> {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+#[tokio::test]
+async fn a_browser_signs_in_with_facebook_and_every_graph_call_carries_the_proof() {
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let (sessions, events) = sessions(&graph).await;
+    let mut users = Vec::new();
+    for _ in 0..2 {
+        let started = sessions
+            .authorize("facebook", None, None, &facts("web"))
+            .await
+            .unwrap();
+        let dialog = &started.redirect;
+        assert!(dialog.as_str().starts_with(&graph.base_url()));
+        assert_eq!(query(dialog, "client_id").as_deref(), Some(APP_ID));
+        assert_eq!(query(dialog, "redirect_uri").as_deref(), Some(CALLBACK));
+        assert_eq!(
+            query(dialog, "code_challenge_method").as_deref(),
+            Some("S256")
+        );
+        assert!(query(dialog, "code_challenge").is_some());
+        let params = CallbackParams {
+            state: query(dialog, "state"),
+            code: Some(graph.issue_code(alice(), CALLBACK)),
+            error: None,
+            iss: None,
+        };
+        let outcome = sessions
+            .callback(
+                "facebook",
+                &params,
+                Some(started.browser_cookie.as_str()),
+                None,
+                &facts("web"),
+            )
+            .await
+            .unwrap();
+        let CallbackOutcome::SignedIn(tokens) = outcome else {
+            panic!("a browser without return_to gets its tokens at the callback");
+        };
+        users.push(tokens.user.id);
+    }
+    assert_eq!(users[0], users[1], "one Facebook user is one user");
+    assert_eq!(graph.calls("/v19.0/debug_token"), 2);
+    assert_eq!(graph.calls("/v19.0/me"), 2);
+    assert_eq!(graph.proof_failures(), 0);
+    let rows = events.recent(EventKind::Security, 100).await.unwrap();
+    let logins: Vec<_> = rows
+        .iter()
+        .filter_map(|e| match e {
+            Event::Security(e) if e.event_type == "login_success" => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(logins.len(), 2, "{rows:?}");
+    assert!(
+        logins
+            .iter()
+            .all(|e| e.details.to_string().contains("facebook")),
+        "{logins:?}"
+    );
+    let text = format!("{rows:?}");
+    assert!(!text.contains(APP_SECRET));
+}
+
+#[tokio::test]
+async fn a_code_is_taken_once_and_only_for_its_callback() {
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let facebook = FacebookProvider::new(
+        config(&graph).facebook.as_ref().unwrap(),
+        CALLBACK,
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let request = upcoach_auth::AuthorizationRequest {
+        state: "s".into(),
+        nonce: "n".into(),
+        code_challenge: "c".into(),
+        redirect_uri: CALLBACK.into(),
+    };
+    let code = graph.issue_code(alice(), CALLBACK);
+    let identity = facebook.exchange_code(&code, &request, "v").await.unwrap();
+    assert_eq!(identity.provider, ProviderId::Facebook);
+    assert_eq!(identity.subject, alice().id);
+    assert_eq!(identity.email.as_deref(), Some("alice@example.test"));
+    assert!(
+        !identity.email_verified,
+        "a Facebook address is never verified"
+    );
+    let again = facebook
+        .exchange_code(&code, &request, "v")
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), "authorization_code_rejected");
+    let elsewhere = graph.issue_code(alice(), "https://evil.example.test/callback");
+    let refused = facebook
+        .exchange_code(&elsewhere, &request, "v")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "authorization_code_rejected");
+}
+
+#[tokio::test]
+async fn native_access_tokens_are_checked_with_debug_token_first() {
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let (sessions, _) = sessions(&graph).await;
+    let token = graph.issue_token(alice());
+    let signed_in = sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::AccessToken(token),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap();
+    assert!(!signed_in.access_token.is_empty());
+
+    let revoked = graph.issue_token(alice());
+    graph.revoke(&revoked);
+    let cases = [
+        (
+            graph.issue_foreign_token(alice()),
+            "facebook_token_foreign_app",
+        ),
+        (revoked, "facebook_token_invalid"),
+        (graph.issue_expired_token(alice()), "facebook_token_invalid"),
+        ("not-a-token".to_owned(), "facebook_token_invalid"),
+        (String::new(), "facebook_token_malformed"),
+    ];
+    let me_before = graph.calls("/v19.0/me");
+    for (token, code) in cases {
+        let refused = sessions
+            .sign_in_with_token(
+                "facebook",
+                NativeCredential::AccessToken(token),
+                None,
+                &facts("ios"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), code);
+    }
+    assert_eq!(
+        graph.calls("/v19.0/me"),
+        me_before,
+        "no profile is read for a token debug_token refused"
+    );
+    let limited = sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::IdToken {
+                id_token: "a.b.c".into(),
+                nonce: Some("n".into()),
+            },
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(limited.code(), "facebook_limited_login_unsupported");
+    assert_eq!(graph.proof_failures(), 0);
+}
+
+#[tokio::test]
+async fn the_token_route_takes_an_access_token_or_an_id_token_not_both() {
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let (sessions, _) = sessions(&graph).await;
+    let routes = AuthRoutes::new(Arc::new(sessions));
+    let post = |body: serde_json::Value| {
+        http::Request::post("/auth/facebook/token")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap()
+    };
+    let token = graph.issue_token(alice());
+    let ok = routes
+        .token(
+            "facebook",
+            post(json!({"access_token": token, "platform": "android"})),
+        )
+        .await;
+    assert_eq!(ok.status(), 200);
+    for body in [
+        json!({"access_token": "t", "id_token": "a.b.c", "nonce": "n"}),
+        json!({"access_token": "t", "nonce": "n"}),
+        json!({"platform": "ios"}),
+    ] {
+        let refused = routes.token("facebook", post(body.clone())).await;
+        assert_eq!(refused.status(), 400, "{body}");
+    }
+}
