@@ -1045,3 +1045,105 @@ async fn a_web_app_refreshes_with_the_device_cookie_its_browser_sends() {
     let text = format!("{events:?}");
     assert!(!text.contains(&device), "an event shows the device id");
 }
+
+/// Two providers on one server: a Google user links Facebook, signs in with it, and
+/// unlinks it; the Facebook account then cannot sign in on its own, since its
+/// (unverified) address names an existing account.
+#[tokio::test]
+async fn a_google_user_links_and_unlinks_facebook() {
+    use upcoach_testing::facebook::{FacebookStandIn, FacebookUser};
+    const APP_ID: &str = "1234567890";
+    const APP_SECRET: &str = "stand-in-app-secret";
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let graph_url = graph.graph_url();
+    let dialog_url = format!("{}/v19.0/dialog/oauth", graph.base_url());
+    let Some(server) = start(|config| {
+        config.auth.facebook = upcoach_auth::config::AuthConfig::from_lookup(|name| match name {
+            "FACEBOOK_APP_ID" => Some(APP_ID.into()),
+            "FACEBOOK_APP_SECRET" => Some(APP_SECRET.into()),
+            "FACEBOOK_GRAPH_URL" => Some(graph_url.clone()),
+            "FACEBOOK_DIALOG_URL" => Some(dialog_url.clone()),
+            _ => None,
+        })
+        .unwrap()
+        .facebook;
+    })
+    .await
+    else {
+        return;
+    };
+    let dave = FacebookUser::new("10150000000000004").with_email("dave@example.test");
+    let facebook_sign_in = |token: String| {
+        let server = &server;
+        async move {
+            server
+                .post(
+                    "/auth/facebook/token",
+                    json!({"access_token": token, "platform": "ios"}),
+                    None,
+                )
+                .await
+        }
+    };
+
+    let claims =
+        json!({"sub": "google-dave", "email": "dave@example.test", "email_verified": true});
+    let id_token = native_id_token(&server, "link-nonce-1", &claims).await;
+    let google = server
+        .post(
+            "/auth/google/token",
+            json!({"id_token": id_token, "nonce": "link-nonce-1", "platform": "ios"}),
+            None,
+        )
+        .await;
+    assert_eq!(google.status, StatusCode::OK, "{:?}", google.body);
+    let user = google.json()["user"]["id"].clone();
+    let access = google.json()["access_token"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {access}");
+
+    let linked = send(
+        Method::POST,
+        &server.url("/auth/link/facebook"),
+        &[("authorization", &bearer)],
+        Some(json!({"access_token": graph.issue_token(dave.clone())}).to_string()),
+    )
+    .await;
+    assert!(linked.status.is_success(), "{:?}", linked.body);
+    let as_facebook = facebook_sign_in(graph.issue_token(dave.clone())).await;
+    assert_eq!(as_facebook.status, StatusCode::OK, "{:?}", as_facebook.body);
+    assert_eq!(
+        as_facebook.json()["user"]["id"],
+        user,
+        "linked: the same user"
+    );
+
+    let unlinked = send(
+        Method::DELETE,
+        &server.url("/auth/link/facebook"),
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert!(unlinked.status.is_success(), "{:?}", unlinked.body);
+    // Unlinked: Facebook's unverified address names an account, so the sign-in is
+    // refused (sign in there, then link), neither linked back nor a second account.
+    let after = facebook_sign_in(graph.issue_token(dave)).await;
+    assert_eq!(
+        (after.status, after.code()),
+        (StatusCode::CONFLICT, "account_exists".into()),
+        "{:?}",
+        after.body
+    );
+    let last = send(
+        Method::DELETE,
+        &server.url("/auth/link/google"),
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (last.status, last.code()),
+        (StatusCode::CONFLICT, "last_identity".into())
+    );
+    assert_eq!(graph.proof_failures(), 0);
+}
