@@ -315,7 +315,19 @@ pub struct FacebookConfig {
     pub graph_url: String,
     /// `FACEBOOK_DIALOG_URL`: the login dialog (default [`FACEBOOK_DIALOG_URL`]).
     pub dialog_url: String,
+    /// `FACEBOOK_LIMITED_LOGIN_ISSUER`: the `iss` of Limited Login id tokens (default
+    /// [`FACEBOOK_LIMITED_LOGIN_ISSUER`]).
+    pub limited_login_issuer: String,
+    /// `FACEBOOK_LIMITED_LOGIN_JWKS_URL`: their signing keys (default
+    /// [`FACEBOOK_LIMITED_LOGIN_JWKS_URL`]), fetched on first use.
+    pub limited_login_jwks_url: String,
 }
+
+/// The issuer of Facebook Limited Login id tokens.
+pub const FACEBOOK_LIMITED_LOGIN_ISSUER: &str = "https://www.facebook.com";
+/// Where Facebook publishes the keys of Limited Login id tokens.
+pub const FACEBOOK_LIMITED_LOGIN_JWKS_URL: &str =
+    "https://limited.facebook.com/.well-known/oauth/openid/jwks/";
 
 /// The Graph API version this crate speaks, where Facebook calls go by default.
 pub const FACEBOOK_GRAPH_URL: &str = "https://graph.facebook.com/v19.0";
@@ -359,6 +371,8 @@ const FACEBOOK_VARS: &[&str] = &[
     "FACEBOOK_APP_SECRET",
     "FACEBOOK_GRAPH_URL",
     "FACEBOOK_DIALOG_URL",
+    "FACEBOOK_LIMITED_LOGIN_ISSUER",
+    "FACEBOOK_LIMITED_LOGIN_JWKS_URL",
 ];
 
 /// `None` when no variable of the provider is set; `Some(None)` when set but broken.
@@ -513,11 +527,30 @@ fn read_facebook(r: &mut Env<'_>) -> Option<Option<FacebookConfig>> {
         FACEBOOK_DIALOG_URL,
         "the login dialog URL, https (or http to a loopback address)",
     );
+    let limited_login_jwks_url = url(
+        "FACEBOOK_LIMITED_LOGIN_JWKS_URL",
+        FACEBOOK_LIMITED_LOGIN_JWKS_URL,
+        "the JWKS URL of Limited Login tokens, https (or http to a loopback address)",
+    );
+    let limited_login_issuer = match r.get("FACEBOOK_LIMITED_LOGIN_ISSUER") {
+        None => Some(FACEBOOK_LIMITED_LOGIN_ISSUER.to_owned()),
+        Some(v) if !v.trim().is_empty() && v.trim().len() <= 256 => Some(v.trim().to_owned()),
+        Some(v) => {
+            r.invalid(
+                "FACEBOOK_LIMITED_LOGIN_ISSUER",
+                "the iss of Limited Login tokens, such as https://www.facebook.com",
+                Some(v.clone()),
+            );
+            None
+        }
+    };
     Some(Some(FacebookConfig {
         app_id: app_id?,
         app_secret: app_secret?,
         graph_url: graph_url?,
         dialog_url: dialog_url?,
+        limited_login_issuer: limited_login_issuer?,
+        limited_login_jwks_url: limited_login_jwks_url?,
     }))
 }
 

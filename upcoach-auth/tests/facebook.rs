@@ -230,7 +230,8 @@ async fn native_access_tokens_are_checked_with_debug_token_first() {
         )
         .await
         .unwrap_err();
-    assert_eq!(limited.code(), "facebook_limited_login_unsupported");
+    // Not a JWT: refused before any key is fetched.
+    assert_eq!(limited.code(), "id_token_malformed");
     assert_eq!(graph.proof_failures(), 0);
 }
 
@@ -263,4 +264,143 @@ async fn the_token_route_takes_an_access_token_or_an_id_token_not_both() {
         let refused = routes.token("facebook", post(body.clone())).await;
         assert_eq!(refused.status(), 400, "{body}");
     }
+}
+
+/// An id token of Facebook Limited Login for `sub`, minted by the independent OpenID
+/// provider (npm `oauth2-mock-server`) standing in for Facebook: issued to `client_id`
+/// with `nonce`.
+async fn limited_login_token(
+    issuer: &str,
+    client_id: &str,
+    nonce: &str,
+    claims: serde_json::Value,
+) -> String {
+    use base64::Engine;
+    let redirect = "http://127.0.0.1:1/ios";
+    let mut authorize = url::Url::parse(&format!("{issuer}/authorize")).unwrap();
+    authorize
+        .query_pairs_mut()
+        .append_pair("client_id", client_id)
+        .append_pair("response_type", "code")
+        .append_pair("scope", "openid")
+        .append_pair("redirect_uri", redirect)
+        .append_pair("nonce", nonce)
+        .append_pair(
+            "login_hint",
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()),
+        );
+    let http = oauth2::reqwest::Client::builder()
+        .redirect(oauth2::reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let answer = http.get(authorize.as_str()).send().await.unwrap();
+    let location = url::Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
+    let code = query(&location, "code").unwrap();
+    let tokens: serde_json::Value = http
+        .post(format!("{issuer}/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=authorization_code&code={code}&redirect_uri={}&client_id={client_id}",
+            url::form_urlencoded::byte_serialize(redirect.as_bytes()).collect::<String>()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .map(|body| serde_json::from_slice(&body).unwrap())
+        .unwrap();
+    tokens["id_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce() {
+    let Some(oidc) = upcoach_testing::OidcProvider::start().await else {
+        return;
+    };
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let issuer = oidc.issuer().to_owned();
+    let base = graph.base_url();
+    let config = AuthConfig::from_lookup(|name| match name {
+        "FACEBOOK_APP_ID" => Some(APP_ID.into()),
+        "FACEBOOK_APP_SECRET" => Some(APP_SECRET.into()),
+        "FACEBOOK_GRAPH_URL" => Some(format!("{base}/v19.0")),
+        "FACEBOOK_LIMITED_LOGIN_ISSUER" => Some(issuer.clone()),
+        "FACEBOOK_LIMITED_LOGIN_JWKS_URL" => Some(format!("{issuer}/jwks")),
+        _ => None,
+    })
+    .unwrap();
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(SystemClock),
+    ));
+    let sessions = Sessions::builder(tokens, PUBLIC_URL)
+        .configure(&config)
+        .await
+        .unwrap()
+        .build();
+    let claims = json!({"sub": alice().id, "email": "alice@example.test", "email_verified": true});
+    let native = |id_token: String, nonce: &str| NativeCredential::IdToken {
+        id_token,
+        nonce: Some(nonce.to_owned()),
+    };
+
+    let token = limited_login_token(&issuer, APP_ID, "limited-nonce-1", claims.clone()).await;
+    let signed_in = sessions
+        .sign_in_with_token(
+            "facebook",
+            native(token.clone(), "limited-nonce-1"),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap();
+    // The same person as the classic token's: one user.
+    let classic = sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::AccessToken(graph.issue_token(alice())),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(signed_in.user.id, classic.user.id);
+    assert!(
+        !signed_in.user.email_verified,
+        "Facebook's word on an address is not taken"
+    );
+
+    let replayed = sessions
+        .sign_in_with_token(
+            "facebook",
+            native(token, "limited-nonce-1"),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(replayed.code(), "nonce_replayed");
+    let other_nonce = limited_login_token(&issuer, APP_ID, "limited-nonce-2", claims.clone()).await;
+    let wrong = sessions
+        .sign_in_with_token(
+            "facebook",
+            native(other_nonce, "limited-nonce-3"),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), "id_token_nonce_mismatch");
+    let foreign = limited_login_token(&issuer, "999", "limited-nonce-4", claims).await;
+    let refused = sessions
+        .sign_in_with_token(
+            "facebook",
+            native(foreign, "limited-nonce-4"),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "id_token_wrong_audience");
 }

@@ -11,6 +11,7 @@ use url::Url;
 use super::{DebugToken, FacebookError, FacebookProfile, appsecret_proof};
 use crate::config::FacebookConfig;
 use crate::google::provider_http_client;
+use crate::oidc::{IdTokenRules, IdTokenVerifier, JwksCache};
 use crate::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
 };
@@ -27,8 +28,10 @@ const MAX_GRAPH_ANSWER: usize = 64 * 1024;
 ///   user. Facebook does not say whether it verified the e-mail address, so
 ///   `email_verified` is always `false`: a Facebook address never links accounts by
 ///   itself (see [`LinkingPolicy`](crate::users::LinkingPolicy)).
-/// - Native apps send the access token (`NativeCredential::AccessToken`). Limited Login
-///   id tokens are not accepted yet (`facebook_limited_login_unsupported`).
+/// - Native apps send the access token (`NativeCredential::AccessToken`), or a Limited
+///   Login id token with the raw nonce they asked for (`NativeCredential::IdToken`),
+///   verified against Facebook's published keys (fetched on first use), its issuer, our
+///   app id as audience, and the nonce.
 /// - Errors: a refused token has its own code (`facebook_token_invalid`,
 ///   `facebook_token_foreign_app`, `facebook_token_expired`, …); a code Facebook does
 ///   not take is [`Error::CodeRejected`]; anything else Facebook answers is
@@ -72,6 +75,8 @@ pub struct FacebookProvider {
     dialog_url: Url,
     redirect_uri: String,
     http: reqwest::Client,
+    /// Limited Login id tokens.
+    limited: IdTokenVerifier,
     clock: Arc<dyn Clock>,
 }
 
@@ -94,6 +99,18 @@ impl FacebookProvider {
     ) -> Result<Self, Error> {
         let dialog_url = Url::parse(&config.dialog_url)
             .map_err(|_| Error::ProviderUnavailable("the login dialog is not a URL".into()))?;
+        let http = provider_http_client()?;
+        let limited = IdTokenVerifier::new(
+            IdTokenRules::rs256(
+                [config.limited_login_issuer.clone()],
+                [config.app_id.clone()],
+            ),
+            Arc::new(JwksCache::new(
+                config.limited_login_jwks_url.clone(),
+                http.clone(),
+            )),
+            clock.clone(),
+        );
         Ok(Self {
             app_id: config.app_id.clone(),
             app_secret: config.app_secret.clone(),
@@ -101,7 +118,8 @@ impl FacebookProvider {
             graph_url: config.graph_url.trim_end_matches('/').to_owned(),
             dialog_url,
             redirect_uri: redirect_uri.to_owned(),
-            http: provider_http_client()?,
+            http,
+            limited,
             clock,
         })
     }
@@ -295,9 +313,21 @@ impl AuthProvider for FacebookProvider {
             NativeCredential::AccessToken(_) => Err(Error::InvalidCredential {
                 reason: "facebook_token_malformed",
             }),
-            NativeCredential::IdToken { .. } => Err(Error::InvalidCredential {
-                reason: "facebook_limited_login_unsupported",
-            }),
+            NativeCredential::IdToken { id_token, nonce } => {
+                // Limited Login: the nonce is the raw one the app passed to the SDK.
+                let nonce = nonce.as_deref().ok_or(Error::InvalidCredential {
+                    reason: "nonce_required",
+                })?;
+                let claims = self.limited.verify(id_token, Some(nonce)).await?;
+                Ok(VerifiedIdentity {
+                    provider: ProviderId::Facebook,
+                    subject: claims.sub.clone(),
+                    email: claims.string("email").map(str::to_owned),
+                    email_verified: false,
+                    name: claims.string("name").map(str::to_owned),
+                    expires_at: self.limited.accepted_until(&claims),
+                })
+            }
         }
     }
 }
