@@ -248,6 +248,10 @@ impl HttpError for AuthError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AuthError::FlowLimiter(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AuthError::Facebook(e) if e.code() == "signed_request_bad_signature" => {
+                StatusCode::UNAUTHORIZED
+            }
+            AuthError::Facebook(_) => StatusCode::BAD_REQUEST,
         }
     }
     fn code(&self) -> &'static str {
@@ -433,6 +437,45 @@ impl TryFrom<RawNativeBody> for NativeBody {
 impl NativeBody {
     fn into_parts(self) -> (NativeCredential, Option<String>, Option<String>) {
         (self.credential, self.platform, self.device_id)
+    }
+}
+
+/// The most bytes of a Facebook callback's form body.
+const MAX_SIGNED_REQUEST_FORM: usize = 16 * 1024;
+
+/// The one `signed_request` field of a Facebook callback's
+/// `application/x-www-form-urlencoded` body.
+async fn signed_request_of<B>(request: Request<B>) -> Result<String, ApiError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let form = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/x-www-form-urlencoded",
+        ));
+    }
+    let body = read_body(request.into_body(), MAX_SIGNED_REQUEST_FORM).await?;
+    let mut values = form_urlencoded::parse(&body)
+        .filter(|(k, _)| k == "signed_request")
+        .map(|(_, v)| v.into_owned());
+    match (values.next(), values.next()) {
+        (Some(value), None) => Ok(value),
+        _ => Err(ApiError::bad_request(
+            "signed_request_malformed",
+            "the form needs exactly one signed_request field",
+        )),
     }
 }
 
@@ -855,6 +898,33 @@ impl AuthRoutes {
         };
         match self.sessions.unlink(&principal, provider, &facts).await {
             Ok(user) => json_response(StatusCode::OK, &user),
+            Err(e) => fail(&e),
+        }
+    }
+
+    /// `POST /auth/facebook/deauthorize` (form `signed_request`, from Facebook): see
+    /// [`Sessions::facebook_deauthorized`]. 200 `{"status":"deauthorized"}` once
+    /// verified and handled; 400 for a malformed request, 401 for a bad signature, 404
+    /// when Facebook is not configured.
+    pub async fn facebook_deauthorize<B>(&self, request: Request<B>) -> Answer
+    where
+        B: http_body::Body,
+        B::Error: Into<BoxError>,
+    {
+        let facts = client_facts(request.headers(), request.extensions());
+        let signed_request = match signed_request_of(request).await {
+            Ok(signed_request) => signed_request,
+            Err(e) => return fail(&e),
+        };
+        match self
+            .sessions
+            .facebook_deauthorized(&signed_request, &facts)
+            .await
+        {
+            Ok(()) => json_response(
+                StatusCode::OK,
+                &serde_json::json!({"status": "deauthorized"}),
+            ),
             Err(e) => fail(&e),
         }
     }

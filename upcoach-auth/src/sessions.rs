@@ -122,7 +122,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use upcoach_core::event::{ClientFacts, Event, EventLog, MemoryEventLog, SecurityEvent};
 use upcoach_core::limit::{Decision, LimitError, MemoryLimiter, Quota, RateLimiter};
-use upcoach_core::{Clock, Principal, Role, SessionId, SystemClock, TokenError, UserId};
+use upcoach_core::{Clock, Principal, Role, Secret, SessionId, SystemClock, TokenError, UserId};
 
 use crate::config::AuthConfig;
 use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
@@ -228,6 +228,9 @@ pub enum AuthError {
     /// The rate limiter that admits sign-ins could not answer: sign-in fails closed.
     #[error("the sign-in rate limiter failed")]
     FlowLimiter(#[source] LimitError),
+    /// A Facebook callback's `signed_request` was refused.
+    #[error(transparent)]
+    Facebook(#[from] crate::facebook::FacebookError),
 }
 
 impl AuthError {
@@ -250,6 +253,7 @@ impl AuthError {
             AuthError::TooManySignInFlows { .. } => "too_many_sign_in_flows",
             AuthError::SignInBusy { .. } => "sign_in_busy",
             AuthError::FlowLimiter(e) => e.code(),
+            AuthError::Facebook(e) => e.code(),
         }
     }
 
@@ -332,6 +336,8 @@ pub struct Sessions {
     clock: Arc<dyn Clock>,
     public_url: String,
     flow_quota: FlowQuota,
+    /// The Facebook app secret, which signs Facebook's callbacks (when configured).
+    facebook_secret: Option<Secret>,
 }
 
 /// How browser sign-ins are admitted before their flow is stored.
@@ -376,6 +382,7 @@ pub struct SessionsBuilder {
     flow_limiter: Option<Arc<dyn RateLimiter>>,
     flow_quota: Quota,
     flow_total_quota: Option<Quota>,
+    facebook_secret: Option<Secret>,
 }
 
 impl fmt::Debug for SessionsBuilder {
@@ -530,6 +537,7 @@ impl SessionsBuilder {
             let callback = Sessions::callback_url_of(&self.public_url, ProviderId::Facebook);
             let provider = crate::facebook::FacebookProvider::new(facebook, &callback, clock)?;
             self.providers.push(Arc::new(provider));
+            self.facebook_secret = Some(facebook.app_secret.clone());
         }
         Ok(self)
     }
@@ -562,6 +570,7 @@ impl SessionsBuilder {
                 per_address: self.flow_quota,
                 total: self.flow_total_quota,
             },
+            facebook_secret: self.facebook_secret,
         }
     }
 }
@@ -600,6 +609,7 @@ impl Sessions {
             flow_limiter: None,
             flow_quota: flows_per_ttl(DEFAULT_FLOWS_PER_ADDRESS),
             flow_total_quota: Some(flows_per_ttl(DEFAULT_FLOWS_TOTAL)),
+            facebook_secret: None,
         }
     }
 
@@ -1157,6 +1167,76 @@ impl Sessions {
             serde_json::json!({"provider": provider}),
         );
         Ok(user)
+    }
+
+    /// Facebook's deauthorize callback: the person removed this app on Facebook. Once
+    /// `signed_request` verifies (HMAC-SHA256 with the app secret, constant time), the
+    /// user with that Facebook identity loses every session and the identity is
+    /// unlinked, unless it is their only way to sign in (then it stays, so signing in
+    /// with Facebook again finds the same account). Recorded as
+    /// `provider_deauthorized` (`{"provider","unlinked","sessions_revoked"}`); a refused
+    /// request as `provider_notification_refused` with its code. Idempotent: a repeat
+    /// finds no sessions and nothing to unlink.
+    pub async fn facebook_deauthorized(
+        &self,
+        signed_request: &str,
+        facts: &ClientFacts,
+    ) -> Result<(), AuthError> {
+        let secret = self
+            .facebook_secret
+            .as_ref()
+            .ok_or(AuthError::ProviderNotConfigured(ProviderId::Facebook))?;
+        let request = match crate::facebook::SignedRequest::verify(signed_request, secret) {
+            Ok(request) => request,
+            Err(e) => {
+                self.record(
+                    "provider_notification_refused",
+                    None,
+                    facts,
+                    serde_json::json!({"provider": ProviderId::Facebook, "code": e.code()}),
+                );
+                return Err(e.into());
+            }
+        };
+        self.provider_revoked(ProviderId::Facebook, &request.user_id, facts)
+            .await
+    }
+
+    /// What a provider's "this person left" notice does: every session of the user
+    /// with that identity revoked, the identity unlinked unless it is the last.
+    async fn provider_revoked(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+        facts: &ClientFacts,
+    ) -> Result<(), AuthError> {
+        let Some(user) = self.users.find_by_identity(provider, subject).await? else {
+            self.record(
+                "provider_deauthorized",
+                None,
+                facts,
+                serde_json::json!({"provider": provider, "known": false}),
+            );
+            return Ok(());
+        };
+        let revoked = self.refresh.revoke_user(user.id, self.clock.now()).await?;
+        let unlinked = match self.users.unlink(user.id, provider).await {
+            Ok(_) => true,
+            Err(e) if e.code() == "last_identity" => false,
+            Err(e) => return Err(e.into()),
+        };
+        self.record(
+            "provider_deauthorized",
+            Some(user.id),
+            facts,
+            serde_json::json!({
+                "provider": provider,
+                "known": true,
+                "unlinked": unlinked,
+                "sessions_revoked": revoked,
+            }),
+        );
+        Ok(())
     }
 
     /// Opens a session for `user_id` without a provider: an operator's or service

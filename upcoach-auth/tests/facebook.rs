@@ -404,3 +404,186 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
         .unwrap_err();
     assert_eq!(refused.code(), "id_token_wrong_audience");
 }
+
+/// `signed_request` as Facebook sends it: HMAC-SHA256 of the base64url payload text,
+/// keyed by `secret`.
+fn signed_request(secret: &str, payload: serde_json::Value) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use hmac::Mac;
+    let payload = URL_SAFE_NO_PAD.encode(payload.to_string());
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(payload.as_bytes());
+    format!(
+        "{}.{payload}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+fn form(body: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post("/auth/facebook/deauthorize")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap()
+}
+
+async fn status_and_code(answer: upcoach_auth::http::Answer) -> (u16, String) {
+    let status = answer.status().as_u16();
+    let body = http_body_util::BodyExt::collect(answer.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    (
+        status,
+        json["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds() {
+    let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
+    let (sessions, events) = sessions(&graph).await;
+    let sessions = Arc::new(sessions);
+    let routes = AuthRoutes::new(sessions.clone());
+    let signed_in = sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::AccessToken(graph.issue_token(alice())),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap();
+    let payload =
+        json!({"algorithm": "HMAC-SHA256", "issued_at": 1_700_000_000, "user_id": alice().id});
+    let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+
+    // Refused, each with its own code, and nothing revoked.
+    let genuine = signed_request(APP_SECRET, payload.clone());
+    // Another user's payload under this one's signature.
+    let (signature, _) = genuine.split_once('.').unwrap();
+    let (_, other_body) = signed_request(
+        APP_SECRET,
+        json!({"algorithm": "HMAC-SHA256", "user_id": "10150000000000099"}),
+    )
+    .split_once('.')
+    .map(|(s, b)| (s.to_owned(), b.to_owned()))
+    .unwrap();
+    let tampered = format!("{signature}.{other_body}");
+    let other_algorithm = signed_request(
+        APP_SECRET,
+        json!({"algorithm": "HMAC-SHA1", "user_id": alice().id}),
+    );
+    for (form_body, status, code) in [
+        (
+            format!("signed_request={}", encode(&tampered)),
+            401,
+            "signed_request_bad_signature",
+        ),
+        (
+            format!(
+                "signed_request={}",
+                encode(&signed_request("another-secret", payload.clone()))
+            ),
+            401,
+            "signed_request_bad_signature",
+        ),
+        (
+            format!("signed_request={}", encode(&other_algorithm)),
+            400,
+            "signed_request_unsupported_algorithm",
+        ),
+        (
+            "signed_request=no-dot".to_owned(),
+            400,
+            "signed_request_malformed",
+        ),
+        (
+            format!("signed_request={}=", encode(&genuine)),
+            400,
+            "signed_request_bad_encoding",
+        ),
+        ("user_id=1".to_owned(), 400, "signed_request_malformed"),
+    ] {
+        let answer = routes.facebook_deauthorize(form(&form_body)).await;
+        assert_eq!(
+            status_and_code(answer).await,
+            (status, code.to_owned()),
+            "{form_body}"
+        );
+    }
+    let json_body = http::Request::post("/auth/facebook/deauthorize")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from("{}")))
+        .unwrap();
+    assert_eq!(routes.facebook_deauthorize(json_body).await.status(), 415);
+    sessions
+        .refresh(&signed_in.refresh_token, None, &facts("ios"))
+        .await
+        .expect("no refused callback revokes anything");
+
+    // The genuine one: every session ends; Facebook was the only identity, so it stays.
+    let still = sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::AccessToken(graph.issue_token(alice())),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap();
+    let answer = routes
+        .facebook_deauthorize(form(&format!("signed_request={}", encode(&genuine))))
+        .await;
+    assert_eq!(answer.status(), 200);
+    let revoked = sessions
+        .refresh(&still.refresh_token, None, &facts("ios"))
+        .await
+        .unwrap_err();
+    assert_eq!(revoked.code(), "refresh_token_revoked");
+    // A repeat is harmless.
+    let again = routes
+        .facebook_deauthorize(form(&format!("signed_request={}", encode(&genuine))))
+        .await;
+    assert_eq!(again.status(), 200);
+    let back = sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::AccessToken(graph.issue_token(alice())),
+            None,
+            &facts("ios"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        back.user.id, signed_in.user.id,
+        "signing in again finds the account"
+    );
+
+    let rows = events.recent(EventKind::Security, 100).await.unwrap();
+    let of = |kind: &str| {
+        rows.iter()
+            .filter_map(|e| match e {
+                Event::Security(e) if e.event_type == kind => Some(e),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let handled = of("provider_deauthorized");
+    assert_eq!(handled.len(), 2, "{rows:?}");
+    // Each refused signed_request is recorded; a form without one never reached it.
+    assert_eq!(of("provider_notification_refused").len(), 5, "{rows:?}");
+    assert!(
+        handled
+            .iter()
+            .any(|e| e.details["sessions_revoked"].as_u64() >= Some(2)
+                && e.details["unlinked"] == false),
+        "{handled:?}"
+    );
+}

@@ -198,6 +198,10 @@ fn table() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
             }),
         ),
         (
+            "/auth/facebook/deauthorize",
+            post(async |State(app): AppState, r: Request| app.auth.facebook_deauthorize(r).await),
+        ),
+        (
             "/.well-known/jwks.json",
             get(async |State(app): AppState| app.auth.jwks()),
         ),

@@ -38,6 +38,7 @@ enum Endpoint {
     Me,
     Link,
     Unlink,
+    FacebookDeauthorize,
     Jwks,
     DevToken,
 }
@@ -80,6 +81,11 @@ const ROUTES: &[(Method, &str, Endpoint)] = &[
     (Method::GET, "/auth/me", E::Me),
     (Method::POST, "/auth/link/{provider}", E::Link),
     (Method::DELETE, "/auth/link/{provider}", E::Unlink),
+    (
+        Method::POST,
+        "/auth/facebook/deauthorize",
+        E::FacebookDeauthorize,
+    ),
     (Method::GET, "/.well-known/jwks.json", E::Jwks),
 ];
 
@@ -262,6 +268,7 @@ async fn sign_in(
         E::Me => auth.me(request).await,
         E::Link => auth.link(param, request).await,
         E::Unlink => auth.unlink(param, request).await,
+        E::FacebookDeauthorize => auth.facebook_deauthorize(request).await,
         E::Jwks => auth.jwks(),
         E::DevToken => auth.dev_token(request).await,
         _ => error_response(&ApiError::not_found()),

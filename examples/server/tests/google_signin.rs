@@ -1048,7 +1048,8 @@ async fn a_web_app_refreshes_with_the_device_cookie_its_browser_sends() {
 
 /// Two providers on one server: a Google user links Facebook, signs in with it, and
 /// unlinks it; the Facebook account then cannot sign in on its own, since its
-/// (unverified) address names an existing account.
+/// (unverified) address names an existing account. Linked again, Facebook's
+/// deauthorize callback unlinks it and ends the user's sessions.
 #[tokio::test]
 async fn a_google_user_links_and_unlinks_facebook() {
     use upcoach_testing::facebook::{FacebookStandIn, FacebookUser};
@@ -1127,13 +1128,55 @@ async fn a_google_user_links_and_unlinks_facebook() {
     assert!(unlinked.status.is_success(), "{:?}", unlinked.body);
     // Unlinked: Facebook's unverified address names an account, so the sign-in is
     // refused (sign in there, then link), neither linked back nor a second account.
-    let after = facebook_sign_in(graph.issue_token(dave)).await;
+    let after = facebook_sign_in(graph.issue_token(dave.clone())).await;
     assert_eq!(
         (after.status, after.code()),
         (StatusCode::CONFLICT, "account_exists".into()),
         "{:?}",
         after.body
     );
+
+    // Linked again, then Facebook says the person removed the app: the identity is
+    // unlinked (Google remains) and every session of the user ends.
+    let relinked = send(
+        Method::POST,
+        &server.url("/auth/link/facebook"),
+        &[("authorization", &bearer)],
+        Some(json!({"access_token": graph.issue_token(dave.clone())}).to_string()),
+    )
+    .await;
+    assert!(relinked.status.is_success(), "{:?}", relinked.body);
+    let payload =
+        URL_SAFE_NO_PAD.encode(json!({"algorithm": "HMAC-SHA256", "user_id": dave.id}).to_string());
+    let proof = upcoach_testing::facebook::appsecret_proof(APP_SECRET, &payload);
+    let signature: Vec<u8> = (0..proof.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&proof[i..i + 2], 16).unwrap())
+        .collect();
+    let form = format!(
+        "signed_request={}.{payload}",
+        URL_SAFE_NO_PAD.encode(signature)
+    );
+    let deauthorized = send(
+        Method::POST,
+        &server.url("/auth/facebook/deauthorize"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some(form),
+    )
+    .await;
+    assert_eq!(
+        deauthorized.status,
+        StatusCode::OK,
+        "{:?}",
+        deauthorized.body
+    );
+    let refreshed = server
+        .refresh_with(&google.json()["refresh_token"], &[])
+        .await;
+    assert_eq!(refreshed.code(), "refresh_token_revoked");
+    let after = facebook_sign_in(graph.issue_token(dave.clone())).await;
+    assert_eq!(after.code(), "account_exists", "unlinked by the callback");
+
     let last = send(
         Method::DELETE,
         &server.url("/auth/link/google"),
