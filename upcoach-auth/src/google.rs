@@ -146,6 +146,34 @@ pub struct GoogleProvider {
     redirect_uri: String,
 }
 
+/// At most `max` bytes of `response`'s body; more is [`Error::ProviderUnavailable`]
+/// naming `what`. Errors carry no URL (a query may hold a token).
+pub(crate) async fn read_capped(
+    response: &mut reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, Error> {
+    let too_large = || Error::ProviderUnavailable(format!("{what} is too large").into());
+    if response
+        .content_length()
+        .is_some_and(|len| len > max as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Error::ProviderUnavailable(Box::new(e.without_url())))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// An HTTP client for providers: no redirects followed (RFC 9700 §4.11), bounded time.
 pub fn provider_http_client() -> Result<reqwest::Client, Error> {
     reqwest::Client::builder()
@@ -266,24 +294,7 @@ impl GoogleProvider {
                 format!("the userinfo endpoint answered {}", response.status()).into(),
             ));
         }
-        let too_large = || unavailable("the userinfo answer is too large".into());
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_USERINFO_BYTES as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| unavailable(Box::new(e)))?
-        {
-            if body.len() + chunk.len() > MAX_USERINFO_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_capped(&mut response, MAX_USERINFO_BYTES, "the userinfo answer").await?;
         let claims: serde_json::Map<String, Value> =
             serde_json::from_slice(&body).map_err(|e| unavailable(Box::new(e)))?;
         // OIDC Core §5.3.2: values of another subject must not be used.

@@ -66,6 +66,21 @@ fn facts(platform: &str) -> ClientFacts {
     }
 }
 
+/// A native Facebook sign-in from an iOS app with `token`.
+async fn sign_in_facebook(
+    sessions: &Sessions,
+    token: String,
+) -> Result<upcoach_auth::sessions::TokenResponse, upcoach_auth::sessions::AuthError> {
+    sessions
+        .sign_in_with_token(
+            "facebook",
+            NativeCredential::AccessToken(token),
+            None,
+            &facts("ios"),
+        )
+        .await
+}
+
 fn query(url: &url::Url, name: &str) -> Option<String> {
     url.query_pairs()
         .find(|(k, _)| k == name)
@@ -177,15 +192,7 @@ async fn native_access_tokens_are_checked_with_debug_token_first() {
     let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
     let (sessions, _) = sessions(&graph).await;
     let token = graph.issue_token(alice());
-    let signed_in = sessions
-        .sign_in_with_token(
-            "facebook",
-            NativeCredential::AccessToken(token),
-            None,
-            &facts("ios"),
-        )
-        .await
-        .unwrap();
+    let signed_in = sign_in_facebook(&sessions, token).await.unwrap();
     assert!(!signed_in.access_token.is_empty());
 
     let revoked = graph.issue_token(alice());
@@ -202,15 +209,7 @@ async fn native_access_tokens_are_checked_with_debug_token_first() {
     ];
     let me_before = graph.calls("/v19.0/me");
     for (token, code) in cases {
-        let refused = sessions
-            .sign_in_with_token(
-                "facebook",
-                NativeCredential::AccessToken(token),
-                None,
-                &facts("ios"),
-            )
-            .await
-            .unwrap_err();
+        let refused = sign_in_facebook(&sessions, token).await.unwrap_err();
         assert_eq!(refused.code(), code);
     }
     assert_eq!(
@@ -356,13 +355,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
         .await
         .unwrap();
     // The same person as the classic token's: one user.
-    let classic = sessions
-        .sign_in_with_token(
-            "facebook",
-            NativeCredential::AccessToken(graph.issue_token(alice())),
-            None,
-            &facts("ios"),
-        )
+    let classic = sign_in_facebook(&sessions, graph.issue_token(alice()))
         .await
         .unwrap();
     assert_eq!(signed_in.user.id, classic.user.id);
@@ -451,13 +444,7 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
     let (sessions, events) = sessions(&graph).await;
     let sessions = Arc::new(sessions);
     let routes = AuthRoutes::new(sessions.clone());
-    let signed_in = sessions
-        .sign_in_with_token(
-            "facebook",
-            NativeCredential::AccessToken(graph.issue_token(alice())),
-            None,
-            &facts("ios"),
-        )
+    let signed_in = sign_in_facebook(&sessions, graph.issue_token(alice()))
         .await
         .unwrap();
     let payload =
@@ -529,13 +516,7 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
         .expect("no refused callback revokes anything");
 
     // The genuine one: every session ends; Facebook was the only identity, so it stays.
-    let still = sessions
-        .sign_in_with_token(
-            "facebook",
-            NativeCredential::AccessToken(graph.issue_token(alice())),
-            None,
-            &facts("ios"),
-        )
+    let still = sign_in_facebook(&sessions, graph.issue_token(alice()))
         .await
         .unwrap();
     let answer = routes
@@ -552,13 +533,7 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
         .facebook_deauthorize(form(&format!("signed_request={}", encode(&genuine))))
         .await;
     assert_eq!(again.status(), 200);
-    let back = sessions
-        .sign_in_with_token(
-            "facebook",
-            NativeCredential::AccessToken(graph.issue_token(alice())),
-            None,
-            &facts("ios"),
-        )
+    let back = sign_in_facebook(&sessions, graph.issue_token(alice()))
         .await
         .unwrap();
     assert_eq!(

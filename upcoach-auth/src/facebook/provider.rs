@@ -10,7 +10,7 @@ use url::Url;
 
 use super::{DebugToken, FacebookError, FacebookProfile, appsecret_proof};
 use crate::config::FacebookConfig;
-use crate::google::provider_http_client;
+use crate::google::{provider_http_client, read_capped};
 use crate::oidc::{IdTokenRules, IdTokenVerifier, JwksCache};
 use crate::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
@@ -208,20 +208,7 @@ impl FacebookProvider {
             .send()
             .await
             .map_err(unavailable)?;
-        let too_large = || Error::ProviderUnavailable("a Graph API answer is too large".into());
-        if response
-            .content_length()
-            .is_some_and(|len| len > MAX_GRAPH_ANSWER as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
-            if body.len() + chunk.len() > MAX_GRAPH_ANSWER {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_capped(&mut response, MAX_GRAPH_ANSWER, "a Graph API answer").await?;
         Ok((response.status(), body))
     }
 }

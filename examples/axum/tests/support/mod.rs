@@ -61,23 +61,7 @@ pub(crate) async fn start_axum_facebook(
         env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
     })
     .unwrap();
-    let limits = LimitConfig::default();
-    let app = App::new(
-        &auth,
-        HubConfig::default(),
-        &limits,
-        &Default::default(),
-        addr,
-        false,
-    )
-    .await
-    .expect("app");
-    let app = Arc::new(app);
-    let service =
-        upcoach_axum_example::router(app.clone()).into_make_service_with_connect_info::<Peer>();
-    let listener = CappedListener::new(listener, limits.connection_limits());
-    tokio::spawn(async move { axum::serve(listener, service).await });
-    (addr, app)
+    serve(listener, &auth, false, &LimitConfig::default()).await
 }
 
 /// The Facebook app of [`start_axum_facebook`].
@@ -99,8 +83,20 @@ pub(crate) async fn start_axum_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let auth = AuthConfig::from_lookup(env(addr, provider)).unwrap();
+    serve(listener, &auth, dev, limits).await
+}
+
+/// The axum example with `auth` on `listener`, behind its [`CappedListener`] as `main`
+/// serves it.
+async fn serve(
+    listener: TcpListener,
+    auth: &AuthConfig,
+    dev: bool,
+    limits: &LimitConfig,
+) -> (SocketAddr, Arc<App>) {
+    let addr = listener.local_addr().unwrap();
     let threats = Default::default();
-    let app = App::new(&auth, HubConfig::default(), limits, &threats, addr, dev)
+    let app = App::new(auth, HubConfig::default(), limits, &threats, addr, dev)
         .await
         .expect("app");
     let app = Arc::new(app);

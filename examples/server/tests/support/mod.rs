@@ -97,6 +97,22 @@ pub(crate) async fn request_headers(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Answer {
+    let (status, headers, bytes) = send(addr, build(addr, method, path, body, headers)).await;
+    Answer {
+        status,
+        headers,
+        json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+/// A request to `addr` with `headers` and, if given, a JSON body.
+fn build(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
@@ -107,15 +123,9 @@ pub(crate) async fn request_headers(
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    let request = builder
+    builder
         .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
-        .unwrap();
-    let (status, headers, bytes) = send(addr, request).await;
-    Answer {
-        status,
-        headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    }
+        .unwrap()
 }
 
 /// `GET path` with a bearer token: status, headers and raw body.
@@ -134,20 +144,12 @@ async fn raw(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (StatusCode, HeaderMap, Bytes) {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    if body.is_some() {
-        builder = builder.header("content-type", "application/json");
-    }
-    if let Some(token) = token {
-        builder = builder.header("authorization", format!("Bearer {token}"));
-    }
-    let request = builder
-        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
-        .unwrap();
-    send(addr, request).await
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    send(addr, build(addr, method, path, body, &headers)).await
 }
 
 /// Sends `request` on a new connection to `addr`: status, headers and raw body.
