@@ -344,7 +344,9 @@ fn token_safe_url(url: &Url) -> bool {
     };
     url.host().is_some()
         && url.query().is_none()
+        && url.fragment().is_none()
         && url.username().is_empty()
+        && url.password().is_none()
         && (url.scheme() == "https" || (url.scheme() == "http" && loopback))
 }
 

@@ -70,6 +70,26 @@ pub use provider::FacebookProvider;
 /// The longest `signed_request` accepted, in bytes. Facebook's are a few hundred.
 pub const MAX_SIGNED_REQUEST_LEN: usize = 8 * 1024;
 
+/// How old a callback's `signed_request` may be (by its `issued_at`) to be acted on.
+pub const SIGNED_REQUEST_MAX_AGE: Duration = Duration::from_secs(600);
+
+impl SignedRequest {
+    /// Until when this request may be acted on: [`SIGNED_REQUEST_MAX_AGE`] after it was
+    /// issued. [`FacebookError::SignedRequestStale`] without `issued_at`, when that
+    /// time has passed, or when it was issued more than a minute after `now`.
+    pub fn fresh_until(&self, now: SystemTime) -> Result<SystemTime, FacebookError> {
+        let issued = self
+            .issued_at
+            .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+            .ok_or(FacebookError::SignedRequestStale)?;
+        let until = issued + SIGNED_REQUEST_MAX_AGE;
+        if until <= now || issued > now + Duration::from_secs(60) {
+            return Err(FacebookError::SignedRequestStale);
+        }
+        Ok(until)
+    }
+}
+
 /// The one algorithm Facebook signs requests with.
 const HMAC_SHA256: &str = "HMAC-SHA256";
 
@@ -102,6 +122,10 @@ pub enum FacebookError {
     /// The payload has no `user_id`, or an empty one.
     #[error("the signed request names no user")]
     SignedRequestMissingUserId,
+    /// `issued_at` is missing, older than [`SIGNED_REQUEST_MAX_AGE`], or ahead of the
+    /// clock by more than a minute.
+    #[error("the signed request is not fresh")]
+    SignedRequestStale,
     /// The `debug_token` answer is not the expected JSON.
     #[error("the debug_token answer is not the expected JSON")]
     TokenMalformed(#[source] serde_json::Error),
@@ -140,6 +164,7 @@ impl FacebookError {
                 "signed_request_unsupported_algorithm"
             }
             FacebookError::SignedRequestMissingUserId => "signed_request_missing_user_id",
+            FacebookError::SignedRequestStale => "signed_request_stale",
             FacebookError::TokenMalformed(_) => "facebook_token_malformed",
             FacebookError::TokenInvalid { .. } => "facebook_token_invalid",
             FacebookError::TokenForeignApp => "facebook_token_foreign_app",
@@ -323,6 +348,13 @@ impl DebugToken {
         }
         if self.app_id.as_deref() != Some(app_id) {
             return Err(FacebookError::TokenForeignApp);
+        }
+        // A page or app token may name a user too; only a user's own token signs in.
+        if self.token_type.as_deref() != Some("USER") {
+            return Err(FacebookError::TokenInvalid {
+                graph_code: None,
+                graph_subcode: None,
+            });
         }
         let user_id = self
             .user_id

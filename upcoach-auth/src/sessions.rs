@@ -1175,8 +1175,11 @@ impl Sessions {
     /// unlinked, unless it is their only way to sign in (then it stays, so signing in
     /// with Facebook again finds the same account). Recorded as
     /// `provider_deauthorized` (`{"provider","unlinked","sessions_revoked"}`); a refused
-    /// request as `provider_notification_refused` with its code. Idempotent: a repeat
-    /// finds no sessions and nothing to unlink.
+    /// request as `provider_notification_refused` with its code. A request must be
+    /// fresh (`issued_at` within
+    /// [`SIGNED_REQUEST_MAX_AGE`](crate::facebook::SIGNED_REQUEST_MAX_AGE)) and is
+    /// acted on once: the same request again is answered as handled and does nothing (other requests Facebook signs with the app secret, such as the SDK's
+    /// sign-in `signedRequest`, would otherwise deauthorize whoever they name).
     pub async fn facebook_deauthorized(
         &self,
         signed_request: &str,
@@ -1186,8 +1189,11 @@ impl Sessions {
             .facebook_secret
             .as_ref()
             .ok_or(AuthError::ProviderNotConfigured(ProviderId::Facebook))?;
-        let request = match crate::facebook::SignedRequest::verify(signed_request, secret) {
-            Ok(request) => request,
+        let now = self.clock.now();
+        let verified = crate::facebook::SignedRequest::verify(signed_request, secret)
+            .and_then(|request| Ok((request.fresh_until(now)?, request)));
+        let (fresh_until, request) = match verified {
+            Ok(verified) => verified,
             Err(e) => {
                 self.record(
                     "provider_notification_refused",
@@ -1198,6 +1204,20 @@ impl Sessions {
                 return Err(e.into());
             }
         };
+        // Claimed before it is acted on, so no replay acts twice; a store failure after
+        // the claim leaves it unhandled (the error is answered, and Facebook's retry
+        // finds it claimed), which errs on the side of doing nothing.
+        let memory = fresh_until
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .saturating_add(Duration::from_secs(1));
+        if !self
+            .web
+            .claim_nonce(&format!("facebook-deauthorize:{signed_request}"), memory)
+            .await?
+        {
+            return Ok(());
+        }
         self.provider_revoked(ProviderId::Facebook, &request.user_id, facts)
             .await
     }

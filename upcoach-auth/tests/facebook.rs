@@ -447,8 +447,17 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
     let signed_in = sign_in_facebook(&sessions, graph.issue_token(alice()))
         .await
         .unwrap();
-    let payload =
-        json!({"algorithm": "HMAC-SHA256", "issued_at": 1_700_000_000, "user_id": alice().id});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let payload = json!({"algorithm": "HMAC-SHA256", "issued_at": now, "user_id": alice().id});
+    let issued = |at: u64| {
+        signed_request(
+            APP_SECRET,
+            json!({"algorithm": "HMAC-SHA256", "issued_at": at, "user_id": alice().id}),
+        )
+    };
     let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
 
     // Refused, each with its own code, and nothing revoked.
@@ -497,6 +506,29 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
             "signed_request_bad_encoding",
         ),
         ("user_id=1".to_owned(), 400, "signed_request_malformed"),
+        // Signed, but not a fresh deauthorization: an hour old, from the future, or
+        // undated (as the SDK's own sign-in requests may be).
+        (
+            format!("signed_request={}", encode(&issued(now - 3600))),
+            400,
+            "signed_request_stale",
+        ),
+        (
+            format!("signed_request={}", encode(&issued(now + 300))),
+            400,
+            "signed_request_stale",
+        ),
+        (
+            format!(
+                "signed_request={}",
+                encode(&signed_request(
+                    APP_SECRET,
+                    json!({"algorithm": "HMAC-SHA256", "user_id": alice().id}),
+                ))
+            ),
+            400,
+            "signed_request_stale",
+        ),
     ] {
         let answer = routes.facebook_deauthorize(form(&form_body)).await;
         assert_eq!(
@@ -528,7 +560,7 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
         .await
         .unwrap_err();
     assert_eq!(revoked.code(), "refresh_token_revoked");
-    // A repeat is harmless.
+    // The same request again is answered as handled and does nothing.
     let again = routes
         .facebook_deauthorize(form(&format!("signed_request={}", encode(&genuine))))
         .await;
@@ -551,9 +583,9 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
             .collect::<Vec<_>>()
     };
     let handled = of("provider_deauthorized");
-    assert_eq!(handled.len(), 2, "{rows:?}");
+    assert_eq!(handled.len(), 1, "acted on once: {rows:?}");
     // Each refused signed_request is recorded; a form without one never reached it.
-    assert_eq!(of("provider_notification_refused").len(), 5, "{rows:?}");
+    assert_eq!(of("provider_notification_refused").len(), 8, "{rows:?}");
     assert!(
         handled
             .iter()

@@ -1146,8 +1146,13 @@ async fn a_google_user_links_and_unlinks_facebook() {
     )
     .await;
     assert!(relinked.status.is_success(), "{:?}", relinked.body);
-    let payload =
-        URL_SAFE_NO_PAD.encode(json!({"algorithm": "HMAC-SHA256", "user_id": dave.id}).to_string());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let payload = URL_SAFE_NO_PAD.encode(
+        json!({"algorithm": "HMAC-SHA256", "issued_at": now, "user_id": dave.id}).to_string(),
+    );
     let proof = upcoach_testing::facebook::appsecret_proof(APP_SECRET, &payload);
     let signature: Vec<u8> = (0..proof.len())
         .step_by(2)

@@ -132,8 +132,11 @@ impl FacebookProvider {
     /// The identity behind a user access token, after `debug_token` accepted it.
     async fn identity_of(&self, access_token: &str) -> Result<VerifiedIdentity, Error> {
         let proof = appsecret_proof(self.app_token.expose(), &self.app_secret);
+        // A 4xx here is about our own app token (a wrong or rotated secret), not the
+        // user's: Facebook reports a bad user token inside the answer.
         let debug = self
             .graph(
+                false,
                 "debug_token",
                 &[
                     ("input_token", access_token),
@@ -148,6 +151,7 @@ impl FacebookProvider {
         let proof = appsecret_proof(access_token, &self.app_secret);
         let me = self
             .graph(
+                true,
                 "me",
                 &[
                     ("fields", "id,name,email"),
@@ -172,15 +176,21 @@ impl FacebookProvider {
         })
     }
 
-    /// `GET <graph>/<path>?<query>`: the answer's body when 2xx. A 4xx with an OAuth
-    /// error about the token (Graph code 190) is `facebook_token_invalid`; anything
-    /// else is unavailable.
-    async fn graph(&self, path: &str, query: &[(&str, &str)]) -> Result<Vec<u8>, Error> {
+    /// `GET <graph>/<path>?<query>`: the answer's body when 2xx. With `user_token`
+    /// (the call is made with the user's token), a 4xx with an OAuth error about the
+    /// token (Graph code 190) is `facebook_token_invalid`; anything else is
+    /// unavailable.
+    async fn graph(
+        &self,
+        user_token: bool,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Vec<u8>, Error> {
         let (status, body) = self.get(path, query).await?;
         if status.is_success() {
             return Ok(body);
         }
-        if status.is_client_error() && graph_error_code(&body) == Some(190) {
+        if user_token && status.is_client_error() && graph_error_code(&body) == Some(190) {
             return Err(Error::InvalidCredential {
                 reason: "facebook_token_invalid",
             });

@@ -200,12 +200,18 @@ impl JwksCache {
         {
             return Err(unavailable("the key set is too large".into()));
         }
-        let body = response
-            .bytes()
+        // Read a chunk at a time: an answer without a length stops at the cap.
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| unavailable(Box::new(e)))?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(unavailable("the key set is too large".into()));
+            .map_err(|e| unavailable(Box::new(e.without_url())))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(unavailable("the key set is too large".into()));
+            }
+            body.extend_from_slice(&chunk);
         }
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| unavailable(Box::new(e)))?;
         let mut keys = HashMap::new();
