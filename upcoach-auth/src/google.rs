@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use upcoach_core::Clock;
 
-use crate::oidc::{IdTokenClaims, IdTokenRules, IdTokenVerifier, JwksCache};
+use crate::oidc::{IdTokenClaims, IdTokenRules, IdTokenVerifier, JwksCache, read_capped};
 use crate::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
 };
@@ -144,34 +144,6 @@ pub struct GoogleProvider {
     userinfo_endpoint: Option<String>,
     hosted_domain: Option<String>,
     redirect_uri: String,
-}
-
-/// At most `max` bytes of `response`'s body; more is [`Error::ProviderUnavailable`]
-/// naming `what`. Errors carry no URL (a query may hold a token).
-pub(crate) async fn read_capped(
-    response: &mut reqwest::Response,
-    max: usize,
-    what: &str,
-) -> Result<Vec<u8>, Error> {
-    let too_large = || Error::ProviderUnavailable(format!("{what} is too large").into());
-    if response
-        .content_length()
-        .is_some_and(|len| len > max as u64)
-    {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| Error::ProviderUnavailable(Box::new(e.without_url())))?
-    {
-        if body.len() + chunk.len() > max {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// An HTTP client for providers: no redirects followed (RFC 9700 §4.11), bounded time.
@@ -294,7 +266,9 @@ impl GoogleProvider {
                 format!("the userinfo endpoint answered {}", response.status()).into(),
             ));
         }
-        let body = read_capped(&mut response, MAX_USERINFO_BYTES, "the userinfo answer").await?;
+        let body = read_capped(&mut response, MAX_USERINFO_BYTES, "the userinfo answer")
+            .await
+            .map_err(unavailable)?;
         let claims: serde_json::Map<String, Value> =
             serde_json::from_slice(&body).map_err(|e| unavailable(Box::new(e)))?;
         // OIDC Core §5.3.2: values of another subject must not be used.

@@ -248,7 +248,7 @@ impl HttpError for AuthError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AuthError::FlowLimiter(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            AuthError::Facebook(e) if e.code() == "signed_request_bad_signature" => {
+            AuthError::Facebook(crate::facebook::FacebookError::SignedRequestBadSignature) => {
                 StatusCode::UNAUTHORIZED
             }
             AuthError::Facebook(_) => StatusCode::BAD_REQUEST,

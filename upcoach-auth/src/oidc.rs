@@ -131,6 +131,31 @@ impl IdTokenError {
     }
 }
 
+/// At most `max` bytes of `response`'s body, read a chunk at a time, so an answer
+/// without a length stops at the cap too; more is an error naming `what`. Errors
+/// carry no URL (a query may hold a token). Every provider answer is read this way.
+pub(crate) async fn read_capped(
+    response: &mut oauth2::reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+    let too_large = || format!("{what} is too large").into();
+    if response
+        .content_length()
+        .is_some_and(|len| len > max as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.without_url())? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// What one provider's id tokens must satisfy.
 #[derive(Debug, Clone)]
 pub struct IdTokenRules {

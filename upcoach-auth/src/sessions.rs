@@ -1242,7 +1242,7 @@ impl Sessions {
         let revoked = self.refresh.revoke_user(user.id, self.clock.now()).await?;
         let unlinked = match self.users.unlink(user.id, provider).await {
             Ok(_) => true,
-            Err(e) if e.code() == "last_identity" => false,
+            Err(UserError::LastIdentity) => false,
             Err(e) => return Err(e.into()),
         };
         self.record(

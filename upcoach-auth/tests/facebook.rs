@@ -594,3 +594,35 @@ async fn a_deauthorize_callback_ends_the_users_sessions_once_its_signature_holds
         "{handled:?}"
     );
 }
+
+/// Nothing of Facebook's is reached while the service is built: a server starts with
+/// Facebook down, and only a sign-in finds out (retryably).
+#[tokio::test]
+async fn the_service_is_built_without_reaching_facebook() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let config = AuthConfig::from_lookup(|name| match name {
+        "FACEBOOK_APP_ID" => Some(APP_ID.into()),
+        "FACEBOOK_APP_SECRET" => Some(APP_SECRET.into()),
+        "FACEBOOK_GRAPH_URL" => Some(format!("http://{closed}/v19.0")),
+        "FACEBOOK_LIMITED_LOGIN_JWKS_URL" => Some(format!("http://{closed}/jwks")),
+        _ => None,
+    })
+    .unwrap();
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(SystemClock),
+    ));
+    let sessions = Sessions::builder(tokens, PUBLIC_URL)
+        .configure(&config)
+        .await
+        .expect("built with Facebook unreachable")
+        .build();
+    let down = sign_in_facebook(&sessions, "some-token".into())
+        .await
+        .unwrap_err();
+    assert_eq!(down.code(), "provider_unavailable");
+    assert!(down.is_retryable());
+}

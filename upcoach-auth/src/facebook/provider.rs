@@ -10,7 +10,8 @@ use url::Url;
 
 use super::{DebugToken, FacebookError, FacebookProfile, appsecret_proof};
 use crate::config::FacebookConfig;
-use crate::google::{provider_http_client, read_capped};
+use crate::google::provider_http_client;
+use crate::oidc::read_capped;
 use crate::oidc::{IdTokenRules, IdTokenVerifier, JwksCache};
 use crate::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
@@ -71,6 +72,8 @@ pub struct FacebookProvider {
     app_secret: Secret,
     /// `app_id|app_secret`, the app access token `debug_token` is asked with.
     app_token: Secret,
+    /// The `appsecret_proof` of `app_token`, the same for every call.
+    app_token_proof: Secret,
     graph_url: String,
     dialog_url: Url,
     redirect_uri: String,
@@ -111,10 +114,12 @@ impl FacebookProvider {
             )),
             clock.clone(),
         );
+        let app_token = format!("{}|{}", config.app_id, config.app_secret.expose());
         Ok(Self {
             app_id: config.app_id.clone(),
             app_secret: config.app_secret.clone(),
-            app_token: Secret::new(format!("{}|{}", config.app_id, config.app_secret.expose())),
+            app_token_proof: Secret::new(appsecret_proof(&app_token, &config.app_secret)),
+            app_token: Secret::new(app_token),
             graph_url: config.graph_url.trim_end_matches('/').to_owned(),
             dialog_url,
             redirect_uri: redirect_uri.to_owned(),
@@ -131,7 +136,6 @@ impl FacebookProvider {
 
     /// The identity behind a user access token, after `debug_token` accepted it.
     async fn identity_of(&self, access_token: &str) -> Result<VerifiedIdentity, Error> {
-        let proof = appsecret_proof(self.app_token.expose(), &self.app_secret);
         // A 4xx here is about our own app token (a wrong or rotated secret), not the
         // user's: Facebook reports a bad user token inside the answer.
         let debug = self
@@ -141,7 +145,7 @@ impl FacebookProvider {
                 &[
                     ("input_token", access_token),
                     ("access_token", self.app_token.expose()),
-                    ("appsecret_proof", &proof),
+                    ("appsecret_proof", self.app_token_proof.expose()),
                 ],
             )
             .await?;
@@ -218,7 +222,9 @@ impl FacebookProvider {
             .send()
             .await
             .map_err(unavailable)?;
-        let body = read_capped(&mut response, MAX_GRAPH_ANSWER, "a Graph API answer").await?;
+        let body = read_capped(&mut response, MAX_GRAPH_ANSWER, "a Graph API answer")
+            .await
+            .map_err(Error::ProviderUnavailable)?;
         Ok((response.status(), body))
     }
 }
@@ -226,11 +232,13 @@ impl FacebookProvider {
 /// A refusal of the token or profile as our error: a malformed answer is Facebook
 /// failing, the rest is the credential's fault.
 fn refused(error: FacebookError) -> Error {
-    match error.code() {
-        "facebook_token_malformed" | "facebook_profile_malformed" => {
+    match error {
+        FacebookError::TokenMalformed(_) | FacebookError::ProfileMalformed(_) => {
             Error::ProviderUnavailable(Box::new(error))
         }
-        reason => Error::InvalidCredential { reason },
+        other => Error::InvalidCredential {
+            reason: other.code(),
+        },
     }
 }
 

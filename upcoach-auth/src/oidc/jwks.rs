@@ -194,25 +194,10 @@ impl JwksCache {
             .and_then(|v| v.to_str().ok())
             .and_then(max_age_of)
             .map_or(DEFAULT_MAX_AGE, |age| age.clamp(MIN_MAX_AGE, MAX_MAX_AGE));
-        if response
-            .content_length()
-            .is_some_and(|len| len as usize > MAX_JWKS_BYTES)
-        {
-            return Err(unavailable("the key set is too large".into()));
-        }
-        // Read a chunk at a time: an answer without a length stops at the cap.
         let mut response = response;
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
+        let body = super::read_capped(&mut response, MAX_JWKS_BYTES, "the key set")
             .await
-            .map_err(|e| unavailable(Box::new(e.without_url())))?
-        {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(unavailable("the key set is too large".into()));
-            }
-            body.extend_from_slice(&chunk);
-        }
+            .map_err(unavailable)?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| unavailable(Box::new(e)))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
