@@ -24,6 +24,8 @@ use std::time::Duration;
 use base64::Engine;
 use upcoach_core::{Clock, Secret};
 
+use crate::ProviderId;
+use crate::oidc::OpenIdConfig;
 use crate::refresh::RefreshPolicy;
 use crate::session::{AccessTokens, SigningKey};
 use upcoach_core::config::{Env, Settings, parse_origin};
@@ -88,6 +90,13 @@ pub struct AuthConfig {
     pub apple: Option<AppleConfig>,
     /// `FACEBOOK_*`: Facebook Login, when any of its variables is set.
     pub facebook: Option<FacebookConfig>,
+    /// `OIDC_PROVIDERS=gitlab,keycloak` and, for each name, `OIDC_<NAME>_ISSUER`,
+    /// `OIDC_<NAME>_CLIENT_ID`, `OIDC_<NAME>_CLIENT_SECRET` (required),
+    /// `OIDC_<NAME>_SCOPES` (space- or comma-separated; default `openid email profile`),
+    /// `OIDC_<NAME>_AUDIENCES` (other client ids, comma-separated) and
+    /// `OIDC_<NAME>_TRUSTED_FOR_LINKING` (default false), where `<NAME>` is the name in
+    /// capitals with `-` as `_`: other OpenID Connect providers, each under its name.
+    pub openid: Vec<OpenIdConfig>,
 }
 
 impl Default for AuthConfig {
@@ -105,6 +114,7 @@ impl Default for AuthConfig {
             google: None,
             apple: None,
             facebook: None,
+            openid: Vec::new(),
         }
     }
 }
@@ -236,6 +246,7 @@ impl Settings for AuthConfig {
         let google = read_google(r);
         let apple = read_apple(r);
         let facebook = read_facebook(r);
+        let openid = read_openid(r);
         Self {
             public_url,
             return_to_allowlist,
@@ -246,6 +257,7 @@ impl Settings for AuthConfig {
             google: google.flatten(),
             apple: apple.flatten(),
             facebook: facebook.flatten(),
+            openid,
         }
     }
 }
@@ -299,7 +311,26 @@ pub struct AppleConfig {
     pub key_id: String,
     /// `APPLE_PRIVATE_KEY`: that key, PEM (PKCS#8); `\n` escapes are turned into newlines.
     pub private_key: Secret,
+    /// `APPLE_AUTH_URL`: where browsers sign in (default [`APPLE_AUTH_URL`]).
+    pub auth_url: String,
+    /// `APPLE_TOKEN_URL`: where codes are exchanged (default [`APPLE_TOKEN_URL`]).
+    pub token_url: String,
+    /// `APPLE_KEYS_URL`: Apple's signing keys (default [`APPLE_KEYS_URL`]), fetched on
+    /// first use.
+    pub keys_url: String,
+    /// `APPLE_ISSUER`: the `iss` of Apple's identity tokens and notifications (default
+    /// [`APPLE_ISSUER`]; tests name their stand-in's).
+    pub issuer: String,
 }
+
+/// Apple's issuer, and the audience of the client secrets we sign.
+pub const APPLE_ISSUER: &str = "https://appleid.apple.com";
+/// Apple's authorization endpoint.
+pub const APPLE_AUTH_URL: &str = "https://appleid.apple.com/auth/authorize";
+/// Apple's token endpoint.
+pub const APPLE_TOKEN_URL: &str = "https://appleid.apple.com/auth/token";
+/// Apple's public signing keys.
+pub const APPLE_KEYS_URL: &str = "https://appleid.apple.com/auth/keys";
 
 /// Facebook Login (`FACEBOOK_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,6 +398,10 @@ const APPLE_VARS: &[&str] = &[
     "APPLE_TEAM_ID",
     "APPLE_KEY_ID",
     "APPLE_PRIVATE_KEY",
+    "APPLE_AUTH_URL",
+    "APPLE_TOKEN_URL",
+    "APPLE_KEYS_URL",
+    "APPLE_ISSUER",
 ];
 const FACEBOOK_VARS: &[&str] = &[
     "FACEBOOK_APP_ID",
@@ -411,7 +446,7 @@ fn read_google(r: &mut Env<'_>) -> Option<Option<GoogleConfig>> {
                 r.invalid(
                     "GOOGLE_ISSUER_URL",
                     "an issuer URL such as https://accounts.google.com",
-                    Some(v.clone()),
+                    shown_url(&v),
                 );
                 None
             }
@@ -479,6 +514,30 @@ fn read_apple(r: &mut Env<'_>) -> Option<Option<AppleConfig>> {
                 None
             }
         });
+    let auth_url = provider_url(
+        r,
+        "APPLE_AUTH_URL",
+        APPLE_AUTH_URL,
+        "Apple's authorization endpoint, https (or http to a loopback address)",
+    );
+    let token_url = provider_url(
+        r,
+        "APPLE_TOKEN_URL",
+        APPLE_TOKEN_URL,
+        "Apple's token endpoint, https (or http to a loopback address)",
+    );
+    let keys_url = provider_url(
+        r,
+        "APPLE_KEYS_URL",
+        APPLE_KEYS_URL,
+        "Apple's key set URL, https (or http to a loopback address)",
+    );
+    let issuer = issuer_name(
+        r,
+        "APPLE_ISSUER",
+        APPLE_ISSUER,
+        "the iss of Apple's tokens, such as https://appleid.apple.com",
+    );
     if web_client_id.is_none() && mobile_client_id.is_none() {
         return Some(None);
     }
@@ -488,6 +547,10 @@ fn read_apple(r: &mut Env<'_>) -> Option<Option<AppleConfig>> {
         team_id: team_id?,
         key_id: key_id?,
         private_key: private_key?,
+        auth_url: auth_url?,
+        token_url: token_url?,
+        keys_url: keys_url?,
+        issuer: issuer?,
     }))
 }
 
@@ -509,43 +572,30 @@ fn read_facebook(r: &mut Env<'_>) -> Option<Option<FacebookConfig>> {
             }
         });
     let app_secret = r.secret("FACEBOOK_APP_SECRET", "the Facebook app secret", BECAUSE);
-    let mut url = |name: &'static str, default: &str, what: &'static str| match r.get(name) {
-        None => Some(default.to_owned()),
-        Some(v) => match Url::parse(v.trim()) {
-            Ok(url) if token_safe_url(&url) => Some(v.trim().trim_end_matches('/').to_owned()),
-            _ => {
-                r.invalid(name, what, Some(v.clone()));
-                None
-            }
-        },
-    };
-    let graph_url = url(
+    let graph_url = provider_url(
+        r,
         "FACEBOOK_GRAPH_URL",
         FACEBOOK_GRAPH_URL,
         "the Graph API with its version, https (or http to a loopback address)",
     );
-    let dialog_url = url(
+    let dialog_url = provider_url(
+        r,
         "FACEBOOK_DIALOG_URL",
         FACEBOOK_DIALOG_URL,
         "the login dialog URL, https (or http to a loopback address)",
     );
-    let limited_login_jwks_url = url(
+    let limited_login_jwks_url = provider_url(
+        r,
         "FACEBOOK_LIMITED_LOGIN_JWKS_URL",
         FACEBOOK_LIMITED_LOGIN_JWKS_URL,
         "the JWKS URL of Limited Login tokens, https (or http to a loopback address)",
     );
-    let limited_login_issuer = match r.get("FACEBOOK_LIMITED_LOGIN_ISSUER") {
-        None => Some(FACEBOOK_LIMITED_LOGIN_ISSUER.to_owned()),
-        Some(v) if !v.trim().is_empty() && v.trim().len() <= 256 => Some(v.trim().to_owned()),
-        Some(v) => {
-            r.invalid(
-                "FACEBOOK_LIMITED_LOGIN_ISSUER",
-                "the iss of Limited Login tokens, such as https://www.facebook.com",
-                Some(v.clone()),
-            );
-            None
-        }
-    };
+    let limited_login_issuer = issuer_name(
+        r,
+        "FACEBOOK_LIMITED_LOGIN_ISSUER",
+        FACEBOOK_LIMITED_LOGIN_ISSUER,
+        "the iss of Limited Login tokens, such as https://www.facebook.com",
+    );
     Some(Some(FacebookConfig {
         app_id: app_id?,
         app_secret: app_secret?,
@@ -554,6 +604,169 @@ fn read_facebook(r: &mut Env<'_>) -> Option<Option<FacebookConfig>> {
         limited_login_issuer: limited_login_issuer?,
         limited_login_jwks_url: limited_login_jwks_url?,
     }))
+}
+
+/// The most providers `OIDC_PROVIDERS` may name.
+pub const MAX_OPENID_PROVIDERS: usize = 16;
+
+/// `OIDC_PROVIDERS=gitlab,keycloak`, then for each name `OIDC_<NAME>_ISSUER`,
+/// `_CLIENT_ID`, `_CLIENT_SECRET` (required), `_SCOPES` (space- or comma-separated,
+/// default `openid email profile`), `_AUDIENCES` (other client ids, comma-separated) and
+/// `_TRUSTED_FOR_LINKING` (default false); `<NAME>` is the name in capitals with `-` as
+/// `_`.
+fn read_openid(r: &mut Env<'_>) -> Vec<OpenIdConfig> {
+    const NAMES: &str = "comma-separated provider names (lowercase letters, digits and -, \
+                         starting with a letter) other than google, apple, facebook and link";
+    let Some(names) = r.get("OIDC_PROVIDERS") else {
+        return Vec::new();
+    };
+    let mut out: Vec<OpenIdConfig> = Vec::new();
+    let mut seen: Vec<ProviderId> = Vec::new();
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let id = match name.parse::<ProviderId>() {
+            // `link` would be taken for the linking routes (`/auth/link/{provider}`).
+            Ok(id)
+                if ![ProviderId::GOOGLE, ProviderId::APPLE, ProviderId::FACEBOOK].contains(&id)
+                    && id.as_str() != "link"
+                    && !seen.contains(&id)
+                    && seen.len() < MAX_OPENID_PROVIDERS =>
+            {
+                id
+            }
+            _ => {
+                r.invalid_because(
+                    "OIDC_PROVIDERS",
+                    NAMES,
+                    Some(names.clone()),
+                    Some("each name once, at most 16, none of google, apple, facebook and link"),
+                );
+                return Vec::new();
+            }
+        };
+        seen.push(id);
+        let var = |suffix: &str| {
+            format!(
+                "OIDC_{}_{suffix}",
+                id.as_str().to_ascii_uppercase().replace('-', "_")
+            )
+        };
+        const BECAUSE: &str = "required for each provider OIDC_PROVIDERS names";
+        let issuer = match r.required(var("ISSUER"), "the provider's issuer URL", BECAUSE) {
+            None => None,
+            Some(v) => match Url::parse(v.trim()) {
+                Ok(url) if token_safe_url(&url) => Some(v.trim().trim_end_matches('/').to_owned()),
+                _ => {
+                    r.invalid(
+                        var("ISSUER"),
+                        "the issuer URL, https (or http to a loopback address), \
+                         such as https://gitlab.com",
+                        shown_url(&v),
+                    );
+                    None
+                }
+            },
+        };
+        let client_id = r.identifier(var("CLIENT_ID"), "the OAuth client id", Some(BECAUSE));
+        let client_secret = r.secret(var("CLIENT_SECRET"), "the OAuth client secret", BECAUSE);
+        let scopes = match r.get(&var("SCOPES")) {
+            None => None,
+            Some(v) => {
+                let scopes: Vec<String> = v
+                    .split([' ', ','])
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                // RFC 6749 §3.3: a scope is printable ASCII without space, `"` or `\`.
+                let valid = !scopes.is_empty()
+                    && scopes.len() <= 32
+                    && scopes.iter().all(|s| {
+                        s.len() <= 128
+                            && s.bytes()
+                                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+                    });
+                if valid {
+                    Some(scopes)
+                } else {
+                    r.invalid(
+                        var("SCOPES"),
+                        "space-separated scopes such as \"openid email profile\"",
+                        Some(v.clone()),
+                    );
+                    None
+                }
+            }
+        };
+        let mut audiences = Vec::new();
+        if let Some(v) = r.get(&var("AUDIENCES")) {
+            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                if part.len() <= 256 && part.bytes().all(|b| b.is_ascii_graphic()) {
+                    audiences.push(part.to_owned());
+                } else {
+                    r.invalid(
+                        var("AUDIENCES"),
+                        "comma-separated client ids",
+                        Some(v.clone()),
+                    );
+                    break;
+                }
+            }
+        }
+        let trusted = r.flag(var("TRUSTED_FOR_LINKING"), false);
+        let (Some(issuer), Some(client_id), Some(client_secret)) =
+            (issuer, client_id, client_secret)
+        else {
+            continue;
+        };
+        let mut config = OpenIdConfig::new(id, issuer, client_id, client_secret)
+            .other_audiences(audiences)
+            .trusted_for_linking(trusted);
+        if let Some(scopes) = scopes {
+            config = config.scopes(scopes);
+        }
+        out.push(config);
+    }
+    out
+}
+
+/// A provider endpoint from `name` (see [`token_safe_url`]), `default` when unset.
+fn provider_url(
+    r: &mut Env<'_>,
+    name: &'static str,
+    default: &str,
+    what: &'static str,
+) -> Option<String> {
+    match r.get(name) {
+        None => Some(default.to_owned()),
+        Some(v) => match Url::parse(v.trim()) {
+            Ok(url) if token_safe_url(&url) => Some(v.trim().trim_end_matches('/').to_owned()),
+            _ => {
+                r.invalid(name, what, shown_url(&v));
+                None
+            }
+        },
+    }
+}
+
+/// A refused URL as an error may show it: not at all when it may hold a password.
+fn shown_url(value: &str) -> Option<String> {
+    (!value.contains('@')).then(|| value.to_owned())
+}
+
+/// An issuer name (`iss`, compared exactly) from `name`, `default` when unset.
+fn issuer_name(
+    r: &mut Env<'_>,
+    name: &'static str,
+    default: &str,
+    what: &'static str,
+) -> Option<String> {
+    match r.get(name) {
+        None => Some(default.to_owned()),
+        Some(v) if !v.trim().is_empty() && v.trim().len() <= 256 => Some(v.trim().to_owned()),
+        Some(v) => {
+            r.invalid(name, what, Some(v.clone()));
+            None
+        }
+    }
 }
 
 /// The signing key of a base64url seed of 32 bytes.

@@ -30,6 +30,7 @@
 //! ```
 
 mod jwks;
+mod provider;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,6 +43,9 @@ use subtle::ConstantTimeEq;
 use upcoach_core::Clock;
 
 pub use jwks::JwksCache;
+pub use provider::{
+    DEFAULT_SCOPES, DISCOVERY_RETRY, Discovery, OpenIdConfig, OpenIdProvider, provider_http_client,
+};
 
 /// The default clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
@@ -268,6 +272,19 @@ impl IdTokenVerifier {
         token: &str,
         nonce: Option<&str>,
     ) -> Result<IdTokenClaims, IdTokenError> {
+        let payload = self.verified_payload(token).await?;
+        self.check_claims(payload, nonce)
+    }
+
+    /// The claims of `token` once its form and signature passed: at most
+    /// [`MAX_ID_TOKEN_LEN`] bytes, a pinned algorithm, a plain `kid` of the provider's
+    /// keys (fetched again once for an unknown one) and a signature that verifies. No
+    /// claim is looked at: a caller checks every claim it relies on (as
+    /// [`verify`](Self::verify) does for id tokens).
+    pub(crate) async fn verified_payload(
+        &self,
+        token: &str,
+    ) -> Result<serde_json::Map<String, Value>, IdTokenError> {
         if token.len() > MAX_ID_TOKEN_LEN {
             return Err(IdTokenError::Malformed);
         }
@@ -293,7 +310,7 @@ impl IdTokenVerifier {
             jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => IdTokenError::AlgorithmNotAllowed,
             _ => IdTokenError::Malformed,
         })?;
-        self.check_claims(data.claims, nonce)
+        Ok(data.claims)
     }
 
     /// The pinned algorithm and the key id, read from the header without trusting it.
@@ -410,7 +427,7 @@ impl IdTokenVerifier {
     }
 }
 
-fn string_claim<'a>(
+pub(crate) fn string_claim<'a>(
     all: &'a serde_json::Map<String, Value>,
     name: &'static str,
 ) -> Result<Option<&'a str>, IdTokenError> {
@@ -422,7 +439,7 @@ fn string_claim<'a>(
 }
 
 /// A NumericDate: a JSON number (never a string), whole seconds.
-fn number_claim(
+pub(crate) fn number_claim(
     all: &serde_json::Map<String, Value>,
     name: &'static str,
 ) -> Result<Option<u64>, IdTokenError> {

@@ -9,26 +9,84 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// A sign-in provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderId {
-    /// Google (OpenID Connect).
-    Google,
-    /// Sign in with Apple.
-    Apple,
-    /// Facebook Login.
-    Facebook,
+/// A sign-in provider's name, as in routes (`/auth/{provider}`), in the
+/// `user_identities` table and in security events: 1 to [`ProviderId::MAX_LEN`] bytes of
+/// lowercase ASCII letters, digits and `-`, starting with a letter.
+///
+/// The three providers this crate implements have constants; a generic OpenID Connect
+/// provider gets the name its configuration gives it. The name is held inline, so a
+/// `ProviderId` is `Copy` and costs no allocation.
+///
+/// ```
+/// use upcoach_auth::ProviderId;
+///
+/// let gitlab: ProviderId = "gitlab".parse()?;
+/// assert_eq!(gitlab.as_str(), "gitlab");
+/// assert_eq!("google".parse::<ProviderId>()?, ProviderId::GOOGLE);
+/// assert!("GitLab".parse::<ProviderId>().is_err());
+/// assert!("../etc".parse::<ProviderId>().is_err());
+/// # Ok::<(), upcoach_auth::Error>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProviderId {
+    len: u8,
+    bytes: [u8; ProviderId::MAX_LEN],
 }
 
 impl ProviderId {
-    /// `google`, `apple` or `facebook`, as in routes and the `user_identities` table.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderId::Google => "google",
-            ProviderId::Apple => "apple",
-            ProviderId::Facebook => "facebook",
+    /// The longest name, in bytes.
+    pub const MAX_LEN: usize = 32;
+    /// Google (OpenID Connect).
+    pub const GOOGLE: ProviderId = ProviderId::from_static("google");
+    /// Sign in with Apple.
+    pub const APPLE: ProviderId = ProviderId::from_static("apple");
+    /// Facebook Login.
+    pub const FACEBOOK: ProviderId = ProviderId::from_static("facebook");
+
+    /// The name `name`, if it is a valid provider name.
+    pub const fn new(name: &str) -> Option<Self> {
+        let src = name.as_bytes();
+        if src.is_empty() || src.len() > Self::MAX_LEN || !src[0].is_ascii_lowercase() {
+            return None;
         }
+        let mut bytes = [0u8; Self::MAX_LEN];
+        let mut i = 0;
+        while i < src.len() {
+            let b = src[i];
+            if !(b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                return None;
+            }
+            bytes[i] = b;
+            i += 1;
+        }
+        Some(Self {
+            len: src.len() as u8,
+            bytes,
+        })
+    }
+
+    /// A name known when the program is written, for constants.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid provider name; in a `const` that is a compile error.
+    pub const fn from_static(name: &'static str) -> Self {
+        match Self::new(name) {
+            Some(id) => id,
+            None => panic!("not a valid provider name"),
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (see `new`).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for ProviderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProviderId({:?})", self.as_str())
     }
 }
 
@@ -42,12 +100,22 @@ impl FromStr for ProviderId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "google" => Ok(ProviderId::Google),
-            "apple" => Ok(ProviderId::Apple),
-            "facebook" => Ok(ProviderId::Facebook),
-            _ => Err(Error::UnknownProvider),
-        }
+        Self::new(s).ok_or(Error::UnknownProvider)
+    }
+}
+
+impl Serialize for ProviderId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ProviderId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::new(&name).ok_or_else(|| {
+            serde::de::Error::invalid_value(serde::de::Unexpected::Str(&name), &"a provider name")
+        })
     }
 }
 
@@ -87,6 +155,15 @@ pub enum NativeCredential {
     },
     /// An OAuth access token (Facebook classic login).
     AccessToken(String),
+    /// An authorization code the provider gave a native app (Sign in with Apple's
+    /// `authorizationCode`), exchanged with the app's own client id, and the raw nonce
+    /// the id token it yields must carry (hashed, for Apple).
+    AuthorizationCode {
+        /// The one-time code.
+        code: String,
+        /// The raw nonce the app sent with its request.
+        nonce: Option<String>,
+    },
 }
 
 impl fmt::Debug for NativeCredential {
@@ -98,6 +175,9 @@ impl fmt::Debug for NativeCredential {
             NativeCredential::AccessToken(_) => {
                 f.write_str("NativeCredential::AccessToken([redacted])")
             }
+            NativeCredential::AuthorizationCode { .. } => {
+                f.write_str("NativeCredential::AuthorizationCode([redacted])")
+            }
         }
     }
 }
@@ -105,9 +185,10 @@ impl fmt::Debug for NativeCredential {
 /// One sign-in provider: its authorization URL, its code exchange and its native
 /// sign-in, each ending in a [`VerifiedIdentity`] only when every check passed.
 ///
-/// [`GoogleProvider`](crate::google::GoogleProvider) and
-/// [`FacebookProvider`](crate::facebook::FacebookProvider) implement it; Apple is still
-/// to come. A provider of your own looks like this:
+/// [`OpenIdProvider`](crate::oidc::OpenIdProvider) (Google and any OpenID provider),
+/// [`AppleProvider`](crate::apple::AppleProvider) and
+/// [`FacebookProvider`](crate::facebook::FacebookProvider) implement it. A provider of
+/// your own looks like this:
 ///
 /// ```
 /// use async_trait::async_trait;
@@ -120,9 +201,9 @@ impl fmt::Debug for NativeCredential {
 /// #[async_trait]
 /// impl AuthProvider for Fixture {
 ///     fn id(&self) -> ProviderId {
-///         ProviderId::Google
+///         ProviderId::GOOGLE
 ///     }
-///     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
+///     async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
 ///         let mut url = url::Url::parse("https://provider.invalid/authorize").unwrap();
 ///         url.query_pairs_mut()
 ///             .append_pair("state", &request.state)
@@ -139,7 +220,7 @@ impl fmt::Debug for NativeCredential {
 ///     async fn verify_native(&self, credential: &NativeCredential) -> Result<VerifiedIdentity, Error> {
 ///         match credential {
 ///             NativeCredential::IdToken { id_token, .. } if id_token == "fixture" => Ok(VerifiedIdentity {
-///                 provider: ProviderId::Google,
+///                 provider: ProviderId::GOOGLE,
 ///                 subject: "1".into(),
 ///                 email: None,
 ///                 email_verified: false,
@@ -162,8 +243,16 @@ pub trait AuthProvider: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// Whether the provider sends the browser back by a cross-site `POST`
+    /// (`response_mode=form_post`, as Sign in with Apple does), so the flow cookie must
+    /// be `SameSite=None; Secure` to come along. `false` (a `GET` redirect, for which
+    /// the default `SameSite=Lax` cookie comes along) unless a provider says otherwise.
+    fn cross_site_callback(&self) -> bool {
+        false
+    }
+
     /// Where to send the browser to start a sign-in.
-    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error>;
+    async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error>;
 
     /// Exchanges an authorization code (with the PKCE `verifier` kept for this flow) and
     /// verifies the identity it yields against `request`.

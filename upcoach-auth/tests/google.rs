@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use upcoach_auth::config::{AuthConfig, GoogleConfig};
 use upcoach_auth::google::GoogleProvider;
+use upcoach_auth::oidc::OpenIdConfig;
 use upcoach_auth::{AuthProvider, AuthorizationRequest};
 use upcoach_core::SystemClock;
 use upcoach_testing::OidcProvider;
@@ -28,9 +29,13 @@ async fn setup() -> Option<(OidcProvider, GoogleProvider)> {
         AuthConfig::from_lookup(|n| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()))
             .unwrap();
     let google: &GoogleConfig = config.google.as_ref().unwrap();
-    let google = GoogleProvider::discover(google, REDIRECT, Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let google = GoogleProvider::discover(
+        &OpenIdConfig::google(google),
+        REDIRECT,
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
     Some((provider, google))
 }
 
@@ -47,7 +52,7 @@ async fn code_with(
     claims: Option<&Value>,
 ) -> String {
     use base64::Engine;
-    let mut url = google.authorization_url(request).unwrap();
+    let mut url = google.authorization_url(request).await.unwrap();
     if let Some(claims) = claims {
         url.query_pairs_mut().append_pair(
             "login_hint",
@@ -144,7 +149,7 @@ async fn a_redirect_uri_other_than_the_registered_one_is_refused() {
     let mut other = request(VERIFIER);
     other.redirect_uri = "http://127.0.0.1:1/auth/google/callback/extra".into();
     assert_eq!(
-        google.authorization_url(&other).unwrap_err().code(),
+        google.authorization_url(&other).await.unwrap_err().code(),
         "redirect_uri_mismatch"
     );
 }

@@ -22,6 +22,7 @@
 //! # Ok::<(), upcoach_core::config::ConfigErrors>(())
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
 use url::Url;
@@ -168,8 +169,9 @@ impl fmt::Display for ServiceUrl {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{variable} {problem}")]
 pub struct ConfigError {
-    /// The environment variable.
-    pub variable: &'static str,
+    /// The environment variable (a name made at run time for per-provider variables
+    /// such as `OIDC_GITLAB_ISSUER`).
+    pub variable: Cow<'static, str>,
     /// What is wrong with it.
     pub problem: ConfigProblem,
 }
@@ -226,8 +228,8 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
     /// The variables that have a problem.
-    pub fn variables(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.0.iter().map(|e| e.variable)
+    pub fn variables(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().map(|e| e.variable.as_ref())
     }
 }
 
@@ -336,18 +338,25 @@ impl<'a> Env<'a> {
     }
 
     /// Records that `variable` is invalid, showing `got` (never for secrets).
-    pub fn invalid(&mut self, variable: &'static str, expected: &'static str, got: Option<String>) {
+    pub fn invalid(
+        &mut self,
+        variable: impl Into<Cow<'static, str>>,
+        expected: &'static str,
+        got: Option<String>,
+    ) {
+        let variable: Cow<'static, str> = variable.into();
         self.invalid_because(variable, expected, got, None);
     }
 
     /// Records that `variable` is invalid, and why.
     pub fn invalid_because(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         expected: &'static str,
         got: Option<String>,
         reason: Option<&'static str>,
     ) {
+        let variable: Cow<'static, str> = variable.into();
         self.errors.push(ConfigError {
             variable,
             problem: ConfigProblem::Invalid {
@@ -361,10 +370,11 @@ impl<'a> Env<'a> {
     /// Records that `variable` is required and not set.
     pub fn missing(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         expected: &'static str,
         because: &'static str,
     ) {
+        let variable: Cow<'static, str> = variable.into();
         self.errors.push(ConfigError {
             variable,
             problem: ConfigProblem::Missing { expected, because },
@@ -374,11 +384,12 @@ impl<'a> Env<'a> {
     /// The value, or a recorded problem when unset.
     pub fn required(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         expected: &'static str,
         because: &'static str,
     ) -> Option<String> {
-        let value = self.get(variable);
+        let variable: Cow<'static, str> = variable.into();
+        let value = self.get(&variable);
         if value.is_none() {
             self.missing(variable, expected, because);
         }
@@ -388,11 +399,12 @@ impl<'a> Env<'a> {
     /// A service URL with one of `schemes` (its value never repeated in errors).
     pub fn service_url(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         schemes: &[&str],
         expected: &'static str,
     ) -> Option<ServiceUrl> {
-        let value = self.get(variable)?;
+        let variable: Cow<'static, str> = variable.into();
+        let value = self.get(&variable)?;
         match ServiceUrl::parse(value.trim(), schemes) {
             Ok(url) => Some(url),
             Err(reason) => {
@@ -407,13 +419,14 @@ impl<'a> Env<'a> {
     /// `because` says why.
     pub fn identifier(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         expected: &'static str,
         because: Option<&'static str>,
     ) -> Option<String> {
+        let variable: Cow<'static, str> = variable.into();
         let value = match because {
-            Some(because) => self.required(variable, expected, because)?,
-            None => self.get(variable)?,
+            Some(because) => self.required(variable.clone(), expected, because)?,
+            None => self.get(&variable)?,
         };
         let value = value.trim().to_owned();
         if value.len() > 256 || !value.bytes().all(|b| b.is_ascii_graphic()) {
@@ -424,8 +437,9 @@ impl<'a> Env<'a> {
     }
 
     /// A boolean: true/false, 1/0, yes/no, on/off.
-    pub fn flag(&mut self, variable: &'static str, default: bool) -> bool {
-        match self.get(variable) {
+    pub fn flag(&mut self, variable: impl Into<Cow<'static, str>>, default: bool) -> bool {
+        let variable: Cow<'static, str> = variable.into();
+        match self.get(&variable) {
             None => default,
             Some(v) => match v.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" | "on" => true,
@@ -441,25 +455,29 @@ impl<'a> Env<'a> {
     /// A required secret (never shown).
     pub fn secret(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         expected: &'static str,
         because: &'static str,
     ) -> Option<Secret> {
+        let variable: Cow<'static, str> = variable.into();
         self.required(variable, expected, because).map(Secret::new)
     }
 
     /// An optional secret (never shown).
-    pub fn secret_optional(&mut self, variable: &'static str) -> Option<Secret> {
-        self.get(variable).map(|v| Secret::new(v.trim().to_owned()))
+    pub fn secret_optional(&mut self, variable: impl Into<Cow<'static, str>>) -> Option<Secret> {
+        let variable: Cow<'static, str> = variable.into();
+        self.get(&variable)
+            .map(|v| Secret::new(v.trim().to_owned()))
     }
 
     /// A socket address (`127.0.0.1:8080`, `[::]:8080`), or `default`.
     pub fn socket_addr(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         default: std::net::SocketAddr,
     ) -> std::net::SocketAddr {
-        let Some(v) = self.get(variable) else {
+        let variable: Cow<'static, str> = variable.into();
+        let Some(v) = self.get(&variable) else {
             return default;
         };
         v.trim().parse().unwrap_or_else(|_| {
@@ -475,7 +493,7 @@ impl<'a> Env<'a> {
     /// A whole number in `range` (`expected` says so in words), or `default`.
     pub fn number<T>(
         &mut self,
-        variable: &'static str,
+        variable: impl Into<Cow<'static, str>>,
         default: T,
         range: std::ops::RangeInclusive<T>,
         expected: &'static str,
@@ -483,7 +501,8 @@ impl<'a> Env<'a> {
     where
         T: std::str::FromStr + PartialOrd,
     {
-        match self.get(variable) {
+        let variable: Cow<'static, str> = variable.into();
+        match self.get(&variable) {
             None => default,
             Some(v) => match v.trim().parse::<T>() {
                 Ok(n) if range.contains(&n) => n,
@@ -496,8 +515,9 @@ impl<'a> Env<'a> {
     }
 
     /// Comma-separated origins (`scheme://host[:port]`), `*` and paths refused.
-    pub fn origins(&mut self, variable: &'static str) -> Vec<String> {
-        let Some(v) = self.get(variable) else {
+    pub fn origins(&mut self, variable: impl Into<Cow<'static, str>>) -> Vec<String> {
+        let variable: Cow<'static, str> = variable.into();
+        let Some(v) = self.get(&variable) else {
             return Vec::new();
         };
         let mut origins = Vec::new();
@@ -508,7 +528,7 @@ impl<'a> Env<'a> {
                     // An origin with credentials in it is refused, and not repeated.
                     let shown = (!part.contains('@')).then(|| part.to_owned());
                     self.invalid_because(
-                        variable,
+                        variable.clone(),
                         "comma-separated origins such as https://app.example.com",
                         shown,
                         Some(

@@ -71,7 +71,7 @@ pub enum StartError {
     /// A rate-limit rule could not be set up.
     #[error("rate limits: {0}")]
     Limits(String),
-    /// A configured sign-in provider could not be set up (its discovery failed).
+    /// A configured sign-in provider could not be set up (a bad key or URL).
     #[error("a configured sign-in provider could not be set up")]
     Provider(#[from] upcoach_auth::Error),
 }

@@ -384,3 +384,233 @@ fn secrets_never_show_in_debug_or_errors() {
             .contains("qp-secret")
     );
 }
+
+/// The variables of one generic OpenID provider `name` (`OIDC_<NAME>_*`), required ones
+/// only.
+fn openid_vars(name: &str) -> Vec<(String, String)> {
+    let prefix = format!("OIDC_{}", name.to_ascii_uppercase().replace('-', "_"));
+    vec![
+        (
+            format!("{prefix}_ISSUER"),
+            format!("https://{name}.example.com"),
+        ),
+        (format!("{prefix}_CLIENT_ID"), format!("{name}-client")),
+        (
+            format!("{prefix}_CLIENT_SECRET"),
+            format!("{name}-secret-value"),
+        ),
+    ]
+}
+
+/// `vars` as the borrowed pairs [`config`] takes.
+fn borrowed(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+#[test]
+fn openid_providers_are_read_with_every_variable() {
+    let vars = [
+        ("OIDC_PROVIDERS", " corp , my-idp "),
+        ("OIDC_CORP_ISSUER", "https://sso.corp.example/realms/staff/"),
+        ("OIDC_CORP_CLIENT_ID", "corp-web"),
+        ("OIDC_CORP_CLIENT_SECRET", "corp-secret-value"),
+        ("OIDC_CORP_SCOPES", "email,read_user  groups"),
+        ("OIDC_CORP_AUDIENCES", "corp-ios, corp-android,corp-web"),
+        ("OIDC_CORP_TRUSTED_FOR_LINKING", "yes"),
+        ("OIDC_MY_IDP_ISSUER", "http://127.0.0.1:9000"),
+        ("OIDC_MY_IDP_CLIENT_ID", "idp-web"),
+        ("OIDC_MY_IDP_CLIENT_SECRET", "idp-secret-value"),
+    ];
+    let c = config(&vars).unwrap();
+    let [corp, idp] = &c.auth.openid[..] else {
+        panic!("two providers: {:?}", c.auth.openid);
+    };
+    assert_eq!(corp.name.as_str(), "corp");
+    assert_eq!(corp.issuer_url, "https://sso.corp.example/realms/staff");
+    assert_eq!(corp.client_id, "corp-web");
+    assert_eq!(corp.client_secret.expose(), "corp-secret-value");
+    assert_eq!(corp.scopes, ["openid", "email", "read_user", "groups"]);
+    assert_eq!(
+        corp.other_audiences,
+        ["corp-ios", "corp-android", "corp-web"]
+    );
+    assert_eq!(corp.audiences(), ["corp-web", "corp-ios", "corp-android"]);
+    assert!(corp.trusted_for_linking);
+    assert!(corp.other_issuers.is_empty() && corp.hosted_domain.is_none());
+
+    assert_eq!(idp.name.as_str(), "my-idp");
+    assert_eq!(idp.issuer_url, "http://127.0.0.1:9000");
+    assert_eq!(idp.scopes, ["openid", "email", "profile"], "the default");
+    assert!(idp.other_audiences.is_empty());
+    assert!(!idp.trusted_for_linking, "not trusted unless said");
+
+    let debug = format!("{c:?} {c:#?}");
+    assert!(
+        !debug.contains("corp-secret-value") && !debug.contains("idp-secret-value"),
+        "{debug}"
+    );
+
+    // Without OIDC_PROVIDERS nothing is read, whatever OIDC_* says.
+    let c = config(&vars[1..]).unwrap();
+    assert!(c.auth.openid.is_empty());
+    let c = config(&[("OIDC_PROVIDERS", " , ")]).unwrap();
+    assert!(c.auth.openid.is_empty());
+}
+
+#[test]
+fn each_missing_openid_variable_names_itself() {
+    for missing in [
+        "OIDC_CORP_ISSUER",
+        "OIDC_CORP_CLIENT_ID",
+        "OIDC_CORP_CLIENT_SECRET",
+    ] {
+        let mut vars = openid_vars("corp");
+        vars.retain(|(k, _)| k != missing);
+        vars.push(("OIDC_PROVIDERS".into(), "corp".into()));
+        let e = only_error(&borrowed(&vars));
+        assert_eq!(e.variable, missing);
+        assert!(matches!(e.problem, ConfigProblem::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("OIDC_PROVIDERS"), "says why: {e}");
+    }
+    let errors = config(&[("OIDC_PROVIDERS", "corp")]).unwrap_err();
+    assert_eq!(
+        errors.variables().collect::<Vec<_>>(),
+        [
+            "OIDC_CORP_ISSUER",
+            "OIDC_CORP_CLIENT_ID",
+            "OIDC_CORP_CLIENT_SECRET"
+        ]
+    );
+}
+
+#[test]
+fn built_in_duplicate_invalid_and_too_many_names_are_refused() {
+    let mut corp = openid_vars("corp");
+    for names in [
+        "google",
+        "apple",
+        "facebook",
+        "corp,google",
+        "corp,corp",
+        "corp, corp ",
+        "Corp",
+        "my_idp",
+        "1corp",
+        "-corp",
+        "corp/x",
+        "abcdefghijklmnopqrstuvwxyz0123456",
+    ] {
+        corp.retain(|(k, _)| k != "OIDC_PROVIDERS");
+        corp.push(("OIDC_PROVIDERS".into(), names.into()));
+        let e = only_error(&borrowed(&corp));
+        assert_eq!(e.variable, "OIDC_PROVIDERS", "{names}");
+        assert!(
+            matches!(e.problem, ConfigProblem::Invalid { .. }),
+            "{names}: {e}"
+        );
+    }
+
+    // Sixteen at most.
+    let names: Vec<String> = (1..=17).map(|i| format!("idp{i}")).collect();
+    let mut vars: Vec<(String, String)> = names.iter().flat_map(|n| openid_vars(n)).collect();
+    vars.push(("OIDC_PROVIDERS".into(), names[..16].join(",")));
+    assert_eq!(config(&borrowed(&vars)).unwrap().auth.openid.len(), 16);
+    vars.pop();
+    vars.push(("OIDC_PROVIDERS".into(), names.join(",")));
+    let e = only_error(&borrowed(&vars));
+    assert_eq!(e.variable, "OIDC_PROVIDERS");
+}
+
+#[test]
+fn invalid_openid_values_name_their_variable() {
+    let cases: &[(&str, &str)] = &[
+        ("OIDC_CORP_SCOPES", "openid \"email\""),
+        ("OIDC_CORP_SCOPES", "openid em\\ail"),
+        ("OIDC_CORP_SCOPES", "openid e\u{e9}mail"),
+        ("OIDC_CORP_ISSUER", "http://sso.corp.example"),
+        ("OIDC_CORP_ISSUER", "http://10.0.0.5:8080"),
+        ("OIDC_CORP_ISSUER", "sso.corp.example"),
+        ("OIDC_CORP_ISSUER", "ftp://sso.corp.example"),
+        ("OIDC_CORP_ISSUER", "https://sso.corp.example/?realm=staff"),
+        ("OIDC_CORP_ISSUER", "https://sso.corp.example/#x"),
+        ("OIDC_CORP_CLIENT_ID", "has space"),
+        ("OIDC_CORP_AUDIENCES", "corp-ios, has space"),
+        ("OIDC_CORP_TRUSTED_FOR_LINKING", "maybe"),
+    ];
+    for (var, value) in cases {
+        let mut vars = openid_vars("corp");
+        vars.retain(|(k, _)| k != var);
+        vars.push(((*var).into(), (*value).into()));
+        vars.push(("OIDC_PROVIDERS".into(), "corp".into()));
+        let e = only_error(&borrowed(&vars));
+        assert_eq!(e.variable, *var, "{var}={value:?}");
+        assert!(
+            matches!(e.problem, ConfigProblem::Invalid { .. }),
+            "{var}={value:?}"
+        );
+    }
+    // https anywhere, and http to loopback (a test provider or a local IdP).
+    for issuer in [
+        "https://sso.corp.example",
+        "https://sso.corp.example:8443/realms/staff",
+        "http://127.0.0.1:9000",
+        "http://localhost:8080/realms/dev",
+        "http://[::1]:9000",
+    ] {
+        let mut vars = openid_vars("corp");
+        vars.retain(|(k, _)| k != "OIDC_CORP_ISSUER");
+        vars.push(("OIDC_CORP_ISSUER".into(), issuer.into()));
+        vars.push(("OIDC_PROVIDERS".into(), "corp".into()));
+        let c = config(&borrowed(&vars)).unwrap_or_else(|e| panic!("{issuer}: {e}"));
+        assert_eq!(c.auth.openid[0].issuer_url, issuer);
+    }
+}
+
+#[test]
+fn a_dash_in_a_provider_name_is_an_underscore_in_its_variables() {
+    let mut vars = openid_vars("my-idp");
+    assert_eq!(vars[0].0, "OIDC_MY_IDP_ISSUER");
+    vars.push(("OIDC_MY_IDP_TRUSTED_FOR_LINKING".into(), "true".into()));
+    vars.push(("OIDC_MY_IDP_SCOPES".into(), "email".into()));
+    vars.push(("OIDC_PROVIDERS".into(), "my-idp".into()));
+    let c = config(&borrowed(&vars)).unwrap();
+    let idp = &c.auth.openid[0];
+    assert_eq!(idp.name.as_str(), "my-idp");
+    assert_eq!(idp.client_id, "my-idp-client");
+    assert_eq!(idp.scopes, ["openid", "email"]);
+    assert!(idp.trusted_for_linking);
+
+    // The name as written is not read.
+    let errors = config(&[
+        ("OIDC_PROVIDERS", "my-idp"),
+        ("OIDC_MY-IDP_ISSUER", "https://idp.example.com"),
+        ("OIDC_MY-IDP_CLIENT_ID", "id"),
+        ("OIDC_MY-IDP_CLIENT_SECRET", "s"),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        errors.variables().collect::<Vec<_>>(),
+        [
+            "OIDC_MY_IDP_ISSUER",
+            "OIDC_MY_IDP_CLIENT_ID",
+            "OIDC_MY_IDP_CLIENT_SECRET"
+        ]
+    );
+}
+
+#[test]
+fn openid_secrets_never_show_in_errors() {
+    // A secret next to a broken variable, and credentials in a refused issuer URL.
+    let mut vars = openid_vars("corp");
+    vars.retain(|(k, _)| k != "OIDC_CORP_ISSUER");
+    vars.push((
+        "OIDC_CORP_ISSUER".into(),
+        "https://admin:leaky-issuer-pass@sso.corp.example".into(),
+    ));
+    vars.push(("OIDC_PROVIDERS".into(), "corp".into()));
+    let errors = config(&borrowed(&vars)).unwrap_err();
+    assert_eq!(errors.variables().collect::<Vec<_>>(), ["OIDC_CORP_ISSUER"]);
+    let shown = format!("{errors} {errors:?}");
+    assert!(!shown.contains("corp-secret-value"), "{shown}");
+    assert!(!shown.contains("leaky-issuer-pass"), "{shown}");
+}

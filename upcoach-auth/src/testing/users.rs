@@ -14,10 +14,12 @@ use std::task::Poll;
 
 use upcoach_core::{Role, UserId};
 
-use crate::users::{LinkingPolicy, SignIn, User, UserError, UserStore};
+use crate::users::{Erased, LinkingPolicy, SignIn, User, UserError, UserStore};
 use crate::{ProviderId, VerifiedIdentity};
 
-use ProviderId::{Apple, Facebook, Google};
+const APPLE: ProviderId = ProviderId::APPLE;
+const FACEBOOK: ProviderId = ProviderId::FACEBOOK;
+const GOOGLE: ProviderId = ProviderId::GOOGLE;
 
 /// Checks an empty `store` (its own schema or instance): sign-in by (provider, subject)
 /// whatever the address says, automatic linking only by a verified address from a
@@ -35,6 +37,8 @@ pub async fn user_store_conformance(store: &dyn UserStore) {
     refuses_invalid_identities(store).await;
     concurrent_first_sign_ins_make_one_user(store).await;
     concurrent_unlinks_keep_one_identity(store).await;
+    erases_identities_and_their_last_user(store).await;
+    tracks_whether_addresses_are_deliverable(store).await;
 }
 
 fn identity(
@@ -86,13 +90,13 @@ async fn refused(store: &dyn UserStore, identity: &VerifiedIdentity, policy: &Li
 async fn signs_in_by_provider_and_subject(store: &dyn UserStore) {
     assert_eq!(store.get(UserId::new()).await.unwrap(), None);
     assert_eq!(
-        store.find_by_identity(Google, "nobody").await.unwrap(),
+        store.find_by_identity(GOOGLE, "nobody").await.unwrap(),
         None
     );
 
     let grace = VerifiedIdentity {
         name: Some("Grace Hopper — グレース 🚀".into()),
-        ..verified(Google, "c-1", "Grace@Example.org")
+        ..verified(GOOGLE, "c-1", "Grace@Example.org")
     };
     let first = sign_in(store, &grace).await;
     assert!(first.created && !first.linked, "{first:?}");
@@ -101,19 +105,19 @@ async fn signs_in_by_provider_and_subject(store: &dyn UserStore) {
     assert!(user.email_verified);
     assert_eq!(user.name.as_deref(), Some("Grace Hopper — グレース 🚀"));
     assert_eq!(user.roles, [Role::USER], "a new user has role user");
-    assert_eq!(user.providers, [Google]);
+    assert_eq!(user.providers, [GOOGLE]);
     assert_eq!(store.get(user.id).await.unwrap().as_ref(), Some(&user));
     assert_eq!(
         store
-            .find_by_identity(Google, "c-1")
+            .find_by_identity(GOOGLE, "c-1")
             .await
             .unwrap()
             .as_ref(),
         Some(&user)
     );
-    assert_eq!(store.find_by_identity(Apple, "c-1").await.unwrap(), None);
+    assert_eq!(store.find_by_identity(APPLE, "c-1").await.unwrap(), None);
     assert_eq!(
-        store.find_by_identity(Google, "C-1").await.unwrap(),
+        store.find_by_identity(GOOGLE, "C-1").await.unwrap(),
         None,
         "subjects are case-sensitive"
     );
@@ -121,14 +125,14 @@ async fn signs_in_by_provider_and_subject(store: &dyn UserStore) {
     // The same identity later, with another (unverified) address: the same user.
     let again = sign_in(
         store,
-        &identity(Google, "c-1", Some("grace@elsewhere.example"), false),
+        &identity(GOOGLE, "c-1", Some("grace@elsewhere.example"), false),
     )
     .await;
     assert!(!again.created && !again.linked, "{again:?}");
     assert_eq!(again.user, user, "the user's own fields are not rewritten");
 
     // The same subject at another provider is another identity, another user.
-    let other = sign_in(store, &anonymous(Apple, "c-1")).await;
+    let other = sign_in(store, &anonymous(APPLE, "c-1")).await;
     assert!(other.created);
     assert_ne!(other.user.id, user.id);
 
@@ -138,7 +142,7 @@ async fn signs_in_by_provider_and_subject(store: &dyn UserStore) {
         ("c-3", Some(""), true),
         ("c-4", Some("nobody-else@example.org"), false),
     ] {
-        let new = sign_in(store, &identity(Google, subject, email, email_verified)).await;
+        let new = sign_in(store, &identity(GOOGLE, subject, email, email_verified)).await;
         assert!(new.created, "{subject}");
         let expected = email.filter(|e| !e.is_empty());
         assert_eq!(new.user.email.as_deref(), expected, "{subject}");
@@ -148,123 +152,123 @@ async fn signs_in_by_provider_and_subject(store: &dyn UserStore) {
 }
 
 async fn links_by_verified_address(store: &dyn UserStore) {
-    let ada = sign_in(store, &verified(Google, "l-g", "ada@link.example"))
+    let ada = sign_in(store, &verified(GOOGLE, "l-g", "ada@link.example"))
         .await
         .user;
 
     // Apple, same verified address in another case: linked.
-    let apple = sign_in(store, &verified(Apple, "l-a", "ADA@Link.Example")).await;
+    let apple = sign_in(store, &verified(APPLE, "l-a", "ADA@Link.Example")).await;
     assert!(apple.linked && !apple.created, "{apple:?}");
     assert_eq!(apple.user.id, ada.id);
-    assert_eq!(apple.user.providers, [Google, Apple], "in link order");
+    assert_eq!(apple.user.providers, [GOOGLE, APPLE], "in link order");
     assert_eq!(
         apple.user.email.as_deref(),
         Some("ada@link.example"),
         "the user keeps its address"
     );
-    let again = sign_in(store, &verified(Apple, "l-a", "ada@link.example")).await;
+    let again = sign_in(store, &verified(APPLE, "l-a", "ada@link.example")).await;
     assert!(!again.created && !again.linked);
     assert_eq!(again.user.id, ada.id);
 
     // Facebook: not trusted by default, trusted when the policy says so.
-    let facebook = verified(Facebook, "l-f", "ada@link.example");
+    let facebook = verified(FACEBOOK, "l-f", "ada@link.example");
     refused(store, &facebook, &LinkingPolicy::default()).await;
-    let trusting = LinkingPolicy::default().with(Facebook, true);
+    let trusting = LinkingPolicy::default().with(FACEBOOK, true);
     let linked = store.sign_in(&facebook, &trusting).await.unwrap();
     assert!(linked.linked);
     assert_eq!(linked.user.id, ada.id);
-    assert_eq!(linked.user.providers, [Google, Apple, Facebook]);
+    assert_eq!(linked.user.providers, [GOOGLE, APPLE, FACEBOOK]);
 
     // A user may hold the address through a linked identity only.
-    let bo = sign_in(store, &anonymous(Facebook, "l-bo")).await.user;
+    let bo = sign_in(store, &anonymous(FACEBOOK, "l-bo")).await.user;
     assert_eq!(bo.email, None);
     store
-        .link(bo.id, &verified(Apple, "l-bo-a", "Bo@Link.Example"))
+        .link(bo.id, &verified(APPLE, "l-bo-a", "Bo@Link.Example"))
         .await
         .unwrap();
-    let google = sign_in(store, &verified(Google, "l-bo-g", "bo@link.example")).await;
+    let google = sign_in(store, &verified(GOOGLE, "l-bo-g", "bo@link.example")).await;
     assert!(google.linked, "{google:?}");
     assert_eq!(google.user.id, bo.id);
-    assert_eq!(google.user.providers, [Facebook, Apple, Google]);
+    assert_eq!(google.user.providers, [FACEBOOK, APPLE, GOOGLE]);
 }
 
 async fn refuses_to_link_what_it_cannot_trust(store: &dyn UserStore) {
-    let rex = sign_in(store, &verified(Google, "r-g", "rex@refuse.example"))
+    let rex = sign_in(store, &verified(GOOGLE, "r-g", "rex@refuse.example"))
         .await
         .user;
     let default = LinkingPolicy::default();
     // The new identity's address is not verified.
     refused(
         store,
-        &identity(Apple, "r-a1", Some("rex@refuse.example"), false),
+        &identity(APPLE, "r-a1", Some("rex@refuse.example"), false),
         &default,
     )
     .await;
     // The provider is not trusted.
     refused(
         store,
-        &verified(Apple, "r-a2", "rex@refuse.example"),
+        &verified(APPLE, "r-a2", "rex@refuse.example"),
         &LinkingPolicy::none(),
     )
     .await;
     // The user has an identity of this provider already.
     refused(
         store,
-        &verified(Google, "r-g2", "rex@refuse.example"),
+        &verified(GOOGLE, "r-g2", "rex@refuse.example"),
         &default,
     )
     .await;
     assert_eq!(
         store.get(rex.id).await.unwrap().unwrap().providers,
-        [Google]
+        [GOOGLE]
     );
 
     // The existing user's address is not verified: no automatic link, whoever asks.
     let una = sign_in(
         store,
-        &identity(Google, "u-g", Some("una@unverified.example"), false),
+        &identity(GOOGLE, "u-g", Some("una@unverified.example"), false),
     )
     .await
     .user;
-    let apple = verified(Apple, "u-a", "una@unverified.example");
+    let apple = verified(APPLE, "u-a", "una@unverified.example");
     refused(store, &apple, &default).await;
     // Once Una signs in and Google says the address is verified, it is.
-    sign_in(store, &verified(Google, "u-g", "una@unverified.example")).await;
+    sign_in(store, &verified(GOOGLE, "u-g", "una@unverified.example")).await;
     let linked = sign_in(store, &apple).await;
     assert!(linked.linked, "{linked:?}");
     assert_eq!(linked.user.id, una.id);
     // A later sign-in without the address takes the verification away again: with
     // Apple unlinked, Una's own address is unverified, and Apple is refused once more.
-    sign_in(store, &anonymous(Google, "u-g")).await;
-    store.unlink(una.id, Apple).await.unwrap();
+    sign_in(store, &anonymous(GOOGLE, "u-g")).await;
+    store.unlink(una.id, APPLE).await.unwrap();
     refused(store, &apple, &default).await;
 
     // Several users have the address: never a guess.
-    let sam = sign_in(store, &anonymous(Google, "s-1")).await.user;
+    let sam = sign_in(store, &anonymous(GOOGLE, "s-1")).await.user;
     store
-        .link(sam.id, &verified(Apple, "s-1a", "sam@several.example"))
+        .link(sam.id, &verified(APPLE, "s-1a", "sam@several.example"))
         .await
         .unwrap();
-    let other = sign_in(store, &anonymous(Google, "s-2")).await.user;
+    let other = sign_in(store, &anonymous(GOOGLE, "s-2")).await.user;
     store
-        .link(other.id, &verified(Facebook, "s-2f", "SAM@several.example"))
+        .link(other.id, &verified(FACEBOOK, "s-2f", "SAM@several.example"))
         .await
         .unwrap();
     refused(
         store,
-        &verified(Google, "s-3", "sam@several.example"),
+        &verified(GOOGLE, "s-3", "sam@several.example"),
         &default,
     )
     .await;
 }
 
 async fn links_and_unlinks_explicitly(store: &dyn UserStore) {
-    let user = sign_in(store, &anonymous(Google, "e-g")).await.user;
-    let apple = identity(Apple, "e-a", Some("e@explicit.example"), false);
+    let user = sign_in(store, &anonymous(GOOGLE, "e-g")).await.user;
+    let apple = identity(APPLE, "e-a", Some("e@explicit.example"), false);
 
     let linked = store.link(user.id, &apple).await.unwrap();
     assert_eq!(linked.id, user.id);
-    assert_eq!(linked.providers, [Google, Apple]);
+    assert_eq!(linked.providers, [GOOGLE, APPLE]);
     let again = store.link(user.id, &apple).await.unwrap();
     assert_eq!(
         again, linked,
@@ -272,7 +276,7 @@ async fn links_and_unlinks_explicitly(store: &dyn UserStore) {
     );
     assert_eq!(
         store
-            .find_by_identity(Apple, "e-a")
+            .find_by_identity(APPLE, "e-a")
             .await
             .unwrap()
             .unwrap()
@@ -280,62 +284,62 @@ async fn links_and_unlinks_explicitly(store: &dyn UserStore) {
         user.id
     );
 
-    match store.link(user.id, &anonymous(Apple, "e-a2")).await {
-        Err(e @ UserError::ProviderAlreadyLinked { provider: Apple }) => {
+    match store.link(user.id, &anonymous(APPLE, "e-a2")).await {
+        Err(e @ UserError::ProviderAlreadyLinked { provider: APPLE }) => {
             assert_eq!(e.code(), "provider_already_linked");
         }
-        other => panic!("a second Apple identity: {other:?}"),
+        other => panic!("a second APPLE identity: {other:?}"),
     }
-    let stranger = sign_in(store, &anonymous(Google, "e-g2")).await.user;
+    let stranger = sign_in(store, &anonymous(GOOGLE, "e-g2")).await.user;
     match store.link(stranger.id, &apple).await {
         Err(e @ UserError::IdentityTaken) => assert_eq!(e.code(), "identity_taken"),
         other => panic!("another user's identity: {other:?}"),
     }
-    match store.link(UserId::new(), &anonymous(Facebook, "e-f")).await {
+    match store.link(UserId::new(), &anonymous(FACEBOOK, "e-f")).await {
         Err(e @ UserError::NotFound) => assert_eq!(e.code(), "user_not_found"),
         other => panic!("linking to nobody: {other:?}"),
     }
-    assert_eq!(store.find_by_identity(Facebook, "e-f").await.unwrap(), None);
+    assert_eq!(store.find_by_identity(FACEBOOK, "e-f").await.unwrap(), None);
 
-    match store.unlink(user.id, Facebook).await {
-        Err(e @ UserError::NotLinked { provider: Facebook }) => assert_eq!(e.code(), "not_linked"),
+    match store.unlink(user.id, FACEBOOK).await {
+        Err(e @ UserError::NotLinked { provider: FACEBOOK }) => assert_eq!(e.code(), "not_linked"),
         other => panic!("unlinking what is not linked: {other:?}"),
     }
-    let unlinked = store.unlink(user.id, Google).await.unwrap();
-    assert_eq!(unlinked.providers, [Apple]);
-    assert_eq!(store.find_by_identity(Google, "e-g").await.unwrap(), None);
-    match store.unlink(user.id, Apple).await {
+    let unlinked = store.unlink(user.id, GOOGLE).await.unwrap();
+    assert_eq!(unlinked.providers, [APPLE]);
+    assert_eq!(store.find_by_identity(GOOGLE, "e-g").await.unwrap(), None);
+    match store.unlink(user.id, APPLE).await {
         Err(e @ UserError::LastIdentity) => assert_eq!(e.code(), "last_identity"),
         other => panic!("unlinking the last identity: {other:?}"),
     }
     assert_eq!(
         store.get(user.id).await.unwrap().unwrap().providers,
-        [Apple]
+        [APPLE]
     );
     assert!(matches!(
-        store.unlink(UserId::new(), Google).await,
+        store.unlink(UserId::new(), GOOGLE).await,
         Err(UserError::NotFound)
     ));
 
     // The unlinked identity is free: it signs in as a new user, and is then taken.
-    let reborn = sign_in(store, &anonymous(Google, "e-g")).await;
+    let reborn = sign_in(store, &anonymous(GOOGLE, "e-g")).await;
     assert!(reborn.created);
     assert_ne!(reborn.user.id, user.id);
     assert!(matches!(
-        store.link(user.id, &anonymous(Google, "e-g")).await,
+        store.link(user.id, &anonymous(GOOGLE, "e-g")).await,
         Err(UserError::IdentityTaken)
     ));
     // Another provider links, listed last.
     let relinked = store
-        .link(user.id, &anonymous(Facebook, "e-f2"))
+        .link(user.id, &anonymous(FACEBOOK, "e-f2"))
         .await
         .unwrap();
-    assert_eq!(relinked.providers, [Apple, Facebook]);
+    assert_eq!(relinked.providers, [APPLE, FACEBOOK]);
     assert_eq!(sign_in(store, &apple).await.user.id, user.id);
 }
 
 async fn sets_roles(store: &dyn UserStore) {
-    let user = sign_in(store, &anonymous(Google, "roles-1")).await.user;
+    let user = sign_in(store, &anonymous(GOOGLE, "roles-1")).await.user;
     let lead: Role = "team-lead".parse().unwrap();
     let set = store
         .set_roles(
@@ -346,7 +350,7 @@ async fn sets_roles(store: &dyn UserStore) {
         .unwrap();
     assert_eq!(set.roles, [Role::ADMIN, lead.clone(), Role::COACH]);
     assert_eq!(store.get(user.id).await.unwrap().unwrap().roles, set.roles);
-    let again = sign_in(store, &anonymous(Google, "roles-1")).await;
+    let again = sign_in(store, &anonymous(GOOGLE, "roles-1")).await;
     assert_eq!(
         again.user.roles, set.roles,
         "a sign-in keeps the granted roles"
@@ -366,17 +370,17 @@ async fn sets_roles(store: &dyn UserStore) {
 }
 
 async fn refuses_invalid_identities(store: &dyn UserStore) {
-    let user = sign_in(store, &anonymous(Google, "bad-0")).await.user;
+    let user = sign_in(store, &anonymous(GOOGLE, "bad-0")).await.user;
     let bad = [
-        anonymous(Google, ""),
-        anonymous(Google, &"s".repeat(256)),
+        anonymous(GOOGLE, ""),
+        anonymous(GOOGLE, &"s".repeat(256)),
         VerifiedIdentity {
             name: Some("nul\0name".into()),
-            ..anonymous(Google, "bad-1")
+            ..anonymous(GOOGLE, "bad-1")
         },
-        identity(Apple, "bad-2", Some("nul\0@example.org"), true),
+        identity(APPLE, "bad-2", Some("nul\0@example.org"), true),
         identity(
-            Apple,
+            APPLE,
             "bad-3",
             Some(&format!("{}@example.org", "a".repeat(320))),
             true,
@@ -399,15 +403,15 @@ async fn refuses_invalid_identities(store: &dyn UserStore) {
     }
     assert_eq!(
         store.get(user.id).await.unwrap().unwrap().providers,
-        [Google]
+        [GOOGLE]
     );
 }
 
 async fn concurrent_first_sign_ins_make_one_user(store: &dyn UserStore) {
     let policy = LinkingPolicy::default();
     for new in [
-        verified(Google, "k-1", "kim@concurrent.example"),
-        anonymous(Google, "k-2"),
+        verified(GOOGLE, "k-1", "kim@concurrent.example"),
+        anonymous(GOOGLE, "k-2"),
     ] {
         let results = join_all((0..8).map(|_| store.sign_in(&new, &policy)).collect()).await;
         let results: Vec<SignIn> = results
@@ -421,12 +425,12 @@ async fn concurrent_first_sign_ins_make_one_user(store: &dyn UserStore) {
         );
         assert!(results.iter().all(|r| !r.linked));
         assert!(results.iter().all(|r| r.user.id == results[0].user.id));
-        assert_eq!(results[0].user.providers, [Google]);
+        assert_eq!(results[0].user.providers, [GOOGLE]);
     }
 
     // Two providers, one new verified address, at once: one user, the other linked.
-    let google = verified(Google, "k-3g", "lee@concurrent.example");
-    let apple = verified(Apple, "k-3a", "Lee@Concurrent.example");
+    let google = verified(GOOGLE, "k-3g", "lee@concurrent.example");
+    let apple = verified(APPLE, "k-3a", "Lee@Concurrent.example");
     let both = join_all(vec![
         store.sign_in(&google, &policy),
         store.sign_in(&apple, &policy),
@@ -441,14 +445,14 @@ async fn concurrent_first_sign_ins_make_one_user(store: &dyn UserStore) {
 }
 
 async fn concurrent_unlinks_keep_one_identity(store: &dyn UserStore) {
-    let user = sign_in(store, &anonymous(Google, "cu-g")).await.user;
+    let user = sign_in(store, &anonymous(GOOGLE, "cu-g")).await.user;
     store
-        .link(user.id, &anonymous(Apple, "cu-a"))
+        .link(user.id, &anonymous(APPLE, "cu-a"))
         .await
         .unwrap();
     let results = join_all(vec![
-        store.unlink(user.id, Google),
-        store.unlink(user.id, Apple),
+        store.unlink(user.id, GOOGLE),
+        store.unlink(user.id, APPLE),
     ])
     .await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
@@ -509,4 +513,107 @@ async fn provisions_users_without_identities(store: &dyn UserStore) {
         "an existing user is left unchanged"
     );
     assert_eq!(store.get(id).await.unwrap(), Some(made));
+}
+
+/// A provider's data deletion erases one identity whatever else the user has; the user
+/// goes with its last one.
+async fn erases_identities_and_their_last_user(store: &dyn UserStore) {
+    assert_eq!(
+        store.erase_identity(FACEBOOK, "e-none").await.unwrap(),
+        None
+    );
+    let eve = sign_in(store, &verified(GOOGLE, "e-g", "eve@erase.example"))
+        .await
+        .user;
+    store
+        .link(eve.id, &anonymous(FACEBOOK, "e-f"))
+        .await
+        .unwrap();
+    // Not the last: the identity goes, the user stays with Google.
+    assert_eq!(
+        store.erase_identity(FACEBOOK, "e-f").await.unwrap(),
+        Some(Erased {
+            user_id: eve.id,
+            user_deleted: false
+        })
+    );
+    assert_eq!(store.find_by_identity(FACEBOOK, "e-f").await.unwrap(), None);
+    assert_eq!(
+        store.get(eve.id).await.unwrap().unwrap().providers,
+        [GOOGLE]
+    );
+    assert_eq!(
+        store.erase_identity(FACEBOOK, "e-f").await.unwrap(),
+        None,
+        "once"
+    );
+    // The last: the user goes too, and a new sign-in of that identity makes a new user.
+    assert_eq!(
+        store.erase_identity(GOOGLE, "e-g").await.unwrap(),
+        Some(Erased {
+            user_id: eve.id,
+            user_deleted: true
+        })
+    );
+    assert_eq!(store.get(eve.id).await.unwrap(), None);
+    let again = sign_in(store, &verified(GOOGLE, "e-g", "eve@erase.example")).await;
+    assert!(again.created && again.user.id != eve.id);
+    // Another provider's identity with the same subject is another identity.
+    assert_eq!(store.erase_identity(APPLE, "e-g").await.unwrap(), None);
+    assert!(
+        store
+            .find_by_identity(GOOGLE, "e-g")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// Apple's private relay can be turned off and on; a new identity's address is
+/// deliverable.
+async fn tracks_whether_addresses_are_deliverable(store: &dyn UserStore) {
+    let ria = sign_in(store, &verified(APPLE, "d-a", "ria@privaterelay.example"))
+        .await
+        .user;
+    assert_eq!(
+        store.email_deliverable(APPLE, "d-a").await.unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        store
+            .set_email_deliverable(APPLE, "d-a", false)
+            .await
+            .unwrap(),
+        Some(ria.id)
+    );
+    assert_eq!(
+        store.email_deliverable(APPLE, "d-a").await.unwrap(),
+        Some(false)
+    );
+    // A sign-in does not undo it: only the provider's notice does.
+    sign_in(store, &verified(APPLE, "d-a", "ria@privaterelay.example")).await;
+    assert_eq!(
+        store.email_deliverable(APPLE, "d-a").await.unwrap(),
+        Some(false)
+    );
+    store
+        .set_email_deliverable(APPLE, "d-a", true)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.email_deliverable(APPLE, "d-a").await.unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        store
+            .set_email_deliverable(APPLE, "d-none", false)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.email_deliverable(APPLE, "d-none").await.unwrap(),
+        None
+    );
+    assert_eq!(store.email_deliverable(GOOGLE, "d-a").await.unwrap(), None);
 }

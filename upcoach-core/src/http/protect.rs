@@ -465,7 +465,7 @@ impl Settings for LimitConfig {
             match parse_quota(&value) {
                 Some(quota) => config.quotas[i].1 = quota,
                 None => env.invalid(
-                    variable,
+                    *variable,
                     "<limit>/<window> such as 30/1m or 5/10s, or off",
                     Some(value),
                 ),
