@@ -24,6 +24,7 @@ async fn migrations_apply_twice_and_create_every_table_and_index() {
         tables,
         [
             "_sqlx_migrations",
+            "data_deletion_requests",
             "refresh_families",
             "refresh_tokens",
             "security_events",
@@ -58,6 +59,8 @@ async fn migrations_apply_twice_and_create_every_table_and_index() {
         "idx_refresh_tokens_parent_hash",
         "user_identities_user_provider_key",
         "idx_user_identities_email",
+        "data_deletion_requests_subject_hash_key",
+        "idx_data_deletion_requests_requested_at",
     ] {
         assert!(
             indexes.iter().any(|i| i == expected),

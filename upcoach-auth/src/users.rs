@@ -44,16 +44,16 @@
 //!     expires_at: None,
 //! };
 //!
-//! let first = store.sign_in(&identity(ProviderId::Google, "g-1"), &policy).await?;
+//! let first = store.sign_in(&identity(ProviderId::GOOGLE, "g-1"), &policy).await?;
 //! assert!(first.created);
 //!
 //! // Apple, same verified address: linked to the same user.
-//! let apple = store.sign_in(&identity(ProviderId::Apple, "a-1"), &policy).await?;
+//! let apple = store.sign_in(&identity(ProviderId::APPLE, "a-1"), &policy).await?;
 //! assert!(apple.linked && apple.user.id == first.user.id);
-//! assert_eq!(apple.user.providers, [ProviderId::Google, ProviderId::Apple]);
+//! assert_eq!(apple.user.providers, [ProviderId::GOOGLE, ProviderId::APPLE]);
 //!
 //! // Facebook, same address: refused until the user links it while signed in.
-//! let facebook = identity(ProviderId::Facebook, "f-1");
+//! let facebook = identity(ProviderId::FACEBOOK, "f-1");
 //! let refused = store.sign_in(&facebook, &policy).await.unwrap_err();
 //! assert_eq!(refused.code(), "account_exists");
 //! let user = store.link(first.user.id, &facebook).await?;
@@ -106,6 +106,15 @@ pub struct User {
     pub providers: Vec<ProviderId>,
 }
 
+/// What [`UserStore::erase_identity`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// The user the identity belonged to.
+    pub user_id: UserId,
+    /// The identity was the user's last, so the user was removed too.
+    pub user_deleted: bool,
+}
+
 /// What [`UserStore::sign_in`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignIn {
@@ -129,9 +138,9 @@ pub struct SignIn {
 /// use upcoach_auth::users::LinkingPolicy;
 ///
 /// let policy: LinkingPolicy = "google".parse()?;
-/// assert!(policy.trusts(ProviderId::Google) && !policy.trusts(ProviderId::Apple));
-/// assert!(LinkingPolicy::default().trusts(ProviderId::Apple));
-/// assert!(!LinkingPolicy::none().trusts(ProviderId::Google));
+/// assert!(policy.trusts(ProviderId::GOOGLE) && !policy.trusts(ProviderId::APPLE));
+/// assert!(LinkingPolicy::default().trusts(ProviderId::APPLE));
+/// assert!(!LinkingPolicy::none().trusts(ProviderId::GOOGLE));
 /// # Ok::<(), upcoach_auth::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,8 +175,8 @@ impl LinkingPolicy {
 impl Default for LinkingPolicy {
     fn default() -> Self {
         Self::none()
-            .with(ProviderId::Google, true)
-            .with(ProviderId::Apple, true)
+            .with(ProviderId::GOOGLE, true)
+            .with(ProviderId::APPLE, true)
     }
 }
 
@@ -175,7 +184,7 @@ impl FromStr for LinkingPolicy {
     type Err = crate::Error;
 
     /// The trusted providers, comma-separated (`google,apple`); blanks around names are
-    /// ignored, an unknown name is an error.
+    /// ignored, a name that is not a provider name is an error.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut policy = Self::none();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -353,6 +362,34 @@ pub trait UserStore: fmt::Debug + Send + Sync + 'static {
     /// none, [`UserError::LastIdentity`] when it is the only one left.
     async fn unlink(&self, user_id: UserId, provider: ProviderId) -> Result<User, UserError>;
 
+    /// Removes `provider`'s identity `subject` whatever else its user has (a person
+    /// asked the provider to have their data deleted); when it was the user's last way
+    /// to sign in, the user goes too, with everything of theirs. `None` when no such
+    /// identity exists.
+    async fn erase_identity(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<Erased>, UserError>;
+
+    /// Marks the address of `provider`'s identity `subject` as deliverable or not (Sign
+    /// in with Apple's private relay turned on or off); returns its user, `None` when no
+    /// such identity exists. A new identity's address is deliverable.
+    async fn set_email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+        deliverable: bool,
+    ) -> Result<Option<UserId>, UserError>;
+
+    /// Whether the address of `provider`'s identity `subject` is deliverable; `None` when
+    /// no such identity exists.
+    async fn email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<bool>, UserError>;
+
     /// Replaces the user's roles (repeats are dropped, the order kept).
     async fn set_roles(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError>;
 
@@ -375,7 +412,7 @@ mod tests {
             email_verified: true,
             name: None,
             roles: vec![Role::USER, Role::COACH],
-            providers: vec![ProviderId::Google, ProviderId::Apple],
+            providers: vec![ProviderId::GOOGLE, ProviderId::APPLE],
         };
         assert_eq!(
             serde_json::to_value(&user).unwrap(),
@@ -393,19 +430,19 @@ mod tests {
     #[test]
     fn policy_parses_and_defaults() {
         let default = LinkingPolicy::default();
-        assert!(default.trusts(ProviderId::Google));
-        assert!(default.trusts(ProviderId::Apple));
-        assert!(!default.trusts(ProviderId::Facebook));
+        assert!(default.trusts(ProviderId::GOOGLE));
+        assert!(default.trusts(ProviderId::APPLE));
+        assert!(!default.trusts(ProviderId::FACEBOOK));
         let parsed: LinkingPolicy = " facebook , google ,".parse().unwrap();
-        assert!(parsed.trusts(ProviderId::Facebook) && !parsed.trusts(ProviderId::Apple));
+        assert!(parsed.trusts(ProviderId::FACEBOOK) && !parsed.trusts(ProviderId::APPLE));
         assert_eq!("".parse::<LinkingPolicy>().unwrap(), LinkingPolicy::none());
-        assert!("google,github".parse::<LinkingPolicy>().is_err());
+        assert!("google,Git Hub".parse::<LinkingPolicy>().is_err());
     }
 
     #[test]
     fn identities_are_checked() {
         let ok = VerifiedIdentity {
-            provider: ProviderId::Google,
+            provider: ProviderId::GOOGLE,
             subject: "1".into(),
             email: None,
             email_verified: false,

@@ -49,13 +49,13 @@ async fn postgres_store_conforms() {
 async fn racing_first_sign_ins(store: Arc<dyn UserStore>) {
     for round in 0..5 {
         let kim = identity(
-            ProviderId::Google,
+            ProviderId::GOOGLE,
             &format!("kim-{round}"),
             Some(&format!("kim-{round}@race.example")),
         );
-        let anon = identity(ProviderId::Google, &format!("anon-{round}"), None);
+        let anon = identity(ProviderId::GOOGLE, &format!("anon-{round}"), None);
         let kim_apple = identity(
-            ProviderId::Apple,
+            ProviderId::APPLE,
             &format!("kim-apple-{round}"),
             Some(&format!("KIM-{round}@race.example")),
         );
@@ -123,7 +123,7 @@ async fn postgres_reports_data_it_did_not_write_as_corrupt() {
     };
     let user = store
         .sign_in(
-            &identity(ProviderId::Google, "g", None),
+            &identity(ProviderId::GOOGLE, "g", None),
             &LinkingPolicy::default(),
         )
         .await
@@ -146,7 +146,7 @@ async fn postgres_enforces_one_identity_per_provider_per_user() {
     };
     let user = store
         .sign_in(
-            &identity(ProviderId::Google, "g-1", None),
+            &identity(ProviderId::GOOGLE, "g-1", None),
             &LinkingPolicy::default(),
         )
         .await
@@ -188,7 +188,7 @@ async fn postgres_outage_is_a_retryable_error_and_passes() {
     .await
     .unwrap();
     let store = PgUserStore::new(upcoach_core::postgres::MeteredPool::new(pool));
-    let ada = identity(ProviderId::Google, "ada", Some("ada@outage.example"));
+    let ada = identity(ProviderId::GOOGLE, "ada", Some("ada@outage.example"));
     let policy = LinkingPolicy::default();
     let user = store.sign_in(&ada, &policy).await.unwrap().user;
 

@@ -13,8 +13,9 @@ use crate::config::ServiceUrl;
 
 /// The project's migrations, embedded at compile time from `upcoach-core/migrations`.
 ///
-/// They create `users`, `user_identities`, `refresh_tokens`, `security_events`,
-/// `websocket_events` and `system_alerts` in the first schema of the connection's
+/// They create `users`, `user_identities`, `refresh_families`, `refresh_tokens`,
+/// `data_deletion_requests`, `security_events`, `websocket_events` and `system_alerts`
+/// in the first schema of the connection's
 /// `search_path`; running them again is a no-op.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use upcoach_core::{Role, UserId};
 
 use super::{
-    LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles, email_of,
+    Erased, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles,
+    email_of,
 };
 use crate::{ProviderId, VerifiedIdentity};
 
@@ -57,6 +58,7 @@ struct IdentityRecord {
     user_id: UserId,
     email: Option<String>,
     email_verified: bool,
+    email_deliverable: bool,
 }
 
 impl IdentityRecord {
@@ -116,6 +118,7 @@ impl State {
             user_id,
             email: None,
             email_verified: false,
+            email_deliverable: true,
         };
         record.refresh(identity);
         if let Some(user) = self.users.get_mut(&user_id) {
@@ -257,6 +260,61 @@ impl UserStore for MemoryUserStore {
         let key = user.identities.remove(at);
         state.identities.remove(&key);
         state.view_existing(user_id)
+    }
+
+    async fn erase_identity(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<Erased>, UserError> {
+        let mut state = self.lock();
+        let key = (provider, subject.to_owned());
+        let Some(identity) = state.identities.remove(&key) else {
+            return Ok(None);
+        };
+        let user_id = identity.user_id;
+        let user_deleted = match state.users.get_mut(&user_id) {
+            Some(user) => {
+                user.identities.retain(|k| *k != key);
+                user.identities.is_empty()
+            }
+            None => true,
+        };
+        if user_deleted {
+            state.users.remove(&user_id);
+        }
+        Ok(Some(Erased {
+            user_id,
+            user_deleted,
+        }))
+    }
+
+    async fn set_email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+        deliverable: bool,
+    ) -> Result<Option<UserId>, UserError> {
+        let mut state = self.lock();
+        Ok(state
+            .identities
+            .get_mut(&(provider, subject.to_owned()))
+            .map(|identity| {
+                identity.email_deliverable = deliverable;
+                identity.user_id
+            }))
+    }
+
+    async fn email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<bool>, UserError> {
+        let state = self.lock();
+        Ok(state
+            .identities
+            .get(&(provider, subject.to_owned()))
+            .map(|identity| identity.email_deliverable))
     }
 
     async fn set_roles(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {

@@ -8,7 +8,8 @@ use upcoach_core::{Role, UserId};
 use uuid::Uuid;
 
 use super::{
-    LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles, email_of,
+    Erased, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles,
+    email_of,
 };
 use crate::{ProviderId, VerifiedIdentity};
 
@@ -446,6 +447,95 @@ impl UserStore for PgUserStore {
         let user = load(&mut *tx, id).await?.ok_or(UserError::NotFound)?;
         tx.commit().await.map_err(backend)?;
         Ok(user)
+    }
+
+    async fn erase_identity(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<Erased>, UserError> {
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let mut tx = conn.begin().await.map_err(backend)?;
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "SELECT user_id FROM user_identities WHERE provider = $1 AND subject = $2",
+        )
+        .bind(provider.as_str())
+        .bind(subject)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(id) = owner else {
+            return Ok(None);
+        };
+        // The user's row is locked first, as linking and unlinking do, so the count
+        // below cannot race another change of this user's identities.
+        lock_user(&mut tx, id).await?;
+        let deleted = sqlx::query(
+            "DELETE FROM user_identities WHERE provider = $1 AND subject = $2 AND user_id = $3",
+        )
+        .bind(provider.as_str())
+        .bind(subject)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if deleted.rows_affected() == 0 {
+            // Erased or moved meanwhile: nothing of this identity is left to erase.
+            return Ok(None);
+        }
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM user_identities WHERE user_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+        if left == 0 {
+            // Refresh families and the rest go with it (ON DELETE CASCADE).
+            sqlx::query("DELETE FROM users WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Some(Erased {
+            user_id: UserId::from_uuid(id),
+            user_deleted: left == 0,
+        }))
+    }
+
+    async fn set_email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+        deliverable: bool,
+    ) -> Result<Option<UserId>, UserError> {
+        let owner: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE user_identities SET email_deliverable = $3 \
+             WHERE provider = $1 AND subject = $2 RETURNING user_id",
+        )
+        .bind(provider.as_str())
+        .bind(subject)
+        .bind(deliverable)
+        .fetch_optional(&mut *self.pool.acquire().await.map_err(backend)?)
+        .await
+        .map_err(backend)?;
+        Ok(owner.map(UserId::from_uuid))
+    }
+
+    async fn email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<bool>, UserError> {
+        sqlx::query_scalar(
+            "SELECT email_deliverable FROM user_identities WHERE provider = $1 AND subject = $2",
+        )
+        .bind(provider.as_str())
+        .bind(subject)
+        .fetch_optional(&mut *self.pool.acquire().await.map_err(backend)?)
+        .await
+        .map_err(backend)
     }
 
     async fn set_roles(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
