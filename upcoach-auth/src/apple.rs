@@ -1,4 +1,5 @@
-//! Sign in with Apple: the parts that need no network, each testable on its own.
+//! Sign in with Apple: [`AppleProvider`] (web and native sign-in, server-to-server
+//! notifications), and the parts that need no network, each testable on its own.
 //!
 //! - [`ClientSecretSigner`]: Apple's token endpoint takes as client secret an ES256 JWT
 //!   signed with the team's Sign in with Apple key (`APPLE_TEAM_ID`, `APPLE_KEY_ID`,
@@ -13,9 +14,10 @@
 //!   or on, consent revoked, account deleted), read from the claims of a verified
 //!   notification JWT, with an idempotency key.
 //!
-//! Nothing here fetches keys or checks signatures: id tokens and notification JWTs go
-//! through an [`IdTokenVerifier`](crate::oidc::IdTokenVerifier) first, and these
-//! functions read the claims it returns.
+//! These parts fetch no keys and check no signatures: [`AppleProvider`] verifies id
+//! tokens and notification JWTs with Apple's keys first (an
+//! [`IdTokenVerifier`](crate::oidc::IdTokenVerifier)), and these functions read the
+//! claims it returns.
 //!
 //! ```
 //! use serde_json::json;
@@ -69,6 +71,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::AppleConfig;
+use crate::oidc::IdTokenError;
+
+mod provider;
+
+pub use provider::{AppleClient, AppleProvider, AppleSignIn};
 
 /// Apple's issuer: the `iss` of its id tokens and the `aud` of every client secret.
 pub const APPLE_ISSUER: &str = "https://appleid.apple.com";
@@ -160,6 +167,26 @@ pub enum AppleError {
         /// The type Apple sent, cut to 64 bytes.
         kind: String,
     },
+    /// The notification JWT is not signed by Apple: not RS256, no or an unknown key id
+    /// (after fetching Apple's keys again), or a signature that does not verify.
+    #[error("the Apple notification's signature is invalid")]
+    NotificationBadSignature(#[source] IdTokenError),
+    /// The notification's `iss` is not Apple's.
+    #[error("the Apple notification was issued by someone else")]
+    NotificationWrongIssuer,
+    /// The notification's `aud` names none of our client ids.
+    #[error("the Apple notification is not for this application")]
+    NotificationWrongAudience,
+    /// The notification's `exp` is past (beyond the leeway).
+    #[error("the Apple notification has expired")]
+    NotificationExpired,
+    /// The notification's `iat` (or `nbf`) is in the future (beyond the leeway).
+    #[error("the Apple notification is not valid yet")]
+    NotificationNotYetValid,
+    /// Apple's signing keys could not be fetched (and none were cached): worth
+    /// retrying.
+    #[error("Apple's signing keys are unavailable")]
+    KeysUnavailable(#[source] IdTokenError),
 }
 
 impl AppleError {
@@ -177,13 +204,19 @@ impl AppleError {
             AppleError::NotificationMalformed { .. } => "apple_notification_malformed",
             AppleError::NotificationTooLarge => "apple_notification_too_large",
             AppleError::UnknownEvent { .. } => "apple_notification_unknown_event",
+            AppleError::NotificationBadSignature(_) => "apple_notification_bad_signature",
+            AppleError::NotificationWrongIssuer => "apple_notification_wrong_issuer",
+            AppleError::NotificationWrongAudience => "apple_notification_wrong_audience",
+            AppleError::NotificationExpired => "apple_notification_expired",
+            AppleError::NotificationNotYetValid => "apple_notification_not_yet_valid",
+            AppleError::KeysUnavailable(_) => "apple_keys_unavailable",
         }
     }
 
-    /// Whether trying again later could succeed: never, since every check here is on
-    /// the input alone.
+    /// Whether trying again later could succeed: only when Apple's keys could not be
+    /// fetched; every other check is on the input alone.
     pub fn is_retryable(&self) -> bool {
-        false
+        matches!(self, AppleError::KeysUnavailable(_))
     }
 }
 

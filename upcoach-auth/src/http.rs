@@ -252,6 +252,15 @@ impl HttpError for AuthError {
                 StatusCode::UNAUTHORIZED
             }
             AuthError::Facebook(_) => StatusCode::BAD_REQUEST,
+            AuthError::Apple(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Apple(crate::apple::AppleError::NotificationBadSignature(_)) => {
+                StatusCode::UNAUTHORIZED
+            }
+            AuthError::Apple(_) => StatusCode::BAD_REQUEST,
+            AuthError::NotificationReplayed => StatusCode::CONFLICT,
+            AuthError::Deletion(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Deletion(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AuthError::DeletionRequestNotFound => StatusCode::NOT_FOUND,
         }
     }
     fn code(&self) -> &'static str {
@@ -406,6 +415,9 @@ struct RawNativeBody {
     nonce: Option<String>,
     #[serde(default)]
     access_token: Option<String>,
+    /// A native app's authorization code (Sign in with Apple's `authorizationCode`).
+    #[serde(default)]
+    code: Option<String>,
     #[serde(default)]
     platform: Option<String>,
     /// The device, as `X-Device-Id` gives it (sign-in only; linking ignores it).
@@ -420,11 +432,12 @@ impl TryFrom<RawNativeBody> for NativeBody {
     type Error = &'static str;
 
     fn try_from(raw: RawNativeBody) -> Result<Self, Self::Error> {
-        let credential = match (raw.id_token, raw.access_token, raw.nonce) {
-            (Some(id_token), None, nonce) => NativeCredential::IdToken { id_token, nonce },
-            (None, Some(token), None) => NativeCredential::AccessToken(token),
-            (None, Some(_), Some(_)) => return Err("an access_token takes no nonce"),
-            _ => return Err("expected exactly one of id_token and access_token"),
+        let credential = match (raw.id_token, raw.access_token, raw.code, raw.nonce) {
+            (Some(id_token), None, None, nonce) => NativeCredential::IdToken { id_token, nonce },
+            (None, Some(token), None, None) => NativeCredential::AccessToken(token),
+            (None, Some(_), None, Some(_)) => return Err("an access_token takes no nonce"),
+            (None, None, Some(code), nonce) => NativeCredential::AuthorizationCode { code, nonce },
+            _ => return Err("expected exactly one of id_token, access_token and code"),
         };
         Ok(Self {
             credential,
@@ -551,15 +564,27 @@ impl AuthRoutes {
 
     /// A `Set-Cookie` of `cookie`: `HttpOnly`, `SameSite=Lax`; behind https `Secure` on
     /// `/` with the `__Host-` prefix, else on `/auth` (the callback, the login-code
-    /// exchange and the refresh).
-    fn set_cookie(&self, cookie: BrowserCookie, value: &str, max_age: u64) -> Option<HeaderValue> {
-        let attributes = if self.secure_cookie {
+    /// exchange and the refresh). A `cross_site` one (the flow cookie of a provider that
+    /// comes back by a cross-site `POST`) is `SameSite=None; Secure` instead, on plain
+    /// http too (browsers keep `Secure` cookies from `http://localhost` only, so such a
+    /// sign-in needs https or localhost).
+    fn set_cookie(
+        &self,
+        cookie: BrowserCookie,
+        value: &str,
+        max_age: u64,
+        cross_site: bool,
+    ) -> Option<HeaderValue> {
+        let path = if self.secure_cookie {
             "Path=/; Secure"
+        } else if cross_site {
+            "Path=/auth; Secure"
         } else {
             "Path=/auth"
         };
+        let same_site = if cross_site { "None" } else { "Lax" };
         HeaderValue::from_str(&format!(
-            "{}={value}; {attributes}; Max-Age={max_age}; HttpOnly; SameSite=Lax",
+            "{}={value}; {path}; Max-Age={max_age}; HttpOnly; SameSite={same_site}",
             self.cookie_name(cookie)
         ))
         .ok()
@@ -570,14 +595,20 @@ impl AuthRoutes {
         self.cookie_name(FLOW)
     }
 
-    /// The flow cookie, or (empty, `max_age` 0) its removal.
-    fn flow_cookie(&self, value: &str, max_age: u64) -> Option<HeaderValue> {
-        self.set_cookie(FLOW, value, max_age)
+    /// The flow cookie, or (empty, `max_age` 0) its removal; `cross_site` for a
+    /// provider that comes back by a cross-site `POST`.
+    fn flow_cookie(&self, value: &str, max_age: u64, cross_site: bool) -> Option<HeaderValue> {
+        self.set_cookie(FLOW, value, max_age, cross_site)
     }
 
     /// The device cookie carrying `device`, for [`DEVICE_COOKIE_MAX_AGE`].
     fn device_cookie(&self, device: &DeviceId) -> Option<HeaderValue> {
-        self.set_cookie(DEVICE, device.expose(), DEVICE_COOKIE_MAX_AGE.as_secs())
+        self.set_cookie(
+            DEVICE,
+            device.expose(),
+            DEVICE_COOKIE_MAX_AGE.as_secs(),
+            false,
+        )
     }
 
     /// The device id of the request's device cookie: none if it has none, two, or one
@@ -599,7 +630,7 @@ impl AuthRoutes {
     /// set as the device cookie, so the browser's refreshes carry it.
     fn signed_in_browser(&self, tokens: &TokenResponse) -> Answer {
         let mut response = json_response(StatusCode::OK, tokens);
-        if let Some(clear) = self.flow_cookie("", 0) {
+        if let Some(clear) = self.flow_cookie("", 0, false) {
             response.headers_mut().insert(header::SET_COOKIE, clear);
         }
         let generated = tokens.device_id.as_deref().map(DeviceId::parse);
@@ -639,7 +670,11 @@ impl AuthRoutes {
         };
         let (Ok(location), Some(cookie)) = (
             HeaderValue::from_str(started.redirect.as_str()),
-            self.flow_cookie(&started.browser_cookie, FLOW_TTL.as_secs()),
+            self.flow_cookie(
+                &started.browser_cookie,
+                FLOW_TTL.as_secs(),
+                started.cross_site,
+            ),
         ) else {
             return fail(&ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -929,6 +964,87 @@ impl AuthRoutes {
         }
     }
 
+    /// `POST /auth/facebook/data-deletion` (form `signed_request`, from Facebook): see
+    /// [`Sessions::facebook_data_deletion`]. 200 `{"url","confirmation_code"}` as
+    /// Facebook expects, `url` being this request's status page; 400/401 as for the
+    /// deauthorize callback, 404 when Facebook is not configured.
+    pub async fn facebook_data_deletion<B>(&self, request: Request<B>) -> Answer
+    where
+        B: http_body::Body,
+        B::Error: Into<BoxError>,
+    {
+        let facts = client_facts(request.headers(), request.extensions());
+        let signed_request = match signed_request_of(request).await {
+            Ok(signed_request) => signed_request,
+            Err(e) => return fail(&e),
+        };
+        match self
+            .sessions
+            .facebook_data_deletion(&signed_request, &facts)
+            .await
+        {
+            Ok(deletion) => {
+                let code = deletion.code.as_str();
+                let url = format!(
+                    "{}/auth/facebook/data-deletion/{code}",
+                    self.sessions.public_url()
+                );
+                no_store(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"url": url, "confirmation_code": code}),
+                ))
+            }
+            Err(e) => fail(&e),
+        }
+    }
+
+    /// `GET /auth/facebook/data-deletion/{code}`: the status of a data-deletion request,
+    /// `{"confirmation_code","provider","status","outcome","requested_at","completed_at"}`
+    /// (times in seconds since the epoch; `outcome` and `completed_at` null while
+    /// pending). 404 `deletion_request_not_found` for any other code.
+    pub async fn data_deletion_status(&self, code: &str) -> Answer {
+        let seconds = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        match self.sessions.data_deletion_status(code).await {
+            Ok(deletion) => no_store(json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "confirmation_code": deletion.code.as_str(),
+                    "provider": deletion.provider,
+                    "status": deletion.status.as_str(),
+                    "outcome": deletion.outcome.map(|o| o.as_str()),
+                    "requested_at": seconds(deletion.requested_at),
+                    "completed_at": deletion.completed_at.map(seconds),
+                }),
+            )),
+            Err(e) => fail(&e),
+        }
+    }
+
+    /// `POST /auth/apple/notifications` (`{"payload":"<JWT>"}`, from Apple): see
+    /// [`Sessions::apple_notification`]. 200 `{"status":"handled"}`; 400 for a
+    /// malformed or refused notification, 401 for a bad signature, 409
+    /// `notification_replayed` for one handled before, 404 when Apple is not
+    /// configured.
+    pub async fn apple_notifications<B>(&self, request: Request<B>) -> Answer
+    where
+        B: http_body::Body,
+        B::Error: Into<BoxError>,
+    {
+        let facts = client_facts(request.headers(), request.extensions());
+        let body =
+            match read_body(request.into_body(), crate::apple::MAX_NOTIFICATION_BODY_LEN).await {
+                Ok(body) => body,
+                Err(e) => return fail(&e),
+            };
+        match self.sessions.apple_notification(&body, &facts).await {
+            Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"status": "handled"})),
+            Err(e) => fail(&e),
+        }
+    }
+
     /// `GET /.well-known/jwks.json`: our public keys, cacheable for 5 minutes.
     pub fn jwks(&self) -> Answer {
         let mut response = json_response(StatusCode::OK, &self.sessions.tokens().jwks());
@@ -1010,6 +1126,7 @@ fn callback_params(encoded: Option<&[u8]>) -> CallbackParams {
             "code" => &mut params.code,
             "error" => &mut params.error,
             "iss" => &mut params.iss,
+            "user" => &mut params.user,
             _ => continue,
         };
         if slot.is_none() {

@@ -6,9 +6,18 @@
 //! - [`refresh`]: opaque refresh tokens stored as hashes, rotated on every use, reuse
 //!   revoking the family ([`RefreshStore`](refresh::RefreshStore): memory, Postgres).
 //! - [`oidc`]: id-token verification with pinned algorithms and a cached, rate-limited
-//!   JWKS per issuer.
-//! - [`google`]: the Google provider (discovery, code flow with PKCE through the
-//!   `oauth2` crate, native id tokens).
+//!   JWKS per issuer, and [`OpenIdProvider`](oidc::OpenIdProvider): any OpenID Connect
+//!   provider from configuration (lazy discovery, code flow with PKCE through the
+//!   `oauth2` crate, UserInfo, native id tokens).
+//! - [`google`]: Google, one configured `OpenIdProvider`.
+//! - [`apple`]: Sign in with Apple ([`AppleProvider`](apple::AppleProvider)): the ES256
+//!   client secret (made and renewed, never pasted), the `form_post` web flow, native id
+//!   tokens and codes with hashed nonces, and verified server-to-server notifications.
+//! - [`facebook`]: Facebook Login ([`FacebookProvider`](facebook::FacebookProvider)):
+//!   `debug_token` and `/me` with `appsecret_proof`, Limited Login, and `signed_request`
+//!   verification for the deauthorize and data-deletion callbacks.
+//! - [`deletion`]: data-deletion requests and their confirmation codes
+//!   ([`DeletionStore`](deletion::DeletionStore): memory, Postgres).
 //! - [`web`]: the browser flow around a provider (state, nonce, PKCE in a
 //!   [`FlowStore`](flow::FlowStore), browser binding, `return_to` allow-list, login
 //!   codes).
@@ -18,15 +27,6 @@
 //!   refresh-token reuse, sign-in bursts) over the security events, as an
 //!   [`EventLog`](upcoach_core::event::EventLog) wrapper that raises alerts and blocks
 //!   offenders (state: memory, Redis).
-//!
-//! Apple and Facebook sign-in are not built yet: [`ProviderId`] names them, and the
-//! server answers `provider_not_configured` for them. Their first parts are here, not
-//! yet wired into [`Sessions`](sessions::Sessions):
-//! - [`apple`]: the ES256 client secret (made and renewed, never pasted), Apple's
-//!   id-token claims, the native nonce check and the server-to-server notification
-//!   events;
-//! - [`facebook`]: `signed_request` verification, `appsecret_proof`, and the
-//!   `debug_token` and `/me` answers.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -43,6 +43,7 @@
 
 pub mod apple;
 pub mod config;
+pub mod deletion;
 pub mod facebook;
 pub mod flow;
 pub mod google;
@@ -67,8 +68,8 @@ pub use provider::{
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The provider name is not `google`, `apple` or `facebook`.
-    #[error("unknown provider: expected google, apple or facebook")]
+    /// The provider name is not a valid one ([`ProviderId`]).
+    #[error("unknown provider: a provider name is lowercase letters, digits and -")]
     UnknownProvider,
     /// A provider credential failed a check.
     #[error("invalid credential: {reason}")]

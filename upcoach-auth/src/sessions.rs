@@ -54,7 +54,7 @@
 //!
 //! #[async_trait]
 //! impl AuthProvider for Staff {
-//!     fn id(&self) -> ProviderId { ProviderId::Google }
+//!     fn id(&self) -> ProviderId { ProviderId::GOOGLE }
 //!     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
 //!         let mut url = url::Url::parse("https://sso.staff.example/authorize").unwrap();
 //!         url.query_pairs_mut().append_pair("state", &request.state);
@@ -67,7 +67,7 @@
 //!     async fn verify_native(&self, credential: &NativeCredential) -> Result<VerifiedIdentity, Error> {
 //!         match credential {
 //!             NativeCredential::IdToken { id_token, .. } if id_token == "badge-42" => Ok(VerifiedIdentity {
-//!                 provider: ProviderId::Google,
+//!                 provider: ProviderId::GOOGLE,
 //!                 subject: "staff-42".into(),
 //!                 email: Some("ada@staff.example".into()),
 //!                 email_verified: true,
@@ -124,7 +124,12 @@ use upcoach_core::event::{ClientFacts, Event, EventLog, MemoryEventLog, Security
 use upcoach_core::limit::{Decision, LimitError, MemoryLimiter, Quota, RateLimiter};
 use upcoach_core::{Clock, Principal, Role, Secret, SessionId, SystemClock, TokenError, UserId};
 
+use crate::apple::{AppleEventKind, AppleProvider};
 use crate::config::AuthConfig;
+use crate::deletion::{
+    ConfirmationCode, DeletionError, DeletionOutcome, DeletionRequest, DeletionStore,
+    MemoryDeletionStore,
+};
 use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
 use crate::refresh::{
     DeviceId, InvalidDeviceId, MemoryRefreshStore, Purged, RefreshError, RefreshPolicy,
@@ -147,6 +152,11 @@ pub const FLOW_TOTAL_SUBJECT: &str = "all";
 /// The subject shared by every request whose client address is unknown.
 pub const UNKNOWN_ADDRESS_SUBJECT: &str = "ip:unknown";
 
+/// How long an Apple notification's `jti` is remembered, so a replay is refused. Apple
+/// retries a notification it could not deliver within minutes; a notification JWT older
+/// than this is refused as stale by the verifier.
+pub const APPLE_NOTIFICATION_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
 /// Browser sign-ins one address may start per [`FLOW_TTL`](crate::web::FLOW_TTL) (ten
 /// minutes), by default: 30 at once, then one every 20 s. A person needs one (a few
 /// with retries and tabs); 30 leaves room for a household or a small office behind one
@@ -163,8 +173,8 @@ pub const DEFAULT_FLOWS_TOTAL: u32 = 10_000;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
-    /// The provider name is not `google`, `apple` or `facebook`.
-    #[error("unknown provider: expected google, apple or facebook")]
+    /// No provider of that name is configured, or the name is not a provider name.
+    #[error("unknown provider")]
     UnknownProvider,
     /// The provider is not configured on this server.
     #[error("{0} sign-in is not configured on this server")]
@@ -231,6 +241,19 @@ pub enum AuthError {
     /// A Facebook callback's `signed_request` was refused.
     #[error(transparent)]
     Facebook(#[from] crate::facebook::FacebookError),
+    /// A Sign in with Apple notification was refused.
+    #[error(transparent)]
+    Apple(#[from] crate::apple::AppleError),
+    /// This provider notification was acted on before (same `jti` or event).
+    #[error("this notification was handled before")]
+    NotificationReplayed,
+    /// The data-deletion store refused or failed.
+    #[error(transparent)]
+    Deletion(#[from] DeletionError),
+    /// No data-deletion request has this confirmation code (or it is past its
+    /// retention).
+    #[error("no data-deletion request has this confirmation code")]
+    DeletionRequestNotFound,
 }
 
 impl AuthError {
@@ -254,6 +277,10 @@ impl AuthError {
             AuthError::SignInBusy { .. } => "sign_in_busy",
             AuthError::FlowLimiter(e) => e.code(),
             AuthError::Facebook(e) => e.code(),
+            AuthError::Apple(e) => e.code(),
+            AuthError::NotificationReplayed => "notification_replayed",
+            AuthError::Deletion(e) => e.code(),
+            AuthError::DeletionRequestNotFound => "deletion_request_not_found",
         }
     }
 
@@ -277,6 +304,8 @@ impl AuthError {
             AuthError::Flow(e) => e.is_retryable(),
             AuthError::TooManySignInFlows { .. } | AuthError::SignInBusy { .. } => true,
             AuthError::FlowLimiter(e) => matches!(e, LimitError::Unavailable(_)),
+            AuthError::Apple(e) => e.is_retryable(),
+            AuthError::Deletion(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -338,6 +367,10 @@ pub struct Sessions {
     flow_quota: FlowQuota,
     /// The Facebook app secret, which signs Facebook's callbacks (when configured).
     facebook_secret: Option<Secret>,
+    /// Sign in with Apple, whose keys verify its notifications (when configured).
+    apple: Option<Arc<AppleProvider>>,
+    /// Data-deletion requests and their confirmation codes.
+    deletions: Arc<dyn DeletionStore>,
 }
 
 /// How browser sign-ins are admitted before their flow is stored.
@@ -383,6 +416,8 @@ pub struct SessionsBuilder {
     flow_quota: Quota,
     flow_total_quota: Option<Quota>,
     facebook_secret: Option<Secret>,
+    apple: Option<Arc<AppleProvider>>,
+    deletions: Option<Arc<dyn DeletionStore>>,
 }
 
 impl fmt::Debug for SessionsBuilder {
@@ -406,6 +441,20 @@ impl SessionsBuilder {
         self
     }
 
+    /// Where data-deletion requests live (default: in memory).
+    pub fn deletion_store(mut self, store: Arc<dyn DeletionStore>) -> Self {
+        self.deletions = Some(store);
+        self
+    }
+
+    /// Adds Sign in with Apple; its keys also verify Apple's server-to-server
+    /// notifications ([`Sessions::apple_notification`]).
+    pub fn apple(mut self, apple: Arc<AppleProvider>) -> Self {
+        self.providers.push(apple.clone());
+        self.apple = Some(apple);
+        self
+    }
+
     /// Where one-time flow state, login codes and used nonces live (default: in
     /// memory; use Redis when several processes serve sign-in).
     pub fn flow_store(mut self, store: Arc<dyn FlowStore>) -> Self {
@@ -413,26 +462,33 @@ impl SessionsBuilder {
         self
     }
 
-    /// Users and refresh-token families in Postgres when `pool` is given (with
-    /// `policy`), in memory otherwise.
+    /// Users, refresh-token families and data-deletion requests in Postgres when `pool`
+    /// is given (refresh tokens with `policy`), in memory otherwise.
     #[cfg(feature = "postgres")]
     pub fn postgres(
         mut self,
         pool: Option<&upcoach_core::postgres::MeteredPool>,
         policy: RefreshPolicy,
     ) -> Self {
-        let (refresh, users): (Arc<dyn RefreshStore>, Arc<dyn UserStore>) = match pool {
+        let (refresh, users, deletions): (
+            Arc<dyn RefreshStore>,
+            Arc<dyn UserStore>,
+            Arc<dyn DeletionStore>,
+        ) = match pool {
             Some(pool) => (
                 Arc::new(crate::refresh::PgRefreshStore::new(pool.clone()).with_policy(policy)),
                 Arc::new(crate::users::PgUserStore::new(pool.clone())),
+                Arc::new(crate::deletion::PgDeletionStore::new(pool.clone())),
             ),
             None => (
                 Arc::new(MemoryRefreshStore::new(policy)),
                 Arc::new(MemoryUserStore::new()),
+                Arc::new(MemoryDeletionStore::new()),
             ),
         };
         self.refresh = Some(refresh);
         self.users = Some(users);
+        self.deletions = Some(deletions);
         self
     }
 
@@ -522,19 +578,31 @@ impl SessionsBuilder {
     }
 
     /// Takes `config`'s return-to allow-list and adds each provider it configures
-    /// (Google: OpenID discovery of its issuer now; Facebook: nothing fetched until a
-    /// sign-in), with callbacks under this builder's public URL.
+    /// (Google, every `OIDC_PROVIDERS` one with its linking trust, Facebook), with
+    /// callbacks under this builder's public URL. Nothing is fetched: each provider
+    /// discovers its endpoints or keys on its first sign-in.
     pub async fn configure(mut self, config: &AuthConfig) -> Result<Self, Error> {
         let clock = self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
         self.return_to_allowlist = config.return_to_allowlist.clone();
         if let Some(google) = &config.google {
-            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::Google);
-            let provider =
-                crate::google::GoogleProvider::discover(google, &callback, clock.clone()).await?;
+            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::GOOGLE);
+            let provider = crate::google::provider(google, &callback, clock.clone())?;
             self.providers.push(Arc::new(provider));
         }
+        for openid in &config.openid {
+            let callback = Sessions::callback_url_of(&self.public_url, openid.name);
+            let provider = crate::oidc::OpenIdProvider::new(openid, &callback, clock.clone())?;
+            self.providers.push(Arc::new(provider));
+            self.linking =
+                std::mem::take(&mut self.linking).with(openid.name, openid.trusted_for_linking);
+        }
+        if let Some(apple) = &config.apple {
+            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::APPLE);
+            let provider = AppleProvider::new(apple, &callback, clock.clone())?;
+            self = self.apple(Arc::new(provider));
+        }
         if let Some(facebook) = &config.facebook {
-            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::Facebook);
+            let callback = Sessions::callback_url_of(&self.public_url, ProviderId::FACEBOOK);
             let provider = crate::facebook::FacebookProvider::new(facebook, &callback, clock)?;
             self.providers.push(Arc::new(provider));
             self.facebook_secret = Some(facebook.app_secret.clone());
@@ -571,6 +639,10 @@ impl SessionsBuilder {
                 total: self.flow_total_quota,
             },
             facebook_secret: self.facebook_secret,
+            apple: self.apple,
+            deletions: self
+                .deletions
+                .unwrap_or_else(|| Arc::new(MemoryDeletionStore::new())),
         }
     }
 }
@@ -610,6 +682,8 @@ impl Sessions {
             flow_quota: flows_per_ttl(DEFAULT_FLOWS_PER_ADDRESS),
             flow_total_quota: Some(flows_per_ttl(DEFAULT_FLOWS_TOTAL)),
             facebook_secret: None,
+            apple: None,
+            deletions: None,
         }
     }
 
@@ -654,9 +728,14 @@ impl Sessions {
 
     fn provider(&self, name: &str) -> Result<&Arc<dyn AuthProvider>, AuthError> {
         let id: ProviderId = name.parse().map_err(|_| AuthError::UnknownProvider)?;
-        self.providers
-            .get(&id)
-            .ok_or(AuthError::ProviderNotConfigured(id))
+        match self.providers.get(&id) {
+            Some(provider) => Ok(provider),
+            // One this crate implements, which the host did not configure.
+            None if [ProviderId::GOOGLE, ProviderId::APPLE, ProviderId::FACEBOOK].contains(&id) => {
+                Err(AuthError::ProviderNotConfigured(id))
+            }
+            None => Err(AuthError::UnknownProvider),
+        }
     }
 
     fn record(
@@ -947,7 +1026,9 @@ impl Sessions {
     ) -> Result<VerifiedIdentity, AuthError> {
         let result = async {
             // An id token without a nonce could be replayed by whoever saw it.
-            if let NativeCredential::IdToken { nonce: None, .. } = credential {
+            if let NativeCredential::IdToken { nonce: None, .. }
+            | NativeCredential::AuthorizationCode { nonce: None, .. } = credential
+            {
                 return Err(Error::InvalidCredential {
                     reason: "nonce_required",
                 }
@@ -964,6 +1045,14 @@ impl Sessions {
                 let until = identity.expires_at;
                 self.claim_once(&format!("nonce:{nonce}"), until).await?;
                 self.claim_once(&format!("id_token:{id_token}"), until)
+                    .await?;
+            }
+            if let NativeCredential::AuthorizationCode {
+                nonce: Some(nonce), ..
+            } = credential
+            {
+                // The provider takes each code once; the nonce is ours to take once.
+                self.claim_once(&format!("nonce:{nonce}"), identity.expires_at)
                     .await?;
             }
             Ok::<_, AuthError>(identity)
@@ -1185,25 +1274,8 @@ impl Sessions {
         signed_request: &str,
         facts: &ClientFacts,
     ) -> Result<(), AuthError> {
-        let secret = self
-            .facebook_secret
-            .as_ref()
-            .ok_or(AuthError::ProviderNotConfigured(ProviderId::Facebook))?;
         let now = self.clock.now();
-        let verified = crate::facebook::SignedRequest::verify(signed_request, secret)
-            .and_then(|request| Ok((request.fresh_until(now)?, request)));
-        let (fresh_until, request) = match verified {
-            Ok(verified) => verified,
-            Err(e) => {
-                self.record(
-                    "provider_notification_refused",
-                    None,
-                    facts,
-                    serde_json::json!({"provider": ProviderId::Facebook, "code": e.code()}),
-                );
-                return Err(e.into());
-            }
-        };
+        let (fresh_until, request) = self.facebook_signed_request(signed_request, facts)?;
         // Claimed before it is acted on, so no replay acts twice; a store failure after
         // the claim leaves it unhandled (the error is answered, and Facebook's retry
         // finds it claimed), which errs on the side of doing nothing.
@@ -1218,8 +1290,180 @@ impl Sessions {
         {
             return Ok(());
         }
-        self.provider_revoked(ProviderId::Facebook, &request.user_id, facts)
+        self.provider_revoked(ProviderId::FACEBOOK, &request.user_id, facts)
             .await
+    }
+
+    /// A verified, fresh Facebook `signed_request` and until when it stays fresh; a
+    /// refusal is recorded as `provider_notification_refused` with its code.
+    fn facebook_signed_request(
+        &self,
+        signed_request: &str,
+        facts: &ClientFacts,
+    ) -> Result<(SystemTime, crate::facebook::SignedRequest), AuthError> {
+        let secret = self
+            .facebook_secret
+            .as_ref()
+            .ok_or(AuthError::ProviderNotConfigured(ProviderId::FACEBOOK))?;
+        let now = self.clock.now();
+        crate::facebook::SignedRequest::verify(signed_request, secret)
+            .and_then(|request| Ok((request.fresh_until(now)?, request)))
+            .map_err(|e| {
+                self.record(
+                    "provider_notification_refused",
+                    None,
+                    facts,
+                    serde_json::json!({"provider": ProviderId::FACEBOOK, "code": e.code()}),
+                );
+                e.into()
+            })
+    }
+
+    /// `POST /auth/facebook/data-deletion`: Facebook's data-deletion callback. The
+    /// `signed_request` is verified as for
+    /// [`facebook_deauthorized`](Self::facebook_deauthorized) (valid, fresh); then the
+    /// request is recorded (one per person for its retention: Facebook's retries get the
+    /// same code), every session of that user is revoked and the Facebook identity
+    /// erased, with the user when it was their only way to sign in. A repeated request
+    /// acts again (the person may have signed in since) and answers the same code. Recorded as `provider_data_deletion`. The
+    /// answer's confirmation code shows the request's status at
+    /// [`data_deletion_status`](Self::data_deletion_status).
+    pub async fn facebook_data_deletion(
+        &self,
+        signed_request: &str,
+        facts: &ClientFacts,
+    ) -> Result<DeletionRequest, AuthError> {
+        let (_, request) = self.facebook_signed_request(signed_request, facts)?;
+        let provider = ProviderId::FACEBOOK;
+        let recorded = self
+            .deletions
+            .record(provider, &request.user_id, self.clock.now())
+            .await?;
+        // Acted on every time, even when the request was completed before: the person
+        // may have signed in again since (a new account), and erasing is idempotent.
+        let erased = match self
+            .users
+            .find_by_identity(provider, &request.user_id)
+            .await?
+        {
+            None => None,
+            Some(user) => {
+                let revoked = self.refresh.revoke_user(user.id, self.clock.now()).await?;
+                let erased = self
+                    .users
+                    .erase_identity(provider, &request.user_id)
+                    .await?;
+                erased.map(|erased| (erased, revoked))
+            }
+        };
+        let outcome = if erased.is_some() {
+            DeletionOutcome::IdentityRemoved
+        } else {
+            DeletionOutcome::NothingFound
+        };
+        let completed = self
+            .deletions
+            .complete(&recorded.code, outcome, self.clock.now())
+            .await?
+            .unwrap_or(recorded);
+        // A request completed before keeps its first completion (and its code).
+        self.record(
+            "provider_data_deletion",
+            erased.as_ref().map(|(erased, _)| erased.user_id),
+            facts,
+            serde_json::json!({
+                "provider": provider,
+                "confirmation_code": completed.code.as_str(),
+                "known": erased.is_some(),
+                "user_deleted": erased.as_ref().is_some_and(|(e, _)| e.user_deleted),
+                "sessions_revoked": erased.as_ref().map_or(0, |(_, revoked)| *revoked),
+            }),
+        );
+        Ok(completed)
+    }
+
+    /// `GET /auth/facebook/data-deletion/{code}`: the data-deletion request with this
+    /// confirmation code; [`AuthError::DeletionRequestNotFound`] for a code of another
+    /// shape, an unknown one, or one past its retention.
+    pub async fn data_deletion_status(&self, code: &str) -> Result<DeletionRequest, AuthError> {
+        let code = ConfirmationCode::parse(code).ok_or(AuthError::DeletionRequestNotFound)?;
+        self.deletions
+            .get(&code, self.clock.now())
+            .await?
+            .ok_or(AuthError::DeletionRequestNotFound)
+    }
+
+    /// `POST /auth/apple/notifications`: one of Sign in with Apple's server-to-server
+    /// notifications (`{"payload": "<JWT>"}`), verified with Apple's keys
+    /// ([`AppleProvider::verify_notification`]) and acted on once per `jti` (or event):
+    /// `consent-revoked` and `account-delete` revoke every session of the user and
+    /// unlink the Apple identity unless it is their last; `email-disabled` and
+    /// `email-enabled` mark the private-relay address undeliverable or deliverable
+    /// again. Each is recorded (`provider_deauthorized`, `provider_email_status`); a
+    /// refused one as `provider_notification_refused`, a repeated one as
+    /// [`AuthError::NotificationReplayed`]. The claim is made before acting, so a
+    /// failure after it leaves the notification unhandled rather than handled twice.
+    pub async fn apple_notification(
+        &self,
+        body: &[u8],
+        facts: &ClientFacts,
+    ) -> Result<(), AuthError> {
+        let apple = self
+            .apple
+            .as_ref()
+            .ok_or(AuthError::ProviderNotConfigured(ProviderId::APPLE))?;
+        let provider = ProviderId::APPLE;
+        let refused = |code: &str| {
+            self.record(
+                "provider_notification_refused",
+                None,
+                facts,
+                serde_json::json!({"provider": provider, "code": code}),
+            );
+        };
+        let notification = match apple.verify_notification(body).await {
+            Ok(notification) => notification,
+            Err(e) => {
+                refused(e.code());
+                return Err(e.into());
+            }
+        };
+        if !self
+            .web
+            .claim_nonce(
+                &format!("apple-notification:{}", notification.idempotency_key()),
+                APPLE_NOTIFICATION_MEMORY,
+            )
+            .await?
+        {
+            refused("notification_replayed");
+            return Err(AuthError::NotificationReplayed);
+        }
+        let event = &notification.event;
+        match event.kind {
+            AppleEventKind::ConsentRevoked | AppleEventKind::AccountDelete => {
+                self.provider_revoked(provider, &event.sub, facts).await
+            }
+            AppleEventKind::EmailDisabled | AppleEventKind::EmailEnabled => {
+                let deliverable = event.kind == AppleEventKind::EmailEnabled;
+                let user = self
+                    .users
+                    .set_email_deliverable(provider, &event.sub, deliverable)
+                    .await?;
+                self.record(
+                    "provider_email_status",
+                    user,
+                    facts,
+                    serde_json::json!({
+                        "provider": provider,
+                        "known": user.is_some(),
+                        "deliverable": deliverable,
+                        "event": event.kind.as_str(),
+                    }),
+                );
+                Ok(())
+            }
+        }
     }
 
     /// What a provider's "this person left" notice does: every session of the user

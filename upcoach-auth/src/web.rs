@@ -132,6 +132,51 @@ struct FlowState {
     login_challenge: Option<String>,
 }
 
+/// The longest display name taken from a callback's `user`.
+pub const MAX_POSTED_NAME_LEN: usize = 256;
+
+/// The name in Sign in with Apple's `user` JSON
+/// (`{"name":{"firstName":"Ada","lastName":"Lovelace"},"email":"..."}`): its parts
+/// joined by a space, or `None` when the JSON is malformed, has no name, or the name is
+/// longer than [`MAX_POSTED_NAME_LEN`] or holds control characters.
+///
+/// ```
+/// use upcoach_auth::web::posted_name;
+///
+/// let user = r#"{"name":{"firstName":"Ada","lastName":"Lovelace"},"email":"a@example.com"}"#;
+/// assert_eq!(posted_name(user).as_deref(), Some("Ada Lovelace"));
+/// assert_eq!(posted_name(r#"{"name":{"firstName":"Ada"}}"#).as_deref(), Some("Ada"));
+/// assert_eq!(posted_name("not json"), None);
+/// assert_eq!(posted_name(r#"{"name":{"firstName":"A\u0000"}}"#), None);
+/// ```
+pub fn posted_name(user: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Posted {
+        name: Option<Name>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Name {
+        first_name: Option<String>,
+        last_name: Option<String>,
+    }
+    if user.len() > 4 * MAX_POSTED_NAME_LEN {
+        return None;
+    }
+    let name = serde_json::from_str::<Posted>(user).ok()?.name?;
+    let parts: Vec<&str> = [&name.first_name, &name.last_name]
+        .into_iter()
+        .flatten()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let joined = parts.join(" ");
+    (!joined.is_empty()
+        && joined.len() <= MAX_POSTED_NAME_LEN
+        && !joined.chars().any(char::is_control))
+    .then_some(joined)
+}
+
 /// A started sign-in: where to send the browser and the cookie to set on it.
 #[derive(Debug)]
 pub struct Started {
@@ -139,6 +184,9 @@ pub struct Started {
     pub redirect: url::Url,
     /// The value of the [`FLOW_COOKIE`] cookie to set (random; only its hash is kept).
     pub browser_cookie: String,
+    /// Whether the provider comes back by a cross-site `POST`
+    /// ([`AuthProvider::cross_site_callback`]), so the cookie must be `SameSite=None`.
+    pub cross_site: bool,
 }
 
 /// What the provider's callback carries.
@@ -152,6 +200,9 @@ pub struct CallbackParams {
     pub error: Option<String>,
     /// The issuer, for providers that send it (RFC 9207).
     pub iss: Option<String>,
+    /// Sign in with Apple's `user`: JSON with the person's name, posted on the first
+    /// authorization only. Not signed by anyone: a display name, never an identity.
+    pub user: Option<String>,
 }
 
 /// A finished sign-in: who, and where the browser goes next.
@@ -359,7 +410,7 @@ impl WebSignIn {
             code_challenge,
             redirect_uri: redirect_uri.to_owned(),
         };
-        let redirect = provider.authorization_url(&request)?;
+        let redirect = provider.authorization_url(&request).await?;
         let flow = FlowState {
             provider: provider.id(),
             issuer: provider.issuer().map(str::to_owned),
@@ -377,6 +428,7 @@ impl WebSignIn {
         Ok(Started {
             redirect,
             browser_cookie,
+            cross_site: provider.cross_site_callback(),
         })
     }
 
@@ -433,9 +485,12 @@ impl WebSignIn {
             code_challenge: URL_SAFE_NO_PAD.encode(Sha256::digest(flow.pkce_verifier.as_bytes())),
             redirect_uri: flow.redirect_uri,
         };
-        let identity = provider
+        let mut identity = provider
             .exchange_code(code, &request, &flow.pkce_verifier)
             .await?;
+        if identity.name.is_none() {
+            identity.name = params.user.as_deref().and_then(posted_name);
+        }
         Ok(Completed {
             identity,
             return_to: flow.return_to,

@@ -111,6 +111,7 @@ async fn a_browser_signs_in_with_facebook_and_every_graph_call_carries_the_proof
             code: Some(graph.issue_code(alice(), CALLBACK)),
             error: None,
             iss: None,
+            user: None,
         };
         let outcome = sessions
             .callback(
@@ -167,7 +168,7 @@ async fn a_code_is_taken_once_and_only_for_its_callback() {
     };
     let code = graph.issue_code(alice(), CALLBACK);
     let identity = facebook.exchange_code(&code, &request, "v").await.unwrap();
-    assert_eq!(identity.provider, ProviderId::Facebook);
+    assert_eq!(identity.provider, ProviderId::FACEBOOK);
     assert_eq!(identity.subject, alice().id);
     assert_eq!(identity.email.as_deref(), Some("alice@example.test"));
     assert!(

@@ -29,9 +29,9 @@ struct Badges {
 #[async_trait]
 impl AuthProvider for Badges {
     fn id(&self) -> ProviderId {
-        ProviderId::Google
+        ProviderId::GOOGLE
     }
-    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
+    async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
         let mut url = url::Url::parse("https://badges.example.test/authorize").unwrap();
         url.query_pairs_mut().append_pair("state", &request.state);
         Ok(url)
@@ -59,7 +59,7 @@ impl AuthProvider for Badges {
                 reason: "unknown_badge",
             })?;
         Ok(VerifiedIdentity {
-            provider: ProviderId::Google,
+            provider: ProviderId::GOOGLE,
             subject: subject.to_owned(),
             email: Some(format!("{subject}@example.test")),
             email_verified: true,

@@ -730,9 +730,9 @@ mod through_sessions {
     #[async_trait]
     impl AuthProvider for Refusing {
         fn id(&self) -> ProviderId {
-            ProviderId::Google
+            ProviderId::GOOGLE
         }
-        fn authorization_url(&self, _: &AuthorizationRequest) -> Result<url::Url, Error> {
+        async fn authorization_url(&self, _: &AuthorizationRequest) -> Result<url::Url, Error> {
             Ok(url::Url::parse("https://sso.example/authorize").unwrap())
         }
         async fn exchange_code(

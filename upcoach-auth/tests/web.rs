@@ -34,7 +34,7 @@ impl AuthProvider for Scripted {
         Some(self.issuer)
     }
 
-    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
+    async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
         let mut url = url::Url::parse("https://provider.example.test/authorize").unwrap();
         url.query_pairs_mut()
             .append_pair("state", &request.state)
@@ -100,8 +100,8 @@ fn state_of(url: &url::Url) -> String {
 #[tokio::test]
 async fn a_callback_for_another_providers_flow_is_refused() {
     let web = setup();
-    let google = provider(ProviderId::Google);
-    let apple = provider(ProviderId::Apple);
+    let google = provider(ProviderId::GOOGLE);
+    let apple = provider(ProviderId::APPLE);
     let started = web
         .begin(
             &google,
@@ -117,6 +117,7 @@ async fn a_callback_for_another_providers_flow_is_refused() {
         code: Some("code-from-the-other-provider".into()),
         error: None,
         iss: None,
+        user: None,
     };
     let e = web
         .complete(&apple, &params, Some(&started.browser_cookie))
@@ -142,7 +143,7 @@ async fn a_callback_for_another_providers_flow_is_refused() {
 #[tokio::test]
 async fn the_flow_belongs_to_the_browser_that_started_it() {
     let web = setup();
-    let google = provider(ProviderId::Google);
+    let google = provider(ProviderId::GOOGLE);
     for cookie in [None, Some("another-browser")] {
         let started = web
             .begin(&google, "https://api.example.test/cb", None, None, None)
@@ -153,6 +154,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
             code: Some("c".into()),
             error: None,
             iss: None,
+            user: None,
         };
         let e = web.complete(&google, &params, cookie).await.unwrap_err();
         assert_eq!(e.code(), "flow_browser_mismatch", "{cookie:?}");
@@ -172,6 +174,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
         code: Some("c".into()),
         error: None,
         iss: None,
+        user: None,
     };
     let done = web
         .complete(&google, &params, Some(&started.browser_cookie))
@@ -187,7 +190,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
 #[tokio::test]
 async fn a_provider_error_and_a_missing_code_are_refused() {
     let web = setup();
-    let google = provider(ProviderId::Google);
+    let google = provider(ProviderId::GOOGLE);
     let started = web
         .begin(&google, "https://api.example.test/cb", None, None, None)
         .await
@@ -197,6 +200,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
         code: None,
         error: Some("access_denied".into()),
         iss: None,
+        user: None,
     };
     assert_eq!(
         web.complete(&google, &denied, Some(&started.browser_cookie))
@@ -214,6 +218,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
         code: None,
         error: None,
         iss: None,
+        user: None,
     };
     assert_eq!(
         web.complete(&google, &no_code, Some(&started.browser_cookie))
@@ -229,7 +234,7 @@ async fn login_codes_work_once() {
     let web = setup();
     let grant = LoginGrant {
         user_id: UserId::new(),
-        provider: ProviderId::Google,
+        provider: ProviderId::GOOGLE,
         session_id: SessionId::new(),
         binding: BrowserBinding::new("the-browser", None),
     };
@@ -263,7 +268,7 @@ async fn login_codes_only_work_in_the_browser_that_began() {
     let verifier = "a-verifier-the-web-app-chose-and-kept-to-itself";
     let grant = LoginGrant {
         user_id: UserId::new(),
-        provider: ProviderId::Google,
+        provider: ProviderId::GOOGLE,
         session_id: SessionId::new(),
         binding: BrowserBinding::new(
             "victim-cookie",
@@ -340,7 +345,7 @@ async fn login_codes_only_work_in_the_browser_that_began() {
 #[tokio::test]
 async fn a_callback_naming_another_issuer_is_refused() {
     let web = setup();
-    let google = provider(ProviderId::Google);
+    let google = provider(ProviderId::GOOGLE);
     let started = web
         .begin(&google, "https://api.example.test/cb", None, None, None)
         .await
@@ -350,6 +355,7 @@ async fn a_callback_naming_another_issuer_is_refused() {
         code: Some("c".into()),
         error: None,
         iss: Some("https://attacker.example.test".into()),
+        user: None,
     };
     let e = web
         .complete(&google, &params, Some(&started.browser_cookie))
@@ -366,6 +372,7 @@ async fn a_callback_naming_another_issuer_is_refused() {
         code: Some("c".into()),
         error: None,
         iss: Some("https://provider.example.test".into()),
+        user: None,
     };
     assert!(
         web.complete(&google, &params, Some(&started.browser_cookie))
@@ -395,7 +402,7 @@ fn builder() -> SessionsBuilder {
         Arc::new(upcoach_core::SystemClock),
     ));
     Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(provider(ProviderId::Google)))
+        .provider(Arc::new(provider(ProviderId::GOOGLE)))
         .return_to_allowlist(vec![RETURN_TO.into()])
 }
 
@@ -425,6 +432,7 @@ async fn browser_sign_in(
         code: Some("c".into()),
         error: None,
         iss: None,
+        user: None,
     };
     let cookie = Some(started.browser_cookie.as_str());
     match sessions
@@ -887,7 +895,7 @@ fn routes_at(public_url: &str, events: Arc<MemoryEventLog>) -> AuthRoutes {
     ));
     AuthRoutes::new(Arc::new(
         Sessions::builder(tokens, public_url)
-            .provider(Arc::new(provider(ProviderId::Google)))
+            .provider(Arc::new(provider(ProviderId::GOOGLE)))
             .return_to_allowlist(vec![RETURN_TO.into()])
             .flow_quota(
                 Arc::new(MemoryLimiter::new()),

@@ -11,6 +11,8 @@
 //! - [`OidcProvider`]: an independent OpenID provider (npm `oauth2-mock-server`).
 //! - [`FacebookStandIn`]: a loopback stand-in for Facebook's Graph API (code exchange,
 //!   `debug_token`, `/me` with `appsecret_proof`), see [`facebook`].
+//! - [`AppleStandIn`]: a loopback stand-in for Sign in with Apple's `/auth/keys` and
+//!   `/auth/token` (verifying the ES256 client secret), see [`apple`].
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -19,12 +21,14 @@
 //! # }
 //! ```
 
+pub mod apple;
 pub mod facebook;
 mod oidc;
 mod proxy;
 
 use std::net::SocketAddr;
 
+pub use apple::{AppleStandIn, AppleUser};
 pub use facebook::{FacebookStandIn, FacebookUser};
 pub use oidc::OidcProvider;
 pub use proxy::FaultProxy;

@@ -202,6 +202,20 @@ fn table() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
             post(async |State(app): AppState, r: Request| app.auth.facebook_deauthorize(r).await),
         ),
         (
+            "/auth/facebook/data-deletion",
+            post(async |State(app): AppState, r: Request| app.auth.facebook_data_deletion(r).await),
+        ),
+        (
+            "/auth/facebook/data-deletion/{code}",
+            get(async |State(app): AppState, Param(code): Param| {
+                app.auth.data_deletion_status(&code).await
+            }),
+        ),
+        (
+            "/auth/apple/notifications",
+            post(async |State(app): AppState, r: Request| app.auth.apple_notifications(r).await),
+        ),
+        (
             "/.well-known/jwks.json",
             get(async |State(app): AppState| app.auth.jwks()),
         ),

@@ -39,6 +39,9 @@ enum Endpoint {
     Link,
     Unlink,
     FacebookDeauthorize,
+    FacebookDataDeletion,
+    DataDeletionStatus,
+    AppleNotifications,
     Jwks,
     DevToken,
 }
@@ -85,6 +88,21 @@ const ROUTES: &[(Method, &str, Endpoint)] = &[
         Method::POST,
         "/auth/facebook/deauthorize",
         E::FacebookDeauthorize,
+    ),
+    (
+        Method::POST,
+        "/auth/facebook/data-deletion",
+        E::FacebookDataDeletion,
+    ),
+    (
+        Method::GET,
+        "/auth/facebook/data-deletion/{code}",
+        E::DataDeletionStatus,
+    ),
+    (
+        Method::POST,
+        "/auth/apple/notifications",
+        E::AppleNotifications,
     ),
     (Method::GET, "/.well-known/jwks.json", E::Jwks),
 ];
@@ -269,6 +287,9 @@ async fn sign_in(
         E::Link => auth.link(param, request).await,
         E::Unlink => auth.unlink(param, request).await,
         E::FacebookDeauthorize => auth.facebook_deauthorize(request).await,
+        E::FacebookDataDeletion => auth.facebook_data_deletion(request).await,
+        E::DataDeletionStatus => auth.data_deletion_status(param).await,
+        E::AppleNotifications => auth.apple_notifications(request).await,
         E::Jwks => auth.jwks(),
         E::DevToken => auth.dev_token(request).await,
         _ => error_response(&ApiError::not_found()),

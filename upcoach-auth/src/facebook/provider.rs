@@ -56,7 +56,7 @@ const MAX_GRAPH_ANSWER: usize = 64 * 1024;
 /// let facebook =
 ///     FacebookProvider::new(config.facebook.as_ref().unwrap(), callback, Arc::new(SystemClock))
 ///         .unwrap();
-/// assert_eq!(facebook.id(), ProviderId::Facebook);
+/// assert_eq!(facebook.id(), ProviderId::FACEBOOK);
 /// let url = facebook
 ///     .authorization_url(&AuthorizationRequest {
 ///         state: "state".into(),
@@ -171,7 +171,7 @@ impl FacebookProvider {
             });
         }
         Ok(VerifiedIdentity {
-            provider: ProviderId::Facebook,
+            provider: ProviderId::FACEBOOK,
             subject: token.user_id,
             email: profile.email,
             email_verified: false,
@@ -251,10 +251,10 @@ fn graph_error_code(body: &[u8]) -> Option<i64> {
 #[async_trait]
 impl AuthProvider for FacebookProvider {
     fn id(&self) -> ProviderId {
-        ProviderId::Facebook
+        ProviderId::FACEBOOK
     }
 
-    fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, Error> {
+    async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<Url, Error> {
         if request.redirect_uri != self.redirect_uri {
             return Err(Error::InvalidCredential {
                 reason: "redirect_uri_mismatch",
@@ -325,7 +325,7 @@ impl AuthProvider for FacebookProvider {
                 })?;
                 let claims = self.limited.verify(id_token, Some(nonce)).await?;
                 Ok(VerifiedIdentity {
-                    provider: ProviderId::Facebook,
+                    provider: ProviderId::FACEBOOK,
                     subject: claims.sub.clone(),
                     email: claims.string("email").map(str::to_owned),
                     email_verified: false,
@@ -333,6 +333,9 @@ impl AuthProvider for FacebookProvider {
                     expires_at: self.limited.accepted_until(&claims),
                 })
             }
+            _ => Err(Error::InvalidCredential {
+                reason: "access_token_or_id_token_required",
+            }),
         }
     }
 }
