@@ -6,6 +6,7 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use upcoach_auth::config::AuthConfig;
+//! use upcoach_core::config::Settings;
 //! use upcoach_core::SystemClock;
 //!
 //! # fn run() -> Result<(), Box<dyn std::error::Error>> {

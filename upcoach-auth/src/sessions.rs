@@ -55,7 +55,7 @@
 //! #[async_trait]
 //! impl AuthProvider for Staff {
 //!     fn id(&self) -> ProviderId { ProviderId::GOOGLE }
-//!     fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
+//!     async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
 //!         let mut url = url::Url::parse("https://sso.staff.example/authorize").unwrap();
 //!         url.query_pairs_mut().append_pair("state", &request.state);
 //!         Ok(url)

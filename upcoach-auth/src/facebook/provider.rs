@@ -57,6 +57,7 @@ const MAX_GRAPH_ANSWER: usize = 64 * 1024;
 ///     FacebookProvider::new(config.facebook.as_ref().unwrap(), callback, Arc::new(SystemClock))
 ///         .unwrap();
 /// assert_eq!(facebook.id(), ProviderId::FACEBOOK);
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let url = facebook
 ///     .authorization_url(&AuthorizationRequest {
 ///         state: "state".into(),
@@ -64,8 +65,10 @@ const MAX_GRAPH_ANSWER: usize = 64 * 1024;
 ///         code_challenge: "challenge".into(),
 ///         redirect_uri: callback.into(),
 ///     })
+///     .await
 ///     .unwrap();
 /// assert!(url.as_str().starts_with("https://www.facebook.com/v19.0/dialog/oauth?"));
+/// # });
 /// ```
 pub struct FacebookProvider {
     app_id: String,
