@@ -44,6 +44,7 @@
 pub mod apple;
 pub mod config;
 pub mod deletion;
+mod digest;
 pub mod facebook;
 pub mod flow;
 pub mod google;

@@ -36,7 +36,6 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,20 +43,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderValue, PRAGMA};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+
+use crate::serve::{Answer, accept_loop, json_answer};
+use tokio::task::JoinHandle;
 
 /// Apple's issuer, the default `iss` of what the stand-in signs and the `aud` a client
 /// secret must name.
@@ -174,11 +171,6 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 const MAX_BODY_BYTES: usize = 16 * 1024;
 /// How long a `/auth/token` body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// hyper's read buffer: a request head past this is refused by hyper itself (431).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-const MAX_CONNECTIONS: usize = 256;
-
-const JSON: &str = "application/json;charset=UTF-8";
 const FORM: &str = "application/x-www-form-urlencoded";
 
 /// A Sign in with Apple user as the stand-in knows them.
@@ -439,7 +431,11 @@ impl AppleStandIn {
             key_calls: AtomicUsize::new(0),
             client_secret_failures: AtomicUsize::new(0),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let served = shared.clone();
+        let accept = tokio::spawn(accept_loop(listener, move |request| {
+            let shared = served.clone();
+            async move { shared.answer(request).await }
+        }));
         Self {
             addr,
             shared,
@@ -617,45 +613,6 @@ fn sign_rs256(key: &EncodingKey, claims: &Value) -> String {
     header.typ = None;
     header.kid = Some(APPLE_KEY_ID.to_owned());
     jsonwebtoken::encode(&header, claims, key).expect("the embedded RSA keys sign")
-}
-
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(MAX_HEAD_BYTES);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors or a transient error: wait instead of spinning.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        while connections.try_join_next().is_some() {}
-        if connections.len() >= MAX_CONNECTIONS {
-            continue;
-        }
-        let shared = shared.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.answer(request).await) }
-        });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(async move {
-            let _ = connection.await;
-        });
-    }
-}
-
-type Answer = Response<Full<Bytes>>;
-
-fn json_answer(status: StatusCode, body: &Value) -> Answer {
-    let mut answer = Response::new(Full::new(Bytes::from(body.to_string())));
-    *answer.status_mut() = status;
-    answer
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-    answer
 }
 
 /// A token endpoint answer: not to be cached, as RFC 6749 has it.

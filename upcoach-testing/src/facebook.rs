@@ -26,24 +26,19 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http_body_util::Full;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, StatusCode};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+
+use crate::serve::{Answer, accept_loop, json_answer};
+use tokio::task::JoinHandle;
 
 /// The Graph API version [`FacebookStandIn::start`] answers under.
 pub const DEFAULT_GRAPH_VERSION: &str = "v19.0";
@@ -63,14 +58,10 @@ const NINETY_DAYS: u64 = 90 * 24 * 3600;
 const SCOPES: [&str; 2] = ["email", "public_profile"];
 /// A longer query string is refused with a 400.
 const MAX_QUERY_BYTES: usize = 8 * 1024;
-/// hyper's read buffer: a request head past this is refused by hyper itself (431).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-const MAX_CONNECTIONS: usize = 256;
 /// Distinct paths [`FacebookStandIn::calls`] keeps counts for.
 const MAX_COUNTED_PATHS: usize = 1024;
 const MAX_COUNTED_PATH_BYTES: usize = 256;
 
-const JSON: &str = "application/json; charset=UTF-8";
 const OAUTH: &str = "OAuthException";
 const GRAPH_METHOD: &str = "GraphMethodException";
 
@@ -253,7 +244,14 @@ impl FacebookStandIn {
             books: Mutex::new(Books::default()),
             proof_failures: AtomicUsize::new(0),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let served = shared.clone();
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            move |request: hyper::Request<hyper::body::Incoming>| {
+                let uri = request.uri();
+                std::future::ready(served.answer(request.method(), uri.path(), uri.query()))
+            },
+        ));
         Self {
             addr,
             shared,
@@ -372,46 +370,6 @@ impl Drop for FacebookStandIn {
         // The accept task owns every connection's task: aborting it ends them all.
         self.accept.abort();
     }
-}
-
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(MAX_HEAD_BYTES);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors or a transient error: wait instead of spinning.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        while connections.try_join_next().is_some() {}
-        if connections.len() >= MAX_CONNECTIONS {
-            continue;
-        }
-        let shared = shared.clone();
-        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let uri = request.uri();
-            let answer = shared.answer(request.method(), uri.path(), uri.query());
-            std::future::ready(Ok::<_, Infallible>(answer))
-        });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(async move {
-            let _ = connection.await;
-        });
-    }
-}
-
-type Answer = Response<Full<Bytes>>;
-
-fn json_answer(status: StatusCode, body: &Value) -> Answer {
-    let mut answer = Response::new(Full::new(Bytes::from(body.to_string())));
-    *answer.status_mut() = status;
-    answer
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-    answer
 }
 
 /// Facebook's error shape: `{"error":{"message","type","code"[,"error_subcode"],"fbtrace_id"}}`.

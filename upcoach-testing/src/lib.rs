@@ -25,6 +25,7 @@ pub mod apple;
 pub mod facebook;
 mod oidc;
 mod proxy;
+mod serve;
 
 use std::net::SocketAddr;
 

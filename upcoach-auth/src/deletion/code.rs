@@ -110,43 +110,9 @@ impl SubjectHash {
         hasher.update(subject.as_bytes());
         Self(hasher.finalize().into())
     }
-
-    /// Wraps 32 stored bytes.
-    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The 32 bytes.
-    pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
 }
 
-impl PartialEq for SubjectHash {
-    fn eq(&self, other: &Self) -> bool {
-        use subtle::ConstantTimeEq;
-        self.0.ct_eq(&other.0).into()
-    }
-}
-
-impl Eq for SubjectHash {}
-
-/// Equal hashes (the same bytes) hash alike, as `Eq` requires.
-impl std::hash::Hash for SubjectHash {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
-    }
-}
-
-impl fmt::Debug for SubjectHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SubjectHash(")?;
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        write!(f, "…)")
-    }
-}
+crate::digest::sha256_newtype!(SubjectHash);
 
 #[cfg(test)]
 mod tests {
