@@ -38,10 +38,14 @@
 //!   browser's credentials) needs nothing more.
 //! - At `POST /auth/exchange`, a callback that answers with tokens, and `POST
 //!   /auth/refresh`, the device is `X-Device-Id` if the request has it, else the device
-//!   cookie if it is valid, else none. An exchange or callback with neither binds the
-//!   session to a new random id, answers it as `device_id` (for a web app that cannot
-//!   use the cookie: it sends it as `X-Device-Id` on every refresh) and sets it as the
-//!   device cookie.
+//!   cookie if it is valid, else none. A callback with neither takes the device the
+//!   browser had (or was given) at `authorize`, which the flow keeps as a fingerprint:
+//!   Sign in with Apple comes back by a cross-site `POST`, which carries no
+//!   `SameSite=Lax` cookie, and its session still lands on the browser's device, whose
+//!   cookie stays as it is. An exchange, or a callback of a flow that kept no device,
+//!   with neither binds the session to a new random id, answers it as `device_id` (for
+//!   a web app that cannot use the cookie: it sends it as `X-Device-Id` on every
+//!   refresh) and sets it as the device cookie.
 //!
 //! An `X-Device-Id` that is not 8 to 128 of `A-Z a-z 0-9 . _ : -`, or given twice, is
 //! 400 `invalid_device_id`; a device cookie like that, or two of them, is ignored (no
@@ -656,13 +660,27 @@ impl AuthRoutes {
         let query = request.uri().query();
         let facts = client_facts(request.headers(), request.extensions())
             .with_platform(query_param(query, "platform").map(Cow::into_owned));
-        let new_device = facts.platform.as_deref() == Some("web")
-            && self.cookie_device(request.headers()).is_none();
+        // The browser's device, or a new one for a web sign-in: the flow keeps it, so
+        // a callback that comes cross-site (without the Lax device cookie) binds to it.
+        let (device, new_device) = match self.cookie_device(request.headers()) {
+            Some(device) => (Some(device), false),
+            None if facts.platform.as_deref() == Some("web") => match DeviceId::generate() {
+                Ok(device) => (Some(device), true),
+                Err(e) => return fail(&AuthError::from(e)),
+            },
+            None => (None, false),
+        };
         let return_to = query_param(query, "return_to");
         let challenge = query_param(query, "login_challenge");
         let started = match self
             .sessions
-            .authorize(provider, return_to.as_deref(), challenge.as_deref(), &facts)
+            .authorize(
+                provider,
+                return_to.as_deref(),
+                challenge.as_deref(),
+                device.as_ref(),
+                &facts,
+            )
             .await
         {
             Ok(started) => started,
@@ -685,13 +703,9 @@ impl AuthRoutes {
         let mut response = empty_response(StatusCode::FOUND);
         response.headers_mut().insert(header::LOCATION, location);
         response.headers_mut().insert(header::SET_COOKIE, cookie);
-        if new_device {
-            let device = match DeviceId::generate() {
-                Ok(device) => device,
-                Err(e) => return fail(&AuthError::from(e)),
-            };
+        if let (true, Some(device)) = (new_device, &device) {
             // After the flow cookie: a client reading one `Set-Cookie` gets that one.
-            if let Some(cookie) = self.device_cookie(&device) {
+            if let Some(cookie) = self.device_cookie(device) {
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
         }

@@ -132,7 +132,7 @@ use crate::deletion::{
 };
 use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
 use crate::refresh::{
-    DeviceId, InvalidDeviceId, MemoryRefreshStore, Purged, RefreshError, RefreshPolicy,
+    DeviceFingerprint, DeviceId, InvalidDeviceId, MemoryRefreshStore, Purged, RefreshError, RefreshPolicy,
     RefreshStore, RevokeReason,
 };
 use crate::session::AccessTokens;
@@ -791,11 +791,11 @@ impl Sessions {
     async fn open_session(
         &self,
         user: User,
-        device: Option<&DeviceId>,
+        device: Option<DeviceFingerprint>,
     ) -> Result<TokenResponse, AuthError> {
         let issued = self
             .refresh
-            .open_family(user.id, device.map(DeviceId::fingerprint), self.clock.now())
+            .open_family(user.id, device, self.clock.now())
             .await?;
         self.token_response(user, issued.family_id, issued.token.expose())
     }
@@ -806,13 +806,13 @@ impl Sessions {
     async fn open_browser_session(
         &self,
         user: User,
-        device: Option<&DeviceId>,
+        device: Option<DeviceFingerprint>,
     ) -> Result<TokenResponse, AuthError> {
         if let Some(device) = device {
             return self.open_session(user, Some(device)).await;
         }
         let made = DeviceId::generate()?;
-        let mut response = self.open_session(user, Some(&made)).await?;
+        let mut response = self.open_session(user, Some(made.fingerprint())).await?;
         response.device_id = Some(made.expose().to_owned());
         Ok(response)
     }
@@ -890,11 +890,17 @@ impl Sessions {
     /// A valid request is admitted by the flow quota before its flow is stored (see the
     /// [module docs](self)): [`AuthError::TooManySignInFlows`],
     /// [`AuthError::SignInBusy`], [`AuthError::FlowLimiter`].
+    ///
+    /// `device` is the browser's device, if it has one: the flow keeps its fingerprint,
+    /// and a [`callback`](Self::callback) that presents no device binds to it. That is
+    /// what keeps a provider that comes back by a cross-site `POST` (Sign in with Apple),
+    /// where the browser sends no `SameSite=Lax` device cookie, on the browser's device.
     pub async fn authorize(
         &self,
         provider: &str,
         return_to: Option<&str>,
         login_challenge: Option<&str>,
+        device: Option<&DeviceId>,
         facts: &ClientFacts,
     ) -> Result<Started, AuthError> {
         check_platform(facts.platform.as_deref())?;
@@ -910,6 +916,7 @@ impl Sessions {
                 return_to,
                 facts.platform.as_deref(),
                 login_challenge,
+                device,
             )
             .await?)
     }
@@ -917,7 +924,8 @@ impl Sessions {
     /// `GET|POST /auth/{provider}/callback`: finishes a browser sign-in started by
     /// the browser holding `browser_cookie`. The platform recorded is the one the flow
     /// began with. Tokens answered here (no `return_to`) are bound to `device`, the
-    /// browser's, or to a new random one whose id the [`TokenResponse`] carries.
+    /// browser's; without one, to the device given to [`authorize`](Self::authorize);
+    /// without that either, to a new random one whose id the [`TokenResponse`] carries.
     pub async fn callback(
         &self,
         provider: &str,
@@ -942,9 +950,12 @@ impl Sessions {
         let facts = facts.clone().with_platform(completed.platform.clone());
         let user = self.sign_in_identity(&completed.identity, &facts).await?;
         match completed.return_to {
-            None => Ok(CallbackOutcome::SignedIn(
-                self.open_browser_session(user, device).await?,
-            )),
+            None => {
+                let device = device.map(DeviceId::fingerprint).or(completed.device);
+                Ok(CallbackOutcome::SignedIn(
+                    self.open_browser_session(user, device).await?,
+                ))
+            }
             Some(return_to) => {
                 let grant = LoginGrant {
                     user_id: user.id,
@@ -994,7 +1005,8 @@ impl Sessions {
             .ok_or(AuthError::UserGone {
                 code: "login_code_invalid",
             })?;
-        self.open_browser_session(user, device).await
+        self.open_browser_session(user, device.map(DeviceId::fingerprint))
+            .await
     }
 
     /// `POST /auth/{provider}/token`: a native app's sign-in with the provider's
@@ -1014,7 +1026,8 @@ impl Sessions {
             .verify_native(provider.as_ref(), &credential, facts)
             .await?;
         let user = self.sign_in_identity(&identity, facts).await?;
-        self.open_session(user, device).await
+        self.open_session(user, device.map(DeviceId::fingerprint))
+            .await
     }
 
     /// Verifies a native credential and claims its nonce, recording a failure.

@@ -29,6 +29,7 @@ use subtle::ConstantTimeEq;
 use upcoach_core::{SessionId, UserId};
 
 use crate::flow::{FlowError, FlowStore, FlowStoreExt};
+use crate::refresh::{DeviceFingerprint, DeviceId};
 use crate::{AuthProvider, AuthorizationRequest, Error, ProviderId, VerifiedIdentity};
 
 /// How long a started sign-in may take.
@@ -130,6 +131,11 @@ struct FlowState {
     /// The web app's S256 challenge for redeeming the login code, if it gave one.
     #[serde(default)]
     login_challenge: Option<String>,
+    /// The fingerprint (base64url) of the browser's device at `authorize`: a provider
+    /// that comes back by a cross-site `POST` gets no `SameSite=Lax` device cookie, so
+    /// the callback takes the device from here. Never the device id itself.
+    #[serde(default)]
+    device: Option<String>,
 }
 
 /// The longest display name taken from a callback's `user`.
@@ -216,6 +222,9 @@ pub struct Completed {
     pub platform: Option<String>,
     /// What binds a login code to the browser that began: see [`LoginGrant::binding`].
     pub binding: BrowserBinding,
+    /// The fingerprint of the device the browser had when it began, if one was given
+    /// to [`WebSignIn::begin`].
+    pub device: Option<DeviceFingerprint>,
 }
 
 /// What ties a login code to the browser that began the sign-in.
@@ -389,7 +398,8 @@ impl WebSignIn {
     }
 
     /// Starts a sign-in with `provider`, returning to `redirect_uri` (the provider's
-    /// callback route) and then to `return_to` if given.
+    /// callback route) and then to `return_to` if given. `device` is the browser's
+    /// device, handed back as [`Completed::device`] (only its fingerprint is kept).
     pub async fn begin(
         &self,
         provider: &dyn AuthProvider,
@@ -397,6 +407,7 @@ impl WebSignIn {
         return_to: Option<&str>,
         platform: Option<&str>,
         login_challenge: Option<&str>,
+        device: Option<&DeviceId>,
     ) -> Result<Started, SignInError> {
         let return_to = self.check_start(return_to, login_challenge)?;
         let state = random_token()?;
@@ -421,6 +432,7 @@ impl WebSignIn {
             return_to,
             platform: platform.map(str::to_owned),
             login_challenge: login_challenge.map(str::to_owned),
+            device: device.map(|d| URL_SAFE_NO_PAD.encode(d.fingerprint().as_bytes())),
         };
         self.flows
             .put_json(&format!("flow:{state}"), &flow, FLOW_TTL)
@@ -468,6 +480,11 @@ impl WebSignIn {
             browser: flow.browser,
             login_challenge: flow.login_challenge,
         };
+        // Written by `begin`; anything else is not a device (and binds none).
+        let device = flow
+            .device
+            .and_then(|d| <[u8; 32]>::try_from(URL_SAFE_NO_PAD.decode(d).ok()?).ok())
+            .map(DeviceFingerprint::from_bytes);
         if !binding.same_browser(browser_cookie) {
             return Err(SignInError::BrowserMismatch);
         }
@@ -496,6 +513,7 @@ impl WebSignIn {
             return_to: flow.return_to,
             platform: flow.platform,
             binding,
+            device,
         })
     }
 

@@ -94,7 +94,7 @@ async fn a_browser_signs_in_with_facebook_and_every_graph_call_carries_the_proof
     let mut users = Vec::new();
     for _ in 0..2 {
         let started = sessions
-            .authorize("facebook", None, None, &facts("web"))
+            .authorize("facebook", None, None, None, &facts("web"))
             .await
             .unwrap();
         let dialog = &started.redirect;

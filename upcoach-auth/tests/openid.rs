@@ -632,7 +632,7 @@ async fn configured_providers_are_added_by_name_without_fetching_anything() {
     let facts = ClientFacts::default();
     let code = async |name: &str| {
         sessions
-            .authorize(name, None, None, &facts)
+            .authorize(name, None, None, None, &facts)
             .await
             .map(|_| ())
             .unwrap_err()

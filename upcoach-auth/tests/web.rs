@@ -109,6 +109,7 @@ async fn a_callback_for_another_providers_flow_is_refused() {
             None,
             None,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -146,7 +147,14 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
     let google = provider(ProviderId::GOOGLE);
     for cookie in [None, Some("another-browser")] {
         let started = web
-            .begin(&google, "https://api.example.test/cb", None, None, None)
+            .begin(
+                &google,
+                "https://api.example.test/cb",
+                None,
+                None,
+                None,
+                None,
+            )
             .await
             .unwrap();
         let params = CallbackParams {
@@ -165,6 +173,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
             "https://api.example.test/cb",
             Some("https://app.example.test/in"),
             Some("web"),
+            None,
             None,
         )
         .await
@@ -192,7 +201,14 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
     let web = setup();
     let google = provider(ProviderId::GOOGLE);
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None, None)
+        .begin(
+            &google,
+            "https://api.example.test/cb",
+            None,
+            None,
+            None,
+            None,
+        )
         .await
         .unwrap();
     let denied = CallbackParams {
@@ -210,7 +226,14 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
         "provider_denied"
     );
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None, None)
+        .begin(
+            &google,
+            "https://api.example.test/cb",
+            None,
+            None,
+            None,
+            None,
+        )
         .await
         .unwrap();
     let no_code = CallbackParams {
@@ -347,7 +370,14 @@ async fn a_callback_naming_another_issuer_is_refused() {
     let web = setup();
     let google = provider(ProviderId::GOOGLE);
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None, None)
+        .begin(
+            &google,
+            "https://api.example.test/cb",
+            None,
+            None,
+            None,
+            None,
+        )
         .await
         .unwrap();
     let params = CallbackParams {
@@ -364,7 +394,14 @@ async fn a_callback_naming_another_issuer_is_refused() {
     assert_eq!(e.code(), "flow_issuer_mismatch");
     assert_eq!(google.exchanges.load(Ordering::SeqCst), 0);
     let started = web
-        .begin(&google, "https://api.example.test/cb", None, None, None)
+        .begin(
+            &google,
+            "https://api.example.test/cb",
+            None,
+            None,
+            None,
+            None,
+        )
         .await
         .unwrap();
     let params = CallbackParams {
@@ -424,7 +461,7 @@ async fn browser_sign_in(
 ) -> upcoach_auth::sessions::TokenResponse {
     let facts = from("203.0.113.10");
     let started = sessions
-        .authorize("google", return_to, None, &facts)
+        .authorize("google", return_to, None, None, &facts)
         .await
         .unwrap();
     let params = CallbackParams {
@@ -565,7 +602,7 @@ impl Counting {
 async fn flood(sessions: &Sessions, facts: &ClientFacts, n: usize) -> (usize, Option<AuthError>) {
     for i in 0..n {
         if let Err(e) = sessions
-            .authorize("google", Some(RETURN_TO), None, facts)
+            .authorize("google", Some(RETURN_TO), None, None, facts)
             .await
         {
             return (i, Some(e));
@@ -593,7 +630,7 @@ async fn a_flood_of_sign_ins_from_one_address_stops_at_its_quota() {
     );
     for _ in 0..50 {
         sessions
-            .authorize("google", Some(RETURN_TO), None, &from("203.0.113.7"))
+            .authorize("google", Some(RETURN_TO), None, None, &from("203.0.113.7"))
             .await
             .unwrap_err();
     }
@@ -602,7 +639,7 @@ async fn a_flood_of_sign_ins_from_one_address_stops_at_its_quota() {
     // Another address, and another IPv6 /64, start theirs.
     for ip in ["198.51.100.4", "2001:db8:1:2::1", "2001:db8:1:3::1"] {
         sessions
-            .authorize("google", Some(RETURN_TO), None, &from(ip))
+            .authorize("google", Some(RETURN_TO), None, None, &from(ip))
             .await
             .unwrap_or_else(|e| panic!("{ip}: {e:?}"));
     }
@@ -621,12 +658,18 @@ async fn unknown_addresses_share_a_budget_and_bad_requests_do_not_count() {
     let unknown = ClientFacts::default();
     for _ in 0..10 {
         let bad = sessions
-            .authorize("google", Some("https://evil.example.test/"), None, &unknown)
+            .authorize(
+                "google",
+                Some("https://evil.example.test/"),
+                None,
+                None,
+                &unknown,
+            )
             .await
             .unwrap_err();
         assert_eq!(bad.code(), "return_to_not_allowed");
         let bad = sessions
-            .authorize("google", None, Some("short"), &unknown)
+            .authorize("google", None, Some("short"), None, &unknown)
             .await
             .unwrap_err();
         assert_eq!(bad.code(), "login_challenge_invalid");
@@ -663,7 +706,7 @@ async fn many_addresses_stop_at_the_total() {
     for i in 0..200u32 {
         let facts = from(&format!("2001:db8:{i:x}::1"));
         match sessions
-            .authorize("google", Some(RETURN_TO), None, &facts)
+            .authorize("google", Some(RETURN_TO), None, None, &facts)
             .await
         {
             Ok(_) => admitted += 1,
@@ -686,7 +729,7 @@ async fn many_addresses_stop_at_the_total() {
     for i in 0..100u32 {
         let facts = from(&format!("2001:db8:{i:x}::1"));
         sessions
-            .authorize("google", Some(RETURN_TO), None, &facts)
+            .authorize("google", Some(RETURN_TO), None, None, &facts)
             .await
             .unwrap();
     }
@@ -833,7 +876,7 @@ async fn a_flood_on_redis_stores_no_more_than_the_quota() {
     let mut admitted = 0;
     for i in 0..200 {
         match processes[i % 2]
-            .authorize("google", Some(RETURN_TO), None, &from("203.0.113.7"))
+            .authorize("google", Some(RETURN_TO), None, None, &from("203.0.113.7"))
             .await
         {
             Ok(_) => admitted += 1,
@@ -842,7 +885,7 @@ async fn a_flood_on_redis_stores_no_more_than_the_quota() {
     }
     assert_eq!(admitted, 30, "one budget across the processes");
     processes[1]
-        .authorize("google", Some(RETURN_TO), None, &from("198.51.100.4"))
+        .authorize("google", Some(RETURN_TO), None, None, &from("198.51.100.4"))
         .await
         .unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
@@ -1276,6 +1319,87 @@ async fn without_a_device_the_sign_in_makes_one_and_sets_its_cookie() {
     assert_eq!(jar.get(DEVICE_COOKIE), first["device_id"].as_str());
     let (_, status, _) = refresh_from(&routes, &jar, &[], &second["refresh_token"]).await;
     assert_eq!(status, 200);
+}
+
+/// A provider that comes back by a cross-site `POST` (Sign in with Apple's form_post):
+/// the browser sends its `SameSite=None` flow cookie but not its `SameSite=Lax` device
+/// cookie. The callback binds the session to the device the browser had at
+/// `authorize` (kept by the flow as a fingerprint), answers no `device_id` and leaves
+/// the device cookie as it is; refreshes with that cookie go on, and without it they
+/// are `device_mismatch`. Before the fix the session went to a new device and the
+/// browser's device cookie was replaced.
+#[tokio::test]
+async fn a_callback_without_the_device_cookie_binds_to_the_device_of_authorize() {
+    for (public_url, name) in [
+        ("https://api.example.test", DEVICE_COOKIE_HOST),
+        ("http://127.0.0.1:8080", DEVICE_COOKIE),
+    ] {
+        let routes = routes_at(public_url, Arc::default());
+        let mut jar = Jar::default();
+        // Signed in before: the browser already holds a device cookie.
+        let (_, status, _) = web_sign_in(&routes, &mut jar, &web_query(), &[]).await;
+        assert_eq!(status, 200);
+        let device = jar.get(name).unwrap().to_owned();
+
+        let (_, state) = start_in(&routes, &mut jar, "platform=web").await;
+        assert_eq!(jar.get(name), Some(device.as_str()), "kept at authorize");
+        let mut cross_site = jar.clone();
+        cross_site.0.retain(|(n, _)| n != name);
+        let uri = format!("/auth/google/callback?state={state}&code=c");
+        let landed = routes
+            .callback(
+                "google",
+                from_browser(http::Method::GET, &uri, &cross_site, &[], None),
+            )
+            .await;
+        let (headers, status, tokens) = answer(landed).await;
+        assert_eq!(status, 200, "{tokens}");
+        assert!(tokens.get("device_id").is_none(), "{tokens}");
+        let set: Vec<&str> = headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert!(
+            set.iter().all(|c| !c.starts_with(&format!("{name}="))),
+            "the device cookie is left as it is: {set:?}"
+        );
+        let refresh = &tokens["refresh_token"];
+        let (_, status, rotated) = refresh_from(&routes, &jar, &[], refresh).await;
+        assert_eq!(status, 200, "with the browser's device cookie: {rotated}");
+        let (_, status, refused) =
+            refresh_from(&routes, &cross_site, &[], &rotated["refresh_token"]).await;
+        assert_eq!(
+            (status, refused["error"]["code"].as_str()),
+            (401, Some("device_mismatch"))
+        );
+
+        // A browser with no device cookie starting a web sign-in is given one at
+        // authorize; the cross-site callback binds to that one.
+        let mut fresh = Jar::default();
+        let (_, state) = start_in(&routes, &mut fresh, "platform=web").await;
+        let given = fresh.get(name).expect("a device cookie").to_owned();
+        let mut cross_site = fresh.clone();
+        cross_site.0.retain(|(n, _)| n != name);
+        let uri = format!("/auth/google/callback?state={state}&code=c");
+        let landed = routes
+            .callback(
+                "google",
+                from_browser(http::Method::GET, &uri, &cross_site, &[], None),
+            )
+            .await;
+        let (_, status, tokens) = answer(landed).await;
+        assert_eq!(status, 200, "{tokens}");
+        assert!(tokens.get("device_id").is_none(), "{tokens}");
+        let (_, status, _) = refresh_from(
+            &routes,
+            &Jar::default(),
+            &[("x-device-id", given.as_str())],
+            &tokens["refresh_token"],
+        )
+        .await;
+        assert_eq!(status, 200, "bound to the device given at authorize");
+    }
 }
 
 /// `X-Device-Id` comes before the cookie, and an invalid one is 400 whatever cookie
