@@ -109,7 +109,7 @@ use crate::flow::FlowError;
 use crate::refresh::{DeviceId, InvalidDeviceId, RefreshError};
 use crate::sessions::{AuthError, CallbackOutcome, Sessions, TokenResponse};
 use crate::users::UserError;
-use crate::web::{CallbackParams, FLOW_COOKIE, FLOW_TTL, LoginProof, SignInError};
+use crate::web::{CallbackParams, FLOW_COOKIE, FLOW_TTL, LoginProof, SignInError, posted_name};
 
 pub use crate::refresh::device::DEVICE_ID_HEADER;
 
@@ -408,6 +408,8 @@ struct NativeBody {
     credential: NativeCredential,
     platform: Option<String>,
     device_id: Option<String>,
+    /// The name in Apple's `user`, if it reads as one.
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -427,9 +429,10 @@ struct RawNativeBody {
     /// The device, as `X-Device-Id` gives it (sign-in only; linking ignores it).
     #[serde(default)]
     device_id: Option<String>,
-    /// Apple's first-sign-in user JSON (name); accepted, not used yet.
-    #[serde(default, rename = "user")]
-    _user: Option<serde_json::Value>,
+    /// Apple's first-sign-in `user` (name), as an object or as its JSON text: see
+    /// [`posted_name`].
+    #[serde(default)]
+    user: Option<serde_json::Value>,
 }
 
 impl TryFrom<RawNativeBody> for NativeBody {
@@ -443,17 +446,18 @@ impl TryFrom<RawNativeBody> for NativeBody {
             (None, None, Some(code), nonce) => NativeCredential::AuthorizationCode { code, nonce },
             _ => return Err("expected exactly one of id_token, access_token and code"),
         };
+        // A display name only: one that does not read is none, never an error.
+        let name = match raw.user {
+            Some(serde_json::Value::String(text)) => posted_name(&text),
+            Some(object @ serde_json::Value::Object(_)) => posted_name(&object.to_string()),
+            _ => None,
+        };
         Ok(Self {
             credential,
             platform: raw.platform,
             device_id: raw.device_id,
+            name,
         })
-    }
-}
-
-impl NativeBody {
-    fn into_parts(self) -> (NativeCredential, Option<String>, Option<String>) {
-        (self.credential, self.platform, self.device_id)
     }
 }
 
@@ -632,9 +636,12 @@ impl AuthRoutes {
     /// TokenResponse, the flow cookie cleared (used: the browser needs it no more) and,
     /// when the session is bound to a device id the server made (`device_id`), that id
     /// set as the device cookie, so the browser's refreshes carry it.
-    fn signed_in_browser(&self, tokens: &TokenResponse) -> Answer {
+    /// `cross_site`: the flow cookie was set for a cross-site callback, and is cleared
+    /// with the same attributes (a browser may keep a `Secure` cookie that an answer
+    /// without `Secure` tries to clear).
+    fn signed_in_browser(&self, tokens: &TokenResponse, cross_site: bool) -> Answer {
         let mut response = json_response(StatusCode::OK, tokens);
-        if let Some(clear) = self.flow_cookie("", 0, false) {
+        if let Some(clear) = self.flow_cookie("", 0, cross_site) {
             response.headers_mut().insert(header::SET_COOKIE, clear);
         }
         let generated = tokens.device_id.as_deref().map(DeviceId::parse);
@@ -748,7 +755,9 @@ impl AuthRoutes {
             .await;
         let response = match outcome {
             Err(e) => return no_store(fail(&e)),
-            Ok(CallbackOutcome::SignedIn(tokens)) => self.signed_in_browser(&tokens),
+            Ok(CallbackOutcome::SignedIn(tokens)) => {
+                self.signed_in_browser(&tokens, self.sessions.cross_site_callback(provider))
+            }
             Ok(CallbackOutcome::Redirect(url)) => {
                 let Ok(location) = HeaderValue::from_str(url.as_str()) else {
                     return fail(&AuthError::SignIn(SignInError::ReturnToNotAllowed));
@@ -779,7 +788,12 @@ impl AuthRoutes {
             Ok(body) => body,
             Err(e) => return fail(&e),
         };
-        let (credential, platform, body_device) = body.into_parts();
+        let NativeBody {
+            credential,
+            platform,
+            device_id: body_device,
+            name,
+        } = body;
         let device = match native_device(header, body_device.as_deref()) {
             Ok(device) => device,
             Err(e) => return fail(&e),
@@ -787,7 +801,7 @@ impl AuthRoutes {
         let facts = facts.with_platform(platform);
         match self
             .sessions
-            .sign_in_with_token(provider, credential, device.as_ref(), &facts)
+            .sign_in_with_token(provider, credential, name, device.as_ref(), &facts)
             .await
         {
             Ok(tokens) => no_store(json_response(StatusCode::OK, &tokens)),
@@ -824,7 +838,10 @@ impl AuthRoutes {
             .exchange(&body.login_code, &proof, device.as_ref(), &facts)
             .await
         {
-            Ok(tokens) => no_store(self.signed_in_browser(&tokens)),
+            // Cleared as a same-site flow's cookie: behind https the attributes that
+            // matter (`Path=/; Secure`) are the same for both kinds, and on plain http
+            // a cross-site flow works only from localhost, which may clear either.
+            Ok(tokens) => no_store(self.signed_in_browser(&tokens, false)),
             Err(e) => fail(&e),
         }
     }
@@ -926,8 +943,9 @@ impl AuthRoutes {
             Ok(body) => body,
             Err(e) => return fail(&e),
         };
-        let (credential, platform, _device) = body.into_parts();
-        let facts = facts.with_platform(platform);
+        // Linking keeps the account's name: a posted one is for new accounts only.
+        let facts = facts.with_platform(body.platform);
+        let credential = body.credential;
         match self
             .sessions
             .link(&principal, provider, credential, &facts)

@@ -95,7 +95,7 @@
 //! };
 //! let credential = NativeCredential::IdToken { id_token: "badge-42".into(), nonce: Some("n-1".into()) };
 //! let phone: DeviceId = "6F9619FF-8B86-D011-B42D-00CF4FC964FF".parse()?;
-//! let signed_in = sessions.sign_in_with_token("google", credential, Some(&phone), &facts).await.unwrap();
+//! let signed_in = sessions.sign_in_with_token("google", credential, None, Some(&phone), &facts).await.unwrap();
 //! assert_eq!(signed_in.user.email.as_deref(), Some("ada@staff.example"));
 //!
 //! let rotated = sessions.refresh(&signed_in.refresh_token, Some(&phone), &facts).await.unwrap();
@@ -132,8 +132,8 @@ use crate::deletion::{
 };
 use crate::flow::{FlowError, FlowStore, MemoryFlowStore};
 use crate::refresh::{
-    DeviceFingerprint, DeviceId, InvalidDeviceId, MemoryRefreshStore, Purged, RefreshError, RefreshPolicy,
-    RefreshStore, RevokeReason,
+    DeviceFingerprint, DeviceId, InvalidDeviceId, MemoryRefreshStore, Purged, RefreshError,
+    RefreshPolicy, RefreshStore, RevokeReason,
 };
 use crate::session::AccessTokens;
 use crate::users::{LinkingPolicy, MemoryUserStore, User, UserError, UserStore};
@@ -726,6 +726,13 @@ impl Sessions {
         self.providers.keys().copied()
     }
 
+    /// Whether the configured provider `name` comes back by a cross-site `POST`
+    /// ([`AuthProvider::cross_site_callback`]); false for a name not configured.
+    pub fn cross_site_callback(&self, name: &str) -> bool {
+        self.provider(name)
+            .is_ok_and(|provider| provider.cross_site_callback())
+    }
+
     fn provider(&self, name: &str) -> Result<&Arc<dyn AuthProvider>, AuthError> {
         let id: ProviderId = name.parse().map_err(|_| AuthError::UnknownProvider)?;
         match self.providers.get(&id) {
@@ -1013,18 +1020,27 @@ impl Sessions {
     /// credential. The nonce is usable once, remembered for as long as the credential
     /// is accepted. The session is bound to `device` when the app names one; without,
     /// it is not bound.
+    ///
+    /// `name` is a display name the app passes along (Sign in with Apple gives the app
+    /// the person's name once, on the first authorization, and never puts it in the
+    /// token): used only when the provider vouched for none, and only for an account
+    /// this sign-in creates. It is never an identity.
     pub async fn sign_in_with_token(
         &self,
         provider: &str,
         credential: NativeCredential,
+        name: Option<String>,
         device: Option<&DeviceId>,
         facts: &ClientFacts,
     ) -> Result<TokenResponse, AuthError> {
         check_platform(facts.platform.as_deref())?;
         let provider = self.provider(provider)?;
-        let identity = self
+        let mut identity = self
             .verify_native(provider.as_ref(), &credential, facts)
             .await?;
+        if identity.name.is_none() {
+            identity.name = name;
+        }
         let user = self.sign_in_identity(&identity, facts).await?;
         self.open_session(user, device.map(DeviceId::fingerprint))
             .await

@@ -76,6 +76,7 @@ async fn sign_in_facebook(
             "facebook",
             NativeCredential::AccessToken(token),
             None,
+            None,
             &facts("ios"),
         )
         .await
@@ -226,6 +227,7 @@ async fn native_access_tokens_are_checked_with_debug_token_first() {
                 nonce: Some("n".into()),
             },
             None,
+            None,
             &facts("ios"),
         )
         .await
@@ -351,6 +353,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
             "facebook",
             native(token.clone(), "limited-nonce-1"),
             None,
+            None,
             &facts("ios"),
         )
         .await
@@ -370,6 +373,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
             "facebook",
             native(token, "limited-nonce-1"),
             None,
+            None,
             &facts("ios"),
         )
         .await
@@ -381,6 +385,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
             "facebook",
             native(other_nonce, "limited-nonce-3"),
             None,
+            None,
             &facts("ios"),
         )
         .await
@@ -391,6 +396,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
         .sign_in_with_token(
             "facebook",
             native(foreign, "limited-nonce-4"),
+            None,
             None,
             &facts("ios"),
         )

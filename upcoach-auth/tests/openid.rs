@@ -685,13 +685,13 @@ async fn providers_added_by_hand_link_as_the_linking_policy_says() {
         let sessions = sessions(trusted);
         let token = native_id_token(b.issuer(), CLIENT_ID, "n-gl", &ada("gl-ada")).await;
         let first = sessions
-            .sign_in_with_token("gitlab", id_token(token, "n-gl"), None, &facts)
+            .sign_in_with_token("gitlab", id_token(token, "n-gl"), None, None, &facts)
             .await
             .unwrap();
         assert_eq!(first.user.providers, [gitlab]);
         let token = native_id_token(a.issuer(), "corp-ios", "n-corp", &ada("corp-ada")).await;
         let second = sessions
-            .sign_in_with_token("corp", id_token(token, "n-corp"), None, &facts)
+            .sign_in_with_token("corp", id_token(token, "n-corp"), None, None, &facts)
             .await;
         if trusted {
             let second = second.unwrap();

@@ -184,6 +184,7 @@ async fn sign_in_facebook(world: &World, user: FacebookUser) -> TokenResponse {
             "facebook",
             NativeCredential::AccessToken(world.graph.issue_token(user)),
             None,
+            None,
             &facts(),
         )
         .await
@@ -213,6 +214,7 @@ async fn sign_in_apple(world: &World, raw_nonce: &str) -> TokenResponse {
         .sign_in_with_token(
             "apple",
             apple_credential(&world.apple, &ada(), raw_nonce),
+            None,
             None,
             &facts(),
         )
@@ -604,4 +606,162 @@ async fn a_second_deletion_after_signing_in_again_erases_the_new_account() {
         .refresh(&returned.refresh_token, None, &facts())
         .await;
     assert!(refresh.is_err(), "its sessions still work");
+}
+
+/// `POST /auth/apple/token` from a native app, with `body` besides the credential.
+fn apple_token_request(
+    apple: &AppleStandIn,
+    user: &AppleUser,
+    raw_nonce: &str,
+    extra: Value,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut body = json!({
+        "id_token": apple.id_token(user, APPLE_APP, Some(&hashed(raw_nonce))),
+        "nonce": raw_nonce,
+        "platform": "ios",
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    http::Request::post("/auth/apple/token")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap()
+}
+
+/// Apple gives a native app the person's name once, at the first authorization, and
+/// never in the token; the app passes it on as `user` (Apple's web shape, as an object
+/// or as its JSON text). It names an account this sign-in creates, and nothing else: a
+/// later sign-in (or one for an account that exists) leaves the name as it is, and a
+/// `user` that does not read as a name is no name, never a refusal.
+#[tokio::test]
+async fn a_native_apple_sign_in_names_the_account_it_creates() {
+    let world = world().await;
+    let name = json!({"name": {"firstName": "Ada", "lastName": "Lovelace"}});
+    let cases = [
+        (
+            "001234.aaaa.0001",
+            json!({ "user": name }),
+            Some("Ada Lovelace"),
+        ),
+        (
+            "001234.aaaa.0002",
+            json!({ "user": json!({"name": {"firstName": "Grace"}}).to_string() }),
+            Some("Grace"),
+        ),
+        (
+            "001234.aaaa.0003",
+            json!({ "user": {"name": {"firstName": "Bell\u{7}"}} }),
+            None,
+        ),
+        ("001234.aaaa.0004", json!({ "user": 42 }), None),
+        ("001234.aaaa.0005", json!({ "user": "not json" }), None),
+        ("001234.aaaa.0006", json!({}), None),
+    ];
+    for (i, (sub, extra, expected)) in cases.into_iter().enumerate() {
+        let user = AppleUser::new(sub, &format!("p{i}@privaterelay.appleid.com"));
+        let (status, body) = answered(
+            world
+                .routes
+                .token(
+                    "apple",
+                    apple_token_request(&world.apple, &user, &format!("name-{i}"), extra),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(status, 200, "{sub}: {body}");
+        assert_eq!(body["user"]["name"].as_str(), expected, "{sub}: {body}");
+    }
+
+    // Ada again, with another name: her account keeps the one it has.
+    let ada = AppleUser::new("001234.aaaa.0001", "p0@privaterelay.appleid.com");
+    let renamed = json!({ "user": {"name": {"firstName": "Mallory"}} });
+    let (status, body) = answered(
+        world
+            .routes
+            .token(
+                "apple",
+                apple_token_request(&world.apple, &ada, "name-again", renamed),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"]["name"], "Ada Lovelace");
+}
+
+/// Apple's web callback answers tokens (no `return_to`) and clears the flow cookie with
+/// the attributes it was set with (`SameSite=None; Secure`), which a browser needs to
+/// replace a `Secure` cookie.
+#[tokio::test]
+async fn an_apple_callback_clears_the_flow_cookie_it_set() {
+    let world = world().await;
+    let started = world
+        .routes
+        .authorize(
+            "apple",
+            http::Request::get("/auth/apple/authorize?platform=web")
+                .body(())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(started.status(), 302);
+    let set: Vec<String> = started
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let flow = set
+        .iter()
+        .find(|c| c.starts_with("__Host-upcoach_flow="))
+        .expect("the flow cookie");
+    assert!(
+        flow.ends_with("; Path=/; Secure; Max-Age=600; HttpOnly; SameSite=None"),
+        "{flow}"
+    );
+    let flow_pair = flow.split(';').next().unwrap().to_owned();
+    let location = url::Url::parse(started.headers()["location"].to_str().unwrap()).unwrap();
+    let param = |name: &str| {
+        location
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .unwrap()
+    };
+    let code = world.apple.issue_code(
+        &ada(),
+        APPLE_WEB,
+        Some(&param("redirect_uri")),
+        Some(&param("nonce")),
+    );
+    let form = format!("state={}&code={code}", param("state"));
+    let landed = world
+        .routes
+        .callback(
+            "apple",
+            http::Request::post("/auth/apple/callback")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("cookie", flow_pair)
+                .body(http_body_util::Full::new(bytes::Bytes::from(form)))
+                .unwrap(),
+        )
+        .await;
+    let cleared: Vec<String> = landed
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let (status, body) = answered(landed).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        cleared.contains(
+            &"__Host-upcoach_flow=; Path=/; Secure; Max-Age=0; HttpOnly; SameSite=None".to_owned()
+        ),
+        "{cleared:?}"
+    );
 }

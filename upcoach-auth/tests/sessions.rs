@@ -98,7 +98,7 @@ fn badge(subject: &str, nonce: &str) -> NativeCredential {
 async fn every_kind_of_event(sessions: &Sessions) -> Vec<String> {
     let facts = facts();
     let signed_in = sessions
-        .sign_in_with_token("google", badge("ada", "n-1"), Some(&phone()), &facts)
+        .sign_in_with_token("google", badge("ada", "n-1"), None, Some(&phone()), &facts)
         .await
         .unwrap();
     assert_eq!(signed_in.device_id, None, "the app knows its own device id");
@@ -113,7 +113,7 @@ async fn every_kind_of_event(sessions: &Sessions) -> Vec<String> {
         .unwrap_err();
     assert_eq!(reused.code(), "refresh_token_reused");
     let failed = sessions
-        .sign_in_with_token("google", badge("ada", "n-1"), Some(&phone()), &facts)
+        .sign_in_with_token("google", badge("ada", "n-1"), None, Some(&phone()), &facts)
         .await
         .unwrap_err();
     assert_eq!(failed.code(), "nonce_replayed");
@@ -122,7 +122,13 @@ async fn every_kind_of_event(sessions: &Sessions) -> Vec<String> {
 
     // A stolen token, used from another device: refused, and the session is over.
     let again = sessions
-        .sign_in_with_token("google", badge("grace", "n-2"), Some(&phone()), &facts)
+        .sign_in_with_token(
+            "google",
+            badge("grace", "n-2"),
+            None,
+            Some(&phone()),
+            &facts,
+        )
         .await
         .unwrap();
     let stolen = sessions
@@ -284,13 +290,13 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
         .build();
     let facts = facts();
     sessions
-        .sign_in_with_token("google", badge("ada", "nonce-90"), None, &facts)
+        .sign_in_with_token("google", badge("ada", "nonce-90"), None, None, &facts)
         .await
         .unwrap();
     for minutes in [30, 61, 89] {
         clock.set(valid_until - Duration::from_secs((90 - minutes) * 60));
         let replay = sessions
-            .sign_in_with_token("google", badge("ada", "nonce-90"), None, &facts)
+            .sign_in_with_token("google", badge("ada", "nonce-90"), None, None, &facts)
             .await
             .unwrap_err();
         assert_eq!(replay.code(), "nonce_replayed", "after {minutes} minutes");
@@ -310,7 +316,7 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
     .clock(clock.clone())
     .build();
     let refused = forever
-        .sign_in_with_token("google", badge("ada", "nonce-long"), None, &facts)
+        .sign_in_with_token("google", badge("ada", "nonce-long"), None, None, &facts)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "credential_lifetime_too_long");
@@ -328,7 +334,7 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
     .clock(clock.clone())
     .build();
     let refused = unknown
-        .sign_in_with_token("google", badge("ada", "nonce-unknown"), None, &facts)
+        .sign_in_with_token("google", badge("ada", "nonce-unknown"), None, None, &facts)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "credential_lifetime_too_long");
@@ -337,12 +343,12 @@ async fn a_native_nonce_is_remembered_as_long_as_its_token_is_accepted() {
         nonce: None,
     };
     let refused = sessions
-        .sign_in_with_token("google", no_nonce, None, &facts)
+        .sign_in_with_token("google", no_nonce, None, None, &facts)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "nonce_required");
     let same_token = sessions
-        .sign_in_with_token("google", badge("ada", "a-fresh-nonce"), None, &facts)
+        .sign_in_with_token("google", badge("ada", "a-fresh-nonce"), None, None, &facts)
         .await
         .unwrap_err();
     assert_eq!(

@@ -774,7 +774,7 @@ mod through_sessions {
                 nonce: Some(format!("n-{i}")),
             };
             let refused = sessions
-                .sign_in_with_token("google", credential, None, &facts("203.0.113.77"))
+                .sign_in_with_token("google", credential, None, None, &facts("203.0.113.77"))
                 .await;
             assert!(refused.is_err());
             clock.advance(SECOND);
