@@ -94,6 +94,11 @@ pub enum Error {
     /// The provider could not be reached or answered unexpectedly.
     #[error("the sign-in provider is unavailable")]
     ProviderUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The provider refused this server's own credentials (OAuth `invalid_client` or
+    /// `unauthorized_client`: a wrong client secret, key or client id). Trying again
+    /// does not help until the configuration is fixed; it is logged as an error.
+    #[error("the sign-in provider refused this server's client credentials")]
+    ProviderMisconfigured(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {
@@ -107,6 +112,7 @@ impl Error {
             Error::WrongHostedDomain => "wrong_hosted_domain",
             Error::CodeRejected => "authorization_code_rejected",
             Error::ProviderUnavailable(_) => "provider_unavailable",
+            Error::ProviderMisconfigured(_) => "provider_misconfigured",
         }
     }
 

@@ -217,6 +217,27 @@ async fn a_code_is_taken_once() {
     assert_eq!(apple.client_secret_failures(), 0);
 }
 
+/// Apple refusing our client secret (`invalid_client`: a key id, team or key that is
+/// not Apple's for this client) is our configuration's fault: `provider_misconfigured`,
+/// not retryable, where an outage would be `provider_unavailable`.
+#[tokio::test]
+async fn a_client_secret_apple_refuses_is_a_misconfiguration() {
+    // Apple knows the team's key under another key id than the one configured.
+    let apple = AppleStandIn::start(TEST_TEAM_ID, "ZZ99YY88XX", TEST_TEAM_PUBLIC_KEY).await;
+    let provider = provider(&apple);
+    let code = apple.issue_code(&ada(), WEB, Some(CALLBACK), Some("web-nonce"));
+    let refused = provider
+        .exchange_code(&code, &request("web-nonce"), "v")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.is_retryable()),
+        ("provider_misconfigured", false),
+        "{refused:?}"
+    );
+    assert_eq!(apple.client_secret_failures(), 1);
+}
+
 #[tokio::test]
 async fn a_web_id_token_must_carry_the_flows_nonce() {
     let apple = stand_in().await;

@@ -705,3 +705,33 @@ async fn providers_added_by_hand_link_as_the_linking_policy_says() {
         }
     }
 }
+
+/// A provider that refuses our client credentials (`invalid_client`,
+/// `unauthorized_client`: a wrong secret or client id) is `provider_misconfigured`,
+/// which a retry does not fix (500, not 503); a refused code stays
+/// `authorization_code_rejected`, and anything else the token endpoint says
+/// `provider_unavailable`.
+#[tokio::test]
+async fn refused_client_credentials_are_a_misconfiguration_not_an_outage() {
+    let Some(idp) = OidcProvider::start().await else {
+        return;
+    };
+    let corp_idp = provider(&config(corp(), idp.issuer()));
+    for (error, code, retryable) in [
+        ("invalid_client", "provider_misconfigured", false),
+        ("unauthorized_client", "provider_misconfigured", false),
+        ("invalid_grant", "authorization_code_rejected", false),
+        ("temporarily_unavailable", "provider_unavailable", true),
+    ] {
+        let refused = sign_in(&corp_idp, &json!({ "token_error": error }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (refused.code(), refused.is_retryable()),
+            (code, retryable),
+            "{error}: {refused:?}"
+        );
+    }
+    // The stand-in answers the next sign-in as usual.
+    sign_in(&corp_idp, &json!({})).await.unwrap();
+}

@@ -11,7 +11,9 @@
 // otherwise) with {"sub": <that sign-in's sub>} plus the hint's optional "userinfo"
 // object: claims served there and not put in any token (null removes one, so
 // {"sub": null} drops the sub; a "sub" there overrides it). The hint's optional
-// "userinfo_status" makes the endpoint answer that HTTP status with an error instead.
+// "userinfo_status" makes the endpoint answer that HTTP status with an error instead,
+// and its optional "token_error" makes the token endpoint refuse that sign-in's code
+// with that OAuth error (400 {"error": ...}; 401 for "invalid_client", RFC 6749 §5.2).
 import { OAuth2Server } from "oauth2-mock-server";
 
 const port = Number(process.argv[2] ?? 0);
@@ -34,8 +36,13 @@ server.service.on("beforeAuthorizeRedirect", (redirect, req) => {
   const code = redirect.url.searchParams.get("code");
   if (typeof hint === "string" && code) {
     const parsed = JSON.parse(Buffer.from(hint, "base64url").toString("utf8"));
-    const { userinfo, userinfo_status: userinfoStatus, ...claims } = parsed;
-    claimsByCode.set(code, { claims, userinfo, userinfoStatus });
+    const {
+      userinfo,
+      userinfo_status: userinfoStatus,
+      token_error: tokenError,
+      ...claims
+    } = parsed;
+    claimsByCode.set(code, { claims, userinfo, userinfoStatus, tokenError });
   }
 });
 server.service.on("beforeTokenSigning", (token, req) => {
@@ -48,6 +55,11 @@ server.service.on("beforeTokenSigning", (token, req) => {
 server.service.on("beforeResponse", (response, req) => {
   const hint = claimsByCode.get(req.body?.code);
   claimsByCode.delete(req.body?.code);
+  if (typeof hint?.tokenError === "string") {
+    response.statusCode = hint.tokenError === "invalid_client" ? 401 : 400;
+    response.body = { error: hint.tokenError };
+    return;
+  }
   const accessToken = response.body?.access_token;
   if (response.statusCode !== 200 || typeof accessToken !== "string") return;
   const claims = { ...defaults, ...(hint?.claims ?? {}) };

@@ -76,8 +76,9 @@ pub struct AppleSignIn {
 ///
 /// Errors: a code Apple does not take (`invalid_grant`, `invalid_request`) is
 /// [`Error::CodeRejected`]; Apple refusing our client secret (`invalid_client`, a
-/// configuration fault, logged) and any other failure of the token endpoint are
-/// [`Error::ProviderUnavailable`], never with a code, secret or token in them; a refused
+/// configuration fault, logged) is [`Error::ProviderMisconfigured`], and any other
+/// failure of the token endpoint [`Error::ProviderUnavailable`], never with a code,
+/// secret or token in them; a refused
 /// id token is [`Error::IdToken`] with its code; Apple's own checks keep their
 /// [`AppleError`] code as [`Error::InvalidCredential`]'s reason (`apple_nonce_mismatch`,
 /// `apple_nonce_not_hashed`, `apple_claims_invalid`, ...). Using a client id that is
@@ -441,8 +442,9 @@ fn token_form(client_id: &str, secret: &str, code: &str, redirect_uri: Option<&s
 
 /// The error for a token endpoint answer of `status` (not 2xx) with `body`: a code Apple
 /// does not take (`invalid_grant`, `invalid_request`) is [`Error::CodeRejected`];
-/// anything else is [`Error::ProviderUnavailable`], `invalid_client` (our client secret
-/// or client id refused: a configuration fault) logged as an error.
+/// `invalid_client` (our client secret or client id refused: a configuration fault) is
+/// [`Error::ProviderMisconfigured`], logged as an error; anything else is
+/// [`Error::ProviderUnavailable`].
 fn token_error(status: reqwest::StatusCode, body: &[u8], client_id: &str) -> Error {
     let error = serde_json::from_slice::<Map<String, Value>>(body)
         .ok()
@@ -456,13 +458,13 @@ fn token_error(status: reqwest::StatusCode, body: &[u8], client_id: &str) -> Err
         Some("invalid_grant" | "invalid_request") if status.is_client_error() => {
             Error::CodeRejected
         }
-        Some("invalid_client") => {
+        Some("invalid_client" | "unauthorized_client") => {
             tracing::error!(
                 client_id,
                 "Apple refused our client secret (invalid_client): check APPLE_TEAM_ID, \
                  APPLE_KEY_ID, APPLE_PRIVATE_KEY and that this client id belongs to the team"
             );
-            Error::ProviderUnavailable(
+            Error::ProviderMisconfigured(
                 "Apple's token endpoint refused our client credentials (invalid_client)".into(),
             )
         }

@@ -565,6 +565,24 @@ impl AuthProvider for OpenIdProvider {
                 {
                     Error::CodeRejected
                 }
+                RequestTokenError::ServerResponse(r)
+                    if matches!(
+                        r.error(),
+                        BasicErrorResponseType::InvalidClient
+                            | BasicErrorResponseType::UnauthorizedClient
+                    ) =>
+                {
+                    tracing::error!(
+                        provider = %self.id(),
+                        error = %r.error(),
+                        "the provider refused our client credentials: check its client id \
+                         and secret"
+                    );
+                    Error::ProviderMisconfigured(Box::new(RequestTokenError::<
+                        oauth2::HttpClientError<reqwest::Error>,
+                        _,
+                    >::ServerResponse(r)))
+                }
                 other => Error::ProviderUnavailable(Box::new(other)),
             })?;
         let id_token =
