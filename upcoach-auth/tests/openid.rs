@@ -735,3 +735,45 @@ async fn refused_client_credentials_are_a_misconfiguration_not_an_outage() {
     // The stand-in answers the next sign-in as usual.
     sign_in(&corp_idp, &json!({})).await.unwrap();
 }
+
+/// A provider whose issuer ends in `/` (discovery, the tokens and RFC 9207's `iss` say
+/// `http://127.0.0.1:<port>/`): the flow expects the issuer exactly as discovery names
+/// it, so its callback's `iss` passes and the same issuer without the `/` does not.
+#[tokio::test]
+async fn an_issuer_ending_in_a_slash_is_compared_as_discovery_names_it() {
+    use upcoach_auth::flow::MemoryFlowStore;
+    use upcoach_auth::web::{CallbackParams, WebSignIn};
+    let Some(idp) = OidcProvider::start_with_trailing_slash().await else {
+        return;
+    };
+    assert!(idp.issuer().ends_with('/'), "{}", idp.issuer());
+    let corp_idp = provider(&config(corp(), idp.issuer()));
+    let web = WebSignIn::new(Arc::new(MemoryFlowStore::new()), Vec::new());
+    let without_slash = idp.issuer().trim_end_matches('/').to_owned();
+    for (iss, accepted) in [
+        (Some(idp.issuer().to_owned()), true),
+        (None, true),
+        (Some(without_slash), false),
+    ] {
+        let started = web
+            .begin(&corp_idp, &redirect(corp()), None, Some("web"), None, None)
+            .await
+            .unwrap();
+        assert_eq!(corp_idp.issuer(), Some(idp.issuer()), "as discovered");
+        let code = code_at(started.redirect.clone(), &json!({"sub": "slash-1"})).await;
+        let params = CallbackParams {
+            state: param(&started.redirect, "state"),
+            code: Some(code),
+            iss: iss.clone(),
+            ..CallbackParams::default()
+        };
+        let outcome = web
+            .complete(&corp_idp, &params, Some(&started.browser_cookie))
+            .await;
+        match (accepted, outcome) {
+            (true, Ok(completed)) => assert_eq!(completed.identity.subject, "slash-1"),
+            (false, Err(e)) => assert_eq!(e.code(), "flow_issuer_mismatch", "{iss:?}"),
+            (_, outcome) => panic!("{iss:?}: {outcome:?}"),
+        }
+    }
+}

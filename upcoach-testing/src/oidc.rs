@@ -27,6 +27,17 @@ impl OidcProvider {
     /// the packages are missing, unless `UPCOACH_REQUIRE_NODE=1`, which makes that a
     /// failure.
     pub async fn start() -> Option<Self> {
+        Self::spawn(&[]).await
+    }
+
+    /// Like [`start`](Self::start), with an issuer that ends in `/`
+    /// (`http://127.0.0.1:<port>/`), as discovery, the tokens and RFC 9207's `iss` then
+    /// name it.
+    pub async fn start_with_trailing_slash() -> Option<Self> {
+        Self::spawn(&["trailing-slash"]).await
+    }
+
+    async fn spawn(options: &[&str]) -> Option<Self> {
         let dir = script_dir();
         if !dir.join("node_modules/oauth2-mock-server").exists() {
             let why = "tests/js/oidc/node_modules is missing (run `npm ci` in tests/js/oidc)";
@@ -37,6 +48,7 @@ impl OidcProvider {
         let spawned = Command::new("node")
             .arg("provider.mjs")
             .arg("0")
+            .args(options)
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -66,7 +78,8 @@ impl OidcProvider {
         Some(Self { issuer, child })
     }
 
-    /// The issuer URL (`http://127.0.0.1:<port>`), where discovery starts.
+    /// The issuer URL (`http://127.0.0.1:<port>`, with a trailing `/` when started so),
+    /// where discovery starts.
     pub fn issuer(&self) -> &str {
         &self.issuer
     }

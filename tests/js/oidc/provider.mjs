@@ -17,6 +17,9 @@
 import { OAuth2Server } from "oauth2-mock-server";
 
 const port = Number(process.argv[2] ?? 0);
+// With "trailing-slash" as argv[3], the issuer ends in "/" (discovery and tokens say
+// so), as some providers' issuers do.
+const trailingSlash = process.argv[3] === "trailing-slash";
 const server = new OAuth2Server();
 await server.issuer.keys.generate("RS256");
 
@@ -87,7 +90,7 @@ server.service.on("beforeUserinfo", (response, req) => {
 
 await server.start(port, "127.0.0.1");
 // The library names its issuer "localhost"; say the address it really listens on.
-server.issuer.url = `http://127.0.0.1:${server.address().port}`;
+server.issuer.url = `http://127.0.0.1:${server.address().port}${trailingSlash ? "/" : ""}`;
 process.stdout.write(JSON.stringify({ issuer: server.issuer.url }) + "\n");
 
 const stop = async () => {

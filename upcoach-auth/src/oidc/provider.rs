@@ -259,6 +259,8 @@ type OAuthClient = oauth2::Client<
 /// What discovery made: the OAuth client, the id-token verifier and UserInfo.
 #[derive(Debug)]
 struct Endpoints {
+    /// The issuer as discovery names it.
+    issuer: String,
     oauth: OAuthClient,
     verifier: IdTokenVerifier,
     userinfo_endpoint: Option<String>,
@@ -389,6 +391,28 @@ impl OpenIdProvider {
 
     fn endpoints_of(&self, discovery: Discovery) -> Result<Endpoints, Error> {
         let invalid = |what: &'static str| Error::ProviderUnavailable(what.into());
+        // Codes, the client secret and the keys that vouch for every sign-in travel
+        // these: never in clear text when the issuer itself is https.
+        if self.config.issuer_url.starts_with("https://") {
+            for (endpoint, what) in [
+                (
+                    &discovery.authorization_endpoint,
+                    "the authorization endpoint of an https issuer is not https",
+                ),
+                (
+                    &discovery.token_endpoint,
+                    "the token endpoint of an https issuer is not https",
+                ),
+                (
+                    &discovery.jwks_uri,
+                    "the JWKS URI of an https issuer is not https",
+                ),
+            ] {
+                if !endpoint.starts_with("https://") {
+                    return Err(invalid(what));
+                }
+            }
+        }
         let mut issuers = vec![discovery.issuer.clone()];
         issuers.extend(self.config.other_issuers.iter().cloned());
         let rules = IdTokenRules::rs256(issuers, self.config.audiences());
@@ -411,6 +435,7 @@ impl OpenIdProvider {
                     .map_err(|_| invalid("the redirect URI is not a URL"))?,
             );
         Ok(Endpoints {
+            issuer: discovery.issuer,
             oauth,
             verifier,
             // Not checked here: a provider that never needs it keeps working; a bad URL
@@ -510,8 +535,14 @@ impl AuthProvider for OpenIdProvider {
         self.config.name
     }
 
+    /// The issuer discovery named (exactly, trailing `/` and all, as RFC 9207's `iss`
+    /// and the id tokens carry it); before discovery, the configured one.
     fn issuer(&self) -> Option<&str> {
-        Some(&self.config.issuer_url)
+        Some(
+            self.endpoints
+                .get()
+                .map_or(self.config.issuer_url.as_str(), |e| e.issuer.as_str()),
+        )
     }
 
     async fn authorization_url(&self, request: &AuthorizationRequest) -> Result<url::Url, Error> {
@@ -627,5 +658,73 @@ impl AuthProvider for OpenIdProvider {
                 reason: "id_token_required",
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery(issuer: &str, endpoint: &str) -> Discovery {
+        Discovery {
+            issuer: issuer.to_owned(),
+            authorization_endpoint: format!("{endpoint}/authorize"),
+            token_endpoint: format!("{endpoint}/token"),
+            jwks_uri: format!("{endpoint}/jwks"),
+            userinfo_endpoint: None,
+        }
+    }
+
+    fn provider(issuer: &str) -> OpenIdProvider {
+        let config = OpenIdConfig::new(
+            "corp".parse().unwrap(),
+            issuer,
+            "client",
+            upcoach_core::Secret::new("secret"),
+        );
+        OpenIdProvider::new(
+            &config,
+            "https://api.example.test/auth/corp/callback",
+            Arc::new(upcoach_core::SystemClock),
+        )
+        .unwrap()
+    }
+
+    /// An https issuer whose discovery sends codes, the client secret or keys over
+    /// plain http is refused, one endpoint at a time; an http issuer (a local test
+    /// provider) may name http endpoints.
+    #[test]
+    fn an_https_issuer_must_name_https_endpoints() {
+        let https = provider("https://sso.example.test");
+        assert!(
+            https
+                .endpoints_of(discovery(
+                    "https://sso.example.test",
+                    "https://sso.example.test"
+                ))
+                .is_ok()
+        );
+        for (field, expected) in [
+            ("authorization_endpoint", "the authorization endpoint"),
+            ("token_endpoint", "the token endpoint"),
+            ("jwks_uri", "the JWKS URI"),
+        ] {
+            let mut plain = discovery("https://sso.example.test", "https://sso.example.test");
+            let downgraded = "http://sso.example.test/x".to_owned();
+            match field {
+                "authorization_endpoint" => plain.authorization_endpoint = downgraded,
+                "token_endpoint" => plain.token_endpoint = downgraded,
+                _ => plain.jwks_uri = downgraded,
+            }
+            let refused = https.endpoints_of(plain).err().expect(field);
+            assert_eq!(refused.code(), "provider_unavailable");
+            let shown = format!("{refused:?}");
+            assert!(shown.contains(expected), "{field}: {shown}");
+        }
+        let http = provider("http://127.0.0.1:9");
+        assert!(
+            http.endpoints_of(discovery("http://127.0.0.1:9", "http://127.0.0.1:9"))
+                .is_ok()
+        );
     }
 }
