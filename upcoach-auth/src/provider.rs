@@ -243,6 +243,14 @@ pub trait AuthProvider: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// The provider's own say on whether its verified addresses link to an existing
+    /// account by themselves ([`LinkingPolicy`](crate::users::LinkingPolicy)), used
+    /// when the host sets no policy of its own; `None` (the default) leaves it to
+    /// [`LinkingPolicy::default`](crate::users::LinkingPolicy::default).
+    fn trusted_for_linking(&self) -> Option<bool> {
+        None
+    }
+
     /// Whether the provider sends the browser back by a cross-site `POST`
     /// (`response_mode=form_post`, as Sign in with Apple does), so the flow cookie must
     /// be `SameSite=None; Secure` to come along. `false` (a `GET` redirect, for which

@@ -409,7 +409,7 @@ pub struct SessionsBuilder {
     flows: Option<Arc<dyn FlowStore>>,
     providers: Vec<Arc<dyn AuthProvider>>,
     return_to_allowlist: Vec<String>,
-    linking: LinkingPolicy,
+    linking: Option<LinkingPolicy>,
     events: Option<Arc<dyn EventLog>>,
     clock: Option<Arc<dyn Clock>>,
     flow_limiter: Option<Arc<dyn RateLimiter>>,
@@ -531,9 +531,15 @@ impl SessionsBuilder {
         self
     }
 
-    /// Which providers' verified addresses link accounts automatically.
+    /// Which providers' verified addresses link accounts automatically: exactly
+    /// `policy`, whatever the providers say and in whichever order the builder is
+    /// called. Without it, [`LinkingPolicy::default`] with each provider's own
+    /// [`AuthProvider::trusted_for_linking`] (an [`OpenIdProvider`]'s
+    /// `OpenIdConfig::trusted_for_linking`, from `OIDC_<NAME>_TRUSTED_FOR_LINKING`).
+    ///
+    /// [`OpenIdProvider`]: crate::oidc::OpenIdProvider
     pub fn linking(mut self, policy: LinkingPolicy) -> Self {
-        self.linking = policy;
+        self.linking = Some(policy);
         self
     }
 
@@ -578,7 +584,7 @@ impl SessionsBuilder {
     }
 
     /// Takes `config`'s return-to allow-list and adds each provider it configures
-    /// (Google, every `OIDC_PROVIDERS` one with its linking trust, Facebook), with
+    /// (Google, every `OIDC_PROVIDERS` one, which carries its linking trust, Facebook), with
     /// callbacks under this builder's public URL. Nothing is fetched: each provider
     /// discovers its endpoints or keys on its first sign-in.
     pub async fn configure(mut self, config: &AuthConfig) -> Result<Self, Error> {
@@ -593,8 +599,6 @@ impl SessionsBuilder {
             let callback = Sessions::callback_url_of(&self.public_url, openid.name);
             let provider = crate::oidc::OpenIdProvider::new(openid, &callback, clock.clone())?;
             self.providers.push(Arc::new(provider));
-            self.linking =
-                std::mem::take(&mut self.linking).with(openid.name, openid.trusted_for_linking);
         }
         if let Some(apple) = &config.apple {
             let callback = Sessions::callback_url_of(&self.public_url, ProviderId::APPLE);
@@ -623,8 +627,20 @@ impl SessionsBuilder {
                 .users
                 .unwrap_or_else(|| Arc::new(MemoryUserStore::new())),
             web: WebSignIn::new(flows, self.return_to_allowlist),
+            linking: self.linking.unwrap_or_else(|| {
+                // The default, with each provider's own say (the last added of a name).
+                let mut policy = LinkingPolicy::default();
+                for provider in &self.providers {
+                    policy = policy.with(
+                        provider.id(),
+                        provider
+                            .trusted_for_linking()
+                            .unwrap_or_else(|| LinkingPolicy::default().trusts(provider.id())),
+                    );
+                }
+                policy
+            }),
             providers: self.providers.into_iter().map(|p| (p.id(), p)).collect(),
-            linking: self.linking,
             events: self
                 .events
                 .unwrap_or_else(|| Arc::new(MemoryEventLog::default())),
@@ -675,7 +691,7 @@ impl Sessions {
             flows: None,
             providers: Vec::new(),
             return_to_allowlist: Vec::new(),
-            linking: LinkingPolicy::default(),
+            linking: None,
             events: None,
             clock: None,
             flow_limiter: None,

@@ -777,3 +777,79 @@ async fn an_issuer_ending_in_a_slash_is_compared_as_discovery_names_it() {
         }
     }
 }
+
+/// A provider added by hand carries its own `trusted_for_linking`, as `configure` reads
+/// it from the environment; a policy the host gives (`linking`) is exactly what links,
+/// before or after the providers are added.
+#[tokio::test]
+async fn a_providers_own_linking_trust_applies_unless_the_host_sets_a_policy() {
+    use upcoach_auth::sessions::SessionsBuilder;
+    use upcoach_auth::users::LinkingPolicy;
+    let Some((a, b)) = two_providers().await else {
+        return;
+    };
+    let gitlab: ProviderId = "gitlab".parse().unwrap();
+    let public_url = "https://api.example.com";
+    let clock = Arc::new(SystemClock);
+    let with_providers = |builder: SessionsBuilder| {
+        let corp_config = config(corp(), a.issuer())
+            .other_audiences(["corp-ios"])
+            .trusted_for_linking(true);
+        let gitlab_config = config(gitlab, b.issuer());
+        let add = |config: &OpenIdConfig| {
+            Arc::new(
+                OpenIdProvider::new(
+                    config,
+                    &Sessions::callback_url_of(public_url, config.name),
+                    clock.clone(),
+                )
+                .unwrap(),
+            )
+        };
+        builder
+            .provider(add(&corp_config))
+            .provider(add(&gitlab_config))
+    };
+    let builder = || {
+        let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock.clone());
+        Sessions::builder(Arc::new(tokens), public_url)
+    };
+    let cases = [
+        (
+            "the provider's own trust",
+            with_providers(builder()).build(),
+            true,
+        ),
+        (
+            "a policy given after",
+            with_providers(builder())
+                .linking(LinkingPolicy::default())
+                .build(),
+            false,
+        ),
+        (
+            "a policy given before",
+            with_providers(builder().linking(LinkingPolicy::default())).build(),
+            false,
+        ),
+    ];
+    let facts = ClientFacts::default();
+    let ada = |sub: &str| json!({"sub": sub, "email": "ada@example.test", "email_verified": true});
+    for (i, (case, sessions, links)) in cases.into_iter().enumerate() {
+        let nonce = |p: &str| format!("n-{p}-{i}");
+        let token = native_id_token(b.issuer(), CLIENT_ID, &nonce("gl"), &ada("gl-ada")).await;
+        let first = sessions
+            .sign_in_with_token("gitlab", id_token(token, &nonce("gl")), None, None, &facts)
+            .await
+            .unwrap();
+        let token = native_id_token(a.issuer(), "corp-ios", &nonce("corp"), &ada("corp-ada")).await;
+        let second = sessions
+            .sign_in_with_token("corp", id_token(token, &nonce("corp")), None, None, &facts)
+            .await;
+        match (links, second) {
+            (true, Ok(second)) => assert_eq!(second.user.id, first.user.id, "{case}"),
+            (false, Err(e)) => assert_eq!(e.code(), "account_exists", "{case}"),
+            (_, other) => panic!("{case}: {:?}", other.map(|t| t.user)),
+        }
+    }
+}

@@ -535,6 +535,11 @@ impl AuthProvider for OpenIdProvider {
         self.config.name
     }
 
+    /// `OpenIdConfig::trusted_for_linking`.
+    fn trusted_for_linking(&self) -> Option<bool> {
+        Some(self.config.trusted_for_linking)
+    }
+
     /// The issuer discovery named (exactly, trailing `/` and all, as RFC 9207's `iss`
     /// and the id tokens carry it); before discovery, the configured one.
     fn issuer(&self) -> Option<&str> {
