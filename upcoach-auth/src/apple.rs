@@ -106,6 +106,10 @@ pub const MAX_EVENTS_LEN: usize = 8 * 1024;
 pub const MAX_NOTIFICATION_BODY_LEN: usize = crate::oidc::MAX_ID_TOKEN_LEN + 1024;
 /// The longest `jti` of a notification, in bytes.
 const MAX_JTI_LEN: usize = 256;
+/// The oldest notification acted on, by its `iat`: 23 hours. A claimed notification is
+/// remembered until its `exp` (at most a day, the flow store's longest), so a replay
+/// after that is refused as stale here, whatever `exp` it carries.
+pub const NOTIFICATION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(23 * 3600);
 /// How much of an unknown event type an error keeps.
 const MAX_REPORTED_KIND_LEN: usize = 64;
 
@@ -177,7 +181,8 @@ pub enum AppleError {
     /// The notification's `aud` names none of our client ids.
     #[error("the Apple notification is not for this application")]
     NotificationWrongAudience,
-    /// The notification's `exp` is past (beyond the leeway).
+    /// The notification's `exp` is past (beyond the leeway), or its `iat` is older than
+    /// [`NOTIFICATION_MAX_AGE`].
     #[error("the Apple notification has expired")]
     NotificationExpired,
     /// The notification's `iat` (or `nbf`) is in the future (beyond the leeway).
@@ -737,6 +742,9 @@ struct EventFields {
 pub struct AppleNotification {
     /// The JWT's `jti`, when it has one.
     pub jti: Option<String>,
+    /// The JWT's `exp`, in seconds since the epoch, when it has one (a verified
+    /// notification always does): how long its key must be remembered.
+    pub expires_at: Option<u64>,
     /// The event.
     pub event: AppleEvent,
 }
@@ -783,8 +791,10 @@ impl AppleNotification {
         if fields.sub.is_empty() {
             return Err(malformed("the event's sub is empty", None));
         }
+        let expires_at = claims.get("exp").and_then(Value::as_u64);
         Ok(Self {
             jti,
+            expires_at,
             event: AppleEvent {
                 kind,
                 sub: fields.sub,

@@ -152,10 +152,27 @@ pub const FLOW_TOTAL_SUBJECT: &str = "all";
 /// The subject shared by every request whose client address is unknown.
 pub const UNKNOWN_ADDRESS_SUBJECT: &str = "ip:unknown";
 
-/// How long an Apple notification's `jti` is remembered, so a replay is refused. Apple
-/// retries a notification it could not deliver within minutes; a notification JWT older
-/// than this is refused as stale by the verifier.
-pub const APPLE_NOTIFICATION_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// The longest an Apple notification's key is remembered, so a replay is refused: a
+/// notification is remembered until its `exp` (plus the leeway), at most this long; one
+/// older than [`NOTIFICATION_MAX_AGE`](crate::apple::NOTIFICATION_MAX_AGE) (by `iat`) is
+/// refused as stale, so no replay outlives the memory.
+pub const APPLE_NOTIFICATION_MEMORY: Duration = crate::flow::MAX_TTL;
+
+/// How long to remember a notification that expires at `expires_at` (seconds since the
+/// epoch), at `now`: until then plus the leeway and a second, at most
+/// [`APPLE_NOTIFICATION_MEMORY`]; that long when it names no expiry.
+fn notification_memory(expires_at: Option<u64>, now: SystemTime) -> Duration {
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    expires_at.map_or(APPLE_NOTIFICATION_MEMORY, |exp| {
+        Duration::from_secs(exp.saturating_sub(now))
+            .saturating_add(crate::oidc::DEFAULT_LEEWAY)
+            .saturating_add(Duration::from_secs(1))
+            .min(APPLE_NOTIFICATION_MEMORY)
+    })
+}
 
 /// Browser sign-ins one address may start per [`FLOW_TTL`](crate::web::FLOW_TTL) (ten
 /// minutes), by default: 30 at once, then one every 20 s. A person needs one (a few
@@ -1477,7 +1494,7 @@ impl Sessions {
             .web
             .claim_nonce(
                 &format!("apple-notification:{}", notification.idempotency_key()),
-                APPLE_NOTIFICATION_MEMORY,
+                notification_memory(notification.expires_at, self.clock.now()),
             )
             .await?
         {
@@ -1584,5 +1601,28 @@ impl Sessions {
 impl upcoach_core::TokenVerifier for Sessions {
     async fn verify(&self, bearer: &str) -> Result<Principal, TokenError> {
         self.authenticate(bearer).await
+    }
+}
+
+#[cfg(test)]
+mod notification_tests {
+    use super::*;
+
+    /// A notification's key is kept until its `exp` plus the leeway and a second, and
+    /// never longer than the flow store keeps anything.
+    #[test]
+    fn a_notification_is_remembered_until_it_expires_and_at_most_a_day() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let leeway = crate::oidc::DEFAULT_LEEWAY.as_secs();
+        let memory = |exp: Option<u64>| notification_memory(exp, now).as_secs();
+        assert_eq!(memory(Some(1_700_000_300)), 300 + leeway + 1);
+        assert_eq!(memory(Some(1_699_999_000)), leeway + 1, "already past");
+        assert_eq!(memory(Some(1_700_000_000 + 30 * 86_400)), 86_400, "capped");
+        assert_eq!(memory(None), 86_400);
+        assert_eq!(APPLE_NOTIFICATION_MEMORY, crate::flow::MAX_TTL);
+        assert!(
+            crate::apple::NOTIFICATION_MAX_AGE + crate::oidc::DEFAULT_LEEWAY
+                < APPLE_NOTIFICATION_MEMORY
+        );
     }
 }

@@ -496,13 +496,37 @@ async fn an_expired_notification_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), "apple_notification_expired");
 
+    // Still within its `exp`, but issued longer ago than any notification's key is
+    // remembered: a replay of it could not be told apart from a first delivery.
     let mut claims = notification_claims(&apple, WEB);
-    claims.as_object_mut().unwrap().remove("exp");
+    claims["iat"] = json!(now() - 23 * 3600 - 5);
+    claims["exp"] = json!(now() + 3600);
     let err = provider
         .verify_notification(&notification_body(&apple.sign(claims)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), "apple_notification_malformed");
+    assert_eq!(err.code(), "apple_notification_expired");
+    let mut claims = notification_claims(&apple, WEB);
+    claims["iat"] = json!(now() - 23 * 3600 + 60);
+    claims["exp"] = json!(now() + 3600);
+    provider
+        .verify_notification(&notification_body(&apple.sign(claims)))
+        .await
+        .expect("younger than NOTIFICATION_MAX_AGE");
+
+    for claim in ["exp", "iat"] {
+        let mut claims = notification_claims(&apple, WEB);
+        claims.as_object_mut().unwrap().remove(claim);
+        let err = provider
+            .verify_notification(&notification_body(&apple.sign(claims)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            "apple_notification_malformed",
+            "without {claim}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -294,8 +294,9 @@ impl AppleProvider {
     ///
     /// The JWT must be RS256 with one of Apple's keys (an unknown `kid` makes the key set
     /// be fetched again, at most every 30 s), `iss` = `APPLE_ISSUER`, `aud` one of our
-    /// client ids, `exp` present and not past, `iat` and `nbf` (when present) not in the
-    /// future, each with the verifier's leeway. Then [`AppleNotification::from_claims`]
+    /// client ids, `exp` present and not past, `iat` present, not in the future and not
+    /// older than [`NOTIFICATION_MAX_AGE`](super::NOTIFICATION_MAX_AGE), `nbf` (when
+    /// present) not in the future, each with the verifier's leeway. Then [`AppleNotification::from_claims`]
     /// reads it.
     ///
     /// Replays are not detected here: the same JWT verifies until it expires. The caller
@@ -355,9 +356,13 @@ impl AppleProvider {
         }
         let nbf =
             number_claim(claims, "nbf").map_err(|_| malformed("nbf is not a number", None))?;
-        let iat =
-            number_claim(claims, "iat").map_err(|_| malformed("iat is not a number", None))?;
-        if [nbf, iat]
+        let iat = number_claim(claims, "iat")
+            .map_err(|_| malformed("iat is not a number", None))?
+            .ok_or_else(|| malformed("no iat claim", None))?;
+        if now.saturating_sub(iat) > super::NOTIFICATION_MAX_AGE.as_secs() {
+            return Err(AppleError::NotificationExpired);
+        }
+        if [nbf, Some(iat)]
             .into_iter()
             .flatten()
             .any(|at| at > now.saturating_add(leeway))

@@ -411,6 +411,7 @@ fn notification(events: Value) -> Result<AppleNotification, AppleError> {
         "iss": APPLE_ISSUER,
         "aud": "com.example.web",
         "iat": T0,
+        "exp": T0 + 300,
         "jti": "jti-1",
         "events": events,
     });
@@ -435,6 +436,7 @@ fn each_event_kind_is_read() {
         email_disabled,
         AppleNotification {
             jti: Some("jti-1".into()),
+            expires_at: Some(T0 + 300),
             event: AppleEvent {
                 kind: AppleEventKind::EmailDisabled,
                 sub: "001234.abc.0042".into(),

@@ -208,14 +208,14 @@ fn token_endpoint_errors_are_classified() {
         (
             StatusCode::BAD_REQUEST,
             br#"{"error":"invalid_client"}"#,
-            "provider_unavailable",
-            true,
+            "provider_misconfigured",
+            false,
         ),
         (
             StatusCode::UNAUTHORIZED,
             br#"{"error":"invalid_client"}"#,
-            "provider_unavailable",
-            true,
+            "provider_misconfigured",
+            false,
         ),
         (
             StatusCode::BAD_REQUEST,
@@ -307,7 +307,12 @@ fn notification_claims_are_held_to_issuer_audience_and_time() {
         (good(), "ok"),
         (with("aud", json!(APP)), "ok"),
         (with("aud", json!(["someone.else", APP])), "ok"),
-        (without("iat"), "ok"),
+        (without("iat"), "apple_notification_malformed"),
+        (with("iat", json!(T0 - 23 * 3600)), "ok"),
+        (
+            with("iat", json!(T0 - 23 * 3600 - 1)),
+            "apple_notification_expired",
+        ),
         (with("exp", json!(T0 - 60)), "ok"),
         (with("iat", json!(T0 + 60)), "ok"),
         (with("exp", json!(T0 - 61)), "apple_notification_expired"),
