@@ -8,18 +8,25 @@
 //!    address and `email_verified` are refreshed).
 //! 2. **New identity, no other user has its address**: a new user with role `user`,
 //!    the identity's address and name, and this one identity.
-//! 3. **New identity, and exactly one user has its address**: linked to that user
-//!    automatically only when all hold: the identity's address is verified, the
-//!    [`LinkingPolicy`] trusts the provider's addresses, the user holds the address
-//!    verified too (by itself or through an identity), and the user has no identity of
-//!    this provider yet. Otherwise [`UserError::AccountExists`]: the person signs in the
-//!    way they did before and links this provider explicitly ([`UserStore::link`]).
-//! 4. **New identity, and several users have its address**: [`UserError::AccountExists`].
+//! 3. **New identity whose address is not vouched for** (not verified, or the
+//!    [`LinkingPolicy`] does not trust the provider's addresses), **and some user has
+//!    its address**: [`UserError::AccountExists`]: the person signs in the way they did
+//!    before and links this provider explicitly ([`UserStore::link`]).
+//! 4. **New identity whose address is vouched for** (verified, by a trusted provider):
+//!    - exactly one user holds the address verified (by itself or through an
+//!      identity): linked to that user, unless it has an identity of this provider
+//!      already ([`UserError::AccountExists`]);
+//!    - several users hold it verified: [`UserError::AccountExists`];
+//!    - users hold it, none verified: a new user, as in 2. An address someone
+//!      registered with a provider that does not verify it never locks its proven
+//!      owner out, nor gets linked to.
 //!
 //! "Has the address" compares case-insensitively against the user's own address and
 //! the addresses of its identities. Requiring the existing user's address to be
 //! verified keeps an attacker who registered someone else's address with an unverified
-//! provider from getting that person's later sign-ins linked to the attacker's account.
+//! provider from getting that person's later sign-ins linked to the attacker's account;
+//! ignoring unverified holders for a vouched-for address keeps that attacker from
+//! blocking them (`account_exists` forever).
 //!
 //! A user has at most one identity per provider, and always at least one:
 //! [`UserStore::unlink`] refuses the last ([`UserError::LastIdentity`]).
@@ -313,6 +320,40 @@ pub fn check_identity(identity: &VerifiedIdentity) -> Result<(), UserError> {
 /// The identity's address, with an empty one taken as none.
 pub(crate) fn email_of(identity: &VerifiedIdentity) -> Option<&str> {
     identity.email.as_deref().filter(|e| !e.is_empty())
+}
+
+/// A user that holds a new identity's address, as a first sign-in sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Holder<Id> {
+    pub(crate) id: Id,
+    /// Holds the address verified (by itself or through an identity).
+    pub(crate) verified: bool,
+    /// Has an identity of the signing-in provider already.
+    pub(crate) has_provider: bool,
+}
+
+/// What a first sign-in of `identity` does, given the users holding its address (see
+/// the [module docs](self)): `Ok(None)` makes a new user, `Ok(Some(id))` links to
+/// `id`. `holders` need only include the first two verified ones, when there are any.
+pub(crate) fn first_sign_in_choice<Id>(
+    identity: &VerifiedIdentity,
+    policy: &LinkingPolicy,
+    holders: impl IntoIterator<Item = Holder<Id>>,
+) -> Result<Option<Id>, UserError> {
+    let vouched = identity.email_verified && policy.trusts(identity.provider);
+    let mut holders = holders.into_iter().peekable();
+    if holders.peek().is_none() {
+        return Ok(None);
+    }
+    if !vouched {
+        return Err(UserError::AccountExists);
+    }
+    let mut verified = holders.filter(|h| h.verified);
+    match (verified.next(), verified.next()) {
+        (None, _) => Ok(None),
+        (Some(owner), None) if !owner.has_provider => Ok(Some(owner.id)),
+        _ => Err(UserError::AccountExists),
+    }
 }
 
 /// `roles` without repeats, in their first order.

@@ -23,8 +23,8 @@ const GOOGLE: ProviderId = ProviderId::GOOGLE;
 
 /// Checks an empty `store` (its own schema or instance): sign-in by (provider, subject)
 /// whatever the address says, automatic linking only by a verified address from a
-/// trusted provider to exactly one user who holds it verified, `account_exists`
-/// otherwise, explicit linking and unlinking with their refusals, roles, invalid
+/// trusted provider to exactly one user who holds it verified, a new user when only
+/// unverified holders have it, `account_exists` otherwise, explicit linking and unlinking with their refusals, roles, invalid
 /// identities, and concurrent first sign-ins and unlinks. Panics with a message at the
 /// first difference.
 pub async fn user_store_conformance(store: &dyn UserStore) {
@@ -223,25 +223,55 @@ async fn refuses_to_link_what_it_cannot_trust(store: &dyn UserStore) {
         [GOOGLE]
     );
 
-    // The existing user's address is not verified: no automatic link, whoever asks.
-    let una = sign_in(
+    // The existing user's address is not verified: never linked to, and it blocks no
+    // one whose address is vouched for. Someone registered Una's address unverified;
+    // Una, verified by Apple, gets a user of her own instead of account_exists.
+    let squatter = sign_in(
         store,
         &identity(GOOGLE, "u-g", Some("una@unverified.example"), false),
     )
     .await
     .user;
-    let apple = verified(APPLE, "u-a", "una@unverified.example");
-    refused(store, &apple, &default).await;
-    // Once Una signs in and Google says the address is verified, it is.
-    sign_in(store, &verified(GOOGLE, "u-g", "una@unverified.example")).await;
-    let linked = sign_in(store, &apple).await;
+    let una = sign_in(store, &verified(APPLE, "u-a", "UNA@unverified.example")).await;
+    assert!(una.created && !una.linked, "{una:?}");
+    assert_ne!(una.user.id, squatter.id);
+    let una = una.user;
+    // A newcomer whose address is not vouched for is still refused while anyone has it.
+    refused(
+        store,
+        &identity(FACEBOOK, "u-f0", Some("una@unverified.example"), false),
+        &LinkingPolicy::default().with(FACEBOOK, true),
+    )
+    .await;
+    refused(
+        store,
+        &verified(FACEBOOK, "u-f1", "una@unverified.example"),
+        &default,
+    )
+    .await;
+    // A vouched-for newcomer links to the one user holding it verified, the squatter
+    // notwithstanding.
+    let trusting = LinkingPolicy::default().with(FACEBOOK, true);
+    let linked = store
+        .sign_in(
+            &verified(FACEBOOK, "u-f2", "una@unverified.example"),
+            &trusting,
+        )
+        .await
+        .unwrap();
     assert!(linked.linked, "{linked:?}");
     assert_eq!(linked.user.id, una.id);
-    // A later sign-in without the address takes the verification away again: with
-    // Apple unlinked, Una's own address is unverified, and Apple is refused once more.
+    // Once the other user's Google says the address is verified, two users hold it
+    // verified: never a guess.
+    sign_in(store, &verified(GOOGLE, "u-g", "una@unverified.example")).await;
+    let google = verified(GOOGLE, "u-g2", "una@unverified.example");
+    refused(store, &google, &default).await;
+    // A later sign-in without the address takes that verification away again, and the
+    // address is Una's alone once more.
     sign_in(store, &anonymous(GOOGLE, "u-g")).await;
-    store.unlink(una.id, APPLE).await.unwrap();
-    refused(store, &apple, &default).await;
+    let linked = sign_in(store, &google).await;
+    assert!(linked.linked, "{linked:?}");
+    assert_eq!(linked.user.id, una.id);
 
     // Several users have the address: never a guess.
     let sam = sign_in(store, &anonymous(GOOGLE, "s-1")).await.user;

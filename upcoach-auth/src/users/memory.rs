@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use upcoach_core::{Role, UserId};
 
 use super::{
-    Erased, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles,
-    email_of,
+    Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity,
+    dedup_roles, email_of, first_sign_in_choice,
 };
 use crate::{ProviderId, VerifiedIdentity};
 
@@ -166,21 +166,15 @@ impl UserStore for MemoryUserStore {
 
         if let Some(email) = email_of(identity) {
             let lowered = email.to_lowercase();
-            let mut owners = state.users.iter().filter_map(|(id, user)| {
+            let holders = state.users.iter().filter_map(|(id, user)| {
                 let (has, verified) = state.address_of(user, &lowered);
-                has.then_some((*id, verified, user))
+                has.then(|| Holder {
+                    id: *id,
+                    verified,
+                    has_provider: user.identities.iter().any(|(p, _)| *p == identity.provider),
+                })
             });
-            let first = owners.next();
-            let several = owners.next().is_some();
-            if let Some((owner, owner_verified, user)) = first {
-                let may_link = !several
-                    && identity.email_verified
-                    && policy.trusts(identity.provider)
-                    && owner_verified
-                    && !user.identities.iter().any(|(p, _)| *p == identity.provider);
-                if !may_link {
-                    return Err(UserError::AccountExists);
-                }
+            if let Some(owner) = first_sign_in_choice(identity, policy, holders)? {
                 state.attach(owner, identity);
                 return Ok(SignIn {
                     user: state.view_existing(owner)?,

@@ -8,8 +8,8 @@ use upcoach_core::{Role, UserId};
 use uuid::Uuid;
 
 use super::{
-    Erased, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles,
-    email_of,
+    Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity,
+    dedup_roles, email_of, first_sign_in_choice,
 };
 use crate::{ProviderId, VerifiedIdentity};
 
@@ -160,6 +160,7 @@ impl PgUserStore {
                  WHERE lower(u.email) = lower($1) \
                     OR u.id IN (SELECT i.user_id FROM user_identities i \
                                 WHERE lower(i.email) = lower($1)) \
+                 ORDER BY verified DESC \
                  LIMIT 2",
             )
             .bind(email)
@@ -167,18 +168,19 @@ impl PgUserStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(backend)?;
-            if let Some(owner) = owners.first() {
-                let owner_verified: bool = owner.try_get("verified").map_err(backend)?;
-                let has_provider: bool = owner.try_get("has_provider").map_err(backend)?;
-                let may_link = owners.len() == 1
-                    && identity.email_verified
-                    && policy.trusts(identity.provider)
-                    && owner_verified
-                    && !has_provider;
-                if !may_link {
-                    return Err(UserError::AccountExists);
-                }
-                let owner: Uuid = owner.try_get("id").map_err(backend)?;
+            // Verified holders first: two rows tell none, one or several of them.
+            let holders = owners
+                .iter()
+                .map(|row| {
+                    Ok(Holder {
+                        id: row.try_get::<Uuid, _>("id")?,
+                        verified: row.try_get("verified")?,
+                        has_provider: row.try_get("has_provider")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(backend)?;
+            if let Some(owner) = first_sign_in_choice(identity, policy, holders)? {
                 match insert_identity(&mut tx, owner, identity, Some(email), verified).await {
                     Ok(true) => {}
                     Ok(false) => return Ok(None),
