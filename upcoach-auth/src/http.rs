@@ -722,7 +722,8 @@ impl AuthRoutes {
     }
 
     /// `GET|POST /auth/{provider}/callback` (the query, or a form body for
-    /// `response_mode=form_post`): 200 TokenResponse, or 302 to `return_to` with a
+    /// `response_mode=form_post`; only `POST` for a provider that posts its answer,
+    /// else 405 `method_not_allowed`): 200 TokenResponse, or 302 to `return_to` with a
     /// login code. Tokens answered here are bound to the device presented
     /// (`X-Device-Id`, else the device cookie), or to a new one, set as the device
     /// cookie.
@@ -731,6 +732,17 @@ impl AuthRoutes {
         B: http_body::Body,
         B::Error: Into<BoxError>,
     {
+        // A provider asked to post its answer (Apple's form_post) never sends the
+        // browser here by GET: a code in a URL would only land in history and logs.
+        if request.method() != Method::POST && self.sessions.cross_site_callback(provider) {
+            let mut response = fail(&ApiError::method_not_allowed(
+                "POST: this provider posts its answer as a form",
+            ));
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return no_store(response);
+        }
         let facts = client_facts(request.headers(), request.extensions());
         let device = match self.presented_device(request.headers()) {
             Ok(device) => device,

@@ -693,9 +693,10 @@ async fn a_native_apple_sign_in_names_the_account_it_creates() {
     assert_eq!(body["user"]["name"], "Ada Lovelace");
 }
 
-/// Apple's web callback answers tokens (no `return_to`) and clears the flow cookie with
-/// the attributes it was set with (`SameSite=None; Secure`), which a browser needs to
-/// replace a `Secure` cookie.
+/// Apple's web callback takes only Apple's form post (a `GET` is 405 and uses nothing
+/// up), answers tokens (no `return_to`) and clears the flow cookie with the attributes
+/// it was set with (`SameSite=None; Secure`), which a browser needs to replace a
+/// `Secure` cookie.
 #[tokio::test]
 async fn an_apple_callback_clears_the_flow_cookie_it_set() {
     let world = world().await;
@@ -739,6 +740,23 @@ async fn an_apple_callback_clears_the_flow_cookie_it_set() {
         Some(&param("nonce")),
     );
     let form = format!("state={}&code={code}", param("state"));
+    // Apple posts its answer: the same answer by GET is refused, and uses nothing up.
+    let by_get = world
+        .routes
+        .callback(
+            "apple",
+            http::Request::get(format!("/auth/apple/callback?{form}"))
+                .header("cookie", &flow_pair)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(by_get.headers()["allow"], "POST");
+    let (status, body) = answered(by_get).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
     let landed = world
         .routes
         .callback(
