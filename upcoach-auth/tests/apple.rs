@@ -621,3 +621,94 @@ async fn the_provider_is_built_without_apple_and_fetches_keys_on_first_use() {
     assert_eq!(apple.key_calls(), 1);
     assert_eq!(provider.keys().fetches(), 1);
 }
+
+/// What `jose` (an independent JOSE library, run by Node) says of `secret` as a client
+/// secret of `team`'s key `key_id` for `client_id`: `Ok(lifetime)` or the refusal.
+/// `None` without Node or the packages (a failure with `UPCOACH_REQUIRE_NODE=1`).
+fn jose_verdict(
+    secret: &str,
+    team: &str,
+    key_id: &str,
+    client_id: &str,
+) -> Option<Result<u64, String>> {
+    use std::io::Write;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/js/oidc");
+    let required = std::env::var("UPCOACH_REQUIRE_NODE").is_ok_and(|v| v == "1");
+    if !dir.join("node_modules/jose").exists() {
+        assert!(
+            !required,
+            "UPCOACH_REQUIRE_NODE=1 but tests/js/oidc/node_modules is missing"
+        );
+        eprintln!("skipped: run `npm ci` in tests/js/oidc");
+        return None;
+    }
+    let mut child = std::process::Command::new("node")
+        .arg("apple-client-secret.mjs")
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node starts");
+    let input = json!({
+        "secret": secret,
+        "publicKey": TEST_TEAM_PUBLIC_KEY,
+        "teamId": team,
+        "keyId": key_id,
+        "clientId": client_id,
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let verdict: Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    Some(if verdict["ok"] == true {
+        Ok(verdict["lifetime"].as_u64().unwrap())
+    } else {
+        Err(verdict["error"].as_str().unwrap_or_default().to_owned())
+    })
+}
+
+/// The client secret we make passes Apple's rules as an independent library checks
+/// them (not our signer, not our stand-in): ES256 under the team's key, `kid`, iss,
+/// aud, sub, and a lifetime within six months, at the default and at the longest we
+/// allow; and that check refuses a secret for another team, key or client.
+#[test]
+fn our_client_secret_passes_an_independent_check() {
+    use upcoach_auth::apple::ClientSecretSigner;
+    let config = AuthConfig::from_lookup(|name| match name {
+        "APPLE_WEB_CLIENT_ID" => Some(WEB.into()),
+        "APPLE_TEAM_ID" => Some(TEST_TEAM_ID.into()),
+        "APPLE_KEY_ID" => Some(TEST_KEY_ID.into()),
+        "APPLE_PRIVATE_KEY" => Some(TEST_TEAM_PRIVATE_KEY.into()),
+        _ => None,
+    })
+    .unwrap();
+    let signer = ClientSecretSigner::from_config(config.apple.as_ref().unwrap()).unwrap();
+    let secret = signer.secret_for(WEB, SystemTime::now()).unwrap();
+    let Some(verdict) = jose_verdict(&secret, TEST_TEAM_ID, TEST_KEY_ID, WEB) else {
+        return;
+    };
+    assert_eq!(verdict, Ok(signer.lifetime().as_secs()));
+
+    let longest = ClientSecretSigner::from_config(config.apple.as_ref().unwrap())
+        .unwrap()
+        .with_lifetime(std::time::Duration::from_secs(15_777_000))
+        .unwrap();
+    let secret_long = longest.secret_for(APP, SystemTime::now()).unwrap();
+    assert_eq!(
+        jose_verdict(&secret_long, TEST_TEAM_ID, TEST_KEY_ID, APP).unwrap(),
+        Ok(15_777_000)
+    );
+
+    for (team, key_id, client) in [
+        ("ZZZZZZZZZZ", TEST_KEY_ID, WEB),
+        (TEST_TEAM_ID, "ZZ99YY88XX", WEB),
+        (TEST_TEAM_ID, TEST_KEY_ID, APP),
+    ] {
+        let refused = jose_verdict(&secret, team, key_id, client).unwrap();
+        assert!(refused.is_err(), "{team} {key_id} {client}: {refused:?}");
+    }
+}
