@@ -721,7 +721,7 @@ mod tests {
                 "token_endpoint" => plain.token_endpoint = downgraded,
                 _ => plain.jwks_uri = downgraded,
             }
-            let refused = https.endpoints_of(plain).err().expect(field);
+            let refused = https.endpoints_of(plain).expect_err(field);
             assert_eq!(refused.code(), "provider_unavailable");
             let shown = format!("{refused:?}");
             assert!(shown.contains(expected), "{field}: {shown}");
