@@ -69,6 +69,49 @@ pub(crate) const FACEBOOK_APP_ID: &str = "1234567890";
 /// Its secret.
 pub(crate) const FACEBOOK_APP_SECRET: &str = "stand-in-app-secret";
 
+/// The Services ID of [`start_axum_apple`]'s Sign in with Apple on the web.
+pub(crate) const APPLE_WEB_CLIENT: &str = "com.example.web";
+/// The bundle id of its native app.
+pub(crate) const APPLE_APP_CLIENT: &str = "com.example.app";
+
+/// The axum example on a free port with Sign in with Apple pointed at `apple` (the
+/// test team key, [`APPLE_WEB_CLIENT`] and [`APPLE_APP_CLIENT`]) and, when given,
+/// Google at `google`; it stops with the test's runtime.
+pub(crate) async fn start_axum_apple(
+    apple: &upcoach_testing::apple::AppleStandIn,
+    google: Option<&OidcProvider>,
+) -> (SocketAddr, Arc<App>) {
+    use upcoach_testing::apple::{TEST_KEY_ID, TEST_TEAM_ID, TEST_TEAM_PRIVATE_KEY};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut env = vec![
+        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
+        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
+        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
+        ("APPLE_WEB_CLIENT_ID", APPLE_WEB_CLIENT.to_owned()),
+        ("APPLE_MOBILE_CLIENT_ID", APPLE_APP_CLIENT.to_owned()),
+        ("APPLE_TEAM_ID", TEST_TEAM_ID.to_owned()),
+        ("APPLE_KEY_ID", TEST_KEY_ID.to_owned()),
+        ("APPLE_PRIVATE_KEY", TEST_TEAM_PRIVATE_KEY.to_owned()),
+        ("APPLE_AUTH_URL", apple.authorize_url()),
+        ("APPLE_TOKEN_URL", apple.token_url()),
+        ("APPLE_KEYS_URL", apple.keys_url()),
+        ("APPLE_ISSUER", apple.issuer().to_owned()),
+    ];
+    if let Some(google) = google {
+        env.extend([
+            ("GOOGLE_CLIENT_ID", CLIENT_ID.to_owned()),
+            ("GOOGLE_CLIENT_SECRET", "test-secret".to_owned()),
+            ("GOOGLE_ISSUER_URL", google.issuer().to_owned()),
+        ]);
+    }
+    let auth = AuthConfig::from_lookup(|name| {
+        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    serve(listener, &auth, false, &LimitConfig::default()).await
+}
+
 /// The axum example on a free port; it stops with the test's runtime.
 pub(crate) async fn start_axum(provider: &OidcProvider, dev: bool) -> (SocketAddr, Arc<App>) {
     start_axum_with(provider, dev, &LimitConfig::default()).await
@@ -138,6 +181,40 @@ impl Answer {
 
     pub(crate) fn location(&self) -> url::Url {
         url::Url::parse(self.headers["location"].to_str().unwrap()).unwrap()
+    }
+
+    /// Its cookies as a browser sends them back: each `Set-Cookie`'s `name=value`,
+    /// joined by `; `.
+    pub(crate) fn cookies(&self) -> String {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The cookies a browser sends back on a cross-site `POST` (a provider's
+    /// `form_post`): those set `SameSite=None`, joined by `; `.
+    pub(crate) fn cross_site_cookies(&self) -> String {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|c| c.to_str().unwrap())
+            .filter(|c| c.split(';').any(|a| a.trim() == "SameSite=None"))
+            .map(|c| c.split(';').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The `Set-Cookie` header that sets cookie `name`.
+    pub(crate) fn set_cookie(&self, name: &str) -> String {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|c| c.to_str().unwrap().to_owned())
+            .find(|c| c.starts_with(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} cookie set: {:?}", self.headers))
     }
 
     /// The error code of an error answer ("" for another).
