@@ -2,312 +2,52 @@
 //! `oauth2-mock-server`): the browser flow with a login code, native sign-in by id token,
 //! refresh rotation with reuse detection, linking rules, and the flow's refusals.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use upcoach_core::config::Settings;
+mod support;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use upcoach_core::event::EventKind;
-use upcoach_server::{App, Options, ServeOptions, ServerConfig};
+use support::signin::{self, Browser, GOOGLE_CLIENT, google_env, oidc_id_token, param, urlencode};
+use support::{RETURN_TO, Running, send};
+use upcoach_core::config::Settings;
+use upcoach_server::ServerConfig;
 use upcoach_testing::OidcProvider;
 
-const CLIENT_ID: &str = "upcoach-test-client";
-const RETURN_TO: &str = "http://app.example.test/signed-in";
-
-struct Server {
-    addr: SocketAddr,
-    app: Arc<App>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _provider: OidcProvider,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// The server with Google pointed at a fresh provider, or `None` (skip) without Node.
-async fn start(edit: impl FnOnce(&mut ServerConfig)) -> Option<Server> {
+/// The server with Google pointed at a fresh provider, and the provider, or `None`
+/// (skip) without Node.
+async fn start(edit: impl FnOnce(&mut ServerConfig)) -> Option<(Running, OidcProvider)> {
     let provider = OidcProvider::start().await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seed = URL_SAFE_NO_PAD.encode([7u8; 32]);
-    let mut env = vec![
-        ("UPCOACH_PUBLIC_URL".to_owned(), format!("http://{addr}")),
-        ("AUTH_RETURN_TO_ALLOWLIST".to_owned(), RETURN_TO.to_owned()),
-        ("AUTH_SIGNING_KEY".to_owned(), seed),
-        ("GOOGLE_CLIENT_ID".to_owned(), CLIENT_ID.to_owned()),
-        ("GOOGLE_CLIENT_SECRET".to_owned(), "test-secret".to_owned()),
-        ("GOOGLE_ISSUER_URL".to_owned(), provider.issuer().to_owned()),
-    ];
-    env.push(("UPCOACH_ADDR".to_owned(), addr.to_string()));
-    let mut config = ServerConfig::from_lookup(|name| {
-        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    edit(&mut config);
-    let app = App::start(config, Options::default())
-        .await
-        .expect("app starts");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(upcoach_server::serve(
-        listener,
-        app.service(),
-        async {
-            let _ = stopped.await;
-        },
-        ServeOptions::default(),
-    ));
-    Some(Server {
-        addr,
-        app,
-        stop: Some(stop),
-        _provider: provider,
-    })
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
-    }
-
-    fn location(&self) -> url::Url {
-        let location = self.headers["location"].to_str().unwrap();
-        url::Url::parse(location).unwrap()
-    }
-
-    fn code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    }
-}
-
-/// One HTTP/1.1 request to `url` (any host:port), no redirects followed; a body is JSON
-/// unless `headers` name another content type.
-async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Option<String>) -> Answer {
-    let url = url::Url::parse(url).unwrap();
-    let addr = format!(
-        "{}:{}",
-        url.host_str().unwrap(),
-        url.port_or_known_default().unwrap()
-    );
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let target = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(target)
-        .header("host", url.authority());
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let typed = headers
-        .iter()
-        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
-    if body.is_some() && !typed {
-        request = request.header("content-type", "application/json");
-    }
-    let response = sender
-        .send_request(
-            request
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
-}
-
-impl Server {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> Answer {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        send(
-            Method::POST,
-            &self.url(path),
-            &headers,
-            Some(body.to_string()),
-        )
-        .await
-    }
-
-    /// `POST /auth/refresh` `{"refresh_token"}` as API.md has it, from `browser`: with
-    /// the cookies it holds (its device cookie) and nothing else.
-    async fn refresh(&self, refresh_token: &Value, browser: &Browser) -> Answer {
-        self.refresh_with(refresh_token, &browser.headers()).await
-    }
-
-    /// `POST /auth/refresh` `{"refresh_token"}` with `headers`.
-    async fn refresh_with(&self, refresh_token: &Value, headers: &[(&str, &str)]) -> Answer {
-        send(
-            Method::POST,
-            &self.url("/auth/refresh"),
-            headers,
-            Some(json!({"refresh_token": refresh_token}).to_string()),
-        )
-        .await
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> Answer {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        send(Method::GET, &self.url(path), &headers, None).await
-    }
-}
-
-/// A browser signing in: our authorize → the provider (with `claims` as its user) →
-/// our callback. `cookie` is the `Cookie` header it sends us: every cookie we set on it
-/// that it still keeps.
-struct Browser {
-    cookie: Option<String>,
-}
-
-fn hint(claims: &Value) -> String {
-    URL_SAFE_NO_PAD.encode(claims.to_string())
-}
-
-impl Browser {
-    /// Keeps the cookies `headers` set, as a browser does: each by name, removed by
-    /// `Max-Age=0`.
-    fn keep(&mut self, headers: &HeaderMap) {
-        let mut jar: Vec<(String, String)> = self
-            .cookie
-            .iter()
-            .flat_map(|c| c.split("; "))
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
-            .collect();
-        for set in headers.get_all("set-cookie") {
-            let set = set.to_str().unwrap();
-            let (name, value) = set.split(';').next().unwrap().split_once('=').unwrap();
-            jar.retain(|(n, _)| n != name);
-            if !set.contains("Max-Age=0") {
-                jar.push((name.to_owned(), value.to_owned()));
-            }
-        }
-        self.cookie = (!jar.is_empty()).then(|| {
-            jar.iter()
-                .map(|(n, v)| format!("{n}={v}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
-    }
-
-    /// The value of our cookie `name` in this browser.
-    fn get(&self, name: &str) -> Option<&str> {
-        self.cookie
-            .as_deref()?
-            .split("; ")
-            .filter_map(|pair| pair.split_once('='))
-            .find_map(|(n, v)| (n == name).then_some(v))
-    }
-
-    /// The headers of a request from this browser to us: its cookies.
-    fn headers(&self) -> Vec<(&str, &str)> {
-        self.cookie.iter().map(|c| ("cookie", c.as_str())).collect()
-    }
-
-    /// Starts at `/auth/google/authorize?{query}`, keeping the cookies it sets; returns
-    /// the provider's redirect to our callback (not yet followed).
-    async fn start(&mut self, server: &Server, query: &str, claims: &Value) -> url::Url {
-        let started = send(
-            Method::GET,
-            &server.url(&format!("/auth/google/authorize?{query}")),
-            &self.headers(),
-            None,
-        )
-        .await;
-        assert_eq!(started.status, StatusCode::FOUND, "{:?}", started.body);
-        for set_cookie in started.headers.get_all("set-cookie") {
-            let set_cookie = set_cookie.to_str().unwrap();
-            assert!(
-                set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Lax"),
-                "{set_cookie}"
-            );
-        }
-        self.keep(&started.headers);
-        let mut to_provider = started.location();
-        let params: std::collections::HashMap<String, String> =
-            to_provider.query_pairs().into_owned().collect();
-        assert_eq!(params["code_challenge_method"], "S256");
-        assert_eq!(params["response_type"], "code");
-        assert_eq!(params["redirect_uri"], server.url("/auth/google/callback"));
-        assert!(params["nonce"].len() >= 43 && params["state"].len() >= 43);
-        to_provider
-            .query_pairs_mut()
-            .append_pair("login_hint", &hint(claims));
-        let at_provider = send(Method::GET, to_provider.as_str(), &[], None).await;
-        assert_eq!(at_provider.status, StatusCode::FOUND);
-        at_provider.location()
-    }
-
-    /// `POST /auth/exchange` from this browser (with its cookies).
-    async fn exchange(&self, server: &Server, body: Value) -> Answer {
-        send(
-            Method::POST,
-            &server.url("/auth/exchange"),
-            &self.headers(),
-            Some(body.to_string()),
-        )
-        .await
-    }
-
-    async fn callback(&self, callback: &url::Url) -> Answer {
-        send(Method::GET, callback.as_str(), &self.headers(), None).await
-    }
+    let server = Running::from_env(&google_env(&provider), edit).await;
+    Some((server, provider))
 }
 
 fn user_claims() -> Value {
     json!({})
 }
 
+/// The query of a web sign-in that returns to the web app with a login code.
+fn web_query() -> String {
+    format!("platform=web&return_to={}", urlencode(RETURN_TO))
+}
+
+/// The server, and a browser that began a Google sign-in at authorize with `query` as
+/// the default user: the provider's redirect to our callback, not yet followed. `None`
+/// (skip) without Node.
+async fn begun(query: &str) -> Option<(Running, OidcProvider, Browser, url::Url)> {
+    let (server, google) = start(|_| {}).await?;
+    let mut browser = Browser::default();
+    let callback = browser
+        .start(&server, "google", query, &user_claims())
+        .await;
+    Some((server, google, browser, callback))
+}
+
 #[tokio::test]
 async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google, browser, callback)) = begun(&web_query()).await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
-    let callback = browser
-        .start(
-            &server,
-            &format!("platform=web&return_to={}", urlencode(RETURN_TO)),
-            &user_claims(),
-        )
-        .await;
     let landed = browser.callback(&callback).await;
     assert_eq!(landed.status, StatusCode::FOUND, "{:?}", landed.body);
     let back = landed.location();
@@ -315,12 +55,7 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
         format!("{}://{}{}", back.scheme(), back.authority(), back.path()),
         RETURN_TO
     );
-    let login_code: String = back
-        .query_pairs()
-        .find(|(k, _)| k == "login_code")
-        .unwrap()
-        .1
-        .into_owned();
+    let login_code = param(&back, "login_code");
     assert!(
         !back.as_str().contains("access_token"),
         "never tokens in a URL"
@@ -330,7 +65,7 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
         .exchange(&server, json!({"login_code": login_code}))
         .await;
     assert_eq!(tokens.status, StatusCode::OK, "{:?}", tokens.body);
-    let tokens = tokens.json();
+    let tokens = tokens.json;
     assert_eq!(tokens["token_type"], "Bearer");
     assert_eq!(tokens["user"]["email"], "johndoe@example.test");
     assert_eq!(tokens["user"]["providers"], json!(["google"]));
@@ -344,38 +79,33 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
     );
 
     let access = tokens["access_token"].as_str().unwrap();
-    let me = server.get("/auth/me", Some(access)).await;
+    let me = server.get_as("/auth/me", Some(access)).await;
     assert_eq!(me.status, StatusCode::OK);
-    assert_eq!(me.json()["id"], tokens["user"]["id"]);
+    assert_eq!(me.json["id"], tokens["user"]["id"]);
 
     // The session is bound to the device cookie authorize gave this browser, which it
     // sends on every refresh; the id is in no answer.
     assert!(tokens.get("device_id").is_none(), "{tokens}");
     let first = tokens["refresh_token"].as_str().unwrap().to_owned();
-    let rotated = server.refresh(&json!(first), &browser).await;
+    let rotated = browser.refresh(&server, &json!(first)).await;
     assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
-    assert!(rotated.json().get("device_id").is_none());
-    let second = rotated.json()["refresh_token"].as_str().unwrap().to_owned();
+    assert!(rotated.json.get("device_id").is_none());
+    let second = rotated.json["refresh_token"].as_str().unwrap().to_owned();
     assert_ne!(first, second);
 
-    let reused = server.refresh(&json!(first), &browser).await;
+    let reused = browser.refresh(&server, &json!(first)).await;
     assert_eq!(
         (reused.status, reused.code()),
         (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
     );
-    let after = server.refresh(&json!(second), &browser).await;
+    let after = browser.refresh(&server, &json!(second)).await;
     assert_eq!(
         after.status,
         StatusCode::UNAUTHORIZED,
         "the whole family is revoked: {:?}",
         after.body
     );
-    let events = server
-        .app
-        .event_log()
-        .recent(EventKind::Security, 100)
-        .await
-        .unwrap();
+    let events = server.security_events().await;
     let names: Vec<&str> = events.iter().map(|e| e.name()).collect();
     assert!(
         names.contains(&"refresh_token_reused") && names.contains(&"login_success"),
@@ -396,28 +126,24 @@ async fn browser_sign_in_then_refresh_then_reuse_is_detected() {
         }
     }
 
-    let jwks = server.get("/.well-known/jwks.json", None).await.json();
+    let jwks = server.get_as("/.well-known/jwks.json", None).await.json;
     assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
-}
-
-fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[tokio::test]
 async fn without_return_to_the_callback_answers_with_tokens_and_logout_revokes() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google, browser, callback)) = begun("platform=web").await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
-    let callback = browser.start(&server, "platform=web", &user_claims()).await;
     let answer = browser.callback(&callback).await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-    let tokens = answer.json();
+    let tokens = answer.json;
     let access = tokens["access_token"].as_str().unwrap();
-    let out = server.post("/auth/logout", json!({}), Some(access)).await;
+    let out = server
+        .send(Method::POST, "/auth/logout", Some(json!({})), Some(access))
+        .await;
     assert_eq!(out.status, StatusCode::NO_CONTENT, "{:?}", out.body);
-    let refresh = server.refresh(&tokens["refresh_token"], &browser).await;
+    let refresh = browser.refresh(&server, &tokens["refresh_token"]).await;
     assert_eq!(
         (refresh.status, refresh.code()),
         (StatusCode::UNAUTHORIZED, "refresh_token_revoked".into())
@@ -426,17 +152,10 @@ async fn without_return_to_the_callback_answers_with_tokens_and_logout_revokes()
 
 #[tokio::test]
 async fn state_must_be_present_right_and_from_the_same_browser() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google, browser, callback)) = begun("platform=web").await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
-    let callback = browser.start(&server, "platform=web", &user_claims()).await;
-    let code: String = callback
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .into_owned();
+    let code = param(&callback, "code");
 
     let no_state = send(
         Method::GET,
@@ -449,23 +168,22 @@ async fn state_must_be_present_right_and_from_the_same_browser() {
         (no_state.status, no_state.code()),
         (StatusCode::BAD_REQUEST, "state_missing".into())
     );
-    let wrong = Browser {
-        cookie: browser.cookie.clone(),
-    }
-    .callback(
-        &url::Url::parse(&server.url(&format!("/auth/google/callback?code={code}&state=forged")))
+    let wrong = browser
+        .clone()
+        .callback(
+            &url::Url::parse(
+                &server.url(&format!("/auth/google/callback?code={code}&state=forged")),
+            )
             .unwrap(),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(
         (wrong.status, wrong.code()),
         (StatusCode::UNAUTHORIZED, "state_invalid".into())
     );
-    let other_browser = Browser {
-        cookie: Some("upcoach_flow=someone-elses".into()),
-    }
-    .callback(&callback)
-    .await;
+    let other_browser = Browser::holding("upcoach_flow", "someone-elses")
+        .callback(&callback)
+        .await;
     assert_eq!(
         (other_browser.status, other_browser.code()),
         (StatusCode::UNAUTHORIZED, "flow_browser_mismatch".into())
@@ -480,11 +198,9 @@ async fn state_must_be_present_right_and_from_the_same_browser() {
 
 #[tokio::test]
 async fn a_replayed_callback_and_code_are_refused() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((_server, _google, browser, callback)) = begun("platform=web").await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
-    let callback = browser.start(&server, "platform=web", &user_claims()).await;
     assert_eq!(browser.callback(&callback).await.status, StatusCode::OK);
     let replay = browser.callback(&callback).await;
     assert_eq!(
@@ -495,7 +211,7 @@ async fn a_replayed_callback_and_code_are_refused() {
 
 #[tokio::test]
 async fn return_to_must_be_exactly_on_the_allow_list() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google)) = start(|_| {}).await else {
         return;
     };
     for bad in [
@@ -526,16 +242,21 @@ async fn return_to_must_be_exactly_on_the_allow_list() {
 
 #[tokio::test]
 async fn a_wrong_hosted_domain_is_refused() {
-    let Some(server) = start(|c| {
+    let Some((server, _google)) = start(|c| {
         c.auth.google.as_mut().unwrap().hosted_domain = Some("example.com".into());
     })
     .await
     else {
         return;
     };
-    let mut browser = Browser { cookie: None };
+    let mut browser = Browser::default();
     let callback = browser
-        .start(&server, "platform=web", &json!({"hd": "other.example"}))
+        .start(
+            &server,
+            "google",
+            "platform=web",
+            &json!({"hd": "other.example"}),
+        )
         .await;
     let answer = browser.callback(&callback).await;
     assert_eq!(
@@ -543,20 +264,26 @@ async fn a_wrong_hosted_domain_is_refused() {
         (StatusCode::UNAUTHORIZED, "wrong_hosted_domain".into())
     );
     let callback = browser
-        .start(&server, "platform=web", &json!({"hd": "example.com"}))
+        .start(
+            &server,
+            "google",
+            "platform=web",
+            &json!({"hd": "example.com"}),
+        )
         .await;
     assert_eq!(browser.callback(&callback).await.status, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn an_unverified_email_never_links_automatically() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google)) = start(|_| {}).await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
+    let mut browser = Browser::default();
     let first = browser
         .start(
             &server,
+            "google",
             "platform=web",
             &json!({"sub": "google-user-1", "email": "ana@example.test"}),
         )
@@ -564,7 +291,9 @@ async fn an_unverified_email_never_links_automatically() {
     assert_eq!(browser.callback(&first).await.status, StatusCode::OK);
     for verified in [json!(false), json!("false"), json!("true")] {
         let claims = json!({"sub": "google-user-2", "email": "ana@example.test", "email_verified": verified});
-        let callback = browser.start(&server, "platform=web", &claims).await;
+        let callback = browser
+            .start(&server, "google", "platform=web", &claims)
+            .await;
         let answer = browser.callback(&callback).await;
         assert_eq!(
             (answer.status, answer.code()),
@@ -576,7 +305,9 @@ async fn an_unverified_email_never_links_automatically() {
     // with a verified address: automatic linking is across providers only.
     let claims =
         json!({"sub": "google-user-2", "email": "ANA@example.test", "email_verified": true});
-    let callback = browser.start(&server, "platform=web", &claims).await;
+    let callback = browser
+        .start(&server, "google", "platform=web", &claims)
+        .await;
     let answer = browser.callback(&callback).await;
     assert_eq!(
         (answer.status, answer.code()),
@@ -585,117 +316,43 @@ async fn an_unverified_email_never_links_automatically() {
 }
 
 /// An id token for the native route, from the provider directly (an app's SDK would do this).
-async fn native_id_token(server: &Server, nonce: &str, claims: &Value) -> String {
-    let provider = server._provider.issuer();
-    let mut authorize = url::Url::parse(&format!("{provider}/authorize")).unwrap();
-    authorize
-        .query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", CLIENT_ID)
-        .append_pair("redirect_uri", "http://app.example.test/native")
-        .append_pair("nonce", nonce)
-        .append_pair("login_hint", &hint(claims));
-    let redirected = send(Method::GET, authorize.as_str(), &[], None)
-        .await
-        .location();
-    let code: String = redirected
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .into_owned();
-    let form = format!(
-        "grant_type=authorization_code&code={code}&redirect_uri=http%3A%2F%2Fapp.example.test%2Fnative&client_id={CLIENT_ID}"
-    );
-    let url = url::Url::parse(&format!("{provider}/token")).unwrap();
-    let stream = tokio::net::TcpStream::connect(format!(
-        "{}:{}",
-        url.host_str().unwrap(),
-        url.port().unwrap()
-    ))
-    .await
-    .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::post("/token")
-        .header("host", url.authority())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from(form)))
-        .unwrap();
-    let body = sender
-        .send_request(request)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes();
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    body["id_token"].as_str().unwrap().to_owned()
+async fn native_id_token(provider: &OidcProvider, nonce: &str, claims: &Value) -> String {
+    oidc_id_token(provider.issuer(), GOOGLE_CLIENT, nonce, claims).await
 }
 
 #[tokio::test]
 async fn native_sign_in_needs_the_nonce_once_and_linking_follows_the_rules() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, google)) = start(|_| {}).await else {
         return;
     };
-    let id_token = native_id_token(&server, "native-nonce-1", &json!({"sub": "native-1"})).await;
-    let missing = server
-        .post(
-            "/auth/google/token",
-            json!({"id_token": id_token, "platform": "ios"}),
-            None,
-        )
-        .await;
+    let id_token = native_id_token(&google, "native-nonce-1", &json!({"sub": "native-1"})).await;
+    let with_nonce = async |nonce: Option<&str>| {
+        let mut body = json!({"id_token": id_token, "platform": "ios"});
+        if let Some(nonce) = nonce {
+            body["nonce"] = json!(nonce);
+        }
+        server.sign_in_native("google", body).await
+    };
+    let missing = with_nonce(None).await;
     assert_eq!(
         (missing.status, missing.code()),
         (StatusCode::UNAUTHORIZED, "nonce_required".into())
     );
-    let wrong = server
-        .post(
-            "/auth/google/token",
-            json!({"id_token": id_token, "nonce": "another", "platform": "ios"}),
-            None,
-        )
-        .await;
+    let wrong = with_nonce(Some("another")).await;
     assert_eq!(
         (wrong.status, wrong.code()),
         (StatusCode::UNAUTHORIZED, "id_token_nonce_mismatch".into())
     );
-    let signed_in = server
-        .post(
-            "/auth/google/token",
-            json!({"id_token": id_token, "nonce": "native-nonce-1", "platform": "ios"}),
-            None,
-        )
-        .await;
+    let signed_in = with_nonce(Some("native-nonce-1")).await;
     assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
-    let replayed = server
-        .post(
-            "/auth/google/token",
-            json!({"id_token": id_token, "nonce": "native-nonce-1", "platform": "ios"}),
-            None,
-        )
-        .await;
+    let replayed = with_nonce(Some("native-nonce-1")).await;
     assert_eq!(
         (replayed.status, replayed.code()),
         (StatusCode::UNAUTHORIZED, "nonce_replayed".into())
     );
 
-    let access = signed_in.json()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let last = send(
-        Method::DELETE,
-        &server.url("/auth/link/google"),
-        &[("authorization", &format!("Bearer {access}"))],
-        None,
-    )
-    .await;
+    let access = signed_in.json["access_token"].as_str().unwrap().to_owned();
+    let last = server.unlink("google", &access).await;
     assert_eq!(
         (last.status, last.code()),
         (StatusCode::CONFLICT, "last_identity".into())
@@ -703,17 +360,14 @@ async fn native_sign_in_needs_the_nonce_once_and_linking_follows_the_rules() {
 }
 
 /// The login code of a finished browser sign-in (`return_to` set).
-async fn login_code(server: &Server, browser: &mut Browser, query: &str, claims: &Value) -> String {
-    let callback = browser.start(server, query, claims).await;
-    let landed = browser.callback(&callback).await;
-    assert_eq!(landed.status, StatusCode::FOUND, "{:?}", landed.body);
-    landed
-        .location()
-        .query_pairs()
-        .find(|(k, _)| k == "login_code")
-        .unwrap()
-        .1
-        .into_owned()
+async fn login_code(
+    server: &Running,
+    browser: &mut Browser,
+    query: &str,
+    claims: &Value,
+) -> String {
+    let landed = browser.sign_in(server, "google", query, claims).await;
+    signin::login_code(&landed)
 }
 
 /// Login CSRF: an attacker finishes a sign-in in their own browser and sends the victim
@@ -721,16 +375,18 @@ async fn login_code(server: &Server, browser: &mut Browser, query: &str, claims:
 /// cookie, so the exchange is refused with its own code and the code is used up.
 #[tokio::test]
 async fn a_login_code_planted_from_another_browser_is_refused() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google)) = start(|_| {}).await else {
         return;
     };
-    let query = format!("platform=web&return_to={}", urlencode(RETURN_TO));
+    let query = web_query();
     let attacker_claims = json!({"sub": "attacker", "email": "attacker@example.test"});
-    let mut attacker = Browser { cookie: None };
-    let mut victim = Browser { cookie: None };
+    let mut attacker = Browser::default();
+    let mut victim = Browser::default();
     // The victim has a flow cookie of its own from an abandoned sign-in.
-    victim.start(&server, "platform=web", &user_claims()).await;
-    for planted_in in [Browser { cookie: None }, victim] {
+    victim
+        .start(&server, "google", "platform=web", &user_claims())
+        .await;
+    for planted_in in [Browser::default(), victim] {
         let code = login_code(&server, &mut attacker, &query, &attacker_claims).await;
         let answer = planted_in
             .exchange(&server, json!({"login_code": code}))
@@ -742,7 +398,7 @@ async fn a_login_code_planted_from_another_browser_is_refused() {
                 "login_code_browser_mismatch".into()
             ),
             "cookie {:?}",
-            planted_in.cookie
+            planted_in.cookie()
         );
         let late = attacker
             .exchange(&server, json!({"login_code": code}))
@@ -753,12 +409,7 @@ async fn a_login_code_planted_from_another_browser_is_refused() {
             "a refused code is used up"
         );
     }
-    let events = server
-        .app
-        .event_log()
-        .recent(EventKind::Security, 100)
-        .await
-        .unwrap();
+    let events = server.security_events().await;
     assert!(
         events.iter().any(|e| e.name() == "login_code_refused"),
         "each planted code is recorded"
@@ -769,9 +420,9 @@ async fn a_login_code_planted_from_another_browser_is_refused() {
     let verifier = "a-verifier-this-web-app-chose-and-kept-in-session-storage";
     let challenge = URL_SAFE_NO_PAD.encode(<sha2::Sha256 as sha2::Digest>::digest(verifier));
     let query = format!("{query}&login_challenge={challenge}");
-    let mut app_browser = Browser { cookie: None };
+    let mut app_browser = Browser::default();
     let code = login_code(&server, &mut app_browser, &query, &user_claims()).await;
-    let cookieless = Browser { cookie: None };
+    let cookieless = Browser::default();
     let wrong = cookieless
         .exchange(
             &server,
@@ -804,24 +455,27 @@ async fn a_login_code_planted_from_another_browser_is_refused() {
 /// lives on, and the attempt is recorded.
 #[tokio::test]
 async fn logout_never_revokes_another_users_session() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google)) = start(|_| {}).await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
+    let mut browser = Browser::default();
     let mut sign_in = async |claims: Value| {
-        let callback = browser.start(&server, "platform=web", &claims).await;
+        let callback = browser
+            .start(&server, "google", "platform=web", &claims)
+            .await;
         let answer = browser.callback(&callback).await;
         assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-        answer.json()
+        answer.json
     };
     let a = sign_in(json!({"sub": "user-a", "email": "a@example.test"})).await;
     let b = sign_in(json!({"sub": "user-b", "email": "b@example.test"})).await;
     let a_access = a["access_token"].as_str().unwrap();
 
     let refused = server
-        .post(
+        .send(
+            Method::POST,
             "/auth/logout",
-            json!({"refresh_token": b["refresh_token"]}),
+            Some(json!({"refresh_token": b["refresh_token"]})),
             Some(a_access),
         )
         .await;
@@ -829,28 +483,24 @@ async fn logout_never_revokes_another_users_session() {
         (refused.status, refused.code()),
         (StatusCode::FORBIDDEN, "refresh_token_not_yours".into())
     );
-    let b_refresh = server.refresh(&b["refresh_token"], &browser).await;
+    let b_refresh = browser.refresh(&server, &b["refresh_token"]).await;
     assert_eq!(b_refresh.status, StatusCode::OK, "B's session lives on");
-    let events = server
-        .app
-        .event_log()
-        .recent(EventKind::Security, 100)
-        .await
-        .unwrap();
+    let events = server.security_events().await;
     assert!(
         events.iter().any(|e| e.name() == "logout_refused"),
         "the attempt is recorded"
     );
 
     let own = server
-        .post(
+        .send(
+            Method::POST,
             "/auth/logout",
-            json!({"refresh_token": a["refresh_token"]}),
+            Some(json!({"refresh_token": a["refresh_token"]})),
             Some(a_access),
         )
         .await;
     assert_eq!(own.status, StatusCode::NO_CONTENT, "{:?}", own.body);
-    let after = server.refresh(&a["refresh_token"], &browser).await;
+    let after = browser.refresh(&server, &a["refresh_token"]).await;
     assert_eq!(after.code(), "refresh_token_revoked");
 }
 
@@ -858,7 +508,7 @@ async fn logout_never_revokes_another_users_session() {
 /// form POST needs no CORS preflight and must not reach them.
 #[tokio::test]
 async fn json_routes_refuse_other_content_types() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google)) = start(|_| {}).await else {
         return;
     };
     for path in ["/auth/refresh", "/auth/exchange", "/auth/google/token"] {
@@ -887,16 +537,17 @@ async fn json_routes_refuse_other_content_types() {
 /// ends the session and is recorded; a native app names its own device.
 #[tokio::test]
 async fn a_refresh_token_from_another_device_ends_its_session() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, google, browser, callback)) = begun("platform=web").await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
-    let callback = browser.start(&server, "platform=web", &user_claims()).await;
-    let tokens = browser.callback(&callback).await.json();
+    let signed_in = browser.callback(&callback).await;
+    assert_eq!(signed_in.status, StatusCode::OK, "{:?}", signed_in.body);
+    let tokens = signed_in.json;
     let stolen = server
-        .post(
+        .send(
+            Method::POST,
             "/auth/refresh",
-            json!({"refresh_token": tokens["refresh_token"]}),
+            Some(json!({"refresh_token": tokens["refresh_token"]})),
             None,
         )
         .await;
@@ -904,18 +555,13 @@ async fn a_refresh_token_from_another_device_ends_its_session() {
         (stolen.status, stolen.code()),
         (StatusCode::UNAUTHORIZED, "device_mismatch".into())
     );
-    let owner = server.refresh(&tokens["refresh_token"], &browser).await;
+    let owner = browser.refresh(&server, &tokens["refresh_token"]).await;
     assert_eq!(
         owner.code(),
         "refresh_token_revoked",
         "the session ended with the mismatch"
     );
-    let events = server
-        .app
-        .event_log()
-        .recent(EventKind::Security, 100)
-        .await
-        .unwrap();
+    let events = server.security_events().await;
     let mismatch = events
         .iter()
         .find_map(|e| match e {
@@ -931,7 +577,7 @@ async fn a_refresh_token_from_another_device_ends_its_session() {
     assert_eq!(mismatch.details["device_id_presented"], false);
 
     // Native: the app's own device id, in X-Device-Id.
-    let id_token = native_id_token(&server, "device-nonce", &user_claims()).await;
+    let id_token = native_id_token(&google, "device-nonce", &user_claims()).await;
     let signed_in = send(
         Method::POST,
         &server.url("/auth/google/token"),
@@ -944,10 +590,10 @@ async fn a_refresh_token_from_another_device_ends_its_session() {
         signed_in.headers.get("set-cookie").is_none(),
         "no cookie for an app"
     );
-    let tokens = signed_in.json();
+    let tokens = signed_in.json;
     assert!(tokens.get("device_id").is_none(), "{tokens}");
     let rotated = server
-        .refresh_with(
+        .refresh(
             &tokens["refresh_token"],
             &[("x-device-id", "6F9619FF-8B86-D011-B42D-00CF4FC964FF")],
         )
@@ -957,7 +603,7 @@ async fn a_refresh_token_from_another_device_ends_its_session() {
         Method::POST,
         &server.url("/auth/refresh"),
         &[("x-device-id", "not valid!")],
-        Some(json!({"refresh_token": rotated.json()["refresh_token"]}).to_string()),
+        Some(json!({"refresh_token": rotated.json["refresh_token"]}).to_string()),
     )
     .await;
     assert_eq!(
@@ -973,38 +619,21 @@ async fn a_refresh_token_from_another_device_ends_its_session() {
 /// page, whose POST a `SameSite=Lax` cookie does not go with) is `device_mismatch`.
 #[tokio::test]
 async fn a_web_app_refreshes_with_the_device_cookie_its_browser_sends() {
-    let Some(server) = start(|_| {}).await else {
+    let Some((server, _google, mut browser, callback)) = begun(&web_query()).await else {
         return;
     };
-    let mut browser = Browser { cookie: None };
-    let callback = browser
-        .start(
-            &server,
-            &format!("platform=web&return_to={}", urlencode(RETURN_TO)),
-            &user_claims(),
-        )
-        .await;
     let device = browser
         .get("upcoach_device")
         .expect("authorize set a device cookie")
         .to_owned();
     assert_eq!(device.len(), 43);
     let landed = browser.callback(&callback).await;
-    assert_eq!(landed.status, StatusCode::FOUND, "{:?}", landed.body);
-    let code = landed
-        .location()
-        .query_pairs()
-        .find(|(k, _)| k == "login_code")
-        .unwrap()
-        .1
-        .into_owned();
-    let exchanged = browser.exchange(&server, json!({"login_code": code})).await;
+    let exchanged = browser.finish(&server, &landed).await;
     assert_eq!(exchanged.status, StatusCode::OK, "{:?}", exchanged.body);
-    browser.keep(&exchanged.headers);
-    let tokens = exchanged.json();
+    let tokens = exchanged.json;
     assert!(tokens.get("device_id").is_none(), "{tokens}");
     assert_eq!(
-        browser.cookie.as_deref(),
+        browser.cookie(),
         Some(format!("upcoach_device={device}").as_str()),
         "the flow cookie is gone, the device cookie stays"
     );
@@ -1012,22 +641,22 @@ async fn a_web_app_refreshes_with_the_device_cookie_its_browser_sends() {
     // Twice, as a web app does over a session's life: the cookie alone carries it.
     let mut token = tokens["refresh_token"].clone();
     for _ in 0..2 {
-        let rotated = server.refresh(&token, &browser).await;
+        let rotated = browser.refresh(&server, &token).await;
         assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
         assert!(
             !String::from_utf8_lossy(&rotated.body).contains(&device),
             "the device id is in no answer"
         );
-        token = rotated.json()["refresh_token"].clone();
+        token = rotated.json["refresh_token"].clone();
     }
 
     // The same token from a client without the cookie: another device.
-    let elsewhere = server.refresh_with(&token, &[]).await;
+    let elsewhere = server.refresh(&token, &[]).await;
     assert_eq!(
         (elsewhere.status, elsewhere.code()),
         (StatusCode::UNAUTHORIZED, "device_mismatch".into())
     );
-    let owner = server.refresh(&token, &browser).await;
+    let owner = browser.refresh(&server, &token).await;
     assert_eq!(
         owner.code(),
         "refresh_token_revoked",
@@ -1035,12 +664,7 @@ async fn a_web_app_refreshes_with_the_device_cookie_its_browser_sends() {
     );
 
     // The device id is in no security event.
-    let events = server
-        .app
-        .event_log()
-        .recent(EventKind::Security, 100)
-        .await
-        .unwrap();
+    let events = server.security_events().await;
     assert!(events.iter().any(|e| e.name() == "refresh_device_mismatch"));
     let text = format!("{events:?}");
     assert!(!text.contains(&device), "an event shows the device id");
@@ -1058,7 +682,7 @@ async fn a_google_user_links_and_unlinks_facebook() {
     let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
     let graph_url = graph.graph_url();
     let dialog_url = format!("{}/v19.0/dialog/oauth", graph.base_url());
-    let Some(server) = start(|config| {
+    let Some((server, provider)) = start(|config| {
         config.auth.facebook = upcoach_auth::config::AuthConfig::from_lookup(|name| match name {
             "FACEBOOK_APP_ID" => Some(APP_ID.into()),
             "FACEBOOK_APP_SECRET" => Some(APP_SECRET.into()),
@@ -1074,57 +698,40 @@ async fn a_google_user_links_and_unlinks_facebook() {
         return;
     };
     let dave = FacebookUser::new("10150000000000004").with_email("dave@example.test");
-    let facebook_sign_in = |token: String| {
-        let server = &server;
-        async move {
-            server
-                .post(
-                    "/auth/facebook/token",
-                    json!({"access_token": token, "platform": "ios"}),
-                    None,
-                )
-                .await
-        }
+    let facebook_sign_in = async |token: String| {
+        let body = json!({"access_token": token, "platform": "ios"});
+        server.sign_in_native("facebook", body).await
     };
 
     let claims =
         json!({"sub": "google-dave", "email": "dave@example.test", "email_verified": true});
-    let id_token = native_id_token(&server, "link-nonce-1", &claims).await;
+    let id_token = native_id_token(&provider, "link-nonce-1", &claims).await;
     let google = server
-        .post(
-            "/auth/google/token",
+        .sign_in_native(
+            "google",
             json!({"id_token": id_token, "nonce": "link-nonce-1", "platform": "ios"}),
-            None,
         )
         .await;
     assert_eq!(google.status, StatusCode::OK, "{:?}", google.body);
-    let user = google.json()["user"]["id"].clone();
-    let access = google.json()["access_token"].as_str().unwrap().to_owned();
-    let bearer = format!("Bearer {access}");
+    let user = google.json["user"]["id"].clone();
+    let access = google.json["access_token"].as_str().unwrap().to_owned();
 
-    let linked = send(
-        Method::POST,
-        &server.url("/auth/link/facebook"),
-        &[("authorization", &bearer)],
-        Some(json!({"access_token": graph.issue_token(dave.clone())}).to_string()),
-    )
-    .await;
+    let linked = server
+        .link(
+            "facebook",
+            json!({"access_token": graph.issue_token(dave.clone())}),
+            &access,
+        )
+        .await;
     assert!(linked.status.is_success(), "{:?}", linked.body);
     let as_facebook = facebook_sign_in(graph.issue_token(dave.clone())).await;
     assert_eq!(as_facebook.status, StatusCode::OK, "{:?}", as_facebook.body);
     assert_eq!(
-        as_facebook.json()["user"]["id"],
-        user,
+        as_facebook.json["user"]["id"], user,
         "linked: the same user"
     );
 
-    let unlinked = send(
-        Method::DELETE,
-        &server.url("/auth/link/facebook"),
-        &[("authorization", &bearer)],
-        None,
-    )
-    .await;
+    let unlinked = server.unlink("facebook", &access).await;
     assert!(unlinked.status.is_success(), "{:?}", unlinked.body);
     // Unlinked: Facebook's unverified address names an account, so the sign-in is
     // refused (sign in there, then link), neither linked back nor a second account.
@@ -1138,13 +745,13 @@ async fn a_google_user_links_and_unlinks_facebook() {
 
     // Linked again, then Facebook says the person removed the app: the identity is
     // unlinked (Google remains) and every session of the user ends.
-    let relinked = send(
-        Method::POST,
-        &server.url("/auth/link/facebook"),
-        &[("authorization", &bearer)],
-        Some(json!({"access_token": graph.issue_token(dave.clone())}).to_string()),
-    )
-    .await;
+    let relinked = server
+        .link(
+            "facebook",
+            json!({"access_token": graph.issue_token(dave.clone())}),
+            &access,
+        )
+        .await;
     assert!(relinked.status.is_success(), "{:?}", relinked.body);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1175,20 +782,12 @@ async fn a_google_user_links_and_unlinks_facebook() {
         "{:?}",
         deauthorized.body
     );
-    let refreshed = server
-        .refresh_with(&google.json()["refresh_token"], &[])
-        .await;
+    let refreshed = server.refresh(&google.json["refresh_token"], &[]).await;
     assert_eq!(refreshed.code(), "refresh_token_revoked");
     let after = facebook_sign_in(graph.issue_token(dave.clone())).await;
     assert_eq!(after.code(), "account_exists", "unlinked by the callback");
 
-    let last = send(
-        Method::DELETE,
-        &server.url("/auth/link/google"),
-        &[("authorization", &bearer)],
-        None,
-    )
-    .await;
+    let last = server.unlink("google", &access).await;
     assert_eq!(
         (last.status, last.code()),
         (StatusCode::CONFLICT, "last_identity".into())

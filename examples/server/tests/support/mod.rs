@@ -1,6 +1,9 @@
-//! A minimal HTTP/1.1 client and a server started on a free port.
+//! A minimal HTTP/1.1 client and a server started on a free port (from a configuration
+//! or an environment list); sign-in flows in [`signin`].
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
+
+pub(crate) mod signin;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +13,52 @@ use futures_util::StreamExt;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
+use upcoach_core::config::{ServiceUrl, Settings};
 use upcoach_server::{App, Options, ServerConfig};
+use upcoach_testing::{PgSchema, RedisPrefix};
+
+/// The web app's page a browser sign-in returns to: the one `return_to` that
+/// [`Running::from_env`] allows unless told otherwise.
+pub(crate) const RETURN_TO: &str = "http://app.example.test/signed-in";
+/// `AUTH_SIGNING_KEY` of [`Running::from_env`] unless told otherwise: the Ed25519 seed
+/// `[7; 32]`, base64url.
+pub(crate) const SIGNING_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc";
 
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
-    pub(crate) json: serde_json::Value,
+    /// The body, parsed: `Null` when it is empty or not JSON.
+    pub(crate) json: Value,
+    /// The body as it came.
+    pub(crate) body: Bytes,
+}
+
+impl Answer {
+    fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
+        Self {
+            status,
+            headers,
+            json: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            body,
+        }
+    }
+
+    /// The `Location` it redirects to.
+    pub(crate) fn location(&self) -> url::Url {
+        let location = self.headers["location"].to_str().expect("a text Location");
+        url::Url::parse(location).unwrap_or_else(|e| panic!("Location {location:?}: {e}"))
+    }
+
+    /// The error's `code` (empty when the answer is no error).
+    pub(crate) fn code(&self) -> String {
+        self.json["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// Sends one request on a new connection.
@@ -45,16 +86,12 @@ pub(crate) async fn request_with(
     token: Option<&str>,
 ) -> Answer {
     let (status, headers, bytes) = raw(addr, method, path, body, token).await;
-    let json = if bytes.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes:?}"))
-    };
-    Answer {
-        status,
-        headers,
-        json,
+    if !bytes.is_empty()
+        && let Err(e) = serde_json::from_slice::<Value>(&bytes)
+    {
+        panic!("not JSON ({e}): {bytes:?}");
     }
+    Answer::new(status, headers, bytes)
 }
 
 /// A POST with `content_type` and no bearer; the answer's status and JSON.
@@ -80,12 +117,8 @@ pub(crate) async fn request_to_host(
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let (status, headers, bytes) = send(addr, request).await;
-    Answer {
-        status,
-        headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    }
+    let (status, headers, bytes) = round_trip(addr, request).await;
+    Answer::new(status, headers, bytes)
 }
 
 /// Sends one request with `headers` (a JSON body if given); the answer's status,
@@ -97,12 +130,8 @@ pub(crate) async fn request_headers(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let (status, headers, bytes) = send(addr, build(addr, method, path, body, headers)).await;
-    Answer {
-        status,
-        headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    }
+    let (status, headers, bytes) = round_trip(addr, build(addr, method, path, body, headers)).await;
+    Answer::new(status, headers, bytes)
 }
 
 /// A request to `addr` with `headers` and, if given, a JSON body.
@@ -149,11 +178,48 @@ async fn raw(
         .iter()
         .map(|b| ("authorization", b.as_str()))
         .collect();
-    send(addr, build(addr, method, path, body, &headers)).await
+    round_trip(addr, build(addr, method, path, body, &headers)).await
+}
+
+/// One HTTP/1.1 request to `url` (any host and port: the server or a provider), no
+/// redirects followed; a body is JSON unless `headers` name another content type.
+pub(crate) async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Answer {
+    let url = url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    let addr = url.socket_addrs(|| None).expect("a reachable address")[0];
+    let target = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", url.authority());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let typed = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+    if body.is_some() && !typed {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let (status, headers, bytes) = round_trip(addr, request).await;
+    Answer::new(status, headers, bytes)
 }
 
 /// Sends `request` on a new connection to `addr`: status, headers and raw body.
-async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+async fn round_trip(
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> (StatusCode, HeaderMap, Bytes) {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -180,8 +246,45 @@ pub(crate) struct Running {
 
 impl Running {
     pub(crate) async fn start(config: ServerConfig, options: Options) -> Self {
-        let app = App::start(config, options).await.expect("app starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, config, options).await
+    }
+
+    /// The server configured from `env` alone (the process environment is not read),
+    /// listening on a free loopback port; `edit` changes the configuration read.
+    ///
+    /// Unless `env` names them: `UPCOACH_ADDR` is that port, `UPCOACH_PUBLIC_URL`
+    /// `http://` it (so a provider's redirect to our callback reaches this server),
+    /// `AUTH_RETURN_TO_ALLOWLIST` [`RETURN_TO`] and `AUTH_SIGNING_KEY` [`SIGNING_KEY`].
+    pub(crate) async fn from_env(
+        env: &[(&str, String)],
+        edit: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let defaults = [
+            ("UPCOACH_ADDR", addr.to_string()),
+            ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
+            ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
+            ("AUTH_SIGNING_KEY", SIGNING_KEY.to_owned()),
+        ];
+        let mut config = ServerConfig::from_lookup(|name| {
+            env.iter()
+                .chain(&defaults)
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|e| panic!("the environment list reads: {e:?}"));
+        edit(&mut config);
+        Self::start_on(listener, config, Options::default()).await
+    }
+
+    async fn start_on(
+        listener: tokio::net::TcpListener,
+        config: ServerConfig,
+        options: Options,
+    ) -> Self {
+        let app = App::start(config, options).await.expect("app starts");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(upcoach_server::serve(
@@ -208,9 +311,82 @@ impl Running {
         request(self.addr, Method::POST, path, Some(body)).await
     }
 
+    /// `path` on this server, as a URL.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `method path`, with a JSON `body` and a bearer `token` if given.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> Answer {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("authorization", b.as_str()))
+            .collect();
+        send(
+            method,
+            &self.url(path),
+            &headers,
+            body.map(|b| b.to_string()),
+        )
+        .await
+    }
+
+    /// `GET path`, with a bearer `token` if given.
+    pub(crate) async fn get_as(&self, path: &str, token: Option<&str>) -> Answer {
+        self.send(Method::GET, path, None, token).await
+    }
+
+    /// `POST /auth/refresh` `{"refresh_token"}` with `headers` (and nothing else).
+    pub(crate) async fn refresh(&self, refresh_token: &Value, headers: &[(&str, &str)]) -> Answer {
+        send(
+            Method::POST,
+            &self.url("/auth/refresh"),
+            headers,
+            Some(json!({ "refresh_token": refresh_token }).to_string()),
+        )
+        .await
+    }
+
     pub(crate) async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// A Postgres schema and a Redis key prefix of one test's own, for a server that keeps
+/// its users in Postgres and its flows in Redis.
+pub(crate) struct Services {
+    pub(crate) schema: PgSchema,
+    pub(crate) prefix: RedisPrefix,
+}
+
+impl Services {
+    /// Both, or `None` (skip, with the reason printed) when `DATABASE_URL` or
+    /// `REDIS_URL` is unset.
+    pub(crate) async fn create() -> Option<Self> {
+        let schema = PgSchema::create().await?;
+        let prefix = RedisPrefix::create()?;
+        Some(Self { schema, prefix })
+    }
+
+    /// Points `config` at them: Postgres with the schema as its search path, Redis and
+    /// the cache under the prefix.
+    pub(crate) fn configure(&self, config: &mut ServerConfig) {
+        let mut database = url::Url::parse(self.schema.url()).unwrap();
+        database
+            .query_pairs_mut()
+            .append_pair("options", &format!("-c search_path={}", self.schema.name()));
+        config.cache.prefix = self.prefix.prefix().trim_end_matches(':').to_owned();
+        config.services.database_url =
+            Some(ServiceUrl::parse(database.as_str(), &["postgres"]).unwrap());
+        config.services.redis_url = Some(ServiceUrl::parse(self.prefix.url(), &["redis"]).unwrap());
     }
 }
 
