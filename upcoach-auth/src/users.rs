@@ -15,7 +15,9 @@
 //! 4. **New identity whose address is vouched for** (verified, by a trusted provider):
 //!    - exactly one user holds the address verified (by itself or through an
 //!      identity): linked to that user, unless it has an identity of this provider
-//!      already ([`UserError::AccountExists`]);
+//!      already, or unlinked this very identity before ([`UserError::AccountExists`]:
+//!      an unlink sticks until the user links the identity again with
+//!      [`UserStore::link`]);
 //!    - several users hold it verified: [`UserError::AccountExists`];
 //!    - users hold it, none verified: a new user, as in 2. An address someone
 //!      registered with a provider that does not verify it never locks its proven
@@ -330,6 +332,8 @@ pub(crate) struct Holder<Id> {
     pub(crate) verified: bool,
     /// Has an identity of the signing-in provider already.
     pub(crate) has_provider: bool,
+    /// Unlinked this very identity before: it links back only explicitly.
+    pub(crate) unlinked: bool,
 }
 
 /// What a first sign-in of `identity` does, given the users holding its address (see
@@ -351,7 +355,7 @@ pub(crate) fn first_sign_in_choice<Id>(
     let mut verified = holders.filter(|h| h.verified);
     match (verified.next(), verified.next()) {
         (None, _) => Ok(None),
-        (Some(owner), None) if !owner.has_provider => Ok(Some(owner.id)),
+        (Some(owner), None) if !owner.has_provider && !owner.unlinked => Ok(Some(owner.id)),
         _ => Err(UserError::AccountExists),
     }
 }
@@ -400,13 +404,15 @@ pub trait UserStore: fmt::Debug + Send + Sync + 'static {
     async fn link(&self, user_id: UserId, identity: &VerifiedIdentity) -> Result<User, UserError>;
 
     /// Removes the user's identity of `provider`: [`UserError::NotLinked`] when there is
-    /// none, [`UserError::LastIdentity`] when it is the only one left.
+    /// none, [`UserError::LastIdentity`] when it is the only one left. The unlink is
+    /// remembered (a hash of provider and subject only), so that identity never links
+    /// back to this user by its address: only [`link`](Self::link) brings it back.
     async fn unlink(&self, user_id: UserId, provider: ProviderId) -> Result<User, UserError>;
 
     /// Removes `provider`'s identity `subject` whatever else its user has (a person
     /// asked the provider to have their data deleted); when it was the user's last way
-    /// to sign in, the user goes too, with everything of theirs. `None` when no such
-    /// identity exists.
+    /// to sign in, the user goes too, with everything of theirs. Any user's memory of
+    /// having unlinked it goes as well. `None` when no such identity exists.
     async fn erase_identity(
         &self,
         provider: ProviderId,

@@ -453,14 +453,12 @@ async fn a_google_user_links_and_unlinks_apple_with_postgres_and_redis() {
     );
 }
 
-/// When Ada's Apple ID shares the address her Google account verified, an unlinked
-/// Apple identity signs in to her account again and is linked back: rule 3 of
-/// `upcoach_auth::users` (a new identity whose verified address names exactly one
-/// user, who holds it verified and has no identity of that provider, from a provider
-/// trusted for linking, which Apple is by default) keeps no memory of the unlink. The
-/// sign-in is recorded as `login_success` with `"linked": true`.
+/// When Ada's Apple ID shares the address her Google account verified, unlinking it
+/// sticks: a later Apple sign-in is not linked back by the address (409
+/// `account_exists`, recorded as a `login_failed`), her account keeps Google only,
+/// and only linking Apple again, signed in, brings it back.
 #[tokio::test]
-async fn an_unlinked_apple_id_with_the_google_address_links_back_on_its_next_sign_in() {
+async fn an_unlinked_apple_id_is_not_linked_back_by_its_address() {
     let Some((_google, apple, server)) = start_with_google(|_| {}).await else {
         return;
     };
@@ -469,19 +467,33 @@ async fn an_unlinked_apple_id_with_the_google_address_links_back_on_its_next_sig
     let unlinked = server.unlink("apple", &access).await;
     assert_eq!(unlinked.json["providers"], json!(["google"]));
 
-    let after = apple_sign_in_web(&server, &apple, &shared).await;
-    assert_eq!(signed_in(&after).0, user, "{:?}", after.body);
-    assert_eq!(after.json["user"]["providers"], json!(["google", "apple"]));
+    for _ in 0..2 {
+        let after = apple_sign_in_web(&server, &apple, &shared).await;
+        assert_eq!(
+            (after.status, after.code().as_str()),
+            (StatusCode::CONFLICT, "account_exists"),
+            "{:?}",
+            after.body
+        );
+    }
+    assert_eq!(me(&server, &access).await["providers"], json!(["google"]));
     let events = server.security_events().await;
-    let linked_back = events.iter().any(|e| match e {
+    let refused = events.iter().any(|e| match e {
         Event::Security(e) => {
-            e.event_type == "login_success"
+            e.event_type == "login_failed"
                 && e.details["provider"] == "apple"
-                && e.details["linked"] == true
+                && e.details["code"] == "account_exists"
         }
         _ => false,
     });
-    assert!(linked_back, "{events:?}");
+    assert!(refused, "{events:?}");
+
+    let relinked = server
+        .link("apple", apple_native(&apple, &shared, "ada-relink-1"), &access)
+        .await;
+    assert_eq!(relinked.status, StatusCode::OK, "{:?}", relinked.body);
+    let back = apple_sign_in_web(&server, &apple, &shared).await;
+    assert_eq!(signed_in(&back).0, user, "{:?}", back.body);
 }
 
 /// The reverse: Bea signs up with Apple on the web, links Google from the app, and

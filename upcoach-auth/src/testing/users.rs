@@ -38,6 +38,7 @@ pub async fn user_store_conformance(store: &dyn UserStore) {
     concurrent_first_sign_ins_make_one_user(store).await;
     concurrent_unlinks_keep_one_identity(store).await;
     erases_identities_and_their_last_user(store).await;
+    an_unlink_sticks_until_the_user_links_again(store).await;
     tracks_whether_addresses_are_deliverable(store).await;
 }
 
@@ -646,4 +647,61 @@ async fn tracks_whether_addresses_are_deliverable(store: &dyn UserStore) {
         None
     );
     assert_eq!(store.email_deliverable(GOOGLE, "d-a").await.unwrap(), None);
+}
+
+/// An identity a user unlinked never links back to that user by its address alone (a
+/// sign-in of it is `account_exists`), while other identities still link. An explicit
+/// link brings it back; erasing the identity forgets the unlink; one user's unlink does
+/// not hold back a link to another user.
+async fn an_unlink_sticks_until_the_user_links_again(store: &dyn UserStore) {
+    let address = "kai@sticks.example";
+    let kai = sign_in(store, &verified(GOOGLE, "k-g", address)).await.user;
+    let apple = verified(APPLE, "k-a", address);
+    let linked = sign_in(store, &apple).await;
+    assert!(linked.linked && linked.user.id == kai.id, "{linked:?}");
+
+    store.unlink(kai.id, APPLE).await.unwrap();
+    refused(store, &apple, &LinkingPolicy::default()).await;
+    refused(store, &apple, &LinkingPolicy::default()).await;
+    // Another Apple identity with the address links as before: only the unlinked one
+    // is held back.
+    let other = sign_in(store, &verified(APPLE, "k-a2", address)).await;
+    assert!(other.linked && other.user.id == kai.id, "{other:?}");
+    store.unlink(kai.id, APPLE).await.unwrap();
+
+    // Linked explicitly, it is Kai's again, and signs in as Kai.
+    store.link(kai.id, &apple).await.unwrap();
+    let back = sign_in(store, &apple).await;
+    assert!(
+        !back.created && !back.linked && back.user.id == kai.id,
+        "{back:?}"
+    );
+    // ...and after that link, an unlink sticks again.
+    store.unlink(kai.id, APPLE).await.unwrap();
+    refused(store, &apple, &LinkingPolicy::default()).await;
+
+    // Erased at the person's request: the memory of the unlink goes too, and the
+    // identity links by its address as a new one would.
+    store.erase_identity(APPLE, "k-a").await.unwrap();
+    let relinked = sign_in(store, &apple).await;
+    assert!(
+        relinked.linked && relinked.user.id == kai.id,
+        "{relinked:?}"
+    );
+
+    // The unlink of one user does not hold back a link to another: Lee unlinks an
+    // identity that later signs in when only Mo holds the address verified.
+    let lee = sign_in(store, &verified(GOOGLE, "k-lee", "lee@sticks.example"))
+        .await
+        .user;
+    let fb = identity(FACEBOOK, "k-fb", None, false);
+    store.link(lee.id, &fb).await.unwrap();
+    store.unlink(lee.id, FACEBOOK).await.unwrap();
+    let mo = sign_in(store, &verified(GOOGLE, "k-mo", "mo@sticks.example"))
+        .await
+        .user;
+    let fb_mo = identity(FACEBOOK, "k-fb", Some("mo@sticks.example"), true);
+    let trusting = LinkingPolicy::default().with(FACEBOOK, true);
+    let moved = store.sign_in(&fb_mo, &trusting).await.unwrap();
+    assert!(moved.linked && moved.user.id == mo.id, "{moved:?}");
 }

@@ -1,6 +1,6 @@
 //! [`MemoryUserStore`]: users in process memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -10,6 +10,7 @@ use super::{
     Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity,
     dedup_roles, email_of, first_sign_in_choice,
 };
+use crate::deletion::SubjectHash;
 use crate::{ProviderId, VerifiedIdentity};
 
 /// A user store in process memory: for one process (the reference server without
@@ -39,6 +40,8 @@ pub struct MemoryUserStore {
 struct State {
     users: HashMap<UserId, UserRecord>,
     identities: HashMap<IdentityKey, IdentityRecord>,
+    /// Identities each user unlinked (by hash): never linked back by address alone.
+    unlinked: HashSet<(UserId, SubjectHash)>,
 }
 
 type IdentityKey = (ProviderId, String);
@@ -166,12 +169,14 @@ impl UserStore for MemoryUserStore {
 
         if let Some(email) = email_of(identity) {
             let lowered = email.to_lowercase();
+            let subject = SubjectHash::of(&identity.provider, &identity.subject);
             let holders = state.users.iter().filter_map(|(id, user)| {
                 let (has, verified) = state.address_of(user, &lowered);
                 has.then(|| Holder {
                     id: *id,
                     verified,
                     has_provider: user.identities.iter().any(|(p, _)| *p == identity.provider),
+                    unlinked: state.unlinked.contains(&(*id, subject)),
                 })
             });
             if let Some(owner) = first_sign_in_choice(identity, policy, holders)? {
@@ -237,6 +242,10 @@ impl UserStore for MemoryUserStore {
             }
             None => state.attach(user_id, identity),
         }
+        // Linked on purpose: it may link by address again after a later unlink's undo.
+        state
+            .unlinked
+            .remove(&(user_id, SubjectHash::of(&identity.provider, &identity.subject)));
         state.view_existing(user_id)
     }
 
@@ -253,6 +262,9 @@ impl UserStore for MemoryUserStore {
         }
         let key = user.identities.remove(at);
         state.identities.remove(&key);
+        state
+            .unlinked
+            .insert((user_id, SubjectHash::of(&key.0, &key.1)));
         state.view_existing(user_id)
     }
 
@@ -263,6 +275,9 @@ impl UserStore for MemoryUserStore {
     ) -> Result<Option<Erased>, UserError> {
         let mut state = self.lock();
         let key = (provider, subject.to_owned());
+        // Nothing of an erased person is kept, not even that a user unlinked them.
+        let hash = SubjectHash::of(&provider, subject);
+        state.unlinked.retain(|(_, unlinked)| *unlinked != hash);
         let Some(identity) = state.identities.remove(&key) else {
             return Ok(None);
         };

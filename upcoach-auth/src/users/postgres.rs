@@ -11,6 +11,7 @@ use super::{
     Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity,
     dedup_roles, email_of, first_sign_in_choice,
 };
+use crate::deletion::SubjectHash;
 use crate::{ProviderId, VerifiedIdentity};
 
 const BACKEND: &str = "postgres";
@@ -155,7 +156,9 @@ impl PgUserStore {
                    OR EXISTS (SELECT 1 FROM user_identities i WHERE i.user_id = u.id \
                               AND lower(i.email) = lower($1) AND i.email_verified) AS verified, \
                    EXISTS (SELECT 1 FROM user_identities i WHERE i.user_id = u.id \
-                           AND i.provider = $2) AS has_provider \
+                           AND i.provider = $2) AS has_provider, \
+                   EXISTS (SELECT 1 FROM unlinked_identities t WHERE t.user_id = u.id \
+                           AND t.subject_hash = $3) AS unlinked \
                  FROM users u \
                  WHERE lower(u.email) = lower($1) \
                     OR u.id IN (SELECT i.user_id FROM user_identities i \
@@ -165,6 +168,7 @@ impl PgUserStore {
             )
             .bind(email)
             .bind(identity.provider.as_str())
+            .bind(subject_hash(identity.provider, &identity.subject))
             .fetch_all(&mut *tx)
             .await
             .map_err(backend)?;
@@ -176,6 +180,7 @@ impl PgUserStore {
                         id: row.try_get::<Uuid, _>("id")?,
                         verified: row.try_get("verified")?,
                         has_provider: row.try_get("has_provider")?,
+                        unlinked: row.try_get("unlinked")?,
                     })
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -265,10 +270,22 @@ impl PgUserStore {
                 Err(e) => return Err(backend(e)),
             },
         }
+        // Linked on purpose: an earlier unlink of it no longer holds.
+        sqlx::query("DELETE FROM unlinked_identities WHERE user_id = $1 AND subject_hash = $2")
+            .bind(user_id)
+            .bind(subject_hash(identity.provider, &identity.subject))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         let user = load(&mut *tx, user_id).await?.ok_or(UserError::NotFound)?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(user))
     }
+}
+
+/// The stored hash of `provider`'s `subject` ([`SubjectHash`]).
+fn subject_hash(provider: ProviderId, subject: &str) -> Vec<u8> {
+    SubjectHash::of(&provider, subject).as_bytes().to_vec()
 }
 
 /// Locks the user's row for the rest of the transaction (and marks it updated);
@@ -440,12 +457,23 @@ impl UserStore for PgUserStore {
         if linked.len() == 1 {
             return Err(UserError::LastIdentity);
         }
-        sqlx::query("DELETE FROM user_identities WHERE user_id = $1 AND provider = $2")
-            .bind(id)
-            .bind(provider.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        let subject: String = sqlx::query_scalar(
+            "DELETE FROM user_identities WHERE user_id = $1 AND provider = $2 RETURNING subject",
+        )
+        .bind(id)
+        .bind(provider.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?;
+        sqlx::query(
+            "INSERT INTO unlinked_identities (user_id, subject_hash) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(subject_hash(provider, &subject))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         let user = load(&mut *tx, id).await?.ok_or(UserError::NotFound)?;
         tx.commit().await.map_err(backend)?;
         Ok(user)
@@ -458,6 +486,12 @@ impl UserStore for PgUserStore {
     ) -> Result<Option<Erased>, UserError> {
         let mut conn = self.pool.acquire().await.map_err(backend)?;
         let mut tx = conn.begin().await.map_err(backend)?;
+        // Nothing of an erased person is kept, not even that a user unlinked them.
+        sqlx::query("DELETE FROM unlinked_identities WHERE subject_hash = $1")
+            .bind(subject_hash(provider, subject))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         let owner: Option<Uuid> = sqlx::query_scalar(
             "SELECT user_id FROM user_identities WHERE provider = $1 AND subject = $2",
         )
@@ -467,6 +501,7 @@ impl UserStore for PgUserStore {
         .await
         .map_err(backend)?;
         let Some(id) = owner else {
+            tx.commit().await.map_err(backend)?;
             return Ok(None);
         };
         // The user's row is locked first, as linking and unlinking do, so the count
@@ -483,6 +518,7 @@ impl UserStore for PgUserStore {
         .map_err(backend)?;
         if deleted.rows_affected() == 0 {
             // Erased or moved meanwhile: nothing of this identity is left to erase.
+            tx.commit().await.map_err(backend)?;
             return Ok(None);
         }
         let left: i64 =
