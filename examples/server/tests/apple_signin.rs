@@ -489,7 +489,11 @@ async fn an_unlinked_apple_id_is_not_linked_back_by_its_address() {
     assert!(refused, "{events:?}");
 
     let relinked = server
-        .link("apple", apple_native(&apple, &shared, "ada-relink-1"), &access)
+        .link(
+            "apple",
+            apple_native(&apple, &shared, "ada-relink-1"),
+            &access,
+        )
         .await;
     assert_eq!(relinked.status, StatusCode::OK, "{:?}", relinked.body);
     let back = apple_sign_in_web(&server, &apple, &shared).await;
