@@ -143,9 +143,7 @@ impl HttpError for Error {
         match self {
             e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             Error::UnknownProvider => StatusCode::NOT_FOUND,
-            Error::Crypto(_) | Error::ProviderMisconfigured(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::Crypto(_) | Error::ProviderMisconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::UNAUTHORIZED,
         }
     }

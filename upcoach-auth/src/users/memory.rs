@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use upcoach_core::{Role, UserId};
 
 use super::{
-    Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity,
-    dedup_roles, email_of, first_sign_in_choice,
+    Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles,
+    email_of, first_sign_in_choice,
 };
 use crate::deletion::SubjectHash;
 use crate::{ProviderId, VerifiedIdentity};
@@ -243,9 +243,10 @@ impl UserStore for MemoryUserStore {
             None => state.attach(user_id, identity),
         }
         // Linked on purpose: it may link by address again after a later unlink's undo.
-        state
-            .unlinked
-            .remove(&(user_id, SubjectHash::of(&identity.provider, &identity.subject)));
+        state.unlinked.remove(&(
+            user_id,
+            SubjectHash::of(&identity.provider, &identity.subject),
+        ));
         state.view_existing(user_id)
     }
 

@@ -8,8 +8,8 @@ use upcoach_core::{Role, UserId};
 use uuid::Uuid;
 
 use super::{
-    Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity,
-    dedup_roles, email_of, first_sign_in_choice,
+    Erased, Holder, LinkingPolicy, SignIn, User, UserError, UserStore, check_identity, dedup_roles,
+    email_of, first_sign_in_choice,
 };
 use crate::deletion::SubjectHash;
 use crate::{ProviderId, VerifiedIdentity};
