@@ -712,3 +712,68 @@ fn our_client_secret_passes_an_independent_check() {
         assert!(refused.is_err(), "{team} {key_id} {client}: {refused:?}");
     }
 }
+
+/// Apple's id tokens as an independent implementation signs them: the npm
+/// `oauth2-mock-server` (RS256, its own key set) configured as Apple (its JWKS as
+/// `APPLE_KEYS_URL`, its issuer as `APPLE_ISSUER`) issues a native id token with Apple's
+/// claims, booleans as the strings Apple sometimes sends and the hashed nonce. Our
+/// provider accepts it and reads Apple's claims; the raw nonce in the token, another
+/// nonce, or the web client's audience are refused.
+#[tokio::test]
+async fn apple_id_tokens_signed_by_an_independent_implementation_are_verified() {
+    let Some(idp) = upcoach_testing::OidcProvider::start().await else {
+        return;
+    };
+    let issuer = idp.issuer().to_owned();
+    let provider = provider_at(Endpoints {
+        auth: format!("{issuer}/authorize"),
+        token: format!("{issuer}/token"),
+        keys: format!("{issuer}/jwks"),
+        issuer: issuer.clone(),
+    });
+    let person = |nonce: &str| {
+        json!({
+            "sub": "001234.independent.0007",
+            "email": "k7q2@privaterelay.appleid.com",
+            "email_verified": "true",
+            "is_private_email": "true",
+            "real_user_status": 1,
+            "name": null,
+            "nonce": nonce,
+        })
+    };
+    let raw = "independent-raw-nonce-1";
+    let token = idp.id_token(APP, &hashed(raw), &person(&hashed(raw))).await;
+    let signed_in = provider
+        .verify_id_token(&token, AppleClient::Native, raw)
+        .await
+        .unwrap();
+    assert_eq!(signed_in.identity.provider, ProviderId::APPLE);
+    assert_eq!(signed_in.identity.subject, "001234.independent.0007");
+    assert!(signed_in.identity.email_verified, "\"true\" as a string");
+    assert!(signed_in.claims.is_private_email);
+    assert_eq!(signed_in.claims.real_user_status.map(|s| s.code()), Some(1));
+
+    // The raw nonce where Apple puts its hash; another nonce's hash.
+    let raw_in_token = idp.id_token(APP, raw, &person(raw)).await;
+    let refused = provider
+        .verify_native(&id_token_credential(raw_in_token, raw))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "apple_nonce_not_hashed");
+    let other = idp
+        .id_token(APP, &hashed("another"), &person(&hashed("another")))
+        .await;
+    let refused = provider
+        .verify_native(&id_token_credential(other, raw))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "apple_nonce_mismatch");
+    // Issued to the web client: not a native token.
+    let for_web = idp.id_token(WEB, &hashed(raw), &person(&hashed(raw))).await;
+    let refused = provider
+        .verify_native(&id_token_credential(for_web, raw))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "id_token_wrong_audience");
+}

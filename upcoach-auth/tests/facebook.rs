@@ -268,53 +268,6 @@ async fn the_token_route_takes_an_access_token_or_an_id_token_not_both() {
     }
 }
 
-/// An id token of Facebook Limited Login for `sub`, minted by the independent OpenID
-/// provider (npm `oauth2-mock-server`) standing in for Facebook: issued to `client_id`
-/// with `nonce`.
-async fn limited_login_token(
-    issuer: &str,
-    client_id: &str,
-    nonce: &str,
-    claims: serde_json::Value,
-) -> String {
-    use base64::Engine;
-    let redirect = "http://127.0.0.1:1/ios";
-    let mut authorize = url::Url::parse(&format!("{issuer}/authorize")).unwrap();
-    authorize
-        .query_pairs_mut()
-        .append_pair("client_id", client_id)
-        .append_pair("response_type", "code")
-        .append_pair("scope", "openid")
-        .append_pair("redirect_uri", redirect)
-        .append_pair("nonce", nonce)
-        .append_pair(
-            "login_hint",
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()),
-        );
-    let http = oauth2::reqwest::Client::builder()
-        .redirect(oauth2::reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let answer = http.get(authorize.as_str()).send().await.unwrap();
-    let location = url::Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
-    let code = query(&location, "code").unwrap();
-    let tokens: serde_json::Value = http
-        .post(format!("{issuer}/token"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "grant_type=authorization_code&code={code}&redirect_uri={}&client_id={client_id}",
-            url::form_urlencoded::byte_serialize(redirect.as_bytes()).collect::<String>()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .map(|body| serde_json::from_slice(&body).unwrap())
-        .unwrap();
-    tokens["id_token"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce() {
     let Some(oidc) = upcoach_testing::OidcProvider::start().await else {
@@ -347,7 +300,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
         nonce: Some(nonce.to_owned()),
     };
 
-    let token = limited_login_token(&issuer, APP_ID, "limited-nonce-1", claims.clone()).await;
+    let token = oidc.id_token(APP_ID, "limited-nonce-1", &claims).await;
     let signed_in = sessions
         .sign_in_with_token(
             "facebook",
@@ -379,7 +332,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
         .await
         .unwrap_err();
     assert_eq!(replayed.code(), "nonce_replayed");
-    let other_nonce = limited_login_token(&issuer, APP_ID, "limited-nonce-2", claims.clone()).await;
+    let other_nonce = oidc.id_token(APP_ID, "limited-nonce-2", &claims).await;
     let wrong = sessions
         .sign_in_with_token(
             "facebook",
@@ -391,7 +344,7 @@ async fn limited_login_id_tokens_are_verified_with_their_issuers_keys_and_nonce(
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), "id_token_nonce_mismatch");
-    let foreign = limited_login_token(&issuer, "999", "limited-nonce-4", claims).await;
+    let foreign = oidc.id_token("999", "limited-nonce-4", &claims).await;
     let refused = sessions
         .sign_in_with_token(
             "facebook",

@@ -94,36 +94,6 @@ async fn sign_in(
     provider.exchange_code(&code, &request, VERIFIER).await
 }
 
-/// An id token `issuer` issues to `client_id` for `claims` with `nonce`, as a native
-/// app's SDK obtains one.
-async fn native_id_token(issuer: &str, client_id: &str, nonce: &str, claims: &Value) -> String {
-    let mut authorize = url::Url::parse(&format!("{issuer}/authorize")).unwrap();
-    authorize
-        .query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", client_id)
-        .append_pair("redirect_uri", "http://app.example.test/native")
-        .append_pair("scope", "openid email")
-        .append_pair("nonce", nonce);
-    let code = code_at(authorize, claims).await;
-    let answer = http()
-        .post(format!("{issuer}/token"))
-        .form(&[
-            ("grant_type", "authorization_code"),
-            ("code", &code),
-            ("redirect_uri", "http://app.example.test/native"),
-            ("client_id", client_id),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let answer: Value = serde_json::from_slice(&answer).unwrap();
-    answer["id_token"].as_str().expect("an id token").to_owned()
-}
-
 fn id_token(id_token: String, nonce: &str) -> NativeCredential {
     NativeCredential::IdToken {
         id_token,
@@ -488,7 +458,7 @@ async fn one_providers_id_tokens_are_refused_by_another() {
     let corp_idp = provider(&config(corp(), a.issuer()));
     let gitlab_idp = provider(&config(gitlab, b.issuer()));
 
-    let from_a = native_id_token(a.issuer(), CLIENT_ID, "n-a", &json!({"sub": "a-1"})).await;
+    let from_a = a.id_token(CLIENT_ID, "n-a", &json!({"sub": "a-1"})).await;
     let refused = gitlab_idp
         .verify_native(&id_token(from_a.clone(), "n-a"))
         .await
@@ -510,7 +480,7 @@ async fn one_providers_id_tokens_are_refused_by_another() {
         (corp(), "a-1")
     );
 
-    let from_b = native_id_token(b.issuer(), CLIENT_ID, "n-b", &json!({"sub": "b-1"})).await;
+    let from_b = b.id_token(CLIENT_ID, "n-b", &json!({"sub": "b-1"})).await;
     let refused = corp_idp
         .verify_native(&id_token(from_b.clone(), "n-b"))
         .await
@@ -525,7 +495,7 @@ async fn one_providers_id_tokens_are_refused_by_another() {
     // Two names for the same issuer trust each other's tokens (same keys, same `iss`):
     // the issuer, not the name, is what an id token is bound to.
     let alias = provider(&config("corp-alias".parse().unwrap(), a.issuer()));
-    let from_a = native_id_token(a.issuer(), CLIENT_ID, "n-c", &json!({"sub": "a-2"})).await;
+    let from_a = a.id_token(CLIENT_ID, "n-c", &json!({"sub": "a-2"})).await;
     let aliased = alias.verify_native(&id_token(from_a, "n-c")).await.unwrap();
     assert_eq!(aliased.provider.as_str(), "corp-alias");
 }
@@ -538,7 +508,9 @@ async fn native_id_tokens_for_another_of_our_clients_are_accepted_and_others_ref
     let with_app = provider(&config(corp(), a.issuer()).other_audiences(["corp-ios"]));
     let web_only = provider(&config(corp(), a.issuer()));
 
-    let for_app = native_id_token(a.issuer(), "corp-ios", "n-1", &json!({"sub": "app-1"})).await;
+    let for_app = a
+        .id_token("corp-ios", "n-1", &json!({"sub": "app-1"}))
+        .await;
     let identity = with_app
         .verify_native(&id_token(for_app.clone(), "n-1"))
         .await
@@ -553,8 +525,9 @@ async fn native_id_tokens_for_another_of_our_clients_are_accepted_and_others_ref
         .unwrap_err();
     assert_eq!(refused.code(), "id_token_wrong_audience");
 
-    let for_stranger =
-        native_id_token(a.issuer(), "someone-else", "n-2", &json!({"sub": "app-2"})).await;
+    let for_stranger = a
+        .id_token("someone-else", "n-2", &json!({"sub": "app-2"}))
+        .await;
     let refused = with_app
         .verify_native(&id_token(for_stranger, "n-2"))
         .await
@@ -562,7 +535,7 @@ async fn native_id_tokens_for_another_of_our_clients_are_accepted_and_others_ref
     assert_eq!(refused.code(), "id_token_wrong_audience");
 
     // The web client's own tokens, natively, too.
-    let for_web = native_id_token(a.issuer(), CLIENT_ID, "n-3", &json!({"sub": "web-1"})).await;
+    let for_web = a.id_token(CLIENT_ID, "n-3", &json!({"sub": "web-1"})).await;
     assert!(
         with_app
             .verify_native(&id_token(for_web, "n-3"))
@@ -683,13 +656,13 @@ async fn providers_added_by_hand_link_as_the_linking_policy_says() {
 
     for trusted in [true, false] {
         let sessions = sessions(trusted);
-        let token = native_id_token(b.issuer(), CLIENT_ID, "n-gl", &ada("gl-ada")).await;
+        let token = b.id_token(CLIENT_ID, "n-gl", &ada("gl-ada")).await;
         let first = sessions
             .sign_in_with_token("gitlab", id_token(token, "n-gl"), None, None, &facts)
             .await
             .unwrap();
         assert_eq!(first.user.providers, [gitlab]);
-        let token = native_id_token(a.issuer(), "corp-ios", "n-corp", &ada("corp-ada")).await;
+        let token = a.id_token("corp-ios", "n-corp", &ada("corp-ada")).await;
         let second = sessions
             .sign_in_with_token("corp", id_token(token, "n-corp"), None, None, &facts)
             .await;
@@ -837,12 +810,14 @@ async fn a_providers_own_linking_trust_applies_unless_the_host_sets_a_policy() {
     let ada = |sub: &str| json!({"sub": sub, "email": "ada@example.test", "email_verified": true});
     for (i, (case, sessions, links)) in cases.into_iter().enumerate() {
         let nonce = |p: &str| format!("n-{p}-{i}");
-        let token = native_id_token(b.issuer(), CLIENT_ID, &nonce("gl"), &ada("gl-ada")).await;
+        let token = b.id_token(CLIENT_ID, &nonce("gl"), &ada("gl-ada")).await;
         let first = sessions
             .sign_in_with_token("gitlab", id_token(token, &nonce("gl")), None, None, &facts)
             .await
             .unwrap();
-        let token = native_id_token(a.issuer(), "corp-ios", &nonce("corp"), &ada("corp-ada")).await;
+        let token = a
+            .id_token("corp-ios", &nonce("corp"), &ada("corp-ada"))
+            .await;
         let second = sessions
             .sign_in_with_token("corp", id_token(token, &nonce("corp")), None, None, &facts)
             .await;

@@ -85,6 +85,103 @@ impl OidcProvider {
     }
 }
 
+impl OidcProvider {
+    /// An id token this provider issues to `client_id` for `claims` with `nonce`, as a
+    /// native app's SDK obtains one: the authorization request (the claims as its
+    /// `login_hint`, see `provider.mjs`), then the code exchange.
+    ///
+    /// # Panics
+    ///
+    /// When the provider does not answer as it should (a failed test).
+    pub async fn id_token(
+        &self,
+        client_id: &str,
+        nonce: &str,
+        claims: &serde_json::Value,
+    ) -> String {
+        use base64::Engine;
+        const REDIRECT_URI: &str = "http://app.example.test/native";
+        let hint = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+        let mut authorize =
+            url::Url::parse(&format!("{}/authorize", self.base())).expect("the issuer is a URL");
+        authorize
+            .query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", client_id)
+            .append_pair("redirect_uri", REDIRECT_URI)
+            .append_pair("scope", "openid email")
+            .append_pair("nonce", nonce)
+            .append_pair("login_hint", &hint);
+        let (status, headers, _) = request(http::Method::GET, &authorize, None).await;
+        assert_eq!(status, 302, "the authorization request is redirected");
+        let location = headers
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| url::Url::parse(l).ok())
+            .expect("a Location URL");
+        let code = location
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .expect("a code");
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "authorization_code")
+            .append_pair("code", &code)
+            .append_pair("redirect_uri", REDIRECT_URI)
+            .append_pair("client_id", client_id)
+            .finish();
+        let token_url =
+            url::Url::parse(&format!("{}/token", self.base())).expect("the issuer is a URL");
+        let (status, _, body) = request(http::Method::POST, &token_url, Some(form)).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
+        answer["id_token"].as_str().expect("an id token").to_owned()
+    }
+
+    /// The issuer without a trailing `/`, where the endpoints are.
+    fn base(&self) -> &str {
+        self.issuer.trim_end_matches('/')
+    }
+}
+
+/// One HTTP/1.1 request to the loopback provider (a form body when `form` is given):
+/// the status, headers and body.
+async fn request(
+    method: http::Method,
+    url: &url::Url,
+    form: Option<String>,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
+    use http_body_util::{BodyExt, Full};
+    let host = url.host_str().expect("a host");
+    let port = url.port_or_known_default().expect("a port");
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .expect("the provider listens");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("an HTTP/1.1 connection");
+    tokio::spawn(connection);
+    let target = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", format!("{host}:{port}"));
+    if form.is_some() {
+        builder = builder.header("content-type", "application/x-www-form-urlencoded");
+    }
+    let request = builder
+        .body(Full::new(bytes::Bytes::from(form.unwrap_or_default())))
+        .expect("a request");
+    let response = sender.send_request(request).await.expect("an answer");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the whole body").to_bytes();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
 impl Drop for OidcProvider {
     fn drop(&mut self) {
         let _ = self.child.start_kill();

@@ -122,34 +122,6 @@ async fn sign_in_web(base: &str, provider: &str, claims: &Value) -> Answer {
     .await
 }
 
-/// An id token `issuer` issues to `client_id` for `claims` with `nonce`, as a native
-/// app's SDK obtains one.
-async fn native_id_token(issuer: &str, client_id: &str, nonce: &str, claims: &Value) -> String {
-    let mut authorize = url::Url::parse(&format!("{issuer}/authorize")).unwrap();
-    authorize
-        .query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", client_id)
-        .append_pair("redirect_uri", "http://app.example.test/native")
-        .append_pair("nonce", nonce)
-        .append_pair("login_hint", &hint(claims));
-    let redirected = send(Method::GET, authorize.as_str(), &[], "").await;
-    let code = param(&redirected.location(), "code");
-    let form = format!(
-        "grant_type=authorization_code&code={code}&redirect_uri={}&client_id={client_id}",
-        urlencode("http://app.example.test/native")
-    );
-    let answer = send(
-        Method::POST,
-        &format!("{issuer}/token"),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        &form,
-    )
-    .await;
-    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-    answer.json()["id_token"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_corp_user_links_and_unlinks_google_on_axum() {
     let Some(google) = OidcProvider::start().await else {
@@ -172,7 +144,7 @@ async fn a_corp_user_links_and_unlinks_google_on_axum() {
 
     let ada_google =
         json!({"sub": "google-ada", "email": "ada@gmail.example", "email_verified": true});
-    let id_token = native_id_token(google.issuer(), CLIENT_ID, "axum-link-1", &ada_google).await;
+    let id_token = google.id_token(CLIENT_ID, "axum-link-1", &ada_google).await;
     let linked = send(
         Method::POST,
         &format!("{base}/auth/link/google"),

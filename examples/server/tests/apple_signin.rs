@@ -11,7 +11,7 @@ mod support;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::signin::{Browser, GOOGLE_CLIENT, google_env, oidc_id_token, param, urlencode};
+use support::signin::{Browser, GOOGLE_CLIENT, google_env, param, urlencode};
 use support::{Answer, RETURN_TO, Running, Services, send};
 use upcoach_core::event::Event;
 use upcoach_server::ServerConfig;
@@ -153,7 +153,7 @@ fn apple_native(apple: &AppleStandIn, user: &AppleUser, nonce: &str) -> Value {
 /// The body of `/auth/google/token` or `/auth/link/google` from the app: the id token
 /// `google` issues for `claims` with `nonce`, and `nonce`.
 async fn google_native(google: &OidcProvider, claims: &Value, nonce: &str) -> Value {
-    let id_token = oidc_id_token(google.issuer(), GOOGLE_CLIENT, nonce, claims).await;
+    let id_token = google.id_token(GOOGLE_CLIENT, nonce, claims).await;
     json!({"id_token": id_token, "nonce": nonce, "platform": "ios"})
 }
 

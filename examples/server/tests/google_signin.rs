@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::signin::{self, Browser, GOOGLE_CLIENT, google_env, oidc_id_token, param, urlencode};
+use support::signin::{self, Browser, GOOGLE_CLIENT, google_env, param, urlencode};
 use support::{RETURN_TO, Running, send};
 use upcoach_core::config::Settings;
 use upcoach_server::ServerConfig;
@@ -317,7 +317,7 @@ async fn an_unverified_email_never_links_automatically() {
 
 /// An id token for the native route, from the provider directly (an app's SDK would do this).
 async fn native_id_token(provider: &OidcProvider, nonce: &str, claims: &Value) -> String {
-    oidc_id_token(provider.issuer(), GOOGLE_CLIENT, nonce, claims).await
+    provider.id_token(GOOGLE_CLIENT, nonce, claims).await
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ mod support;
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::signin::{Browser, google_env, oidc_id_token};
+use support::signin::{Browser, google_env};
 use support::{Running, Services};
 use upcoach_core::config::Settings;
 use upcoach_core::event::Event;
@@ -54,7 +54,7 @@ async fn corp_token(
     claims: &Value,
     platform: &str,
 ) -> support::Answer {
-    let id_token = oidc_id_token(corp.issuer(), CORP_CLIENT, nonce, claims).await;
+    let id_token = corp.id_token(CORP_CLIENT, nonce, claims).await;
     server
         .sign_in_native(
             "corp",
@@ -86,7 +86,7 @@ async fn google_user_links_and_unlinks_corp(server: &Running, corp: &OidcProvide
     let access = tokens["access_token"].as_str().unwrap().to_owned();
 
     // Link corp with an id token its app obtained (the body of /auth/corp/token).
-    let id_token = oidc_id_token(corp.issuer(), CORP_CLIENT, "link-corp-1", &dave_corp).await;
+    let id_token = corp.id_token(CORP_CLIENT, "link-corp-1", &dave_corp).await;
     let body = json!({"id_token": id_token, "nonce": "link-corp-1", "platform": "ios"});
     let linked = server.link("corp", body.clone(), &access).await;
     assert_eq!(linked.status, StatusCode::OK, "{:?}", linked.body);

@@ -83,49 +83,6 @@ pub(crate) fn login_code(landed: &Answer) -> String {
     param(&back, "login_code")
 }
 
-/// An id token `issuer` (an OpenID provider stand-in) issues to `client_id` for `claims`
-/// with `nonce`, as a native app's SDK obtains one.
-pub(crate) async fn oidc_id_token(
-    issuer: &str,
-    client_id: &str,
-    nonce: &str,
-    claims: &Value,
-) -> String {
-    const REDIRECT_URI: &str = "http://app.example.test/native";
-    let mut authorize = url::Url::parse(&format!("{issuer}/authorize")).unwrap();
-    authorize
-        .query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", client_id)
-        .append_pair("redirect_uri", REDIRECT_URI)
-        .append_pair("nonce", nonce)
-        .append_pair("login_hint", &hint(claims));
-    let redirected = send(Method::GET, authorize.as_str(), &[], None).await;
-    assert_eq!(
-        redirected.status,
-        StatusCode::FOUND,
-        "{:?}",
-        redirected.body
-    );
-    let code = param(&redirected.location(), "code");
-    let form = format!(
-        "grant_type=authorization_code&code={code}&redirect_uri={}&client_id={client_id}",
-        urlencode(REDIRECT_URI)
-    );
-    let answer = send(
-        Method::POST,
-        &format!("{issuer}/token"),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        Some(form),
-    )
-    .await;
-    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-    answer.json["id_token"]
-        .as_str()
-        .expect("an id_token")
-        .to_owned()
-}
-
 /// A browser signing in: our authorize → the provider → our callback. It keeps the
 /// cookies the server sets on it, each by name, removed by `Max-Age=0`, and sends them
 /// back on each request to the server (only the `SameSite=None` ones on a cross-site
