@@ -64,6 +64,36 @@ pub(crate) async fn start_axum_facebook(
     serve(listener, &auth, false, &LimitConfig::default()).await
 }
 
+/// [`start_axum_facebook`] with Google beside Facebook, pointed at `google` (client
+/// [`CLIENT_ID`]), for a user who signs in with one and links the other.
+pub(crate) async fn start_axum_facebook_and_google(
+    graph: &upcoach_testing::facebook::FacebookStandIn,
+    google: &OidcProvider,
+) -> (SocketAddr, Arc<App>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let env = [
+        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
+        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
+        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
+        ("FACEBOOK_APP_ID", FACEBOOK_APP_ID.to_owned()),
+        ("FACEBOOK_APP_SECRET", FACEBOOK_APP_SECRET.to_owned()),
+        ("FACEBOOK_GRAPH_URL", graph.graph_url()),
+        (
+            "FACEBOOK_DIALOG_URL",
+            format!("{}/v19.0/dialog/oauth", graph.base_url()),
+        ),
+        ("GOOGLE_CLIENT_ID", CLIENT_ID.to_owned()),
+        ("GOOGLE_CLIENT_SECRET", "test-secret".to_owned()),
+        ("GOOGLE_ISSUER_URL", google.issuer().to_owned()),
+    ];
+    let auth = AuthConfig::from_lookup(|name| {
+        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    serve(listener, &auth, false, &LimitConfig::default()).await
+}
+
 /// The Facebook app of [`start_axum_facebook`].
 pub(crate) const FACEBOOK_APP_ID: &str = "1234567890";
 /// Its secret.
