@@ -1321,6 +1321,30 @@ async fn without_a_device_the_sign_in_makes_one_and_sets_its_cookie() {
     assert_eq!(status, 200);
 }
 
+/// A web sign-in from `jar` whose callback comes without the device cookie `name`, as
+/// a cross-site `POST` does: the jar it came with, the callback's headers and its
+/// tokens (which answer no `device_id`).
+async fn cross_site_sign_in(
+    routes: &AuthRoutes,
+    jar: &mut Jar,
+    name: &str,
+) -> (Jar, http::HeaderMap, serde_json::Value) {
+    let (_, state) = start_in(routes, jar, "platform=web").await;
+    let mut cross_site = jar.clone();
+    cross_site.0.retain(|(n, _)| n != name);
+    let uri = format!("/auth/google/callback?state={state}&code=c");
+    let landed = routes
+        .callback(
+            "google",
+            from_browser(http::Method::GET, &uri, &cross_site, &[], None),
+        )
+        .await;
+    let (headers, status, tokens) = answer(landed).await;
+    assert_eq!(status, 200, "{tokens}");
+    assert!(tokens.get("device_id").is_none(), "{tokens}");
+    (cross_site, headers, tokens)
+}
+
 /// A provider that comes back by a cross-site `POST` (Sign in with Apple's form_post):
 /// the browser sends its `SameSite=None` flow cookie but not its `SameSite=Lax` device
 /// cookie. The callback binds the session to the device the browser had at
@@ -1341,20 +1365,8 @@ async fn a_callback_without_the_device_cookie_binds_to_the_device_of_authorize()
         assert_eq!(status, 200);
         let device = jar.get(name).unwrap().to_owned();
 
-        let (_, state) = start_in(&routes, &mut jar, "platform=web").await;
+        let (cross_site, headers, tokens) = cross_site_sign_in(&routes, &mut jar, name).await;
         assert_eq!(jar.get(name), Some(device.as_str()), "kept at authorize");
-        let mut cross_site = jar.clone();
-        cross_site.0.retain(|(n, _)| n != name);
-        let uri = format!("/auth/google/callback?state={state}&code=c");
-        let landed = routes
-            .callback(
-                "google",
-                from_browser(http::Method::GET, &uri, &cross_site, &[], None),
-            )
-            .await;
-        let (headers, status, tokens) = answer(landed).await;
-        assert_eq!(status, 200, "{tokens}");
-        assert!(tokens.get("device_id").is_none(), "{tokens}");
         let set: Vec<&str> = headers
             .get_all("set-cookie")
             .iter()
@@ -1377,20 +1389,8 @@ async fn a_callback_without_the_device_cookie_binds_to_the_device_of_authorize()
         // A browser with no device cookie starting a web sign-in is given one at
         // authorize; the cross-site callback binds to that one.
         let mut fresh = Jar::default();
-        let (_, state) = start_in(&routes, &mut fresh, "platform=web").await;
+        let (_, _, tokens) = cross_site_sign_in(&routes, &mut fresh, name).await;
         let given = fresh.get(name).expect("a device cookie").to_owned();
-        let mut cross_site = fresh.clone();
-        cross_site.0.retain(|(n, _)| n != name);
-        let uri = format!("/auth/google/callback?state={state}&code=c");
-        let landed = routes
-            .callback(
-                "google",
-                from_browser(http::Method::GET, &uri, &cross_site, &[], None),
-            )
-            .await;
-        let (_, status, tokens) = answer(landed).await;
-        assert_eq!(status, 200, "{tokens}");
-        assert!(tokens.get("device_id").is_none(), "{tokens}");
         let (_, status, _) = refresh_from(
             &routes,
             &Jar::default(),
