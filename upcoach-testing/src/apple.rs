@@ -486,6 +486,25 @@ impl AppleStandIn {
         &self.shared.key_id
     }
 
+    /// The variables that point upcoach's Sign in with Apple at this stand-in, for the
+    /// Services ID `web_client` (`APPLE_WEB_CLIENT_ID`) and the app's bundle id
+    /// `app_client` (`APPLE_MOBILE_CLIENT_ID`): the test team key ([`TEST_TEAM_ID`],
+    /// [`TEST_KEY_ID`], [`TEST_TEAM_PRIVATE_KEY`]), so a stand-in started with those and
+    /// [`TEST_TEAM_PUBLIC_KEY`] accepts the client secrets, and its URLs and issuer.
+    pub fn env(&self, web_client: &str, app_client: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("APPLE_WEB_CLIENT_ID", web_client.to_owned()),
+            ("APPLE_MOBILE_CLIENT_ID", app_client.to_owned()),
+            ("APPLE_TEAM_ID", TEST_TEAM_ID.to_owned()),
+            ("APPLE_KEY_ID", TEST_KEY_ID.to_owned()),
+            ("APPLE_PRIVATE_KEY", TEST_TEAM_PRIVATE_KEY.to_owned()),
+            ("APPLE_AUTH_URL", self.authorize_url()),
+            ("APPLE_TOKEN_URL", self.token_url()),
+            ("APPLE_KEYS_URL", self.keys_url()),
+            ("APPLE_ISSUER", self.issuer().to_owned()),
+        ]
+    }
+
     /// The `/auth/keys` document.
     pub fn jwks(&self) -> Value {
         self.shared.jwks.clone()

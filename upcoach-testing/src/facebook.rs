@@ -279,6 +279,23 @@ impl FacebookStandIn {
         &self.shared.app_id
     }
 
+    /// The variables that point upcoach's Facebook Login at this stand-in: its app id and
+    /// secret, its [`graph_url`](Self::graph_url), and the login dialog under the same
+    /// version (`http://127.0.0.1:<port>/v19.0/dialog/oauth`, which the stand-in does not
+    /// serve: tests drive the browser part themselves, with
+    /// [`issue_code`](Self::issue_code)).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("FACEBOOK_APP_ID", self.shared.app_id.clone()),
+            ("FACEBOOK_APP_SECRET", self.shared.app_secret.clone()),
+            ("FACEBOOK_GRAPH_URL", self.graph_url()),
+            (
+                "FACEBOOK_DIALOG_URL",
+                format!("{}/dialog/oauth", self.graph_url()),
+            ),
+        ]
+    }
+
     /// A one-time authorization code for `user`, valid only with `redirect_uri`.
     ///
     /// # Panics

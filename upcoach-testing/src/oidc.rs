@@ -83,6 +83,16 @@ impl OidcProvider {
     pub fn issuer(&self) -> &str {
         &self.issuer
     }
+
+    /// The variables that make this provider upcoach's Google, with client id
+    /// `client_id` and secret `client_secret`.
+    pub fn google_env(&self, client_id: &str, client_secret: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("GOOGLE_CLIENT_ID", client_id.to_owned()),
+            ("GOOGLE_CLIENT_SECRET", client_secret.to_owned()),
+            ("GOOGLE_ISSUER_URL", self.issuer.clone()),
+        ]
+    }
 }
 
 impl OidcProvider {

@@ -5,19 +5,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::{Answer, CLIENT_ID, RETURN_TO, send, urlencode};
-use tokio::net::TcpListener;
-use upcoach_auth::config::AuthConfig;
-use upcoach_axum_example::{App, CappedListener, Peer};
-use upcoach_core::config::Settings;
 use upcoach_core::http::protect::LimitConfig;
-use upcoach_realtime::HubConfig;
 use upcoach_testing::OidcProvider;
 
 const CORP_CLIENT: &str = "corp-web-client";
@@ -25,41 +19,17 @@ const CORP_CLIENT: &str = "corp-web-client";
 /// The axum example with Google at `google` and corp at `corp`; it stops with the
 /// test's runtime.
 async fn start(google: &OidcProvider, corp: &OidcProvider) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let env = [
-        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
-        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
-        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
-        ("GOOGLE_CLIENT_ID", CLIENT_ID.to_owned()),
-        ("GOOGLE_CLIENT_SECRET", "test-secret".to_owned()),
-        ("GOOGLE_ISSUER_URL", google.issuer().to_owned()),
+    let mut env = support::google_env(google);
+    env.extend([
         ("OIDC_PROVIDERS", "corp".to_owned()),
         ("OIDC_CORP_ISSUER", corp.issuer().to_owned()),
         ("OIDC_CORP_CLIENT_ID", CORP_CLIENT.to_owned()),
         ("OIDC_CORP_CLIENT_SECRET", "corp-secret".to_owned()),
         ("OIDC_CORP_SCOPES", "openid email".to_owned()),
-    ];
-    let auth = AuthConfig::from_lookup(|name| {
-        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    let limits = LimitConfig::default();
-    let app = App::new(
-        &auth,
-        HubConfig::default(),
-        &limits,
-        &Default::default(),
-        addr,
-        false,
-    )
-    .await
-    .expect("app");
-    let service =
-        upcoach_axum_example::router(Arc::new(app)).into_make_service_with_connect_info::<Peer>();
-    let listener = CappedListener::new(listener, limits.connection_limits());
-    tokio::spawn(async move { axum::serve(listener, service).await });
-    addr
+    ]);
+    support::start_axum_with_env(env, false, &LimitConfig::default())
+        .await
+        .0
 }
 
 fn param(url: &url::Url, name: &str) -> String {

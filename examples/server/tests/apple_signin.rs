@@ -17,7 +17,7 @@ use upcoach_core::event::Event;
 use upcoach_server::ServerConfig;
 use upcoach_testing::OidcProvider;
 use upcoach_testing::apple::{
-    AppleStandIn, AppleUser, TEST_KEY_ID, TEST_TEAM_ID, TEST_TEAM_PRIVATE_KEY, TEST_TEAM_PUBLIC_KEY,
+    AppleStandIn, AppleUser, TEST_KEY_ID, TEST_TEAM_ID, TEST_TEAM_PUBLIC_KEY,
 };
 
 const WEB: &str = "com.example.web";
@@ -33,17 +33,7 @@ async fn start(
     google: Option<&OidcProvider>,
     edit: impl FnOnce(&mut ServerConfig),
 ) -> Running {
-    let mut env = vec![
-        ("APPLE_WEB_CLIENT_ID", WEB.to_owned()),
-        ("APPLE_MOBILE_CLIENT_ID", APP.to_owned()),
-        ("APPLE_TEAM_ID", TEST_TEAM_ID.to_owned()),
-        ("APPLE_KEY_ID", TEST_KEY_ID.to_owned()),
-        ("APPLE_PRIVATE_KEY", TEST_TEAM_PRIVATE_KEY.to_owned()),
-        ("APPLE_AUTH_URL", apple.authorize_url()),
-        ("APPLE_TOKEN_URL", apple.token_url()),
-        ("APPLE_KEYS_URL", apple.keys_url()),
-        ("APPLE_ISSUER", apple.issuer().to_owned()),
-    ];
+    let mut env = apple.env(WEB, APP);
     env.extend(google.map(google_env).unwrap_or_default());
     Running::from_env(&env, edit).await
 }

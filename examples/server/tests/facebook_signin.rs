@@ -15,16 +15,7 @@ const APP_ID: &str = "1234567890";
 const APP_SECRET: &str = "stand-in-app-secret";
 
 async fn start(graph: &FacebookStandIn) -> Running {
-    let env = [
-        ("FACEBOOK_APP_ID", APP_ID.to_owned()),
-        ("FACEBOOK_APP_SECRET", APP_SECRET.to_owned()),
-        ("FACEBOOK_GRAPH_URL", graph.graph_url()),
-        (
-            "FACEBOOK_DIALOG_URL",
-            format!("{}/v19.0/dialog/oauth", graph.base_url()),
-        ),
-    ];
-    Running::from_env(&env, |_| {}).await
+    Running::from_env(&graph.env(), |_| {}).await
 }
 
 fn bob() -> FacebookUser {

@@ -10,7 +10,6 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::signin::{self, Browser, GOOGLE_CLIENT, google_env, param, urlencode};
 use support::{RETURN_TO, Running, send};
-use upcoach_core::config::Settings;
 use upcoach_server::ServerConfig;
 use upcoach_testing::OidcProvider;
 
@@ -680,23 +679,11 @@ async fn a_google_user_links_and_unlinks_facebook() {
     const APP_ID: &str = "1234567890";
     const APP_SECRET: &str = "stand-in-app-secret";
     let graph = FacebookStandIn::start(APP_ID, APP_SECRET).await;
-    let graph_url = graph.graph_url();
-    let dialog_url = format!("{}/v19.0/dialog/oauth", graph.base_url());
-    let Some((server, provider)) = start(|config| {
-        config.auth.facebook = upcoach_auth::config::AuthConfig::from_lookup(|name| match name {
-            "FACEBOOK_APP_ID" => Some(APP_ID.into()),
-            "FACEBOOK_APP_SECRET" => Some(APP_SECRET.into()),
-            "FACEBOOK_GRAPH_URL" => Some(graph_url.clone()),
-            "FACEBOOK_DIALOG_URL" => Some(dialog_url.clone()),
-            _ => None,
-        })
-        .unwrap()
-        .facebook;
-    })
-    .await
-    else {
+    let Some(provider) = OidcProvider::start().await else {
         return;
     };
+    let env = [google_env(&provider), graph.env()].concat();
+    let server = Running::from_env(&env, |_| {}).await;
     let dave = FacebookUser::new("10150000000000004").with_email("dave@example.test");
     let facebook_sign_in = async |token: String| {
         let body = json!({"access_token": token, "platform": "ios"});

@@ -24,44 +24,45 @@ use upcoach_testing::OidcProvider;
 pub(crate) const CLIENT_ID: &str = "upcoach-test-client";
 pub(crate) const RETURN_TO: &str = "http://app.example.test/signed-in";
 
-/// The variables of a server listening on `addr`, signing in with `provider`.
-fn env(addr: SocketAddr, provider: &OidcProvider) -> impl Fn(&str) -> Option<String> {
-    let env = [
+/// The variables of a server listening on `addr`, configured by `env` (its providers'
+/// variables) and its address, public URL, [`RETURN_TO`] allowed and a signing key.
+fn lookup(addr: SocketAddr, env: Vec<(&'static str, String)>) -> impl Fn(&str) -> Option<String> {
+    let mut all = vec![
         ("UPCOACH_ADDR", addr.to_string()),
         ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
         ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
         ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
-        ("GOOGLE_CLIENT_ID", CLIENT_ID.to_owned()),
-        ("GOOGLE_CLIENT_SECRET", "test-secret".to_owned()),
-        ("GOOGLE_ISSUER_URL", provider.issuer().to_owned()),
     ];
-    move |name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    all.extend(env);
+    move |name| all.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
 }
 
-/// The axum example on a free port with Facebook Login pointed at `graph` (app
-/// [`FACEBOOK_APP_ID`] and [`FACEBOOK_APP_SECRET`]); it stops with the test's runtime.
-pub(crate) async fn start_axum_facebook(
-    graph: &upcoach_testing::facebook::FacebookStandIn,
+/// The variables that make `provider` Google, with client [`CLIENT_ID`].
+pub(crate) fn google_env(provider: &OidcProvider) -> Vec<(&'static str, String)> {
+    provider.google_env(CLIENT_ID, "test-secret")
+}
+
+/// The axum example on a free port signing in with the providers `env` configures
+/// (see [`lookup`] for the rest), with `limits` and behind its [`CappedListener`] as
+/// `main` serves it; it stops with the test's runtime.
+pub(crate) async fn start_axum_with_env(
+    env: Vec<(&'static str, String)>,
+    dev: bool,
+    limits: &LimitConfig,
 ) -> (SocketAddr, Arc<App>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let env = [
-        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
-        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
-        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
-        ("FACEBOOK_APP_ID", FACEBOOK_APP_ID.to_owned()),
-        ("FACEBOOK_APP_SECRET", FACEBOOK_APP_SECRET.to_owned()),
-        ("FACEBOOK_GRAPH_URL", graph.graph_url()),
-        (
-            "FACEBOOK_DIALOG_URL",
-            format!("{}/v19.0/dialog/oauth", graph.base_url()),
-        ),
-    ];
-    let auth = AuthConfig::from_lookup(|name| {
-        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    serve(listener, &auth, false, &LimitConfig::default()).await
+    let auth = AuthConfig::from_lookup(lookup(addr, env)).unwrap();
+    serve(listener, &auth, dev, limits).await
+}
+
+/// The axum example on a free port with Facebook Login pointed at `graph` (started for
+/// the app [`FACEBOOK_APP_ID`] and [`FACEBOOK_APP_SECRET`]); it stops with the test's
+/// runtime.
+pub(crate) async fn start_axum_facebook(
+    graph: &upcoach_testing::facebook::FacebookStandIn,
+) -> (SocketAddr, Arc<App>) {
+    start_axum_with_env(graph.env(), false, &LimitConfig::default()).await
 }
 
 /// [`start_axum_facebook`] with Google beside Facebook, pointed at `google` (client
@@ -70,28 +71,8 @@ pub(crate) async fn start_axum_facebook_and_google(
     graph: &upcoach_testing::facebook::FacebookStandIn,
     google: &OidcProvider,
 ) -> (SocketAddr, Arc<App>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let env = [
-        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
-        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
-        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
-        ("FACEBOOK_APP_ID", FACEBOOK_APP_ID.to_owned()),
-        ("FACEBOOK_APP_SECRET", FACEBOOK_APP_SECRET.to_owned()),
-        ("FACEBOOK_GRAPH_URL", graph.graph_url()),
-        (
-            "FACEBOOK_DIALOG_URL",
-            format!("{}/v19.0/dialog/oauth", graph.base_url()),
-        ),
-        ("GOOGLE_CLIENT_ID", CLIENT_ID.to_owned()),
-        ("GOOGLE_CLIENT_SECRET", "test-secret".to_owned()),
-        ("GOOGLE_ISSUER_URL", google.issuer().to_owned()),
-    ];
-    let auth = AuthConfig::from_lookup(|name| {
-        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    serve(listener, &auth, false, &LimitConfig::default()).await
+    let env = [graph.env(), google_env(google)].concat();
+    start_axum_with_env(env, false, &LimitConfig::default()).await
 }
 
 /// The Facebook app of [`start_axum_facebook`].
@@ -111,35 +92,9 @@ pub(crate) async fn start_axum_apple(
     apple: &upcoach_testing::apple::AppleStandIn,
     google: Option<&OidcProvider>,
 ) -> (SocketAddr, Arc<App>) {
-    use upcoach_testing::apple::{TEST_KEY_ID, TEST_TEAM_ID, TEST_TEAM_PRIVATE_KEY};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut env = vec![
-        ("UPCOACH_PUBLIC_URL", format!("http://{addr}")),
-        ("AUTH_RETURN_TO_ALLOWLIST", RETURN_TO.to_owned()),
-        ("AUTH_SIGNING_KEY", URL_SAFE_NO_PAD.encode([7u8; 32])),
-        ("APPLE_WEB_CLIENT_ID", APPLE_WEB_CLIENT.to_owned()),
-        ("APPLE_MOBILE_CLIENT_ID", APPLE_APP_CLIENT.to_owned()),
-        ("APPLE_TEAM_ID", TEST_TEAM_ID.to_owned()),
-        ("APPLE_KEY_ID", TEST_KEY_ID.to_owned()),
-        ("APPLE_PRIVATE_KEY", TEST_TEAM_PRIVATE_KEY.to_owned()),
-        ("APPLE_AUTH_URL", apple.authorize_url()),
-        ("APPLE_TOKEN_URL", apple.token_url()),
-        ("APPLE_KEYS_URL", apple.keys_url()),
-        ("APPLE_ISSUER", apple.issuer().to_owned()),
-    ];
-    if let Some(google) = google {
-        env.extend([
-            ("GOOGLE_CLIENT_ID", CLIENT_ID.to_owned()),
-            ("GOOGLE_CLIENT_SECRET", "test-secret".to_owned()),
-            ("GOOGLE_ISSUER_URL", google.issuer().to_owned()),
-        ]);
-    }
-    let auth = AuthConfig::from_lookup(|name| {
-        env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    serve(listener, &auth, false, &LimitConfig::default()).await
+    let mut env = apple.env(APPLE_WEB_CLIENT, APPLE_APP_CLIENT);
+    env.extend(google.map(google_env).unwrap_or_default());
+    start_axum_with_env(env, false, &LimitConfig::default()).await
 }
 
 /// The axum example on a free port; it stops with the test's runtime.
@@ -153,10 +108,7 @@ pub(crate) async fn start_axum_with(
     dev: bool,
     limits: &LimitConfig,
 ) -> (SocketAddr, Arc<App>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let auth = AuthConfig::from_lookup(env(addr, provider)).unwrap();
-    serve(listener, &auth, dev, limits).await
+    start_axum_with_env(google_env(provider), dev, limits).await
 }
 
 /// The axum example with `auth` on `listener`, behind its [`CappedListener`] as `main`
@@ -184,7 +136,8 @@ async fn serve(
 pub(crate) async fn start_server(provider: &OidcProvider) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = upcoach_server::ServerConfig::from_lookup(env(addr, provider)).unwrap();
+    let config =
+        upcoach_server::ServerConfig::from_lookup(lookup(addr, google_env(provider))).unwrap();
     let app = upcoach_server::App::start(config, Default::default())
         .await
         .expect("server");

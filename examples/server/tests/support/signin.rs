@@ -50,11 +50,7 @@ impl Running {
 /// The variables that make `provider` (an OpenID provider stand-in) Google, with client
 /// id [`GOOGLE_CLIENT`].
 pub(crate) fn google_env(provider: &upcoach_testing::OidcProvider) -> Vec<(&'static str, String)> {
-    vec![
-        ("GOOGLE_CLIENT_ID", GOOGLE_CLIENT.to_owned()),
-        ("GOOGLE_CLIENT_SECRET", "google-secret".to_owned()),
-        ("GOOGLE_ISSUER_URL", provider.issuer().to_owned()),
-    ]
+    provider.google_env(GOOGLE_CLIENT, "google-secret")
 }
 
 /// `value` percent-encoded for a query or a form.
