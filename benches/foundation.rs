@@ -6,7 +6,8 @@
 //!   (record 10,000 + flush), vs the same rows inserted directly with the same
 //!   statement shape by bare sqlx. Needs `DATABASE_URL`; skipped (said so) without it.
 //! - `access_token_verify`: our `TokenVerifier` vs bare `jsonwebtoken::decode` with the
-//!   same key and checks.
+//!   same key and checks: a token checked in full (`first_time`), and one seen before,
+//!   answered from the memory of verified tokens (`seen_before`, the default).
 //!
 //! `cargo bench --bench foundation`
 
@@ -148,7 +149,14 @@ fn access_token_verify(c: &mut Criterion) {
     group.bench_function("bare_jsonwebtoken_decode", |b| {
         b.iter(|| jsonwebtoken::decode::<AccessClaims>(&token, &bare_key, &validation).unwrap())
     });
-    group.bench_function("upcoach_access_tokens", |b| {
+    // Every presentation checked in full (the memory of verified tokens turned off).
+    let first_time = AccessTokens::new(SigningKey::from_seed(&[42; 32]), Arc::new(SystemClock))
+        .with_verified_cache(0);
+    group.bench_function("upcoach_access_tokens_first_time", |b| {
+        b.iter(|| ready(first_time.verify(&token)).unwrap())
+    });
+    // The default: a token seen before is answered from the memory of verified tokens.
+    group.bench_function("upcoach_access_tokens_seen_before", |b| {
         b.iter(|| ready(tokens.verify(&token)).unwrap())
     });
     group.finish();

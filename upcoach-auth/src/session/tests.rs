@@ -229,3 +229,92 @@ fn debug_shows_no_key_material() {
         "{debug}"
     );
 }
+
+/// A token seen before is answered from memory only while the clock is before its
+/// `exp`: at `exp` it is `Expired` exactly as a first presentation would be, and
+/// forgotten; one second before, it still verifies (from memory).
+#[tokio::test]
+async fn a_remembered_token_is_never_served_past_its_exp() {
+    let clock = clock();
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock.clone())
+        .with_ttl(Duration::from_secs(60));
+    let issued = tokens
+        .issue(UserId::new(), vec![Role::ADMIN], SessionId::new())
+        .unwrap();
+    assert_eq!(tokens.verified_cached(), 0, "issuing is not verifying");
+    assert_eq!(
+        tokens.verify(&issued.token).await.unwrap(),
+        issued.principal
+    );
+    assert_eq!(tokens.verified_cached(), 1);
+    clock.advance(Duration::from_millis(59_999));
+    assert_eq!(
+        tokens.verify(&issued.token).await.unwrap(),
+        issued.principal
+    );
+    clock.advance(Duration::from_millis(1));
+    assert!(matches!(
+        refused(&tokens, &issued.token).await,
+        TokenError::Expired
+    ));
+    assert_eq!(tokens.verified_cached(), 0, "forgotten once expired");
+    assert!(matches!(
+        refused(&tokens, &issued.token).await,
+        TokenError::Expired
+    ));
+}
+
+/// Only tokens that verified are remembered: after a token is remembered, the same
+/// token with one character of its signature changed, the same claims signed by
+/// another key, and the claims with another role under the old signature are each
+/// still refused, and nothing of them is remembered.
+#[tokio::test]
+async fn an_altered_or_unknown_token_is_never_served_from_memory() {
+    let key = SigningKey::generate().unwrap();
+    let tokens = AccessTokens::new(key, clock());
+    let claims = claims(&tokens);
+    let token = signed(&tokens.current, &claims);
+    tokens.verify(&token).await.unwrap();
+    assert_eq!(tokens.verified_cached(), 1);
+
+    let mut flipped = token.clone().into_bytes();
+    let last = flipped.len() - 2;
+    flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    let foreign = signed(&SigningKey::generate().unwrap(), &claims);
+    let mut promoted = claims.clone();
+    promoted["roles"] = serde_json::json!(["admin", "coach"]);
+    let [head, _, sig]: [&str; 3] = token.split('.').collect::<Vec<_>>().try_into().unwrap();
+    let forged = format!("{head}.{}.{sig}", b64(&promoted));
+    for bad in [flipped, foreign, forged] {
+        assert!(tokens.verify(&bad).await.is_err(), "{bad}");
+        assert!(tokens.verify(&bad).await.is_err(), "again: {bad}");
+    }
+    assert_eq!(tokens.verified_cached(), 1);
+}
+
+/// The memory holds at most its capacity, however many distinct tokens verify; turned
+/// off, nothing is remembered and every token still verifies.
+#[tokio::test]
+async fn the_memory_of_verified_tokens_is_bounded() {
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock()).with_verified_cache(8);
+    for _ in 0..200 {
+        let issued = tokens
+            .issue(UserId::new(), vec![Role::USER], SessionId::new())
+            .unwrap();
+        tokens.verify(&issued.token).await.unwrap();
+        assert!(
+            tokens.verified_cached() <= 8,
+            "{}",
+            tokens.verified_cached()
+        );
+    }
+    let off = AccessTokens::new(SigningKey::generate().unwrap(), clock()).with_verified_cache(0);
+    let issued = off
+        .issue(UserId::new(), vec![Role::USER], SessionId::new())
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(off.verify(&issued.token).await.unwrap(), issued.principal);
+    }
+    assert_eq!(off.verified_cached(), 0);
+}
