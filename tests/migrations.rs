@@ -29,6 +29,7 @@ async fn migrations_apply_twice_and_create_every_table_and_index() {
             "refresh_tokens",
             "security_events",
             "system_alerts",
+            "unlinked_identities",
             "user_identities",
             "users",
             "websocket_events"
@@ -61,6 +62,7 @@ async fn migrations_apply_twice_and_create_every_table_and_index() {
         "idx_user_identities_email",
         "data_deletion_requests_subject_hash_key",
         "idx_data_deletion_requests_requested_at",
+        "unlinked_identities_pkey",
     ] {
         assert!(
             indexes.iter().any(|i| i == expected),
