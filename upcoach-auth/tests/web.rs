@@ -89,6 +89,21 @@ fn setup() -> WebSignIn {
     )
 }
 
+/// A flow of `provider` with no `return_to`, platform, challenge or device, called
+/// back at `https://api.example.test/cb`.
+async fn begin(web: &WebSignIn, provider: &Scripted) -> upcoach_auth::web::Started {
+    web.begin(
+        provider,
+        "https://api.example.test/cb",
+        None,
+        None,
+        None,
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 fn state_of(url: &url::Url) -> String {
     url.query_pairs()
         .find(|(k, _)| k == "state")
@@ -146,17 +161,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
     let web = setup();
     let google = provider(ProviderId::GOOGLE);
     for cookie in [None, Some("another-browser")] {
-        let started = web
-            .begin(
-                &google,
-                "https://api.example.test/cb",
-                None,
-                None,
-                None,
-                None,
-            )
-            .await
-            .unwrap();
+        let started = begin(&web, &google).await;
         let params = CallbackParams {
             state: Some(state_of(&started.redirect)),
             code: Some("c".into()),
@@ -200,17 +205,7 @@ async fn the_flow_belongs_to_the_browser_that_started_it() {
 async fn a_provider_error_and_a_missing_code_are_refused() {
     let web = setup();
     let google = provider(ProviderId::GOOGLE);
-    let started = web
-        .begin(
-            &google,
-            "https://api.example.test/cb",
-            None,
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let started = begin(&web, &google).await;
     let denied = CallbackParams {
         state: Some(state_of(&started.redirect)),
         code: None,
@@ -225,17 +220,7 @@ async fn a_provider_error_and_a_missing_code_are_refused() {
             .code(),
         "provider_denied"
     );
-    let started = web
-        .begin(
-            &google,
-            "https://api.example.test/cb",
-            None,
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let started = begin(&web, &google).await;
     let no_code = CallbackParams {
         state: Some(state_of(&started.redirect)),
         code: None,
@@ -369,17 +354,7 @@ async fn login_codes_only_work_in_the_browser_that_began() {
 async fn a_callback_naming_another_issuer_is_refused() {
     let web = setup();
     let google = provider(ProviderId::GOOGLE);
-    let started = web
-        .begin(
-            &google,
-            "https://api.example.test/cb",
-            None,
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let started = begin(&web, &google).await;
     let params = CallbackParams {
         state: Some(state_of(&started.redirect)),
         code: Some("c".into()),
@@ -393,17 +368,7 @@ async fn a_callback_naming_another_issuer_is_refused() {
         .unwrap_err();
     assert_eq!(e.code(), "flow_issuer_mismatch");
     assert_eq!(google.exchanges.load(Ordering::SeqCst), 0);
-    let started = web
-        .begin(
-            &google,
-            "https://api.example.test/cb",
-            None,
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let started = begin(&web, &google).await;
     let params = CallbackParams {
         state: Some(state_of(&started.redirect)),
         code: Some("c".into()),
