@@ -148,10 +148,11 @@ impl fmt::Debug for IssuedAccessToken {
 /// SHA-256, with what it proved, for at most [`DEFAULT_VERIFIED_CACHE`] tokens (least
 /// recently useful ones go first; [`with_verified_cache`](Self::with_verified_cache)
 /// sets the bound, 0 turns it off). Presented again, it is answered from there without
-/// the signature check (tens of microseconds of CPU), as long as the clock is before its
-/// `exp`; at or past it, it is `Expired` as before, and forgotten. Only tokens that
+/// the signature check (tens of microseconds of CPU), held to the same time rules: at or
+/// past its `exp` it is `Expired` (and forgotten), and a clock stepped back before its
+/// `iat` (beyond the leeway) refuses it as issued in the future. Only tokens that
 /// verified are remembered: an unknown, altered or refused token always goes through
-/// every check.
+/// every check. Changing the issuer, audience or keys forgets them all.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -176,8 +177,9 @@ pub struct AccessTokens {
     leeway: Duration,
     clock: Arc<dyn Clock>,
     validation: Validation,
-    /// What verified tokens proved, by SHA-256 of the token; `None` when turned off.
-    verified: Option<quick_cache::sync::Cache<[u8; 32], Principal>>,
+    /// What verified tokens proved, and their `iat`, by SHA-256 of the token; `None`
+    /// when turned off.
+    verified: Option<quick_cache::sync::Cache<[u8; 32], (Principal, u64)>>,
 }
 
 impl fmt::Debug for AccessTokens {
@@ -249,10 +251,19 @@ impl AccessTokens {
     /// Keeps accepting tokens signed by `key` (a key rotated out).
     pub fn with_previous_key(mut self, key: SigningKey) -> Self {
         self.previous.push(key);
+        self.forget_verified();
         self
     }
 
+    /// Forgets every verified token: the rules they passed have changed.
+    fn forget_verified(&mut self) {
+        if let Some(cache) = &self.verified {
+            cache.clear();
+        }
+    }
+
     fn rebuild_validation(&mut self) {
+        self.forget_verified();
         let mut v = Validation::new(Algorithm::EdDSA);
         // Time is checked against our Clock below, not the system time.
         v.validate_exp = false;
@@ -334,13 +345,19 @@ impl TokenVerifier for AccessTokens {
             (cache, key)
         });
         if let Some((cache, key)) = &seen
-            && let Some(principal) = cache.get(key)
+            && let Some((principal, iat)) = cache.get(key)
         {
-            if self.clock.now() < principal.expires_at {
-                return Ok(principal);
+            // The same time checks as the full path below, against the clock now.
+            if self.clock.now() >= principal.expires_at {
+                cache.remove(key);
+                return Err(TokenError::Expired);
             }
-            cache.remove(key);
-            return Err(TokenError::Expired);
+            if iat > self.clock.unix_seconds() + self.leeway.as_secs() {
+                return Err(TokenError::Invalid {
+                    reason: "issued in the future",
+                });
+            }
+            return Ok(principal);
         }
         let header = jsonwebtoken::decode_header(bearer).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
@@ -404,7 +421,7 @@ impl TokenVerifier for AccessTokens {
             SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp),
         );
         if let Some((cache, key)) = seen {
-            cache.insert(key, principal.clone());
+            cache.insert(key, (principal.clone(), claims.iat));
         }
         Ok(principal)
     }

@@ -13,8 +13,9 @@
 //!    its address**: [`UserError::AccountExists`]: the person signs in the way they did
 //!    before and links this provider explicitly ([`UserStore::link`]).
 //! 4. **New identity whose address is vouched for** (verified, by a trusted provider):
-//!    - exactly one user holds the address verified (by itself or through an
-//!      identity): linked to that user, unless it has an identity of this provider
+//!    - exactly one user holds the address verified (through an identity of a
+//!      provider the policy trusts: an untrusted provider's "verified" counts for
+//!      nothing, on either side): linked to that user, unless it has an identity of this provider
 //!      already, or unlinked this very identity before ([`UserError::AccountExists`]:
 //!      an unlink sticks until the user links the identity again with
 //!      [`UserStore::link`]);
@@ -24,9 +25,11 @@
 //!      owner out, nor gets linked to.
 //!
 //! "Has the address" compares case-insensitively against the user's own address and
-//! the addresses of its identities. Requiring the existing user's address to be
-//! verified keeps an attacker who registered someone else's address with an unverified
-//! provider from getting that person's later sign-ins linked to the attacker's account;
+//! the addresses of its identities. Requiring the existing user to hold the address
+//! verified by a trusted provider keeps an attacker who registered someone else's
+//! address with a provider that does not verify it, or with one that says "verified"
+//! but is not trusted, from getting that person's later sign-ins linked to the
+//! attacker's account;
 //! ignoring unverified holders for a vouched-for address keeps that attacker from
 //! blocking them (`account_exists` forever).
 //!
@@ -179,6 +182,11 @@ impl LinkingPolicy {
     pub fn trusts(&self, provider: ProviderId) -> bool {
         self.trusted.contains(&provider)
     }
+
+    /// The trusted providers, in no particular order.
+    pub fn trusted(&self) -> impl Iterator<Item = ProviderId> + '_ {
+        self.trusted.iter().copied()
+    }
 }
 
 impl Default for LinkingPolicy {
@@ -328,7 +336,7 @@ pub(crate) fn email_of(identity: &VerifiedIdentity) -> Option<&str> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Holder<Id> {
     pub(crate) id: Id,
-    /// Holds the address verified (by itself or through an identity).
+    /// Holds the address verified, through an identity of a provider the policy trusts.
     pub(crate) verified: bool,
     /// Has an identity of the signing-in provider already.
     pub(crate) has_provider: bool,

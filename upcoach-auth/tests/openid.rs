@@ -648,7 +648,13 @@ async fn providers_added_by_hand_link_as_the_linking_policy_says() {
         Sessions::builder(Arc::new(tokens), public_url)
             .provider(Arc::new(corp_idp))
             .provider(Arc::new(gitlab_idp))
-            .linking(LinkingPolicy::default().with(corp(), trusted))
+            // GitLab's word counts for the user it makes (an untrusted provider's
+            // "verified" makes no verified holder); corp links only when trusted.
+            .linking(
+                LinkingPolicy::default()
+                    .with(gitlab, true)
+                    .with(corp(), trusted),
+            )
             .build()
     };
     let facts = ClientFacts::default();
@@ -768,7 +774,8 @@ async fn a_providers_own_linking_trust_applies_unless_the_host_sets_a_policy() {
         let corp_config = config(corp(), a.issuer())
             .other_audiences(["corp-ios"])
             .trusted_for_linking(true);
-        let gitlab_config = config(gitlab, b.issuer());
+        // Trusted too, so the user GitLab makes holds the address verified.
+        let gitlab_config = config(gitlab, b.issuer()).trusted_for_linking(true);
         let add = |config: &OpenIdConfig| {
             Arc::new(
                 OpenIdProvider::new(

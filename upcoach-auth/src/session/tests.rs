@@ -318,3 +318,67 @@ async fn the_memory_of_verified_tokens_is_bounded() {
     }
     assert_eq!(off.verified_cached(), 0);
 }
+
+/// A remembered token is held to the same time rules as a first presentation: after
+/// the clock steps back past its `iat` (beyond the leeway), it is "issued in the
+/// future" from memory exactly as it is without memory.
+#[tokio::test]
+async fn a_remembered_token_is_refused_when_the_clock_steps_back() {
+    let clock = clock();
+    let start = clock.now();
+    let remembering = AccessTokens::new(SigningKey::from_seed(&[9; 32]), clock.clone());
+    let checking =
+        AccessTokens::new(SigningKey::from_seed(&[9; 32]), clock.clone()).with_verified_cache(0);
+    let issued = remembering
+        .issue(UserId::new(), vec![Role::USER], SessionId::new())
+        .unwrap();
+    remembering.verify(&issued.token).await.unwrap();
+    clock.set(start - Duration::from_secs(300));
+    for tokens in [&remembering, &checking] {
+        assert!(matches!(
+            refused(tokens, &issued.token).await,
+            TokenError::Invalid {
+                reason: "issued in the future"
+            }
+        ));
+    }
+    clock.set(start);
+    assert_eq!(
+        remembering.verify(&issued.token).await.unwrap(),
+        issued.principal
+    );
+}
+
+/// Changing the rules (issuer, audience, keys) forgets every remembered token, so a
+/// token verified under the old rules is checked against the new ones.
+#[tokio::test]
+async fn changing_the_rules_forgets_remembered_tokens() {
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock());
+    let issued = tokens
+        .issue(UserId::new(), vec![Role::USER], SessionId::new())
+        .unwrap();
+    tokens.verify(&issued.token).await.unwrap();
+    assert_eq!(tokens.verified_cached(), 1);
+    let other_audience = tokens.with_audience("another-api");
+    assert_eq!(other_audience.verified_cached(), 0);
+    assert!(matches!(
+        refused(&other_audience, &issued.token).await,
+        TokenError::Invalid {
+            reason: "wrong audience"
+        }
+    ));
+    let other_issuer = other_audience
+        .with_audience("upcoach")
+        .with_issuer("someone");
+    assert!(matches!(
+        refused(&other_issuer, &issued.token).await,
+        TokenError::Invalid {
+            reason: "wrong issuer"
+        }
+    ));
+    let rotated = other_issuer
+        .with_issuer("upcoach")
+        .with_previous_key(SigningKey::generate().unwrap());
+    assert_eq!(rotated.verified_cached(), 0);
+    rotated.verify(&issued.token).await.unwrap();
+}

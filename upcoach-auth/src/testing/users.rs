@@ -39,6 +39,7 @@ pub async fn user_store_conformance(store: &dyn UserStore) {
     concurrent_unlinks_keep_one_identity(store).await;
     erases_identities_and_their_last_user(store).await;
     an_unlink_sticks_until_the_user_links_again(store).await;
+    an_untrusted_providers_verified_address_captures_no_one(store).await;
     tracks_whether_addresses_are_deliverable(store).await;
 }
 
@@ -704,4 +705,33 @@ async fn an_unlink_sticks_until_the_user_links_again(store: &dyn UserStore) {
     let trusting = LinkingPolicy::default().with(FACEBOOK, true);
     let moved = store.sign_in(&fb_mo, &trusting).await.unwrap();
     assert!(moved.linked && moved.user.id == mo.id, "{moved:?}");
+}
+
+/// A provider the policy does not trust may say an address is verified; that makes its
+/// user no verified holder. Someone who registers the victim's address through it (a
+/// provider whose users choose their addresses) neither receives the victim's later
+/// sign-in with a trusted provider (it gets a user of its own) nor blocks it.
+async fn an_untrusted_providers_verified_address_captures_no_one(store: &dyn UserStore) {
+    let corp: ProviderId = "corp".parse().unwrap();
+    let policy = LinkingPolicy::default().with(corp, false);
+    let address = "victim@capture.example";
+    let attacker = store
+        .sign_in(&verified(corp, "c-attacker", address), &policy)
+        .await
+        .unwrap();
+    assert!(attacker.created);
+    let victim = store
+        .sign_in(&verified(GOOGLE, "c-victim", address), &policy)
+        .await
+        .unwrap();
+    assert!(victim.created && !victim.linked, "{victim:?}");
+    assert_ne!(victim.user.id, attacker.user.id);
+    assert_eq!(victim.user.providers, [GOOGLE]);
+    // Trusted, the same provider's word would count: Apple links to the one verified
+    // holder, the victim, never to the attacker.
+    let apple = store
+        .sign_in(&verified(APPLE, "c-victim-apple", address), &policy)
+        .await
+        .unwrap();
+    assert!(apple.linked && apple.user.id == victim.user.id, "{apple:?}");
 }

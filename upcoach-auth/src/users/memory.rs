@@ -96,20 +96,17 @@ impl State {
         self.view(id).ok_or(UserError::NotFound)
     }
 
-    /// Whether the user has the (lower-cased) address, and whether verified.
-    fn address_of(&self, user: &UserRecord, lowered: &str) -> (bool, bool) {
-        let mut has = false;
+    /// Whether the user has the (lower-cased) address, and whether it holds it verified
+    /// by a provider `policy` trusts (an untrusted provider's "verified" proves nothing).
+    fn address_of(&self, user: &UserRecord, lowered: &str, policy: &LinkingPolicy) -> (bool, bool) {
+        let mut has = same_address(user.email.as_deref(), lowered);
         let mut verified = false;
-        if same_address(user.email.as_deref(), lowered) {
-            has = true;
-            verified |= user.email_verified;
-        }
         for key in &user.identities {
             if let Some(identity) = self.identities.get(key)
                 && same_address(identity.email.as_deref(), lowered)
             {
                 has = true;
-                verified |= identity.email_verified;
+                verified |= identity.email_verified && policy.trusts(key.0);
             }
         }
         (has, verified)
@@ -171,7 +168,7 @@ impl UserStore for MemoryUserStore {
             let lowered = email.to_lowercase();
             let subject = SubjectHash::of(&identity.provider, &identity.subject);
             let holders = state.users.iter().filter_map(|(id, user)| {
-                let (has, verified) = state.address_of(user, &lowered);
+                let (has, verified) = state.address_of(user, &lowered, policy);
                 has.then(|| Holder {
                     id: *id,
                     verified,
@@ -292,6 +289,7 @@ impl UserStore for MemoryUserStore {
         };
         if user_deleted {
             state.users.remove(&user_id);
+            state.unlinked.retain(|(user, _)| *user != user_id);
         }
         Ok(Some(Erased {
             user_id,

@@ -152,9 +152,9 @@ impl PgUserStore {
         if let Some(email) = email {
             let owners = sqlx::query(
                 "SELECT u.id, \
-                   COALESCE(lower(u.email) = lower($1) AND u.email_verified, FALSE) \
-                   OR EXISTS (SELECT 1 FROM user_identities i WHERE i.user_id = u.id \
-                              AND lower(i.email) = lower($1) AND i.email_verified) AS verified, \
+                   EXISTS (SELECT 1 FROM user_identities i WHERE i.user_id = u.id \
+                           AND lower(i.email) = lower($1) AND i.email_verified \
+                           AND i.provider = ANY($4)) AS verified, \
                    EXISTS (SELECT 1 FROM user_identities i WHERE i.user_id = u.id \
                            AND i.provider = $2) AS has_provider, \
                    EXISTS (SELECT 1 FROM unlinked_identities t WHERE t.user_id = u.id \
@@ -169,6 +169,12 @@ impl PgUserStore {
             .bind(email)
             .bind(identity.provider.as_str())
             .bind(subject_hash(identity.provider, &identity.subject))
+            .bind(
+                policy
+                    .trusted()
+                    .map(|p| p.as_str().to_owned())
+                    .collect::<Vec<String>>(),
+            )
             .fetch_all(&mut *tx)
             .await
             .map_err(backend)?;
