@@ -732,7 +732,8 @@ impl AuthRoutes {
     {
         // A provider asked to post its answer (Apple's form_post) never sends the
         // browser here by GET: a code in a URL would only land in history and logs.
-        if request.method() != Method::POST && self.sessions.cross_site_callback(provider) {
+        let cross_site = self.sessions.cross_site_callback(provider);
+        if request.method() != Method::POST && cross_site {
             let mut response = fail(&ApiError::method_not_allowed(
                 "POST: this provider posts its answer as a form",
             ));
@@ -767,9 +768,7 @@ impl AuthRoutes {
             .await;
         let response = match outcome {
             Err(e) => return no_store(fail(&e)),
-            Ok(CallbackOutcome::SignedIn(tokens)) => {
-                self.signed_in_browser(&tokens, self.sessions.cross_site_callback(provider))
-            }
+            Ok(CallbackOutcome::SignedIn(tokens)) => self.signed_in_browser(&tokens, cross_site),
             Ok(CallbackOutcome::Redirect(url)) => {
                 let Ok(location) = HeaderValue::from_str(url.as_str()) else {
                     return fail(&AuthError::SignIn(SignInError::ReturnToNotAllowed));

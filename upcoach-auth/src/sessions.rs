@@ -158,14 +158,10 @@ pub const UNKNOWN_ADDRESS_SUBJECT: &str = "ip:unknown";
 /// refused as stale, so no replay outlives the memory.
 pub const APPLE_NOTIFICATION_MEMORY: Duration = crate::flow::MAX_TTL;
 
-/// How long to remember a notification that expires at `expires_at` (seconds since the
-/// epoch), at `now`: until then plus the leeway and a second, at most
+/// How long to remember a notification that expires at `expires_at`, at `now` (both
+/// seconds since the epoch): until then plus the leeway and a second, at most
 /// [`APPLE_NOTIFICATION_MEMORY`]; that long when it names no expiry.
-fn notification_memory(expires_at: Option<u64>, now: SystemTime) -> Duration {
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+fn notification_memory(expires_at: Option<u64>, now: u64) -> Duration {
     expires_at.map_or(APPLE_NOTIFICATION_MEMORY, |exp| {
         Duration::from_secs(exp.saturating_sub(now))
             .saturating_add(crate::oidc::DEFAULT_LEEWAY)
@@ -1494,7 +1490,7 @@ impl Sessions {
             .web
             .claim_nonce(
                 &format!("apple-notification:{}", notification.idempotency_key()),
-                notification_memory(notification.expires_at, self.clock.now()),
+                notification_memory(notification.expires_at, self.clock.unix_seconds()),
             )
             .await?
         {
@@ -1612,7 +1608,7 @@ mod notification_tests {
     /// never longer than the flow store keeps anything.
     #[test]
     fn a_notification_is_remembered_until_it_expires_and_at_most_a_day() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let now = 1_700_000_000;
         let leeway = crate::oidc::DEFAULT_LEEWAY.as_secs();
         let memory = |exp: Option<u64>| notification_memory(exp, now).as_secs();
         assert_eq!(memory(Some(1_700_000_300)), 300 + leeway + 1);

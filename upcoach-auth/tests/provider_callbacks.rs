@@ -132,6 +132,18 @@ fn deletion_request(user_id: &str, ago: u64) -> String {
     )
 }
 
+/// Facebook's data-deletion callback for `user_id`, signed `ago` seconds ago: the
+/// answer's status and body.
+async fn request_deletion(world: &World, user_id: &str, ago: u64) -> (u16, Value) {
+    answered(
+        world
+            .routes
+            .facebook_data_deletion(form(&deletion_request(user_id, ago)))
+            .await,
+    )
+    .await
+}
+
 fn form(signed_request: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     let body = format!(
         "signed_request={}",
@@ -245,13 +257,7 @@ async fn a_facebook_data_deletion_erases_the_person_and_answers_a_code_to_follow
     let signed_in = again;
 
     // The genuine request.
-    let (status, body) = answered(
-        world
-            .routes
-            .facebook_data_deletion(form(&deletion_request(&alice().id, 0)))
-            .await,
-    )
-    .await;
+    let (status, body) = request_deletion(&world, &alice().id, 0).await;
     assert_eq!(status, 200, "{body}");
     let code = body["confirmation_code"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -292,25 +298,13 @@ async fn a_facebook_data_deletion_erases_the_person_and_answers_a_code_to_follow
     assert!(now() - requested < 60, "{shown}");
 
     // Facebook asks again (a new signed_request for the same person): the same code.
-    let (status, retried) = answered(
-        world
-            .routes
-            .facebook_data_deletion(form(&deletion_request(&alice().id, 5)))
-            .await,
-    )
-    .await;
+    let (status, retried) = request_deletion(&world, &alice().id, 5).await;
     assert_eq!(status, 200, "{retried}");
     assert_eq!(retried["confirmation_code"], code.as_str());
     assert_eq!(retried["url"], body["url"]);
 
     // A person the server never knew: a request all the same, with nothing found.
-    let (status, stranger) = answered(
-        world
-            .routes
-            .facebook_data_deletion(form(&deletion_request("10150000000000077", 0)))
-            .await,
-    )
-    .await;
+    let (status, stranger) = request_deletion(&world, "10150000000000077", 0).await;
     assert_eq!(status, 200, "{stranger}");
     let stranger_code = stranger["confirmation_code"].as_str().unwrap();
     assert_ne!(stranger_code, code);
@@ -382,13 +376,7 @@ async fn a_data_deletion_keeps_a_user_who_has_another_way_in() {
         .unwrap();
     assert_eq!(linked.providers.len(), 2, "{linked:?}");
 
-    let (status, body) = answered(
-        world
-            .routes
-            .facebook_data_deletion(form(&deletion_request(&alice().id, 0)))
-            .await,
-    )
-    .await;
+    let (status, body) = request_deletion(&world, &alice().id, 0).await;
     assert_eq!(status, 200, "{body}");
     let user = world
         .sessions
@@ -574,22 +562,10 @@ async fn apple_notifications_end_sessions_flip_the_relay_and_refuse_what_apple_d
 async fn a_second_deletion_after_signing_in_again_erases_the_new_account() {
     let world = world().await;
     sign_in_facebook(&world, alice()).await;
-    let (status, first) = answered(
-        world
-            .routes
-            .facebook_data_deletion(form(&deletion_request(&alice().id, 0)))
-            .await,
-    )
-    .await;
+    let (status, first) = request_deletion(&world, &alice().id, 0).await;
     assert_eq!(status, 200, "{first}");
     let returned = sign_in_facebook(&world, alice()).await;
-    let (status, second) = answered(
-        world
-            .routes
-            .facebook_data_deletion(form(&deletion_request(&alice().id, 1)))
-            .await,
-    )
-    .await;
+    let (status, second) = request_deletion(&world, &alice().id, 1).await;
     assert_eq!(status, 200, "{second}");
     let left = world
         .sessions

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod apple;
+pub mod client;
 pub mod facebook;
 mod oidc;
 mod proxy;

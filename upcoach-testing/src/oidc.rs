@@ -122,7 +122,9 @@ impl OidcProvider {
             .append_pair("scope", "openid email")
             .append_pair("nonce", nonce)
             .append_pair("login_hint", &hint);
-        let (status, headers, _) = request(http::Method::GET, &authorize, None).await;
+        let answer =
+            crate::client::send(http::Method::GET, authorize.as_str(), &[], Vec::new()).await;
+        let (status, headers) = (answer.status, answer.headers);
         assert_eq!(status, 302, "the authorization request is redirected");
         let location = headers
             .get("location")
@@ -142,7 +144,14 @@ impl OidcProvider {
             .finish();
         let token_url =
             url::Url::parse(&format!("{}/token", self.base())).expect("the issuer is a URL");
-        let (status, _, body) = request(http::Method::POST, &token_url, Some(form)).await;
+        let answer = crate::client::send(
+            http::Method::POST,
+            token_url.as_str(),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form.into_bytes(),
+        )
+        .await;
+        let (status, body) = (answer.status, answer.body);
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON answer");
         answer["id_token"].as_str().expect("an id token").to_owned()
@@ -152,44 +161,6 @@ impl OidcProvider {
     fn base(&self) -> &str {
         self.issuer.trim_end_matches('/')
     }
-}
-
-/// One HTTP/1.1 request to the loopback provider (a form body when `form` is given):
-/// the status, headers and body.
-async fn request(
-    method: http::Method,
-    url: &url::Url,
-    form: Option<String>,
-) -> (u16, http::HeaderMap, bytes::Bytes) {
-    use http_body_util::{BodyExt, Full};
-    let host = url.host_str().expect("a host");
-    let port = url.port_or_known_default().expect("a port");
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .expect("the provider listens");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("an HTTP/1.1 connection");
-    tokio::spawn(connection);
-    let target = match url.query() {
-        Some(query) => format!("{}?{query}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let mut builder = http::Request::builder()
-        .method(method)
-        .uri(target)
-        .header("host", format!("{host}:{port}"));
-    if form.is_some() {
-        builder = builder.header("content-type", "application/x-www-form-urlencoded");
-    }
-    let request = builder
-        .body(Full::new(bytes::Bytes::from(form.unwrap_or_default())))
-        .expect("a request");
-    let response = sender.send_request(request).await.expect("an answer");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("the whole body").to_bytes();
-    (parts.status.as_u16(), parts.headers, body)
 }
 
 impl Drop for OidcProvider {

@@ -1,8 +1,8 @@
-//! The Sign in with Apple stand-in, spoken to over raw HTTP/1.1: `/auth/keys`, the code
-//! and refresh grants of `/auth/token` with ES256 client secrets checked claim by claim,
-//! identity tokens, notifications, and odd input.
+//! The Sign in with Apple stand-in, spoken to over HTTP/1.1 (`upcoach_testing::client`):
+//! `/auth/keys`, the code and refresh grants of `/auth/token` with ES256 client secrets
+//! checked claim by claim, identity tokens, notifications, and odd input.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -10,8 +10,6 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use upcoach_testing::apple::{
     APPLE_ISSUER, APPLE_KEY_ID, AppleStandIn, AppleUser, MAX_CLIENT_SECRET_LIFETIME, TEST_KEY_ID,
     TEST_TEAM_ID, TEST_TEAM_PRIVATE_KEY, TEST_TEAM_PUBLIC_KEY, test_client_secret,
@@ -38,42 +36,25 @@ struct Answer {
     body: Value,
 }
 
-/// Sends one request and reads the whole answer.
+/// `method target` at `base_url`, with `headers` as raw header lines
+/// (`"Name: value\r\n"`...) and `body`.
 async fn send(base_url: &str, method: &str, target: &str, headers: &str, body: &[u8]) -> Answer {
-    let addr = base_url.strip_prefix("http://").expect("an http base URL");
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the stand-in");
-    let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
-        .await
-        .expect("the answer comes within 5 s")
-        .expect("the answer is readable");
-    let text = String::from_utf8(raw).expect("a UTF-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    let content_type = lines
+    let headers: Vec<(&str, &str)> = headers
+        .split("\r\n")
         .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-        .map(|(_, value)| value.trim().to_owned())
-        .unwrap_or_default();
-    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+        .map(|(name, value)| (name.trim(), value.trim()))
+        .collect();
+    let answer = upcoach_testing::client::send(
+        method.parse().expect("a method"),
+        &format!("{base_url}{target}"),
+        &headers,
+        body.to_vec(),
+    )
+    .await;
     Answer {
-        status,
-        content_type,
-        body,
+        status: answer.status,
+        content_type: answer.content_type().to_owned(),
+        body: answer.json(),
     }
 }
 
@@ -748,5 +729,5 @@ async fn shutdown_stops_the_server() {
     let apple = start().await;
     let addr = apple.addr();
     apple.shutdown().await;
-    assert!(TcpStream::connect(addr).await.is_err());
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

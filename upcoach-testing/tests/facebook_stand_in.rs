@@ -1,11 +1,9 @@
-//! The Facebook Graph API stand-in, spoken to over raw HTTP/1.1: the code exchange,
-//! `debug_token`, `/me` with `appsecret_proof`, counters, bounds and odd input.
+//! The Facebook Graph API stand-in, spoken to over HTTP/1.1 (`upcoach_testing::client`):
+//! the code exchange, `debug_token`, `/me` with `appsecret_proof`, counters, bounds and odd input.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use upcoach_testing::facebook::{
     FOREIGN_APP_ID, FacebookStandIn, FacebookUser, MAX_TOKENS, appsecret_proof,
 };
@@ -22,37 +20,19 @@ struct Answer {
     body: Value,
 }
 
-/// Sends `request_line_target` as a GET (or `method`) and reads the whole answer.
+/// `method target` at `base_url`, without a body.
 async fn send(base_url: &str, method: &str, target: &str) -> Answer {
-    let addr = base_url.strip_prefix("http://").expect("an http base URL");
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the stand-in");
-    let request = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
-        .await
-        .expect("the answer comes within 5 s")
-        .expect("the answer is readable");
-    let text = String::from_utf8(raw).expect("a UTF-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    let content_type = lines
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-        .map(|(_, value)| value.trim().to_owned())
-        .unwrap_or_default();
-    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    let answer = upcoach_testing::client::send(
+        method.parse().expect("a method"),
+        &format!("{base_url}{target}"),
+        &[],
+        Vec::new(),
+    )
+    .await;
     Answer {
-        status,
-        content_type,
-        body,
+        status: answer.status,
+        content_type: answer.content_type().to_owned(),
+        body: answer.json(),
     }
 }
 
@@ -486,10 +466,16 @@ async fn dropping_the_stand_in_stops_it() {
     assert_eq!(get(&graph, "/v19.0/me").await.status, 400);
     drop(graph);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening"
+    );
 
     let graph = FacebookStandIn::start(APP_ID, SECRET).await;
     let addr = graph.addr();
     graph.shutdown().await;
-    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening"
+    );
 }
