@@ -406,7 +406,12 @@ async fn bad_client_secrets_are_invalid_client_and_counted() {
         ),
         (
             "lifetime over 6 months",
-            with(&|c| c["exp"] = json!(iat + MAX_CLIENT_SECRET_LIFETIME + 1)),
+            // Both set here: `secret_claims` reads the clock again, and a second
+            // ticking between the two readings would make the lifetime exactly 6 months.
+            with(&|c| {
+                c["iat"] = json!(iat);
+                c["exp"] = json!(iat + MAX_CLIENT_SECRET_LIFETIME + 1);
+            }),
         ),
         (
             "iat in the future",
