@@ -78,8 +78,11 @@ pub struct HubConfig {
     /// Whether SSE is gzip-compressed for clients that accept it (flushed per
     /// record). Default true.
     pub sse_gzip: bool,
-    /// The WebSocket read buffer allocated per connection. Default 4 KiB (tungstenite's
-    /// own default of 128 KiB would cost 1.25 GiB for 10,000 idle connections).
+    /// The WebSocket read buffer allocated per connection, and the most read from the
+    /// socket at once. Default 2 KiB: a dashboard's client sends small messages (a
+    /// subscription, a token), and every idle connection holds this buffer, so 10,000
+    /// of them hold 20 MiB (tungstenite's own default of 128 KiB would be 1.25 GiB). A
+    /// larger message, up to `max_message_size`, is still read whole, in several reads.
     pub ws_read_buffer: usize,
 }
 
@@ -158,7 +161,7 @@ impl Default for HubConfig {
             allowed_origins: Vec::new(),
             close_timeout: Duration::from_secs(5),
             sse_gzip: true,
-            ws_read_buffer: 4 * 1024,
+            ws_read_buffer: 2 * 1024,
         }
     }
 }
@@ -522,13 +525,19 @@ impl Transport {
 #[derive(Debug, Clone)]
 pub(crate) enum Delivery {
     Event(Arc<Encoded>),
-    Reset {
-        room: Arc<str>,
-        reason: &'static str,
-        /// The room's head when the reset was decided (read once for every reader):
-        /// readers resume after it. `None` when the broker could not say.
-        head: Option<u64>,
-    },
+    /// Behind a pointer like an event, so that every slot of every connection's queue
+    /// is two words (a queue's first block of 32 slots is allocated with the queue).
+    Reset(Arc<RoomReset>),
+}
+
+/// A room's history no longer reaches back: its readers get a `reset`.
+#[derive(Debug)]
+pub(crate) struct RoomReset {
+    pub(crate) room: Arc<str>,
+    pub(crate) reason: &'static str,
+    /// The room's head when the reset was decided (read once for every reader):
+    /// readers resume after it. `None` when the broker could not say.
+    pub(crate) head: Option<u64>,
 }
 
 /// The part of a connection that room tasks can reach.
@@ -910,11 +919,11 @@ impl Inner {
         let head = self.broadcaster.head(&room.name).await.ok();
         self.fan_out(
             room,
-            Delivery::Reset {
+            Delivery::Reset(Arc::new(RoomReset {
                 room: room.name.clone(),
                 reason,
                 head,
-            },
+            })),
         );
     }
 
@@ -951,8 +960,13 @@ impl Inner {
     }
 }
 
-/// Resolves once the hub starts shutting down.
+/// Resolves once the hub starts shutting down (or is gone).
 pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is dropped here, not held across the caller's awaits.
-    let _ = shutdown.wait_for(|down| *down).await.map(|_| ());
+    // `changed` rather than `wait_for`: every connection waits on this for its whole
+    // life, and `changed`'s future is the smaller.
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -330,45 +330,71 @@ impl Session {
     /// Turns a delivery into what the client must see: nothing for a duplicate or a
     /// room no longer read, the missing events first when a hole shows.
     pub(crate) async fn accept(&mut self, delivery: Delivery, out: &mut Vec<Outbound>) {
+        if let Some(after_hole) = self.accept_in_order(delivery, out) {
+            // Boxed: a hole is rare, and its replay would otherwise enlarge the task of
+            // every connection, idle or not, by the size of a broker round trip.
+            Box::pin(self.repair_then_accept(after_hole, out)).await;
+        }
+    }
+
+    /// The common case, without waiting: hands back an event that comes after a hole
+    /// (the missing events must be fetched first).
+    fn accept_in_order(
+        &mut self,
+        delivery: Delivery,
+        out: &mut Vec<Outbound>,
+    ) -> Option<Arc<Encoded>> {
         match delivery {
             Delivery::Event(event) => {
-                let Some(i) = self.rooms.iter().position(|r| r.room == event.room) else {
-                    return;
-                };
-                let last = self.rooms[i].last;
-                if event.seq <= last {
-                    return;
+                let reading = self.rooms.iter_mut().find(|r| r.room == event.room)?;
+                if event.seq <= reading.last {
+                    return None;
                 }
-                if event.seq > last + 1 {
-                    let room = self.rooms[i].room.clone();
-                    match self.catch_up(&room, last, event.seq - 1, out).await {
-                        Ok(reached) => self.rooms[i].last = reached,
-                        Err(_) => {
-                            self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
-                            out.push(Outbound::Reset {
-                                room,
-                                reason: "broker_unavailable",
-                            });
-                        }
-                    }
-                    if event.seq <= self.rooms[i].last {
-                        return;
-                    }
+                if event.seq > reading.last + 1 {
+                    return Some(event);
                 }
-                self.rooms[i].last = event.seq;
+                reading.last = event.seq;
                 out.push(Outbound::Event(event));
+                None
             }
-            Delivery::Reset { room, reason, head } => {
-                let Some(i) = self.rooms.iter().position(|r| r.room == room) else {
-                    return;
-                };
+            Delivery::Reset(reset) => {
+                let reading = self.rooms.iter_mut().find(|r| r.room == reset.room)?;
                 // Resume from the head: whatever the client missed is announced as gone.
-                if let Some(head) = head {
-                    self.rooms[i].last = self.rooms[i].last.max(head);
+                if let Some(head) = reset.head {
+                    reading.last = reading.last.max(head);
                 }
-                out.push(Outbound::Reset { room, reason });
+                out.push(Outbound::Reset {
+                    room: reset.room.clone(),
+                    reason: reset.reason,
+                });
+                None
             }
         }
+    }
+
+    /// Fills the hole before `event` from history (or announces a reset), then hands
+    /// `event` on if it is still new.
+    async fn repair_then_accept(&mut self, event: Arc<Encoded>, out: &mut Vec<Outbound>) {
+        let Some(i) = self.rooms.iter().position(|r| r.room == event.room) else {
+            return;
+        };
+        let last = self.rooms[i].last;
+        let room = self.rooms[i].room.clone();
+        match self.catch_up(&room, last, event.seq - 1, out).await {
+            Ok(reached) => self.rooms[i].last = reached,
+            Err(_) => {
+                self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+                out.push(Outbound::Reset {
+                    room,
+                    reason: "broker_unavailable",
+                });
+            }
+        }
+        if event.seq <= self.rooms[i].last {
+            return;
+        }
+        self.rooms[i].last = event.seq;
+        out.push(Outbound::Event(event));
     }
 }
 
@@ -390,5 +416,71 @@ impl Drop for Session {
                 }),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use upcoach_core::token::RefuseAll;
+    use upcoach_core::{Principal, Role, SessionId, SystemClock, UserId};
+
+    use super::{Outbound, Session};
+    use crate::hub::{Delivery, Transport};
+    use crate::wire::Encoded;
+    use crate::{HistoryLimits, Hub, MemoryBroadcaster};
+
+    fn seqs(out: &[Outbound]) -> Vec<u64> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outbound::Event(e) => Some(e.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The in-order path and the (boxed) repair path: an event after a hole brings
+    /// the missing ones first, from history, each once and in order.
+    #[tokio::test]
+    async fn a_hole_before_a_delivery_is_filled_from_history_in_order() {
+        let broadcaster = MemoryBroadcaster::new(HistoryLimits::default(), Arc::new(SystemClock));
+        let hub = Hub::builder(
+            Arc::new(broadcaster),
+            Arc::new(RefuseAll { reason: "unused" }),
+        )
+        .build();
+        let slot = hub.inner.reserve(Transport::Sse).unwrap();
+        let mut session = Session::new(slot);
+        let expires = SystemTime::now() + Duration::from_secs(60);
+        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
+        session.authenticate(me).unwrap();
+        let mut out = Vec::new();
+        session.subscribe("metrics", None, &mut out).await.unwrap();
+        for n in 1..=4 {
+            hub.publish("metrics", "tick", serde_json::json!(n))
+                .await
+                .unwrap();
+        }
+        let event = |seq: u64| {
+            let room = hub.inner.broadcaster.clone();
+            async move {
+                let crate::Replay::Events(events) =
+                    room.replay("metrics", seq - 1, 1).await.unwrap()
+                else {
+                    panic!("history holds the event");
+                };
+                Delivery::Event(Arc::new(Encoded::new(&events[0], Arc::from("metrics"))))
+            }
+        };
+        let mut out = Vec::new();
+        session.accept(event(1).await, &mut out).await;
+        assert_eq!(seqs(&out), [1], "in order: handed on as it is");
+        session.accept(event(4).await, &mut out).await;
+        assert_eq!(seqs(&out), [1, 2, 3, 4], "the hole filled before it");
+        session.accept(event(3).await, &mut out).await;
+        session.accept(event(4).await, &mut out).await;
+        assert_eq!(seqs(&out), [1, 2, 3, 4], "nothing twice");
     }
 }

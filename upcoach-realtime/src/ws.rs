@@ -1,13 +1,15 @@
 //! The WebSocket transport: hyper's upgrade, tokio-tungstenite framing, API.md's
 //! JSON messages.
 
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use tokio::time::{Instant, Sleep};
+use tokio::sync::futures::Notified;
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -15,7 +17,7 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use upcoach_core::http::ClientAddr;
 use upcoach_core::{Principal, TokenError};
 
-use crate::hub::{Hub, Inner, RealtimeBody, Refusal, Transport};
+use crate::hub::{ConnShared, Hub, Inner, RealtimeBody, Refusal, Transport};
 use crate::respond::{
     bearer, body_from, error_response, origin_allowed, origin_refused, refusal_response, verify,
 };
@@ -118,7 +120,7 @@ impl Hub {
                     Ok(slot) => slot,
                     Err(refusal) => return refusal_response(hub, refusal),
                 };
-                let mut session = Session::new(slot);
+                let mut session = Box::new(Session::new(slot));
                 if let Err(refusal) = session.authenticate(p) {
                     return refusal_response(hub, refusal);
                 }
@@ -130,7 +132,7 @@ impl Hub {
             None => {
                 let ip = request.extensions().get::<ClientAddr>().map(|a| a.0.ip());
                 match hub.admit_pending(ip) {
-                    Ok(permit) => Session::pending(permit),
+                    Ok(permit) => Box::new(Session::pending(permit)),
                     Err(refusal) => return refusal_response(hub, refusal),
                 }
             }
@@ -142,7 +144,7 @@ impl Hub {
             .max_write_buffer_size(hub.config.queue_capacity.saturating_mul(64 * 1024))
             .max_message_size(Some(hub.config.max_message_size))
             .max_frame_size(Some(hub.config.max_message_size));
-        tokio::spawn(async move {
+        let task = async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {
@@ -158,8 +160,12 @@ impl Hub {
                 Some(config),
             )
             .await;
-            serve(socket, session, refused).await;
-        });
+            // Held here and lent to `serve`: a by-value argument of an async fn is
+            // stored twice in its future.
+            let mut conn = Connection::new(socket, session);
+            serve(&mut conn, refused).await;
+        };
+        tokio::spawn(task);
         let mut response = Response::new(body_from(bytes::Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
@@ -182,7 +188,9 @@ enum Step {
 
 struct Connection {
     socket: Socket,
-    session: Session,
+    /// Boxed, so that the task holds it once while it waits for the upgrade and
+    /// then in the connection (a move within an async block keeps both places).
+    session: Box<Session>,
     out: Vec<Outbound>,
     bad_messages: u32,
     /// Whether a ping is out and no frame has come in since.
@@ -191,49 +199,73 @@ struct Connection {
     idle_since: Option<Instant>,
     opened: Instant,
     last_ping: Instant,
+    /// When the heartbeat is next due: a ping to send, or the answer to the last one
+    /// overdue.
+    next_beat: Instant,
+    /// When the connection must have (re)authenticated by.
+    deadline: Instant,
 }
 
-async fn serve(socket: Socket, session: Session, refused: Option<TokenError>) {
-    let hub = session.hub().clone();
-    let mut conn = Connection {
-        socket,
-        session,
-        out: Vec::new(),
-        bad_messages: 0,
-        awaiting_pong: false,
-        idle_since: Some(Instant::now()),
-        opened: Instant::now(),
-        last_ping: Instant::now(),
-    };
+impl Connection {
+    fn new(socket: Socket, session: Box<Session>) -> Self {
+        let now = Instant::now();
+        let hub = session.hub().clone();
+        let mut conn = Connection {
+            socket,
+            session,
+            out: Vec::new(),
+            bad_messages: 0,
+            awaiting_pong: false,
+            idle_since: Some(now),
+            opened: now,
+            last_ping: now,
+            next_beat: now + hub.config.ws_ping_interval,
+            deadline: now,
+        };
+        conn.deadline = conn.deadline(&hub);
+        conn
+    }
+}
+
+async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
+    let hub = conn.session.hub().clone();
     if let Some(e) = refused {
         auth_failed(&hub, &e, "handshake");
-        conn.close(CLOSE_UNAUTHENTICATED, e.code()).await;
+        Box::pin(conn.close(CLOSE_UNAUTHENTICATED, e.code())).await;
         return;
     }
     let mut shutdown = hub.shutdown.subscribe();
     let shared = conn.session.shared.clone();
-    let heartbeat = tokio::time::sleep(hub.config.ws_ping_interval);
-    tokio::pin!(heartbeat);
-    let deadline = tokio::time::sleep_until(conn.deadline(&hub));
-    tokio::pin!(deadline);
+    // Both signals are waited on by one future each for the connection's whole life,
+    // not one per wake-up: each would otherwise register and unregister its waiter
+    // (under a lock) for every event delivered. Each ends the connection, so neither
+    // is polled again once it has fired.
+    let stop = crate::hub::stopping(&mut shutdown);
+    tokio::pin!(stop);
+    let closed = shared.notify.notified();
+    tokio::pin!(closed);
+    // One timer for the heartbeat and the authentication deadline: whichever is first.
+    let timer = tokio::time::sleep_until(conn.next_beat.min(conn.deadline));
+    tokio::pin!(timer);
     let step = loop {
         let step = tokio::select! {
             biased;
-            () = crate::hub::stopping(&mut shutdown) => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
-            () = shared.notify.notified() => match shared.close_code() {
-                Some(code) => Step::Close(code, "too slow: the send queue filled"),
-                None => Step::Continue,
-            },
+            () = stop.as_mut() => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+            () = closed.as_mut() => too_slow(&shared),
             delivery = conn.session.next() => match delivery {
-                Some(delivery) => conn.deliver(delivery).await,
+                Some(delivery) => conn.deliver(delivery, closed.as_mut(), stop.as_mut()).await,
                 None => Step::Drop("queue closed"),
             },
             message = conn.socket.next() => {
                 conn.awaiting_pong = false;
                 match message {
                     Some(Ok(message)) => {
-                        let step = conn.on_message(message).await;
-                        deadline.as_mut().reset(conn.deadline(&hub));
+                        // Boxed: client messages are rare, and their handling (a
+                        // subscription's replay, a token's verification) would
+                        // otherwise enlarge every idle connection's task.
+                        let step = Box::pin(conn.on_message(message)).await;
+                        conn.deadline = conn.deadline(&hub);
+                        timer.as_mut().reset(conn.next_beat.min(conn.deadline));
                         step
                     }
                     Some(Err(tungstenite::Error::Capacity(_))) => Step::Close(CLOSE_TOO_BIG, "message too big"),
@@ -241,17 +273,24 @@ async fn serve(socket: Socket, session: Session, refused: Option<TokenError>) {
                     Some(Err(_)) | None => Step::Drop("client went away"),
                 }
             },
-            () = &mut heartbeat => conn.heartbeat(&hub, heartbeat.as_mut()).await,
-            () = &mut deadline => match conn.session.principal {
-                None => {
-                    auth_failed(&hub, &TokenError::Missing, "auth_timeout");
-                    Step::Close(CLOSE_UNAUTHENTICATED, "token_missing")
-                }
-                Some(_) => {
-                    auth_failed(&hub, &TokenError::Expired, "expired_on_connection");
-                    Step::Close(CLOSE_UNAUTHENTICATED, "token_expired")
-                }
-            },
+            () = timer.as_mut() => {
+                let step = if Instant::now() >= conn.deadline {
+                    match conn.session.principal {
+                        None => {
+                            auth_failed(&hub, &TokenError::Missing, "auth_timeout");
+                            Step::Close(CLOSE_UNAUTHENTICATED, "token_missing")
+                        }
+                        Some(_) => {
+                            auth_failed(&hub, &TokenError::Expired, "expired_on_connection");
+                            Step::Close(CLOSE_UNAUTHENTICATED, "token_expired")
+                        }
+                    }
+                } else {
+                    conn.heartbeat(&hub).await
+                };
+                timer.as_mut().reset(conn.next_beat.min(conn.deadline));
+                step
+            }
         };
         match step {
             Step::Continue => {}
@@ -261,11 +300,19 @@ async fn serve(socket: Socket, session: Session, refused: Option<TokenError>) {
     match step {
         Step::Close(code, reason) => {
             conn.session.end_reason = reason;
-            conn.close(code, reason).await;
+            Box::pin(conn.close(code, reason)).await;
         }
         Step::Drop(reason) => conn.session.end_reason = reason,
         Step::Continue => {}
     }
+}
+
+/// The hub asked the connection to close: its queue filled (the only reason it asks).
+fn too_slow(shared: &ConnShared) -> Step {
+    Step::Close(
+        shared.close_code().unwrap_or(crate::hub::CLOSE_TOO_SLOW),
+        "too slow: the send queue filled",
+    )
 }
 
 fn auth_failed(hub: &Inner, error: &TokenError, stage: &str) {
@@ -293,16 +340,20 @@ impl Connection {
         }
     }
 
-    /// The heartbeat timer fired: either a ping is due, or the answer to the last one
-    /// did not come in time.
-    async fn heartbeat(&mut self, hub: &Inner, mut timer: std::pin::Pin<&mut Sleep>) -> Step {
+    /// The timer fired before the deadline: either a ping is due, or the answer to the
+    /// last one did not come in time. Sets when the heartbeat is next due.
+    async fn heartbeat(&mut self, hub: &Inner) -> Step {
         let now = Instant::now();
+        if now < self.next_beat {
+            return Step::Continue;
+        }
         if self.awaiting_pong {
             return Step::Drop("heartbeat_timeout");
         }
         let due = self.last_ping + hub.config.ws_ping_interval;
         if now < due {
-            timer.as_mut().reset(due);
+            // The answer came: the next ping is due a whole interval after the last.
+            self.next_beat = due;
             return Step::Continue;
         }
         if self.session.room_count() > 0 || self.session.principal.is_none() {
@@ -316,7 +367,7 @@ impl Connection {
         }
         self.last_ping = now;
         self.awaiting_pong = true;
-        timer.as_mut().reset(now + hub.config.ws_pong_timeout);
+        self.next_beat = now + hub.config.ws_pong_timeout;
         match self.socket.send(Message::Ping(bytes::Bytes::new())).await {
             Ok(()) => Step::Continue,
             Err(_) => Step::Drop("client went away"),
@@ -324,8 +375,14 @@ impl Connection {
     }
 
     /// Writes one delivery and whatever else is queued (up to a batch), then flushes;
-    /// gives up on the write when the hub closes the connection or shuts down.
-    async fn deliver(&mut self, first: crate::hub::Delivery) -> Step {
+    /// gives up on the write when the hub closes the connection (`closed`) or shuts
+    /// down (`stop`).
+    async fn deliver(
+        &mut self,
+        first: crate::hub::Delivery,
+        closed: Pin<&mut Notified<'_>>,
+        stop: Pin<&mut impl Future<Output = ()>>,
+    ) -> Step {
         self.out.clear();
         self.session.accept(first, &mut self.out).await;
         for _ in 1..WRITE_BATCH {
@@ -338,18 +395,14 @@ impl Connection {
             return Step::Continue;
         }
         let shared = self.session.shared.clone();
-        let mut shutdown = self.session.hub().shutdown.subscribe();
         let write = write_all(&mut self.socket, &mut self.out);
         tokio::select! {
             result = write => match result {
                 Ok(()) => Step::Continue,
                 Err(_) => Step::Drop("client went away"),
             },
-            () = shared.notify.notified() => Step::Close(
-                shared.close_code().unwrap_or(crate::hub::CLOSE_TOO_SLOW),
-                "too slow: the send queue filled",
-            ),
-            () = crate::hub::stopping(&mut shutdown) => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+            () = closed => too_slow(&shared),
+            () = stop => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
         }
     }
 

@@ -357,6 +357,48 @@ async fn a_client_that_goes_away_is_noticed_without_waiting_for_a_ping() {
 }
 
 #[tokio::test]
+async fn pings_and_events_flow_until_the_token_expires_then_the_stream_ends() {
+    // One timer serves the ping and the token's expiry: both must still happen, in
+    // order, with events in between.
+    let (hub, tokens, addr) = setup(
+        HubConfig {
+            sse_ping_interval: Duration::from_millis(150),
+            ..HubConfig::default()
+        },
+        HistoryLimits::default(),
+    )
+    .await;
+    let me = UserId::new();
+    let token = tokens.issue(me, &[Role::ADMIN], Duration::from_millis(1200));
+    let auth = format!("Bearer {token}");
+    let mut stream = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+    stream.next().await.unwrap();
+    assert!(stream.next().await.unwrap().comment, "a ping first");
+    hub.publish("metrics", "tick", serde_json::json!(1))
+        .await
+        .unwrap();
+    let mut pings = 0;
+    let mut events = Vec::new();
+    while let Some(record) = stream.next().await {
+        if record.comment {
+            pings += 1;
+        } else {
+            events.push(data(&record)["data"].clone());
+        }
+    }
+    assert_eq!(events, vec![serde_json::json!(1)], "the event, once");
+    assert!(pings >= 3, "pings went on until the expiry ({pings})");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while hub.status().connections.sse > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's place was given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
     // A cursor from before a restart: the room's numbers started again.
     let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
