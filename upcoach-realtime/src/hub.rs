@@ -769,14 +769,15 @@ impl Inner {
     }
 
     /// Adds connection `id` to `room`'s readers and waits until the room's live feed
-    /// is up. Events published after this returns reach `tx`.
+    /// is up. Events published after this returns reach `tx`. Returns the room's name
+    /// as its events carry it, so a reader can match them by pointer.
     pub(crate) async fn join(
         self: &Arc<Self>,
         room: &str,
         id: u64,
         tx: mpsc::Sender<Delivery>,
         shared: Arc<ConnShared>,
-    ) -> Result<()> {
+    ) -> Result<Arc<str>> {
         let (room, created) = {
             let mut rooms = self.lock_rooms();
             let (room, created) = match rooms.get(room) {
@@ -809,7 +810,7 @@ impl Inner {
             Err(_) => false,
         };
         if up {
-            Ok(())
+            Ok(room.name.clone())
         } else {
             self.leave(&room.name, id);
             Err(crate::Error::Backend {

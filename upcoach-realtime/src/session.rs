@@ -214,14 +214,16 @@ impl Session {
         if self.rooms.len() >= hub.config.max_rooms_per_connection {
             return Err(SubscribeError::TooManyRooms);
         }
-        if let Err(e) = hub
+        let name = match hub
             .join(room, self.id, self.tx.clone(), self.shared.clone())
             .await
         {
-            tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
-            return Err(SubscribeError::Broker);
-        }
-        let name: Arc<str> = Arc::from(room);
+            Ok(name) => name,
+            Err(e) => {
+                tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
+                return Err(SubscribeError::Broker);
+            }
+        };
         let positioned = self.position(&name, since, out).await;
         match positioned {
             Ok(last) => {
@@ -346,7 +348,10 @@ impl Session {
     ) -> Option<Arc<Encoded>> {
         match delivery {
             Delivery::Event(event) => {
-                let reading = self.rooms.iter_mut().find(|r| r.room == event.room)?;
+                let reading = self
+                    .rooms
+                    .iter_mut()
+                    .find(|r| same_room(&r.room, &event.room))?;
                 if event.seq <= reading.last {
                     return None;
                 }
@@ -358,7 +363,10 @@ impl Session {
                 None
             }
             Delivery::Reset(reset) => {
-                let reading = self.rooms.iter_mut().find(|r| r.room == reset.room)?;
+                let reading = self
+                    .rooms
+                    .iter_mut()
+                    .find(|r| same_room(&r.room, &reset.room))?;
                 // Resume from the head: whatever the client missed is announced as gone.
                 if let Some(head) = reset.head {
                     reading.last = reading.last.max(head);
@@ -375,7 +383,11 @@ impl Session {
     /// Fills the hole before `event` from history (or announces a reset), then hands
     /// `event` on if it is still new.
     async fn repair_then_accept(&mut self, event: Arc<Encoded>, out: &mut Vec<Outbound>) {
-        let Some(i) = self.rooms.iter().position(|r| r.room == event.room) else {
+        let Some(i) = self
+            .rooms
+            .iter()
+            .position(|r| same_room(&r.room, &event.room))
+        else {
             return;
         };
         let last = self.rooms[i].last;
@@ -396,6 +408,12 @@ impl Session {
         self.rooms[i].last = event.seq;
         out.push(Outbound::Event(event));
     }
+}
+
+/// Whether two room names are the same room: by pointer first, as a reader keeps the
+/// name its room's events carry (compared by text only if the room was made again).
+fn same_room(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 impl Drop for Session {

@@ -297,14 +297,10 @@ impl Stream {
     async fn wait(&mut self) -> Option<&'static str> {
         let shared = self.session.shared.clone();
         let mut out = Vec::new();
+        // Deliveries first, as on a WebSocket: the signals are polled when the queue is
+        // empty, and the queue is bounded.
         tokio::select! {
             biased;
-            () = crate::hub::stopping(&mut self.shutdown) => return Some("server shutting down"),
-            () = shared.notify.notified() => {
-                if shared.close_code().is_some() {
-                    return Some("too slow: the send queue filled");
-                }
-            }
             delivery = self.session.next() => {
                 let Some(delivery) = delivery else { return Some("queue closed") };
                 self.session.accept(delivery, &mut out).await;
@@ -313,6 +309,12 @@ impl Stream {
                     self.session.accept(more, &mut out).await;
                 }
                 self.encode(out);
+            }
+            () = crate::hub::stopping(&mut self.shutdown) => return Some("server shutting down"),
+            () = shared.notify.notified() => {
+                if shared.close_code().is_some() {
+                    return Some("too slow: the send queue filled");
+                }
             }
             () = self.timer.as_mut() => {
                 let now = Instant::now();

@@ -248,14 +248,17 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
     let timer = tokio::time::sleep_until(conn.next_beat.min(conn.deadline));
     tokio::pin!(timer);
     let step = loop {
+        // Deliveries first: the two signals are then polled once per wake-up (when
+        // the queue is empty), not once per event. Neither waits long behind them: the
+        // queue is bounded, and a write that blocks is given up on when either fires.
         let step = tokio::select! {
             biased;
-            () = stop.as_mut() => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
-            () = closed.as_mut() => too_slow(&shared),
             delivery = conn.session.next() => match delivery {
                 Some(delivery) => conn.deliver(delivery, closed.as_mut(), stop.as_mut()).await,
                 None => Step::Drop("queue closed"),
             },
+            () = stop.as_mut() => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+            () = closed.as_mut() => too_slow(&shared),
             message = conn.socket.next() => {
                 conn.awaiting_pong = false;
                 match message {
@@ -397,6 +400,7 @@ impl Connection {
         let shared = self.session.shared.clone();
         let write = write_all(&mut self.socket, &mut self.out);
         tokio::select! {
+            biased;
             result = write => match result {
                 Ok(()) => Step::Continue,
                 Err(_) => Step::Drop("client went away"),
