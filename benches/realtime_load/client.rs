@@ -1,11 +1,15 @@
-//! The client role (`--role client`): opens WebSocket or SSE connections, keeps reading
-//! them, counts events and times each from the publish time it carries.
+//! The client role (`--role client`): opens WebSocket, SSE or Socket.IO connections, keeps
+//! reading them, counts events and times each from the publish time it carries.
 //!
-//! `--transport ws|sse --targets A,B --tokens T1,T2 --count N --room R
+//! `--transport ws|sse|socketio --targets A,B --tokens T1,T2 --count N --room R
 //! [--source 127.0.1.x] --concurrency C`: connection `i` goes to target `i % targets`
-//! with that target's token. Once every attempt has ended it prints
+//! with that target's token. `socketio` is Socket.IO v4 over WebSocket (Engine.IO v4):
+//! the open packet `0{..}`, `40{"room"}` to join the default namespace and the room,
+//! `40{"sid"}` back, then events as `42["event",{..}]`, each ping `2` answered with `3`.
+//! Once every attempt has ended it prints
 //! `connected <ok> <failed>`, the `connect` histogram (TCP connect to the 101 or the SSE
-//! response head) and, for WebSocket, the `ready` one (to `subscribed`). Then it answers
+//! response head) and, for WebSocket, the `ready` one (to `subscribed`, or Socket.IO's
+//! `40{"sid"}`). Then it answers
 //! commands on stdin: `reset` (`ok`), `count` (`count <events> <closed>`), `report`
 //! (`report <events> <closed> <last_us> <close codes>`, the `latency` histogram from the
 //! publish time in the data, and the `stamped` one from the event's `ts`),
@@ -33,6 +37,7 @@ use crate::report::{histogram, histogram_line, unix_us};
 enum Transport {
     Ws,
     Sse,
+    Socketio,
 }
 
 #[derive(Debug)]
@@ -61,6 +66,7 @@ type Attempt = Result<(Duration, Duration), String>;
 pub(crate) fn run(args: &Args) -> ExitCode {
     let transport = match args.get("transport") {
         Some("sse") => Transport::Sse,
+        Some("socketio") => Transport::Socketio,
         _ => Transport::Ws,
     };
     let addrs: Vec<SocketAddr> = args
@@ -127,6 +133,9 @@ pub(crate) fn run(args: &Args) -> ExitCode {
                     }
                     Transport::Sse => {
                         sse_connection(target, &room, source, &stats, &gate, done).await
+                    }
+                    Transport::Socketio => {
+                        socketio_connection(target, &room, source, &stats, &gate, done).await
                     }
                 }
             });
@@ -227,6 +236,20 @@ fn number_after(text: &str, at: usize) -> Option<u64> {
     text[at..at + digits].parse().ok()
 }
 
+/// Counts one event and times it from the stamps its text carries.
+fn record(stats: &Shared, text: &str) {
+    let now = unix_us();
+    let mut s = stats.borrow_mut();
+    s.events += 1;
+    s.last_us = now;
+    if let Some(sent) = publish_time(text) {
+        s.latency.saturating_record(now.saturating_sub(sent));
+    }
+    if let Some(stamped) = stamp_time(text) {
+        s.stamped.saturating_record(now.saturating_sub(stamped));
+    }
+}
+
 fn closed(stats: &Shared, code: u16) {
     let mut s = stats.borrow_mut();
     s.closed += 1;
@@ -253,7 +276,7 @@ async fn ws_connection(
             "ws://{}/api/dashboard/realtime/ws?access_token={}",
             target.addr, target.token
         );
-        let config = WebSocketConfig::default().read_buffer_size(crate::server::WS_READ_BUFFER);
+        let config = WebSocketConfig::default().read_buffer_size(crate::server::ws_read_buffer());
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
@@ -291,19 +314,101 @@ async fn ws_connection(
     while let Some(message) = ws.next().await {
         match message {
             Ok(Message::Text(text)) => {
+                if text.as_str().starts_with(r#"{"type":"event""#) {
+                    record(stats, text.as_str());
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                closed(stats, frame.map_or(1005, |f| u16::from(f.code)));
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                closed(stats, 1006);
+                return;
+            }
+        }
+    }
+    closed(stats, 1006);
+}
+
+/// A Socket.IO v4 client on the default namespace, over WebSocket only.
+async fn socketio_connection(
+    target: &Target,
+    room: &str,
+    source: Option<IpAddr>,
+    stats: &Shared,
+    gate: &Semaphore,
+    done: mpsc::UnboundedSender<Attempt>,
+) {
+    let Ok(permit) = gate.acquire().await else {
+        return;
+    };
+    let start = Instant::now();
+    let opened = async {
+        let stream = tcp(target.addr, source)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", target.addr);
+        let config = WebSocketConfig::default().read_buffer_size(crate::server::ws_read_buffer());
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let connected = start.elapsed();
+        let mut joining = false;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let text = text.as_str();
+                    if text.starts_with('0') && !joining {
+                        // The Engine.IO open packet: connect to "/" with the room as auth.
+                        let connect = format!("40{}", serde_json::json!({ "room": room }));
+                        ws.send(Message::text(connect))
+                            .await
+                            .map_err(|e| format!("connect packet: {e}"))?;
+                        joining = true;
+                    } else if text.starts_with("40") && joining {
+                        break;
+                    } else if text == "2" {
+                        ws.send(Message::text("3"))
+                            .await
+                            .map_err(|e| format!("pong: {e}"))?;
+                    } else {
+                        return Err(format!("opening answered {text}"));
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(format!("closed while opening: {frame:?}"));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("opening: {e}")),
+                None => return Err("closed while opening".to_owned()),
+            }
+        }
+        Ok((ws, connected, start.elapsed()))
+    }
+    .await;
+    drop(permit);
+    let mut ws = match opened {
+        Ok((ws, connected, ready)) => {
+            let _ = done.send(Ok((connected, ready)));
+            ws
+        }
+        Err(e) => {
+            let _ = done.send(Err(e));
+            return;
+        }
+    };
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) => {
                 let text = text.as_str();
-                if !text.starts_with(r#"{"type":"event""#) {
-                    continue;
-                }
-                let now = unix_us();
-                let mut s = stats.borrow_mut();
-                s.events += 1;
-                s.last_us = now;
-                if let Some(sent) = publish_time(text) {
-                    s.latency.saturating_record(now.saturating_sub(sent));
-                }
-                if let Some(stamped) = stamp_time(text) {
-                    s.stamped.saturating_record(now.saturating_sub(stamped));
+                if text.starts_with(r#"42["event","#) {
+                    record(stats, text);
+                } else if text == "2" && ws.send(Message::text("3")).await.is_err() {
+                    // The pong could not be written: the connection is gone.
+                    closed(stats, 1006);
+                    return;
                 }
             }
             Ok(Message::Close(frame)) => {

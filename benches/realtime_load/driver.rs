@@ -151,6 +151,27 @@ pub(crate) enum Kind {
     Ours,
     /// The bare tokio-tungstenite broadcast loop.
     Bare,
+    /// socketioxide on axum: Socket.IO v4 over WebSocket.
+    Socketio,
+}
+
+impl Kind {
+    /// The name of its runs and table rows.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Kind::Ours => "ours",
+            Kind::Bare => "bare",
+            Kind::Socketio => "socketio",
+        }
+    }
+
+    /// The client role's `--transport` for its WebSocket subscribers.
+    pub(crate) fn ws_transport(self) -> &'static str {
+        match self {
+            Kind::Ours | Kind::Bare => "ws",
+            Kind::Socketio => "socketio",
+        }
+    }
 }
 
 /// A running server process.
@@ -179,6 +200,7 @@ impl Server {
             match kind {
                 Kind::Ours => "server",
                 Kind::Bare => "bare",
+                Kind::Socketio => "socketio",
             }
             .to_owned(),
             "--addr".to_owned(),
@@ -197,6 +219,7 @@ impl Server {
         let name = match kind {
             Kind::Ours => "server",
             Kind::Bare => "bare server",
+            Kind::Socketio => "socketio server",
         };
         let mut proc = Proc::spawn(name, &args)?;
         let addr = proc
@@ -206,15 +229,16 @@ impl Server {
         Ok(Self { proc, addr, kind })
     }
 
-    /// A token for a new user (any string for the bare server, which reads none).
+    /// A token for a new user (any string for the comparison servers, which read none).
     pub(crate) async fn token(&self, roles: &[&str]) -> Res<String> {
         match self.kind {
             Kind::Ours => Ok(http::dev_token(self.addr, roles).await?),
-            Kind::Bare => Ok("bare".to_owned()),
+            Kind::Bare | Kind::Socketio => Ok(self.kind.label().to_owned()),
         }
     }
 
-    /// Open WebSocket and SSE connections as the server counts them (`status` route).
+    /// Open WebSocket and SSE connections as the server counts them (`status` route;
+    /// ours and the Socket.IO server have it).
     pub(crate) async fn open_connections(&self, admin: &str) -> Res<(u64, u64)> {
         let mut client = http::Client::connect(self.addr).await?;
         let (status, body) = client.get("/api/dashboard/realtime/status", admin).await?;
@@ -248,7 +272,7 @@ pub(crate) fn next_source() -> IpAddr {
 /// How a fleet of client processes should connect.
 #[derive(Debug, Clone)]
 pub(crate) struct FleetPlan {
-    /// `ws` or `sse`.
+    /// `ws`, `sse` or `socketio` (Socket.IO over WebSocket).
     pub(crate) transport: &'static str,
     pub(crate) connections: usize,
     pub(crate) processes: usize,

@@ -1,11 +1,12 @@
 //! The fan-out scenario: 10,000 WebSocket subscribers of one room, publishes at each
-//! rate of a ladder; ours in memory, the bare loop, and ours over Redis.
+//! rate of a ladder; ours in memory, the bare loop, socketioxide (Socket.IO over
+//! WebSocket), and ours over Redis.
 
 use std::time::Duration;
 
 use crate::driver::{Fleet, FleetPlan, Kind, Res, Server, SharedRedis, machine_ticks, publish};
 use crate::report::{Table, ms, ms_summary, thousands};
-use crate::scenarios::Settings;
+use crate::scenarios::{RUNS, Settings};
 
 /// One rate of one fan-out run.
 #[derive(Debug, Clone)]
@@ -19,6 +20,10 @@ struct Step {
     delivered: f64,
     /// Received after the drain, over expected.
     complete: f64,
+    /// Events expected: publishes accepted times subscribers.
+    expected: u64,
+    /// Expected and not received after the drain.
+    missing: u64,
     latency: String,
     p99_us: u64,
     /// From the broadcaster's `ts` stamp: the fan-out alone, without the publish request.
@@ -33,12 +38,13 @@ struct Step {
 }
 
 /// 10,000 WebSocket subscribers of one room; publishes at each rate of the ladder until
-/// one is not sustained. Ours in memory, the bare loop, ours over Redis (publish on one
-/// process, subscribers on another), one after the other under the same client load.
+/// one is not sustained. Ours in memory, the bare loop, socketioxide, ours over Redis
+/// (publish on one process, subscribers on another), one after the other under the same
+/// client load.
 pub(crate) async fn fanout(s: &Settings, redis: Option<&SharedRedis>) -> Res<()> {
     let mut steps: Vec<Step> = Vec::new();
     for round in 1..=s.rounds {
-        for label in ["ours", "bare", "ours+redis"] {
+        for label in RUNS {
             if !s.runs.iter().any(|r| r == label) {
                 continue;
             }
@@ -64,10 +70,10 @@ async fn fanout_run(
         "\nfan-out: {label}, round {round}, {} subscribers",
         s.connections
     );
-    let kind = if label == "bare" {
-        Kind::Bare
-    } else {
-        Kind::Ours
+    let kind = match label {
+        "bare" => Kind::Bare,
+        "socketio" => Kind::Socketio,
+        _ => Kind::Ours,
     };
     let room = "public:bench";
     let max = s.connections + 1_000;
@@ -82,7 +88,7 @@ async fn fanout_run(
     let reading = subscriber.as_ref().unwrap_or(&publisher);
     let admin = publisher.token(&["admin"]).await?;
     let plan = FleetPlan {
-        transport: "ws",
+        transport: kind.ws_transport(),
         connections: s.connections,
         processes: s.clients,
         concurrency: s.concurrency,
@@ -128,6 +134,8 @@ async fn fanout_run(
             offered: published.accepted as f64 / seconds,
             delivered: in_window as f64 / seconds,
             complete,
+            expected,
+            missing: expected.saturating_sub(after),
             latency: ms_summary(&received.latency),
             p99_us: received.latency.value_at_quantile(0.99),
             stamped: ms_summary(&received.stamped),
@@ -218,9 +226,13 @@ fn print_fanout(s: &Settings, steps: &[Step]) {
         "publishes/s",
         "ours delivered/s",
         "bare delivered/s",
+        "socketio delivered/s",
         "ours / bare",
+        "ours / socketio",
         "ours p99",
         "bare p99",
+        "socketio p99",
+        "ours p99 / bare p99",
         "ours+redis p99",
         "Redis adds (p99)",
         "Redis adds (p99 from ts)",
@@ -230,30 +242,56 @@ fn print_fanout(s: &Settings, steps: &[Step]) {
             .iter()
             .find(|st| st.label == label && st.round == round && st.rate == rate)
     };
+    // The best sustained step of a run: the most events delivered per second.
+    let best = |label: &str, round: usize| {
+        steps
+            .iter()
+            .filter(|st| st.label == label && st.round == round && st.sustained)
+            .max_by(|a, b| a.delivered.total_cmp(&b.delivered))
+    };
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.3}", a / b)
+        } else {
+            "-".to_owned()
+        }
+    };
+    let delivered =
+        |st: Option<&Step>| st.map_or("-".to_owned(), |st| thousands(st.delivered as u64));
+    let p99 = |st: Option<&Step>| st.map_or("-".to_owned(), |st| ms(st.p99_us));
+    let mut goals = Vec::new();
     for round in 1..=s.rounds {
         for &rate in &s.rates {
-            let (ours, bare, redis) = (
+            let (ours, bare, socketio, redis) = (
                 find("ours", round, rate),
                 find("bare", round, rate),
+                find("socketio", round, rate),
                 find("ours+redis", round, rate),
             );
-            if ours.is_none() && bare.is_none() && redis.is_none() {
+            if ours.is_none() && bare.is_none() && socketio.is_none() && redis.is_none() {
                 continue;
             }
-            let delivered =
-                |st: Option<&Step>| st.map_or("-".to_owned(), |st| thousands(st.delivered as u64));
-            let p99 = |st: Option<&Step>| st.map_or("-".to_owned(), |st| ms(st.p99_us));
             ratios.row(vec![
                 round.to_string(),
                 format!("{rate}"),
                 delivered(ours),
                 delivered(bare),
+                delivered(socketio),
                 match (ours, bare) {
-                    (Some(o), Some(b)) => format!("{:.3}", o.delivered / b.delivered.max(1.0)),
+                    (Some(o), Some(b)) => ratio(o.delivered, b.delivered),
+                    _ => "-".to_owned(),
+                },
+                match (ours, socketio) {
+                    (Some(o), Some(x)) => ratio(o.delivered, x.delivered),
                     _ => "-".to_owned(),
                 },
                 p99(ours),
                 p99(bare),
+                p99(socketio),
+                match (ours, bare) {
+                    (Some(o), Some(b)) => ratio(o.p99_us as f64, b.p99_us as f64),
+                    _ => "-".to_owned(),
+                },
                 p99(redis),
                 match (ours, redis) {
                     (Some(o), Some(r)) => {
@@ -270,33 +308,92 @@ fn print_fanout(s: &Settings, steps: &[Step]) {
                 },
             ]);
         }
-        let best = |label: &str| {
-            steps
-                .iter()
-                .filter(|st| st.label == label && st.round == round && st.sustained)
-                .map(|st| st.delivered)
-                .fold(0.0f64, f64::max)
-        };
-        let (ours, bare, redis) = (best("ours"), best("bare"), best("ours+redis"));
+        let (ours, bare, socketio, redis) = (
+            best("ours", round),
+            best("bare", round),
+            best("socketio", round),
+            best("ours+redis", round),
+        );
+        let rate_of = |st: Option<&Step>| st.map_or(0.0, |st| st.delivered);
         ratios.row(vec![
             round.to_string(),
             "best sustained".to_owned(),
-            thousands(ours as u64),
-            thousands(bare as u64),
-            if bare > 0.0 {
-                format!("{:.3}", ours / bare)
-            } else {
-                "-".to_owned()
-            },
+            delivered(ours),
+            delivered(bare),
+            delivered(socketio),
+            ratio(rate_of(ours), rate_of(bare)),
+            ratio(rate_of(ours), rate_of(socketio)),
             String::new(),
             String::new(),
-            if redis > 0.0 {
-                format!("({} /s)", thousands(redis as u64))
-            } else {
-                String::new()
-            },
+            String::new(),
+            String::new(),
+            redis.map_or(String::new(), |r| {
+                format!("({} /s)", thousands(r.delivered as u64))
+            }),
+            String::new(),
             String::new(),
         ]);
+        goals.extend(goal_lines(s, round, ours, socketio, |label, rate| {
+            find(label, round, rate)
+        }));
     }
-    ratios.print("Ours against the bare tokio-tungstenite loop, and the Redis broadcaster's added latency (goals: >= 0.8x; p99 <= 25 ms at 10 publishes/s; >= 500,000 events/s)");
+    ratios.print("Ours against the bare tokio-tungstenite loop and socketioxide, and the Redis broadcaster's added latency (goals: ours / bare >= 0.8x; p99 <= 25 ms at 10 publishes/s; >= 500,000 events/s)");
+    if !goals.is_empty() {
+        println!(
+            "\nGoals against socketioxide and the bare loop (ours' best sustained delivered/s >= 1.2x socketioxide's with every event delivered; ours' p99 at the lowest rate <= 0.8x the bare loop's):"
+        );
+        for line in goals {
+            println!("  {line}");
+        }
+    }
+}
+
+/// The goal lines of one round: ours' best sustained delivered/s against socketioxide's
+/// (and whether every event of that step arrived), ours' p99 at the ladder's lowest rate
+/// against the bare loop's.
+fn goal_lines<'a>(
+    s: &Settings,
+    round: usize,
+    ours: Option<&Step>,
+    socketio: Option<&Step>,
+    find: impl Fn(&str, f64) -> Option<&'a Step>,
+) -> Vec<String> {
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut lines = Vec::new();
+    match (ours, socketio) {
+        (Some(o), Some(x)) => {
+            let r = o.delivered / x.delivered.max(1.0);
+            lines.push(format!(
+                "round {round}: best sustained delivered/s, ours {} ({} publishes/s, {} of {} events missing) / socketio {} ({} publishes/s, {} missing) = {r:.2}x (>= 1.2x, every event delivered): {}",
+                thousands(o.delivered as u64),
+                o.rate,
+                thousands(o.missing),
+                thousands(o.expected),
+                thousands(x.delivered as u64),
+                x.rate,
+                thousands(x.missing),
+                met(r >= 1.2 && o.missing == 0),
+            ));
+        }
+        (None, _) if s.runs.iter().any(|r| r == "ours") => {
+            lines.push(format!("round {round}: ours sustained no rate"));
+        }
+        (Some(_), None) if s.runs.iter().any(|r| r == "socketio") => {
+            lines.push(format!(
+                "round {round}: socketio sustained no rate (ours did): met"
+            ));
+        }
+        _ => {}
+    }
+    let lowest = s.rates.iter().copied().fold(f64::INFINITY, f64::min);
+    if let (Some(o), Some(b)) = (find("ours", lowest), find("bare", lowest)) {
+        let r = o.p99_us as f64 / (b.p99_us as f64).max(1.0);
+        lines.push(format!(
+            "round {round}: p99 at {lowest} publishes/s, ours {} / bare {} = {r:.2}x (<= 0.8x): {}",
+            ms(o.p99_us),
+            ms(b.p99_us),
+            met(r <= 0.8),
+        ));
+    }
+    lines
 }

@@ -1,9 +1,10 @@
 //! Realtime load: connections, fan-out and the Redis broadcaster of the reference
-//! server, beside a bare tokio-tungstenite broadcast loop measured in the same run.
+//! server, beside a bare tokio-tungstenite broadcast loop and a socketioxide (Socket.IO)
+//! server measured in the same run.
 //!
 //! ```text
-//! cargo bench --bench realtime_load -- connections  # 10,000 WebSocket, then 10,000 SSE
-//! cargo bench --bench realtime_load -- fanout       # 10,000 subscribers: ours, bare, ours over Redis
+//! cargo bench --bench realtime_load -- connections  # 10,000 WebSocket, 10,000 SSE on ours; 10,000 on bare, on socketio
+//! cargo bench --bench realtime_load -- fanout       # 10,000 subscribers: ours, bare, socketio, ours over Redis
 //! cargo bench --bench realtime_load -- hold         # 50,000 idle WebSocket on 3 servers sharing Redis
 //! cargo bench --bench realtime_load -- all          # the three, in that order
 //! ```
@@ -11,15 +12,23 @@
 //! Options (after the scenario): `--connections N` (10000), `--clients N` client
 //! processes (2; `hold`: 4), `--concurrency N` handshakes in flight per client process
 //! (32), `--rates 10,20,40,...` publishes/s for `fanout`, `--seconds N` per rate (10),
-//! `--rounds N` (1), `--runs ours,bare,ours+redis` (which fan-out runs), `--hold-connections N` (50000), `--hold-servers N` (3),
+//! `--rounds N` (1), `--runs ours,bare,socketio,ours+redis` (which fan-out runs; that is
+//! the default), `--hold-connections N` (50000), `--hold-servers N` (3),
 //! `--hold-seconds N` (30). The Redis parts need `REDIS_URL` (skipped, said so, without
 //! it); they write under a fresh `CACHE_PREFIX` and delete it afterwards.
 //!
 //! One executable plays every part: the driver re-executes itself (`--role server`,
-//! `--role bare`, `--role client`) and talks to each child over its stdin and stdout.
+//! `--role bare`, `--role socketio`, `--role client`) and talks to each child over its
+//! stdin and stdout. The socketio role is socketioxide as a tower layer on axum: its
+//! subscribers speak Socket.IO v4 over WebSocket and join the room in their connect
+//! packet; publishes go through the same `POST /api/dashboard/realtime/broadcast/{room}`
+//! as for the others and are emitted to the room once each. The fan-out tables print
+//! ours / bare and ours / socketio for delivered events/s, and the goals: ours' best
+//! sustained delivered/s >= 1.2x socketioxide's with every event delivered, and ours' p99
+//! at the lowest rate <= 0.8x the bare loop's.
 //! The load generator and the servers share this machine's cores, so absolute figures
-//! are pessimistic; the ratio to the bare loop, measured under the same client load, is
-//! the result. Under `cargo test` (no `--bench` flag) it exits at once.
+//! are pessimistic; the ratios to the comparison servers, measured under the same client
+//! load, are the result. Under `cargo test` (no `--bench` flag) it exits at once.
 
 mod client;
 mod driver;
@@ -28,6 +37,7 @@ mod http;
 mod report;
 mod scenarios;
 mod server;
+mod socketio;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -81,6 +91,7 @@ fn main() -> ExitCode {
     match args.get("role") {
         Some("server") => return server::run_ours(&args),
         Some("bare") => return server::run_bare(&args),
+        Some("socketio") => return socketio::run(&args),
         Some("client") => return client::run(&args),
         Some(other) => {
             eprintln!("unknown role {other:?}");

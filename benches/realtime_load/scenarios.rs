@@ -8,6 +8,11 @@ use crate::driver::{
 };
 use crate::report::{Table, ms_summary, thousands, unix_us};
 
+/// The fan-out runs `--runs` may name, in the order they run.
+pub(crate) const RUNS: [&str; 4] = ["ours", "bare", "socketio", "ours+redis"];
+
+const DEFAULT_RUNS: &str = "ours,bare,socketio,ours+redis";
+
 /// The options every scenario reads.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -46,7 +51,7 @@ impl Settings {
             hold_seconds: args.parsed("hold-seconds", 30),
             runs: args
                 .get("runs")
-                .unwrap_or("ours,bare,ours+redis")
+                .unwrap_or(DEFAULT_RUNS)
                 .split(',')
                 .map(|r| r.trim().to_owned())
                 .collect(),
@@ -56,6 +61,13 @@ impl Settings {
 
 pub(crate) async fn run(scenario: &str, args: &Args) -> Res<()> {
     let settings = Settings::from(args);
+    if let Some(unknown) = settings.runs.iter().find(|r| !RUNS.contains(&r.as_str())) {
+        return Err(format!(
+            "--runs: unknown run {unknown:?} (known: {})",
+            RUNS.join(",")
+        )
+        .into());
+    }
     machine_conditions().await;
     let redis = match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(SharedRedis {
@@ -152,8 +164,9 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// 10,000 WebSocket, then 10,000 SSE clients on our server, and 10,000 WebSocket on
-/// the bare loop: connect times and RSS per idle connection, a fresh server each.
+/// 10,000 WebSocket, then 10,000 SSE clients on our server, 10,000 WebSocket on the bare
+/// loop and 10,000 Socket.IO (over WebSocket) on socketioxide: connect times and RSS per
+/// idle connection, a fresh server each.
 async fn connections(s: &Settings) -> Res<()> {
     let mut table = Table::new(&[
         "server",
@@ -166,15 +179,23 @@ async fn connections(s: &Settings) -> Res<()> {
         "RSS before -> after",
         "RSS per connection",
     ]);
-    for (kind, transport) in [(Kind::Ours, "ws"), (Kind::Ours, "sse"), (Kind::Bare, "ws")] {
-        let label = match kind {
-            Kind::Ours => "ours",
-            Kind::Bare => "bare",
+    // Bytes of RSS per idle connection, by server and transport, for the goal lines.
+    let mut per_connection: Vec<(&str, &str, f64)> = Vec::new();
+    for (kind, transport) in [
+        (Kind::Ours, "ws"),
+        (Kind::Ours, "sse"),
+        (Kind::Bare, "ws"),
+        (Kind::Bare, "sse"),
+        (Kind::Socketio, "socketio"),
+    ] {
+        let label = kind.label();
+        // Socket.IO is its own client protocol, carried over WebSocket.
+        let shown = if transport == "socketio" {
+            "ws (Socket.IO)"
+        } else {
+            transport
         };
-        println!(
-            "\nconnections: {label} {transport}, {} clients",
-            s.connections
-        );
+        println!("\nconnections: {label} {shown}, {} clients", s.connections);
         let server = Server::start(kind, None, s.connections + 1_000).await?;
         let admin = server.token(&["admin"]).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -195,6 +216,7 @@ async fn connections(s: &Settings) -> Res<()> {
                 let (ws, sse) = server.open_connections(&admin).await?;
                 format!("ws {ws}, sse {sse}")
             }
+            Kind::Socketio => format!("sockets {}", server.open_connections(&admin).await?.0),
             Kind::Bare => "-".to_owned(),
         };
         let (_, closed) = fleet.count().await?;
@@ -213,11 +235,11 @@ async fn connections(s: &Settings) -> Res<()> {
         );
         table.row(vec![
             label.to_owned(),
-            transport.to_owned(),
+            shown.to_owned(),
             format!("{} / {}", thousands(fleet.connected), fleet.failed),
             counts,
             ms_summary(&fleet.connect),
-            if transport == "ws" {
+            if transport != "sse" {
                 ms_summary(&fleet.ready)
             } else {
                 "(in connect)".to_owned()
@@ -229,13 +251,36 @@ async fn connections(s: &Settings) -> Res<()> {
             format!("{} -> {}", mib(before), mib(after)),
             kib(per),
         ]);
+        per_connection.push((label, transport, per));
         fleet.quit().await;
         server.stop().await;
     }
     table.print(&format!(
-        "Connections ({} client processes, {} handshakes in flight each; goal: <= 16 KiB per idle connection)",
+        "Connections ({} client processes, {} handshakes in flight each; bare sse: a bare hyper HTTP/1 connection streaming a channel)",
         s.clients, s.concurrency
     ));
+    let find = |label: &str, transport: &str| {
+        per_connection
+            .iter()
+            .find(|(l, t, _)| *l == label && *t == transport)
+            .map(|(_, _, per)| *per)
+    };
+    println!("\nGoals (RSS per idle connection):");
+    for (transport, goal_kib) in [("ws", 8.0), ("sse", 12.0)] {
+        if let (Some(ours), Some(bare)) = (find("ours", transport), find("bare", transport)) {
+            let met = if ours <= goal_kib * 1024.0 {
+                "met"
+            } else {
+                "NOT met"
+            };
+            println!(
+                "  {transport}: ours {} (<= {goal_kib} KiB: {met}); bare {}; ours / bare {:.2}x",
+                kib(ours),
+                kib(bare),
+                ours / bare.max(1.0)
+            );
+        }
+    }
     Ok(())
 }
 

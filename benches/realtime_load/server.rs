@@ -1,9 +1,13 @@
 //! The server roles: the reference server in-process (`--role server`), and the bare
 //! baseline (`--role bare`): tokio-tungstenite's `accept_async` and one
 //! `tokio::sync::broadcast` channel forwarding each published text to every connection,
-//! published to through the same `POST /api/dashboard/realtime/broadcast/{room}`.
+//! published to through the same `POST /api/dashboard/realtime/broadcast/{room}`. Its
+//! SSE baseline (`GET /api/dashboard/realtime/sse`) is a bare hyper HTTP/1 connection
+//! whose body is that channel's receiver: what any SSE stream on hyper costs.
 //!
-//! Each prints `ready <addr>` once it listens and stops on `quit` (or end of input).
+//! Each prints `ready <addr>` once it listens and stops on `quit` (or end of input). The
+//! Socket.IO comparison (`--role socketio`, in `socketio.rs`) shares this runtime, listener
+//! and queue length.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -24,14 +28,18 @@ use upcoach_server::{App, Options, ServeOptions};
 use crate::Args;
 use crate::http::{read_body, read_head};
 
-/// The WebSocket read buffer both servers give each connection: the hub's default, so
-/// the baseline differs from ours by the hub and nothing else.
-pub(crate) const WS_READ_BUFFER: usize = 4 * 1024;
+/// The WebSocket read buffer every server gives each connection: the hub's default,
+/// read from it so the two cannot drift apart, and the baselines differ from ours by
+/// the hub and nothing else.
+pub(crate) fn ws_read_buffer() -> usize {
+    upcoach_realtime::HubConfig::default().ws_read_buffer
+}
 
-/// Events the bare loop's channel holds for a slow connection (the hub's queue is as long).
-const BARE_CHANNEL: usize = 1024;
+/// Events a slow connection may have waiting: the bare loop's channel holds as many, and
+/// so do the hub's queue and each Socket.IO connection's buffer.
+pub(crate) const EVENT_QUEUE: usize = 1024;
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     // What the reference server's command line builds: one worker per core.
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -39,7 +47,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Listens with a backlog long enough for bursts of handshakes.
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -51,7 +59,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Resolves on `quit` or at the end of standard input.
-async fn quit_requested() {
+pub(crate) async fn quit_requested() {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         if line.trim() == "quit" {
@@ -142,7 +150,7 @@ pub(crate) fn run_bare(args: &Args) -> ExitCode {
     let result = runtime.block_on(async move {
         let listener = listen(addr)?;
         println!("ready {}", listener.local_addr()?);
-        let (events, _) = broadcast::channel::<Utf8Bytes>(BARE_CHANNEL);
+        let (events, _) = broadcast::channel::<Utf8Bytes>(EVENT_QUEUE);
         let seq = Arc::new(AtomicU64::new(0));
         let accept = async {
             loop {
@@ -183,7 +191,13 @@ async fn bare_connection(
         let _ = bare_publisher(stream, &events, &seq).await;
         return;
     }
-    let config = WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
+    const SSE: &[u8] = b"GET /api/dashboard/realtime/sse";
+    let mut line = [0u8; SSE.len()];
+    if matches!(stream.peek(&mut line).await, Ok(n) if n == SSE.len() && line == SSE) {
+        bare_sse(stream, &events).await;
+        return;
+    }
+    let config = WebSocketConfig::default().read_buffer_size(ws_read_buffer());
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };
@@ -214,6 +228,46 @@ async fn bare_connection(
             },
         }
     }
+}
+
+/// One SSE stream on a bare hyper HTTP/1 connection: a `retry:` first, then every
+/// published text as a record, straight from the channel's receiver (no task or queue
+/// of its own).
+async fn bare_sse(stream: TcpStream, events: &broadcast::Sender<Utf8Bytes>) {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let events = events.clone();
+    let service = hyper::service::service_fn(move |_request| {
+        let live = events.subscribe();
+        let first = futures_util::stream::once(async {
+            Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from_static(
+                b"retry: 3000\n\n",
+            )))
+        });
+        let records = futures_util::stream::unfold(live, |mut live| async move {
+            loop {
+                match live.recv().await {
+                    Ok(text) => {
+                        let record = format!("event: event\ndata: {}\n\n", text.as_str());
+                        return Some((Ok(Frame::data(bytes::Bytes::from(record))), live));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        let body = StreamBody::new(first.chain(records));
+        let response = http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "text/event-stream")
+            .header(http::header::CACHE_CONTROL, "no-store")
+            .body(body);
+        std::future::ready(response)
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
 }
 
 /// Serves `POST /api/dashboard/realtime/broadcast/{room}` `{"event","data"}` on a
