@@ -13,9 +13,7 @@ use flate2::write::GzEncoder;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use sync_wrapper::SyncWrapper;
-use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::sync::mpsc;
 use upcoach_core::TokenError;
 
 use crate::cursor::{Cursor, MAX_CURSOR_ROOMS};
@@ -26,6 +24,10 @@ use crate::respond::{
 };
 use crate::session::{Outbound, Session, SubscribeError};
 use crate::wire::reset_json;
+
+/// Records buffered between the connection's task and hyper; past it the task waits
+/// (and its event queue, bounded, fills if the client stays stuck).
+const CHUNKS_IN_FLIGHT: usize = 8;
 
 impl Hub {
     /// Answers `GET /api/dashboard/realtime/sse?rooms=a,b`: token from the header or
@@ -120,23 +122,20 @@ impl Hub {
                 start.set(room, since);
             }
         }
+        let (chunks, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let stream = Stream {
+            session,
+            cursor: start,
+            gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+            chunks,
+            text: String::new(),
+        };
         let until = expires_at
             .duration_since(hub.clock.now())
             .unwrap_or(Duration::ZERO);
-        // Until the stream decides otherwise, its end is the client's going away
-        // (hyper drops the body).
-        session.end_reason = "client went away";
-        let stream = Stream::new(session, start, gzip, out, until);
-        let body = SseBody {
-            chunks: SyncWrapper::new(Box::pin(futures_util::stream::unfold(
-                stream,
-                |mut stream| async move {
-                    let chunk = stream.next_chunk().await?;
-                    Some((chunk, stream))
-                },
-            ))),
-        };
-        let mut response = Response::new(body.boxed());
+        tokio::spawn(stream.run(out, until));
+
+        let mut response = Response::new(ChannelBody { rx }.boxed());
         let h = response.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -211,125 +210,88 @@ fn accepts_gzip<B>(request: &Request<B>) -> bool {
         })
 }
 
-/// One client's stream, polled by hyper through [`SseBody`]: no task and no channel
-/// of its own, so an idle stream costs its session, its timer and its pending text.
 struct Stream {
     session: Session,
     cursor: Cursor,
     gzip: Option<GzEncoder<Vec<u8>>>,
-    shutdown: watch::Receiver<bool>,
-    /// One timer for the ping and the token's expiry: whichever is first.
-    timer: Pin<Box<Sleep>>,
-    next_ping: Instant,
-    expires: Instant,
-    /// Records encoded and not yet handed to hyper.
+    chunks: mpsc::Sender<Bytes>,
     text: String,
-    /// Why the stream ended, once it has: only the gzip trailer may follow.
-    ended: bool,
 }
 
 impl Stream {
-    /// The stream, with its first records (the `retry:`, the cursor, the replay)
-    /// pending.
-    fn new(
-        session: Session,
-        cursor: Cursor,
-        gzip: bool,
-        first: Vec<Outbound>,
-        token_left: Duration,
-    ) -> Self {
-        let hub = session.hub().clone();
-        let now = Instant::now();
-        let next_ping = now + hub.config.sse_ping_interval;
-        let expires = now + token_left;
-        let mut stream = Stream {
-            shutdown: hub.shutdown.subscribe(),
-            session,
-            cursor,
-            gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
-            timer: Box::pin(tokio::time::sleep_until(next_ping.min(expires))),
-            next_ping,
-            expires,
-            text: String::new(),
-            ended: false,
-        };
+    async fn run(mut self, first: Vec<Outbound>, token_left: Duration) {
+        let hub = self.session.hub().clone();
+        let mut shutdown = hub.shutdown.subscribe();
         let retry = hub.config.sse_retry.as_millis();
-        stream.text.push_str(&format!("retry: {retry}\n"));
+        self.text.push_str(&format!("retry: {retry}\n"));
         // Positions for rooms without a cursor come from their `subscribed` head.
         for item in &first {
             if let Outbound::Subscribed { room, seq } = item
-                && stream.cursor.get(room).is_none()
+                && self.cursor.get(room).is_none()
             {
-                stream.cursor.set(room, *seq);
+                self.cursor.set(room, *seq);
             }
         }
         // An `id:` with no data sets the client's Last-Event-ID without dispatching
         // an event, so even a stream that never carries an event resumes exactly.
-        stream.text.push_str(&format!("id: {}\n\n", stream.cursor));
-        stream.encode(first);
-        stream
-    }
-
-    /// The next chunk for the client: pending records, or the next ones to come;
-    /// `None` once the stream has ended.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        loop {
-            if !self.text.is_empty() {
-                return self.take_text();
-            }
-            if self.ended {
-                return None;
-            }
-            if let Some(reason) = self.wait().await {
-                self.session.end_reason = reason;
-                self.ended = true;
-                // Ends the gzip member so the client's decoder sees a whole stream.
-                return match self.gzip.take().map(GzEncoder::finish) {
-                    Some(Ok(rest)) if !rest.is_empty() => Some(Bytes::from(rest)),
-                    _ => None,
-                };
-            }
+        self.text.push_str(&format!("id: {}\n\n", self.cursor));
+        self.encode(first);
+        if !self.send().await {
+            return;
         }
-    }
-
-    /// Waits for something to send (it is then pending in `text`), or for a reason
-    /// to end.
-    async fn wait(&mut self) -> Option<&'static str> {
-        let shared = self.session.shared.clone();
+        let ping = hub.config.sse_ping_interval;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
+        let expiry = tokio::time::sleep(token_left);
+        tokio::pin!(expiry);
         let mut out = Vec::new();
-        // Deliveries first, as on a WebSocket: the signals are polled when the queue is
-        // empty, and the queue is bounded.
-        tokio::select! {
-            biased;
-            delivery = self.session.next() => {
-                let Some(delivery) = delivery else { return Some("queue closed") };
-                self.session.accept(delivery, &mut out).await;
-                while out.len() < 256 {
-                    let Some(more) = self.session.try_next() else { break };
-                    self.session.accept(more, &mut out).await;
+        let shared = self.session.shared.clone();
+        let chunks_closed = self.chunks.clone();
+        let reason = loop {
+            tokio::select! {
+                biased;
+                () = crate::hub::stopping(&mut shutdown) => break "server shutting down",
+                () = shared.notify.notified() => {
+                    if shared.close_code().is_some() {
+                        break "too slow: the send queue filled";
+                    }
                 }
-                self.encode(out);
-            }
-            () = crate::hub::stopping(&mut self.shutdown) => return Some("server shutting down"),
-            () = shared.notify.notified() => {
-                if shared.close_code().is_some() {
-                    return Some("too slow: the send queue filled");
+                delivery = self.session.next() => {
+                    let Some(delivery) = delivery else { break "queue closed" };
+                    self.session.accept(delivery, &mut out).await;
+                    while let Some(more) = self.session.try_next() {
+                        self.session.accept(more, &mut out).await;
+                        if out.len() >= 256 {
+                            break;
+                        }
+                    }
+                    self.encode(std::mem::take(&mut out));
+                    tokio::select! {
+                        sent = self.send() => if !sent { break "client went away" },
+                        () = shared.notify.notified() => break "too slow: the send queue filled",
+                    }
                 }
-            }
-            () = self.timer.as_mut() => {
-                let now = Instant::now();
-                if now >= self.expires {
-                    return Some("token_expired");
-                }
-                if now >= self.next_ping {
+                _ = heartbeat.tick() => {
                     self.text.push_str(": ping\n\n");
-                    self.next_ping = now + self.session.hub().config.sse_ping_interval;
+                    if !self.send().await {
+                        break "client went away";
+                    }
                 }
-                let next = self.next_ping.min(self.expires);
-                self.timer.as_mut().reset(next);
+                () = &mut expiry => break "token_expired",
+                // The client went away: hyper dropped the body.
+                () = chunks_closed.closed() => break "client went away",
             }
+        };
+        self.session.end_reason = reason;
+        // Ends the gzip member so the client's decoder sees a whole stream.
+        if let Some(gz) = self.gzip.take()
+            && let Ok(rest) = gz.finish()
+        {
+            let _ = tokio::time::timeout(
+                hub.config.close_timeout,
+                self.chunks.send(Bytes::from(rest)),
+            )
+            .await;
         }
-        None
     }
 
     /// Appends the records for `items` to the pending text.
@@ -363,32 +325,32 @@ impl Stream {
         }
     }
 
-    /// The pending text as a chunk, compressed and flushed when gzip is on; `None`
-    /// (the end of the stream) if the compressor fails.
-    fn take_text(&mut self) -> Option<Bytes> {
+    /// Sends the pending text (compressed and flushed when gzip is on); false when the
+    /// client is gone.
+    async fn send(&mut self) -> bool {
+        if self.text.is_empty() {
+            return true;
+        }
         let text = std::mem::take(&mut self.text);
-        match &mut self.gzip {
-            None => Some(Bytes::from(text)),
+        let chunk = match &mut self.gzip {
+            None => Bytes::from(text),
             Some(gz) => {
                 if gz.write_all(text.as_bytes()).is_err() || gz.flush().is_err() {
-                    self.session.end_reason = "compression failed";
-                    self.ended = true;
-                    self.gzip = None;
-                    return None;
+                    return false;
                 }
-                Some(Bytes::from(std::mem::take(gz.get_mut())))
+                Bytes::from(std::mem::take(gz.get_mut()))
             }
-        }
+        };
+        self.chunks.send(chunk).await.is_ok()
     }
 }
 
-/// The response body: the client's [`Stream`], advanced whenever hyper asks for more.
-/// When the client goes away hyper drops it, and with it the session.
-struct SseBody {
-    chunks: SyncWrapper<Pin<Box<dyn futures_util::Stream<Item = Bytes> + Send>>>,
+/// The response body: chunks from the connection's task.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
 }
 
-impl http_body::Body for SseBody {
+impl http_body::Body for ChannelBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
@@ -396,10 +358,8 @@ impl http_body::Body for SseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.chunks
-            .get_mut()
-            .as_mut()
-            .poll_next(cx)
+        self.rx
+            .poll_recv(cx)
             .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
     }
 }

@@ -247,7 +247,16 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
     // One timer for the heartbeat and the authentication deadline: whichever is first.
     let timer = tokio::time::sleep_until(conn.next_beat.min(conn.deadline));
     tokio::pin!(timer);
+    // The same two signals as flags, read once per turn of the loop (an atomic load
+    // each), so that a queue that never empties cannot keep either waiting.
+    let mut shutdown_flag = hub.shutdown.subscribe();
     let step = loop {
+        if shared.close_code().is_some() {
+            break too_slow(&shared);
+        }
+        if shutdown_flag.has_changed().unwrap_or(true) && *shutdown_flag.borrow_and_update() {
+            break Step::Close(CLOSE_GOING_AWAY, "server shutting down");
+        }
         // Deliveries first: the two signals are then polled once per wake-up (when
         // the queue is empty), not once per event. Neither waits long behind them: the
         // queue is bounded, and a write that blocks is given up on when either fires.
