@@ -216,12 +216,33 @@ fn has_zero_max_age(headers: &HeaderMap) -> bool {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Appends `bytes` in lowercase hex to `out`.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
+
+/// The first 16 bytes of the SHA-256 of nothing, in hex: the `Vary` part of the key of
+/// a resource that varies on no header (most of them), without hashing on every hit.
+const NO_VARY_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb924";
 
 /// The key of a request: path and query, the listed `Vary` header values, the user.
 fn variant_key(parts: &http::request::Parts, vary: &[String], user: Option<&str>) -> String {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let user = user.unwrap_or("-");
+    let mut key = String::with_capacity(10 + user.len() + path.len() + 32);
+    key.push_str("http:v:");
+    key.push_str(user);
+    key.push(':');
+    key.push_str(path);
+    key.push(':');
+    if vary.is_empty() {
+        key.push_str(NO_VARY_DIGEST);
+        return key;
+    }
     let mut hasher = Sha256::new();
     for name in vary {
         hasher.update(name.as_bytes());
@@ -232,18 +253,19 @@ fn variant_key(parts: &http::request::Parts, vary: &[String], user: Option<&str>
         }
         hasher.update([2]);
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    format!(
-        "http:v:{}:{path}:{}",
-        user.unwrap_or("-"),
-        &hex(&hasher.finalize())[..32]
-    )
+    push_hex(&mut key, &hasher.finalize()[..16]);
+    key
 }
 
 /// The key under which the `Vary` list of a resource is kept.
 fn vary_key(parts: &http::request::Parts, user: Option<&str>) -> String {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    format!("http:vary:{}:{path}", user.unwrap_or("-"))
+    let user = user.unwrap_or("-");
+    let mut key = String::with_capacity(11 + user.len() + path.len());
+    for part in ["http:vary:", user, ":", path] {
+        key.push_str(part);
+    }
+    key
 }
 
 /// `[status u16][n u16]{[name len u16][name][value len u32][value]}*[body]`.
@@ -276,7 +298,8 @@ fn decode_response(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let len = u16::from_be_bytes(bytes[take(2)?].try_into().ok()?) as usize;
         let name = HeaderName::from_bytes(&bytes[take(len)?]).ok()?;
         let len = u32::from_be_bytes(bytes[take(4)?].try_into().ok()?) as usize;
-        let value = HeaderValue::from_bytes(&bytes[take(len)?]).ok()?;
+        // The value shares the stored bytes, as the body does: no copy.
+        let value = HeaderValue::from_maybe_shared(bytes.slice(take(len)?)).ok()?;
         headers.append(name, value);
     }
     let body = bytes.slice(take(0)?.start..);
@@ -285,8 +308,11 @@ fn decode_response(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
 
 fn etag_of(body: &[u8]) -> HeaderValue {
     let digest = Sha256::digest(body);
-    HeaderValue::from_str(&format!("\"{}\"", &hex(&digest)[..32]))
-        .expect("hex is a valid header value")
+    let mut etag = String::with_capacity(34);
+    etag.push('"');
+    push_hex(&mut etag, &digest[..16]);
+    etag.push('"');
+    HeaderValue::try_from(etag).expect("hex is a valid header value")
 }
 
 fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
@@ -317,17 +343,17 @@ fn answer(
     body: Bytes,
     hit: bool,
 ) -> Response<CachedBody> {
-    // Stored answers carry the ETag computed when they were stored.
-    let etag = match headers.get(header::ETAG) {
-        Some(etag) => etag.clone(),
-        None => etag_of(&body),
-    };
-    headers.insert(header::ETAG, etag.clone());
+    // Stored answers carry the ETag computed when they were stored (one value).
+    if !headers.contains_key(header::ETAG) {
+        headers.insert(header::ETAG, etag_of(&body));
+    }
+    let not_modified = headers
+        .get(header::ETAG)
+        .is_some_and(|etag| if_none_match(request_headers, etag));
     headers.insert(
         HeaderName::from_static("x-cache"),
         HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
     );
-    let not_modified = if_none_match(request_headers, &etag);
     let body = if not_modified || method == Method::HEAD {
         Bytes::new()
     } else {
@@ -347,6 +373,18 @@ fn answer(
     response
 }
 
+/// Why a body failed, as [`CachedBody`] carries it.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An answer of the inner service, unchanged but for its body type.
+fn pass<B>(response: Response<B>) -> Response<CachedBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    response.map(|b| b.map_err(Into::into).boxed_unsync())
+}
+
 impl<S, ReqBody, ResBody> tower_service::Service<Request<ReqBody>> for ResponseCache<S>
 where
     S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>>
@@ -357,184 +395,401 @@ where
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody::Error: Into<BoxError>,
 {
     type Response = Response<CachedBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let shared = self.shared.clone();
+        let method = request.method();
+        let rule = if method == Method::GET || method == Method::HEAD {
+            let path = request.uri().path();
+            self.shared
+                .rules
+                .iter()
+                .position(|r| path.starts_with(&r.prefix))
+        } else {
+            None
+        };
+        let Some(rule) = rule else {
+            // No rule: the inner service's own future, neither boxed nor waited on here.
+            return ResponseFuture::Pass {
+                inner: self.inner.call(request),
+            };
+        };
         // The clone is ready per tower's contract only for `self.inner`; swap them.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let pass = |response: Response<ResBody>| {
-                response.map(|b| b.map_err(Into::into).boxed_unsync())
-            };
-            let method = request.method().clone();
-            let rule = (method == Method::GET || method == Method::HEAD)
-                .then(|| {
-                    shared
-                        .rules
-                        .iter()
-                        .find(|r| request.uri().path().starts_with(&r.prefix))
-                })
-                .flatten()
-                .cloned();
-            let Some(rule) = rule else {
-                return inner.call(request).await.map(pass);
-            };
-            let (parts, body) = request.into_parts();
-            let no_store_request = has_directive(&parts.headers, "no-store");
-            // `no-cache` on the request: revalidate, i.e. ask the origin (and store).
-            let revalidate = has_directive(&parts.headers, "no-cache") || no_store_request;
-            let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::Cached {
+            future: Box::pin(lookup(self.shared.clone(), rule, inner, request)),
+        }
+    }
+}
 
-            // Who is asking, when that decides the key.
-            let user: Option<String> = match (authorized, rule.per_user, &shared.verifier) {
-                (false, false, _) => None,
-                (false, true, _) => Some("anonymous".to_owned()),
-                (true, true, Some(verifier)) => {
-                    match upcoach_core::http::authenticate(verifier.as_ref(), &parts.headers).await
-                    {
-                        Ok(principal) if rule.authorize.as_ref().is_none_or(|f| f(&principal)) => {
-                            // Roles are part of the key: a caller whose roles changed
-                            // never gets an answer computed for the old ones.
-                            let mut roles: Vec<&str> =
-                                principal.roles.iter().map(|r| r.as_str()).collect();
-                            roles.sort_unstable();
-                            Some(format!("{}+{}", principal.user_id, roles.join(",")))
-                        }
-                        // Not verifiable, or not allowed cached answers: the handler
-                        // answers (and nothing is stored).
-                        _ => {
-                            return inner.call(Request::from_parts(parts, body)).await.map(pass);
-                        }
-                    }
-                }
-                // Authorization on a shared rule, or no way to verify it: never cached.
-                (true, _, _) => {
-                    return inner.call(Request::from_parts(parts, body)).await.map(pass);
-                }
-            };
+pin_project_lite::pin_project! {
+    /// The future of [`ResponseCache`]: the inner service's own future when no rule
+    /// applies, a boxed lookup (and, on a miss, store) otherwise.
+    #[project = ResponseFutureProj]
+    #[allow(missing_docs)]
+    pub enum ResponseFuture<F, E> {
+        /// No rule applies.
+        Pass {
+            #[pin]
+            inner: F,
+        },
+        /// A rule applies.
+        Cached {
+            future: Pin<Box<dyn Future<Output = Result<Response<CachedBody>, E>> + Send>>,
+        },
+    }
+}
 
-            if !revalidate {
-                let vary: Option<Vec<String>> = shared
-                    .cache
-                    .get(&vary_key(&parts, user.as_deref()))
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|b| serde_json::from_slice(&b).ok());
-                if let Some(vary) = vary
-                    && let Ok(Some(stored)) = shared
-                        .cache
-                        .get(&variant_key(&parts, &vary, user.as_deref()))
-                        .await
-                    && let Some((status, headers, body)) = decode_response(&stored)
-                {
-                    return Ok(answer(&method, &parts.headers, status, headers, body, true));
-                }
+impl<F, E> std::fmt::Debug for ResponseFuture<F, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<CachedBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Pass { inner } => inner.poll(cx).map_ok(pass),
+            ResponseFutureProj::Cached { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl Shared {
+    /// The stored answer for this request and user, if there is one.
+    async fn stored(
+        &self,
+        parts: &http::request::Parts,
+        user: Option<&str>,
+    ) -> Option<(StatusCode, HeaderMap, Bytes)> {
+        // Two reads, the resource's `Vary` list and then its variant, at one await: this
+        // future's state (boxed for every request under a rule) holds one cache read.
+        let mut key = vary_key(parts, user);
+        let mut variant = false;
+        loop {
+            let bytes = self.cache.get(&key).await.ok().flatten()?;
+            if variant {
+                return decode_response(&bytes);
             }
+            let vary: Vec<String> = serde_json::from_slice(&bytes).ok()?;
+            key = variant_key(parts, &vary, user);
+            variant = true;
+        }
+    }
+}
 
-            let request_parts = parts.clone();
-            // Tag versions before the handler computes the answer: an invalidation while
-            // it runs makes what it computed stale at once.
-            let tag_names: Vec<&str> = rule.tags.iter().map(String::as_str).collect();
-            let versions = shared.cache.tag_versions(&tag_names).await;
-            let response = inner.call(Request::from_parts(parts, body)).await?;
-            let (response_parts, body) = response.into_parts();
-            let vary: Vec<String> = response_parts
-                .headers
-                .get_all(header::VARY)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()))
-                .filter(|h| !h.is_empty())
-                .collect();
-            // Only bodies of known, bounded size: a stream (SSE, say) is passed through.
-            let too_large = http_body::Body::size_hint(&body)
-                .exact()
-                .is_none_or(|len| len > MAX_CACHED_BODY as u64);
-            // Only GET answers are stored (a HEAD answer has no body to store); HEAD is
-            // answered from them.
-            let storable = method == Method::GET
-                && response_parts.status == StatusCode::OK
-                && versions.is_some()
-                && !no_store_request
-                && !has_directive(&response_parts.headers, "no-cache")
-                && !has_zero_max_age(&response_parts.headers)
-                && !has_directive(&request_parts.headers, "private")
-                && !has_directive(&response_parts.headers, "no-store")
-                && !has_directive(&response_parts.headers, "private")
-                && !vary.iter().any(|v| v == "*")
-                && (rule.per_user || !response_parts.headers.contains_key(header::SET_COOKIE))
-                && !too_large
-                && rule
-                    .should_cache
-                    .as_ref()
-                    .is_none_or(|f| f(&request_parts, &response_parts));
-            if !storable {
-                let mut response =
-                    Response::from_parts(response_parts, body.map_err(Into::into).boxed_unsync());
-                response.headers_mut().insert(
-                    HeaderName::from_static("x-cache"),
-                    HeaderValue::from_static("MISS"),
-                );
-                return Ok(response);
-            }
-            let bytes = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    // The body failed mid-way: pass the failure on, store nothing.
-                    let error: Box<dyn std::error::Error + Send + Sync> = e.into();
-                    let frames = futures_util::stream::once(std::future::ready(Err(error)));
-                    let failing = http_body_util::StreamBody::new(frames);
-                    return Ok(Response::from_parts(response_parts, failing.boxed_unsync()));
+/// The key part naming a verified caller: user id and sorted roles (a caller whose
+/// roles changed never gets an answer computed for the old ones).
+fn user_key(principal: &upcoach_core::Principal) -> String {
+    let mut roles: Vec<&str> = principal.roles.iter().map(|r| r.as_str()).collect();
+    roles.sort_unstable();
+    let mut key = String::with_capacity(64);
+    let mut id = uuid::Uuid::encode_buffer();
+    key.push_str(
+        principal
+            .user_id
+            .as_uuid()
+            .hyphenated()
+            .encode_lower(&mut id),
+    );
+    key.push('+');
+    for (i, role) in roles.iter().enumerate() {
+        if i > 0 {
+            key.push(',');
+        }
+        key.push_str(role);
+    }
+    key
+}
+
+/// A request under `shared.rules[rule]`: answered from the cache when it may be, else by
+/// `inner` (and stored when it may be). The miss path is a future of its own, boxed
+/// only when taken, so a hit moves and keeps little.
+async fn lookup<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    rule: usize,
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<CachedBody>, S::Error>
+where
+    S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let no_store_request = has_directive(&parts.headers, "no-store");
+    // `no-cache` on the request: revalidate, i.e. ask the origin (and store).
+    let revalidate = has_directive(&parts.headers, "no-cache") || no_store_request;
+    let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+    let cache_rule = &shared.rules[rule];
+
+    // Who is asking, when that decides the key.
+    let user: Option<String> = match (authorized, cache_rule.per_user, &shared.verifier) {
+        (false, false, _) => None,
+        (false, true, _) => Some("anonymous".to_owned()),
+        (true, true, Some(verifier)) => {
+            match upcoach_core::http::authenticate(verifier.as_ref(), &parts.headers).await {
+                Ok(principal) if cache_rule.authorize.as_ref().is_none_or(|f| f(&principal)) => {
+                    Some(user_key(&principal))
                 }
-            };
-            let user = user.as_deref();
-            let versions = versions.unwrap_or_default();
-            // The ETag is computed once, here, and stored with the answer.
-            let mut response_parts = response_parts;
-            response_parts.headers.insert(header::ETAG, etag_of(&bytes));
-            let encoded = encode_response(response_parts.status, &response_parts.headers, &bytes);
-            let stored = shared
+                // Not verifiable, or not allowed cached answers: the handler answers
+                // (and nothing is stored).
+                _ => return inner.call(Request::from_parts(parts, body)).await.map(pass),
+            }
+        }
+        // Authorization on a shared rule, or no way to verify it: never cached.
+        (true, _, _) => return inner.call(Request::from_parts(parts, body)).await.map(pass),
+    };
+
+    if !revalidate
+        && let Some((status, headers, stored)) = shared.stored(&parts, user.as_deref()).await
+    {
+        return Ok(answer(
+            &parts.method,
+            &parts.headers,
+            status,
+            headers,
+            stored,
+            true,
+        ));
+    }
+    Box::pin(miss(
+        shared,
+        rule,
+        inner,
+        parts,
+        body,
+        user,
+        no_store_request,
+    ))
+    .await
+}
+
+/// The miss path of [`lookup`]: the origin answers, and its answer is stored if it may
+/// be.
+async fn miss<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    rule: usize,
+    mut inner: S,
+    parts: http::request::Parts,
+    body: ReqBody,
+    user: Option<String>,
+    no_store_request: bool,
+) -> Result<Response<CachedBody>, S::Error>
+where
+    S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let rule = &shared.rules[rule];
+    let method = parts.method.clone();
+    let request_parts = parts.clone();
+    // Tag versions before the handler computes the answer: an invalidation while
+    // it runs makes what it computed stale at once.
+    let tag_names: Vec<&str> = rule.tags.iter().map(String::as_str).collect();
+    let versions = shared.cache.tag_versions(&tag_names).await;
+    let response = inner.call(Request::from_parts(parts, body)).await?;
+    let (response_parts, body) = response.into_parts();
+    let vary: Vec<String> = response_parts
+        .headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()))
+        .filter(|h| !h.is_empty())
+        .collect();
+    // Only bodies of known, bounded size: a stream (SSE, say) is passed through.
+    let too_large = http_body::Body::size_hint(&body)
+        .exact()
+        .is_none_or(|len| len > MAX_CACHED_BODY as u64);
+    // Only GET answers are stored (a HEAD answer has no body to store); HEAD is
+    // answered from them.
+    let storable = method == Method::GET
+        && response_parts.status == StatusCode::OK
+        && versions.is_some()
+        && !no_store_request
+        && !has_directive(&response_parts.headers, "no-cache")
+        && !has_zero_max_age(&response_parts.headers)
+        && !has_directive(&request_parts.headers, "private")
+        && !has_directive(&response_parts.headers, "no-store")
+        && !has_directive(&response_parts.headers, "private")
+        && !vary.iter().any(|v| v == "*")
+        && (rule.per_user || !response_parts.headers.contains_key(header::SET_COOKIE))
+        && !too_large
+        && rule
+            .should_cache
+            .as_ref()
+            .is_none_or(|f| f(&request_parts, &response_parts));
+    if !storable {
+        let mut response =
+            Response::from_parts(response_parts, body.map_err(Into::into).boxed_unsync());
+        response.headers_mut().insert(
+            HeaderName::from_static("x-cache"),
+            HeaderValue::from_static("MISS"),
+        );
+        return Ok(response);
+    }
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            // The body failed mid-way: pass the failure on, store nothing.
+            let error: BoxError = e.into();
+            let frames = futures_util::stream::once(std::future::ready(Err(error)));
+            let failing = http_body_util::StreamBody::new(frames);
+            return Ok(Response::from_parts(response_parts, failing.boxed_unsync()));
+        }
+    };
+    let user = user.as_deref();
+    let versions = versions.unwrap_or_default();
+    // The ETag is computed once, here, and stored with the answer.
+    let mut response_parts = response_parts;
+    response_parts.headers.insert(header::ETAG, etag_of(&bytes));
+    let encoded = encode_response(response_parts.status, &response_parts.headers, &bytes);
+    let stored = shared
+        .cache
+        .set_with_versions(
+            &variant_key(&request_parts, &vary, user),
+            encoded,
+            rule.ttl,
+            versions.clone(),
+        )
+        .await
+        .and(
+            shared
                 .cache
                 .set_with_versions(
-                    &variant_key(&request_parts, &vary, user),
-                    encoded,
+                    &vary_key(&request_parts, user),
+                    Bytes::from(serde_json::to_vec(&vary).unwrap_or_default()),
                     rule.ttl,
-                    versions.clone(),
+                    versions,
                 )
-                .await
-                .and(
-                    shared
-                        .cache
-                        .set_with_versions(
-                            &vary_key(&request_parts, user),
-                            Bytes::from(serde_json::to_vec(&vary).unwrap_or_default()),
-                            rule.ttl,
-                            versions,
-                        )
-                        .await,
-                );
-            if let Err(e) = stored {
-                tracing::debug!(error = %e, "response not cached");
+                .await,
+        );
+    if let Err(e) = stored {
+        tracing::debug!(error = %e, "response not cached");
+    }
+    Ok(answer(
+        &method,
+        &request_parts.headers,
+        response_parts.status,
+        response_parts.headers,
+        bytes,
+        false,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+    use upcoach_core::{Principal, Role, SessionId};
+
+    /// The key and ETag forms as first written, with `format!` per byte: entries stored
+    /// by an older process (in a shared L2) keep being found.
+    fn hex_by_format(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn variant_key_by_format(
+        parts: &http::request::Parts,
+        vary: &[String],
+        user: Option<&str>,
+    ) -> String {
+        let mut hasher = Sha256::new();
+        for name in vary {
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            for value in parts.headers.get_all(name.as_str()) {
+                hasher.update(value.as_bytes());
+                hasher.update([1]);
             }
-            Ok(answer(
-                &method,
-                &request_parts.headers,
-                response_parts.status,
-                response_parts.headers,
-                bytes,
-                false,
-            ))
-        })
+            hasher.update([2]);
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let digest = hex_by_format(&hasher.finalize());
+        format!("http:v:{}:{path}:{}", user.unwrap_or("-"), &digest[..32])
+    }
+
+    #[test]
+    fn stored_answers_decode_as_they_were() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        headers.insert(header::ETAG, etag_of(b"{}"));
+        let body = Bytes::from_static(b"{\"x\":1}");
+        let stored = encode_response(StatusCode::OK, &headers, &body);
+        let (status, decoded, decoded_body) = decode_response(&stored).unwrap();
+        assert_eq!(
+            (status, &decoded, decoded_body),
+            (StatusCode::OK, &headers, body.clone())
+        );
+        assert!(decode_response(&stored.slice(..stored.len() - body.len() - 1)).is_none());
+    }
+
+    #[test]
+    fn keys_and_etags_keep_their_form() {
+        let (parts, ()) = Request::get("/api/report?window=1h")
+            .header("accept-language", "fr")
+            .header("accept-language", "de")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let vary = ["accept-language".to_owned(), "x-absent".to_owned()];
+        for vary in [&[][..], &vary[..1], &vary[..]] {
+            for user in [None, Some("anonymous"), Some("42+admin,coach")] {
+                assert_eq!(
+                    variant_key(&parts, vary, user),
+                    variant_key_by_format(&parts, vary, user),
+                    "{vary:?} {user:?}"
+                );
+            }
+        }
+        assert_eq!(
+            vary_key(&parts, Some("u")),
+            "http:vary:u:/api/report?window=1h"
+        );
+        assert_eq!(vary_key(&parts, None), "http:vary:-:/api/report?window=1h");
+        let user = upcoach_core::UserId::from_uuid(uuid::Uuid::from_u128(0xa1b2 << 64 | 7));
+        for roles in [
+            vec![],
+            vec![Role::ADMIN],
+            vec![Role::USER, Role::ADMIN, Role::COACH],
+        ] {
+            let principal =
+                Principal::new(user, roles.clone(), SessionId::new(), SystemTime::now());
+            let mut names: Vec<&str> = roles.iter().map(Role::as_str).collect();
+            names.sort_unstable();
+            assert_eq!(user_key(&principal), format!("{user}+{}", names.join(",")));
+        }
+        for body in [&b""[..], b"{}", &[0xff; 300]] {
+            let etag = format!("\"{}\"", &hex_by_format(&Sha256::digest(body))[..32]);
+            assert_eq!(etag_of(body), etag);
+        }
     }
 }

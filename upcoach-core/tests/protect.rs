@@ -182,6 +182,58 @@ async fn unmatched_routes_pass_without_a_check() {
 }
 
 #[tokio::test]
+async fn every_rule_s_route_is_checked_whatever_its_path_starts_with() {
+    // The layer skips paths that start like no rule; each rule's own route (with its
+    // parameters filled in) is checked, also a rule whose first segment is a parameter.
+    let tenant = Rule::new(
+        "tenant.reports",
+        "/{tenant}/reports",
+        KeyBy::Route,
+        Quota::new(100, Duration::from_secs(60)).unwrap(),
+    );
+    let rules: Vec<Rule> = default_rules().into_iter().chain([tenant]).collect();
+    let layer = RateLimitLayer::builder(Arc::new(MemoryLimiter::new()))
+        .rules(rules.clone())
+        .build()
+        .unwrap();
+    let mut service = layer.layer(Routes);
+    for (i, rule) in rules.iter().enumerate() {
+        let path: Vec<&str> = rule
+            .path()
+            .split('/')
+            .map(|s| if s.starts_with('{') { "p1" } else { s })
+            .collect();
+        let response = call(
+            &mut service,
+            request(Method::POST, &path.join("/"), "203.0.113.7"),
+        )
+        .await;
+        let method = if response.headers().contains_key("ratelimit") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let response = call(
+            &mut service,
+            request(method, &path.join("/"), "203.0.113.8"),
+        )
+        .await;
+        assert!(
+            response.headers().contains_key("ratelimit"),
+            "{} on {}",
+            rule.name(),
+            path.join("/")
+        );
+        assert!(layer.stats().checked > i as u64);
+    }
+    let before = layer.stats().checked;
+    for path in ["/health", "/api/analytics/x", "/", "/au"] {
+        call(&mut service, request(Method::GET, path, "203.0.113.7")).await;
+    }
+    assert_eq!(layer.stats().checked, before, "no rule, no check");
+}
+
+#[tokio::test]
 async fn ipv6_clients_are_limited_by_their_64() {
     let rule = Rule::new(
         "t",
@@ -446,7 +498,7 @@ async fn refused_bearers_are_recorded_with_the_client() {
         .build()
         .unwrap();
     let mut service = layer.layer(Routes);
-    let mut r = request(Method::GET, "/auth/me", "203.0.113.7");
+    let mut r = request(Method::GET, "/auth/me?access_token=x", "203.0.113.7");
     r.headers_mut()
         .insert("user-agent", "curl/8".parse().unwrap());
     assert_eq!(
@@ -459,6 +511,7 @@ async fn refused_bearers_are_recorded_with_the_client() {
     };
     assert_eq!(row.event_type, "token_rejected");
     assert_eq!(row.details["code"], "token_missing");
+    assert_eq!(row.details["path"], "/auth/me", "the path, never the query");
     assert_eq!(row.ip_address, Some("203.0.113.7".parse().unwrap()));
     assert_eq!(row.user_agent.as_deref(), Some("curl/8"));
 }

@@ -1,8 +1,6 @@
 //! The application: backends chosen from the configuration, and the request service.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -413,7 +411,7 @@ impl App {
         };
         let routes = self.response_cache.layer(AppService { app: self.clone() });
         let service = timing.layer(self.limits.layer(routes));
-        hyper_util::service::TowerToHyperService::new(service)
+        upcoach_core::http::serve::ConnectionService::new(service)
     }
 
     /// How [`serve`](crate::serve) should run this app: with its connection caps.
@@ -469,8 +467,9 @@ fn spawn_refresh_purge(
 }
 
 /// The service [`App::service`] hands to hyper.
-pub type HttpService =
-    hyper_util::service::TowerToHyperService<RequestTiming<RateLimit<ResponseCache<AppService>>>>;
+pub type HttpService = upcoach_core::http::serve::ConnectionService<
+    RequestTiming<RateLimit<ResponseCache<AppService>>>,
+>;
 
 /// The routes of an [`App`], as a tower service.
 #[derive(Debug, Clone)]
@@ -481,7 +480,7 @@ pub struct AppService {
 impl tower_service::Service<http::Request<Incoming>> for AppService {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = crate::router::RouteFuture;
 
     fn poll_ready(
         &mut self,
@@ -491,7 +490,6 @@ impl tower_service::Service<http::Request<Incoming>> for AppService {
     }
 
     fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
-        let app = self.app.clone();
-        Box::pin(async move { Ok(crate::router::handle(app, request).await) })
+        crate::router::handle(&self.app, request)
     }
 }

@@ -39,6 +39,7 @@ mod routes;
 pub use app::{App, AppService, Backends, HttpService, Options, StartError};
 pub use cli::cli_main;
 pub use config::ServerConfig;
+pub use router::RouteFuture;
 pub use upcoach_perf::PerfSinks;
 /// The body type of every response.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;

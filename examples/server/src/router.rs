@@ -2,7 +2,10 @@
 //! percent-decoded before any handler sees them; the matched template handed to the
 //! timing layer.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -10,7 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use upcoach_core::http::{ApiError, HttpError, error_response};
-use upcoach_perf::MatchedRoute;
+use upcoach_perf::{MatchedRoute, UNMATCHED};
 
 use crate::Body;
 use crate::app::App;
@@ -151,28 +154,72 @@ fn boxed(response: Response<Full<Bytes>>) -> Response<Body> {
     response.map(BodyExt::boxed)
 }
 
-pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let mut response = route(&app, request).await;
-    let status = response.status();
-    if status.is_server_error() {
-        tracing::warn!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request failed");
-    } else {
-        tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
-    }
-    if response.extensions().get::<MatchedRoute>().is_none() {
-        response
-            .extensions_mut()
-            .insert(MatchedRoute::from_static(upcoach_perf::UNMATCHED));
-    }
-    response
+/// An endpoint's answer, to come.
+type Answer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// The future of [`AppService`](crate::AppService): the endpoint's answer, then its log
+/// line, and its route named for the timing layer where its table would say another.
+pub struct RouteFuture {
+    answer: Answer,
+    started: Instant,
+    method: Method,
+    uri: http::Uri,
+    route: &'static str,
+    name_route: bool,
 }
 
-async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+impl std::fmt::Debug for RouteFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteFuture({})", self.route)
+    }
+}
+
+impl Future for RouteFuture {
+    type Output = Result<Response<Body>, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut response = std::task::ready!(self.answer.as_mut().poll(cx));
+        let (method, path, status) = (&self.method, self.uri.path(), response.status());
+        if status.is_server_error() {
+            tracing::warn!(%method, %path, status = status.as_u16(), elapsed = ?self.started.elapsed(), "request failed");
+        } else {
+            tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?self.started.elapsed(), "request");
+        }
+        if self.name_route {
+            let route = MatchedRoute::from_static(self.route);
+            response.extensions_mut().insert(route);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+pub(crate) fn handle(app: &Arc<App>, request: Request<Incoming>) -> RouteFuture {
+    let started = Instant::now();
+    let method = request.method().clone();
+    // For the log line: a clone of the URI shares the request's bytes, no copy.
+    let uri = request.uri().clone();
+    let (route, answer) = route(app, request);
+    // The timing layer records the template its table matches to the path unless the
+    // answer names another; named only where this router's match differs (a 405, a
+    // path the table matches in another order): an extension costs allocations.
+    let table = app.perf.requests().routes();
+    let name_route = table.template(table.match_path(uri.path())) != route;
+    RouteFuture {
+        answer,
+        started,
+        method,
+        uri,
+        route,
+        name_route,
+    }
+}
+
+/// The endpoint's answer to come, and the route template it answers by
+/// ([`UNMATCHED`] for a 404, a 405 or an undecodable path).
+fn route(app: &Arc<App>, request: Request<Incoming>) -> (&'static str, Answer) {
+    let unmatched = |answer| (UNMATCHED, Box::pin(std::future::ready(answer)) as Answer);
     let Ok(matched) = ROUTER.at(request.uri().path()) else {
-        return error(&ApiError::not_found());
+        return unmatched(error(&ApiError::not_found()));
     };
     let (template, methods) = matched.value;
     let wanted = if request.method() == Method::HEAD {
@@ -186,7 +233,7 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
         if let Ok(allow) = http::HeaderValue::from_str(&allowed.join(", ")) {
             answer.headers_mut().insert(http::header::ALLOW, allow);
         }
-        return answer;
+        return unmatched(answer);
     };
     // Path parameters are validated decoded: `public%3Anews` is `public:news`.
     let param = match matched.params.iter().next() {
@@ -194,18 +241,21 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
         Some((_, raw)) => match percent_encoding::percent_decode_str(raw).decode_utf8() {
             Ok(decoded) => decoded.into_owned(),
             Err(_) => {
-                return error(&ApiError::bad_request(
+                return unmatched(error(&ApiError::bad_request(
                     "invalid_path",
                     "a path segment is not UTF-8 once percent-decoded",
-                ));
+                )));
             }
         },
     };
-    let mut response = dispatch(app, endpoint, &param, request).await;
-    response
-        .extensions_mut()
-        .insert(MatchedRoute::from_static(template));
-    response
+    // Each endpoint's future is boxed on its own: `/health` (polled by load balancers)
+    // moves a few hundred bytes, not the kilobytes of the largest routes' futures.
+    let app = app.clone();
+    let answer: Answer = match endpoint {
+        E::Health => Box::pin(async move { crate::routes::health(&app).await }),
+        _ => Box::pin(async move { dispatch(&app, endpoint, &param, request).await }),
+    };
+    (template, answer)
 }
 
 async fn dispatch(

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use upcoach_core::http::{ApiError, DEFAULT_JSON_LIMIT, query_param, read_json};
 
 use upcoach_core::health::{Check, Status};
@@ -111,8 +112,7 @@ pub(crate) async fn invalidate(app: &Arc<App>, request: Request<Incoming>) -> Re
 
 /// `GET /metrics`: Prometheus text exposition.
 pub(crate) fn metrics(app: &Arc<App>) -> Response<Body> {
-    use http_body_util::BodyExt;
-    let body = http_body_util::Full::new(bytes::Bytes::from(app.perf.render_prometheus()));
+    let body = Full::new(bytes::Bytes::from(app.perf.render_prometheus()));
     let mut response = Response::new(body.boxed());
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -161,81 +161,85 @@ pub(crate) fn realtime_snapshot(app: &Arc<App>) -> serde_json::Value {
     })
 }
 
-/// The body of `GET /health`, serialized straight from these types: the route is polled
-/// by load balancers, so it builds no JSON tree.
-#[derive(Debug, Serialize)]
-struct HealthBody {
-    status: Status,
-    checks: HealthChecks,
-    version: &'static str,
-    uptime_s: u64,
+/// Appends `prefix`, then `value` as serde writes it.
+fn put(out: &mut Vec<u8>, prefix: &str, value: &impl serde::Serialize) {
+    out.extend_from_slice(prefix.as_bytes());
+    // Writing these types into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
 }
 
-#[derive(Debug, Serialize)]
-struct HealthChecks {
-    cache: Check,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    postgres: Option<Check>,
-    realtime: RealtimeCheck,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    redis: Option<Check>,
+/// Appends `prefix`, then a [`Status`] as its serde form writes it.
+fn put_status(out: &mut Vec<u8>, prefix: &str, status: Status) {
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(match status {
+        Status::Ok => br#""ok""#,
+        Status::Degraded => br#""degraded""#,
+        Status::Down => br#""down""#,
+    });
 }
 
-#[derive(Debug, Serialize)]
-struct RealtimeCheck {
-    status: Status,
-    broker: upcoach_realtime::BrokerState,
-    connections: upcoach_realtime::ConnectionCounts,
+/// `key` and `{"status":`, then the rest of a [`Check`] as its serde form writes it.
+fn put_check(out: &mut Vec<u8>, key: &str, check: &Check) {
+    put_status(out, key, check.status);
+    put(out, r#","latency_ms":"#, &check.latency_ms);
+    if let Some(error) = check.error {
+        put(out, r#","error":"#, &error);
+    }
+    out.push(b'}');
 }
 
 /// `GET /health`: each configured dependency's status and latency; 503 when Postgres
 /// or Redis is down. The cache fails open (its L2 down is degraded); realtime keeps
 /// serving this process's events while its broker is away (degraded).
 pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
+    // The service probes are boxed: their futures are kilobytes, which every request
+    // would otherwise carry (and move) whether or not the service is configured.
     let postgres = async {
-        match &app.backends.postgres {
-            Some(pool) => Some(Check::run(upcoach_core::postgres::ping(pool)).await),
-            None => None,
-        }
+        let pool = app.backends.postgres.as_ref()?;
+        Some(Box::pin(Check::run(upcoach_core::postgres::ping(pool))).await)
     };
-    let redis = async {
-        match &app.backends.redis {
-            Some(redis) => Some(Check::run(redis.ping()).await),
-            None => None,
-        }
-    };
+    let redis = async { Some(Box::pin(Check::run(app.backends.redis.as_ref()?.ping())).await) };
     let cache = async { Check::run(app.cache.health()).await.failing_open() };
     let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
     let broker = app.hub.broker_state();
-    let realtime = RealtimeCheck {
-        status: if broker.connected {
-            Status::Ok
-        } else {
-            Status::Degraded
-        },
-        broker,
-        connections: app.hub.connection_counts(),
+    let realtime = if broker.connected {
+        Status::Ok
+    } else {
+        Status::Degraded
     };
     let status = [&postgres, &redis]
         .into_iter()
         .flatten()
         .map(|c| c.status)
-        .fold(cache.status.worst(realtime.status), Status::worst);
-    let body = HealthBody {
-        status,
-        checks: HealthChecks {
-            cache,
-            postgres,
-            realtime,
-            redis,
-        },
-        version: env!("CARGO_PKG_VERSION"),
-        uptime_s: app.started.elapsed().as_secs(),
-    };
-    let code = if status == Status::Down {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    json(code, &body)
+        .fold(cache.status.worst(realtime), Status::worst);
+    // `{"status","checks":{"cache","postgres"?,"realtime","redis"?},"version","uptime_s"}`:
+    // keys written here, values by serde (the tests hold it to serde's form). Load
+    // balancers poll this route, and serde writing each key cost more than the rest.
+    let mut body = Vec::with_capacity(320);
+    put_status(&mut body, r#"{"status":"#, status);
+    put_check(&mut body, r#","checks":{"cache":{"status":"#, &cache);
+    if let Some(postgres) = &postgres {
+        put_check(&mut body, r#","postgres":{"status":"#, postgres);
+    }
+    put_status(&mut body, r#","realtime":{"status":"#, realtime);
+    put(&mut body, r#","broker":"#, &broker);
+    let counts = app.hub.connection_counts();
+    put(&mut body, r#","connections":"#, &counts);
+    body.push(b'}');
+    if let Some(redis) = &redis {
+        put_check(&mut body, r#","redis":{"status":"#, redis);
+    }
+    put(&mut body, r#"},"version":"#, &env!("CARGO_PKG_VERSION"));
+    let uptime = app.started.elapsed().as_secs();
+    put(&mut body, r#","uptime_s":"#, &uptime);
+    body.push(b'}');
+    let mut response = Response::new(Full::new(bytes::Bytes::from(body)).boxed());
+    if status == Status::Down {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::StatusCode;
 use support::Running;
 use upcoach_core::config::ServiceUrl;
+use upcoach_core::health::{Check, Status};
 use upcoach_server::{Options, ServerConfig};
 use upcoach_testing::{FaultProxy, PgSchema, RedisPrefix};
 
@@ -32,6 +33,39 @@ async fn in_memory_mode_is_healthy_and_reports_no_service_checks() {
     assert_eq!(answer.json["version"], env!("CARGO_PKG_VERSION"));
     assert!(server.app.backends().postgres.is_none() && server.app.backends().redis.is_none());
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_health_body_keeps_its_form_byte_for_byte() {
+    // The route writes its JSON itself (load balancers poll it): the bytes are what serde
+    // writes from the crates' types and the route's former structs, keys in the same
+    // order, no spaces. A field added to one of those types shows up here.
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
+    let answer = server.get("/health").await;
+    assert_eq!(answer.headers["content-type"], "application/json");
+    let text = std::str::from_utf8(&answer.body).unwrap();
+    let cache = Check {
+        status: Status::Ok,
+        latency_ms: answer.json["checks"]["cache"]["latency_ms"]
+            .as_f64()
+            .unwrap(),
+        error: None,
+    };
+    let expected = format!(
+        r#"{{"status":"ok","checks":{{"cache":{},"realtime":{{"status":"ok","broker":{},"connections":{}}}}},"version":"{}","uptime_s":{}}}"#,
+        serde(&cache),
+        serde(&server.app.hub().broker_state()),
+        serde(&server.app.hub().connection_counts()),
+        env!("CARGO_PKG_VERSION"),
+        answer.json["uptime_s"],
+    );
+    assert_eq!(text, expected);
+    server.stop().await;
+}
+
+/// What serde writes for `value`.
+fn serde<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap()
 }
 
 /// A database URL that points at `addr` and puts every table in the test's schema.
@@ -80,6 +114,14 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
     let answer = server.get("/health").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(answer.json["status"], "ok");
+    let text = std::str::from_utf8(&answer.body).unwrap();
+    let at = |key: &str| text.find(&format!(r#""{key}":{{"status""#)).unwrap();
+    assert!(
+        at("cache") < at("postgres")
+            && at("postgres") < at("realtime")
+            && at("realtime") < at("redis"),
+        "the checks in their order: {text}"
+    );
     for check in ["postgres", "redis"] {
         assert_eq!(
             answer.json["checks"][check]["status"], "ok",
@@ -103,6 +145,12 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
     );
     assert_eq!(answer.json["status"], "down");
     assert_eq!(answer.json["checks"]["postgres"]["status"], "down");
+    assert!(
+        ["unreachable", "timeout"]
+            .contains(&answer.json["checks"]["postgres"]["error"].as_str().unwrap()),
+        "{}",
+        answer.json
+    );
     assert_eq!(answer.json["checks"]["redis"]["status"], "ok");
     pg_proxy.restore();
 

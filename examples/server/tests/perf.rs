@@ -56,6 +56,31 @@ async fn metrics_counts_requests_by_route_template() {
 }
 
 #[tokio::test]
+async fn the_router_s_match_is_the_route_recorded() {
+    // Where the timing layer's own table would say otherwise, the router's word counts:
+    // a 405 is `unmatched`, and `/auth/link/token` is a link (the table, in its order,
+    // would take it for `/auth/{provider}/token`).
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
+    let refused = support::request(server.addr, Method::GET, "/auth/refresh", None).await;
+    assert_eq!(refused.status, StatusCode::METHOD_NOT_ALLOWED);
+    let link = support::request(server.addr, Method::POST, "/auth/link/token", Some("{}")).await;
+    assert_eq!(link.status, StatusCode::UNAUTHORIZED);
+    let text = support::get_text(server.addr, "/metrics").await;
+    for line in [
+        r#"http_requests_total{method="GET",route="unmatched",status="4xx"} 1"#,
+        r#"http_requests_total{method="POST",route="/auth/link/{provider}",status="4xx"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    assert!(!text.contains(r#"route="/auth/refresh""#), "{text}");
+    assert!(
+        !text.contains(r#"route="/auth/{provider}/token""#),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn metrics_can_be_limited_to_admins() {
     let mut config = ServerConfig::default();
     config.metrics_public = false;

@@ -592,8 +592,18 @@ impl RateLimitLayerBuilder {
                 .insert(path, rules)
                 .map_err(|e| format!("rate-limit path {path:?}: {e}"))?;
         }
+        // What each rule's path starts with before its first parameter: a path that
+        // starts with none of them is matched by no rule, without asking the router.
+        let mut prefixes: Vec<String> = self
+            .rules
+            .iter()
+            .map(|rule| rule.path.split('{').next().unwrap_or_default().to_owned())
+            .collect();
+        prefixes.sort();
+        prefixes.dedup_by(|longer, shorter| longer.starts_with(shorter.as_str()));
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
+                prefixes,
                 router,
                 rules: self.rules,
                 limiter: self.limiter,
@@ -618,6 +628,8 @@ pub struct RateLimitLayer {
 
 #[doc(hidden)]
 pub struct Shared {
+    /// The rules' literal path prefixes (see [`RateLimitLayerBuilder::build`]).
+    prefixes: Vec<String>,
     router: matchit::Router<Vec<usize>>,
     rules: Vec<Rule>,
     limiter: Arc<dyn RateLimiter>,
@@ -787,10 +799,11 @@ impl Shared {
 
     /// The rules this request falls under, with their provider parameter.
     fn matching<B>(&self, request: &Request<B>) -> Option<(Vec<usize>, Option<String>)> {
-        if !self.enabled || self.rules.is_empty() {
+        let path = request.uri().path();
+        if !self.enabled || !self.prefixes.iter().any(|p| path.starts_with(p.as_str())) {
             return None;
         }
-        let matched = self.router.at(request.uri().path()).ok()?;
+        let matched = self.router.at(path).ok()?;
         let rules: Vec<usize> = matched
             .value
             .iter()
@@ -965,7 +978,11 @@ impl Shared {
             return;
         };
         let facts = facts_of(parts.addr, parts.user_agent.as_ref());
-        let path: String = parts.path.path().chars().take(200).collect();
+        let path = parts
+            .path
+            .as_ref()
+            .map_or("", http::uri::PathAndQuery::path);
+        let path: String = path.chars().take(200).collect();
         let event = SecurityEvent::new("token_rejected", self.clock.as_ref())
             .client(&facts)
             .details(json!({"code": code, "path": path}));
@@ -981,7 +998,8 @@ impl Shared {
 pub struct RequestFacts {
     addr: Option<ClientAddr>,
     user_agent: Option<HeaderValue>,
-    path: http::Uri,
+    /// The request's path and query (only the path is recorded).
+    path: Option<http::uri::PathAndQuery>,
 }
 
 impl fmt::Debug for RequestFacts {
@@ -1059,7 +1077,7 @@ where
         let audit = shared.events.is_some().then(|| RequestFacts {
             addr: request.extensions().get::<ClientAddr>().copied(),
             user_agent: request.headers().get(header::USER_AGENT).cloned(),
-            path: request.uri().clone(),
+            path: request.uri().path_and_query().cloned(),
         });
         let Some((rules, provider)) = shared.matching(&request) else {
             // No rule: no check, no box; only the answer is looked at (for a 401).

@@ -1,18 +1,23 @@
 //! An HTTP/1.1 accept loop for hyper services (feature `server`): the peer's address in
 //! every request ([`ClientAddr`]), a deadline for request headers, a cap on open
 //! connections per process and per address ([`ConnectionLimits`]), upgrades (WebSocket)
-//! and a graceful drain on shutdown. The reference server runs on it; a host with its
-//! own loop (axum's `serve`) keeps its own and takes the pieces it lacks.
+//! and a graceful drain on shutdown; [`ConnectionService`] hands it a stack of tower
+//! layers. The reference server runs on it; a host with its own loop (axum's `serve`)
+//! keeps its own and takes the pieces it lacks.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use super::{ClientAddr, ConnectionLimits, HeldStream};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 /// Puts the peer's address into each request's extensions ([`ClientAddr`]), where the
 /// crates read it for audit records.
@@ -33,6 +38,175 @@ where
     fn call(&self, mut request: http::Request<B>) -> Self::Future {
         request.extensions_mut().insert(ClientAddr(self.peer));
         self.inner.call(request)
+    }
+}
+
+/// A tower service as hyper's, for one connection ([`serve`] clones it for each): every
+/// request goes to the connection's own `S`, called in place once it says it is ready,
+/// as upcoach's layers always are at once. hyper-util's `TowerToHyperService` clones the
+/// whole stack of layers for every request instead, which touches every shared
+/// reference count in it. A service that is not ready at once is cloned and waited for,
+/// as there.
+#[derive(Debug)]
+pub struct ConnectionService<S> {
+    service: Mutex<S>,
+}
+
+impl<S> ConnectionService<S> {
+    /// `service`, for hyper.
+    pub fn new(service: S) -> Self {
+        Self {
+            service: Mutex::new(service),
+        }
+    }
+}
+
+impl<S: Clone> Clone for ConnectionService<S> {
+    fn clone(&self) -> Self {
+        Self::new(lock(&self.service).clone())
+    }
+}
+
+impl<S, R> hyper::service::Service<R> for ConnectionService<S>
+where
+    S: tower_service::Service<R> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ConnectionFuture<S::Future, S::Response, S::Error>;
+
+    fn call(&self, request: R) -> Self::Future {
+        let mut service = lock(&self.service);
+        match service.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(Ok(())) => ConnectionFuture::Called {
+                future: service.call(request),
+            },
+            Poll::Ready(Err(error)) => ConnectionFuture::Failed { error: Some(error) },
+            Poll::Pending => {
+                let mut service = service.clone();
+                ConnectionFuture::Waiting {
+                    future: Box::pin(async move {
+                        std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+                        service.call(request).await
+                    }),
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`ConnectionService`].
+    #[project = ConnectionFutureProj]
+    #[allow(missing_docs)]
+    pub enum ConnectionFuture<F, T, E> {
+        /// The service was ready and called.
+        Called {
+            #[pin]
+            future: F,
+        },
+        /// The service said it failed.
+        Failed { error: Option<E> },
+        /// The service was not ready: a clone of it is waited for, then called.
+        Waiting {
+            future: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+        },
+    }
+}
+
+impl<F, T, E> std::fmt::Debug for ConnectionFuture<F, T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionFuture")
+    }
+}
+
+impl<F, T, E> Future for ConnectionFuture<F, T, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ConnectionFutureProj::Called { future } => future.poll(cx),
+            ConnectionFutureProj::Failed { error } => match error.take() {
+                Some(error) => Poll::Ready(Err(error)),
+                None => Poll::Pending,
+            },
+            ConnectionFutureProj::Waiting { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+/// A connection's spare tokio timer, see [`ConnectionTimer`].
+type Spare = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
+
+/// hyper's timer for one connection. hyper asks for a header-read deadline for every
+/// request on a connection; each deadline reuses the connection's one tokio timer. A
+/// timer left set for an earlier deadline (the previous request's) is not moved on
+/// every request: it wakes early once, and is then moved to the deadline it serves.
+/// So a request registers no timer with the runtime, and touches none of its shared
+/// state, where a fresh timer per request would.
+#[derive(Debug, Default)]
+struct ConnectionTimer {
+    spare: Spare,
+}
+
+impl hyper::rt::Timer for ConnectionTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let sleep = lock(&self.spare).take();
+        Box::pin(ReusedSleep {
+            deadline: deadline.into(),
+            sleep,
+            spare: self.spare.clone(),
+        })
+    }
+}
+
+/// A deadline of [`ConnectionTimer`]: the connection's tokio timer while it lives,
+/// given back when dropped (a second deadline at the same time gets its own timer).
+struct ReusedSleep {
+    deadline: tokio::time::Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    spare: Spare,
+}
+
+impl Future for ReusedSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // Never later than the deadline; earlier only costs one early wake.
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+impl hyper::rt::Sleep for ReusedSleep {}
+
+impl Drop for ReusedSleep {
+    fn drop(&mut self) {
+        if let Some(sleep) = self.sleep.take() {
+            *lock(&self.spare) = Some(sleep);
+        }
     }
 }
 
@@ -81,12 +255,14 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // hyper-util's GracefulShutdown does not take hyper's upgradeable HTTP/1
-    // connection, so each connection watches this channel itself.
-    let (stop, stopping) = watch::channel(false);
+    // connection, so each connection waits for its own stop signal: a oneshot, whose
+    // receiver is polled lock-free (a shared watch channel locks on every poll of
+    // every connection).
+    let stops: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>> = Arc::default();
+    let mut next_id = 0u64;
     let mut connections = tokio::task::JoinSet::new();
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
+    http.header_read_timeout(options.header_read_timeout);
     tokio::pin!(shutdown);
 
     loop {
@@ -102,21 +278,28 @@ where
                         None => HeldStream::unlimited(stream),
                     };
                     let connection = http
+                        .clone()
+                        .timer(ConnectionTimer::default())
                         .serve_connection(
                             TokioIo::new(stream),
                             WithPeer { inner: service.clone(), peer },
                         )
                         .with_upgrades();
-                    let mut stopping = stopping.clone();
+                    let (stop, stopping) = oneshot::channel();
+                    let id = next_id;
+                    next_id += 1;
+                    lock(&stops).insert(id, stop);
+                    let stops = stops.clone();
                     connections.spawn(async move {
                         tokio::pin!(connection);
                         let result = tokio::select! {
                             result = connection.as_mut() => result,
-                            () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                            _ = stopping => {
                                 connection.as_mut().graceful_shutdown();
                                 connection.await
                             }
                         };
+                        lock(&stops).remove(&id);
                         if let Err(e) = result {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
@@ -139,7 +322,9 @@ where
         connections = connections.len(),
         "shutting down: no new connections, draining in-flight requests"
     );
-    stop.send_replace(true);
+    for (_, stop) in lock(&stops).drain() {
+        let _ = stop.send(());
+    }
     let drained = tokio::time::timeout(options.drain_timeout, async {
         while connections.join_next().await.is_some() {}
     })
@@ -157,4 +342,67 @@ where
         }
     }
     Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::service::Service as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Ready after `busy` polls of its readiness (a failure instead when `fails`);
+    /// answers with how many calls its clones have had.
+    #[derive(Clone)]
+    struct Busy {
+        busy: Arc<AtomicUsize>,
+        fails: bool,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl tower_service::Service<()> for Busy {
+        type Response = usize;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<usize, &'static str>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), &'static str>> {
+            if self.busy.load(Ordering::SeqCst) > 0 {
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(if self.fails { Err("down") } else { Ok(()) })
+        }
+
+        fn call(&mut self, (): ()) -> Self::Future {
+            std::future::ready(Ok(self.calls.fetch_add(1, Ordering::SeqCst) + 1))
+        }
+    }
+
+    fn busy(polls: usize, fails: bool) -> ConnectionService<Busy> {
+        ConnectionService::new(Busy {
+            busy: Arc::new(AtomicUsize::new(polls)),
+            fails,
+            calls: Arc::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_service_calls_when_ready_and_waits_when_not() {
+        let ready = busy(0, false);
+        assert_eq!(ready.call(()).await, Ok(1));
+        assert_eq!(
+            ready.clone().call(()).await,
+            Ok(2),
+            "clones share the inner state"
+        );
+        let waiting = busy(3, false);
+        assert!(matches!(waiting.call(()), ConnectionFuture::Waiting { .. }));
+        assert_eq!(waiting.call(()).await, Ok(1), "called once ready");
+        assert_eq!(busy(0, true).call(()).await, Err("down"));
+        assert_eq!(busy(2, true).call(()).await, Err("down"));
+    }
 }
