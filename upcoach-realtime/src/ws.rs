@@ -222,7 +222,7 @@ impl Connection {
             next_beat: now + hub.config.ws_ping_interval,
             deadline: now,
         };
-        conn.deadline = conn.deadline(&hub);
+        conn.deadline = conn.auth_deadline(&hub);
         conn
     }
 }
@@ -276,7 +276,7 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
                         // subscription's replay, a token's verification) would
                         // otherwise enlarge every idle connection's task.
                         let step = Box::pin(conn.on_message(message)).await;
-                        conn.deadline = conn.deadline(&hub);
+                        conn.deadline = conn.auth_deadline(&hub);
                         timer.as_mut().reset(conn.next_beat.min(conn.deadline));
                         step
                     }
@@ -339,7 +339,7 @@ fn auth_failed(hub: &Inner, error: &TokenError, stage: &str) {
 impl Connection {
     /// When the connection must have (re)authenticated: the auth timeout before the
     /// first token, then the token's expiry.
-    fn deadline(&self, hub: &Inner) -> Instant {
+    fn auth_deadline(&self, hub: &Inner) -> Instant {
         match &self.session.principal {
             None => self.opened + hub.config.auth_timeout,
             Some(p) => {
