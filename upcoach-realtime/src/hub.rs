@@ -51,7 +51,10 @@ pub struct HubConfig {
     pub max_rooms_per_connection: usize,
     /// How often a WebSocket gets a ping. Default 25 s.
     pub ws_ping_interval: Duration,
-    /// How long after a ping a WebSocket may stay silent before it is closed. Default 10 s.
+    /// How long after a ping a WebSocket may stay silent before it is closed; also how
+    /// long any write may wait for the client to take it before the connection is
+    /// dropped (`write_timeout`), never past the connection's auth deadline or token
+    /// expiry. Default 10 s.
     pub ws_pong_timeout: Duration,
     /// How often an SSE stream gets a `: ping` comment. Default 15 s.
     pub sse_ping_interval: Duration,

@@ -246,14 +246,18 @@ impl Stream {
         let mut out = Vec::new();
         let shared = self.session.shared.clone();
         let chunks_closed = self.chunks.clone();
+        // Long-lived, like the WebSocket's: it is raced against every send as well.
+        let stop = crate::hub::stopping(&mut shutdown);
+        tokio::pin!(stop);
         let reason = loop {
             tokio::select! {
                 biased;
-                () = crate::hub::stopping(&mut shutdown) => break "server shutting down",
+                () = stop.as_mut() => break "server shutting down",
                 () = shared.notify.notified() => {
                     if shared.close_code().is_some() {
                         break "too slow: the send queue filled";
                     }
+                    continue;
                 }
                 delivery = self.session.next() => {
                     let Some(delivery) = delivery else { break "queue closed" };
@@ -265,20 +269,20 @@ impl Stream {
                         }
                     }
                     self.encode(std::mem::take(&mut out));
-                    tokio::select! {
-                        sent = self.send() => if !sent { break "client went away" },
-                        () = shared.notify.notified() => break "too slow: the send queue filled",
-                    }
                 }
-                _ = heartbeat.tick() => {
-                    self.text.push_str(": ping\n\n");
-                    if !self.send().await {
-                        break "client went away";
-                    }
-                }
+                _ = heartbeat.tick() => self.text.push_str(": ping\n\n"),
                 () = &mut expiry => break "token_expired",
                 // The client went away: hyper dropped the body.
                 () = chunks_closed.closed() => break "client went away",
+            }
+            // A send waits while the client is not reading: it must not keep the
+            // stream (and its place) past the token's expiry or the shutdown.
+            tokio::select! {
+                biased;
+                sent = self.send() => if !sent { break "client went away" },
+                () = shared.notify.notified() => break "too slow: the send queue filled",
+                () = &mut expiry => break "token_expired",
+                () = stop.as_mut() => break "server shutting down",
             }
         };
         self.session.end_reason = reason;
@@ -326,11 +330,16 @@ impl Stream {
     }
 
     /// Sends the pending text (compressed and flushed when gzip is on); false when the
-    /// client is gone.
+    /// client is gone. Safe to cancel: it waits for room in the channel before it takes
+    /// the text or feeds the encoder, so a send given up on (the token's expiry, the
+    /// shutdown) loses nothing the gzip trailer then counts.
     async fn send(&mut self) -> bool {
         if self.text.is_empty() {
             return true;
         }
+        let Ok(permit) = self.chunks.reserve().await else {
+            return false;
+        };
         let text = std::mem::take(&mut self.text);
         let chunk = match &mut self.gzip {
             None => Bytes::from(text),
@@ -341,7 +350,8 @@ impl Stream {
                 Bytes::from(std::mem::take(gz.get_mut()))
             }
         };
-        self.chunks.send(chunk).await.is_ok()
+        permit.send(chunk);
+        true
     }
 }
 

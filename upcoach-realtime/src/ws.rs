@@ -278,7 +278,14 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
                         let step = Box::pin(conn.on_message(message)).await;
                         conn.deadline = conn.auth_deadline(&hub);
                         timer.as_mut().reset(conn.next_beat.min(conn.deadline));
-                        step
+                        // A client that never pauses keeps this arm ready, and the
+                        // timer below might never get its turn: the deadline is read
+                        // here as well (one clock read per client message).
+                        if matches!(step, Step::Continue) && Instant::now() >= conn.deadline {
+                            conn.deadline_passed(&hub)
+                        } else {
+                            step
+                        }
                     }
                     Some(Err(tungstenite::Error::Capacity(_))) => Step::Close(CLOSE_TOO_BIG, "message too big"),
                     Some(Err(tungstenite::Error::Protocol(_))) => Step::Close(CLOSE_MISUSE, "protocol violation"),
@@ -287,16 +294,7 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
             },
             () = timer.as_mut() => {
                 let step = if Instant::now() >= conn.deadline {
-                    match conn.session.principal {
-                        None => {
-                            auth_failed(&hub, &TokenError::Missing, "auth_timeout");
-                            Step::Close(CLOSE_UNAUTHENTICATED, "token_missing")
-                        }
-                        Some(_) => {
-                            auth_failed(&hub, &TokenError::Expired, "expired_on_connection");
-                            Step::Close(CLOSE_UNAUTHENTICATED, "token_expired")
-                        }
-                    }
+                    conn.deadline_passed(&hub)
                 } else {
                     conn.heartbeat(&hub).await
                 };
@@ -352,6 +350,49 @@ impl Connection {
         }
     }
 
+    /// The deadline has passed: closes 4001, `token_missing` before the first token and
+    /// `token_expired` after, and records the failure.
+    fn deadline_passed(&self, hub: &Inner) -> Step {
+        match self.session.principal {
+            None => {
+                auth_failed(hub, &TokenError::Missing, "auth_timeout");
+                Step::Close(CLOSE_UNAUTHENTICATED, "token_missing")
+            }
+            Some(_) => {
+                auth_failed(hub, &TokenError::Expired, "expired_on_connection");
+                Step::Close(CLOSE_UNAUTHENTICATED, "token_expired")
+            }
+        }
+    }
+
+    /// When a write step that has to wait from now must be done by: the pong timeout (a
+    /// client that takes nothing for that long is as gone as one that does not answer
+    /// a ping), and never past the connection's deadline.
+    fn write_limit(&self, hub: &Inner) -> impl Fn() -> Instant + Copy + use<> {
+        let (pong_timeout, deadline) = (hub.config.ws_pong_timeout, self.deadline);
+        move || (Instant::now() + pong_timeout).min(deadline)
+    }
+
+    /// The step for a write the client did not take in time: the deadline's own close
+    /// when that is what passed, otherwise the client counts as gone.
+    fn write_timed_out(&self, hub: &Inner) -> Step {
+        if Instant::now() >= self.deadline {
+            self.deadline_passed(hub)
+        } else {
+            Step::Drop("write_timeout")
+        }
+    }
+
+    /// Sends one message, bounded like every write (see [`bounded`]).
+    async fn send(&mut self, message: Message) -> Step {
+        let hub = self.session.hub().clone();
+        let limit = self.write_limit(&hub);
+        match bounded(self.socket.send(message), limit, std::future::pending()).await {
+            Written::Done(step) => step,
+            Written::TimedOut => self.write_timed_out(&hub),
+        }
+    }
+
     /// The timer fired before the deadline: either a ping is due, or the answer to the
     /// last one did not come in time. Sets when the heartbeat is next due.
     async fn heartbeat(&mut self, hub: &Inner) -> Step {
@@ -380,10 +421,7 @@ impl Connection {
         self.last_ping = now;
         self.awaiting_pong = true;
         self.next_beat = now + hub.config.ws_pong_timeout;
-        match self.socket.send(Message::Ping(bytes::Bytes::new())).await {
-            Ok(()) => Step::Continue,
-            Err(_) => Step::Drop("client went away"),
-        }
+        self.send(Message::Ping(bytes::Bytes::new())).await
     }
 
     /// Writes one delivery and whatever else is queued (up to a batch), then flushes;
@@ -407,23 +445,24 @@ impl Connection {
             return Step::Continue;
         }
         let shared = self.session.shared.clone();
-        let write = write_all(&mut self.socket, &mut self.out);
-        tokio::select! {
-            biased;
-            result = write => match result {
-                Ok(()) => Step::Continue,
-                Err(_) => Step::Drop("client went away"),
-            },
-            () = closed => too_slow(&shared),
-            () = stop => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+        let hub = self.session.hub().clone();
+        let limit = self.write_limit(&hub);
+        let signals = async {
+            tokio::select! {
+                biased;
+                () = closed => too_slow(&shared),
+                () = stop => Step::Close(CLOSE_GOING_AWAY, "server shutting down"),
+            }
+        };
+        let signals = std::pin::pin!(signals);
+        match write_all(&mut self.socket, &mut self.out, limit, signals).await {
+            Written::Done(step) => step,
+            Written::TimedOut => self.write_timed_out(&hub),
         }
     }
 
     async fn reply(&mut self, message: ServerMessage<'_>) -> Step {
-        match self.socket.send(Message::Text(message.text())).await {
-            Ok(()) => Step::Continue,
-            Err(_) => Step::Drop("client went away"),
-        }
+        self.send(Message::Text(message.text())).await
     }
 
     async fn error(&mut self, code: &str, message: &str, room: Option<&str>) -> Step {
@@ -470,10 +509,15 @@ impl Connection {
                 let mut out = std::mem::take(&mut self.out);
                 let result = self.session.subscribe(&room, since, &mut out).await;
                 let step = match result {
-                    Ok(()) => match write_all(&mut self.socket, &mut out).await {
-                        Ok(()) => Step::Continue,
-                        Err(_) => Step::Drop("client went away"),
-                    },
+                    Ok(()) => {
+                        let hub = self.session.hub().clone();
+                        let limit = self.write_limit(&hub);
+                        let never = std::pin::pin!(std::future::pending());
+                        match write_all(&mut self.socket, &mut out, limit, never).await {
+                            Written::Done(step) => step,
+                            Written::TimedOut => self.write_timed_out(&hub),
+                        }
+                    }
                     Err(e) => self.error(e.code(), &e.message(), Some(&room)).await,
                 };
                 self.out = out;
@@ -519,6 +563,8 @@ impl Connection {
                         other => Step::Close(CLOSE_TRY_LATER, other.code()),
                     };
                 }
+                // The writes below are bounded by the new token's expiry, not the old.
+                self.deadline = self.auth_deadline(&hub);
                 for room in self.session.drop_forbidden() {
                     let step = self
                         .error(
@@ -568,7 +614,94 @@ impl Connection {
     }
 }
 
-async fn write_all(socket: &mut Socket, out: &mut Vec<Outbound>) -> Result<(), tungstenite::Error> {
+/// How a bounded write ended.
+enum Written {
+    /// Written, failed, or ended by one of the signals: the step that follows.
+    Done(Step),
+    /// The client did not take it by its limit.
+    TimedOut,
+}
+
+/// Runs one write to the client. The usual write is done on its first poll, and then
+/// no timer is made and no clock is read (this is every delivery's path). One the
+/// client is not taking is raced against `signals` and given up on at `limit()`: a
+/// client that stops reading cannot keep its connection (or its place, or its session
+/// past the token's expiry) by leaving a write blocked, since the one timer is not
+/// polled while a write is.
+fn bounded<W, L, S>(write: W, limit: L, signals: S) -> Bounded<W, L, S>
+where
+    W: Future<Output = Result<(), tungstenite::Error>>,
+    L: FnOnce() -> Instant,
+    S: Future<Output = Step>,
+{
+    Bounded {
+        write,
+        signals,
+        limit: Some(limit),
+        timer: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`bounded`]: written by hand, not as an `async fn`, so that the
+    /// write is held once (an `async fn` keeps its by-value arguments beside the locals
+    /// they move into) and the timer only exists, boxed, on the slow path. Every
+    /// connection's task is as large as its largest await.
+    struct Bounded<W, L, S> {
+        #[pin]
+        write: W,
+        #[pin]
+        signals: S,
+        limit: Option<L>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<W, L, S> Future for Bounded<W, L, S>
+where
+    W: Future<Output = Result<(), tungstenite::Error>>,
+    L: FnOnce() -> Instant,
+    S: Future<Output = Step>,
+{
+    type Output = Written;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Written> {
+        use std::task::Poll;
+        let this = self.project();
+        if let Poll::Ready(result) = this.write.poll(cx) {
+            return Poll::Ready(Written::Done(match result {
+                Ok(()) => Step::Continue,
+                Err(_) => Step::Drop("client went away"),
+            }));
+        }
+        if let Poll::Ready(step) = this.signals.poll(cx) {
+            return Poll::Ready(Written::Done(step));
+        }
+        let timer = match this.timer {
+            Some(timer) => timer,
+            None => {
+                let limit = this.limit.take().map_or_else(Instant::now, |limit| limit());
+                this.timer.insert(Box::pin(tokio::time::sleep_until(limit)))
+            }
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Written::TimedOut),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Writes `out`, each step bounded on its own: a message taken into the write buffer
+/// (which, once the buffer passes its size, waits for the buffer to drain into the
+/// socket), then the flush. So a client that keeps reading, only slowly, is not
+/// dropped because a whole batch or replay took longer than the limit; small events,
+/// the usual case, are buffered and flushed once per batch.
+async fn write_all<S: Future<Output = Step>>(
+    socket: &mut Socket,
+    out: &mut Vec<Outbound>,
+    limit: impl Fn() -> Instant + Copy,
+    mut signals: Pin<&mut S>,
+) -> Written {
     for item in out.drain(..) {
         let message = match item {
             Outbound::Event(event) => Message::Text(event.ws.clone()),
@@ -583,7 +716,10 @@ async fn write_all(socket: &mut Socket, out: &mut Vec<Outbound>) -> Result<(), t
                 .text(),
             ),
         };
-        socket.feed(message).await?;
+        match bounded(socket.feed(message), limit, signals.as_mut()).await {
+            Written::Done(Step::Continue) => {}
+            other => return other,
+        }
     }
-    socket.flush().await
+    bounded(socket.flush(), limit, signals).await
 }

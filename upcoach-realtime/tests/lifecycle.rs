@@ -381,3 +381,257 @@ async fn resubscribing_and_neighbouring_rooms_still_match_by_name() {
         "nothing else in between"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Clients that stop reading
+// ---------------------------------------------------------------------------------
+
+/// A WebSocket on a socket with a small receive buffer that this side reads only when
+/// told to: the client that stops reading.
+async fn ws_small_buffer(addr: std::net::SocketAddr, token: Option<&str>) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    if let Some(token) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap()
+        .0
+}
+
+/// Writes `{"type":"ping"}` frames as fast as the server takes them, reading nothing,
+/// until aborted: every one asks for a reply the client never collects.
+fn flood_pings(ws: Ws) -> tokio::task::JoinHandle<()> {
+    let tokio_tungstenite::MaybeTlsStream::Plain(mut stream) = ws.into_inner() else {
+        unreachable!("plain TCP");
+    };
+    // A masked client text frame; a zero mask leaves the payload as it is.
+    let payload = br#"{"type":"ping"}"#;
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    let burst = frame.repeat(4096);
+    tokio::spawn(async move { while stream.write_all(&burst).await.is_ok() {} })
+}
+
+/// Before this test a client without a token that sent pings and never read the
+/// pongs blocked its connection in the reply's write: the one timer was never polled
+/// again, so the auth timeout never came and the pending place was held for good.
+#[tokio::test]
+async fn a_pending_socket_that_never_reads_its_replies_gives_its_place_back() {
+    let (hub, _tokens, _log, addr) = setup(HubConfig {
+        // Far off: the write's own bound must end it, not the auth timeout.
+        auth_timeout: Duration::from_secs(60),
+        ws_pong_timeout: Duration::from_millis(300),
+        ..HubConfig::default()
+    })
+    .await;
+    let pending = ws_small_buffer(addr, None).await;
+    eventually("pending", || hub.stats().pending_auth_connections == 1).await;
+    let flood = flood_pings(pending);
+    eventually("the stuck socket dropped", || {
+        hub.stats().pending_auth_connections == 0
+    })
+    .await;
+    flood.abort();
+}
+
+/// The same for a signed-in reader with events in flight and nothing more coming: no
+/// queue fills, so no slow-consumer close; the write's bound ends it, and the end is
+/// recorded.
+#[tokio::test]
+async fn a_reader_that_stops_reading_mid_event_is_dropped_and_recorded() {
+    let (hub, tokens, log, addr) = setup(HubConfig {
+        ws_pong_timeout: Duration::from_millis(300),
+        ..HubConfig::default()
+    })
+    .await;
+    let mut client = ws_small_buffer(addr, Some(&tokens.admin())).await;
+    subscribe(&mut client, "metrics", None).await;
+    let payload = "x".repeat(60 * 1024);
+    for _ in 0..64 {
+        hub.publish("metrics", "tick", serde_json::json!(payload))
+            .await
+            .unwrap();
+    }
+    eventually("the stuck reader dropped", || hub.connections() == 0).await;
+    assert_eq!(hub.stats().slow_consumers_closed, 0, "not cut off as slow");
+    assert!(
+        disconnect_reasons(&log)
+            .await
+            .contains(&"write_timeout".to_owned())
+    );
+    drop(client);
+}
+
+/// A client without a token that talks without pause (its socket is never idle, so
+/// the one timer may never get its turn) is still closed at the auth timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_socket_that_never_pauses_still_times_out() {
+    let (_hub, _tokens, _log, addr) = setup(HubConfig {
+        auth_timeout: Duration::from_millis(500),
+        ..HubConfig::default()
+    })
+    .await;
+    let client = ws(addr, None).await;
+    let (mut sink, mut stream) = client.split();
+    let talk = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        let ping = Message::text(r#"{"type":"ping"}"#);
+        while sink.feed(ping.clone()).await.is_ok() {
+            if sink.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let code = loop {
+        match tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+        if started.elapsed() > WAIT {
+            talk.abort();
+            panic!("still open long past the auth timeout");
+        }
+    };
+    talk.abort();
+    assert_eq!(code, Some(4001));
+}
+
+/// Before this test an SSE stream whose client stopped reading waited in its send for
+/// good once no more events came (no queue filled, so no slow-consumer close): the
+/// token's expiry was never seen, and the stream kept its place past it.
+#[tokio::test]
+async fn a_stuck_sse_stream_still_ends_at_the_token_expiry() {
+    let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+    let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
+    let _stuck = stuck_sse(addr, "metrics", &token).await;
+    eventually("subscribed", || readers(&hub, "metrics") == 1).await;
+    // One chunk each (the stream batches what is queued when it wakes): enough to
+    // fill the chunks in flight, hyper's buffer and the socket's, far from the queue.
+    let payload = "x".repeat(60 * 1024);
+    for _ in 0..100 {
+        hub.publish("metrics", "tick", serde_json::json!(payload))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eventually("the stream ended", || readers(&hub, "metrics") == 0).await;
+    assert_eq!(hub.stats().slow_consumers_closed, 0, "not cut off as slow");
+    eventually("gone", || hub.connections() == 0).await;
+    let reasons = disconnect_reasons(&log).await;
+    assert!(reasons.contains(&"token_expired".to_owned()), "{reasons:?}");
+}
+
+/// A gzip stream that ends at the token's expiry while a send waits is still a whole
+/// gzip member: the send given up on had not fed the encoder (before, the chunk was
+/// compressed, then dropped, and the trailer's checksum counted it).
+#[tokio::test]
+async fn a_gzip_stream_ending_at_the_expiry_mid_send_is_still_whole() {
+    let (hub, tokens, _log, addr) = setup(HubConfig::default()).await;
+    let expiry = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = hyper::Request::get("/sse?rooms=metrics")
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {token}"))
+        .header("accept-encoding", "gzip")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    // Random payloads (59 KiB, barely compressible), so that the stream's send really
+    // waits, each made between two publishes (which spaces them out: one chunk each);
+    // until just past the expiry.
+    for _ in 0..400 {
+        if tokio::time::Instant::now() > expiry + Duration::from_millis(200) {
+            break;
+        }
+        let payload: String = (0..3800)
+            .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
+            .map(|b| match b % 90 + 35 {
+                b'\\' => '~',
+                c => c as char,
+            })
+            .collect();
+        hub.publish("metrics", "tick", serde_json::json!(payload))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Past the expiry the stream ends, its last send given up on; then read it all,
+    // well within the close timeout the trailer is given.
+    tokio::time::sleep_until(expiry + Duration::from_millis(500)).await;
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+        .expect("a whole gzip member, trailer included");
+    assert!(text.ends_with("\n\n"), "whole records");
+}
+
+/// A reader that keeps reading, only slowly, is not dropped because a batch took it
+/// longer than the pong timeout: each step of a write is bounded, not the batch.
+/// (The kernel wakes a blocked writer only once a good part of the socket's send
+/// buffer has drained, up to megabytes on loopback: so the timeout here is seconds,
+/// and the batch, about 9 MB read at 4 KiB a millisecond at most, takes longer.)
+#[tokio::test]
+async fn a_slow_but_steady_reader_is_not_dropped() {
+    use tokio::io::AsyncReadExt;
+    let (hub, tokens, log, addr) = setup(HubConfig {
+        ws_pong_timeout: Duration::from_secs(3),
+        ..HubConfig::default()
+    })
+    .await;
+    let mut client = ws(addr, Some(&tokens.admin())).await;
+    subscribe(&mut client, "metrics", None).await;
+    let tokio_tungstenite::MaybeTlsStream::Plain(mut raw) = client.into_inner() else {
+        unreachable!("plain TCP");
+    };
+    const EVENTS: usize = 150;
+    let payload = "x".repeat(60 * 1024);
+    for _ in 0..EVENTS {
+        hub.publish("metrics", "tick", serde_json::json!(payload))
+            .await
+            .unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut total = 0usize;
+    while total < EVENTS * 60 * 1024 {
+        match raw.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        total >= EVENTS * 60 * 1024,
+        "dropped after {total} bytes in {:?} while reading steadily: {:?} {:?}",
+        started.elapsed(),
+        hub.stats(),
+        disconnect_reasons(&log).await,
+    );
+    assert_eq!(hub.connections(), 1);
+}
