@@ -55,14 +55,20 @@ fn readers(hub: &Hub, room: &str) -> usize {
 /// An SSE request on a socket with a small receive buffer that is never read: a
 /// client whose tab froze, or one that stalls on purpose.
 async fn stuck_sse(addr: std::net::SocketAddr, rooms: &str, token: &str) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
+    let mut stream = small_buffer(addr).await;
     let request = format!(
         "GET /sse?rooms={rooms} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     stream
+}
+
+/// A connection to `addr` with a 4 KiB receive buffer: what it does not read stays in
+/// the server's buffers, and the server's writes soon wait.
+async fn small_buffer(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 /// Floods `room` with large events until the hub has cut off one slow consumer.
@@ -390,9 +396,7 @@ async fn resubscribing_and_neighbouring_rooms_still_match_by_name() {
 /// told to: the client that stops reading.
 async fn ws_small_buffer(addr: std::net::SocketAddr, token: Option<&str>) -> Ws {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
+    let stream = small_buffer(addr).await;
     let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
     if let Some(token) = token {
         request
@@ -541,9 +545,7 @@ async fn a_gzip_stream_ending_at_the_expiry_mid_send_is_still_whole() {
     let (hub, tokens, _log, addr) = setup(HubConfig::default()).await;
     let expiry = tokio::time::Instant::now() + Duration::from_millis(1500);
     let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
+    let stream = small_buffer(addr).await;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
