@@ -606,11 +606,46 @@ impl Connection {
         };
         let timeout = self.session.hub().config.close_timeout;
         let _ = tokio::time::timeout(timeout, async {
+            // An error here can still mean the frame went out (tungstenite reports
+            // the stream it could not read any more): the linger below then decides.
             if self.socket.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = self.socket.next().await {}
+                loop {
+                    match self.socket.next().await {
+                        // The client's answer: the handshake is done.
+                        Some(Ok(Message::Close(_))) => return,
+                        Some(Ok(_)) => {}
+                        None | Some(Err(_)) => break,
+                    }
+                }
             }
+            // Gone, or no longer readable as frames (the rest of a message too big to
+            // read, say): what the client still sends is read and dropped until it
+            // pauses, or it ends.
+            linger(self.socket.get_mut()).await;
         })
         .await;
+    }
+}
+
+/// How long a client that is being closed may pause before its socket is: see
+/// [`linger`].
+const LINGER_IDLE: Duration = Duration::from_millis(200);
+
+/// Reads and drops what the client still sends, until it pauses for [`LINGER_IDLE`],
+/// ends, or fails (the caller bounds the whole by the close timeout). Closing a socket
+/// with unread data makes the kernel answer with a reset: a client still writing (the
+/// rest of a 4 MiB frame) would see its write fail and report 1006, never reading the
+/// close frame it was sent.
+async fn linger(io: &mut crate::coalesce::Coalesce<TokioIo<hyper::upgrade::Upgraded>>) {
+    use tokio::io::AsyncRead;
+    let mut sink = [0u8; 4096];
+    loop {
+        let mut buf = tokio::io::ReadBuf::new(&mut sink);
+        let read = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut buf));
+        match tokio::time::timeout(LINGER_IDLE, read).await {
+            Ok(Ok(())) if !buf.filled().is_empty() => {}
+            _ => return,
+        }
     }
 }
 

@@ -637,3 +637,36 @@ async fn a_slow_but_steady_reader_is_not_dropped() {
     );
     assert_eq!(hub.connections(), 1);
 }
+
+/// A client that writes a whole 4 MiB frame before it reads anything can write it all
+/// and then reads the close frame 1009. Before, the server closed its socket with the
+/// rest of the frame unread: the kernel answered with a reset, the client's write
+/// failed, and a client library reports 1006 without reading the frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_message_is_drained_and_the_client_reads_1009() {
+    use tokio::io::AsyncReadExt;
+    let (hub, tokens, _log, addr) = setup(HubConfig::default()).await;
+    let client = ws(addr, Some(&tokens.admin())).await;
+    let tokio_tungstenite::MaybeTlsStream::Plain(mut stream) = client.into_inner() else {
+        unreachable!("plain TCP");
+    };
+    let len: u64 = 4 * 1024 * 1024;
+    // A masked client text frame (a zero mask) with a 64-bit length.
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.resize(frame.len() + len as usize, b'x');
+    tokio::time::timeout(WAIT, stream.write_all(&frame))
+        .await
+        .expect("written in time")
+        .expect("the whole frame written, not reset");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    // 0x88: a close frame; its payload starts with the code.
+    assert!(
+        answer.len() >= 4 && answer[0] == 0x88,
+        "a close frame: {answer:?}"
+    );
+    assert_eq!(u16::from_be_bytes([answer[2], answer[3]]), 1009);
+    eventually("gone", || hub.connections() == 0).await;
+}
