@@ -123,17 +123,20 @@ impl Hub {
             }
         }
         let (chunks, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
-        let stream = Stream {
+        let mut stream = Stream {
             session,
             cursor: start,
-            gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+            gzip: gzip.then(|| Box::new(GzEncoder::new(Vec::new(), Compression::fast()))),
             chunks,
             text: String::new(),
         };
         let until = expires_at
             .duration_since(hub.clock.now())
             .unwrap_or(Duration::ZERO);
-        tokio::spawn(stream.run(out, until));
+        // The stream is lent to `run`, not moved: an async fn's by-value arguments are
+        // stored in its future beside the locals they move into, and this task lives
+        // as long as the stream.
+        tokio::spawn(async move { stream.run(out, until).await });
 
         let mut response = Response::new(ChannelBody { rx }.boxed());
         let h = response.headers_mut();
@@ -213,13 +216,14 @@ fn accepts_gzip<B>(request: &Request<B>) -> bool {
 struct Stream {
     session: Session,
     cursor: Cursor,
-    gzip: Option<GzEncoder<Vec<u8>>>,
+    /// Boxed: most streams are not compressed, and the encoder is 144 bytes.
+    gzip: Option<Box<GzEncoder<Vec<u8>>>>,
     chunks: mpsc::Sender<Bytes>,
     text: String,
 }
 
 impl Stream {
-    async fn run(mut self, first: Vec<Outbound>, token_left: Duration) {
+    async fn run(&mut self, first: Vec<Outbound>, token_left: Duration) {
         let hub = self.session.hub().clone();
         let mut shutdown = hub.shutdown.subscribe();
         let retry = hub.config.sse_retry.as_millis();
