@@ -344,12 +344,10 @@ fn answer(
     hit: bool,
 ) -> Response<CachedBody> {
     // Stored answers carry the ETag computed when they were stored (one value).
-    if !headers.contains_key(header::ETAG) {
-        headers.insert(header::ETAG, etag_of(&body));
-    }
-    let not_modified = headers
-        .get(header::ETAG)
-        .is_some_and(|etag| if_none_match(request_headers, etag));
+    let etag = headers
+        .entry(header::ETAG)
+        .or_insert_with(|| etag_of(&body));
+    let not_modified = if_none_match(request_headers, etag);
     headers.insert(
         HeaderName::from_static("x-cache"),
         HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
@@ -604,7 +602,6 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let rule = &shared.rules[rule];
-    let method = parts.method.clone();
     let request_parts = parts.clone();
     // Tag versions before the handler computes the answer: an invalidation while
     // it runs makes what it computed stale at once.
@@ -626,7 +623,7 @@ where
         .is_none_or(|len| len > MAX_CACHED_BODY as u64);
     // Only GET answers are stored (a HEAD answer has no body to store); HEAD is
     // answered from them.
-    let storable = method == Method::GET
+    let storable = request_parts.method == Method::GET
         && response_parts.status == StatusCode::OK
         && versions.is_some()
         && !no_store_request
@@ -691,7 +688,7 @@ where
         tracing::debug!(error = %e, "response not cached");
     }
     Ok(answer(
-        &method,
+        &request_parts.method,
         &request_parts.headers,
         response_parts.status,
         response_parts.headers,

@@ -266,18 +266,23 @@ pub fn json_response<B: From<Bytes>, T: Serialize + ?Sized>(
     status: StatusCode,
     value: &T,
 ) -> Response<B> {
-    let (status, bytes) = match serde_json::to_vec(value) {
-        Ok(bytes) => (status, Bytes::from(bytes)),
+    match serde_json::to_vec(value) {
+        Ok(bytes) => json_bytes_response(status, Bytes::from(bytes)),
         Err(e) => {
             tracing::error!(error = %e, "a response could not be serialized");
-            (
+            json_bytes_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Bytes::from_static(
                     br#"{"error":{"code":"internal_error","message":"internal error"}}"#,
                 ),
             )
         }
-    };
+    }
+}
+
+/// A JSON answer with `status` whose body is already written: `Content-Type:
+/// application/json` and `bytes` as they are.
+pub fn json_bytes_response<B: From<Bytes>>(status: StatusCode, bytes: Bytes) -> Response<B> {
     let mut response = Response::new(B::from(bytes));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -315,6 +320,11 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, TokenError> {
     if !bytes[..space].eq_ignore_ascii_case(b"bearer") || token.is_empty() {
         return Err(TokenError::Malformed);
     }
+    visible_token(token)
+}
+
+/// `token` as text if it is short enough and all visible ASCII; malformed otherwise.
+fn visible_token(token: &[u8]) -> Result<&str, TokenError> {
     if token.len() > MAX_BEARER_LEN || !all_visible(token) {
         return Err(TokenError::Malformed);
     }
@@ -347,10 +357,7 @@ fn checked_token(token: &str) -> Result<&str, TokenError> {
     if token.is_empty() {
         return Err(TokenError::Missing);
     }
-    if token.len() > MAX_BEARER_LEN || !all_visible(token.as_bytes()) {
-        return Err(TokenError::Malformed);
-    }
-    Ok(token)
+    visible_token(token.as_bytes())
 }
 
 /// The first value of `name` in `query`, percent-decoded (`+` is a space, as in forms).

@@ -373,24 +373,24 @@ impl Connection {
         move || (Instant::now() + pong_timeout).min(deadline)
     }
 
-    /// The step for a write the client did not take in time: the deadline's own close
-    /// when that is what passed, otherwise the client counts as gone.
-    fn write_timed_out(&self, hub: &Inner) -> Step {
-        if Instant::now() >= self.deadline {
-            self.deadline_passed(hub)
-        } else {
-            Step::Drop("write_timeout")
+    /// The step after a bounded write. One the client did not take in time ends in the
+    /// deadline's own close when that is what passed, otherwise the client counts as
+    /// gone.
+    fn written(&self, written: Written) -> Step {
+        match written {
+            Written::Done(step) => step,
+            Written::TimedOut if Instant::now() >= self.deadline => {
+                self.deadline_passed(self.session.hub())
+            }
+            Written::TimedOut => Step::Drop("write_timeout"),
         }
     }
 
     /// Sends one message, bounded like every write (see [`bounded`]).
     async fn send(&mut self, message: Message) -> Step {
-        let hub = self.session.hub().clone();
-        let limit = self.write_limit(&hub);
-        match bounded(self.socket.send(message), limit, std::future::pending()).await {
-            Written::Done(step) => step,
-            Written::TimedOut => self.write_timed_out(&hub),
-        }
+        let limit = self.write_limit(self.session.hub());
+        let written = bounded(self.socket.send(message), limit, std::future::pending()).await;
+        self.written(written)
     }
 
     /// The timer fired before the deadline: either a ping is due, or the answer to the
@@ -445,8 +445,7 @@ impl Connection {
             return Step::Continue;
         }
         let shared = self.session.shared.clone();
-        let hub = self.session.hub().clone();
-        let limit = self.write_limit(&hub);
+        let limit = self.write_limit(self.session.hub());
         let signals = async {
             tokio::select! {
                 biased;
@@ -455,10 +454,8 @@ impl Connection {
             }
         };
         let signals = std::pin::pin!(signals);
-        match write_all(&mut self.socket, &mut self.out, limit, signals).await {
-            Written::Done(step) => step,
-            Written::TimedOut => self.write_timed_out(&hub),
-        }
+        let written = write_all(&mut self.socket, &mut self.out, limit, signals).await;
+        self.written(written)
     }
 
     async fn reply(&mut self, message: ServerMessage<'_>) -> Step {
@@ -510,13 +507,10 @@ impl Connection {
                 let result = self.session.subscribe(&room, since, &mut out).await;
                 let step = match result {
                     Ok(()) => {
-                        let hub = self.session.hub().clone();
-                        let limit = self.write_limit(&hub);
+                        let limit = self.write_limit(self.session.hub());
                         let never = std::pin::pin!(std::future::pending());
-                        match write_all(&mut self.socket, &mut out, limit, never).await {
-                            Written::Done(step) => step,
-                            Written::TimedOut => self.write_timed_out(&hub),
-                        }
+                        let written = write_all(&mut self.socket, &mut out, limit, never).await;
+                        self.written(written)
                     }
                     Err(e) => self.error(e.code(), &e.message(), Some(&room)).await,
                 };
@@ -666,13 +660,13 @@ enum Written {
 fn bounded<W, L, S>(write: W, limit: L, signals: S) -> Bounded<W, L, S>
 where
     W: Future<Output = Result<(), tungstenite::Error>>,
-    L: FnOnce() -> Instant,
+    L: Fn() -> Instant,
     S: Future<Output = Step>,
 {
     Bounded {
         write,
         signals,
-        limit: Some(limit),
+        limit,
         timer: None,
     }
 }
@@ -687,7 +681,7 @@ pin_project_lite::pin_project! {
         write: W,
         #[pin]
         signals: S,
-        limit: Option<L>,
+        limit: L,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
@@ -695,7 +689,7 @@ pin_project_lite::pin_project! {
 impl<W, L, S> Future for Bounded<W, L, S>
 where
     W: Future<Output = Result<(), tungstenite::Error>>,
-    L: FnOnce() -> Instant,
+    L: Fn() -> Instant,
     S: Future<Output = Step>,
 {
     type Output = Written;
@@ -712,13 +706,9 @@ where
         if let Poll::Ready(step) = this.signals.poll(cx) {
             return Poll::Ready(Written::Done(step));
         }
-        let timer = match this.timer {
-            Some(timer) => timer,
-            None => {
-                let limit = this.limit.take().map_or_else(Instant::now, |limit| limit());
-                this.timer.insert(Box::pin(tokio::time::sleep_until(limit)))
-            }
-        };
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until((this.limit)())));
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Written::TimedOut),
             Poll::Pending => Poll::Pending,

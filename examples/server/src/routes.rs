@@ -233,13 +233,10 @@ pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
     let uptime = app.started.elapsed().as_secs();
     put(&mut body, r#","uptime_s":"#, &uptime);
     body.push(b'}');
-    let mut response = Response::new(Full::new(bytes::Bytes::from(body)).boxed());
-    if status == Status::Down {
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    }
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
+    let code = match status {
+        Status::Down => StatusCode::SERVICE_UNAVAILABLE,
+        Status::Ok | Status::Degraded => StatusCode::OK,
+    };
+    upcoach_core::http::json_bytes_response::<Full<bytes::Bytes>>(code, body.into())
+        .map(BodyExt::boxed)
 }
