@@ -755,6 +755,14 @@ impl Sessions {
         self.providers.keys().copied()
     }
 
+    /// The configured providers' route names (`google`, ...), sorted: what a sign-in
+    /// page offers.
+    pub fn provider_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.providers().map(|p| p.as_str().to_owned()).collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Whether the configured provider `name` comes back by a cross-site `POST`
     /// ([`AuthProvider::cross_site_callback`]); false for a name not configured.
     pub fn cross_site_callback(&self, name: &str) -> bool {

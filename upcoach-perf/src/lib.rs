@@ -57,7 +57,7 @@ pub use exposition::{CONTENT_TYPE, LATENCY_BUCKETS, PrometheusExporter};
 pub use layer::{RequestTiming, RequestTimingLayer, TimingFuture};
 pub use monitor::{MIN_REQUESTS_FOR_ERROR_RATE, OverallWindow, PerfMonitor, PerfSnapshot};
 pub use process::{ProcessReading, ProcessSampler};
-pub use requests::{LatencySummary, RequestMetrics, RouteSnapshot, WindowSummary};
+pub use requests::{LatencySummary, RecentRoute, RequestMetrics, RouteSnapshot, WindowSummary};
 pub use route::{InvalidTemplate, MatchedRoute, RouteId, RouteTable, UNMATCHED};
 pub use sink::{DEFAULT_MAX_SERIES, MemoryMetrics};
 

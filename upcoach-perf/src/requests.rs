@@ -321,6 +321,22 @@ impl RouteSnapshot {
     }
 }
 
+/// One route and method over the last minute, as a live feed sends it (the reference
+/// server's `metrics` room): its rate, p95 and errors there.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecentRoute {
+    /// The method (`GET`, ..., `OTHER`).
+    pub method: &'static str,
+    /// The route template, or `unmatched`.
+    pub route: String,
+    /// Requests per second over the window.
+    pub rate_per_s: f64,
+    /// The p95 latency over the window, milliseconds.
+    pub p95_ms: f64,
+    /// 5xx answers and failures in the window.
+    pub errors: u64,
+}
+
 /// One route and method, since start and over the last minute.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RouteSnapshot {
@@ -342,4 +358,17 @@ pub struct RouteSnapshot {
     /// The full histogram since start (for exposition).
     #[serde(skip)]
     pub histogram: HistogramSnapshot,
+}
+
+impl RouteSnapshot {
+    /// Its last minute, or `None` when it had no request there.
+    pub fn recent(&self) -> Option<RecentRoute> {
+        (self.window.count > 0).then(|| RecentRoute {
+            method: self.method,
+            route: self.route.clone(),
+            rate_per_s: self.window.rate_per_s,
+            p95_ms: self.window.latency.p95_ms,
+            errors: self.window.errors,
+        })
+    }
 }

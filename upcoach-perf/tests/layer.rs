@@ -92,6 +92,23 @@ async fn records_route_template_method_and_status_class() {
     let failed = find("POST", "/fail");
     assert_eq!((failed.count, failed.errors), (1, 1));
     assert_eq!(failed.statuses, [("error", 1)]);
+
+    // The live feed's view: the last minute of the routes that had requests in it.
+    let recent = get.recent().expect("requests in the window");
+    assert_eq!(
+        (recent.method, recent.route.as_str()),
+        ("GET", "/api/items/{id}")
+    );
+    assert_eq!(recent.errors, 1);
+    assert_eq!(recent.rate_per_s, get.window.rate_per_s);
+    assert!(recent.rate_per_s > 0.0 && recent.p95_ms >= 0.0);
+    assert_eq!(recent.p95_ms, get.window.latency.p95_ms);
+    let active: Vec<_> = routes.iter().filter_map(|r| r.recent()).collect();
+    assert_eq!(
+        active.len(),
+        3,
+        "GET and DELETE items, POST fail: {active:?}"
+    );
 }
 
 /// A router that names the template it matched: the `x-template` header of the request

@@ -348,6 +348,43 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Resolves when the process gets SIGINT (Ctrl-C) or, on Unix, SIGTERM, logging which:
+/// the `shutdown` future of [`serve`] for a server run from a terminal or by a service
+/// manager. A signal that cannot be listened for is logged and never resolves.
+///
+/// ```no_run
+/// # async fn run() {
+/// upcoach_core::http::serve::shutdown_signal().await;
+/// // ... stop accepting, drain, exit
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
