@@ -17,5 +17,6 @@
 pub use upcoach_auth as auth;
 pub use upcoach_cache as cache;
 pub use upcoach_core as core;
+pub use upcoach_dashboard as dashboard;
 pub use upcoach_perf as perf;
 pub use upcoach_realtime as realtime;

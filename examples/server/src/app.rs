@@ -102,6 +102,8 @@ pub struct App {
     pub(crate) hub: Hub,
     /// Sign-in, when the server has a signing key.
     pub(crate) auth: Option<AuthRoutes>,
+    /// `GET /dashboard` and its files.
+    pub(crate) dashboard: upcoach_dashboard::Dashboard,
     /// Background tasks to stop with the app.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -278,6 +280,11 @@ impl App {
             sinks.metrics.clone(),
         ));
         let alerts = perf.alerts().subscribe();
+        // A button per configured provider, and under `--dev` the dev token.
+        let dashboard = upcoach_dashboard::Dashboard::new(&upcoach_dashboard::DashboardConfig {
+            providers: (auth.as_ref()).map_or_else(Vec::new, |a| a.sessions().provider_names()),
+            dev_sign_in: options.dev && auth.is_some(),
+        });
         let limits = RateLimitLayer::builder(limiter)
             .config(&config.limits)
             .verifier(verifier.clone())
@@ -309,6 +316,7 @@ impl App {
             started: Instant::now(),
             hub,
             auth,
+            dashboard,
             tasks: std::sync::Mutex::new(tasks),
         };
         app.banner();

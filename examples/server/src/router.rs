@@ -47,6 +47,7 @@ enum Endpoint {
     AppleNotifications,
     Jwks,
     DevToken,
+    Dashboard,
 }
 
 use Endpoint as E;
@@ -108,6 +109,9 @@ const ROUTES: &[(Method, &str, Endpoint)] = &[
         E::AppleNotifications,
     ),
     (Method::GET, "/.well-known/jwks.json", E::Jwks),
+    (Method::GET, "/dashboard", E::Dashboard),
+    (Method::GET, "/dashboard/", E::Dashboard),
+    (Method::GET, "/dashboard/{file}", E::Dashboard),
 ];
 
 /// The templates, once each, in table order: the timing layer's route labels.
@@ -250,6 +254,12 @@ fn route(app: &Arc<App>, request: Request<Incoming>) -> (&'static str, Answer) {
     };
     // Each endpoint's future is boxed on its own: `/health` (polled by load balancers)
     // moves a few hundred bytes, not the kilobytes of the largest routes' futures.
+    if endpoint == E::Dashboard {
+        let (method, path) = (request.method(), request.uri().path());
+        let answer = app.dashboard.answer(method, path, request.headers());
+        let answer = answer.unwrap_or_else(|| error_response(&ApiError::not_found()));
+        return (template, Box::pin(std::future::ready(boxed(answer))));
+    }
     let app = app.clone();
     let answer: Answer = match endpoint {
         E::Health => Box::pin(async move { crate::routes::health(&app).await }),

@@ -124,11 +124,6 @@ pub(crate) fn metrics(app: &Arc<App>) -> Response<Body> {
 /// `GET /api/dashboard/realtime/metrics`: the JSON snapshot.
 pub(crate) fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
     let snapshot = app.perf.snapshot();
-    let pools = app.backends.postgres.as_ref().map(|pool| {
-        serde_json::json!({
-            "postgres": { "size": pool.size(), "idle": pool.num_idle(), "waiting": pool.waiting(), "max": pool.max_connections() }
-        })
-    });
     let redis = app.backends.redis.as_ref().map(|redis| {
         serde_json::json!({ "state": redis.state().as_str(), "last_latency_ms": redis.last_latency().as_secs_f64() * 1000.0 })
     });
@@ -138,7 +133,7 @@ pub(crate) fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
             "routes": snapshot.routes,
             "overall": snapshot.overall,
             "process": snapshot.process,
-            "pools": pools.unwrap_or_else(|| serde_json::json!({})),
+            "pools": pools(app),
             "redis": redis,
             "alerts": snapshot.alerts,
             "cache": app.cache.stats(),
@@ -148,11 +143,25 @@ pub(crate) fn dashboard_metrics(app: &Arc<App>) -> Response<Body> {
     )
 }
 
-/// What the `metrics` room receives every 5 s: the dashboard's headline figures.
+/// The connection pools: `{}` in memory, else Postgres's size, idle, waiters and cap.
+fn pools(app: &App) -> serde_json::Value {
+    match &app.backends.postgres {
+        None => serde_json::json!({}),
+        Some(pool) => serde_json::json!({
+            "postgres": { "size": pool.size(), "idle": pool.num_idle(), "waiting": pool.waiting(), "max": pool.max_connections() }
+        }),
+    }
+}
+
+/// What the `metrics` room receives every 5 s: the dashboard's headline figures, and
+/// each route that had requests in the last minute with its rate and p95 there.
 pub(crate) fn realtime_snapshot(app: &Arc<App>) -> serde_json::Value {
     let snapshot = app.perf.snapshot();
     let cache = app.cache.stats();
+    let routes: Vec<_> = snapshot.routes.iter().filter_map(|r| r.recent()).collect();
     serde_json::json!({
+        "routes": routes,
+        "pools": pools(app),
         "overall": snapshot.overall,
         "process": snapshot.process,
         "alerts": snapshot.alerts,

@@ -6,10 +6,9 @@
 
 mod support;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use support::Running;
 use upcoach_server::{Options, ServerConfig};
@@ -50,51 +49,15 @@ fn missing_prerequisite(dir: &Path) -> Option<String> {
     None
 }
 
-struct Finished {
-    /// `None` when the script was killed for taking too long.
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs `node client.mjs <addr> <token>` in `dir`, killing it after `SCRIPT_TIMEOUT`.
-fn run_script(dir: &Path, addr: &str, token: &str) -> Finished {
-    let mut child = Command::new("node")
+fn run_script(dir: &Path, addr: &str, token: &str) -> support::Finished {
+    let mut command = Command::new("node");
+    command
         .arg("client.mjs")
         .arg(addr)
         .arg(token)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node starts");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("stdout piped")));
-    let stderr = drain(Box::new(child.stderr.take().expect("stderr piped")));
-    let started = Instant::now();
-    let code = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status.code().unwrap_or(-1));
-        }
-        if started.elapsed() > SCRIPT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Finished {
-        code,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
+        .current_dir(dir);
+    support::run_script(command, SCRIPT_TIMEOUT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,13 +94,5 @@ async fn the_js_client_passes_against_the_reference_server() {
         .expect("the script's runner");
     server.stop().await;
 
-    let output = format!(
-        "--- stdout\n{}--- stderr\n{}",
-        finished.stdout, finished.stderr
-    );
-    match finished.code {
-        Some(0) => println!("{output}"),
-        Some(code) => panic!("client.mjs exited with {code}\n{output}"),
-        None => panic!("client.mjs took longer than {SCRIPT_TIMEOUT:?} and was killed\n{output}"),
-    }
+    finished.expect_success("client.mjs", SCRIPT_TIMEOUT);
 }

@@ -304,3 +304,32 @@ async fn dev_tokens_are_only_for_requests_addressed_to_loopback() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_page_is_served_with_its_policy_and_the_servers_sign_in_options() {
+    let server = Running::start(ServerConfig::default(), Options::default()).await;
+    let (status, headers, body) =
+        support::raw(server.addr, Method::GET, "/dashboard", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    let policy = headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'self'") && !policy.contains("unsafe"));
+    assert!(String::from_utf8_lossy(&body).contains("/dashboard/dashboard.js"));
+    // No signing key, no --dev: nothing to sign in with, and the page says so.
+    let settings = server.get("/dashboard/config.json").await;
+    assert_eq!(
+        settings.json,
+        serde_json::json!({"providers": [], "dev_sign_in": false})
+    );
+    let missing = server.get("/dashboard/nope.js").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.json["error"]["code"], "not_found");
+    let posted = request(server.addr, Method::POST, "/dashboard", None).await;
+    assert_eq!(posted.status, StatusCode::METHOD_NOT_ALLOWED);
+    server.stop().await;
+
+    let server = Running::start(ServerConfig::default(), dev()).await;
+    let settings = server.get("/dashboard/config.json").await;
+    assert_eq!(settings.json["dev_sign_in"], true);
+    server.stop().await;
+}

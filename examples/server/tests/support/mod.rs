@@ -166,7 +166,8 @@ pub(crate) async fn raw_with(
     raw(addr, Method::GET, path, None, Some(token)).await
 }
 
-async fn raw(
+/// One request, with a bearer token if given: status, headers and raw body.
+pub(crate) async fn raw(
     addr: SocketAddr,
     method: Method,
     path: &str,
@@ -419,5 +420,73 @@ pub(crate) async fn next_json(ws: &mut Ws) -> serde_json::Value {
             Message::Ping(_) | Message::Pong(_) => {}
             other => panic!("unexpected {other:?}"),
         }
+    }
+}
+
+/// How a script run by [`run_script`] ended.
+pub(crate) struct Finished {
+    /// `None` when the script was killed for taking too long.
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Finished {
+    /// Its output, for a test's message.
+    pub(crate) fn output(&self) -> String {
+        format!("--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr)
+    }
+
+    /// Panics unless the script exited 0; prints its output.
+    pub(crate) fn expect_success(&self, name: &str, timeout: std::time::Duration) {
+        match self.code {
+            Some(0) => println!("{}", self.output()),
+            Some(code) => panic!("{name} exited with {code}\n{}", self.output()),
+            None => panic!(
+                "{name} took longer than {timeout:?} and was killed\n{}",
+                self.output()
+            ),
+        }
+    }
+}
+
+/// Runs `command` (a blocking call: use `spawn_blocking`), killing it after `timeout`.
+pub(crate) fn run_script(
+    mut command: std::process::Command,
+    timeout: std::time::Duration,
+) -> Finished {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the script starts");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr piped")));
+    let started = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait for the script") {
+            break Some(status.code().unwrap_or(-1));
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Finished {
+        code,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
