@@ -13,41 +13,49 @@ use upcoach_perf::slow::SqlTimingLayer;
 
 use crate::{App, Options, PerfSinks, serve};
 
-const USAGE: &str = "\
-upcoach reference server
-
-USAGE:
-    upcoach-server [--dev]
-
-OPTIONS:
-    --dev     serve POST /dev/token (tokens for any user and role; never in production)
-    --help    print this help
-
-ENVIRONMENT:
-    UPCOACH_ADDR      listen address (default 127.0.0.1:8080)
-    REDIS_URL         Redis; in-memory backends when unset
-    DATABASE_URL      Postgres; in-memory backends when unset
-    RUST_LOG          log filter (default info)
-    UPCOACH_LOG_FORMAT  'json' for one JSON object per line
-    (and the variables listed in the README's configuration table)";
+/// The settings people change most, each a flag and an environment variable (a flag
+/// wins); the rest are environment variables only.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "upcoach-server",
+    version,
+    about = "The upcoach reference server: sign-in, realtime, cache and performance monitoring.",
+    after_help = "Also read from the environment: RUST_LOG (log filter, default info), \
+                  UPCOACH_LOG_FORMAT=json (one JSON object per line), and the variables of \
+                  the README's configuration table."
+)]
+struct Args {
+    /// Serve POST /dev/token (tokens for any user and role) and the dashboard's dev
+    /// sign-in; loopback only, never in production
+    #[arg(long)]
+    dev: bool,
+    /// Where to listen [default: 127.0.0.1:8080]
+    #[arg(long, env = "UPCOACH_ADDR", value_name = "HOST:PORT")]
+    addr: Option<String>,
+    /// Redis (redis:// or unix://); in-memory backends when unset
+    #[arg(long, env = "REDIS_URL", value_name = "URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// PostgreSQL (postgres://); in-memory backends when unset; migrations run at start
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
 
 /// Runs the server from the command line and the environment until SIGINT or SIGTERM.
+/// `--help` lists the flags beside their variables; a bad flag exits 2.
 pub fn cli_main() -> ExitCode {
-    let mut options = Options::default();
-    for arg in std::env::args().skip(1) {
-        match arg.as_str() {
-            "--dev" => options.dev = true,
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            other => {
-                eprintln!("unknown argument {other:?}\n\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let config = match ServerConfig::from_env() {
+    let args = <Args as clap::Parser>::parse();
+    let mut options = Options {
+        dev: args.dev,
+        ..Options::default()
+    };
+    // Errors name the variable, which `--help` shows beside its flag.
+    let config = ServerConfig::from_lookup(|name| match name {
+        "UPCOACH_ADDR" => args.addr.clone(),
+        "REDIS_URL" => args.redis_url.clone(),
+        "DATABASE_URL" => args.database_url.clone(),
+        _ => std::env::var(name).ok(),
+    });
+    let config = match config {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");
@@ -121,7 +129,7 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
     // the drain until its timeout.
     let hub = app.hub().clone();
     let stopping = async move {
-        shutdown_signal().await;
+        upcoach_core::http::serve::shutdown_signal().await;
         tokio::spawn(async move {
             let left = hub.shutdown(Duration::from_secs(5)).await;
             if left > 0 {
@@ -143,32 +151,5 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
             tracing::error!(error = %e, "server error");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }
