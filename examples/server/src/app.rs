@@ -364,8 +364,8 @@ impl App {
             redis = %describe(self.config.services.redis_url.as_ref()),
             dev = self.options.dev,
             performance_monitoring = self.config.perf.enabled,
-            "upcoach reference server configured (in-memory backends share nothing between \
-             processes and keep nothing across a restart)"
+            "upcoach reference server configured (an in-memory backend shares nothing with \
+             other processes and keeps nothing across a restart)"
         );
     }
 
