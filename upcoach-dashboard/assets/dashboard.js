@@ -2,16 +2,26 @@
 // over Server-Sent Events and draws them. No framework, no build step, no inline code
 // (the page's Content-Security-Policy allows scripts from this origin only).
 //
-// Tokens: the access token lives in memory only; the refresh token in sessionStorage
-// (this tab only, gone when it closes), so a reload stays signed in.
+// Tokens live in memory only: a reload signs in again. (In sessionStorage a duplicated
+// tab would share the refresh token, and the first rotation would make the other's a
+// reuse, which revokes the session.) One rotation at a time; a sign-out discards any
+// answer still on its way.
 // Everything a server or a client sent is put on the page as text, never as HTML.
 'use strict';
 
 (() => {
+  // A web sign-in returns with a one-time code in the address: take it out (and so out
+  // of history) before anything else runs.
+  const landing = new URL(window.location.href);
+  const loginCode = landing.searchParams.get('login_code');
+  if (loginCode !== null) {
+    landing.searchParams.delete('login_code');
+    window.history.replaceState(null, '', landing.pathname + landing.search + landing.hash);
+  }
+
   const ROOMS = ['metrics', 'alerts', 'security'];
   const POINTS = 60; // snapshots kept per sparkline (5 minutes at one per 5 s)
   const MAX_ITEMS = 50; // alert and security events kept on the page
-  const REFRESH_KEY = 'upcoach.refresh_token';
   const SVG = 'http://www.w3.org/2000/svg';
 
   const $ = (id) => document.getElementById(id);
@@ -19,6 +29,10 @@
   const state = {
     config: { providers: [], dev_sign_in: false },
     access: null,
+    accessExpiresAt: 0, // ms since the epoch
+    refreshToken: null,
+    renewing: null, // the rotation under way, which every caller shares
+    generation: 0, // bumped by sign-out: answers of an older one are dropped
     user: null,
     refreshTimer: null,
     retryTimer: null,
@@ -130,71 +144,86 @@
 
   function accept(tokens) {
     state.access = tokens.access_token;
+    state.refreshToken = tokens.refresh_token;
     state.user = tokens.user || state.user;
-    try {
-      window.sessionStorage.setItem(REFRESH_KEY, tokens.refresh_token);
-    } catch {
-      // Storage may be off; the tab then signs in again after a reload.
-    }
+    const seconds = Number(tokens.expires_in || 60);
+    state.accessExpiresAt = Date.now() + seconds * 1000;
     clearTimeout(state.refreshTimer);
-    const seconds = Math.max(5, Number(tokens.expires_in || 60) * 0.8);
-    state.refreshTimer = setTimeout(renew, seconds * 1000);
+    const generation = state.generation;
+    state.refreshTimer = setTimeout(() => {
+      renew().catch(() => {
+        if (generation === state.generation) retryLater();
+      });
+    }, Math.max(5, seconds * 0.8) * 1000);
   }
 
   function forget() {
+    state.generation += 1;
     clearTimeout(state.refreshTimer);
     clearTimeout(state.retryTimer);
+    closeSource();
     state.access = null;
+    state.refreshToken = null;
     state.user = null;
-    try {
-      window.sessionStorage.removeItem(REFRESH_KEY);
-    } catch {
-      // nothing stored
-    }
-  }
-
-  function storedRefreshToken() {
-    try {
-      return window.sessionStorage.getItem(REFRESH_KEY);
-    } catch {
-      return null;
-    }
+    state.renewing = null;
   }
 
   // Rotates the refresh token, then reopens the stream with the new access token (the
   // old stream ends at the old token's expiry); the cursor makes the switch lossless.
-  async function renew() {
-    const refreshToken = storedRefreshToken();
-    if (!refreshToken) {
-      forget();
-      showSignIn('Your session ended; sign in again.');
-      return false;
+  // Concurrent callers share one rotation: two with the same token would be a reuse.
+  // Resolves false when signed out (a 401: the session is over); rejects when the
+  // server could not be reached or asked to wait (a 429, a 5xx): try again later.
+  function renew() {
+    if (!state.renewing) {
+      const generation = state.generation;
+      state.renewing = rotate(generation).finally(() => {
+        if (generation === state.generation) state.renewing = null;
+      });
     }
+    return state.renewing;
+  }
+
+  async function rotate(generation) {
+    if (!state.refreshToken) return false;
+    let tokens;
     try {
-      accept(await api('POST', '/auth/refresh', { refresh_token: refreshToken }));
+      tokens = await api('POST', '/auth/refresh', { refresh_token: state.refreshToken });
     } catch (error) {
-      if (error instanceof ApiError && error.status >= 400 && error.status < 500) {
+      if (generation !== state.generation) return false;
+      if (error instanceof ApiError && error.status === 401) {
         forget();
         showSignIn(`Your session ended (${error.code}); sign in again.`);
         return false;
       }
-      throw error; // the server could not be reached: try again later
+      throw error;
     }
+    if (generation !== state.generation) return false; // signed out meanwhile
+    accept(tokens);
     if (!$('live').hidden) connect();
     return true;
   }
 
   async function signOut() {
-    const refreshToken = storedRefreshToken();
-    try {
-      await api('POST', '/auth/logout', refreshToken ? { refresh_token: refreshToken } : {});
-    } catch {
-      // Signed out here whatever the server said; the token expires on its own.
-    }
+    const refreshToken = state.refreshToken;
+    const access = state.access;
     forget();
     state.cursor = null;
     state.seqs.clear();
+    state.opened = false;
     showSignIn('');
+    if (access) {
+      try {
+        // The token is taken from the state above: send it explicitly.
+        await fetch('/auth/logout', {
+          method: 'POST',
+          headers: { authorization: `Bearer ${access}`, 'content-type': 'application/json' },
+          body: JSON.stringify(refreshToken ? { refresh_token: refreshToken } : {}),
+          credentials: 'same-origin',
+        });
+      } catch {
+        // Signed out here whatever the server said; the access token expires on its own.
+      }
+    }
   }
 
   // ---- going live -------------------------------------------------------------------
@@ -204,6 +233,7 @@
     state.user = user;
     $('sign-out').hidden = false;
     if (!(user.roles || []).includes('admin')) {
+      clearTimeout(state.refreshTimer); // nothing to keep alive: sign out, or in again
       showSignIn(`Signed in as ${who(user)}, who does not have the admin role the dashboard needs.`);
       return;
     }
@@ -238,9 +268,7 @@
   function connect() {
     closeSource();
     clearTimeout(state.retryTimer);
-    const query = new URLSearchParams({ rooms: ROOMS.join(','), access_token: state.access });
-    if (state.cursor) query.set('last_event_id', state.cursor);
-    const source = new EventSource(`/api/dashboard/realtime/sse?${query}`);
+    const source = new EventSource(streamUrl());
     state.source = source;
     if (state.opened) setConnection('reconnecting', 'Reconnecting…');
     source.addEventListener('open', () => {
@@ -252,8 +280,8 @@
     source.addEventListener('error', () => {
       if (state.source !== source) return;
       if (source.readyState === EventSource.CLOSED) {
-        // Refused (an expired token, the server gone behind a proxy): renew, then
-        // reopen from the cursor, backing off while it keeps failing.
+        // Refused (an expired token, the server gone behind a proxy): find out why,
+        // then reopen from the cursor, backing off while it keeps failing.
         state.source = null;
         setConnection('offline', 'Disconnected; retrying');
         retryLater();
@@ -278,17 +306,55 @@
     });
   }
 
+  function streamUrl() {
+    const query = new URLSearchParams({ rooms: ROOMS.join(','), access_token: state.access });
+    if (state.cursor) query.set('last_event_id', state.cursor);
+    return `/api/dashboard/realtime/sse?${query}`;
+  }
+
   function retryLater() {
     clearTimeout(state.retryTimer);
     const delay = state.retryDelay;
     state.retryDelay = Math.min(delay * 2, 30000);
-    state.retryTimer = setTimeout(async () => {
-      try {
-        if (await renew()) return; // renew reconnects
-      } catch {
-        retryLater();
-      }
+    const generation = state.generation;
+    state.retryTimer = setTimeout(() => {
+      reopen(generation).catch(() => {
+        if (generation === state.generation) retryLater();
+      });
     }, delay);
+  }
+
+  // EventSource does not say why it was refused, so ask once with fetch: a 401 renews
+  // the token, a 400 for the cursor starts afresh (saying events may be missing), a 403
+  // stops with the reason; a 429, a 5xx or no answer rejects, to be tried again later.
+  async function reopen(generation) {
+    if (generation !== state.generation) return;
+    if (Date.now() > state.accessExpiresAt - 60_000) {
+      await renew(); // reconnects when it succeeds
+      return;
+    }
+    const abort = new AbortController();
+    const response = await fetch(streamUrl(), { signal: abort.signal, cache: 'no-store' });
+    if (generation !== state.generation) return abort.abort();
+    if (response.ok) {
+      abort.abort();
+      connect();
+      return;
+    }
+    const body = parse(await response.text());
+    const error = (body && body.error) || {};
+    if (response.status === 401) {
+      await renew();
+    } else if (response.status === 400 && state.cursor) {
+      state.cursor = null;
+      state.seqs.clear();
+      for (const room of ROOMS) note(room, `The stream could not resume (${error.code}); events may have been skipped.`);
+      connect();
+    } else if (response.status === 400 || response.status === 403) {
+      setConnection('offline', `Refused: ${error.message || response.status}`);
+    } else {
+      throw new ApiError(response.status, error.code || 'http_error', error.message || '');
+    }
   }
 
   function parse(text) {
@@ -326,6 +392,7 @@
   // The JSON snapshot (GET .../metrics) and the `metrics` event differ in shape; both
   // become one.
   function normalize(data) {
+    if (!data || typeof data !== 'object') return { routes: [] };
     const routes = (data.routes || [])
       .map((route) =>
         route.window
@@ -455,7 +522,7 @@
       ...alerts.map((alert) => {
         const item = document.createElement('li');
         const head = text(`${alert.rule}: ${alert.level}`);
-        head.className = `level-${alert.level}`;
+        head.className = known(alert.level, LEVELS, 'level');
         item.append(head, text(` (value ${round(alert.value)}, threshold ${round(alert.threshold)})`), when(alert.since));
         return item;
       }),
@@ -469,7 +536,7 @@
     item.dataset.seq = String(envelope.seq);
     if (typeof data.rule === 'string') {
       const head = text(`${data.rule}: ${data.state || envelope.event}`);
-      head.className = `state-${data.state}`;
+      head.className = known(data.state, STATES, 'state');
       item.append(head);
       if (data.value !== undefined) item.append(text(` (value ${round(data.value)}, threshold ${round(data.threshold)})`));
     } else {
@@ -517,6 +584,14 @@
     while (list.childElementCount > MAX_ITEMS) list.lastElementChild.remove();
   }
 
+  const LEVELS = ['info', 'warning', 'error', 'critical'];
+  const STATES = ['firing', 'resolved'];
+
+  // A class for a value the server sent, from a fixed list only.
+  function known(value, list, prefix) {
+    return list.includes(value) ? `${prefix}-${value}` : '';
+  }
+
   function summary(data) {
     const json = JSON.stringify(data);
     return json && json.length > 200 ? `${json.slice(0, 200)}…` : String(json);
@@ -552,26 +627,8 @@
       // No settings: no buttons, and the page says so.
     }
     renderSignIn();
-    // A web sign-in returns here with a one-time code: take it out of the address bar
-    // (and so out of history) before anything else, then trade it for tokens.
-    const url = new URL(window.location.href);
-    const code = url.searchParams.get('login_code');
-    if (code !== null) {
-      url.searchParams.delete('login_code');
-      window.history.replaceState(null, '', url.pathname + url.search + url.hash);
-      await signIn(() => api('POST', '/auth/exchange', { login_code: code }));
-      return;
-    }
-    if (storedRefreshToken()) {
-      try {
-        if (await renew()) {
-          await start();
-          return;
-        }
-      } catch {
-        showSignIn('The server could not be reached; try again.');
-        return;
-      }
+    if (loginCode !== null) {
+      await signIn(() => api('POST', '/auth/exchange', { login_code: loginCode }));
       return;
     }
     showSignIn('');

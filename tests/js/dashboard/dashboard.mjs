@@ -10,7 +10,9 @@
 //      login code, and sees the page refuse the account for want of the admin role;
 //   1. opens /dashboard, signs in with the dev token and waits for "Live";
 //   2. makes requests and waits for the figures and the route table to show them;
-//   3. broadcasts an alert and waits for it to appear;
+//   3. broadcasts an alert and waits for it to appear, and a security event too;
+//      then jumps the page's clock to its token renewal and checks that the page
+//      rotated once (no reuse) and reopened its stream without loss;
 //   4. cuts the connection, broadcasts while the page is away, restores it, and checks
 //      that the page resumed with every event once (no gap, no repeat);
 //   5. with the services set: stops the server (which ends the stream) while the proxy
@@ -18,7 +20,8 @@
 //      page itself renews its token and reopens from its cursor), broadcasts on a new
 //      process, and checks the page resumed there without loss;
 //   6. saves screenshots at desktop and phone widths, and signs out.
-// Any console error (a Content-Security-Policy violation among them) fails the run.
+// Any console error (a Content-Security-Policy violation among them) fails the run,
+// except network errors while the script itself has the connection cut.
 // Exits 0 when all passed; prints what failed otherwise.
 
 import { spawn } from 'node:child_process';
@@ -201,12 +204,15 @@ async function main() {
     await stopServer(server);
   };
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  // The page's timers on a clock the script can jump (it runs in real time otherwise).
+  await context.clock.install();
   const page = await context.newPage();
   const problems = [];
+  let outage = false;
   page.on('console', (message) => {
-    // A connection cut on purpose shows as a network error, and the proxy's 502s (the
-    // server never answers 502) as failed loads; anything else is a problem.
-    const cut = /net::ERR_|status of 502/.test(message.text());
+    // While the script has the connection cut, failed loads and the proxy's 502s are
+    // expected; anything else is a problem.
+    const cut = outage && /net::ERR_|status of 502/.test(message.text());
     if (message.type() === 'error' && !cut) {
       problems.push(message.text());
     }
@@ -274,8 +280,24 @@ async function main() {
   );
   await page.screenshot({ path: path.join(artifacts, 'dashboard-desktop.png'), fullPage: true });
 
+  // ... and the renewal at 80% of the token's 15 minutes: one rotation, no reuse, the
+  // stream reopened from its cursor.
+  const reuses = () => page.locator('#security li', { hasText: 'refresh_token_reused' }).count();
+  const [reusedBefore, reconnectsBefore] = [await reuses(), Number(await text('#reconnects'))];
+  await page.clock.fastForward('12:01');
+  await waitFor('the stream reopened after the renewal', async () =>
+    Number(await text('#reconnects')) > reconnectsBefore,
+  );
+  await page.locator('#connection[data-state="live"]').waitFor({ timeout: 15_000 });
+  await broadcast(11);
+  await waitFor('an alert after the renewal', async () => (await shown(11)) === 1);
+  if ((await reuses()) !== reusedBefore) throw new Error('the renewal was taken for a reuse');
+  if ((await text('#missing')) !== '0') throw new Error(`missing after the renewal: ${await text('#missing')}`);
+  log(`renewed: reconnects ${await text('#reconnects')}`);
+
   // 4. Cut the connection; what is published meanwhile arrives after it comes back.
   const seqsBefore = await page.locator('#alerts li').evaluateAll((items) => items.map((i) => Number(i.dataset.seq)));
+  outage = true;
   proxy.cut();
   await page.locator('#connection:not([data-state="live"])').waitFor({ timeout: 15_000 });
   log(`cut: the page says "${await text('#connection')}"`);
@@ -290,11 +312,13 @@ async function main() {
     (await Promise.all([2, 3, 4].map(shown))).every((count) => count === 1),
   );
   await checkNoLoss(page, seqsBefore, 3);
+  outage = false;
   log(`resumed after a cut: reconnects ${await text('#reconnects')}, missing ${await text('#missing')}`);
 
   // 5. The server ends the stream: a new process takes over, and the page resumes there.
   if (services) {
     const before = await page.locator('#alerts li').evaluateAll((items) => items.map((i) => Number(i.dataset.seq)));
+    outage = true;
     proxy.cut('bad-gateway');
     await stopServer(server);
     await page.locator('#connection[data-state="offline"]').waitFor({ timeout: 15_000 });
@@ -308,6 +332,7 @@ async function main() {
       (await Promise.all([5, 6].map(shown))).every((count) => count === 1),
     30_000);
     await checkNoLoss(page, before, 2);
+    outage = false;
     log(`resumed on a new process: missing ${await text('#missing')}`);
   } else {
     log('REDIS_URL and DATABASE_URL unset: the restart step needs them, skipped');
