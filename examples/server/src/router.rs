@@ -109,8 +109,8 @@ const ROUTES: &[(Method, &str, Endpoint)] = &[
         E::AppleNotifications,
     ),
     (Method::GET, "/.well-known/jwks.json", E::Jwks),
+    // Labels only: every path under /dashboard goes to the page's crate (`route`).
     (Method::GET, "/dashboard", E::Dashboard),
-    (Method::GET, "/dashboard/", E::Dashboard),
     (Method::GET, "/dashboard/{file}", E::Dashboard),
 ];
 
@@ -222,6 +222,12 @@ pub(crate) fn handle(app: &Arc<App>, request: Request<Incoming>) -> RouteFuture 
 /// ([`UNMATCHED`] for a 404, a 405 or an undecodable path).
 fn route(app: &Arc<App>, request: Request<Incoming>) -> (&'static str, Answer) {
     let unmatched = |answer| (UNMATCHED, Box::pin(std::future::ready(answer)) as Answer);
+    // Under /dashboard the page's crate answers all (404, 405), with its headers.
+    let (method, path) = (request.method(), request.uri().path());
+    if let Some(answer) = app.dashboard.answer(method, path, request.headers()) {
+        let template = ["/dashboard/{file}", "/dashboard"][usize::from(path == "/dashboard")];
+        return (template, Box::pin(std::future::ready(boxed(answer))));
+    }
     let Ok(matched) = ROUTER.at(request.uri().path()) else {
         return unmatched(error(&ApiError::not_found()));
     };
@@ -254,12 +260,6 @@ fn route(app: &Arc<App>, request: Request<Incoming>) -> (&'static str, Answer) {
     };
     // Each endpoint's future is boxed on its own: `/health` (polled by load balancers)
     // moves a few hundred bytes, not the kilobytes of the largest routes' futures.
-    if endpoint == E::Dashboard {
-        let (method, path) = (request.method(), request.uri().path());
-        let answer = app.dashboard.answer(method, path, request.headers());
-        let answer = answer.unwrap_or_else(|| error_response(&ApiError::not_found()));
-        return (template, Box::pin(std::future::ready(boxed(answer))));
-    }
     let app = app.clone();
     let answer: Answer = match endpoint {
         E::Health => Box::pin(async move { crate::routes::health(&app).await }),

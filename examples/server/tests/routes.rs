@@ -321,11 +321,57 @@ async fn the_dashboard_page_is_served_with_its_policy_and_the_servers_sign_in_op
         settings.json,
         serde_json::json!({"providers": [], "dev_sign_in": false})
     );
-    let missing = server.get("/dashboard/nope.js").await;
-    assert_eq!(missing.status, StatusCode::NOT_FOUND);
-    assert_eq!(missing.json["error"]["code"], "not_found");
-    let posted = request(server.addr, Method::POST, "/dashboard", None).await;
-    assert_eq!(posted.status, StatusCode::METHOD_NOT_ALLOWED);
+    // Every answer under /dashboard, refusals too, carries the page's headers.
+    for (method, path, status, code) in [
+        (
+            Method::GET,
+            "/dashboard/nope.js",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/dashboard/a/b",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/dashboard/%ff",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "//dashboard.js",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/dashboard",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ] {
+        let (got, headers, body) =
+            support::raw(server.addr, method.clone(), path, None, None).await;
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}"
+        );
+        if path.starts_with("/dashboard") {
+            assert_eq!(
+                headers["content-security-policy"], policy,
+                "{method} {path}"
+            );
+            assert_eq!(headers["x-frame-options"], "DENY", "{method} {path}");
+        }
+    }
+    let (_, headers, _) = support::raw(server.addr, Method::POST, "/dashboard", None, None).await;
+    assert_eq!(headers["allow"], "GET, HEAD");
     server.stop().await;
 
     let server = Running::start(ServerConfig::default(), dev()).await;
