@@ -32,7 +32,7 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use axum::{Router, http::StatusCode};
 use upcoach_auth::config::AuthConfig;
 use upcoach_auth::http::AuthRoutes;
@@ -74,6 +74,9 @@ pub struct App {
     pub dev: bool,
     /// Rate limits in front of the routes (in memory).
     pub limits: RateLimitLayer,
+    /// The dashboard page under `/dashboard` (its live figures need the `metrics` room,
+    /// which this example does not feed; alerts and security events come through).
+    pub dashboard: upcoach_dashboard::Dashboard,
 }
 
 impl App {
@@ -141,8 +144,14 @@ impl App {
             Arc::new(MemoryTagVersions::default()),
             TieredOptions::default(),
         ));
+        let sessions = Arc::new(sessions.build());
+        let dashboard = upcoach_dashboard::Dashboard::new(&upcoach_dashboard::DashboardConfig {
+            providers: sessions.provider_names(),
+            dev_sign_in: dev,
+        });
         Ok(Self {
-            auth: AuthRoutes::new(Arc::new(sessions.build())),
+            auth: AuthRoutes::new(sessions),
+            dashboard,
             hub,
             verifier,
             requests: Arc::new(RequestMetrics::new(RouteTable::new(templates())?)),
@@ -223,6 +232,10 @@ fn table() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
             "/dev/token",
             post(async |State(app): AppState, r: Request| app.auth.dev_token(r).await),
         ),
+        // Every method and path under /dashboard: the page's crate answers (404, 405).
+        ("/dashboard", any(dashboard)),
+        ("/dashboard/", any(dashboard)),
+        ("/dashboard/{*file}", any(dashboard)),
         (
             "/api/dashboard/realtime/ws",
             get(async |State(app): AppState, r: Request| app.hub.websocket(r).await),
@@ -244,6 +257,15 @@ fn table() -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
             ),
         ),
     ]
+}
+
+/// The dashboard's page and files ([`upcoach_dashboard::Dashboard::answer`]).
+async fn dashboard(State(app): AppState, request: Request) -> Response {
+    let (method, path) = (request.method(), request.uri().path());
+    match app.dashboard.answer(method, path, request.headers()) {
+        Some(answer) => answer,
+        None => error(&ApiError::not_found()),
+    }
 }
 
 async fn callback(State(app): AppState, Param(provider): Param, request: Request) -> Response {

@@ -203,3 +203,61 @@ async fn every_auth_route_answers_as_the_reference_server_does() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_dashboard_answers_as_the_reference_server_does() {
+    let Some(provider) = OidcProvider::start().await else {
+        return;
+    };
+    let (axum, _) = support::start_axum(&provider, false).await;
+    let server = support::start_server(&provider).await;
+    for (method, path) in [
+        (Method::GET, "/dashboard"),
+        (Method::GET, "/dashboard/"),
+        (Method::GET, "/dashboard/dashboard.js"),
+        (Method::GET, "/dashboard/config.json"),
+        (Method::HEAD, "/dashboard/dashboard.css"),
+        (Method::GET, "/dashboard/nope.txt"),
+        (Method::GET, "/dashboard/a/b"),
+        (Method::POST, "/dashboard"),
+    ] {
+        let (ours, theirs) = (
+            support::send(method.clone(), &format!("http://{axum}{path}"), &[], "").await,
+            support::send(method.clone(), &format!("http://{server}{path}"), &[], "").await,
+        );
+        let headers = |answer: &support::Answer| {
+            [
+                "content-type",
+                "content-security-policy",
+                "etag",
+                "x-frame-options",
+            ]
+            .map(|h| {
+                answer
+                    .headers
+                    .get(h)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            })
+        };
+        assert_eq!(
+            (ours.status, headers(&ours), &ours.body),
+            (theirs.status, headers(&theirs), &theirs.body),
+            "{method} {path}"
+        );
+        assert!(
+            headers(&ours)[1].is_some(),
+            "{path}: a policy on every answer"
+        );
+    }
+    let config = support::send(
+        Method::GET,
+        &format!("http://{axum}/dashboard/config.json"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(
+        config.json(),
+        serde_json::json!({"providers": ["google"], "dev_sign_in": false})
+    );
+}
