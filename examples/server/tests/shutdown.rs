@@ -138,7 +138,8 @@ async fn the_binary_serves_in_memory_and_exits_cleanly_on_sigterm() {
         }
     };
     assert!(
-        log.iter().any(|l| l.contains("in-memory backends")),
+        log.iter()
+            .any(|l| l.contains("postgres=in-memory") && l.contains("redis=in-memory")),
         "{log:#?}"
     );
 
