@@ -53,6 +53,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use upcoach_core::http::{ApiError, error_response};
 
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Where the page lives: `GET /dashboard` is the page, `GET /dashboard/<file>` its files.
 pub const PATH: &str = "/dashboard";
 

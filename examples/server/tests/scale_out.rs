@@ -236,34 +236,27 @@ async fn dev_token(addr: SocketAddr, roles: Value) -> Value {
     tokens
 }
 
-/// The open SSE connections of one process.
-async fn sse_count(process: SocketAddr, admin: &str) -> u64 {
+/// The open WebSocket and SSE connections of one process.
+async fn connections(process: SocketAddr, admin: &str) -> (u64, u64) {
+    let path = "/api/dashboard/realtime/status";
     let (status, body) = call(
         process,
         "127.0.0.1",
         Method::GET,
-        "/api/dashboard/realtime/status",
+        path,
         Some(admin),
         None,
         &[],
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    body["connections"]["sse"].as_u64().unwrap()
+    let count = |kind: &str| body["connections"][kind].as_u64().unwrap();
+    (count("ws"), count("sse"))
 }
 
-async fn ws_count(process: SocketAddr, admin: &str) -> u64 {
-    let (_, body) = call(
-        process,
-        "127.0.0.1",
-        Method::GET,
-        "/api/dashboard/realtime/status",
-        Some(admin),
-        None,
-        &[],
-    )
-    .await;
-    body["connections"]["ws"].as_u64().unwrap()
+/// The open SSE connections of one process.
+async fn sse_count(process: SocketAddr, admin: &str) -> u64 {
+    connections(process, admin).await.1
 }
 
 /// An SSE stream being read.
@@ -450,10 +443,7 @@ async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
         streams.push(Sse::open(lb, ROOM, &admin, None).await);
     }
     for process in [a.addr, b.addr] {
-        let (ws, sse) = (
-            ws_count(process, &admin).await,
-            sse_count(process, &admin).await,
-        );
+        let (ws, sse) = connections(process, &admin).await;
         assert!(
             ws >= 1 && sse >= 1,
             "{process}: {ws} WebSockets, {sse} SSE\n{}",
