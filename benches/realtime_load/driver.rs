@@ -309,6 +309,20 @@ impl Fleet {
     /// Starts the client processes against `servers` (connection `i` of a process goes
     /// to server `i % servers`) and waits until every connection is open or failed.
     pub(crate) async fn open(plan: &FleetPlan, servers: &[&Server]) -> Res<Self> {
+        Self::open_via(plan, servers, None).await
+    }
+
+    /// [`open`](Self::open), every connection to `via` (a load balancer in front of
+    /// `servers`) when given, with tokens from the first server.
+    pub(crate) async fn open_via(
+        plan: &FleetPlan,
+        servers: &[&Server],
+        via: Option<std::net::SocketAddr>,
+    ) -> Res<Self> {
+        let servers = match via {
+            Some(_) => &servers[..1],
+            None => servers,
+        };
         let started = Instant::now();
         let mut procs = Vec::new();
         let processes = plan.processes.max(1);
@@ -319,7 +333,10 @@ impl Fleet {
             for server in servers {
                 tokens.push(server.token(&[]).await?);
             }
-            let targets: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+            let targets: Vec<String> = servers
+                .iter()
+                .map(|s| via.unwrap_or(s.addr).to_string())
+                .collect();
             let args = vec![
                 "--role".to_owned(),
                 "client".to_owned(),

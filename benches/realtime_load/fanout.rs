@@ -49,8 +49,17 @@ pub(crate) async fn fanout(s: &Settings, redis: Option<&SharedRedis>) -> Res<()>
                 continue;
             }
             let redis = match (label, redis) {
-                ("ours+redis", None) => continue,
-                ("ours+redis", Some(redis)) => Some(redis),
+                ("ours+redis" | "ours+nginx", None) => {
+                    println!("\nfan-out: {label} needs REDIS_URL: skipped");
+                    continue;
+                }
+                ("ours+nginx", _) if crate::nginx::Nginx::binary().is_none() => {
+                    println!(
+                        "\nfan-out: {label} needs nginx (apt-get install nginx-light): skipped"
+                    );
+                    continue;
+                }
+                ("ours+redis" | "ours+nginx", Some(redis)) => Some(redis),
                 _ => None,
             };
             steps.extend(fanout_run(s, label, round, redis).await?);
@@ -87,6 +96,12 @@ async fn fanout_run(
         .collect();
     let reading = subscriber.as_ref().unwrap_or(&publisher);
     let admin = publisher.token(&["admin"]).await?;
+    // ours+nginx: both processes behind nginx; subscribers and publishes go through it.
+    let nginx = match label {
+        "ours+nginx" => Some(crate::nginx::Nginx::start(&[publisher.addr, reading.addr]).await?),
+        _ => None,
+    };
+    let via = nginx.as_ref().map(|n| n.addr);
     let plan = FleetPlan {
         transport: kind.ws_transport(),
         connections: s.connections,
@@ -94,7 +109,7 @@ async fn fanout_run(
         concurrency: s.concurrency,
         room: room.to_owned(),
     };
-    let mut fleet = Fleet::open(&plan, &[reading]).await?;
+    let mut fleet = Fleet::open_via(&plan, &[reading], via).await?;
     println!(
         "  {} subscribed ({} failed) in {:.1} s",
         fleet.connected,
@@ -107,12 +122,15 @@ async fn fanout_run(
     let mut steps = Vec::new();
     for &rate in &s.rates {
         fleet.reset().await?;
-        let server_cpu0: f64 = servers.iter().map(|s| s.proc.cpu_seconds()).sum();
+        let nginx_cpu = || nginx.as_ref().map_or(0.0, |n| n.cpu_seconds());
+        let server_cpu0: f64 =
+            servers.iter().map(|s| s.proc.cpu_seconds()).sum::<f64>() + nginx_cpu();
         let client_cpu0 = fleet.cpu_seconds();
         let machine0 = machine_ticks();
-        let published = publish(publisher.addr, &admin, room, rate, window).await;
+        let published = publish(via.unwrap_or(publisher.addr), &admin, room, rate, window).await;
         let (in_window, _) = fleet.count().await?;
-        let server_cpu = servers.iter().map(|s| s.proc.cpu_seconds()).sum::<f64>() - server_cpu0;
+        let server_cpu =
+            servers.iter().map(|s| s.proc.cpu_seconds()).sum::<f64>() + nginx_cpu() - server_cpu0;
         let client_cpu = fleet.cpu_seconds() - client_cpu0;
         let machine1 = machine_ticks();
         let expected = published.accepted * subscribers;
@@ -176,6 +194,9 @@ async fn fanout_run(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     fleet.quit().await;
+    if let Some(nginx) = nginx {
+        nginx.stop();
+    }
     publisher.stop().await;
     if let Some(subscriber) = subscriber {
         subscriber.stop().await;
@@ -338,6 +359,7 @@ fn print_fanout(s: &Settings, steps: &[Step]) {
         }));
     }
     ratios.print("Ours against the bare tokio-tungstenite loop and socketioxide, and the Redis broadcaster's added latency (goals: ours / bare >= 0.8x; p99 <= 25 ms at 10 publishes/s; >= 500,000 events/s)");
+    print_nginx(s, steps);
     if !goals.is_empty() {
         println!(
             "\nGoals against socketioxide and the bare loop (ours' best sustained delivered/s >= 1.2x socketioxide's with every event delivered; ours' p99 at the lowest rate <= 0.8x the bare loop's):"
@@ -346,6 +368,78 @@ fn print_fanout(s: &Settings, steps: &[Step]) {
             println!("  {line}");
         }
     }
+}
+
+/// `ours+nginx` against `ours` direct, rate by rate and at their best sustained: what
+/// the hop through nginx and the second process change.
+fn print_nginx(s: &Settings, steps: &[Step]) {
+    if !steps.iter().any(|st| st.label == "ours+nginx") {
+        return;
+    }
+    let mut table = Table::new(&[
+        "round",
+        "publishes/s",
+        "ours delivered/s",
+        "ours+nginx delivered/s",
+        "nginx / direct",
+        "ours p99",
+        "ours+nginx p99",
+        "p99 nginx / direct",
+        "ours CPU",
+        "ours+nginx CPU (2 servers + nginx)",
+    ]);
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.3}", a / b)
+        } else {
+            "-".to_owned()
+        }
+    };
+    let cell = |st: Option<&Step>, f: &dyn Fn(&Step) -> String| st.map_or("-".to_owned(), f);
+    let pair = |a: Option<&Step>, b: Option<&Step>, f: &dyn Fn(&Step) -> f64| match (a, b) {
+        (Some(a), Some(b)) => ratio(f(a), f(b)),
+        _ => "-".to_owned(),
+    };
+    for round in 1..=s.rounds {
+        let find = |label: &str, rate: f64| {
+            (steps.iter()).find(|st| st.label == label && st.round == round && st.rate == rate)
+        };
+        let best = |label: &str| {
+            (steps.iter())
+                .filter(|st| st.label == label && st.round == round && st.sustained)
+                .max_by(|a, b| a.delivered.total_cmp(&b.delivered))
+        };
+        let rows = s.rates.iter().map(|&rate| {
+            (
+                format!("{rate}"),
+                find("ours", rate),
+                find("ours+nginx", rate),
+            )
+        });
+        let rows = rows.chain([(
+            "best sustained".to_owned(),
+            best("ours"),
+            best("ours+nginx"),
+        )]);
+        for (rate, direct, nginx) in rows {
+            if direct.is_none() && nginx.is_none() {
+                continue;
+            }
+            table.row(vec![
+                round.to_string(),
+                rate,
+                cell(direct, &|st| thousands(st.delivered as u64)),
+                cell(nginx, &|st| thousands(st.delivered as u64)),
+                pair(nginx, direct, &|st| st.delivered),
+                cell(direct, &|st| ms(st.p99_us)),
+                cell(nginx, &|st| ms(st.p99_us)),
+                pair(nginx, direct, &|st| st.p99_us as f64),
+                cell(direct, &|st| format!("{:.0}%", st.server_cpu * 100.0)),
+                cell(nginx, &|st| format!("{:.0}%", st.server_cpu * 100.0)),
+            ]);
+        }
+    }
+    table.print("Through nginx to two of ours sharing Redis, against one of ours direct (same subscribers, same client load)");
 }
 
 /// The goal lines of one round: ours' best sustained delivered/s against socketioxide's

@@ -13,7 +13,8 @@
 //! processes (2; `hold`: 4), `--concurrency N` handshakes in flight per client process
 //! (32), `--rates 10,20,40,...` publishes/s for `fanout`, `--seconds N` per rate (10),
 //! `--rounds N` (1), `--runs ours,bare,socketio,ours+redis` (which fan-out runs; that is
-//! the default), `--hold-connections N` (50000), `--hold-servers N` (3),
+//! the default; `ours+nginx` adds two of ours sharing Redis behind nginx, with
+//! subscribers and publishes through it, against `ours` direct), `--hold-connections N` (50000), `--hold-servers N` (3),
 //! `--hold-seconds N` (30). The Redis parts need `REDIS_URL` (skipped, said so, without
 //! it); they write under a fresh `CACHE_PREFIX` and delete it afterwards.
 //!
@@ -34,6 +35,7 @@ mod client;
 mod driver;
 mod fanout;
 mod http;
+mod nginx;
 mod report;
 mod scenarios;
 mod server;
