@@ -83,6 +83,11 @@ pub(crate) fn run_ours(args: &Args) -> ExitCode {
         // Every client comes from 127.0.0.1: per-address rate limits would measure
         // themselves, not the fan-out.
         "RATE_LIMIT_REALTIME_CONNECT" | "RATE_LIMIT_REALTIME_BROADCAST" => Some("off".into()),
+        // Servers sharing Redis share a signing key, so a token from one is good on the
+        // others (as behind a load balancer): the seed [7; 32].
+        "AUTH_SIGNING_KEY" if redis.is_some() => {
+            Some("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc".into())
+        }
         _ => None,
     });
     let config = match config {
