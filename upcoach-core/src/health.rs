@@ -94,6 +94,62 @@ impl Check {
     }
 }
 
+/// A [`Check`] run at most once per `fresh` however many ask: a public `/health` route
+/// (load balancers poll it, and so can anyone) then costs each dependency one probe
+/// per `fresh`, not one per request, and a flood of it cannot take the database
+/// pool's connections from real requests. Callers arriving while a probe runs wait
+/// for it and share its answer.
+///
+/// ```
+/// use std::time::Duration;
+/// use upcoach_core::health::SharedCheck;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let shared = SharedCheck::new(Duration::from_secs(1));
+/// let probes = std::sync::atomic::AtomicU32::new(0);
+/// for _ in 0..3 {
+///     shared
+///         .run(|| async {
+///             probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///             Ok::<_, ()>(Duration::from_millis(1))
+///         })
+///         .await;
+/// }
+/// assert_eq!(probes.into_inner(), 1, "one probe for three checks within a second");
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct SharedCheck {
+    fresh: Duration,
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Check)>>,
+}
+
+impl SharedCheck {
+    /// Answers repeat a probe's for `fresh` (1 s suits a `/health` route).
+    pub fn new(fresh: Duration) -> Self {
+        Self {
+            fresh,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The last check if it is fresh, else [`Check::run`] of `probe()`.
+    pub async fn run<E, F>(&self, probe: impl FnOnce() -> F) -> Check
+    where
+        F: Future<Output = Result<Duration, E>>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((at, check)) = &*last
+            && at.elapsed() < self.fresh
+        {
+            return check.clone();
+        }
+        let check = Check::run(probe()).await;
+        *last = Some((tokio::time::Instant::now(), check.clone()));
+        check
+    }
+}
+
 /// One gauge reading, as a crate reports its state for a metrics sink: name, labels and
 /// value (`cache_hits{tier="l1"} 42`). Each crate's stats say which gauges they make.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,5 +174,58 @@ impl Gauge {
             labels,
             value,
         }
+    }
+}
+
+#[cfg(test)]
+mod shared_check_tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    async fn probe(count: &AtomicU32) -> Result<Duration, ()> {
+        count.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(Duration::from_millis(50))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_callers_share_one_probe_and_a_stale_answer_is_probed_again() {
+        let shared = Arc::new(SharedCheck::new(Duration::from_secs(1)));
+        let count = Arc::new(AtomicU32::new(0));
+        let mut waiting = Vec::new();
+        for _ in 0..20 {
+            let (shared, count) = (shared.clone(), count.clone());
+            waiting.push(tokio::spawn(
+                async move { shared.run(|| probe(&count)).await },
+            ));
+        }
+        for check in waiting {
+            assert_eq!(check.await.unwrap().status, Status::Ok);
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "twenty callers, one probe");
+
+        tokio::time::advance(Duration::from_millis(900)).await;
+        shared.run(|| probe(&count)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 1, "still fresh");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        shared.run(|| probe(&count)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2, "stale: probed again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_is_shared_too_and_retried_once_stale() {
+        let shared = SharedCheck::new(Duration::from_secs(1));
+        let down = shared.run(|| async { Err::<Duration, _>("refused") }).await;
+        assert_eq!(down.status, Status::Down);
+        let again = shared
+            .run(|| async { Ok::<_, ()>(Duration::from_millis(1)) })
+            .await;
+        assert_eq!(again, down, "within a second the answer stands");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let up = shared
+            .run(|| async { Ok::<_, ()>(Duration::from_millis(1)) })
+            .await;
+        assert_eq!(up.status, Status::Ok);
     }
 }

@@ -13,7 +13,7 @@ use upcoach_auth::threat::{self, ThreatDetector};
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
 use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, PgEventLog};
-use upcoach_core::health::Gauge;
+use upcoach_core::health::{Gauge, SharedCheck};
 use upcoach_core::http::protect::{RateLimit, RateLimitLayer};
 use upcoach_core::limit::{MemoryLimiter, RateLimiter, RedisLimiter};
 use upcoach_core::postgres::{self, MeteredPool, PgError, PgPoolConfig};
@@ -99,6 +99,8 @@ pub struct App {
     pub(crate) perf: Arc<PerfMonitor>,
     pub(crate) slow_queries: Arc<SlowQueryLog>,
     pub(crate) started: Instant,
+    /// `/health`'s Postgres, Redis and cache probes: each at most once a second.
+    pub(crate) probes: [SharedCheck; 3],
     pub(crate) hub: Hub,
     /// Sign-in, when the server has a signing key.
     pub(crate) auth: Option<AuthRoutes>,
@@ -314,6 +316,7 @@ impl App {
             perf,
             slow_queries: sinks.slow_queries,
             started: Instant::now(),
+            probes: std::array::from_fn(|_| SharedCheck::new(Duration::from_secs(1))),
             hub,
             auth,
             dashboard,

@@ -104,13 +104,9 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
     let app = match App::start(config, options).await {
         Ok(app) => app,
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            tracing::error!(error = %message, "could not start");
+            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
+            let message: Vec<String> = chain.map(ToString::to_string).collect();
+            tracing::error!(error = %message.join(": "), "could not start");
             return ExitCode::FAILURE;
         }
     };

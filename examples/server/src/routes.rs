@@ -201,14 +201,18 @@ fn put_check(out: &mut Vec<u8>, key: &str, check: &Check) {
 /// or Redis is down. The cache fails open (its L2 down is degraded); realtime keeps
 /// serving this process's events while its broker is away (degraded).
 pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
-    // The service probes are boxed: their futures are kilobytes, which every request
-    // would otherwise carry (and move) whether or not the service is configured.
+    // Each probe runs at most once a second whoever asks (`App::probes`); boxed, as
+    // their futures are kilobytes every request would otherwise carry.
+    let [pg, rd, l2] = &app.probes;
     let postgres = async {
         let pool = app.backends.postgres.as_ref()?;
-        Some(Box::pin(Check::run(upcoach_core::postgres::ping(pool))).await)
+        Some(Box::pin(pg.run(|| upcoach_core::postgres::ping(pool))).await)
     };
-    let redis = async { Some(Box::pin(Check::run(app.backends.redis.as_ref()?.ping())).await) };
-    let cache = async { Check::run(app.cache.health()).await.failing_open() };
+    let redis = async {
+        let redis = app.backends.redis.as_ref()?;
+        Some(Box::pin(rd.run(|| redis.ping())).await)
+    };
+    let cache = async { l2.run(|| app.cache.health()).await.failing_open() };
     let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
     let broker = app.hub.broker_state();
     let realtime = if broker.connected {

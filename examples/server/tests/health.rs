@@ -136,7 +136,10 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
     }
 
     pg_proxy.cut();
-    let answer = server.get("/health").await;
+    let answer = until(&server, |json| {
+        json["checks"]["postgres"]["status"] == "down"
+    })
+    .await;
     assert_eq!(
         answer.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -155,7 +158,11 @@ async fn with_services_health_reports_each_check_and_follows_outages() {
     pg_proxy.restore();
 
     redis_proxy.cut();
-    let answer = server.get("/health").await;
+    // The cache's probe (its L2 is this Redis) keeps its own second.
+    let answer = until(&server, |json| {
+        json["checks"]["redis"]["status"] == "down" && json["checks"]["cache"]["status"] != "ok"
+    })
+    .await;
     assert_eq!(
         answer.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -233,4 +240,17 @@ async fn a_configured_service_that_does_not_answer_stops_the_start() {
         text.contains("Postgres") && !text.contains("secretpw"),
         "{text}"
     );
+}
+
+/// `/health` once `ready` holds of its body (or after 5 s): each probe runs at most
+/// once a second (shared by every caller), so an outage shows within about a second.
+async fn until(server: &Running, ready: impl Fn(&serde_json::Value) -> bool) -> support::Answer {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = server.get("/health").await;
+        if ready(&answer.json) || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
