@@ -5,7 +5,8 @@
 #   REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
 #     deploy/scale-out.sh [--processes N] [--listen 127.0.0.1:8080] [-- server flags, e.g. --dev]
 #
-# Builds the server (release), starts the processes on the ports after the listen port,
+# Builds the server (release), starts the processes on 127.0.0.1 at the ports after the
+# listen port (never on the listen host: clients reach them only through nginx),
 # renders deploy/nginx/upcoach.conf.in into target/scale-out/ and runs nginx in the
 # foreground; Ctrl-C stops everything. nginx connects to the processes from 127.0.0.2,
 # and only that address is in their TRUSTED_PROXIES. AUTH_SIGNING_KEY is made up (and
@@ -37,9 +38,10 @@ export TRUSTED_PROXIES=127.0.0.2
 export UPCOACH_PUBLIC_URL=${UPCOACH_PUBLIC_URL:-http://$listen}
 
 cargo build --release -q -p upcoach-server
+target_dir=${CARGO_TARGET_DIR:-target}
 run_dir=$PWD/target/scale-out
 mkdir -p "$run_dir"
-host=${listen%:*} port=${listen##*:}
+port=${listen##*:}
 pids=()
 servers=""
 cleanup() {
@@ -48,8 +50,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 for i in $(seq 1 "$processes"); do
-  addr=$host:$((port + i))
-  UPCOACH_ADDR=$addr target/release/upcoach-server "${server_args[@]}" \
+  addr=127.0.0.1:$((port + i))
+  UPCOACH_ADDR=$addr "$target_dir/release/upcoach-server" "${server_args[@]}" \
     2> "$run_dir/server-$i.log" &
   pids+=($!)
   servers+="        server $addr max_fails=1 fail_timeout=2s;"$'\n'

@@ -1,6 +1,7 @@
 //! nginx in front of our servers for the `ours+nginx` fan-out run: the configuration of
 //! `deploy/nginx/upcoach.conf.in`, sized for 10,000 proxied WebSockets (two workers,
-//! `reuseport`, each worker's open-file limit raised, no access log).
+//! `reuseport`, each worker's open-file limit raised, no access log, and no cap per
+//! client address: each client process holds thousands of the connections).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,10 +10,19 @@ use std::time::Duration;
 
 use crate::driver::Res;
 
-/// A running nginx, stopped with SIGTERM (its workers outlive a SIGKILLed master).
+/// A running nginx, stopped with SIGTERM (its workers outlive a SIGKILLed master),
+/// also when dropped on an error.
 pub(crate) struct Nginx {
     child: Child,
     pub(crate) addr: SocketAddr,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            terminate(&mut self.child);
+        }
+    }
 }
 
 impl Nginx {
@@ -36,11 +46,10 @@ impl Nginx {
             .map(|a| format!("        server {a} max_fails=1 fail_timeout=2s;"))
             .collect();
         let config = std::fs::read_to_string(template)?
-            .replace(
-                "worker_processes 1;",
-                "worker_processes 2;\nworker_rlimit_nofile 19500;",
-            )
+            .replace("worker_processes 1;", "worker_processes 2;")
+            .replace("worker_rlimit_nofile 16384;", "worker_rlimit_nofile 19500;")
             .replace("worker_connections 8192;", "worker_connections 19000;")
+            .replace("limit_conn per_client 256;", "")
             .replace("access_log @RUN_DIR@/access.log;", "access_log off;")
             .replace("listen @LISTEN@;", "listen @LISTEN@ reuseport;")
             .replace("@LISTEN@", &addr.to_string())
@@ -96,17 +105,22 @@ impl Nginx {
         ticks as f64 / 100.0
     }
 
-    pub(crate) fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub(crate) fn stop(self) {
+        drop(self);
     }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..200 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
