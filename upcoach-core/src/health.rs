@@ -98,7 +98,9 @@ impl Check {
 /// (load balancers poll it, and so can anyone) then costs each dependency one probe
 /// per `fresh`, not one per request, and a flood of it cannot take the database
 /// pool's connections from real requests. Callers arriving while a probe runs wait
-/// for it and share its answer.
+/// for it and share its answer. The probe runs in a task of its own, so a caller that
+/// gives up (a client gone) neither loses it nor makes the next caller start over: a
+/// caller waits at most [`CHECK_TIMEOUT`] for a probe under way, plus its own.
 ///
 /// ```
 /// use std::time::Duration;
@@ -106,22 +108,23 @@ impl Check {
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let shared = SharedCheck::new(Duration::from_secs(1));
-/// let probes = std::sync::atomic::AtomicU32::new(0);
+/// let probes = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
 /// for _ in 0..3 {
+///     let probes = probes.clone();
 ///     shared
-///         .run(|| async {
+///         .run(|| async move {
 ///             probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 ///             Ok::<_, ()>(Duration::from_millis(1))
 ///         })
 ///         .await;
 /// }
-/// assert_eq!(probes.into_inner(), 1, "one probe for three checks within a second");
+/// assert_eq!(probes.load(std::sync::atomic::Ordering::Relaxed), 1, "one probe for three checks");
 /// # });
 /// ```
 #[derive(Debug)]
 pub struct SharedCheck {
     fresh: Duration,
-    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Check)>>,
+    last: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Check)>>>,
 }
 
 impl SharedCheck {
@@ -129,24 +132,34 @@ impl SharedCheck {
     pub fn new(fresh: Duration) -> Self {
         Self {
             fresh,
-            last: tokio::sync::Mutex::new(None),
+            last: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
-    /// The last check if it is fresh, else [`Check::run`] of `probe()`.
+    /// The last check if it is fresh, else [`Check::run`] of `probe()` in a task of its
+    /// own (a probe that panics counts as down).
     pub async fn run<E, F>(&self, probe: impl FnOnce() -> F) -> Check
     where
-        F: Future<Output = Result<Duration, E>>,
+        F: Future<Output = Result<Duration, E>> + Send + 'static,
+        E: Send + 'static,
     {
-        let mut last = self.last.lock().await;
+        let mut last = self.last.clone().lock_owned().await;
         if let Some((at, check)) = &*last
             && at.elapsed() < self.fresh
         {
             return check.clone();
         }
-        let check = Check::run(probe()).await;
-        *last = Some((tokio::time::Instant::now(), check.clone()));
-        check
+        let probe = probe();
+        let task = tokio::spawn(async move {
+            let check = Check::run(probe).await;
+            *last = Some((tokio::time::Instant::now(), check.clone()));
+            check
+        });
+        task.await.unwrap_or(Check {
+            status: Status::Down,
+            latency_ms: 0.0,
+            error: Some("unreachable"),
+        })
     }
 }
 
@@ -183,7 +196,7 @@ mod shared_check_tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    async fn probe(count: &AtomicU32) -> Result<Duration, ()> {
+    async fn probe(count: Arc<AtomicU32>) -> Result<Duration, ()> {
         count.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(50)).await;
         Ok(Duration::from_millis(50))
@@ -197,7 +210,7 @@ mod shared_check_tests {
         for _ in 0..20 {
             let (shared, count) = (shared.clone(), count.clone());
             waiting.push(tokio::spawn(
-                async move { shared.run(|| probe(&count)).await },
+                async move { shared.run(|| probe(count)).await },
             ));
         }
         for check in waiting {
@@ -206,10 +219,10 @@ mod shared_check_tests {
         assert_eq!(count.load(Ordering::SeqCst), 1, "twenty callers, one probe");
 
         tokio::time::advance(Duration::from_millis(900)).await;
-        shared.run(|| probe(&count)).await;
+        shared.run(|| probe(count.clone())).await;
         assert_eq!(count.load(Ordering::SeqCst), 1, "still fresh");
         tokio::time::advance(Duration::from_millis(200)).await;
-        shared.run(|| probe(&count)).await;
+        shared.run(|| probe(count.clone())).await;
         assert_eq!(count.load(Ordering::SeqCst), 2, "stale: probed again");
     }
 
@@ -227,5 +240,31 @@ mod shared_check_tests {
             .run(|| async { Ok::<_, ()>(Duration::from_millis(1)) })
             .await;
         assert_eq!(up.status, Status::Ok);
+    }
+}
+
+#[cfg(test)]
+mod shared_check_cancel_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_mid_probe_does_not_lose_the_probe() {
+        let shared = std::sync::Arc::new(SharedCheck::new(Duration::from_secs(1)));
+        let probes = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let slow = |probes: std::sync::Arc<std::sync::atomic::AtomicU32>| async move {
+            probes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok::<_, ()>(Duration::from_millis(500))
+        };
+        // The first caller starts the probe, then gives up (its client went away).
+        let (first, count) = (shared.clone(), probes.clone());
+        let gone = tokio::spawn(async move { first.run(|| slow(count)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gone.abort();
+        // The next caller gets that probe's answer, without a probe of its own.
+        let count = probes.clone();
+        let check = shared.run(|| slow(count)).await;
+        assert_eq!(check.status, Status::Degraded, "500 ms is past CHECK_SLOW");
+        assert_eq!(probes.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

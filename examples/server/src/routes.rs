@@ -201,25 +201,21 @@ fn put_check(out: &mut Vec<u8>, key: &str, check: &Check) {
 /// or Redis is down. The cache fails open (its L2 down is degraded); realtime keeps
 /// serving this process's events while its broker is away (degraded).
 pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
-    // Each probe runs at most once a second whoever asks (`App::probes`); boxed, as
-    // their futures are kilobytes every request would otherwise carry.
-    let [pg, rd, l2] = &app.probes;
+    // Each probe at most once a second, shared (`App::probes`); boxed: kilobytes each.
+    let ([pg, rd, l2], backends, cache) = (&app.probes, app.backends.clone(), app.cache.clone());
     let postgres = async {
-        let pool = app.backends.postgres.as_ref()?;
-        Some(Box::pin(pg.run(|| upcoach_core::postgres::ping(pool))).await)
+        let pool = backends.postgres?;
+        Some(Box::pin(pg.run(|| async move { upcoach_core::postgres::ping(&pool).await })).await)
     };
     let redis = async {
-        let redis = app.backends.redis.as_ref()?;
-        Some(Box::pin(rd.run(|| redis.ping())).await)
+        let redis = backends.redis?;
+        Some(Box::pin(rd.run(|| async move { redis.ping().await })).await)
     };
-    let cache = async { l2.run(|| app.cache.health()).await.failing_open() };
+    let cache = l2.run(|| async move { cache.health().await });
     let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
+    let cache = cache.failing_open();
     let broker = app.hub.broker_state();
-    let realtime = if broker.connected {
-        Status::Ok
-    } else {
-        Status::Degraded
-    };
+    let realtime = [Status::Degraded, Status::Ok][usize::from(broker.connected)];
     let status = [&postgres, &redis]
         .into_iter()
         .flatten()
