@@ -1114,6 +1114,15 @@ impl AuthRoutes {
                 "POST /dev/token answers only requests addressed to localhost or a loopback address",
             ));
         }
+        // Behind a proxy the Host is the client's to choose, and the client anyone: a
+        // forwarded request is never a local developer's.
+        let headers = request.headers();
+        if headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED)
+        {
+            return fail(&ApiError::forbidden(
+                "POST /dev/token answers only requests made to this process directly, not through a proxy",
+            ));
+        }
         let body: DevTokenBody = match read_json(request, DEFAULT_JSON_LIMIT).await {
             Ok(body) => body,
             Err(e) => return fail(&e),

@@ -302,6 +302,26 @@ async fn dev_tokens_are_only_for_requests_addressed_to_loopback() {
                 .await;
         assert_eq!(answer.status, StatusCode::OK, "{host}: {}", answer.json);
     }
+    // Through a proxy (nginx sets X-Forwarded-For), Host proves nothing: refused.
+    for header in [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+    ] {
+        let answer = support::request_headers(
+            server.addr,
+            Method::POST,
+            "/dev/token",
+            Some(body),
+            &[header],
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::FORBIDDEN,
+            "{header:?}: {}",
+            answer.json
+        );
+    }
     server.stop().await;
 }
 
