@@ -544,7 +544,10 @@ async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (status, body) = refresh(a.addr, &rotated["refresh_token"], "127.0.0.1", &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    assert_eq!(body["error"]["code"], "refresh_token_revoked", "B's logout, seen by A");
+    assert_eq!(
+        body["error"]["code"], "refresh_token_revoked",
+        "B's logout, seen by A"
+    );
 
     // 5. The client's address: through nginx it is the client's own; sent directly, a
     //    forged X-Forwarded-For is ignored (the peer is not nginx).
