@@ -255,7 +255,13 @@ async function main() {
   if (!(rate > 0)) throw new Error(`requests/s still ${rate} after 40 requests`);
   const sse = Number(await text('#sse'));
   if (!(sse >= 1)) throw new Error(`the page's own stream is not counted: SSE ${sse}`);
-  log(`figures: ${rate} requests/s, ${sse} SSE`);
+  const p95 = await text('#p95');
+  if (!/^[0-9.]+ ms$/.test(p95)) throw new Error(`p95 tile: ${p95}`);
+  const waiters = await text('#waiters');
+  if (waiters !== (services ? '0' : '–')) throw new Error(`pool waiters tile: ${waiters}`);
+  const hits = await text('#hit-rate');
+  if (!/^(–|[0-9.]+ %)$/.test(hits)) throw new Error(`cache hit tile: ${hits}`);
+  log(`figures: ${rate} requests/s, p95 ${p95}, ${sse} SSE, pool waiters ${waiters}, cache hits ${hits}`);
 
   // 3. A broadcast alert appears.
   const broadcast = (n) =>
@@ -266,6 +272,17 @@ async function main() {
   const shown = (n) => page.locator('#alerts li', { hasText: `browser-test-${n}:` }).count();
   await broadcast(1);
   await waitFor('the broadcast alert on the page', async () => (await shown(1)) === 1);
+
+  // What a client sends is shown as text: markup in an alert stays characters.
+  const hostile = '<img src=x id=injected onerror=alert(1)><b>bold</b>';
+  await call(server.address, 'POST', '/api/dashboard/realtime/broadcast/alerts', admin, {
+    event: 'alert',
+    data: { rule: hostile, state: 'firing', level: 'warning', value: 1, threshold: 1 },
+  });
+  await waitFor('the hostile alert as text', async () => (await text('#alerts')).includes(hostile));
+  if ((await page.locator('#injected, #alerts b').count()) !== 0) {
+    throw new Error('markup from an alert became elements');
+  }
 
   // ... and so does a security event: a refresh token used twice.
   const victim = await call(server.address, 'POST', '/dev/token', null, { roles: [] });
