@@ -32,10 +32,12 @@ struct Args {
     /// Where to listen [default: 127.0.0.1:8080]
     #[arg(long, env = "UPCOACH_ADDR", value_name = "HOST:PORT")]
     addr: Option<String>,
-    /// Redis (redis:// or unix://); in-memory backends when unset
+    /// Redis (redis:// or unix://); in-memory backends when unset. With a password,
+    /// prefer the variable: a flag's value shows in `ps`
     #[arg(long, env = "REDIS_URL", value_name = "URL", hide_env_values = true)]
     redis_url: Option<String>,
-    /// PostgreSQL (postgres://); in-memory backends when unset; migrations run at start
+    /// PostgreSQL (postgres://); in-memory backends when unset; migrations run at
+    /// start. With a password, prefer the variable: a flag's value shows in `ps`
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
     database_url: Option<String>,
 }
