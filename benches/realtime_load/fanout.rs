@@ -8,6 +8,24 @@ use crate::driver::{Fleet, FleetPlan, Kind, Res, Server, SharedRedis, machine_ti
 use crate::report::{Table, ms, ms_summary, thousands};
 use crate::scenarios::{RUNS, Settings};
 
+/// The template sized for 10,000 proxied WebSockets: two workers, `reuseport`, each
+/// worker's open-file limit raised, no access log, and no cap per client address (each
+/// client process holds thousands of the connections).
+fn sized(config: String) -> String {
+    let lines = config.lines().map(|line| match line.trim_start() {
+        l if l.starts_with("listen ") => line.replace(';', " reuseport;"),
+        l if l.starts_with("access_log ") => "    access_log off;".to_owned(),
+        _ => line.to_owned(),
+    });
+    lines
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("worker_processes 1;", "worker_processes 2;")
+        .replace("worker_rlimit_nofile 16384;", "worker_rlimit_nofile 19500;")
+        .replace("worker_connections 8192;", "worker_connections 19000;")
+        .replace("limit_conn per_client 256;", "")
+}
+
 /// One rate of one fan-out run.
 #[derive(Debug, Clone)]
 struct Step {
@@ -53,7 +71,7 @@ pub(crate) async fn fanout(s: &Settings, redis: Option<&SharedRedis>) -> Res<()>
                     println!("\nfan-out: {label} needs REDIS_URL: skipped");
                     continue;
                 }
-                ("ours+nginx", _) if crate::nginx::Nginx::binary().is_none() => {
+                ("ours+nginx", _) if upcoach_testing::Nginx::binary().is_none() => {
                     println!(
                         "\nfan-out: {label} needs nginx (apt-get install nginx-light): skipped"
                     );
@@ -98,10 +116,13 @@ async fn fanout_run(
     let admin = publisher.token(&["admin"]).await?;
     // ours+nginx: both processes behind nginx; subscribers and publishes go through it.
     let nginx = match label {
-        "ours+nginx" => Some(crate::nginx::Nginx::start(&[publisher.addr, reading.addr]).await?),
+        "ours+nginx" => Some(
+            upcoach_testing::Nginx::start(&[publisher.addr, reading.addr], "127.0.0.2", sized)
+                .await?,
+        ),
         _ => None,
     };
-    let via = nginx.as_ref().map(|n| n.addr);
+    let via = nginx.as_ref().map(|n| n.addr());
     let plan = FleetPlan {
         transport: kind.ws_transport(),
         connections: s.connections,
@@ -194,9 +215,7 @@ async fn fanout_run(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     fleet.quit().await;
-    if let Some(nginx) = nginx {
-        nginx.stop();
-    }
+    drop(nginx);
     publisher.stop().await;
     if let Some(subscriber) = subscriber {
         subscriber.stop().await;

@@ -35,7 +35,6 @@ mod client;
 mod driver;
 mod fanout;
 mod http;
-mod nginx;
 mod report;
 mod scenarios;
 mod server;

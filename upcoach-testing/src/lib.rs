@@ -6,6 +6,7 @@
 //!   instead, so CI can never skip silently.
 //! - [`PgSchema`]: a fresh Postgres schema per test, dropped afterwards.
 //! - [`RedisPrefix`]: a random key prefix per test, its keys deleted afterwards.
+//! - [`Nginx`]: nginx from the project's template in front of servers under test.
 //! - [`FaultProxy`]: a TCP proxy a test can [`cut`](FaultProxy::cut) and
 //!   [`restore`](FaultProxy::restore) to put Redis or Postgres "down".
 //! - [`OidcProvider`]: an independent OpenID provider (npm `oauth2-mock-server`).
@@ -24,6 +25,7 @@
 pub mod apple;
 pub mod client;
 pub mod facebook;
+pub mod nginx;
 mod oidc;
 mod proxy;
 mod serve;
@@ -32,6 +34,7 @@ use std::net::SocketAddr;
 
 pub use apple::{AppleStandIn, AppleUser};
 pub use facebook::{FacebookStandIn, FacebookUser};
+pub use nginx::Nginx;
 pub use oidc::OidcProvider;
 pub use proxy::FaultProxy;
 use sqlx::PgPool;

@@ -116,6 +116,21 @@ async fn call(
     send(method, &server.url(path), &all, body.map(str::to_owned)).await
 }
 
+/// Asserts that `POST path` refuses each of `bodies` (sent as JSON, with `token` if
+/// given) with 400 `code`.
+async fn assert_bodies_refused(
+    server: &Running,
+    path: &str,
+    token: Option<&str>,
+    bodies: &[&str],
+    code: &str,
+) {
+    for body in bodies {
+        let bad = call(server, Method::POST, path, &[], Some(body), token).await;
+        assert_error(&bad, StatusCode::BAD_REQUEST, code);
+    }
+}
+
 const ADMIN_ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/dashboard/realtime/metrics", None),
     ("GET", "/api/performance/slow-queries", None),
@@ -297,10 +312,8 @@ async fn cache_invalidation_refuses_bad_bodies() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
     );
-    for body in ["{", r#"{"tags":"analytics"}"#, r#"{"tags":[],"x":1}"#, ""] {
-        let bad = call(&server, Method::POST, path, &[], Some(body), Some(&admin)).await;
-        assert_error(&bad, StatusCode::BAD_REQUEST, "invalid_json");
-    }
+    let bodies = ["{", r#"{"tags":"analytics"}"#, r#"{"tags":[],"x":1}"#, ""];
+    assert_bodies_refused(&server, path, Some(&admin), &bodies, "invalid_json").await;
     let empty = call(
         &server,
         Method::POST,
@@ -354,10 +367,14 @@ async fn broadcast_refuses_bad_bodies_and_status_lists_rooms() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
     );
-    for body in ["{", r#"{"data":1}"#, r#"{"event":1}"#] {
-        let bad = call(&server, Method::POST, path, &[], Some(body), Some(&admin)).await;
-        assert_error(&bad, StatusCode::BAD_REQUEST, "invalid_json");
-    }
+    assert_bodies_refused(
+        &server,
+        path,
+        Some(&admin),
+        &["{", r#"{"data":1}"#, r#"{"event":1}"#],
+        "invalid_json",
+    )
+    .await;
     let reserved = call(
         &server,
         Method::POST,
@@ -602,18 +619,8 @@ async fn refresh_rotates_or_refuses_with_codes() {
 
     let bogus = server.refresh(&json!("never-issued"), &[]).await;
     assert_error(&bogus, StatusCode::UNAUTHORIZED, "refresh_token_invalid");
-    for body in ["{}", "[]", "not json"] {
-        let bad = call(
-            &server,
-            Method::POST,
-            "/auth/refresh",
-            &[],
-            Some(body),
-            None,
-        )
-        .await;
-        assert_error(&bad, StatusCode::BAD_REQUEST, "invalid_json");
-    }
+    let bodies = ["{}", "[]", "not json"];
+    assert_bodies_refused(&server, "/auth/refresh", None, &bodies, "invalid_json").await;
     server.stop().await;
 }
 
@@ -699,18 +706,14 @@ async fn exchange_refuses_unknown_codes_and_bad_bodies() {
         )
         .await;
     assert_error(&unknown, StatusCode::UNAUTHORIZED, "login_code_invalid");
-    for body in ["{}", "{", r#"{"login_code":1}"#] {
-        let bad = call(
-            &server,
-            Method::POST,
-            "/auth/exchange",
-            &[],
-            Some(body),
-            None,
-        )
-        .await;
-        assert_error(&bad, StatusCode::BAD_REQUEST, "invalid_json");
-    }
+    assert_bodies_refused(
+        &server,
+        "/auth/exchange",
+        None,
+        &["{}", "{", r#"{"login_code":1}"#],
+        "invalid_json",
+    )
+    .await;
     server.stop().await;
 }
 
@@ -1021,19 +1024,13 @@ async fn apple_notifications_refuse_malformed_and_forged_payloads() {
     )
     .await;
     let path = "/auth/apple/notifications";
-    for body in [
+    let bodies = [
         "{",
         "{}",
         r#"{"payload":"not-a-jwt"}"#,
         r#"{"payload":"a.b.c"}"#,
-    ] {
-        let bad = call(&server, Method::POST, path, &[], Some(body), None).await;
-        assert_error(
-            &bad,
-            StatusCode::BAD_REQUEST,
-            "apple_notification_malformed",
-        );
-    }
+    ];
+    assert_bodies_refused(&server, path, None, &bodies, "apple_notification_malformed").await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()

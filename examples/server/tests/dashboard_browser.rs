@@ -26,37 +26,13 @@ const REQUIRE_BROWSER: &str = "UPCOACH_REQUIRE_BROWSER";
 /// How long the script may run (it gives up on its own after 150 s).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(200);
 
-fn script_dir() -> PathBuf {
-    // CARGO_MANIFEST_DIR is examples/server; the script lives at the workspace root.
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .expect("examples/server sits two levels below the workspace root");
-    workspace.join("tests/js/dashboard")
-}
-
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
 }
 
 /// `None` when the script can run; otherwise why not, and which variable requires it.
 fn missing_prerequisite(dir: &Path) -> Option<(String, &'static str)> {
-    match Command::new("node").arg("--version").output() {
-        Ok(out) if out.status.success() => {}
-        _ => {
-            return Some((
-                "`node` cannot be run; install Node 20 or later".into(),
-                REQUIRE_NODE,
-            ));
-        }
-    }
-    let modules = dir.join("node_modules");
-    if !modules.is_dir() {
-        let reason = format!(
-            "{} is missing; run `npm ci` in {}",
-            modules.display(),
-            dir.display()
-        );
+    if let Some(reason) = support::node_missing(dir) {
         return Some((reason, REQUIRE_NODE));
     }
     let browser = chromium();
@@ -72,7 +48,7 @@ fn missing_prerequisite(dir: &Path) -> Option<(String, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_signs_in_shows_live_figures_and_resumes_without_loss() {
-    let dir = script_dir();
+    let dir = support::js_dir("dashboard");
     if let Some((reason, variable)) = missing_prerequisite(&dir) {
         let required = std::env::var(variable).is_ok_and(|v| v == "1");
         assert!(

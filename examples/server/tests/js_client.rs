@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -17,37 +17,6 @@ use upcoach_server::{Options, ServerConfig};
 const REQUIRE_NODE: &str = "UPCOACH_REQUIRE_NODE";
 /// How long the script may run (it gives up on its own after 60 s).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn script_dir() -> PathBuf {
-    // CARGO_MANIFEST_DIR is examples/server; the script lives at the workspace root.
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .expect("examples/server sits two levels below the workspace root");
-    workspace.join("tests/js/realtime")
-}
-
-/// `None` when the script can run; otherwise why not.
-fn missing_prerequisite(dir: &Path) -> Option<String> {
-    match Command::new("node").arg("--version").output() {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => return Some(format!("`node --version` failed: {}", out.status)),
-        Err(e) => {
-            return Some(format!(
-                "`node` cannot be run ({e}); install Node 20 or later"
-            ));
-        }
-    }
-    let modules = dir.join("node_modules");
-    if !modules.is_dir() {
-        return Some(format!(
-            "{} is missing; run `npm ci` in {}",
-            modules.display(),
-            dir.display()
-        ));
-    }
-    None
-}
 
 /// Runs `node client.mjs <addr> <token>` in `dir`, killing it after `SCRIPT_TIMEOUT`.
 fn run_script(dir: &Path, addr: &str, token: &str) -> support::Finished {
@@ -62,8 +31,8 @@ fn run_script(dir: &Path, addr: &str, token: &str) -> support::Finished {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_js_client_passes_against_the_reference_server() {
-    let dir = script_dir();
-    if let Some(reason) = missing_prerequisite(&dir) {
+    let dir = support::js_dir("realtime");
+    if let Some(reason) = support::node_missing(&dir) {
         let required = std::env::var(REQUIRE_NODE).is_ok_and(|v| v == "1");
         assert!(
             !required,

@@ -15,7 +15,6 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,48 +121,6 @@ fn server(env: &[(&str, String)]) -> Process {
             rest.split_whitespace().next()?.parse().ok()
         }),
     )
-}
-
-fn nginx_binary() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|path| path.is_file())
-}
-
-/// nginx on `listen`, configured from the template for `servers`, run from `dir`.
-fn nginx(binary: &Path, dir: &Path, listen: SocketAddr, servers: &[SocketAddr]) -> Process {
-    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nginx/upcoach.conf.in");
-    let template = std::fs::read_to_string(template).expect("the nginx template");
-    let servers: Vec<String> = servers
-        .iter()
-        .map(|addr| format!("        server {addr} max_fails=1 fail_timeout=2s;"))
-        .collect();
-    let config = template
-        .replace("@LISTEN@", &listen.to_string())
-        .replace("@SERVERS@", &servers.join("\n"))
-        .replace("@PROXY_BIND@", NGINX_FROM)
-        .replace("@RUN_DIR@", &dir.display().to_string());
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config).unwrap();
-    let mut command = Command::new(binary);
-    command
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&path)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        // As root, nginx's workers would run as `nobody`; here they stay the test's.
-        .args(["-g", "daemon off; user root;"]);
-    start(command, listen, None)
-}
-
-/// A free loopback port (a race with other processes is possible but unlikely).
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
 
 /// One HTTP/1.1 connection to `addr`, from `from` (the loopback address to bind).
@@ -384,7 +341,7 @@ async fn broadcast(addr: SocketAddr, admin: &str, n: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
-    let Some(binary) = nginx_binary() else {
+    if upcoach_testing::Nginx::binary().is_none() {
         let required = std::env::var(REQUIRE_NGINX).is_ok_and(|v| v == "1");
         assert!(
             !required,
@@ -392,13 +349,12 @@ async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
         );
         eprintln!("skipping: nginx is missing (apt-get install nginx-light)");
         return;
-    };
+    }
     let Some(services) = support::Services::create().await else {
         return;
     };
     let mut config = ServerConfig::default();
     services.configure(&mut config);
-    let lb = free_port();
     let url =
         |u: &Option<upcoach_core::config::ServiceUrl>| u.as_ref().unwrap().expose().to_owned();
     let env = [
@@ -407,27 +363,16 @@ async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
         ("CACHE_PREFIX", config.cache.prefix.clone()),
         ("AUTH_SIGNING_KEY", support::SIGNING_KEY.to_owned()),
         ("TRUSTED_PROXIES", NGINX_FROM.to_owned()),
-        ("UPCOACH_PUBLIC_URL", format!("http://{lb}")),
     ];
     let a = server(&env);
     let b = server(&env);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("scale-out-{}", lb.port()));
-    let proxy = nginx(&binary, &dir, lb, &[a.addr, b.addr]);
-    // nginx is up once it accepts.
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(lb).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let proxy = upcoach_testing::Nginx::start(&[a.addr, b.addr], NGINX_FROM, |config| config)
+        .await
+        .expect("nginx starts");
+    let lb = proxy.addr();
     let diagnostics = || {
-        format!(
-            "A:\n{}\nB:\n{}\nnginx:\n{}\n{}",
-            a.log(),
-            b.log(),
-            proxy.log(),
-            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-        )
+        let (a, b, nginx) = (a.log(), b.log(), proxy.error_log());
+        format!("A:\n{a}\nB:\n{b}\nnginx:\n{nginx}")
     };
     let admin_tokens = dev_token(a.addr, json!(["admin"])).await;
     let admin = admin_tokens["access_token"].as_str().unwrap().to_owned();

@@ -490,3 +490,35 @@ pub(crate) fn run_script(
         stderr: stderr.join().unwrap_or_default(),
     }
 }
+
+/// `tests/js/<name>` at the workspace root: a Node script's folder.
+pub(crate) fn js_dir(name: &str) -> std::path::PathBuf {
+    // CARGO_MANIFEST_DIR is examples/server, two levels below the workspace root.
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("examples/server sits two levels below the workspace root");
+    workspace.join("tests/js").join(name)
+}
+
+/// `None` when `node` runs and `dir` has its `node_modules`; otherwise why not.
+pub(crate) fn node_missing(dir: &std::path::Path) -> Option<String> {
+    match std::process::Command::new("node").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => return Some(format!("`node --version` failed: {}", out.status)),
+        Err(e) => {
+            return Some(format!(
+                "`node` cannot be run ({e}); install Node 20 or later"
+            ));
+        }
+    }
+    let modules = dir.join("node_modules");
+    if !modules.is_dir() {
+        return Some(format!(
+            "{} is missing; run `npm ci` in {}",
+            modules.display(),
+            dir.display()
+        ));
+    }
+    None
+}
