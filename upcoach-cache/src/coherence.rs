@@ -64,7 +64,7 @@ impl Coherence {
     /// Starts the publisher and the subscriber (which reconnects by itself) on the
     /// current Tokio runtime.
     pub(crate) fn start(
-        client: redis::Client,
+        source: upcoach_core::redis::PubSubSource,
         publisher: upcoach_core::redis::RedisConnection,
         channel: String,
         target: Weak<dyn Apply>,
@@ -92,7 +92,7 @@ impl Coherence {
             });
         }
         tokio::spawn(subscribe(
-            client,
+            source,
             channel,
             target,
             origin.clone(),
@@ -126,7 +126,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// empties L1 on every (re)subscription, pings every `ping_every` so that a connection
 /// that went silent without closing is replaced, and reconnects with backoff.
 async fn subscribe(
-    client: redis::Client,
+    source: upcoach_core::redis::PubSubSource,
     channel: String,
     target: Weak<dyn Apply>,
     origin: String,
@@ -135,7 +135,7 @@ async fn subscribe(
     let mut backoff = Duration::from_millis(100);
     while target.strong_count() > 0 {
         let session = async {
-            let pubsub = tokio::time::timeout(PING_TIMEOUT, client.get_async_pubsub())
+            let pubsub = tokio::time::timeout(PING_TIMEOUT, source.open())
                 .await
                 .map_err(|_| "connect timed out".to_owned())?
                 .map_err(|e| e.to_string())?;

@@ -413,10 +413,10 @@ impl TieredCache {
         };
         let cache = Arc::new(Self::new(l2, tags, TieredOptions::default()));
         if let Some(redis) = redis
-            && let Some(client) = redis.client()
+            && let Some(pubsub) = redis.pubsub()
         {
             cache.enable_coherence(
-                client.clone(),
+                pubsub.clone(),
                 redis.clone(),
                 format!("{prefix}:invalidate"),
             );
@@ -432,7 +432,7 @@ impl TieredCache {
     #[cfg(feature = "redis")]
     pub fn enable_coherence(
         &self,
-        client: redis::Client,
+        pubsub: impl Into<upcoach_core::redis::PubSubSource>,
         publisher: upcoach_core::redis::RedisConnection,
         channel: impl Into<String>,
     ) {
@@ -441,7 +441,7 @@ impl TieredCache {
         let channel = channel.into();
         let _ = self.coherence.get_or_init(|| {
             crate::coherence::Coherence::start(
-                client,
+                pubsub.into(),
                 publisher,
                 channel,
                 target,

@@ -36,8 +36,10 @@ pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServicesConfig {
-    /// `REDIS_URL`: Redis for shared state (`redis://` or a `unix://` socket; no TLS in
-    /// this build); `None` runs the in-memory backends.
+    /// `REDIS_URL`: Redis for shared state (`redis://`, a `unix://` socket, or a Redis
+    /// Cluster as `redis+cluster://host:port?addr=host:port&...`, see
+    /// [`ServiceUrl::cluster_seeds`]; no TLS in this build); `None` runs the in-memory
+    /// backends.
     pub redis_url: Option<ServiceUrl>,
     /// `DATABASE_URL`: Postgres for users, refresh tokens and the audit log (no TLS in
     /// this build); `None` runs the in-memory backends.
@@ -61,8 +63,8 @@ impl Settings for ServicesConfig {
     fn read(env: &mut Env<'_>) -> Self {
         let redis_url = env.service_url(
             "REDIS_URL",
-            &["redis", "unix", "redis+unix"],
-            "a Redis URL such as redis://127.0.0.1:6379 (rediss:// is not supported: this build has no TLS)",
+            &["redis", "unix", "redis+unix", "redis+cluster"],
+            "a Redis URL such as redis://127.0.0.1:6379, or redis+cluster://host:port?addr=host:port for a Redis Cluster (rediss:// is not supported: this build has no TLS)",
         );
         let database_url = env.service_url(
             "DATABASE_URL",
@@ -99,6 +101,9 @@ pub struct ServiceUrl(Url);
 impl ServiceUrl {
     /// Parses `value` and checks that its scheme is one of `schemes`.
     pub fn parse(value: &str, schemes: &[&str]) -> Result<Self, &'static str> {
+        if value.starts_with("redis+cluster://") && value.contains(',') {
+            return Err("list further cluster seeds as ?addr=host:port, not with commas");
+        }
         let url = Url::parse(value).map_err(|_| "not a URL")?;
         if !schemes.contains(&url.scheme()) {
             return Err("the scheme is not one of those expected");
@@ -107,7 +112,74 @@ impl ServiceUrl {
         if url.host_str().is_none_or(str::is_empty) && !socket {
             return Err("the URL has no host");
         }
-        Ok(Self(url))
+        let url = Self(url);
+        if url.is_cluster() {
+            url.cluster_seeds()?;
+        }
+        Ok(url)
+    }
+
+    /// Whether this is a Redis Cluster URL (`redis+cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        self.0.scheme() == "redis+cluster"
+    }
+
+    /// The seed nodes of a Redis Cluster URL, each as a plain `redis://` URL with the
+    /// cluster URL's user and password.
+    ///
+    /// The form is `redis+cluster://[user:password@]host:port[?addr=host:port&addr=...]`:
+    /// the first seed is the URL's own host, each `addr` adds one more (as go-redis
+    /// reads cluster URLs). The path must be empty or `/0` (a cluster has only database
+    /// 0), and `addr` is the only query parameter.
+    ///
+    /// ```
+    /// use upcoach_core::config::ServiceUrl;
+    ///
+    /// let url = ServiceUrl::parse(
+    ///     "redis+cluster://:s3cret@10.0.0.1:7000?addr=10.0.0.2:7000&addr=10.0.0.3:7000",
+    ///     &["redis", "redis+cluster"],
+    /// )
+    /// .unwrap();
+    /// let seeds = url.cluster_seeds().unwrap();
+    /// assert_eq!(seeds[0].expose(), "redis://:s3cret@10.0.0.1:7000/");
+    /// assert_eq!(seeds[2].expose(), "redis://:s3cret@10.0.0.3:7000/");
+    /// assert_eq!(
+    ///     url.to_string(),
+    ///     "redis+cluster://:***@10.0.0.1:7000?addr=10.0.0.2:7000&addr=10.0.0.3:7000"
+    /// );
+    /// assert!(ServiceUrl::parse("redis+cluster://a:7000,b:7000", &["redis+cluster"]).is_err());
+    /// ```
+    pub fn cluster_seeds(&self) -> Result<Vec<ServiceUrl>, &'static str> {
+        if !self.is_cluster() {
+            return Err("not a redis+cluster:// URL");
+        }
+        if !matches!(self.0.path(), "" | "/" | "/0") {
+            return Err("a Redis Cluster has only database 0: leave the path empty");
+        }
+        let mut seed = self.0.clone();
+        seed.set_query(None);
+        seed.set_path("/");
+        seed.set_fragment(None);
+        let seed = Url::parse(&seed.as_str().replacen("redis+cluster://", "redis://", 1))
+            .map_err(|_| "not a URL")?;
+        let mut seeds = vec![ServiceUrl(seed.clone())];
+        for (name, value) in self.0.query_pairs() {
+            if name != "addr" {
+                return Err("a redis+cluster:// URL takes only addr=host:port parameters");
+            }
+            let (host, port) = value.rsplit_once(':').ok_or("each addr= needs host:port")?;
+            let port: u16 = port.parse().map_err(|_| "each addr= needs host:port")?;
+            let mut next = seed.clone();
+            next.set_host(Some(host))
+                .map_err(|_| "an addr= host is not a valid host")?;
+            next.set_port(Some(port))
+                .map_err(|_| "an addr= port is not usable")?;
+            seeds.push(ServiceUrl(next));
+        }
+        if seeds.len() > 64 {
+            return Err("at most 64 seed addresses");
+        }
+        Ok(seeds)
     }
 
     /// The full URL, password included; pass it to the client library, never to a log.
@@ -129,22 +201,24 @@ impl ServiceUrl {
             // Only fails for URLs that cannot have a password, which this one has.
             let _ = url.set_password(Some("***"));
         }
-        if url.query().is_some() {
+        let secret = |k: &str| {
+            matches!(
+                k.to_ascii_lowercase().as_str(),
+                "password" | "pass" | "sslpassword"
+            )
+        };
+        // Rewritten (and so re-encoded) only when it holds a secret: a cluster URL's
+        // `addr=host:port` list reads as written.
+        if url.query_pairs().any(|(k, _)| secret(&k)) {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let secret = matches!(
-                        k.to_ascii_lowercase().as_str(),
-                        "password" | "pass" | "sslpassword"
-                    );
-                    (
-                        k.into_owned(),
-                        if secret {
-                            "***".to_owned()
-                        } else {
-                            v.into_owned()
-                        },
-                    )
+                    let value = if secret(&k) {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), value)
                 })
                 .collect();
             url.query_pairs_mut().clear().extend_pairs(pairs);

@@ -1,11 +1,15 @@
-//! [`RedisConnection`]: one multiplexed Redis connection that reconnects by itself,
-//! replaces a link that went silent, and reports its state.
+//! [`RedisConnection`]: one multiplexed Redis connection (to a single node or to a
+//! Redis Cluster) that reconnects by itself, replaces a link that went silent, and
+//! reports its state; [`PubSubSource`]: where its pub/sub connections come from.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::ServiceUrl;
@@ -81,9 +85,17 @@ pub enum RedisConnectError {
 }
 
 /// A self-reconnecting, multiplexed Redis connection (the `redis` crate's
-/// [`ConnectionManager`]) that replaces a link gone silent and remembers whether it last
-/// worked.
+/// [`ConnectionManager`], or its [`ClusterConnection`] for a Redis Cluster) that replaces
+/// a link gone silent and remembers whether it last worked.
 ///
+/// - **Redis Cluster**: [`connect`](Self::connect) to a `redis+cluster://` URL (see
+///   [`ServiceUrl::cluster_seeds`]) and every command is routed to the node that owns its
+///   keys; the cluster's own redirections (`MOVED`, `ASK`) and failovers are followed.
+///   Keys that one command or script touches together must share a hash tag
+///   (`{...}`), as every upcoach component's keys do. A pipeline whose commands fall in
+///   different slots (and is not a transaction) is split by the slot of each command's
+///   first key and its parts sent concurrently, each in order; the answers come back in
+///   the pipeline's order.
 /// - **Commands**: it implements [`ConnectionLike`], so `query_async(&mut conn)`, pipelines
 ///   and scripts run on it directly. Clones share one multiplexed TCP connection (each
 ///   command only takes a read lock long enough to clone a handle); clone it into each
@@ -114,6 +126,14 @@ pub enum RedisConnectError {
 /// assert_eq!(redis.state(), RedisState::Connected);
 /// let mut conn = redis.clone();
 /// let _: () = redis::cmd("SET").arg("greeting").arg("hi").query_async(&mut conn).await?;
+///
+/// // The same on a three-node cluster:
+/// let url = ServiceUrl::parse(
+///     "redis+cluster://127.0.0.1:7001?addr=127.0.0.1:7002&addr=127.0.0.1:7003",
+///     &["redis", "redis+cluster"],
+/// )?;
+/// let cluster = RedisConnection::connect(&url, RedisOptions::default()).await?;
+/// assert!(cluster.is_cluster());
 /// # let _ = latency; Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -128,10 +148,12 @@ pub const STALL_TIMEOUTS: u32 = 3;
 struct Shared {
     /// The manager in use and its generation (bumped by each replacement), so that
     /// late answers on a replaced link are not held against its successor.
-    current: RwLock<(u64, ConnectionManager)>,
+    current: RwLock<(u64, Link)>,
     /// What a replacement is made from; `None` for a connection made from a bare
     /// manager, which cannot be replaced.
-    origin: Option<(redis::Client, ConnectionManagerConfig)>,
+    origin: Option<Origin>,
+    /// Where pub/sub connections come from; `None` for a bare manager.
+    pubsub: Option<PubSubSource>,
     state: AtomicU8,
     last_latency_micros: AtomicU64,
     url: String,
@@ -154,10 +176,16 @@ impl std::fmt::Debug for RedisConnection {
 }
 
 impl RedisConnection {
-    /// The client this connection was made from (for pub/sub connections of its own);
-    /// `None` for one made from a bare manager.
-    pub fn client(&self) -> Option<&redis::Client> {
-        self.shared.origin.as_ref().map(|(client, _)| client)
+    /// Where this connection's users open pub/sub connections of their own (one node of
+    /// a cluster at a time: Redis Cluster carries `PUBLISH` to every node); `None` for
+    /// one made from a bare manager.
+    pub fn pubsub(&self) -> Option<&PubSubSource> {
+        self.shared.pubsub.as_ref()
+    }
+
+    /// Whether this connection is to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.current().1, Link::Cluster(_))
     }
 
     /// The link as gauges: `redis_connected` (1 or 0) and `redis_links_replaced`.
@@ -173,17 +201,61 @@ impl RedisConnection {
 
 impl RedisConnection {
     /// Connects to `url`, failing if Redis does not answer within the connection timeout.
+    ///
+    /// A `redis+cluster://` URL connects to a Redis Cluster through its seed nodes (see
+    /// [`ServiceUrl::cluster_seeds`]); any `redis://` or socket URL to one node.
     pub async fn connect(
         url: &ServiceUrl,
         options: RedisOptions,
     ) -> Result<Self, RedisConnectError> {
-        let client = redis::Client::open(url.expose()).map_err(RedisConnectError::Url)?;
-        Self::from_client(client, options, url.redacted())
-            .await
-            .map_err(|source| RedisConnectError::Connect {
-                url: url.redacted(),
-                source,
-            })
+        let connected = if url.is_cluster() {
+            let seeds = url.cluster_seeds().map_err(|reason| {
+                RedisConnectError::Url(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid redis+cluster:// URL",
+                    reason.to_owned(),
+                )))
+            })?;
+            let seeds = seeds
+                .iter()
+                .map(|seed| redis::Client::open(seed.expose()))
+                .collect::<RedisResult<Vec<_>>>()
+                .map_err(RedisConnectError::Url)?;
+            Self::from_cluster_seeds(seeds, options, url.redacted()).await
+        } else {
+            let client = redis::Client::open(url.expose()).map_err(RedisConnectError::Url)?;
+            Self::from_client(client, options, url.redacted()).await
+        };
+        connected.map_err(|source| RedisConnectError::Connect {
+            url: url.redacted(),
+            source,
+        })
+    }
+
+    /// Connects to the Redis Cluster that `seeds` belong to (any of its nodes; the rest
+    /// are found from them); `name` (no password in it) is what logs call it.
+    pub async fn from_cluster_seeds(
+        seeds: Vec<redis::Client>,
+        options: RedisOptions,
+        name: impl Into<String>,
+    ) -> RedisResult<Self> {
+        let infos: Vec<redis::ConnectionInfo> = seeds
+            .iter()
+            .map(|seed| seed.get_connection_info().clone())
+            .collect();
+        let client = ClusterClient::builder(infos)
+            .connection_timeout(options.connection_timeout)
+            .response_timeout(options.response_timeout)
+            .retries(options.reconnect_retries.min(u32::MAX as usize) as u32)
+            .build()?;
+        let connection = client.get_async_connection().await?;
+        let pubsub = PubSubSource::from_nodes(seeds)?;
+        Ok(Self::with_parts(
+            Link::Cluster(connection),
+            Some(Origin::Cluster(client, options.response_timeout)),
+            Some(pubsub),
+            name.into(),
+        ))
     }
 
     /// Connects with a client made elsewhere; `name` (no password in it) is what logs
@@ -200,8 +272,9 @@ impl RedisConnection {
             .set_max_delay(Duration::from_secs(1));
         let manager = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
         Ok(Self::with_parts(
-            manager,
-            Some((client, config)),
+            Link::Single(manager),
+            Some(Origin::Single(client.clone(), config)),
+            Some(PubSubSource::from(client)),
             name.into(),
         ))
     }
@@ -211,18 +284,25 @@ impl RedisConnection {
     /// say how it was made: prefer [`connect`](Self::connect) or
     /// [`from_client`](Self::from_client).
     pub fn from_manager(manager: ConnectionManager) -> Self {
-        Self::with_parts(manager, None, "a given ConnectionManager".into())
+        Self::with_parts(
+            Link::Single(manager),
+            None,
+            None,
+            "a given ConnectionManager".into(),
+        )
     }
 
     fn with_parts(
-        manager: ConnectionManager,
-        origin: Option<(redis::Client, ConnectionManagerConfig)>,
+        link: Link,
+        origin: Option<Origin>,
+        pubsub: Option<PubSubSource>,
         url: String,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                current: RwLock::new((0, manager)),
+                current: RwLock::new((0, link)),
                 origin,
+                pubsub,
                 state: AtomicU8::new(1),
                 last_latency_micros: AtomicU64::new(0),
                 url,
@@ -235,14 +315,8 @@ impl RedisConnection {
         }
     }
 
-    /// The manager in use now. A clone of it runs commands, but is not replaced when its
-    /// link goes silent: prefer cloning this `RedisConnection`.
-    pub fn manager(&self) -> ConnectionManager {
-        self.current().1
-    }
-
-    /// The manager in use and its generation.
-    fn current(&self) -> (u64, ConnectionManager) {
+    /// The link in use and its generation.
+    fn current(&self) -> (u64, Link) {
         self.shared
             .current
             .read()
@@ -272,7 +346,7 @@ impl RedisConnection {
                 let patience = shared
                     .origin
                     .as_ref()
-                    .and_then(|(_, config)| config.response_timeout())
+                    .and_then(Origin::response_timeout)
                     .unwrap_or(Duration::from_secs(1))
                     * 2;
                 if n >= STALL_TIMEOUTS && quiet >= patience.as_micros() as u64 {
@@ -298,7 +372,7 @@ impl RedisConnection {
     /// `generation`; at most one attempt at a time, and none for a connection made from a
     /// bare manager. A failed attempt starts the count of timeouts over.
     fn replace(&self, generation: u64) {
-        let Some((client, config)) = self.shared.origin.clone() else {
+        let Some(origin) = self.shared.origin.clone() else {
             return;
         };
         if self.shared.replacing.swap(true, Ordering::AcqRel) {
@@ -310,7 +384,7 @@ impl RedisConnection {
         };
         let shared = self.shared.clone();
         runtime.spawn(async move {
-            match ConnectionManager::new_with_config(client, config).await {
+            match origin.connect().await {
                 Ok(fresh) => {
                     let old = {
                         let mut current =
@@ -402,8 +476,11 @@ impl RedisConnection {
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (generation, mut manager) = self.current();
-            let result = manager.send_packed_command(cmd).await;
+            let (generation, mut link) = self.current();
+            let result = match &mut link {
+                Link::Single(manager) => manager.send_packed_command(cmd).await,
+                Link::Cluster(cluster) => cluster.req_packed_command(cmd).await,
+            };
             self.after(generation, &result);
             result
         })
@@ -416,15 +493,199 @@ impl ConnectionLike for RedisConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (generation, mut manager) = self.current();
-            let result = manager.send_packed_commands(pipeline, offset, count).await;
+            let (generation, mut link) = self.current();
+            let result = match &mut link {
+                Link::Single(manager) => {
+                    manager.send_packed_commands(pipeline, offset, count).await
+                }
+                Link::Cluster(cluster) => {
+                    match cluster.req_packed_commands(pipeline, offset, count).await {
+                        // The cluster client refuses a pipeline that spans slots before
+                        // sending any of it (answers of commands it sent come back as
+                        // values, not as this error), so nothing has run yet.
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
+                                && !pipeline.is_transaction() =>
+                        {
+                            split_by_slot(cluster, pipeline).await
+                        }
+                        other => other,
+                    }
+                }
+            };
             self.after(generation, &result);
             result
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.manager().get_db()
+        match &self.current().1 {
+            Link::Single(manager) => manager.get_db(),
+            Link::Cluster(_) => 0,
+        }
+    }
+}
+
+/// Runs a pipeline that spans slots as one pipeline per slot (of each command's first
+/// key), concurrently, each keeping its commands' order; the answers are put back in
+/// the pipeline's order.
+async fn split_by_slot(
+    cluster: &ClusterConnection,
+    pipeline: &Pipeline,
+) -> RedisResult<Vec<Value>> {
+    let mut parts: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
+    for (index, cmd) in pipeline.cmd_iter().enumerate() {
+        let slot = match cmd.args_iter().nth(1) {
+            Some(redis::Arg::Simple(key)) => Some(Slot::for_key(key)),
+            _ => None,
+        };
+        let part = match parts.iter().position(|(s, _, _)| *s == slot) {
+            Some(found) => found,
+            None => {
+                parts.push((slot, Pipeline::new(), Vec::new()));
+                parts.len() - 1
+            }
+        };
+        parts[part].1.add_command(cmd.clone());
+        parts[part].2.push(index);
+    }
+    let answers = futures_util::future::try_join_all(parts.iter().map(|(_, part, _)| async move {
+        cluster
+            .clone()
+            .req_packed_commands(part, 0, part.len())
+            .await
+    }))
+    .await?;
+    let mut ordered = vec![Value::Nil; pipeline.len()];
+    for ((_, _, indices), values) in parts.iter().zip(answers) {
+        if values.len() != indices.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a split pipeline part answered the wrong number of times",
+            )));
+        }
+        for (index, value) in indices.iter().zip(values) {
+            ordered[*index] = value;
+        }
+    }
+    Ok(ordered)
+}
+
+/// The link a [`RedisConnection`] sends on.
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Single(_) => "Link::Single",
+            Link::Cluster(_) => "Link::Cluster",
+        })
+    }
+}
+
+/// What a replacement link is made from.
+#[derive(Clone)]
+enum Origin {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(ClusterClient, Duration),
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Single(..) => "Origin::Single",
+            Origin::Cluster(..) => "Origin::Cluster",
+        })
+    }
+}
+
+impl Origin {
+    fn response_timeout(&self) -> Option<Duration> {
+        match self {
+            Origin::Single(_, config) => config.response_timeout(),
+            Origin::Cluster(_, timeout) => Some(*timeout),
+        }
+    }
+
+    async fn connect(self) -> RedisResult<Link> {
+        match self {
+            Origin::Single(client, config) => ConnectionManager::new_with_config(client, config)
+                .await
+                .map(Link::Single),
+            Origin::Cluster(client, _) => client.get_async_connection().await.map(Link::Cluster),
+        }
+    }
+}
+
+/// Where pub/sub connections come from: one node, or the nodes of a Redis Cluster tried
+/// in turn (each attempt starts at the node after the last one tried, so a node that is
+/// down costs one attempt, not every one). On a cluster, `PUBLISH` reaches subscribers on
+/// every node, so any one node will do.
+///
+/// ```no_run
+/// use upcoach_core::redis::PubSubSource;
+///
+/// # async fn demo() -> redis::RedisResult<()> {
+/// let source = PubSubSource::from(redis::Client::open("redis://127.0.0.1:6379")?);
+/// let mut pubsub = source.open().await?;
+/// pubsub.subscribe("news").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PubSubSource {
+    nodes: Arc<[redis::Client]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PubSubSource {
+    /// The nodes of one cluster, tried in turn; an error when there are none.
+    pub fn from_nodes(nodes: Vec<redis::Client>) -> RedisResult<Self> {
+        if nodes.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no Redis node to open pub/sub connections on",
+            )));
+        }
+        Ok(Self {
+            nodes: nodes.into(),
+            next: Arc::default(),
+        })
+    }
+
+    /// Opens a pub/sub connection on the next node that accepts one.
+    pub async fn open(&self) -> RedisResult<redis::aio::PubSub> {
+        let count = self.nodes.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..count {
+            match self.nodes[(start + i) % count].get_async_pubsub().await {
+                Ok(pubsub) => {
+                    self.next.store(start + i + 1, Ordering::Relaxed);
+                    return Ok(pubsub);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no Redis node to open pub/sub connections on",
+            ))
+        }))
+    }
+}
+
+impl From<redis::Client> for PubSubSource {
+    fn from(client: redis::Client) -> Self {
+        Self {
+            nodes: Arc::new([client]),
+            next: Arc::default(),
+        }
     }
 }
 
@@ -532,7 +793,10 @@ mod tests {
         let Some(conn) = connection().await else {
             return;
         };
-        let bare = RedisConnection::from_manager(conn.manager());
+        let Link::Single(manager) = conn.current().1 else {
+            panic!("REDIS_URL is one node")
+        };
+        let bare = RedisConnection::from_manager(manager);
         // Past twice the 1 s response timeout assumed for a manager of unknown make.
         tokio::time::sleep(Duration::from_millis(2_100)).await;
         for _ in 0..5 {

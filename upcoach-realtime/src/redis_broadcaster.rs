@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::broadcast;
-use upcoach_core::redis::{RedisConnection, RedisOptions};
+use upcoach_core::redis::{PubSubSource, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, SystemClock};
 
 use crate::{
@@ -141,18 +141,34 @@ impl RedisBroadcaster {
     /// Connects to `url` (commands through a [`RedisConnection`], which reconnects by
     /// itself and replaces a link gone silent; live events through a dedicated pub/sub
     /// connection).
+    ///
+    /// `url` is a `redis://` URL, or a `redis+cluster://` one for a Redis Cluster (see
+    /// [`ServiceUrl::cluster_seeds`](upcoach_core::config::ServiceUrl::cluster_seeds)).
     pub async fn connect(url: &str, options: RedisBroadcasterOptions) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(backend)?;
+        let url = upcoach_core::config::ServiceUrl::parse(
+            url,
+            &["redis", "unix", "redis+unix", "redis+cluster"],
+        )
+        .map_err(|reason| Error::Backend {
+            backend: "redis",
+            source: format!("the Redis URL is not usable: {reason}").into(),
+        })?;
         let redis_options = RedisOptions {
             connection_timeout: options.timeout,
             response_timeout: options.timeout,
             reconnect_retries: 2,
         };
-        let manager =
-            RedisConnection::from_client(client.clone(), redis_options, "realtime broadcaster")
-                .await
-                .map_err(backend)?;
-        Ok(Self::new(client, manager, options))
+        let manager = RedisConnection::connect(&url, redis_options)
+            .await
+            .map_err(|e| Error::Backend {
+                backend: "redis",
+                source: Box::new(e),
+            })?;
+        let pubsub = manager
+            .pubsub()
+            .cloned()
+            .ok_or_else(|| corrupt("the connection has no pub/sub source"))?;
+        Ok(Self::new(pubsub, manager, options))
     }
 
     /// The broadcaster of a server on `redis` (its keys and channels under
@@ -168,12 +184,13 @@ impl RedisBroadcaster {
             clock,
             ..RedisBroadcasterOptions::default()
         };
-        Some(Self::new(redis.client()?.clone(), redis.clone(), options))
+        Some(Self::new(redis.pubsub()?.clone(), redis.clone(), options))
     }
 
-    /// A broadcaster on an existing connection; `client` opens the pub/sub connection.
+    /// A broadcaster on an existing connection; `pubsub` opens the pub/sub connection
+    /// (a `redis::Client` will do, or [`RedisConnection::pubsub`]).
     pub fn new(
-        client: redis::Client,
+        pubsub: impl Into<PubSubSource>,
         manager: RedisConnection,
         options: RedisBroadcasterOptions,
     ) -> Self {
@@ -185,7 +202,7 @@ impl RedisBroadcaster {
             sink: tokio::sync::Mutex::new(None),
             connected: AtomicBool::new(false),
         });
-        let subscriber = tokio::spawn(run_subscriber(Arc::downgrade(&inner), client));
+        let subscriber = tokio::spawn(run_subscriber(Arc::downgrade(&inner), pubsub.into()));
         Self { inner, subscriber }
     }
 }
@@ -358,7 +375,7 @@ fn decode_live(room: &str, payload: &[u8]) -> Result<RoomEvent> {
     decode(room, seq, &payload[split + 1..])
 }
 
-async fn run_subscriber(inner: Weak<Inner>, client: redis::Client) {
+async fn run_subscriber(inner: Weak<Inner>, source: PubSubSource) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(strong) = inner.upgrade() else {
@@ -367,7 +384,7 @@ async fn run_subscriber(inner: Weak<Inner>, client: redis::Client) {
         let timeout = strong.options.timeout;
         let ping_every = strong.options.ping_interval;
         let session = async {
-            let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+            let pubsub = tokio::time::timeout(timeout, source.open())
                 .await
                 .map_err(|_| "connect timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
