@@ -11,12 +11,13 @@ use upcoach_testing::{FaultProxy, RedisPrefix};
 
 const TTL: Duration = Duration::from_secs(60);
 
+/// A store on the prefix's Redis: one node or a cluster.
 async fn redis_store(prefix: &RedisPrefix) -> RedisFlowStore {
-    let client = redis::Client::open(prefix.url()).unwrap();
-    let conn =
-        upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
-            .await
-            .unwrap();
+    let url =
+        upcoach_core::config::ServiceUrl::parse(prefix.url(), &["redis", "redis+cluster"]).unwrap();
+    let conn = upcoach_core::redis::RedisConnection::connect(&url, Default::default())
+        .await
+        .unwrap();
     RedisFlowStore::new(conn).with_prefix(prefix.prefix())
 }
 
@@ -30,6 +31,14 @@ async fn memory_store_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_conforms() {
     let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    flow_store_conformance(&redis_store(&prefix).await, &Sleep).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms_on_a_cluster() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
         return;
     };
     flow_store_conformance(&redis_store(&prefix).await, &Sleep).await;
@@ -72,6 +81,14 @@ async fn memory_takes_race_on_threads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_takes_race_on_threads() {
     let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    racing_takes(Arc::new(redis_store(&prefix).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_takes_race_on_threads() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
         return;
     };
     racing_takes(Arc::new(redis_store(&prefix).await)).await;

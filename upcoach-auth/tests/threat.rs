@@ -28,6 +28,7 @@ const SECOND: Duration = Duration::from_secs(1);
 enum Backend {
     Memory,
     Redis,
+    RedisCluster,
 }
 
 /// Records every block; allows every check.
@@ -132,8 +133,12 @@ async fn alerts_of(log: &MemoryEventLog) -> Vec<SystemAlert> {
 async fn state(backend: Backend) -> Option<(Arc<dyn DetectorState>, Option<RedisPrefix>)> {
     match backend {
         Backend::Memory => Some((Arc::new(MemoryDetectorState::new(10_000)), None)),
-        Backend::Redis => {
-            let prefix = RedisPrefix::create()?;
+        Backend::Redis | Backend::RedisCluster => {
+            let prefix = if matches!(backend, Backend::Redis) {
+                RedisPrefix::create()?
+            } else {
+                RedisPrefix::on_cluster()?
+            };
             let state = redis_state(&prefix, prefix.url()).await;
             Some((Arc::new(state), Some(prefix)))
         }
@@ -146,9 +151,8 @@ async fn redis_state(prefix: &RedisPrefix, url: &str) -> RedisDetectorState {
         response_timeout: Duration::from_millis(300),
         reconnect_retries: 1,
     };
-    let conn = RedisConnection::from_client(::redis::Client::open(url).unwrap(), options, "test")
-        .await
-        .unwrap();
+    let url = upcoach_core::config::ServiceUrl::parse(url, &["redis", "redis+cluster"]).unwrap();
+    let conn = RedisConnection::connect(&url, options).await.unwrap();
     RedisDetectorState::new(conn).with_prefix(prefix.prefix())
 }
 
@@ -479,6 +483,14 @@ macro_rules! on_every_state {
                 }
             )*
         }
+        mod in_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::RedisCluster).await
+                }
+            )*
+        }
     };
 }
 
@@ -500,6 +512,14 @@ async fn memory_state_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_state_conforms() {
     let Some(prefix) = RedisPrefix::create() else {
+        return;
+    };
+    detector_state_conformance(&redis_state(&prefix, prefix.url()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_state_conforms_on_a_cluster() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
         return;
     };
     detector_state_conformance(&redis_state(&prefix, prefix.url()).await).await;

@@ -1,10 +1,11 @@
-//! The conformance suite every [`CacheStore`] passes (feature `testing`).
+//! The conformance suites every [`CacheStore`] and every [`TagVersions`] pass (feature
+//! `testing`).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::{CacheStore, CacheStoreExt, Error, MAX_TTL};
+use crate::{CacheStore, CacheStoreExt, Error, MAX_TTL, TagVersions};
 
 pub use upcoach_core::testing::{MoveClock, PassTime, Sleep};
 
@@ -208,4 +209,46 @@ pub async fn cache_store_conformance(store: &dyn CacheStore, time: &dyn PassTime
         store.get_json::<serde_json::Value>("not_json").await,
         Err(Error::Serde(_))
     ));
+}
+
+/// Checks empty tag counters (their own prefix or instance): unknown tags are at 0,
+/// bumps count up per tag and answer in order, a batch touches only its own tags (on a
+/// Redis Cluster, tags fall in different slots), and empty batches are no-ops. Panics
+/// with a message at the first difference.
+pub async fn tag_versions_conformance(tags: &dyn TagVersions) {
+    assert!(tags.versions(&[]).await.unwrap().is_empty());
+    assert!(tags.bump(&[]).await.unwrap().is_empty());
+    assert_eq!(
+        tags.versions(&["a", "b"]).await.unwrap(),
+        vec![0, 0],
+        "a tag never bumped is at 0"
+    );
+    assert_eq!(tags.bump(&["a"]).await.unwrap(), vec![1]);
+    // Enough tags that, on a cluster, they span every node.
+    let many: Vec<String> = (0..32).map(|i| format!("t{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(tags.bump(&many).await.unwrap(), vec![1; 32]);
+    let mut mixed = vec!["a"];
+    mixed.extend_from_slice(&many[..5]);
+    mixed.push("b");
+    assert_eq!(
+        tags.bump(&mixed).await.unwrap(),
+        vec![2, 2, 2, 2, 2, 2, 1],
+        "each tag counts on, in the order asked"
+    );
+    let mut asked = vec!["a", "never"];
+    asked.extend_from_slice(&many);
+    let mut want = vec![2u64, 0];
+    want.extend(std::iter::repeat_n(2, 5));
+    want.extend(std::iter::repeat_n(1, 27));
+    assert_eq!(
+        tags.versions(&asked).await.unwrap(),
+        want,
+        "read back in order"
+    );
+    assert_eq!(
+        tags.versions(&["b", "a", "b"]).await.unwrap(),
+        vec![1, 2, 1],
+        "a repeated tag is answered each time"
+    );
 }

@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use upcoach_cache::testing::{MoveClock, Sleep, cache_store_conformance};
-use upcoach_cache::{CacheStore, MemoryStore, RedisStore};
+use upcoach_cache::testing::{MoveClock, Sleep, cache_store_conformance, tag_versions_conformance};
+use upcoach_cache::{CacheStore, MemoryStore, MemoryTagVersions, RedisStore, RedisTagVersions};
 use upcoach_core::ManualClock;
+use upcoach_core::config::ServiceUrl;
+use upcoach_core::redis::RedisConnection;
 use upcoach_testing::RedisPrefix;
 
 #[tokio::test]
@@ -14,20 +16,35 @@ async fn memory_store_conforms() {
     let clock = Arc::new(ManualClock::starting_now());
     let store = MemoryStore::with_clock(64 * 1024 * 1024, clock.clone());
     cache_store_conformance(&store, &MoveClock(clock)).await;
+    tag_versions_conformance(&MemoryTagVersions::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_conforms() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
-    let client = redis::Client::open(prefix.url()).unwrap();
-    let conn =
-        upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
-            .await
-            .unwrap();
-    let store = RedisStore::new(conn, prefix.prefix().trim_end_matches(':'));
+    if let Some(prefix) = RedisPrefix::create() {
+        redis_conforms(prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms_on_a_cluster() {
+    if let Some(prefix) = RedisPrefix::on_cluster() {
+        redis_conforms(prefix).await;
+    }
+}
+
+async fn redis_conforms(prefix: RedisPrefix) {
+    let url = ServiceUrl::parse(prefix.url(), &["redis", "redis+cluster"]).unwrap();
+    let conn = RedisConnection::connect(&url, Default::default())
+        .await
+        .unwrap();
+    let store = RedisStore::new(conn.clone(), prefix.prefix().trim_end_matches(':'));
     cache_store_conformance(&store, &Sleep).await;
+    tag_versions_conformance(&RedisTagVersions::new(
+        conn,
+        prefix.prefix().trim_end_matches(':'),
+    ))
+    .await;
 }
 
 #[tokio::test]

@@ -29,12 +29,16 @@ fn in_memory() -> (TieredCache, Arc<ManualClock>) {
     (cache, clock)
 }
 
+/// A connection to one node (`redis://`) or a cluster (`redis+cluster://`).
+async fn connect(url: &str) -> upcoach_core::redis::RedisConnection {
+    let url = upcoach_core::config::ServiceUrl::parse(url, &["redis", "redis+cluster"]).unwrap();
+    upcoach_core::redis::RedisConnection::connect(&url, Default::default())
+        .await
+        .unwrap()
+}
+
 async fn on_redis(url: &str, prefix: &str, options: TieredOptions) -> TieredCache {
-    let client = redis::Client::open(url).unwrap();
-    let conn =
-        upcoach_core::redis::RedisConnection::from_client(client, Default::default(), "test")
-            .await
-            .unwrap();
+    let conn = connect(url).await;
     TieredCache::new(
         Arc::new(RedisStore::new(conn.clone(), prefix)),
         Arc::new(RedisTagVersions::new(conn, prefix)),
@@ -50,9 +54,19 @@ async fn tiered_cache_conforms_over_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiered_cache_conforms_over_redis() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
+    if let Some(prefix) = RedisPrefix::create() {
+        conforms_over(prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiered_cache_conforms_over_a_redis_cluster() {
+    if let Some(prefix) = RedisPrefix::on_cluster() {
+        conforms_over(prefix).await;
+    }
+}
+
+async fn conforms_over(prefix: RedisPrefix) {
     let cache = on_redis(
         prefix.url(),
         prefix.prefix().trim_end_matches(':'),
@@ -341,22 +355,23 @@ async fn with_redis_cut_the_cache_fails_open_and_recovers() {
     assert!(stored.is_some(), "writes reach Redis again");
 }
 
-async fn coherent(prefix: &RedisPrefix, options: TieredOptions) -> TieredCache {
+/// A cache with coherence on; `node` picks the cluster seed its subscription starts at
+/// (ignored on one node).
+async fn coherent(prefix: &RedisPrefix, options: TieredOptions, node: usize) -> TieredCache {
     let name = prefix.prefix().trim_end_matches(':');
-    let client = redis::Client::open(prefix.url()).unwrap();
-    let conn = upcoach_core::redis::RedisConnection::from_client(
-        client.clone(),
-        Default::default(),
-        "test",
-    )
-    .await
-    .unwrap();
+    let url = if prefix.is_cluster() {
+        upcoach_testing::rotated_cluster_url(prefix.url(), node)
+    } else {
+        prefix.url().to_owned()
+    };
+    let conn = connect(&url).await;
     let cache = TieredCache::new(
         Arc::new(RedisStore::new(conn.clone(), name)),
         Arc::new(RedisTagVersions::new(conn.clone(), name)),
         options,
     );
-    cache.enable_coherence(client, conn, format!("{name}:invalidate"));
+    let pubsub = conn.pubsub().unwrap().clone();
+    cache.enable_coherence(pubsub, conn, format!("{name}:invalidate"));
     cache
 }
 
@@ -373,16 +388,28 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overwrites_deletes_and_tags_on_one_process_evict_the_others_l1() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
+    if let Some(prefix) = RedisPrefix::create() {
+        evict_the_others_l1(prefix).await;
+    }
+}
+
+/// On a cluster, A and B subscribe on different nodes: each notice crosses the cluster
+/// bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_writes_on_one_process_evict_the_others_l1() {
+    if let Some(prefix) = RedisPrefix::on_cluster() {
+        evict_the_others_l1(prefix).await;
+    }
+}
+
+async fn evict_the_others_l1(prefix: RedisPrefix) {
     // A long L1 age, so only the notices can explain B seeing the changes.
     let options = TieredOptions {
         l1_max_age: Duration::from_secs(600),
         ..TieredOptions::default()
     };
-    let a = coherent(&prefix, options.clone()).await;
-    let b = coherent(&prefix, options).await;
+    let a = coherent(&prefix, options.clone(), 0).await;
+    let b = coherent(&prefix, options, 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await; // both subscribed
 
     a.set("k", Bytes::from_static(b"v1"), TTL).await.unwrap();
@@ -598,7 +625,7 @@ async fn a_subscription_that_goes_silent_is_replaced_and_l1_emptied() {
         coherence_ping_interval: Duration::from_millis(200),
         ..TieredOptions::default()
     };
-    let a = coherent(&prefix, options.clone()).await;
+    let a = coherent(&prefix, options.clone(), 0).await;
     // B listens through the proxy; everything else of B goes straight to Redis.
     let name = prefix.prefix().trim_end_matches(':');
     let direct = redis::Client::open(prefix.url()).unwrap();

@@ -19,16 +19,17 @@ const REAL_EMISSION: Duration = Duration::from_millis(250);
 const REAL_SLACK: Duration = Duration::from_millis(80);
 
 /// A connection of its own to `url`, with `timeout` for connecting and answers.
+/// One Redis node (`redis://`) or a Redis Cluster (`redis+cluster://`).
 async fn connect(url: &str, timeout: Duration) -> RedisConnection {
-    let client = redis::Client::open(url).unwrap();
+    let url = upcoach_core::config::ServiceUrl::parse(url, &["redis", "redis+cluster"]).unwrap();
     let options = RedisOptions {
         connection_timeout: timeout,
         response_timeout: timeout,
         reconnect_retries: 1,
     };
-    RedisConnection::from_client(client, options, "limit test")
+    RedisConnection::connect(&url, options)
         .await
-        .unwrap_or_else(|e| panic!("REDIS_URL is set but Redis does not answer: {e}"))
+        .unwrap_or_else(|e| panic!("{url} is set but Redis does not answer: {e}"))
 }
 
 #[tokio::test]
@@ -61,9 +62,19 @@ async fn memory_limiter_conforms_on_its_own_clock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_limiter_conforms() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
+    if let Some(prefix) = RedisPrefix::create() {
+        redis_conforms(prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiter_conforms_on_a_cluster() {
+    if let Some(prefix) = RedisPrefix::on_cluster() {
+        redis_conforms(prefix).await;
+    }
+}
+
+async fn redis_conforms(prefix: RedisPrefix) {
     let redis = connect(prefix.url(), Duration::from_secs(2)).await;
     let limiter = RedisLimiter::new(redis, prefix.prefix());
     rate_limiter_conformance(&limiter, &Sleep, REAL_EMISSION, REAL_SLACK).await;
@@ -100,9 +111,19 @@ async fn redis_rule_key_expires_when_the_bucket_is_full_again() {
 /// time, against 100 a minute: one budget, not two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_redis_limiters_share_one_budget() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
+    if let Some(prefix) = RedisPrefix::create() {
+        share_one_budget(prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_redis_limiters_share_one_budget_on_a_cluster() {
+    if let Some(prefix) = RedisPrefix::on_cluster() {
+        share_one_budget(prefix).await;
+    }
+}
+
+async fn share_one_budget(prefix: RedisPrefix) {
     let limiters = [
         Arc::new(RedisLimiter::new(
             connect(prefix.url(), Duration::from_secs(5)).await,

@@ -107,23 +107,30 @@ async fn a_slow_statement_becomes_one_digest_without_its_literal() {
 
 #[tokio::test]
 async fn the_redis_list_is_trimmed() {
-    let Some(prefix) = RedisPrefix::create() else {
-        return;
-    };
-    let client = redis::Client::open(prefix.url()).unwrap();
-    let manager = upcoach_core::redis::RedisConnection::from_client(
-        client.clone(),
-        Default::default(),
-        "test",
-    )
-    .await
-    .unwrap();
+    if let Some(prefix) = RedisPrefix::create() {
+        list_is_trimmed(prefix).await;
+    }
+}
+
+#[tokio::test]
+async fn the_redis_list_is_trimmed_on_a_cluster() {
+    if let Some(prefix) = RedisPrefix::on_cluster() {
+        list_is_trimmed(prefix).await;
+    }
+}
+
+async fn list_is_trimmed(prefix: RedisPrefix) {
+    let url =
+        upcoach_core::config::ServiceUrl::parse(prefix.url(), &["redis", "redis+cluster"]).unwrap();
+    let manager = upcoach_core::redis::RedisConnection::connect(&url, Default::default())
+        .await
+        .unwrap();
     let key = prefix.key("slow_queries");
-    let slow = SlowQueryLog::new(Duration::ZERO, 10).with_redis(manager, key.clone(), 5);
+    let slow = SlowQueryLog::new(Duration::ZERO, 10).with_redis(manager.clone(), key.clone(), 5);
     for i in 0..20 {
         slow.observe(&format!("SELECT {i}"), Duration::from_millis(1));
     }
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = manager;
     let mut len: usize = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -28,12 +28,18 @@ async fn memory_broadcaster_conforms() {
 /// test ends.
 struct Redis {
     prefixes: Mutex<Vec<RedisPrefix>>,
+    /// On the Redis Cluster of `REDIS_CLUSTER_URL` rather than `REDIS_URL`.
+    cluster: bool,
 }
 
 #[async_trait]
 impl MakeBroadcaster for Redis {
     async fn make(&self, history: HistoryLimits, clock: Arc<ManualClock>) -> Arc<dyn Broadcaster> {
-        let prefix = RedisPrefix::create().expect("REDIS_URL checked by the test");
+        let prefix = if self.cluster {
+            RedisPrefix::on_cluster().expect("REDIS_CLUSTER_URL checked by the test")
+        } else {
+            RedisPrefix::create().expect("REDIS_URL checked by the test")
+        };
         let options = RedisBroadcasterOptions {
             prefix: prefix.key("rt"),
             history,
@@ -55,6 +61,19 @@ async fn redis_broadcaster_conforms() {
     }
     broadcaster_conformance(&Redis {
         prefixes: Mutex::new(Vec::new()),
+        cluster: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_broadcaster_conforms_on_a_cluster() {
+    if RedisPrefix::on_cluster().is_none() {
+        return;
+    }
+    broadcaster_conformance(&Redis {
+        prefixes: Mutex::new(Vec::new()),
+        cluster: true,
     })
     .await;
 }

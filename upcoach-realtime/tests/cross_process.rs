@@ -63,18 +63,33 @@ struct Cluster {
 impl Cluster {
     /// `None` (skip) without `REDIS_URL`.
     async fn start(history: HistoryLimits) -> Option<Self> {
-        let prefix = RedisPrefix::create()?;
+        Some(Self::start_on(RedisPrefix::create()?, history).await)
+    }
+
+    /// On a Redis Cluster (`None`, skip, without `REDIS_CLUSTER_URL`): B lists the seeds
+    /// from the second on, so the two processes' subscriptions sit on different nodes
+    /// and every live event crosses the cluster bus to reach one of them.
+    async fn start_on_redis_cluster(history: HistoryLimits) -> Option<Self> {
+        Some(Self::start_on(RedisPrefix::on_cluster()?, history).await)
+    }
+
+    async fn start_on(prefix: RedisPrefix, history: HistoryLimits) -> Self {
         let tokens = Arc::new(Tokens::default());
         let a = Process::start(prefix.url(), options(&prefix, history), tokens.clone()).await;
-        let b = Process::start(prefix.url(), options(&prefix, history), tokens.clone()).await;
+        let b_url = if prefix.is_cluster() {
+            upcoach_testing::rotated_cluster_url(prefix.url(), 1)
+        } else {
+            prefix.url().to_owned()
+        };
+        let b = Process::start(&b_url, options(&prefix, history), tokens.clone()).await;
         a.until_connected("A").await;
         b.until_connected("B").await;
-        Some(Self {
+        Self {
             a,
             b,
             tokens,
             _prefix: prefix,
-        })
+        }
     }
 }
 
@@ -340,9 +355,19 @@ async fn subscribe_since(ws: &mut Ws, room: &str, since: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_published_on_b_reach_a_websocket_on_a_in_order_once() {
-    let Some(cluster) = Cluster::start(HistoryLimits::default()).await else {
-        return;
-    };
+    if let Some(cluster) = Cluster::start(HistoryLimits::default()).await {
+        reach_a_websocket_on_a(cluster).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_events_published_on_b_reach_a_websocket_on_a() {
+    if let Some(cluster) = Cluster::start_on_redis_cluster(HistoryLimits::default()).await {
+        reach_a_websocket_on_a(cluster).await;
+    }
+}
+
+async fn reach_a_websocket_on_a(cluster: Cluster) {
     let token = cluster.tokens.admin();
     let mut client = support::ws(cluster.a.addr, Some(&token)).await;
     assert_eq!(support::subscribe(&mut client, X, None).await, 0);
@@ -365,9 +390,19 @@ async fn events_published_on_b_reach_a_websocket_on_a_in_order_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_sse_cursor_taken_on_a_resumes_exactly_on_b() {
-    let Some(cluster) = Cluster::start(HistoryLimits::default()).await else {
-        return;
-    };
+    if let Some(cluster) = Cluster::start(HistoryLimits::default()).await {
+        sse_cursor_resumes_on_b(cluster).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_an_sse_cursor_taken_on_a_resumes_exactly_on_b() {
+    if let Some(cluster) = Cluster::start_on_redis_cluster(HistoryLimits::default()).await {
+        sse_cursor_resumes_on_b(cluster).await;
+    }
+}
+
+async fn sse_cursor_resumes_on_b(cluster: Cluster) {
     let auth = format!("Bearer {}", cluster.tokens.admin());
     let mut first = support::sse(
         cluster.a.addr,

@@ -65,6 +65,73 @@ pub fn redis_url() -> Option<String> {
     service_url("REDIS_URL")
 }
 
+/// The environment variable naming a Redis Cluster (`redis+cluster://host:port?addr=...`,
+/// as `deploy/redis-cluster.sh start` prints), for the cluster runs of the conformance
+/// suites.
+pub const REDIS_CLUSTER_URL: &str = "REDIS_CLUSTER_URL";
+
+/// `REDIS_CLUSTER_URL`, or `None` after printing why the test is skipped.
+pub fn redis_cluster_url() -> Option<String> {
+    service_url(REDIS_CLUSTER_URL)
+}
+
+/// The `redis://` URL of each node of the cluster `url` names (seed host first, then
+/// each `addr=`), with its user and password.
+fn cluster_seed_urls(url: &str) -> Vec<String> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Vec::new();
+    };
+    let mut base = parsed.clone();
+    base.set_query(None);
+    base.set_path("/");
+    let base = base.as_str().replacen("redis+cluster://", "redis://", 1);
+    let Ok(base) = url::Url::parse(&base) else {
+        return Vec::new();
+    };
+    let mut seeds = vec![base.to_string()];
+    for (name, value) in parsed.query_pairs() {
+        if let ("addr", Some((host, port))) = (name.as_ref(), value.rsplit_once(':')) {
+            let mut seed = base.clone();
+            if seed.set_host(Some(host)).is_ok()
+                && let Ok(port) = port.parse()
+                && seed.set_port(Some(port)).is_ok()
+            {
+                seeds.push(seed.to_string());
+            }
+        }
+    }
+    seeds
+}
+
+/// The same `redis+cluster://` URL with its seeds listed from seed `by` on (wrapping),
+/// so that a second process's pub/sub connection lands on another node.
+pub fn rotated_cluster_url(url: &str, by: usize) -> String {
+    let mut seeds: Vec<String> = cluster_seed_urls(url)
+        .iter()
+        .filter_map(|seed| {
+            let seed = url::Url::parse(seed).ok()?;
+            Some(format!("{}:{}", seed.host_str()?, seed.port()?))
+        })
+        .collect();
+    if seeds.is_empty() {
+        return url.to_owned();
+    }
+    let by = by % seeds.len();
+    seeds.rotate_left(by);
+    let userinfo = url::Url::parse(url)
+        .ok()
+        .filter(|u| !u.username().is_empty() || u.password().is_some())
+        .map(|u| format!("{}:{}@", u.username(), u.password().unwrap_or("")))
+        .unwrap_or_default();
+    let rest: Vec<String> = seeds[1..].iter().map(|s| format!("addr={s}")).collect();
+    format!(
+        "redis+cluster://{userinfo}{}{}{}",
+        seeds[0],
+        if rest.is_empty() { "" } else { "?" },
+        rest.join("&")
+    )
+}
+
 /// `DATABASE_URL`, or `None` after printing why the test is skipped.
 pub fn database_url() -> Option<String> {
     service_url("DATABASE_URL")
@@ -207,11 +274,25 @@ pub struct RedisPrefix {
 impl RedisPrefix {
     /// A new prefix on `REDIS_URL`; `None` (skip) when unset.
     pub fn create() -> Option<Self> {
-        let url = redis_url()?;
-        Some(Self {
+        Some(Self::on(redis_url()?))
+    }
+
+    /// A new prefix on the Redis Cluster of `REDIS_CLUSTER_URL`; `None` (skip) when
+    /// unset.
+    pub fn on_cluster() -> Option<Self> {
+        Some(Self::on(redis_cluster_url()?))
+    }
+
+    fn on(url: String) -> Self {
+        Self {
             url,
             prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
-        })
+        }
+    }
+
+    /// Whether this prefix is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.url.starts_with("redis+cluster://")
     }
 
     /// The prefix, ending in `:`.
@@ -230,11 +311,50 @@ impl RedisPrefix {
     }
 }
 
+/// The primaries of the cluster that `seeds` belong to, as `redis://` URLs with the
+/// seeds' credentials (from `CLUSTER NODES` on the first seed that answers).
+async fn cluster_primaries(seeds: &[String]) -> Vec<String> {
+    for seed in seeds {
+        let Ok(client) = redis::Client::open(seed.as_str()) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let Ok(nodes): redis::RedisResult<String> = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+        else {
+            continue;
+        };
+        let Ok(base) = url::Url::parse(seed) else {
+            continue;
+        };
+        return nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = fields.get(2)?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                let addr = fields.get(1)?.split(['@', ',']).next()?;
+                let (host, port) = addr.rsplit_once(':')?;
+                let mut url = base.clone();
+                url.set_host(Some(host)).ok()?;
+                url.set_port(Some(port.parse().ok()?)).ok()?;
+                Some(url.to_string())
+            })
+            .collect();
+    }
+    Vec::new()
+}
+
 impl Drop for RedisPrefix {
     fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
-            return;
-        };
+        let url = self.url.clone();
+        let cluster = self.is_cluster();
         let pattern = format!("{}*", self.prefix);
         let done = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -242,34 +362,52 @@ impl Drop for RedisPrefix {
                 .build()
                 .expect("runtime for key cleanup");
             rt.block_on(async move {
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return;
+                let nodes = if cluster {
+                    cluster_primaries(&cluster_seed_urls(&url)).await
+                } else {
+                    vec![url]
                 };
-                let mut cursor: u64 = 0;
-                loop {
-                    let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> =
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut conn)
-                            .await
-                    else {
-                        return;
-                    };
-                    if !keys.is_empty() {
-                        let _: redis::RedisResult<()> =
-                            redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-                    }
-                    if next == 0 {
-                        return;
-                    }
-                    cursor = next;
+                for node in nodes {
+                    delete_matching(&node, &pattern).await;
                 }
             });
         });
         let _ = done.join();
+    }
+}
+
+/// Deletes the keys matching `pattern` on the one node `url` names, one `DEL` per key
+/// (keys of different cluster slots cannot share one).
+async fn delete_matching(url: &str, pattern: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("DEL").arg(key).ignore();
+            }
+            let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }

@@ -341,6 +341,22 @@ async fn broadcast(addr: SocketAddr, admin: &str, n: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
+    if nginx_present() {
+        share_rooms_sessions_and_streams(support::Services::create().await).await;
+    }
+}
+
+/// The same on a Redis Cluster: B lists the seeds from the second on, so the two
+/// processes subscribe on different nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_two_processes_behind_nginx_share_rooms_sessions_and_streams() {
+    if nginx_present() {
+        share_rooms_sessions_and_streams(support::Services::create_on_cluster().await).await;
+    }
+}
+
+/// Whether nginx is here; fails instead under `UPCOACH_REQUIRE_NGINX=1`.
+fn nginx_present() -> bool {
     if upcoach_testing::Nginx::binary().is_none() {
         let required = std::env::var(REQUIRE_NGINX).is_ok_and(|v| v == "1");
         assert!(
@@ -348,9 +364,13 @@ async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
             "nginx is missing, but {REQUIRE_NGINX}=1: apt-get install nginx-light"
         );
         eprintln!("skipping: nginx is missing (apt-get install nginx-light)");
-        return;
+        return false;
     }
-    let Some(services) = support::Services::create().await else {
+    true
+}
+
+async fn share_rooms_sessions_and_streams(services: Option<support::Services>) {
+    let Some(services) = services else {
         return;
     };
     let mut config = ServerConfig::default();
@@ -365,7 +385,11 @@ async fn two_processes_behind_nginx_share_rooms_sessions_and_resume_streams() {
         ("TRUSTED_PROXIES", NGINX_FROM.to_owned()),
     ];
     let a = server(&env);
-    let b = server(&env);
+    let mut env_b = env.clone();
+    if services.prefix.is_cluster() {
+        env_b[1].1 = upcoach_testing::rotated_cluster_url(&env[1].1, 1);
+    }
+    let b = server(&env_b);
     let proxy = upcoach_testing::Nginx::start(&[a.addr, b.addr], NGINX_FROM, |config| config)
         .await
         .expect("nginx starts");

@@ -377,6 +377,14 @@ impl Services {
         Some(Self { schema, prefix })
     }
 
+    /// The same with the Redis Cluster of `REDIS_CLUSTER_URL`; `None` (skip) when a
+    /// variable is unset.
+    pub(crate) async fn create_on_cluster() -> Option<Self> {
+        let schema = PgSchema::create().await?;
+        let prefix = RedisPrefix::on_cluster()?;
+        Some(Self { schema, prefix })
+    }
+
     /// Points `config` at them: Postgres with the schema as its search path, Redis and
     /// the cache under the prefix.
     pub(crate) fn configure(&self, config: &mut ServerConfig) {
@@ -387,7 +395,8 @@ impl Services {
         config.cache.prefix = self.prefix.prefix().trim_end_matches(':').to_owned();
         config.services.database_url =
             Some(ServiceUrl::parse(database.as_str(), &["postgres"]).unwrap());
-        config.services.redis_url = Some(ServiceUrl::parse(self.prefix.url(), &["redis"]).unwrap());
+        config.services.redis_url =
+            Some(ServiceUrl::parse(self.prefix.url(), &["redis", "redis+cluster"]).unwrap());
     }
 }
 

@@ -1,0 +1,329 @@
+//! `RedisConnection` on a Redis Cluster (`REDIS_CLUSTER_URL`, as
+//! `deploy/redis-cluster.sh start` prints): routing by key, pipelines that span slots,
+//! scripts, pub/sub across nodes, and clear refusals of malformed cluster URLs.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::cluster_routing::Slot;
+use upcoach_core::config::ServiceUrl;
+use upcoach_core::redis::{PubSubSource, RedisConnection, RedisOptions, RedisState};
+use upcoach_testing::RedisPrefix;
+
+const SCHEMES: &[&str] = &["redis", "redis+cluster"];
+
+async fn cluster(prefix: &RedisPrefix) -> RedisConnection {
+    let url = ServiceUrl::parse(prefix.url(), SCHEMES).unwrap();
+    RedisConnection::connect(&url, RedisOptions::default())
+        .await
+        .unwrap()
+}
+
+/// The port of the node that holds `slot`, from `CLUSTER SLOTS`.
+async fn owner(conn: &RedisConnection, slot: u16) -> u16 {
+    let slots: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let number = |v: &redis::Value| match v {
+        redis::Value::Int(n) => *n,
+        other => panic!("CLUSTER SLOTS gave {other:?}"),
+    };
+    for range in slots {
+        let (from, to) = (number(&range[0]), number(&range[1]));
+        if (from..=to).contains(&i64::from(slot)) {
+            let redis::Value::Array(node) = &range[2] else {
+                panic!("CLUSTER SLOTS gave {range:?}")
+            };
+            return number(&node[1]) as u16;
+        }
+    }
+    panic!("no node holds slot {slot}")
+}
+
+/// Keys under `prefix` whose slots fall on `n` different nodes.
+async fn keys_on_different_nodes(
+    conn: &RedisConnection,
+    prefix: &RedisPrefix,
+    n: usize,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut nodes = HashSet::new();
+    for i in 0..1_000 {
+        let key = prefix.key(&format!("k{i}"));
+        let node = owner(conn, slot_of(&key)).await;
+        if nodes.insert(node) {
+            keys.push(key);
+            if keys.len() == n {
+                return keys;
+            }
+        }
+    }
+    panic!("the cluster has fewer than {n} primaries");
+}
+
+fn slot_of(key: &str) -> u16 {
+    // Slot has no accessor for its number; its Debug form is `Slot(n)`.
+    let text = format!("{:?}", Slot::for_key(key));
+    text.trim_start_matches("Slot(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn commands_reach_the_node_that_owns_each_key() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let conn = cluster(&prefix).await;
+    assert!(conn.is_cluster());
+    let keys = keys_on_different_nodes(&conn, &prefix, 3).await;
+    for (i, key) in keys.iter().enumerate() {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(i)
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let got: usize = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        assert_eq!(got, i);
+    }
+    // MGET across three nodes: split by the cluster client, answered in order.
+    let all: Vec<usize> = redis::cmd("MGET")
+        .arg(&keys)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(all, vec![0, 1, 2]);
+    conn.ping().await.unwrap();
+    assert_eq!(conn.state(), RedisState::Connected);
+}
+
+#[tokio::test]
+async fn a_pipeline_across_slots_is_split_and_answered_in_order() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let conn = cluster(&prefix).await;
+    let keys = keys_on_different_nodes(&conn, &prefix, 3).await;
+    let mut pipe = redis::pipe();
+    for (i, key) in keys.iter().enumerate() {
+        // Order within one key holds: the INCR sees the SET before it.
+        pipe.cmd("SET").arg(key).arg(i * 10).ignore();
+        pipe.cmd("INCR").arg(key);
+        pipe.cmd("PEXPIRE").arg(key).arg(60_000).ignore();
+    }
+    pipe.cmd("GET").arg(&keys[0]);
+    let answers: Vec<i64> = pipe.query_async(&mut conn.clone()).await.unwrap();
+    assert_eq!(answers, vec![1, 11, 21, 1]);
+
+    // A transaction cannot be split: the cluster refuses it.
+    let mut tx = redis::pipe();
+    tx.atomic();
+    for key in &keys {
+        tx.cmd("SET").arg(key).arg("x").ignore();
+    }
+    let refused: redis::RedisResult<()> = tx.query_async(&mut conn.clone()).await;
+    assert!(refused.is_err(), "a transaction across slots must fail");
+    let untouched: i64 = redis::cmd("GET")
+        .arg(&keys[1])
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(untouched, 11, "nothing of the refused transaction ran");
+}
+
+#[tokio::test]
+async fn scripts_run_on_the_node_of_their_hash_tagged_keys() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let conn = cluster(&prefix).await;
+    let script = redis::Script::new(
+        "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1]); return redis.call('MGET', KEYS[1], KEYS[2])",
+    );
+    // Several tags, so the script is loaded (after NOSCRIPT) on more than one node.
+    for tag in ["a", "b", "c", "d", "e", "f"] {
+        let one = prefix.key(&format!("{{{tag}}}:one"));
+        let two = prefix.key(&format!("{{{tag}}}:two"));
+        let got: Vec<String> = script
+            .key(&one)
+            .key(&two)
+            .arg(tag)
+            .invoke_async(&mut conn.clone())
+            .await
+            .unwrap();
+        assert_eq!(got, vec![tag, tag]);
+    }
+    // Without a shared tag, the cluster says so rather than running half a script.
+    let refused: redis::RedisResult<Vec<String>> = script
+        .key(prefix.key("x1"))
+        .key(prefix.key("x2"))
+        .arg("v")
+        .invoke_async(&mut conn.clone())
+        .await;
+    let slots_differ = slot_of(&prefix.key("x1")) != slot_of(&prefix.key("x2"));
+    assert_eq!(refused.is_err(), slots_differ);
+}
+
+#[tokio::test]
+async fn a_publish_reaches_subscribers_on_every_node() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let conn = cluster(&prefix).await;
+    let source = conn
+        .pubsub()
+        .expect("a cluster connection has a pub/sub source")
+        .clone();
+    let channel = prefix.key("news");
+    // Three subscriptions, one per seed node (the source moves on each time).
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut pubsub = source.open().await.unwrap();
+        pubsub.subscribe(&channel).await.unwrap();
+        streams.push(pubsub.into_on_message());
+    }
+    // One subscriber on each node: the source moved on after each open.
+    for seed in ServiceUrl::parse(prefix.url(), SCHEMES)
+        .unwrap()
+        .cluster_seeds()
+        .unwrap()
+    {
+        let mut node = redis::Client::open(seed.expose())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let (_, count): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert_eq!(count, 1, "subscribers on {seed}");
+    }
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg("hello")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert!(
+        receivers >= 1,
+        "the node that took the PUBLISH has a subscriber"
+    );
+    for stream in &mut streams {
+        let message = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("every node's subscriber hears the publish")
+            .unwrap();
+        assert_eq!(message.get_payload::<String>().unwrap(), "hello");
+    }
+}
+
+#[tokio::test]
+async fn a_pubsub_source_skips_a_node_that_is_down() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let seeds = ServiceUrl::parse(prefix.url(), SCHEMES)
+        .unwrap()
+        .cluster_seeds()
+        .unwrap();
+    // A closed port first, then the real seeds.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("redis://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let mut nodes = vec![redis::Client::open(dead).unwrap()];
+    nodes.extend(
+        seeds
+            .iter()
+            .map(|s| redis::Client::open(s.expose()).unwrap()),
+    );
+    let source = PubSubSource::from_nodes(nodes).unwrap();
+    for _ in 0..4 {
+        let mut pubsub = tokio::time::timeout(Duration::from_secs(5), source.open())
+            .await
+            .unwrap()
+            .unwrap();
+        pubsub.subscribe(prefix.key("x")).await.unwrap();
+    }
+    assert!(PubSubSource::from_nodes(Vec::new()).is_err());
+}
+
+#[test]
+fn malformed_cluster_urls_are_refused_with_a_reason() {
+    let cases = [
+        ("redis+cluster://a:7000,b:7000", "commas"),
+        ("redis+cluster://a:7000/3", "database 0"),
+        ("redis+cluster://a:7000?addr=b", "host:port"),
+        ("redis+cluster://a:7000?addr=b:x", "host:port"),
+        ("redis+cluster://a:7000?timeout=3", "only addr"),
+    ];
+    for (url, why) in cases {
+        let err = ServiceUrl::parse(url, SCHEMES).unwrap_err();
+        assert!(err.contains(why), "{url}: {err}");
+    }
+    let url = ServiceUrl::parse("redis+cluster://u:pw@a:7000?addr=b:7001", SCHEMES).unwrap();
+    assert!(!url.to_string().contains("pw"), "{url}");
+    let seeds = url.cluster_seeds().unwrap();
+    assert_eq!(seeds.len(), 2);
+    assert_eq!(seeds[1].expose(), "redis://u:pw@b:7001/");
+}
+
+#[tokio::test]
+async fn connecting_to_a_cluster_that_is_not_there_fails_clearly() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = ServiceUrl::parse(&format!("redis+cluster://:pw@127.0.0.1:{port}"), SCHEMES).unwrap();
+    let options = RedisOptions {
+        connection_timeout: Duration::from_millis(200),
+        response_timeout: Duration::from_millis(200),
+        reconnect_retries: 1,
+    };
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        RedisConnection::connect(&url, options),
+    )
+    .await
+    .expect("gives up in time")
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("pw"), "no password in errors: {text}");
+}
+
+#[tokio::test]
+async fn a_prefix_on_the_cluster_leaves_no_key_behind() {
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let conn = cluster(&prefix).await;
+    let keys = keys_on_different_nodes(&conn, &prefix, 3).await;
+    for key in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+    }
+    drop(prefix);
+    let left: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&keys)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert!(left.iter().all(Option::is_none), "{left:?}");
+}
