@@ -327,3 +327,76 @@ async fn a_prefix_on_the_cluster_leaves_no_key_behind() {
         .unwrap();
     assert!(left.iter().all(Option::is_none), "{left:?}");
 }
+
+/// A process's subscription node goes away: the broadcaster subscribes on the next seed
+/// and its subscribers get every event, in order, with no gap (the missed ones from
+/// the room's history).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_its_subscription_node_is_cut_a_broadcaster_moves_to_the_next_without_a_gap() {
+    use std::sync::Arc;
+    use upcoach_realtime::{Broadcaster, RedisBroadcaster, RedisBroadcasterOptions};
+    use upcoach_testing::FaultProxy;
+
+    let Some(prefix) = RedisPrefix::on_cluster() else {
+        return;
+    };
+    let seeds = ServiceUrl::parse(prefix.url(), SCHEMES)
+        .unwrap()
+        .cluster_seeds()
+        .unwrap();
+    // The first node this process subscribes on is reached through a proxy.
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(seeds[0].expose())).await;
+    let mut nodes = vec![
+        redis::Client::open(upcoach_testing::url_via(seeds[0].expose(), proxy.addr())).unwrap(),
+    ];
+    nodes.extend(
+        seeds[1..]
+            .iter()
+            .map(|s| redis::Client::open(s.expose()).unwrap()),
+    );
+    let options = || RedisBroadcasterOptions {
+        prefix: prefix.key("rt"),
+        timeout: Duration::from_millis(500),
+        ping_interval: Duration::from_millis(200),
+        ..RedisBroadcasterOptions::default()
+    };
+    let listener = RedisBroadcaster::new(
+        PubSubSource::from_nodes(nodes).unwrap(),
+        cluster(&prefix).await,
+        options(),
+    );
+    let publisher: Arc<dyn Broadcaster> = Arc::new(
+        RedisBroadcaster::connect(prefix.url(), options())
+            .await
+            .unwrap(),
+    );
+    let mut sub = listener.subscribe("public:x").await.unwrap();
+    for _ in 0..100 {
+        if listener.state().connected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(listener.state().connected);
+
+    let mut seqs = Vec::new();
+    for i in 0..30u64 {
+        if i == 10 {
+            proxy.cut();
+        }
+        publisher
+            .publish("public:x", "tick", serde_json::json!({ "i": i }))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while seqs.len() < 30 {
+        let event = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {seqs:?}"))
+            .unwrap();
+        seqs.push(event.seq);
+    }
+    assert_eq!(seqs, (1..=30).collect::<Vec<u64>>());
+    assert!(proxy.is_cut(), "events 11 to 30 came through another node");
+}

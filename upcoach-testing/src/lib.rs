@@ -5,7 +5,9 @@
 //!   `UPCOACH_REQUIRE_SERVICES=1` (set by `.ci/run`) a missing variable fails the test
 //!   instead, so CI can never skip silently.
 //! - [`PgSchema`]: a fresh Postgres schema per test, dropped afterwards.
-//! - [`RedisPrefix`]: a random key prefix per test, its keys deleted afterwards.
+//! - [`RedisPrefix`]: a random key prefix per test, its keys deleted afterwards (on
+//!   every primary, for a prefix on the Redis Cluster of `REDIS_CLUSTER_URL`; see
+//!   [`RedisPrefix::on_cluster`] and [`redis_cluster_url`]).
 //! - [`Nginx`]: nginx from the project's template in front of servers under test.
 //! - [`FaultProxy`]: a TCP proxy a test can [`cut`](FaultProxy::cut) and
 //!   [`restore`](FaultProxy::restore) to put Redis or Postgres "down".
