@@ -12,7 +12,14 @@
 //! - `compression`: LZ4 beside zstd (levels 1 and 3), bare, then the envelope's encode
 //!   and decode, on a dashboard-snapshot JSON (sizes and ratios printed).
 //!
-//! Redis parts need `REDIS_URL` (skipped, said so, without it).
+//! - `cluster`: the same store on a Redis Cluster: a GET, bare (the redis crate's
+//!   `ClusterConnection`) vs `RedisStore::get` through `RedisConnection`; and 32 SETs
+//!   that fall on every node, bare (32 commands sent concurrently, since the bare client
+//!   refuses a pipeline across slots) vs `RedisStore::set_many` (one pipeline, split by
+//!   slot into one per node).
+//!
+//! Redis parts need `REDIS_URL`, the cluster part `REDIS_CLUSTER_URL` (each skipped, said
+//! so, without it).
 //!
 //! `cargo bench --bench cache`
 
@@ -391,5 +398,100 @@ fn compression(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, l1_hit, compression, l2_hit, tag_invalidation);
+fn cluster(c: &mut Criterion) {
+    let Ok(url) = std::env::var("REDIS_CLUSTER_URL") else {
+        eprintln!("skipping cluster: REDIS_CLUSTER_URL is not set");
+        return;
+    };
+    let url = upcoach_core::config::ServiceUrl::parse(&url, &["redis+cluster"])
+        .expect("REDIS_CLUSTER_URL is a redis+cluster:// URL");
+    let rt = runtime();
+    let patience = Duration::from_secs(10);
+    let seeds: Vec<String> = url
+        .cluster_seeds()
+        .unwrap()
+        .iter()
+        .map(|seed| seed.expose().to_owned())
+        .collect();
+    let (bare, ours) = rt.block_on(async {
+        let bare = redis::cluster::ClusterClient::builder(seeds)
+            .response_timeout(patience)
+            .build()
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap();
+        let options = upcoach_core::redis::RedisOptions {
+            response_timeout: patience,
+            ..Default::default()
+        };
+        let ours = upcoach_core::redis::RedisConnection::connect(&url, options)
+            .await
+            .unwrap();
+        (bare, ours)
+    });
+    let prefix = format!("bench:{}", std::process::id());
+    let store = RedisStore::new(ours, prefix);
+    let value = Bytes::from(vec![b'x'; 256]);
+    let ttl = Duration::from_secs(60);
+    rt.block_on(store.set("hot", value.clone(), ttl)).unwrap();
+    let hot = store.redis_key("hot").unwrap();
+    let keys: Vec<String> = (0..32).map(|i| format!("k{i}")).collect();
+    let entries: Vec<(&str, Bytes, Duration)> = keys
+        .iter()
+        .map(|k| (k.as_str(), value.clone(), ttl))
+        .collect();
+    let bare_keys: Vec<String> = keys.iter().map(|k| store.redis_key(k).unwrap()).collect();
+
+    let mut group = c.benchmark_group("cluster");
+    group.sample_size(20);
+    group.bench_function("bare_cluster_get", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let got: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&hot)
+                    .query_async(&mut bare.clone())
+                    .await
+                    .unwrap();
+                black_box(got)
+            })
+        })
+    });
+    group.bench_function("redis_store_get", |b| {
+        b.iter(|| rt.block_on(async { black_box(store.get("hot").await.unwrap()) }))
+    });
+    group.bench_function("bare_cluster_32_sets_concurrently", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let sets = bare_keys.iter().map(|key| {
+                    let mut conn = bare.clone();
+                    let value = value.clone();
+                    async move {
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg(value.as_ref())
+                            .arg("PX")
+                            .arg(60_000)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    }
+                });
+                futures_util::future::try_join_all(sets).await.unwrap();
+            })
+        })
+    });
+    group.bench_function("redis_store_set_many_32", |b| {
+        b.iter(|| rt.block_on(async { store.set_many(&entries).await.unwrap() }))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    l1_hit,
+    compression,
+    l2_hit,
+    tag_invalidation,
+    cluster
+);
 criterion_main!(benches);
