@@ -101,8 +101,15 @@ pub struct ServiceUrl(Url);
 impl ServiceUrl {
     /// Parses `value` and checks that its scheme is one of `schemes`.
     pub fn parse(value: &str, schemes: &[&str]) -> Result<Self, &'static str> {
-        if value.starts_with("redis+cluster://") && value.contains(',') {
-            return Err("list further cluster seeds as ?addr=host:port, not with commas");
+        if let Some(rest) = value.strip_prefix("redis+cluster://") {
+            // The host part: after any user:password@, before any path or query.
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let hosts = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, hosts)| hosts);
+            if hosts.contains(',') {
+                return Err("list further cluster seeds as ?addr=host:port, not with commas");
+            }
         }
         let url = Url::parse(value).map_err(|_| "not a URL")?;
         if !schemes.contains(&url.scheme()) {
@@ -163,12 +170,26 @@ impl ServiceUrl {
         let seed = Url::parse(&seed.as_str().replacen("redis+cluster://", "redis://", 1))
             .map_err(|_| "not a URL")?;
         let mut seeds = vec![ServiceUrl(seed.clone())];
+        if seed.port() == Some(0) {
+            return Err("a seed's port must not be 0");
+        }
         for (name, value) in self.0.query_pairs() {
             if name != "addr" {
                 return Err("a redis+cluster:// URL takes only addr=host:port parameters");
             }
-            let (host, port) = value.rsplit_once(':').ok_or("each addr= needs host:port")?;
-            let port: u16 = port.parse().map_err(|_| "each addr= needs host:port")?;
+            // Exactly host:port: no user, password, path or query of its own.
+            let addr = Url::parse(&format!("redis://{value}"))
+                .ok()
+                .filter(|a| a.username().is_empty() && a.password().is_none())
+                .filter(|a| matches!(a.path(), "" | "/") && a.query().is_none())
+                .filter(|a| a.fragment().is_none())
+                .ok_or("each addr= must be host:port and nothing else")?;
+            let (Some(host), Some(port)) = (addr.host_str(), addr.port()) else {
+                return Err("each addr= must be host:port and nothing else");
+            };
+            if host.is_empty() || port == 0 {
+                return Err("each addr= must be host:port and nothing else");
+            }
             let mut next = seed.clone();
             next.set_host(Some(host))
                 .map_err(|_| "an addr= host is not a valid host")?;

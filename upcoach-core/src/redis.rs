@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::ServiceUrl;
@@ -93,9 +92,15 @@ pub enum RedisConnectError {
 ///   keys; the cluster's own redirections (`MOVED`, `ASK`) and failovers are followed.
 ///   Keys that one command or script touches together must share a hash tag
 ///   (`{...}`), as every upcoach component's keys do. A pipeline whose commands fall in
-///   different slots (and is not a transaction) is split by the slot of each command's
-///   first key and its parts sent concurrently, each in order; the answers come back in
-///   the pipeline's order.
+///   different slots (and is not a transaction) is split: the commands on each key (of
+///   the common single-key commands) as one pipeline in their order, every other
+///   command on its own, all sent concurrently; the answers come back in the pipeline's
+///   order. Order then holds within a key, not across keys, and a failed part fails the
+///   pipeline after the others have run: retry only pipelines that may run twice. A
+///   transaction across slots is refused, as Redis Cluster refuses it.
+/// - **A cluster node gone silent**: the cluster client keeps using a node's link that
+///   stopped answering while the others answer, so [`ping`](Self::ping) (which asks
+///   every node) counts: two timed-out pings in a row replace the whole cluster link.
 /// - **Commands**: it implements [`ConnectionLike`], so `query_async(&mut conn)`, pipelines
 ///   and scripts run on it directly. Clones share one multiplexed TCP connection (each
 ///   command only takes a read lock long enough to clone a handle); clone it into each
@@ -144,6 +149,9 @@ pub struct RedisConnection {
 /// Commands timing out in a row before a [`RedisConnection`] replaces its link.
 pub const STALL_TIMEOUTS: u32 = 3;
 
+/// Pings timing out in a row before a [`RedisConnection`] to a cluster replaces its link.
+pub const CLUSTER_PING_TIMEOUTS: u32 = 2;
+
 #[derive(Debug)]
 struct Shared {
     /// The manager in use and its generation (bumped by each replacement), so that
@@ -154,6 +162,8 @@ struct Shared {
     origin: Option<Origin>,
     /// Where pub/sub connections come from; `None` for a bare manager.
     pubsub: Option<PubSubSource>,
+    /// Pings in a row that timed out (counted for a cluster link only).
+    ping_timeouts: AtomicU32,
     state: AtomicU8,
     last_latency_micros: AtomicU64,
     url: String,
@@ -249,7 +259,7 @@ impl RedisConnection {
             .retries(options.reconnect_retries.min(u32::MAX as usize) as u32)
             .build()?;
         let connection = client.get_async_connection().await?;
-        let pubsub = PubSubSource::from_nodes(seeds)?;
+        let pubsub = PubSubSource::for_cluster(seeds)?;
         Ok(Self::with_parts(
             Link::Cluster(connection),
             Some(Origin::Cluster(client, options.response_timeout)),
@@ -299,10 +309,11 @@ impl RedisConnection {
         url: String,
     ) -> Self {
         Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new_cyclic(|shared| Shared {
                 current: RwLock::new((0, link)),
                 origin,
-                pubsub,
+                pubsub: pubsub.map(|source| source.linked(shared.clone())),
+                ping_timeouts: AtomicU32::new(0),
                 state: AtomicU8::new(1),
                 last_latency_micros: AtomicU64::new(0),
                 url,
@@ -414,11 +425,19 @@ impl RedisConnection {
 
     /// Sends `PING`, records the outcome in [`state`](Self::state) and returns the
     /// round-trip time.
+    ///
+    /// On a cluster the ping goes to every node, and [`CLUSTER_PING_TIMEOUTS`] timed-out
+    /// pings in a row replace the cluster link: the cluster client would keep using a
+    /// node's link that went silent as long as the other nodes answer.
     pub async fn ping(&self) -> Result<Duration, redis::RedisError> {
         let mut conn = self.clone();
+        let (generation, link) = self.current();
         let start = Instant::now();
         let result: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
         let elapsed = start.elapsed();
+        if matches!(link, Link::Cluster(_)) {
+            self.after_cluster_ping(generation, &result);
+        }
         self.observe(result.as_ref().map(|_| ()).map_err(|e| e.to_string()).err());
         result.map(|_| {
             self.shared
@@ -426,6 +445,21 @@ impl RedisConnection {
                 .store(elapsed.as_micros() as u64, Ordering::Relaxed);
             elapsed
         })
+    }
+
+    /// Counts a cluster ping's timeout; a run of [`CLUSTER_PING_TIMEOUTS`] replaces the
+    /// link of generation `generation`.
+    fn after_cluster_ping<T>(&self, generation: u64, result: &RedisResult<T>) {
+        let counter = &self.shared.ping_timeouts;
+        match result {
+            Err(e) if e.is_timeout() => {
+                if counter.fetch_add(1, Ordering::Relaxed) + 1 >= CLUSTER_PING_TIMEOUTS {
+                    counter.store(0, Ordering::Relaxed);
+                    self.replace(generation);
+                }
+            }
+            _ => counter.store(0, Ordering::Relaxed),
+        }
     }
 
     /// Records the outcome of a command run elsewhere on this connection, so the state
@@ -508,7 +542,7 @@ impl ConnectionLike for RedisConnection {
                                 == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
                                 && !pipeline.is_transaction() =>
                         {
-                            split_by_slot(cluster, pipeline).await
+                            split_by_key(cluster, pipeline).await
                         }
                         other => other,
                     }
@@ -527,46 +561,144 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
-/// Runs a pipeline that spans slots as one pipeline per slot (of each command's first
-/// key), concurrently, each keeping its commands' order; the answers are put back in
-/// the pipeline's order.
-async fn split_by_slot(
-    cluster: &ClusterConnection,
-    pipeline: &Pipeline,
-) -> RedisResult<Vec<Value>> {
-    let mut parts: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
+/// Commands whose one key is their first argument: the only ones a split pipeline
+/// groups by key. Anything else is sent on its own and routed by the cluster client
+/// (which splits multi-key commands such as `MGET` and `DEL` by slot).
+const SINGLE_KEY: &[&str] = &[
+    "APPEND",
+    "DECR",
+    "DECRBY",
+    "EXPIRE",
+    "EXPIREAT",
+    "GET",
+    "GETDEL",
+    "GETEX",
+    "GETSET",
+    "HDEL",
+    "HEXISTS",
+    "HGET",
+    "HGETALL",
+    "HINCRBY",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HMSET",
+    "HSET",
+    "HSETNX",
+    "HVALS",
+    "INCR",
+    "INCRBY",
+    "INCRBYFLOAT",
+    "LINDEX",
+    "LLEN",
+    "LPOP",
+    "LPUSH",
+    "LRANGE",
+    "LREM",
+    "LTRIM",
+    "PERSIST",
+    "PEXPIRE",
+    "PEXPIREAT",
+    "PSETEX",
+    "PTTL",
+    "RPOP",
+    "RPUSH",
+    "SADD",
+    "SCARD",
+    "SET",
+    "SETEX",
+    "SETNX",
+    "SISMEMBER",
+    "SMEMBERS",
+    "SREM",
+    "STRLEN",
+    "TTL",
+    "TYPE",
+    "XADD",
+    "XDEL",
+    "XLEN",
+    "XRANGE",
+    "XREVRANGE",
+    "XTRIM",
+    "ZADD",
+    "ZCARD",
+    "ZINCRBY",
+    "ZPOPMAX",
+    "ZPOPMIN",
+    "ZRANGE",
+    "ZRANGEBYSCORE",
+    "ZREM",
+    "ZREMRANGEBYSCORE",
+    "ZSCORE",
+];
+
+/// The key of a command from [`SINGLE_KEY`]; `None` for any other.
+fn single_key(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter();
+    let (Some(redis::Arg::Simple(name)), Some(redis::Arg::Simple(key))) =
+        (args.next(), args.next())
+    else {
+        return None;
+    };
+    SINGLE_KEY
+        .iter()
+        .any(|known| name.eq_ignore_ascii_case(known.as_bytes()))
+        .then_some(key)
+}
+
+/// Runs a pipeline that spans slots: the commands on each key as one pipeline (in their
+/// order), every other command on its own, all concurrently; the answers are put back
+/// in the pipeline's order. Every part runs to its end; if any failed, the first
+/// failure is the answer, and the other parts may have run.
+///
+/// Parts of one key each, rather than of one slot, so that a redirection during a slot
+/// migration (`ASK`), which sends a whole part to the slot's new node, never runs half
+/// a part twice.
+async fn split_by_key(cluster: &ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
+    let mut grouped: Vec<(&[u8], Pipeline, Vec<usize>)> = Vec::new();
+    let mut alone: Vec<(&Cmd, usize)> = Vec::new();
     for (index, cmd) in pipeline.cmd_iter().enumerate() {
-        let slot = match cmd.args_iter().nth(1) {
-            Some(redis::Arg::Simple(key)) => Some(Slot::for_key(key)),
-            _ => None,
+        let Some(key) = single_key(cmd) else {
+            alone.push((cmd, index));
+            continue;
         };
-        let part = match parts.iter().position(|(s, _, _)| *s == slot) {
+        let part = match grouped.iter().position(|(k, _, _)| *k == key) {
             Some(found) => found,
             None => {
-                parts.push((slot, Pipeline::new(), Vec::new()));
-                parts.len() - 1
+                grouped.push((key, Pipeline::new(), Vec::new()));
+                grouped.len() - 1
             }
         };
-        parts[part].1.add_command(cmd.clone());
-        parts[part].2.push(index);
+        grouped[part].1.add_command(cmd.clone());
+        grouped[part].2.push(index);
     }
-    let answers = futures_util::future::try_join_all(parts.iter().map(|(_, part, _)| async move {
-        cluster
+    let pipelines = grouped.iter().map(|(_, part, indices)| async move {
+        let values = cluster
             .clone()
             .req_packed_commands(part, 0, part.len())
-            .await
-    }))
-    .await?;
+            .await;
+        (indices.clone(), values)
+    });
+    let singles = alone.iter().map(|(cmd, index)| async move {
+        let value = cluster.clone().req_packed_command(cmd).await;
+        (vec![*index], value.map(|v| vec![v]))
+    });
+    let (pipelines, singles) = futures_util::future::join(
+        futures_util::future::join_all(pipelines),
+        futures_util::future::join_all(singles),
+    )
+    .await;
     let mut ordered = vec![Value::Nil; pipeline.len()];
-    for ((_, _, indices), values) in parts.iter().zip(answers) {
+    for (indices, values) in pipelines.into_iter().chain(singles) {
+        let values = values?;
         if values.len() != indices.len() {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "a split pipeline part answered the wrong number of times",
             )));
         }
-        for (index, value) in indices.iter().zip(values) {
-            ordered[*index] = value;
+        for (index, value) in indices.into_iter().zip(values) {
+            ordered[index] = value;
         }
     }
     Ok(ordered)
@@ -623,9 +755,11 @@ impl Origin {
 }
 
 /// Where pub/sub connections come from: one node, or the nodes of a Redis Cluster tried
-/// in turn (each attempt starts at the node after the last one tried, so a node that is
+/// in turn (each attempt starts at the node after the last one used, so a node that is
 /// down costs one attempt, not every one). On a cluster, `PUBLISH` reaches subscribers on
-/// every node, so any one node will do.
+/// every node, so any one node will do; the source made by [`RedisConnection`] for a
+/// cluster asks the cluster for its nodes (`CLUSTER NODES`) before each attempt, so a
+/// seed that failed over or went away is replaced by the nodes serving now.
 ///
 /// ```no_run
 /// use upcoach_core::redis::PubSubSource;
@@ -636,11 +770,34 @@ impl Origin {
 /// pubsub.subscribe("news").await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PubSubSource {
-    nodes: Arc<[redis::Client]>,
+    nodes: Arc<RwLock<Arc<[redis::Client]>>>,
     next: Arc<std::sync::atomic::AtomicUsize>,
+    cluster: Option<ClusterNodes>,
 }
+
+/// How a cluster's source finds the nodes serving now.
+#[derive(Clone)]
+struct ClusterNodes {
+    /// The cluster link to ask (weak: the connection owns its source).
+    link: std::sync::Weak<Shared>,
+    seeds: Arc<[redis::Client]>,
+    /// The seeds' credentials and settings, for a node found by address.
+    template: redis::ConnectionInfo,
+}
+
+impl std::fmt::Debug for PubSubSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSubSource")
+            .field("nodes", &self.nodes().len())
+            .field("cluster", &self.cluster.is_some())
+            .finish()
+    }
+}
+
+/// How long a cluster's source waits for `CLUSTER NODES` before using the nodes it knew.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl PubSubSource {
     /// The nodes of one cluster, tried in turn; an error when there are none.
@@ -652,18 +809,47 @@ impl PubSubSource {
             )));
         }
         Ok(Self {
-            nodes: nodes.into(),
+            nodes: Arc::new(RwLock::new(nodes.into())),
             next: Arc::default(),
+            cluster: None,
         })
+    }
+
+    /// The seeds of a cluster, to be linked to its connection by
+    /// [`RedisConnection::with_parts`].
+    fn for_cluster(seeds: Vec<redis::Client>) -> RedisResult<Self> {
+        let mut source = Self::from_nodes(seeds)?;
+        let seeds = source.nodes();
+        source.cluster = Some(ClusterNodes {
+            link: std::sync::Weak::new(),
+            template: seeds[0].get_connection_info().clone(),
+            seeds,
+        });
+        Ok(source)
+    }
+
+    fn linked(mut self, link: std::sync::Weak<Shared>) -> Self {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.link = link;
+        }
+        self
+    }
+
+    fn nodes(&self) -> Arc<[redis::Client]> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Opens a pub/sub connection on the next node that accepts one.
     pub async fn open(&self) -> RedisResult<redis::aio::PubSub> {
-        let count = self.nodes.len();
+        if let Some(cluster) = &self.cluster {
+            self.discover(cluster).await;
+        }
+        let nodes = self.nodes();
+        let count = nodes.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         for i in 0..count {
-            match self.nodes[(start + i) % count].get_async_pubsub().await {
+            match nodes[(start + i) % count].get_async_pubsub().await {
                 Ok(pubsub) => {
                     self.next.store(start + i + 1, Ordering::Relaxed);
                     return Ok(pubsub);
@@ -678,13 +864,72 @@ impl PubSubSource {
             ))
         }))
     }
+
+    /// Replaces the node list with the cluster's healthy nodes (then any seed not among
+    /// them); keeps the list it had when the cluster does not answer.
+    async fn discover(&self, cluster: &ClusterNodes) {
+        let Some(shared) = cluster.link.upgrade() else {
+            return;
+        };
+        let mut conn = RedisConnection { shared };
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("NODES");
+        let asked = cmd.query_async::<String>(&mut conn);
+        let Ok(Ok(text)) = tokio::time::timeout(DISCOVERY_TIMEOUT, asked).await else {
+            return;
+        };
+        let mut addrs: Vec<(String, u16)> = cluster_node_addrs(&text);
+        // The same order whichever node answered, so the rotation walks every node.
+        addrs.sort();
+        if addrs.is_empty() {
+            return;
+        }
+        let mut nodes: Vec<redis::Client> = Vec::with_capacity(addrs.len() + cluster.seeds.len());
+        for (host, port) in addrs.drain(..) {
+            let info = cluster
+                .template
+                .clone()
+                .set_addr(redis::ConnectionAddr::Tcp(host, port));
+            if let Ok(client) = redis::Client::open(info) {
+                nodes.push(client);
+            }
+        }
+        for seed in cluster.seeds.iter() {
+            let addr = seed.get_connection_info().addr();
+            if !nodes.iter().any(|n| n.get_connection_info().addr() == addr) {
+                nodes.push(seed.clone());
+            }
+        }
+        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = nodes.into();
+    }
+}
+
+/// The addresses of the nodes in a `CLUSTER NODES` answer that are connected and not
+/// failing.
+fn cluster_node_addrs(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let bad = ["fail", "fail?", "handshake", "noaddr"];
+            if flags.split(',').any(|f| bad.contains(&f)) || fields.get(7) != Some(&"connected") {
+                return None;
+            }
+            let addr = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+            (!host.is_empty()).then(|| (host.to_owned(), port))
+        })
+        .collect()
 }
 
 impl From<redis::Client> for PubSubSource {
     fn from(client: redis::Client) -> Self {
         Self {
-            nodes: Arc::new([client]),
+            nodes: Arc::new(RwLock::new(Arc::new([client]))),
             next: Arc::default(),
+            cluster: None,
         }
     }
 }
@@ -786,6 +1031,64 @@ mod tests {
         conn.after(0, &Err::<(), _>(timeout()));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(conn.replacements(), 0, "the server answered in between");
+    }
+
+    /// A connection to `REDIS_CLUSTER_URL`; `None` (skip) when unset, unless
+    /// `UPCOACH_REQUIRE_SERVICES=1`.
+    async fn cluster_connection() -> Option<RedisConnection> {
+        let Ok(url) = std::env::var("REDIS_CLUSTER_URL") else {
+            assert!(
+                std::env::var("UPCOACH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "REDIS_CLUSTER_URL is required"
+            );
+            return None;
+        };
+        let url = ServiceUrl::parse(&url, &["redis+cluster"]).unwrap();
+        Some(
+            RedisConnection::connect(&url, RedisOptions::default())
+                .await
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn on_a_cluster_two_timed_out_pings_in_a_row_replace_the_link() {
+        let Some(conn) = cluster_connection().await else {
+            return;
+        };
+        // Answers from other nodes in between do not reset the count; a ping does.
+        conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
+        conn.after(0, &Ok(()));
+        conn.after_cluster_ping(0, &Ok(()));
+        conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(conn.replacements(), 0, "a good ping ended the first run");
+        conn.after(0, &Ok(()));
+        conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
+        until_replaced(&conn, 1).await;
+        assert!(conn.is_cluster(), "the new link is a cluster link");
+        conn.ping().await.unwrap();
+        let source = conn.pubsub().unwrap().clone();
+        source.open().await.unwrap();
+    }
+
+    #[test]
+    fn cluster_nodes_lists_the_healthy_nodes() {
+        let text = "\
+a1 10.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 10.0.0.2:7002@17002,node-b.example master - 0 1 2 connected 5461-10922
+c3 10.0.0.3:7003@17003 master,fail - 0 1 3 disconnected 10923-16383
+d4 :0@0 handshake,noaddr - 0 0 0 disconnected
+e5 ::1:7005@17005 slave a1 0 1 1 connected
+";
+        assert_eq!(
+            cluster_node_addrs(text),
+            vec![
+                ("10.0.0.1".to_owned(), 7001),
+                ("10.0.0.2".to_owned(), 7002),
+                ("::1".to_owned(), 7005),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -32,8 +32,9 @@ struct Args {
     /// Where to listen [default: 127.0.0.1:8080]
     #[arg(long, env = "UPCOACH_ADDR", value_name = "HOST:PORT")]
     addr: Option<String>,
-    /// Redis (redis:// or unix://); in-memory backends when unset. With a password,
-    /// prefer the variable: a flag's value shows in `ps`
+    /// Redis (redis://, unix://, or redis+cluster://host:port?addr=host:port for a
+    /// cluster); in-memory backends when unset. With a password, prefer the variable
+    /// (a flag's value shows in `ps`)
     #[arg(long, env = "REDIS_URL", value_name = "URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// PostgreSQL (postgres://); in-memory backends when unset; migrations run at
