@@ -268,6 +268,11 @@
   function connect() {
     closeSource();
     clearTimeout(state.retryTimer);
+    if (state.opened && !state.cursor) {
+      // The stream's opening position reaches the browser only (an id with no data),
+      // so a reopen before the first event starts from the live head: say so.
+      note('alerts', 'Reconnected before any event arrived; events sent meanwhile may be missing.');
+    }
     const source = new EventSource(streamUrl());
     state.source = source;
     if (state.opened) setConnection('reconnecting', 'Reconnecting…');
