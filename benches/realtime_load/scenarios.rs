@@ -71,9 +71,11 @@ pub(crate) async fn run(scenario: &str, args: &Args) -> Res<()> {
     }
     machine_conditions().await;
     if std::env::var("REDIS_URL").is_ok_and(|url| url.starts_with("redis+cluster://")) {
-        return Err("REDIS_URL: this bench runs on one Redis node (redis://host:port); its \
+        return Err(
+            "REDIS_URL: this bench runs on one Redis node (redis://host:port); its \
                     clean-up scans one node's keys"
-            .into());
+                .into(),
+        );
     }
     let redis = match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(SharedRedis {
