@@ -184,10 +184,20 @@ async fn a_split_pipeline_routes_scripts_and_multi_key_commands_by_their_keys() 
         pipe.query_async(&mut conn.clone()).await.unwrap();
     assert_eq!((a, b, c, c2), (1, 5, 7, 8));
     assert_eq!(encoding, "int");
-    // The parts run concurrently: the MGET and EXISTS see the writes or not, but never
-    // anything else.
-    assert_eq!(all.len(), 3);
-    assert!((0..=3).contains(&exists));
+    // A script or multi-key command waits for everything before it.
+    assert_eq!(all, vec![1, 5, 8]);
+    assert_eq!(exists, 3);
+
+    // A multi-key command in a pipeline whose single-key commands share a slot: the
+    // cluster client would send it whole and meet CROSSSLOT; it is split instead.
+    let mut pipe = redis::pipe();
+    pipe.cmd("INCR").arg(&keys[0]);
+    pipe.cmd("MGET").arg(&keys);
+    pipe.cmd("DEL").arg(&keys[2]);
+    pipe.cmd("EXISTS").arg(&keys);
+    let (a, all, deleted, exists): (i64, Vec<i64>, i64, i64) =
+        pipe.query_async(&mut conn.clone()).await.unwrap();
+    assert_eq!((a, all, deleted, exists), (2, vec![2, 5, 8], 1, 2));
 }
 
 /// A part that fails fails the pipeline, whatever the other parts did.
@@ -364,6 +374,7 @@ async fn a_pubsub_source_skips_a_node_that_is_down() {
 fn malformed_cluster_urls_are_refused_with_a_reason() {
     let cases = [
         ("redis+cluster://a:7000,b:7000", "commas"),
+        ("REDIS+CLUSTER://u:p@a:7000,b:7000", "commas"),
         ("redis+cluster://a:7000/3", "database 0"),
         ("redis+cluster://a:7000?addr=b", "host:port"),
         ("redis+cluster://a:7000?addr=b:x", "host:port"),

@@ -101,7 +101,12 @@ pub struct ServiceUrl(Url);
 impl ServiceUrl {
     /// Parses `value` and checks that its scheme is one of `schemes`.
     pub fn parse(value: &str, schemes: &[&str]) -> Result<Self, &'static str> {
-        if let Some(rest) = value.strip_prefix("redis+cluster://") {
+        let scheme = "redis+cluster://";
+        if let Some(rest) = value
+            .get(..scheme.len())
+            .filter(|start| start.eq_ignore_ascii_case(scheme))
+            .map(|_| &value[scheme.len()..])
+        {
             // The host part: after any user:password@, before any path or query.
             let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
             let hosts = authority

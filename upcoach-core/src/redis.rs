@@ -92,12 +92,16 @@ pub enum RedisConnectError {
 ///   keys; the cluster's own redirections (`MOVED`, `ASK`) and failovers are followed.
 ///   Keys that one command or script touches together must share a hash tag
 ///   (`{...}`), as every upcoach component's keys do. A pipeline whose commands fall in
-///   different slots (and is not a transaction) is split: the commands on each key (of
-///   the common single-key commands) as one pipeline in their order, every other
-///   command on its own, all sent concurrently; the answers come back in the pipeline's
-///   order. Order then holds within a key, not across keys, and a failed part fails the
-///   pipeline after the others have run: retry only pipelines that may run twice. A
-///   transaction across slots is refused, as Redis Cluster refuses it.
+///   different slots, or that holds a multi-key command (and is not a transaction), is
+///   split: the common single-key commands as one sequence per key, the sequences run
+///   concurrently; any other command (a script, a multi-key command) waits for what
+///   came before it and holds back what comes after. The answers come back in the
+///   pipeline's order, and each key sees its commands in order. A failure fails the
+///   pipeline after the commands running beside it have run: retry only pipelines that
+///   may run twice. A transaction across slots is refused, as Redis Cluster refuses it.
+///   During a slot migration, a pipeline the cluster client sends whole (one slot) may
+///   fail after some of its commands ran, some more than once (the client re-sends it
+///   after `ASK`): the upcoach components' pipelines tolerate that.
 /// - **A cluster node gone silent**: the cluster client keeps using a node's link that
 ///   stopped answering while the others answer, so [`ping`](Self::ping) (which asks
 ///   every node) counts: two timed-out pings in a row replace the whole cluster link.
@@ -164,6 +168,8 @@ struct Shared {
     pubsub: Option<PubSubSource>,
     /// Pings in a row that timed out (counted for a cluster link only).
     ping_timeouts: AtomicU32,
+    /// When a ping last had an answer, in microseconds since `born`.
+    last_ping_micros: AtomicU64,
     state: AtomicU8,
     last_latency_micros: AtomicU64,
     url: String,
@@ -314,6 +320,7 @@ impl RedisConnection {
                 origin,
                 pubsub: pubsub.map(|source| source.linked(shared.clone())),
                 ping_timeouts: AtomicU32::new(0),
+                last_ping_micros: AtomicU64::new(0),
                 state: AtomicU8::new(1),
                 last_latency_micros: AtomicU64::new(0),
                 url,
@@ -449,16 +456,35 @@ impl RedisConnection {
 
     /// Counts a cluster ping's timeout; a run of [`CLUSTER_PING_TIMEOUTS`] replaces the
     /// link of generation `generation`.
+    ///
+    /// As for commands, a merely slow cluster is not replaced: the run must also have
+    /// had no ping answered for twice the response timeout. Pings sent on a link that
+    /// was replaced since do not count.
     fn after_cluster_ping<T>(&self, generation: u64, result: &RedisResult<T>) {
-        let counter = &self.shared.ping_timeouts;
+        let shared = &self.shared;
+        if shared.current.read().unwrap_or_else(|e| e.into_inner()).0 != generation {
+            return;
+        }
+        let now = shared.born.elapsed().as_micros() as u64;
         match result {
             Err(e) if e.is_timeout() => {
-                if counter.fetch_add(1, Ordering::Relaxed) + 1 >= CLUSTER_PING_TIMEOUTS {
-                    counter.store(0, Ordering::Relaxed);
+                let quiet = now.saturating_sub(shared.last_ping_micros.load(Ordering::Relaxed));
+                let patience = shared
+                    .origin
+                    .as_ref()
+                    .and_then(Origin::response_timeout)
+                    .unwrap_or(Duration::from_secs(1))
+                    * 2;
+                let run = shared.ping_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+                if run >= CLUSTER_PING_TIMEOUTS && quiet >= patience.as_micros() as u64 {
+                    shared.ping_timeouts.store(0, Ordering::Relaxed);
                     self.replace(generation);
                 }
             }
-            _ => counter.store(0, Ordering::Relaxed),
+            _ => {
+                shared.ping_timeouts.store(0, Ordering::Relaxed);
+                shared.last_ping_micros.store(now, Ordering::Relaxed);
+            }
         }
     }
 
@@ -533,18 +559,26 @@ impl ConnectionLike for RedisConnection {
                     manager.send_packed_commands(pipeline, offset, count).await
                 }
                 Link::Cluster(cluster) => {
-                    match cluster.req_packed_commands(pipeline, offset, count).await {
-                        // The cluster client refuses a pipeline that spans slots before
-                        // sending any of it (answers of commands it sent come back as
-                        // values, not as this error), so nothing has run yet.
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
-                                && !pipeline.is_transaction() =>
-                        {
-                            split_by_key(cluster, pipeline).await
+                    if !pipeline.is_transaction() && holds_multi_key_command(pipeline) {
+                        // The cluster client routes a pipeline by its single-key commands
+                        // only; a multi-key one inside would meet CROSSSLOT on the server.
+                        split_by_key(cluster, pipeline).await
+                    } else {
+                        match cluster.req_packed_commands(pipeline, offset, count).await {
+                            // The cluster client refuses a pipeline that spans slots
+                            // before sending any of it (answers of commands it sent come
+                            // back as values, not as this error), so nothing has run yet.
+                            Err(e)
+                                if e.kind()
+                                    == redis::ErrorKind::Server(
+                                        redis::ServerErrorKind::CrossSlot,
+                                    )
+                                    && !pipeline.is_transaction() =>
+                            {
+                                split_by_key(cluster, pipeline).await
+                            }
+                            other => other,
                         }
-                        other => other,
                     }
                 }
             };
@@ -632,7 +666,11 @@ const SINGLE_KEY: &[&str] = &[
     "ZSCORE",
 ];
 
-/// The key of a command from [`SINGLE_KEY`]; `None` for any other.
+/// Commands that take any number of keys (one or more, each an argument).
+const MULTI_KEY: &[&str] = &["DEL", "EXISTS", "MGET", "TOUCH", "UNLINK"];
+
+/// The key of a command from [`SINGLE_KEY`], or of a [`MULTI_KEY`] command given
+/// exactly one key; `None` for any other.
 fn single_key(cmd: &Cmd) -> Option<&[u8]> {
     let mut args = cmd.args_iter();
     let (Some(redis::Arg::Simple(name)), Some(redis::Arg::Simple(key))) =
@@ -640,66 +678,74 @@ fn single_key(cmd: &Cmd) -> Option<&[u8]> {
     else {
         return None;
     };
-    SINGLE_KEY
-        .iter()
-        .any(|known| name.eq_ignore_ascii_case(known.as_bytes()))
-        .then_some(key)
+    let is = |list: &[&str]| {
+        list.iter()
+            .any(|known| name.eq_ignore_ascii_case(known.as_bytes()))
+    };
+    (is(SINGLE_KEY) || (is(MULTI_KEY) && args.next().is_none())).then_some(key)
 }
 
-/// Runs a pipeline that spans slots: the commands on each key as one pipeline (in their
-/// order), every other command on its own, all concurrently; the answers are put back
-/// in the pipeline's order. Every part runs to its end; if any failed, the first
-/// failure is the answer, and the other parts may have run.
+/// Whether a pipeline holds a command that may name keys of several slots.
+fn holds_multi_key_command(pipeline: &Pipeline) -> bool {
+    pipeline.cmd_iter().any(|cmd| {
+        let mut args = cmd.args_iter();
+        matches!(args.next(), Some(redis::Arg::Simple(name))
+            if MULTI_KEY.iter().any(|known| name.eq_ignore_ascii_case(known.as_bytes())))
+            && args.len() > 1
+    })
+}
+
+/// Runs a pipeline that spans slots, keeping each key's commands in order:
 ///
-/// Parts of one key each, rather than of one slot, so that a redirection during a slot
-/// migration (`ASK`), which sends a whole part to the slot's new node, never runs half
-/// a part twice.
+/// - the commands of [`single_key`] form one sequence per key, sent one command at a
+///   time (so that a redirection during a slot migration, `ASK`, applies to one
+///   command, never to a batch the new node only half accepts); the sequences of
+///   different keys run concurrently;
+/// - any other command (a script, a multi-key or subcommand command) is a barrier: it
+///   runs after everything before it and before anything after it, routed by the
+///   cluster client itself.
+///
+/// The answers are put back in the pipeline's order. Every command before a failure
+/// runs; the first failure is the answer.
 async fn split_by_key(cluster: &ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
-    let mut grouped: Vec<(&[u8], Pipeline, Vec<usize>)> = Vec::new();
-    let mut alone: Vec<(&Cmd, usize)> = Vec::new();
-    for (index, cmd) in pipeline.cmd_iter().enumerate() {
-        let Some(key) = single_key(cmd) else {
-            alone.push((cmd, index));
-            continue;
-        };
-        let part = match grouped.iter().position(|(k, _, _)| *k == key) {
-            Some(found) => found,
-            None => {
-                grouped.push((key, Pipeline::new(), Vec::new()));
-                grouped.len() - 1
+    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let mut ordered = vec![Value::Nil; commands.len()];
+    let mut at = 0;
+    while at < commands.len() {
+        // The run of single-key commands from `at`, as one sequence per key.
+        let mut sequences: Vec<Vec<usize>> = Vec::new();
+        let mut by_key: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+        let mut end = at;
+        while end < commands.len() {
+            let Some(key) = single_key(commands[end]) else {
+                break;
+            };
+            let slot = *by_key.entry(key).or_insert_with(|| {
+                sequences.push(Vec::new());
+                sequences.len() - 1
+            });
+            sequences[slot].push(end);
+            end += 1;
+        }
+        let commands = &commands;
+        let runs = sequences.iter().map(|indices| async move {
+            let mut conn = cluster.clone();
+            let mut answers = Vec::with_capacity(indices.len());
+            for &index in indices {
+                answers.push((index, conn.req_packed_command(commands[index]).await?));
             }
-        };
-        grouped[part].1.add_command(cmd.clone());
-        grouped[part].2.push(index);
-    }
-    let pipelines = grouped.iter().map(|(_, part, indices)| async move {
-        let values = cluster
-            .clone()
-            .req_packed_commands(part, 0, part.len())
-            .await;
-        (indices.clone(), values)
-    });
-    let singles = alone.iter().map(|(cmd, index)| async move {
-        let value = cluster.clone().req_packed_command(cmd).await;
-        (vec![*index], value.map(|v| vec![v]))
-    });
-    let (pipelines, singles) = futures_util::future::join(
-        futures_util::future::join_all(pipelines),
-        futures_util::future::join_all(singles),
-    )
-    .await;
-    let mut ordered = vec![Value::Nil; pipeline.len()];
-    for (indices, values) in pipelines.into_iter().chain(singles) {
-        let values = values?;
-        if values.len() != indices.len() {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "a split pipeline part answered the wrong number of times",
-            )));
+            Ok::<_, redis::RedisError>(answers)
+        });
+        for run in futures_util::future::join_all(runs).await {
+            for (index, value) in run? {
+                ordered[index] = value;
+            }
         }
-        for (index, value) in indices.into_iter().zip(values) {
-            ordered[index] = value;
+        if end < commands.len() {
+            ordered[end] = cluster.clone().req_packed_command(commands[end]).await?;
+            end += 1;
         }
+        at = end;
     }
     Ok(ordered)
 }
@@ -785,6 +831,8 @@ struct ClusterNodes {
     seeds: Arc<[redis::Client]>,
     /// The seeds' credentials and settings, for a node found by address.
     template: redis::ConnectionInfo,
+    /// When the cluster was last asked.
+    asked: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for PubSubSource {
@@ -796,8 +844,12 @@ impl std::fmt::Debug for PubSubSource {
     }
 }
 
-/// How long a cluster's source waits for `CLUSTER NODES` before using the nodes it knew.
+/// How long a cluster's source waits for `CLUSTER NODES` before using the nodes it knew
+/// (at most; and at most half the link's response timeout).
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often a cluster's source asks for the cluster's nodes, at most.
+const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
 
 impl PubSubSource {
     /// The nodes of one cluster, tried in turn; an error when there are none.
@@ -824,6 +876,7 @@ impl PubSubSource {
             link: std::sync::Weak::new(),
             template: seeds[0].get_connection_info().clone(),
             seeds,
+            asked: Arc::default(),
         });
         Ok(source)
     }
@@ -868,14 +921,28 @@ impl PubSubSource {
     /// Replaces the node list with the cluster's healthy nodes (then any seed not among
     /// them); keeps the list it had when the cluster does not answer.
     async fn discover(&self, cluster: &ClusterNodes) {
+        {
+            let mut last = cluster.asked.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < DISCOVERY_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let Some(shared) = cluster.link.upgrade() else {
             return;
         };
+        // At most half the link's response timeout: the caller's own limit on opening
+        // must leave time to try the nodes.
+        let wait = shared
+            .origin
+            .as_ref()
+            .and_then(Origin::response_timeout)
+            .map_or(DISCOVERY_TIMEOUT, |t| (t / 2).min(DISCOVERY_TIMEOUT));
         let mut conn = RedisConnection { shared };
         let mut cmd = redis::cmd("CLUSTER");
         cmd.arg("NODES");
         let asked = cmd.query_async::<String>(&mut conn);
-        let Ok(Ok(text)) = tokio::time::timeout(DISCOVERY_TIMEOUT, asked).await else {
+        let Ok(Ok(text)) = tokio::time::timeout(wait, asked).await else {
             return;
         };
         let mut addrs: Vec<(String, u16)> = cluster_node_addrs(&text);
@@ -1044,29 +1111,38 @@ mod tests {
             return None;
         };
         let url = ServiceUrl::parse(&url, &["redis+cluster"]).unwrap();
-        Some(
-            RedisConnection::connect(&url, RedisOptions::default())
-                .await
-                .unwrap(),
-        )
+        let options = RedisOptions {
+            connection_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(100),
+            reconnect_retries: 1,
+        };
+        Some(RedisConnection::connect(&url, options).await.unwrap())
     }
 
     #[tokio::test]
-    async fn on_a_cluster_two_timed_out_pings_in_a_row_replace_the_link() {
+    async fn on_a_cluster_timed_out_pings_with_no_answer_replace_the_link_once() {
         let Some(conn) = cluster_connection().await else {
             return;
         };
-        // Answers from other nodes in between do not reset the count; a ping does.
-        conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
-        conn.after(0, &Ok(()));
         conn.after_cluster_ping(0, &Ok(()));
+        // Two in a row, but a ping was answered 0 ms ago: a slow cluster, kept.
+        conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
+        conn.after(0, &Ok(())); // other nodes' answers do not end the run
         conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(conn.replacements(), 0, "a good ping ended the first run");
-        conn.after(0, &Ok(()));
+        assert_eq!(conn.replacements(), 0, "answered too recently");
+        // Past twice the 100 ms response timeout with no answer: replaced.
+        tokio::time::sleep(Duration::from_millis(250)).await;
         conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
         until_replaced(&conn, 1).await;
         assert!(conn.is_cluster(), "the new link is a cluster link");
+        // Late timeouts of pings sent on the old link do not count against the new one.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        for _ in 0..4 {
+            conn.after_cluster_ping(0, &Err::<(), _>(timeout()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(conn.replacements(), 1);
         conn.ping().await.unwrap();
         let source = conn.pubsub().unwrap().clone();
         source.open().await.unwrap();
