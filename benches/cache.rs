@@ -13,7 +13,8 @@
 //!   and decode, on a dashboard-snapshot JSON (sizes and ratios printed).
 //!
 //! - `cluster`: the same store on a Redis Cluster: a GET, bare (the redis crate's
-//!   `ClusterConnection`) vs `RedisStore::get` through `RedisConnection`; and 32 SETs
+//!   `ClusterConnection`) vs the same GET through `RedisConnection` vs `RedisStore::get`
+//!   (the envelope decoded); and 32 SETs
 //!   that fall on every node, bare (32 commands sent concurrently, since the bare client
 //!   refuses a pipeline across slots) vs `RedisStore::set_many` (one pipeline, split by
 //!   slot into one per node).
@@ -431,7 +432,7 @@ fn cluster(c: &mut Criterion) {
         (bare, ours)
     });
     let prefix = format!("bench:{}", std::process::id());
-    let store = RedisStore::new(ours, prefix);
+    let store = RedisStore::new(ours.clone(), prefix);
     let value = Bytes::from(vec![b'x'; 256]);
     let ttl = Duration::from_secs(60);
     rt.block_on(store.set("hot", value.clone(), ttl)).unwrap();
@@ -451,6 +452,18 @@ fn cluster(c: &mut Criterion) {
                 let got: Option<Vec<u8>> = redis::cmd("GET")
                     .arg(&hot)
                     .query_async(&mut bare.clone())
+                    .await
+                    .unwrap();
+                black_box(got)
+            })
+        })
+    });
+    group.bench_function("redis_connection_get", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let got: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&hot)
+                    .query_async(&mut ours.clone())
                     .await
                     .unwrap();
                 black_box(got)
