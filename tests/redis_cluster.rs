@@ -64,6 +64,31 @@ async fn keys_on_different_nodes(
     panic!("the cluster has fewer than {n} primaries");
 }
 
+/// The cluster's seed nodes, as the prefix's URL lists them.
+fn seeds(prefix: &RedisPrefix) -> Vec<ServiceUrl> {
+    ServiceUrl::parse(prefix.url(), SCHEMES)
+        .unwrap()
+        .cluster_seeds()
+        .unwrap()
+}
+
+/// Subscribers of `channel` on the one node `node` names (`PUBSUB NUMSUB` counts that
+/// node's own).
+async fn subscribers(node: &ServiceUrl, channel: &str) -> i64 {
+    let mut conn = redis::Client::open(node.expose())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (_, count): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    count
+}
+
 fn slot_of(key: &str) -> u16 {
     // Slot has no accessor for its number; its Debug form is `Slot(n)`.
     let text = format!("{:?}", Slot::for_key(key));
@@ -303,23 +328,12 @@ async fn reaches_every_node(prefix: &RedisPrefix, url: ServiceUrl) {
         streams.push(pubsub.into_on_message());
     }
     // One subscriber on each node: the source moved on after each open.
-    for seed in ServiceUrl::parse(prefix.url(), SCHEMES)
-        .unwrap()
-        .cluster_seeds()
-        .unwrap()
-    {
-        let mut node = redis::Client::open(seed.expose())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(&mut node)
-            .await
-            .unwrap();
-        assert_eq!(count, 1, "subscribers on {seed}");
+    for seed in seeds(prefix) {
+        assert_eq!(
+            subscribers(&seed, &channel).await,
+            1,
+            "subscribers on {seed}"
+        );
     }
     let receivers: i64 = redis::cmd("PUBLISH")
         .arg(&channel)
@@ -345,10 +359,7 @@ async fn a_pubsub_source_skips_a_node_that_is_down() {
     let Some(prefix) = RedisPrefix::on_cluster() else {
         return;
     };
-    let seeds = ServiceUrl::parse(prefix.url(), SCHEMES)
-        .unwrap()
-        .cluster_seeds()
-        .unwrap();
+    let seeds = seeds(&prefix);
     // A closed port first, then the real seeds.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("redis://{}/", closed.local_addr().unwrap());
@@ -474,10 +485,7 @@ async fn when_its_subscription_node_is_cut_a_broadcaster_moves_to_the_next_witho
     let Some(prefix) = RedisPrefix::on_cluster() else {
         return;
     };
-    let seeds = ServiceUrl::parse(prefix.url(), SCHEMES)
-        .unwrap()
-        .cluster_seeds()
-        .unwrap();
+    let seeds = seeds(&prefix);
     // The first node this process subscribes on is reached through a proxy.
     let proxy = FaultProxy::start(upcoach_testing::service_addr(seeds[0].expose())).await;
     let mut nodes = vec![
@@ -536,18 +544,7 @@ async fn when_its_subscription_node_is_cut_a_broadcaster_moves_to_the_next_witho
     let channel = format!("{}:ch:public:x", prefix.key("rt"));
     let mut elsewhere = 0;
     for seed in &seeds[1..] {
-        let mut node = redis::Client::open(seed.expose())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query_async(&mut node)
-            .await
-            .unwrap();
-        elsewhere += count;
+        elsewhere += subscribers(seed, &channel).await;
     }
     assert_eq!(
         elsewhere, 1,
