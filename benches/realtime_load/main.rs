@@ -7,7 +7,10 @@
 //! cargo bench --bench realtime_load -- fanout       # 10,000 subscribers: ours, bare, socketio, ours over Redis
 //! cargo bench --bench realtime_load -- hold         # 50,000 idle WebSocket on 3 servers sharing Redis
 //! cargo bench --bench realtime_load -- all          # the three, in that order
+//! cargo bench --bench realtime_load -- soak         # 10 minutes of churn; RSS, files, tasks
 //! ```
+//!
+//! `soak` (see `soak.rs`) takes `--minutes N` (10) and `--workers N` (16).
 //!
 //! Options (after the scenario): `--connections N` (10000), `--clients N` client
 //! processes (2; `hold`: 4), `--concurrency N` handshakes in flight per client process
@@ -38,6 +41,7 @@ mod http;
 mod report;
 mod scenarios;
 mod server;
+mod soak;
 mod socketio;
 
 use std::collections::HashMap;
@@ -106,7 +110,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let scenario = args.positional.first().map(String::as_str).unwrap_or("");
-    let known = ["connections", "fanout", "hold", "all"];
+    let known = ["connections", "fanout", "hold", "all", "soak"];
     if !known.contains(&scenario) {
         eprintln!(
             "usage: cargo bench --bench realtime_load -- <{}> [options]\n(see the top of benches/realtime_load/main.rs)",

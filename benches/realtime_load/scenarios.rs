@@ -93,6 +93,7 @@ pub(crate) async fn run(scenario: &str, args: &Args) -> Res<()> {
         "connections" => connections(&settings).await,
         "fanout" => crate::fanout::fanout(&settings, redis.as_ref()).await,
         "hold" => hold(&settings, redis.as_ref()).await,
+        "soak" => crate::soak::soak(args, redis.as_ref()).await,
         _ => {
             let mut result = connections(&settings).await;
             if result.is_ok() {

@@ -58,22 +58,33 @@ pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Resolves on `quit` or at the end of standard input.
+/// Resolves on `quit` or at the end of standard input; answers `stats` with
+/// `stats tasks=<live tasks>`.
 pub(crate) async fn quit_requested() {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if line.trim() == "quit" {
-            return;
+        match line.trim() {
+            "quit" => return,
+            // The soak's sample of this process's live tasks.
+            "stats" => println!(
+                "stats tasks={}",
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks()
+            ),
+            _ => {}
         }
     }
 }
 
-/// `--role server --addr A [--redis URL --prefix P] --max-connections N`
+/// `--role server --addr A [--redis URL --prefix P] --max-connections N [--rate-limits off]`
 pub(crate) fn run_ours(args: &Args) -> ExitCode {
     let addr = args.get("addr").unwrap_or("127.0.0.1:0").to_owned();
     let redis = args.get("redis").map(str::to_owned);
     let prefix = args.get("prefix").map(str::to_owned);
     let max = args.parsed::<usize>("max-connections", 20_000).to_string();
+    // `--rate-limits off`: the soak signs in and rotates from one address all along.
+    let limits_off = args.get("rate-limits") == Some("off");
     let config = ServerConfig::from_lookup(|name| match name {
         "UPCOACH_ADDR" => Some(addr.clone()),
         "REDIS_URL" => redis.clone(),
@@ -83,6 +94,7 @@ pub(crate) fn run_ours(args: &Args) -> ExitCode {
         // Every client comes from 127.0.0.1: per-address rate limits would measure
         // themselves, not the fan-out.
         "RATE_LIMIT_REALTIME_CONNECT" | "RATE_LIMIT_REALTIME_BROADCAST" => Some("off".into()),
+        "RATE_LIMIT_ENABLED" if limits_off => Some("false".into()),
         // Servers sharing Redis share a signing key, so a token from one is good on the
         // others (as behind a load balancer): the seed [7; 32].
         "AUTH_SIGNING_KEY" if redis.is_some() => {
