@@ -77,10 +77,12 @@ pub(crate) async fn quit_requested() {
     }
 }
 
-/// `--role server --addr A [--redis URL --prefix P] --max-connections N [--rate-limits off]`
+/// `--role server --addr A [--redis URL --prefix P] [--database URL] --max-connections N
+/// [--rate-limits off]`
 pub(crate) fn run_ours(args: &Args) -> ExitCode {
     let addr = args.get("addr").unwrap_or("127.0.0.1:0").to_owned();
     let redis = args.get("redis").map(str::to_owned);
+    let database = args.get("database").map(str::to_owned);
     let prefix = args.get("prefix").map(str::to_owned);
     let max = args.parsed::<usize>("max-connections", 20_000).to_string();
     // `--rate-limits off`: the soak signs in and rotates from one address all along.
@@ -88,6 +90,7 @@ pub(crate) fn run_ours(args: &Args) -> ExitCode {
     let config = ServerConfig::from_lookup(|name| match name {
         "UPCOACH_ADDR" => Some(addr.clone()),
         "REDIS_URL" => redis.clone(),
+        "DATABASE_URL" => database.clone(),
         "CACHE_PREFIX" => prefix.clone(),
         // The limits a load test needs: every client process is one user.
         "REALTIME_MAX_CONNECTIONS" | "REALTIME_MAX_CONNECTIONS_PER_USER" => Some(max.clone()),

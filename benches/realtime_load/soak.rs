@@ -7,7 +7,10 @@
 //! what comes for up to 200 ms and closes, an SSE stream resumed from a stale cursor
 //! (`public:soak=1`) read for its first bytes and dropped, and a logout. Beside them, one
 //! publisher broadcasts to `public:soak` every 50 ms. With `REDIS_URL` the server
-//! broadcasts and caches through Redis.
+//! broadcasts and caches through Redis; with `DATABASE_URL` it keeps users, sessions and
+//! the audit log in Postgres (in a schema of the run's own). Without them, every
+//! sign-in's user and session stay in the process (revoked sessions until they expire),
+//! so memory grows with the churn by design.
 //!
 //! Samples: after a 20 s warm-up of the same churn and 15 s idle (the baseline), every
 //! minute under churn, and after 15 s idle at the end. The verdict holds the idle end
@@ -92,18 +95,28 @@ pub(crate) async fn soak(args: &Args, redis: Option<&SharedRedis>) -> Res<()> {
             redis.prefix.clone(),
         ]);
     }
+    // With `DATABASE_URL`: users, sessions and the audit log in Postgres, in a schema
+    // of the run's own (dropped afterwards).
+    let schema = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => upcoach_testing::PgSchema::create().await,
+        _ => None,
+    };
+    if let Some(schema) = &schema {
+        let url = schema.url();
+        let joint = if url.contains('?') { '&' } else { '?' };
+        // `options=-c search_path=<schema>`, percent-encoded.
+        let url = format!("{url}{joint}options=-c%20search_path%3D{}", schema.name());
+        server_args.extend(["--database".into(), url]);
+    }
     let mut server = Proc::spawn("server", &server_args)?;
     let addr: SocketAddr = server
         .expect("ready", Duration::from_secs(30))
         .await?
         .parse()?;
     println!(
-        "soak: {minutes} min, {workers} workers, server {addr} ({})",
-        if redis.is_some() {
-            "Redis"
-        } else {
-            "in memory"
-        }
+        "soak: {minutes} min, {workers} workers, server {addr} (Redis: {}, Postgres: {})",
+        if redis.is_some() { "yes" } else { "no" },
+        if schema.is_some() { "yes" } else { "no" },
     );
 
     let tally = Arc::new(Tally::default());
