@@ -29,6 +29,10 @@ use url::Url;
 
 use crate::Secret;
 
+/// The URL schemes `REDIS_URL` takes: one node over TCP or a socket, or a Redis Cluster
+/// (`redis+cluster://`, see [`ServiceUrl::cluster_seeds`]).
+pub const REDIS_SCHEMES: &[&str] = &["redis", "unix", "redis+unix", "redis+cluster"];
+
 /// The default of `DATABASE_MAX_CONNECTIONS`.
 pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 16;
 
@@ -63,7 +67,7 @@ impl Settings for ServicesConfig {
     fn read(env: &mut Env<'_>) -> Self {
         let redis_url = env.service_url(
             "REDIS_URL",
-            &["redis", "unix", "redis+unix", "redis+cluster"],
+            REDIS_SCHEMES,
             "a Redis URL such as redis://127.0.0.1:6379, or redis+cluster://host:port?addr=host:port for a Redis Cluster (rediss:// is not supported: this build has no TLS)",
         );
         let database_url = env.service_url(

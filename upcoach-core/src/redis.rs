@@ -201,7 +201,7 @@ impl RedisConnection {
 
     /// Whether this connection is to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.current().1, Link::Cluster(_))
+        self.generation().1
     }
 
     /// The link as gauges: `redis_connected` (1 or 0) and `redis_links_replaced`.
@@ -342,6 +342,28 @@ impl RedisConnection {
             .clone()
     }
 
+    /// The generation of the link in use and whether it is a cluster link, without
+    /// cloning the link.
+    fn generation(&self) -> (u64, bool) {
+        let current = self
+            .shared
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        (current.0, matches!(current.1, Link::Cluster(_)))
+    }
+
+    /// How long a link may go without an answer before a run of timeouts replaces it:
+    /// twice the response timeout (1 s assumed for a manager of unknown make).
+    fn patience(&self) -> Duration {
+        self.shared
+            .origin
+            .as_ref()
+            .and_then(Origin::response_timeout)
+            .unwrap_or(Duration::from_secs(1))
+            * 2
+    }
+
     /// Links replaced after going silent, since start.
     pub fn replacements(&self) -> u64 {
         self.shared.replacements.load(Ordering::Relaxed)
@@ -352,8 +374,7 @@ impl RedisConnection {
     /// a replacement. Answers from a replaced generation are ignored.
     fn after<T>(&self, generation: u64, result: &RedisResult<T>) {
         let shared = &self.shared;
-        let current = shared.current.read().unwrap_or_else(|e| e.into_inner()).0;
-        if current != generation {
+        if self.generation().0 != generation {
             return;
         }
         match result {
@@ -361,12 +382,7 @@ impl RedisConnection {
                 let n = shared.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
                 let now = shared.born.elapsed().as_micros() as u64;
                 let quiet = now.saturating_sub(shared.last_success_micros.load(Ordering::Relaxed));
-                let patience = shared
-                    .origin
-                    .as_ref()
-                    .and_then(Origin::response_timeout)
-                    .unwrap_or(Duration::from_secs(1))
-                    * 2;
+                let patience = self.patience();
                 if n >= STALL_TIMEOUTS && quiet >= patience.as_micros() as u64 {
                     self.replace(generation);
                 }
@@ -438,11 +454,11 @@ impl RedisConnection {
     /// node's link that went silent as long as the other nodes answer.
     pub async fn ping(&self) -> Result<Duration, redis::RedisError> {
         let mut conn = self.clone();
-        let (generation, link) = self.current();
+        let (generation, cluster) = self.generation();
         let start = Instant::now();
         let result: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
         let elapsed = start.elapsed();
-        if matches!(link, Link::Cluster(_)) {
+        if cluster {
             self.after_cluster_ping(generation, &result);
         }
         self.observe(result.as_ref().map(|_| ()).map_err(|e| e.to_string()).err());
@@ -462,19 +478,14 @@ impl RedisConnection {
     /// was replaced since do not count.
     fn after_cluster_ping<T>(&self, generation: u64, result: &RedisResult<T>) {
         let shared = &self.shared;
-        if shared.current.read().unwrap_or_else(|e| e.into_inner()).0 != generation {
+        if self.generation().0 != generation {
             return;
         }
         let now = shared.born.elapsed().as_micros() as u64;
         match result {
             Err(e) if e.is_timeout() => {
                 let quiet = now.saturating_sub(shared.last_ping_micros.load(Ordering::Relaxed));
-                let patience = shared
-                    .origin
-                    .as_ref()
-                    .and_then(Origin::response_timeout)
-                    .unwrap_or(Duration::from_secs(1))
-                    * 2;
+                let patience = self.patience();
                 let run = shared.ping_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
                 if run >= CLUSTER_PING_TIMEOUTS && quiet >= patience.as_micros() as u64 {
                     shared.ping_timeouts.store(0, Ordering::Relaxed);
@@ -588,7 +599,13 @@ impl ConnectionLike for RedisConnection {
     }
 
     fn get_db(&self) -> i64 {
-        match &self.current().1 {
+        match &self
+            .shared
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+        {
             Link::Single(manager) => manager.get_db(),
             Link::Cluster(_) => 0,
         }

@@ -145,14 +145,11 @@ impl RedisBroadcaster {
     /// `url` is a `redis://` URL, or a `redis+cluster://` one for a Redis Cluster (see
     /// [`ServiceUrl::cluster_seeds`](upcoach_core::config::ServiceUrl::cluster_seeds)).
     pub async fn connect(url: &str, options: RedisBroadcasterOptions) -> Result<Self> {
-        let url = upcoach_core::config::ServiceUrl::parse(
-            url,
-            &["redis", "unix", "redis+unix", "redis+cluster"],
-        )
-        .map_err(|reason| Error::Backend {
-            backend: "redis",
-            source: format!("the Redis URL is not usable: {reason}").into(),
-        })?;
+        let url = upcoach_core::config::ServiceUrl::parse(url, upcoach_core::config::REDIS_SCHEMES)
+            .map_err(|reason| Error::Backend {
+                backend: "redis",
+                source: format!("the Redis URL is not usable: {reason}").into(),
+            })?;
         let redis_options = RedisOptions {
             connection_timeout: options.timeout,
             response_timeout: options.timeout,

@@ -499,17 +499,12 @@ async fn sse_refuses_with_error_shapes_and_streams_when_allowed() {
     assert_error(&cursor, StatusCode::BAD_REQUEST, "invalid_cursor");
 
     // Allowed: the stream's head and its first record, on a connection of our own.
-    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(format!("{path}?rooms=public:news&access_token={coach}"))
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = support::open_stream(
+        server.addr,
+        &format!("{path}?rooms=public:news&access_token={coach}"),
+        &[],
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();

@@ -227,18 +227,13 @@ async fn alert_transitions_reach_the_alerts_room_over_sse() {
     let server = Running::start(ServerConfig::default(), options).await;
     let admin = dev_token(&server, r#"["admin"]"#).await;
 
-    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get("/api/dashboard/realtime/sse?rooms=alerts")
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {admin}"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let bearer = format!("Bearer {admin}");
+    let response = support::open_stream(
+        server.addr,
+        "/api/dashboard/realtime/sse?rooms=alerts",
+        &[("authorization", &bearer)],
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
 

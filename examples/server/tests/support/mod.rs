@@ -216,6 +216,26 @@ pub(crate) async fn send(
     Answer::new(status, headers, bytes)
 }
 
+/// `GET path` on a connection of its own, answered with the body still streaming (an
+/// SSE stream): the caller reads it frame by frame.
+pub(crate) async fn open_stream(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Response<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut request = Request::get(path).header("host", "localhost");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
+    sender.send_request(request).await.expect("response")
+}
+
 /// Sends `request` on a new connection to `addr`: status, headers and raw body.
 async fn round_trip(
     addr: SocketAddr,
