@@ -541,6 +541,9 @@ pub(crate) struct RoomReset {
     /// The room's head when the reset was decided (read once for every reader):
     /// readers resume after it. `None` when the broker could not say.
     pub(crate) head: Option<u64>,
+    /// The room's numbers started again: readers resume after `head` even where they
+    /// had read past it.
+    pub(crate) restarted: bool,
 }
 
 /// The part of a connection that room tasks can reach.
@@ -871,9 +874,12 @@ impl Inner {
             };
             if let Some(seen) = last {
                 if event.seq <= seen {
-                    continue;
-                }
-                if event.seq > seen + 1 {
+                    // The feed gives each event once, in order: a `seq` going back means
+                    // the room started again (its numbers were lost with its history).
+                    // Every reader resumes from here, told that what came before is
+                    // gone.
+                    self.restarted(&room, event.seq - 1);
+                } else if event.seq > seen + 1 {
                     self.repair(&room, seen, event.seq).await;
                 }
             }
@@ -918,6 +924,23 @@ impl Inner {
         }
     }
 
+    /// The room started again at 1 and `head` is its last event before the one at
+    /// hand: every reader gets `reset` (`room_restarted`) and resumes after `head`,
+    /// although it had read further in the old numbering.
+    fn restarted(&self, room: &Room, head: u64) {
+        tracing::warn!(room = %room.name, head, "a room's sequence went back: its readers get reset");
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        self.fan_out(
+            room,
+            Delivery::Reset(Arc::new(RoomReset {
+                room: room.name.clone(),
+                reason: "room_restarted",
+                head: Some(head),
+                restarted: true,
+            })),
+        );
+    }
+
     async fn reset(&self, room: &Room, reason: &'static str) {
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
         let head = self.broadcaster.head(&room.name).await.ok();
@@ -927,6 +950,7 @@ impl Inner {
                 room: room.name.clone(),
                 reason,
                 head,
+                restarted: false,
             })),
         );
     }

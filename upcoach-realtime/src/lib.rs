@@ -334,7 +334,10 @@ pub trait Broadcaster: fmt::Debug + Send + Sync + 'static {
         data: serde_json::Value,
     ) -> Result<Arc<RoomEvent>>;
 
-    /// Live events of `room` from now on, in sequence order.
+    /// Live events of `room` from now on, in sequence order, each once. A `seq` at or
+    /// below one already delivered means the room started again at 1 (its numbers
+    /// were lost, as when a Redis without persistence restarts): the hub then tells
+    /// every reader `reset` (`room_restarted`) and carries on from there.
     async fn subscribe(&self, room: &str) -> Result<Subscription>;
 
     /// The events of `room` after `after_seq`, at most `limit`, or [`Replay::Gone`]

@@ -121,6 +121,11 @@ struct LocalRoom {
     tx: broadcast::Sender<Arc<RoomEvent>>,
     /// The newest sequence number forwarded to this process's subscribers.
     last: Option<u64>,
+    /// The newest sequence number that came in live (not from a repair). Live events
+    /// come in order, so one at or below it is not a repeat of a repaired event but a
+    /// room that started again at 1 (a Redis that lost its keys, a counter that
+    /// expired). `None` until the first live event after subscribing.
+    live: Option<u64>,
 }
 
 fn backend(source: redis::RedisError) -> Error {
@@ -227,22 +232,40 @@ impl Inner {
             .strip_prefix(":ch:")
     }
 
-    /// Forwards a live event to this process's subscribers, once and in order.
-    fn forward(&self, event: RoomEvent) {
+    /// Forwards an event to this process's subscribers, once and in order; `live` when
+    /// it came from pub/sub, not from a repair.
+    ///
+    /// A `seq` at or below one already forwarded is a repeat (a repair and pub/sub both
+    /// carried it) and is dropped, unless the room started again at 1: then it is
+    /// forwarded, and the hub, seeing `seq` go back, tells every reader `reset`.
+    fn forward(&self, event: RoomEvent, live: bool) {
         let mut rooms = self.rooms();
         let Some(local) = rooms.get_mut(&event.room) else {
             return;
         };
-        if local.last.is_some_and(|last| event.seq <= last) {
-            return;
+        if let Some(last) = local.last
+            && event.seq <= last
+        {
+            let restarted = live && local.live.is_some_and(|seen| event.seq <= seen);
+            if live {
+                local.live = Some(event.seq);
+            }
+            if !restarted {
+                return;
+            }
         }
         local.last = Some(event.seq);
+        if live {
+            local.live = Some(event.seq);
+        }
         let _ = local.tx.send(Arc::new(event));
     }
 
     /// After a reconnect: forwards what each room published while the connection was
     /// down. What history no longer has shows as a jump in `seq`, which the hub turns
-    /// into `reset`.
+    /// into `reset`. A room whose count is now behind what was forwarded started again
+    /// (Redis lost its keys): its events are forwarded from 1, and the hub, seeing
+    /// `seq` go back, announces `reset` before them.
     async fn repair(&self) {
         let positions: Vec<(String, u64)> = self
             .rooms()
@@ -260,8 +283,21 @@ impl Inner {
                     Ok(Replay::Events(events)) if !events.is_empty() => {
                         for event in events {
                             after = after.max(event.seq);
-                            self.forward(RoomEvent::clone(&event));
+                            self.forward(RoomEvent::clone(&event), false);
                         }
+                    }
+                    Ok(Replay::Gone {
+                        reason: "cursor_ahead_of_room",
+                    }) if after > 0 => {
+                        tracing::warn!(
+                            room,
+                            "a room's count went back while the broker connection was down (Redis lost its keys): its readers get reset"
+                        );
+                        if let Some(local) = self.rooms().get_mut(&room) {
+                            local.last = Some(0);
+                            local.live = Some(0);
+                        }
+                        after = 0;
                     }
                     Ok(_) => break,
                     Err(_) if retries > 0 => {
@@ -429,7 +465,7 @@ async fn run_subscriber(inner: Weak<Inner>, source: PubSubSource) {
                     let Some(strong) = inner.upgrade() else { return };
                     let Some(room) = strong.room_of(message.get_channel_name()) else { continue };
                     match decode_live(room, message.get_payload_bytes()) {
-                        Ok(event) => strong.forward(event),
+                        Ok(event) => strong.forward(event, true),
                         Err(e) => tracing::warn!(room, error = %e, "an undecodable live event was skipped; the next event repairs the hole"),
                     }
                 }
@@ -520,7 +556,14 @@ impl Broadcaster for RedisBroadcaster {
                 Some(local) => (local.tx.subscribe(), false),
                 None => {
                     let (tx, rx) = broadcast::channel(CHANNEL_CAPACITY);
-                    rooms.insert(room.to_owned(), LocalRoom { tx, last: None });
+                    rooms.insert(
+                        room.to_owned(),
+                        LocalRoom {
+                            tx,
+                            last: None,
+                            live: None,
+                        },
+                    );
                     (rx, true)
                 }
             }

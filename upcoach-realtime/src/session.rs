@@ -368,8 +368,10 @@ impl Session {
                     .iter_mut()
                     .find(|r| same_room(&r.room, &reset.room))?;
                 // Resume from the head: whatever the client missed is announced as gone.
-                if let Some(head) = reset.head {
-                    reading.last = reading.last.max(head);
+                match reset.head {
+                    Some(head) if reset.restarted => reading.last = head,
+                    Some(head) => reading.last = reading.last.max(head),
+                    None => {}
                 }
                 out.push(Outbound::Reset {
                     room: reset.room.clone(),

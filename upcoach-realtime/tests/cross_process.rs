@@ -708,3 +708,192 @@ async fn a_redis_link_that_goes_silent_is_replaced_with_no_gap() {
     assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
     drop(prefix);
 }
+
+// Outages that act on the Redis server itself, on a `redis-server` of the test's own
+// (the shared one is never restarted or frozen).
+
+/// One process on the private Redis at `url`, with 300 ms timeouts and 200 ms pings.
+async fn quick_process(url: &str, tokens: Arc<Tokens>) -> Process {
+    let options = RedisBroadcasterOptions {
+        prefix: "rt".into(),
+        timeout: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(200),
+        ..RedisBroadcasterOptions::default()
+    };
+    let process = Process::start(url, options, tokens).await;
+    process.until_connected("the process").await;
+    process
+}
+
+/// Publishes `count` events in `room` on `hub`, retrying each for up to 10 s while
+/// Redis does not take it; the events Redis acknowledged (a retried one may have been
+/// numbered twice when an answer was lost: both are then in the room).
+async fn publish_through(hub: &Hub, count: usize, tag: &str) -> Vec<Arc<RoomEvent>> {
+    let mut sent = Vec::with_capacity(count);
+    for i in 0..count {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match hub.publish(X, "tick", json!({ "tag": tag, "i": i })).await {
+                Ok(event) => {
+                    sent.push(event);
+                    break;
+                }
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "Redis did not take event {i} of {tag} within 10 s: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    sent
+}
+
+/// Reads SSE records until `want` events have come after a `reset` of X; fails on an
+/// event before the reset. The reset's reason and the events.
+async fn read_sse_after_reset(sse: &mut Sse, want: usize) -> (Value, HashMap<String, Stream>) {
+    let reset = next_sse_event(sse, &HashMap::new()).await;
+    assert_eq!(
+        reset.event.as_deref(),
+        Some("reset"),
+        "a reset first, not an event of the old numbering: {reset:?}"
+    );
+    let data: Value = serde_json::from_str(reset.data.as_deref().unwrap()).unwrap();
+    let read = read_sse(sse, &[(X.to_owned(), want)]).await;
+    (data, read.events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_that_loses_every_key_resets_live_readers_then_delivers() {
+    let Some(mut redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let tokens = Arc::new(Tokens::default());
+    let a = quick_process(&redis.url(), tokens.clone()).await;
+    let token = tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200);
+    let mut ws = support::ws(a.addr, Some(&token)).await;
+    assert_eq!(support::subscribe(&mut ws, X, None).await, 0);
+
+    let before = publish(&a.hub, 20, "before", only_x).await;
+    let read = read_sse(&mut sse, &counts(&before)).await;
+    assert_streams("SSE before the restart", &read.events, &before);
+    let old_cursor = read.last_id;
+    assert_eq!(old_cursor, "public:x=20");
+    let read = read_ws(&mut ws, &counts(&before)).await;
+    assert_streams("WebSocket before the restart", &read.events, &before);
+
+    // Killed without a goodbye and started again empty: the room's count starts at 1.
+    redis.restart().await;
+    let after = publish_through(&a.hub, 5, "after").await;
+    assert_eq!(
+        after.first().map(|e| e.seq),
+        Some(1),
+        "precondition: the restarted Redis numbers the room from 1"
+    );
+
+    // Neither reader waits for the count to pass 20 (which would drop these events
+    // silently): each is told `reset`, then gets the new events once, in order.
+    let (reset, events) = read_sse_after_reset(&mut sse, after.len()).await;
+    assert_eq!(reset, json!({"room": X, "reason": "room_restarted"}));
+    assert_streams("SSE after the restart", &events, &after);
+    let message = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(
+        message,
+        json!({"type": "reset", "room": X, "reason": "room_restarted"})
+    );
+    let read = read_ws(&mut ws, &counts(&after)).await;
+    assert_streams("WebSocket after the restart", &read.events, &after);
+    assert_eq!(a.hub.stats().resets, 1, "one reset, fanned out to both");
+
+    // A reader coming back with a cursor of the old numbering: reset, then live.
+    let mut resumed = support::sse(
+        a.addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", &old_cursor)],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    let head = after.last().unwrap().seq;
+    let opening = resumed.next().await.expect("an opening record");
+    assert_eq!(opening.id, Some(format!("{X}={head}")));
+    let live = publish(&a.hub, 3, "live", only_x).await;
+    let (reset, events) = read_sse_after_reset(&mut resumed, live.len()).await;
+    assert_eq!(reset, json!({"room": X, "reason": "cursor_ahead_of_room"}));
+    assert_streams("the resumed SSE", &events, &live);
+    let read = read_sse(&mut sse, &counts(&live)).await;
+    assert_streams("the first SSE, live again", &read.events, &live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killing_every_client_leaves_no_gap_and_no_reset() {
+    let Some(redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let tokens = Arc::new(Tokens::default());
+    let a = quick_process(&redis.url(), tokens.clone()).await;
+    let b = quick_process(&redis.url(), tokens.clone()).await;
+    let token = tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200);
+    let before = publish(&b.hub, 10, "before", only_x).await;
+    let read = read_sse(&mut sse, &counts(&before)).await;
+    assert_streams("SSE before CLIENT KILL", &read.events, &before);
+
+    // Both processes lose every connection, commands and pub/sub alike. B publishes
+    // while A is still reconnecting; A fills the hole from history.
+    let killed = redis.kill_clients().await;
+    assert!(
+        killed >= 2,
+        "both processes' connections were killed: {killed}"
+    );
+    let during = publish_through(&b.hub, 20, "during").await;
+    let read = read_sse(&mut sse, &counts(&during)).await;
+    assert_streams("SSE after CLIENT KILL", &read.events, &during);
+    a.until_connected("A, reconnected").await;
+    assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_redis_delays_events_but_loses_none() {
+    let Some(redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let tokens = Arc::new(Tokens::default());
+    let a = quick_process(&redis.url(), tokens.clone()).await;
+    let token = tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200);
+    let before = publish(&a.hub, 10, "before", only_x).await;
+    let read = read_sse(&mut sse, &counts(&before)).await;
+    assert_streams("SSE before the freeze", &read.events, &before);
+
+    // `DEBUG SLEEP 1.5`: five times A's ping timeout. A's pub/sub link is given up on
+    // and replaced; a publish waits (or fails and is retried) until Redis wakes.
+    redis.freeze(1.5).await;
+    let hub = a.hub.clone();
+    until("A notices the frozen broker", NEXT, move || {
+        !hub.status().broker.connected
+    })
+    .await;
+    let during = publish_through(&a.hub, 10, "during").await;
+    a.until_connected("A, after the freeze").await;
+    // A publish whose answer was lost to a timeout may have run too: the stream is
+    // every seq from 11 on, each once, including every acknowledged one.
+    let newest = during.last().unwrap().seq;
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|&seq| seq < newest) {
+        let record = next_sse_event(&mut sse, &HashMap::new()).await;
+        let (_, seq, _) = sse_event(&record);
+        seen.push(seq);
+    }
+    let expected: Vec<u64> = (11..=newest).collect();
+    assert_eq!(seen, expected, "each event once, in order, none missing");
+    assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
+}

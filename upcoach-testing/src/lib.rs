@@ -11,6 +11,8 @@
 //! - [`Nginx`]: nginx from the project's template in front of servers under test.
 //! - [`FaultProxy`]: a TCP proxy a test can [`cut`](FaultProxy::cut) and
 //!   [`restore`](FaultProxy::restore) to put Redis or Postgres "down".
+//! - [`PrivateRedis`]: a `redis-server` of the test's own, to restart (losing every
+//!   key), freeze (`DEBUG SLEEP`) or rid of its clients (`CLIENT KILL`).
 //! - [`OidcProvider`]: an independent OpenID provider (npm `oauth2-mock-server`).
 //! - [`FacebookStandIn`]: a loopback stand-in for Facebook's Graph API (code exchange,
 //!   `debug_token`, `/me` with `appsecret_proof`), see [`facebook`].
@@ -29,6 +31,7 @@ pub mod client;
 pub mod facebook;
 pub mod nginx;
 mod oidc;
+mod private_redis;
 mod proxy;
 mod serve;
 
@@ -38,6 +41,7 @@ pub use apple::{AppleStandIn, AppleUser};
 pub use facebook::{FacebookStandIn, FacebookUser};
 pub use nginx::Nginx;
 pub use oidc::OidcProvider;
+pub use private_redis::PrivateRedis;
 pub use proxy::FaultProxy;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
