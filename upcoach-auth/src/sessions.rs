@@ -324,6 +324,11 @@ impl AuthError {
     }
 }
 
+/// How many times [`Sessions::refresh`] reads a rotated session's user before it
+/// gives up (pauses of 25, 100 ms between): enough to get past a pooled connection that
+/// died, short enough to stay within a request's budget.
+const ROTATION_USER_TRIES: u32 = 3;
+
 /// `{"access_token","token_type":"Bearer","expires_in","refresh_token","user"}`, and
 /// `"device_id"` when the session was just bound to a device id the server made.
 #[derive(Clone, Serialize)]
@@ -1209,13 +1214,12 @@ impl Sessions {
                 return Err(e.into());
             }
         };
-        let user = self
-            .users
-            .get(rotation.user_id)
-            .await?
-            .ok_or(AuthError::UserGone {
-                code: "refresh_token_revoked",
-            })?;
+        let user =
+            self.user_after_rotation(rotation.user_id)
+                .await?
+                .ok_or(AuthError::UserGone {
+                    code: "refresh_token_revoked",
+                })?;
         self.record(
             "session_refreshed",
             Some(user.id),
@@ -1223,6 +1227,33 @@ impl Sessions {
             serde_json::json!({"family_id": rotation.family_id.to_string()}),
         );
         self.token_response(user, rotation.family_id, rotation.token.expose())
+    }
+
+    /// The user of a rotation that is already committed: its new token exists only in
+    /// the answer being made, so a 503 now would strand the family (the client would
+    /// retry the old token, which is reuse, and lose the session). A store that lost
+    /// its connection (a Postgres restart, a terminated backend) is asked again, on a
+    /// fresh connection, up to [`ROTATION_USER_TRIES`] times before giving up.
+    async fn user_after_rotation(&self, user: UserId) -> Result<Option<User>, UserError> {
+        let mut pause = Duration::from_millis(25);
+        let mut tries = 1;
+        loop {
+            match self.users.get(user).await {
+                Err(e) if e.is_retryable() && tries < ROTATION_USER_TRIES => {
+                    tracing::warn!(error = %e, tries, "reading a refreshed session's user failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                    tries += 1;
+                }
+                Err(e) => {
+                    if e.is_retryable() {
+                        tracing::error!(error = %e, "a refresh token was rotated but its user could not be read: the client's retry will be reuse unless AUTH_REFRESH_GRACE_SECONDS covers it");
+                    }
+                    return Err(e);
+                }
+                Ok(found) => return Ok(found),
+            }
+        }
     }
 
     /// `POST /auth/logout`: revokes the signed-in user's session, and the family of
