@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
+use support::signin::{Browser, google_env};
 use support::{Answer, Running, next_json};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -43,11 +44,16 @@ fn dev() -> Options {
 
 /// A Postgres URL for `schema` reached at `addr`, its connections named `application`.
 fn database_url(schema: &PgSchema, addr: std::net::SocketAddr, application: &str) -> ServiceUrl {
+    ServiceUrl::parse(&database_url_text(schema, addr, application), &["postgres"]).unwrap()
+}
+
+/// [`database_url`] as text, for an environment list.
+fn database_url_text(schema: &PgSchema, addr: std::net::SocketAddr, application: &str) -> String {
     let mut url = url::Url::parse(&upcoach_testing::url_via(schema.url(), addr)).unwrap();
     url.query_pairs_mut()
         .append_pair("options", &format!("-c search_path={}", schema.name()))
         .append_pair("application_name", application);
-    ServiceUrl::parse(url.as_str(), &["postgres"]).unwrap()
+    url.into()
 }
 
 /// The server on `database` and `redis`, its keys under `prefix`. Rate limits stay on
@@ -543,5 +549,70 @@ async fn redis_killing_every_client_connection() {
     until_healthy(&server).await;
     let rotated = refresh_when_back(&server, &admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_ends_the_sign_ins_in_flight_cleanly() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let Some(mut redis) = PrivateRedis::start().await else {
+        return;
+    };
+    let Some(google) = upcoach_testing::OidcProvider::start().await else {
+        return;
+    };
+    let direct = upcoach_testing::service_addr(schema.url());
+    let mut env = google_env(&google);
+    env.push(("REDIS_URL", redis.url()));
+    env.push((
+        "DATABASE_URL",
+        database_url_text(&schema, direct, "upcoach-outage-flows"),
+    ));
+    let server = Running::from_env(&env, |_| {}).await;
+
+    // A browser is at the provider when Redis restarts: its flow (state, nonce, PKCE
+    // verifier) was in Redis and is gone.
+    let mut browser = Browser::default();
+    let callback = browser
+        .start(&server, "google", "platform=web", &json!({"sub": "in-flight"}))
+        .await;
+    redis.restart().await;
+    // The first command on a connection the restart closed fails while it reconnects:
+    // the sign-in rate limit fails closed (503, nothing consumed), and a reload gets
+    // the real answer.
+    let mut unavailable = 0;
+    let landed = loop {
+        let (landed, took) = timed(browser.callback(&callback)).await;
+        assert!(took < REDIS_BOUND, "the callback took {took:?}");
+        if landed.status != StatusCode::SERVICE_UNAVAILABLE {
+            break landed;
+        }
+        assert_eq!(landed.code(), "rate_limiter_unavailable", "{}", landed.json);
+        unavailable += 1;
+        assert!(unavailable <= 3, "still 503 after {unavailable} reloads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (landed.status, landed.code()),
+        (StatusCode::UNAUTHORIZED, "state_invalid".to_owned()),
+        "{}",
+        landed.json
+    );
+    // Signing in again works at once: a new flow on the new Redis.
+    let deadline = Instant::now() + RECOVERY;
+    let answer = loop {
+        let mut browser = Browser::default();
+        let answer = browser
+            .sign_in(&server, "google", "platform=web", &json!({"sub": "in-flight"}))
+            .await;
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert!(answer.json["refresh_token"].is_string());
     server.stop().await;
 }
