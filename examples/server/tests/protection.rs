@@ -251,6 +251,24 @@ async fn with_redis_cut_sign_in_fails_closed_and_the_rest_keeps_working() {
     assert_eq!(refresh.json["error"]["code"], "rate_limiter_unavailable");
     let authorize = server.get("/auth/google/authorize?platform=web").await;
     assert_eq!(authorize.status, StatusCode::SERVICE_UNAVAILABLE);
+    // A broadcast cannot be numbered without Redis: refused, not dropped.
+    let started = Instant::now();
+    let broadcast = support::request_with(
+        server.addr,
+        Method::POST,
+        "/api/dashboard/realtime/broadcast/public:x",
+        Some(r#"{"event":"note","data":{}}"#),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(
+        broadcast.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        broadcast.json
+    );
+    assert_eq!(broadcast.json["error"]["code"], "broker_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(5));
 
     // Routes without a fail-closed rule keep answering.
     let me = support::request_with(server.addr, Method::GET, "/auth/me", None, Some(&token)).await;
