@@ -665,3 +665,76 @@ async fn a_subscription_that_goes_silent_is_replaced_and_l1_emptied() {
     }
     assert!(proxy.forwarded() >= 2, "B subscribed again");
 }
+
+/// A Redis that restarts empty (a `redis-server` of the test's own): L2 and every tag
+/// version are gone, and notices sent meanwhile are lost. Each process empties its L1
+/// when its subscription comes back, so nothing cached before the restart is served
+/// after it, although L1 would keep it for ten minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_that_loses_every_key_empties_each_l1() {
+    let Some(mut redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let options = TieredOptions {
+        l1_max_age: Duration::from_secs(600),
+        coherence_ping_interval: Duration::from_millis(200),
+        ..TieredOptions::default()
+    };
+    let url = redis.url();
+    let coherent_on = async |name: &str| {
+        let conn = connect(&url).await;
+        let cache = TieredCache::new(
+            Arc::new(RedisStore::new(conn.clone(), name)),
+            Arc::new(RedisTagVersions::new(conn.clone(), name)),
+            options.clone(),
+        );
+        let pubsub = conn.pubsub().unwrap().clone();
+        cache.enable_coherence(pubsub, conn, "restart:invalidate".to_owned());
+        cache
+    };
+    let a = coherent_on("restart").await;
+    let b = coherent_on("restart").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // both subscribed
+
+    a.set_tagged("report", Bytes::from_static(b"r1"), TTL, &["analytics"])
+        .await
+        .unwrap();
+    eventually("B holds the report in L1", async || {
+        b.get("report").await.unwrap().as_deref() == Some(&b"r1"[..]) && b.stats().l1_hits >= 1
+    })
+    .await;
+
+    redis.restart().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for cache in [&a, &b] {
+        // A read that fails while the link reconnects fails open (a miss), never stale.
+        while cache.get("report").await.ok().flatten().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a process still serves the report from before the restart after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for _ in 0..10 {
+        for cache in [&a, &b] {
+            let read = cache.get("report").await.ok().flatten();
+            assert!(read.is_none(), "stale again: {read:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the caches work on the new Redis: a write on A reaches B, an invalidation
+    // (versions start again from nothing) evicts it.
+    a.set_tagged("report", Bytes::from_static(b"r2"), TTL, &["analytics"])
+        .await
+        .unwrap();
+    eventually("B reads the new report", async || {
+        b.get("report").await.unwrap().as_deref() == Some(&b"r2"[..])
+    })
+    .await;
+    a.invalidate_tags(&["analytics"]).await.unwrap();
+    eventually("B sees the invalidation", async || {
+        b.get("report").await.unwrap().is_none()
+    })
+    .await;
+}
