@@ -339,27 +339,81 @@ async fn postgres_backends_terminated_mid_rotation_leave_no_family_half_rotated(
     std::sync::Arc::into_inner(server).unwrap().stop().await;
 }
 
+/// The room the realtime checks use.
+const ROOM: &str = "public:outage";
+
+/// The server on a Redis of the test's own (and the shared Postgres), with an admin
+/// signed in.
+struct OnPrivateRedis {
+    server: Running,
+    redis: PrivateRedis,
+    admin: Value,
+    access: String,
+    _schema: PgSchema,
+}
+
+impl OnPrivateRedis {
+    /// `None` (skip) without `DATABASE_URL` or `redis-server`.
+    async fn start(name: &str) -> Option<Self> {
+        let schema = PgSchema::create().await?;
+        let redis = PrivateRedis::start().await?;
+        let direct = upcoach_testing::service_addr(schema.url());
+        let database = database_url(&schema, direct, &format!("upcoach-outage-{name}"));
+        let server = start(database, &redis.url(), name, true).await;
+        let admin = dev_token(&server, &["admin"]).await;
+        let access = admin["access_token"].as_str().unwrap().to_owned();
+        Some(Self {
+            server,
+            redis,
+            admin,
+            access,
+            _schema: schema,
+        })
+    }
+
+    /// A WebSocket of the admin's, subscribed to [`ROOM`].
+    async fn reader(&self) -> support::Ws {
+        let mut ws = support::ws(&self.server, &self.access).await;
+        ws.send(Message::Text(
+            json!({"type": "subscribe", "room": ROOM})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+        ws
+    }
+
+    /// `POST /api/dashboard/realtime/broadcast/{ROOM}` with `data`, and how long it
+    /// took (checked against [`REDIS_BOUND`]).
+    async fn broadcast(&self, data: Value) -> Answer {
+        let (sent, took) = timed(self.server.send(
+            Method::POST,
+            &format!("/api/dashboard/realtime/broadcast/{ROOM}"),
+            Some(json!({"event": "note", "data": data})),
+            Some(&self.access),
+        ))
+        .await;
+        assert!(took < REDIS_BOUND, "a broadcast took {took:?}");
+        sent
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_frozen_by_debug_sleep() {
-    let Some(schema) = PgSchema::create().await else {
+    let Some(on) = OnPrivateRedis::start("freeze").await else {
         return;
     };
-    let Some(redis) = PrivateRedis::start().await else {
-        return;
-    };
-    let direct = upcoach_testing::service_addr(schema.url());
-    let database = database_url(&schema, direct, "upcoach-outage-redis-freeze");
-    let server = start(database, &redis.url(), "freeze", true).await;
-    let admin = dev_token(&server, &["admin"]).await;
-    let access = admin["access_token"].as_str().unwrap().to_owned();
+    let (server, access) = (&on.server, on.access.as_str());
     let analytics = "/api/analytics/security-events?window=1h";
-    let primed = server.get_as(analytics, Some(&access)).await;
+    let primed = server.get_as(analytics, Some(access)).await;
     assert_eq!(primed.status, StatusCode::OK, "{}", primed.json);
 
-    redis.freeze(10.0).await;
+    on.redis.freeze(10.0).await;
     let frozen = Instant::now();
     // Sign-in routes fail closed: their rate limit cannot be counted.
-    let (refresh, took) = timed(server.refresh(&admin["refresh_token"], &[])).await;
+    let (refresh, took) = timed(server.refresh(&on.admin["refresh_token"], &[])).await;
     assert_eq!(
         refresh.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -369,20 +423,14 @@ async fn redis_frozen_by_debug_sleep() {
     assert_eq!(refresh.code(), "rate_limiter_unavailable");
     assert!(took < REDIS_BOUND, "refresh took {took:?}");
     // The rest answers: tokens and users need no Redis, the cache serves its L1.
-    let (me, took) = timed(server.get_as("/auth/me", Some(&access))).await;
+    let (me, took) = timed(server.get_as("/auth/me", Some(access))).await;
     assert_eq!(me.status, StatusCode::OK, "{}", me.json);
     assert!(took < REDIS_BOUND, "me took {took:?}");
-    let (cached, took) = timed(server.get_as(analytics, Some(&access))).await;
+    let (cached, took) = timed(server.get_as(analytics, Some(access))).await;
     assert_eq!(cached.status, StatusCode::OK, "{}", cached.json);
     assert!(took < REDIS_BOUND, "analytics took {took:?}");
     // A broadcast cannot be numbered without Redis: 503, not a silent drop.
-    let (broadcast, took) = timed(server.send(
-        Method::POST,
-        "/api/dashboard/realtime/broadcast/public:outage",
-        Some(json!({"event": "note", "data": {}})),
-        Some(&access),
-    ))
-    .await;
+    let broadcast = on.broadcast(json!({})).await;
     assert_eq!(
         broadcast.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -390,70 +438,37 @@ async fn redis_frozen_by_debug_sleep() {
         broadcast.json
     );
     assert_eq!(broadcast.code(), "broker_unavailable");
-    assert!(took < REDIS_BOUND, "broadcast took {took:?}");
-    let health = until_down(&server, "redis").await;
+    let health = until_down(server, "redis").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         frozen.elapsed() < Duration::from_secs(10),
         "precondition: every check above ran while Redis slept"
     );
 
-    until_healthy(&server).await;
-    let rotated = refresh_when_back(&server, &admin["refresh_token"]).await;
+    until_healthy(server).await;
+    let rotated = refresh_when_back(server, &on.admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
-    server.stop().await;
+    on.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty() {
-    let Some(schema) = PgSchema::create().await else {
+    let Some(mut on) = OnPrivateRedis::start("restart").await else {
         return;
     };
-    let Some(mut redis) = PrivateRedis::start().await else {
-        return;
-    };
-    let direct = upcoach_testing::service_addr(schema.url());
-    let database = database_url(&schema, direct, "upcoach-outage-redis-restart");
-    let server = start(database, &redis.url(), "restart", true).await;
-    let admin = dev_token(&server, &["admin"]).await;
-    let access = admin["access_token"].as_str().unwrap().to_owned();
-    let room = "public:outage";
-    let broadcast_path = format!("/api/dashboard/realtime/broadcast/{room}");
-    let mut ws = support::ws(&server, &access).await;
-    ws.send(Message::Text(
-        json!({"type": "subscribe", "room": room})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut ws = on.reader().await;
     for i in 1..=3u64 {
-        let sent = server
-            .send(
-                Method::POST,
-                &broadcast_path,
-                Some(json!({"event": "note", "data": {"i": i}})),
-                Some(&access),
-            )
-            .await;
+        let sent = on.broadcast(json!({"i": i})).await;
         assert_eq!(sent.json["seq"], i, "{}", sent.json);
         assert_eq!(next_delivery(&mut ws).await["seq"], i);
     }
 
-    redis.restart().await;
+    on.redis.restart().await;
     // The first broadcast after the restart is numbered 1 again (retried while the
     // server's connection comes back).
     let deadline = Instant::now() + RECOVERY;
     let sent = loop {
-        let (sent, took) = timed(server.send(
-            Method::POST,
-            &broadcast_path,
-            Some(json!({"event": "note", "data": {"after": true}})),
-            Some(&access),
-        ))
-        .await;
-        assert!(took < REDIS_BOUND, "a broadcast took {took:?}");
+        let sent = on.broadcast(json!({"after": true})).await;
         if sent.status == StatusCode::ACCEPTED {
             break sent;
         }
@@ -465,45 +480,27 @@ async fn redis_restarted_empty() {
     // The live reader is told, then gets the event; it does not wait for seq 4.
     assert_eq!(
         next_delivery(&mut ws).await,
-        json!({"type": "reset", "room": room, "reason": "room_restarted"})
+        json!({"type": "reset", "room": ROOM, "reason": "room_restarted"})
     );
     let event = next_delivery(&mut ws).await;
     assert_eq!(event["seq"], 1, "{event}");
     assert_eq!(event["data"], json!({"after": true}));
 
-    until_healthy(&server).await;
+    until_healthy(&on.server).await;
     // Sign-in's rate limits start again from zero (their counts were in Redis), and
     // refresh families, in Postgres, are untouched.
-    let rotated = refresh_when_back(&server, &admin["refresh_token"]).await;
+    let rotated = refresh_when_back(&on.server, &on.admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
     assert!(rotated.headers.contains_key("ratelimit"), "counted again");
-    server.stop().await;
+    on.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killing_every_client_connection() {
-    let Some(schema) = PgSchema::create().await else {
+    let Some(on) = OnPrivateRedis::start("kill").await else {
         return;
     };
-    let Some(redis) = PrivateRedis::start().await else {
-        return;
-    };
-    let direct = upcoach_testing::service_addr(schema.url());
-    let database = database_url(&schema, direct, "upcoach-outage-client-kill");
-    let server = start(database, &redis.url(), "kill", true).await;
-    let admin = dev_token(&server, &["admin"]).await;
-    let access = admin["access_token"].as_str().unwrap().to_owned();
-    let room = "public:outage";
-    let broadcast_path = format!("/api/dashboard/realtime/broadcast/{room}");
-    let mut ws = support::ws(&server, &access).await;
-    ws.send(Message::Text(
-        json!({"type": "subscribe", "room": room})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut ws = on.reader().await;
 
     // Broadcasts before, during and after every Redis connection of the server is
     // killed: each is either acknowledged (202) or refused (503 `broker_unavailable`),
@@ -512,16 +509,9 @@ async fn redis_killing_every_client_connection() {
     let mut refused = 0;
     for i in 0..40u64 {
         if i == 10 {
-            assert!(redis.kill_clients().await >= 1);
+            assert!(on.redis.kill_clients().await >= 1);
         }
-        let (sent, took) = timed(server.send(
-            Method::POST,
-            &broadcast_path,
-            Some(json!({"event": "note", "data": {"i": i}})),
-            Some(&access),
-        ))
-        .await;
-        assert!(took < REDIS_BOUND, "a broadcast took {took:?}");
+        let sent = on.broadcast(json!({"i": i})).await;
         match sent.status {
             StatusCode::ACCEPTED => acknowledged.push(sent.json["seq"].as_u64().unwrap()),
             StatusCode::SERVICE_UNAVAILABLE => {
@@ -546,10 +536,10 @@ async fn redis_killing_every_client_connection() {
     // stream is every seq, once, and holds each acknowledged one.
     let every: Vec<u64> = (1..=newest).collect();
     assert_eq!(read, every, "once each, in order");
-    until_healthy(&server).await;
-    let rotated = refresh_when_back(&server, &admin["refresh_token"]).await;
+    until_healthy(&on.server).await;
+    let rotated = refresh_when_back(&on.server, &on.admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
-    server.stop().await;
+    on.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,7 +566,12 @@ async fn redis_restarted_empty_ends_the_sign_ins_in_flight_cleanly() {
     // verifier) was in Redis and is gone.
     let mut browser = Browser::default();
     let callback = browser
-        .start(&server, "google", "platform=web", &json!({"sub": "in-flight"}))
+        .start(
+            &server,
+            "google",
+            "platform=web",
+            &json!({"sub": "in-flight"}),
+        )
         .await;
     redis.restart().await;
     // The first command on a connection the restart closed fails while it reconnects:
@@ -605,7 +600,12 @@ async fn redis_restarted_empty_ends_the_sign_ins_in_flight_cleanly() {
     let answer = loop {
         let mut browser = Browser::default();
         let answer = browser
-            .sign_in(&server, "google", "platform=web", &json!({"sub": "in-flight"}))
+            .sign_in(
+                &server,
+                "google",
+                "platform=web",
+                &json!({"sub": "in-flight"}),
+            )
             .await;
         if answer.status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
             break answer;
