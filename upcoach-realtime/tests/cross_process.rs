@@ -725,6 +725,21 @@ async fn quick_process(url: &str, tokens: Arc<Tokens>) -> Process {
     process
 }
 
+/// An SSE stream of an admin on `process`, reading X.
+async fn x_reader(process: &Process, tokens: &Tokens) -> Sse {
+    let auth = format!("Bearer {}", tokens.admin());
+    let sse = support::sse(process.addr, "rooms=public:x", &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200);
+    sse
+}
+
+/// Publishes `count` events in X on `hub` and checks that `sse` reads exactly them.
+async fn publish_and_read(hub: &Hub, sse: &mut Sse, count: usize, what: &str) {
+    let sent = publish(hub, count, what, only_x).await;
+    let read = read_sse(sse, &counts(&sent)).await;
+    assert_streams(what, &read.events, &sent);
+}
+
 /// Publishes `count` events in `room` on `hub`, retrying each for up to 10 s while
 /// Redis does not take it; the events Redis acknowledged (a retried one may have been
 /// numbered twice when an answer was lost: both are then in the room).
@@ -837,13 +852,8 @@ async fn redis_killing_every_client_leaves_no_gap_and_no_reset() {
     let tokens = Arc::new(Tokens::default());
     let a = quick_process(&redis.url(), tokens.clone()).await;
     let b = quick_process(&redis.url(), tokens.clone()).await;
-    let token = tokens.admin();
-    let auth = format!("Bearer {token}");
-    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
-    assert_eq!(sse.status, 200);
-    let before = publish(&b.hub, 10, "before", only_x).await;
-    let read = read_sse(&mut sse, &counts(&before)).await;
-    assert_streams("SSE before CLIENT KILL", &read.events, &before);
+    let mut sse = x_reader(&a, &tokens).await;
+    publish_and_read(&b.hub, &mut sse, 10, "SSE before CLIENT KILL").await;
 
     // Both processes lose every connection, commands and pub/sub alike. B publishes
     // while A is still reconnecting; A fills the hole from history.
@@ -866,13 +876,8 @@ async fn a_frozen_redis_delays_events_but_loses_none() {
     };
     let tokens = Arc::new(Tokens::default());
     let a = quick_process(&redis.url(), tokens.clone()).await;
-    let token = tokens.admin();
-    let auth = format!("Bearer {token}");
-    let mut sse = support::sse(a.addr, "rooms=public:x", &[("authorization", &auth)]).await;
-    assert_eq!(sse.status, 200);
-    let before = publish(&a.hub, 10, "before", only_x).await;
-    let read = read_sse(&mut sse, &counts(&before)).await;
-    assert_streams("SSE before the freeze", &read.events, &before);
+    let mut sse = x_reader(&a, &tokens).await;
+    publish_and_read(&a.hub, &mut sse, 10, "SSE before the freeze").await;
 
     // `DEBUG SLEEP 1.5`: five times A's ping timeout. A's pub/sub link is given up on
     // and replaced; a publish waits (or fails and is retried) until Redis wakes.
