@@ -35,6 +35,31 @@ const REDIS_BOUND: Duration = Duration::from_secs(5);
 /// How long the server may take to be healthy again after a service comes back.
 const RECOVERY: Duration = Duration::from_secs(20);
 
+/// Panics anywhere in this test binary so far (the server's tasks included, whose
+/// panics Tokio would otherwise only log).
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts every panic from now on in [`PANICS`] (once per binary).
+fn count_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
+/// Fails if anything panicked: a server task through the outage, or another test.
+fn assert_no_panics() {
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "something panicked (see the output above)"
+    );
+}
+
 fn dev() -> Options {
     Options {
         dev: true,
@@ -59,6 +84,7 @@ fn database_url_text(schema: &PgSchema, addr: std::net::SocketAddr, application:
 /// The server on `database` and `redis`, its keys under `prefix`. Rate limits stay on
 /// (their outage policy is part of what is tested) except where `limits` is false.
 async fn start(database: ServiceUrl, redis: &str, prefix: &str, limits: bool) -> Running {
+    count_panics();
     let mut config = ServerConfig::default();
     config.services.database_url = Some(database);
     config.services.redis_url = Some(ServiceUrl::parse(redis, &["redis"]).unwrap());
@@ -254,6 +280,7 @@ async fn postgres_stopped_for_ten_seconds() {
     assert_eq!(again.status, StatusCode::OK, "{}", again.json);
     let me = server.get_as("/auth/me", Some(&access)).await;
     assert_eq!(me.status, StatusCode::OK, "{}", me.json);
+    assert_no_panics();
     server.stop().await;
 }
 
@@ -336,6 +363,7 @@ async fn postgres_backends_terminated_mid_rotation_leave_no_family_half_rotated(
             .await
             .unwrap();
     assert_eq!(families, 0, "no family was revoked as reused");
+    assert_no_panics();
     std::sync::Arc::into_inner(server).unwrap().stop().await;
 }
 
@@ -448,6 +476,7 @@ async fn redis_frozen_by_debug_sleep() {
     until_healthy(server).await;
     let rotated = refresh_when_back(server, &on.admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
+    assert_no_panics();
     on.server.stop().await;
 }
 
@@ -492,6 +521,7 @@ async fn redis_restarted_empty() {
     let rotated = refresh_when_back(&on.server, &on.admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
     assert!(rotated.headers.contains_key("ratelimit"), "counted again");
+    assert_no_panics();
     on.server.stop().await;
 }
 
@@ -539,6 +569,7 @@ async fn redis_killing_every_client_connection() {
     until_healthy(&on.server).await;
     let rotated = refresh_when_back(&on.server, &on.admin["refresh_token"]).await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.json);
+    assert_no_panics();
     on.server.stop().await;
 }
 
@@ -560,6 +591,7 @@ async fn redis_restarted_empty_ends_the_sign_ins_in_flight_cleanly() {
         "DATABASE_URL",
         database_url_text(&schema, direct, "upcoach-outage-flows"),
     ));
+    count_panics();
     let server = Running::from_env(&env, |_| {}).await;
 
     // A browser is at the provider when Redis restarts: its flow (state, nonce, PKCE
@@ -614,5 +646,6 @@ async fn redis_restarted_empty_ends_the_sign_ins_in_flight_cleanly() {
     };
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert!(answer.json["refresh_token"].is_string());
+    assert_no_panics();
     server.stop().await;
 }
