@@ -326,8 +326,12 @@ impl AuthError {
 
 /// How many times [`Sessions::refresh`] reads a rotated session's user before it
 /// gives up (pauses of 25, 100 ms between): enough to get past a pooled connection that
-/// died, short enough to stay within a request's budget.
+/// died.
 const ROTATION_USER_TRIES: u32 = 3;
+
+/// How long after a first failed read [`Sessions::refresh`] may go on trying, pauses
+/// included.
+const ROTATION_USER_BUDGET: Duration = Duration::from_secs(1);
 
 /// `{"access_token","token_type":"Bearer","expires_in","refresh_token","user"}`, and
 /// `"device_id"` when the session was just bound to a device id the server made.
@@ -1233,27 +1237,35 @@ impl Sessions {
     /// the answer being made, so a 503 now would strand the family (the client would
     /// retry the old token, which is reuse, and lose the session). A store that lost
     /// its connection (a Postgres restart, a terminated backend) is asked again, on a
-    /// fresh connection, up to [`ROTATION_USER_TRIES`] times before giving up.
+    /// fresh connection, up to [`ROTATION_USER_TRIES`] times, all of it within
+    /// [`ROTATION_USER_BUDGET`] of the first failure: a store that is down (each read
+    /// waiting out the pool's acquire timeout) does not hold the request much longer
+    /// than one read would.
     async fn user_after_rotation(&self, user: UserId) -> Result<Option<User>, UserError> {
+        let mut outcome = self.users.get(user).await;
+        let budget_ends = tokio::time::Instant::now() + ROTATION_USER_BUDGET;
         let mut pause = Duration::from_millis(25);
-        let mut tries = 1;
-        loop {
-            match self.users.get(user).await {
-                Err(e) if e.is_retryable() && tries < ROTATION_USER_TRIES => {
-                    tracing::warn!(error = %e, tries, "reading a refreshed session's user failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause *= 4;
-                    tries += 1;
-                }
-                Err(e) => {
-                    if e.is_retryable() {
-                        tracing::error!(error = %e, "a refresh token was rotated but its user could not be read: the client's retry will be reuse unless AUTH_REFRESH_GRACE_SECONDS covers it");
-                    }
-                    return Err(e);
-                }
-                Ok(found) => return Ok(found),
+        for tries in 2..=ROTATION_USER_TRIES {
+            let Err(e) = &outcome else { break };
+            let left = budget_ends.saturating_duration_since(tokio::time::Instant::now() + pause);
+            if !e.is_retryable() || left.is_zero() {
+                break;
+            }
+            tracing::warn!(error = %e, tries, "reading a refreshed session's user failed; trying again");
+            tokio::time::sleep(pause).await;
+            pause *= 4;
+            match tokio::time::timeout(left, self.users.get(user)).await {
+                Ok(again) => outcome = again,
+                // Still the last error: the store did not answer in the time left.
+                Err(_) => break,
             }
         }
+        if let Err(e) = &outcome
+            && e.is_retryable()
+        {
+            tracing::error!(error = %e, "a refresh token was rotated but its user could not be read: the client's retry will be reuse unless AUTH_REFRESH_GRACE_SECONDS covers it");
+        }
+        outcome
     }
 
     /// `POST /auth/logout`: revokes the signed-in user's session, and the family of

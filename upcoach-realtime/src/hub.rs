@@ -541,9 +541,11 @@ pub(crate) struct RoomReset {
     /// The room's head when the reset was decided (read once for every reader):
     /// readers resume after it. `None` when the broker could not say.
     pub(crate) head: Option<u64>,
-    /// The room's numbers started again: readers resume after `head` even where they
-    /// had read past it.
-    pub(crate) restarted: bool,
+    /// The room's numbers started again, after the old numbering reached this: its
+    /// readers resume after `head` even where they had read past it. A reader already
+    /// below it joined in the new numbering (it read its position from the restarted
+    /// room) and ignores the reset.
+    pub(crate) restarted_from: Option<u64>,
 }
 
 /// The part of a connection that room tasks can reach.
@@ -878,7 +880,7 @@ impl Inner {
                     // the room started again (its numbers were lost with its history).
                     // Every reader resumes from here, told that what came before is
                     // gone.
-                    self.restarted(&room, event.seq - 1);
+                    self.restarted(&room, seen, event.seq.saturating_sub(1));
                 } else if event.seq > seen + 1 {
                     self.repair(&room, seen, event.seq).await;
                 }
@@ -924,11 +926,12 @@ impl Inner {
         }
     }
 
-    /// The room started again at 1 and `head` is its last event before the one at
-    /// hand: every reader gets `reset` (`room_restarted`) and resumes after `head`,
-    /// although it had read further in the old numbering.
-    fn restarted(&self, room: &Room, head: u64) {
-        tracing::warn!(room = %room.name, head, "a room's sequence went back: its readers get reset");
+    /// The room started again at 1: `seen` was the feed's last event in the old
+    /// numbering, `head` is the last before the one at hand in the new. Every reader
+    /// still in the old numbering gets `reset` (`room_restarted`) and resumes after
+    /// `head`, although it had read further.
+    fn restarted(&self, room: &Room, seen: u64, head: u64) {
+        tracing::warn!(room = %room.name, seen, head, "a room's sequence went back: its readers get reset");
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
         self.fan_out(
             room,
@@ -936,7 +939,7 @@ impl Inner {
                 room: room.name.clone(),
                 reason: "room_restarted",
                 head: Some(head),
-                restarted: true,
+                restarted_from: Some(seen),
             })),
         );
     }
@@ -950,7 +953,7 @@ impl Inner {
                 room: room.name.clone(),
                 reason,
                 head,
-                restarted: false,
+                restarted_from: None,
             })),
         );
     }

@@ -267,10 +267,17 @@ impl Inner {
     /// (Redis lost its keys): its events are forwarded from 1, and the hub, seeing
     /// `seq` go back, announces `reset` before them.
     async fn repair(&self) {
+        // Everything the new connection carries was published after it subscribed,
+        // so above each room's last event unless the room started again: that is now
+        // the floor below which a live event means a restart.
         let positions: Vec<(String, u64)> = self
             .rooms()
-            .iter()
-            .filter_map(|(room, local)| local.last.map(|last| (room.clone(), last)))
+            .iter_mut()
+            .filter_map(|(room, local)| {
+                let last = local.last?;
+                local.live = Some(last);
+                Some((room.clone(), last))
+            })
             .collect();
         // The command connection may have died in the same outage without noticing yet:
         // its first command then fails while it reconnects in the background, and the

@@ -368,10 +368,12 @@ impl Session {
                     .iter_mut()
                     .find(|r| same_room(&r.room, &reset.room))?;
                 // Resume from the head: whatever the client missed is announced as gone.
-                match reset.head {
-                    Some(head) if reset.restarted => reading.last = head,
-                    Some(head) => reading.last = reading.last.max(head),
-                    None => {}
+                match (reset.restarted_from, reset.head) {
+                    // Positioned in the new numbering already: nothing was missed.
+                    (Some(old), _) if reading.last < old => return None,
+                    (Some(_), Some(head)) => reading.last = head,
+                    (None, Some(head)) => reading.last = reading.last.max(head),
+                    (_, None) => {}
                 }
                 out.push(Outbound::Reset {
                     room: reset.room.clone(),
@@ -502,5 +504,96 @@ mod tests {
         session.accept(event(3).await, &mut out).await;
         session.accept(event(4).await, &mut out).await;
         assert_eq!(seqs(&out), [1, 2, 3, 4], "nothing twice");
+    }
+
+    /// A session subscribed to `metrics` from `since` on a hub whose room holds
+    /// `events` events (the restarted room's new numbering, as the reader read it).
+    async fn reader_of(events: u64, since: Option<u64>) -> (Hub, Session, Vec<Outbound>) {
+        let broadcaster = MemoryBroadcaster::new(HistoryLimits::default(), Arc::new(SystemClock));
+        let hub = Hub::builder(
+            Arc::new(broadcaster),
+            Arc::new(RefuseAll { reason: "unused" }),
+        )
+        .build();
+        for n in 1..=events {
+            hub.publish("metrics", "tick", serde_json::json!(n))
+                .await
+                .unwrap();
+        }
+        let slot = hub.inner.reserve(Transport::Sse).unwrap();
+        let mut session = Session::new(slot);
+        let expires = SystemTime::now() + Duration::from_secs(60);
+        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
+        session.authenticate(me).unwrap();
+        let mut out = Vec::new();
+        session.subscribe("metrics", since, &mut out).await.unwrap();
+        (hub, session, out)
+    }
+
+    /// What the hub fans out when its feed, at `seen` in the old numbering, meets the
+    /// restarted room's events: `reset` with the head before them, then the events.
+    async fn restart_seen_by_the_feed(
+        hub: &Hub,
+        session: &mut Session,
+        seen: u64,
+    ) -> Vec<Outbound> {
+        let crate::Replay::Events(events) = hub
+            .inner
+            .broadcaster
+            .replay("metrics", 0, 10)
+            .await
+            .unwrap()
+        else {
+            panic!("the room has its events");
+        };
+        let mut out = Vec::new();
+        let reset = crate::hub::RoomReset {
+            room: Arc::from("metrics"),
+            reason: "room_restarted",
+            head: Some(0),
+            restarted_from: Some(seen),
+        };
+        session
+            .accept(Delivery::Reset(Arc::new(reset)), &mut out)
+            .await;
+        for event in &events {
+            let encoded = Encoded::new(event, Arc::from("metrics"));
+            session
+                .accept(Delivery::Event(Arc::new(encoded)), &mut out)
+                .await;
+        }
+        out
+    }
+
+    /// A reader that joined after the room restarted, before this process's feed
+    /// noticed (its position read from the new numbering): the feed's reset is not
+    /// for it, and nothing comes twice.
+    #[tokio::test]
+    async fn a_reader_already_in_a_restarted_rooms_numbering_ignores_its_reset() {
+        let (hub, mut session, out) = reader_of(2, Some(0)).await;
+        assert_eq!(seqs(&out), [1, 2], "caught up in the new numbering");
+        let out = restart_seen_by_the_feed(&hub, &mut session, 20).await;
+        assert!(out.is_empty(), "neither a reset nor a repeat");
+    }
+
+    /// A reader still in the old numbering (it read up to the feed's `seen`) is told,
+    /// then gets the new numbering's events from 1.
+    #[tokio::test]
+    async fn a_reader_in_the_old_numbering_gets_reset_then_the_new_events() {
+        let (hub, mut session, _) = reader_of(2, None).await;
+        // As if it had read up to 20 before the restart.
+        session.rooms[0].last = 20;
+        let out = restart_seen_by_the_feed(&hub, &mut session, 20).await;
+        assert!(
+            matches!(
+                &out[0],
+                Outbound::Reset {
+                    reason: "room_restarted",
+                    ..
+                }
+            ),
+            "a reset first"
+        );
+        assert_eq!(seqs(&out), [1, 2]);
     }
 }

@@ -902,3 +902,38 @@ async fn a_frozen_redis_delays_events_but_loses_none() {
     assert_eq!(seen, expected, "each event once, in order, none missing");
     assert_eq!(a.hub.stats().resets, 0, "history had every missed event");
 }
+
+/// Keys lost while every connection stays up (`FLUSHALL` by an operator): the next
+/// live event comes in numbered 1, at or below the last live one, which only a
+/// restarted room can explain. Readers get `reset`, then the new events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_flushed_under_a_live_connection_reset_readers_then_deliver() {
+    let Some(redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let tokens = Arc::new(Tokens::default());
+    let a = quick_process(&redis.url(), tokens.clone()).await;
+    let token = tokens.admin();
+    let mut ws = support::ws(a.addr, Some(&token)).await;
+    assert_eq!(support::subscribe(&mut ws, X, None).await, 0);
+    let before = publish(&a.hub, 5, "before", only_x).await;
+    let read = read_ws(&mut ws, &counts(&before)).await;
+    assert_streams("before the flush", &read.events, &before);
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let after = publish(&a.hub, 3, "after", only_x).await;
+    assert_eq!(
+        after[0].seq, 1,
+        "precondition: the room counts from 1 again"
+    );
+    let first = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(
+        first,
+        json!({"type": "reset", "room": X, "reason": "room_restarted"})
+    );
+    let read = read_ws(&mut ws, &counts(&after)).await;
+    assert_streams("after the flush", &read.events, &after);
+    assert_eq!(a.hub.stats().resets, 1);
+}

@@ -10,6 +10,14 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+/// A loopback port nothing listens on at the moment.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// A `redis-server` on `127.0.0.1:<free port>`, keeping nothing on disk, with `DEBUG`
 /// enabled. Killed when dropped.
 ///
@@ -34,7 +42,7 @@ pub struct PrivateRedis {
 }
 
 impl PrivateRedis {
-    /// Starts a server on a free port and waits until it answers `PING`.
+    /// Starts a server on a free port and waits until it answers as itself.
     pub async fn start() -> Option<Self> {
         if std::process::Command::new("redis-server")
             .arg("--version")
@@ -51,17 +59,24 @@ impl PrivateRedis {
             eprintln!("skipping: redis-server is not installed");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.spawn().await;
-        Some(redis)
+        // A port found free may be taken before the server binds it: then it exits,
+        // and another port is tried.
+        for _ in 0..5 {
+            let mut redis = Self {
+                port: free_port(),
+                child: None,
+            };
+            if redis.spawn().await {
+                return Some(redis);
+            }
+        }
+        panic!("no private redis-server could be started on a free port");
     }
 
-    async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+    /// Starts the server on this port; whether it answers as the process started
+    /// (its `process_id`), not some other server on the port.
+    async fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "yes"])
@@ -70,11 +85,15 @@ impl PrivateRedis {
             .kill_on_drop(true)
             .spawn()
             .expect("start redis-server");
-        self.child = Some(child);
+        let pid = child.id();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if self.ping().await {
-                return;
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            if pid.is_some() && self.process_id().await == pid {
+                self.child = Some(child);
+                return true;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -85,24 +104,38 @@ impl PrivateRedis {
         }
     }
 
-    async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        let Ok(Ok(mut conn)) = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get_multiplexed_async_connection(),
+    /// A connection, if the server answers within `within`.
+    async fn connection(&self, within: Duration) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        tokio::time::timeout(within, client.get_multiplexed_async_connection())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// The `process_id` the server on the port reports, if one answers.
+    async fn process_id(&self) -> Option<u32> {
+        let within = Duration::from_millis(500);
+        let mut conn = self.connection(within).await?;
+        let info: String = tokio::time::timeout(
+            within,
+            redis::cmd("INFO").arg("server").query_async(&mut conn),
         )
         .await
-        else {
+        .ok()?
+        .ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
+    }
+
+    /// Whether the server answers `PING` within `within`.
+    async fn answers(&self, within: Duration) -> bool {
+        let Some(mut conn) = self.connection(within).await else {
             return false;
         };
         matches!(
-            tokio::time::timeout(
-                Duration::from_secs(1),
-                redis::cmd("PING").query_async::<String>(&mut conn),
-            )
-            .await,
+            tokio::time::timeout(within, redis::cmd("PING").query_async::<String>(&mut conn)).await,
             Ok(Ok(_))
         )
     }
@@ -122,7 +155,11 @@ impl PrivateRedis {
     /// persistence.
     pub async fn restart(&mut self) {
         self.kill().await;
-        self.spawn().await;
+        assert!(
+            self.spawn().await,
+            "the private redis-server could not start again on port {}",
+            self.port
+        );
     }
 
     /// Kills the server and leaves it down (until [`restart`](Self::restart)).
@@ -133,15 +170,14 @@ impl PrivateRedis {
     }
 
     /// `DEBUG SLEEP seconds`: the server answers nobody for that long. Returns once it
-    /// has begun (the command is sent on a connection of its own, which waits it out
-    /// in the background).
-    pub async fn freeze(&self, seconds: f64) {
-        let url = self.url();
-        let client = redis::Client::open(url).expect("the private URL parses");
-        let mut conn = client
-            .get_multiplexed_async_connection()
+    /// has stopped answering (checked), with the moment the command was sent; the
+    /// command's own connection waits the sleep out in the background.
+    pub async fn freeze(&self, seconds: f64) -> tokio::time::Instant {
+        let mut conn = self
+            .connection(Duration::from_secs(2))
             .await
             .expect("a connection to the private redis-server");
+        let sent = tokio::time::Instant::now();
         tokio::spawn(async move {
             let _: redis::RedisResult<()> = redis::cmd("DEBUG")
                 .arg("SLEEP")
@@ -149,11 +185,15 @@ impl PrivateRedis {
                 .query_async(&mut conn)
                 .await;
         });
-        // The command is on its way once the server stops answering.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while self.ping().await && tokio::time::Instant::now() < deadline {
+        let deadline = sent + Duration::from_secs(2);
+        while self.answers(Duration::from_millis(50)).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the private redis-server still answers after DEBUG SLEEP"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        sent
     }
 
     /// `CLIENT KILL TYPE normal` and `TYPE pubsub`: closes every client connection

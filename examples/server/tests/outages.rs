@@ -438,8 +438,7 @@ async fn redis_frozen_by_debug_sleep() {
     let primed = server.get_as(analytics, Some(access)).await;
     assert_eq!(primed.status, StatusCode::OK, "{}", primed.json);
 
-    on.redis.freeze(10.0).await;
-    let frozen = Instant::now();
+    let frozen = on.redis.freeze(10.0).await;
     // Sign-in routes fail closed: their rate limit cannot be counted.
     let (refresh, took) = timed(server.refresh(&on.admin["refresh_token"], &[])).await;
     assert_eq!(
