@@ -485,7 +485,11 @@ async fn run_subscriber(inner: Weak<Inner>, source: PubSubSource) {
                     if !matches!(alive, Ok(Ok(_))) {
                         break;
                     }
-                    // Rooms nobody on this process reads any more are unsubscribed.
+                    // Rooms nobody on this process reads any more are unsubscribed,
+                    // under the sink's lock: a `subscribe` of the same room in between
+                    // would otherwise send its SUBSCRIBE before this UNSUBSCRIBE and
+                    // be left without live events.
+                    let _subscribing = strong.sink.lock().await;
                     let idle: Vec<String> = {
                         let mut rooms = strong.rooms();
                         let idle: Vec<String> = rooms
