@@ -26,6 +26,11 @@ export RUSTC_BOOTSTRAP=1
 # our code at twice the cost; libFuzzer still catches panics, timeouts and memory growth.
 fuzz=(cargo fuzz)
 build_flags=(--sanitizer none)
+# UPCOACH_FUZZ_DEV=1 builds without optimisation: a cold build takes a fraction of the
+# time and each input runs several times slower, which suits a short smoke run (CI).
+if [ "${UPCOACH_FUZZ_DEV:-0}" = 1 ]; then
+  build_flags+=(--dev)
+fi
 
 "${fuzz[@]}" build "${build_flags[@]}"
 
