@@ -488,7 +488,12 @@ where
         ));
     }
     let body = read_body(request.into_body(), MAX_SIGNED_REQUEST_FORM).await?;
-    let mut values = form_urlencoded::parse(&body)
+    signed_request_field(&body)
+}
+
+/// The one `signed_request` field of a form body: none, or two, is an error.
+pub(crate) fn signed_request_field(body: &[u8]) -> Result<String, ApiError> {
+    let mut values = form_urlencoded::parse(body)
         .filter(|(k, _)| k == "signed_request")
         .map(|(_, v)| v.into_owned());
     match (values.next(), values.next()) {
@@ -750,11 +755,11 @@ impl AuthRoutes {
         let browser = cookie(request.headers(), self.flow_cookie_name()).map(str::to_owned);
         let params = if request.method() == Method::POST {
             match read_body(request.into_body(), DEFAULT_JSON_LIMIT).await {
-                Ok(bytes) => callback_params(Some(&bytes)),
+                Ok(bytes) => CallbackParams::from_form(&bytes),
                 Err(e) => return fail(&e),
             }
         } else {
-            callback_params(request.uri().query().map(str::as_bytes))
+            CallbackParams::from_form(request.uri().query().unwrap_or_default().as_bytes())
         };
         let outcome = self
             .sessions
@@ -1167,23 +1172,4 @@ fn loopback_host(headers: &HeaderMap) -> bool {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// `state`, `code`, `error` and `iss` of a callback's query or form body.
-fn callback_params(encoded: Option<&[u8]>) -> CallbackParams {
-    let mut params = CallbackParams::default();
-    for (key, value) in form_urlencoded::parse(encoded.unwrap_or_default()) {
-        let slot = match &*key {
-            "state" => &mut params.state,
-            "code" => &mut params.code,
-            "error" => &mut params.error,
-            "iss" => &mut params.iss,
-            "user" => &mut params.user,
-            _ => continue,
-        };
-        if slot.is_none() {
-            *slot = Some(value.into_owned());
-        }
-    }
-    params
 }

@@ -47,6 +47,8 @@ pub mod deletion;
 mod digest;
 pub mod facebook;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod google;
 #[cfg(feature = "http")]
 pub mod http;

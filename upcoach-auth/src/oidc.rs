@@ -315,40 +315,7 @@ impl IdTokenVerifier {
 
     /// The pinned algorithm and the key id, read from the header without trusting it.
     fn header(&self, token: &str) -> Result<(Algorithm, String), IdTokenError> {
-        let mut parts = token.split('.');
-        let (Some(header), Some(_), Some(_), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(IdTokenError::Malformed);
-        };
-        let header = URL_SAFE_NO_PAD
-            .decode(header)
-            .map_err(|_| IdTokenError::Malformed)?;
-        let header: serde_json::Map<String, Value> =
-            serde_json::from_slice(&header).map_err(|_| IdTokenError::Malformed)?;
-        let alg = header
-            .get("alg")
-            .and_then(Value::as_str)
-            .ok_or(IdTokenError::Malformed)?;
-        let alg = self
-            .rules
-            .algorithms
-            .iter()
-            .copied()
-            .find(|a| algorithm_name(*a) == alg)
-            .ok_or(IdTokenError::AlgorithmNotAllowed)?;
-        let kid = header
-            .get("kid")
-            .and_then(Value::as_str)
-            .filter(|kid| {
-                !kid.is_empty()
-                    && kid.len() <= 128
-                    && kid
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            })
-            .ok_or(IdTokenError::InvalidKid)?;
-        Ok((alg, kid.to_owned()))
+        token_header(&self.rules, token)
     }
 
     fn check_claims(
@@ -452,6 +419,48 @@ pub(crate) fn number_claim(
             .ok_or(IdTokenError::InvalidClaim(name)),
         Some(_) => Err(IdTokenError::InvalidClaim(name)),
     }
+}
+
+/// The pinned algorithm and the key id of `token`, read from its header without
+/// trusting it: three parts, a base64url JSON header, an `alg` among `rules`' pinned
+/// algorithms and a plain `kid` (at most 128 ASCII letters, digits, `-`, `_`, `.`).
+pub(crate) fn token_header(
+    rules: &IdTokenRules,
+    token: &str,
+) -> Result<(Algorithm, String), IdTokenError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(IdTokenError::Malformed);
+    };
+    let header = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| IdTokenError::Malformed)?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|_| IdTokenError::Malformed)?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(IdTokenError::Malformed)?;
+    let alg = rules
+        .algorithms
+        .iter()
+        .copied()
+        .find(|a| algorithm_name(*a) == alg)
+        .ok_or(IdTokenError::AlgorithmNotAllowed)?;
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .filter(|kid| {
+            !kid.is_empty()
+                && kid.len() <= 128
+                && kid
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .ok_or(IdTokenError::InvalidKid)?;
+    Ok((alg, kid.to_owned()))
 }
 
 fn algorithm_name(alg: Algorithm) -> &'static str {

@@ -211,6 +211,30 @@ pub struct CallbackParams {
     pub user: Option<String>,
 }
 
+impl CallbackParams {
+    /// `state`, `code`, `error`, `iss` and `user` of a callback's query string or
+    /// `application/x-www-form-urlencoded` body (Apple's `form_post`). The first of
+    /// each counts and other fields are ignored. Any input reads: a byte that is not
+    /// UTF-8 becomes U+FFFD, so a value is at most three times the input's length.
+    pub fn from_form(encoded: &[u8]) -> Self {
+        let mut params = Self::default();
+        for (key, value) in url::form_urlencoded::parse(encoded) {
+            let slot = match &*key {
+                "state" => &mut params.state,
+                "code" => &mut params.code,
+                "error" => &mut params.error,
+                "iss" => &mut params.iss,
+                "user" => &mut params.user,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(value.into_owned());
+            }
+        }
+        params
+    }
+}
+
 /// A finished sign-in: who, and where the browser goes next.
 #[derive(Debug)]
 pub struct Completed {

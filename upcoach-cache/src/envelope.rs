@@ -129,6 +129,11 @@ pub fn decode(mut bytes: Bytes) -> Result<Decoded> {
     let mut tags = Vec::with_capacity(count);
     for _ in 0..count {
         let len = bytes[take(&mut at, 1)?][0] as usize;
+        // What `encode` refuses to write is not read either (found by the fuzz target
+        // `cache_envelope`: an empty tag decoded, then could not be encoded again).
+        if len == 0 || len > MAX_TAG_LEN {
+            return Err(corrupt("a tag is empty or longer than 128 bytes"));
+        }
         let tag = std::str::from_utf8(&bytes[take(&mut at, len)?])
             .map_err(|_| corrupt("a tag is not UTF-8"))?
             .to_owned();
@@ -194,6 +199,25 @@ mod tests {
             json.len()
         );
         assert_eq!(decode(bytes.clone()).unwrap().value, Bytes::from(json));
+    }
+
+    #[test]
+    fn tags_that_encode_refuses_do_not_decode() {
+        let entry = |tag: &[u8]| {
+            let mut bytes = vec![RAW, 1, tag.len() as u8];
+            bytes.extend_from_slice(tag);
+            bytes.extend_from_slice(&[0; 16]);
+            Bytes::from(bytes)
+        };
+        assert!(decode(entry(b"user:1")).is_ok());
+        for tag in [&b""[..], &[b'a'; MAX_TAG_LEN + 1][..]] {
+            assert!(encode(b"v", &[(String::from_utf8(tag.to_vec()).unwrap(), 0)], 0, 0).is_err());
+            assert!(
+                matches!(decode(entry(tag)), Err(Error::Corrupt { .. })),
+                "a tag of {} bytes",
+                tag.len()
+            );
+        }
     }
 
     #[test]

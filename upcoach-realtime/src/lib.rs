@@ -3,6 +3,8 @@
 mod access;
 mod coalesce;
 mod cursor;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hub;
 mod memory;
 mod operate;

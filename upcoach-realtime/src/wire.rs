@@ -55,10 +55,20 @@ impl Encoded {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum ClientMessage {
-    Subscribe { room: String, since: Option<u64> },
-    Unsubscribe { room: String },
-    Auth { token: String },
-    Ping,
+    Subscribe {
+        room: String,
+        since: Option<u64>,
+    },
+    Unsubscribe {
+        room: String,
+    },
+    Auth {
+        token: String,
+    },
+    /// A struct variant, not a unit one: serde checks `deny_unknown_fields` only on the
+    /// fields of a struct variant, so a unit `Ping` accepted `{"type":"ping","x":1}`
+    /// (found by the property tests of `tests/hostile_input.rs`).
+    Ping {},
 }
 
 #[derive(Serialize)]

@@ -499,7 +499,7 @@ impl Connection {
             }
         };
         match parsed {
-            ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
+            ClientMessage::Ping {} => self.reply(ServerMessage::Pong).await,
             ClientMessage::Auth { token } => self.on_auth(&token).await,
             ClientMessage::Subscribe { room, since } => {
                 self.out.clear();
