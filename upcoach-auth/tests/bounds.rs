@@ -33,7 +33,7 @@ fn identity(provider: ProviderId, subject: &str, email: Option<&str>) -> Verifie
 fn the_defaults_are_the_documented_ones() {
     let users = MemoryUserStore::new();
     assert_eq!(users.max_users(), DEFAULT_MAX_USERS);
-    assert_eq!(DEFAULT_MAX_USERS, 100_000);
+    assert_eq!(DEFAULT_MAX_USERS, 10_000);
     let stats = MemoryRefreshStore::new(RefreshPolicy::default()).stats();
     assert_eq!(
         (stats.max_families, stats.max_tokens),

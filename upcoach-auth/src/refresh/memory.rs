@@ -18,13 +18,12 @@ use super::{
 /// most two entries, so cleanup keeps up with any rate of calls.
 const SWEEP_PER_CALL: usize = 64;
 
-/// The default most families (sign-in sessions) a [`MemoryRefreshStore`] holds: about
-/// 40 MiB with one token each.
+/// The default most families (sign-in sessions) a [`MemoryRefreshStore`] holds: 100,000
+/// families with one token each measured 100 MiB.
 pub const DEFAULT_MAX_FAMILIES: usize = 100_000;
 
 /// The default most tokens a [`MemoryRefreshStore`] holds, over all families (each
-/// refresh adds one; a rotated token is kept until it expires, to catch its reuse):
-/// about 150 MiB.
+/// refresh adds one; a rotated token is kept until it expires, to catch its reuse).
 pub const DEFAULT_MAX_TOKENS: usize = 500_000;
 
 /// What a [`MemoryRefreshStore`] holds and what its bounds did, from
