@@ -84,6 +84,22 @@ pub struct AuthConfig {
     /// `AUTH_SESSION_LIFETIME_DAYS`: how long a sign-in's refresh tokens keep working,
     /// whatever the rotations (default 90, 1 to 365).
     pub session_lifetime: Duration,
+    /// `AUTH_MEMORY_MAX_USERS`: the most users an in-memory user store holds (default
+    /// [`DEFAULT_MAX_USERS`](crate::users::DEFAULT_MAX_USERS), 1 to 10,000,000); past
+    /// it, new accounts are refused with `user_store_full`. No bound in Postgres.
+    pub memory_max_users: usize,
+    /// `AUTH_MEMORY_MAX_SESSIONS`: the most sign-in sessions (refresh-token families)
+    /// an in-memory refresh store holds (default
+    /// [`DEFAULT_MAX_FAMILIES`](crate::refresh::DEFAULT_MAX_FAMILIES), 1 to
+    /// 10,000,000); past it, new sign-ins are refused with `refresh_store_full`. No
+    /// bound in Postgres.
+    pub memory_max_sessions: usize,
+    /// `AUTH_MEMORY_MAX_REFRESH_TOKENS`: the most refresh tokens, rotated ones
+    /// included, an in-memory refresh store holds (default
+    /// [`DEFAULT_MAX_TOKENS`](crate::refresh::DEFAULT_MAX_TOKENS), 1 to 100,000,000);
+    /// past it, sign-ins and refreshes are refused with `refresh_store_full`. No
+    /// bound in Postgres.
+    pub memory_max_refresh_tokens: usize,
     /// `GOOGLE_*`: Google sign-in, when any of its variables is set.
     pub google: Option<GoogleConfig>,
     /// `APPLE_*`: Sign in with Apple, when any of its variables is set.
@@ -111,6 +127,9 @@ impl Default for AuthConfig {
             session_lifetime: Duration::from_secs(
                 u64::from(DEFAULT_SESSION_LIFETIME_DAYS) * 24 * 3600,
             ),
+            memory_max_users: crate::users::DEFAULT_MAX_USERS,
+            memory_max_sessions: crate::refresh::DEFAULT_MAX_FAMILIES,
+            memory_max_refresh_tokens: crate::refresh::DEFAULT_MAX_TOKENS,
             google: None,
             apple: None,
             facebook: None,
@@ -126,6 +145,19 @@ impl AuthConfig {
         RefreshPolicy::default()
             .with_grace(self.refresh_grace)
             .with_family_lifetime(self.session_lifetime)
+    }
+
+    /// An in-memory user store with `AUTH_MEMORY_MAX_USERS`.
+    pub fn memory_user_store(&self) -> crate::users::MemoryUserStore {
+        crate::users::MemoryUserStore::new().with_max_users(self.memory_max_users)
+    }
+
+    /// An in-memory refresh store with [`refresh_policy`](Self::refresh_policy),
+    /// `AUTH_MEMORY_MAX_SESSIONS` and `AUTH_MEMORY_MAX_REFRESH_TOKENS`.
+    pub fn memory_refresh_store(&self) -> crate::refresh::MemoryRefreshStore {
+        crate::refresh::MemoryRefreshStore::new(self.refresh_policy())
+            .with_max_families(self.memory_max_sessions)
+            .with_max_tokens(self.memory_max_refresh_tokens)
     }
 
     /// Our access tokens signed by `AUTH_SIGNING_KEY` (also accepting
@@ -243,6 +275,24 @@ impl Settings for AuthConfig {
         };
         let signing_key = r.secret_optional("AUTH_SIGNING_KEY");
         let previous_signing_key = r.secret_optional("AUTH_PREVIOUS_SIGNING_KEY");
+        let memory_max_users = r.number(
+            "AUTH_MEMORY_MAX_USERS",
+            defaults.memory_max_users,
+            1..=10_000_000,
+            "a whole number of users from 1 to 10000000",
+        );
+        let memory_max_sessions = r.number(
+            "AUTH_MEMORY_MAX_SESSIONS",
+            defaults.memory_max_sessions,
+            1..=10_000_000,
+            "a whole number of sessions from 1 to 10000000",
+        );
+        let memory_max_refresh_tokens = r.number(
+            "AUTH_MEMORY_MAX_REFRESH_TOKENS",
+            defaults.memory_max_refresh_tokens,
+            1..=100_000_000,
+            "a whole number of tokens from 1 to 100000000",
+        );
         let google = read_google(r);
         let apple = read_apple(r);
         let facebook = read_facebook(r);
@@ -254,6 +304,9 @@ impl Settings for AuthConfig {
             previous_signing_key,
             refresh_grace,
             session_lifetime,
+            memory_max_users,
+            memory_max_sessions,
+            memory_max_refresh_tokens,
             google: google.flatten(),
             apple: apple.flatten(),
             facebook: facebook.flatten(),

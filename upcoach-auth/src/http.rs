@@ -200,6 +200,7 @@ impl HttpError for UserError {
             | UserError::LastIdentity => StatusCode::CONFLICT,
             UserError::NotLinked { .. } | UserError::NotFound => StatusCode::NOT_FOUND,
             UserError::InvalidIdentity { .. } => StatusCode::BAD_REQUEST,
+            UserError::Full { .. } => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -209,6 +210,24 @@ impl HttpError for UserError {
     }
     fn is_retryable(&self) -> bool {
         UserError::is_retryable(self)
+    }
+    fn message(&self) -> Cow<'_, str> {
+        match self {
+            UserError::Full { .. } => Cow::Owned(self.to_string()),
+            _ => generic_message(self),
+        }
+    }
+}
+
+/// The message of an error whose own text is not for clients: a dependency that is
+/// down or an internal error says only that; anything else says what it is.
+fn generic_message(error: &(impl HttpError + ?Sized)) -> Cow<'_, str> {
+    match error.status() {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            Cow::Borrowed("a dependency is unavailable; retry shortly")
+        }
+        status if status.is_server_error() => Cow::Borrowed("internal error"),
+        _ => Cow::Owned(error.to_string()),
     }
 }
 
@@ -226,6 +245,12 @@ impl HttpError for RefreshError {
     }
     fn is_retryable(&self) -> bool {
         RefreshError::is_retryable(self)
+    }
+    fn message(&self) -> Cow<'_, str> {
+        match self {
+            RefreshError::Full { .. } => Cow::Owned(self.to_string()),
+            _ => generic_message(self),
+        }
     }
 }
 
@@ -276,18 +301,14 @@ impl HttpError for AuthError {
     fn message(&self) -> Cow<'_, str> {
         match self {
             // Not a dependency that is down: say what it is.
-            AuthError::SignInBusy { .. } => Cow::Owned(self.to_string()),
+            AuthError::SignInBusy { .. }
+            | AuthError::Users(UserError::Full { .. })
+            | AuthError::Refresh(RefreshError::Full { .. }) => Cow::Owned(self.to_string()),
             AuthError::TooManySignInFlows { decision, .. } => Cow::Owned(format!(
                 "{self} (in {} s)",
                 retry_seconds(decision.retry_after)
             )),
-            _ => match self.status() {
-                StatusCode::SERVICE_UNAVAILABLE => {
-                    Cow::Borrowed("a dependency is unavailable; retry shortly")
-                }
-                status if status.is_server_error() => Cow::Borrowed("internal error"),
-                _ => Cow::Owned(self.to_string()),
-            },
+            _ => generic_message(self),
         }
     }
     fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {

@@ -86,7 +86,9 @@ use async_trait::async_trait;
 use upcoach_core::{SessionId, UserId};
 
 pub use device::{DeviceFingerprint, DeviceId, InvalidDeviceId};
-pub use memory::MemoryRefreshStore;
+pub use memory::{
+    DEFAULT_MAX_FAMILIES, DEFAULT_MAX_TOKENS, MemoryRefreshStats, MemoryRefreshStore,
+};
 #[cfg(feature = "postgres")]
 pub use postgres::PgRefreshStore;
 pub use token::{RefreshToken, TOKEN_BYTES, TOKEN_LEN, TokenHash};
@@ -274,6 +276,18 @@ pub enum RefreshError {
     /// such row in `users`).
     #[error("no such user")]
     UnknownUser,
+    /// A bounded store ([`MemoryRefreshStore`]) holds the most families or tokens it
+    /// may, every one of them live: nothing was changed, and a presented token stays
+    /// good. Worth retrying later, as sessions end.
+    #[error(
+        "the refresh token store is full (at most {families} sessions and {tokens} tokens); try again later"
+    )]
+    Full {
+        /// The store's most families.
+        families: usize,
+        /// The store's most tokens.
+        tokens: usize,
+    },
     /// The operating system's randomness failed.
     #[error("the operating system's random number generator failed")]
     Random(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -299,14 +313,18 @@ impl RefreshError {
             RefreshError::DeviceMismatch { .. } => "device_mismatch",
             RefreshError::NotOwner => "refresh_token_not_yours",
             RefreshError::UnknownUser => "unknown_user",
+            RefreshError::Full { .. } => "refresh_store_full",
             RefreshError::Random(_) => "internal_error",
             RefreshError::Backend { .. } => "refresh_store_unavailable",
         }
     }
 
-    /// Whether trying again later could succeed (only when the store failed).
+    /// Whether trying again later could succeed: the store failed, or was full.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RefreshError::Backend { .. })
+        matches!(
+            self,
+            RefreshError::Backend { .. } | RefreshError::Full { .. }
+        )
     }
 }
 

@@ -88,7 +88,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 
-pub use memory::MemoryUserStore;
+pub use memory::{DEFAULT_MAX_USERS, MemoryUserStore};
 #[cfg(feature = "postgres")]
 pub use postgres::PgUserStore;
 
@@ -246,6 +246,15 @@ pub enum UserError {
         /// Why.
         reason: &'static str,
     },
+    /// A bounded store ([`MemoryUserStore`]) holds the most users it may: no user was
+    /// created. Existing users are not affected.
+    #[error(
+        "this server holds the most user accounts it may ({max_users}); no new account was made"
+    )]
+    Full {
+        /// The store's most users.
+        max_users: usize,
+    },
     /// Concurrent changes kept this call from completing after several attempts.
     #[error("too many concurrent changes to this user; try again")]
     Contended,
@@ -279,6 +288,7 @@ impl UserError {
             UserError::NotLinked { .. } => "not_linked",
             UserError::LastIdentity => "last_identity",
             UserError::InvalidIdentity { .. } => "invalid_identity",
+            UserError::Full { .. } => "user_store_full",
             UserError::Contended => "user_store_contended",
             UserError::Corrupt { .. } => "internal_error",
             UserError::Backend { .. } => "user_store_unavailable",

@@ -93,7 +93,7 @@ pub use redis_store::RedisStore;
 pub use response::{CacheRule, ResponseCacheLayer};
 #[cfg(feature = "redis")]
 pub use tags::RedisTagVersions;
-pub use tags::{MemoryTagVersions, TagVersions};
+pub use tags::{DEFAULT_MAX_TAGS, MemoryTagVersions, TagVersions};
 pub use tiered::{CacheStats, LoadError, TieredCache, TieredOptions};
 
 /// The longest time to live a store accepts: 30 days.

@@ -10,6 +10,7 @@ use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
 use upcoach_auth::session::AccessTokens;
 use upcoach_auth::sessions::Sessions;
 use upcoach_auth::threat::{self, ThreatDetector};
+use upcoach_auth::users::MemoryUserStore;
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
 use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, PgEventLog};
@@ -84,6 +85,47 @@ pub struct Backends {
     pub redis: Option<RedisConnection>,
 }
 
+/// The in-memory user and refresh-token stores, when there is no Postgres: each has a
+/// bound (`AUTH_MEMORY_MAX_USERS`, `AUTH_MEMORY_MAX_SESSIONS`,
+/// `AUTH_MEMORY_MAX_REFRESH_TOKENS`) and says what it holds.
+#[derive(Debug, Clone)]
+pub struct MemoryAuthStores {
+    /// Users and their identities.
+    pub users: Arc<MemoryUserStore>,
+    /// Refresh-token families.
+    pub refresh: Arc<MemoryRefreshStore>,
+}
+
+impl MemoryAuthStores {
+    /// What they hold and refused, as gauges: `auth_memory_users`,
+    /// `auth_memory_users_refused_full`, `auth_memory_refresh_families`,
+    /// `auth_memory_refresh_tokens`, `auth_memory_refresh_refused_full` and
+    /// `auth_memory_refresh_evicted_revoked`.
+    pub fn gauges(&self) -> [Gauge; 6] {
+        let refresh = self.refresh.stats();
+        [
+            Gauge::new("auth_memory_users", &[], self.users.len() as f64),
+            Gauge::new(
+                "auth_memory_users_refused_full",
+                &[],
+                self.users.refused_full() as f64,
+            ),
+            Gauge::new("auth_memory_refresh_families", &[], refresh.families as f64),
+            Gauge::new("auth_memory_refresh_tokens", &[], refresh.tokens as f64),
+            Gauge::new(
+                "auth_memory_refresh_refused_full",
+                &[],
+                refresh.refused_full as f64,
+            ),
+            Gauge::new(
+                "auth_memory_refresh_evicted_revoked",
+                &[],
+                refresh.evicted_revoked as f64,
+            ),
+        ]
+    }
+}
+
 /// Everything a request handler can reach.
 #[derive(Debug)]
 pub struct App {
@@ -104,6 +146,8 @@ pub struct App {
     pub(crate) hub: Hub,
     /// Sign-in, when the server has a signing key.
     pub(crate) auth: Option<AuthRoutes>,
+    /// The bounded in-memory auth stores, when there is no Postgres.
+    memory_auth: Option<MemoryAuthStores>,
     /// `GET /dashboard` and its files.
     pub(crate) dashboard: upcoach_dashboard::Dashboard,
     /// Background tasks to stop with the app.
@@ -220,7 +264,12 @@ impl App {
             ),
         ));
         perf.tick(&Default::default());
+        let memory_auth = postgres.is_none().then(|| MemoryAuthStores {
+            users: Arc::new(config.auth.memory_user_store()),
+            refresh: Arc::new(config.auth.memory_refresh_store()),
+        });
         tasks.push(perf.spawn(Duration::from_secs(5), {
+            let memory_auth = memory_auth.clone();
             let metrics = perf.metrics().clone();
             let postgres = postgres.clone();
             let redis = redis.clone();
@@ -237,6 +286,7 @@ impl App {
                     .chain(postgres.iter().flat_map(MeteredPool::gauges))
                     .chain(redis.iter().flat_map(RedisConnection::gauges))
                     .chain(detector.stats().gauges())
+                    .chain(memory_auth.iter().flat_map(MemoryAuthStores::gauges))
                     .chain([Gauge::new("slow_queries_redis_skipped", &[], skipped)]);
                 for gauge in gauges {
                     sink.set_gauge(gauge.name, gauge.labels, gauge.value);
@@ -257,16 +307,21 @@ impl App {
         }));
 
         let policy = config.auth.refresh_policy();
-        let refresh: Arc<dyn RefreshStore> = match &postgres {
-            Some(pool) => Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
-            None => Arc::new(MemoryRefreshStore::new(policy)),
+        let refresh: Arc<dyn RefreshStore> = match (&postgres, &memory_auth) {
+            (Some(pool), _) => Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
+            (None, Some(memory)) => memory.refresh.clone(),
+            (None, None) => Arc::new(config.auth.memory_refresh_store()),
         };
         let auth = match tokens {
             None => None,
             Some(tokens) => {
-                let sessions = Sessions::builder(tokens, config.public_url())
+                let mut sessions = Sessions::builder(tokens, config.public_url())
                     .postgres(postgres.as_ref(), policy)
-                    .refresh_store(refresh.clone())
+                    .refresh_store(refresh.clone());
+                if let Some(memory) = &memory_auth {
+                    sessions = sessions.user_store(memory.users.clone());
+                }
+                let sessions = sessions
                     .redis(redis.as_ref(), prefix)
                     .events(event_log.clone())
                     .clock(clock.clone())
@@ -319,6 +374,7 @@ impl App {
             probes: std::array::from_fn(|_| SharedCheck::new(Duration::from_secs(1))),
             hub,
             auth,
+            memory_auth,
             dashboard,
             tasks: std::sync::Mutex::new(tasks),
         };
@@ -393,6 +449,11 @@ impl App {
     /// The sign-in service, when the server has a signing key (or `--dev`).
     pub fn sessions(&self) -> Option<&Arc<upcoach_auth::sessions::Sessions>> {
         self.auth.as_ref().map(AuthRoutes::sessions)
+    }
+
+    /// The bounded in-memory user and refresh-token stores, when there is no Postgres.
+    pub fn memory_auth(&self) -> Option<&MemoryAuthStores> {
+        self.memory_auth.as_ref()
     }
 
     /// The tiered cache (L2 in Redis when configured, in memory otherwise).

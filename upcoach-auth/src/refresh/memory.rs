@@ -18,6 +18,33 @@ use super::{
 /// most two entries, so cleanup keeps up with any rate of calls.
 const SWEEP_PER_CALL: usize = 64;
 
+/// The default most families (sign-in sessions) a [`MemoryRefreshStore`] holds: 100,000
+/// families with one token each measured 100 MiB.
+pub const DEFAULT_MAX_FAMILIES: usize = 100_000;
+
+/// The default most tokens a [`MemoryRefreshStore`] holds, over all families (each
+/// refresh adds one; a rotated token is kept until it expires, to catch its reuse).
+pub const DEFAULT_MAX_TOKENS: usize = 500_000;
+
+/// What a [`MemoryRefreshStore`] holds and what its bounds did, from
+/// [`MemoryRefreshStore::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct MemoryRefreshStats {
+    /// Families held (expired ones not yet removed included).
+    pub families: usize,
+    /// Tokens held (expired ones not yet removed included).
+    pub tokens: usize,
+    /// The most families held ([`MemoryRefreshStore::with_max_families`]).
+    pub max_families: usize,
+    /// The most tokens held ([`MemoryRefreshStore::with_max_tokens`]).
+    pub max_tokens: usize,
+    /// Revoked families removed before their end to make room, since start.
+    pub evicted_revoked: u64,
+    /// Sign-ins and refreshes refused with [`RefreshError::Full`], since start.
+    pub refused_full: u64,
+}
+
 /// Refresh-token families in this process: the embedded default, and the reference for
 /// the Postgres store's behaviour.
 ///
@@ -25,6 +52,25 @@ const SWEEP_PER_CALL: usize = 64;
 /// one wins, and a revocation is complete when it returns. Expired data goes away on its
 /// own: every call removes up to 64 entries whose time has passed (oldest first, from an
 /// index by expiry), and [`RefreshStore::purge_expired`] removes all of them.
+///
+/// **Bounded**: at most [`DEFAULT_MAX_FAMILIES`] families and [`DEFAULT_MAX_TOKENS`]
+/// tokens ([`with_max_families`](Self::with_max_families),
+/// [`with_max_tokens`](Self::with_max_tokens)). A sign-in or refresh that finds the
+/// store full first removes everything expired, then whole *revoked* families, oldest
+/// revocation first (counted in [`MemoryRefreshStats::evicted_revoked`]): their tokens
+/// then answer [`RefreshError::Invalid`] instead of `Revoked` or `Reused`, refused all
+/// the same, only without the security event a replay would have been worth. If the
+/// live families still fill it, the call fails with [`RefreshError::Full`] (503
+/// `refresh_store_full` at the HTTP face, counted in
+/// [`MemoryRefreshStats::refused_full`]) and changes nothing: a refused refresh leaves
+/// the presented token as it was, to be presented again later. Live sessions are never
+/// evicted to make room, and neither are the rotated tokens of a live family: they are
+/// what catches a stolen token's reuse, and a store that dropped them under pressure
+/// would let an attacker who can sign in often enough erase the evidence.
+///
+/// `PgRefreshStore` has no such bound: its table grows with the database, and its
+/// purge of expired rows is the only thing that shrinks it. Both answer the same to
+/// every call short of a full memory store.
 ///
 /// ```
 /// use std::time::SystemTime;
@@ -39,6 +85,8 @@ const SWEEP_PER_CALL: usize = 64;
 /// ```
 pub struct MemoryRefreshStore {
     policy: RefreshPolicy,
+    max_families: usize,
+    max_tokens: usize,
     state: Mutex<State>,
 }
 
@@ -49,6 +97,8 @@ impl fmt::Debug for MemoryRefreshStore {
             .field("policy", &self.policy)
             .field("families", &state.families.len())
             .field("tokens", &state.tokens.len())
+            .field("max_families", &self.max_families)
+            .field("max_tokens", &self.max_tokens)
             .finish()
     }
 }
@@ -66,7 +116,11 @@ struct State {
     by_user: HashMap<UserId, HashSet<SessionId>>,
     /// Every token and family by the time it may be removed; the `u64` keeps keys unique.
     expiry: BTreeMap<(SystemTime, u64), Expiring>,
+    /// Revoked families, oldest revocation first: the first to go when the store is full.
+    revoked: BTreeMap<u64, SessionId>,
     serial: u64,
+    evicted_revoked: u64,
+    refused_full: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -86,7 +140,9 @@ struct TokenEntry {
 struct FamilyEntry {
     user_id: UserId,
     expires_at: SystemTime,
-    revoked: bool,
+    expiry_key: (SystemTime, u64),
+    /// Its key in [`State::revoked`] once revoked.
+    revoked: Option<u64>,
     /// The device the family is bound to, if it is.
     device: Option<DeviceFingerprint>,
     tokens: HashSet<TokenHash>,
@@ -95,11 +151,39 @@ struct FamilyEntry {
 }
 
 impl MemoryRefreshStore {
-    /// An empty store applying `policy`.
+    /// An empty store applying `policy`, holding at most [`DEFAULT_MAX_FAMILIES`]
+    /// families and [`DEFAULT_MAX_TOKENS`] tokens.
     pub fn new(policy: RefreshPolicy) -> Self {
         Self {
             policy,
+            max_families: DEFAULT_MAX_FAMILIES,
+            max_tokens: DEFAULT_MAX_TOKENS,
             state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Holds at most `families` families (sign-in sessions; at least 1).
+    pub fn with_max_families(mut self, families: usize) -> Self {
+        self.max_families = families.max(1);
+        self
+    }
+
+    /// Holds at most `tokens` tokens over all families (at least 1).
+    pub fn with_max_tokens(mut self, tokens: usize) -> Self {
+        self.max_tokens = tokens.max(1);
+        self
+    }
+
+    /// What the store holds, its bounds, and what they did.
+    pub fn stats(&self) -> MemoryRefreshStats {
+        let state = self.lock();
+        MemoryRefreshStats {
+            families: state.families.len(),
+            tokens: state.tokens.len(),
+            max_families: self.max_families,
+            max_tokens: self.max_tokens,
+            evicted_revoked: state.evicted_revoked,
+            refused_full: state.refused_full,
         }
     }
 
@@ -171,7 +255,7 @@ impl State {
             expires_at: token.expires_at,
             family_expires_at: family.expires_at,
             rotated_at: token.rotated_at,
-            revoked: family.revoked,
+            revoked: family.revoked.is_some(),
             device_accepted: DeviceFingerprint::accepts(family.device.as_ref(), device),
             child_rotated: family.advanced.contains_key(hash),
             sibling_rotated,
@@ -181,12 +265,73 @@ impl State {
 
     fn revoke(&mut self, family_id: SessionId) -> bool {
         match self.families.get_mut(&family_id) {
-            Some(family) if !family.revoked => {
-                family.revoked = true;
+            Some(family) if family.revoked.is_none() => {
+                self.serial += 1;
+                family.revoked = Some(self.serial);
+                self.revoked.insert(self.serial, family_id);
                 true
             }
             _ => false,
         }
+    }
+
+    /// Makes room for a new family and its first token, or for one more token when
+    /// `family` is false: removes everything expired, then revoked families, oldest
+    /// revocation first. [`RefreshError::Full`] when live families still fill it.
+    fn make_room(
+        &mut self,
+        family: bool,
+        now: SystemTime,
+        max_families: usize,
+        max_tokens: usize,
+    ) -> Result<(), RefreshError> {
+        let full = |state: &Self| {
+            (family && state.families.len() >= max_families) || state.tokens.len() >= max_tokens
+        };
+        if !full(self) {
+            return Ok(());
+        }
+        self.sweep(now, usize::MAX);
+        while full(self) {
+            let Some((_, family_id)) = self.revoked.pop_first() else {
+                break;
+            };
+            if self.remove_family(family_id) {
+                self.evicted_revoked += 1;
+            }
+        }
+        if full(self) {
+            self.refused_full += 1;
+            return Err(RefreshError::Full {
+                families: max_families,
+                tokens: max_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes a family, its tokens and every index entry of theirs; `true` if it was
+    /// held.
+    fn remove_family(&mut self, family_id: SessionId) -> bool {
+        let Some(family) = self.families.remove(&family_id) else {
+            return false;
+        };
+        self.expiry.remove(&family.expiry_key);
+        if let Some(key) = family.revoked {
+            self.revoked.remove(&key);
+        }
+        for hash in &family.tokens {
+            if let Some(token) = self.tokens.remove(hash) {
+                self.expiry.remove(&token.expiry_key);
+            }
+        }
+        if let Some(families) = self.by_user.get_mut(&family.user_id) {
+            families.remove(&family_id);
+            if families.is_empty() {
+                self.by_user.remove(&family.user_id);
+            }
+        }
+        true
     }
 
     /// Removes up to `budget` entries whose removal time is at or before `now`.
@@ -206,20 +351,12 @@ impl State {
                     }
                 }
                 Expiring::Family(family_id) => {
-                    if let Some(family) = self.families.remove(&family_id) {
+                    let tokens = self.families.get(&family_id).map(|f| f.tokens.len());
+                    if let Some(tokens) = tokens
+                        && self.remove_family(family_id)
+                    {
                         purged.families += 1;
-                        for hash in &family.tokens {
-                            if let Some(token) = self.tokens.remove(hash) {
-                                self.expiry.remove(&token.expiry_key);
-                                purged.tokens += 1;
-                            }
-                        }
-                        if let Some(families) = self.by_user.get_mut(&family.user_id) {
-                            families.remove(&family_id);
-                            if families.is_empty() {
-                                self.by_user.remove(&family.user_id);
-                            }
-                        }
+                        purged.tokens += tokens as u64;
                     }
                 }
             }
@@ -263,13 +400,15 @@ impl RefreshStore for MemoryRefreshStore {
         let family_id = SessionId::new();
         let (expires_at, family_expires_at) = self.policy.first_expiries(now);
         let mut state = self.lock();
-        state.key(family_expires_at, Expiring::Family(family_id));
+        state.make_room(true, now, self.max_families, self.max_tokens)?;
+        let expiry_key = state.key(family_expires_at, Expiring::Family(family_id));
         state.families.insert(
             family_id,
             FamilyEntry {
                 user_id: user,
                 expires_at: family_expires_at,
-                revoked: false,
+                expiry_key,
+                revoked: None,
                 device,
                 tokens: HashSet::new(),
                 advanced: HashMap::new(),
@@ -306,6 +445,8 @@ impl RefreshStore for MemoryRefreshStore {
             let verdict = decide(&observed, &self.policy, now);
             match verdict {
                 Verdict::Rotate | Verdict::GraceRetry => {
+                    // Before any change: refused, the presented token stays as it was.
+                    state.make_room(false, now, self.max_families, self.max_tokens)?;
                     if verdict == Verdict::Rotate {
                         let token = state.tokens.get_mut(&hash).expect("observed above");
                         token.rotated_at = Some(now);
