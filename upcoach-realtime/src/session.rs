@@ -467,19 +467,7 @@ mod tests {
     /// the missing ones first, from history, each once and in order.
     #[tokio::test]
     async fn a_hole_before_a_delivery_is_filled_from_history_in_order() {
-        let broadcaster = MemoryBroadcaster::new(HistoryLimits::default(), Arc::new(SystemClock));
-        let hub = Hub::builder(
-            Arc::new(broadcaster),
-            Arc::new(RefuseAll { reason: "unused" }),
-        )
-        .build();
-        let slot = hub.inner.reserve(Transport::Sse).unwrap();
-        let mut session = Session::new(slot);
-        let expires = SystemTime::now() + Duration::from_secs(60);
-        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
-        session.authenticate(me).unwrap();
-        let mut out = Vec::new();
-        session.subscribe("metrics", None, &mut out).await.unwrap();
+        let (hub, mut session, _) = reader_of(0, None).await;
         for n in 1..=4 {
             hub.publish("metrics", "tick", serde_json::json!(n))
                 .await
