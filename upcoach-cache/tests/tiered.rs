@@ -738,3 +738,43 @@ async fn a_redis_restart_that_loses_every_key_empties_each_l1() {
     })
     .await;
 }
+
+/// L1 remembers at most 100,000 tags' versions (the ones it learned from invalidations
+/// and notices). Past that it starts over, and drops its entries with the versions: a
+/// forgotten version must not let a stale tagged copy look fresh.
+#[tokio::test]
+async fn past_a_hundred_thousand_known_tags_l1_starts_over() {
+    let (cache, _clock) = in_memory();
+    cache
+        .set_tagged("report", Bytes::from_static(b"r1"), TTL, &["analytics"])
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get("report").await.unwrap().as_deref(),
+        Some(&b"r1"[..])
+    );
+    let hits = cache.stats().l1_hits;
+    assert_eq!(hits, 1, "precondition: the report is served from L1");
+
+    // A flood of invalidations of tags nobody uses, 25 per call (at most 32 a call).
+    let tags: Vec<String> = (0..100_100).map(|i| format!("flood-{i}")).collect();
+    for chunk in tags.chunks(25) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        cache.invalidate_tags(&chunk).await.unwrap();
+    }
+    // L1 started over: the next read is not an L1 hit; L2 still has the report, and it
+    // is current (its own tag was never invalidated).
+    let read = cache.get("report").await.unwrap();
+    assert_eq!(
+        cache.stats().l1_hits,
+        hits,
+        "L1 forgot its entries with the versions"
+    );
+    assert!(
+        read.as_ref().is_none_or(|r| r.as_ref() == b"r1"),
+        "{read:?}"
+    );
+    // And an invalidation after the flood still evicts the report everywhere.
+    cache.invalidate_tags(&["analytics"]).await.unwrap();
+    assert!(cache.get("report").await.unwrap().is_none());
+}
