@@ -160,6 +160,15 @@ impl AuthConfig {
             .with_max_tokens(self.memory_max_refresh_tokens)
     }
 
+    /// Both in-memory stores, bounded by this configuration, for a server without
+    /// Postgres.
+    pub fn memory_stores(&self) -> MemoryAuthStores {
+        MemoryAuthStores {
+            users: std::sync::Arc::new(self.memory_user_store()),
+            refresh: std::sync::Arc::new(self.memory_refresh_store()),
+        }
+    }
+
     /// Our access tokens signed by `AUTH_SIGNING_KEY` (also accepting
     /// `AUTH_PREVIOUS_SIGNING_KEY`), or `None` without a key.
     pub fn access_tokens(
@@ -829,4 +838,46 @@ fn signing_key(seed: &Secret, variable: &'static str) -> Result<SigningKey, Inva
         .map_err(|_| InvalidSigningKey(variable))?;
     let seed: [u8; 32] = bytes.try_into().map_err(|_| InvalidSigningKey(variable))?;
     Ok(SigningKey::from_seed(&seed))
+}
+
+/// The in-memory user and refresh-token stores, when there is no Postgres: each has a
+/// bound (`AUTH_MEMORY_MAX_USERS`, `AUTH_MEMORY_MAX_SESSIONS`,
+/// `AUTH_MEMORY_MAX_REFRESH_TOKENS`) and says what it holds.
+#[derive(Debug, Clone)]
+pub struct MemoryAuthStores {
+    /// Users and their identities.
+    pub users: std::sync::Arc<crate::users::MemoryUserStore>,
+    /// Refresh-token families.
+    pub refresh: std::sync::Arc<crate::refresh::MemoryRefreshStore>,
+}
+
+impl MemoryAuthStores {
+    /// What they hold and refused, as gauges: `auth_memory_users`,
+    /// `auth_memory_users_refused_full`, `auth_memory_refresh_families`,
+    /// `auth_memory_refresh_tokens`, `auth_memory_refresh_refused_full` and
+    /// `auth_memory_refresh_evicted_revoked`.
+    pub fn gauges(&self) -> [upcoach_core::health::Gauge; 6] {
+        use upcoach_core::health::Gauge;
+        let refresh = self.refresh.stats();
+        [
+            Gauge::new("auth_memory_users", &[], self.users.len() as f64),
+            Gauge::new(
+                "auth_memory_users_refused_full",
+                &[],
+                self.users.refused_full() as f64,
+            ),
+            Gauge::new("auth_memory_refresh_families", &[], refresh.families as f64),
+            Gauge::new("auth_memory_refresh_tokens", &[], refresh.tokens as f64),
+            Gauge::new(
+                "auth_memory_refresh_refused_full",
+                &[],
+                refresh.refused_full as f64,
+            ),
+            Gauge::new(
+                "auth_memory_refresh_evicted_revoked",
+                &[],
+                refresh.evicted_revoked as f64,
+            ),
+        ]
+    }
 }

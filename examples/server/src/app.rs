@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
+use upcoach_auth::config::MemoryAuthStores;
 use upcoach_auth::http::AuthRoutes;
-use upcoach_auth::refresh::{MemoryRefreshStore, PgRefreshStore, RefreshStore};
+use upcoach_auth::refresh::{PgRefreshStore, RefreshStore};
 use upcoach_auth::session::AccessTokens;
 use upcoach_auth::sessions::Sessions;
 use upcoach_auth::threat::{self, ThreatDetector};
-use upcoach_auth::users::MemoryUserStore;
 use upcoach_cache::response::ResponseCache;
 use upcoach_cache::{CacheRule, ResponseCacheLayer, TieredCache};
 use upcoach_core::event::{AggregatingLog, EventLog, MemoryEventLog, PgEventLog};
@@ -83,47 +83,6 @@ pub struct Backends {
     pub postgres: Option<MeteredPool>,
     /// Redis, when `REDIS_URL` is set.
     pub redis: Option<RedisConnection>,
-}
-
-/// The in-memory user and refresh-token stores, when there is no Postgres: each has a
-/// bound (`AUTH_MEMORY_MAX_USERS`, `AUTH_MEMORY_MAX_SESSIONS`,
-/// `AUTH_MEMORY_MAX_REFRESH_TOKENS`) and says what it holds.
-#[derive(Debug, Clone)]
-pub struct MemoryAuthStores {
-    /// Users and their identities.
-    pub users: Arc<MemoryUserStore>,
-    /// Refresh-token families.
-    pub refresh: Arc<MemoryRefreshStore>,
-}
-
-impl MemoryAuthStores {
-    /// What they hold and refused, as gauges: `auth_memory_users`,
-    /// `auth_memory_users_refused_full`, `auth_memory_refresh_families`,
-    /// `auth_memory_refresh_tokens`, `auth_memory_refresh_refused_full` and
-    /// `auth_memory_refresh_evicted_revoked`.
-    pub fn gauges(&self) -> [Gauge; 6] {
-        let refresh = self.refresh.stats();
-        [
-            Gauge::new("auth_memory_users", &[], self.users.len() as f64),
-            Gauge::new(
-                "auth_memory_users_refused_full",
-                &[],
-                self.users.refused_full() as f64,
-            ),
-            Gauge::new("auth_memory_refresh_families", &[], refresh.families as f64),
-            Gauge::new("auth_memory_refresh_tokens", &[], refresh.tokens as f64),
-            Gauge::new(
-                "auth_memory_refresh_refused_full",
-                &[],
-                refresh.refused_full as f64,
-            ),
-            Gauge::new(
-                "auth_memory_refresh_evicted_revoked",
-                &[],
-                refresh.evicted_revoked as f64,
-            ),
-        ]
-    }
 }
 
 /// Everything a request handler can reach.
@@ -264,10 +223,7 @@ impl App {
             ),
         ));
         perf.tick(&Default::default());
-        let memory_auth = postgres.is_none().then(|| MemoryAuthStores {
-            users: Arc::new(config.auth.memory_user_store()),
-            refresh: Arc::new(config.auth.memory_refresh_store()),
-        });
+        let memory_auth = postgres.is_none().then(|| config.auth.memory_stores());
         tasks.push(perf.spawn(Duration::from_secs(5), {
             let memory_auth = memory_auth.clone();
             let metrics = perf.metrics().clone();

@@ -36,7 +36,7 @@ mod perf_routes;
 mod router;
 mod routes;
 
-pub use app::{App, AppService, Backends, HttpService, MemoryAuthStores, Options, StartError};
+pub use app::{App, AppService, Backends, HttpService, Options, StartError};
 pub use cli::cli_main;
 pub use config::ServerConfig;
 pub use router::RouteFuture;
