@@ -50,7 +50,7 @@ pub fn ws_client_message(data: &[u8]) {
         assert_eq!(value["type"], kind, "{text:?}");
         // Strictly: no field but those of its type.
         let allowed: &[&str] = match kind {
-            "subscribe" => &["type", "room", "since"],
+            "subscribe" => &["type", "room", "since", "epoch"],
             "unsubscribe" => &["type", "room"],
             "auth" => &["type", "token"],
             _ => &["type"],

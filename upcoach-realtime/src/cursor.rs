@@ -2,29 +2,33 @@
 
 use std::fmt;
 
-use crate::{MAX_ROOM_LEN, validate_room};
+use crate::{MAX_ROOM_LEN, Position, validate_room};
 
 /// The most rooms a cursor (and so one connection) may name.
 pub const MAX_CURSOR_ROOMS: usize = 64;
 
-/// The `id:` of every SSE record: the last sequence number delivered in each room of
-/// the connection, as `room=seq` pairs joined by commas (`metrics=120,user:7=3`). Any
-/// process can resume from it, since sequence numbers are per room across processes.
+/// The `id:` of every SSE record: the position delivered in each room of the
+/// connection, as `room=seq@epoch` pairs joined by commas
+/// (`metrics=120@3054718861,user:7=3@77`; `room=seq` when the epoch is not known, as
+/// in cursors from before epochs). Any process can resume from it, since sequence
+/// numbers and epochs are per room across processes.
 ///
 /// ```
-/// use upcoach_realtime::Cursor;
+/// use upcoach_realtime::{Cursor, Position};
 ///
 /// let mut cursor = Cursor::default();
-/// cursor.set("metrics", 120);
-/// cursor.set("public:news", 3);
+/// cursor.set("metrics", Position::new(120, 3054718861));
+/// cursor.set("public:news", Position::from(3));
 /// let text = cursor.to_string();
-/// assert_eq!(text, "metrics=120,public:news=3");
-/// assert_eq!(text.parse::<Cursor>().unwrap().get("metrics"), Some(120));
+/// assert_eq!(text, "metrics=120@3054718861,public:news=3");
+/// let parsed: Cursor = text.parse().unwrap();
+/// assert_eq!(parsed.get("metrics"), Some(Position::new(120, 3054718861)));
 /// assert!("metrics=abc".parse::<Cursor>().is_err());
+/// assert!("metrics=1@".parse::<Cursor>().is_err());
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cursor {
-    rooms: Vec<(String, u64)>,
+    rooms: Vec<(String, Position)>,
 }
 
 /// A cursor that cannot be read.
@@ -37,20 +41,20 @@ pub struct CursorError {
 
 impl Cursor {
     /// The position in `room`, if the cursor names it.
-    pub fn get(&self, room: &str) -> Option<u64> {
+    pub fn get(&self, room: &str) -> Option<Position> {
         self.rooms.iter().find(|(r, _)| r == room).map(|(_, s)| *s)
     }
 
-    /// Records `seq` as the position in `room`.
-    pub fn set(&mut self, room: &str, seq: u64) {
+    /// Records `at` as the position in `room`.
+    pub fn set(&mut self, room: &str, at: Position) {
         match self.rooms.iter_mut().find(|(r, _)| r == room) {
-            Some((_, s)) => *s = seq,
-            None => self.rooms.push((room.to_owned(), seq)),
+            Some((_, s)) => *s = at,
+            None => self.rooms.push((room.to_owned(), at)),
         }
     }
 
     /// The rooms and positions, in the order they were first set.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Position)> {
         self.rooms.iter().map(|(r, s)| (r.as_str(), *s))
     }
 }
@@ -61,7 +65,10 @@ impl fmt::Display for Cursor {
             if i > 0 {
                 f.write_str(",")?;
             }
-            write!(f, "{room}={seq}")?;
+            match seq.epoch {
+                0 => write!(f, "{room}={}", seq.seq)?,
+                epoch => write!(f, "{room}={}@{epoch}", seq.seq)?,
+            }
         }
         Ok(())
     }
@@ -75,7 +82,8 @@ impl std::str::FromStr for Cursor {
         if s.is_empty() {
             return Ok(cursor);
         }
-        if s.len() > MAX_CURSOR_ROOMS * (MAX_ROOM_LEN + 22) {
+        // Per room: the name, `=`, a u64, `@`, a u32 and a comma.
+        if s.len() > MAX_CURSOR_ROOMS * (MAX_ROOM_LEN + 33) {
             return Err(CursorError { reason: "too long" });
         }
         for pair in s.split(',') {
@@ -85,9 +93,24 @@ impl std::str::FromStr for Cursor {
             validate_room(room).map_err(|_| CursorError {
                 reason: "a room name is not valid",
             })?;
+            let (seq, epoch) = match seq.split_once('@') {
+                Some((seq, epoch)) => (seq, Some(epoch)),
+                None => (seq, None),
+            };
             let seq = seq.parse::<u64>().map_err(|_| CursorError {
                 reason: "a sequence number is not a number",
             })?;
+            let epoch = match epoch {
+                None => 0,
+                Some(epoch) => match epoch.parse::<u32>() {
+                    Ok(0) | Err(_) => {
+                        return Err(CursorError {
+                            reason: "an epoch is not a number from 1 to 4294967295",
+                        });
+                    }
+                    Ok(epoch) => epoch,
+                },
+            };
             if cursor.get(room).is_some() {
                 return Err(CursorError {
                     reason: "a room appears twice",
@@ -98,7 +121,9 @@ impl std::str::FromStr for Cursor {
                     reason: "too many rooms",
                 });
             }
-            cursor.rooms.push((room.to_owned(), seq));
+            cursor
+                .rooms
+                .push((room.to_owned(), Position::new(seq, epoch)));
         }
         Ok(cursor)
     }

@@ -15,7 +15,7 @@ pub fn client_message(text: &str) -> Result<&'static str, String> {
     match parsed {
         ClientMessage::Ping {} => Ok("ping"),
         ClientMessage::Auth { token: _ } => Ok("auth"),
-        ClientMessage::Subscribe { room, since: _ } => {
+        ClientMessage::Subscribe { room, .. } => {
             crate::validate_room(&room).map_err(|e| e.to_string())?;
             Ok("subscribe")
         }

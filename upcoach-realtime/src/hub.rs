@@ -17,7 +17,7 @@ use upcoach_core::{Clock, SystemClock, TokenVerifier, UserId};
 use crate::access::{DefaultRoomAccess, RoomAccess};
 use crate::pending::PendingAuth;
 use crate::wire::Encoded;
-use crate::{Broadcaster, BrokerState, Replay, Result, RoomEvent};
+use crate::{Broadcaster, BrokerState, Position, Replay, Result, RoomEvent};
 
 /// The body of every response the hub answers with: empty for a WebSocket upgrade or
 /// a refusal's JSON, a stream of records for SSE.
@@ -540,11 +540,11 @@ pub(crate) struct RoomReset {
     pub(crate) reason: &'static str,
     /// The room's head when the reset was decided (read once for every reader):
     /// readers resume after it. `None` when the broker could not say.
-    pub(crate) head: Option<u64>,
-    /// The room's numbers started again, after the old numbering reached this: its
-    /// readers resume after `head` even where they had read past it. A reader already
-    /// below it joined in the new numbering (it read its position from the restarted
-    /// room) and ignores the reset.
+    pub(crate) head: Option<Position>,
+    /// The room's numbers started again (`head` is in the new numbering), after the
+    /// old numbering reached this sequence number: its readers resume after `head`
+    /// even where they had read past it. A reader already in the new numbering (it
+    /// read its position from the restarted room) ignores the reset.
     pub(crate) restarted_from: Option<u64>,
 }
 
@@ -848,10 +848,7 @@ impl Inner {
     /// filled from history.
     async fn run_room(self: Arc<Self>, room: Arc<Room>) {
         let mut feed = match self.broadcaster.subscribe(&room.name).await {
-            Ok(feed) => {
-                room.ready.send_replace(Some(true));
-                feed
-            }
+            Ok(feed) => feed,
             Err(e) => {
                 tracing::warn!(room = %room.name, error = %e, "a room's live feed could not be opened");
                 room.ready.send_replace(Some(false));
@@ -862,7 +859,20 @@ impl Inner {
                 return;
             }
         };
-        let mut last: Option<u64> = None;
+        // Where the room stood when the feed opened, read before any reader reads its
+        // own (they wait for `ready`): a first live event of another numbering is then
+        // a restart too, and one at or below it in this numbering a repeat. An empty
+        // room (or a head that could not be read) leaves it to the feed's first event,
+        // which is then announced to readers of any other numbering.
+        let mut last = match self.broadcaster.head(&room.name).await {
+            Ok(head) if head != Position::default() => Some(head),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(room = %room.name, error = %e, "a room's head could not be read when its feed opened");
+                None
+            }
+        };
+        room.ready.send_replace(Some(true));
         loop {
             let event = match feed.recv().await {
                 Ok(event) => event,
@@ -875,29 +885,54 @@ impl Inner {
                 }
             };
             if let Some(seen) = last {
-                if event.seq <= seen {
-                    // The feed gives each event once, in order: a `seq` going back means
-                    // the room started again (its numbers were lost with its history).
-                    // Every reader resumes from here, told that what came before is
-                    // gone.
-                    self.restarted(&room, seen, event.seq.saturating_sub(1));
-                } else if event.seq > seen + 1 {
-                    self.repair(&room, seen, event.seq).await;
+                let same_epoch = seen.epoch != 0 && seen.epoch == event.epoch;
+                if same_epoch && event.seq <= seen.seq {
+                    // Published before the head above was read: every reader's
+                    // position is at or past it.
+                    continue;
+                }
+                if !seen.same_numbering(event.position()) && self.is_stale(&room, seen).await {
+                    // An event of an older numbering still in flight after the head
+                    // above was read in the newer one.
+                    continue;
+                }
+                if !seen.same_numbering(event.position()) || event.seq <= seen.seq {
+                    // The feed gives each event of a numbering once, in order: another
+                    // epoch (or, from a broadcaster without epochs, a `seq` going back)
+                    // means the room started again (its numbers were lost with its
+                    // history). Every reader resumes from here, told that what came
+                    // before is gone.
+                    let head = Position::new(event.seq.saturating_sub(1), event.epoch);
+                    self.restarted(&room, seen.seq, head);
+                } else if event.seq > seen.seq + 1 {
+                    let epoch = if seen.epoch == 0 {
+                        event.epoch
+                    } else {
+                        seen.epoch
+                    };
+                    self.repair(&room, Position::new(seen.seq, epoch), event.seq)
+                        .await;
                 }
             }
-            last = Some(event.seq);
+            if last.is_none() && event.epoch != 0 {
+                // The feed's first event, with nothing known before it: readers of
+                // another numbering (positioned by their own head read) are told.
+                self.announce(&room, Position::new(event.seq - 1, event.epoch));
+            }
+            last = Some(event.position());
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
             self.fan_out(&room, Delivery::Event(encoded));
         }
     }
 
-    /// Delivers the events between `seen` and `next` (both exclusive) from history,
-    /// or a reset when history no longer has them.
-    async fn repair(&self, room: &Room, seen: u64, next: u64) {
-        let mut after = seen;
+    /// Delivers the events between `seen` and `next` (both exclusive, in `seen`'s
+    /// numbering) from history, or a reset when history no longer has them.
+    async fn repair(&self, room: &Room, seen: Position, next: u64) {
+        let mut after = seen.seq;
         while after + 1 < next {
             let want = ((next - after - 1) as usize).min(self.config.replay_page);
-            match self.broadcaster.replay(&room.name, after, want).await {
+            let from = Position::new(after, seen.epoch);
+            match self.broadcaster.replay(&room.name, from, want).await {
                 Ok(Replay::Events(events)) if !events.is_empty() => {
                     for event in events {
                         if event.seq <= after || event.seq >= next {
@@ -930,8 +965,8 @@ impl Inner {
     /// numbering, `head` is the last before the one at hand in the new. Every reader
     /// still in the old numbering gets `reset` (`room_restarted`) and resumes after
     /// `head`, although it had read further.
-    fn restarted(&self, room: &Room, seen: u64, head: u64) {
-        tracing::warn!(room = %room.name, seen, head, "a room's sequence went back: its readers get reset");
+    fn restarted(&self, room: &Room, seen: u64, head: Position) {
+        tracing::warn!(room = %room.name, seen, head = head.seq, epoch = head.epoch, "a room started a new numbering: its readers get reset");
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
         self.fan_out(
             room,
@@ -940,6 +975,31 @@ impl Inner {
                 reason: "room_restarted",
                 head: Some(head),
                 restarted_from: Some(seen),
+            })),
+        );
+    }
+
+    /// Whether the room's numbering is still `seen`'s (so an event of another one is
+    /// stale): the head says so.
+    async fn is_stale(&self, room: &Room, seen: Position) -> bool {
+        match self.broadcaster.head(&room.name).await {
+            Ok(head) => head.epoch != 0 && head.epoch == seen.epoch,
+            Err(_) => false,
+        }
+    }
+
+    /// The numbering of `head` is the room's: readers in another one get `reset`
+    /// (`room_restarted`), readers in it (and readers that read nothing, when `head`
+    /// is the numbering's start) nothing. Not counted as a reset: usually nobody is in
+    /// another numbering.
+    fn announce(&self, room: &Room, head: Position) {
+        self.fan_out(
+            room,
+            Delivery::Reset(Arc::new(RoomReset {
+                room: room.name.clone(),
+                reason: "room_restarted",
+                head: Some(head),
+                restarted_from: Some(0),
             })),
         );
     }

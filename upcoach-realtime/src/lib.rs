@@ -51,6 +51,8 @@ pub struct RoomEvent {
     /// Its sequence number in the room: one more than the previous event's, across
     /// every process that shares the broadcaster.
     pub seq: u64,
+    /// The numbering `seq` belongs to (see [`Position::epoch`]).
+    pub epoch: u32,
     /// The event's name (`metrics`, `alert`).
     pub event: String,
     /// The payload.
@@ -60,6 +62,11 @@ pub struct RoomEvent {
 }
 
 impl RoomEvent {
+    /// Where a reader stands once it has this event.
+    pub fn position(&self) -> Position {
+        Position::new(self.seq, self.epoch)
+    }
+
     /// `ts` as milliseconds since the Unix epoch, as the wire carries it.
     pub fn ts_millis(&self) -> u64 {
         self.ts
@@ -69,13 +76,80 @@ impl RoomEvent {
     }
 }
 
+/// Where a reader stands in a room: the last sequence number it has, and which
+/// numbering of the room that number belongs to.
+///
+/// A room numbers its events 1, 2, 3… for as long as its count lives. When the count is
+/// lost (a Redis without persistence restarts empty, a room's counter expires, an
+/// in-memory room is forgotten or its process restarts), the room starts again at 1
+/// under a new `epoch`, a random number drawn when event 1 is published. Comparing
+/// epochs is what tells "event 5 of the new numbering" from "event 5 of the old one":
+/// a reader whose epoch is not the room's gets `reset` (`room_restarted`) instead of
+/// events that look continuous but are not.
+///
+/// Epoch 0 means "not known": a room with no event yet, or a client that resumes
+/// with a bare sequence number (API.md's `since` without `epoch`, a cursor from before
+/// epochs). Such a position is taken at its word, as before epochs existed.
+///
+/// ```
+/// use upcoach_realtime::Position;
+///
+/// let p = Position::new(120, 7);
+/// assert!(p.same_numbering(Position::new(3, 7)));
+/// assert!(!p.same_numbering(Position::new(3, 8)));
+/// assert!(p.same_numbering(Position::from(3)), "epoch 0 is not known: no conflict");
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The last sequence number the reader has (0: none).
+    pub seq: u64,
+    /// The room's numbering; 0 when not known.
+    pub epoch: u32,
+}
+
+impl Position {
+    /// `seq` in numbering `epoch`.
+    pub const fn new(seq: u64, epoch: u32) -> Self {
+        Self { seq, epoch }
+    }
+
+    /// This position, with `epoch` where its own is not known.
+    pub(crate) fn or_epoch(self, epoch: u32) -> Self {
+        if self.epoch == 0 {
+            Self::new(self.seq, epoch)
+        } else {
+            self
+        }
+    }
+
+    /// Whether the two may be in the same numbering: their epochs are equal, or one of
+    /// them is not known.
+    pub fn same_numbering(self, other: Position) -> bool {
+        self.epoch == 0 || other.epoch == 0 || self.epoch == other.epoch
+    }
+}
+
+impl From<u64> for Position {
+    /// `seq` in a numbering not known (epoch 0).
+    fn from(seq: u64) -> Self {
+        Self::new(seq, 0)
+    }
+}
+
+/// A fresh epoch for a numbering that starts: random, never 0.
+pub(crate) fn new_epoch() -> u32 {
+    let bits = uuid::Uuid::new_v4().as_u128();
+    (bits as u32).max(1)
+}
+
 /// What history can give back after a sequence number.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Replay {
     /// Every event after the requested one (up to the limit), in order, without gaps.
     Events(Vec<Arc<RoomEvent>>),
-    /// History no longer reaches back that far (or the cursor is ahead of the room):
-    /// the client must reset.
+    /// History no longer reaches back that far, the cursor is ahead of the room, or
+    /// the room's numbering is not the cursor's (`room_restarted`): the client must
+    /// reset.
     Gone {
         /// Why, for the client's `reset` message.
         reason: &'static str,
@@ -289,7 +363,8 @@ pub struct BrokerState {
 /// use std::sync::Arc;
 /// use async_trait::async_trait;
 /// use upcoach_realtime::{
-///     Broadcaster, BrokerState, MemoryBroadcaster, Replay, Result, RoomEvent, Subscription,
+///     Broadcaster, BrokerState, MemoryBroadcaster, Position, Replay, Result, RoomEvent,
+///     Subscription,
 /// };
 ///
 /// #[derive(Debug, Default)]
@@ -304,10 +379,10 @@ pub struct BrokerState {
 ///     async fn subscribe(&self, room: &str) -> Result<Subscription> {
 ///         self.0.subscribe(room).await
 ///     }
-///     async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
-///         self.0.replay(room, after_seq, limit).await
+///     async fn replay(&self, room: &str, after: Position, limit: usize) -> Result<Replay> {
+///         self.0.replay(room, after, limit).await
 ///     }
-///     async fn head(&self, room: &str) -> Result<u64> {
+///     async fn head(&self, room: &str) -> Result<Position> {
 ///         self.0.head(room).await
 ///     }
 ///     fn state(&self) -> BrokerState {
@@ -321,7 +396,8 @@ pub struct BrokerState {
 /// let sent = b.publish("metrics", "tick", serde_json::json!({"rps": 12})).await?;
 /// assert_eq!(sent.seq, 1);
 /// assert_eq!(live.recv().await.unwrap().seq, 1);
-/// assert_eq!(b.replay("metrics", 0, 10).await?, Replay::Events(vec![sent]));
+/// assert_eq!(b.replay("metrics", Position::default(), 10).await?, Replay::Events(vec![sent.clone()]));
+/// assert_eq!(b.head("metrics").await?, sent.position());
 /// # Ok::<(), upcoach_realtime::Error>(())
 /// # }).unwrap();
 /// ```
@@ -336,19 +412,23 @@ pub trait Broadcaster: fmt::Debug + Send + Sync + 'static {
         data: serde_json::Value,
     ) -> Result<Arc<RoomEvent>>;
 
-    /// Live events of `room` from now on, in sequence order, each once. A `seq` at or
-    /// below one already delivered means the room started again at 1 (its numbers
-    /// were lost, as when a Redis without persistence restarts): the hub then tells
-    /// every reader `reset` (`room_restarted`) and carries on from there.
+    /// Live events of `room` from now on, in sequence order, each once within a
+    /// numbering. An event of another epoch than the last one delivered means the room
+    /// started again at 1 (its numbers were lost, as when a Redis without persistence
+    /// restarts): the hub then tells every reader `reset` (`room_restarted`) and
+    /// carries on from there.
     async fn subscribe(&self, room: &str) -> Result<Subscription>;
 
-    /// The events of `room` after `after_seq`, at most `limit`, or [`Replay::Gone`]
-    /// when history no longer reaches back that far. `after_seq` equal to the room's
-    /// head gives an empty list; a cursor ahead of the head is `Gone`.
-    async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay>;
+    /// The events of `room` after `after`, at most `limit`, or [`Replay::Gone`] when
+    /// history no longer reaches back that far (`history_expired`), when `after.seq`
+    /// is ahead of the head (`cursor_ahead_of_room`), or when `after.epoch` is known
+    /// and is not the room's (`room_restarted`). `after` equal to the room's head
+    /// gives an empty list.
+    async fn replay(&self, room: &str, after: Position, limit: usize) -> Result<Replay>;
 
-    /// The sequence number of the room's latest event (0 before the first).
-    async fn head(&self, room: &str) -> Result<u64>;
+    /// The room's latest event's sequence number and the room's epoch (0 and 0 before
+    /// the first event of a numbering, unless the broadcaster already drew one).
+    async fn head(&self, room: &str) -> Result<Position>;
 
     /// The broker's kind and whether it is connected.
     fn state(&self) -> BrokerState;

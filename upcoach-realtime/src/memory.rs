@@ -9,8 +9,8 @@ use tokio::sync::broadcast;
 use upcoach_core::{Clock, SystemClock};
 
 use crate::{
-    Broadcaster, BrokerState, Error, HistoryLimits, Replay, Result, RoomEvent, Subscription,
-    encode_data, validate_event_name, validate_room,
+    Broadcaster, BrokerState, Error, HistoryLimits, Position, Replay, Result, RoomEvent,
+    Subscription, encode_data, new_epoch, validate_event_name, validate_room,
 };
 
 /// Live events buffered per room for subscribers that are momentarily busy; the hub
@@ -22,7 +22,9 @@ const CHANNEL_CAPACITY: usize = 1024;
 ///
 /// Rooms are bounded too (default 100,000): past that, a room with neither subscribers
 /// nor replayable history is forgotten to make space, and if none is, publishing to a
-/// new room fails with [`Error::TooManyRooms`].
+/// new room fails with [`Error::TooManyRooms`]. A forgotten room, like every room of a
+/// restarted process, starts again at 1 under a new [`epoch`](crate::Position::epoch),
+/// so a cursor from before gets `reset`, never events it would take for its own.
 ///
 /// ```
 /// use upcoach_realtime::{Broadcaster, MemoryBroadcaster, Replay};
@@ -30,7 +32,7 @@ const CHANNEL_CAPACITY: usize = 1024;
 /// let b = MemoryBroadcaster::default();
 /// b.publish("public:news", "posted", serde_json::json!({"id": 1})).await?;
 /// b.publish("public:news", "posted", serde_json::json!({"id": 2})).await?;
-/// let Replay::Events(missed) = b.replay("public:news", 1, 100).await? else { unreachable!() };
+/// let Replay::Events(missed) = b.replay("public:news", 1.into(), 100).await? else { unreachable!() };
 /// assert_eq!(missed[0].data["id"], 2);
 /// # Ok::<(), upcoach_realtime::Error>(())
 /// # }).unwrap();
@@ -46,6 +48,7 @@ pub struct MemoryBroadcaster {
 #[derive(Debug)]
 struct RoomLog {
     seq: u64,
+    epoch: u32,
     tx: broadcast::Sender<Arc<RoomEvent>>,
     history: VecDeque<Arc<RoomEvent>>,
 }
@@ -54,6 +57,7 @@ impl RoomLog {
     fn new() -> Self {
         Self {
             seq: 0,
+            epoch: new_epoch(),
             tx: broadcast::channel(CHANNEL_CAPACITY).0,
             history: VecDeque::new(),
         }
@@ -148,6 +152,7 @@ impl Broadcaster for MemoryBroadcaster {
         let published = Arc::new(RoomEvent {
             room: room.to_owned(),
             seq: log.seq,
+            epoch: log.epoch,
             event: event.to_owned(),
             data,
             ts: now,
@@ -171,26 +176,29 @@ impl Broadcaster for MemoryBroadcaster {
         Ok(Subscription::new(log.tx.subscribe()))
     }
 
-    async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
+    async fn replay(&self, room: &str, after: Position, limit: usize) -> Result<Replay> {
         validate_room(room)?;
         let now = self.clock.now();
         let mut rooms = self.lock();
         let Some(log) = rooms.get_mut(room) else {
-            return Ok(if after_seq == 0 {
-                Replay::Events(Vec::new())
-            } else {
-                Replay::Gone {
-                    reason: "cursor_ahead_of_room",
-                }
-            });
+            return Ok(replay_from(
+                &VecDeque::new(),
+                Position::default(),
+                after,
+                limit,
+            ));
         };
         log.trim(&self.limits, now);
-        Ok(replay_from(&log.history, log.seq, after_seq, limit))
+        let head = Position::new(log.seq, log.epoch);
+        Ok(replay_from(&log.history, head, after, limit))
     }
 
-    async fn head(&self, room: &str) -> Result<u64> {
+    async fn head(&self, room: &str) -> Result<Position> {
         validate_room(room)?;
-        Ok(self.lock().get(room).map_or(0, |log| log.seq))
+        Ok(self
+            .lock()
+            .get(room)
+            .map_or(Position::default(), |log| Position::new(log.seq, log.epoch)))
     }
 
     fn state(&self) -> BrokerState {
@@ -201,14 +209,20 @@ impl Broadcaster for MemoryBroadcaster {
     }
 }
 
-/// The answer to a replay from a contiguous, trimmed history whose newest event has
-/// sequence number `head`.
+/// The answer to a replay from a contiguous, trimmed history whose newest event is at
+/// `head` (epoch 0: the room has no numbering, it was never published to).
 fn replay_from(
     history: &VecDeque<Arc<RoomEvent>>,
-    head: u64,
-    after_seq: u64,
+    head: Position,
+    after: Position,
     limit: usize,
 ) -> Replay {
+    if after.epoch != 0 && after.epoch != head.epoch && (head.epoch != 0 || after.seq > 0) {
+        return Replay::Gone {
+            reason: "room_restarted",
+        };
+    }
+    let (after_seq, head) = (after.seq, head.seq);
     if after_seq > head {
         return Replay::Gone {
             reason: "cursor_ahead_of_room",

@@ -14,37 +14,47 @@ use upcoach_core::redis::{PubSubSource, RedisConnection, RedisOptions};
 use upcoach_core::{Clock, SystemClock};
 
 use crate::{
-    Broadcaster, BrokerState, Error, HistoryLimits, Replay, Result, RoomEvent, Subscription,
-    encode_data, validate_event_name, validate_room,
+    Broadcaster, BrokerState, Error, HistoryLimits, Position, Replay, Result, RoomEvent,
+    Subscription, encode_data, new_epoch, validate_event_name, validate_room,
 };
 
 /// Live events buffered per room on this process (see [`Subscription`]).
 const CHANNEL_CAPACITY: usize = 1024;
 
-/// `KEYS[1]` the room's counter, `KEYS[2]` its stream; `ARGV[1]` `ts|event|data`,
-/// `ARGV[2]` the counter's TTL (ms), `ARGV[3]` MAXLEN, `ARGV[4]` the stream's TTL
-/// (ms), `ARGV[5]` the channel. Numbering, storing and publishing in one script keeps
-/// the room's order the same in history and on the wire.
+/// `KEYS[1]` the room's counter, `KEYS[2]` its stream, `KEYS[3]` its epoch; `ARGV[1]`
+/// `ts|event|data`, `ARGV[2]` the counter's (and epoch's) TTL (ms), `ARGV[3]` MAXLEN,
+/// `ARGV[4]` the stream's TTL (ms), `ARGV[5]` the channel, `ARGV[6]` a fresh epoch,
+/// used when the numbering starts (event 1) or has none (its epoch was lost alone).
+/// Numbering, storing and publishing in one script keeps the room's order the same in
+/// history and on the wire. A numbering that starts drops what is left of an old
+/// stream: its ids would be ahead of the new ones.
 const PUBLISH: &str = r"
 local seq = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local epoch = redis.call('GET', KEYS[3])
+if seq == 1 or not epoch then
+  epoch = ARGV[6]
+  if seq == 1 then redis.call('DEL', KEYS[2]) end
+end
+redis.call('SET', KEYS[3], epoch, 'PX', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'd', ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[5], seq .. '|' .. ARGV[1])
-return seq
+redis.call('PUBLISH', ARGV[5], seq .. '.' .. epoch .. '|' .. ARGV[1])
+return {seq, tonumber(epoch)}
 ";
 
 /// How the Redis broadcaster names things and how long it keeps them.
 #[derive(Debug, Clone)]
 pub struct RedisBroadcasterOptions {
     /// Key and channel prefix (default `upcoach:rt`): `<prefix>:{<room>}:seq`,
-    /// `<prefix>:{<room>}:log` (same hash slot, so Redis Cluster works) and the
-    /// channel `<prefix>:ch:<room>`.
+    /// `<prefix>:{<room>}:epoch`, `<prefix>:{<room>}:log` (same hash slot, so Redis
+    /// Cluster works) and the channel `<prefix>:ch:<room>`.
     pub prefix: String,
     /// History kept per room.
     pub history: HistoryLimits,
     /// How long a room's counter outlives its last event (default 30 days). A room
-    /// idle for longer starts again at 1; old cursors then get `reset`.
+    /// idle for longer starts again at 1 under a new epoch; old cursors then get
+    /// `reset`.
     pub counter_ttl: Duration,
     /// How long the subscriber waits for Redis when (re)connecting and for a
     /// liveness ping (default 2 s).
@@ -119,13 +129,8 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug)]
 struct LocalRoom {
     tx: broadcast::Sender<Arc<RoomEvent>>,
-    /// The newest sequence number forwarded to this process's subscribers.
-    last: Option<u64>,
-    /// The newest sequence number that came in live (not from a repair). Live events
-    /// come in order, so one at or below it is not a repeat of a repaired event but a
-    /// room that started again at 1 (a Redis that lost its keys, a counter that
-    /// expired). `None` until the first live event after subscribing.
-    live: Option<u64>,
+    /// The newest position forwarded to this process's subscribers.
+    last: Option<Position>,
 }
 
 fn backend(source: redis::RedisError) -> Error {
@@ -218,6 +223,10 @@ impl Inner {
         format!("{}:{{{room}}}:seq", self.options.prefix)
     }
 
+    fn epoch_key(&self, room: &str) -> String {
+        format!("{}:{{{room}}}:epoch", self.options.prefix)
+    }
+
     fn log_key(&self, room: &str) -> String {
         format!("{}:{{{room}}}:log", self.options.prefix)
     }
@@ -232,52 +241,41 @@ impl Inner {
             .strip_prefix(":ch:")
     }
 
-    /// Forwards an event to this process's subscribers, once and in order; `live` when
-    /// it came from pub/sub, not from a repair.
+    /// Forwards an event to this process's subscribers, once and in order.
     ///
-    /// A `seq` at or below one already forwarded is a repeat (a repair and pub/sub both
-    /// carried it) and is dropped, unless the room started again at 1: then it is
-    /// forwarded, and the hub, seeing `seq` go back, tells every reader `reset`.
-    fn forward(&self, event: RoomEvent, live: bool) {
+    /// An event of the numbering already forwarded at or below the last one is a
+    /// repeat (a repair and pub/sub both carried it) and is dropped. An event of
+    /// another epoch is a room that started again (a Redis that lost its keys, a
+    /// counter that expired): it is forwarded, and the hub, seeing the epoch change,
+    /// tells every reader `reset`.
+    fn forward(&self, event: RoomEvent) {
         let mut rooms = self.rooms();
         let Some(local) = rooms.get_mut(&event.room) else {
             return;
         };
         if let Some(last) = local.last
-            && event.seq <= last
+            && last.same_numbering(event.position())
+            && event.seq <= last.seq
+            // A position without an epoch (a room numbered before epochs) met by an
+            // event with one at or below it: a new numbering, not a repeat.
+            && !(last.epoch == 0 && event.epoch != 0)
         {
-            let restarted = live && local.live.is_some_and(|seen| event.seq <= seen);
-            if live {
-                local.live = Some(event.seq);
-            }
-            if !restarted {
-                return;
-            }
+            return;
         }
-        local.last = Some(event.seq);
-        if live {
-            local.live = Some(event.seq);
-        }
+        local.last = Some(event.position());
         let _ = local.tx.send(Arc::new(event));
     }
 
     /// After a reconnect: forwards what each room published while the connection was
     /// down. What history no longer has shows as a jump in `seq`, which the hub turns
-    /// into `reset`. A room whose count is now behind what was forwarded started again
-    /// (Redis lost its keys): its events are forwarded from 1, and the hub, seeing
-    /// `seq` go back, announces `reset` before them.
+    /// into `reset`. A room whose numbering changed (Redis lost its keys) has its new
+    /// numbering's events forwarded from 1, and the hub, seeing the epoch change,
+    /// announces `reset` before them.
     async fn repair(&self) {
-        // Everything the new connection carries was published after it subscribed,
-        // so above each room's last event unless the room started again: that is now
-        // the floor below which a live event means a restart.
-        let positions: Vec<(String, u64)> = self
+        let positions: Vec<(String, Position)> = self
             .rooms()
-            .iter_mut()
-            .filter_map(|(room, local)| {
-                let last = local.last?;
-                local.live = Some(last);
-                Some((room.clone(), last))
-            })
+            .iter()
+            .filter_map(|(room, local)| Some((room.clone(), local.last?)))
             .collect();
         // The command connection may have died in the same outage without noticing yet:
         // its first command then fails while it reconnects in the background, and the
@@ -289,22 +287,23 @@ impl Inner {
                 match self.replay(&room, after, 500).await {
                     Ok(Replay::Events(events)) if !events.is_empty() => {
                         for event in events {
-                            after = after.max(event.seq);
-                            self.forward(RoomEvent::clone(&event), false);
+                            after = event.position();
+                            self.forward(RoomEvent::clone(&event));
                         }
                     }
                     Ok(Replay::Gone {
-                        reason: "cursor_ahead_of_room",
-                    }) if after > 0 => {
+                        reason: "room_restarted" | "cursor_ahead_of_room",
+                    }) if after != Position::default() => {
                         tracing::warn!(
                             room,
-                            "a room's count went back while the broker connection was down (Redis lost its keys): its readers get reset"
+                            "a room started a new numbering while the broker connection was down (Redis lost its keys): its readers get reset"
                         );
+                        // Forward the new numbering from its start, whatever was
+                        // forwarded of the old one.
                         if let Some(local) = self.rooms().get_mut(&room) {
-                            local.last = Some(0);
-                            local.live = Some(0);
+                            local.last = None;
                         }
-                        after = 0;
+                        after = Position::default();
                     }
                     Ok(_) => break,
                     Err(_) if retries > 0 => {
@@ -320,11 +319,28 @@ impl Inner {
         }
     }
 
-    async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
+    async fn head(&self, room: &str) -> Result<Position> {
         validate_room(room)?;
         let mut conn = self.manager.clone();
-        let (head, entries): (Option<u64>, Vec<StreamEntry>) = redis::pipe()
+        let (seq, epoch): (Option<u64>, Option<u32>) = redis::pipe()
+            .atomic()
             .get(self.counter_key(room))
+            .get(self.epoch_key(room))
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(Position::new(seq.unwrap_or(0), epoch.unwrap_or(0)))
+    }
+
+    async fn replay(&self, room: &str, after: Position, limit: usize) -> Result<Replay> {
+        validate_room(room)?;
+        let mut conn = self.manager.clone();
+        let after_seq = after.seq;
+        // One transaction, so the head, its epoch and the history are of one numbering.
+        let (head, epoch, entries): (Option<u64>, Option<u32>, Vec<StreamEntry>) = redis::pipe()
+            .atomic()
+            .get(self.counter_key(room))
+            .get(self.epoch_key(room))
             .cmd("XRANGE")
             .arg(self.log_key(room))
             .arg(format!("({after_seq}-0"))
@@ -335,6 +351,12 @@ impl Inner {
             .await
             .map_err(backend)?;
         let head = head.unwrap_or(0);
+        let epoch = epoch.unwrap_or(0);
+        if after.epoch != 0 && after.epoch != epoch && (epoch != 0 || after_seq > 0) {
+            return Ok(Replay::Gone {
+                reason: "room_restarted",
+            });
+        }
         if after_seq > head {
             return Ok(Replay::Gone {
                 reason: "cursor_ahead_of_room",
@@ -355,7 +377,7 @@ impl Inner {
                 .find(|pair| pair.first().is_some_and(|k| k == b"d"))
                 .and_then(|pair| pair.get(1))
                 .ok_or_else(|| corrupt("a history entry has no body"))?;
-            events.push(Arc::new(decode(room, seq, body)?));
+            events.push(Arc::new(decode(room, Position::new(seq, epoch), body)?));
         }
         let Some(first) = events.first() else {
             return Ok(Replay::Gone {
@@ -382,8 +404,8 @@ impl Inner {
 /// One `XRANGE` entry: its id and its field/value pairs.
 type StreamEntry = (String, Vec<Vec<u8>>);
 
-/// Reads `ts|event|data` (the stream entry) into an event of `room` numbered `seq`.
-fn decode(room: &str, seq: u64, body: &[u8]) -> Result<RoomEvent> {
+/// Reads `ts|event|data` (the stream entry) into an event of `room` at `at`.
+fn decode(room: &str, at: Position, body: &[u8]) -> Result<RoomEvent> {
     let text = std::str::from_utf8(body).map_err(|_| corrupt("an event is not UTF-8"))?;
     let mut parts = text.splitn(3, '|');
     let (Some(ts), Some(event), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
@@ -395,24 +417,31 @@ fn decode(room: &str, seq: u64, body: &[u8]) -> Result<RoomEvent> {
     let data = serde_json::from_str(data).map_err(|_| corrupt("an event's data is not JSON"))?;
     Ok(RoomEvent {
         room: room.to_owned(),
-        seq,
+        seq: at.seq,
+        epoch: at.epoch,
         event: event.to_owned(),
         data,
         ts: SystemTime::UNIX_EPOCH + Duration::from_millis(ts),
     })
 }
 
-/// Reads a pub/sub payload `seq|ts|event|data`.
+/// Reads a pub/sub payload `seq.epoch|ts|event|data` (`seq|…` from a publisher that
+/// predates epochs: epoch not known).
 fn decode_live(room: &str, payload: &[u8]) -> Result<RoomEvent> {
     let split = payload
         .iter()
         .position(|b| *b == b'|')
         .ok_or_else(|| corrupt("a live event has no sequence number"))?;
-    let seq = std::str::from_utf8(&payload[..split])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or_else(|| corrupt("a live event's sequence number is not a number"))?;
-    decode(room, seq, &payload[split + 1..])
+    let number = std::str::from_utf8(&payload[..split])
+        .map_err(|_| corrupt("a live event's sequence number is not a number"))?;
+    let (seq, epoch) = number.split_once('.').unwrap_or((number, "0"));
+    let seq = seq
+        .parse::<u64>()
+        .map_err(|_| corrupt("a live event's sequence number is not a number"))?;
+    let epoch = epoch
+        .parse::<u32>()
+        .map_err(|_| corrupt("a live event's epoch is not a number"))?;
+    decode(room, Position::new(seq, epoch), &payload[split + 1..])
 }
 
 async fn run_subscriber(inner: Weak<Inner>, source: PubSubSource) {
@@ -472,7 +501,7 @@ async fn run_subscriber(inner: Weak<Inner>, source: PubSubSource) {
                     let Some(strong) = inner.upgrade() else { return };
                     let Some(room) = strong.room_of(message.get_channel_name()) else { continue };
                     match decode_live(room, message.get_payload_bytes()) {
-                        Ok(event) => strong.forward(event, true),
+                        Ok(event) => strong.forward(event),
                         Err(e) => tracing::warn!(room, error = %e, "an undecodable live event was skipped; the next event repairs the hole"),
                     }
                 }
@@ -536,21 +565,24 @@ impl Broadcaster for RedisBroadcaster {
             .unwrap_or(0);
         let body = format!("{ts_ms}|{event}|{json}");
         let mut conn = inner.manager.clone();
-        let seq: u64 = inner
+        let (seq, epoch): (u64, u32) = inner
             .script
             .key(inner.counter_key(room))
             .key(inner.log_key(room))
+            .key(inner.epoch_key(room))
             .arg(body)
-            .arg(inner.options.counter_ttl.as_millis() as u64)
+            .arg(inner.options.counter_ttl.as_millis().max(1) as u64)
             .arg(inner.options.history.max_events.max(1))
             .arg(inner.options.history.max_age.as_millis().max(1) as u64)
             .arg(inner.channel(room))
+            .arg(new_epoch())
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
         Ok(Arc::new(RoomEvent {
             room: room.to_owned(),
             seq,
+            epoch,
             event: event.to_owned(),
             data,
             ts: SystemTime::UNIX_EPOCH + Duration::from_millis(ts_ms),
@@ -567,14 +599,7 @@ impl Broadcaster for RedisBroadcaster {
                 Some(local) => (local.tx.subscribe(), false),
                 None => {
                     let (tx, rx) = broadcast::channel(CHANNEL_CAPACITY);
-                    rooms.insert(
-                        room.to_owned(),
-                        LocalRoom {
-                            tx,
-                            last: None,
-                            live: None,
-                        },
-                    );
+                    rooms.insert(room.to_owned(), LocalRoom { tx, last: None });
                     (rx, true)
                 }
             }
@@ -603,24 +628,21 @@ impl Broadcaster for RedisBroadcaster {
         let head = self.head(room).await.map_err(forget)?;
         drop(sink);
         if let Some(local) = inner.rooms().get_mut(room) {
-            local.last = Some(local.last.map_or(head, |last| last.max(head)));
+            // A live event forwarded meanwhile is as new as the head or newer.
+            local.last = Some(match local.last {
+                Some(last) if !last.same_numbering(head) || last.seq >= head.seq => last,
+                _ => head,
+            });
         }
         Ok(Subscription::new(rx))
     }
 
-    async fn replay(&self, room: &str, after_seq: u64, limit: usize) -> Result<Replay> {
-        self.inner.replay(room, after_seq, limit).await
+    async fn replay(&self, room: &str, after: Position, limit: usize) -> Result<Replay> {
+        self.inner.replay(room, after, limit).await
     }
 
-    async fn head(&self, room: &str) -> Result<u64> {
-        validate_room(room)?;
-        let mut conn = self.inner.manager.clone();
-        let head: Option<u64> = redis::cmd("GET")
-            .arg(self.inner.counter_key(room))
-            .query_async(&mut conn)
-            .await
-            .map_err(backend)?;
-        Ok(head.unwrap_or(0))
+    async fn head(&self, room: &str) -> Result<Position> {
+        self.inner.head(room).await
     }
 
     fn state(&self) -> BrokerState {

@@ -11,19 +11,21 @@ use upcoach_core::Principal;
 use crate::hub::{ConnShared, Delivery, Inner, Refusal, Slot, Transport};
 use crate::pending::PendingPermit;
 use crate::wire::Encoded;
-use crate::{Error, Replay, validate_room};
+use crate::{Error, Position, Replay, validate_room};
 
 /// What a session hands its transport to write, in order.
 #[derive(Debug)]
 pub(crate) enum Outbound {
     Subscribed {
         room: Arc<str>,
-        seq: u64,
+        head: Position,
     },
     Event(Arc<Encoded>),
     Reset {
         room: Arc<str>,
         reason: &'static str,
+        /// Where the reader resumes.
+        at: Position,
     },
 }
 
@@ -64,6 +66,34 @@ struct Reading {
     room: Arc<str>,
     /// The last sequence number handed to the client.
     last: u64,
+    /// The numbering `last` belongs to; 0 while not known (the room had no event
+    /// when the reader joined), taken from the first event then.
+    epoch: u32,
+}
+
+impl Reading {
+    fn position(&self) -> Position {
+        Position::new(self.last, self.epoch)
+    }
+
+    fn set(&mut self, at: Position) {
+        self.last = at.seq;
+        self.epoch = at.epoch;
+    }
+
+    /// Whether a restart reset of the room (new numbering's `head`, old numbering's
+    /// last `old`) has nothing to tell this reader: it is in the new numbering already.
+    fn already_in(&self, head: Position, old: u64) -> bool {
+        match (self.epoch, head.epoch) {
+            // A broadcaster without epochs: a reader below the old numbering's end read
+            // its position from the new one.
+            (0, 0) => self.last < old,
+            // Joined the room before its new numbering's first event: nothing missed
+            // if the reset resumes from the very start.
+            (0, _) => self.last == 0 && head.seq == 0,
+            (mine, new) => mine == new,
+        }
+    }
 }
 
 /// What holds a connection's place in the hub.
@@ -178,17 +208,12 @@ impl Session {
         self.rooms.len()
     }
 
-    /// The rooms and the last sequence number delivered in each.
-    pub(crate) fn positions(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.rooms.iter().map(|r| (&*r.room, r.last))
-    }
-
     /// Starts reading `room`: with `since`, everything after it first (or a reset when
     /// history is gone), then live events. Appends what to send to `out`.
     pub(crate) async fn subscribe(
         &mut self,
         room: &str,
-        since: Option<u64>,
+        since: Option<Position>,
         out: &mut Vec<Outbound>,
     ) -> Result<(), SubscribeError> {
         validate_room(room).map_err(SubscribeError::InvalidRoom)?;
@@ -226,8 +251,12 @@ impl Session {
         };
         let positioned = self.position(&name, since, out).await;
         match positioned {
-            Ok(last) => {
-                self.rooms.push(Reading { room: name, last });
+            Ok(at) => {
+                self.rooms.push(Reading {
+                    room: name,
+                    last: at.seq,
+                    epoch: at.epoch,
+                });
                 Ok(())
             }
             Err(e) => {
@@ -243,64 +272,86 @@ impl Session {
     async fn position(
         &self,
         room: &Arc<str>,
-        since: Option<u64>,
+        since: Option<Position>,
         out: &mut Vec<Outbound>,
-    ) -> Result<u64, Error> {
+    ) -> Result<Position, Error> {
         let hub = &self.hub;
         let head = hub.broadcaster.head(room).await?;
         out.push(Outbound::Subscribed {
             room: room.clone(),
-            seq: head,
+            head,
         });
         let Some(since) = since else {
             return Ok(head);
         };
-        if since > head {
-            // A cursor from before a restart (or a flushed Redis): the room's numbers
-            // started again. Waiting for `seq` to pass it would silently drop events.
+        let gone = if !since.same_numbering(head) {
+            // A cursor from another numbering (a restarted process or Redis): its
+            // numbers mean nothing here, however they compare.
+            Some("room_restarted")
+        } else if since.seq > head.seq {
+            // A cursor from before a restart, from a broadcaster without epochs.
+            // Waiting for `seq` to pass it would silently drop events.
+            Some("cursor_ahead_of_room")
+        } else {
+            None
+        };
+        if let Some(reason) = gone {
             hub.counters.resets.fetch_add(1, Ordering::Relaxed);
             out.push(Outbound::Reset {
                 room: room.clone(),
-                reason: "cursor_ahead_of_room",
+                reason,
+                at: head,
             });
             return Ok(head);
         }
-        self.catch_up(room, since, head, out).await
+        // The same numbering as the head (or one not known): the head's epoch.
+        self.catch_up(room, Position::new(since.seq, head.epoch), head.seq, out)
+            .await
     }
 
-    /// Replays `room` from `after` up to at least `until`; the position reached.
+    /// Replays `room` from `after` up to at least `until` (in `after`'s numbering);
+    /// the position reached.
     async fn catch_up(
         &self,
         room: &Arc<str>,
-        mut after: u64,
+        mut after: Position,
         until: u64,
         out: &mut Vec<Outbound>,
-    ) -> Result<u64, Error> {
+    ) -> Result<Position, Error> {
         let hub = &self.hub;
         let page = hub.config.replay_page;
-        while after < until {
+        while after.seq < until {
             match hub.broadcaster.replay(room, after, page).await? {
                 Replay::Events(events) => {
-                    let Some(newest) = events.last().map(|e| e.seq) else {
+                    let Some(newest) = events.last().map(|e| e.position()) else {
                         break;
                     };
                     for event in events {
-                        if event.seq > after {
+                        if event.seq > after.seq {
                             out.push(Outbound::Event(Arc::new(Encoded::new(
                                 &event,
                                 room.clone(),
                             ))));
                         }
                     }
-                    after = after.max(newest);
+                    if newest.seq > after.seq {
+                        after = newest;
+                    }
                 }
                 Replay::Gone { reason } => {
                     hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+                    let head = hub.broadcaster.head(room).await?;
+                    let at = if head.same_numbering(after) && head.seq < until {
+                        Position::new(until, head.epoch)
+                    } else {
+                        head
+                    };
                     out.push(Outbound::Reset {
                         room: room.clone(),
                         reason,
+                        at,
                     });
-                    return Ok(hub.broadcaster.head(room).await?.max(until));
+                    return Ok(at);
                 }
             }
         }
@@ -352,13 +403,18 @@ impl Session {
                     .rooms
                     .iter_mut()
                     .find(|r| same_room(&r.room, &event.room))?;
+                // Another numbering than the reader's: one it left already (the hub
+                // announces a new numbering with a reset before its first event).
+                if !reading.position().same_numbering(event.position()) {
+                    return None;
+                }
                 if event.seq <= reading.last {
                     return None;
                 }
                 if event.seq > reading.last + 1 {
                     return Some(event);
                 }
-                reading.last = event.seq;
+                reading.set(event.position().or_epoch(reading.epoch));
                 out.push(Outbound::Event(event));
                 None
             }
@@ -369,15 +425,31 @@ impl Session {
                     .find(|r| same_room(&r.room, &reset.room))?;
                 // Resume from the head: whatever the client missed is announced as gone.
                 match (reset.restarted_from, reset.head) {
-                    // Positioned in the new numbering already: nothing was missed.
-                    (Some(old), _) if reading.last < old => return None,
-                    (Some(_), Some(head)) => reading.last = head,
-                    (None, Some(head)) => reading.last = reading.last.max(head),
+                    (Some(old), Some(head)) if reading.already_in(head, old) => {
+                        // Positioned in the new numbering already: nothing was missed.
+                        if reading.epoch == 0 {
+                            reading.epoch = head.epoch;
+                        }
+                        return None;
+                    }
+                    (Some(_), Some(head)) => reading.set(head),
+                    (None, Some(head)) if !reading.position().same_numbering(head) => {
+                        reading.set(head);
+                    }
+                    (None, Some(head)) => {
+                        let epoch = if head.epoch == 0 {
+                            reading.epoch
+                        } else {
+                            head.epoch
+                        };
+                        reading.set(Position::new(reading.last.max(head.seq), epoch));
+                    }
                     (_, None) => {}
                 }
                 out.push(Outbound::Reset {
                     room: reset.room.clone(),
                     reason: reset.reason,
+                    at: reading.position(),
                 });
                 None
             }
@@ -394,22 +466,35 @@ impl Session {
         else {
             return;
         };
-        let last = self.rooms[i].last;
+        let from = self.rooms[i].position().or_epoch(event.epoch);
         let room = self.rooms[i].room.clone();
-        match self.catch_up(&room, last, event.seq - 1, out).await {
-            Ok(reached) => self.rooms[i].last = reached,
+        match self.catch_up(&room, from, event.seq - 1, out).await {
+            Ok(reached) => self.rooms[i].set(reached),
             Err(_) => {
                 self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
                 out.push(Outbound::Reset {
                     room,
                     reason: "broker_unavailable",
+                    at: self.rooms[i].position(),
                 });
             }
         }
-        if event.seq <= self.rooms[i].last {
+        let reading = &mut self.rooms[i];
+        if !reading.position().same_numbering(event.position()) || event.seq <= reading.last {
             return;
         }
-        self.rooms[i].last = event.seq;
+        if reading.last + 1 < event.seq {
+            // History ended before the event (it held nothing more): what lies between
+            // is gone, and the client is told so rather than handed a jump.
+            self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+            reading.set(Position::new(event.seq - 1, event.epoch));
+            out.push(Outbound::Reset {
+                room: reading.room.clone(),
+                reason: "history_expired",
+                at: reading.position(),
+            });
+        }
+        reading.set(event.position().or_epoch(reading.epoch));
         out.push(Outbound::Event(event));
     }
 }
@@ -450,6 +535,7 @@ mod tests {
     use upcoach_core::{Principal, Role, SessionId, SystemClock, UserId};
 
     use super::{Outbound, Session};
+    use crate::Position;
     use crate::hub::{Delivery, Transport};
     use crate::wire::Encoded;
     use crate::{HistoryLimits, Hub, MemoryBroadcaster};
@@ -477,7 +563,7 @@ mod tests {
             let room = hub.inner.broadcaster.clone();
             async move {
                 let crate::Replay::Events(events) =
-                    room.replay("metrics", seq - 1, 1).await.unwrap()
+                    room.replay("metrics", (seq - 1).into(), 1).await.unwrap()
                 else {
                     panic!("history holds the event");
                 };
@@ -496,7 +582,7 @@ mod tests {
 
     /// A session subscribed to `metrics` from `since` on a hub whose room holds
     /// `events` events (the restarted room's new numbering, as the reader read it).
-    async fn reader_of(events: u64, since: Option<u64>) -> (Hub, Session, Vec<Outbound>) {
+    async fn reader_of(events: u64, since: Option<Position>) -> (Hub, Session, Vec<Outbound>) {
         let broadcaster = MemoryBroadcaster::new(HistoryLimits::default(), Arc::new(SystemClock));
         let hub = Hub::builder(
             Arc::new(broadcaster),
@@ -528,7 +614,7 @@ mod tests {
         let crate::Replay::Events(events) = hub
             .inner
             .broadcaster
-            .replay("metrics", 0, 10)
+            .replay("metrics", Position::default(), 10)
             .await
             .unwrap()
         else {
@@ -538,7 +624,7 @@ mod tests {
         let reset = crate::hub::RoomReset {
             room: Arc::from("metrics"),
             reason: "room_restarted",
-            head: Some(0),
+            head: Some(Position::new(0, events[0].epoch)),
             restarted_from: Some(seen),
         };
         session
@@ -558,7 +644,7 @@ mod tests {
     /// for it, and nothing comes twice.
     #[tokio::test]
     async fn a_reader_already_in_a_restarted_rooms_numbering_ignores_its_reset() {
-        let (hub, mut session, out) = reader_of(2, Some(0)).await;
+        let (hub, mut session, out) = reader_of(2, Some(Position::default())).await;
         assert_eq!(seqs(&out), [1, 2], "caught up in the new numbering");
         let out = restart_seen_by_the_feed(&hub, &mut session, 20).await;
         assert!(out.is_empty(), "neither a reset nor a repeat");
@@ -569,8 +655,8 @@ mod tests {
     #[tokio::test]
     async fn a_reader_in_the_old_numbering_gets_reset_then_the_new_events() {
         let (hub, mut session, _) = reader_of(2, None).await;
-        // As if it had read up to 20 before the restart.
-        session.rooms[0].last = 20;
+        // As if it had read up to 20 of another numbering before the restart.
+        session.rooms[0].set(Position::new(20, 7));
         let out = restart_seen_by_the_feed(&hub, &mut session, 20).await;
         assert!(
             matches!(
@@ -583,5 +669,85 @@ mod tests {
             "a reset first"
         );
         assert_eq!(seqs(&out), [1, 2]);
+    }
+
+    /// A reader of the old numbering whose count is below the new one's: numbers alone
+    /// would call it current and hand it event 2 of the new numbering as the next
+    /// after its 1. The epoch tells: reset, then the new events from 1.
+    #[tokio::test]
+    async fn a_reader_behind_the_new_numberings_count_still_gets_reset() {
+        let (hub, mut session, _) = reader_of(2, None).await;
+        session.rooms[0].set(Position::new(1, 7));
+        let out = restart_seen_by_the_feed(&hub, &mut session, 1).await;
+        assert!(
+            matches!(
+                &out[0],
+                Outbound::Reset {
+                    reason: "room_restarted",
+                    at,
+                    ..
+                } if at.seq == 0
+            ),
+            "a reset first, resuming from the start of the new numbering"
+        );
+        assert_eq!(seqs(&out), [1, 2]);
+    }
+
+    /// An event of a numbering the reader left (queued by the feed before the restart)
+    /// is not delivered: its number means nothing in the reader's numbering.
+    #[tokio::test]
+    async fn an_event_of_a_numbering_left_is_not_delivered() {
+        let (hub, mut session, _) = reader_of(2, None).await;
+        let head = hub.inner.broadcaster.head("metrics").await.unwrap();
+        let stale = crate::RoomEvent {
+            room: "metrics".into(),
+            seq: 3,
+            epoch: head.epoch.wrapping_add(1).max(1),
+            event: "tick".into(),
+            data: serde_json::json!("old"),
+            ts: SystemTime::now(),
+        };
+        let mut out = Vec::new();
+        let delivery = Delivery::Event(Arc::new(Encoded::new(&stale, Arc::from("metrics"))));
+        session.accept(delivery, &mut out).await;
+        assert!(out.is_empty(), "dropped: {out:?}");
+        hub.publish("metrics", "tick", serde_json::json!(3))
+            .await
+            .unwrap();
+        let crate::Replay::Events(events) = hub
+            .inner
+            .broadcaster
+            .replay("metrics", 2.into(), 10)
+            .await
+            .unwrap()
+        else {
+            panic!("the room has its events");
+        };
+        let delivery = Delivery::Event(Arc::new(Encoded::new(&events[0], Arc::from("metrics"))));
+        session.accept(delivery, &mut out).await;
+        assert_eq!(seqs(&out), [3], "the reader's own numbering goes on");
+    }
+
+    /// Resuming with a position from another numbering: `reset`, never the events
+    /// after its number in this one.
+    #[tokio::test]
+    async fn a_position_from_another_numbering_resumes_with_reset() {
+        let (_hub, _session, out) = reader_of(5, Some(Position::new(2, 7))).await;
+        assert!(
+            matches!(
+                &out[..],
+                [
+                    Outbound::Subscribed { head, .. },
+                    Outbound::Reset { reason: "room_restarted", at, .. },
+                ] if at == head && head.seq == 5
+            ),
+            "{out:?}"
+        );
+        let (_hub, _session, out) = reader_of(5, Some(2.into())).await;
+        assert_eq!(
+            seqs(&out),
+            [3, 4, 5],
+            "an epoch not known is taken at its word"
+        );
     }
 }

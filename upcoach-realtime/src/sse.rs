@@ -119,7 +119,12 @@ impl Hub {
                 .iter()
                 .any(|o| matches!(o, Outbound::Reset { room: r, .. } if &**r == room));
             if let (Some(since), false) = (since, resumed) {
-                start.set(room, since);
+                // A cursor without an epoch takes the room's from here on.
+                let head = out.iter().find_map(|o| match o {
+                    Outbound::Subscribed { room: r, head } if &**r == room => Some(*head),
+                    _ => None,
+                });
+                start.set(room, since.or_epoch(head.map_or(0, |h| h.epoch)));
             }
         }
         let (chunks, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
@@ -230,10 +235,10 @@ impl Stream {
         self.text.push_str(&format!("retry: {retry}\n"));
         // Positions for rooms without a cursor come from their `subscribed` head.
         for item in &first {
-            if let Outbound::Subscribed { room, seq } = item
+            if let Outbound::Subscribed { room, head } = item
                 && self.cursor.get(room).is_none()
             {
-                self.cursor.set(room, *seq);
+                self.cursor.set(room, *head);
             }
         }
         // An `id:` with no data sets the client's Last-Event-ID without dispatching
@@ -308,21 +313,14 @@ impl Stream {
             match item {
                 Outbound::Subscribed { .. } => {}
                 Outbound::Event(event) => {
-                    self.cursor.set(&event.room, event.seq);
+                    self.cursor.set(&event.room, event.position());
                     self.text.push_str(&format!(
                         "id: {}\nevent: {}\ndata: {}\n\n",
                         self.cursor, event.event, event.json
                     ));
                 }
-                Outbound::Reset { room, reason } => {
-                    let position = self
-                        .session
-                        .positions()
-                        .find(|(r, _)| *r == &*room)
-                        .map(|(_, seq)| seq);
-                    if let Some(seq) = position {
-                        self.cursor.set(&room, seq);
-                    }
+                Outbound::Reset { room, reason, at } => {
+                    self.cursor.set(&room, at);
                     self.text.push_str(&format!(
                         "id: {}\nevent: reset\ndata: {}\n\n",
                         self.cursor,

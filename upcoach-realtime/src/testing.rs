@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use upcoach_core::{Clock, ManualClock};
 
-use crate::{Broadcaster, Error, HistoryLimits, MAX_EVENT_DATA_LEN, Replay, Subscription};
+use crate::{
+    Broadcaster, Error, HistoryLimits, MAX_EVENT_DATA_LEN, Position, Replay, Subscription,
+};
 
 /// Makes a fresh, empty broadcaster (its own instance or key prefix) with the given
 /// history limits, stamping and ageing events by `clock`.
@@ -43,6 +45,7 @@ pub async fn broadcaster_conformance(make: &dyn MakeBroadcaster) {
     age_bound(make).await;
     refusals(make).await;
     concurrent_publishers(make).await;
+    epochs(make).await;
 }
 
 fn clock() -> Arc<ManualClock> {
@@ -51,7 +54,7 @@ fn clock() -> Arc<ManualClock> {
 
 async fn numbering(make: &dyn MakeBroadcaster) {
     let b = make.make(HistoryLimits::default(), clock()).await;
-    assert_eq!(b.head("a").await.unwrap(), 0, "a new room is at 0");
+    assert_eq!(b.head("a").await.unwrap().seq, 0, "a new room is at 0");
     for expected in 1..=3 {
         let sent = b
             .publish("a", "tick", serde_json::json!({"n": expected}))
@@ -65,8 +68,8 @@ async fn numbering(make: &dyn MakeBroadcaster) {
         .await
         .unwrap();
     assert_eq!(other.seq, 1, "each room has its own sequence");
-    assert_eq!(b.head("a").await.unwrap(), 3);
-    assert_eq!(b.head("b").await.unwrap(), 1);
+    assert_eq!(b.head("a").await.unwrap().seq, 3);
+    assert_eq!(b.head("b").await.unwrap().seq, 1);
     assert!(!b.state().kind.is_empty());
 }
 
@@ -100,27 +103,30 @@ async fn replay_ranges(make: &dyn MakeBroadcaster) {
             .unwrap();
     }
     assert_eq!(
-        events(b.replay("r", 0, 1000).await.unwrap()),
+        events(b.replay("r", 0.into(), 1000).await.unwrap()),
         (1..=100).collect::<Vec<_>>()
     );
     assert_eq!(
-        events(b.replay("r", 50, 10).await.unwrap()),
+        events(b.replay("r", 50.into(), 10).await.unwrap()),
         (51..=60).collect::<Vec<_>>()
     );
     assert_eq!(
-        events(b.replay("r", 100, 10).await.unwrap()),
+        events(b.replay("r", 100.into(), 10).await.unwrap()),
         Vec::<u64>::new(),
         "at the head: nothing"
     );
     assert!(
-        matches!(b.replay("r", 105, 10).await.unwrap(), Replay::Gone { .. }),
+        matches!(
+            b.replay("r", 105.into(), 10).await.unwrap(),
+            Replay::Gone { .. }
+        ),
         "a cursor ahead of the room cannot resume"
     );
     assert_eq!(
-        events(b.replay("nobody-here", 0, 10).await.unwrap()),
+        events(b.replay("nobody-here", 0.into(), 10).await.unwrap()),
         Vec::<u64>::new()
     );
-    let Replay::Events(got) = b.replay("r", 6, 1).await.unwrap() else {
+    let Replay::Events(got) = b.replay("r", 6.into(), 1).await.unwrap() else {
         panic!("events")
     };
     let event = &got[0];
@@ -154,11 +160,14 @@ async fn count_bound(make: &dyn MakeBroadcaster) {
         b.publish("c", "n", serde_json::json!(i)).await.unwrap();
     }
     assert!(
-        matches!(b.replay("c", 0, 1000).await.unwrap(), Replay::Gone { .. }),
+        matches!(
+            b.replay("c", 0.into(), 1000).await.unwrap(),
+            Replay::Gone { .. }
+        ),
         "history bounded by count no longer reaches the start"
     );
     assert_eq!(
-        events(b.replay("c", 295, 100).await.unwrap()),
+        events(b.replay("c", 295.into(), 100).await.unwrap()),
         (296..=300).collect::<Vec<_>>()
     );
 }
@@ -179,10 +188,16 @@ async fn age_bound(make: &dyn MakeBroadcaster) {
     }
     clock.advance(Duration::from_secs(40));
     assert!(
-        matches!(b.replay("t", 0, 100).await.unwrap(), Replay::Gone { .. }),
+        matches!(
+            b.replay("t", 0.into(), 100).await.unwrap(),
+            Replay::Gone { .. }
+        ),
         "events older than max_age are not replayed"
     );
-    assert_eq!(events(b.replay("t", 3, 100).await.unwrap()), vec![4, 5]);
+    assert_eq!(
+        events(b.replay("t", 3.into(), 100).await.unwrap()),
+        vec![4, 5]
+    );
 }
 
 async fn refusals(make: &dyn MakeBroadcaster) {
@@ -216,7 +231,7 @@ async fn refusals(make: &dyn MakeBroadcaster) {
         Err(Error::TooLarge { .. })
     ));
     assert_eq!(
-        b.head("ok").await.unwrap(),
+        b.head("ok").await.unwrap().seq,
         0,
         "nothing refused was published"
     );
@@ -256,6 +271,57 @@ async fn concurrent_publishers(make: &dyn MakeBroadcaster) {
             next_seq(&mut live).await,
             expected,
             "delivered in sequence order"
+        );
+    }
+}
+
+/// Every event of a numbering carries its epoch, the head says it, and a replay from
+/// another numbering is refused as `room_restarted` (from an epoch not known, it is
+/// taken at its word).
+async fn epochs(make: &dyn MakeBroadcaster) {
+    let b = make.make(HistoryLimits::default(), clock()).await;
+    let mut live = b.subscribe("e").await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(b.publish("e", "n", serde_json::json!(i)).await.unwrap());
+    }
+    let epoch = sent[0].epoch;
+    assert_ne!(epoch, 0, "a numbering has an epoch");
+    assert!(
+        sent.iter().all(|e| e.epoch == epoch),
+        "one numbering, one epoch"
+    );
+    assert_eq!(b.head("e").await.unwrap(), Position::new(3, epoch));
+    for _ in 0..3 {
+        let event = tokio::time::timeout(WAIT, live.recv())
+            .await
+            .expect("a live event within 5 s")
+            .expect("the feed stays open");
+        assert_eq!(event.epoch, epoch, "live events carry the epoch");
+    }
+    let Replay::Events(replayed) = b.replay("e", Position::new(1, epoch), 10).await.unwrap() else {
+        panic!("the same numbering replays")
+    };
+    assert_eq!(
+        replayed.iter().map(|e| e.position()).collect::<Vec<_>>(),
+        [Position::new(2, epoch), Position::new(3, epoch)],
+        "replayed events carry the epoch"
+    );
+    assert_eq!(
+        events(b.replay("e", 1.into(), 10).await.unwrap()),
+        [2, 3],
+        "an epoch not known is taken at its word"
+    );
+    let other = epoch.wrapping_add(1).max(1);
+    for after in [0, 1, 3] {
+        assert_eq!(
+            b.replay("e", Position::new(after, other), 10)
+                .await
+                .unwrap(),
+            Replay::Gone {
+                reason: "room_restarted"
+            },
+            "a position from another numbering (seq {after}) cannot resume"
         );
     }
 }

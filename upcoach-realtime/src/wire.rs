@@ -6,17 +6,19 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::RoomEvent;
+use crate::{Position, RoomEvent};
 
 /// An event encoded once for every connection of this process.
 #[derive(Debug)]
 pub(crate) struct Encoded {
     pub(crate) room: Arc<str>,
     pub(crate) seq: u64,
+    pub(crate) epoch: u32,
     pub(crate) event: String,
-    /// `{"room","seq","event","data","ts"}`: the SSE `data:` line.
+    /// `{"room","seq","epoch","event","data","ts"}`: the SSE `data:` line.
     pub(crate) json: String,
-    /// `{"type":"event","room","seq","event","data","ts"}`: the WebSocket text frame.
+    /// `{"type":"event","room","seq","epoch","event","data","ts"}`: the WebSocket text
+    /// frame.
     pub(crate) ws: Utf8Bytes,
 }
 
@@ -24,16 +26,22 @@ pub(crate) struct Encoded {
 struct EventBody<'a> {
     room: &'a str,
     seq: u64,
+    epoch: u32,
     event: &'a str,
     data: &'a serde_json::Value,
     ts: u64,
 }
 
 impl Encoded {
+    pub(crate) fn position(&self) -> Position {
+        Position::new(self.seq, self.epoch)
+    }
+
     pub(crate) fn new(event: &RoomEvent, room: Arc<str>) -> Self {
         let json = serde_json::to_string(&EventBody {
             room: &event.room,
             seq: event.seq,
+            epoch: event.epoch,
             event: &event.event,
             data: &event.data,
             ts: event.ts_millis(),
@@ -44,6 +52,7 @@ impl Encoded {
         Self {
             room,
             seq: event.seq,
+            epoch: event.epoch,
             event: event.event.clone(),
             json,
             ws: Utf8Bytes::from(ws),
@@ -55,9 +64,13 @@ impl Encoded {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum ClientMessage {
+    /// `since` is the last sequence number the client has; `epoch` the numbering it
+    /// belongs to (from the `subscribed`, `event` or `reset` that told it), which
+    /// older clients leave out.
     Subscribe {
         room: String,
         since: Option<u64>,
+        epoch: Option<u32>,
     },
     Unsubscribe {
         room: String,
@@ -77,10 +90,14 @@ pub(crate) enum ServerMessage<'a> {
     Subscribed {
         room: &'a str,
         seq: u64,
+        epoch: u32,
     },
+    /// `seq` and `epoch`: where the client now stands, to resume from.
     Reset {
         room: &'a str,
         reason: &'a str,
+        seq: u64,
+        epoch: u32,
     },
     Error {
         code: &'a str,

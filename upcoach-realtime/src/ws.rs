@@ -501,7 +501,9 @@ impl Connection {
         match parsed {
             ClientMessage::Ping {} => self.reply(ServerMessage::Pong).await,
             ClientMessage::Auth { token } => self.on_auth(&token).await,
-            ClientMessage::Subscribe { room, since } => {
+            ClientMessage::Subscribe { room, since, epoch } => {
+                // An `epoch` without `since` names no position: nothing to resume.
+                let since = since.map(|seq| crate::Position::new(seq, epoch.unwrap_or(0)));
                 self.out.clear();
                 let mut out = std::mem::take(&mut self.out);
                 let result = self.session.subscribe(&room, since, &mut out).await;
@@ -730,13 +732,20 @@ async fn write_all<S: Future<Output = Step>>(
     for item in out.drain(..) {
         let message = match item {
             Outbound::Event(event) => Message::Text(event.ws.clone()),
-            Outbound::Subscribed { room, seq } => {
-                Message::Text(ServerMessage::Subscribed { room: &room, seq }.text())
-            }
-            Outbound::Reset { room, reason } => Message::Text(
+            Outbound::Subscribed { room, head } => Message::Text(
+                ServerMessage::Subscribed {
+                    room: &room,
+                    seq: head.seq,
+                    epoch: head.epoch,
+                }
+                .text(),
+            ),
+            Outbound::Reset { room, reason, at } => Message::Text(
                 ServerMessage::Reset {
                     room: &room,
                     reason,
+                    seq: at.seq,
+                    epoch: at.epoch,
                 }
                 .text(),
             ),

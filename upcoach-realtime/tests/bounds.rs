@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use upcoach_core::ManualClock;
-use upcoach_realtime::{Broadcaster, Error, HistoryLimits, MemoryBroadcaster, Replay};
+use upcoach_realtime::{Broadcaster, Error, HistoryLimits, MemoryBroadcaster, Position, Replay};
 
 #[tokio::test]
 async fn a_room_flood_stops_at_the_cap_and_only_idle_rooms_make_space() {
@@ -41,8 +41,12 @@ async fn a_room_flood_stops_at_the_cap_and_only_idle_rooms_make_space() {
         ));
     }
     // The rooms it has keep working.
-    let event = broadcaster.publish("public:a", "posted", json!({})).await;
-    assert_eq!(event.unwrap().seq, 2);
+    let event = broadcaster
+        .publish("public:a", "posted", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(event.seq, 2);
+    let first_epoch = event.epoch;
 
     // Once history has aged out, rooms without readers make space; the read one stays.
     clock.advance(Duration::from_secs(61));
@@ -58,13 +62,36 @@ async fn a_room_flood_stops_at_the_cap_and_only_idle_rooms_make_space() {
         broadcaster.publish("public:f", "posted", json!({})).await,
         Err(Error::TooManyRooms { .. })
     ));
-    assert_eq!(broadcaster.head("public:b").await.unwrap(), 1, "kept");
-    assert_eq!(broadcaster.head("public:a").await.unwrap(), 0, "forgotten");
+    assert_eq!(broadcaster.head("public:b").await.unwrap().seq, 1, "kept");
+    assert_eq!(
+        broadcaster.head("public:a").await.unwrap(),
+        Position::default(),
+        "forgotten"
+    );
     assert!(matches!(
-        broadcaster.replay("public:a", 2, 10).await.unwrap(),
+        broadcaster.replay("public:a", 2.into(), 10).await.unwrap(),
         Replay::Gone {
             reason: "cursor_ahead_of_room"
         }
     ));
+    // A forgotten room numbers again from 1 under a new epoch: a position from before,
+    // however its number compares, cannot resume in it.
+    let old = Position::new(2, first_epoch);
+    clock.advance(Duration::from_secs(61));
+    for _ in 0..3 {
+        broadcaster
+            .publish("public:a", "posted", json!({}))
+            .await
+            .unwrap();
+    }
+    let head = broadcaster.head("public:a").await.unwrap();
+    assert_eq!(head.seq, 3);
+    assert_ne!(head.epoch, first_epoch, "a new numbering, a new epoch");
+    assert_eq!(
+        broadcaster.replay("public:a", old, 10).await.unwrap(),
+        Replay::Gone {
+            reason: "room_restarted"
+        }
+    );
     drop(reader);
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use upcoach_realtime::{
-    Cursor, HistoryLimits, Hub, RedisBroadcaster, RedisBroadcasterOptions, Replay, RoomEvent,
+    Cursor, HistoryLimits, Hub, Position, RedisBroadcaster, RedisBroadcasterOptions, Replay,
+    RoomEvent,
 };
 use upcoach_testing::{FaultProxy, RedisPrefix};
 
@@ -167,11 +168,15 @@ fn counts(events: &[Arc<RoomEvent>]) -> Vec<(String, usize)> {
 }
 
 fn last_seq(events: &[Arc<RoomEvent>], room: &str) -> u64 {
+    last_position(events, room).seq
+}
+
+fn last_position(events: &[Arc<RoomEvent>], room: &str) -> Position {
     events
         .iter()
         .rev()
         .find(|e| e.room == room)
-        .map(|e| e.seq)
+        .map(|e| e.position())
         .expect("the room has events")
 }
 
@@ -266,13 +271,15 @@ fn sse_event(record: &Record) -> (String, u64, Value) {
     let body: Value = serde_json::from_str(text).expect("data is JSON");
     let room = body["room"].as_str().expect("data.room").to_owned();
     let seq = body["seq"].as_u64().expect("data.seq");
+    let epoch = body["epoch"].as_u64().expect("data.epoch") as u32;
+    assert_ne!(epoch, 0, "data.epoch: {body}");
     assert_eq!(body["event"], name, "event: matches data.event");
     assert!(body["ts"].as_u64().is_some(), "data.ts: {body}");
     let id = record.id.as_deref().expect("an event record has an id");
     let cursor: Cursor = id.parse().expect("the id is a cursor");
     assert_eq!(
         cursor.get(&room),
-        Some(seq),
+        Some(Position::new(seq, epoch)),
         "the id {id} carries the event's position"
     );
     (room, seq, body["data"].clone())
@@ -420,8 +427,8 @@ async fn sse_cursor_resumes_on_b(cluster: Cluster) {
     assert_streams("A's first stream", &read.events, &seen);
     let cursor = read.last_id;
     let parsed: Cursor = cursor.parse().unwrap();
-    assert_eq!(parsed.get(X), Some(last_seq(&seen, X)));
-    assert_eq!(parsed.get(Y), Some(last_seq(&seen, Y)));
+    assert_eq!(parsed.get(X), Some(last_position(&seen, X)));
+    assert_eq!(parsed.get(Y), Some(last_position(&seen, Y)));
     drop(first);
 
     let missed = publish(&cluster.b.hub, 500, "missed", interleaved).await;
@@ -441,8 +448,8 @@ async fn sse_cursor_resumes_on_b(cluster: Cluster) {
     let read = read_sse(&mut resumed, &counts(&missed)).await;
     assert_streams("B's resumed stream, missed events", &read.events, &missed);
     let parsed: Cursor = read.last_id.parse().unwrap();
-    assert_eq!(parsed.get(X), Some(last_seq(&missed, X)));
-    assert_eq!(parsed.get(Y), Some(last_seq(&missed, Y)));
+    assert_eq!(parsed.get(X), Some(last_position(&missed, X)));
+    assert_eq!(parsed.get(Y), Some(last_position(&missed, Y)));
 
     // Then live events, published on A this time, and nothing twice.
     let live = publish(&cluster.a.hub, 10, "live", interleaved).await;
@@ -516,7 +523,8 @@ async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
     let read = read_sse(&mut first, &counts(&early)).await;
     assert_streams("A's first stream", &read.events, &early);
     let cursor = read.last_id;
-    assert_eq!(cursor, "public:x=2");
+    let epoch = early[0].epoch;
+    assert_eq!(cursor, format!("public:x=2@{epoch}"));
     drop(first);
 
     // `MAXLEN ~ 5` trims whole stream nodes (100 entries or 4 KiB each): several
@@ -525,7 +533,13 @@ async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
     let head = last_seq(&trimmed, X);
     assert_eq!(head, 402);
     assert_eq!(
-        cluster.a.hub.broadcaster().replay(X, 2, 10).await.unwrap(),
+        cluster
+            .a
+            .hub
+            .broadcaster()
+            .replay(X, 2.into(), 10)
+            .await
+            .unwrap(),
         Replay::Gone {
             reason: "history_expired"
         },
@@ -543,7 +557,7 @@ async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
     let opening = resumed.next().await.expect("an opening record");
     assert_eq!(
         opening.id.as_deref(),
-        Some(format!("{X}={head}").as_str()),
+        Some(format!("{X}={head}@{epoch}").as_str()),
         "history is gone, so the stream starts at the head"
     );
     let reset = next_sse_event(&mut resumed, &HashMap::new()).await;
@@ -552,7 +566,7 @@ async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
     assert_eq!(data, json!({"room": X, "reason": "history_expired"}));
     assert_eq!(
         reset.id.as_deref(),
-        Some(format!("{X}={head}").as_str()),
+        Some(format!("{X}={head}@{epoch}").as_str()),
         "after a reset the cursor stands at the room's head"
     );
 
@@ -562,13 +576,10 @@ async fn a_cursor_older_than_redis_history_gets_reset_then_live_events() {
     let subscribed = next_ws(&mut ws, &HashMap::new()).await;
     assert_eq!(
         subscribed,
-        json!({"type": "subscribed", "room": X, "seq": head})
+        json!({"type": "subscribed", "room": X, "seq": head, "epoch": epoch})
     );
     let reset = next_ws(&mut ws, &HashMap::new()).await;
-    assert_eq!(
-        reset,
-        json!({"type": "reset", "room": X, "reason": "history_expired"})
-    );
+    assert_eq!(reset, ws_reset("history_expired", head, epoch));
 
     // Live events follow on both, from the head on.
     let live = publish(&cluster.b.hub, 3, "live", only_x).await;
@@ -798,7 +809,8 @@ async fn a_redis_restart_that_loses_every_key_resets_live_readers_then_delivers(
     let read = read_sse(&mut sse, &counts(&before)).await;
     assert_streams("SSE before the restart", &read.events, &before);
     let old_cursor = read.last_id;
-    assert_eq!(old_cursor, "public:x=20");
+    let old_epoch = before[0].epoch;
+    assert_eq!(old_cursor, format!("public:x=20@{old_epoch}"));
     let read = read_ws(&mut ws, &counts(&before)).await;
     assert_streams("WebSocket before the restart", &read.events, &before);
 
@@ -813,14 +825,12 @@ async fn a_redis_restart_that_loses_every_key_resets_live_readers_then_delivers(
 
     // Neither reader waits for the count to pass 20 (which would drop these events
     // silently): each is told `reset`, then gets the new events once, in order.
+    assert_ne!(after[0].epoch, old_epoch, "precondition: a new numbering");
     let (reset, events) = read_sse_after_reset(&mut sse, after.len()).await;
     assert_eq!(reset, json!({"room": X, "reason": "room_restarted"}));
     assert_streams("SSE after the restart", &events, &after);
     let message = next_ws(&mut ws, &HashMap::new()).await;
-    assert_eq!(
-        message,
-        json!({"type": "reset", "room": X, "reason": "room_restarted"})
-    );
+    assert_eq!(message, ws_reset("room_restarted", 0, after[0].epoch));
     let read = read_ws(&mut ws, &counts(&after)).await;
     assert_streams("WebSocket after the restart", &read.events, &after);
     assert_eq!(a.hub.stats().resets, 1, "one reset, fanned out to both");
@@ -833,12 +843,12 @@ async fn a_redis_restart_that_loses_every_key_resets_live_readers_then_delivers(
     )
     .await;
     assert_eq!(resumed.status, 200);
-    let head = after.last().unwrap().seq;
+    let head = after.last().unwrap().position();
     let opening = resumed.next().await.expect("an opening record");
-    assert_eq!(opening.id, Some(format!("{X}={head}")));
+    assert_eq!(opening.id, Some(format!("{X}={}@{}", head.seq, head.epoch)));
     let live = publish(&a.hub, 3, "live", only_x).await;
     let (reset, events) = read_sse_after_reset(&mut resumed, live.len()).await;
-    assert_eq!(reset, json!({"room": X, "reason": "cursor_ahead_of_room"}));
+    assert_eq!(reset, json!({"room": X, "reason": "room_restarted"}));
     assert_streams("the resumed SSE", &events, &live);
     let read = read_sse(&mut sse, &counts(&live)).await;
     assert_streams("the first SSE, live again", &read.events, &live);
@@ -929,11 +939,127 @@ async fn keys_flushed_under_a_live_connection_reset_readers_then_deliver() {
         "precondition: the room counts from 1 again"
     );
     let first = next_ws(&mut ws, &HashMap::new()).await;
-    assert_eq!(
-        first,
-        json!({"type": "reset", "room": X, "reason": "room_restarted"})
-    );
+    assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
     let read = read_ws(&mut ws, &counts(&after)).await;
     assert_streams("after the flush", &read.events, &after);
     assert_eq!(a.hub.stats().resets, 1);
+}
+
+/// The WebSocket `reset` of X: its reason and where the reader now stands.
+fn ws_reset(reason: &str, seq: u64, epoch: u32) -> Value {
+    json!({"type": "reset", "room": X, "reason": reason, "seq": seq, "epoch": epoch})
+}
+
+/// Keys flushed before this process saw any live event of the room: A's reader joined
+/// X when it held 5 events, so A's position there came from the head, and the new
+/// numbering's 1, 2, 3 are below it with no live event to compare them with. By
+/// numbers alone they were repeats and were dropped, silently; their epoch says they
+/// are a new numbering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_flushed_before_any_live_event_reset_readers_then_deliver() {
+    let Some(redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let tokens = Arc::new(Tokens::default());
+    let a = quick_process(&redis.url(), tokens.clone()).await;
+    let before = publish(&a.hub, 5, "before", only_x).await;
+    let mut ws = support::ws(a.addr, Some(&tokens.admin())).await;
+    assert_eq!(support::subscribe(&mut ws, X, None).await, 5);
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let after = publish(&a.hub, 3, "after", only_x).await;
+    assert_eq!(
+        after[0].seq, 1,
+        "precondition: the room counts from 1 again"
+    );
+    assert_ne!(after[0].epoch, before[0].epoch, "precondition: a new epoch");
+    let first = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
+    let read = read_ws(&mut ws, &counts(&after)).await;
+    assert_streams("after the flush", &read.events, &after);
+    assert_eq!(a.hub.stats().resets, 1);
+}
+
+/// Redis restarts empty while A is cut off from it, and B publishes more events than
+/// the old numbering had before A is back. By numbers alone, A's repair took the new
+/// numbering's 6, 7… for the continuation of the old 5 (and a cursor of the old 5
+/// resumed with them): events silently lost and others passed off as the old
+/// numbering's. By epochs: A's readers get `reset`, then every event of the new
+/// numbering once, and a cursor of the old numbering resumes with `reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_numbering_that_passes_the_old_count_before_a_process_reconnects_resets_its_readers()
+{
+    let Some(mut redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let proxy = FaultProxy::start(upcoach_testing::service_addr(&redis.url())).await;
+    let tokens = Arc::new(Tokens::default());
+    let via_proxy = upcoach_testing::url_via(&redis.url(), proxy.addr());
+    let a = quick_process(&via_proxy, tokens.clone()).await;
+    let b = quick_process(&redis.url(), tokens.clone()).await;
+    let token = tokens.admin();
+    let auth = format!("Bearer {token}");
+    let mut sse = x_reader(&a, &tokens).await;
+    let mut ws = support::ws(a.addr, Some(&token)).await;
+    assert_eq!(support::subscribe(&mut ws, X, None).await, 0);
+    let before = publish(&b.hub, 5, "before", only_x).await;
+    let read = read_sse(&mut sse, &counts(&before)).await;
+    assert_streams("A's SSE before", &read.events, &before);
+    let old_cursor = read.last_id;
+    let read = read_ws(&mut ws, &counts(&before)).await;
+    assert_streams("A's WebSocket before", &read.events, &before);
+
+    proxy.cut();
+    let hub = a.hub.clone();
+    until("A sees the broker down", NEXT, move || {
+        !hub.status().broker.connected
+    })
+    .await;
+    redis.restart().await;
+    let after = publish_through(&b.hub, 12, "after").await;
+    assert_eq!(
+        (after[0].seq, after.last().unwrap().seq),
+        (1, 12),
+        "precondition: the new numbering passes the old count while A is away"
+    );
+    proxy.restore();
+    a.until_connected("A, after the restore").await;
+
+    let (reset, events) = read_sse_after_reset(&mut sse, after.len()).await;
+    assert_eq!(reset, json!({"room": X, "reason": "room_restarted"}));
+    assert_streams("A's SSE after the restart", &events, &after);
+    let first = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
+    let read = read_ws(&mut ws, &counts(&after)).await;
+    assert_streams("A's WebSocket after the restart", &read.events, &after);
+
+    // A reader of the old numbering coming back (its 5 is below the new head of 12).
+    let mut resumed = support::sse(
+        a.addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", &old_cursor)],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    resumed.next().await.expect("an opening record");
+    let live = publish(&b.hub, 3, "live", only_x).await;
+    let (reset, events) = read_sse_after_reset(&mut resumed, live.len()).await;
+    assert_eq!(reset, json!({"room": X, "reason": "room_restarted"}));
+    assert_streams("the resumed SSE", &events, &live);
+    // And a WebSocket client resuming with `since` and `epoch` of the old numbering.
+    let mut old = support::ws(a.addr, Some(&token)).await;
+    support::send(
+        &mut old,
+        json!({"type": "subscribe", "room": X, "since": 5, "epoch": before[0].epoch}),
+    )
+    .await;
+    let subscribed = next_ws(&mut old, &HashMap::new()).await;
+    assert_eq!(subscribed["type"], "subscribed");
+    let head = live.last().unwrap().position();
+    assert_eq!(
+        next_ws(&mut old, &HashMap::new()).await,
+        ws_reset("room_restarted", head.seq, head.epoch)
+    );
 }

@@ -12,7 +12,9 @@ use http::{HeaderValue, Request, StatusCode};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use support::Tokens;
-use upcoach_realtime::{Cursor, Hub, HubConfig, MemoryBroadcaster, fuzzing, validate_room};
+use upcoach_realtime::{
+    Cursor, Hub, HubConfig, MemoryBroadcaster, Position, fuzzing, validate_room,
+};
 
 /// One hub for every case, with an admin's token, on a runtime of its own.
 fn hub() -> &'static (tokio::runtime::Runtime, Hub, String) {
@@ -85,11 +87,14 @@ fn oracle(message: &serde_json::Map<String, Value>) -> Option<&'static str> {
         "auth" if only(&["type", "token"]) && message.get("token")?.is_string() => Some("auth"),
         "unsubscribe" if only(&["type", "room"]) && room_ok() => Some("unsubscribe"),
         "subscribe"
-            if only(&["type", "room", "since"])
+            if only(&["type", "room", "since", "epoch"])
                 && room_ok()
                 && message
                     .get("since")
-                    .is_none_or(|s| s.is_null() || s.is_u64()) =>
+                    .is_none_or(|s| s.is_null() || s.is_u64())
+                && message.get("epoch").is_none_or(|e| {
+                    e.is_null() || e.as_u64().is_some_and(|e| u32::try_from(e).is_ok())
+                }) =>
         {
             Some("subscribe")
         }
@@ -122,6 +127,13 @@ fn client_messages() -> impl Strategy<Value = serde_json::Map<String, Value>> {
         Just(json!("3")),
         Just(json!(null)),
     ];
+    let epoch = prop_oneof![
+        any::<u32>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        Just(json!(-1)),
+        Just(json!("7")),
+        Just(json!(null)),
+    ];
     let token = prop_oneof![any::<String>().prop_map(Value::from), Just(json!(42))];
     (
         proptest::option::of(kind),
@@ -129,13 +141,15 @@ fn client_messages() -> impl Strategy<Value = serde_json::Map<String, Value>> {
         proptest::option::of(since),
         proptest::option::of(token),
         proptest::option::of(("[a-z]{1,6}", any::<i32>())),
+        proptest::option::of(epoch),
     )
-        .prop_map(|(kind, room, since, token, extra)| {
+        .prop_map(|(kind, room, since, token, extra, epoch)| {
             let mut message = serde_json::Map::new();
             for (name, value) in [
                 ("type", kind),
                 ("room", room),
                 ("since", since),
+                ("epoch", epoch),
                 ("token", token),
             ] {
                 if let Some(value) = value {
@@ -175,7 +189,7 @@ proptest! {
     }
 
     #[test]
-    fn cursor_like_text_is_a_cursor_or_a_reason(text in "[a-z0-9:=,_.-]{0,300}") {
+    fn cursor_like_text_is_a_cursor_or_a_reason(text in "[a-z0-9:=,_.@-]{0,300}") {
         if let Ok(cursor) = text.parse::<Cursor>() {
             prop_assert_eq!(cursor.to_string().parse::<Cursor>().unwrap(), cursor);
         }
@@ -202,7 +216,7 @@ proptest! {
     /// Cursor-like `Last-Event-ID`s, which reach the resume of each room.
     #[test]
     fn cursor_like_last_event_ids_resume_or_are_refused(
-        id in "((public:news|metrics|user:[0-9]{1,3}|[a-z:]{0,6})=[0-9]{0,21},?){0,6}",
+        id in r"((public:news|metrics|user:[0-9]{1,3}|[a-z:]{0,6})=[0-9]{0,21}(@[0-9]{0,11})?,?){0,6}",
     ) {
         let (status, _) = sse_status("public:news,metrics", id.as_bytes());
         let expected = if id.parse::<Cursor>().is_ok() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
@@ -229,12 +243,18 @@ proptest! {
 
     #[test]
     fn a_cursor_of_valid_rooms_reads_back(
-        rooms in proptest::collection::btree_map("public:[a-z0-9]{1,12}", any::<u64>(), 0..20),
+        rooms in proptest::collection::btree_map("public:[a-z0-9]{1,12}", (any::<u64>(), any::<u32>()), 0..20),
     ) {
-        let text: Vec<String> = rooms.iter().map(|(room, seq)| format!("{room}={seq}")).collect();
+        let text: Vec<String> = rooms
+            .iter()
+            .map(|(room, (seq, epoch))| match epoch {
+                0 => format!("{room}={seq}"),
+                epoch => format!("{room}={seq}@{epoch}"),
+            })
+            .collect();
         let cursor: Cursor = text.join(",").parse().unwrap();
-        for (room, seq) in &rooms {
-            prop_assert_eq!(cursor.get(room), Some(*seq));
+        for (room, (seq, epoch)) in &rooms {
+            prop_assert_eq!(cursor.get(room), Some(Position::new(*seq, *epoch)));
         }
         prop_assert_eq!(cursor.to_string().parse::<Cursor>().unwrap(), cursor);
     }

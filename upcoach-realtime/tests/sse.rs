@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use support::*;
 use upcoach_core::{Role, UserId};
-use upcoach_realtime::{Cursor, HistoryLimits, Hub, HubConfig, MemoryBroadcaster};
+use upcoach_realtime::{Cursor, HistoryLimits, Hub, HubConfig, MemoryBroadcaster, Position};
 
 async fn setup(
     config: HubConfig,
@@ -21,6 +21,16 @@ async fn setup(
         .build();
     let addr = serve(hub.clone()).await;
     (hub, tokens, addr)
+}
+
+/// The cursor of `positions` in `hub`'s rooms, each with its room's epoch.
+async fn cursor(hub: &Hub, positions: &[(&str, u64)]) -> String {
+    let mut cursor = Cursor::default();
+    for (room, seq) in positions {
+        let epoch = hub.broadcaster().head(room).await.unwrap().epoch;
+        cursor.set(room, Position::new(*seq, epoch));
+    }
+    cursor.to_string()
 }
 
 fn data(record: &Record) -> serde_json::Value {
@@ -41,7 +51,11 @@ async fn records_follow_the_api_format() {
     assert_eq!(first.retry, Some(3000), "retry: 3000 first");
     assert_eq!(
         first.id.as_deref(),
-        Some("metrics=1,alerts=0"),
+        Some(
+            cursor(&hub, &[("metrics", 1), ("alerts", 0)])
+                .await
+                .as_str()
+        ),
         "the starting cursor"
     );
     assert_eq!(first.event, None, "an id-only record dispatches nothing");
@@ -49,7 +63,14 @@ async fn records_follow_the_api_format() {
         .await
         .unwrap();
     let record = stream.next_event().await;
-    assert_eq!(record.id.as_deref(), Some("metrics=1,alerts=1"));
+    assert_eq!(
+        record.id.as_deref(),
+        Some(
+            cursor(&hub, &[("metrics", 1), ("alerts", 1)])
+                .await
+                .as_str()
+        )
+    );
     assert_eq!(record.event.as_deref(), Some("fired"));
     let body = data(&record);
     assert_eq!(body["room"], "alerts");
@@ -73,7 +94,14 @@ async fn a_reconnect_with_last_event_id_resumes_every_room_exactly() {
         .unwrap();
     stream.next_event().await;
     let cursor = stream.next_event().await.id.unwrap();
-    assert_eq!(cursor, "public:x=1,public:y=1");
+    let epochs = (
+        hub.broadcaster().head("public:x").await.unwrap().epoch,
+        hub.broadcaster().head("public:y").await.unwrap().epoch,
+    );
+    assert_eq!(
+        cursor,
+        format!("public:x=1@{},public:y=1@{}", epochs.0, epochs.1)
+    );
     drop(stream);
 
     for i in 2..=501 {
@@ -81,8 +109,8 @@ async fn a_reconnect_with_last_event_id_resumes_every_room_exactly() {
         hub.publish(room, "n", serde_json::json!(i)).await.unwrap();
     }
     let heads = (
-        hub.broadcaster().head("public:x").await.unwrap(),
-        hub.broadcaster().head("public:y").await.unwrap(),
+        hub.broadcaster().head("public:x").await.unwrap().seq,
+        hub.broadcaster().head("public:y").await.unwrap().seq,
     );
     // Both ways of giving the cursor.
     for (query, headers) in [
@@ -120,7 +148,10 @@ async fn a_reconnect_with_last_event_id_resumes_every_room_exactly() {
             let parsed: Cursor = record.id.unwrap().parse().unwrap();
             assert_eq!(
                 (parsed.get("public:x"), parsed.get("public:y")),
-                (Some(last.0), Some(last.1))
+                (
+                    Some(Position::new(last.0, epochs.0)),
+                    Some(Position::new(last.1, epochs.1))
+                )
             );
         }
         hub.publish("public:y", "n", serde_json::json!("live"))
@@ -166,7 +197,7 @@ async fn a_cursor_older_than_history_gets_reset() {
     );
     assert_eq!(
         reset.id.as_deref(),
-        Some("alerts=20"),
+        Some(cursor(&hub, &[("alerts", 20)]).await.as_str()),
         "the cursor moves to the head"
     );
     hub.publish("alerts", "fired", serde_json::json!(20))
@@ -417,7 +448,7 @@ async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
     let first = stream.next().await.unwrap();
     assert_eq!(
         first.id.as_deref(),
-        Some("public:x=3"),
+        Some(cursor(&hub, &[("public:x", 3)]).await.as_str()),
         "the stream starts at the head, not at 999"
     );
     let reset = stream.next_event().await;

@@ -506,9 +506,21 @@ async fn redis_restarted_empty() {
     };
     assert_eq!(sent.json["seq"], 1, "the room's count was lost with Redis");
     // The live reader is told, then gets the event; it does not wait for seq 4.
+    let reset = next_delivery(&mut ws).await;
     assert_eq!(
-        next_delivery(&mut ws).await,
-        json!({"type": "reset", "room": ROOM, "reason": "room_restarted"})
+        (
+            &reset["type"],
+            &reset["room"],
+            &reset["reason"],
+            &reset["seq"]
+        ),
+        (
+            &json!("reset"),
+            &json!(ROOM),
+            &json!("room_restarted"),
+            &json!(0)
+        ),
+        "{reset}"
     );
     let event = next_delivery(&mut ws).await;
     assert_eq!(event["seq"], 1, "{event}");

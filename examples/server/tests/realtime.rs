@@ -152,9 +152,12 @@ async fn websocket_clients_get_broadcasts_and_the_metrics_snapshot() {
         serde_json::json!({"type": "subscribe", "room": "public:news", "since": 0}),
     )
     .await;
+    let subscribed = next_json(&mut client).await;
+    let epoch = subscribed["epoch"].as_u64().expect("the room's epoch");
+    assert_ne!(epoch, 0);
     assert_eq!(
-        next_json(&mut client).await,
-        serde_json::json!({"type": "subscribed", "room": "public:news", "seq": 1})
+        subscribed,
+        serde_json::json!({"type": "subscribed", "room": "public:news", "seq": 1, "epoch": epoch})
     );
     assert_eq!(
         next_json(&mut client).await["data"],

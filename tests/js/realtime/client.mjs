@@ -171,15 +171,17 @@ async function websocketChecks() {
   const room = "public:js";
   let socket;
   let head;
+  let epoch;
 
   await check("ws: subscribe answers subscribed with the room's seq", async () => {
     socket = await Socket.open(`?access_token=${encodeURIComponent(adminToken)}`);
     socket.send({ type: "subscribe", room });
     const subscribed = await socket.next("subscribed");
-    assert.deepEqual(Object.keys(subscribed).sort(), ["room", "seq", "type"], `subscribed keys: ${JSON.stringify(subscribed)}`);
+    assert.deepEqual(Object.keys(subscribed).sort(), ["epoch", "room", "seq", "type"], `subscribed keys: ${JSON.stringify(subscribed)}`);
     assert.equal(subscribed.type, "subscribed");
     assert.equal(subscribed.room, room);
     assert.ok(Number.isSafeInteger(subscribed.seq) && subscribed.seq >= 0, `subscribed seq: ${subscribed.seq}`);
+    assert.ok(Number.isSafeInteger(subscribed.epoch) && subscribed.epoch >= 0, `subscribed epoch: ${subscribed.epoch}`);
     head = subscribed.seq;
   });
 
@@ -191,9 +193,11 @@ async function websocketChecks() {
     const event = await socket.next("the broadcast event");
     assert.deepEqual(
       Object.keys(event).sort(),
-      ["data", "event", "room", "seq", "ts", "type"],
+      ["data", "epoch", "event", "room", "seq", "ts", "type"],
       `event keys: ${JSON.stringify(event)}`,
     );
+    assert.ok(Number.isSafeInteger(event.epoch) && event.epoch > 0, `event epoch: ${event.epoch}`);
+    epoch = event.epoch;
     assert.deepEqual(
       { type: event.type, room: event.room, seq: event.seq, event: event.event, data: event.data },
       { type: "event", room, seq, event: "posted", data },
@@ -224,8 +228,8 @@ async function websocketChecks() {
   await check("ws: token as the first message, subscribe with since replays the gap", async () => {
     const late = await Socket.open("");
     late.send({ type: "auth", token: adminToken });
-    late.send({ type: "subscribe", room, since: head - 2 });
-    assert.deepEqual(await late.next("subscribed"), { type: "subscribed", room, seq: head });
+    late.send({ type: "subscribe", room, since: head - 2, epoch });
+    assert.deepEqual(await late.next("subscribed"), { type: "subscribed", room, seq: head, epoch });
     for (const seq of [head - 1, head]) {
       const event = await late.next(`replayed seq ${seq}`);
       assert.deepEqual([event.type, event.room, event.seq], ["event", room, seq]);
@@ -265,7 +269,7 @@ async function websocketChecks() {
     assert.equal(typeof error.message, "string", JSON.stringify(error));
     // The connection stays usable, and a public room is open to any signed-in user.
     user.send({ type: "subscribe", room });
-    assert.deepEqual(await user.next("subscribed to a public room"), { type: "subscribed", room, seq: head });
+    assert.deepEqual(await user.next("subscribed to a public room"), { type: "subscribed", room, seq: head, epoch });
     user.close();
   });
 }
@@ -332,14 +336,15 @@ class Stream {
 /** Checks one SSE event against API.md: data shape, id cursor, name. */
 function checkSseEvent(event, room, seq, data) {
   const body = JSON.parse(event.data);
-  assert.deepEqual(Object.keys(body).sort(), ["data", "event", "room", "seq", "ts"], `data keys: ${event.data}`);
+  assert.deepEqual(Object.keys(body).sort(), ["data", "epoch", "event", "room", "seq", "ts"], `data keys: ${event.data}`);
   assert.deepEqual(
     { room: body.room, seq: body.seq, event: body.event, name: event.type },
     { room, seq, event: "posted", name: "posted" },
   );
   if (data !== undefined) assert.deepEqual(body.data, data);
   assert.ok(Number.isSafeInteger(body.ts), `ts: ${body.ts}`);
-  assert.equal(event.lastEventId, `${room}=${seq}`, "lastEventId is the cursor");
+  assert.ok(Number.isSafeInteger(body.epoch) && body.epoch > 0, `epoch: ${body.epoch}`);
+  assert.equal(event.lastEventId, `${room}=${seq}@${body.epoch}`, "lastEventId is the cursor");
 }
 
 /** The server's first bytes on a stream, read with plain fetch. */
@@ -442,7 +447,7 @@ async function sseChecks() {
     assert.equal(response.status, 200);
     assert.match(response.headers.get("content-type") ?? "", /^text\/event-stream/);
     assert.equal(response.headers.get("cache-control"), "no-store");
-    assert.equal(text, `retry: 3000\nid: ${room}=${head}\n\n`, "the first record");
+    assert.match(text, new RegExp(`^retry: 3000\nid: ${room}=${head}@[1-9][0-9]*\n\n$`), "the first record");
     console.log(`     (content-encoding: ${response.headers.get("content-encoding") ?? "none"})`);
   });
 
@@ -461,7 +466,7 @@ async function sseChecks() {
 
   /** Closes, publishes three, reopens from `cursor` with `init`: each missed one once, then a live one. */
   async function resume(how, extra, init) {
-    const from = Number(cursor.split("=").at(-1));
+    const from = Number(cursor.split("=").at(-1).split("@")[0]);
     const missed = [];
     for (let i = 0; i < 3; i += 1) missed.push(await publish(room, "posted", { missed: i }));
     assert.deepEqual(missed, [from + 1, from + 2, from + 3], "the missed seqs follow the cursor");
@@ -505,6 +510,7 @@ async function reconnectChecks() {
   const tap = cuttableFetch();
   let stream;
   let head;
+  let cursor;
   let idOnlyHonoured;
 
   await check("sse: eventsource reconnects after a drop that followed only the id-only record", async () => {
@@ -519,7 +525,10 @@ async function reconnectChecks() {
       })(),
       "the drop to be noticed",
     );
-    assert.equal(tap.firstRecord, `retry: 3000\nid: ${room}=${head}\n\n`, "the first record");
+    assert.match(tap.firstRecord, new RegExp(`^retry: 3000\nid: ${room}=${head}@[1-9][0-9]*\n\n$`), "the first record");
+    // The room's numbering (its epoch) stays; the cursor of a seq in it:
+    const epoch = tap.firstRecord.match(/@([0-9]+)\n/)[1];
+    cursor = (seq) => `${room}=${seq}@${epoch}`;
     const gap = [await publish(room, "posted", { gap: 1 }), await publish(room, "posted", { gap: 2 })];
     // The package waits the server's `retry: 3000` before it reconnects.
     await within(
@@ -545,7 +554,7 @@ async function reconnectChecks() {
     await sleep(QUIET_MS);
     const sent = tap.requests[1].lastEventId;
     const seqs = stream.seqs();
-    if (sent === `${room}=${head}`) {
+    if (sent === cursor(head)) {
       assert.deepEqual(seqs, [...gap, live], "the gap once each, then the live event");
       idOnlyHonoured = true;
     } else {
@@ -572,7 +581,7 @@ async function reconnectChecks() {
       })(),
       "the package's second reconnect",
     );
-    assert.equal(tap.requests[2].lastEventId, `${room}=${head}`, "Last-Event-ID is the last event's cursor");
+    assert.equal(tap.requests[2].lastEventId, cursor(head), "Last-Event-ID is the last event's cursor");
     const live = await publish(room, "posted", { live: 2 });
     await stream.until(before + 3, "the gap and the live event");
     await sleep(QUIET_MS);
