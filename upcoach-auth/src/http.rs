@@ -197,7 +197,8 @@ impl HttpError for UserError {
             UserError::AccountExists
             | UserError::IdentityTaken
             | UserError::ProviderAlreadyLinked { .. }
-            | UserError::LastIdentity => StatusCode::CONFLICT,
+            | UserError::LastIdentity
+            | UserError::TooManyUnlinked { .. } => StatusCode::CONFLICT,
             UserError::NotLinked { .. } | UserError::NotFound => StatusCode::NOT_FOUND,
             UserError::InvalidIdentity { .. } => StatusCode::BAD_REQUEST,
             UserError::Full { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -213,7 +214,9 @@ impl HttpError for UserError {
     }
     fn message(&self) -> Cow<'_, str> {
         match self {
-            UserError::Full { .. } => Cow::Owned(self.to_string()),
+            UserError::Full { .. } | UserError::TooManyUnlinked { .. } => {
+                Cow::Owned(self.to_string())
+            }
             _ => generic_message(self),
         }
     }
@@ -303,6 +306,7 @@ impl HttpError for AuthError {
             // Not a dependency that is down: say what it is.
             AuthError::SignInBusy { .. }
             | AuthError::Users(UserError::Full { .. })
+            | AuthError::Users(UserError::TooManyUnlinked { .. })
             | AuthError::Refresh(RefreshError::Full { .. }) => Cow::Owned(self.to_string()),
             AuthError::TooManySignInFlows { decision, .. } => Cow::Owned(format!(
                 "{self} (in {} s)",

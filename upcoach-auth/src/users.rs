@@ -88,7 +88,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 
-pub use memory::{DEFAULT_MAX_USERS, MemoryUserStore};
+pub use memory::{DEFAULT_MAX_USERS, MAX_UNLINKED_PER_USER, MemoryUserStore};
 #[cfg(feature = "postgres")]
 pub use postgres::PgUserStore;
 
@@ -255,6 +255,16 @@ pub enum UserError {
         /// The store's most users.
         max_users: usize,
     },
+    /// The user has unlinked the most identities a bounded store ([`MemoryUserStore`])
+    /// remembers for one user: no other identity is linked to them. What is linked
+    /// stays, and unlinking still works.
+    #[error(
+        "this account has unlinked {max} identities, the most this server remembers; no other identity can be linked to it"
+    )]
+    TooManyUnlinked {
+        /// The most unlinked identities remembered per user.
+        max: usize,
+    },
     /// Concurrent changes kept this call from completing after several attempts.
     #[error("too many concurrent changes to this user; try again")]
     Contended,
@@ -289,6 +299,7 @@ impl UserError {
             UserError::LastIdentity => "last_identity",
             UserError::InvalidIdentity { .. } => "invalid_identity",
             UserError::Full { .. } => "user_store_full",
+            UserError::TooManyUnlinked { .. } => "too_many_unlinked_identities",
             UserError::Contended => "user_store_contended",
             UserError::Corrupt { .. } => "internal_error",
             UserError::Backend { .. } => "user_store_unavailable",

@@ -13,7 +13,7 @@ use upcoach_auth::refresh::{
 use upcoach_auth::testing::refresh::{FreshIds, refresh_store_conformance};
 use upcoach_auth::testing::users::user_store_conformance;
 use upcoach_auth::users::{
-    DEFAULT_MAX_USERS, LinkingPolicy, MemoryUserStore, UserError, UserStore,
+    DEFAULT_MAX_USERS, LinkingPolicy, MAX_UNLINKED_PER_USER, MemoryUserStore, UserError, UserStore,
 };
 use upcoach_auth::{ProviderId, VerifiedIdentity};
 use upcoach_core::UserId;
@@ -122,6 +122,92 @@ async fn a_full_user_store_refuses_new_accounts_and_serves_existing_ones() {
         Err(UserError::Full { max_users: 3 })
     ));
     assert_eq!(store.len(), 3);
+}
+
+/// Link and unlink cycles with fresh identities grow the list of what a user unlinked
+/// (kept so that those identities never join the account by address again). At
+/// [`MAX_UNLINKED_PER_USER`] nothing more is linked to that user, by hand or by
+/// address; what is linked stays, unlinking still works, nothing is forgotten, and
+/// other users are not affected.
+#[tokio::test]
+async fn an_unlink_flood_stops_linking_at_the_cap_and_forgets_no_unlink() {
+    let store = MemoryUserStore::new();
+    let policy = LinkingPolicy::default();
+    let email = "flood@bounds.example";
+    let owner = store
+        .sign_in(
+            &identity(ProviderId::APPLE, "a-owner", Some(email)),
+            &policy,
+        )
+        .await
+        .unwrap()
+        .user;
+    for i in 0..MAX_UNLINKED_PER_USER {
+        let google = identity(ProviderId::GOOGLE, &format!("g-{i}"), Some(email));
+        store.link(owner.id, &google).await.unwrap();
+        store.unlink(owner.id, ProviderId::GOOGLE).await.unwrap();
+    }
+    let next = identity(ProviderId::GOOGLE, "g-next", Some(email));
+    let refused = store.link(owner.id, &next).await.unwrap_err();
+    assert!(
+        matches!(refused, UserError::TooManyUnlinked { max } if max == MAX_UNLINKED_PER_USER),
+        "{refused:?}"
+    );
+    assert_eq!(refused.code(), "too_many_unlinked_identities");
+    assert_eq!(
+        store.get(owner.id).await.unwrap().unwrap().providers,
+        [ProviderId::APPLE]
+    );
+    // Not by address either: a new verified identity with the owner's address is not
+    // attached to the owner (the default policy would link it).
+    let by_address = store.sign_in(&next, &policy).await;
+    assert!(
+        matches!(by_address, Err(UserError::TooManyUnlinked { .. })),
+        "{by_address:?}"
+    );
+    assert_eq!(
+        store
+            .find_by_identity(ProviderId::GOOGLE, "g-next")
+            .await
+            .unwrap(),
+        None
+    );
+    // Every unlink is remembered: an old one is still not linked back by address.
+    let old = store
+        .sign_in(&identity(ProviderId::GOOGLE, "g-0", Some(email)), &policy)
+        .await;
+    assert!(
+        !matches!(&old, Ok(signed) if signed.user.id == owner.id),
+        "an unlinked identity joined the account by address: {old:?}"
+    );
+    // What is linked keeps working, and other users are not affected.
+    let again = store
+        .sign_in(
+            &identity(ProviderId::APPLE, "a-owner", Some(email)),
+            &policy,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.user.id, owner.id);
+    let other = store
+        .sign_in(
+            &identity(ProviderId::APPLE, "a-other", Some("other@bounds.example")),
+            &policy,
+        )
+        .await
+        .unwrap()
+        .user;
+    store
+        .link(other.id, &identity(ProviderId::GOOGLE, "g-other", None))
+        .await
+        .unwrap();
+    store.unlink(other.id, ProviderId::GOOGLE).await.unwrap();
+    // Erasing one unlinked person makes room for one link.
+    store
+        .erase_identity(ProviderId::GOOGLE, "g-1")
+        .await
+        .unwrap();
+    store.link(owner.id, &next).await.unwrap();
 }
 
 #[tokio::test]

@@ -20,6 +20,14 @@ use crate::{ProviderId, VerifiedIdentity};
 /// the store's one lock: keep more users in `PgUserStore`.
 pub const DEFAULT_MAX_USERS: usize = 10_000;
 
+/// The most identities one user of a [`MemoryUserStore`] has unlinked and the store
+/// remembers (so that they are never linked back by address alone). A user who reached
+/// it can still unlink what is linked, but no other identity is linked to them
+/// ([`UserError::TooManyUnlinked`]): forgetting an unlink would let its identity join
+/// the account by address again, against the user's word. Link and unlink cycles with
+/// fresh identities are the only way to grow the list, so a person never meets it.
+pub const MAX_UNLINKED_PER_USER: usize = 64;
+
 /// A user store in process memory: for one process (the reference server without
 /// Postgres), and for tests. Everything is lost when the process ends.
 ///
@@ -30,7 +38,7 @@ pub const DEFAULT_MAX_USERS: usize = 10_000;
 ///
 /// **Bounded**: at most [`DEFAULT_MAX_USERS`] users
 /// ([`with_max_users`](Self::with_max_users)); each holds at most one identity per
-/// provider. When it is full, a sign-in that would *create* a user, and
+/// provider and remembers at most [`MAX_UNLINKED_PER_USER`] unlinked ones. When it is full, a sign-in that would *create* a user, and
 /// [`provision`](UserStore::provision) of a new id, fail with [`UserError::Full`]
 /// (503 `user_store_full` at the HTTP face, counted in
 /// [`refused_full`](Self::refused_full)). Everyone who has an account keeps signing
@@ -67,8 +75,9 @@ impl Default for MemoryUserStore {
 struct State {
     users: HashMap<UserId, UserRecord>,
     identities: HashMap<IdentityKey, IdentityRecord>,
-    /// Identities each user unlinked (by hash): never linked back by address alone.
-    unlinked: HashSet<(UserId, SubjectHash)>,
+    /// Identities each user unlinked (by hash): never linked back by address alone. At
+    /// most [`MAX_UNLINKED_PER_USER`] per user.
+    unlinked: HashMap<UserId, HashSet<SubjectHash>>,
 }
 
 type IdentityKey = (ProviderId, String);
@@ -121,6 +130,24 @@ impl State {
 
     fn view_existing(&self, id: UserId) -> Result<User, UserError> {
         self.view(id).ok_or(UserError::NotFound)
+    }
+
+    fn has_unlinked(&self, user_id: UserId, subject: &SubjectHash) -> bool {
+        self.unlinked
+            .get(&user_id)
+            .is_some_and(|hashes| hashes.contains(subject))
+    }
+
+    /// [`UserError::TooManyUnlinked`] when `user_id` remembers the most unlinked
+    /// identities it may: nothing more is linked to it.
+    fn may_link_more(&self, user_id: UserId) -> Result<(), UserError> {
+        let unlinked = self.unlinked.get(&user_id).map_or(0, HashSet::len);
+        if unlinked >= MAX_UNLINKED_PER_USER {
+            return Err(UserError::TooManyUnlinked {
+                max: MAX_UNLINKED_PER_USER,
+            });
+        }
+        Ok(())
     }
 
     /// Whether the user has the (lower-cased) address, and whether it holds it verified
@@ -241,10 +268,11 @@ impl UserStore for MemoryUserStore {
                     id: *id,
                     verified,
                     has_provider: user.identities.iter().any(|(p, _)| *p == identity.provider),
-                    unlinked: state.unlinked.contains(&(*id, subject)),
+                    unlinked: state.has_unlinked(*id, &subject),
                 })
             });
             if let Some(owner) = first_sign_in_choice(identity, policy, holders)? {
+                state.may_link_more(owner)?;
                 state.attach(owner, identity);
                 return Ok(SignIn {
                     user: state.view_existing(owner)?,
@@ -306,13 +334,19 @@ impl UserStore for MemoryUserStore {
                     provider: identity.provider,
                 });
             }
-            None => state.attach(user_id, identity),
+            None => {
+                state.may_link_more(user_id)?;
+                state.attach(user_id, identity);
+            }
         }
         // Linked on purpose: it may link by address again after a later unlink's undo.
-        state.unlinked.remove(&(
-            user_id,
-            SubjectHash::of(&identity.provider, &identity.subject),
-        ));
+        let subject = SubjectHash::of(&identity.provider, &identity.subject);
+        if let Some(hashes) = state.unlinked.get_mut(&user_id) {
+            hashes.remove(&subject);
+            if hashes.is_empty() {
+                state.unlinked.remove(&user_id);
+            }
+        }
         state.view_existing(user_id)
     }
 
@@ -331,7 +365,9 @@ impl UserStore for MemoryUserStore {
         state.identities.remove(&key);
         state
             .unlinked
-            .insert((user_id, SubjectHash::of(&key.0, &key.1)));
+            .entry(user_id)
+            .or_default()
+            .insert(SubjectHash::of(&key.0, &key.1));
         state.view_existing(user_id)
     }
 
@@ -344,7 +380,10 @@ impl UserStore for MemoryUserStore {
         let key = (provider, subject.to_owned());
         // Nothing of an erased person is kept, not even that a user unlinked them.
         let hash = SubjectHash::of(&provider, subject);
-        state.unlinked.retain(|(_, unlinked)| *unlinked != hash);
+        state.unlinked.retain(|_, hashes| {
+            hashes.remove(&hash);
+            !hashes.is_empty()
+        });
         let Some(identity) = state.identities.remove(&key) else {
             return Ok(None);
         };
@@ -358,7 +397,7 @@ impl UserStore for MemoryUserStore {
         };
         if user_deleted {
             state.users.remove(&user_id);
-            state.unlinked.retain(|(user, _)| *user != user_id);
+            state.unlinked.remove(&user_id);
         }
         Ok(Some(Erased {
             user_id,
