@@ -12,13 +12,13 @@ use upcoach_auth::flow::MemoryFlowStore;
 use upcoach_auth::refresh::{DeviceId, PgRefreshStore, RefreshPolicy};
 use upcoach_auth::session::{AccessTokens, SigningKey};
 use upcoach_auth::sessions::Sessions;
-use upcoach_auth::users::PgUserStore;
+use upcoach_auth::users::{Erased, LinkingPolicy, PgUserStore, SignIn, User, UserError, UserStore};
 use upcoach_auth::{
     AuthProvider, AuthorizationRequest, Error, NativeCredential, ProviderId, VerifiedIdentity,
 };
 use upcoach_core::event::{ClientFacts, EventLog, MemoryEventLog, PgEventLog};
 use upcoach_core::postgres::MeteredPool;
-use upcoach_core::{Clock, ManualClock};
+use upcoach_core::{Clock, ManualClock, Role, UserId};
 
 /// Accepts `badge:<subject>` id tokens that stay valid until `valid_until`.
 #[derive(Debug)]
@@ -617,4 +617,129 @@ async fn native_sessions_are_bound_to_the_device_the_app_names() {
         status, 200,
         "an unbound session refreshes from any device: {rotated}"
     );
+}
+
+/// A user store whose next `failing` reads of a user fail as a dead pooled connection
+/// does (retryable); everything else is the memory store's.
+#[derive(Debug, Default)]
+struct DroppingReads {
+    inner: upcoach_auth::users::MemoryUserStore,
+    failing: std::sync::atomic::AtomicU32,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl UserStore for DroppingReads {
+    async fn sign_in(
+        &self,
+        identity: &VerifiedIdentity,
+        policy: &LinkingPolicy,
+    ) -> Result<SignIn, UserError> {
+        self.inner.sign_in(identity, policy).await
+    }
+    async fn get(&self, user_id: UserId) -> Result<Option<User>, UserError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.reads.fetch_add(1, SeqCst);
+        let dropped = self
+            .failing
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if dropped {
+            return Err(UserError::Backend {
+                backend: "test",
+                source: "the connection was terminated".into(),
+            });
+        }
+        self.inner.get(user_id).await
+    }
+    async fn find_by_identity(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<User>, UserError> {
+        self.inner.find_by_identity(provider, subject).await
+    }
+    async fn link(&self, user_id: UserId, identity: &VerifiedIdentity) -> Result<User, UserError> {
+        self.inner.link(user_id, identity).await
+    }
+    async fn unlink(&self, user_id: UserId, provider: ProviderId) -> Result<User, UserError> {
+        self.inner.unlink(user_id, provider).await
+    }
+    async fn erase_identity(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<Erased>, UserError> {
+        self.inner.erase_identity(provider, subject).await
+    }
+    async fn set_email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+        deliverable: bool,
+    ) -> Result<Option<UserId>, UserError> {
+        (self.inner)
+            .set_email_deliverable(provider, subject, deliverable)
+            .await
+    }
+    async fn email_deliverable(
+        &self,
+        provider: ProviderId,
+        subject: &str,
+    ) -> Result<Option<bool>, UserError> {
+        self.inner.email_deliverable(provider, subject).await
+    }
+    async fn set_roles(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
+        self.inner.set_roles(user_id, roles).await
+    }
+    async fn provision(&self, user_id: UserId, roles: &[Role]) -> Result<User, UserError> {
+        self.inner.provision(user_id, roles).await
+    }
+}
+
+/// A refresh rotates first and reads its user after: a read that meets a dead
+/// connection is asked again (at most three reads in all), so a store that comes back
+/// at once answers the refresh instead of leaving a rotated family whose client, told
+/// 503, would retry its old token (reuse, and the family revoked). A store still down
+/// after three reads answers 503 `user_store_unavailable`.
+#[tokio::test]
+async fn a_refresh_whose_user_read_meets_a_dead_connection_reads_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let users = Arc::new(DroppingReads::default());
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(upcoach_core::SystemClock),
+    ));
+    let sessions = Sessions::builder(tokens, "https://api.example.test")
+        .provider(Arc::new(Badges {
+            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
+        }))
+        .user_store(users.clone())
+        .build();
+    let signed_in = sessions
+        .sign_in_with_token("google", badge("ada", "n-1"), None, None, &facts())
+        .await
+        .unwrap();
+
+    users.failing.store(2, SeqCst);
+    users.reads.store(0, SeqCst);
+    let rotated = sessions
+        .refresh(&signed_in.refresh_token, None, &facts())
+        .await
+        .expect("the third read answers");
+    assert_eq!(
+        users.reads.load(SeqCst),
+        3,
+        "two failed reads, then one that answered"
+    );
+    assert_eq!(rotated.user.id, signed_in.user.id);
+
+    users.failing.store(10, SeqCst);
+    users.reads.store(0, SeqCst);
+    let refused = sessions
+        .refresh(&rotated.refresh_token, None, &facts())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "user_store_unavailable");
+    assert_eq!(users.reads.load(SeqCst), 3, "three reads at most");
 }
