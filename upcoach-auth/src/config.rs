@@ -160,6 +160,45 @@ impl AuthConfig {
             .with_max_tokens(self.memory_max_refresh_tokens)
     }
 
+    /// Where sign-in keeps users, refresh-token families and data-deletion requests:
+    /// Postgres when `postgres` is given (refresh tokens with
+    /// [`refresh_policy`](Self::refresh_policy)), else memory bounded by this
+    /// configuration ([`memory_stores`](Self::memory_stores)). Hand them to
+    /// [`SessionsBuilder::stores`](crate::sessions::SessionsBuilder::stores).
+    ///
+    /// ```
+    /// use upcoach_auth::config::AuthConfig;
+    /// use upcoach_core::config::Settings;
+    ///
+    /// let config = AuthConfig::from_lookup(|n| (n == "AUTH_MEMORY_MAX_USERS").then(|| "50".into()))?;
+    /// let stores = config.stores(None);
+    /// assert_eq!(stores.memory.expect("no Postgres: in memory").users.max_users(), 50);
+    /// # Ok::<(), upcoach_core::config::ConfigErrors>(())
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn stores(&self, postgres: Option<&upcoach_core::postgres::MeteredPool>) -> AuthStores {
+        match postgres {
+            Some(pool) => AuthStores {
+                refresh: Arc::new(
+                    crate::refresh::PgRefreshStore::new(pool.clone())
+                        .with_policy(self.refresh_policy()),
+                ),
+                users: Arc::new(crate::users::PgUserStore::new(pool.clone())),
+                deletions: Arc::new(crate::deletion::PgDeletionStore::new(pool.clone())),
+                memory: None,
+            },
+            None => {
+                let memory = self.memory_stores();
+                AuthStores {
+                    refresh: memory.refresh.clone(),
+                    users: memory.users.clone(),
+                    deletions: Arc::new(crate::deletion::MemoryDeletionStore::new()),
+                    memory: Some(memory),
+                }
+            }
+        }
+    }
+
     /// Both in-memory stores, bounded by this configuration, for a server without
     /// Postgres.
     pub fn memory_stores(&self) -> MemoryAuthStores {
@@ -838,6 +877,19 @@ fn signing_key(seed: &Secret, variable: &'static str) -> Result<SigningKey, Inva
         .map_err(|_| InvalidSigningKey(variable))?;
     let seed: [u8; 32] = bytes.try_into().map_err(|_| InvalidSigningKey(variable))?;
     Ok(SigningKey::from_seed(&seed))
+}
+
+/// The stores sign-in keeps its state in, as [`AuthConfig::stores`] chose them.
+#[derive(Debug, Clone)]
+pub struct AuthStores {
+    /// Refresh-token families.
+    pub refresh: Arc<dyn crate::refresh::RefreshStore>,
+    /// Users and their identities.
+    pub users: Arc<dyn crate::users::UserStore>,
+    /// Data-deletion requests.
+    pub deletions: Arc<dyn crate::deletion::DeletionStore>,
+    /// The in-memory stores, for their gauges, when there is no Postgres.
+    pub memory: Option<MemoryAuthStores>,
 }
 
 /// The in-memory user and refresh-token stores, when there is no Postgres: each has a

@@ -484,8 +484,17 @@ impl SessionsBuilder {
         self
     }
 
+    /// The stores [`AuthConfig::stores`](crate::config::AuthConfig::stores) chose.
+    pub fn stores(mut self, stores: &crate::config::AuthStores) -> Self {
+        self.refresh = Some(stores.refresh.clone());
+        self.users = Some(stores.users.clone());
+        self.deletions = Some(stores.deletions.clone());
+        self
+    }
+
     /// Users, refresh-token families and data-deletion requests in Postgres when `pool`
-    /// is given (refresh tokens with `policy`), in memory otherwise.
+    /// is given (refresh tokens with `policy`), in memory otherwise (with the default
+    /// bounds; [`stores`](Self::stores) takes the configured ones).
     #[cfg(feature = "postgres")]
     pub fn postgres(
         mut self,

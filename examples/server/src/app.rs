@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use upcoach_auth::config::MemoryAuthStores;
 use upcoach_auth::http::AuthRoutes;
-use upcoach_auth::refresh::{PgRefreshStore, RefreshStore};
+use upcoach_auth::refresh::spawn_purge;
 use upcoach_auth::session::AccessTokens;
 use upcoach_auth::sessions::Sessions;
 use upcoach_auth::threat::{self, ThreatDetector};
@@ -25,7 +25,7 @@ use crate::config::ServerConfig;
 use upcoach_perf::PerfSinks;
 use upcoach_perf::slow::SlowQueryLog;
 use upcoach_perf::{
-    AlertEngine, AlertRule, MemoryMetrics, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
+    AlertEngine, AlertRule, MetricsSink, PerfMonitor, RequestMetrics, RequestTiming,
     RequestTimingLayer, RouteTable,
 };
 use upcoach_realtime::{Broadcaster, Hub, MemoryBroadcaster, RedisBroadcaster};
@@ -223,7 +223,8 @@ impl App {
             ),
         ));
         perf.tick(&Default::default());
-        let memory_auth = postgres.is_none().then(|| config.auth.memory_stores());
+        let stores = config.auth.stores(postgres.as_ref());
+        let memory_auth = stores.memory.clone();
         tasks.push(perf.spawn(Duration::from_secs(5), {
             let memory_auth = memory_auth.clone();
             let metrics = perf.metrics().clone();
@@ -262,22 +263,11 @@ impl App {
             }
         }));
 
-        let policy = config.auth.refresh_policy();
-        let refresh: Arc<dyn RefreshStore> = match (&postgres, &memory_auth) {
-            (Some(pool), _) => Arc::new(PgRefreshStore::new(pool.clone()).with_policy(policy)),
-            (None, Some(memory)) => memory.refresh.clone(),
-            (None, None) => Arc::new(config.auth.memory_refresh_store()),
-        };
         let auth = match tokens {
             None => None,
             Some(tokens) => {
-                let mut sessions = Sessions::builder(tokens, config.public_url())
-                    .postgres(postgres.as_ref(), policy)
-                    .refresh_store(refresh.clone());
-                if let Some(memory) = &memory_auth {
-                    sessions = sessions.user_store(memory.users.clone());
-                }
-                let sessions = sessions
+                let sessions = Sessions::builder(tokens, config.public_url())
+                    .stores(&stores)
                     .redis(redis.as_ref(), prefix)
                     .events(event_log.clone())
                     .clock(clock.clone())
@@ -286,11 +276,18 @@ impl App {
                 Some(AuthRoutes::new(Arc::new(sessions.build())))
             }
         };
-        tasks.push(crate::app::spawn_refresh_purge(
-            refresh,
+        // Expired refresh families and tokens, counted in `refresh_purged_total{what}`.
+        let (metrics, every) = (sinks.metrics.clone(), options.refresh_purge_every);
+        let every = every.unwrap_or(REFRESH_PURGE_EVERY);
+        tasks.push(spawn_purge(
+            stores.refresh,
             clock.clone(),
-            options.refresh_purge_every.unwrap_or(REFRESH_PURGE_EVERY),
-            sinks.metrics.clone(),
+            every,
+            move |purged| {
+                for (what, n) in [("families", purged.families), ("tokens", purged.tokens)] {
+                    metrics.increment_counter("refresh_purged_total", &[("what", what)], n);
+                }
+            },
         ));
         let alerts = perf.alerts().subscribe();
         // A button per configured provider, and under `--dev` the dev token.
@@ -475,23 +472,6 @@ impl App {
             ),
         }
     }
-}
-
-/// Deletes expired refresh families and tokens every `every`, counted in
-/// `refresh_purged_total{what=families|tokens}`; a failed round is logged and the next
-/// one tries again.
-fn spawn_refresh_purge(
-    store: Arc<dyn upcoach_auth::refresh::RefreshStore>,
-    clock: Arc<dyn Clock>,
-    every: Duration,
-    metrics: Arc<MemoryMetrics>,
-) -> tokio::task::JoinHandle<()> {
-    upcoach_auth::refresh::spawn_purge(store, clock, every, move |purged| {
-        let sink: &dyn MetricsSink = &*metrics;
-        for (what, n) in [("families", purged.families), ("tokens", purged.tokens)] {
-            sink.increment_counter("refresh_purged_total", &[("what", what)], n);
-        }
-    })
 }
 
 /// The service [`App::service`] hands to hyper.
