@@ -69,6 +69,17 @@ impl AuthProvider for Badges {
     }
 }
 
+/// Sessions with fresh access tokens and the badge provider (badges good for 5 min).
+fn badge_sessions() -> upcoach_auth::sessions::SessionsBuilder {
+    let tokens = Arc::new(AccessTokens::new(
+        SigningKey::generate().unwrap(),
+        Arc::new(upcoach_core::SystemClock),
+    ));
+    Sessions::builder(tokens, "https://api.example.test").provider(Arc::new(Badges {
+        valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
+    }))
+}
+
 fn facts() -> ClientFacts {
     ClientFacts {
         ip: Some("203.0.113.42".parse().unwrap()),
@@ -159,16 +170,7 @@ const KINDS: [&str; 5] = [
 #[tokio::test]
 async fn a_host_gets_client_facts_in_every_security_event_in_memory() {
     let events = Arc::new(MemoryEventLog::default());
-    let tokens = Arc::new(AccessTokens::new(
-        SigningKey::generate().unwrap(),
-        Arc::new(upcoach_core::SystemClock),
-    ));
-    let sessions = Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(Badges {
-            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
-        }))
-        .events(events.clone())
-        .build();
+    let sessions = badge_sessions().events(events.clone()).build();
     let tokens = every_kind_of_event(&sessions).await;
     let rows = events
         .recent(upcoach_core::event::EventKind::Security, 100)
@@ -219,14 +221,7 @@ async fn a_host_gets_client_facts_in_every_security_event_row_in_postgres() {
         .unwrap();
     let pool = MeteredPool::new(schema.pool().clone());
     let events = Arc::new(PgEventLog::new(pool.clone()));
-    let tokens = Arc::new(AccessTokens::new(
-        SigningKey::generate().unwrap(),
-        Arc::new(upcoach_core::SystemClock),
-    ));
-    let sessions = Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(Badges {
-            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
-        }))
+    let sessions = badge_sessions()
         .user_store(Arc::new(PgUserStore::new(pool.clone())))
         .refresh_store(Arc::new(
             PgRefreshStore::new(pool.clone()).with_policy(RefreshPolicy::default()),
@@ -452,15 +447,7 @@ fn post(
 async fn native_sessions_are_bound_to_the_device_the_app_names() {
     use serde_json::json;
     use upcoach_auth::http::AuthRoutes;
-    let tokens = Arc::new(AccessTokens::new(
-        SigningKey::generate().unwrap(),
-        Arc::new(upcoach_core::SystemClock),
-    ));
-    let sessions = Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(Badges {
-            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
-        }))
-        .build();
+    let sessions = badge_sessions().build();
     let routes = AuthRoutes::new(Arc::new(sessions));
     let phone = phone();
     // A new id token each time: each is taken once.
@@ -706,16 +693,7 @@ impl UserStore for DroppingReads {
 async fn a_refresh_whose_user_read_meets_a_dead_connection_reads_again() {
     use std::sync::atomic::Ordering::SeqCst;
     let users = Arc::new(DroppingReads::default());
-    let tokens = Arc::new(AccessTokens::new(
-        SigningKey::generate().unwrap(),
-        Arc::new(upcoach_core::SystemClock),
-    ));
-    let sessions = Sessions::builder(tokens, "https://api.example.test")
-        .provider(Arc::new(Badges {
-            valid_until: Some(SystemTime::now() + Duration::from_secs(300)),
-        }))
-        .user_store(users.clone())
-        .build();
+    let sessions = badge_sessions().user_store(users.clone()).build();
     let signed_in = sessions
         .sign_in_with_token("google", badge("ada", "n-1"), None, None, &facts())
         .await

@@ -916,8 +916,9 @@ impl Inner {
             }
             if last.is_none() && event.epoch != 0 {
                 // The feed's first event, with nothing known before it: readers of
-                // another numbering (positioned by their own head read) are told.
-                self.announce(&room, Position::new(event.seq - 1, event.epoch));
+                // another numbering (positioned by their own head read) are told. Not
+                // counted as a reset: usually nobody is in another numbering.
+                self.announce(&room, Position::new(event.seq - 1, event.epoch), 0);
             }
             last = Some(event.position());
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
@@ -968,15 +969,7 @@ impl Inner {
     fn restarted(&self, room: &Room, seen: u64, head: Position) {
         tracing::warn!(room = %room.name, seen, head = head.seq, epoch = head.epoch, "a room started a new numbering: its readers get reset");
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
-        self.fan_out(
-            room,
-            Delivery::Reset(Arc::new(RoomReset {
-                room: room.name.clone(),
-                reason: "room_restarted",
-                head: Some(head),
-                restarted_from: Some(seen),
-            })),
-        );
+        self.announce(room, head, seen);
     }
 
     /// Whether the room's numbering is still `seen`'s (so an event of another one is
@@ -988,18 +981,17 @@ impl Inner {
         }
     }
 
-    /// The numbering of `head` is the room's: readers in another one get `reset`
-    /// (`room_restarted`), readers in it (and readers that read nothing, when `head`
-    /// is the numbering's start) nothing. Not counted as a reset: usually nobody is in
-    /// another numbering.
-    fn announce(&self, room: &Room, head: Position) {
+    /// The numbering of `head` is the room's (the old one reached `old`): readers in
+    /// another one get `reset` (`room_restarted`), readers in it (and readers that read
+    /// nothing, when `head` is the numbering's start) nothing.
+    fn announce(&self, room: &Room, head: Position, old: u64) {
         self.fan_out(
             room,
             Delivery::Reset(Arc::new(RoomReset {
                 room: room.name.clone(),
                 reason: "room_restarted",
                 head: Some(head),
-                restarted_from: Some(0),
+                restarted_from: Some(old),
             })),
         );
     }
