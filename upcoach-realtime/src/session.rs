@@ -728,6 +728,104 @@ mod tests {
         assert_eq!(seqs(&out), [3], "the reader's own numbering goes on");
     }
 
+    /// The hub's announcement of the numbering its feed met first (nothing known
+    /// before it): a reader of another numbering is told and resumes in it; a reader
+    /// that read nothing yet, or one in that numbering, hears nothing.
+    #[tokio::test]
+    async fn the_first_numbering_announced_resets_only_readers_of_another() {
+        let (hub, mut session, _) = reader_of(2, None).await;
+        session.rooms[0].set(Position::new(5, 7));
+        let out = restart_seen_by_the_feed(&hub, &mut session, 0).await;
+        assert!(
+            matches!(
+                &out[0],
+                Outbound::Reset {
+                    reason: "room_restarted",
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        assert_eq!(seqs(&out), [1, 2]);
+
+        let (hub, mut session, _) = reader_of(2, None).await;
+        session.rooms[0].set(Position::default());
+        let out = restart_seen_by_the_feed(&hub, &mut session, 0).await;
+        assert_eq!(seqs(&out), [1, 2], "nothing read, nothing missed: {out:?}");
+        assert_eq!(out.len(), 2, "no reset: {out:?}");
+
+        let (hub, mut session, _) = reader_of(2, Some(Position::default())).await;
+        let out = restart_seen_by_the_feed(&hub, &mut session, 0).await;
+        assert!(out.is_empty(), "in that numbering already: {out:?}");
+    }
+
+    /// A broadcaster whose history holds nothing (as a flushed Redis answers a
+    /// position at its empty head).
+    #[derive(Debug)]
+    struct NoHistory(MemoryBroadcaster);
+
+    #[async_trait::async_trait]
+    impl crate::Broadcaster for NoHistory {
+        async fn publish(
+            &self,
+            room: &str,
+            event: &str,
+            data: serde_json::Value,
+        ) -> crate::Result<Arc<crate::RoomEvent>> {
+            self.0.publish(room, event, data).await
+        }
+        async fn subscribe(&self, room: &str) -> crate::Result<crate::Subscription> {
+            self.0.subscribe(room).await
+        }
+        async fn replay(&self, _: &str, _: Position, _: usize) -> crate::Result<crate::Replay> {
+            Ok(crate::Replay::Events(Vec::new()))
+        }
+        async fn head(&self, room: &str) -> crate::Result<Position> {
+            self.0.head(room).await
+        }
+        fn state(&self) -> crate::BrokerState {
+            self.0.state()
+        }
+    }
+
+    /// History that ends short of an event after a hole: the client is told `reset`
+    /// before the event, not handed a jump in `seq`.
+    #[tokio::test]
+    async fn a_hole_history_cannot_fill_is_announced_before_the_event() {
+        let broadcaster = NoHistory(MemoryBroadcaster::default());
+        let hub = Hub::builder(
+            Arc::new(broadcaster),
+            Arc::new(RefuseAll { reason: "unused" }),
+        )
+        .build();
+        let slot = hub.inner.reserve(Transport::Sse).unwrap();
+        let mut session = Session::new(slot);
+        let expires = SystemTime::now() + Duration::from_secs(60);
+        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
+        session.authenticate(me).unwrap();
+        let mut out = Vec::new();
+        session.subscribe("metrics", None, &mut out).await.unwrap();
+        let mut sent = Vec::new();
+        for n in 1..=3 {
+            sent.push(
+                hub.publish("metrics", "tick", serde_json::json!(n))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        let third = Delivery::Event(Arc::new(Encoded::new(&sent[2], Arc::from("metrics"))));
+        session.accept(third, &mut out).await;
+        assert!(
+            matches!(
+                &out[..],
+                [Outbound::Reset { reason: "history_expired", at, .. }, Outbound::Event(e)]
+                    if at.seq == 2 && e.seq == 3
+            ),
+            "{out:?}"
+        );
+    }
+
     /// Resuming with a position from another numbering: `reset`, never the events
     /// after its number in this one.
     #[tokio::test]

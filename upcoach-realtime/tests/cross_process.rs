@@ -982,6 +982,40 @@ async fn keys_flushed_before_any_live_event_reset_readers_then_deliver() {
     assert_eq!(a.hub.stats().resets, 1);
 }
 
+/// A room numbered before epochs (a counter with no epoch beside it, as an older
+/// version left it) that Redis then loses: its readers stand at a position without an
+/// epoch, and the new numbering's events, below it and with an epoch, are a restart,
+/// not repeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_numbered_before_epochs_that_redis_loses_resets_its_readers() {
+    let Some(redis) = upcoach_testing::PrivateRedis::start().await else {
+        return;
+    };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg(format!("rt:{{{X}}}:seq"))
+        .arg(100)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tokens = Arc::new(Tokens::default());
+    let a = quick_process(&redis.url(), tokens.clone()).await;
+    let mut ws = support::ws(a.addr, Some(&tokens.admin())).await;
+    assert_eq!(support::subscribe(&mut ws, X, None).await, 100);
+
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let after = publish(&a.hub, 3, "after", only_x).await;
+    assert_eq!(
+        after[0].seq, 1,
+        "precondition: the room counts from 1 again"
+    );
+    let first = next_ws(&mut ws, &HashMap::new()).await;
+    assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
+    let read = read_ws(&mut ws, &counts(&after)).await;
+    assert_streams("after the flush", &read.events, &after);
+}
+
 /// Redis restarts empty while A is cut off from it, and B publishes more events than
 /// the old numbering had before A is back. By numbers alone, A's repair took the new
 /// numbering's 6, 7… for the continuation of the old 5 (and a cursor of the old 5

@@ -466,6 +466,67 @@ async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
     );
 }
 
+/// A cursor without epochs (`room=seq`, as before epochs) resumes as it says, and the
+/// stream's cursor takes the room's epoch from there on: a later resume is then checked
+/// against the room's numbering.
+#[tokio::test]
+async fn a_cursor_without_an_epoch_resumes_and_takes_the_rooms_epoch() {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    for i in 0..3 {
+        hub.publish("public:x", "n", serde_json::json!(i))
+            .await
+            .unwrap();
+    }
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(
+        addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", "public:x=1")],
+    )
+    .await;
+    let first = stream.next().await.unwrap();
+    assert_eq!(
+        first.id.as_deref(),
+        Some(cursor(&hub, &[("public:x", 1)]).await.as_str()),
+        "the opening cursor names the room's epoch"
+    );
+    let seqs =
+        [stream.next_event().await, stream.next_event().await].map(|r| data(&r)["seq"].clone());
+    assert_eq!(seqs, [2, 3], "the missed events, once each");
+}
+
+/// A cursor of another numbering of the room (one before a restart), even below the
+/// room's head: `reset` (`room_restarted`) and the head, never the events after its
+/// number in this numbering.
+#[tokio::test]
+async fn a_cursor_of_another_numbering_gets_reset_even_below_the_head() {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    for i in 0..5 {
+        hub.publish("public:x", "n", serde_json::json!(i))
+            .await
+            .unwrap();
+    }
+    let epoch = hub.broadcaster().head("public:x").await.unwrap().epoch;
+    let old = format!("public:x=2@{}", epoch.wrapping_add(1).max(1));
+    let auth = format!("Bearer {}", tokens.admin());
+    let mut stream = sse(
+        addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", &old)],
+    )
+    .await;
+    let first = stream.next().await.unwrap();
+    assert_eq!(
+        first.id.as_deref(),
+        Some(cursor(&hub, &[("public:x", 5)]).await.as_str())
+    );
+    let reset = stream.next_event().await;
+    assert_eq!(
+        data(&reset),
+        serde_json::json!({"room": "public:x", "reason": "room_restarted"})
+    );
+}
+
 /// A stream's token is checked before it takes a place: requests without a valid one
 /// never hold any, and get 401 even when every place is taken.
 #[tokio::test]
