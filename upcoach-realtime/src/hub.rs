@@ -891,9 +891,13 @@ impl Inner {
                     // position is at or past it.
                     continue;
                 }
-                if !seen.same_numbering(event.position()) && self.is_stale(&room, seen).await {
-                    // An event of an older numbering still in flight after the head
-                    // above was read in the newer one.
+                if !seen.same_numbering(event.position())
+                    && !self.is_current(&room, event.epoch).await
+                {
+                    // An event of a numbering the room no longer has, still in flight
+                    // after the head above was read in a newer one. (Skipped too when
+                    // the head cannot be read: a real new numbering shows again with its
+                    // next event, and the reset then covers this one.)
                     continue;
                 }
                 if !seen.same_numbering(event.position()) || event.seq <= seen.seq {
@@ -915,10 +919,16 @@ impl Inner {
                 }
             }
             if last.is_none() && event.epoch != 0 {
-                // The feed's first event, with nothing known before it: readers of
-                // another numbering (positioned by their own head read) are told. Not
-                // counted as a reset: usually nobody is in another numbering.
-                self.announce(&room, Position::new(event.seq - 1, event.epoch), 0);
+                // The feed's first event, with nothing known before it. One of a
+                // numbering the room no longer has (in flight while its keys went) is
+                // not news; otherwise readers of another numbering (positioned by their
+                // own head read) are told. Not counted as a reset: usually nobody is in
+                // another numbering.
+                if !self.is_current(&room, event.epoch).await {
+                    continue;
+                }
+                let head = Position::new(event.seq.saturating_sub(1), event.epoch);
+                self.announce(&room, head, 0);
             }
             last = Some(event.position());
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
@@ -972,13 +982,10 @@ impl Inner {
         self.announce(room, head, seen);
     }
 
-    /// Whether the room's numbering is still `seen`'s (so an event of another one is
-    /// stale): the head says so.
-    async fn is_stale(&self, room: &Room, seen: Position) -> bool {
-        match self.broadcaster.head(&room.name).await {
-            Ok(head) => head.epoch != 0 && head.epoch == seen.epoch,
-            Err(_) => false,
-        }
+    /// Whether `epoch` is the room's numbering now, as its head says (false when the
+    /// head cannot be read).
+    async fn is_current(&self, room: &Room, epoch: u32) -> bool {
+        matches!(self.broadcaster.head(&room.name).await, Ok(head) if head.epoch == epoch)
     }
 
     /// The numbering of `head` is the room's (the old one reached `old`): readers in

@@ -437,7 +437,9 @@ fn decode_live(room: &str, payload: &[u8]) -> Result<RoomEvent> {
     let (seq, epoch) = number.split_once('.').unwrap_or((number, "0"));
     let seq = seq
         .parse::<u64>()
-        .map_err(|_| corrupt("a live event's sequence number is not a number"))?;
+        .ok()
+        .filter(|seq| *seq > 0)
+        .ok_or_else(|| corrupt("a live event's sequence number is not a number from 1"))?;
     let epoch = epoch
         .parse::<u32>()
         .map_err(|_| corrupt("a live event's epoch is not a number"))?;

@@ -339,10 +339,13 @@ impl Session {
                     }
                 }
                 Replay::Gone { reason } => {
-                    hub.counters.resets.fetch_add(1, Ordering::Relaxed);
                     let head = hub.broadcaster.head(room).await?;
-                    let at = if head.same_numbering(after) && head.seq < until {
-                        Position::new(until, head.epoch)
+                    hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+                    // History gone in the same numbering: resume past what was asked
+                    // for. A numbering that changed (even to none yet): at its head.
+                    let same = reason != "room_restarted" && head.same_numbering(after);
+                    let at = if same {
+                        Position::new(head.seq.max(until), head.epoch).or_epoch(after.epoch)
                     } else {
                         head
                     };
@@ -471,11 +474,17 @@ impl Session {
         match self.catch_up(&room, from, event.seq - 1, out).await {
             Ok(reached) => self.rooms[i].set(reached),
             Err(_) => {
+                // What lies before the event cannot be fetched: announced as gone, the
+                // event follows.
                 self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
+                let reading = &mut self.rooms[i];
+                if reading.position().same_numbering(event.position()) {
+                    reading.set(Position::new(event.seq - 1, event.epoch));
+                }
                 out.push(Outbound::Reset {
                     room,
                     reason: "broker_unavailable",
-                    at: self.rooms[i].position(),
+                    at: reading.position(),
                 });
             }
         }
@@ -824,6 +833,158 @@ mod tests {
             ),
             "{out:?}"
         );
+    }
+
+    /// A broadcaster the test scripts: its head is what the test sets, its feed what
+    /// the test sends, its history empty.
+    #[derive(Debug)]
+    struct Scripted {
+        head: std::sync::Mutex<Position>,
+        feed: tokio::sync::broadcast::Sender<Arc<crate::RoomEvent>>,
+    }
+
+    impl Scripted {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                head: std::sync::Mutex::new(Position::default()),
+                feed: tokio::sync::broadcast::channel(16).0,
+            })
+        }
+
+        fn set_head(&self, head: Position) {
+            *self.head.lock().unwrap() = head;
+        }
+
+        /// Sends the event at `at` on the feed, the head moving to it.
+        fn send(&self, at: Position) {
+            self.set_head(at);
+            let event = crate::RoomEvent {
+                room: "metrics".into(),
+                seq: at.seq,
+                epoch: at.epoch,
+                event: "tick".into(),
+                data: serde_json::json!(at.seq),
+                ts: SystemTime::now(),
+            };
+            self.feed.send(Arc::new(event)).unwrap();
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::Broadcaster for Scripted {
+        async fn publish(
+            &self,
+            _: &str,
+            _: &str,
+            _: serde_json::Value,
+        ) -> crate::Result<Arc<crate::RoomEvent>> {
+            unreachable!("the test sends on the feed")
+        }
+        async fn subscribe(&self, _: &str) -> crate::Result<crate::Subscription> {
+            Ok(crate::Subscription::new(self.feed.subscribe()))
+        }
+        async fn replay(&self, _: &str, _: Position, _: usize) -> crate::Result<crate::Replay> {
+            Ok(crate::Replay::Events(Vec::new()))
+        }
+        async fn head(&self, _: &str) -> crate::Result<Position> {
+            Ok(*self.head.lock().unwrap())
+        }
+        fn state(&self) -> crate::BrokerState {
+            crate::BrokerState {
+                kind: "scripted",
+                connected: true,
+            }
+        }
+    }
+
+    /// A session of `hub` reading `metrics` from the head.
+    async fn join(hub: &Hub) -> Session {
+        let slot = hub.inner.reserve(Transport::Sse).unwrap();
+        let mut session = Session::new(slot);
+        let expires = SystemTime::now() + Duration::from_secs(60);
+        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
+        session.authenticate(me).unwrap();
+        session
+            .subscribe("metrics", None, &mut Vec::new())
+            .await
+            .unwrap();
+        session
+    }
+
+    /// What `session` makes of the deliveries that reach it within 200 ms.
+    async fn drain(session: &mut Session) -> Vec<Outbound> {
+        let mut out = Vec::new();
+        while let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_millis(200), session.next()).await
+        {
+            session.accept(delivery, &mut out).await;
+        }
+        out
+    }
+
+    fn kinds(out: &[Outbound]) -> Vec<String> {
+        out.iter()
+            .map(|o| match o {
+                Outbound::Event(e) => format!("event {}@{}", e.seq, e.epoch),
+                Outbound::Reset { reason, at, .. } => {
+                    format!("reset {reason} {}@{}", at.seq, at.epoch)
+                }
+                Outbound::Subscribed { .. } => "subscribed".into(),
+            })
+            .collect()
+    }
+
+    /// Through the hub's room task: a feed opened on an empty room (nothing known) whose
+    /// first event is of another numbering than a reader's own head read announces it
+    /// to that reader; an event of a numbering the room no longer has is dropped; a
+    /// real new numbering resets everyone once.
+    #[tokio::test]
+    async fn the_room_task_announces_a_first_numbering_and_drops_stale_events() {
+        let broadcaster = Scripted::new();
+        let hub = Hub::builder(
+            broadcaster.clone(),
+            Arc::new(RefuseAll { reason: "unused" }),
+        )
+        .build();
+        // A joins an empty room: the feed opens knowing nothing.
+        let mut a = join(&hub).await;
+        // B joins later, its own head read in numbering 11 (events the feed has not
+        // carried, as after a pub/sub outage).
+        broadcaster.set_head(Position::new(5, 11));
+        let mut b = join(&hub).await;
+
+        // The feed's first event is of numbering 12.
+        broadcaster.send(Position::new(1, 12));
+        assert_eq!(
+            kinds(&drain(&mut a).await),
+            ["event 1@12"],
+            "A read nothing: no reset"
+        );
+        assert_eq!(
+            kinds(&drain(&mut b).await),
+            ["reset room_restarted 0@12", "event 1@12"],
+            "B was in numbering 11"
+        );
+
+        // An event of numbering 11 still in flight: the room's head says 12.
+        broadcaster.send(Position::new(6, 11));
+        broadcaster.set_head(Position::new(1, 12));
+        broadcaster.send(Position::new(2, 12));
+        assert_eq!(
+            kinds(&drain(&mut a).await),
+            ["event 2@12"],
+            "the stale one dropped"
+        );
+        assert_eq!(kinds(&drain(&mut b).await), ["event 2@12"]);
+
+        // A real new numbering: everyone is told once, then its events.
+        broadcaster.send(Position::new(1, 13));
+        for session in [&mut a, &mut b] {
+            assert_eq!(
+                kinds(&drain(session).await),
+                ["reset room_restarted 0@13", "event 1@13"]
+            );
+        }
     }
 
     /// Resuming with a position from another numbering: `reset`, never the events

@@ -467,8 +467,8 @@ async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
 }
 
 /// A cursor without epochs (`room=seq`, as before epochs) resumes as it says, and the
-/// stream's cursor takes the room's epoch from there on: a later resume is then checked
-/// against the room's numbering.
+/// stream's opening cursor already names the room's epoch (so the client's next resume
+/// is checked against the room's numbering).
 #[tokio::test]
 async fn a_cursor_without_an_epoch_resumes_and_takes_the_rooms_epoch() {
     let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
