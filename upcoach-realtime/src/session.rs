@@ -603,6 +603,13 @@ mod tests {
                 .await
                 .unwrap();
         }
+        let (session, out) = join_since(&hub, since).await;
+        (hub, session, out)
+    }
+
+    /// An admin's session of `hub` reading `metrics` from `since`, and what it was
+    /// sent on subscribing.
+    async fn join_since(hub: &Hub, since: Option<Position>) -> (Session, Vec<Outbound>) {
         let slot = hub.inner.reserve(Transport::Sse).unwrap();
         let mut session = Session::new(slot);
         let expires = SystemTime::now() + Duration::from_secs(60);
@@ -610,7 +617,7 @@ mod tests {
         session.authenticate(me).unwrap();
         let mut out = Vec::new();
         session.subscribe("metrics", since, &mut out).await.unwrap();
-        (hub, session, out)
+        (session, out)
     }
 
     /// What the hub fans out when its feed, at `seen` in the old numbering, meets the
@@ -807,13 +814,7 @@ mod tests {
             Arc::new(RefuseAll { reason: "unused" }),
         )
         .build();
-        let slot = hub.inner.reserve(Transport::Sse).unwrap();
-        let mut session = Session::new(slot);
-        let expires = SystemTime::now() + Duration::from_secs(60);
-        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
-        session.authenticate(me).unwrap();
-        let mut out = Vec::new();
-        session.subscribe("metrics", None, &mut out).await.unwrap();
+        let mut session = join(&hub).await;
         let mut sent = Vec::new();
         for n in 1..=3 {
             sent.push(
@@ -899,16 +900,7 @@ mod tests {
 
     /// A session of `hub` reading `metrics` from the head.
     async fn join(hub: &Hub) -> Session {
-        let slot = hub.inner.reserve(Transport::Sse).unwrap();
-        let mut session = Session::new(slot);
-        let expires = SystemTime::now() + Duration::from_secs(60);
-        let me = Principal::new(UserId::new(), vec![Role::ADMIN], SessionId::new(), expires);
-        session.authenticate(me).unwrap();
-        session
-            .subscribe("metrics", None, &mut Vec::new())
-            .await
-            .unwrap();
-        session
+        join_since(hub, None).await.0
     }
 
     /// What `session` makes of the deliveries that reach it within 200 ms.
