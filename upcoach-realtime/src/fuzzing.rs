@@ -11,7 +11,7 @@ use crate::wire::ClientMessage;
 ///
 /// [`validate_room`]: crate::validate_room
 pub fn client_message(text: &str) -> Result<&'static str, String> {
-    let parsed: ClientMessage = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let parsed = ClientMessage::parse(text)?;
     match parsed {
         ClientMessage::Ping {} => Ok("ping"),
         ClientMessage::Auth { token: _ } => Ok("auth"),

@@ -488,7 +488,7 @@ impl Connection {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
             Message::Close(_) => return Step::Drop("client closed"),
         };
-        let parsed: ClientMessage = match serde_json::from_str(text.as_str()) {
+        let parsed = match ClientMessage::parse(text.as_str()) {
             Ok(parsed) => parsed,
             Err(_) => {
                 return self

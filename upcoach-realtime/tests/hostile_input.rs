@@ -163,6 +163,26 @@ fn client_messages() -> impl Strategy<Value = serde_json::Map<String, Value>> {
         })
 }
 
+/// Found by the `ws_client_message` fuzz target: serde reads a tagged enum from an
+/// array too, so `["unsubscribe","public:x"]` was accepted as an unsubscribe. A message
+/// is a JSON object.
+#[test]
+fn a_message_in_array_form_is_refused() {
+    assert_eq!(
+        fuzzing::client_message(" \n{\"type\":\"unsubscribe\",\"room\":\"public:x\"}"),
+        Ok("unsubscribe")
+    );
+    for text in [
+        "\n[\"unsubscribe\",\r\"nsebscribe\"]",
+        r#"["unsubscribe","public:x"]"#,
+        r#"["subscribe","public:x",3]"#,
+        r#"["ping"]"#,
+        r#"["auth","a-token"]"#,
+    ] {
+        assert!(fuzzing::client_message(text).is_err(), "{text:?}");
+    }
+}
+
 /// Found by `a_client_message_is_accepted_exactly_when_well_formed`: a `ping` with
 /// other fields was accepted, though every message is parsed strictly.
 #[test]
