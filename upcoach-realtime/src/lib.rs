@@ -82,12 +82,13 @@ impl RoomEvent {
 /// A room numbers its events 1, 2, 3… for as long as its count lives. When the count is
 /// lost (a Redis without persistence restarts empty, a room's counter expires, an
 /// in-memory room is forgotten or its process restarts), the room starts again at 1
-/// under a new `epoch`, a random number drawn when event 1 is published. Comparing
+/// under a new `epoch`, a random number drawn when the numbering starts (Redis: with
+/// its event 1; in memory: when the room is made). Comparing
 /// epochs is what tells "event 5 of the new numbering" from "event 5 of the old one":
 /// a reader whose epoch is not the room's gets `reset` (`room_restarted`) instead of
 /// events that look continuous but are not.
 ///
-/// Epoch 0 means "not known": a room with no event yet, or a client that resumes
+/// Epoch 0 means "not known": a Redis room with no event yet, or a client that resumes
 /// with a bare sequence number (API.md's `since` without `epoch`, a cursor from before
 /// epochs). Such a position is taken at its word, as before epochs existed.
 ///
