@@ -6,28 +6,18 @@
 
 use std::time::{Duration, SystemTime};
 
+use upcoach_auth::ProviderId;
 use upcoach_auth::refresh::{
     DEFAULT_MAX_FAMILIES, DEFAULT_MAX_TOKENS, MemoryRefreshStore, RefreshError, RefreshPolicy,
     RefreshStore, RevokeReason,
 };
 use upcoach_auth::testing::refresh::{FreshIds, refresh_store_conformance};
+use upcoach_auth::testing::users::an_identity;
 use upcoach_auth::testing::users::user_store_conformance;
 use upcoach_auth::users::{
     DEFAULT_MAX_USERS, LinkingPolicy, MAX_UNLINKED_PER_USER, MemoryUserStore, UserError, UserStore,
 };
-use upcoach_auth::{ProviderId, VerifiedIdentity};
 use upcoach_core::UserId;
-
-fn identity(provider: ProviderId, subject: &str, email: Option<&str>) -> VerifiedIdentity {
-    VerifiedIdentity {
-        provider,
-        subject: subject.to_owned(),
-        email: email.map(str::to_owned),
-        email_verified: email.is_some(),
-        name: None,
-        expires_at: None,
-    }
-}
 
 #[test]
 fn the_defaults_are_the_documented_ones() {
@@ -54,7 +44,7 @@ async fn a_full_user_store_refuses_new_accounts_and_serves_existing_ones() {
         let email = format!("user{i}@bounds.example");
         let signed = store
             .sign_in(
-                &identity(ProviderId::GOOGLE, &format!("g-{i}"), Some(&email)),
+                &an_identity(ProviderId::GOOGLE, &format!("g-{i}"), Some(&email)),
                 &policy,
             )
             .await
@@ -65,7 +55,7 @@ async fn a_full_user_store_refuses_new_accounts_and_serves_existing_ones() {
 
     // A flood of new identities: each refused, none kept.
     for i in 0..50 {
-        let new = identity(ProviderId::GOOGLE, &format!("flood-{i}"), None);
+        let new = an_identity(ProviderId::GOOGLE, &format!("flood-{i}"), None);
         match store.sign_in(&new, &policy).await {
             Err(e @ UserError::Full { max_users: 3 }) => {
                 assert_eq!(e.code(), "user_store_full");
@@ -87,7 +77,7 @@ async fn a_full_user_store_refuses_new_accounts_and_serves_existing_ones() {
     // and being provisioned.
     let again = store
         .sign_in(
-            &identity(ProviderId::GOOGLE, "g-0", Some("user0@bounds.example")),
+            &an_identity(ProviderId::GOOGLE, "g-0", Some("user0@bounds.example")),
             &policy,
         )
         .await
@@ -95,13 +85,13 @@ async fn a_full_user_store_refuses_new_accounts_and_serves_existing_ones() {
     assert_eq!((again.user.id, again.created), (users[0].id, false));
     let linked = store
         .sign_in(
-            &identity(ProviderId::APPLE, "a-1", Some("user1@bounds.example")),
+            &an_identity(ProviderId::APPLE, "a-1", Some("user1@bounds.example")),
             &policy,
         )
         .await
         .unwrap();
     assert!(linked.linked && linked.user.id == users[1].id);
-    let facebook = identity(ProviderId::FACEBOOK, "f-2", None);
+    let facebook = an_identity(ProviderId::FACEBOOK, "f-2", None);
     store.link(users[2].id, &facebook).await.unwrap();
     store.provision(users[2].id, &[]).await.unwrap();
     assert_eq!(store.len(), 3);
@@ -114,9 +104,9 @@ async fn a_full_user_store_refuses_new_accounts_and_serves_existing_ones() {
         .filter(|erased| erased.user_deleted)
         .expect("g-0 was the user's only identity");
     assert_eq!(store.len(), 2);
-    let newcomer = identity(ProviderId::GOOGLE, "newcomer", None);
+    let newcomer = an_identity(ProviderId::GOOGLE, "newcomer", None);
     assert!(store.sign_in(&newcomer, &policy).await.unwrap().created);
-    let late = identity(ProviderId::GOOGLE, "late", None);
+    let late = an_identity(ProviderId::GOOGLE, "late", None);
     assert!(matches!(
         store.sign_in(&late, &policy).await,
         Err(UserError::Full { max_users: 3 })
@@ -136,18 +126,18 @@ async fn an_unlink_flood_stops_linking_at_the_cap_and_forgets_no_unlink() {
     let email = "flood@bounds.example";
     let owner = store
         .sign_in(
-            &identity(ProviderId::APPLE, "a-owner", Some(email)),
+            &an_identity(ProviderId::APPLE, "a-owner", Some(email)),
             &policy,
         )
         .await
         .unwrap()
         .user;
     for i in 0..MAX_UNLINKED_PER_USER {
-        let google = identity(ProviderId::GOOGLE, &format!("g-{i}"), Some(email));
+        let google = an_identity(ProviderId::GOOGLE, &format!("g-{i}"), Some(email));
         store.link(owner.id, &google).await.unwrap();
         store.unlink(owner.id, ProviderId::GOOGLE).await.unwrap();
     }
-    let next = identity(ProviderId::GOOGLE, "g-next", Some(email));
+    let next = an_identity(ProviderId::GOOGLE, "g-next", Some(email));
     let refused = store.link(owner.id, &next).await.unwrap_err();
     assert!(
         matches!(refused, UserError::TooManyUnlinked { max } if max == MAX_UNLINKED_PER_USER),
@@ -174,7 +164,10 @@ async fn an_unlink_flood_stops_linking_at_the_cap_and_forgets_no_unlink() {
     );
     // Every unlink is remembered: an old one is still not linked back by address.
     let old = store
-        .sign_in(&identity(ProviderId::GOOGLE, "g-0", Some(email)), &policy)
+        .sign_in(
+            &an_identity(ProviderId::GOOGLE, "g-0", Some(email)),
+            &policy,
+        )
         .await;
     assert!(
         !matches!(&old, Ok(signed) if signed.user.id == owner.id),
@@ -183,7 +176,7 @@ async fn an_unlink_flood_stops_linking_at_the_cap_and_forgets_no_unlink() {
     // What is linked keeps working, and other users are not affected.
     let again = store
         .sign_in(
-            &identity(ProviderId::APPLE, "a-owner", Some(email)),
+            &an_identity(ProviderId::APPLE, "a-owner", Some(email)),
             &policy,
         )
         .await
@@ -191,14 +184,14 @@ async fn an_unlink_flood_stops_linking_at_the_cap_and_forgets_no_unlink() {
     assert_eq!(again.user.id, owner.id);
     let other = store
         .sign_in(
-            &identity(ProviderId::APPLE, "a-other", Some("other@bounds.example")),
+            &an_identity(ProviderId::APPLE, "a-other", Some("other@bounds.example")),
             &policy,
         )
         .await
         .unwrap()
         .user;
     store
-        .link(other.id, &identity(ProviderId::GOOGLE, "g-other", None))
+        .link(other.id, &an_identity(ProviderId::GOOGLE, "g-other", None))
         .await
         .unwrap();
     store.unlink(other.id, ProviderId::GOOGLE).await.unwrap();

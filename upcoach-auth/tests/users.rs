@@ -4,22 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use upcoach_auth::testing::users::an_identity;
 use upcoach_auth::testing::users::user_store_conformance;
 use upcoach_auth::users::{LinkingPolicy, MemoryUserStore, PgUserStore, SignIn, UserStore};
 use upcoach_auth::{ProviderId, VerifiedIdentity};
 use upcoach_core::postgres;
 use upcoach_testing::{FaultProxy, PgSchema};
-
-fn identity(provider: ProviderId, subject: &str, email: Option<&str>) -> VerifiedIdentity {
-    VerifiedIdentity {
-        provider,
-        subject: subject.to_owned(),
-        email: email.map(str::to_owned),
-        email_verified: email.is_some(),
-        name: None,
-        expires_at: None,
-    }
-}
 
 async fn pg_store() -> Option<(PgSchema, PgUserStore)> {
     let schema = PgSchema::create().await?;
@@ -48,13 +38,13 @@ async fn postgres_store_conforms() {
 /// the same user for the shared address.
 async fn racing_first_sign_ins(store: Arc<dyn UserStore>) {
     for round in 0..5 {
-        let kim = identity(
+        let kim = an_identity(
             ProviderId::GOOGLE,
             &format!("kim-{round}"),
             Some(&format!("kim-{round}@race.example")),
         );
-        let anon = identity(ProviderId::GOOGLE, &format!("anon-{round}"), None);
-        let kim_apple = identity(
+        let anon = an_identity(ProviderId::GOOGLE, &format!("anon-{round}"), None);
+        let kim_apple = an_identity(
             ProviderId::APPLE,
             &format!("kim-apple-{round}"),
             Some(&format!("KIM-{round}@race.example")),
@@ -123,7 +113,7 @@ async fn postgres_reports_data_it_did_not_write_as_corrupt() {
     };
     let user = store
         .sign_in(
-            &identity(ProviderId::GOOGLE, "g", None),
+            &an_identity(ProviderId::GOOGLE, "g", None),
             &LinkingPolicy::default(),
         )
         .await
@@ -146,7 +136,7 @@ async fn postgres_enforces_one_identity_per_provider_per_user() {
     };
     let user = store
         .sign_in(
-            &identity(ProviderId::GOOGLE, "g-1", None),
+            &an_identity(ProviderId::GOOGLE, "g-1", None),
             &LinkingPolicy::default(),
         )
         .await
@@ -188,7 +178,7 @@ async fn postgres_outage_is_a_retryable_error_and_passes() {
     .await
     .unwrap();
     let store = PgUserStore::new(upcoach_core::postgres::MeteredPool::new(pool));
-    let ada = identity(ProviderId::GOOGLE, "ada", Some("ada@outage.example"));
+    let ada = an_identity(ProviderId::GOOGLE, "ada", Some("ada@outage.example"));
     let policy = LinkingPolicy::default();
     let user = store.sign_in(&ada, &policy).await.unwrap().user;
 

@@ -930,19 +930,27 @@ async fn keys_flushed_under_a_live_connection_reset_readers_then_deliver() {
     let read = read_ws(&mut ws, &counts(&before)).await;
     assert_streams("before the flush", &read.events, &before);
 
-    let client = redis::Client::open(redis.url()).unwrap();
+    flush_then_read_the_restart(&redis.url(), &a.hub, &mut ws).await;
+    assert_eq!(a.hub.stats().resets, 1);
+}
+
+/// Flushes every key of the Redis at `url`, publishes three events in X on `hub`, and
+/// checks that `ws` (reading X on that hub) gets `reset` (`room_restarted`) at the new
+/// numbering's start, then exactly those events, which it returns.
+async fn flush_then_read_the_restart(url: &str, hub: &Hub, ws: &mut Ws) -> Vec<Arc<RoomEvent>> {
+    let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let after = publish(&a.hub, 3, "after", only_x).await;
+    let after = publish(hub, 3, "after", only_x).await;
     assert_eq!(
         after[0].seq, 1,
         "precondition: the room counts from 1 again"
     );
-    let first = next_ws(&mut ws, &HashMap::new()).await;
+    let first = next_ws(ws, &HashMap::new()).await;
     assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
-    let read = read_ws(&mut ws, &counts(&after)).await;
+    let read = read_ws(ws, &counts(&after)).await;
     assert_streams("after the flush", &read.events, &after);
-    assert_eq!(a.hub.stats().resets, 1);
+    after
 }
 
 /// The WebSocket `reset` of X: its reason and where the reader now stands.
@@ -966,19 +974,8 @@ async fn keys_flushed_before_any_live_event_reset_readers_then_deliver() {
     let mut ws = support::ws(a.addr, Some(&tokens.admin())).await;
     assert_eq!(support::subscribe(&mut ws, X, None).await, 5);
 
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let after = publish(&a.hub, 3, "after", only_x).await;
-    assert_eq!(
-        after[0].seq, 1,
-        "precondition: the room counts from 1 again"
-    );
+    let after = flush_then_read_the_restart(&redis.url(), &a.hub, &mut ws).await;
     assert_ne!(after[0].epoch, before[0].epoch, "precondition: a new epoch");
-    let first = next_ws(&mut ws, &HashMap::new()).await;
-    assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
-    let read = read_ws(&mut ws, &counts(&after)).await;
-    assert_streams("after the flush", &read.events, &after);
     assert_eq!(a.hub.stats().resets, 1);
 }
 
@@ -1004,16 +1001,7 @@ async fn a_room_numbered_before_epochs_that_redis_loses_resets_its_readers() {
     let mut ws = support::ws(a.addr, Some(&tokens.admin())).await;
     assert_eq!(support::subscribe(&mut ws, X, None).await, 100);
 
-    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let after = publish(&a.hub, 3, "after", only_x).await;
-    assert_eq!(
-        after[0].seq, 1,
-        "precondition: the room counts from 1 again"
-    );
-    let first = next_ws(&mut ws, &HashMap::new()).await;
-    assert_eq!(first, ws_reset("room_restarted", 0, after[0].epoch));
-    let read = read_ws(&mut ws, &counts(&after)).await;
-    assert_streams("after the flush", &read.events, &after);
+    flush_then_read_the_restart(&redis.url(), &a.hub, &mut ws).await;
 }
 
 /// Redis restarts empty while A is cut off from it, and B publishes more events than

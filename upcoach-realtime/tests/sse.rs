@@ -33,6 +33,27 @@ async fn cursor(hub: &Hub, positions: &[(&str, u64)]) -> String {
     cursor.to_string()
 }
 
+/// A hub whose `public:x` holds `events` events, and an admin's stream of it opened
+/// with the `Last-Event-ID` that `last_event_id` makes of the room's epoch.
+async fn resumed_x(events: u64, last_event_id: impl FnOnce(u32) -> String) -> (Hub, Sse) {
+    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
+    for i in 0..events {
+        hub.publish("public:x", "n", serde_json::json!(i))
+            .await
+            .unwrap();
+    }
+    let epoch = hub.broadcaster().head("public:x").await.unwrap().epoch;
+    let id = last_event_id(epoch);
+    let auth = format!("Bearer {}", tokens.admin());
+    let stream = sse(
+        addr,
+        "rooms=public:x",
+        &[("authorization", &auth), ("last-event-id", &id)],
+    )
+    .await;
+    (hub, stream)
+}
+
 fn data(record: &Record) -> serde_json::Value {
     serde_json::from_str(record.data.as_deref().unwrap()).unwrap()
 }
@@ -432,19 +453,7 @@ async fn pings_and_events_flow_until_the_token_expires_then_the_stream_ends() {
 #[tokio::test]
 async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
     // A cursor from before a restart: the room's numbers started again.
-    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
-    for i in 0..3 {
-        hub.publish("public:x", "n", serde_json::json!(i))
-            .await
-            .unwrap();
-    }
-    let auth = format!("Bearer {}", tokens.admin());
-    let mut stream = sse(
-        addr,
-        "rooms=public:x",
-        &[("authorization", &auth), ("last-event-id", "public:x=999")],
-    )
-    .await;
+    let (hub, mut stream) = resumed_x(3, |_| "public:x=999".into()).await;
     let first = stream.next().await.unwrap();
     assert_eq!(
         first.id.as_deref(),
@@ -471,19 +480,7 @@ async fn a_cursor_ahead_of_the_room_gets_reset_not_silence() {
 /// is checked against the room's numbering).
 #[tokio::test]
 async fn a_cursor_without_an_epoch_resumes_and_takes_the_rooms_epoch() {
-    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
-    for i in 0..3 {
-        hub.publish("public:x", "n", serde_json::json!(i))
-            .await
-            .unwrap();
-    }
-    let auth = format!("Bearer {}", tokens.admin());
-    let mut stream = sse(
-        addr,
-        "rooms=public:x",
-        &[("authorization", &auth), ("last-event-id", "public:x=1")],
-    )
-    .await;
+    let (hub, mut stream) = resumed_x(3, |_| "public:x=1".into()).await;
     let first = stream.next().await.unwrap();
     assert_eq!(
         first.id.as_deref(),
@@ -500,20 +497,10 @@ async fn a_cursor_without_an_epoch_resumes_and_takes_the_rooms_epoch() {
 /// number in this numbering.
 #[tokio::test]
 async fn a_cursor_of_another_numbering_gets_reset_even_below_the_head() {
-    let (hub, tokens, addr) = setup(HubConfig::default(), HistoryLimits::default()).await;
-    for i in 0..5 {
-        hub.publish("public:x", "n", serde_json::json!(i))
-            .await
-            .unwrap();
-    }
-    let epoch = hub.broadcaster().head("public:x").await.unwrap().epoch;
-    let old = format!("public:x=2@{}", epoch.wrapping_add(1).max(1));
-    let auth = format!("Bearer {}", tokens.admin());
-    let mut stream = sse(
-        addr,
-        "rooms=public:x",
-        &[("authorization", &auth), ("last-event-id", &old)],
-    )
+    // A position in another numbering than the room's.
+    let (hub, mut stream) = resumed_x(5, |epoch| {
+        format!("public:x=2@{}", epoch.wrapping_add(1).max(1))
+    })
     .await;
     let first = stream.next().await.unwrap();
     assert_eq!(

@@ -12,7 +12,7 @@ use futures_util::SinkExt;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use support::{Answer, Running, next_json, send};
+use support::{Answer, Running, next_json};
 use tokio_tungstenite::tungstenite::Message;
 use upcoach_core::config::Settings;
 use upcoach_server::{Options, ServerConfig};
@@ -26,32 +26,11 @@ fn dev() -> Options {
     }
 }
 
-/// `method path` with a JSON `body` and a bearer `token`, if given.
-async fn call(
-    server: &Running,
-    method: Method,
-    path: &str,
-    body: Option<String>,
-    token: Option<&str>,
-) -> Answer {
-    let bearer = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = bearer
-        .iter()
-        .map(|b| ("authorization", b.as_str()))
-        .collect();
-    send(method, &server.url(path), &headers, body).await
-}
-
 /// `POST /dev/token` with `body`.
 async fn dev_token(server: &Running, body: Value) -> Answer {
-    call(
-        server,
-        Method::POST,
-        "/dev/token",
-        Some(body.to_string()),
-        None,
-    )
-    .await
+    server
+        .send(Method::POST, "/dev/token", Some(body), None)
+        .await
 }
 
 /// An access token of a new user with `roles`.
@@ -132,14 +111,14 @@ async fn a_sign_up_flood_stops_at_the_user_cap_and_members_keep_signing_in() {
 
     // A sign-out makes room: the revoked session is the one that goes.
     let member = &members[1];
-    let logout = call(
-        &server,
-        Method::POST,
-        "/auth/logout",
-        Some(json!({ "refresh_token": member["refresh_token"] }).to_string()),
-        member["access_token"].as_str(),
-    )
-    .await;
+    let logout = server
+        .send_text(
+            Method::POST,
+            "/auth/logout",
+            Some(json!({ "refresh_token": member["refresh_token"] }).to_string()),
+            member["access_token"].as_str(),
+        )
+        .await;
     assert_eq!(logout.status, StatusCode::NO_CONTENT, "{}", logout.json);
     let after = dev_token(&server, json!({ "sub": id, "roles": [] })).await;
     assert_eq!(after.status, StatusCode::OK, "{}", after.json);
@@ -234,7 +213,9 @@ async fn a_subscribe_flood_stops_at_the_rooms_per_connection_cap() {
     // One SSE stream: at most 32 rooms as well (and 64 names in all).
     let rooms: Vec<String> = (0..=max).map(|i| format!("public:s{i}")).collect();
     let path = format!("/api/dashboard/realtime/sse?rooms={}", rooms.join(","));
-    let answer = call(&server, Method::GET, &path, None, Some(&token)).await;
+    let answer = server
+        .send_text(Method::GET, &path, None, Some(&token))
+        .await;
     assert_eq!(
         (answer.status, answer.code().as_str()),
         (StatusCode::BAD_REQUEST, "too_many_rooms"),
@@ -243,7 +224,9 @@ async fn a_subscribe_flood_stops_at_the_rooms_per_connection_cap() {
     );
     let rooms: Vec<String> = (0..65).map(|i| format!("public:s{i}")).collect();
     let path = format!("/api/dashboard/realtime/sse?rooms={}", rooms.join(","));
-    let answer = call(&server, Method::GET, &path, None, Some(&token)).await;
+    let answer = server
+        .send_text(Method::GET, &path, None, Some(&token))
+        .await;
     assert_eq!(
         (answer.status, answer.code().as_str()),
         (StatusCode::BAD_REQUEST, "invalid_rooms")
@@ -386,7 +369,9 @@ async fn huge_and_deeply_nested_json_is_refused_on_every_json_route() {
                 } else {
                     (StatusCode::BAD_REQUEST, "invalid_json")
                 };
-                let answer = call(&server, Method::POST, path, Some(body), token).await;
+                let answer = server
+                    .send_text(Method::POST, path, Some(body), token)
+                    .await;
                 assert_eq!(
                     (answer.status, answer.code().as_str()),
                     (status, code),
@@ -404,7 +389,9 @@ async fn huge_and_deeply_nested_json_is_refused_on_every_json_route() {
         .chain([("/auth/apple/notifications", None)])
     {
         let huge = json!({ "refresh_token": "x".repeat(100_000) }).to_string();
-        let answer = call(&server, Method::POST, path, Some(huge), token).await;
+        let answer = server
+            .send_text(Method::POST, path, Some(huge), token)
+            .await;
         assert_eq!(
             (answer.status, answer.code().as_str()),
             (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -451,7 +438,9 @@ async fn a_random_path_flood_makes_no_new_metric_series() {
         } else {
             Method::GET
         };
-        call(&server, method, &path, Some("{}".into()), None).await;
+        server
+            .send_text(method, &path, Some("{}".into()), None)
+            .await;
     }
     let after = support::get_text(server.addr, "/metrics").await;
     assert!(!after.contains("/scan/"), "raw paths never become labels");

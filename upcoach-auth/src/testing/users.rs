@@ -59,6 +59,21 @@ fn identity(
     }
 }
 
+/// An identity of `provider`'s `subject`, its address (if any) verified: what tests of
+/// a user store sign in with.
+///
+/// ```
+/// use upcoach_auth::ProviderId;
+/// use upcoach_auth::testing::users::an_identity;
+///
+/// let ada = an_identity(ProviderId::GOOGLE, "g-1", Some("ada@example.test"));
+/// assert!(ada.email_verified);
+/// assert!(!an_identity(ProviderId::GOOGLE, "g-2", None).email_verified);
+/// ```
+pub fn an_identity(provider: ProviderId, subject: &str, email: Option<&str>) -> VerifiedIdentity {
+    identity(provider, subject, email, email.is_some())
+}
+
 fn verified(provider: ProviderId, subject: &str, email: &str) -> VerifiedIdentity {
     identity(provider, subject, Some(email), true)
 }

@@ -345,18 +345,25 @@ impl Running {
         body: Option<Value>,
         token: Option<&str>,
     ) -> Answer {
+        let body = body.map(|b| b.to_string());
+        self.send_text(method, path, body, token).await
+    }
+
+    /// `method path`, with a `body` sent as it is (JSON or not) and a bearer `token`
+    /// if given.
+    pub(crate) async fn send_text(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> Answer {
         let bearer = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = bearer
             .iter()
             .map(|b| ("authorization", b.as_str()))
             .collect();
-        send(
-            method,
-            &self.url(path),
-            &headers,
-            body.map(|b| b.to_string()),
-        )
-        .await
+        send(method, &self.url(path), &headers, body).await
     }
 
     /// `GET path`, with a bearer `token` if given.
