@@ -654,3 +654,37 @@ impl Broadcaster for RedisBroadcaster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::decode_live;
+    use crate::Position;
+
+    /// A live payload: `seq.epoch|ts|event|data`, or `seq|…` from a publisher before
+    /// epochs; a sequence number must be a number from 1 (0 would wrap the hub's
+    /// `seq - 1`).
+    #[test]
+    fn live_payloads_are_read_strictly() {
+        let event = decode_live("x", b"5.77|1700000000000|tick|{\"n\":1}").unwrap();
+        assert_eq!(
+            (event.position(), event.event.as_str()),
+            (Position::new(5, 77), "tick")
+        );
+        let legacy = decode_live("x", b"5|1700000000000|tick|null").unwrap();
+        assert_eq!(legacy.position(), Position::new(5, 0));
+        for bad in [
+            &b"0.77|1700000000000|tick|null"[..],
+            b"0|1700000000000|tick|null",
+            b"-1|1700000000000|tick|null",
+            b"5.x|1700000000000|tick|null",
+            b"5.77|1700000000000|tick",
+            b"no separator",
+        ] {
+            assert!(
+                decode_live("x", bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

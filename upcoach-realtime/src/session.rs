@@ -776,9 +776,9 @@ mod tests {
     }
 
     /// A broadcaster whose history holds nothing (as a flushed Redis answers a
-    /// position at its empty head).
+    /// position at its empty head), or, `failing`, cannot be read at all.
     #[derive(Debug)]
-    struct NoHistory(MemoryBroadcaster);
+    struct NoHistory(MemoryBroadcaster, bool);
 
     #[async_trait::async_trait]
     impl crate::Broadcaster for NoHistory {
@@ -794,6 +794,12 @@ mod tests {
             self.0.subscribe(room).await
         }
         async fn replay(&self, _: &str, _: Position, _: usize) -> crate::Result<crate::Replay> {
+            if self.1 {
+                return Err(crate::Error::Backend {
+                    backend: "test",
+                    source: "history cannot be read".into(),
+                });
+            }
             Ok(crate::Replay::Events(Vec::new()))
         }
         async fn head(&self, room: &str) -> crate::Result<Position> {
@@ -804,11 +810,9 @@ mod tests {
         }
     }
 
-    /// History that ends short of an event after a hole: the client is told `reset`
-    /// before the event, not handed a jump in `seq`.
-    #[tokio::test]
-    async fn a_hole_history_cannot_fill_is_announced_before_the_event() {
-        let broadcaster = NoHistory(MemoryBroadcaster::default());
+    /// What a reader of `metrics` at its start makes of event 3 (a hole before it) on
+    /// a hub of `broadcaster`, and the hub's count of resets.
+    async fn third_event_after_a_hole(broadcaster: NoHistory) -> (Vec<Outbound>, u64) {
         let hub = Hub::builder(
             Arc::new(broadcaster),
             Arc::new(RefuseAll { reason: "unused" }),
@@ -826,6 +830,32 @@ mod tests {
         let mut out = Vec::new();
         let third = Delivery::Event(Arc::new(Encoded::new(&sent[2], Arc::from("metrics"))));
         session.accept(third, &mut out).await;
+        (out, hub.stats().resets)
+    }
+
+    /// History that cannot be read during a repair: one `reset` (`broker_unavailable`)
+    /// before the event, counted once.
+    #[tokio::test]
+    async fn a_hole_history_cannot_be_read_for_is_announced_once() {
+        let (out, resets) =
+            third_event_after_a_hole(NoHistory(MemoryBroadcaster::default(), true)).await;
+        assert!(
+            matches!(
+                &out[..],
+                [Outbound::Reset { reason: "broker_unavailable", at, .. }, Outbound::Event(e)]
+                    if at.seq == 2 && e.seq == 3
+            ),
+            "{out:?}"
+        );
+        assert_eq!(resets, 1);
+    }
+
+    /// History that ends short of an event after a hole: the client is told `reset`
+    /// before the event, not handed a jump in `seq`.
+    #[tokio::test]
+    async fn a_hole_history_cannot_fill_is_announced_before_the_event() {
+        let (out, _) =
+            third_event_after_a_hole(NoHistory(MemoryBroadcaster::default(), false)).await;
         assert!(
             matches!(
                 &out[..],
