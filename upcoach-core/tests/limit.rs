@@ -14,9 +14,11 @@ use upcoach_core::redis::{RedisConnection, RedisOptions};
 use upcoach_core::testing::{MoveClock, Sleep, rate_limiter_conformance};
 use upcoach_testing::{FaultProxy, RedisPrefix};
 
-/// Emission interval and slack of the suite on real time.
+/// Emission interval and slack of the suite on real time. The slack covers a stall of
+/// the test between two calls: `.ci/run` runs many test binaries at once on two cores,
+/// and an 83 ms stall failed the Redis run at 80 ms (2026-12-07).
 const REAL_EMISSION: Duration = Duration::from_millis(250);
-const REAL_SLACK: Duration = Duration::from_millis(80);
+const REAL_SLACK: Duration = Duration::from_millis(150);
 
 /// A connection of its own to `url`, with `timeout` for connecting and answers.
 /// One Redis node (`redis://`) or a Redis Cluster (`redis+cluster://`).
