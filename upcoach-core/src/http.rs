@@ -539,11 +539,13 @@ where
 }
 
 mod connections;
+mod handoff;
 pub mod protect;
 #[cfg(feature = "server")]
 pub mod serve;
 
 pub use connections::{ConnectionLimits, ConnectionPermit, ConnectionRefused, HeldStream};
+pub use handoff::{ConnectionHandoff, HandedOff, HandoffBody, HandoffIo};
 
 /// The address of the peer that sent a request, as the server saw it: servers insert
 /// it into each request's extensions (the reference server does; an axum host copies

@@ -1,5 +1,12 @@
 //! The Server-Sent Events transport: API.md's record format, a cursor in every `id:`
 //! that resumes every room exactly on any process, gzip flushed per record.
+//!
+//! Where the server offers its connections ([`ConnectionHandoff`], as upcoach's accept
+//! loop does), a stream takes its connection over once the response head is out and
+//! writes its records to the socket itself: the HTTP server's per-connection buffers
+//! are freed for the stream's whole life. The head then says HTTP/1.0 and the body runs
+//! until the close, which is how an SSE stream ends anyway. Elsewhere (axum's `serve`,
+//! say) the records go through the response body.
 
 use std::io::Write;
 use std::pin::Pin;
@@ -13,8 +20,10 @@ use flate2::write::GzEncoder;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
 use upcoach_core::TokenError;
+use upcoach_core::http::{ConnectionHandoff, HandedOff};
 
 use crate::cursor::{Cursor, MAX_CURSOR_ROOMS};
 use crate::hub::{Hub, Inner, RealtimeBody, Transport};
@@ -127,12 +136,27 @@ impl Hub {
                 start.set(room, since.or_epoch(head.map_or(0, |h| h.epoch)));
             }
         }
-        let (chunks, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let handoff = request
+            .extensions()
+            .get::<ConnectionHandoff>()
+            .and_then(ConnectionHandoff::respond);
+        let (sink, mut response) = match handoff {
+            Some((response, connection)) => {
+                (Sink::Handoff(connection), response.map(BodyExt::boxed))
+            }
+            None => {
+                let (chunks, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+                (
+                    Sink::Body(chunks),
+                    Response::new(ChannelBody { rx }.boxed()),
+                )
+            }
+        };
         let mut stream = Stream {
             session,
             cursor: start,
             gzip: gzip.then(|| Box::new(GzEncoder::new(Vec::new(), Compression::fast()))),
-            chunks,
+            sink,
             text: String::new(),
         };
         let until = expires_at
@@ -140,10 +164,15 @@ impl Hub {
             .unwrap_or(Duration::ZERO);
         // The stream is lent to `run`, not moved: an async fn's by-value arguments are
         // stored in its future beside the locals they move into, and this task lives
-        // as long as the stream.
-        tokio::spawn(async move { stream.run(out, until).await });
+        // as long as the stream. Its place is given back (the stream dropped) before
+        // the last bytes are written, which a stuck client may hold up.
+        let close_timeout = hub.config.close_timeout;
+        tokio::spawn(async move {
+            let end = stream.run(out, until).await;
+            drop(stream);
+            let _ = tokio::time::timeout(close_timeout, end.finish()).await;
+        });
 
-        let mut response = Response::new(ChannelBody { rx }.boxed());
         let h = response.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -223,13 +252,110 @@ struct Stream {
     cursor: Cursor,
     /// Boxed: most streams are not compressed, and the encoder is 144 bytes.
     gzip: Option<Box<GzEncoder<Vec<u8>>>>,
-    chunks: mpsc::Sender<Bytes>,
+    sink: Sink,
     text: String,
 }
 
+/// Where a stream's bytes go.
+enum Sink {
+    /// Through the response body, which the HTTP server writes.
+    Body(mpsc::Sender<Bytes>),
+    /// To the connection, once the server hands it over (right after the head).
+    Handoff(oneshot::Receiver<HandedOff>),
+    /// To the connection, written here; `unsent` is what a write given up on (the
+    /// token's expiry, the shutdown) left of its chunk, written first.
+    Socket { io: HandedOff, unsent: Bytes },
+    /// Given to the stream's [`End`].
+    Ended,
+}
+
+/// The end reason of a stream whose client stopped reading.
+const TOO_SLOW: &str = "too slow: the send queue filled";
+
+/// What is left to write when a stream ends: the end of a record a write gave up on,
+/// the gzip trailer, then the close of a connection taken over.
+#[derive(Default)]
+struct End {
+    sink: Option<Sink>,
+    trailer: Option<Vec<u8>>,
+}
+
+impl End {
+    async fn finish(self) {
+        match self.sink {
+            Some(Sink::Body(chunks)) => {
+                if let Some(trailer) = self.trailer {
+                    let _ = chunks.send(Bytes::from(trailer)).await;
+                }
+            }
+            Some(Sink::Socket { mut io, unsent }) => {
+                let _ = async {
+                    io.write_all(&unsent).await?;
+                    if let Some(trailer) = self.trailer {
+                        io.write_all(&trailer).await?;
+                    }
+                    io.shutdown().await
+                }
+                .await;
+            }
+            Some(Sink::Handoff(_) | Sink::Ended) | None => {}
+        }
+    }
+}
+
+/// How long a stream waits for its connection: the server hands it over as soon as
+/// the head is flushed, so only a server that does not keep the offer makes it wait.
+const HANDOFF_WAIT: Duration = Duration::from_secs(10);
+
+impl Sink {
+    /// Resolves when the client has gone: the server dropped the body, or the
+    /// connection read its end (anything the client sends is read and dropped).
+    async fn closed(&mut self) {
+        match self {
+            Sink::Body(chunks) => chunks.closed().await,
+            Sink::Socket { io, .. } => {
+                let mut scratch = [0u8; 64];
+                while let Ok(1..) = io.read(&mut scratch).await {}
+            }
+            Sink::Handoff(_) | Sink::Ended => std::future::pending().await,
+        }
+    }
+}
+
+/// `text` as it goes on the wire: itself, or compressed and flushed; `None` when the
+/// encoder fails.
+fn encoded(gzip: &mut Option<Box<GzEncoder<Vec<u8>>>>, text: String) -> Option<Bytes> {
+    match gzip {
+        None => Some(Bytes::from(text)),
+        Some(gz) => {
+            if gz.write_all(text.as_bytes()).is_err() || gz.flush().is_err() {
+                return None;
+            }
+            Some(Bytes::from(std::mem::take(gz.get_mut())))
+        }
+    }
+}
+
 impl Stream {
-    async fn run(&mut self, first: Vec<Outbound>, token_left: Duration) {
+    /// Streams until the end, whose reason it records; what is left to write then.
+    async fn run(&mut self, first: Vec<Outbound>, token_left: Duration) -> End {
         let hub = self.session.hub().clone();
+        if let Sink::Handoff(connection) = &mut self.sink {
+            match tokio::time::timeout(HANDOFF_WAIT, connection).await {
+                Ok(Ok(io)) => {
+                    self.sink = Sink::Socket {
+                        io,
+                        unsent: Bytes::new(),
+                    }
+                }
+                // The connection closed before its head was out (the client left), or
+                // the server did not hand it over.
+                Ok(Err(_)) | Err(_) => {
+                    self.session.end_reason = "client went away";
+                    return End::default();
+                }
+            }
+        }
         let mut shutdown = hub.shutdown.subscribe();
         let retry = hub.config.sse_retry.as_millis();
         self.text.push_str(&format!("retry: {retry}\n"));
@@ -246,7 +372,8 @@ impl Stream {
         self.text.push_str(&format!("id: {}\n\n", self.cursor));
         self.encode(first);
         if !self.send().await {
-            return;
+            self.session.end_reason = "client went away";
+            return End::default();
         }
         let ping = hub.config.sse_ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
@@ -254,7 +381,6 @@ impl Stream {
         tokio::pin!(expiry);
         let mut out = Vec::new();
         let shared = self.session.shared.clone();
-        let chunks_closed = self.chunks.clone();
         // Long-lived, like the WebSocket's: it is raced against every send as well.
         let stop = crate::hub::stopping(&mut shutdown);
         tokio::pin!(stop);
@@ -264,7 +390,7 @@ impl Stream {
                 () = stop.as_mut() => break "server shutting down",
                 () = shared.notify.notified() => {
                     if shared.close_code().is_some() {
-                        break "too slow: the send queue filled";
+                        break TOO_SLOW;
                     }
                     continue;
                 }
@@ -281,29 +407,28 @@ impl Stream {
                 }
                 _ = heartbeat.tick() => self.text.push_str(": ping\n\n"),
                 () = &mut expiry => break "token_expired",
-                // The client went away: hyper dropped the body.
-                () = chunks_closed.closed() => break "client went away",
+                // The client went away.
+                () = self.sink.closed() => break "client went away",
             }
             // A send waits while the client is not reading: it must not keep the
             // stream (and its place) past the token's expiry or the shutdown.
             tokio::select! {
                 biased;
                 sent = self.send() => if !sent { break "client went away" },
-                () = shared.notify.notified() => break "too slow: the send queue filled",
+                () = shared.notify.notified() => break TOO_SLOW,
                 () = &mut expiry => break "token_expired",
                 () = stop.as_mut() => break "server shutting down",
             }
         };
         self.session.end_reason = reason;
-        // Ends the gzip member so the client's decoder sees a whole stream.
-        if let Some(gz) = self.gzip.take()
-            && let Ok(rest) = gz.finish()
-        {
-            let _ = tokio::time::timeout(
-                hub.config.close_timeout,
-                self.chunks.send(Bytes::from(rest)),
-            )
-            .await;
+        // A client that went away or stopped reading is not written to again.
+        if reason == "client went away" || reason == TOO_SLOW {
+            return End::default();
+        }
+        End {
+            sink: Some(std::mem::replace(&mut self.sink, Sink::Ended)),
+            // Ends the gzip member so the client's decoder sees a whole stream.
+            trailer: self.gzip.take().and_then(|gz| gz.finish().ok()),
         }
     }
 
@@ -332,28 +457,44 @@ impl Stream {
     }
 
     /// Sends the pending text (compressed and flushed when gzip is on); false when the
-    /// client is gone. Safe to cancel: it waits for room in the channel before it takes
-    /// the text or feeds the encoder, so a send given up on (the token's expiry, the
-    /// shutdown) loses nothing the gzip trailer then counts.
+    /// client is gone. Safe to cancel, so a send given up on (the token's expiry, the
+    /// shutdown) loses nothing the gzip trailer then counts: through the body, it waits
+    /// for room in the channel before it takes the text or feeds the encoder; to the
+    /// socket, what a write did not take stays in `unsent`, written first next time.
     async fn send(&mut self) -> bool {
-        if self.text.is_empty() {
-            return true;
-        }
-        let Ok(permit) = self.chunks.reserve().await else {
-            return false;
-        };
-        let text = std::mem::take(&mut self.text);
-        let chunk = match &mut self.gzip {
-            None => Bytes::from(text),
-            Some(gz) => {
-                if gz.write_all(text.as_bytes()).is_err() || gz.flush().is_err() {
-                    return false;
+        match &mut self.sink {
+            Sink::Body(chunks) => {
+                if self.text.is_empty() {
+                    return true;
                 }
-                Bytes::from(std::mem::take(gz.get_mut()))
+                let Ok(permit) = chunks.reserve().await else {
+                    return false;
+                };
+                let Some(chunk) = encoded(&mut self.gzip, std::mem::take(&mut self.text)) else {
+                    return false;
+                };
+                permit.send(chunk);
+                true
             }
-        };
-        permit.send(chunk);
-        true
+            Sink::Socket { io, unsent } => loop {
+                if unsent.is_empty() {
+                    if self.text.is_empty() {
+                        return true;
+                    }
+                    match encoded(&mut self.gzip, std::mem::take(&mut self.text)) {
+                        Some(chunk) => *unsent = chunk,
+                        None => return false,
+                    }
+                }
+                match io.write(unsent).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => bytes::Buf::advance(unsent, n),
+                }
+            },
+            // Not reached: `run` waits for the connection before it sends, and the
+            // sink is ended only after the last send.
+            Sink::Handoff(_) | Sink::Ended => false,
+        }
     }
 }
 

@@ -105,67 +105,6 @@ async fn disconnect_reasons(log: &MemoryEventLog) -> Vec<String> {
 // Regressions
 // ---------------------------------------------------------------------------------
 
-/// Before 8d9ce69 a stream whose queue filled ended on its own task ("too slow") and
-/// gave back its place and its user's count at once, whatever hyper still held. As a
-/// pull body it is only advanced when hyper can write: a client that stops reading
-/// keeps both until it reads again or its TCP connection dies.
-#[tokio::test]
-async fn a_stuck_sse_stream_cut_off_as_too_slow_gives_its_place_back() {
-    let (hub, tokens, log, addr) = setup(HubConfig {
-        queue_capacity: 16,
-        max_connections_per_user: 1,
-        ..HubConfig::default()
-    })
-    .await;
-    let me = UserId::new();
-    let token = tokens.issue(me, &[Role::ADMIN], Duration::from_secs(900));
-    let _stuck = stuck_sse(addr, "metrics", &token).await;
-    eventually("the stuck stream reads the room", || {
-        readers(&hub, "metrics") == 1
-    })
-    .await;
-    flood_until_cut_off(&hub, "metrics").await;
-    assert_eq!(readers(&hub, "metrics"), 0, "no longer fed");
-    // The hub decided the connection is over: its place must come back.
-    eventually("the cut-off stream's place given back", || {
-        hub.status().connections.sse == 0
-    })
-    .await;
-    assert!(
-        disconnect_reasons(&log)
-            .await
-            .iter()
-            .any(|r| r == "too slow: the send queue filled"),
-        "its disconnect recorded"
-    );
-    // The same user (limit 1) can open a stream again.
-    let auth = format!("Bearer {token}");
-    let again = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
-    assert_eq!(again.status, 200, "the user's count was given back");
-}
-
-/// `hub.shutdown` waits for every place: a cut-off stream that still holds one makes it
-/// wait for its whole timeout (and report the stream as still open).
-#[tokio::test]
-async fn shutdown_is_not_held_up_by_a_stuck_sse_stream_that_was_cut_off() {
-    let (hub, tokens, _log, addr) = setup(HubConfig {
-        queue_capacity: 16,
-        ..HubConfig::default()
-    })
-    .await;
-    let _stuck = stuck_sse(addr, "metrics", &tokens.admin()).await;
-    eventually("the stuck stream reads the room", || {
-        readers(&hub, "metrics") == 1
-    })
-    .await;
-    flood_until_cut_off(&hub, "metrics").await;
-    assert_eq!(
-        hub.shutdown(Duration::from_secs(3)).await,
-        0,
-        "every connection gone in time"
-    );
-}
-
 // ---------------------------------------------------------------------------------
 // Checked, and still as before
 // ---------------------------------------------------------------------------------
@@ -297,60 +236,6 @@ async fn a_pending_socket_answering_pings_still_hits_the_auth_timeout() {
     .await;
     let mut pending = ws(addr, None).await;
     assert_eq!(closed(&mut pending).await, Some(4001));
-}
-
-/// The SSE ends and their records: the token's expiry, a client going away, and the
-/// shutdown, each with its reason; a gzip stream ended by the shutdown is a whole gzip
-/// member (its trailer came).
-#[tokio::test]
-async fn sse_ends_are_recorded_with_their_reasons_and_gzip_is_finished() {
-    let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
-    // The token's expiry.
-    let short = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(700));
-    let auth = format!("Bearer {short}");
-    let mut expiring = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
-    while expiring.next().await.is_some() {}
-    // A client that goes away.
-    let auth = format!("Bearer {}", tokens.admin());
-    let mut leaving = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
-    leaving.next().await.unwrap();
-    drop(leaving);
-    eventually("the leaving client noticed", || {
-        hub.status().connections.sse == 0
-    })
-    .await;
-    // The shutdown, on a gzip stream read raw.
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let request = hyper::Request::get("/sse?rooms=metrics")
-        .header("host", addr.to_string())
-        .header("authorization", &auth)
-        .header("accept-encoding", "gzip")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.headers()["content-encoding"], "gzip");
-    let body =
-        tokio::spawn(async move { response.into_body().collect().await.unwrap().to_bytes() });
-    eventually("the gzip stream open", || hub.status().connections.sse == 1).await;
-    assert_eq!(hub.shutdown(Duration::from_secs(5)).await, 0);
-    let body = tokio::time::timeout(WAIT, body).await.unwrap().unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
-        .expect("a whole gzip member, trailer included");
-    assert!(text.starts_with("retry: "), "{text}");
-    let reasons = disconnect_reasons(&log).await;
-    for reason in ["token_expired", "client went away", "server shutting down"] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "{reason} in {reasons:?}"
-        );
-    }
 }
 
 /// Rooms matched by pointer, then by text: after an unsubscribe and a subscribe again
@@ -512,87 +397,6 @@ async fn a_pending_socket_that_never_pauses_still_times_out() {
     assert_eq!(code, Some(4001));
 }
 
-/// Before this test an SSE stream whose client stopped reading waited in its send for
-/// good once no more events came (no queue filled, so no slow-consumer close): the
-/// token's expiry was never seen, and the stream kept its place past it.
-#[tokio::test]
-async fn a_stuck_sse_stream_still_ends_at_the_token_expiry() {
-    let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
-    let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
-    let _stuck = stuck_sse(addr, "metrics", &token).await;
-    eventually("subscribed", || readers(&hub, "metrics") == 1).await;
-    // One chunk each (the stream batches what is queued when it wakes): enough to
-    // fill the chunks in flight, hyper's buffer and the socket's, far from the queue.
-    let payload = "x".repeat(60 * 1024);
-    for _ in 0..100 {
-        hub.publish("metrics", "tick", serde_json::json!(payload))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    eventually("the stream ended", || readers(&hub, "metrics") == 0).await;
-    assert_eq!(hub.stats().slow_consumers_closed, 0, "not cut off as slow");
-    eventually("gone", || hub.connections() == 0).await;
-    let reasons = disconnect_reasons(&log).await;
-    assert!(reasons.contains(&"token_expired".to_owned()), "{reasons:?}");
-}
-
-/// A gzip stream that ends at the token's expiry while a send waits is still a whole
-/// gzip member: the send given up on had not fed the encoder (before, the chunk was
-/// compressed, then dropped, and the trailer's checksum counted it).
-#[tokio::test]
-async fn a_gzip_stream_ending_at_the_expiry_mid_send_is_still_whole() {
-    let (hub, tokens, _log, addr) = setup(HubConfig::default()).await;
-    let expiry = tokio::time::Instant::now() + Duration::from_millis(1500);
-    let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
-    let stream = small_buffer(addr).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let request = hyper::Request::get("/sse?rooms=metrics")
-        .header("host", addr.to_string())
-        .header("authorization", format!("Bearer {token}"))
-        .header("accept-encoding", "gzip")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.headers()["content-encoding"], "gzip");
-    // Random payloads (59 KiB, barely compressible), so that the stream's send really
-    // waits, each made between two publishes (which spaces them out: one chunk each);
-    // until just past the expiry.
-    for _ in 0..400 {
-        if tokio::time::Instant::now() > expiry + Duration::from_millis(200) {
-            break;
-        }
-        let payload: String = (0..3800)
-            .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
-            .map(|b| match b % 90 + 35 {
-                b'\\' => '~',
-                c => c as char,
-            })
-            .collect();
-        hub.publish("metrics", "tick", serde_json::json!(payload))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    // Past the expiry the stream ends, its last send given up on; then read it all,
-    // well within the close timeout the trailer is given.
-    tokio::time::sleep_until(expiry + Duration::from_millis(500)).await;
-    let body = tokio::time::timeout(WAIT, response.into_body().collect())
-        .await
-        .unwrap()
-        .unwrap()
-        .to_bytes();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
-        .expect("a whole gzip member, trailer included");
-    assert!(text.ends_with("\n\n"), "whole records");
-}
-
 /// A reader that keeps reading, only slowly, is not dropped because a batch took it
 /// longer than the pong timeout: each step of a write is bounded, not the batch.
 /// (The kernel wakes a blocked writer only once a good part of the socket's send
@@ -669,4 +473,199 @@ async fn a_huge_message_is_drained_and_the_client_reads_1009() {
     );
     assert_eq!(u16::from_be_bytes([answer[2], answer[3]]), 1009);
     eventually("gone", || hub.connections() == 0).await;
+}
+
+// The SSE tests run twice: `handed_over::` (upcoach's accept loop, the stream writes to
+// its connection) and `through_the_body::` (a plain hyper loop).
+on_both_servers! {
+    /// Before 8d9ce69 a stream whose queue filled ended on its own task ("too slow") and
+    /// gave back its place and its user's count at once, whatever hyper still held. As a
+    /// pull body it is only advanced when hyper can write: a client that stops reading
+    /// keeps both until it reads again or its TCP connection dies.
+    async fn a_stuck_sse_stream_cut_off_as_too_slow_gives_its_place_back() {
+        let (hub, tokens, log, addr) = setup(HubConfig {
+            queue_capacity: 16,
+            max_connections_per_user: 1,
+            ..HubConfig::default()
+        })
+        .await;
+        let me = UserId::new();
+        let token = tokens.issue(me, &[Role::ADMIN], Duration::from_secs(900));
+        let _stuck = stuck_sse(addr, "metrics", &token).await;
+        eventually("the stuck stream reads the room", || {
+            readers(&hub, "metrics") == 1
+        })
+        .await;
+        flood_until_cut_off(&hub, "metrics").await;
+        assert_eq!(readers(&hub, "metrics"), 0, "no longer fed");
+        // The hub decided the connection is over: its place must come back.
+        eventually("the cut-off stream's place given back", || {
+            hub.status().connections.sse == 0
+        })
+        .await;
+        assert!(
+            disconnect_reasons(&log)
+                .await
+                .iter()
+                .any(|r| r == "too slow: the send queue filled"),
+            "its disconnect recorded"
+        );
+        // The same user (limit 1) can open a stream again.
+        let auth = format!("Bearer {token}");
+        let again = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+        assert_eq!(again.status, 200, "the user's count was given back");
+    }
+
+    /// `hub.shutdown` waits for every place: a cut-off stream that still holds one makes it
+    /// wait for its whole timeout (and report the stream as still open).
+    async fn shutdown_is_not_held_up_by_a_stuck_sse_stream_that_was_cut_off() {
+        let (hub, tokens, _log, addr) = setup(HubConfig {
+            queue_capacity: 16,
+            ..HubConfig::default()
+        })
+        .await;
+        let _stuck = stuck_sse(addr, "metrics", &tokens.admin()).await;
+        eventually("the stuck stream reads the room", || {
+            readers(&hub, "metrics") == 1
+        })
+        .await;
+        flood_until_cut_off(&hub, "metrics").await;
+        assert_eq!(
+            hub.shutdown(Duration::from_secs(3)).await,
+            0,
+            "every connection gone in time"
+        );
+    }
+
+    /// The SSE ends and their records: the token's expiry, a client going away, and the
+    /// shutdown, each with its reason; a gzip stream ended by the shutdown is a whole gzip
+    /// member (its trailer came).
+    async fn sse_ends_are_recorded_with_their_reasons_and_gzip_is_finished() {
+        let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+        // The token's expiry.
+        let short = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(700));
+        let auth = format!("Bearer {short}");
+        let mut expiring = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+        while expiring.next().await.is_some() {}
+        // A client that goes away.
+        let auth = format!("Bearer {}", tokens.admin());
+        let mut leaving = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+        leaving.next().await.unwrap();
+        drop(leaving);
+        eventually("the leaving client noticed", || {
+            hub.status().connections.sse == 0
+        })
+        .await;
+        // The shutdown, on a gzip stream read raw.
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = hyper::Request::get("/sse?rooms=metrics")
+            .header("host", addr.to_string())
+            .header("authorization", &auth)
+            .header("accept-encoding", "gzip")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.headers()["content-encoding"], "gzip");
+        let body =
+            tokio::spawn(async move { response.into_body().collect().await.unwrap().to_bytes() });
+        eventually("the gzip stream open", || hub.status().connections.sse == 1).await;
+        assert_eq!(hub.shutdown(Duration::from_secs(5)).await, 0);
+        let body = tokio::time::timeout(WAIT, body).await.unwrap().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+            .expect("a whole gzip member, trailer included");
+        assert!(text.starts_with("retry: "), "{text}");
+        let reasons = disconnect_reasons(&log).await;
+        for reason in ["token_expired", "client went away", "server shutting down"] {
+            assert!(
+                reasons.iter().any(|r| r == reason),
+                "{reason} in {reasons:?}"
+            );
+        }
+    }
+
+    /// Before this test an SSE stream whose client stopped reading waited in its send for
+    /// good once no more events came (no queue filled, so no slow-consumer close): the
+    /// token's expiry was never seen, and the stream kept its place past it.
+    async fn a_stuck_sse_stream_still_ends_at_the_token_expiry() {
+        let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+        let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
+        let _stuck = stuck_sse(addr, "metrics", &token).await;
+        eventually("subscribed", || readers(&hub, "metrics") == 1).await;
+        // One chunk each (the stream batches what is queued when it wakes): enough to
+        // fill the chunks in flight, hyper's buffer and the socket's, far from the queue.
+        let payload = "x".repeat(60 * 1024);
+        for _ in 0..100 {
+            hub.publish("metrics", "tick", serde_json::json!(payload))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eventually("the stream ended", || readers(&hub, "metrics") == 0).await;
+        assert_eq!(hub.stats().slow_consumers_closed, 0, "not cut off as slow");
+        eventually("gone", || hub.connections() == 0).await;
+        let reasons = disconnect_reasons(&log).await;
+        assert!(reasons.contains(&"token_expired".to_owned()), "{reasons:?}");
+    }
+
+    /// A gzip stream that ends at the token's expiry while a send waits is still a whole
+    /// gzip member: the send given up on had not fed the encoder (before, the chunk was
+    /// compressed, then dropped, and the trailer's checksum counted it).
+    async fn a_gzip_stream_ending_at_the_expiry_mid_send_is_still_whole() {
+        let (hub, tokens, _log, addr) = setup(HubConfig::default()).await;
+        let expiry = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
+        let stream = small_buffer(addr).await;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = hyper::Request::get("/sse?rooms=metrics")
+            .header("host", addr.to_string())
+            .header("authorization", format!("Bearer {token}"))
+            .header("accept-encoding", "gzip")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.headers()["content-encoding"], "gzip");
+        // Random payloads (59 KiB, barely compressible), so that the stream's send really
+        // waits, each made between two publishes (which spaces them out: one chunk each);
+        // until just past the expiry.
+        for _ in 0..400 {
+            if tokio::time::Instant::now() > expiry + Duration::from_millis(200) {
+                break;
+            }
+            let payload: String = (0..3800)
+                .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
+                .map(|b| match b % 90 + 35 {
+                    b'\\' => '~',
+                    c => c as char,
+                })
+                .collect();
+            hub.publish("metrics", "tick", serde_json::json!(payload))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Past the expiry the stream ends, its last send given up on; then read it all,
+        // well within the close timeout the trailer is given.
+        tokio::time::sleep_until(expiry + Duration::from_millis(500)).await;
+        let body = tokio::time::timeout(WAIT, response.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+            .expect("a whole gzip member, trailer included");
+        assert!(text.ends_with("\n\n"), "whole records");
+    }
 }

@@ -1,7 +1,8 @@
 //! An HTTP/1.1 accept loop for hyper services (feature `server`): the peer's address in
 //! every request ([`ClientAddr`]), a deadline for request headers, a cap on open
 //! connections per process and per address ([`ConnectionLimits`]), upgrades (WebSocket)
-//! and a graceful drain on shutdown; [`ConnectionService`] hands it a stack of tower
+//! a graceful drain on shutdown, and the hand-over of a connection to a long-lived
+//! response ([`ConnectionHandoff`]); [`ConnectionService`] hands it a stack of tower
 //! layers. The reference server runs on it; a host with its own loop (axum's `serve`)
 //! keeps its own and takes the pieces it lacks.
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::{ClientAddr, ConnectionLimits, HeldStream};
+use super::{ClientAddr, ConnectionHandoff, ConnectionLimits, HeldStream};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -20,11 +21,12 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 /// Puts the peer's address into each request's extensions ([`ClientAddr`]), where the
-/// crates read it for audit records.
+/// crates read it for audit records, and the connection's [`ConnectionHandoff`].
 #[derive(Debug, Clone)]
 struct WithPeer<S> {
     inner: S,
     peer: std::net::SocketAddr,
+    handoff: ConnectionHandoff,
 }
 
 impl<S, B> hyper::service::Service<http::Request<B>> for WithPeer<S>
@@ -36,7 +38,9 @@ where
     type Future = S::Future;
 
     fn call(&self, mut request: http::Request<B>) -> Self::Future {
-        request.extensions_mut().insert(ClientAddr(self.peer));
+        let extensions = request.extensions_mut();
+        extensions.insert(ClientAddr(self.peer));
+        extensions.insert(self.handoff.clone());
         self.inner.call(request)
     }
 }
@@ -140,6 +144,89 @@ where
     }
 }
 
+/// A connection's stream, handed to the response that asked for it
+/// ([`ConnectionHandoff`]) where hyper would shut it down: hyper has then written and
+/// flushed that response's head, and its body (delimited by the close) is the asker's
+/// to write. Read and written through as is until then.
+struct HandoffStream<S> {
+    inner: Option<S>,
+    handoff: ConnectionHandoff,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HandoffStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_read(cx, buf),
+            // Handed over: nothing more for hyper.
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin + Send + tokio::io::AsyncRead + 'static> tokio::io::AsyncWrite
+    for HandoffStream<S>
+{
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write(cx, buf),
+            None => Poll::Ready(Err(handed_over())),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(handed_over())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.inner.is_some()
+            && let Some(asker) = self.handoff.armed()
+            && let Some(inner) = self.inner.take()
+        {
+            // An asker that stopped waiting in the meantime gets nothing: the stream
+            // comes back in the error and is dropped, which closes it.
+            let _ = asker.send(Box::new(inner));
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn handed_over() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the connection was handed over",
+    )
+}
+
 /// A connection's spare tokio timer, see [`ConnectionTimer`].
 type Spare = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
 
@@ -235,8 +322,9 @@ impl Default for ServeOptions {
 
 /// Serves HTTP/1.1 (with upgrades, for WebSocket) on `listener` with `service` until
 /// `shutdown` completes, then stops accepting, lets in-flight requests finish (up to the
-/// drain timeout) and returns. Upgraded connections are no longer HTTP: their owner
-/// (the realtime hub) closes them.
+/// drain timeout) and returns. Upgraded connections, and connections handed over to a
+/// response ([`ConnectionHandoff`]), are no longer HTTP: their owner (the realtime hub)
+/// closes them.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
@@ -277,12 +365,14 @@ where
                         },
                         None => HeldStream::unlimited(stream),
                     };
+                    let handoff = ConnectionHandoff::new();
+                    let stream = HandoffStream { inner: Some(stream), handoff: handoff.clone() };
                     let connection = http
                         .clone()
                         .timer(ConnectionTimer::default())
                         .serve_connection(
                             TokioIo::new(stream),
-                            WithPeer { inner: service.clone(), peer },
+                            WithPeer { inner: service.clone(), peer, handoff },
                         )
                         .with_upgrades();
                     let (stop, stopping) = oneshot::channel();

@@ -62,9 +62,83 @@ impl TokenVerifier for Tokens {
     }
 }
 
-/// Serves `hub` at `/ws` and `/sse` on a random port, with each request's peer
-/// address in its extensions ([`ClientAddr`]) as a real server puts it.
+tokio::task_local! {
+    /// Set (by [`on_both_servers!`]) for a test run on the plain hyper loop.
+    pub static PLAIN_HYPER: bool;
+}
+
+/// Each test twice: `handed_over::name` on upcoach's accept loop, where an SSE stream
+/// takes its connection over after the head, and `through_the_body::name` on a plain
+/// hyper loop, where its records go through the response body.
+#[macro_export]
+macro_rules! on_both_servers {
+    ($($(#[$meta:meta])* async fn $name:ident() $body:block)*) => {
+        mod handed_over {
+            #[allow(unused_imports)]
+            use super::*;
+            $($(#[$meta])* #[tokio::test] async fn $name() $body)*
+        }
+        mod through_the_body {
+            #[allow(unused_imports)]
+            use super::*;
+            $($(#[$meta])* #[tokio::test] async fn $name() {
+                support::PLAIN_HYPER.scope(true, async $body).await
+            })*
+        }
+    };
+}
+
+/// Serves `hub` at `/ws` and `/sse` on a random port: on upcoach's accept loop
+/// (`upcoach_core::http::serve`, which the reference server runs on), or on a plain
+/// hyper loop within [`on_both_servers!`]'s second run. Either puts each request's peer
+/// address in its extensions ([`ClientAddr`]).
 pub async fn serve(hub: Hub) -> SocketAddr {
+    if PLAIN_HYPER.try_with(|plain| *plain).unwrap_or(false) {
+        return serve_plain(hub).await;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let hub = hub.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(&hub, request).await) }
+        });
+    tokio::spawn(upcoach_core::http::serve::serve(
+        listener,
+        service,
+        std::future::pending(),
+        upcoach_core::http::serve::ServeOptions::default(),
+    ));
+    addr
+}
+
+async fn route(
+    hub: &Hub,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<upcoach_realtime::RealtimeBody> {
+    match request.uri().path() {
+        "/ws" => hub.websocket(request).await,
+        "/sse" => hub.sse(request).await,
+        _ => {
+            let mut r = hyper::Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+            r
+        }
+    }
+}
+
+/// The HTTP version an SSE stream's head says: 1.0 when it took its connection over (the
+/// body runs until the close), 1.1 through a plain hyper loop (chunks).
+pub fn sse_version() -> http::Version {
+    if PLAIN_HYPER.try_with(|plain| *plain).unwrap_or(false) {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_10
+    }
+}
+
+/// [`serve`] on a plain hyper loop: no connection is handed over.
+pub async fn serve_plain(hub: Hub) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -78,20 +152,7 @@ pub async fn serve(hub: Hub) -> SocketAddr {
                     move |mut request: hyper::Request<hyper::body::Incoming>| {
                         let hub = hub.clone();
                         request.extensions_mut().insert(ClientAddr(peer));
-                        async move {
-                            let response = match request.uri().path() {
-                                "/ws" => hub.websocket(request).await,
-                                "/sse" => hub.sse(request).await,
-                                _ => {
-                                    let mut r = hyper::Response::new(
-                                        Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
-                                    );
-                                    *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                                    r
-                                }
-                            };
-                            Ok::<_, std::convert::Infallible>(response)
-                        }
+                        async move { Ok::<_, std::convert::Infallible>(route(&hub, request).await) }
                     },
                 );
                 let _ = http1::Builder::new()
@@ -227,6 +288,7 @@ pub struct Record {
 /// An open SSE response being read.
 pub struct Sse {
     pub status: u16,
+    pub version: http::Version,
     pub headers: http::HeaderMap,
     body: hyper::body::Incoming,
     buffer: String,
@@ -258,6 +320,7 @@ pub async fn sse(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Sse
         .then(|| flate2::write::GzDecoder::new(Vec::new()));
     Sse {
         status: parts.status.as_u16(),
+        version: parts.version,
         headers: parts.headers,
         body,
         buffer: String::new(),
