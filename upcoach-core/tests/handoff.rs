@@ -63,8 +63,14 @@ async fn server(limits: Option<ConnectionLimits>) -> Server {
                         let (_unsent, connection) =
                             offer.respond().expect("the first ask of its connection");
                         tokio::spawn(async move {
-                            if connection.await.is_err() {
-                                let _ = unanswered.send(()).await;
+                            match connection.await {
+                                Err(_) => {
+                                    let _ = unanswered.send(()).await;
+                                }
+                                // Wrong: reported, so the test sees it.
+                                Ok(io) => {
+                                    let _ = taken.send(io).await;
+                                }
                             }
                         });
                         http::Response::new(Full::from("asked").boxed())
@@ -127,6 +133,7 @@ async fn the_asker_writes_the_body_after_the_head_until_it_drops_the_connection(
     let (head, body) = seen.split_once("\r\n\r\n").expect("a head, then the body");
     assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
     let head = head.to_ascii_lowercase();
+    assert!(head.contains("connection: close"), "{head}");
     assert!(head.contains("content-type: text/event-stream"), "{head}");
     assert!(
         !head.contains("content-length") && !head.contains("transfer-encoding"),
@@ -190,4 +197,47 @@ async fn an_ask_whose_response_is_not_the_one_answered_leaves_the_connection_to_
     drop(client);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(server.taken.try_recv().is_err(), "nothing was handed over");
+}
+
+#[tokio::test]
+async fn an_http_1_0_request_is_handed_over_too() {
+    let mut server = server(None).await;
+    let mut client = TcpStream::connect(server.addr).await.unwrap();
+    client
+        .write_all(b"GET /take HTTP/1.0\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut io = tokio::time::timeout(WAIT, server.taken.recv())
+        .await
+        .unwrap()
+        .expect("handed over");
+    io.write_all(b"data: one\n\n").await.unwrap();
+    let seen = read_until(&mut client, "data: one\n\n").await;
+    assert!(seen.starts_with("HTTP/1.0 200 OK\r\n"), "{seen}");
+    assert!(seen.ends_with("\r\n\r\ndata: one\n\n"), "{seen}");
+}
+
+#[tokio::test]
+async fn a_request_pipelined_behind_the_taking_one_is_not_answered_by_http() {
+    let mut server = server(None).await;
+    let mut client = TcpStream::connect(server.addr).await.unwrap();
+    client
+        .write_all(b"GET /take HTTP/1.1\r\nhost: test\r\n\r\nGET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut io = tokio::time::timeout(WAIT, server.taken.recv())
+        .await
+        .unwrap()
+        .expect("handed over");
+    io.write_all(b"data: one\n\n").await.unwrap();
+    drop(io);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await;
+    let seen = String::from_utf8_lossy(&rest);
+    assert_eq!(
+        seen.matches("HTTP/1.").count(),
+        1,
+        "one response, the taking one's head, then its body: {seen}"
+    );
+    assert!(seen.ends_with("data: one\n\n"), "{seen}");
 }

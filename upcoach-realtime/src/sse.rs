@@ -159,19 +159,14 @@ impl Hub {
             sink,
             text: String::new(),
         };
-        let until = expires_at
-            .duration_since(hub.clock.now())
-            .unwrap_or(Duration::ZERO);
+        let deadline = tokio::time::Instant::now()
+            + expires_at
+                .duration_since(hub.clock.now())
+                .unwrap_or(Duration::ZERO);
         // The stream is lent to `run`, not moved: an async fn's by-value arguments are
         // stored in its future beside the locals they move into, and this task lives
-        // as long as the stream. Its place is given back (the stream dropped) before
-        // the last bytes are written, which a stuck client may hold up.
-        let close_timeout = hub.config.close_timeout;
-        tokio::spawn(async move {
-            let end = stream.run(out, until).await;
-            drop(stream);
-            let _ = tokio::time::timeout(close_timeout, end.finish()).await;
-        });
+        // as long as the stream.
+        tokio::spawn(async move { stream.run(out, deadline).await });
 
         let h = response.headers_mut();
         h.insert(
@@ -263,61 +258,82 @@ enum Sink {
     /// To the connection, once the server hands it over (right after the head).
     Handoff(oneshot::Receiver<HandedOff>),
     /// To the connection, written here; `unsent` is what a write given up on (the
-    /// token's expiry, the shutdown) left of its chunk, written first.
-    Socket { io: HandedOff, unsent: Bytes },
-    /// Given to the stream's [`End`].
-    Ended,
+    /// token's expiry, the shutdown) left of its chunk, written first; `received`
+    /// counts what the client sent after its request.
+    Socket {
+        io: HandedOff,
+        unsent: Bytes,
+        received: usize,
+    },
 }
 
 /// The end reason of a stream whose client stopped reading.
 const TOO_SLOW: &str = "too slow: the send queue filled";
 
-/// What is left to write when a stream ends: the end of a record a write gave up on,
-/// the gzip trailer, then the close of a connection taken over.
-#[derive(Default)]
-struct End {
-    sink: Option<Sink>,
-    trailer: Option<Vec<u8>>,
-}
+/// The end reason of a stream whose client left.
+const GONE: &str = "client went away";
 
-impl End {
-    async fn finish(self) {
-        match self.sink {
-            Some(Sink::Body(chunks)) => {
-                if let Some(trailer) = self.trailer {
-                    let _ = chunks.send(Bytes::from(trailer)).await;
-                }
-            }
-            Some(Sink::Socket { mut io, unsent }) => {
-                let _ = async {
-                    io.write_all(&unsent).await?;
-                    if let Some(trailer) = self.trailer {
-                        io.write_all(&trailer).await?;
-                    }
-                    io.shutdown().await
-                }
-                .await;
-            }
-            Some(Sink::Handoff(_) | Sink::Ended) | None => {}
-        }
-    }
-}
+/// The end reason of a stream whose client sent more than [`MAX_CLIENT_BYTES`] after
+/// its request.
+const TALKING: &str = "client sent data after its request";
+
+/// What a client may send after its request on a connection the stream took over,
+/// read and dropped; past it the stream ends. An SSE client sends nothing: this only
+/// keeps a client that does from making the server read for it without end.
+const MAX_CLIENT_BYTES: usize = 4096;
 
 /// How long a stream waits for its connection: the server hands it over as soon as
 /// the head is flushed, so only a server that does not keep the offer makes it wait.
 const HANDOFF_WAIT: Duration = Duration::from_secs(10);
 
 impl Sink {
-    /// Resolves when the client has gone: the server dropped the body, or the
-    /// connection read its end (anything the client sends is read and dropped).
-    async fn closed(&mut self) {
+    /// Resolves when the client has gone (the server dropped the body, or the
+    /// connection read its end), or has sent more than [`MAX_CLIENT_BYTES`]; the end
+    /// reason. Safe to cancel.
+    async fn closed(&mut self) -> &'static str {
         match self {
-            Sink::Body(chunks) => chunks.closed().await,
-            Sink::Socket { io, .. } => {
-                let mut scratch = [0u8; 64];
-                while let Ok(1..) = io.read(&mut scratch).await {}
+            Sink::Body(chunks) => {
+                chunks.closed().await;
+                GONE
             }
-            Sink::Handoff(_) | Sink::Ended => std::future::pending().await,
+            Sink::Socket { io, received, .. } => {
+                let mut scratch = [0u8; 64];
+                loop {
+                    match io.read(&mut scratch).await {
+                        Ok(0) | Err(_) => return GONE,
+                        Ok(n) => {
+                            *received += n;
+                            if *received > MAX_CLIENT_BYTES {
+                                return TALKING;
+                            }
+                        }
+                    }
+                }
+            }
+            Sink::Handoff(_) => std::future::pending().await,
+        }
+    }
+
+    /// Writes what is left when a stream ends: the end of a record a send gave up on,
+    /// the gzip `trailer`, then the close of a connection taken over.
+    async fn finish(&mut self, trailer: Option<Vec<u8>>) {
+        match self {
+            Sink::Body(chunks) => {
+                if let Some(trailer) = trailer {
+                    let _ = chunks.send(Bytes::from(trailer)).await;
+                }
+            }
+            Sink::Socket { io, unsent, .. } => {
+                let _ = async {
+                    io.write_all(unsent).await?;
+                    if let Some(trailer) = trailer {
+                        io.write_all(&trailer).await?;
+                    }
+                    io.shutdown().await
+                }
+                .await;
+            }
+            Sink::Handoff(_) => {}
         }
     }
 }
@@ -337,26 +353,38 @@ fn encoded(gzip: &mut Option<Box<GzEncoder<Vec<u8>>>>, text: String) -> Option<B
 }
 
 impl Stream {
-    /// Streams until the end, whose reason it records; what is left to write then.
-    async fn run(&mut self, first: Vec<Outbound>, token_left: Duration) -> End {
+    /// Streams until the end (the token's expiry at `deadline`, the shutdown, the
+    /// client gone or too slow) and records why.
+    async fn run(&mut self, first: Vec<Outbound>, deadline: tokio::time::Instant) {
         let hub = self.session.hub().clone();
+        let mut shutdown = hub.shutdown.subscribe();
+        // Long-lived, like the WebSocket's: raced against every wait and every send.
+        let stop = crate::hub::stopping(&mut shutdown);
+        tokio::pin!(stop);
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         if let Sink::Handoff(connection) = &mut self.sink {
-            match tokio::time::timeout(HANDOFF_WAIT, connection).await {
-                Ok(Ok(io)) => {
+            let waited = tokio::select! {
+                taken = tokio::time::timeout(HANDOFF_WAIT, connection) => taken.ok().and_then(Result::ok),
+                () = stop.as_mut() => None,
+                () = &mut expiry => None,
+            };
+            match waited {
+                Some(io) => {
                     self.sink = Sink::Socket {
                         io,
                         unsent: Bytes::new(),
+                        received: 0,
                     }
                 }
-                // The connection closed before its head was out (the client left), or
-                // the server did not hand it over.
-                Ok(Err(_)) | Err(_) => {
+                // The connection closed before its head was out (the client left), the
+                // server did not hand it over, or the stream ended meanwhile.
+                None => {
                     self.session.end_reason = "client went away";
-                    return End::default();
+                    return;
                 }
             }
         }
-        let mut shutdown = hub.shutdown.subscribe();
         let retry = hub.config.sse_retry.as_millis();
         self.text.push_str(&format!("retry: {retry}\n"));
         // Positions for rooms without a cursor come from their `subscribed` head.
@@ -371,20 +399,26 @@ impl Stream {
         // an event, so even a stream that never carries an event resumes exactly.
         self.text.push_str(&format!("id: {}\n\n", self.cursor));
         self.encode(first);
-        if !self.send().await {
-            self.session.end_reason = "client went away";
-            return End::default();
-        }
         let ping = hub.config.sse_ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
-        let expiry = tokio::time::sleep(token_left);
-        tokio::pin!(expiry);
         let mut out = Vec::new();
         let shared = self.session.shared.clone();
-        // Long-lived, like the WebSocket's: it is raced against every send as well.
-        let stop = crate::hub::stopping(&mut shutdown);
-        tokio::pin!(stop);
         let reason = loop {
+            // What is pending goes out first. A send waits while the client is not
+            // reading (the first one too: a resume may replay megabytes), and must not
+            // keep the stream (and its place) past the token's expiry or the shutdown.
+            tokio::select! {
+                biased;
+                sent = self.send() => if !sent { break GONE },
+                () = shared.notify.notified() => {
+                    if shared.close_code().is_some() {
+                        break TOO_SLOW;
+                    }
+                    continue;
+                }
+                () = &mut expiry => break "token_expired",
+                () = stop.as_mut() => break "server shutting down",
+            }
             tokio::select! {
                 biased;
                 () = stop.as_mut() => break "server shutting down",
@@ -392,7 +426,6 @@ impl Stream {
                     if shared.close_code().is_some() {
                         break TOO_SLOW;
                     }
-                    continue;
                 }
                 delivery = self.session.next() => {
                     let Some(delivery) = delivery else { break "queue closed" };
@@ -407,29 +440,18 @@ impl Stream {
                 }
                 _ = heartbeat.tick() => self.text.push_str(": ping\n\n"),
                 () = &mut expiry => break "token_expired",
-                // The client went away.
-                () = self.sink.closed() => break "client went away",
-            }
-            // A send waits while the client is not reading: it must not keep the
-            // stream (and its place) past the token's expiry or the shutdown.
-            tokio::select! {
-                biased;
-                sent = self.send() => if !sent { break "client went away" },
-                () = shared.notify.notified() => break TOO_SLOW,
-                () = &mut expiry => break "token_expired",
-                () = stop.as_mut() => break "server shutting down",
+                reason = self.sink.closed() => break reason,
             }
         };
         self.session.end_reason = reason;
-        // A client that went away or stopped reading is not written to again.
-        if reason == "client went away" || reason == TOO_SLOW {
-            return End::default();
+        // A client that went away, stopped reading or talks out of turn is not written
+        // to again; otherwise the end of a record a send gave up on and the gzip
+        // trailer go out, so the client's decoder sees a whole stream.
+        if [GONE, TOO_SLOW, TALKING].contains(&reason) {
+            return;
         }
-        End {
-            sink: Some(std::mem::replace(&mut self.sink, Sink::Ended)),
-            // Ends the gzip member so the client's decoder sees a whole stream.
-            trailer: self.gzip.take().and_then(|gz| gz.finish().ok()),
-        }
+        let trailer = self.gzip.take().and_then(|gz| gz.finish().ok());
+        let _ = tokio::time::timeout(hub.config.close_timeout, self.sink.finish(trailer)).await;
     }
 
     /// Appends the records for `items` to the pending text.
@@ -476,7 +498,7 @@ impl Stream {
                 permit.send(chunk);
                 true
             }
-            Sink::Socket { io, unsent } => loop {
+            Sink::Socket { io, unsent, .. } => loop {
                 if unsent.is_empty() {
                     if self.text.is_empty() {
                         return true;
@@ -491,9 +513,8 @@ impl Stream {
                     Ok(n) => bytes::Buf::advance(unsent, n),
                 }
             },
-            // Not reached: `run` waits for the connection before it sends, and the
-            // sink is ended only after the last send.
-            Sink::Handoff(_) | Sink::Ended => false,
+            // Not reached: `run` waits for the connection before it sends.
+            Sink::Handoff(_) => false,
         }
     }
 }

@@ -475,6 +475,32 @@ async fn a_huge_message_is_drained_and_the_client_reads_1009() {
     eventually("gone", || hub.connections() == 0).await;
 }
 
+/// On a connection an SSE stream took over, what the client sends is read and dropped,
+/// up to 4 KiB; past that the stream ends. An SSE client sends nothing: without the
+/// bound, a client could make the server read for it without end. (Through hyper's body
+/// the server stops reading while the response runs.)
+#[tokio::test]
+async fn a_client_that_talks_after_its_sse_request_is_cut_off() {
+    let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /sse?rooms=metrics HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\r\n",
+        tokens.admin()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    eventually("subscribed", || readers(&hub, "metrics") == 1).await;
+    stream.write_all(&[b'x'; 1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(hub.connections(), 1, "a few bytes are tolerated");
+    let _ = stream.write_all(&[b'x'; 64 * 1024]).await;
+    eventually("gone", || hub.connections() == 0).await;
+    let reasons = disconnect_reasons(&log).await;
+    assert!(
+        reasons.contains(&"client sent data after its request".to_owned()),
+        "{reasons:?}"
+    );
+}
+
 // The SSE tests run twice: `handed_over::` (upcoach's accept loop, the stream writes to
 // its connection) and `through_the_body::` (a plain hyper loop).
 on_both_servers! {
@@ -609,6 +635,30 @@ on_both_servers! {
         }
         eventually("the stream ended", || readers(&hub, "metrics") == 0).await;
         assert_eq!(hub.stats().slow_consumers_closed, 0, "not cut off as slow");
+        eventually("gone", || hub.connections() == 0).await;
+        let reasons = disconnect_reasons(&log).await;
+        assert!(reasons.contains(&"token_expired".to_owned()), "{reasons:?}");
+    }
+
+    /// A stuck client that resumes from far back is owed megabytes of replay: the
+    /// first send waits, and must not outlive the token either (on a connection the
+    /// stream took over, the first send once raced nothing and waited for ever).
+    async fn a_stuck_client_resuming_a_long_replay_still_ends_at_the_token_expiry() {
+        let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+        let payload = "x".repeat(60 * 1024);
+        for _ in 0..100 {
+            hub.publish("metrics", "tick", serde_json::json!(payload))
+                .await
+                .unwrap();
+        }
+        let epoch = hub.broadcaster().head("metrics").await.unwrap().epoch;
+        let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
+        let mut stream = small_buffer(addr).await;
+        let request = format!(
+            "GET /sse?rooms=metrics HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\nlast-event-id: metrics=0@{epoch}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        eventually("the stream opened", || hub.connections() == 1).await;
         eventually("gone", || hub.connections() == 0).await;
         let reasons = disconnect_reasons(&log).await;
         assert!(reasons.contains(&"token_expired".to_owned()), "{reasons:?}");

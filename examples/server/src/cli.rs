@@ -126,7 +126,11 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
     // On the signal, realtime connections are told at once (WebSocket 1001, SSE
     // streams end) while HTTP requests drain: an open SSE stream would otherwise hold
     // the drain until its timeout.
+    // SSE streams hold their connections themselves, outside the HTTP drain: the hub's
+    // shutdown is waited for before the event log's last flush, so their ends (and
+    // disconnect records) are not cut off by the exit.
     let hub = app.hub().clone();
+    let (hub_stopped, hub_stopping) = tokio::sync::oneshot::channel();
     let stopping = async move {
         upcoach_core::http::serve::shutdown_signal().await;
         tokio::spawn(async move {
@@ -137,9 +141,12 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
                     "realtime connections still open after 5 s"
                 );
             }
+            let _ = hub_stopped.send(());
         });
     };
     let result = serve(listener, app.service(), stopping, app.serve_options()).await;
+    // An error before the signal drops the sender: nothing to wait for then.
+    let _ = hub_stopping.await;
     app.shutdown(Duration::from_secs(5)).await;
     match result {
         Ok(()) => {

@@ -28,7 +28,8 @@ pub type HandedOff = Box<dyn HandoffIo>;
 /// response's head says the body runs until the connection closes (HTTP/1.0, no length)
 /// and its body ([`HandoffBody`]) ends at once, so the server writes the head, flushes
 /// it and would close the connection; instead, it sends the connection to the receiver.
-/// Add headers to the response, but keep its version and body.
+/// Add headers to the response, but keep its version, its `Connection: close` and its
+/// body.
 ///
 /// Only that response's end arms the hand-over: if it is not what the server wrote (a
 /// layer answered something else), the receiver reads an error at once and the
@@ -97,12 +98,18 @@ impl ConnectionHandoff {
             handoff: Some(self.clone()),
         });
         *response.version_mut() = http::Version::HTTP_10;
+        // The server closes after this response whatever else its head says, so an
+        // armed hand-over never waits past it.
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
         Some((response, rx))
     }
 
     /// For the server, when the connection would close: the sender of the response
     /// whose head it just wrote, if that response asked and its receiver still waits.
-    pub fn armed(&self) -> Option<oneshot::Sender<HandedOff>> {
+    pub(crate) fn armed(&self) -> Option<oneshot::Sender<HandedOff>> {
         let mut slot = lock(&self.slot);
         match std::mem::replace(&mut *slot, Slot::Taken) {
             Slot::Armed(tx) if !tx.is_closed() => Some(tx),
