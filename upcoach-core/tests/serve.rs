@@ -1,7 +1,11 @@
-//! The accept loop hands a connection to the response that asked for it, once the head
-//! is written: the response then writes the body itself, the connection keeps its place
-//! under the caps until that writer drops it, and a response that asked but was not the
-//! one answered leaves the connection to HTTP.
+//! The accept loop (`upcoach_core::http::serve`):
+//! - it hands a connection to the response that asked for it, once the head is
+//!   written: the response then writes the body itself, the connection keeps its place
+//!   under the caps until that writer drops it, and a response that asked but was not
+//!   the one answered leaves the connection to HTTP;
+//! - it allows half-closes (hyper does not read mid-request): a client that shut its
+//!   side down still gets its answer, and one that left mid-request gives its place back
+//!   once the answer is written.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +32,8 @@ struct Server {
 }
 
 /// Serves: `/take` takes its connection and hands it to the test; `/ask-only` asks for
-/// it but answers an ordinary keep-alive response; anything else gets `ok`.
+/// it but answers an ordinary keep-alive response; `/slow` answers `slow` after 300 ms;
+/// anything else gets `ok`.
 async fn server(limits: Option<ConnectionLimits>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -75,6 +80,10 @@ async fn server(limits: Option<ConnectionLimits>) -> Server {
                         });
                         http::Response::new(Full::from("asked").boxed())
                     }
+                    "/slow" => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        http::Response::new(Full::from("slow").boxed())
+                    }
                     _ => http::Response::new(Full::from("ok").boxed()),
                 };
                 Ok::<_, Infallible>(response)
@@ -111,6 +120,17 @@ async fn get(stream: &mut TcpStream, path: &str) {
     stream.write_all(request.as_bytes()).await.unwrap();
 }
 
+/// Sends `request` on `client` and waits for the connection it hands over.
+async fn taken(server: &mut Server, client: &mut TcpStream, request: &[u8]) -> HandedOff {
+    client.write_all(request).await.unwrap();
+    tokio::time::timeout(WAIT, server.taken.recv())
+        .await
+        .unwrap()
+        .expect("handed over")
+}
+
+const TAKE: &[u8] = b"GET /take HTTP/1.1\r\nhost: test\r\n\r\n";
+
 async fn ends(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 64];
     matches!(
@@ -123,11 +143,7 @@ async fn ends(stream: &mut TcpStream) -> bool {
 async fn the_asker_writes_the_body_after_the_head_until_it_drops_the_connection() {
     let mut server = server(None).await;
     let mut client = TcpStream::connect(server.addr).await.unwrap();
-    get(&mut client, "/take").await;
-    let mut io = tokio::time::timeout(WAIT, server.taken.recv())
-        .await
-        .unwrap()
-        .expect("handed over");
+    let mut io = taken(&mut server, &mut client, TAKE).await;
     io.write_all(b"data: one\n\n").await.unwrap();
     let seen = read_until(&mut client, "data: one\n\n").await;
     let (head, body) = seen.split_once("\r\n\r\n").expect("a head, then the body");
@@ -153,11 +169,7 @@ async fn the_asker_writes_the_body_after_the_head_until_it_drops_the_connection(
 async fn a_handed_over_connection_keeps_its_place_under_the_caps_until_dropped() {
     let mut server = server(Some(ConnectionLimits::new(10, 1))).await;
     let mut first = TcpStream::connect(server.addr).await.unwrap();
-    get(&mut first, "/take").await;
-    let io = tokio::time::timeout(WAIT, server.taken.recv())
-        .await
-        .unwrap()
-        .expect("handed over");
+    let io = taken(&mut server, &mut first, TAKE).await;
     let mut second = TcpStream::connect(server.addr).await.unwrap();
     get(&mut second, "/").await;
     let refused = read_until(&mut second, "\r\n\r\n").await;
@@ -203,14 +215,12 @@ async fn an_ask_whose_response_is_not_the_one_answered_leaves_the_connection_to_
 async fn an_http_1_0_request_is_handed_over_too() {
     let mut server = server(None).await;
     let mut client = TcpStream::connect(server.addr).await.unwrap();
-    client
-        .write_all(b"GET /take HTTP/1.0\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut io = tokio::time::timeout(WAIT, server.taken.recv())
-        .await
-        .unwrap()
-        .expect("handed over");
+    let mut io = taken(
+        &mut server,
+        &mut client,
+        b"GET /take HTTP/1.0\r\nhost: test\r\n\r\n",
+    )
+    .await;
     io.write_all(b"data: one\n\n").await.unwrap();
     let seen = read_until(&mut client, "data: one\n\n").await;
     assert!(seen.starts_with("HTTP/1.0 200 OK\r\n"), "{seen}");
@@ -221,14 +231,12 @@ async fn an_http_1_0_request_is_handed_over_too() {
 async fn a_request_pipelined_behind_the_taking_one_is_not_answered_by_http() {
     let mut server = server(None).await;
     let mut client = TcpStream::connect(server.addr).await.unwrap();
-    client
-        .write_all(b"GET /take HTTP/1.1\r\nhost: test\r\n\r\nGET / HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut io = tokio::time::timeout(WAIT, server.taken.recv())
-        .await
-        .unwrap()
-        .expect("handed over");
+    let mut io = taken(
+        &mut server,
+        &mut client,
+        b"GET /take HTTP/1.1\r\nhost: test\r\n\r\nGET / HTTP/1.1\r\nhost: test\r\n\r\n",
+    )
+    .await;
     io.write_all(b"data: one\n\n").await.unwrap();
     drop(io);
     let mut rest = Vec::new();
@@ -240,4 +248,45 @@ async fn a_request_pipelined_behind_the_taking_one_is_not_answered_by_http() {
         "one response, the taking one's head, then its body: {seen}"
     );
     assert!(seen.ends_with("data: one\n\n"), "{seen}");
+}
+
+#[tokio::test]
+async fn a_client_that_shut_its_side_after_the_request_still_gets_the_answer() {
+    let server = server(None).await;
+    let mut client = TcpStream::connect(server.addr).await.unwrap();
+    get(&mut client, "/slow").await;
+    client.shutdown().await.unwrap();
+    let answer = read_until(&mut client, "slow").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("slow"), "{answer}");
+    assert!(ends(&mut client).await, "then the server closes");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_request_gives_its_place_back_once_answered() {
+    let server = server(Some(ConnectionLimits::new(10, 1))).await;
+    let mut leaving = TcpStream::connect(server.addr).await.unwrap();
+    get(&mut leaving, "/slow").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(leaving);
+    // The handler runs on; within its 300 ms the place is still taken...
+    let mut early = TcpStream::connect(server.addr).await.unwrap();
+    get(&mut early, "/").await;
+    let refused = read_until(&mut early, "\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    // ...and given back once the answer has been written (and failed).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut next = TcpStream::connect(server.addr).await.unwrap();
+        get(&mut next, "/").await;
+        let answer = read_until(&mut next, "\r\n\r\n").await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
