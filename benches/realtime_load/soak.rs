@@ -451,7 +451,8 @@ async fn sse(addr: SocketAddr, access: &str) -> Result<(), String> {
         .map_err(|_| "no answer within 5 s".to_owned())?
         .map_err(|e| e.to_string())?;
     let head = String::from_utf8_lossy(&first[..n]);
-    if head.starts_with("HTTP/1.1 200") {
+    // HTTP/1.0 where the stream took its connection over (its body runs until the close).
+    if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") {
         Ok(())
     } else {
         Err(head.lines().next().unwrap_or("nothing").to_owned())

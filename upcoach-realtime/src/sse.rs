@@ -365,22 +365,25 @@ impl Stream {
         tokio::pin!(expiry);
         if let Sink::Handoff(connection) = &mut self.sink {
             let waited = tokio::select! {
-                taken = tokio::time::timeout(HANDOFF_WAIT, connection) => taken.ok().and_then(Result::ok),
-                () = stop.as_mut() => None,
-                () = &mut expiry => None,
+                taken = tokio::time::timeout(HANDOFF_WAIT, connection) => match taken {
+                    Ok(Ok(io)) => Ok(io),
+                    // The connection closed before its head was out: the client left.
+                    Ok(Err(_)) => Err(GONE),
+                    Err(_) => Err("the server did not hand the connection over"),
+                },
+                () = stop.as_mut() => Err("server shutting down"),
+                () = &mut expiry => Err("token_expired"),
             };
             match waited {
-                Some(io) => {
+                Ok(io) => {
                     self.sink = Sink::Socket {
                         io,
                         unsent: Bytes::new(),
                         received: 0,
                     }
                 }
-                // The connection closed before its head was out (the client left), the
-                // server did not hand it over, or the stream ended meanwhile.
-                None => {
-                    self.session.end_reason = "client went away";
+                Err(reason) => {
+                    self.session.end_reason = reason;
                     return;
                 }
             }
@@ -422,6 +425,9 @@ impl Stream {
             tokio::select! {
                 biased;
                 () = stop.as_mut() => break "server shutting down",
+                // Before the deliveries: a busy room must not keep a stream past its
+                // token.
+                () = &mut expiry => break "token_expired",
                 () = shared.notify.notified() => {
                     if shared.close_code().is_some() {
                         break TOO_SLOW;
@@ -439,7 +445,6 @@ impl Stream {
                     self.encode(std::mem::take(&mut out));
                 }
                 _ = heartbeat.tick() => self.text.push_str(": ping\n\n"),
-                () = &mut expiry => break "token_expired",
                 reason = self.sink.closed() => break reason,
             }
         };

@@ -501,6 +501,44 @@ async fn a_client_that_talks_after_its_sse_request_is_cut_off() {
     );
 }
 
+/// A stream whose server offers its connection but never hands it over (its offer kept
+/// alive elsewhere) waits at most until its token's expiry, records that, and gives its
+/// place back.
+#[tokio::test]
+async fn a_stream_whose_connection_never_comes_ends_at_the_token_expiry() {
+    let (hub, tokens, log, _) = setup(HubConfig::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let offers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let served = hub.clone();
+    let kept = offers.clone();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let hub = served.clone();
+                // Offered, but this server never hands a connection over.
+                let offer = upcoach_core::http::ConnectionHandoff::new();
+                kept.lock().unwrap().push(offer.clone());
+                request.extensions_mut().insert(offer);
+                async move { Ok::<_, std::convert::Infallible>(hub.sse(request).await) }
+            },
+        );
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    });
+    let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
+    let auth = format!("Bearer {token}");
+    let stream = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+    assert_eq!(stream.status, 200);
+    eventually("the stream holds a place", || hub.connections() == 1).await;
+    eventually("gone at the expiry", || hub.connections() == 0).await;
+    let reasons = disconnect_reasons(&log).await;
+    assert!(reasons.contains(&"token_expired".to_owned()), "{reasons:?}");
+    assert_eq!(offers.lock().unwrap().len(), 1);
+}
+
 // The SSE tests run twice: `handed_over::` (upcoach's accept loop, the stream writes to
 // its connection) and `through_the_body::` (a plain hyper loop).
 on_both_servers! {
@@ -644,9 +682,14 @@ on_both_servers! {
     /// first send waits, and must not outlive the token either (on a connection the
     /// stream took over, the first send once raced nothing and waited for ever).
     async fn a_stuck_client_resuming_a_long_replay_still_ends_at_the_token_expiry() {
-        let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+        let (hub, tokens, log, addr) = setup(HubConfig {
+            close_timeout: Duration::from_millis(200),
+            ..HubConfig::default()
+        })
+        .await;
+        // 12 MB: more than the socket buffers take, so the first send waits.
         let payload = "x".repeat(60 * 1024);
-        for _ in 0..100 {
+        for _ in 0..200 {
             hub.publish("metrics", "tick", serde_json::json!(payload))
                 .await
                 .unwrap();

@@ -134,18 +134,22 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
     let stopping = async move {
         upcoach_core::http::serve::shutdown_signal().await;
         tokio::spawn(async move {
-            let left = hub.shutdown(Duration::from_secs(5)).await;
+            // A stream's last bytes to a client that is slow to read take up to
+            // `close_timeout` after the signal: wait for that, and a little more.
+            let wait = hub.config().close_timeout + Duration::from_secs(2);
+            let left = hub.shutdown(wait).await;
             if left > 0 {
                 tracing::warn!(
                     connections = left,
-                    "realtime connections still open after 5 s"
+                    "realtime connections still open after {wait:?}"
                 );
             }
             let _ = hub_stopped.send(());
         });
     };
     let result = serve(listener, app.service(), stopping, app.serve_options()).await;
-    // An error before the signal drops the sender: nothing to wait for then.
+    // `serve` returning without the signal drops the sender with `stopping`: nothing to
+    // wait for then.
     let _ = hub_stopping.await;
     app.shutdown(Duration::from_secs(5)).await;
     match result {

@@ -351,13 +351,6 @@ where
     let mut connections = tokio::task::JoinSet::new();
     let mut http = http1::Builder::new();
     http.header_read_timeout(options.header_read_timeout);
-    // While a request is handled, hyper would read the socket to notice a client that
-    // left, and since the request still holds its read buffer, that read takes a fresh
-    // 8 KiB buffer: one allocation and copy of every request's worth of CPU. With
-    // half-closes allowed it waits: a client that leaves is noticed when its answer
-    // is written (every handler here is bounded in time), and one that only shut its
-    // side down still gets that answer.
-    http.half_close(true);
     tokio::pin!(shutdown);
 
     loop {
