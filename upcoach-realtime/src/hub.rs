@@ -494,6 +494,62 @@ impl Hub {
     pub fn is_shutting_down(&self) -> bool {
         *self.inner.shutdown.borrow()
     }
+
+    /// The hub's shutdown beside an HTTP server's drain. The first half is the
+    /// `shutdown` future for the accept loop: once `signal` resolves, it starts
+    /// [`shutdown`](Self::shutdown) in a task of its own (WebSocket 1001, SSE streams
+    /// end at once, so no open stream holds the HTTP drain) and resolves. The second
+    /// half says when that shutdown is over: SSE streams that took their connections
+    /// over are outside the HTTP drain, and a stream's last bytes to a client slow to
+    /// read take up to `close_timeout`, so it waits that and 2 s more. Wait for it
+    /// before the event log's last flush, or their `disconnect` records may be lost.
+    ///
+    /// ```no_run
+    /// # async fn run(hub: upcoach_realtime::Hub) {
+    /// let (stopping, realtime) = hub.shutdown_on(upcoach_core::http::serve::shutdown_signal());
+    /// // serve(listener, service, stopping, options).await;
+    /// # stopping.await;
+    /// realtime.finished().await;
+    /// // event_log.flush().await;
+    /// # }
+    /// ```
+    pub fn shutdown_on(
+        &self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> (impl Future<Output = ()> + Send + 'static, HubStopping) {
+        let hub = self.clone();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let stopping = async move {
+            signal.await;
+            tokio::spawn(async move {
+                let wait = hub.config().close_timeout + Duration::from_secs(2);
+                let left = hub.shutdown(wait).await;
+                if left > 0 {
+                    tracing::warn!(
+                        connections = left,
+                        "realtime connections still open after {wait:?}"
+                    );
+                }
+                let _ = done.send(left);
+            });
+        };
+        (stopping, HubStopping { finished })
+    }
+}
+
+/// The second half of [`Hub::shutdown_on`].
+#[derive(Debug)]
+pub struct HubStopping {
+    finished: tokio::sync::oneshot::Receiver<usize>,
+}
+
+impl HubStopping {
+    /// Resolves once the hub's shutdown is over, with the connections still open then;
+    /// `None` at once when the shutdown never started (the accept loop returned before
+    /// the signal and dropped its `shutdown` future).
+    pub async fn finished(self) -> Option<usize> {
+        self.finished.await.ok()
+    }
 }
 
 #[derive(Debug, Default)]

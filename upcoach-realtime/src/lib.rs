@@ -29,7 +29,8 @@ use tokio::sync::broadcast;
 pub use access::{DefaultRoomAccess, RoomAccess};
 pub use cursor::{Cursor, CursorError, MAX_CURSOR_ROOMS};
 pub use hub::{
-    ConnectionCounts, Hub, HubBuilder, HubConfig, HubStats, HubStatus, RealtimeBody, RoomStatus,
+    ConnectionCounts, Hub, HubBuilder, HubConfig, HubStats, HubStatus, HubStopping, RealtimeBody,
+    RoomStatus,
 };
 pub use memory::MemoryBroadcaster;
 pub use operate::PUBLISH_BODY_LIMIT;

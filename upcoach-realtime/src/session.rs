@@ -110,6 +110,12 @@ enum Place {
     Admitted(Slot),
 }
 
+/// The end reason of a connection whose client left.
+pub(crate) const GONE: &str = "client went away";
+
+/// The end reason of a connection whose client stopped reading (its queue filled).
+pub(crate) const TOO_SLOW: &str = "too slow: the send queue filled";
+
 #[derive(Debug)]
 pub(crate) struct Session {
     hub: Arc<Inner>,

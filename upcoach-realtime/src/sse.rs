@@ -31,7 +31,7 @@ use crate::respond::{
     bearer, error_response, origin_allowed, origin_refused, query_param, refusal_response,
     token_refused, verify,
 };
-use crate::session::{Outbound, Session, SubscribeError};
+use crate::session::{GONE, Outbound, Session, SubscribeError, TOO_SLOW};
 use crate::wire::reset_json;
 
 /// Records buffered between the connection's task and hyper; past it the task waits
@@ -266,12 +266,6 @@ enum Sink {
         received: usize,
     },
 }
-
-/// The end reason of a stream whose client stopped reading.
-const TOO_SLOW: &str = "too slow: the send queue filled";
-
-/// The end reason of a stream whose client left.
-const GONE: &str = "client went away";
 
 /// The end reason of a stream whose client sent more than [`MAX_CLIENT_BYTES`] after
 /// its request.

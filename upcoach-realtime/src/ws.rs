@@ -21,7 +21,7 @@ use crate::hub::{ConnShared, Hub, Inner, RealtimeBody, Refusal, Transport};
 use crate::respond::{
     bearer, body_from, error_response, origin_allowed, origin_refused, refusal_response, verify,
 };
-use crate::session::{Outbound, Session};
+use crate::session::{GONE, Outbound, Session, TOO_SLOW};
 use crate::wire::{ClientMessage, ServerMessage};
 
 type Socket = WebSocketStream<crate::coalesce::Coalesce<TokioIo<hyper::upgrade::Upgraded>>>;
@@ -289,7 +289,7 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
                     }
                     Some(Err(tungstenite::Error::Capacity(_))) => Step::Close(CLOSE_TOO_BIG, "message too big"),
                     Some(Err(tungstenite::Error::Protocol(_))) => Step::Close(CLOSE_MISUSE, "protocol violation"),
-                    Some(Err(_)) | None => Step::Drop("client went away"),
+                    Some(Err(_)) | None => Step::Drop(GONE),
                 }
             },
             () = timer.as_mut() => {
@@ -321,7 +321,7 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
 fn too_slow(shared: &ConnShared) -> Step {
     Step::Close(
         shared.close_code().unwrap_or(crate::hub::CLOSE_TOO_SLOW),
-        "too slow: the send queue filled",
+        TOO_SLOW,
     )
 }
 
@@ -702,7 +702,7 @@ where
         if let Poll::Ready(result) = this.write.poll(cx) {
             return Poll::Ready(Written::Done(match result {
                 Ok(()) => Step::Continue,
-                Err(_) => Step::Drop("client went away"),
+                Err(_) => Step::Drop(GONE),
             }));
         }
         if let Poll::Ready(step) = this.signals.poll(cx) {

@@ -501,6 +501,42 @@ async fn a_client_that_talks_after_its_sse_request_is_cut_off() {
     );
 }
 
+/// `Hub::shutdown_on`: the accept loop's future resolves as soon as the signal comes
+/// (the hub's shutdown runs in its own task), and `finished` says when every stream,
+/// SSE streams holding their own connections included, has ended and been recorded.
+#[tokio::test]
+async fn shutdown_on_a_signal_lets_the_drain_start_and_says_when_streams_are_recorded() {
+    let (hub, tokens, log, addr) = setup(HubConfig::default()).await;
+    let auth = format!("Bearer {}", tokens.admin());
+    let _stream = sse(addr, "rooms=metrics", &[("authorization", &auth)]).await;
+    eventually("the stream is open", || hub.connections() == 1).await;
+    let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+    let (stopping, realtime) = hub.shutdown_on(async move {
+        let _ = signalled.await;
+    });
+    let _ = signal.send(());
+    tokio::time::timeout(Duration::from_secs(1), stopping)
+        .await
+        .expect("the accept loop's future resolves at the signal");
+    let left = tokio::time::timeout(WAIT, realtime.finished())
+        .await
+        .unwrap();
+    assert_eq!(left, Some(0), "every stream ended in time");
+    let reasons = disconnect_reasons(&log).await;
+    assert!(
+        reasons.contains(&"server shutting down".to_owned()),
+        "{reasons:?}"
+    );
+
+    let (never, realtime) = hub.shutdown_on(std::future::pending());
+    drop(never);
+    assert_eq!(
+        realtime.finished().await,
+        None,
+        "no signal, no shutdown to wait for"
+    );
+}
+
 /// A stream whose server offers its connection but never hands it over (its offer kept
 /// alive elsewhere) waits at most until its token's expiry, records that, and gives its
 /// place back.

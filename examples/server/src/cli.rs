@@ -123,34 +123,13 @@ async fn run(config: ServerConfig, options: Options) -> ExitCode {
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %local, "listening on http://{local}");
 
-    // On the signal, realtime connections are told at once (WebSocket 1001, SSE
-    // streams end) while HTTP requests drain: an open SSE stream would otherwise hold
-    // the drain until its timeout.
-    // SSE streams hold their connections themselves, outside the HTTP drain: the hub's
-    // shutdown is waited for before the event log's last flush, so their ends (and
-    // disconnect records) are not cut off by the exit.
-    let hub = app.hub().clone();
-    let (hub_stopped, hub_stopping) = tokio::sync::oneshot::channel();
-    let stopping = async move {
-        upcoach_core::http::serve::shutdown_signal().await;
-        tokio::spawn(async move {
-            // A stream's last bytes to a client that is slow to read take up to
-            // `close_timeout` after the signal: wait for that, and a little more.
-            let wait = hub.config().close_timeout + Duration::from_secs(2);
-            let left = hub.shutdown(wait).await;
-            if left > 0 {
-                tracing::warn!(
-                    connections = left,
-                    "realtime connections still open after {wait:?}"
-                );
-            }
-            let _ = hub_stopped.send(());
-        });
-    };
+    // On the signal, realtime connections are told at once while HTTP requests drain;
+    // the hub's shutdown is waited for before the event log's last flush.
+    let (stopping, realtime) = app
+        .hub()
+        .shutdown_on(upcoach_core::http::serve::shutdown_signal());
     let result = serve(listener, app.service(), stopping, app.serve_options()).await;
-    // `serve` returning without the signal drops the sender with `stopping`: nothing to
-    // wait for then.
-    let _ = hub_stopping.await;
+    realtime.finished().await;
     app.shutdown(Duration::from_secs(5)).await;
     match result {
         Ok(()) => {

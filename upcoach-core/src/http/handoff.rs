@@ -112,34 +112,29 @@ impl ConnectionHandoff {
     pub(crate) fn armed(&self) -> Option<oneshot::Sender<HandedOff>> {
         let mut slot = lock(&self.slot);
         match std::mem::replace(&mut *slot, Slot::Taken) {
-            Slot::Armed(tx) if !tx.is_closed() => Some(tx),
-            Slot::Open => {
-                *slot = Slot::Open;
+            Slot::Armed(tx) => (!tx.is_closed()).then_some(tx),
+            // Not asked for, or its response not written yet: left as it is.
+            other => {
+                *slot = other;
                 None
             }
-            Slot::Waiting(tx) => {
-                *slot = Slot::Waiting(tx);
-                None
-            }
-            Slot::Armed(_) | Slot::Taken => None,
         }
     }
 
     /// The asking response's body ended (`armed`) or was dropped before (not).
     fn settle(&self, armed: bool) {
         let mut slot = lock(&self.slot);
-        if let Slot::Waiting(_) = *slot {
-            let Slot::Waiting(tx) = std::mem::replace(&mut *slot, Slot::Taken) else {
-                return;
-            };
-            if armed {
-                *slot = Slot::Armed(tx);
-            }
+        match std::mem::replace(&mut *slot, Slot::Taken) {
+            Slot::Waiting(tx) if armed => *slot = Slot::Armed(tx),
+            // Dropped unwritten: the sender goes, and the asker hears it.
+            Slot::Waiting(_) => {}
+            other => *slot = other,
         }
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `mutex`, through a poisoning: what it guards stays consistent at every step.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -9,10 +9,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use super::handoff::lock;
 use super::{ClientAddr, ConnectionHandoff, ConnectionLimits, HeldStream};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -432,10 +433,6 @@ where
         }
     }
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Resolves when the process gets SIGINT (Ctrl-C) or, on Unix, SIGTERM, logging which:
