@@ -124,7 +124,10 @@ impl Check {
 #[derive(Debug)]
 pub struct SharedCheck {
     fresh: Duration,
+    /// Held while a probe runs, so that callers meanwhile wait for its answer.
     last: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Check)>>>,
+    /// The same answer, read without waiting: a fresh one costs a caller no async lock.
+    recent: std::sync::Arc<std::sync::Mutex<Option<(tokio::time::Instant, Check)>>>,
 }
 
 impl SharedCheck {
@@ -133,7 +136,14 @@ impl SharedCheck {
         Self {
             fresh,
             last: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
+            recent: std::sync::Arc::default(),
         }
+    }
+
+    /// The last answer if it is fresh.
+    fn fresh(&self, last: Option<&(tokio::time::Instant, Check)>) -> Option<Check> {
+        last.filter(|(at, _)| at.elapsed() < self.fresh)
+            .map(|(_, check)| check.clone())
     }
 
     /// The last check if it is fresh, else [`Check::run`] of `probe()` in a task of its
@@ -143,16 +153,21 @@ impl SharedCheck {
         F: Future<Output = Result<Duration, E>> + Send + 'static,
         E: Send + 'static,
     {
+        let recent = lock(&self.recent).clone();
+        if let Some(check) = self.fresh(recent.as_ref()) {
+            return check;
+        }
         let mut last = self.last.clone().lock_owned().await;
-        if let Some((at, check)) = &*last
-            && at.elapsed() < self.fresh
-        {
-            return check.clone();
+        if let Some(check) = self.fresh(last.as_ref()) {
+            return check;
         }
         let probe = probe();
+        let recent = self.recent.clone();
         let task = tokio::spawn(async move {
             let check = Check::run(probe).await;
-            *last = Some((tokio::time::Instant::now(), check.clone()));
+            let answer = Some((tokio::time::Instant::now(), check.clone()));
+            *lock(&recent) = answer.clone();
+            *last = answer;
             check
         });
         task.await.unwrap_or(Check {
@@ -161,6 +176,13 @@ impl SharedCheck {
             error: Some("unreachable"),
         })
     }
+}
+
+/// A poisoned lock's value: the values behind these locks are whole at every unlock.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One gauge reading, as a crate reports its state for a metrics sink: name, labels and

@@ -221,31 +221,64 @@ pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
         .flatten()
         .map(|c| c.status)
         .fold(cache.status.worst(realtime), Status::worst);
-    // `{"status","checks":{"cache","postgres"?,"realtime","redis"?},"version","uptime_s"}`:
-    // keys written here, values by serde (the tests hold it to serde's form). Load
-    // balancers poll this route, and serde writing each key cost more than the rest.
-    let mut body = Vec::with_capacity(320);
-    put_status(&mut body, r#"{"status":"#, status);
-    put_check(&mut body, r#","checks":{"cache":{"status":"#, &cache);
-    if let Some(postgres) = &postgres {
-        put_check(&mut body, r#","postgres":{"status":"#, postgres);
-    }
-    put_status(&mut body, r#","realtime":{"status":"#, realtime);
-    put(&mut body, r#","broker":"#, &broker);
-    let counts = app.hub.connection_counts();
-    put(&mut body, r#","connections":"#, &counts);
-    body.push(b'}');
-    if let Some(redis) = &redis {
-        put_check(&mut body, r#","redis":{"status":"#, redis);
-    }
-    put(&mut body, r#"},"version":"#, &env!("CARGO_PKG_VERSION"));
-    let uptime = app.started.elapsed().as_secs();
-    put(&mut body, r#","uptime_s":"#, &uptime);
-    body.push(b'}');
+    let health = Health {
+        status,
+        cache,
+        postgres,
+        realtime,
+        broker,
+        counts: app.hub.connection_counts(),
+        redis,
+        uptime_s: app.started.elapsed().as_secs(),
+    };
+    // Load balancers poll this route; its figures change a few times a second at most.
+    let body = {
+        let mut last = app.health_body.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((said, body)) if *said == health => body.clone(),
+            _ => last.insert((health.clone(), health.body())).1.clone(),
+        }
+    };
     let code = match status {
         Status::Down => StatusCode::SERVICE_UNAVAILABLE,
         Status::Ok | Status::Degraded => StatusCode::OK,
     };
-    upcoach_core::http::json_bytes_response::<Full<bytes::Bytes>>(code, body.into())
-        .map(BodyExt::boxed)
+    upcoach_core::http::json_bytes_response::<Full<bytes::Bytes>>(code, body).map(BodyExt::boxed)
+}
+
+/// What `/health` says; the same figures write the same body.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Health {
+    status: Status,
+    cache: Check,
+    postgres: Option<Check>,
+    realtime: Status,
+    broker: upcoach_realtime::BrokerState,
+    counts: upcoach_realtime::ConnectionCounts,
+    redis: Option<Check>,
+    uptime_s: u64,
+}
+
+impl Health {
+    /// `{"status","checks":{"cache","postgres"?,"realtime","redis"?},"version","uptime_s"}`:
+    /// keys written here, values by serde (the tests hold it to serde's form).
+    fn body(&self) -> bytes::Bytes {
+        let mut body = Vec::with_capacity(320);
+        put_status(&mut body, r#"{"status":"#, self.status);
+        put_check(&mut body, r#","checks":{"cache":{"status":"#, &self.cache);
+        if let Some(postgres) = &self.postgres {
+            put_check(&mut body, r#","postgres":{"status":"#, postgres);
+        }
+        put_status(&mut body, r#","realtime":{"status":"#, self.realtime);
+        put(&mut body, r#","broker":"#, &self.broker);
+        put(&mut body, r#","connections":"#, &self.counts);
+        body.push(b'}');
+        if let Some(redis) = &self.redis {
+            put_check(&mut body, r#","redis":{"status":"#, redis);
+        }
+        put(&mut body, r#"},"version":"#, &env!("CARGO_PKG_VERSION"));
+        put(&mut body, r#","uptime_s":"#, &self.uptime_s);
+        body.push(b'}');
+        body.into()
+    }
 }

@@ -63,6 +63,49 @@ async fn the_health_body_keeps_its_form_byte_for_byte() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn the_kept_health_body_follows_its_figures() {
+    // The route keeps its last body while what it says stands: a connection opened or
+    // closed between two polls must show in the second, within the same second.
+    let dev = Options {
+        dev: true,
+        ..Options::default()
+    };
+    let server = Running::start(ServerConfig::default(), dev).await;
+    let connections =
+        |answer: &support::Answer| answer.json["checks"]["realtime"]["connections"].clone();
+    let before = server.get("/health").await;
+    assert_eq!(connections(&before), serde_json::json!({"ws": 0, "sse": 0}));
+    let token = server.post("/dev/token", r#"{"roles":[]}"#).await;
+    let token = token.json["access_token"].as_str().unwrap().to_owned();
+    let ws = support::ws(&server, &token).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.app.hub().connection_counts().ws == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the socket is counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let open = server.get("/health").await;
+    assert_eq!(connections(&open), serde_json::json!({"ws": 1, "sse": 0}));
+    drop(ws);
+    while server.app.hub().connection_counts().ws == 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the socket is let go"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closed = server.get("/health").await;
+    assert_eq!(connections(&closed), serde_json::json!({"ws": 0, "sse": 0}));
+    assert!(
+        closed.json["uptime_s"].as_u64() < Some(5),
+        "all within seconds of the start"
+    );
+    server.stop().await;
+}
+
 /// What serde writes for `value`.
 fn serde<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap()
