@@ -79,24 +79,11 @@ async fn the_kept_health_body_follows_its_figures() {
     let token = server.post("/dev/token", r#"{"roles":[]}"#).await;
     let token = token.json["access_token"].as_str().unwrap().to_owned();
     let ws = support::ws(&server, &token).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while server.app.hub().connection_counts().ws == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the socket is counted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    sockets_counted(&server, 1).await;
     let open = server.get("/health").await;
     assert_eq!(connections(&open), serde_json::json!({"ws": 1, "sse": 0}));
     drop(ws);
-    while server.app.hub().connection_counts().ws == 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the socket is let go"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    sockets_counted(&server, 0).await;
     let closed = server.get("/health").await;
     assert_eq!(connections(&closed), serde_json::json!({"ws": 0, "sse": 0}));
     assert!(
@@ -104,6 +91,18 @@ async fn the_kept_health_body_follows_its_figures() {
         "all within seconds of the start"
     );
     server.stop().await;
+}
+
+/// Waits (at most 10 s) until the hub counts `n` WebSockets.
+async fn sockets_counted(server: &Running, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.app.hub().connection_counts().ws != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} sockets counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// What serde writes for `value`.
