@@ -18,7 +18,7 @@ use upcoach_realtime::{
 };
 use upcoach_testing::{FaultProxy, RedisPrefix};
 
-use support::{Record, Sse, Tokens, Ws};
+use support::{Record, Sse, Tokens, Ws, until};
 
 const X: &str = "public:x";
 const Y: &str = "public:y";
@@ -99,18 +99,6 @@ fn options(prefix: &RedisPrefix, history: HistoryLimits) -> RedisBroadcasterOpti
         prefix: prefix.key("rt"),
         history,
         ..RedisBroadcasterOptions::default()
-    }
-}
-
-/// Polls `condition` every 10 ms; fails naming `what` when it does not hold in time.
-async fn until(what: &str, within: Duration, condition: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

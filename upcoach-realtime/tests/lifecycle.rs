@@ -35,13 +35,28 @@ async fn setup(config: HubConfig) -> (Hub, Arc<Tokens>, Arc<MemoryEventLog>, std
     (hub, tokens, log, addr)
 }
 
-/// Waits until `done` holds (the server side runs on its own tasks).
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// `GET /sse?rooms=metrics` asking for gzip, with `authorization`, over `stream`; the
+/// response once its head is in (gzip-encoded), its body still to read.
+async fn gzip_sse(
+    stream: TcpStream,
+    addr: std::net::SocketAddr,
+    authorization: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = hyper::Request::get("/sse?rooms=metrics")
+        .header("host", addr.to_string())
+        .header("authorization", authorization)
+        .header("accept-encoding", "gzip")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    response
 }
 
 fn readers(hub: &Hub, room: &str) -> usize {
@@ -658,20 +673,7 @@ on_both_servers! {
         .await;
         // The shutdown, on a gzip stream read raw.
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let request = hyper::Request::get("/sse?rooms=metrics")
-            .header("host", addr.to_string())
-            .header("authorization", &auth)
-            .header("accept-encoding", "gzip")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.headers()["content-encoding"], "gzip");
+        let response = gzip_sse(stream, addr, &auth).await;
         let body =
             tokio::spawn(async move { response.into_body().collect().await.unwrap().to_bytes() });
         eventually("the gzip stream open", || hub.status().connections.sse == 1).await;
@@ -751,20 +753,7 @@ on_both_servers! {
         let expiry = tokio::time::Instant::now() + Duration::from_millis(1500);
         let token = tokens.issue(UserId::new(), &[Role::ADMIN], Duration::from_millis(1500));
         let stream = small_buffer(addr).await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let request = hyper::Request::get("/sse?rooms=metrics")
-            .header("host", addr.to_string())
-            .header("authorization", format!("Bearer {token}"))
-            .header("accept-encoding", "gzip")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.headers()["content-encoding"], "gzip");
+        let response = gzip_sse(stream, addr, &format!("Bearer {token}")).await;
         // Random payloads (59 KiB, barely compressible), so that the stream's send really
         // waits, each made between two publishes (which spaces them out: one chunk each);
         // until just past the expiry.

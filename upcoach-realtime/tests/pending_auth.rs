@@ -71,15 +71,6 @@ async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
     }
 }
 
-/// Waits until `done` holds (the server side of a close runs on its own task).
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn authenticate(ws: &mut Ws, token: &str) {
     send(ws, serde_json::json!({"type": "auth", "token": token})).await;
 }

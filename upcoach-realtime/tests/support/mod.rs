@@ -24,6 +24,24 @@ use upcoach_realtime::Hub;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Waits until `done` holds, polling every 10 ms for at most `within` (the server side
+/// runs on its own tasks); fails naming `what`.
+pub async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// [`until`] within [`WAIT`].
+pub async fn eventually(what: &str, done: impl FnMut() -> bool) {
+    until(what, WAIT, done).await;
+}
+
 /// Tokens issued by the test: each maps to a principal.
 #[derive(Debug, Default)]
 pub struct Tokens {
