@@ -231,19 +231,34 @@ pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
         redis,
         uptime_s: app.started.elapsed().as_secs(),
     };
-    // Load balancers poll this route; its figures change a few times a second at most.
-    let body = {
-        let mut last = app.health_body.lock().unwrap_or_else(|e| e.into_inner());
-        match &*last {
-            Some((said, body)) if *said == health => body.clone(),
-            _ => last.insert((health.clone(), health.body())).1.clone(),
-        }
-    };
+    let body = kept_body(&app.health_body, health);
     let code = match status {
         Status::Down => StatusCode::SERVICE_UNAVAILABLE,
         Status::Ok | Status::Degraded => StatusCode::OK,
     };
     upcoach_core::http::json_bytes_response::<Full<bytes::Bytes>>(code, body).map(BodyExt::boxed)
+}
+
+/// The body `health` writes: the one kept in `last` when it was written from the same
+/// figures (load balancers poll the route; between uptime's seconds its figures change
+/// only as connections come and go), else a new one, kept in turn.
+fn kept_body(
+    last: &std::sync::Mutex<Option<(Health, bytes::Bytes)>>,
+    health: Health,
+) -> bytes::Bytes {
+    let lock = || {
+        last.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some((said, body)) = &*lock()
+        && *said == health
+    {
+        return body.clone();
+    }
+    // Written outside the lock: under connection churn, requests would queue on it.
+    let body = health.body();
+    *lock() = Some((health, body.clone()));
+    body
 }
 
 /// What `/health` says; the same figures write the same body.
@@ -280,5 +295,51 @@ impl Health {
         put(&mut body, r#","uptime_s":"#, &self.uptime_s);
         body.push(b'}');
         body.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(ws: usize, status: Status) -> Health {
+        Health {
+            status,
+            cache: Check {
+                status: Status::Ok,
+                latency_ms: 0.25,
+                error: None,
+            },
+            postgres: None,
+            realtime: Status::Ok,
+            broker: upcoach_realtime::BrokerState {
+                kind: "memory",
+                connected: true,
+            },
+            counts: upcoach_realtime::ConnectionCounts { ws, sse: 0 },
+            redis: None,
+            uptime_s: 7,
+        }
+    }
+
+    #[test]
+    fn the_same_figures_answer_with_the_kept_body_and_others_write_a_new_one() {
+        let last = std::sync::Mutex::default();
+        let first = kept_body(&last, health(1, Status::Ok));
+        let again = kept_body(&last, health(1, Status::Ok));
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the kept bytes, not a copy");
+        let more = kept_body(&last, health(2, Status::Ok));
+        assert_ne!(more.as_ptr(), first.as_ptr());
+        assert!(
+            std::str::from_utf8(&more)
+                .unwrap()
+                .contains(r#""connections":{"ws":2,"sse":0}"#)
+        );
+        let degraded = kept_body(&last, health(2, Status::Degraded));
+        assert!(degraded.starts_with(br#"{"status":"degraded""#));
+        assert_eq!(
+            kept_body(&last, health(2, Status::Degraded)).as_ptr(),
+            degraded.as_ptr()
+        );
     }
 }

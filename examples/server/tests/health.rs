@@ -66,7 +66,8 @@ async fn the_health_body_keeps_its_form_byte_for_byte() {
 #[tokio::test]
 async fn the_kept_health_body_follows_its_figures() {
     // The route keeps its last body while what it says stands: a connection opened or
-    // closed between two polls must show in the second, within the same second.
+    // closed between two polls must show in the second (`routes::tests` holds the kept
+    // body to the same bytes for the same figures).
     let dev = Options {
         dev: true,
         ..Options::default()
@@ -86,10 +87,6 @@ async fn the_kept_health_body_follows_its_figures() {
     sockets_counted(&server, 0).await;
     let closed = server.get("/health").await;
     assert_eq!(connections(&closed), serde_json::json!({"ws": 0, "sse": 0}));
-    assert!(
-        closed.json["uptime_s"].as_u64() < Some(5),
-        "all within seconds of the start"
-    );
     server.stop().await;
 }
 
