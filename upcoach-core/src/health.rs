@@ -125,9 +125,9 @@ impl Check {
 pub struct SharedCheck {
     fresh: Duration,
     /// Held while a probe runs, so that callers meanwhile wait for its answer.
-    last: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Check)>>>,
-    /// The same answer, read without waiting: a fresh one costs a caller no async lock.
-    recent: std::sync::Arc<std::sync::Mutex<Option<(tokio::time::Instant, Check)>>>,
+    probing: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The last answer and when it came: a fresh one costs a caller no async lock.
+    last: std::sync::Arc<std::sync::Mutex<Option<(tokio::time::Instant, Check)>>>,
 }
 
 impl SharedCheck {
@@ -135,14 +135,16 @@ impl SharedCheck {
     pub fn new(fresh: Duration) -> Self {
         Self {
             fresh,
-            last: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
-            recent: std::sync::Arc::default(),
+            probing: std::sync::Arc::default(),
+            last: std::sync::Arc::default(),
         }
     }
 
     /// The last answer if it is fresh.
-    fn fresh(&self, last: Option<&(tokio::time::Instant, Check)>) -> Option<Check> {
-        last.filter(|(at, _)| at.elapsed() < self.fresh)
+    fn fresh(&self) -> Option<Check> {
+        lock(&self.last)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.fresh)
             .map(|(_, check)| check.clone())
     }
 
@@ -153,21 +155,20 @@ impl SharedCheck {
         F: Future<Output = Result<Duration, E>> + Send + 'static,
         E: Send + 'static,
     {
-        let recent = lock(&self.recent).clone();
-        if let Some(check) = self.fresh(recent.as_ref()) {
+        if let Some(check) = self.fresh() {
             return check;
         }
-        let mut last = self.last.clone().lock_owned().await;
-        if let Some(check) = self.fresh(last.as_ref()) {
+        let probing = self.probing.clone().lock_owned().await;
+        // A probe that ran while this caller waited answers it too.
+        if let Some(check) = self.fresh() {
             return check;
         }
         let probe = probe();
-        let recent = self.recent.clone();
+        let last = self.last.clone();
         let task = tokio::spawn(async move {
+            let _probing = probing;
             let check = Check::run(probe).await;
-            let answer = Some((tokio::time::Instant::now(), check.clone()));
-            *lock(&recent) = answer.clone();
-            *last = answer;
+            *lock(&last) = Some((tokio::time::Instant::now(), check.clone()));
             check
         });
         task.await.unwrap_or(Check {

@@ -272,13 +272,15 @@ pub fn json_response<B: From<Bytes>, T: Serialize + ?Sized>(
             tracing::error!(error = %e, "a response could not be serialized");
             json_bytes_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Bytes::from_static(
-                    br#"{"error":{"code":"internal_error","message":"internal error"}}"#,
-                ),
+                Bytes::from_static(INTERNAL_ERROR_BODY),
             )
         }
     }
 }
+
+/// The body of an answer that could not be written.
+const INTERNAL_ERROR_BODY: &[u8] =
+    br#"{"error":{"code":"internal_error","message":"internal error"}}"#;
 
 /// A JSON answer with `status` whose body is already written: `Content-Type:
 /// application/json` and `bytes` as they are.
@@ -290,6 +292,76 @@ pub fn json_bytes_response<B: From<Bytes>>(status: StatusCode, bytes: Bytes) -> 
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// A JSON body kept with the value it was written from, for a route polled far more
+/// often than its value changes (`/health`): while the value compares equal, each
+/// answer shares the kept bytes; another value is written (by serde) and kept instead.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::StatusCode;
+/// use http_body_util::Full;
+/// use upcoach_core::http::KeptJson;
+///
+/// let kept = KeptJson::default();
+/// let first: Bytes = kept.bytes(serde_json::json!({"ws": 1}))?;
+/// assert_eq!(first, r#"{"ws":1}"#);
+/// assert_eq!(kept.bytes(serde_json::json!({"ws": 1}))?.as_ptr(), first.as_ptr(), "kept");
+/// assert_eq!(kept.bytes(serde_json::json!({"ws": 2}))?, r#"{"ws":2}"#);
+/// let answer = kept.response::<Full<Bytes>>(StatusCode::OK, serde_json::json!({"ws": 2}));
+/// assert_eq!(answer.headers()["content-type"], "application/json");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct KeptJson<T> {
+    last: std::sync::Mutex<Option<(T, Bytes)>>,
+}
+
+impl<T> Default for KeptJson<T> {
+    fn default() -> Self {
+        Self {
+            last: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Serialize + PartialEq> KeptJson<T> {
+    /// `value` as JSON: the kept bytes when they were written from an equal value.
+    ///
+    /// # Errors
+    /// What serde says when `value` cannot be written (nothing is kept then).
+    pub fn bytes(&self, value: T) -> serde_json::Result<Bytes> {
+        let lock = || {
+            self.last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((said, bytes)) = &*lock()
+            && *said == value
+        {
+            return Ok(bytes.clone());
+        }
+        // Written outside the lock: when values change often, callers would queue on it.
+        let bytes = Bytes::from(serde_json::to_vec(&value)?);
+        *lock() = Some((value, bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// A JSON answer with `status` and `value`'s [`bytes`](Self::bytes); `500` if
+    /// `value` cannot be written.
+    pub fn response<B: From<Bytes>>(&self, status: StatusCode, value: T) -> Response<B> {
+        match self.bytes(value) {
+            Ok(bytes) => json_bytes_response(status, bytes),
+            Err(e) => {
+                tracing::error!(error = %e, "a response could not be serialized");
+                json_bytes_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Bytes::from_static(INTERNAL_ERROR_BODY),
+                )
+            }
+        }
+    }
 }
 
 /// An empty answer with `status` (`204`, `302`).
@@ -588,6 +660,17 @@ pub(crate) fn facts_of(addr: Option<ClientAddr>, user_agent: Option<&HeaderValue
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_json_value_serde_refuses_answers_500_and_keeps_nothing() {
+        // JSON object keys are strings: serde refuses a map keyed by pairs.
+        let refused = || std::collections::BTreeMap::from([((1u8, 2u8), 3u8)]);
+        let kept = KeptJson::default();
+        assert!(kept.bytes(refused()).is_err());
+        let answer = kept.response::<http_body_util::Full<Bytes>>(StatusCode::OK, refused());
+        assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(kept.last.lock().unwrap().is_none(), "nothing kept");
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

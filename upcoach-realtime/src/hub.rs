@@ -252,6 +252,18 @@ pub struct ConnectionCounts {
     pub sse: usize,
 }
 
+/// The realtime entry of a `/health` answer (`{"status","broker","connections"}`):
+/// degraded while the broker is away, as this process's own events still flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RealtimeCheck {
+    /// `ok`, or `degraded` without the broker.
+    pub status: upcoach_core::health::Status,
+    /// The broker's kind and link.
+    pub broker: BrokerState,
+    /// Open connections.
+    pub connections: ConnectionCounts,
+}
+
 /// `GET /api/dashboard/realtime/status` of API.md.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HubStatus {
@@ -445,6 +457,21 @@ impl Hub {
     /// What the broadcaster says about its broker.
     pub fn broker_state(&self) -> BrokerState {
         self.inner.broadcaster.state()
+    }
+
+    /// The hub's entry in a `/health` answer.
+    pub fn health_check(&self) -> RealtimeCheck {
+        use upcoach_core::health::Status;
+        let broker = self.broker_state();
+        RealtimeCheck {
+            status: if broker.connected {
+                Status::Ok
+            } else {
+                Status::Degraded
+            },
+            broker,
+            connections: self.connection_counts(),
+        }
     }
 
     /// Counters, cheap enough to read on every metrics tick.

@@ -30,7 +30,7 @@ pub use access::{DefaultRoomAccess, RoomAccess};
 pub use cursor::{Cursor, CursorError, MAX_CURSOR_ROOMS};
 pub use hub::{
     ConnectionCounts, Hub, HubBuilder, HubConfig, HubStats, HubStatus, HubStopping, RealtimeBody,
-    RoomStatus,
+    RealtimeCheck, RoomStatus,
 };
 pub use memory::MemoryBroadcaster;
 pub use operate::PUBLISH_BODY_LIMIT;

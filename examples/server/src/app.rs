@@ -102,8 +102,8 @@ pub struct App {
     pub(crate) started: Instant,
     /// `/health`'s Postgres, Redis and cache probes: each at most once a second.
     pub(crate) probes: [SharedCheck; 3],
-    /// `/health`'s last body, and what it said.
-    pub(crate) health_body: std::sync::Mutex<Option<(crate::routes::Health, bytes::Bytes)>>,
+    /// `/health`'s last body, kept while what it says stands.
+    pub(crate) health_body: upcoach_core::http::KeptJson<crate::routes::Health>,
     pub(crate) hub: Hub,
     /// Sign-in, when the server has a signing key.
     pub(crate) auth: Option<AuthRoutes>,
@@ -327,7 +327,7 @@ impl App {
             slow_queries: sinks.slow_queries,
             started: Instant::now(),
             probes: std::array::from_fn(|_| SharedCheck::new(Duration::from_secs(1))),
-            health_body: std::sync::Mutex::default(),
+            health_body: upcoach_core::http::KeptJson::default(),
             hub,
             auth,
             memory_auth,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use upcoach_core::http::{ApiError, DEFAULT_JSON_LIMIT, query_param, read_json};
 
 use upcoach_core::health::{Check, Status};
@@ -170,33 +170,6 @@ pub(crate) fn realtime_snapshot(app: &Arc<App>) -> serde_json::Value {
     })
 }
 
-/// Appends `prefix`, then `value` as serde writes it.
-fn put(out: &mut Vec<u8>, prefix: &str, value: &impl serde::Serialize) {
-    out.extend_from_slice(prefix.as_bytes());
-    // Writing these types into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
-}
-
-/// Appends `prefix`, then a [`Status`] as its serde form writes it.
-fn put_status(out: &mut Vec<u8>, prefix: &str, status: Status) {
-    out.extend_from_slice(prefix.as_bytes());
-    out.extend_from_slice(match status {
-        Status::Ok => br#""ok""#,
-        Status::Degraded => br#""degraded""#,
-        Status::Down => br#""down""#,
-    });
-}
-
-/// `key` and `{"status":`, then the rest of a [`Check`] as its serde form writes it.
-fn put_check(out: &mut Vec<u8>, key: &str, check: &Check) {
-    put_status(out, key, check.status);
-    put(out, r#","latency_ms":"#, &check.latency_ms);
-    if let Some(error) = check.error {
-        put(out, r#","error":"#, &error);
-    }
-    out.push(b'}');
-}
-
 /// `GET /health`: each configured dependency's status and latency; 503 when Postgres
 /// or Redis is down. The cache fails open (its L2 down is degraded); realtime keeps
 /// serving this process's events while its broker is away (degraded).
@@ -214,132 +187,49 @@ pub(crate) async fn health(app: &Arc<App>) -> Response<Body> {
     let cache = l2.run(|| async move { cache.health().await });
     let (postgres, redis, cache) = tokio::join!(postgres, redis, cache);
     let cache = cache.failing_open();
-    let broker = app.hub.broker_state();
-    let realtime = [Status::Degraded, Status::Ok][usize::from(broker.connected)];
+    let realtime = app.hub.health_check();
     let status = [&postgres, &redis]
         .into_iter()
         .flatten()
         .map(|c| c.status)
-        .fold(cache.status.worst(realtime), Status::worst);
-    let health = Health {
-        status,
-        cache,
-        postgres,
-        realtime,
-        broker,
-        counts: app.hub.connection_counts(),
-        redis,
-        uptime_s: app.started.elapsed().as_secs(),
-    };
-    let body = kept_body(&app.health_body, health);
+        .fold(cache.status.worst(realtime.status), Status::worst);
     let code = match status {
         Status::Down => StatusCode::SERVICE_UNAVAILABLE,
         Status::Ok | Status::Degraded => StatusCode::OK,
     };
-    upcoach_core::http::json_bytes_response::<Full<bytes::Bytes>>(code, body).map(BodyExt::boxed)
-}
-
-/// The body `health` writes: the one kept in `last` when it was written from the same
-/// figures (load balancers poll the route; between uptime's seconds its figures change
-/// only as connections come and go), else a new one, kept in turn.
-fn kept_body(
-    last: &std::sync::Mutex<Option<(Health, bytes::Bytes)>>,
-    health: Health,
-) -> bytes::Bytes {
-    let lock = || {
-        last.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    let health = Health {
+        status,
+        checks: Checks {
+            cache,
+            postgres,
+            realtime,
+            redis,
+        },
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: app.started.elapsed().as_secs(),
     };
-    if let Some((said, body)) = &*lock()
-        && *said == health
-    {
-        return body.clone();
-    }
-    // Written outside the lock: under connection churn, requests would queue on it.
-    let body = health.body();
-    *lock() = Some((health, body.clone()));
-    body
+    // Load balancers poll this route: the body is written again only when it changes.
+    app.health_body
+        .response::<Full<bytes::Bytes>>(code, health)
+        .map(BodyExt::boxed)
 }
 
-/// What `/health` says; the same figures write the same body.
-#[derive(Debug, Clone, PartialEq)]
+/// `GET /health`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Health {
     status: Status,
-    cache: Check,
-    postgres: Option<Check>,
-    realtime: Status,
-    broker: upcoach_realtime::BrokerState,
-    counts: upcoach_realtime::ConnectionCounts,
-    redis: Option<Check>,
+    checks: Checks,
+    version: &'static str,
     uptime_s: u64,
 }
 
-impl Health {
-    /// `{"status","checks":{"cache","postgres"?,"realtime","redis"?},"version","uptime_s"}`:
-    /// keys written here, values by serde (the tests hold it to serde's form).
-    fn body(&self) -> bytes::Bytes {
-        let mut body = Vec::with_capacity(320);
-        put_status(&mut body, r#"{"status":"#, self.status);
-        put_check(&mut body, r#","checks":{"cache":{"status":"#, &self.cache);
-        if let Some(postgres) = &self.postgres {
-            put_check(&mut body, r#","postgres":{"status":"#, postgres);
-        }
-        put_status(&mut body, r#","realtime":{"status":"#, self.realtime);
-        put(&mut body, r#","broker":"#, &self.broker);
-        put(&mut body, r#","connections":"#, &self.counts);
-        body.push(b'}');
-        if let Some(redis) = &self.redis {
-            put_check(&mut body, r#","redis":{"status":"#, redis);
-        }
-        put(&mut body, r#"},"version":"#, &env!("CARGO_PKG_VERSION"));
-        put(&mut body, r#","uptime_s":"#, &self.uptime_s);
-        body.push(b'}');
-        body.into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn health(ws: usize, status: Status) -> Health {
-        Health {
-            status,
-            cache: Check {
-                status: Status::Ok,
-                latency_ms: 0.25,
-                error: None,
-            },
-            postgres: None,
-            realtime: Status::Ok,
-            broker: upcoach_realtime::BrokerState {
-                kind: "memory",
-                connected: true,
-            },
-            counts: upcoach_realtime::ConnectionCounts { ws, sse: 0 },
-            redis: None,
-            uptime_s: 7,
-        }
-    }
-
-    #[test]
-    fn the_same_figures_answer_with_the_kept_body_and_others_write_a_new_one() {
-        let last = std::sync::Mutex::default();
-        let first = kept_body(&last, health(1, Status::Ok));
-        let again = kept_body(&last, health(1, Status::Ok));
-        assert_eq!(first.as_ptr(), again.as_ptr(), "the kept bytes, not a copy");
-        let more = kept_body(&last, health(2, Status::Ok));
-        assert_ne!(more.as_ptr(), first.as_ptr());
-        assert!(
-            std::str::from_utf8(&more)
-                .unwrap()
-                .contains(r#""connections":{"ws":2,"sse":0}"#)
-        );
-        let degraded = kept_body(&last, health(2, Status::Degraded));
-        assert!(degraded.starts_with(br#"{"status":"degraded""#));
-        assert_eq!(
-            kept_body(&last, health(2, Status::Degraded)).as_ptr(),
-            degraded.as_ptr()
-        );
-    }
+/// Each dependency's check; Postgres and Redis only when configured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Checks {
+    cache: Check,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<Check>,
+    realtime: upcoach_realtime::RealtimeCheck,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<Check>,
 }

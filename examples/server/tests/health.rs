@@ -37,9 +37,9 @@ async fn in_memory_mode_is_healthy_and_reports_no_service_checks() {
 
 #[tokio::test]
 async fn the_health_body_keeps_its_form_byte_for_byte() {
-    // The route writes its JSON itself (load balancers poll it): the bytes are what serde
-    // writes from the crates' types and the route's former structs, keys in the same
-    // order, no spaces. A field added to one of those types shows up here.
+    // The bytes are what serde writes from the crates' types, keys in this order, no
+    // spaces (the route keeps them while they stand). A field added to one of those types
+    // shows up here.
     let server = Running::start(ServerConfig::default(), Options::default()).await;
     let answer = server.get("/health").await;
     assert_eq!(answer.headers["content-type"], "application/json");
@@ -66,7 +66,7 @@ async fn the_health_body_keeps_its_form_byte_for_byte() {
 #[tokio::test]
 async fn the_kept_health_body_follows_its_figures() {
     // The route keeps its last body while what it says stands: a connection opened or
-    // closed between two polls must show in the second (`routes::tests` holds the kept
+    // closed between two polls must show in the second (`KeptJson`'s own tests hold the kept
     // body to the same bytes for the same figures).
     let dev = Options {
         dev: true,
