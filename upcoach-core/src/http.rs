@@ -617,7 +617,9 @@ pub mod protect;
 pub mod serve;
 
 pub use connections::{ConnectionLimits, ConnectionPermit, ConnectionRefused, HeldStream};
-pub use handoff::{ConnectionHandoff, HandedOff, HandoffBody, HandoffIo};
+pub use handoff::{
+    ConnectionHandoff, HandedOff, HandoffBody, HandoffIo, HandoffStream, ServedStream,
+};
 
 /// The address of the peer that sent a request, as the server saw it: servers insert
 /// it into each request's extensions (the reference server does; an axum host copies

@@ -259,6 +259,15 @@ impl<S> HeldStream<S> {
             _permit: None,
         }
     }
+
+    /// The same place, held by `f(stream)`: a protocol that takes the stream over
+    /// (shares the socket, say) keeps the connection counted until it closes.
+    pub fn map<T>(self, f: impl FnOnce(S) -> T) -> HeldStream<T> {
+        HeldStream {
+            stream: f(self.stream),
+            _permit: self._permit,
+        }
+    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for HeldStream<S> {

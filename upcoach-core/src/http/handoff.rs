@@ -4,7 +4,9 @@
 //! connection) is freed for as long as the stream lives.
 
 use std::fmt;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -132,6 +134,122 @@ impl ConnectionHandoff {
         }
     }
 }
+
+/// A connection's stream, handed to the response that asked for it
+/// ([`ConnectionHandoff`]) where hyper would shut it down: hyper has then written and
+/// flushed that response's head, and its body (delimited by the close) is the asker's
+/// to write. Read and written through as is until then.
+///
+/// [`serve`](super::serve) gives hyper a [`ServedStream`]. A protocol that takes the
+/// connection over by an upgrade (hyper's `Upgraded::downcast`) gets its stream back
+/// with [`HandoffStream::into_inner`].
+pub struct HandoffStream<S> {
+    inner: Option<S>,
+    handoff: ConnectionHandoff,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HandoffStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_read(cx, buf),
+            // Handed over: nothing more for hyper.
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin + Send + tokio::io::AsyncRead + 'static> tokio::io::AsyncWrite
+    for HandoffStream<S>
+{
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write(cx, buf),
+            None => Poll::Ready(Err(handed_over())),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(handed_over())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.inner.is_some()
+            && let Some(asker) = self.handoff.armed()
+            && let Some(inner) = self.inner.take()
+        {
+            // An asker that stopped waiting in the meantime gets nothing: the stream
+            // comes back in the error and is dropped, which closes it.
+            let _ = asker.send(Box::new(inner));
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn handed_over() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the connection was handed over",
+    )
+}
+
+impl<S> HandoffStream<S> {
+    #[cfg(feature = "server")]
+    pub(crate) fn new(stream: S, handoff: ConnectionHandoff) -> Self {
+        Self {
+            inner: Some(stream),
+            handoff,
+        }
+    }
+
+    /// The stream, unless it was handed over already.
+    pub fn into_inner(self) -> Option<S> {
+        self.inner
+    }
+}
+
+impl<S> fmt::Debug for HandoffStream<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandoffStream")
+            .field("handed_over", &self.inner.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`serve`](super::serve) gives hyper for each connection: the accepted socket,
+/// with its place under the connection caps, offered to the response that asks for it.
+/// After an upgrade, `hyper::upgrade::Upgraded::downcast::<hyper_util::rt::TokioIo<ServedStream>>()`
+/// gives it back.
+pub type ServedStream = HandoffStream<super::HeldStream<tokio::net::TcpStream>>;
 
 /// Locks `mutex`, through a poisoning: what it guards stays consistent at every step.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

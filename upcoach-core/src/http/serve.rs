@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use super::handoff::lock;
-use super::{ClientAddr, ConnectionHandoff, ConnectionLimits, HeldStream};
+use super::{ClientAddr, ConnectionHandoff, ConnectionLimits, HandoffStream, HeldStream};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -143,89 +143,6 @@ where
             ConnectionFutureProj::Waiting { future } => future.as_mut().poll(cx),
         }
     }
-}
-
-/// A connection's stream, handed to the response that asked for it
-/// ([`ConnectionHandoff`]) where hyper would shut it down: hyper has then written and
-/// flushed that response's head, and its body (delimited by the close) is the asker's
-/// to write. Read and written through as is until then.
-struct HandoffStream<S> {
-    inner: Option<S>,
-    handoff: ConnectionHandoff,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HandoffStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_read(cx, buf),
-            // Handed over: nothing more for hyper.
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin + Send + tokio::io::AsyncRead + 'static> tokio::io::AsyncWrite
-    for HandoffStream<S>
-{
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_write(cx, buf),
-            None => Poll::Ready(Err(handed_over())),
-        }
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
-            None => Poll::Ready(Err(handed_over())),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_flush(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.inner.is_some()
-            && let Some(asker) = self.handoff.armed()
-            && let Some(inner) = self.inner.take()
-        {
-            // An asker that stopped waiting in the meantime gets nothing: the stream
-            // comes back in the error and is dropped, which closes it.
-            let _ = asker.send(Box::new(inner));
-            return Poll::Ready(Ok(()));
-        }
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-fn handed_over() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::BrokenPipe,
-        "the connection was handed over",
-    )
 }
 
 /// A connection's spare tokio timer, see [`ConnectionTimer`].
@@ -367,7 +284,7 @@ where
                         None => HeldStream::unlimited(stream),
                     };
                     let handoff = ConnectionHandoff::new();
-                    let stream = HandoffStream { inner: Some(stream), handoff: handoff.clone() };
+                    let stream = HandoffStream::new(stream, handoff.clone());
                     let connection = http
                         .clone()
                         .timer(ConnectionTimer::default())
