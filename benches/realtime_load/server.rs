@@ -136,6 +136,11 @@ pub(crate) fn run_ours(args: &Args) -> ExitCode {
         let hub = app.hub().clone();
         let stop = async move {
             quit_requested().await;
+            let stats = hub.stats();
+            eprintln!(
+                "server: {} events delivered, {} of them written to sockets by the fan-out itself",
+                stats.delivered, stats.written_directly
+            );
             hub.shutdown(Duration::from_secs(2)).await;
         };
         let options = ServeOptions {

@@ -5,12 +5,20 @@
 //! 256 queued events would cost 256 `sendto` calls. This adapter gathers what is
 //! written until the next flush (up to [`LIMIT`]) and writes it at once; its buffer is
 //! freed at every flush, so idle memory stays the same.
+//!
+//! It is also where the connection's task takes its socket back from the fan-out (see
+//! [`crate::direct`]): whatever the task writes, tungstenite's own replies included,
+//! passes here, and the first write after the gate was opened closes it and puts what
+//! the fan-out left unwritten in front.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::hub::ConnShared;
 
 /// The most gathered before a write is forced.
 pub(crate) const LIMIT: usize = 64 * 1024;
@@ -20,14 +28,70 @@ pub(crate) struct Coalesce<S> {
     io: S,
     buf: Vec<u8>,
     written: usize,
+    /// The connection's gate, when the fan-out may share its socket.
+    shared: Option<Arc<ConnShared>>,
+    /// Whether the gate is closed for sure (this side closed it, or never opened it).
+    held: bool,
+    /// Written to since the last completed flush: something may still wait, here or in
+    /// tungstenite's own buffer.
+    dirty: bool,
 }
 
 impl<S> Coalesce<S> {
-    pub(crate) fn new(io: S) -> Self {
+    /// `shared`: the connection whose gate guards the socket, if the fan-out shares it.
+    pub(crate) fn new(io: S, shared: Option<Arc<ConnShared>>) -> Self {
         Self {
             io,
             buf: Vec::new(),
             written: 0,
+            shared,
+            held: true,
+            dirty: false,
+        }
+    }
+
+    /// Takes the socket back from the fan-out (closes the gate), with what it left
+    /// unwritten first. Called before every write, and before the task moves a reader's
+    /// position itself.
+    pub(crate) fn hold(&mut self) {
+        if self.held {
+            return;
+        }
+        self.held = true;
+        if let Some(shared) = &self.shared {
+            let rest = shared.gate.close();
+            if !rest.is_empty() {
+                // The gate opens only with nothing buffered here: the rest goes first.
+                self.buf.extend_from_slice(&rest);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Whether something written is not out yet.
+    pub(crate) fn pending(&self) -> bool {
+        self.dirty || !self.buf.is_empty()
+    }
+
+    /// Lends the socket to the fan-out (opens the gate) if everything written is out and
+    /// `idle` (nothing queued), which is checked under the gate's lock.
+    pub(crate) fn release(&mut self, idle: impl FnOnce() -> bool) {
+        if self.pending() {
+            return;
+        }
+        if let Some(shared) = &self.shared
+            && shared.gate.open_if(idle)
+        {
+            self.held = false;
+        }
+    }
+}
+
+impl<S> Drop for Coalesce<S> {
+    fn drop(&mut self) {
+        // Nothing more goes to this socket from the fan-out, and it lets go of it.
+        if let Some(shared) = &self.shared {
+            shared.gate.detach();
         }
     }
 }
@@ -64,6 +128,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.hold();
+        self.dirty = true;
         if self.buf.len() + data.len() > LIMIT {
             ready!(self.poll_drain(cx))?;
         }
@@ -76,10 +142,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_drain(cx))?;
-        Pin::new(&mut self.io).poll_flush(cx)
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.dirty = false;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.hold();
         ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
@@ -118,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_one_write_and_the_buffer_is_freed_at_flush() {
-        let mut out = Coalesce::new(Counting::default());
+        let mut out = Coalesce::new(Counting::default(), None);
         for i in 0..256u32 {
             out.write_all(&i.to_be_bytes()).await.unwrap();
         }
@@ -140,7 +209,7 @@ mod tests {
     #[tokio::test]
     async fn reads_pass_through() {
         let (a, mut b) = tokio::io::duplex(64);
-        let mut read_side = Coalesce::new(a);
+        let mut read_side = Coalesce::new(a, None);
         b.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         read_side.read_exact(&mut got).await.unwrap();

@@ -15,6 +15,7 @@ use upcoach_core::event::{Event, EventLog, WebSocketEvent};
 use upcoach_core::{Clock, SystemClock, TokenVerifier, UserId};
 
 use crate::access::{DefaultRoomAccess, RoomAccess};
+use crate::direct::{Direct, Gate, Mark};
 use crate::pending::PendingAuth;
 use crate::wire::Encoded;
 use crate::{Broadcaster, BrokerState, Position, Replay, Result, RoomEvent};
@@ -87,6 +88,14 @@ pub struct HubConfig {
     /// of them hold 20 MiB (tungstenite's own default of 128 KiB would be 1.25 GiB). A
     /// larger message, up to `max_message_size`, is still read whole, in several reads.
     pub ws_read_buffer: usize,
+    /// Whether a room's fan-out writes an event to a WebSocket's socket itself, with one
+    /// non-blocking send, while the connection has nothing else to write (its task is
+    /// then not woken at all). It needs the socket to be plain TCP as the server hands
+    /// it to hyper (`upcoach_core::http::serve`, or a `TokioIo<TcpStream>` as axum's
+    /// `serve` gives); other connections, and every event the socket does not take
+    /// whole at once, go through the connection's queue and task. Default true; false
+    /// sends everything through the queues.
+    pub direct_writes: bool,
 }
 
 /// The defaults with `WEBSOCKET_CORS_ORIGINS`, `REALTIME_MAX_CONNECTIONS`,
@@ -165,6 +174,7 @@ impl Default for HubConfig {
             close_timeout: Duration::from_secs(5),
             sse_gzip: true,
             ws_read_buffer: 2 * 1024,
+            direct_writes: true,
         }
     }
 }
@@ -182,8 +192,11 @@ pub struct HubStats {
     pub pending_auth_connections: usize,
     /// Rooms with at least one reader on this process.
     pub rooms: usize,
-    /// Events handed to connection queues.
+    /// Events handed to connections: to their queues, or to their sockets.
     pub delivered: u64,
+    /// Of `delivered`, the events the fan-out wrote to a WebSocket's socket itself,
+    /// without waking the connection's task ([`HubConfig::direct_writes`]).
+    pub written_directly: u64,
     /// Connections closed because their queue filled.
     pub slow_consumers_closed: u64,
     /// Connections refused by a connection limit.
@@ -381,6 +394,7 @@ impl HubBuilder {
                 all_closed: Notify::new(),
                 shutdown: watch::channel(false).0,
                 counters: Counters::default(),
+                fan_out_parts: std::thread::available_parallelism().map_or(1, usize::from),
             }),
         }
     }
@@ -483,6 +497,7 @@ impl Hub {
             pending_auth_connections: self.inner.pending.count(),
             rooms: self.inner.lock_rooms().len(),
             delivered: c.delivered.load(Ordering::Relaxed),
+            written_directly: c.direct.load(Ordering::Relaxed),
             slow_consumers_closed: c.slow.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             refused_pending: c.refused_pending.load(Ordering::Relaxed),
@@ -582,6 +597,7 @@ impl HubStopping {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) delivered: AtomicU64,
+    pub(crate) direct: AtomicU64,
     pub(crate) slow: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) refused_pending: AtomicU64,
@@ -614,6 +630,9 @@ pub(crate) enum Delivery {
     /// Behind a pointer like an event, so that every slot of every connection's queue
     /// is two words (a queue's first block of 32 slots is allocated with the queue).
     Reset(Arc<RoomReset>),
+    /// The fan-out wrote part of a frame to the socket: the rest waits in the
+    /// connection's gate (see [`crate::direct`]).
+    Rest,
 }
 
 /// A room's history no longer reaches back: its readers get a `reset`.
@@ -637,6 +656,8 @@ pub(crate) struct ConnShared {
     /// 0 while open; otherwise the close code the hub decided on.
     close_code: AtomicU16,
     pub(crate) notify: Notify,
+    /// Whether the fan-out may write to the socket itself.
+    pub(crate) gate: Gate,
 }
 
 /// Close code for a connection whose queue filled.
@@ -662,27 +683,46 @@ impl ConnShared {
     }
 }
 
+/// One connection reading one room: held by the room (its readers) and by the
+/// connection's session.
 #[derive(Debug)]
-struct Subscriber {
+pub(crate) struct Subscriber {
+    /// The connection's id.
+    id: u64,
     tx: mpsc::Sender<Delivery>,
     shared: Arc<ConnShared>,
+    /// Where the reader stands in the room: here, with what the fan-out reads for every
+    /// event, rather than behind one more pointer.
+    pub(crate) mark: Mark,
+}
+
+impl Subscriber {
+    /// Connection `id`, not placed in the room yet.
+    pub(crate) fn new(id: u64, tx: mpsc::Sender<Delivery>, shared: Arc<ConnShared>) -> Self {
+        Self {
+            id,
+            tx,
+            shared,
+            mark: Mark::unplaced(),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Room {
     name: Arc<str>,
-    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    subscribers: RwLock<HashMap<u64, Arc<Subscriber>>>,
     /// `None` until the broadcaster subscription is up; then whether it came up.
     ready: watch::Sender<Option<bool>>,
     task: Mutex<Option<AbortHandle>>,
 }
 
 impl Room {
-    fn read_subscribers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Subscriber>> {
+    fn read_subscribers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<Subscriber>>> {
         self.subscribers.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_subscribers(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Subscriber>> {
+    fn write_subscribers(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<Subscriber>>> {
         self.subscribers.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -708,6 +748,8 @@ pub(crate) struct Inner {
     pub(crate) all_closed: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) counters: Counters,
+    /// How many threads a large room's fan-out is shared among: the cores.
+    fan_out_parts: usize,
 }
 
 /// Why a connection was not admitted.
@@ -859,16 +901,15 @@ impl Inner {
         }
     }
 
-    /// Adds connection `id` to `room`'s readers and waits until the room's live feed
-    /// is up. Events published after this returns reach `tx`. Returns the room's name
+    /// Adds `subscriber` to `room`'s readers and waits until the room's live feed is
+    /// up. Events published after this returns reach it. Returns the room's name
     /// as its events carry it, so a reader can match them by pointer.
     pub(crate) async fn join(
         self: &Arc<Self>,
         room: &str,
-        id: u64,
-        tx: mpsc::Sender<Delivery>,
-        shared: Arc<ConnShared>,
+        subscriber: Arc<Subscriber>,
     ) -> Result<Arc<str>> {
+        let id = subscriber.id;
         let (room, created) = {
             let mut rooms = self.lock_rooms();
             let (room, created) = match rooms.get(room) {
@@ -885,8 +926,7 @@ impl Inner {
                     (fresh, true)
                 }
             };
-            room.write_subscribers()
-                .insert(id, Subscriber { tx, shared });
+            room.write_subscribers().insert(id, subscriber);
             (room, created)
         };
         if created {
@@ -990,7 +1030,7 @@ impl Inner {
                     // history). Every reader resumes from here, told that what came
                     // before is gone.
                     let head = Position::new(event.seq.saturating_sub(1), event.epoch);
-                    self.restarted(&room, seen.seq, head);
+                    self.restarted(&room, seen.seq, head).await;
                 } else if event.seq > seen.seq + 1 {
                     let epoch = if seen.epoch == 0 {
                         event.epoch
@@ -1011,17 +1051,17 @@ impl Inner {
                     continue;
                 }
                 let head = Position::new(event.seq.saturating_sub(1), event.epoch);
-                self.announce(&room, head, 0);
+                self.announce(&room, head, 0).await;
             }
             last = Some(event.position());
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
-            self.fan_out(&room, Delivery::Event(encoded));
+            self.fan_out(&room, Delivery::Event(encoded)).await;
         }
     }
 
     /// Delivers the events between `seen` and `next` (both exclusive, in `seen`'s
     /// numbering) from history, or a reset when history no longer has them.
-    async fn repair(&self, room: &Room, seen: Position, next: u64) {
+    async fn repair(self: &Arc<Self>, room: &Arc<Room>, seen: Position, next: u64) {
         let mut after = seen.seq;
         while after + 1 < next {
             let want = ((next - after - 1) as usize).min(self.config.replay_page);
@@ -1034,7 +1074,7 @@ impl Inner {
                         }
                         after = event.seq;
                         let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
-                        self.fan_out(room, Delivery::Event(encoded));
+                        self.fan_out(room, Delivery::Event(encoded)).await;
                     }
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1059,10 +1099,10 @@ impl Inner {
     /// numbering, `head` is the last before the one at hand in the new. Every reader
     /// still in the old numbering gets `reset` (`room_restarted`) and resumes after
     /// `head`, although it had read further.
-    fn restarted(&self, room: &Room, seen: u64, head: Position) {
+    async fn restarted(self: &Arc<Self>, room: &Arc<Room>, seen: u64, head: Position) {
         tracing::warn!(room = %room.name, seen, head = head.seq, epoch = head.epoch, "a room started a new numbering: its readers get reset");
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
-        self.announce(room, head, seen);
+        self.announce(room, head, seen).await;
     }
 
     /// Whether `epoch` is the room's numbering now, as its head says (false when the
@@ -1074,7 +1114,7 @@ impl Inner {
     /// The numbering of `head` is the room's (the old one reached `old`): readers in
     /// another one get `reset` (`room_restarted`), readers in it (and readers that read
     /// nothing, when `head` is the numbering's start) nothing.
-    fn announce(&self, room: &Room, head: Position, old: u64) {
+    async fn announce(self: &Arc<Self>, room: &Arc<Room>, head: Position, old: u64) {
         self.fan_out(
             room,
             Delivery::Reset(Arc::new(RoomReset {
@@ -1083,10 +1123,11 @@ impl Inner {
                 head: Some(head),
                 restarted_from: Some(old),
             })),
-        );
+        )
+        .await;
     }
 
-    async fn reset(&self, room: &Room, reason: &'static str) {
+    async fn reset(self: &Arc<Self>, room: &Arc<Room>, reason: &'static str) {
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
         let head = self.broadcaster.head(&room.name).await.ok();
         self.fan_out(
@@ -1097,41 +1138,108 @@ impl Inner {
                 head,
                 restarted_from: None,
             })),
-        );
+        )
+        .await;
     }
 
-    /// Hands `delivery` to every reader's queue; a full queue closes its connection.
-    fn fan_out(&self, room: &Room, delivery: Delivery) {
+    /// Hands `delivery` to every reader: an event straight to the socket where the
+    /// reader's gate is open and it is in step (see [`crate::direct`]), anything else to
+    /// the reader's queue, where a full queue closes its connection.
+    ///
+    /// A large room is written by the blocking pool, one thread per core, each to its
+    /// part of the readers: its tens of milliseconds of sends would otherwise hold a
+    /// worker from every other task (tokio keeps a task spawned from a busy worker for
+    /// that worker, so the parts would not even run at once). The next delivery starts
+    /// when all parts are done, so each reader's order holds.
+    async fn fan_out(self: &Arc<Self>, room: &Arc<Room>, delivery: Delivery) {
+        // The readers as they are now, so that the room's lock is not held while they are
+        // written to (joining and leaving wait for it, holding the hub's room table). A
+        // reader that leaves meanwhile is written nothing: its gate is closed (the
+        // connection holds it while it unsubscribes, or let go of its socket), and an
+        // event its queue still gets is one it no longer reads.
+        let readers: Arc<[Arc<Subscriber>]> = room.read_subscribers().values().cloned().collect();
+        let parts = self.fan_out_parts.min(readers.len() / FAN_OUT_PART);
+        if parts < 2 {
+            self.fan_out_part(room, &delivery, &readers);
+            return;
+        }
+        let size = readers.len().div_ceil(parts);
+        let mut handles = Vec::with_capacity(parts);
+        for part in 0..parts {
+            let (hub, room, delivery) = (self.clone(), room.clone(), delivery.clone());
+            let readers = readers.clone();
+            let range = part * size..readers.len().min((part + 1) * size);
+            handles.push(tokio::task::spawn_blocking(move || {
+                hub.fan_out_part(&room, &delivery, &readers[range]);
+            }));
+        }
+        for handle in handles {
+            // A part that panicked has said so in the log; the others are delivered.
+            let _ = handle.await;
+        }
+    }
+
+    /// `readers` of `room` get `delivery`.
+    fn fan_out_part(&self, room: &Room, delivery: &Delivery, readers: &[Arc<Subscriber>]) {
         let mut gone = Vec::new();
-        let mut delivered = 0u64;
-        {
-            let subscribers = room.read_subscribers();
-            for (id, subscriber) in subscribers.iter() {
-                match subscriber.tx.try_send(delivery.clone()) {
-                    Ok(()) => delivered += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        if subscriber.shared.close_code().is_none() {
-                            self.counters.slow.fetch_add(1, Ordering::Relaxed);
-                        }
-                        subscriber.shared.close(CLOSE_TOO_SLOW);
-                        gone.push(*id);
+        let (mut delivered, mut direct) = (0u64, 0u64);
+        for subscriber in readers {
+            let mut gate = subscriber.shared.gate.lock();
+            let queued = match delivery {
+                Delivery::Event(event) => match gate.write(&subscriber.mark, event) {
+                    Direct::Sent => {
+                        direct += 1;
+                        continue;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+                    // The event is the reader's; its task writes the rest.
+                    Direct::Partly => {
+                        direct += 1;
+                        Delivery::Rest
+                    }
+                    Direct::Queue => delivery.clone(),
+                },
+                other => {
+                    gate.close_to_queue();
+                    other.clone()
                 }
+            };
+            let counted = !matches!(queued, Delivery::Rest);
+            // Queued under the gate's lock: the task opens the gate only when it finds
+            // its queue empty, under the same lock.
+            match subscriber.tx.try_send(queued) {
+                Ok(()) => delivered += u64::from(counted),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if subscriber.shared.close_code().is_none() {
+                        self.counters.slow.fetch_add(1, Ordering::Relaxed);
+                    }
+                    subscriber.shared.close(CLOSE_TOO_SLOW);
+                    gone.push(subscriber);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(subscriber),
             }
         }
         self.counters
             .delivered
-            .fetch_add(delivered, Ordering::Relaxed);
+            .fetch_add(delivered + direct, Ordering::Relaxed);
+        self.counters.direct.fetch_add(direct, Ordering::Relaxed);
         if !gone.is_empty() {
             // The connection leaves its other rooms itself when it closes.
             let mut subscribers = room.write_subscribers();
-            for id in gone {
-                subscribers.remove(&id);
+            for subscriber in gone {
+                if subscribers
+                    .get(&subscriber.id)
+                    .is_some_and(|s| Arc::ptr_eq(s, subscriber))
+                {
+                    subscribers.remove(&subscriber.id);
+                }
             }
         }
     }
 }
+
+/// Readers per part of a room's fan-out at least: a room is shared out among threads
+/// only from twice this many readers (a few hundred sends cost less than a hand-over).
+const FAN_OUT_PART: usize = 512;
 
 /// Resolves once the hub starts shutting down (or is gone).
 pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {

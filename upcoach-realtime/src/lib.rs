@@ -3,6 +3,7 @@
 mod access;
 mod coalesce;
 mod cursor;
+mod direct;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hub;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use upcoach_core::Principal;
 
-use crate::hub::{ConnShared, Delivery, Inner, Refusal, Slot, Transport};
+use crate::hub::{ConnShared, Delivery, Inner, Refusal, Slot, Subscriber, Transport};
 use crate::pending::PendingPermit;
 use crate::wire::Encoded;
 use crate::{Error, Position, Replay, validate_room};
@@ -64,33 +64,42 @@ impl SubscribeError {
 #[derive(Debug)]
 struct Reading {
     room: Arc<str>,
-    /// The last sequence number handed to the client.
-    last: u64,
-    /// The numbering `last` belongs to; 0 while not known (the room had no event
-    /// when the reader joined), taken from the first event then.
-    epoch: u32,
+    /// The last sequence number handed to the client, and the numbering it belongs to
+    /// (0 while not known: the room had no event when the reader joined, and the first
+    /// event tells): the mark of the room's subscriber, which the fan-out moves when it
+    /// writes an event to the socket itself.
+    subscriber: Arc<Subscriber>,
 }
 
 impl Reading {
     fn position(&self) -> Position {
-        Position::new(self.last, self.epoch)
+        self.subscriber.mark.get()
     }
 
     fn set(&mut self, at: Position) {
-        self.last = at.seq;
-        self.epoch = at.epoch;
+        self.subscriber.mark.set(at);
+    }
+
+    /// The last sequence number handed to the client.
+    fn last(&self) -> u64 {
+        self.position().seq
+    }
+
+    /// The numbering of [`Reading::last`]; 0 while not known.
+    fn epoch(&self) -> u32 {
+        self.position().epoch
     }
 
     /// Whether a restart reset of the room (new numbering's `head`, old numbering's
     /// last `old`) has nothing to tell this reader: it is in the new numbering already.
     fn already_in(&self, head: Position, old: u64) -> bool {
-        match (self.epoch, head.epoch) {
+        match (self.epoch(), head.epoch) {
             // A broadcaster without epochs: a reader below the old numbering's end read
             // its position from the new one.
-            (0, 0) => self.last < old,
+            (0, 0) => self.last() < old,
             // Joined the room before its new numbering's first event: nothing missed
             // if the reset resumes from the very start.
-            (0, _) => self.last == 0 && head.seq == 0,
+            (0, _) => self.last() == 0 && head.seq == 0,
             (mine, new) => mine == new,
         }
     }
@@ -200,6 +209,9 @@ impl Session {
             return Vec::new();
         };
         let hub = self.hub.clone();
+        // Nothing more of the rooms dropped is written to the socket from here (a
+        // fan-out under way holds its readers past the `leave`).
+        self.shared.gate.shut();
         let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rooms)
             .into_iter()
             .partition(|r| hub.access.can_subscribe(principal, &r.room));
@@ -237,6 +249,9 @@ impl Session {
             );
             return Err(SubscribeError::Forbidden);
         }
+        // The fan-out writes nothing to the socket until the transport has written what
+        // this answers (`subscribed`, the replay): the room's next event comes after them.
+        self.shared.gate.shut();
         if let Some(existing) = self.rooms.iter().position(|r| &*r.room == room) {
             // Subscribing again moves the position (a client re-syncing one room).
             let reading = self.rooms.remove(existing);
@@ -245,10 +260,15 @@ impl Session {
         if self.rooms.len() >= hub.config.max_rooms_per_connection {
             return Err(SubscribeError::TooManyRooms);
         }
-        let name = match hub
-            .join(room, self.id, self.tx.clone(), self.shared.clone())
-            .await
-        {
+        // Not placed yet: the fan-out writes this reader nothing directly until the
+        // session has placed it (and then only while the connection's gate is open,
+        // which a WebSocket's task closed before it called this).
+        let subscriber = Arc::new(Subscriber::new(
+            self.id,
+            self.tx.clone(),
+            self.shared.clone(),
+        ));
+        let name = match hub.join(room, subscriber.clone()).await {
             Ok(name) => name,
             Err(e) => {
                 tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
@@ -258,10 +278,10 @@ impl Session {
         let positioned = self.position(&name, since, out).await;
         match positioned {
             Ok(at) => {
+                subscriber.mark.set(at);
                 self.rooms.push(Reading {
                     room: name,
-                    last: at.seq,
-                    epoch: at.epoch,
+                    subscriber,
                 });
                 Ok(())
             }
@@ -371,6 +391,8 @@ impl Session {
     pub(crate) fn unsubscribe(&mut self, room: &str) -> bool {
         match self.rooms.iter().position(|r| &*r.room == room) {
             Some(i) => {
+                // Nothing more of it is written to the socket (see `drop_forbidden`).
+                self.shared.gate.shut();
                 self.rooms.remove(i);
                 self.hub.leave(room, self.id);
                 true
@@ -387,6 +409,11 @@ impl Session {
     /// A queued delivery if there is one.
     pub(crate) fn try_next(&mut self) -> Option<Delivery> {
         self.rx.try_recv().ok()
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn queue_is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 
     /// Turns a delivery into what the client must see: nothing for a duplicate or a
@@ -417,16 +444,20 @@ impl Session {
                 if !reading.position().same_numbering(event.position()) {
                     return None;
                 }
-                if event.seq <= reading.last {
+                let last = reading.last();
+                if event.seq <= last {
                     return None;
                 }
-                if event.seq > reading.last + 1 {
+                if event.seq > last + 1 {
                     return Some(event);
                 }
-                reading.set(event.position().or_epoch(reading.epoch));
+                let epoch = reading.epoch();
+                reading.set(event.position().or_epoch(epoch));
                 out.push(Outbound::Event(event));
                 None
             }
+            // The rest of a frame the fan-out began: the transport writes it first.
+            Delivery::Rest => None,
             Delivery::Reset(reset) => {
                 let reading = self
                     .rooms
@@ -436,8 +467,8 @@ impl Session {
                 match (reset.restarted_from, reset.head) {
                     (Some(old), Some(head)) if reading.already_in(head, old) => {
                         // Positioned in the new numbering already: nothing was missed.
-                        if reading.epoch == 0 {
-                            reading.epoch = head.epoch;
+                        if reading.epoch() == 0 {
+                            reading.set(Position::new(reading.last(), head.epoch));
                         }
                         return None;
                     }
@@ -447,11 +478,11 @@ impl Session {
                     }
                     (None, Some(head)) => {
                         let epoch = if head.epoch == 0 {
-                            reading.epoch
+                            reading.epoch()
                         } else {
                             head.epoch
                         };
-                        reading.set(Position::new(reading.last.max(head.seq), epoch));
+                        reading.set(Position::new(reading.last().max(head.seq), epoch));
                     }
                     (_, None) => {}
                 }
@@ -495,10 +526,10 @@ impl Session {
             }
         }
         let reading = &mut self.rooms[i];
-        if !reading.position().same_numbering(event.position()) || event.seq <= reading.last {
+        if !reading.position().same_numbering(event.position()) || event.seq <= reading.last() {
             return;
         }
-        if reading.last + 1 < event.seq {
+        if reading.last() + 1 < event.seq {
             // History ended before the event (it held nothing more): what lies between
             // is gone, and the client is told so rather than handed a jump.
             self.hub.counters.resets.fetch_add(1, Ordering::Relaxed);
@@ -509,7 +540,8 @@ impl Session {
                 at: reading.position(),
             });
         }
-        reading.set(event.position().or_epoch(reading.epoch));
+        let epoch = reading.epoch();
+        reading.set(event.position().or_epoch(epoch));
         out.push(Outbound::Event(event));
     }
 }
@@ -562,6 +594,32 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A subscription, and an unsubscription, close the connection's gate before they
+    /// move a reader: the fan-out cannot write the room's next event before the
+    /// transport has written `subscribed` and the replay, nor one of a room dropped.
+    #[tokio::test]
+    async fn moving_a_reader_takes_the_socket_from_the_fan_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (hub, mut session, _) = reader_of(3, None).await;
+        session.shared.gate.attach(Arc::new(socket));
+        let gate = &session.shared.gate;
+        assert!(gate.open_if(|| true), "an idle connection lends its socket");
+        let mut out = Vec::new();
+        session.subscribe("alerts", None, &mut out).await.unwrap();
+        assert!(!session.shared.gate.is_open(), "closed by the subscription");
+        assert!(session.shared.gate.open_if(|| true));
+        assert!(session.unsubscribe("alerts"));
+        assert!(
+            !session.shared.gate.is_open(),
+            "closed by the unsubscription"
+        );
+        drop(hub);
     }
 
     /// The in-order path and the (boxed) repair path: an event after a hole brings

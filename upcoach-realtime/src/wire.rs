@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -18,8 +19,11 @@ pub(crate) struct Encoded {
     /// `{"room","seq","epoch","event","data","ts"}`: the SSE `data:` line.
     pub(crate) json: String,
     /// `{"type":"event","room","seq","epoch","event","data","ts"}`: the WebSocket text
-    /// frame.
+    /// message (the payload of `frame`).
     pub(crate) ws: Utf8Bytes,
+    /// The whole WebSocket frame a server sends for `ws` (final, text, unmasked), which
+    /// the fan-out writes to sockets as is.
+    pub(crate) frame: Bytes,
 }
 
 #[derive(Serialize)]
@@ -48,16 +52,40 @@ impl Encoded {
         })
         // A Value with string keys always serializes.
         .unwrap_or_else(|_| String::from("{}"));
-        let ws = format!("{{\"type\":\"event\",{}", &json[1..]);
+        let message = format!("{{\"type\":\"event\",{}", &json[1..]);
+        let frame = text_frame(&message);
+        let payload = frame.slice(frame.len() - message.len()..);
+        // The payload is `message`'s bytes: UTF-8 (this never falls back).
+        let ws = Utf8Bytes::try_from(payload).unwrap_or_else(|_| Utf8Bytes::from(message));
         Self {
             room,
             seq: event.seq,
             epoch: event.epoch,
             event: event.event.clone(),
             json,
-            ws: Utf8Bytes::from(ws),
+            ws,
+            frame,
         }
     }
+}
+
+/// A server's WebSocket frame for `text` (RFC 6455 section 5.2): final, opcode text, not
+/// masked, the payload length in the shortest form.
+fn text_frame(text: &str) -> Bytes {
+    let len = text.len();
+    let mut frame = Vec::with_capacity(len + 10);
+    frame.push(0x81);
+    if len < 126 {
+        frame.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        frame.push(126);
+        frame.extend_from_slice(&short.to_be_bytes());
+    } else {
+        frame.push(127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    frame.extend_from_slice(text.as_bytes());
+    Bytes::from(frame)
 }
 
 /// What a WebSocket client may send.

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -17,6 +16,8 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use upcoach_core::http::ClientAddr;
 use upcoach_core::{Principal, TokenError};
 
+use crate::coalesce::Coalesce;
+use crate::direct::Io;
 use crate::hub::{ConnShared, Hub, Inner, RealtimeBody, Refusal, Transport};
 use crate::respond::{
     bearer, body_from, error_response, origin_allowed, origin_refused, refusal_response, verify,
@@ -24,7 +25,7 @@ use crate::respond::{
 use crate::session::{GONE, Outbound, Session, TOO_SLOW};
 use crate::wire::{ClientMessage, ServerMessage};
 
-type Socket = WebSocketStream<crate::coalesce::Coalesce<TokioIo<hyper::upgrade::Upgraded>>>;
+type Socket = WebSocketStream<Coalesce<Io>>;
 
 /// Close codes of API.md.
 const CLOSE_UNAUTHENTICATED: u16 = 4001;
@@ -154,8 +155,18 @@ impl Hub {
                     return;
                 }
             };
+            // The socket itself when it is plain TCP, shared with the fan-out.
+            let Some((io, tcp)) = Io::take(upgraded) else {
+                session.end_reason = "upgrade_failed";
+                return;
+            };
+            let direct = session.hub().config.direct_writes;
+            let gate = tcp.filter(|_| direct).map(|tcp| {
+                session.shared.gate.attach(tcp);
+                session.shared.clone()
+            });
             let socket = WebSocketStream::from_raw_socket(
-                crate::coalesce::Coalesce::new(TokioIo::new(upgraded)),
+                Coalesce::new(io, gate),
                 Role::Server,
                 Some(config),
             )
@@ -257,6 +268,12 @@ async fn serve(conn: &mut Connection, refused: Option<TokenError>) {
         if shutdown_flag.has_changed().unwrap_or(true) && *shutdown_flag.borrow_and_update() {
             break Step::Close(CLOSE_GOING_AWAY, "server shutting down");
         }
+        // Everything written and nothing queued: the fan-out may write to the socket
+        // itself until this task writes again (see `crate::direct`).
+        let session = &conn.session;
+        conn.socket
+            .get_mut()
+            .release(|| session.principal.is_some() && session.queue_is_empty());
         // Deliveries first: the two signals are then polled once per wake-up (when
         // the queue is empty), not once per event. Neither waits long behind them: the
         // queue is bounded, and a write that blocks is given up on when either fires.
@@ -434,6 +451,9 @@ impl Connection {
         stop: Pin<&mut impl Future<Output = ()>>,
     ) -> Step {
         self.out.clear();
+        // The socket is this task's from here (the rest of a frame the fan-out began,
+        // if any, goes out first).
+        self.socket.get_mut().hold();
         self.session.accept(first, &mut self.out).await;
         for _ in 1..WRITE_BATCH {
             match self.session.try_next() {
@@ -441,7 +461,7 @@ impl Connection {
                 None => break,
             }
         }
-        if self.out.is_empty() {
+        if self.out.is_empty() && !self.socket.get_ref().pending() {
             return Step::Continue;
         }
         let shared = self.session.shared.clone();
@@ -632,7 +652,7 @@ const LINGER_IDLE: Duration = Duration::from_millis(200);
 /// with unread data makes the kernel answer with a reset: a client still writing (the
 /// rest of a 4 MiB frame) would see its write fail and report 1006, never reading the
 /// close frame it was sent.
-async fn linger(io: &mut crate::coalesce::Coalesce<TokioIo<hyper::upgrade::Upgraded>>) {
+async fn linger(io: &mut Coalesce<Io>) {
     use tokio::io::AsyncRead;
     let mut sink = [0u8; 4096];
     loop {

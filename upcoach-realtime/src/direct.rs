@@ -1,0 +1,370 @@
+//! Events written by the fan-out straight to a WebSocket's socket.
+//!
+//! A WebSocket served over a plain TCP socket ([`upcoach_core::http::serve`], or any hyper
+//! server that hands hyper a `TokioIo<TcpStream>`, as axum's `serve` does) shares that
+//! socket with the hub. While the connection's task has nothing left to write and
+//! nothing queued, its [`Gate`] is open: a room's fan-out then writes each event's frame,
+//! encoded once for every reader ([`Encoded::frame`]), with one non-blocking send, and
+//! the connection's task is not woken. That is one system call per delivery and nothing
+//! else, where the queue costs a task wake-up, the session's bookkeeping and tungstenite's
+//! framing besides.
+//!
+//! Everything else goes through the connection's queue as before, and closes the gate
+//! until the task has written it all out:
+//! - an event the reader is not exactly one behind on (a replay, a hole, another
+//!   numbering: the session sorts those out), and every reset;
+//! - a frame the socket takes none of (its buffer is full);
+//! - the rest of a frame the socket took only part of: it is kept in the gate, and the
+//!   task writes it before anything else.
+//!
+//! The task closes the gate before it writes anything itself (tungstenite's replies to a
+//! ping included, see [`Coalesce`](crate::coalesce::Coalesce)) and before a subscription
+//! moves a reader's position, and opens it again only when its queue is empty and its
+//! writes are flushed. So the socket has one writer at a time, and a room's events reach
+//! it in order: the fan-out writes an event only to a reader whose position (its
+//! [`Mark`]) is the event before it, and moves that position under the same lock.
+//!
+//! A host whose sockets are not plain TCP (TLS, say) has no gate to open: its
+//! connections are written by their tasks, from their queues.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use upcoach_core::http::{HeldStream, ServedStream};
+
+use crate::Position;
+use crate::wire::Encoded;
+
+/// A reader's position in one room, shared by its session and the room's fan-out. The
+/// session moves it while the connection's gate is closed, the fan-out while it is open
+/// (under the gate's lock): never both at once.
+#[derive(Debug)]
+pub(crate) struct Mark {
+    seq: AtomicU64,
+    epoch: AtomicU32,
+}
+
+/// A `seq` no event follows: the position of a reader not placed yet.
+const UNPLACED: u64 = u64::MAX;
+
+impl Mark {
+    /// A reader not placed yet: the fan-out writes it nothing.
+    pub(crate) fn unplaced() -> Self {
+        Self {
+            seq: AtomicU64::new(UNPLACED),
+            epoch: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Position {
+        Position::new(
+            self.seq.load(Ordering::Relaxed),
+            self.epoch.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn set(&self, at: Position) {
+        self.seq.store(at.seq, Ordering::Relaxed);
+        self.epoch.store(at.epoch, Ordering::Relaxed);
+    }
+
+    /// Whether `event` is the very next one for this reader: the same numbering (the
+    /// same epoch, not merely a compatible one) and the next number.
+    fn precedes(&self, event: &Encoded) -> bool {
+        self.seq.load(Ordering::Relaxed).checked_add(1) == Some(event.seq)
+            && self.epoch.load(Ordering::Relaxed) == event.epoch
+    }
+}
+
+/// Who may write to a connection's socket: the fan-out while open, the connection's
+/// task while closed. Connections without a shared socket (SSE, or a WebSocket over
+/// TLS) never open.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct GateState {
+    socket: Option<Arc<TcpStream>>,
+    open: bool,
+    /// The unwritten end of a frame the fan-out wrote only in part: the task writes it
+    /// first.
+    rest: Bytes,
+}
+
+/// What a direct write did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// The whole frame is in the socket; the reader's position moved.
+    Sent,
+    /// Part of it is: the rest waits in the gate (now closed) for the task, which must be
+    /// woken. The reader's position moved.
+    Partly,
+    /// Nothing written, the gate closed: the event goes through the queue.
+    Queue,
+}
+
+impl Gate {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Shares the connection's socket with the fan-out; the gate stays closed until the
+    /// task opens it.
+    pub(crate) fn attach(&self, socket: Arc<TcpStream>) {
+        self.lock().socket = Some(socket);
+    }
+
+    /// For the task, before it writes: closes the gate and hands back what the fan-out
+    /// left unwritten (empty if nothing), which goes out before anything else.
+    pub(crate) fn close(&self) -> Bytes {
+        let mut state = self.lock();
+        state.open = false;
+        std::mem::take(&mut state.rest)
+    }
+
+    /// For the session, before it moves a reader itself (places it, or drops it): the
+    /// fan-out writes nothing more until the task opens the gate again. What the fan-out
+    /// left unwritten stays for the task's next write.
+    pub(crate) fn shut(&self) {
+        self.lock().open = false;
+    }
+
+    /// Whether the fan-out may write now.
+    #[cfg(test)]
+    pub(crate) fn is_open(&self) -> bool {
+        self.lock().open
+    }
+
+    /// For the task, when everything it wrote is out: opens the gate if `idle` (checked
+    /// under the gate's lock, which the fan-out holds while it queues), there is a socket
+    /// to share and nothing is left unwritten. Whether it opened.
+    pub(crate) fn open_if(&self, idle: impl FnOnce() -> bool) -> bool {
+        let mut state = self.lock();
+        if state.socket.is_some() && state.rest.is_empty() && idle() {
+            state.open = true;
+        }
+        state.open
+    }
+
+    /// The connection is ending: nothing more is written to its socket from here, which
+    /// closes once the task lets go of it too.
+    pub(crate) fn detach(&self) {
+        let mut state = self.lock();
+        state.open = false;
+        state.socket = None;
+        state.rest = Bytes::new();
+    }
+}
+
+impl GateState {
+    /// For the fan-out, under the gate's lock: writes `event` if the gate is open and
+    /// `mark` stands just before it. Anything but [`Direct::Sent`] leaves the gate
+    /// closed; the caller then queues (the event, or a wake-up for the rest).
+    pub(crate) fn write(&mut self, mark: &Mark, event: &Encoded) -> Direct {
+        if !self.open {
+            return Direct::Queue;
+        }
+        self.open = false;
+        let Some(socket) = &self.socket else {
+            return Direct::Queue;
+        };
+        if !mark.precedes(event) {
+            return Direct::Queue;
+        }
+        let frame = &event.frame;
+        match socket.try_write(frame) {
+            Ok(n) if n == frame.len() => {
+                self.open = true;
+                mark.set(event.position());
+                Direct::Sent
+            }
+            Ok(n) if n > 0 => {
+                self.rest = frame.slice(n..);
+                mark.set(event.position());
+                Direct::Partly
+            }
+            // Full (or failed: the task finds out when it writes or reads).
+            _ => Direct::Queue,
+        }
+    }
+
+    /// Closes the gate: the caller queues something for the task.
+    pub(crate) fn close_to_queue(&mut self) {
+        self.open = false;
+    }
+}
+
+/// A WebSocket's stream: the socket shared with the fan-out, or hyper's upgraded
+/// connection as it comes when the socket is not a plain TCP one.
+#[derive(Debug)]
+pub(crate) enum Io {
+    Shared(HeldStream<SharedTcp>),
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl Io {
+    /// The upgraded connection's stream, and its socket when the fan-out can share it.
+    /// `None` when the connection is gone already.
+    pub(crate) fn take(upgraded: hyper::upgrade::Upgraded) -> Option<(Io, Option<Arc<TcpStream>>)> {
+        let upgraded = match upgraded.downcast::<TokioIo<ServedStream>>() {
+            Ok(parts) => {
+                let held = parts.io.into_inner().into_inner()?;
+                let mut socket = None;
+                let io = held.map(|tcp| {
+                    let tcp = Arc::new(tcp);
+                    socket = Some(tcp.clone());
+                    SharedTcp::new(tcp, parts.read_buf)
+                });
+                return Some((Io::Shared(io), socket));
+            }
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let tcp = Arc::new(parts.io.into_inner());
+                let io = SharedTcp::new(tcp.clone(), parts.read_buf);
+                Some((Io::Shared(HeldStream::unlimited(io)), Some(tcp)))
+            }
+            Err(upgraded) => Some((Io::Upgraded(TokioIo::new(upgraded)), None)),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Shared(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Shared(io) => Pin::new(io).poll_write(cx, data),
+            Io::Upgraded(io) => Pin::new(io).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Shared(io) => Pin::new(io).poll_flush(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Shared(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A TCP socket the connection's task reads and writes while the fan-out may write to it
+/// too (see [`Gate`]), with what hyper had read past the handshake first.
+#[derive(Debug)]
+pub(crate) struct SharedTcp {
+    tcp: Arc<TcpStream>,
+    /// Bytes the client sent right behind its handshake, which hyper read already.
+    read_first: Bytes,
+}
+
+impl SharedTcp {
+    fn new(tcp: Arc<TcpStream>, read_first: Bytes) -> Self {
+        Self { tcp, read_first }
+    }
+}
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read_first.is_empty() {
+            let n = this.read_first.len().min(buf.remaining());
+            buf.put_slice(&this.read_first[..n]);
+            this.read_first.advance(n);
+            if this.read_first.is_empty() {
+                // Lets go of hyper's read buffer.
+                this.read_first = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            match this.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale: `try_read` cleared it, so the next poll waits.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Nothing buffered here: a write is a send.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
+    }
+}
