@@ -75,11 +75,64 @@ impl Mark {
         self.epoch.store(at.epoch, Ordering::Relaxed);
     }
 
+    /// The reader left the room: the fan-out writes it nothing more, even from a list
+    /// of readers it took before. (Set while the gate is closed: the fan-out reads marks
+    /// only under the gate's lock with the gate open, so it sees this once it reopens.)
+    pub(crate) fn retire(&self) {
+        self.seq.store(UNPLACED, Ordering::Relaxed);
+    }
+
     /// Whether `event` is the very next one for this reader: the same numbering (the
     /// same epoch, not merely a compatible one) and the next number.
     fn precedes(&self, event: &Encoded) -> bool {
         self.seq.load(Ordering::Relaxed).checked_add(1) == Some(event.seq)
             && self.epoch.load(Ordering::Relaxed) == event.epoch
+    }
+}
+
+/// Events of one room, one after the other in one numbering, fanned out together: a
+/// reader in step with the first is written all of their frames with one send. A room
+/// whose fan-out falls behind its publishes gathers what waits into one batch, so each
+/// reader costs one send per batch rather than one per event.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) events: Vec<Arc<Encoded>>,
+    /// The events' frames one after the other (for one event, its frame as it is).
+    frames: Bytes,
+    /// Where each event's frame ends in `frames`.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    /// `events`, in the order given. Only the run of them that follows on from the first
+    /// (the next number, the same epoch) is ever written directly; the rest go through
+    /// the queues, where each reader's session sorts them out.
+    pub(crate) fn new(events: Vec<Arc<Encoded>>) -> Self {
+        let mut run = events.len().min(1);
+        while run < events.len()
+            && events[run].epoch == events[run - 1].epoch
+            && events[run - 1].seq.checked_add(1) == Some(events[run].seq)
+        {
+            run += 1;
+        }
+        let (frames, ends) = if run == 1 {
+            let frame = events[0].frame.clone();
+            let end = frame.len();
+            (frame, vec![end])
+        } else {
+            let mut frames = Vec::with_capacity(events[..run].iter().map(|e| e.frame.len()).sum());
+            let mut ends = Vec::with_capacity(run);
+            for event in &events[..run] {
+                frames.extend_from_slice(&event.frame);
+                ends.push(frames.len());
+            }
+            (Bytes::from(frames), ends)
+        };
+        Self {
+            events,
+            frames,
+            ends,
+        }
     }
 }
 
@@ -100,16 +153,22 @@ pub(crate) struct GateState {
     rest: Bytes,
 }
 
-/// What a direct write did.
+/// What a direct write did with a batch.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Direct {
-    /// The whole frame is in the socket; the reader's position moved.
-    Sent,
-    /// Part of it is: the rest waits in the gate (now closed) for the task, which must be
-    /// woken. The reader's position moved.
-    Partly,
-    /// Nothing written, the gate closed: the event goes through the queue.
-    Queue,
+pub(crate) struct Direct {
+    /// The batch's first events handed to the socket, the reader's position moved past
+    /// them; the others go through the queue (the gate is then closed).
+    pub(crate) handed: usize,
+    /// The last one handed is in the socket only in part: the rest waits in the gate
+    /// (closed) for the task, which must be woken.
+    pub(crate) partly: bool,
+}
+
+impl Direct {
+    const NONE: Direct = Direct {
+        handed: 0,
+        partly: false,
+    };
 }
 
 impl Gate {
@@ -166,34 +225,47 @@ impl Gate {
 }
 
 impl GateState {
-    /// For the fan-out, under the gate's lock: writes `event` if the gate is open and
-    /// `mark` stands just before it. Anything but [`Direct::Sent`] leaves the gate
-    /// closed; the caller then queues (the event, or a wake-up for the rest).
-    pub(crate) fn write(&mut self, mark: &Mark, event: &Encoded) -> Direct {
+    /// For the fan-out, under the gate's lock: writes `batch` if the gate is open and
+    /// `mark` stands just before its first event, as much of it as the socket takes at
+    /// once. Anything but the whole batch written leaves the gate closed; the caller then
+    /// queues the rest (a wake-up for a frame's end, the events not handed).
+    pub(crate) fn write(&mut self, mark: &Mark, batch: &Batch) -> Direct {
         if !self.open {
-            return Direct::Queue;
+            return Direct::NONE;
         }
         self.open = false;
         let Some(socket) = &self.socket else {
-            return Direct::Queue;
+            return Direct::NONE;
         };
-        if !mark.precedes(event) {
-            return Direct::Queue;
+        if batch
+            .events
+            .first()
+            .is_none_or(|first| !mark.precedes(first))
+        {
+            return Direct::NONE;
         }
-        let frame = &event.frame;
-        match socket.try_write(frame) {
-            Ok(n) if n == frame.len() => {
-                self.open = true;
-                mark.set(event.position());
-                Direct::Sent
-            }
-            Ok(n) if n > 0 => {
-                self.rest = frame.slice(n..);
-                mark.set(event.position());
-                Direct::Partly
-            }
+        let n = match socket.try_write(&batch.frames) {
+            Ok(n) => n,
             // Full (or failed: the task finds out when it writes or reads).
-            _ => Direct::Queue,
+            Err(_) => return Direct::NONE,
+        };
+        // The frames wholly written, and whether the next one was begun.
+        let whole = batch.ends.partition_point(|&end| end <= n);
+        let begun =
+            whole < batch.ends.len() && n > whole.checked_sub(1).map_or(0, |i| batch.ends[i]);
+        if begun {
+            self.rest = batch.frames.slice(n..batch.ends[whole]);
+        }
+        let handed = whole + usize::from(begun);
+        if handed > 0 {
+            mark.set(batch.events[handed - 1].position());
+        }
+        if handed == batch.events.len() && !begun {
+            self.open = true;
+        }
+        Direct {
+            handed,
+            partly: begun,
         }
     }
 

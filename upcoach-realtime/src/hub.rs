@@ -15,7 +15,7 @@ use upcoach_core::event::{Event, EventLog, WebSocketEvent};
 use upcoach_core::{Clock, SystemClock, TokenVerifier, UserId};
 
 use crate::access::{DefaultRoomAccess, RoomAccess};
-use crate::direct::{Direct, Gate, Mark};
+use crate::direct::{Batch, Gate, Mark};
 use crate::pending::PendingAuth;
 use crate::wire::Encoded;
 use crate::{Broadcaster, BrokerState, Position, Replay, Result, RoomEvent};
@@ -718,7 +718,9 @@ pub(crate) struct Room {
 }
 
 impl Room {
-    fn read_subscribers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<Subscriber>>> {
+    pub(crate) fn read_subscribers(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<Subscriber>>> {
         self.subscribers.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -996,18 +998,46 @@ impl Inner {
             }
         };
         room.ready.send_replace(Some(true));
+        // Events in order, gathered while more wait in the feed: fanned out together
+        // once none waits (or the batch is full), so a room whose fan-out falls behind
+        // costs each reader one send per batch.
+        let mut batch: Vec<Arc<Encoded>> = Vec::new();
+        let mut batch_bytes = 0usize;
         loop {
-            let event = match feed.recv().await {
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            let next = if batch.is_empty() {
+                feed.recv().await
+            } else {
+                match feed.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(TryRecvError::Empty) => {
+                        self.flush(&room, &mut batch, &mut batch_bytes).await;
+                        continue;
+                    }
+                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                    Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                }
+            };
+            let event = match next {
                 Ok(event) => event,
                 // The hole shows as a jump in `seq` on the next event.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => {
+                    self.flush(&room, &mut batch, &mut batch_bytes).await;
                     tracing::error!(room = %room.name, "the broadcaster closed a room's feed");
                     self.reset(&room, "broker_closed").await;
                     return;
                 }
             };
-            if let Some(seen) = last {
+            let in_step = last.is_some_and(|seen| {
+                seen.epoch == event.epoch && seen.seq.checked_add(1) == Some(event.seq)
+            });
+            if !in_step {
+                // Whatever this event turns out to be (a repeat, a hole, a restart), the
+                // events before it go out first.
+                self.flush(&room, &mut batch, &mut batch_bytes).await;
+            }
+            if let Some(seen) = last.filter(|_| !in_step) {
                 let same_epoch = seen.epoch != 0 && seen.epoch == event.epoch;
                 if same_epoch && event.seq <= seen.seq {
                     // Published before the head above was read: every reader's
@@ -1055,8 +1085,28 @@ impl Inner {
             }
             last = Some(event.position());
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
-            self.fan_out(&room, Delivery::Event(encoded)).await;
+            batch_bytes += encoded.frame.len();
+            batch.push(encoded);
+            if batch.len() >= BATCH_EVENTS || batch_bytes >= BATCH_BYTES {
+                self.flush(&room, &mut batch, &mut batch_bytes).await;
+            }
         }
+    }
+
+    /// Fans out the events gathered in `batch`, if any.
+    async fn flush(
+        self: &Arc<Self>,
+        room: &Arc<Room>,
+        batch: &mut Vec<Arc<Encoded>>,
+        bytes: &mut usize,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        *bytes = 0;
+        let events = std::mem::take(batch);
+        self.fan_out(room, Outgoing::Events(Batch::new(events)))
+            .await;
     }
 
     /// Delivers the events between `seen` and `next` (both exclusive, in `seen`'s
@@ -1068,13 +1118,16 @@ impl Inner {
             let from = Position::new(after, seen.epoch);
             match self.broadcaster.replay(&room.name, from, want).await {
                 Ok(Replay::Events(events)) if !events.is_empty() => {
+                    let mut page = Vec::with_capacity(events.len());
                     for event in events {
                         if event.seq <= after || event.seq >= next {
                             continue;
                         }
                         after = event.seq;
-                        let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
-                        self.fan_out(room, Delivery::Event(encoded)).await;
+                        page.push(Arc::new(Encoded::new(&event, room.name.clone())));
+                    }
+                    if !page.is_empty() {
+                        self.fan_out(room, Outgoing::Events(Batch::new(page))).await;
                     }
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1117,7 +1170,7 @@ impl Inner {
     async fn announce(self: &Arc<Self>, room: &Arc<Room>, head: Position, old: u64) {
         self.fan_out(
             room,
-            Delivery::Reset(Arc::new(RoomReset {
+            Outgoing::Reset(Arc::new(RoomReset {
                 room: room.name.clone(),
                 reason: "room_restarted",
                 head: Some(head),
@@ -1132,7 +1185,7 @@ impl Inner {
         let head = self.broadcaster.head(&room.name).await.ok();
         self.fan_out(
             room,
-            Delivery::Reset(Arc::new(RoomReset {
+            Outgoing::Reset(Arc::new(RoomReset {
                 room: room.name.clone(),
                 reason,
                 head,
@@ -1146,31 +1199,33 @@ impl Inner {
     /// reader's gate is open and it is in step (see [`crate::direct`]), anything else to
     /// the reader's queue, where a full queue closes its connection.
     ///
-    /// A large room is written by the blocking pool, one thread per core, each to its
-    /// part of the readers: its tens of milliseconds of sends would otherwise hold a
-    /// worker from every other task (tokio keeps a task spawned from a busy worker for
-    /// that worker, so the parts would not even run at once). The next delivery starts
-    /// when all parts are done, so each reader's order holds.
-    async fn fan_out(self: &Arc<Self>, room: &Arc<Room>, delivery: Delivery) {
+    /// A room of [`FAN_OUT_PART`] readers or more is written on the blocking pool, by up
+    /// to one thread per core, each to its part of the readers: its milliseconds of
+    /// sends (tens of them for 10,000 readers) would otherwise hold a worker from every
+    /// other task, and tokio keeps a task spawned from a busy worker for that worker, so
+    /// parts spawned as tasks would not even run at once. The next delivery starts when
+    /// all parts are done, so each reader's order holds.
+    async fn fan_out(self: &Arc<Self>, room: &Arc<Room>, outgoing: Outgoing) {
         // The readers as they are now, so that the room's lock is not held while they are
         // written to (joining and leaving wait for it, holding the hub's room table). A
         // reader that leaves meanwhile is written nothing: its gate is closed (the
         // connection holds it while it unsubscribes, or let go of its socket), and an
         // event its queue still gets is one it no longer reads.
         let readers: Arc<[Arc<Subscriber>]> = room.read_subscribers().values().cloned().collect();
-        let parts = self.fan_out_parts.min(readers.len() / FAN_OUT_PART);
-        if parts < 2 {
-            self.fan_out_part(room, &delivery, &readers);
+        if readers.len() < FAN_OUT_PART {
+            self.fan_out_part(room, &outgoing, &readers);
             return;
         }
+        let outgoing = Arc::new(outgoing);
+        let parts = self.fan_out_parts.min(readers.len() / FAN_OUT_PART).max(1);
         let size = readers.len().div_ceil(parts);
         let mut handles = Vec::with_capacity(parts);
         for part in 0..parts {
-            let (hub, room, delivery) = (self.clone(), room.clone(), delivery.clone());
+            let (hub, room, outgoing) = (self.clone(), room.clone(), outgoing.clone());
             let readers = readers.clone();
             let range = part * size..readers.len().min((part + 1) * size);
             handles.push(tokio::task::spawn_blocking(move || {
-                hub.fan_out_part(&room, &delivery, &readers[range]);
+                hub.fan_out_part(&room, &outgoing, &readers[range]);
             }));
         }
         for handle in handles {
@@ -1179,35 +1234,49 @@ impl Inner {
         }
     }
 
-    /// `readers` of `room` get `delivery`.
-    fn fan_out_part(&self, room: &Room, delivery: &Delivery, readers: &[Arc<Subscriber>]) {
+    /// `readers` of `room` get `outgoing`.
+    pub(crate) fn fan_out_part(
+        &self,
+        room: &Room,
+        outgoing: &Outgoing,
+        readers: &[Arc<Subscriber>],
+    ) {
         let mut gone = Vec::new();
-        let (mut delivered, mut direct) = (0u64, 0u64);
+        let (mut queued, mut direct) = (0u64, 0u64);
         for subscriber in readers {
             let mut gate = subscriber.shared.gate.lock();
-            let queued = match delivery {
-                Delivery::Event(event) => match gate.write(&subscriber.mark, event) {
-                    Direct::Sent => {
-                        direct += 1;
+            // Queued under the gate's lock: the task opens the gate only when it finds its
+            // queue empty, under the same lock.
+            let sent = match outgoing {
+                Outgoing::Events(batch) => {
+                    let wrote = gate.write(&subscriber.mark, batch);
+                    direct += wrote.handed as u64;
+                    let rest = &batch.events[wrote.handed..];
+                    if rest.is_empty() && !wrote.partly {
                         continue;
                     }
-                    // The event is the reader's; its task writes the rest.
-                    Direct::Partly => {
-                        direct += 1;
-                        Delivery::Rest
-                    }
-                    Direct::Queue => delivery.clone(),
-                },
-                other => {
                     gate.close_to_queue();
-                    other.clone()
+                    // The end of a frame begun, then the events not handed, in order.
+                    let wake = wrote.partly.then_some(Delivery::Rest);
+                    let events = rest.iter().map(|e| Delivery::Event(e.clone()));
+                    let mut sent = Ok(());
+                    for delivery in wake.into_iter().chain(events) {
+                        let counted = matches!(delivery, Delivery::Event(_));
+                        sent = subscriber.tx.try_send(delivery);
+                        if sent.is_err() {
+                            break;
+                        }
+                        queued += u64::from(counted);
+                    }
+                    sent
+                }
+                Outgoing::Reset(reset) => {
+                    gate.close_to_queue();
+                    subscriber.tx.try_send(Delivery::Reset(reset.clone()))
                 }
             };
-            let counted = !matches!(queued, Delivery::Rest);
-            // Queued under the gate's lock: the task opens the gate only when it finds
-            // its queue empty, under the same lock.
-            match subscriber.tx.try_send(queued) {
-                Ok(()) => delivered += u64::from(counted),
+            match sent {
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if subscriber.shared.close_code().is_none() {
                         self.counters.slow.fetch_add(1, Ordering::Relaxed);
@@ -1220,7 +1289,7 @@ impl Inner {
         }
         self.counters
             .delivered
-            .fetch_add(delivered + direct, Ordering::Relaxed);
+            .fetch_add(queued + direct, Ordering::Relaxed);
         self.counters.direct.fetch_add(direct, Ordering::Relaxed);
         if !gone.is_empty() {
             // The connection leaves its other rooms itself when it closes.
@@ -1237,9 +1306,25 @@ impl Inner {
     }
 }
 
-/// Readers per part of a room's fan-out at least: a room is shared out among threads
-/// only from twice this many readers (a few hundred sends cost less than a hand-over).
-const FAN_OUT_PART: usize = 512;
+/// What a fan-out hands every reader of a room.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// Events, written to sockets where they can be, else queued one by one.
+    Events(Batch),
+    /// Always queued.
+    Reset(Arc<RoomReset>),
+}
+
+/// The most events a room gathers into one batch while its fan-out is behind.
+const BATCH_EVENTS: usize = 256;
+/// The most frame bytes a batch gathers (then it goes out): what a connection's task
+/// gathers into one write too.
+const BATCH_BYTES: usize = crate::coalesce::LIMIT;
+
+/// Readers per part of a room's fan-out at least: a smaller room is written by its own
+/// task (a few hundred sends take about a millisecond, and a hand-over to the blocking
+/// pool costs a thread wake-up).
+const FAN_OUT_PART: usize = 256;
 
 /// Resolves once the hub starts shutting down (or is gone).
 pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {

@@ -345,6 +345,11 @@ impl Subscription {
     pub async fn recv(&mut self) -> Result<Arc<RoomEvent>, broadcast::error::RecvError> {
         self.rx.recv().await
     }
+
+    /// The next event if one is waiting, without waiting: `Empty` when none is.
+    pub fn try_recv(&mut self) -> Result<Arc<RoomEvent>, broadcast::error::TryRecvError> {
+        self.rx.try_recv()
+    }
 }
 
 /// What a broadcaster says about its broker, for status pages.

@@ -209,17 +209,23 @@ impl Session {
             return Vec::new();
         };
         let hub = self.hub.clone();
-        // Nothing more of the rooms dropped is written to the socket from here (a
-        // fan-out under way holds its readers past the `leave`).
-        self.shared.gate.shut();
         let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rooms)
             .into_iter()
             .partition(|r| hub.access.can_subscribe(principal, &r.room));
         self.rooms = keep;
-        for reading in &drop {
-            hub.leave(&reading.room, self.id);
-        }
-        drop.into_iter().map(|r| r.room).collect()
+        drop.into_iter()
+            .map(|reading| self.stop_reading(reading))
+            .collect()
+    }
+
+    /// Takes `reading` out of its room for good: its subscriber is retired while the
+    /// gate is closed, so that a fan-out still holding it (one under way took its readers
+    /// before the `leave`) writes it nothing once the gate opens again. The room's name.
+    fn stop_reading(&self, reading: Reading) -> Arc<str> {
+        self.shared.gate.shut();
+        reading.subscriber.mark.retire();
+        self.hub.leave(&reading.room, self.id);
+        reading.room
     }
 
     pub(crate) fn room_count(&self) -> usize {
@@ -255,7 +261,7 @@ impl Session {
         if let Some(existing) = self.rooms.iter().position(|r| &*r.room == room) {
             // Subscribing again moves the position (a client re-syncing one room).
             let reading = self.rooms.remove(existing);
-            hub.leave(&reading.room, self.id);
+            self.stop_reading(reading);
         }
         if self.rooms.len() >= hub.config.max_rooms_per_connection {
             return Err(SubscribeError::TooManyRooms);
@@ -287,7 +293,11 @@ impl Session {
             }
             Err(e) => {
                 tracing::warn!(room, error = %e, "a subscription failed: the broker is unavailable");
-                hub.leave(room, self.id);
+                // Never placed, so never written to; retired all the same.
+                self.stop_reading(Reading {
+                    room: name,
+                    subscriber,
+                });
                 Err(SubscribeError::Broker)
             }
         }
@@ -391,10 +401,8 @@ impl Session {
     pub(crate) fn unsubscribe(&mut self, room: &str) -> bool {
         match self.rooms.iter().position(|r| &*r.room == room) {
             Some(i) => {
-                // Nothing more of it is written to the socket (see `drop_forbidden`).
-                self.shared.gate.shut();
-                self.rooms.remove(i);
-                self.hub.leave(room, self.id);
+                let reading = self.rooms.remove(i);
+                self.stop_reading(reading);
                 true
             }
             None => false,
@@ -555,8 +563,8 @@ fn same_room(a: &Arc<str>, b: &Arc<str>) -> bool {
 impl Drop for Session {
     fn drop(&mut self) {
         let hub = self.hub.clone();
-        for reading in self.rooms.drain(..) {
-            hub.leave(&reading.room, self.id);
+        for reading in std::mem::take(&mut self.rooms) {
+            self.stop_reading(reading);
         }
         if let Some(principal) = &self.principal {
             hub.record(
@@ -583,7 +591,8 @@ mod tests {
 
     use super::{Outbound, Session};
     use crate::Position;
-    use crate::hub::{Delivery, Transport};
+    use crate::direct::Batch;
+    use crate::hub::{Delivery, Outgoing, Transport};
     use crate::wire::Encoded;
     use crate::{HistoryLimits, Hub, MemoryBroadcaster};
 
@@ -620,6 +629,65 @@ mod tests {
             "closed by the unsubscription"
         );
         drop(hub);
+    }
+
+    /// A fan-out takes its list of readers before it writes: a reader that leaves the
+    /// room meanwhile (and whose connection opens its gate again) is written nothing
+    /// from that list, and what it is queued instead is dropped unread.
+    #[tokio::test]
+    async fn a_reader_that_left_is_written_nothing_from_a_list_taken_before() {
+        use tokio::io::AsyncReadExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (hub, mut session, _) = reader_of(2, None).await;
+        session.shared.gate.attach(Arc::new(socket));
+        let room = hub.inner.lock_rooms().get("metrics").cloned().unwrap();
+        let taken: Vec<_> = room.read_subscribers().values().cloned().collect();
+        let at = taken[0].mark.get();
+        let event = |seq: u64| {
+            let event = crate::RoomEvent {
+                room: "metrics".into(),
+                seq,
+                epoch: at.epoch,
+                event: "tick".into(),
+                data: serde_json::json!(seq),
+                ts: SystemTime::now(),
+            };
+            Arc::new(Encoded::new(&event, Arc::from("metrics")))
+        };
+        let first = event(at.seq + 1);
+        assert!(session.shared.gate.open_if(|| true));
+        let batch = |event| Outgoing::Events(Batch::new(vec![event]));
+        hub.inner.fan_out_part(&room, &batch(first.clone()), &taken);
+        assert_eq!(
+            hub.stats().written_directly,
+            1,
+            "a reader in step is written"
+        );
+        assert!(session.unsubscribe("metrics"));
+        assert!(session.shared.gate.open_if(|| true), "idle again");
+        hub.inner
+            .fan_out_part(&room, &batch(event(at.seq + 2)), &taken);
+        assert_eq!(
+            hub.stats().written_directly,
+            1,
+            "the reader that left is not"
+        );
+        let mut out = Vec::new();
+        while let Some(delivery) = session.try_next() {
+            session.accept(delivery, &mut out).await;
+        }
+        assert!(out.is_empty(), "what was queued for it is dropped");
+        let mut got = vec![0u8; first.frame.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, first.frame, "the one frame written");
+        let mut more = [0u8; 1];
+        let nothing = tokio::time::timeout(Duration::from_millis(50), client.read(&mut more)).await;
+        assert!(nothing.is_err(), "and nothing after it");
     }
 
     /// The in-order path and the (boxed) repair path: an event after a hole brings

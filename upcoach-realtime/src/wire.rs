@@ -161,3 +161,48 @@ impl ServerMessage<'_> {
 pub(crate) fn reset_json(room: &str, reason: &str) -> String {
     serde_json::json!({ "room": room, "reason": reason }).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    use super::{Encoded, text_frame};
+
+    /// The frame the fan-out writes is byte for byte the one tungstenite writes for the
+    /// same text, at each length form's edges (7-bit, 16-bit and 64-bit lengths).
+    #[test]
+    fn a_text_frame_is_the_one_tungstenite_writes() {
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let text = "a".repeat(len);
+            let mut theirs = Vec::new();
+            Frame::message(text.clone().into_bytes(), OpCode::Data(Data::Text), true)
+                .format(&mut theirs)
+                .unwrap();
+            assert_eq!(&text_frame(&text)[..], &theirs[..], "length {len}");
+        }
+    }
+
+    /// An event's WebSocket message is the payload of its frame (one allocation).
+    #[test]
+    fn an_events_message_is_its_frames_payload() {
+        let event = crate::RoomEvent {
+            room: "metrics".into(),
+            seq: 7,
+            epoch: 3,
+            event: "tick".into(),
+            data: serde_json::json!({"cpu": 0.5, "note": "é"}),
+            ts: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let encoded = Encoded::new(&event, "metrics".into());
+        let payload = encoded.ws.as_str().as_bytes();
+        assert!(encoded.frame.ends_with(payload));
+        assert_eq!(encoded.frame.len(), payload.len() + 2, "a 7-bit length");
+        assert!(
+            encoded
+                .ws
+                .as_str()
+                .starts_with(r#"{"type":"event","room":"metrics","seq":7"#)
+        );
+    }
+}
