@@ -1,8 +1,9 @@
 //! Events written by the fan-out straight to a WebSocket's socket.
 //!
-//! A WebSocket served over a plain TCP socket ([`upcoach_core::http::serve`], or any hyper
-//! server that hands hyper a `TokioIo<TcpStream>`, as axum's `serve` does) shares that
-//! socket with the hub. While the connection's task has nothing left to write and
+//! A WebSocket served over a plain TCP socket ([`upcoach_core::http::serve`], or a hyper
+//! `http1` connection over a `TokioIo<TcpStream>`) shares that socket with the hub.
+//! (axum's `serve` goes through hyper-util's builder, which wraps the stream: there the
+//! connection's task writes everything, as below.) While the connection's task has nothing left to write and
 //! nothing queued, its [`Gate`] is open: a room's fan-out then writes each event's frame,
 //! encoded once for every reader ([`Encoded::frame`]), with one non-blocking send, and
 //! the connection's task is not woken. That is one system call per delivery and nothing

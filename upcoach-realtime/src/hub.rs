@@ -91,8 +91,9 @@ pub struct HubConfig {
     /// Whether a room's fan-out writes an event to a WebSocket's socket itself, with one
     /// non-blocking send, while the connection has nothing else to write (its task is
     /// then not woken at all). It needs the socket to be plain TCP as the server hands
-    /// it to hyper (`upcoach_core::http::serve`, or a `TokioIo<TcpStream>` as axum's
-    /// `serve` gives); other connections, and every event the socket does not take
+    /// it to hyper: `upcoach_core::http::serve`, or hyper's `http1` connection over a
+    /// `TokioIo<TcpStream>`. Other connections (TLS; axum's `serve`, whose
+    /// hyper-util builder wraps the stream), and every event the socket does not take
     /// whole at once, go through the connection's queue and task. Default true; false
     /// sends everything through the queues.
     pub direct_writes: bool,
@@ -372,6 +373,7 @@ impl HubBuilder {
         config.queue_capacity = config.queue_capacity.max(1);
         config.replay_page = config.replay_page.max(1);
         config.ws_read_buffer = config.ws_read_buffer.max(256);
+        let fan_out_parts = std::thread::available_parallelism().map_or(1, usize::from);
         Hub {
             inner: Arc::new(Inner {
                 broadcaster: self.broadcaster,
@@ -394,7 +396,8 @@ impl HubBuilder {
                 all_closed: Notify::new(),
                 shutdown: watch::channel(false).0,
                 counters: Counters::default(),
-                fan_out_parts: std::thread::available_parallelism().map_or(1, usize::from),
+                fan_out_parts,
+                fan_out_slots: Arc::new(tokio::sync::Semaphore::new(fan_out_parts)),
             }),
         }
     }
@@ -752,6 +755,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     /// How many threads a large room's fan-out is shared among: the cores.
     fan_out_parts: usize,
+    /// Threads the fan-outs of all rooms may hold at once (`fan_out_parts`).
+    fan_out_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a connection was not admitted.
@@ -1218,6 +1223,16 @@ impl Inner {
         }
         let outgoing = Arc::new(outgoing);
         let parts = self.fan_out_parts.min(readers.len() / FAN_OUT_PART).max(1);
+        // At most a thread per core for all rooms' fan-outs together: the blocking pool
+        // is shared with the host's blocking work, and more threads would not send faster.
+        let Ok(slots) = self
+            .fan_out_slots
+            .clone()
+            .acquire_many_owned(parts as u32)
+            .await
+        else {
+            return;
+        };
         let size = readers.len().div_ceil(parts);
         let mut handles = Vec::with_capacity(parts);
         for part in 0..parts {
@@ -1232,6 +1247,7 @@ impl Inner {
             // A part that panicked has said so in the log; the others are delivered.
             let _ = handle.await;
         }
+        drop(slots);
     }
 
     /// `readers` of `room` get `outgoing`.

@@ -155,13 +155,18 @@ impl Hub {
                     return;
                 }
             };
-            // The socket itself when it is plain TCP, shared with the fan-out.
-            let Some((io, tcp)) = Io::take(upgraded) else {
-                session.end_reason = "upgrade_failed";
-                return;
+            // The socket itself when it is plain TCP, shared with the fan-out (unless
+            // the hub writes everything through the queues).
+            let (io, tcp) = if session.hub().config.direct_writes {
+                let Some(taken) = Io::take(upgraded) else {
+                    session.end_reason = "upgrade_failed";
+                    return;
+                };
+                taken
+            } else {
+                (Io::Upgraded(hyper_util::rt::TokioIo::new(upgraded)), None)
             };
-            let direct = session.hub().config.direct_writes;
-            let gate = tcp.filter(|_| direct).map(|tcp| {
+            let gate = tcp.map(|tcp| {
                 session.shared.gate.attach(tcp);
                 session.shared.clone()
             });

@@ -177,13 +177,31 @@ async fn joining_mid_stream(direct: bool) {
         assert_eq!(reply["type"], "subscribed", "{reply}");
         late.push(tokio::spawn(async move {
             let mut last = since;
+            let mut again_since = None;
+            let mut answered = false;
             while last < EVENTS {
                 let event = next_json(&mut client).await;
+                if event["type"] == "subscribed" {
+                    // Subscribing again moved the reader back: from here on, the events
+                    // after the new position, once each (nothing of the old reader's
+                    // after this).
+                    last = again_since.expect("subscribed once again");
+                    answered = true;
+                    continue;
+                }
                 assert_eq!(event["type"], "event", "{event}");
                 let seq = event["seq"].as_u64().unwrap();
                 assert_eq!(seq, last + 1, "replay, then live, one after the other");
                 last = seq;
+                if again_since.is_none() && last >= since + 200 && last + 200 < EVENTS {
+                    // Mid-stream, the same room again from five events back.
+                    again_since = Some(last - 5);
+                    let mut again = serde_json::json!({"type": "subscribe", "room": "metrics"});
+                    again["since"] = (last - 5).into();
+                    send(&mut client, again).await;
+                }
             }
+            assert!(answered, "the second subscription was answered");
         }));
     }
     publisher.await.unwrap();
