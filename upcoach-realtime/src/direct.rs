@@ -107,16 +107,20 @@ pub(crate) struct Batch {
 impl Batch {
     /// `events`, in the order given. Only the run of them that follows on from the first
     /// (the next number, the same epoch) is ever written directly; the rest go through
-    /// the queues, where each reader's session sorts them out.
-    pub(crate) fn new(events: Vec<Arc<Encoded>>) -> Self {
-        let mut run = events.len().min(1);
-        while run < events.len()
+    /// the queues, where each reader's session sorts them out. Without `direct` writes
+    /// the frames are not gathered (nothing would write them).
+    pub(crate) fn new(events: Vec<Arc<Encoded>>, direct: bool) -> Self {
+        let mut run = if direct { events.len().min(1) } else { 0 };
+        while run > 0
+            && run < events.len()
             && events[run].epoch == events[run - 1].epoch
             && events[run - 1].seq.checked_add(1) == Some(events[run].seq)
         {
             run += 1;
         }
-        let (frames, ends) = if run == 1 {
+        let (frames, ends) = if run == 0 {
+            (Bytes::new(), Vec::new())
+        } else if run == 1 {
             let frame = events[0].frame.clone();
             let end = frame.len();
             (frame, vec![end])
@@ -135,6 +139,20 @@ impl Batch {
             ends,
         }
     }
+
+    /// What writing the batch directly copies into one socket.
+    pub(crate) fn len_bytes(&self) -> usize {
+        self.frames.len()
+    }
+}
+
+/// Of frames ending at `ends` (one after the other), written `n` bytes: how many frames
+/// were handed to the socket, and whether the last of those is in it only in part.
+fn split(ends: &[usize], n: usize) -> (usize, bool) {
+    let whole = ends.partition_point(|&end| end <= n);
+    let start = whole.checked_sub(1).map_or(0, |i| ends[i]);
+    let begun = whole < ends.len() && n > start;
+    (whole + usize::from(begun), begun)
 }
 
 /// Who may write to a connection's socket: the fan-out while open, the connection's
@@ -231,18 +249,16 @@ impl GateState {
     /// once. Anything but the whole batch written leaves the gate closed; the caller then
     /// queues the rest (a wake-up for a frame's end, the events not handed).
     pub(crate) fn write(&mut self, mark: &Mark, batch: &Batch) -> Direct {
-        if !self.open {
+        // Nothing to write (no frames gathered) leaves the gate as it is: nothing is
+        // queued for it either.
+        if !self.open || batch.ends.is_empty() {
             return Direct::NONE;
         }
         self.open = false;
         let Some(socket) = &self.socket else {
             return Direct::NONE;
         };
-        if batch
-            .events
-            .first()
-            .is_none_or(|first| !mark.precedes(first))
-        {
+        if !mark.precedes(&batch.events[0]) {
             return Direct::NONE;
         }
         let n = match socket.try_write(&batch.frames) {
@@ -250,14 +266,10 @@ impl GateState {
             // Full (or failed: the task finds out when it writes or reads).
             Err(_) => return Direct::NONE,
         };
-        // The frames wholly written, and whether the next one was begun.
-        let whole = batch.ends.partition_point(|&end| end <= n);
-        let begun =
-            whole < batch.ends.len() && n > whole.checked_sub(1).map_or(0, |i| batch.ends[i]);
+        let (handed, begun) = split(&batch.ends, n);
         if begun {
-            self.rest = batch.frames.slice(n..batch.ends[whole]);
+            self.rest = batch.frames.slice(n..batch.ends[handed - 1]);
         }
-        let handed = whole + usize::from(begun);
         if handed > 0 {
             mark.set(batch.events[handed - 1].position());
         }
@@ -439,5 +451,23 @@ impl AsyncWrite for SharedTcp {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    /// Frames of 10, 5 and 20 bytes: every way a send can end among them.
+    #[test]
+    fn a_partial_send_hands_the_frames_it_reached() {
+        let ends = [10, 15, 35];
+        assert_eq!(split(&ends, 0), (0, false), "nothing written");
+        assert_eq!(split(&ends, 4), (1, true), "inside the first frame");
+        assert_eq!(split(&ends, 10), (1, false), "on the first frame's end");
+        assert_eq!(split(&ends, 11), (2, true), "just into the second");
+        assert_eq!(split(&ends, 15), (2, false), "on the second's end");
+        assert_eq!(split(&ends, 34), (3, true), "inside the last");
+        assert_eq!(split(&ends, 35), (3, false), "all of it");
     }
 }

@@ -1013,6 +1013,9 @@ impl Inner {
             let next = if batch.is_empty() {
                 feed.recv().await
             } else {
+                // `try_recv` spends none of the task's budget: a room that stays behind
+                // would otherwise keep its worker for many batches.
+                tokio::task::coop::consume_budget().await;
                 match feed.try_recv() {
                     Ok(event) => Ok(event),
                     Err(TryRecvError::Empty) => {
@@ -1092,10 +1095,17 @@ impl Inner {
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
             batch_bytes += encoded.frame.len();
             batch.push(encoded);
-            if batch.len() >= BATCH_EVENTS || batch_bytes >= BATCH_BYTES {
+            if batch.len() >= self.batch_events() || batch_bytes >= BATCH_BYTES {
                 self.flush(&room, &mut batch, &mut batch_bytes).await;
             }
         }
+    }
+
+    /// The most events in one batch: [`BATCH_EVENTS`], and at most half a connection's
+    /// queue, since a reader the socket takes none of gets the batch queued at once (a
+    /// reader keeping up must not be closed as too slow for a burst).
+    fn batch_events(&self) -> usize {
+        BATCH_EVENTS.min(self.config.queue_capacity / 2).max(1)
     }
 
     /// Fans out the events gathered in `batch`, if any.
@@ -1110,8 +1120,22 @@ impl Inner {
         }
         *bytes = 0;
         let events = std::mem::take(batch);
-        self.fan_out(room, Outgoing::Events(Batch::new(events)))
-            .await;
+        self.fan_out_events(room, events).await;
+    }
+
+    /// Fans out `events` (in order), in batches within the limits.
+    async fn fan_out_events(self: &Arc<Self>, room: &Arc<Room>, events: Vec<Arc<Encoded>>) {
+        let (most, mut chunk, mut bytes) = (self.batch_events(), Vec::new(), 0usize);
+        let last = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            bytes += event.frame.len();
+            chunk.push(event);
+            if chunk.len() >= most || bytes >= BATCH_BYTES || i + 1 == last {
+                let batch = Batch::new(std::mem::take(&mut chunk), self.config.direct_writes);
+                self.fan_out(room, Outgoing::Events(batch)).await;
+                bytes = 0;
+            }
+        }
     }
 
     /// Delivers the events between `seen` and `next` (both exclusive, in `seen`'s
@@ -1131,9 +1155,7 @@ impl Inner {
                         after = event.seq;
                         page.push(Arc::new(Encoded::new(&event, room.name.clone())));
                     }
-                    if !page.is_empty() {
-                        self.fan_out(room, Outgoing::Events(Batch::new(page))).await;
-                    }
+                    self.fan_out_events(room, page).await;
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Replay::Gone { reason }) => {
@@ -1217,7 +1239,13 @@ impl Inner {
         // connection holds it while it unsubscribes, or let go of its socket), and an
         // event its queue still gets is one it no longer reads.
         let readers: Arc<[Arc<Subscriber>]> = room.read_subscribers().values().cloned().collect();
-        if readers.len() < FAN_OUT_PART {
+        // What the sends copy into sockets, at most: a few hundred frames, or a
+        // few batches of one, are written here.
+        let bytes = match &outgoing {
+            Outgoing::Events(batch) => batch.len_bytes(),
+            Outgoing::Reset(_) => 0,
+        };
+        if readers.len() < FAN_OUT_PART && readers.len() * bytes < FAN_OUT_INLINE_BYTES {
             self.fan_out_part(room, &outgoing, &readers);
             return;
         }
@@ -1225,29 +1253,36 @@ impl Inner {
         let parts = self.fan_out_parts.min(readers.len() / FAN_OUT_PART).max(1);
         // At most a thread per core for all rooms' fan-outs together: the blocking pool
         // is shared with the host's blocking work, and more threads would not send faster.
-        let Ok(slots) = self
-            .fan_out_slots
-            .clone()
-            .acquire_many_owned(parts as u32)
-            .await
-        else {
-            return;
-        };
+        // Every permit is taken at once (no two rooms each holding part of what they
+        // need), then one goes with each part, so it is held until that part is done
+        // even if this task is dropped meanwhile.
+        let mut slots = Some(
+            self.fan_out_slots
+                .clone()
+                .acquire_many_owned(parts as u32)
+                .await
+                .expect("the fan-out's semaphore is never closed"),
+        );
         let size = readers.len().div_ceil(parts);
         let mut handles = Vec::with_capacity(parts);
         for part in 0..parts {
             let (hub, room, outgoing) = (self.clone(), room.clone(), outgoing.clone());
             let readers = readers.clone();
             let range = part * size..readers.len().min((part + 1) * size);
+            let slot = if part + 1 < parts {
+                slots.as_mut().and_then(|all| all.split(1))
+            } else {
+                slots.take()
+            };
             handles.push(tokio::task::spawn_blocking(move || {
                 hub.fan_out_part(&room, &outgoing, &readers[range]);
+                drop(slot);
             }));
         }
         for handle in handles {
             // A part that panicked has said so in the log; the others are delivered.
             let _ = handle.await;
         }
-        drop(slots);
     }
 
     /// `readers` of `room` get `outgoing`.
@@ -1331,8 +1366,13 @@ pub(crate) enum Outgoing {
     Reset(Arc<RoomReset>),
 }
 
-/// The most events a room gathers into one batch while its fan-out is behind.
+/// The most events a room gathers into one batch while its fan-out is behind (and at
+/// most half a connection's queue: `Inner::batch_events`).
 const BATCH_EVENTS: usize = 256;
+
+/// A fan-out that copies more than this into sockets goes to the blocking pool, however
+/// few its readers (256 readers of 1 KiB frames stay on the room's task).
+const FAN_OUT_INLINE_BYTES: usize = 256 * 1024;
 /// The most frame bytes a batch gathers (then it goes out): what a connection's task
 /// gathers into one write too.
 const BATCH_BYTES: usize = crate::coalesce::LIMIT;

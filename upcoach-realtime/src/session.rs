@@ -661,7 +661,7 @@ mod tests {
         };
         let first = event(at.seq + 1);
         assert!(session.shared.gate.open_if(|| true));
-        let batch = |event| Outgoing::Events(Batch::new(vec![event]));
+        let batch = |event| Outgoing::Events(Batch::new(vec![event], true));
         hub.inner.fan_out_part(&room, &batch(first.clone()), &taken);
         assert_eq!(
             hub.stats().written_directly,
