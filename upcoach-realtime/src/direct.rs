@@ -465,7 +465,7 @@ impl AsyncWrite for SharedTcp {
 mod tests {
     use std::sync::Arc;
 
-    use bytes::{Bytes, BytesMut};
+    use bytes::BytesMut;
     use tokio::io::AsyncReadExt;
 
     use super::{SharedTcp, split};
