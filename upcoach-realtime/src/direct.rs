@@ -462,7 +462,7 @@ impl AsyncWrite for SharedTcp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use bytes::BytesMut;
@@ -470,16 +470,23 @@ mod tests {
 
     use super::{SharedTcp, split};
 
+    /// Both ends of a TCP connection over the loopback: the client's, then the
+    /// server's.
+    pub(crate) async fn loopback() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
     /// What hyper read past the handshake comes first, and the shared socket keeps none
     /// of hyper's read buffer (it held 8 KiB per idle WebSocket, measured: 11.0 KiB of
     /// RSS per connection against 6.9 KiB).
     #[tokio::test]
     async fn the_shared_socket_keeps_none_of_hypers_read_buffer() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (socket, _) = listener.accept().await.unwrap();
+        let (mut client, socket) = loopback().await;
         let socket = Arc::new(socket);
         // Bytes read past the handshake: a view of hyper's buffer.
         let mut buffer = BytesMut::with_capacity(8192);

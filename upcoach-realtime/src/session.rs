@@ -610,11 +610,7 @@ mod tests {
     /// transport has written `subscribed` and the replay, nor one of a room dropped.
     #[tokio::test]
     async fn moving_a_reader_takes_the_socket_from_the_fan_out() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (socket, _) = listener.accept().await.unwrap();
+        let (_client, socket) = crate::direct::tests::loopback().await;
         let (hub, mut session, _) = reader_of(3, None).await;
         session.shared.gate.attach(Arc::new(socket));
         let gate = &session.shared.gate;
@@ -638,11 +634,7 @@ mod tests {
     async fn a_reader_that_left_is_written_nothing_from_a_list_taken_before() {
         use tokio::io::AsyncReadExt;
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (socket, _) = listener.accept().await.unwrap();
+        let (mut client, socket) = crate::direct::tests::loopback().await;
         let (hub, mut session, _) = reader_of(2, None).await;
         session.shared.gate.attach(Arc::new(socket));
         let room = hub.inner.lock_rooms().get("metrics").cloned().unwrap();
