@@ -3,17 +3,21 @@
 //! A WebSocket served over a plain TCP socket ([`upcoach_core::http::serve`], or a hyper
 //! `http1` connection over a `TokioIo<TcpStream>`) shares that socket with the hub.
 //! (axum's `serve` goes through hyper-util's builder, which wraps the stream: there the
-//! connection's task writes everything, as below.) While the connection's task has nothing left to write and
-//! nothing queued, its [`Gate`] is open: a room's fan-out then writes each event's frame,
-//! encoded once for every reader ([`Encoded::frame`]), with one non-blocking send, and
-//! the connection's task is not woken. That is one system call per delivery and nothing
-//! else, where the queue costs a task wake-up, the session's bookkeeping and tungstenite's
-//! framing besides.
+//! connection's task writes everything, as below.) While the connection's task has
+//! nothing left to write and nothing queued, its [`Gate`] is open: a room's fan-out then
+//! writes each event's frame, encoded once for every reader ([`Encoded::frame`]), with
+//! one non-blocking send, and the connection's task is not woken. That is one system
+//! call per delivery and nothing else, where the queue costs a task wake-up, the
+//! session's bookkeeping and tungstenite's framing besides. A room whose fan-out falls
+//! behind sends the events waiting meanwhile together ([`Batch`]): one send per reader
+//! per batch.
 //!
 //! Everything else goes through the connection's queue as before, and closes the gate
 //! until the task has written it all out:
 //! - an event the reader is not exactly one behind on (a replay, a hole, another
 //!   numbering: the session sorts those out), and every reset;
+//! - a reader that left the room: its position is retired (under a closed gate), so a
+//!   fan-out still holding it from before writes it nothing;
 //! - a frame the socket takes none of (its buffer is full);
 //! - the rest of a frame the socket took only part of: it is kept in the gate, and the
 //!   task writes it before anything else.
