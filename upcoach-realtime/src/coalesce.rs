@@ -51,8 +51,9 @@ impl<S> Coalesce<S> {
     }
 
     /// Takes the socket back from the fan-out (closes the gate), with what it left
-    /// unwritten first. Called before every write, and before the task moves a reader's
-    /// position itself.
+    /// unwritten first. Called before every write, and when the task takes deliveries
+    /// from its queue (one may be the wake-up for that rest). A session that moves a
+    /// reader closes the gate itself (`Gate::shut`), leaving the rest for here.
     pub(crate) fn hold(&mut self) {
         if self.held {
             return;

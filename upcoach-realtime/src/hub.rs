@@ -1006,11 +1006,10 @@ impl Inner {
         // Events in order, gathered while more wait in the feed: fanned out together
         // once none waits (or the batch is full), so a room whose fan-out falls behind
         // costs each reader one send per batch.
-        let mut batch: Vec<Arc<Encoded>> = Vec::new();
-        let mut batch_bytes = 0usize;
+        let mut batch = Gathered::default();
         loop {
             use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-            let next = if batch.is_empty() {
+            let next = if batch.events.is_empty() {
                 feed.recv().await
             } else {
                 // `try_recv` spends none of the task's budget: a room that stays behind
@@ -1019,7 +1018,7 @@ impl Inner {
                 match feed.try_recv() {
                     Ok(event) => Ok(event),
                     Err(TryRecvError::Empty) => {
-                        self.flush(&room, &mut batch, &mut batch_bytes).await;
+                        self.flush(&room, &mut batch).await;
                         continue;
                     }
                     Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
@@ -1031,7 +1030,7 @@ impl Inner {
                 // The hole shows as a jump in `seq` on the next event.
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => {
-                    self.flush(&room, &mut batch, &mut batch_bytes).await;
+                    self.flush(&room, &mut batch).await;
                     tracing::error!(room = %room.name, "the broadcaster closed a room's feed");
                     self.reset(&room, "broker_closed").await;
                     return;
@@ -1043,7 +1042,7 @@ impl Inner {
             if !in_step {
                 // Whatever this event turns out to be (a repeat, a hole, a restart), the
                 // events before it go out first.
-                self.flush(&room, &mut batch, &mut batch_bytes).await;
+                self.flush(&room, &mut batch).await;
             }
             if let Some(seen) = last.filter(|_| !in_step) {
                 let same_epoch = seen.epoch != 0 && seen.epoch == event.epoch;
@@ -1093,10 +1092,8 @@ impl Inner {
             }
             last = Some(event.position());
             let encoded = Arc::new(Encoded::new(&event, room.name.clone()));
-            batch_bytes += encoded.frame.len();
-            batch.push(encoded);
-            if batch.len() >= self.batch_events() || batch_bytes >= BATCH_BYTES {
-                self.flush(&room, &mut batch, &mut batch_bytes).await;
+            if batch.push(encoded, self.batch_events()) {
+                self.flush(&room, &mut batch).await;
             }
         }
     }
@@ -1109,33 +1106,24 @@ impl Inner {
     }
 
     /// Fans out the events gathered in `batch`, if any.
-    async fn flush(
-        self: &Arc<Self>,
-        room: &Arc<Room>,
-        batch: &mut Vec<Arc<Encoded>>,
-        bytes: &mut usize,
-    ) {
-        if batch.is_empty() {
+    async fn flush(self: &Arc<Self>, room: &Arc<Room>, batch: &mut Gathered) {
+        if batch.events.is_empty() {
             return;
         }
-        *bytes = 0;
-        let events = std::mem::take(batch);
-        self.fan_out_events(room, events).await;
+        let events = std::mem::take(batch).events;
+        let batch = Batch::new(events, self.config.direct_writes);
+        self.fan_out(room, Outgoing::Events(batch)).await;
     }
 
     /// Fans out `events` (in order), in batches within the limits.
     async fn fan_out_events(self: &Arc<Self>, room: &Arc<Room>, events: Vec<Arc<Encoded>>) {
-        let (most, mut chunk, mut bytes) = (self.batch_events(), Vec::new(), 0usize);
-        let last = events.len();
-        for (i, event) in events.into_iter().enumerate() {
-            bytes += event.frame.len();
-            chunk.push(event);
-            if chunk.len() >= most || bytes >= BATCH_BYTES || i + 1 == last {
-                let batch = Batch::new(std::mem::take(&mut chunk), self.config.direct_writes);
-                self.fan_out(room, Outgoing::Events(batch)).await;
-                bytes = 0;
+        let mut batch = Gathered::default();
+        for event in events {
+            if batch.push(event, self.batch_events()) {
+                self.flush(room, &mut batch).await;
             }
         }
+        self.flush(room, &mut batch).await;
     }
 
     /// Delivers the events between `seen` and `next` (both exclusive, in `seen`'s
@@ -1222,7 +1210,7 @@ impl Inner {
         .await;
     }
 
-    /// Hands `delivery` to every reader: an event straight to the socket where the
+    /// Hands `outgoing` to every reader: events straight to the socket where the
     /// reader's gate is open and it is in step (see [`crate::direct`]), anything else to
     /// the reader's queue, where a full queue closes its connection.
     ///
@@ -1235,9 +1223,9 @@ impl Inner {
     async fn fan_out(self: &Arc<Self>, room: &Arc<Room>, outgoing: Outgoing) {
         // The readers as they are now, so that the room's lock is not held while they are
         // written to (joining and leaving wait for it, holding the hub's room table). A
-        // reader that leaves meanwhile is written nothing: its gate is closed (the
-        // connection holds it while it unsubscribes, or let go of its socket), and an
-        // event its queue still gets is one it no longer reads.
+        // reader that leaves meanwhile is written nothing: its mark was retired under its
+        // closed gate (`Session::stop_reading`), and an event its queue still gets is one
+        // it no longer reads.
         let readers: Arc<[Arc<Subscriber>]> = room.read_subscribers().values().cloned().collect();
         // What the sends copy into sockets, at most: a few hundred frames, or a
         // few batches of one, are written here.
@@ -1364,6 +1352,22 @@ pub(crate) enum Outgoing {
     Events(Batch),
     /// Always queued.
     Reset(Arc<RoomReset>),
+}
+
+/// Events gathered for one batch, and their frames' size.
+#[derive(Debug, Default)]
+struct Gathered {
+    events: Vec<Arc<Encoded>>,
+    bytes: usize,
+}
+
+impl Gathered {
+    /// Adds `event`; whether the batch is full (`most` events, or [`BATCH_BYTES`]).
+    fn push(&mut self, event: Arc<Encoded>, most: usize) -> bool {
+        self.bytes += event.frame.len();
+        self.events.push(event);
+        self.events.len() >= most || self.bytes >= BATCH_BYTES
+    }
 }
 
 /// The most events a room gathers into one batch while its fan-out is behind (and at
