@@ -382,3 +382,37 @@ async fn changing_the_rules_forgets_remembered_tokens() {
     assert_eq!(rotated.verified_cached(), 0);
     rotated.verify(&issued.token).await.unwrap();
 }
+
+/// The memory finds a token by its hash but decides by the whole token: with a hasher
+/// that gives every token the same hash, each is still told from the others.
+#[test]
+fn remembered_tokens_that_hash_alike_are_told_apart() {
+    #[derive(Clone, Default)]
+    struct OneHash;
+    impl std::hash::BuildHasher for OneHash {
+        type Hasher = OneHasher;
+        fn build_hasher(&self) -> OneHasher {
+            OneHasher
+        }
+    }
+    struct OneHasher;
+    impl std::hash::Hasher for OneHasher {
+        fn finish(&self) -> u64 {
+            7
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+    let cache = quick_cache::sync::Cache::with(
+        16,
+        16,
+        quick_cache::UnitWeighter,
+        OneHash,
+        quick_cache::sync::DefaultLifecycle::default(),
+    );
+    cache.insert(Seen("a.b.c".into()), 1);
+    cache.insert(Seen("a.b.d".into()), 2);
+    assert_eq!(cache.get(&Presented("a.b.c")), Some(1));
+    assert_eq!(cache.get(&Presented("a.b.d")), Some(2));
+    assert_eq!(cache.get(&Presented("a.b.e")), None);
+    assert_eq!(cache.get(&Presented("a.b.")), None);
+}
