@@ -220,8 +220,11 @@ impl Gate {
         self.lock().open = false;
     }
 
-    /// Reads something on the gate's line of memory that needs no lock, so that the line
-    /// is in the cache when the lock is taken (the fan-out warms a run of readers at once).
+    /// Reads something on the gate's line of memory that needs no lock (its lock's
+    /// poison flag), so that the line is in the cache when the lock is taken: the
+    /// fan-out warms a run of readers at once. Best effort: built with
+    /// `panic = "abort"`, std keeps no poison flag and this reads nothing, which makes
+    /// the fan-out no less correct, only slower.
     pub(crate) fn warm(&self) -> bool {
         self.state.is_poisoned()
     }
@@ -300,14 +303,15 @@ impl GateState {
 
 /// One non-blocking send of `frames`: how many bytes the socket took.
 ///
-/// On Linux this is `send(2)` with `MSG_NOSIGNAL` on the socket itself, not tokio's
+/// On Linux this is `send(2)` (`MSG_NOSIGNAL`, `MSG_DONTWAIT`) on the socket itself, not tokio's
 /// `try_write`: that one first reads the socket's readiness, a cache line of its own for
 /// every reader of a fan-out, and tens of thousands of those cost more than the check
 /// saves. Tokio's readiness may then still say writable when the socket is full; the
 /// task's next write finds out (`WouldBlock` clears it) and waits as before.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn send(socket: &TcpStream, frames: &[u8]) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send_with_flags(frames, libc::MSG_NOSIGNAL)
+    // MSG_DONTWAIT: never blocks under the gate's lock, whatever the socket's mode.
+    socket2::SockRef::from(socket).send_with_flags(frames, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
 }
 
 /// One non-blocking send of `frames`: how many bytes the socket took.
