@@ -102,7 +102,11 @@ impl Weighter<String, L1Entry> for L1Weight {
 #[derive(Debug)]
 struct L1 {
     entries: Cache<String, L1Entry, L1Weight, quick_cache::DefaultHashBuilder, Evictions>,
-    known_tags: std::sync::RwLock<HashMap<String, u64>>,
+    /// Hashed with `foldhash`, seeded at random: every tagged L1 hit looks its tags up
+    /// here, and SipHash was some 500 of the 23k instructions of a cached
+    /// authenticated GET. Tags are named by the host's rules and invalidations, not by
+    /// clients.
+    known_tags: std::sync::RwLock<HashMap<String, u64, foldhash::fast::RandomState>>,
     /// Change counters, one per stripe of keys: bumped by every local write and delete
     /// and every key notice, so a read that fetched from L2 before a change to its key
     /// does not put the older value into L1 after it. (Tags need none: tagged entries
@@ -343,7 +347,7 @@ impl TieredCache {
                     quick_cache::DefaultHashBuilder::default(),
                     evictions.clone(),
                 ),
-                known_tags: std::sync::RwLock::new(HashMap::new()),
+                known_tags: std::sync::RwLock::new(HashMap::default()),
                 generations: std::array::from_fn(|_| AtomicU64::new(0)),
             }),
             #[cfg(feature = "redis")]
