@@ -147,8 +147,9 @@ impl fmt::Debug for IssuedAccessToken {
 /// **Tokens seen before.** A token that passed every check is remembered, keyed by
 /// itself (compared in constant time), with what it proved, for at most
 /// [`DEFAULT_VERIFIED_CACHE`] tokens (least recently useful ones go first;
-/// [`with_verified_cache`](Self::with_verified_cache) sets the bound, 0 turns it off). Presented again, it is answered from there without
-/// the signature check (tens of microseconds of CPU), held to the same time rules: at or
+/// [`with_verified_cache`](Self::with_verified_cache) sets the bound, 0 turns it off).
+/// Presented again, it is answered from there without the signature check (tens of
+/// microseconds of CPU), held to the same time rules: at or
 /// past its `exp` it is `Expired` (and forgotten), and a clock stepped back before its
 /// `iat` (beyond the leeway) refuses it as issued in the future. Only tokens that
 /// verified are remembered: an unknown, altered or refused token always goes through

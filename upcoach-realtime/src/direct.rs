@@ -303,10 +303,10 @@ impl GateState {
 
 /// One non-blocking send of `frames`: how many bytes the socket took.
 ///
-/// On Linux this is `send(2)` (`MSG_NOSIGNAL`, `MSG_DONTWAIT`) on the socket itself, not tokio's
-/// `try_write`: that one first reads the socket's readiness, a cache line of its own for
-/// every reader of a fan-out, and tens of thousands of those cost more than the check
-/// saves. Tokio's readiness may then still say writable when the socket is full; the
+/// On Linux this is `send(2)` (`MSG_NOSIGNAL`, `MSG_DONTWAIT`) on the socket itself,
+/// not tokio's `try_write`: that one first reads the socket's readiness, a cache line of
+/// its own for every reader of a fan-out, and tens of thousands of those cost more than
+/// the check saves. Tokio's readiness may then still say writable when the socket is full; the
 /// task's next write finds out (`WouldBlock` clears it) and waits as before.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn send(socket: &TcpStream, frames: &[u8]) -> io::Result<usize> {
