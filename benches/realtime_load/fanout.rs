@@ -464,9 +464,11 @@ fn print_nginx(s: &Settings, steps: &[Step]) {
     table.print("Through nginx to two of ours sharing Redis, against one of ours direct (same subscribers, same client load)");
 }
 
-/// The goal lines of one round: ours' best sustained delivered/s against socketioxide's
-/// (and whether every event of that step arrived), ours' p99 at the ladder's lowest rate
-/// against the bare loop's.
+/// Ours' p99 over the bare loop's, in the same round at the same rate.
+fn p99_ratio(ours: &Step, bare: &Step) -> f64 {
+    ours.p99_us as f64 / (bare.p99_us as f64).max(1.0)
+}
+
 /// Over several rounds, the p99 goal judged by the median of the rounds' own ratios
 /// (ours and the bare loop run back to back in each round, so each ratio cancels that
 /// round's machine), with their range and the servers' CPU at that rate beside it.
@@ -491,12 +493,7 @@ fn p99_over_rounds<'a>(
         };
         (m, v[0], v[n - 1])
     };
-    let (p99, low, high) = median(
-        pairs
-            .iter()
-            .map(|(o, b)| o.p99_us as f64 / (b.p99_us as f64).max(1.0))
-            .collect(),
-    );
+    let (p99, low, high) = median(pairs.iter().map(|(o, b)| p99_ratio(o, b)).collect());
     let (cpu, _, _) = median(
         pairs
             .iter()
@@ -510,6 +507,9 @@ fn p99_over_rounds<'a>(
     ))
 }
 
+/// The goal lines of one round: ours' best sustained delivered/s against socketioxide's
+/// (and whether every event of that step arrived), ours' p99 at the ladder's lowest rate
+/// against the bare loop's.
 fn goal_lines<'a>(
     s: &Settings,
     round: usize,
@@ -546,7 +546,7 @@ fn goal_lines<'a>(
     }
     let lowest = s.rates.iter().copied().fold(f64::INFINITY, f64::min);
     if let (Some(o), Some(b)) = (find("ours", lowest), find("bare", lowest)) {
-        let r = o.p99_us as f64 / (b.p99_us as f64).max(1.0);
+        let r = p99_ratio(o, b);
         lines.push(format!(
             "round {round}: p99 at {lowest} publishes/s, ours {} / bare {} = {r:.2}x (<= 0.8x): {}",
             ms(o.p99_us),

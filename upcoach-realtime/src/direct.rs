@@ -430,7 +430,7 @@ impl AsyncRead for SharedTcp {
             buf.put_slice(&this.read_first[..n]);
             this.read_first.advance(n);
             if this.read_first.is_empty() {
-                // Lets go of hyper's read buffer.
+                // Lets go of the copy (`SharedTcp::new` already let go of hyper's buffer).
                 this.read_first = Bytes::new();
             }
             return Poll::Ready(Ok(()));
