@@ -34,6 +34,9 @@ use upcoach_core::TokenVerifier;
 
 use crate::TieredCache;
 
+/// The header that says whether the cache answered.
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
 /// Bodies larger than this are passed through and not stored.
 pub const MAX_CACHED_BODY: usize = 1024 * 1024;
 
@@ -229,15 +232,16 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 /// a resource that varies on no header (most of them), without hashing on every hit.
 const NO_VARY_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb924";
 
-/// The key of a request: path and query, the listed `Vary` header values, the user.
-fn variant_key(parts: &http::request::Parts, vary: &[String], user: Option<&str>) -> String {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let user = user.unwrap_or("-");
-    let mut key = String::with_capacity(10 + user.len() + path.len() + 32);
-    key.push_str("http:v:");
-    key.push_str(user);
-    key.push(':');
-    key.push_str(path);
+/// The key of one variant of a resource whose answers name `Vary` headers: the
+/// resource's key ([`resource_key`]) under `http:v:`, then a digest of the listed header
+/// values of this request.
+fn variant_key(resource_key: &str, parts: &http::request::Parts, vary: &[String]) -> String {
+    let rest = resource_key
+        .strip_prefix(RESOURCE_PREFIX)
+        .unwrap_or(resource_key);
+    let mut key = String::with_capacity(VARIANT_PREFIX.len() + rest.len() + 33);
+    key.push_str(VARIANT_PREFIX);
+    key.push_str(rest);
     key.push(':');
     if vary.is_empty() {
         key.push_str(NO_VARY_DIGEST);
@@ -257,20 +261,82 @@ fn variant_key(parts: &http::request::Parts, vary: &[String], user: Option<&str>
     key
 }
 
-/// The key under which the `Vary` list of a resource is kept.
-fn vary_key(parts: &http::request::Parts, user: Option<&str>) -> String {
+/// Where a resource's entry is kept: its answer when it varies on no header, else its
+/// `Vary` list (see [`Stored`]).
+const RESOURCE_PREFIX: &str = "http:r:";
+/// Where the variants of a resource that varies on headers are kept.
+const VARIANT_PREFIX: &str = "http:v:";
+
+/// The key of a resource for a caller: `http:r:{user}:{path and query}`, where the user
+/// is `-` on a shared rule, `anonymous` on a per-user rule without a bearer, and else
+/// [`push_user`]'s form of the verified principal.
+fn resource_key(parts: &http::request::Parts, user: Caller<'_>) -> String {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let user = user.unwrap_or("-");
-    let mut key = String::with_capacity(11 + user.len() + path.len());
-    for part in ["http:vary:", user, ":", path] {
-        key.push_str(part);
+    let mut key = String::with_capacity(RESOURCE_PREFIX.len() + 80 + path.len());
+    key.push_str(RESOURCE_PREFIX);
+    match user {
+        Caller::Shared => key.push('-'),
+        Caller::Anonymous => key.push_str("anonymous"),
+        Caller::Verified(principal) => push_user(&mut key, principal),
     }
+    key.push(':');
+    key.push_str(path);
     key
 }
 
-/// `[status u16][n u16]{[name len u16][name][value len u32][value]}*[body]`.
-fn encode_response(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Bytes {
+/// Who a cached answer is for, as its key says.
+#[derive(Clone, Copy)]
+enum Caller<'a> {
+    /// A shared rule: everyone.
+    Shared,
+    /// A per-user rule, a request without a bearer.
+    Anonymous,
+    /// A per-user rule, this verified caller.
+    Verified(&'a upcoach_core::Principal),
+}
+
+/// What a resource's entry holds: the first byte says which.
+enum Stored {
+    /// The answer (`0`, then [`encode_response`]'s form): the resource varies on no
+    /// request header, so one read finds it.
+    Answer(Bytes),
+    /// The resource's `Vary` list (`1`, then a JSON array of lowercase names): its
+    /// answers are kept per variant ([`variant_key`]).
+    Vary(Vec<String>),
+}
+
+const STORED_ANSWER: u8 = 0;
+const STORED_VARY: u8 = 1;
+
+impl Stored {
+    fn decode(bytes: &Bytes) -> Option<Self> {
+        match *bytes.first()? {
+            STORED_ANSWER => Some(Stored::Answer(bytes.slice(1..))),
+            STORED_VARY => serde_json::from_slice(&bytes[1..]).ok().map(Stored::Vary),
+            _ => None,
+        }
+    }
+
+    fn vary(vary: &[String]) -> Bytes {
+        let mut out = vec![STORED_VARY];
+        // A list of strings always serializes.
+        serde_json::to_writer(&mut out, vary).unwrap_or_default();
+        Bytes::from(out)
+    }
+}
+
+/// `[status u16][n u16]{[name len u16][name][value len u32][value]}*[body]`, after
+/// `tag` when there is one.
+fn encode_response(
+    tag: Option<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Bytes {
     let mut out = BytesMut::with_capacity(body.len() + 256);
+    if let Some(tag) = tag {
+        out.put_u8(tag);
+    }
     out.put_u16(status.as_u16());
     out.put_u16(headers.len() as u16);
     for (name, value) in headers {
@@ -293,7 +359,8 @@ fn decode_response(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
     };
     let status = StatusCode::from_u16(u16::from_be_bytes(bytes[take(2)?].try_into().ok()?)).ok()?;
     let n = u16::from_be_bytes(bytes[take(2)?].try_into().ok()?);
-    let mut headers = HeaderMap::new();
+    // Room for the stored headers and the two `answer` adds, in one allocation.
+    let mut headers = HeaderMap::with_capacity(usize::from(n).min(64) + 2);
     for _ in 0..n {
         let len = u16::from_be_bytes(bytes[take(2)?].try_into().ok()?) as usize;
         let name = HeaderName::from_bytes(&bytes[take(len)?]).ok()?;
@@ -349,7 +416,7 @@ fn answer(
         .or_insert_with(|| etag_of(&body));
     let not_modified = if_none_match(request_headers, etag);
     headers.insert(
-        HeaderName::from_static("x-cache"),
+        X_CACHE,
         HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
     );
     let body = if not_modified || method == Method::HEAD {
@@ -470,34 +537,46 @@ where
 }
 
 impl Shared {
-    /// The stored answer for this request and user, if there is one.
+    /// The stored answer for this request, if there is one: the resource's entry (under
+    /// `resource_key`), and then its variant's when it varies on headers.
     async fn stored(
         &self,
         parts: &http::request::Parts,
-        user: Option<&str>,
+        resource_key: &str,
     ) -> Option<(StatusCode, HeaderMap, Bytes)> {
-        // Two reads, the resource's `Vary` list and then its variant, at one await: this
-        // future's state (boxed for every request under a rule) holds one cache read.
-        let mut key = vary_key(parts, user);
-        let mut variant = false;
+        // At most two reads at one await: this future's state (boxed for every request
+        // under a rule) holds one cache read.
+        let mut variant: Option<String> = None;
         loop {
-            let bytes = self.cache.get(&key).await.ok().flatten()?;
-            if variant {
+            let key = variant.as_deref().unwrap_or(resource_key);
+            let bytes = self.cache.get(key).await.ok().flatten()?;
+            if variant.is_some() {
                 return decode_response(&bytes);
             }
-            let vary: Vec<String> = serde_json::from_slice(&bytes).ok()?;
-            key = variant_key(parts, &vary, user);
-            variant = true;
+            match Stored::decode(&bytes)? {
+                Stored::Answer(answer) => return decode_response(&answer),
+                Stored::Vary(vary) => variant = Some(variant_key(resource_key, parts, &vary)),
+            }
         }
     }
 }
 
-/// The key part naming a verified caller: user id and sorted roles (a caller whose
-/// roles changed never gets an answer computed for the old ones).
-fn user_key(principal: &upcoach_core::Principal) -> String {
-    let mut roles: Vec<&str> = principal.roles.iter().map(|r| r.as_str()).collect();
+/// Appends the key part naming a verified caller: user id and sorted roles (a caller
+/// whose roles changed never gets an answer computed for the old ones).
+fn push_user(key: &mut String, principal: &upcoach_core::Principal) {
+    // Sorted on the stack for the usual handful of roles.
+    let mut few = [""; 8];
+    let mut many = Vec::new();
+    let roles: &mut [&str] = if principal.roles.len() <= few.len() {
+        for (slot, role) in few.iter_mut().zip(&principal.roles) {
+            *slot = role.as_str();
+        }
+        &mut few[..principal.roles.len()]
+    } else {
+        many.extend(principal.roles.iter().map(|r| r.as_str()));
+        &mut many
+    };
     roles.sort_unstable();
-    let mut key = String::with_capacity(64);
     let mut id = uuid::Uuid::encode_buffer();
     key.push_str(
         principal
@@ -513,7 +592,6 @@ fn user_key(principal: &upcoach_core::Principal) -> String {
         }
         key.push_str(role);
     }
-    key
 }
 
 /// A request under `shared.rules[rule]`: answered from the cache when it may be, else by
@@ -534,20 +612,25 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (parts, body) = request.into_parts();
-    let no_store_request = has_directive(&parts.headers, "no-store");
+    // Most requests say nothing about caching: one look for the header.
+    let cache_control = parts.headers.contains_key(header::CACHE_CONTROL);
+    let no_store_request = cache_control && has_directive(&parts.headers, "no-store");
     // `no-cache` on the request: revalidate, i.e. ask the origin (and store).
-    let revalidate = has_directive(&parts.headers, "no-cache") || no_store_request;
+    let revalidate =
+        no_store_request || (cache_control && has_directive(&parts.headers, "no-cache"));
     let authorized = parts.headers.contains_key(header::AUTHORIZATION);
     let cache_rule = &shared.rules[rule];
 
     // Who is asking, when that decides the key.
-    let user: Option<String> = match (authorized, cache_rule.per_user, &shared.verifier) {
-        (false, false, _) => None,
-        (false, true, _) => Some("anonymous".to_owned()),
+    let principal;
+    let caller = match (authorized, cache_rule.per_user, &shared.verifier) {
+        (false, false, _) => Caller::Shared,
+        (false, true, _) => Caller::Anonymous,
         (true, true, Some(verifier)) => {
             match upcoach_core::http::authenticate(verifier.as_ref(), &parts.headers).await {
-                Ok(principal) if cache_rule.authorize.as_ref().is_none_or(|f| f(&principal)) => {
-                    Some(user_key(&principal))
+                Ok(verified) if cache_rule.authorize.as_ref().is_none_or(|f| f(&verified)) => {
+                    principal = verified;
+                    Caller::Verified(&principal)
                 }
                 // Not verifiable, or not allowed cached answers: the handler answers
                 // (and nothing is stored).
@@ -558,9 +641,8 @@ where
         (true, _, _) => return inner.call(Request::from_parts(parts, body)).await.map(pass),
     };
 
-    if !revalidate
-        && let Some((status, headers, stored)) = shared.stored(&parts, user.as_deref()).await
-    {
+    let key = resource_key(&parts, caller);
+    if !revalidate && let Some((status, headers, stored)) = shared.stored(&parts, &key).await {
         return Ok(answer(
             &parts.method,
             &parts.headers,
@@ -576,7 +658,7 @@ where
         inner,
         parts,
         body,
-        user,
+        key,
         no_store_request,
     ))
     .await
@@ -590,7 +672,7 @@ async fn miss<S, ReqBody, ResBody>(
     mut inner: S,
     parts: http::request::Parts,
     body: ReqBody,
-    user: Option<String>,
+    key: String,
     no_store_request: bool,
 ) -> Result<Response<CachedBody>, S::Error>
 where
@@ -642,10 +724,9 @@ where
     if !storable {
         let mut response =
             Response::from_parts(response_parts, body.map_err(Into::into).boxed_unsync());
-        response.headers_mut().insert(
-            HeaderName::from_static("x-cache"),
-            HeaderValue::from_static("MISS"),
-        );
+        response
+            .headers_mut()
+            .insert(X_CACHE, HeaderValue::from_static("MISS"));
         return Ok(response);
     }
     let bytes = match body.collect().await {
@@ -658,32 +739,31 @@ where
             return Ok(Response::from_parts(response_parts, failing.boxed_unsync()));
         }
     };
-    let user = user.as_deref();
     let versions = versions.unwrap_or_default();
     // The ETag is computed once, here, and stored with the answer.
     let mut response_parts = response_parts;
     response_parts.headers.insert(header::ETAG, etag_of(&bytes));
-    let encoded = encode_response(response_parts.status, &response_parts.headers, &bytes);
-    let stored = shared
-        .cache
-        .set_with_versions(
-            &variant_key(&request_parts, &vary, user),
-            encoded,
-            rule.ttl,
-            versions.clone(),
-        )
-        .await
-        .and(
-            shared
-                .cache
-                .set_with_versions(
-                    &vary_key(&request_parts, user),
-                    Bytes::from(serde_json::to_vec(&vary).unwrap_or_default()),
-                    rule.ttl,
-                    versions,
-                )
-                .await,
-        );
+    let (status, headers) = (response_parts.status, &response_parts.headers);
+    let cache = &shared.cache;
+    let stored = if vary.is_empty() {
+        // The answer itself under the resource's key: a hit is one read.
+        let encoded = encode_response(Some(STORED_ANSWER), status, headers, &bytes);
+        cache
+            .set_with_versions(&key, encoded, rule.ttl, versions)
+            .await
+    } else {
+        // The variant first, then the list that leads to it.
+        let encoded = encode_response(None, status, headers, &bytes);
+        let variant = variant_key(&key, &request_parts, &vary);
+        cache
+            .set_with_versions(&variant, encoded, rule.ttl, versions.clone())
+            .await
+            .and(
+                cache
+                    .set_with_versions(&key, Stored::vary(&vary), rule.ttl, versions)
+                    .await,
+            )
+    };
     if let Err(e) = stored {
         tracing::debug!(error = %e, "response not cached");
     }
@@ -740,13 +820,31 @@ mod tests {
         headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
         headers.insert(header::ETAG, etag_of(b"{}"));
         let body = Bytes::from_static(b"{\"x\":1}");
-        let stored = encode_response(StatusCode::OK, &headers, &body);
+        let stored = encode_response(None, StatusCode::OK, &headers, &body);
         let (status, decoded, decoded_body) = decode_response(&stored).unwrap();
         assert_eq!(
             (status, &decoded, decoded_body),
             (StatusCode::OK, &headers, body.clone())
         );
         assert!(decode_response(&stored.slice(..stored.len() - body.len() - 1)).is_none());
+        // Under a resource's key, behind the byte that says it is an answer.
+        let tagged = encode_response(Some(STORED_ANSWER), StatusCode::OK, &headers, &body);
+        let Some(Stored::Answer(answer)) = Stored::decode(&tagged) else {
+            panic!("not read as an answer");
+        };
+        assert_eq!(answer, stored);
+        let vary = vec!["accept-language".to_owned(), "x-team".to_owned()];
+        let Some(Stored::Vary(read)) = Stored::decode(&Stored::vary(&vary)) else {
+            panic!("not read as a Vary list");
+        };
+        assert_eq!(read, vary);
+        // An entry of another form (or none) is no answer: a miss, never a wrong one.
+        for other in [&b""[..], b"[]", b"\x02\x00\xc8", b"\x01not json"] {
+            assert!(
+                Stored::decode(&Bytes::copy_from_slice(other)).is_none(),
+                "{other:?}"
+            );
+        }
     }
 
     #[test]
@@ -757,32 +855,51 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
+        let user = upcoach_core::UserId::from_uuid(uuid::Uuid::from_u128(0xa1b2 << 64 | 7));
+        let admin_coach = Principal::new(
+            user,
+            vec![Role::COACH, Role::ADMIN],
+            SessionId::new(),
+            SystemTime::now(),
+        );
+        let callers = [
+            (Caller::Shared, "-".to_owned()),
+            (Caller::Anonymous, "anonymous".to_owned()),
+            (
+                Caller::Verified(&admin_coach),
+                format!("{user}+admin,coach"),
+            ),
+        ];
         let vary = ["accept-language".to_owned(), "x-absent".to_owned()];
-        for vary in [&[][..], &vary[..1], &vary[..]] {
-            for user in [None, Some("anonymous"), Some("42+admin,coach")] {
+        for (caller, name) in callers {
+            let key = resource_key(&parts, caller);
+            assert_eq!(key, format!("http:r:{name}:/api/report?window=1h"));
+            for vary in [&[][..], &vary[..1], &vary[..]] {
                 assert_eq!(
-                    variant_key(&parts, vary, user),
-                    variant_key_by_format(&parts, vary, user),
-                    "{vary:?} {user:?}"
+                    variant_key(&key, &parts, vary),
+                    variant_key_by_format(&parts, vary, Some(&name)),
+                    "{vary:?} {name}"
                 );
             }
         }
-        assert_eq!(
-            vary_key(&parts, Some("u")),
-            "http:vary:u:/api/report?window=1h"
-        );
-        assert_eq!(vary_key(&parts, None), "http:vary:-:/api/report?window=1h");
-        let user = upcoach_core::UserId::from_uuid(uuid::Uuid::from_u128(0xa1b2 << 64 | 7));
+        // Roles in any order and number, sorted; past the stack's eight as well.
+        let many: Vec<Role> = (0..12)
+            .rev()
+            .map(|i| format!("r{i:02}").parse::<Role>().unwrap())
+            .collect();
         for roles in [
             vec![],
             vec![Role::ADMIN],
             vec![Role::USER, Role::ADMIN, Role::COACH],
+            many,
         ] {
             let principal =
                 Principal::new(user, roles.clone(), SessionId::new(), SystemTime::now());
             let mut names: Vec<&str> = roles.iter().map(Role::as_str).collect();
             names.sort_unstable();
-            assert_eq!(user_key(&principal), format!("{user}+{}", names.join(",")));
+            let mut key = String::new();
+            push_user(&mut key, &principal);
+            assert_eq!(key, format!("{user}+{}", names.join(",")));
         }
         for body in [&b""[..], b"{}", &[0xff; 300]] {
             let etag = format!("\"{}\"", &hex_by_format(&Sha256::digest(body))[..32]);

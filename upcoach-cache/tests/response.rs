@@ -20,7 +20,9 @@ use upcoach_cache::{
 use upcoach_core::{Principal, Role, SessionId, TokenError, TokenVerifier, UserId};
 
 /// Answers by path: `/api/x?status=404`, `?cc=no-store`, `?vary=accept-language`,
-/// `?cookie=1`; the body names the call number and the Accept-Language.
+/// `?cookie=1` (or the request header `x-answer-vary: accept-language`, for a resource
+/// whose answers start or stop varying); the body names the call number and the
+/// Accept-Language.
 #[derive(Clone, Default)]
 struct Origin {
     calls: Arc<AtomicUsize>,
@@ -59,6 +61,9 @@ impl Service<Request<()>> for Origin {
         }
         if let Some(vary) = param("vary") {
             response.headers_mut().insert("vary", vary.parse().unwrap());
+        }
+        if let Some(vary) = req.headers().get("x-answer-vary") {
+            response.headers_mut().insert("vary", vary.clone());
         }
         if param("cookie").is_some() {
             response
@@ -292,6 +297,71 @@ async fn vary_keys_by_the_named_headers_and_star_is_never_stored() {
     send(&mut s, Method::GET, "/api/any?vary=*", &[]).await;
     let star = send(&mut s, Method::GET, "/api/any?vary=*", &[]).await;
     assert_eq!(star.x_cache.as_deref(), Some("MISS"));
+}
+
+/// A resource's entry holds its answer while it varies on nothing, and its `Vary` list
+/// once it does: each form is found after the other, and no variant gets another's
+/// answer.
+#[tokio::test]
+async fn a_resource_that_starts_or_stops_varying_is_found_in_its_new_form() {
+    let mut s = setup(vec![shared_rule()]);
+    let uri = "/api/report";
+    let first = send(&mut s, Method::GET, uri, &[("accept-language", "en")]).await;
+    let plain = send(&mut s, Method::GET, uri, &[("accept-language", "de")]).await;
+    assert_eq!(
+        (plain.x_cache.as_deref(), plain.body.as_str()),
+        (Some("HIT"), first.body.as_str()),
+        "no Vary: one answer for every caller"
+    );
+
+    s.cache.invalidate_tags(&["analytics"]).await.unwrap();
+    let varies = [("x-answer-vary", "accept-language")];
+    let en = send(
+        &mut s,
+        Method::GET,
+        uri,
+        &[varies[0], ("accept-language", "en")],
+    )
+    .await;
+    let de = send(
+        &mut s,
+        Method::GET,
+        uri,
+        &[varies[0], ("accept-language", "de")],
+    )
+    .await;
+    assert_eq!(
+        (en.x_cache.as_deref(), de.x_cache.as_deref()),
+        (Some("MISS"), Some("MISS")),
+        "after the invalidation, and once it varies, each language is its own"
+    );
+    let (en_body, de_body) = (en.body, de.body);
+    assert_eq!(
+        (en_body.as_str(), de_body.as_str()),
+        ("call 2 lang en", "call 3 lang de")
+    );
+    for (lang, body) in [("en", &en_body), ("de", &de_body), ("en", &en_body)] {
+        let again = send(&mut s, Method::GET, uri, &[("accept-language", lang)]).await;
+        assert_eq!(
+            (again.x_cache.as_deref(), &again.body),
+            (Some("HIT"), body),
+            "{lang}: found through the Vary list"
+        );
+    }
+
+    s.cache.invalidate_tags(&["dashboard"]).await.unwrap();
+    let stopped = send(&mut s, Method::GET, uri, &[("accept-language", "fr")]).await;
+    let any = send(&mut s, Method::GET, uri, &[("accept-language", "en")]).await;
+    assert_eq!(
+        (stopped.x_cache.as_deref(), stopped.body.as_str()),
+        (Some("MISS"), "call 4 lang fr")
+    );
+    assert_eq!(
+        (any.x_cache.as_deref(), any.body.as_str()),
+        (Some("HIT"), "call 4 lang fr"),
+        "varying on nothing again: its answer is back under the resource's key"
+    );
+    assert_eq!(s.calls.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test]
