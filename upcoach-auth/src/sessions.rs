@@ -1658,6 +1658,10 @@ impl upcoach_core::TokenVerifier for Sessions {
     async fn verify(&self, bearer: &str) -> Result<Principal, TokenError> {
         self.authenticate(bearer).await
     }
+
+    fn verify_known(&self, bearer: &str) -> Option<Result<Principal, TokenError>> {
+        upcoach_core::TokenVerifier::verify_known(self.tokens.as_ref(), bearer)
+    }
 }
 
 #[cfg(test)]

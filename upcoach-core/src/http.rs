@@ -440,11 +440,18 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str
 }
 
 /// The principal of the request's bearer token, by `verifier`.
+///
+/// A token the verifier already knows ([`TokenVerifier::verify_known`]) is answered
+/// without waiting.
 pub async fn authenticate(
     verifier: &dyn TokenVerifier,
     headers: &HeaderMap,
 ) -> Result<Principal, TokenError> {
-    verifier.verify(bearer_token(headers)?).await
+    let token = bearer_token(headers)?;
+    match verifier.verify_known(token) {
+        Some(known) => known,
+        None => verifier.verify(token).await,
+    }
 }
 
 /// Why a caller may not use an admin route.
@@ -703,6 +710,52 @@ mod tests {
         assert_eq!(
             bearer_token(&HeaderMap::new()).unwrap_err().code(),
             "token_missing"
+        );
+    }
+
+    /// A verifier that knows `known` without waiting and refuses everything it is
+    /// asked to verify, counting the calls.
+    #[derive(Debug, Default)]
+    struct KnowsOne {
+        verified: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl TokenVerifier for KnowsOne {
+        async fn verify(&self, _: &str) -> Result<Principal, TokenError> {
+            self.verified
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(TokenError::Invalid { reason: "unknown" })
+        }
+
+        fn verify_known(&self, bearer: &str) -> Option<Result<Principal, TokenError>> {
+            (bearer == "known").then(|| {
+                Ok(Principal::new(
+                    crate::UserId::new(),
+                    vec![crate::Role::ADMIN],
+                    crate::SessionId::new(),
+                    std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+                ))
+            })
+        }
+    }
+
+    /// `authenticate` takes the verifier's known answer when it has one, and asks
+    /// `verify` for anything else.
+    #[tokio::test]
+    async fn authenticate_takes_a_known_answer_and_asks_for_the_rest() {
+        let verifier = KnowsOne::default();
+        let known = authenticate(&verifier, &headers(&[("authorization", "Bearer known")])).await;
+        assert!(known.unwrap().is_admin());
+        assert_eq!(
+            verifier.verified.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        let other = authenticate(&verifier, &headers(&[("authorization", "Bearer other")])).await;
+        assert_eq!(other.unwrap_err().code(), "token_invalid");
+        assert_eq!(
+            verifier.verified.load(std::sync::atomic::Ordering::SeqCst),
+            1
         );
     }
 

@@ -264,6 +264,55 @@ async fn a_remembered_token_is_never_served_past_its_exp() {
     ));
 }
 
+/// `verify_known` answers only what `verify` would: nothing for a token it has not
+/// verified, the principal once it has, `Expired` from its `exp` on, and nothing again
+/// once forgotten (so `verify` checks it in full).
+#[tokio::test]
+async fn a_known_answer_is_the_one_verify_would_give() {
+    let clock = clock();
+    let tokens = AccessTokens::new(SigningKey::generate().unwrap(), clock.clone())
+        .with_ttl(Duration::from_secs(60));
+    let issued = tokens
+        .issue(UserId::new(), vec![Role::COACH], SessionId::new())
+        .unwrap();
+    assert!(
+        tokens.verify_known(&issued.token).is_none(),
+        "never verified"
+    );
+    assert!(matches!(
+        tokens.verify_known(""),
+        Some(Err(TokenError::Missing))
+    ));
+    assert!(matches!(
+        tokens.verify_known(&"x".repeat(4097)),
+        Some(Err(TokenError::Malformed))
+    ));
+    tokens.verify(&issued.token).await.unwrap();
+    assert_eq!(
+        tokens.verify_known(&issued.token).unwrap().unwrap(),
+        issued.principal
+    );
+    clock.advance(Duration::from_secs(60));
+    assert!(matches!(
+        tokens.verify_known(&issued.token),
+        Some(Err(TokenError::Expired))
+    ));
+    assert!(
+        tokens.verify_known(&issued.token).is_none(),
+        "forgotten once expired"
+    );
+
+    let off = AccessTokens::new(SigningKey::generate().unwrap(), clock).with_verified_cache(0);
+    let issued = off
+        .issue(UserId::new(), vec![Role::USER], SessionId::new())
+        .unwrap();
+    off.verify(&issued.token).await.unwrap();
+    assert!(
+        off.verify_known(&issued.token).is_none(),
+        "nothing remembered"
+    );
+}
+
 /// Only tokens that verified are remembered: after a token is remembered, the same
 /// token with one character of its signature changed, the same claims signed by
 /// another key, and the claims with another role under the old signature are each
