@@ -17,7 +17,6 @@
 //! - `ETag` is added (a digest of the body), `If-None-Match` is answered with `304`,
 //!   and every answer says `X-Cache: HIT` or `MISS`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,8 +26,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use upcoach_core::TokenVerifier;
 
@@ -122,8 +121,84 @@ impl CacheRule {
     }
 }
 
-/// The response body type of [`ResponseCache`].
-pub type CachedBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+/// The response body of [`ResponseCache`]: an answer's bytes (a hit, or a miss it
+/// stored), or the inner service's body passed through.
+pub struct CachedBody {
+    kind: BodyKind,
+}
+
+enum BodyKind {
+    /// All of it at once: taken by the first poll.
+    Full(Option<Bytes>),
+    /// The inner service's own body.
+    Passed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl CachedBody {
+    /// A body of `bytes`, sent as one frame (none when empty).
+    fn full(bytes: Bytes) -> Self {
+        let bytes = (!bytes.is_empty()).then_some(bytes);
+        Self {
+            kind: BodyKind::Full(bytes),
+        }
+    }
+
+    /// Another body, passed through.
+    fn passed<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: BodyKind::Passed(body.map_err(Into::into).boxed_unsync()),
+        }
+    }
+}
+
+impl std::fmt::Debug for CachedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            BodyKind::Full(bytes) => f
+                .debug_struct("CachedBody")
+                .field("len", &bytes.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            BodyKind::Passed(_) => f.debug_struct("CachedBody").finish_non_exhaustive(),
+        }
+    }
+}
+
+impl http_body::Body for CachedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().kind {
+            BodyKind::Full(bytes) => {
+                Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b))))
+            }
+            BodyKind::Passed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Full(bytes) => bytes.is_none(),
+            BodyKind::Passed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.kind {
+            BodyKind::Full(bytes) => {
+                http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            BodyKind::Passed(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Caches responses by rule in a [`TieredCache`]; see the module docs.
 #[derive(Clone)]
@@ -394,12 +469,6 @@ fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
     })
 }
 
-fn full(body: Bytes) -> CachedBody {
-    Full::new(body)
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
-}
-
 /// The response to send: `304` when the client already has it, else the whole answer
 /// (without a body for `HEAD`).
 fn answer(
@@ -424,7 +493,7 @@ fn answer(
     } else {
         body
     };
-    let mut response = Response::new(full(body));
+    let mut response = Response::new(CachedBody::full(body));
     *response.status_mut() = if not_modified {
         StatusCode::NOT_MODIFIED
     } else {
@@ -447,7 +516,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    response.map(|b| b.map_err(Into::into).boxed_unsync())
+    response.map(CachedBody::passed)
 }
 
 impl<S, ReqBody, ResBody> tower_service::Service<Request<ReqBody>> for ResponseCache<S>
@@ -722,8 +791,7 @@ where
             .as_ref()
             .is_none_or(|f| f(&request_parts, &response_parts));
     if !storable {
-        let mut response =
-            Response::from_parts(response_parts, body.map_err(Into::into).boxed_unsync());
+        let mut response = Response::from_parts(response_parts, CachedBody::passed(body));
         response
             .headers_mut()
             .insert(X_CACHE, HeaderValue::from_static("MISS"));
@@ -736,7 +804,10 @@ where
             let error: BoxError = e.into();
             let frames = futures_util::stream::once(std::future::ready(Err(error)));
             let failing = http_body_util::StreamBody::new(frames);
-            return Ok(Response::from_parts(response_parts, failing.boxed_unsync()));
+            return Ok(Response::from_parts(
+                response_parts,
+                CachedBody::passed(failing),
+            ));
         }
     };
     let versions = versions.unwrap_or_default();
@@ -807,6 +878,30 @@ mod tests {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let digest = hex_by_format(&hasher.finalize());
         format!("http:v:{}:{path}:{}", user.unwrap_or("-"), &digest[..32])
+    }
+
+    /// A stored answer's body is one frame of exactly its length, and an empty one
+    /// (`HEAD`, `304`) ends at once, as `Full` would.
+    #[tokio::test]
+    async fn a_full_body_is_one_frame_of_its_exact_size() {
+        use http_body::Body as _;
+        let body = CachedBody::full(Bytes::from_static(b"{\"x\":1}"));
+        assert_eq!(body.size_hint().exact(), Some(7));
+        assert!(!body.is_end_stream());
+        let mut body = std::pin::pin!(body);
+        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "{\"x\":1}");
+        assert!(body.is_end_stream());
+        assert!(
+            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
+                .await
+                .is_none()
+        );
+
+        let empty = CachedBody::full(Bytes::new());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.collect().await.unwrap().to_bytes(), Bytes::new());
     }
 
     #[test]
