@@ -27,7 +27,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
 use sha2::{Digest, Sha256};
 use upcoach_core::TokenVerifier;
 
@@ -121,53 +120,68 @@ impl CacheRule {
     }
 }
 
-/// The response body of [`ResponseCache`]: an answer's bytes (a hit, or a miss it
-/// stored), or the inner service's body passed through.
-pub struct CachedBody {
-    kind: BodyKind,
+pin_project_lite::pin_project! {
+    /// The response body of [`ResponseCache`]: an answer's bytes (a hit, or a miss it
+    /// stored), or the inner service's body `B` passed through as it is.
+    pub struct CachedBody<B> {
+        #[pin]
+        kind: BodyKind<B>,
+    }
 }
 
-enum BodyKind {
-    /// All of it at once: taken by the first poll.
-    Full(Option<Bytes>),
-    /// The inner service's own body.
-    Passed(UnsyncBoxBody<Bytes, BoxError>),
+pin_project_lite::pin_project! {
+    #[project = BodyKindProj]
+    enum BodyKind<B> {
+        /// All of it at once: taken by the first poll.
+        Full { bytes: Option<Bytes> },
+        /// The inner service's own body.
+        Passed { #[pin] body: B },
+        /// The inner body failed while it was read for storing: this error, once.
+        Failed { error: Option<BoxError> },
+    }
 }
 
-impl CachedBody {
+impl<B> CachedBody<B> {
     /// A body of `bytes`, sent as one frame (none when empty).
     fn full(bytes: Bytes) -> Self {
         let bytes = (!bytes.is_empty()).then_some(bytes);
         Self {
-            kind: BodyKind::Full(bytes),
+            kind: BodyKind::Full { bytes },
         }
     }
 
-    /// Another body, passed through.
-    fn passed<B>(body: B) -> Self
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
+    /// The inner service's body, passed through.
+    fn passed(body: B) -> Self {
         Self {
-            kind: BodyKind::Passed(body.map_err(Into::into).boxed_unsync()),
+            kind: BodyKind::Passed { body },
+        }
+    }
+
+    /// A body that fails with `error`.
+    fn failed(error: BoxError) -> Self {
+        Self {
+            kind: BodyKind::Failed { error: Some(error) },
         }
     }
 }
 
-impl std::fmt::Debug for CachedBody {
+impl<B> std::fmt::Debug for CachedBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = f.debug_struct("CachedBody");
         match &self.kind {
-            BodyKind::Full(bytes) => f
-                .debug_struct("CachedBody")
-                .field("len", &bytes.as_ref().map_or(0, Bytes::len))
-                .finish(),
-            BodyKind::Passed(_) => f.debug_struct("CachedBody").finish_non_exhaustive(),
-        }
+            BodyKind::Full { bytes } => out.field("len", &bytes.as_ref().map_or(0, Bytes::len)),
+            BodyKind::Passed { .. } => out.field("passed", &true),
+            BodyKind::Failed { .. } => out.field("failed", &true),
+        };
+        out.finish()
     }
 }
 
-impl http_body::Body for CachedBody {
+impl<B> http_body::Body for CachedBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -175,27 +189,30 @@ impl http_body::Body for CachedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
-            BodyKind::Full(bytes) => {
+        match self.project().kind.project() {
+            BodyKindProj::Full { bytes } => {
                 Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b))))
             }
-            BodyKind::Passed(body) => Pin::new(body).poll_frame(cx),
+            BodyKindProj::Passed { body } => body.poll_frame(cx).map_err(Into::into),
+            BodyKindProj::Failed { error } => Poll::Ready(error.take().map(Err)),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            BodyKind::Full(bytes) => bytes.is_none(),
-            BodyKind::Passed(body) => body.is_end_stream(),
+            BodyKind::Full { bytes } => bytes.is_none(),
+            BodyKind::Passed { body } => body.is_end_stream(),
+            BodyKind::Failed { error } => error.is_none(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.kind {
-            BodyKind::Full(bytes) => {
+            BodyKind::Full { bytes } => {
                 http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            BodyKind::Passed(body) => body.size_hint(),
+            BodyKind::Passed { body } => body.size_hint(),
+            BodyKind::Failed { .. } => http_body::SizeHint::default(),
         }
     }
 }
@@ -471,14 +488,14 @@ fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
 
 /// The response to send: `304` when the client already has it, else the whole answer
 /// (without a body for `HEAD`).
-fn answer(
+fn answer<B>(
     method: &Method,
     request_headers: &HeaderMap,
     status: StatusCode,
     mut headers: HeaderMap,
     body: Bytes,
     hit: bool,
-) -> Response<CachedBody> {
+) -> Response<CachedBody<B>> {
     // Stored answers carry the ETag computed when they were stored (one value).
     let etag = headers
         .entry(header::ETAG)
@@ -511,11 +528,7 @@ fn answer(
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An answer of the inner service, unchanged but for its body type.
-fn pass<B>(response: Response<B>) -> Response<CachedBody>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+fn pass<B>(response: Response<B>) -> Response<CachedBody<B>> {
     response.map(CachedBody::passed)
 }
 
@@ -531,9 +544,9 @@ where
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<CachedBody>;
+    type Response = Response<CachedBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -570,7 +583,7 @@ pin_project_lite::pin_project! {
     /// applies, a boxed lookup (and, on a miss, store) otherwise.
     #[project = ResponseFutureProj]
     #[allow(missing_docs)]
-    pub enum ResponseFuture<F, E> {
+    pub enum ResponseFuture<F, B, E> {
         /// No rule applies.
         Pass {
             #[pin]
@@ -578,24 +591,22 @@ pin_project_lite::pin_project! {
         },
         /// A rule applies.
         Cached {
-            future: Pin<Box<dyn Future<Output = Result<Response<CachedBody>, E>> + Send>>,
+            future: Pin<Box<dyn Future<Output = Result<Response<CachedBody<B>>, E>> + Send>>,
         },
     }
 }
 
-impl<F, E> std::fmt::Debug for ResponseFuture<F, E> {
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ResponseFuture")
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, E>
+impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<CachedBody>, E>;
+    type Output = Result<Response<CachedBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
@@ -671,7 +682,7 @@ async fn lookup<S, ReqBody, ResBody>(
     rule: usize,
     mut inner: S,
     request: Request<ReqBody>,
-) -> Result<Response<CachedBody>, S::Error>
+) -> Result<Response<CachedBody<ResBody>>, S::Error>
 where
     S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -743,7 +754,7 @@ async fn miss<S, ReqBody, ResBody>(
     body: ReqBody,
     key: String,
     no_store_request: bool,
-) -> Result<Response<CachedBody>, S::Error>
+) -> Result<Response<CachedBody<ResBody>>, S::Error>
 where
     S: tower_service::Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -801,12 +812,9 @@ where
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             // The body failed mid-way: pass the failure on, store nothing.
-            let error: BoxError = e.into();
-            let frames = futures_util::stream::once(std::future::ready(Err(error)));
-            let failing = http_body_util::StreamBody::new(frames);
             return Ok(Response::from_parts(
                 response_parts,
-                CachedBody::passed(failing),
+                CachedBody::failed(e.into()),
             ));
         }
     };
@@ -885,7 +893,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_body_is_one_frame_of_its_exact_size() {
         use http_body::Body as _;
-        let body = CachedBody::full(Bytes::from_static(b"{\"x\":1}"));
+        type Body = CachedBody<http_body_util::Empty<Bytes>>;
+        let body = Body::full(Bytes::from_static(b"{\"x\":1}"));
         assert_eq!(body.size_hint().exact(), Some(7));
         assert!(!body.is_end_stream());
         let mut body = std::pin::pin!(body);
@@ -898,10 +907,22 @@ mod tests {
                 .is_none()
         );
 
-        let empty = CachedBody::full(Bytes::new());
+        let empty = Body::full(Bytes::new());
         assert_eq!(empty.size_hint().exact(), Some(0));
         assert!(empty.is_end_stream());
         assert_eq!(empty.collect().await.unwrap().to_bytes(), Bytes::new());
+
+        // A failure read while storing is passed on once, and then the body ends.
+        let mut failed = std::pin::pin!(Body::failed("reset mid-body".into()));
+        assert!(!failed.is_end_stream());
+        let error = std::future::poll_fn(|cx| failed.as_mut().poll_frame(cx)).await;
+        assert_eq!(error.unwrap().unwrap_err().to_string(), "reset mid-body");
+        assert!(failed.is_end_stream());
+        assert!(
+            std::future::poll_fn(|cx| failed.as_mut().poll_frame(cx))
+                .await
+                .is_none()
+        );
     }
 
     #[test]

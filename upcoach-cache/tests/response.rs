@@ -138,7 +138,8 @@ async fn send(s: &mut Setup, method: Method, uri: &str, headers: &[(&str, &str)]
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
-    let response: Response<CachedBody> = s.service.call(builder.body(()).unwrap()).await.unwrap();
+    let response: Response<CachedBody<Full<Bytes>>> =
+        s.service.call(builder.body(()).unwrap()).await.unwrap();
     let header = |name: &str| {
         response
             .headers()
