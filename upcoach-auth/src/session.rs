@@ -334,9 +334,9 @@ impl AccessTokens {
 
 #[async_trait]
 impl TokenVerifier for AccessTokens {
-    /// A token of the wrong length, or one verified before and remembered (see
-    /// [`with_verified_cache`](Self::with_verified_cache)), checked against the clock
-    /// now as the full path would check it.
+    /// An empty token (`Missing`) or one over 4,096 bytes (`Malformed`), or one verified
+    /// before and remembered (see [`with_verified_cache`](Self::with_verified_cache)),
+    /// checked against the clock now as the full path would check it.
     fn verify_known(&self, bearer: &str) -> Option<Result<Principal, TokenError>> {
         if bearer.is_empty() {
             return Some(Err(TokenError::Missing));

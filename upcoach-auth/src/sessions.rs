@@ -1642,6 +1642,10 @@ impl Sessions {
     }
 
     /// The principal of one of our access tokens.
+    ///
+    /// A token verified before is answered from memory ([`TokenVerifier::verify_known`](
+    /// upcoach_core::TokenVerifier::verify_known), which this service forwards to its
+    /// [`AccessTokens`] as well): a check added here must be added to that one too.
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal, TokenError> {
         upcoach_core::TokenVerifier::verify(self.tokens.as_ref(), bearer).await
     }
@@ -1659,8 +1663,52 @@ impl upcoach_core::TokenVerifier for Sessions {
         self.authenticate(bearer).await
     }
 
+    /// What [`authenticate`](Self::authenticate) would answer for a remembered token:
+    /// the two make the same checks, and must go on doing so.
     fn verify_known(&self, bearer: &str) -> Option<Result<Principal, TokenError>> {
         upcoach_core::TokenVerifier::verify_known(self.tokens.as_ref(), bearer)
+    }
+}
+
+#[cfg(test)]
+mod verify_known_tests {
+    use super::*;
+    use upcoach_core::{ManualClock, TokenVerifier};
+
+    /// The service's known answer is its tokens': nothing before a token verified, the
+    /// principal after, `Expired` from its `exp`, each as `authenticate` says.
+    #[tokio::test]
+    async fn sessions_answer_a_remembered_token_as_authenticate_does() {
+        let clock = Arc::new(ManualClock::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        ));
+        let tokens = AccessTokens::new(
+            crate::session::SigningKey::generate().unwrap(),
+            clock.clone(),
+        )
+        .with_ttl(Duration::from_secs(60));
+        let issued = tokens
+            .issue(UserId::new(), vec![Role::ADMIN], SessionId::new())
+            .unwrap();
+        let sessions = Sessions::builder(Arc::new(tokens), "http://127.0.0.1:1").build();
+        assert!(sessions.verify_known(&issued.token).is_none());
+        assert_eq!(
+            sessions.authenticate(&issued.token).await.unwrap(),
+            issued.principal
+        );
+        assert_eq!(
+            sessions.verify_known(&issued.token).unwrap().unwrap(),
+            issued.principal
+        );
+        clock.advance(Duration::from_secs(60));
+        assert!(matches!(
+            sessions.verify_known(&issued.token),
+            Some(Err(TokenError::Expired))
+        ));
+        assert!(matches!(
+            sessions.authenticate(&issued.token).await,
+            Err(TokenError::Expired)
+        ));
     }
 }
 

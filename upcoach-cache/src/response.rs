@@ -320,8 +320,10 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The first 16 bytes of the SHA-256 of nothing, in hex: the `Vary` part of the key of
-/// a resource that varies on no header (most of them), without hashing on every hit.
+/// The first 16 bytes of the SHA-256 of nothing, in hex: the digest part of a variant
+/// key for an empty `Vary` list, without hashing. Processes before the one-read layout
+/// stored every answer that varies on nothing under such a key; this one stores those
+/// under the resource's key and never writes an empty list.
 const NO_VARY_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb924";
 
 /// The key of one variant of a resource whose answers name `Vary` headers: the
@@ -360,7 +362,7 @@ const RESOURCE_PREFIX: &str = "http:r:";
 const VARIANT_PREFIX: &str = "http:v:";
 
 /// The key of a resource for a caller: `http:r:{user}:{path and query}`, where the user
-/// is `-` on a shared rule, `anonymous` on a per-user rule without a bearer, and else
+/// is `-` on a shared rule, `anonymous` on a per-user rule without `Authorization`, and else
 /// [`push_user`]'s form of the verified principal.
 fn resource_key(parts: &http::request::Parts, user: Caller<'_>) -> String {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -451,7 +453,7 @@ fn decode_response(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
     };
     let status = StatusCode::from_u16(u16::from_be_bytes(bytes[take(2)?].try_into().ok()?)).ok()?;
     let n = u16::from_be_bytes(bytes[take(2)?].try_into().ok()?);
-    // Room for the stored headers and the two `answer` adds, in one allocation.
+    // Room for the stored headers and the two `answer` adds, without growing.
     let mut headers = HeaderMap::with_capacity(usize::from(n).min(64) + 2);
     for _ in 0..n {
         let len = u16::from_be_bytes(bytes[take(2)?].try_into().ok()?) as usize;
@@ -862,8 +864,10 @@ mod tests {
     use std::time::SystemTime;
     use upcoach_core::{Principal, Role, SessionId};
 
-    /// The key and ETag forms as first written, with `format!` per byte: entries stored
-    /// by an older process (in a shared L2) keep being found.
+    /// The variant key and ETag forms as first written, with `format!` per byte: the
+    /// variants of a `Vary` resource stored by an older process (in a shared L2) keep
+    /// being found. (Answers that vary on nothing now live under `http:r:`, which older
+    /// processes never wrote: after a deploy those start cold, never wrong.)
     fn hex_by_format(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }

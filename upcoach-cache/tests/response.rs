@@ -307,7 +307,17 @@ async fn vary_keys_by_the_named_headers_and_star_is_never_stored() {
 async fn a_resource_that_starts_or_stops_varying_is_found_in_its_new_form() {
     let mut s = setup(vec![shared_rule()]);
     let uri = "/api/report";
+    // The first byte of the resource's entry: 0 for the answer itself, 1 for a Vary list.
+    let form = async |s: &Setup| {
+        let entry = s.cache.get("http:r:-:/api/report").await.unwrap();
+        entry.and_then(|bytes| bytes.first().copied())
+    };
     let first = send(&mut s, Method::GET, uri, &[("accept-language", "en")]).await;
+    assert_eq!(
+        form(&s).await,
+        Some(0),
+        "the answer under the resource's key"
+    );
     let plain = send(&mut s, Method::GET, uri, &[("accept-language", "de")]).await;
     assert_eq!(
         (plain.x_cache.as_deref(), plain.body.as_str()),
@@ -336,6 +346,7 @@ async fn a_resource_that_starts_or_stops_varying_is_found_in_its_new_form() {
         (Some("MISS"), Some("MISS")),
         "after the invalidation, and once it varies, each language is its own"
     );
+    assert_eq!(form(&s).await, Some(1), "its Vary list there now");
     let (en_body, de_body) = (en.body, de.body);
     assert_eq!(
         (en_body.as_str(), de_body.as_str()),
@@ -362,6 +373,7 @@ async fn a_resource_that_starts_or_stops_varying_is_found_in_its_new_form() {
         (Some("HIT"), "call 4 lang fr"),
         "varying on nothing again: its answer is back under the resource's key"
     );
+    assert_eq!(form(&s).await, Some(0));
     assert_eq!(s.calls.load(Ordering::SeqCst), 4);
 }
 
