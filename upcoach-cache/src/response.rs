@@ -383,7 +383,7 @@ fn resource_key(parts: &http::request::Parts, user: Caller<'_>) -> String {
 enum Caller<'a> {
     /// A shared rule: everyone.
     Shared,
-    /// A per-user rule, a request without a bearer.
+    /// A per-user rule, a request without `Authorization`.
     Anonymous,
     /// A per-user rule, this verified caller.
     Verified(&'a upcoach_core::Principal),
