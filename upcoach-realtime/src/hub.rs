@@ -1215,13 +1215,11 @@ impl Inner {
     /// the reader's queue, where a full queue closes its connection.
     ///
     /// A room of [`FAN_OUT_PART`] readers or more is written on the blocking pool, by up
-    /// to one thread per core: its milliseconds of sends (tens of them for 10,000
-    /// readers) would otherwise hold a worker from every other task, and tokio keeps a
-    /// task spawned from a busy worker for that worker, so parts spawned as tasks would
-    /// not even run at once. The threads take the readers [`FAN_OUT_CHUNK`] at a time
-    /// from one shared count, so a thread that starts late or shares its core with
-    /// something else takes fewer of them, and both finish at nearly the same time. The
-    /// next delivery starts when all threads are done, so each reader's order holds.
+    /// to one thread per core, each to its part of the readers: its milliseconds of
+    /// sends (tens of them for 10,000 readers) would otherwise hold a worker from every
+    /// other task, and tokio keeps a task spawned from a busy worker for that worker, so
+    /// parts spawned as tasks would not even run at once. The next delivery starts when
+    /// all parts are done, so each reader's order holds.
     async fn fan_out(self: &Arc<Self>, room: &Arc<Room>, outgoing: Outgoing) {
         // The readers as they are now, so that the room's lock is not held while they are
         // written to (joining and leaving wait for it, holding the hub's room table). A
@@ -1253,26 +1251,19 @@ impl Inner {
                 .await
                 .expect("the fan-out's semaphore is never closed"),
         );
-        // The first reader no thread has taken yet.
-        let next = Arc::new(AtomicUsize::new(0));
+        let size = readers.len().div_ceil(parts);
         let mut handles = Vec::with_capacity(parts);
         for part in 0..parts {
             let (hub, room, outgoing) = (self.clone(), room.clone(), outgoing.clone());
-            let (readers, next) = (readers.clone(), next.clone());
+            let readers = readers.clone();
+            let range = part * size..readers.len().min((part + 1) * size);
             let slot = if part + 1 < parts {
                 slots.as_mut().and_then(|all| all.split(1))
             } else {
                 slots.take()
             };
             handles.push(tokio::task::spawn_blocking(move || {
-                loop {
-                    let start = next.fetch_add(FAN_OUT_CHUNK, Ordering::Relaxed);
-                    if start >= readers.len() {
-                        break;
-                    }
-                    let end = readers.len().min(start + FAN_OUT_CHUNK);
-                    hub.fan_out_part(&room, &outgoing, &readers[start..end]);
-                }
+                hub.fan_out_part(&room, &outgoing, &readers[range]);
                 drop(slot);
             }));
         }
@@ -1394,10 +1385,6 @@ const BATCH_BYTES: usize = crate::coalesce::LIMIT;
 /// task (a few hundred sends take about a millisecond, and a hand-over to the blocking
 /// pool costs a thread wake-up).
 const FAN_OUT_PART: usize = 256;
-
-/// Readers a fan-out thread takes at a time from those no thread has taken yet: a few
-/// hundred microseconds of sends, so threads end within about that of each other.
-const FAN_OUT_CHUNK: usize = 64;
 
 /// Readers the fan-out warms together ([`warm`]).
 const WARM_RUN: usize = 16;

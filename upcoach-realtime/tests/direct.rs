@@ -278,10 +278,9 @@ async fn a_reader_that_filled_its_socket_gets_every_frame_whole_when_it_reads_ag
     assert_eq!(hub.stats().slow_consumers_closed, 0);
 }
 
-/// A room large enough to be written by several threads at once (a thread per core
-/// from 256 readers each, each taking the readers 64 at a time from what is left): each
-/// reader still gets every event once, in order, and the threads together reach every
-/// reader.
+/// A room large enough to be written by several threads at once (a part per core
+/// from 256 readers each): each reader still gets every event once, in order, and the
+/// parts together reach every reader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_room_written_by_several_threads_delivers_in_order() {
     const READERS: usize = 600;
