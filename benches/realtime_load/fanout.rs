@@ -58,11 +58,16 @@ struct Step {
 /// 10,000 WebSocket subscribers of one room; publishes at each rate of the ladder until
 /// one is not sustained. Ours in memory, the bare loop, socketioxide, ours over Redis
 /// (publish on one process, subscribers on another), one after the other under the same
-/// client load.
+/// client load. Every other round runs them in the opposite order, so that a machine
+/// whose speed drifts during the run (a shared host's does) weighs on each server alike.
 pub(crate) async fn fanout(s: &Settings, redis: Option<&SharedRedis>) -> Res<()> {
     let mut steps: Vec<Step> = Vec::new();
     for round in 1..=s.rounds {
-        for label in RUNS {
+        let mut order = RUNS;
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for label in order {
             if !s.runs.iter().any(|r| r == label) {
                 continue;
             }
