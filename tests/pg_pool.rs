@@ -169,3 +169,63 @@ async fn stores_wait_for_the_pool_they_share() {
     let elapsed = postgres::ping(&pool).await.unwrap();
     assert!(elapsed < Duration::from_secs(30));
 }
+
+/// Every connection carries the pool's statement timeout: a statement past it is
+/// cancelled by Postgres (SQLSTATE 57014) and the connection serves the next one. The
+/// migrations run without it, and the connection they ran on has it back afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_past_the_pools_timeout_are_cancelled_and_migrations_are_not_limited() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let config = postgres::PgPoolConfig {
+        max_connections: 1,
+        statement_timeout: Duration::from_millis(250),
+        ..postgres::PgPoolConfig::default()
+    };
+    let pool = MeteredPool::new(
+        postgres::connect_with(schema.connect_options(), &config)
+            .await
+            .unwrap(),
+    );
+    let shown = |pool: MeteredPool| async move {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query_scalar::<_, String>("SHOW statement_timeout")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(shown(pool.clone()).await, "250ms");
+
+    // The pool's only connection runs the migrations, then has its limit back.
+    postgres::migrate(pool.inner()).await.unwrap();
+    assert_eq!(shown(pool.clone()).await, "250ms");
+
+    let mut conn = pool.acquire().await.unwrap();
+    let err = sqlx::query("SELECT pg_sleep(5)")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    let code = err.as_database_error().and_then(|e| e.code());
+    assert_eq!(code.as_deref(), Some("57014"), "{err:?}");
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    drop(conn);
+
+    // Zero leaves Postgres' own setting (no limit on this server).
+    let unlimited = MeteredPool::new(
+        postgres::connect_with(
+            schema.connect_options(),
+            &postgres::PgPoolConfig {
+                statement_timeout: Duration::ZERO,
+                ..config
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(shown(unlimited).await, "0");
+}

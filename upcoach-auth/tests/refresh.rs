@@ -521,6 +521,61 @@ async fn postgres_outage_is_a_retryable_backend_error() {
     assert_eq!(rotation.family_id, issued.family_id);
 }
 
+/// A transaction stuck while it holds a family's row lock (a crashed worker's, a
+/// forgotten console session) holds a rotation of that family only until the pool's
+/// statement timeout: the rotation then fails as retryable, its connection serves the
+/// next request, and once the lock is gone the same token rotates (nothing was changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_held_by_a_stuck_lock_fails_retryably_at_the_statement_timeout() {
+    let Some(schema) = schema().await else { return };
+    let user = PgUserRows(schema.pool().clone()).create().await;
+    let pool = upcoach_core::postgres::connect_with(
+        schema.connect_options(),
+        &PgPoolConfig {
+            max_connections: 1,
+            statement_timeout: Duration::from_millis(300),
+            ..PgPoolConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(pool));
+    let issued = store
+        .open_family(user, phone(), SystemTime::now())
+        .await
+        .unwrap();
+
+    let mut stuck = schema.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM refresh_families WHERE family_id = $1 FOR UPDATE")
+        .bind(issued.family_id.as_uuid())
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+    // A guard against hanging, far above the 300 ms limit; not a measurement.
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.rotate(issued.token.expose(), phone(), SystemTime::now()),
+    )
+    .await
+    .expect("the rotation waited for the lock past its statement timeout")
+    .unwrap_err();
+    assert_eq!(err.code(), "refresh_store_unavailable");
+    assert!(err.is_retryable());
+    // The pool's only connection came back: another family opens at once.
+    store
+        .open_family(user, phone(), SystemTime::now())
+        .await
+        .unwrap();
+
+    stuck.rollback().await.unwrap();
+    let rotation = store
+        .rotate(issued.token.expose(), phone(), SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(rotation.family_id, issued.family_id);
+    assert!(!rotation.grace_retry);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_keeps_only_the_device_fingerprint() {
     let Some(schema) = schema().await else { return };

@@ -5,9 +5,9 @@
 //! The variable names are those of the system this project replaces (`GOOGLE_*`,
 //! `APPLE_*`, `FACEBOOK_*`, `REDIS_URL`, `DATABASE_URL`, `WEBSOCKET_CORS_ORIGINS`,
 //! `CACHE_PREFIX`, `PERFORMANCE_MONITORING_ENABLED`, `SLOW_QUERY_THRESHOLD`) plus this
-//! project's own (`UPCOACH_*`, `AUTH_*`, `REALTIME_*`, `DATABASE_MAX_CONNECTIONS`). A
-//! variable set to the empty string counts as unset. Values of secret variables are
-//! never repeated in errors, `Debug` or logs.
+//! project's own (`UPCOACH_*`, `AUTH_*`, `REALTIME_*`, `DATABASE_MAX_CONNECTIONS`,
+//! `DATABASE_STATEMENT_TIMEOUT_SECONDS`). A variable set to the empty string counts as
+//! unset. Values of secret variables are never repeated in errors, `Debug` or logs.
 //!
 //! ```
 //! use upcoach_core::config::{ServicesConfig, Settings};
@@ -24,6 +24,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::Duration;
 
 use url::Url;
 
@@ -36,7 +37,11 @@ pub const REDIS_SCHEMES: &[&str] = &["redis", "unix", "redis+unix", "redis+clust
 /// The default of `DATABASE_MAX_CONNECTIONS`.
 pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 16;
 
-/// The shared services: `REDIS_URL`, `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS`.
+/// The default of `DATABASE_STATEMENT_TIMEOUT_SECONDS`.
+pub const DEFAULT_DATABASE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shared services: `REDIS_URL`, `DATABASE_URL`, `DATABASE_MAX_CONNECTIONS`,
+/// `DATABASE_STATEMENT_TIMEOUT_SECONDS`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServicesConfig {
@@ -51,6 +56,11 @@ pub struct ServicesConfig {
     /// `DATABASE_MAX_CONNECTIONS`: the most Postgres connections the pool opens (default
     /// 16, at most 1,000).
     pub database_max_connections: u32,
+    /// `DATABASE_STATEMENT_TIMEOUT_SECONDS`: how long one Postgres statement may run,
+    /// waits for row locks included, before Postgres cancels it and the request fails
+    /// with a retryable error (default 10, at most 3,600; 0 for no limit). See
+    /// [`PgPoolConfig::statement_timeout`](crate::postgres::PgPoolConfig::statement_timeout).
+    pub database_statement_timeout: Duration,
 }
 
 impl Default for ServicesConfig {
@@ -59,6 +69,7 @@ impl Default for ServicesConfig {
             redis_url: None,
             database_url: None,
             database_max_connections: DEFAULT_DATABASE_MAX_CONNECTIONS,
+            database_statement_timeout: DEFAULT_DATABASE_STATEMENT_TIMEOUT,
         }
     }
 }
@@ -81,10 +92,17 @@ impl Settings for ServicesConfig {
             1..=1000,
             "a whole number from 1 to 1000",
         );
+        let database_statement_timeout = Duration::from_secs(env.number(
+            "DATABASE_STATEMENT_TIMEOUT_SECONDS",
+            DEFAULT_DATABASE_STATEMENT_TIMEOUT.as_secs(),
+            0..=3600,
+            "a whole number of seconds from 0 (no limit) to 3600",
+        ));
         Self {
             redis_url,
             database_url,
             database_max_connections,
+            database_statement_timeout,
         }
     }
 }

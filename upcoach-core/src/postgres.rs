@@ -62,6 +62,15 @@ pub struct PgPoolConfig {
     /// every other statement: sqlx's event carries the SQL text with its literals, which
     /// must not reach an ordinary log.
     pub slow_statement_threshold: Duration,
+    /// How long one statement may run, waits for row locks included, before Postgres
+    /// cancels it: the query then fails with SQLSTATE `57014` (`query_canceled`), which
+    /// every store reports as a retryable "unavailable" error, and its connection goes
+    /// back to the pool. Without it a transaction stuck while holding a lock would hold
+    /// every request that needs the row, and their connections, for as long as it
+    /// lasts. Default 10 s; `Duration::ZERO` leaves Postgres' own setting (by default
+    /// no limit). Set on each connection as `statement_timeout`, in whole milliseconds
+    /// (at least 1); [`migrate`] lifts it for the migrations.
+    pub statement_timeout: Duration,
 }
 
 impl Default for PgPoolConfig {
@@ -70,6 +79,7 @@ impl Default for PgPoolConfig {
             max_connections: crate::config::DEFAULT_DATABASE_MAX_CONNECTIONS,
             acquire_timeout: Duration::from_secs(5),
             slow_statement_threshold: Duration::from_secs(1),
+            statement_timeout: crate::config::DEFAULT_DATABASE_STATEMENT_TIMEOUT,
         }
     }
 }
@@ -236,9 +246,14 @@ pub async fn connect_with(
 ) -> Result<PgPool, sqlx::Error> {
     use log::LevelFilter;
     use sqlx::ConnectOptions;
-    let options = options
+    let mut options = options
         .log_statements(LevelFilter::Trace)
         .log_slow_statements(LevelFilter::Trace, config.slow_statement_threshold);
+    if !config.statement_timeout.is_zero() {
+        // Postgres reads a bare number as milliseconds; 0 would mean no limit.
+        let ms = config.statement_timeout.as_millis().max(1);
+        options = options.options([("statement_timeout", ms.to_string())]);
+    }
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
@@ -248,8 +263,27 @@ pub async fn connect_with(
 }
 
 /// Applies [`MIGRATOR`]: a no-op when everything is applied already.
+///
+/// The migrations run on one connection with no statement timeout
+/// ([`PgPoolConfig::statement_timeout`]): building an index over a large table may take
+/// longer than any request should. The connection's own limit is restored before it goes
+/// back to the pool, or the connection is closed.
 pub async fn migrate(pool: &PgPool) -> Result<(), PgError> {
-    MIGRATOR.run(pool).await.map_err(PgError::Migrate)
+    let mut conn = pool.acquire().await.map_err(PgError::Query)?;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await
+        .map_err(PgError::Query)?;
+    let migrated = MIGRATOR.run(&mut *conn).await.map_err(PgError::Migrate);
+    if sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .is_err()
+    {
+        // Not returned to the pool without its limit.
+        let _ = sqlx::Connection::close(conn.detach()).await;
+    }
+    migrated
 }
 
 /// Round-trips `SELECT 1` and returns how long it took, the wait for a connection

@@ -135,6 +135,7 @@ impl App {
                 let pool_config = PgPoolConfig {
                     max_connections: config.services.database_max_connections,
                     slow_statement_threshold: config.perf.slow_query_threshold,
+                    statement_timeout: config.services.database_statement_timeout,
                     ..PgPoolConfig::default()
                 };
                 let pool = postgres::connect(url, &pool_config).await?;

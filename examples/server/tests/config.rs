@@ -62,6 +62,10 @@ fn empty_environment_gives_the_in_memory_defaults() {
     assert_eq!(c.cache.prefix, "upcoach");
     assert!(c.perf.enabled);
     assert_eq!(c.perf.slow_query_threshold, Duration::from_millis(1000));
+    assert_eq!(
+        c.services.database_statement_timeout,
+        Duration::from_secs(10)
+    );
     assert!(c.auth.google.is_none() && c.auth.apple.is_none() && c.auth.facebook.is_none());
 }
 
@@ -92,6 +96,7 @@ fn a_full_environment_is_read() {
         ("UPCOACH_METRICS_PUBLIC", "no"),
         ("REALTIME_MAX_CONNECTIONS", "19000"),
         ("DATABASE_MAX_CONNECTIONS", "40"),
+        ("DATABASE_STATEMENT_TIMEOUT_SECONDS", "0"),
         ("AUTH_REFRESH_GRACE_SECONDS", "10"),
         ("AUTH_SESSION_LIFETIME_DAYS", "30"),
         ("UPCOACH_PUBLIC_URL", "https://api.example.com"),
@@ -123,6 +128,7 @@ fn a_full_environment_is_read() {
     assert_eq!(c.perf.slow_query_threshold, Duration::from_millis(250));
     assert!(!c.metrics_public);
     assert_eq!(c.services.database_max_connections, 40);
+    assert_eq!(c.services.database_statement_timeout, Duration::ZERO);
     assert_eq!(c.auth.refresh_grace, Duration::from_secs(10));
     assert_eq!(c.auth.session_lifetime, Duration::from_secs(30 * 24 * 3600));
     assert_eq!(c.realtime.max_connections, 19_000);
@@ -189,6 +195,9 @@ fn every_invalid_value_names_its_variable() {
         ("DATABASE_MAX_CONNECTIONS", "0"),
         ("DATABASE_MAX_CONNECTIONS", "1001"),
         ("DATABASE_MAX_CONNECTIONS", "many"),
+        ("DATABASE_STATEMENT_TIMEOUT_SECONDS", "3601"),
+        ("DATABASE_STATEMENT_TIMEOUT_SECONDS", "10s"),
+        ("DATABASE_STATEMENT_TIMEOUT_SECONDS", "-1"),
         ("AUTH_REFRESH_GRACE_SECONDS", "61"),
         ("AUTH_REFRESH_GRACE_SECONDS", "10s"),
         ("AUTH_SESSION_LIFETIME_DAYS", "0"),
