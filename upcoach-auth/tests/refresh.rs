@@ -56,6 +56,17 @@ async fn pool(schema: &PgSchema, connections: u32) -> sqlx::PgPool {
     .expect("connect")
 }
 
+/// A store on a pool of its own, made with `config` to `options`.
+async fn store_on(
+    options: sqlx::postgres::PgConnectOptions,
+    config: PgPoolConfig,
+) -> PgRefreshStore {
+    let pool = upcoach_core::postgres::connect_with(options, &config)
+        .await
+        .expect("connect");
+    PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(pool))
+}
+
 #[tokio::test]
 async fn memory_store_conforms() {
     refresh_store_conformance(&MemoryRefreshStore::new(strict()), &FreshIds).await;
@@ -468,19 +479,17 @@ async fn postgres_outage_is_a_retryable_backend_error() {
     let Some(schema) = schema().await else { return };
     let user = PgUserRows(schema.pool().clone()).create().await;
     let proxy = FaultProxy::start(upcoach_testing::service_addr(schema.url())).await;
-    let pool = upcoach_core::postgres::connect_with(
+    let store = store_on(
         schema
             .connect_options()
             .host(&proxy.addr().ip().to_string())
             .port(proxy.addr().port()),
-        &PgPoolConfig {
+        PgPoolConfig {
             acquire_timeout: Duration::from_secs(1),
             ..PgPoolConfig::default()
         },
     )
-    .await
-    .unwrap();
-    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(pool));
+    .await;
     let issued = store
         .open_family(user, phone(), SystemTime::now())
         .await
@@ -529,17 +538,15 @@ async fn postgres_outage_is_a_retryable_backend_error() {
 async fn a_rotation_held_by_a_stuck_lock_fails_retryably_at_the_statement_timeout() {
     let Some(schema) = schema().await else { return };
     let user = PgUserRows(schema.pool().clone()).create().await;
-    let pool = upcoach_core::postgres::connect_with(
+    let store = store_on(
         schema.connect_options(),
-        &PgPoolConfig {
+        PgPoolConfig {
             max_connections: 1,
             statement_timeout: Duration::from_millis(300),
             ..PgPoolConfig::default()
         },
     )
-    .await
-    .unwrap();
-    let store = PgRefreshStore::new(upcoach_core::postgres::MeteredPool::new(pool));
+    .await;
     let issued = store
         .open_family(user, phone(), SystemTime::now())
         .await
