@@ -69,7 +69,14 @@ pub struct PgPoolConfig {
     /// every request that needs the row, and their connections, for as long as it
     /// lasts. Default 10 s; `Duration::ZERO` leaves Postgres' own setting (by default
     /// no limit). Set on each connection as `statement_timeout`, in whole milliseconds
-    /// (at least 1); [`migrate`] lifts it for the migrations.
+    /// (at least 1), in the connection's startup `options`; [`migrate`] lifts it for the
+    /// migrations.
+    ///
+    /// A pooler between the server and Postgres may not pass startup options on:
+    /// PgBouncer refuses a connection that sets a parameter it does not track, or drops
+    /// the parameter when `ignore_startup_parameters` lists `options`. Behind one, set
+    /// `Duration::ZERO` and put the limit on the database role instead
+    /// (`ALTER ROLE app SET statement_timeout = '10s'`).
     pub statement_timeout: Duration,
 }
 
