@@ -320,12 +320,6 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The first 16 bytes of the SHA-256 of nothing, in hex: the digest part of a variant
-/// key for an empty `Vary` list, without hashing. Processes before the one-read layout
-/// stored every answer that varies on nothing under such a key; this one stores those
-/// under the resource's key and never writes an empty list.
-const NO_VARY_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb924";
-
 /// The key of one variant of a resource whose answers name `Vary` headers: the
 /// resource's key ([`resource_key`]) under `http:v:`, then a digest of the listed header
 /// values of this request.
@@ -337,10 +331,6 @@ fn variant_key(resource_key: &str, parts: &http::request::Parts, vary: &[String]
     key.push_str(VARIANT_PREFIX);
     key.push_str(rest);
     key.push(':');
-    if vary.is_empty() {
-        key.push_str(NO_VARY_DIGEST);
-        return key;
-    }
     let mut hasher = Sha256::new();
     for name in vary {
         hasher.update(name.as_bytes());

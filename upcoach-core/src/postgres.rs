@@ -64,8 +64,8 @@ pub struct PgPoolConfig {
     pub slow_statement_threshold: Duration,
     /// How long one statement may run, waits for row locks included, before Postgres
     /// cancels it: the query then fails with SQLSTATE `57014` (`query_canceled`), which
-    /// every store reports as a retryable "unavailable" error, and its connection goes
-    /// back to the pool. Without it a transaction stuck while holding a lock would hold
+    /// a store reports as it reports any failed statement (the refresh store: its
+    /// retryable `refresh_store_unavailable`), and its connection goes back to the pool. Without it a transaction stuck while holding a lock would hold
     /// every request that needs the row, and their connections, for as long as it
     /// lasts. Default 10 s; `Duration::ZERO` leaves Postgres' own setting (by default
     /// no limit). Set on each connection as `statement_timeout`, in whole milliseconds
